@@ -1,0 +1,541 @@
+// The CPU backend: OpenBLAS for GEMM and its symmetric forms, LAPACKE (fp64) for the SVD, and
+// OpenMP loops over the shared formulas (kernels/formulas.h) for everything else.
+#include <cblas.h>
+#include <lapacke.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/backend.h"
+#include "kernels/formulas.h"
+#include "kernels/status_macros.h"
+
+namespace optd {
+namespace {
+
+using formulas::RoundToBf16;
+using formulas::RoundToHalf;
+
+// Loops shorter than this run on one thread: forking costs more than it saves.
+constexpr int64_t kParallelThreshold = 1 << 15;
+
+class CpuQueue : public Queue {};
+
+absl::Status CheckCount(absl::string_view op, int64_t count, const void* ptr) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat(op, ": negative count ", count));
+  if (count > 0 && ptr == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": null pointer for ", count, " elements"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckMatrixBatch(absl::string_view op, const MatrixBatch& x) {
+  if (x.batch < 0 || x.rows < 0 || x.cols < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": negative shape [", x.batch, ", ", x.rows, ", ", x.cols, "]"));
+  }
+  return CheckCount(op, x.size(), x.data);
+}
+
+absl::Status CheckLeading(absl::string_view op, absl::string_view name, int64_t ld, int64_t cols) {
+  if (ld < std::max<int64_t>(1, cols)) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": leading dimension of ", name, " is ", ld,
+                                                   ", below its ", cols, " columns"));
+  }
+  return absl::OkStatus();
+}
+
+CBLAS_TRANSPOSE ToCblas(Transpose t) { return t == Transpose::kYes ? CblasTrans : CblasNoTrans; }
+
+float ToFloat(const void* src, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kBF16:
+      return formulas::Bf16BitsToFloat(static_cast<const uint16_t*>(src)[i]);
+    case DType::kF16:
+      return formulas::HalfBitsToFloat(static_cast<const uint16_t*>(src)[i]);
+    case DType::kF64:
+      return static_cast<float>(static_cast<const double*>(src)[i]);
+    case DType::kF32:
+      break;
+  }
+  return static_cast<const float*>(src)[i];
+}
+
+std::string CpuModel() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const size_t colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(colon + 2);
+    }
+  }
+  return "unknown CPU";
+}
+
+class CpuBackend : public Backend {
+ public:
+  explicit CpuBackend(int threads) : threads_(threads) {}
+
+  absl::string_view name() const override { return "cpu"; }
+  std::string description() const override {
+    return absl::StrCat(CpuModel(), ", ", threads_, " threads, OpenBLAS ", openblas_get_config());
+  }
+
+  Queue& default_queue() override { return queue_; }
+  absl::StatusOr<std::unique_ptr<Queue>> CreateQueue(QueuePriority) override {
+    return std::make_unique<CpuQueue>();
+  }
+  absl::Status Synchronize(Queue&) override { return absl::OkStatus(); }
+
+  absl::StatusOr<Buffer> Allocate(size_t bytes) override {
+    if (bytes == 0) return Buffer();
+    constexpr size_t kAlign = 64;
+    const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+    void* data = std::aligned_alloc(kAlign, rounded);
+    if (data == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cpu backend: cannot allocate ", bytes, " bytes of host memory"));
+    }
+    return Buffer(data, bytes, [](void* p) { std::free(p); });
+  }
+
+  absl::Status Upload(Queue& queue, void* dst, const void* src, size_t bytes) override {
+    return Copy(queue, dst, src, bytes);
+  }
+  absl::Status Download(Queue& queue, void* dst, const void* src, size_t bytes) override {
+    return Copy(queue, dst, src, bytes);
+  }
+  absl::Status Copy(Queue&, void* dst, const void* src, size_t bytes) override {
+    if (bytes > 0 && (dst == nullptr || src == nullptr)) {
+      return absl::InvalidArgumentError("copy: null pointer");
+    }
+    if (bytes > 0 && dst != src) std::memmove(dst, src, bytes);
+    return absl::OkStatus();
+  }
+
+  absl::Status Fill(Queue&, float* x, int64_t count, float value) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("fill", count, x));
+    std::fill(x, x + count, value);
+    return absl::OkStatus();
+  }
+
+  absl::Status Convert(Queue&, const void* src, DType src_dtype, void* dst, DType dst_dtype,
+                       int64_t count) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("convert", count, src));
+    OPTD_RETURN_IF_ERROR(CheckCount("convert", count, dst));
+#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
+    for (int64_t i = 0; i < count; ++i) {
+      const float v = ToFloat(src, src_dtype, i);
+      switch (dst_dtype) {
+        case DType::kF32:
+          static_cast<float*>(dst)[i] = v;
+          break;
+        case DType::kBF16:
+          static_cast<uint16_t*>(dst)[i] = formulas::FloatToBf16Bits(v);
+          break;
+        case DType::kF16:
+          static_cast<uint16_t*>(dst)[i] = formulas::FloatToHalfBits(v);
+          break;
+        case DType::kF64:
+          static_cast<double*>(dst)[i] = static_cast<double>(ToFloat(src, src_dtype, i));
+          break;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RoundTo(Queue&, float* x, int64_t count, DType dtype) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("round", count, x));
+    if (dtype == DType::kBF16) {
+#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
+      for (int64_t i = 0; i < count; ++i) x[i] = RoundToBf16(x[i]);
+    } else if (dtype == DType::kF16) {
+#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
+      for (int64_t i = 0; i < count; ++i) x[i] = RoundToHalf(x[i]);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<int64_t> CountNonFinite(Queue&, const float* x, int64_t count) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("count non-finite", count, x));
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (count > kParallelThreshold)
+    for (int64_t i = 0; i < count; ++i) bad += std::isfinite(x[i]) ? 0 : 1;
+    return bad;
+  }
+
+  absl::Status Gemm(Queue&, const GemmArgs& g) override {
+    if (g.m < 0 || g.n < 0 || g.k < 0 || g.batch < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gemm: negative size m=", g.m, " n=", g.n, " k=", g.k, " batch=", g.batch));
+    }
+    if (g.input_dtype == DType::kF64) {
+      return absl::InvalidArgumentError("gemm: inputs must be fp32, bf16 or fp16");
+    }
+    const int64_t a_rows = g.trans_a == Transpose::kYes ? g.k : g.m;
+    const int64_t a_cols = g.trans_a == Transpose::kYes ? g.m : g.k;
+    const int64_t b_rows = g.trans_b == Transpose::kYes ? g.n : g.k;
+    const int64_t b_cols = g.trans_b == Transpose::kYes ? g.k : g.n;
+    OPTD_RETURN_IF_ERROR(CheckLeading("gemm", "A", g.lda, a_cols));
+    OPTD_RETURN_IF_ERROR(CheckLeading("gemm", "B", g.ldb, b_cols));
+    OPTD_RETURN_IF_ERROR(CheckLeading("gemm", "C", g.ldc, g.n));
+    if (g.batch == 0 || g.m == 0 || g.n == 0) return absl::OkStatus();
+    if (g.c == nullptr || (g.k > 0 && (g.a == nullptr || g.b == nullptr))) {
+      return absl::InvalidArgumentError("gemm: null matrix pointer");
+    }
+    std::vector<float> a32, b32;
+    for (int64_t i = 0; i < g.batch; ++i) {
+      const float* a;
+      const float* b;
+      if (g.input_dtype == DType::kF32) {
+        a = static_cast<const float*>(g.a) + i * g.stride_a;
+        b = static_cast<const float*>(g.b) + i * g.stride_b;
+      } else {
+        // bf16/fp16 inputs are widened exactly; the product then accumulates in fp32 as the
+        // GPU's tensor cores do.
+        a32.resize(a_rows * g.lda);
+        b32.resize(b_rows * g.ldb);
+        const auto* a16 = static_cast<const uint16_t*>(g.a) + i * g.stride_a;
+        const auto* b16 = static_cast<const uint16_t*>(g.b) + i * g.stride_b;
+        for (size_t j = 0; j < a32.size(); ++j) a32[j] = ToFloat(a16, g.input_dtype, j);
+        for (size_t j = 0; j < b32.size(); ++j) b32[j] = ToFloat(b16, g.input_dtype, j);
+        a = a32.data();
+        b = b32.data();
+      }
+      cblas_sgemm(CblasRowMajor, ToCblas(g.trans_a), ToCblas(g.trans_b), g.m, g.n, g.k, g.alpha, a,
+                  g.lda, b, g.ldb, g.beta, g.c + i * g.stride_c, g.ldc);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SymmetricRankK(Queue&, const SyrkArgs& s) override {
+    if (s.n < 0 || s.k < 0 || s.batch < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("syrk: negative size n=", s.n, " k=", s.k, " batch=", s.batch));
+    }
+    OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "A", s.lda, s.trans == Transpose::kYes ? s.n : s.k));
+    OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "C", s.ldc, s.n));
+    if (s.batch == 0 || s.n == 0) return absl::OkStatus();
+    if (s.c == nullptr || (s.k > 0 && s.a == nullptr)) {
+      return absl::InvalidArgumentError("syrk: null matrix pointer");
+    }
+    for (int64_t i = 0; i < s.batch; ++i) {
+      cblas_ssyrk(CblasRowMajor, CblasUpper, ToCblas(s.trans), s.n, s.k, s.alpha,
+                  s.a + i * s.stride_a, s.lda, s.beta, s.c + i * s.stride_c, s.ldc);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SymmetricMultiply(Queue&, const SymmArgs& s) override {
+    if (s.m < 0 || s.n < 0 || s.batch < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("symm: negative size m=", s.m, " n=", s.n, " batch=", s.batch));
+    }
+    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "S", s.lds, s.side == Side::kLeft ? s.m : s.n));
+    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "B", s.ldb, s.n));
+    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "C", s.ldc, s.n));
+    if (s.batch == 0 || s.m == 0 || s.n == 0) return absl::OkStatus();
+    if (s.s == nullptr || s.b == nullptr || s.c == nullptr) {
+      return absl::InvalidArgumentError("symm: null matrix pointer");
+    }
+    for (int64_t i = 0; i < s.batch; ++i) {
+      cblas_ssymm(CblasRowMajor, s.side == Side::kLeft ? CblasLeft : CblasRight, CblasUpper, s.m,
+                  s.n, s.alpha, s.s + i * s.stride_s, s.lds, s.b + i * s.stride_b, s.ldb, s.beta,
+                  s.c + i * s.stride_c, s.ldc);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SingularValueDecomposition(Queue&, const MatrixBatch& a, float* s, float* u,
+                                          float* vt) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("svd", a));
+    const int64_t m = a.rows, n = a.cols, k = std::min(m, n);
+    if (a.size() == 0 || k == 0) return absl::OkStatus();
+    if (s == nullptr) return absl::InvalidArgumentError("svd: null singular value output");
+    const bool vectors = u != nullptr || vt != nullptr;
+    std::vector<double> work(m * n), sd(k), ud(vectors ? m * k : 1), vtd(vectors ? k * n : 1);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const float* src = a.data + b * a.matrix_size();
+      for (int64_t i = 0; i < m * n; ++i) {
+        if (!std::isfinite(src[i])) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("svd: matrix ", b, " has a non-finite value at element ", i));
+        }
+        work[i] = src[i];
+      }
+      const lapack_int info =
+          LAPACKE_dgesdd(LAPACK_ROW_MAJOR, vectors ? 'S' : 'N', m, n, work.data(), n, sd.data(),
+                         ud.data(), vectors ? k : 1, vtd.data(), vectors ? n : 1);
+      if (info != 0) {
+        return absl::InternalError(
+            absl::StrCat("svd: LAPACKE_dgesdd failed with info=", info, " on matrix ", b));
+      }
+      for (int64_t i = 0; i < k; ++i) s[b * k + i] = static_cast<float>(sd[i]);
+      if (u != nullptr) {
+        for (int64_t i = 0; i < m * k; ++i) u[b * m * k + i] = static_cast<float>(ud[i]);
+      }
+      if (vt != nullptr) {
+        for (int64_t i = 0; i < k * n; ++i) vt[b * k * n + i] = static_cast<float>(vtd[i]);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Symmetrize(Queue&, float* a, int64_t n, int64_t batch) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("symmetrize", batch * n * n, a));
+#pragma omp parallel for schedule(static) collapse(2) if (batch * n * n > kParallelThreshold)
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < n; ++i) {
+        float* m = a + b * n * n;
+        for (int64_t j = 0; j < i; ++j) m[i * n + j] = m[j * n + i];
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status AddDiagonal(Queue&, float* a, int64_t n, int64_t batch, float value) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("add diagonal", batch * n * n, a));
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < n; ++i) a[b * n * n + i * n + i] += value;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status FrobeniusNormalize(Queue&, const MatrixBatch& x, float safety, float eps,
+                                  formulas::NormEpsilon mode, DType norm_dtype) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("frobenius normalize", x));
+    for (int64_t b = 0; b < x.batch; ++b) {
+      float* m = x.data + b * x.matrix_size();
+      const int64_t size = x.matrix_size();
+      const float norm =
+          RoundScalar(std::sqrt(static_cast<float>(SumSquares(m, size))), norm_dtype);
+      const float denominator =
+          RoundScalar(formulas::FrobeniusDenominator(norm, safety, eps, mode), norm_dtype);
+#pragma omp parallel for schedule(static) if (size > kParallelThreshold)
+      for (int64_t i = 0; i < size; ++i) m[i] = m[i] / denominator;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RowSumSquares(Queue&, const float* x, int64_t rows, int64_t cols,
+                             float* out) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("row sum of squares", rows * cols, x));
+    OPTD_RETURN_IF_ERROR(CheckCount("row sum of squares", rows, out));
+#pragma omp parallel for schedule(static) if (rows * cols > kParallelThreshold)
+    for (int64_t r = 0; r < rows; ++r) out[r] = static_cast<float>(SumSquares(x + r * cols, cols));
+    return absl::OkStatus();
+  }
+
+  absl::Status ColumnSumSquares(Queue&, const MatrixBatch& x, float* out) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("column sum of squares", x));
+    OPTD_RETURN_IF_ERROR(CheckCount("column sum of squares", x.batch * x.cols, out));
+    std::vector<double> sums(x.cols);
+    for (int64_t b = 0; b < x.batch; ++b) {
+      std::fill(sums.begin(), sums.end(), 0.0);
+      const float* m = x.data + b * x.matrix_size();
+      for (int64_t r = 0; r < x.rows; ++r) {
+        for (int64_t c = 0; c < x.cols; ++c) {
+          const double v = m[r * x.cols + c];
+          sums[c] += v * v;
+        }
+      }
+      for (int64_t c = 0; c < x.cols; ++c) out[b * x.cols + c] = static_cast<float>(sums[c]);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Equilibrate(Queue& queue, const MatrixBatch& x, const EquilibrateArgs& args,
+                           float* scratch) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("equilibrate", x));
+    OPTD_RETURN_IF_ERROR(CheckCount("equilibrate", x.batch * (x.rows + x.cols), scratch));
+    float* row_scale = scratch;
+    float* col_scale = scratch + x.batch * x.rows;
+    // Both factors come from the unnormalized input (MuonEq's rowcol mode squares u once).
+    if (args.rows) {
+      OPTD_RETURN_IF_ERROR(RowSumSquares(queue, x.data, x.batch * x.rows, x.cols, row_scale));
+    }
+    if (args.cols) OPTD_RETURN_IF_ERROR(ColumnSumSquares(queue, x, col_scale));
+    for (int64_t i = 0; args.rows && i < x.batch * x.rows; ++i) {
+      row_scale[i] = formulas::EquilibrationScale(row_scale[i], args.eps, args.exponent, args.clip);
+    }
+    for (int64_t i = 0; args.cols && i < x.batch * x.cols; ++i) {
+      col_scale[i] = formulas::EquilibrationScale(col_scale[i], args.eps, args.exponent, args.clip);
+    }
+    const int64_t rows = x.batch * x.rows;
+#pragma omp parallel for schedule(static) if (x.size() > kParallelThreshold)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = x.data + r * x.cols;
+      const float* cs = col_scale + (r / std::max<int64_t>(1, x.rows)) * x.cols;
+      for (int64_t c = 0; c < x.cols; ++c) {
+        float v = row[c];
+        if (args.rows) v = v * row_scale[r];
+        if (args.cols) v = v * cs[c];
+        row[c] = v;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RowNormalize(Queue&, float* x, int64_t rows, int64_t cols, float eps) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("row normalize", rows * cols, x));
+#pragma omp parallel for schedule(static) if (rows * cols > kParallelThreshold)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = x + r * cols;
+      const float denominator =
+          formulas::RowL2Denominator(static_cast<float>(SumSquares(row, cols)), eps);
+      for (int64_t c = 0; c < cols; ++c) row[c] = row[c] / denominator;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status NorMuonNormalize(Queue&, const MatrixBatch& o, float* v,
+                                const NorMuonArgs& args) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("normuon normalize", o));
+    OPTD_RETURN_IF_ERROR(CheckCount("normuon normalize", o.batch * o.rows, v));
+    for (int64_t b = 0; b < o.batch; ++b) {
+      float* m = o.data + b * o.matrix_size();
+      const float norm_before = std::sqrt(static_cast<float>(SumSquares(m, o.matrix_size())));
+#pragma omp parallel for schedule(static) if (o.matrix_size() > kParallelThreshold)
+      for (int64_t r = 0; r < o.rows; ++r) {
+        float* row = m + r * o.cols;
+        const float mean_square =
+            static_cast<float>(SumSquares(row, o.cols) / static_cast<double>(o.cols));
+        float& second_moment = v[b * o.rows + r];
+        second_moment = formulas::NorMuonSecondMoment(second_moment, mean_square, args.beta2);
+        const float scale = formulas::NorMuonRowScale(second_moment, args.eps);
+        for (int64_t c = 0; c < o.cols; ++c) row[c] = row[c] * scale;
+      }
+      if (args.preserve_frobenius) {
+        const float norm_after = std::sqrt(static_cast<float>(SumSquares(m, o.matrix_size())));
+        ScaleInPlace(m, o.matrix_size(), norm_before / (norm_after + args.eps));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status ScaleToRms(Queue&, const MatrixBatch& x, float rms, float eps) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("scale to rms", x));
+    for (int64_t b = 0; b < x.batch; ++b) {
+      float* m = x.data + b * x.matrix_size();
+      const float norm = std::sqrt(static_cast<float>(SumSquares(m, x.matrix_size())));
+      const float target = rms * std::sqrt(static_cast<float>(x.matrix_size()));
+      ScaleInPlace(m, x.matrix_size(), target / (norm + eps));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Momentum(Queue&, float* m, const float* g, float* u, int64_t count, float mu,
+                        formulas::MomentumKind kind, bool nesterov) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, m));
+    OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, g));
+    OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, u));
+#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
+    for (int64_t i = 0; i < count; ++i)
+      u[i] = formulas::MomentumStep(m[i], g[i], mu, kind, nesterov);
+    return absl::OkStatus();
+  }
+
+  absl::Status ApplyUpdate(Queue&, float* w, const float* o, int64_t count, float lr,
+                           float weight_decay, float scale, DType step_dtype) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, w));
+    OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, o));
+#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
+    for (int64_t i = 0; i < count; ++i) {
+      w[i] = formulas::DecayAndStep(w[i], RoundScalar(o[i] * scale, step_dtype), lr, weight_decay);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status AdamW(Queue&, float* w, float* m, float* v, const float* g, int64_t count,
+                     const formulas::AdamWScalars& scalars) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, w));
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, m));
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, v));
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, g));
+#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
+    for (int64_t i = 0; i < count; ++i) formulas::AdamWStep(w[i], m[i], v[i], g[i], scalars);
+    return absl::OkStatus();
+  }
+
+  absl::Status RmnpStep(Queue&, float* w, float* m, const float* g, int64_t rows, int64_t cols,
+                        const RmnpStepArgs& a) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, w));
+    OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, m));
+    OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, g));
+#pragma omp parallel if (rows * cols > kParallelThreshold)
+    {
+      // The row's direction stays in this thread's cache between the two passes, so memory sees
+      // one read of g, m, w and one write of m, w per element.
+      std::vector<float> u(cols);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        float* m_row = m + r * cols;
+        const float* g_row = g + r * cols;
+        float* w_row = w + r * cols;
+        double sum_squares = 0.0;
+        for (int64_t c = 0; c < cols; ++c) {
+          u[c] = formulas::MomentumStep(m_row[c], g_row[c], a.momentum,
+                                        formulas::MomentumKind::kSum, a.nesterov);
+          sum_squares += static_cast<double>(u[c]) * u[c];
+        }
+        const float denominator =
+            formulas::RowL2Denominator(static_cast<float>(sum_squares), a.eps);
+        for (int64_t c = 0; c < cols; ++c) {
+          const float step = RoundScalar((u[c] / denominator) * a.scale, a.step_dtype);
+          w_row[c] = formulas::DecayAndStep(w_row[c], step, a.lr, a.weight_decay);
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  static float RoundScalar(float x, DType dtype) {
+    if (dtype == DType::kBF16) return RoundToBf16(x);
+    if (dtype == DType::kF16) return RoundToHalf(x);
+    return x;
+  }
+
+  static double SumSquares(const float* x, int64_t count) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < count; ++i) sum += static_cast<double>(x[i]) * x[i];
+    return sum;
+  }
+
+  static void ScaleInPlace(float* x, int64_t count, float scale) {
+#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
+    for (int64_t i = 0; i < count; ++i) x[i] = x[i] * scale;
+  }
+
+  int threads_;
+  CpuQueue queue_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOptions& options) {
+  if (options.threads < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cpu backend: threads must be >= 0, got ", options.threads));
+  }
+  int threads = options.threads;
+  if (threads > 0) {
+    openblas_set_num_threads(threads);
+    omp_set_num_threads(threads);
+  } else {
+    threads = openblas_get_num_threads();
+  }
+  return std::make_unique<CpuBackend>(threads);
+}
+
+}  // namespace optd

@@ -1,0 +1,198 @@
+// The per-element and per-row formulas of optd's optimizers, written once for both backends.
+//
+// Every function here is `OPTD_HOST_DEVICE`: the CPU backend calls it in its loops and the CUDA
+// kernels call it per thread, so the CPU tests exercise the arithmetic the GPU runs. The header
+// depends on nothing but the C++ standard library so nvcc compiles it as is. All arithmetic is
+// fp32 in the order the reference implementations (../shared/REFERENCES.md) evaluate it.
+#ifndef OPTD_KERNELS_FORMULAS_H_
+#define OPTD_KERNELS_FORMULAS_H_
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define OPTD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define OPTD_HOST_DEVICE inline
+#endif
+
+namespace optd::formulas {
+
+OPTD_HOST_DEVICE uint32_t FloatBits(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+OPTD_HOST_DEVICE float BitsToFloat(uint32_t bits) {
+  float x;
+  memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+// fp32 -> bf16 bits, round to nearest even (what torch's .bfloat16() and CUDA's __float2bfloat16
+// do); NaN stays NaN.
+OPTD_HOST_DEVICE uint16_t FloatToBf16Bits(float x) {
+  const uint32_t bits = FloatBits(x);
+  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0) {
+    return static_cast<uint16_t>((bits >> 16) | 0x0040u);
+  }
+  const uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>((bits + rounding_bias) >> 16);
+}
+
+OPTD_HOST_DEVICE float Bf16BitsToFloat(uint16_t bits) {
+  return BitsToFloat(static_cast<uint32_t>(bits) << 16);
+}
+
+// fp32 -> IEEE binary16 bits, round to nearest even, with subnormals and overflow to infinity.
+OPTD_HOST_DEVICE uint16_t FloatToHalfBits(float x) {
+  const uint32_t bits = FloatBits(x);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs_bits = bits & 0x7fffffffu;
+  if (abs_bits >= 0x7f800000u) {  // inf or NaN
+    return static_cast<uint16_t>(sign | 0x7c00u | (abs_bits > 0x7f800000u ? 0x0200u : 0u));
+  }
+  if (abs_bits >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past max
+  const int exponent = static_cast<int>(abs_bits >> 23) - 127;
+  if (exponent < -25) return sign;  // below half the smallest subnormal: rounds to zero
+  uint32_t mantissa = (abs_bits & 0x007fffffu) | 0x00800000u;
+  if (exponent < -14) {
+    // Subnormal half: value = mantissa * 2^(exponent - 23); half unit is 2^-24.
+    const int shift = -exponent - 14 + 13;
+    const uint32_t halfway = 1u << (shift - 1);
+    const uint32_t remainder = mantissa & ((1u << shift) - 1u);
+    uint32_t result = mantissa >> shift;
+    if (remainder > halfway || (remainder == halfway && (result & 1u))) ++result;
+    return static_cast<uint16_t>(sign | result);
+  }
+  uint32_t result = (static_cast<uint32_t>(exponent + 15) << 10) | ((mantissa >> 13) & 0x3ffu);
+  const uint32_t remainder = mantissa & 0x1fffu;
+  if (remainder > 0x1000u || (remainder == 0x1000u && (result & 1u))) ++result;
+  return static_cast<uint16_t>(sign | result);
+}
+
+OPTD_HOST_DEVICE float HalfBitsToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0x1fu) return BitsToFloat(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent == 0) {
+    // Subnormal or zero: mantissa * 2^-24, exact in fp32.
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    return sign ? -magnitude : magnitude;
+  }
+  return BitsToFloat(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+OPTD_HOST_DEVICE float RoundToBf16(float x) { return Bf16BitsToFloat(FloatToBf16Bits(x)); }
+OPTD_HOST_DEVICE float RoundToHalf(float x) { return HalfBitsToFloat(FloatToHalfBits(x)); }
+
+// torch.lerp's two-branch evaluation (aten/src/ATen/native/Lerp.h), so `ema` momentum matches the
+// public codes bit for bit in fp32.
+OPTD_HOST_DEVICE float Lerp(float start, float end, float weight) {
+  return fabsf(weight) < 0.5f ? start + weight * (end - start)
+                              : end - (end - start) * (1.0f - weight);
+}
+
+enum class MomentumKind : int { kEma = 0, kSum = 1 };
+
+// Updates the momentum buffer `m` with gradient `g` and returns the direction's input u.
+//   ema: m <- lerp(m, g, 1-mu);  Nesterov u = lerp(g, m, mu), else u = m   (Keller, torch, NorMuon)
+//   sum: m <- mu*m + g;          Nesterov u = g + mu*m,      else u = m   (Moonlight, RMNP, MuonEq,
+//                                                                          dion)
+OPTD_HOST_DEVICE float MomentumStep(float& m, float g, float mu, MomentumKind kind, bool nesterov) {
+  if (kind == MomentumKind::kEma) {
+    m = Lerp(m, g, 1.0f - mu);
+    return nesterov ? Lerp(g, m, mu) : m;
+  }
+  m = mu * m + g;
+  return nesterov ? g + mu * m : m;
+}
+
+// Decoupled weight decay then the scaled step: w <- w*(1 - lr*wd) - lr*step, where `step` is the
+// already scaled (and, where a preset says so, rounded) update.
+OPTD_HOST_DEVICE float DecayAndStep(float w, float step, float lr, float weight_decay) {
+  return w * (1.0f - lr * weight_decay) - lr * step;
+}
+
+// How AdamW places epsilon: kTorch m̂/(√v̂ + ε) (torch.optim.AdamW); kMoonlight m/(√v + ε) scaled by
+// √bc2/bc1, i.e. m̂/(√v̂ + ε/√bc2) (Moonlight's toy_train.py).
+enum class AdamEpsilon : int { kTorch = 0, kMoonlight = 1 };
+
+struct AdamWScalars {
+  float beta1;
+  float beta2;
+  float eps;
+  float lr;
+  float weight_decay;
+  float bias_correction1;       // 1 - beta1^t
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  AdamEpsilon eps_placement;
+};
+
+// One AdamW element update; updates w, m, v in place.
+OPTD_HOST_DEVICE void AdamWStep(float& w, float& m, float& v, float g, const AdamWScalars& s) {
+  m = Lerp(m, g, 1.0f - s.beta1);
+  w = w * (1.0f - s.lr * s.weight_decay);
+  if (s.eps_placement == AdamEpsilon::kTorch) {
+    v = v * s.beta2 + (1.0f - s.beta2) * (g * g);
+    const float denom = sqrtf(v) / s.bias_correction2_sqrt + s.eps;
+    w = w - (s.lr / s.bias_correction1) * (m / denom);
+  } else {
+    v = Lerp(v, g * g, 1.0f - s.beta2);
+    const float direction = m / (s.eps + sqrtf(v));
+    w = w - (s.lr / (s.bias_correction1 / s.bias_correction2_sqrt)) * direction;
+  }
+}
+
+// RMNP's row ℓ2 normalization (seed 000, D = diag(VVᵀ)^(-1/2)·V): each row is divided by
+// max(‖row‖₂, eps), the floor torch's F.normalize applies.
+OPTD_HOST_DEVICE float RowL2Denominator(float sum_squares, float eps) {
+  return fmaxf(sqrtf(sum_squares), eps);
+}
+
+// MuonEq's equilibration factor for one row or column (seed 001): (Σu² + eps)^exponent, exponent
+// -1/2 (or -1/4 for the two-sided variant's option), clipped to [1/clip, clip] when clip > 0.
+OPTD_HOST_DEVICE float EquilibrationScale(float sum_squares, float eps, float exponent,
+                                          float clip) {
+  const float x = sum_squares + eps;
+  float scale;
+  if (exponent == -0.5f) {
+    scale = 1.0f / sqrtf(x);
+  } else if (exponent == -0.25f) {
+    scale = sqrtf(1.0f / sqrtf(x));  // the reference's rsqrt_().sqrt_()
+  } else {
+    scale = powf(x, exponent);
+  }
+  if (clip > 0.0f) scale = fminf(fmaxf(scale, 1.0f / clip), clip);
+  return scale;
+}
+
+// How the Frobenius normalization before Newton–Schulz treats epsilon: kAdd X/(s‖X‖+ε) (Keller,
+// dion), kFloor X/max(s‖X‖, ε) (torch.optim.Muon).
+enum class NormEpsilon : int { kAdd = 0, kFloor = 1 };
+
+// The divisor of that normalization.
+OPTD_HOST_DEVICE float FrobeniusDenominator(float norm, float safety, float eps, NormEpsilon mode) {
+  return mode == NormEpsilon::kAdd ? norm * safety + eps : fmaxf(norm * safety, eps);
+}
+
+// NorMuon's per-neuron second moment (seed 002, Algorithm 1): v <- lerp(v, mean_row(o²), 1-β₂).
+OPTD_HOST_DEVICE float NorMuonSecondMoment(float v, float mean_square, float beta2) {
+  return Lerp(v, mean_square, 1.0f - beta2);
+}
+
+// NorMuon's per-neuron step factor: 1/(√v + ε).
+OPTD_HOST_DEVICE float NorMuonRowScale(float v, float eps) { return 1.0f / (sqrtf(v) + eps); }
+
+// The Newton–Schulz polynomial applied to one singular value: p(s) = a·s + b·s³ + c·s⁵.
+OPTD_HOST_DEVICE double NewtonSchulzPolynomial(double s, double a, double b, double c) {
+  const double s2 = s * s;
+  return s * (a + s2 * (b + c * s2));
+}
+
+}  // namespace optd::formulas
+
+#endif  // OPTD_KERNELS_FORMULAS_H_

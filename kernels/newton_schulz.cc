@@ -1,0 +1,191 @@
+#include "kernels/newton_schulz.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+
+namespace optd {
+
+absl::StatusOr<std::vector<NewtonSchulzCoefficients>> NewtonSchulzCoefficientSet(
+    absl::string_view name) {
+  if (name == "keller") return std::vector<NewtonSchulzCoefficients>{{3.4445, -4.7750, 2.0315}};
+  if (name == "polar_express") {
+    // The 5-step set of modded-nanogpt and dion; its safety factor is applied to the input
+    // (safety 1.02 in the dion preset).
+    return std::vector<NewtonSchulzCoefficients>{
+        {8.156554524902461, -22.48329292557795, 15.878769915207462},
+        {4.042929935166739, -2.808917465908714, 0.5000178451051316},
+        {3.8916678022926607, -2.772484153217685, 0.5060648178503393},
+        {3.285753657755655, -2.3681294933425376, 0.46449024233003106},
+        {2.3465413258596377, -1.7097828382687081, 0.42323551169305323}};
+  }
+  if (name == "dion_legacy") {
+    return std::vector<NewtonSchulzCoefficients>{{4.0848, -6.8946, 2.9270},
+                                                 {3.9505, -6.3029, 2.6377},
+                                                 {3.7418, -5.5913, 2.3037},
+                                                 {2.8769, -3.1427, 1.2046},
+                                                 {2.8366, -3.0525, 1.2012}};
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown Newton-Schulz coefficient set '", name,
+                   "'; expected keller, polar_express, dion_legacy or custom"));
+}
+
+namespace {
+
+std::vector<NewtonSchulzCoefficients> ListOf(const NewtonSchulzConfig& config) {
+  if (config.coefficient_set == "custom") return config.custom;
+  auto list = NewtonSchulzCoefficientSet(config.coefficient_set);
+  return list.ok() ? *list : std::vector<NewtonSchulzCoefficients>{};
+}
+
+}  // namespace
+
+absl::Status ValidateNewtonSchulzConfig(const NewtonSchulzConfig& config) {
+  if (config.coefficient_set == "custom") {
+    if (config.custom.empty()) {
+      return absl::InvalidArgumentError("custom Newton-Schulz coefficient list is empty");
+    }
+    for (const auto& [a, b, c] : config.custom) {
+      if (!std::isfinite(a) || !std::isfinite(b) || !std::isfinite(c)) {
+        return absl::InvalidArgumentError("custom Newton-Schulz coefficients must be finite");
+      }
+    }
+  } else {
+    OPTD_RETURN_IF_ERROR(NewtonSchulzCoefficientSet(config.coefficient_set).status());
+  }
+  if (config.steps < 1 || config.steps > 100) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Newton-Schulz steps must be in [1, 100], got ", config.steps));
+  }
+  if (config.reference_dimension < 1) {
+    return absl::InvalidArgumentError("Newton-Schulz reference dimension must be >= 1");
+  }
+  if (config.compute_dtype == DType::kF64) {
+    return absl::InvalidArgumentError("Newton-Schulz computes in fp32, bf16 or fp16, not fp64");
+  }
+  if (!(config.eps >= 0.0f) || !std::isfinite(config.eps)) {
+    return absl::InvalidArgumentError("Newton-Schulz eps must be finite and >= 0");
+  }
+  if (!(config.safety > 0.0f) || !std::isfinite(config.safety)) {
+    return absl::InvalidArgumentError("Newton-Schulz safety factor must be finite and > 0");
+  }
+  return absl::OkStatus();
+}
+
+int NewtonSchulzSteps(const NewtonSchulzConfig& config, int64_t rows, int64_t cols) {
+  const int64_t dimension = std::min(rows, cols);
+  if (!config.steps_grow_with_dimension || dimension <= config.reference_dimension) {
+    return config.steps;
+  }
+  const std::vector<NewtonSchulzCoefficients> list = ListOf(config);
+  const double slope = list.empty() ? 1.0 : list.back()[0];
+  if (slope <= 1.0) return config.steps;
+  const double lost = 0.5 * std::log(static_cast<double>(dimension) / config.reference_dimension);
+  return config.steps + static_cast<int>(std::ceil(lost / std::log(slope)));
+}
+
+NewtonSchulzCoefficients NewtonSchulzStepCoefficients(const NewtonSchulzConfig& config, int step) {
+  const std::vector<NewtonSchulzCoefficients> list = ListOf(config);
+  return list[std::min<size_t>(step, list.size() - 1)];
+}
+
+int64_t NewtonSchulzWorkspaceFloats(int64_t batch, int64_t rows, int64_t cols) {
+  const int64_t gram = std::min(rows, cols);
+  return batch * (rows * cols + 2 * gram * gram);
+}
+
+absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
+                          const NewtonSchulzConfig& config, float* workspace) {
+  OPTD_RETURN_IF_ERROR(ValidateNewtonSchulzConfig(config));
+  if (x.batch < 0 || x.rows < 0 || x.cols < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("newton-schulz: negative shape [", x.batch, ", ", x.rows, ", ", x.cols, "]"));
+  }
+  if (x.size() == 0) return absl::OkStatus();
+  if (x.data == nullptr || workspace == nullptr) {
+    return absl::InvalidArgumentError("newton-schulz: null matrix or workspace");
+  }
+  const DType dtype = config.compute_dtype;
+  const int64_t m = x.rows, n = x.cols, size = x.matrix_size();
+  // Tall matrices iterate on Xᵀ without moving data: A = XᵀX and X ← X·(B + aI).
+  const bool tall = config.transpose_tall && m > n;
+  const int64_t s = tall ? n : m;  // order of the Gram matrix
+  float* current = x.data;
+  float* next = workspace;
+  float* gram = workspace + x.size();
+  float* poly = gram + x.batch * s * s;
+
+  OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), dtype));
+  OPTD_RETURN_IF_ERROR(
+      backend.FrobeniusNormalize(queue, x, config.safety, config.eps, config.eps_mode, dtype));
+  OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), dtype));
+
+  const int steps = NewtonSchulzSteps(config, m, n);
+  for (int step = 0; step < steps; ++step) {
+    const auto [a, b, c] = NewtonSchulzStepCoefficients(config, step);
+    // A = XXᵀ (or XᵀX), upper triangle, then mirrored: the next update reads A in full.
+    SyrkArgs gram_args{.trans = tall ? Transpose::kYes : Transpose::kNo,
+                       .n = s,
+                       .k = tall ? m : n,
+                       .alpha = 1.0f,
+                       .beta = 0.0f,
+                       .a = current,
+                       .lda = n,
+                       .stride_a = size,
+                       .c = gram,
+                       .ldc = s,
+                       .stride_c = s * s,
+                       .batch = x.batch};
+    OPTD_RETURN_IF_ERROR(backend.SymmetricRankK(queue, gram_args));
+    OPTD_RETURN_IF_ERROR(backend.Symmetrize(queue, gram, s, x.batch));
+    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, gram, x.batch * s * s, dtype));
+    // B = c·A·Aᵀ + b·A: start from a copy of A and let beta carry b.
+    OPTD_RETURN_IF_ERROR(
+        backend.Copy(queue, poly, gram, static_cast<size_t>(x.batch * s * s) * sizeof(float)));
+    SyrkArgs poly_args{.trans = Transpose::kNo,
+                       .n = s,
+                       .k = s,
+                       .alpha = static_cast<float>(c),
+                       .beta = static_cast<float>(b),
+                       .a = gram,
+                       .lda = s,
+                       .stride_a = s * s,
+                       .c = poly,
+                       .ldc = s,
+                       .stride_c = s * s,
+                       .batch = x.batch};
+    OPTD_RETURN_IF_ERROR(backend.SymmetricRankK(queue, poly_args));
+    // aX + BX = (B + aI)·X; B + aI is rounded once, as a GEMM epilogue would.
+    OPTD_RETURN_IF_ERROR(backend.AddDiagonal(queue, poly, s, x.batch, static_cast<float>(a)));
+    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, poly, x.batch * s * s, dtype));
+    SymmArgs update_args{.side = tall ? Side::kRight : Side::kLeft,
+                         .m = m,
+                         .n = n,
+                         .alpha = 1.0f,
+                         .beta = 0.0f,
+                         .s = poly,
+                         .lds = s,
+                         .stride_s = s * s,
+                         .b = current,
+                         .ldb = n,
+                         .stride_b = size,
+                         .c = next,
+                         .ldc = n,
+                         .stride_c = size,
+                         .batch = x.batch};
+    OPTD_RETURN_IF_ERROR(backend.SymmetricMultiply(queue, update_args));
+    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, next, x.size(), dtype));
+    std::swap(current, next);
+  }
+  if (current != x.data) {
+    OPTD_RETURN_IF_ERROR(
+        backend.Copy(queue, x.data, current, static_cast<size_t>(x.size()) * sizeof(float)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace optd

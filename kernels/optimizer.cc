@@ -1,0 +1,458 @@
+#include "kernels/optimizer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <set>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "kernels/newton_schulz.h"
+#include "kernels/status_macros.h"
+
+namespace optd {
+
+struct Optimizer::Tensor {
+  TensorSpec spec;
+  MatrixView view;  // matrix optimizers only
+  int64_t count = 0;
+  int64_t steps = 0;
+  Buffer parameters;
+  Buffer gradient;
+  Buffer momentum;       // matrix: momentum; adamw: first moment
+  Buffer second_moment;  // normuon: per-row v; adamw: second moment
+};
+
+// Tensors whose direction runs as one batch: same matrix shape, same direction settings.
+struct Optimizer::Group {
+  std::vector<int> members;
+  int64_t rows = 0, cols = 0;
+  // RMNP's stages fused in one pass per row (Backend::RmnpStep), run per member.
+  bool fused_rmnp = false;
+};
+
+namespace {
+
+bool SameDirection(const MatrixConfig& a, const MatrixConfig& b) {
+  const NewtonSchulzConfig& x = a.newton_schulz;
+  const NewtonSchulzConfig& y = b.newton_schulz;
+  return a.direction == b.direction && a.row_normalize_eps == b.row_normalize_eps &&
+         x.coefficient_set == y.coefficient_set && x.custom == y.custom && x.steps == y.steps &&
+         x.steps_grow_with_dimension == y.steps_grow_with_dimension &&
+         x.reference_dimension == y.reference_dimension && x.compute_dtype == y.compute_dtype &&
+         x.eps == y.eps && x.safety == y.safety && x.eps_mode == y.eps_mode &&
+         x.transpose_tall == y.transpose_tall;
+}
+
+bool FusesRmnp(const MatrixConfig& c) {
+  return c.direction == Direction::kRowNormalize && c.pre_normalize == PreNormalize::kNone &&
+         c.post_normalize == PostNormalize::kNone &&
+         c.momentum_kind == formulas::MomentumKind::kSum && c.scale != ScaleRule::kUnitRms;
+}
+
+// Floats of workspace a group of `batch` rows×cols matrices needs.
+int64_t GroupWorkspaceFloats(const MatrixConfig& c, int64_t batch, int64_t rows, int64_t cols) {
+  const int64_t k = std::min(rows, cols);
+  int64_t direction = 0;
+  if (c.direction == Direction::kNewtonSchulz) {
+    direction = NewtonSchulzWorkspaceFloats(batch, rows, cols);
+  } else if (c.direction == Direction::kExactPolar) {
+    direction = batch * (k + rows * k + k * cols);
+  }
+  const int64_t pre = c.pre_normalize == PreNormalize::kNone ? 0 : batch * (rows + cols);
+  return batch * rows * cols + std::max(direction, pre);
+}
+
+}  // namespace
+
+absl::StatusOr<MatrixView> MatrixViewOf(absl::Span<const int64_t> shape, RankPolicy policy) {
+  if (shape.size() < 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a matrix optimizer needs rank >= 2, got rank ", shape.size()));
+  }
+  for (int64_t d : shape) {
+    if (d <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("shape [", absl::StrJoin(shape, ", "), "] has a dimension <= 0"));
+    }
+  }
+  MatrixView view;
+  if (policy == RankPolicy::kFlatten) {
+    view.rows = shape[0];
+    view.cols = 1;
+    for (size_t i = 1; i < shape.size(); ++i) view.cols *= shape[i];
+  } else {
+    view.rows = shape[shape.size() - 2];
+    view.cols = shape.back();
+    for (size_t i = 0; i + 2 < shape.size(); ++i) view.batch *= shape[i];
+  }
+  return view;
+}
+
+Optimizer::Optimizer(Backend& backend) : backend_(backend) {}
+Optimizer::~Optimizer() = default;
+int Optimizer::num_groups() const { return static_cast<int>(groups_.size()); }
+
+absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(Backend& backend,
+                                                             std::vector<TensorSpec> specs) {
+  std::unique_ptr<Optimizer> opt(new Optimizer(backend));
+  std::set<std::string> names;
+  Queue& queue = backend.default_queue();
+  for (TensorSpec& spec : specs) {
+    if (spec.name.empty()) return absl::InvalidArgumentError("tensor name is empty");
+    if (!names.insert(spec.name).second) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor name '", spec.name, "' is repeated"));
+    }
+    absl::Status valid = ValidateOptimizerConfig(spec.config);
+    if (!valid.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", spec.name, "': ", valid.message()));
+    }
+    auto t = std::make_unique<Tensor>();
+    t->count = 1;
+    for (int64_t d : spec.shape) {
+      if (d <= 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", spec.name, "': shape [", absl::StrJoin(spec.shape, ", "), "] is empty"));
+      }
+      t->count *= d;
+    }
+    const bool matrix = spec.config.algorithm == Algorithm::kMatrix;
+    if (matrix) {
+      absl::StatusOr<MatrixView> view = MatrixViewOf(spec.shape, spec.rank_policy);
+      if (!view.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", spec.name, "' (preset ", spec.config.preset, "): ", view.status().message(),
+            "; put vectors, embeddings and heads in an adamw group"));
+      }
+      t->view = *view;
+    }
+    const size_t bytes = static_cast<size_t>(t->count) * sizeof(float);
+    OPTD_ASSIGN_OR_RETURN(t->parameters, backend.Allocate(bytes));
+    OPTD_ASSIGN_OR_RETURN(t->gradient, backend.Allocate(bytes));
+    OPTD_ASSIGN_OR_RETURN(t->momentum, backend.Allocate(bytes));
+    OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->parameters.f32(), t->count, 0.0f));
+    OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->gradient.f32(), t->count, 0.0f));
+    OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->momentum.f32(), t->count, 0.0f));
+    int64_t second = 0;
+    if (!matrix) second = t->count;
+    if (matrix && spec.config.matrix.post_normalize == PostNormalize::kNorMuon) {
+      second = t->view.batch * t->view.rows;
+    }
+    if (second > 0) {
+      OPTD_ASSIGN_OR_RETURN(t->second_moment,
+                            backend.Allocate(static_cast<size_t>(second) * sizeof(float)));
+      OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->second_moment.f32(), second, 0.0f));
+    }
+    t->spec = std::move(spec);
+    opt->tensors_.push_back(std::move(t));
+  }
+
+  // Group matrix tensors for batched directions.
+  int64_t workspace = 0;
+  for (int i = 0; i < opt->num_tensors(); ++i) {
+    const Tensor& t = *opt->tensors_[i];
+    if (t.spec.config.algorithm != Algorithm::kMatrix) continue;
+    const MatrixConfig& c = t.spec.config.matrix;
+    Group* group = nullptr;
+    if (!FusesRmnp(c)) {
+      for (Group& g : opt->groups_) {
+        const MatrixConfig& first = opt->tensors_[g.members[0]]->spec.config.matrix;
+        if (!g.fused_rmnp && g.rows == t.view.rows && g.cols == t.view.cols &&
+            SameDirection(first, c)) {
+          group = &g;
+          break;
+        }
+      }
+    }
+    if (group == nullptr) {
+      opt->groups_.push_back(Group{{}, t.view.rows, t.view.cols, FusesRmnp(c)});
+      group = &opt->groups_.back();
+    }
+    group->members.push_back(i);
+  }
+  for (const Group& g : opt->groups_) {
+    if (g.fused_rmnp) continue;
+    int64_t batch = 0;
+    int64_t floats = 0;
+    for (int i : g.members) batch += opt->tensors_[i]->view.batch;
+    for (int i : g.members) {
+      floats = std::max(floats, GroupWorkspaceFloats(opt->tensors_[i]->spec.config.matrix, batch,
+                                                     g.rows, g.cols));
+    }
+    workspace = std::max(workspace, floats);
+  }
+  OPTD_ASSIGN_OR_RETURN(opt->workspace_,
+                        backend.Allocate(static_cast<size_t>(workspace) * sizeof(float)));
+  OPTD_RETURN_IF_ERROR(backend.Synchronize(queue));
+  return opt;
+}
+
+absl::Status Optimizer::CheckIndex(int tensor) const {
+  if (tensor < 0 || tensor >= num_tensors()) {
+    return absl::OutOfRangeError(
+        absl::StrCat("tensor index ", tensor, " is outside [0, ", num_tensors(), ")"));
+  }
+  return absl::OkStatus();
+}
+
+const TensorSpec& Optimizer::spec(int tensor) const { return tensors_[tensor]->spec; }
+int64_t Optimizer::num_elements(int tensor) const { return tensors_[tensor]->count; }
+int64_t Optimizer::steps_applied(int tensor) const { return tensors_[tensor]->steps; }
+float* Optimizer::parameters(int tensor) const { return tensors_[tensor]->parameters.f32(); }
+float* Optimizer::gradient(int tensor) const { return tensors_[tensor]->gradient.f32(); }
+
+absl::StatusOr<int> Optimizer::FindTensor(absl::string_view name) const {
+  for (int i = 0; i < num_tensors(); ++i) {
+    if (tensors_[i]->spec.name == name) return i;
+  }
+  return absl::NotFoundError(absl::StrCat("unknown tensor '", name, "'"));
+}
+
+absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values) {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  Tensor& t = *tensors_[tensor];
+  if (static_cast<int64_t>(values.size()) != t.count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor '", t.spec.name, "' has ", t.count, " elements, got ", values.size()));
+  }
+  Queue& queue = backend_.default_queue();
+  OPTD_RETURN_IF_ERROR(
+      backend_.Upload(queue, t.parameters.data(), values.data(), values.size() * sizeof(float)));
+  return backend_.Synchronize(queue);
+}
+
+absl::Status Optimizer::GetParameters(int tensor, absl::Span<float> out) const {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  const Tensor& t = *tensors_[tensor];
+  if (static_cast<int64_t>(out.size()) != t.count) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", t.spec.name, "' has ", t.count,
+                                                   " elements, output holds ", out.size()));
+  }
+  Queue& queue = backend_.default_queue();
+  OPTD_RETURN_IF_ERROR(
+      backend_.Download(queue, out.data(), t.parameters.data(), out.size() * sizeof(float)));
+  return backend_.Synchronize(queue);
+}
+
+absl::Status Optimizer::SetGradient(int tensor, absl::Span<const float> values) {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  Tensor& t = *tensors_[tensor];
+  if (static_cast<int64_t>(values.size()) != t.count) {
+    return absl::InvalidArgumentError(absl::StrCat("gradient for tensor '", t.spec.name, "' has ",
+                                                   values.size(), " elements, expected ", t.count));
+  }
+  return backend_.Upload(backend_.default_queue(), t.gradient.data(), values.data(),
+                         values.size() * sizeof(float));
+}
+
+absl::Status Optimizer::SetHyperparameters(int tensor, float lr, float weight_decay,
+                                           float momentum) {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  OptimizerConfig config = tensors_[tensor]->spec.config;
+  config.lr = lr;
+  config.weight_decay = weight_decay;
+  config.matrix.momentum = momentum;
+  absl::Status valid = ValidateOptimizerConfig(config);
+  if (!valid.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor '", tensors_[tensor]->spec.name, "': ", valid.message()));
+  }
+  tensors_[tensor]->spec.config = config;
+  return absl::OkStatus();
+}
+
+std::vector<StateBuffer> Optimizer::state(int tensor) const {
+  const Tensor& t = *tensors_[tensor];
+  if (t.spec.config.algorithm == Algorithm::kAdamW) {
+    return {{"adam_first_moment", t.momentum.f32(), t.count},
+            {"adam_second_moment", t.second_moment.f32(), t.count}};
+  }
+  std::vector<StateBuffer> state = {{"momentum", t.momentum.f32(), t.count}};
+  if (t.spec.config.matrix.post_normalize == PostNormalize::kNorMuon) {
+    state.push_back({"normuon_second_moment", t.second_moment.f32(), t.view.batch * t.view.rows});
+  }
+  return state;
+}
+
+absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
+  if (poisoned_) {
+    return absl::FailedPreconditionError(
+        "an earlier step failed inside the backend after it began changing state; restore the "
+        "parameters and state from a checkpoint");
+  }
+  if (!has_gradient.empty() && static_cast<int>(has_gradient.size()) != num_tensors()) {
+    return absl::InvalidArgumentError(absl::StrCat("has_gradient has ", has_gradient.size(),
+                                                   " entries for ", num_tensors(), " tensors"));
+  }
+  // A plain bool array: absl::Span cannot view std::vector<bool>.
+  std::unique_ptr<bool[]> present(new bool[num_tensors()]);
+  for (int i = 0; i < num_tensors(); ++i) present[i] = has_gradient.empty() || has_gradient[i];
+  Queue& queue = backend_.default_queue();
+  // Validate everything before any state changes: a rejected step leaves no trace.
+  for (int i = 0; i < num_tensors(); ++i) {
+    if (!present[i]) continue;
+    const Tensor& t = *tensors_[i];
+    OPTD_ASSIGN_OR_RETURN(int64_t bad, backend_.CountNonFinite(queue, t.gradient.f32(), t.count));
+    if (bad > 0) {
+      return absl::InvalidArgumentError(absl::StrCat("gradient for tensor '", t.spec.name, "' has ",
+                                                     bad, " non-finite values of ", t.count));
+    }
+  }
+  absl::Status status;
+  for (const Group& group : groups_) {
+    status = StepGroup(group, absl::MakeConstSpan(present.get(), num_tensors()));
+    if (!status.ok()) break;
+  }
+  for (int i = 0; status.ok() && i < num_tensors(); ++i) {
+    if (present[i] && tensors_[i]->spec.config.algorithm == Algorithm::kAdamW) {
+      status = StepAdamW(*tensors_[i]);
+    }
+  }
+  if (status.ok()) status = backend_.Synchronize(queue);
+  if (!status.ok()) {
+    poisoned_ = true;
+    return absl::InternalError(
+        absl::StrCat("step failed in the ", backend_.name(), " backend: ", status.message()));
+  }
+  for (int i = 0; i < num_tensors(); ++i) {
+    if (present[i]) ++tensors_[i]->steps;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Optimizer::StepAdamW(Tensor& t) {
+  const OptimizerConfig& c = t.spec.config;
+  const double step = static_cast<double>(t.steps + 1);
+  formulas::AdamWScalars s{
+      .beta1 = c.adamw.beta1,
+      .beta2 = c.adamw.beta2,
+      .eps = c.adamw.eps,
+      .lr = c.lr,
+      .weight_decay = c.weight_decay,
+      .bias_correction1 = static_cast<float>(1.0 - std::pow(c.adamw.beta1, step)),
+      .bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(c.adamw.beta2, step))),
+      .eps_placement = c.adamw.eps_placement};
+  return backend_.AdamW(backend_.default_queue(), t.parameters.f32(), t.momentum.f32(),
+                        t.second_moment.f32(), t.gradient.f32(), t.count, s);
+}
+
+absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> present) {
+  Queue& queue = backend_.default_queue();
+  std::vector<Tensor*> members;
+  int64_t batch = 0;
+  for (int i : group.members) {
+    if (!present[i]) continue;
+    members.push_back(tensors_[i].get());
+    batch += tensors_[i]->view.batch;
+  }
+  if (members.empty()) return absl::OkStatus();
+  const int64_t rows = group.rows, cols = group.cols, matrix = rows * cols;
+
+  auto scale_of = [&](const Tensor& t) {
+    const MatrixConfig& c = t.spec.config.matrix;
+    const auto& shape = t.spec.shape;
+    if (c.scale_from_last_two_dims && shape.size() >= 2) {
+      return ScaleFactor(c, shape[shape.size() - 2], shape.back());
+    }
+    return ScaleFactor(c, rows, cols);
+  };
+
+  if (group.fused_rmnp) {
+    for (Tensor* t : members) {
+      const OptimizerConfig& c = t->spec.config;
+      RmnpStepArgs args{.momentum = c.matrix.momentum,
+                        .nesterov = c.matrix.nesterov,
+                        .eps = c.matrix.row_normalize_eps,
+                        .lr = c.lr,
+                        .weight_decay = c.weight_decay,
+                        .scale = scale_of(*t),
+                        .step_dtype = c.matrix.step_dtype};
+      OPTD_RETURN_IF_ERROR(backend_.RmnpStep(queue, t->parameters.f32(), t->momentum.f32(),
+                                             t->gradient.f32(), t->view.batch * rows, cols, args));
+    }
+    return absl::OkStatus();
+  }
+
+  float* directions = workspace_.f32();
+  float* scratch = directions + batch * matrix;
+  // Momentum and pre-normalization, each tensor into its slot of the group's batch.
+  int64_t offset = 0;
+  for (Tensor* t : members) {
+    const MatrixConfig& c = t->spec.config.matrix;
+    float* u = directions + offset;
+    OPTD_RETURN_IF_ERROR(backend_.Momentum(queue, t->momentum.f32(), t->gradient.f32(), u, t->count,
+                                           c.momentum, c.momentum_kind, c.nesterov));
+    PreNormalize mode = c.pre_normalize;
+    if (mode == PreNormalize::kRowCol && c.rowcol_to_row_at_step > 0 &&
+        t->steps + 1 >= c.rowcol_to_row_at_step) {
+      mode = PreNormalize::kRow;
+    }
+    if (mode != PreNormalize::kNone) {
+      EquilibrateArgs args{.rows = mode == PreNormalize::kRow || mode == PreNormalize::kRowCol,
+                           .cols = mode == PreNormalize::kCol || mode == PreNormalize::kRowCol,
+                           .eps = c.pre_normalize_eps,
+                           .exponent = c.pre_normalize_exponent,
+                           .clip = c.pre_normalize_clip};
+      OPTD_RETURN_IF_ERROR(
+          backend_.Equilibrate(queue, MatrixBatch{u, t->view.batch, rows, cols}, args, scratch));
+    }
+    offset += t->count;
+  }
+
+  // The direction, batched over the whole group.
+  const MatrixConfig& first = members[0]->spec.config.matrix;
+  const MatrixBatch all{directions, batch, rows, cols};
+  switch (first.direction) {
+    case Direction::kNewtonSchulz:
+      OPTD_RETURN_IF_ERROR(NewtonSchulz(backend_, queue, all, first.newton_schulz, scratch));
+      break;
+    case Direction::kRowNormalize:
+      OPTD_RETURN_IF_ERROR(
+          backend_.RowNormalize(queue, directions, batch * rows, cols, first.row_normalize_eps));
+      break;
+    case Direction::kExactPolar: {
+      const int64_t k = std::min(rows, cols);
+      float* s = scratch;
+      float* u = s + batch * k;
+      float* vt = u + batch * rows * k;
+      OPTD_RETURN_IF_ERROR(backend_.SingularValueDecomposition(queue, all, s, u, vt));
+      GemmArgs polar{.m = rows,
+                     .n = cols,
+                     .k = k,
+                     .a = u,
+                     .lda = k,
+                     .stride_a = rows * k,
+                     .b = vt,
+                     .ldb = cols,
+                     .stride_b = k * cols,
+                     .c = directions,
+                     .ldc = cols,
+                     .stride_c = matrix,
+                     .batch = batch};
+      OPTD_RETURN_IF_ERROR(backend_.Gemm(queue, polar));
+      break;
+    }
+  }
+
+  // Post-normalization, scale, decay and the update, per tensor.
+  offset = 0;
+  for (Tensor* t : members) {
+    const OptimizerConfig& c = t->spec.config;
+    const MatrixBatch o{directions + offset, t->view.batch, rows, cols};
+    if (c.matrix.post_normalize == PostNormalize::kNorMuon) {
+      OPTD_RETURN_IF_ERROR(
+          backend_.NorMuonNormalize(queue, o, t->second_moment.f32(), c.matrix.normuon));
+    }
+    if (c.matrix.scale == ScaleRule::kUnitRms) {
+      OPTD_RETURN_IF_ERROR(backend_.ScaleToRms(queue, o, c.matrix.scale_rms, c.matrix.normuon.eps));
+    }
+    OPTD_RETURN_IF_ERROR(backend_.ApplyUpdate(queue, t->parameters.f32(), o.data, t->count, c.lr,
+                                              c.weight_decay, scale_of(*t), c.matrix.step_dtype));
+    offset += t->count;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace optd

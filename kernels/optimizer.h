@@ -1,0 +1,106 @@
+// The optimizer: parameters and optimizer state for a set of named tensors on one backend, and
+// the step that applies gradients to them as ../shared/DESIGN.md's stages describe.
+#ifndef OPTD_KERNELS_OPTIMIZER_H_
+#define OPTD_KERNELS_OPTIMIZER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "kernels/backend.h"
+#include "kernels/optimizer_config.h"
+
+namespace optd {
+
+// How a tensor of rank > 2 becomes matrices: kFlatten views [d0, d1, ...] as one d0×(d1·...)
+// matrix (convolutions); kBatch views [..., m, n] as a batch of m×n matrices (experts, heads).
+enum class RankPolicy { kFlatten, kBatch };
+
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  RankPolicy rank_policy = RankPolicy::kFlatten;
+  OptimizerConfig config;
+};
+
+struct MatrixView {
+  int64_t batch = 1, rows = 0, cols = 0;
+};
+
+// The matrices a tensor of `shape` is stepped as. InvalidArgument for rank < 2 or an empty shape.
+absl::StatusOr<MatrixView> MatrixViewOf(absl::Span<const int64_t> shape, RankPolicy policy);
+
+// One state buffer of a tensor, for checkpoints: "momentum", "normuon_second_moment",
+// "adam_first_moment", "adam_second_moment".
+struct StateBuffer {
+  std::string name;
+  float* data;  // backend memory
+  int64_t count;
+};
+
+class Optimizer {
+ public:
+  // Validates every spec (unique non-empty names, non-empty shapes, a valid config, rank >= 2 for
+  // matrix optimizers) and allocates parameters (zeros), state (zeros), gradient staging and one
+  // shared workspace. Tensors with the same matrix shape and direction settings are stepped as
+  // one batch.
+  static absl::StatusOr<std::unique_ptr<Optimizer>> Create(Backend& backend,
+                                                           std::vector<TensorSpec> tensors);
+
+  ~Optimizer();
+
+  Backend& backend() const { return backend_; }
+  int num_tensors() const { return static_cast<int>(tensors_.size()); }
+  const TensorSpec& spec(int tensor) const;
+  int64_t num_elements(int tensor) const;
+  // NotFound when no tensor has that name.
+  absl::StatusOr<int> FindTensor(absl::string_view name) const;
+  // How many steps changed this tensor.
+  int64_t steps_applied(int tensor) const;
+  // Number of batched groups the step runs (for tests and diagnostics).
+  int num_groups() const;
+
+  // Host <-> backend parameter copies; InvalidArgument when the size differs.
+  absl::Status SetParameters(int tensor, absl::Span<const float> values);
+  absl::Status GetParameters(int tensor, absl::Span<float> out) const;
+  float* parameters(int tensor) const;
+
+  // Gradient staging: upload with SetGradient, or write straight into gradient(tensor).
+  absl::Status SetGradient(int tensor, absl::Span<const float> values);
+  float* gradient(int tensor) const;
+
+  // Applies the staged gradients. `has_gradient` (empty: all true) marks tensors that got one;
+  // a tensor without a gradient is skipped entirely (no momentum, no decay — the rule of torch,
+  // Moonlight, MuonEq and dion). Any non-finite value in a present gradient fails the whole step
+  // with InvalidArgument naming the tensor, before anything changes.
+  absl::Status Step(absl::Span<const bool> has_gradient = {});
+
+  // Changes a tensor's learning rate, weight decay and (matrix optimizers) momentum.
+  absl::Status SetHyperparameters(int tensor, float lr, float weight_decay, float momentum);
+
+  std::vector<StateBuffer> state(int tensor) const;
+
+ private:
+  struct Tensor;
+  struct Group;
+  explicit Optimizer(Backend& backend);
+
+  absl::Status CheckIndex(int tensor) const;
+  absl::Status StepGroup(const Group& group, absl::Span<const bool> present);
+  absl::Status StepAdamW(Tensor& tensor);
+
+  Backend& backend_;
+  std::vector<std::unique_ptr<Tensor>> tensors_;
+  std::vector<Group> groups_;
+  Buffer workspace_;
+  bool poisoned_ = false;
+};
+
+}  // namespace optd
+
+#endif  // OPTD_KERNELS_OPTIMIZER_H_
