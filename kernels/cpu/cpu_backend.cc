@@ -263,7 +263,9 @@ class CpuBackend : public Backend {
     if (a.size() == 0 || k == 0) return absl::OkStatus();
     if (s == nullptr) return absl::InvalidArgumentError("svd: null singular value output");
     const bool vectors = u != nullptr || vt != nullptr;
-    std::vector<double> work(m * n), sd(k), ud(vectors ? m * k : 1), vtd(vectors ? k * n : 1);
+    // LAPACKE checks ldu and ldvt even when it computes no vectors, so the buffers keep their
+    // full shapes.
+    std::vector<double> work(m * n), sd(k), ud(m * k), vtd(k * n);
     for (int64_t b = 0; b < a.batch; ++b) {
       const float* src = a.data + b * a.matrix_size();
       for (int64_t i = 0; i < m * n; ++i) {
@@ -275,7 +277,7 @@ class CpuBackend : public Backend {
       }
       const lapack_int info =
           LAPACKE_dgesdd(LAPACK_ROW_MAJOR, vectors ? 'S' : 'N', m, n, work.data(), n, sd.data(),
-                         ud.data(), vectors ? k : 1, vtd.data(), vectors ? n : 1);
+                         ud.data(), k, vtd.data(), n);
       if (info != 0) {
         return absl::InternalError(
             absl::StrCat("svd: LAPACKE_dgesdd failed with info=", info, " on matrix ", b));

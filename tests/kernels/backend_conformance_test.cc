@@ -1,0 +1,483 @@
+// One conformance suite for every backend: each operation against a plain fp64 computation of the
+// same inputs (llm.c's and ggml's test-backend-ops habit). The CUDA backend joins the parameter
+// list with the same cases; without a GPU its cases skip with the reason.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/cuda_status.h"
+#include "tests/kernels/reference.h"
+
+namespace optd {
+namespace {
+
+using reference::RandomNormal;
+using reference::RelativeError;
+
+class BackendTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "cuda") {
+      GTEST_SKIP() << CudaBackendUnavailableReason();
+    }
+    auto backend = CreateCpuBackend();
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    backend_ = std::move(*backend);
+  }
+
+  // A backend copy of host data, kept alive for the test.
+  float* Device(const std::vector<float>& host) {
+    auto buffer = backend_->Allocate(host.size() * sizeof(float));
+    EXPECT_TRUE(buffer.ok());
+    EXPECT_TRUE(backend_->Upload(queue(), buffer->data(), host.data(), host.size() * 4).ok());
+    buffers_.push_back(std::move(*buffer));
+    return buffers_.back().f32();
+  }
+  std::vector<float> Host(const float* device, size_t count) {
+    std::vector<float> host(count);
+    EXPECT_TRUE(backend_->Download(queue(), host.data(), device, count * 4).ok());
+    EXPECT_TRUE(backend_->Synchronize(queue()).ok());
+    return host;
+  }
+  Queue& queue() { return backend_->default_queue(); }
+
+  std::unique_ptr<Backend> backend_;
+  std::vector<Buffer> buffers_;
+};
+
+// fp64 C = alpha·op(A)·op(B) + beta·C for row-major inputs.
+std::vector<double> GemmReference(bool ta, bool tb, int m, int n, int k, double alpha,
+                                  const std::vector<float>& a, const std::vector<float>& b,
+                                  double beta, const std::vector<float>& c) {
+  std::vector<double> out(m * n);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      double s = 0;
+      for (int p = 0; p < k; ++p) {
+        const double x = ta ? a[p * m + i] : a[i * k + p];
+        const double y = tb ? b[j * k + p] : b[p * n + j];
+        s += x * y;
+      }
+      out[i * n + j] = alpha * s + beta * c[i * n + j];
+    }
+  return out;
+}
+
+TEST_P(BackendTest, GemmFp32AllTransposesBatched) {
+  const int m = 13, n = 9, k = 17, batch = 3;
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      auto a = RandomNormal(batch * m * k, 1), b = RandomNormal(batch * k * n, 2),
+           c = RandomNormal(batch * m * n, 3);
+      float* dc = Device(c);
+      GemmArgs args{.trans_a = ta ? Transpose::kYes : Transpose::kNo,
+                    .trans_b = tb ? Transpose::kYes : Transpose::kNo,
+                    .m = m, .n = n, .k = k, .alpha = 0.7f, .beta = -0.3f,
+                    .a = Device(a), .lda = ta ? m : k, .stride_a = m * k,
+                    .b = Device(b), .ldb = tb ? k : n, .stride_b = k * n,
+                    .c = dc, .ldc = n, .stride_c = m * n, .batch = batch};
+      ASSERT_TRUE(backend_->Gemm(queue(), args).ok());
+      auto got = Host(dc, c.size());
+      for (int i = 0; i < batch; ++i) {
+        auto slice = [&](const std::vector<float>& v, int size) {
+          return std::vector<float>(v.begin() + i * size, v.begin() + (i + 1) * size);
+        };
+        auto want = GemmReference(ta, tb, m, n, k, 0.7, slice(a, m * k), slice(b, k * n), -0.3,
+                                  slice(c, m * n));
+        EXPECT_LT(RelativeError(slice(got, m * n), want), 1e-6) << ta << tb << i;
+      }
+    }
+  }
+}
+
+TEST_P(BackendTest, GemmHalfInputsAccumulateInFp32) {
+  const int m = 8, n = 6, k = 64;
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    auto a = RandomNormal(m * k, 4), b = RandomNormal(k * n, 5);
+    std::vector<float> c(m * n, 0.0f);
+    std::vector<uint16_t> a16(a.size()), b16(b.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      a16[i] = dtype == DType::kBF16 ? formulas::FloatToBf16Bits(a[i]) : formulas::FloatToHalfBits(a[i]);
+      a[i] = dtype == DType::kBF16 ? formulas::Bf16BitsToFloat(a16[i]) : formulas::HalfBitsToFloat(a16[i]);
+    }
+    for (size_t i = 0; i < b.size(); ++i) {
+      b16[i] = dtype == DType::kBF16 ? formulas::FloatToBf16Bits(b[i]) : formulas::FloatToHalfBits(b[i]);
+      b[i] = dtype == DType::kBF16 ? formulas::Bf16BitsToFloat(b16[i]) : formulas::HalfBitsToFloat(b16[i]);
+    }
+    auto da = backend_->Allocate(a16.size() * 2);
+    auto db = backend_->Allocate(b16.size() * 2);
+    ASSERT_TRUE(da.ok() && db.ok());
+    ASSERT_TRUE(backend_->Upload(queue(), da->data(), a16.data(), a16.size() * 2).ok());
+    ASSERT_TRUE(backend_->Upload(queue(), db->data(), b16.data(), b16.size() * 2).ok());
+    float* dc = Device(c);
+    GemmArgs args{.m = m, .n = n, .k = k, .input_dtype = dtype, .a = da->data(), .lda = k,
+                  .b = db->data(), .ldb = n, .c = dc, .ldc = n};
+    ASSERT_TRUE(backend_->Gemm(queue(), args).ok());
+    // The inputs are exact in fp32, so only fp32 accumulation separates the result from fp64.
+    EXPECT_LT(RelativeError(Host(dc, c.size()), GemmReference(false, false, m, n, k, 1, a, b, 0, c)),
+              1e-6);
+  }
+}
+
+TEST_P(BackendTest, SymmetricRankKWritesTheUpperTriangle) {
+  const int n = 11, k = 7;
+  for (bool trans : {false, true}) {
+    auto a = RandomNormal(n * k, 6), c = RandomNormal(n * n, 7);
+    float* dc = Device(c);
+    SyrkArgs args{.trans = trans ? Transpose::kYes : Transpose::kNo, .n = n, .k = k,
+                  .alpha = 1.5f, .beta = 0.5f, .a = Device(a), .lda = trans ? n : k,
+                  .c = dc, .ldc = n};
+    ASSERT_TRUE(backend_->SymmetricRankK(queue(), args).ok());
+    auto got = Host(dc, c.size());
+    // op(A)·op(A)ᵀ is op(A)·(op(A))ᵀ: A·Aᵀ (no trans, A is n×k) or Aᵀ·A (trans, A is k×n).
+    auto want = GemmReference(trans, !trans, n, n, k, 1.5, a, a, 0.5, c);
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < n; ++j) {
+        if (j >= i) {
+          EXPECT_NEAR(got[i * n + j], want[i * n + j], 1e-5 * (1 + std::fabs(want[i * n + j])));
+        } else {
+          EXPECT_EQ(got[i * n + j], c[i * n + j]) << "lower triangle written at " << i << "," << j;
+        }
+      }
+    }
+  }
+}
+
+TEST_P(BackendTest, SymmetricMultiplyReadsTheUpperTriangleOnly) {
+  const int m = 7, n = 5;
+  for (Side side : {Side::kLeft, Side::kRight}) {
+    const int s_order = side == Side::kLeft ? m : n;
+    auto s = RandomNormal(s_order * s_order, 8);
+    std::vector<float> full = s;
+    for (int i = 0; i < s_order; ++i)
+      for (int j = 0; j < i; ++j) {
+        full[i * s_order + j] = s[j * s_order + i];
+        s[i * s_order + j] = std::numeric_limits<float>::quiet_NaN();  // must not be read
+      }
+    auto b = RandomNormal(m * n, 9), c = RandomNormal(m * n, 10);
+    float* dc = Device(c);
+    SymmArgs args{.side = side, .m = m, .n = n, .alpha = 2.0f, .beta = 0.25f, .s = Device(s),
+                  .lds = s_order, .b = Device(b), .ldb = n, .c = dc, .ldc = n};
+    ASSERT_TRUE(backend_->SymmetricMultiply(queue(), args).ok());
+    auto want = side == Side::kLeft ? GemmReference(false, false, m, n, m, 2, full, b, 0.25, c)
+                                    : GemmReference(false, false, m, n, n, 2, b, full, 0.25, c);
+    EXPECT_LT(RelativeError(Host(dc, c.size()), want), 1e-6);
+  }
+}
+
+TEST_P(BackendTest, SingularValueDecompositionReconstructs) {
+  for (auto [m, n] : {std::pair{9, 5}, std::pair{4, 10}}) {
+    const int k = std::min(m, n);
+    auto a = RandomNormal(2 * m * n, 11);
+    float* da = Device(a);
+    std::vector<float> zeros(2 * (k + m * k + k * n), 0.0f);
+    float* work = Device(zeros);
+    float* s = work;
+    float* u = s + 2 * k;
+    float* vt = u + 2 * m * k;
+    ASSERT_TRUE(backend_->SingularValueDecomposition(queue(), MatrixBatch{da, 2, m, n}, s, u, vt).ok());
+    auto hs = Host(s, 2 * k), hu = Host(u, 2 * m * k), hvt = Host(vt, 2 * k * n);
+    for (int b = 0; b < 2; ++b) {
+      std::vector<double> rebuilt(m * n, 0.0);
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j)
+          for (int p = 0; p < k; ++p)
+            rebuilt[i * n + j] += double(hu[b * m * k + i * k + p]) * hs[b * k + p] * hvt[b * k * n + p * n + j];
+      std::vector<float> original(a.begin() + b * m * n, a.begin() + (b + 1) * m * n);
+      EXPECT_LT(RelativeError(rebuilt, original), 1e-6);
+      for (int p = 1; p < k; ++p) EXPECT_GE(hs[b * k + p - 1], hs[b * k + p]);
+    }
+  }
+  // Singular values of a diagonal matrix are its absolute diagonal, sorted.
+  std::vector<float> d = {0, 0, -2, 0, 3, 0, 0.5, 0, 0};
+  std::vector<float> out(3, 0);
+  float* ds = Device(out);
+  ASSERT_TRUE(backend_->SingularValueDecomposition(queue(), MatrixBatch{Device(d), 1, 3, 3}, ds,
+                                                   nullptr, nullptr).ok());
+  auto s = Host(ds, 3);
+  EXPECT_NEAR(s[0], 3, 1e-6);
+  EXPECT_NEAR(s[1], 2, 1e-6);
+  EXPECT_NEAR(s[2], 0.5, 1e-6);
+}
+
+TEST_P(BackendTest, SymmetrizeAndAddDiagonal) {
+  const int n = 4;
+  auto a = RandomNormal(2 * n * n, 12);
+  float* da = Device(a);
+  ASSERT_TRUE(backend_->Symmetrize(queue(), da, n, 2).ok());
+  ASSERT_TRUE(backend_->AddDiagonal(queue(), da, n, 2, 1.5f).ok());
+  auto got = Host(da, a.size());
+  for (int b = 0; b < 2; ++b)
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) {
+        const int upper = b * n * n + std::min(i, j) * n + std::max(i, j);
+        EXPECT_EQ(got[b * n * n + i * n + j], a[upper] + (i == j ? 1.5f : 0.0f));
+      }
+}
+
+TEST_P(BackendTest, FrobeniusNormalizePerMatrixAndZeroStaysZero) {
+  auto x = RandomNormal(2 * 12, 13);
+  x.resize(3 * 12, 0.0f);  // the third matrix is zero
+  float* dx = Device(x);
+  ASSERT_TRUE(backend_->FrobeniusNormalize(queue(), MatrixBatch{dx, 3, 3, 4}, 1.02f, 1e-7f,
+                                           formulas::NormEpsilon::kAdd, DType::kF32).ok());
+  auto got = Host(dx, x.size());
+  for (int b = 0; b < 2; ++b) {
+    double norm = 0;
+    for (int i = 0; i < 12; ++i) norm += double(x[b * 12 + i]) * x[b * 12 + i];
+    norm = std::sqrt(norm);
+    for (int i = 0; i < 12; ++i) {
+      EXPECT_NEAR(got[b * 12 + i], x[b * 12 + i] / (1.02 * norm + 1e-7), 1e-6);
+    }
+  }
+  for (int i = 24; i < 36; ++i) EXPECT_EQ(got[i], 0.0f);
+  // The floor form divides a tiny matrix by eps, not by its norm.
+  std::vector<float> tiny = {1e-9f, 0, 0, 0};
+  float* dt = Device(tiny);
+  ASSERT_TRUE(backend_->FrobeniusNormalize(queue(), MatrixBatch{dt, 1, 2, 2}, 1.0f, 1e-7f,
+                                           formulas::NormEpsilon::kFloor, DType::kF32).ok());
+  EXPECT_NEAR(Host(dt, 4)[0], 1e-2, 1e-8);
+}
+
+TEST_P(BackendTest, RowAndColumnSumsOfSquares) {
+  const int batch = 2, rows = 3, cols = 5;
+  auto x = RandomNormal(batch * rows * cols, 14);
+  std::vector<float> zeros(batch * (rows + cols), 0.0f);
+  float* out = Device(zeros);
+  float* dx = Device(x);
+  ASSERT_TRUE(backend_->RowSumSquares(queue(), dx, batch * rows, cols, out).ok());
+  ASSERT_TRUE(backend_->ColumnSumSquares(queue(), MatrixBatch{dx, batch, rows, cols},
+                                         out + batch * rows).ok());
+  auto got = Host(out, zeros.size());
+  for (int b = 0; b < batch; ++b) {
+    for (int r = 0; r < rows; ++r) {
+      double s = 0;
+      for (int c = 0; c < cols; ++c) s += double(x[(b * rows + r) * cols + c]) * x[(b * rows + r) * cols + c];
+      EXPECT_NEAR(got[b * rows + r], s, 1e-5 * s);
+    }
+    for (int c = 0; c < cols; ++c) {
+      double s = 0;
+      for (int r = 0; r < rows; ++r) s += double(x[(b * rows + r) * cols + c]) * x[(b * rows + r) * cols + c];
+      EXPECT_NEAR(got[batch * rows + b * cols + c], s, 1e-5 * s);
+    }
+  }
+}
+
+TEST_P(BackendTest, EquilibrateRowColumnAndClip) {
+  const int rows = 4, cols = 6;
+  for (int mode = 0; mode < 3; ++mode) {
+    for (float clip : {0.0f, 1.5f}) {
+      auto x = RandomNormal(rows * cols, 15);
+      x[0] *= 40;  // a large row and column so the clip binds
+      std::vector<float> scratch(rows + cols, 0.0f);
+      float* dx = Device(x);
+      EquilibrateArgs args{.rows = mode != 1, .cols = mode != 0, .eps = 1e-8f, .exponent = -0.5f,
+                           .clip = clip};
+      ASSERT_TRUE(backend_->Equilibrate(queue(), MatrixBatch{dx, 1, rows, cols}, args,
+                                        Device(scratch)).ok());
+      std::vector<double> rs(rows, 0), cs(cols, 0), want(rows * cols);
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c) {
+          rs[r] += double(x[r * cols + c]) * x[r * cols + c];
+          cs[c] += double(x[r * cols + c]) * x[r * cols + c];
+        }
+      auto factor = [&](double sum) {
+        double f = 1 / std::sqrt(sum + 1e-8);
+        return clip > 0 ? std::clamp(f, 1.0 / clip, double(clip)) : f;
+      };
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c)
+          want[r * cols + c] = x[r * cols + c] * (args.rows ? factor(rs[r]) : 1) *
+                               (args.cols ? factor(cs[c]) : 1);
+      EXPECT_LT(RelativeError(Host(dx, x.size()), want), 1e-6) << mode << " " << clip;
+    }
+  }
+}
+
+TEST_P(BackendTest, RowNormalizeKeepsZeroRowsZero) {
+  auto x = RandomNormal(3 * 7, 16);
+  for (int c = 0; c < 7; ++c) x[7 + c] = 0.0f;
+  float* dx = Device(x);
+  ASSERT_TRUE(backend_->RowNormalize(queue(), dx, 3, 7, 1e-12f).ok());
+  auto got = Host(dx, x.size());
+  for (int r = 0; r < 3; ++r) {
+    double n = 0;
+    for (int c = 0; c < 7; ++c) n += double(x[r * 7 + c]) * x[r * 7 + c];
+    for (int c = 0; c < 7; ++c) {
+      const double want = r == 1 ? 0.0 : x[r * 7 + c] / std::sqrt(n);
+      EXPECT_NEAR(got[r * 7 + c], want, 1e-6);
+    }
+  }
+}
+
+TEST_P(BackendTest, NorMuonNormalizeMatchesSeed002) {
+  const int rows = 5, cols = 8;
+  for (bool preserve : {true, false}) {
+    auto o = RandomNormal(rows * cols, 17);
+    std::vector<float> v = {0.1f, 0.0f, 0.3f, 0.02f, 1.0f};
+    float* dox = Device(o);
+    float* dv = Device(v);
+    NorMuonArgs args{.beta2 = 0.95f, .eps = 1e-10f, .preserve_frobenius = preserve};
+    ASSERT_TRUE(backend_->NorMuonNormalize(queue(), MatrixBatch{dox, 1, rows, cols}, dv, args).ok());
+    std::vector<double> want(rows * cols), want_v(rows);
+    double before = 0, after = 0;
+    for (float e : o) before += double(e) * e;
+    for (int r = 0; r < rows; ++r) {
+      double mean = 0;
+      for (int c = 0; c < cols; ++c) mean += double(o[r * cols + c]) * o[r * cols + c] / cols;
+      want_v[r] = 0.95 * v[r] + 0.05 * mean;
+      for (int c = 0; c < cols; ++c) {
+        want[r * cols + c] = o[r * cols + c] / (std::sqrt(want_v[r]) + 1e-10);
+        after += want[r * cols + c] * want[r * cols + c];
+      }
+    }
+    if (preserve) {
+      for (double& e : want) e *= std::sqrt(before) / std::sqrt(after);
+    }
+    EXPECT_LT(RelativeError(Host(dox, o.size()), want), 1e-6);
+    EXPECT_LT(RelativeError(Host(dv, rows), want_v), 1e-6);
+  }
+}
+
+TEST_P(BackendTest, ScaleToRms) {
+  auto x = RandomNormal(2 * 6, 18);
+  float* dx = Device(x);
+  ASSERT_TRUE(backend_->ScaleToRms(queue(), MatrixBatch{dx, 2, 2, 3}, 0.2f, 0.0f).ok());
+  auto got = Host(dx, x.size());
+  for (int b = 0; b < 2; ++b) {
+    double s = 0;
+    for (int i = 0; i < 6; ++i) s += double(got[b * 6 + i]) * got[b * 6 + i];
+    EXPECT_NEAR(std::sqrt(s / 6), 0.2, 1e-6);
+  }
+}
+
+TEST_P(BackendTest, MomentumFormsMatchTheirDefinitions) {
+  const int n = 100;
+  for (auto kind : {formulas::MomentumKind::kEma, formulas::MomentumKind::kSum}) {
+    for (bool nesterov : {false, true}) {
+      auto m = RandomNormal(n, 19), g = RandomNormal(n, 20);
+      std::vector<float> u(n, 0.0f);
+      float *dm = Device(m), *du = Device(u);
+      ASSERT_TRUE(backend_->Momentum(queue(), dm, Device(g), du, n, 0.9f, kind, nesterov).ok());
+      auto gm = Host(dm, n), gu = Host(du, n);
+      for (int i = 0; i < n; ++i) {
+        const double mu = 0.9;
+        const double new_m = kind == formulas::MomentumKind::kEma ? mu * m[i] + (1 - mu) * g[i]
+                                                                  : mu * m[i] + g[i];
+        double want_u = new_m;
+        if (nesterov) {
+          want_u = kind == formulas::MomentumKind::kEma ? (1 - mu) * g[i] + mu * new_m
+                                                        : g[i] + mu * new_m;
+        }
+        EXPECT_NEAR(gm[i], new_m, 1e-6 * (1 + std::fabs(new_m)));
+        EXPECT_NEAR(gu[i], want_u, 1e-6 * (1 + std::fabs(want_u)));
+      }
+    }
+  }
+}
+
+TEST_P(BackendTest, ApplyUpdateDecaysThenStepsWithRounding) {
+  const int n = 64;
+  auto w = RandomNormal(n, 21), o = RandomNormal(n, 22);
+  float* dw = Device(w);
+  ASSERT_TRUE(backend_->ApplyUpdate(queue(), dw, Device(o), n, 0.1f, 0.5f, 1.7f, DType::kBF16).ok());
+  auto got = Host(dw, n);
+  for (int i = 0; i < n; ++i) {
+    const double step = formulas::RoundToBf16(o[i] * 1.7f);
+    EXPECT_NEAR(got[i], w[i] * (1 - 0.05) - 0.1 * step, 1e-6);
+  }
+}
+
+TEST_P(BackendTest, AdamWBothEpsilonPlacements) {
+  const int n = 50;
+  for (auto placement : {formulas::AdamEpsilon::kTorch, formulas::AdamEpsilon::kMoonlight}) {
+    auto w = RandomNormal(n, 23), m = RandomNormal(n, 24, 0.1f), g = RandomNormal(n, 26);
+    std::vector<float> v(n);
+    for (int i = 0; i < n; ++i) v[i] = 0.01f * (1 + i % 5);
+    float *dw = Device(w), *dm = Device(m), *dv = Device(v);
+    const int t = 3;
+    const double b1 = 0.9, b2 = 0.95, lr = 0.01, wd = 0.1, eps = 1e-8;
+    const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
+    formulas::AdamWScalars s{float(b1), float(b2), float(eps), float(lr), float(wd), float(bc1),
+                             float(std::sqrt(bc2)), placement};
+    ASSERT_TRUE(backend_->AdamW(queue(), dw, dm, dv, Device(g), n, s).ok());
+    auto gw = Host(dw, n);
+    for (int i = 0; i < n; ++i) {
+      const double mm = b1 * m[i] + (1 - b1) * g[i];
+      const double vv = b2 * v[i] + (1 - b2) * double(g[i]) * g[i];
+      const double direction = placement == formulas::AdamEpsilon::kTorch
+                                   ? (mm / bc1) / (std::sqrt(vv / bc2) + eps)
+                                   : (mm / bc1) / (std::sqrt(vv / bc2) + eps / std::sqrt(bc2));
+      const double want = w[i] * (1 - lr * wd) - lr * direction;
+      EXPECT_NEAR(gw[i], want, 2e-6 * (1 + std::fabs(want)));
+    }
+  }
+}
+
+TEST_P(BackendTest, FusedRmnpStepEqualsItsStages) {
+  const int rows = 6, cols = 33;
+  auto w = RandomNormal(rows * cols, 27), m = RandomNormal(rows * cols, 28),
+       g = RandomNormal(rows * cols, 29);
+  float *w1 = Device(w), *m1 = Device(m), *w2 = Device(w), *m2 = Device(m), *dg = Device(g);
+  std::vector<float> u(rows * cols);
+  float* du = Device(u);
+  RmnpStepArgs args{.momentum = 0.95f, .nesterov = true, .eps = 1e-12f, .lr = 0.02f,
+                    .weight_decay = 0.1f, .scale = 1.3f, .step_dtype = DType::kBF16};
+  ASSERT_TRUE(backend_->RmnpStep(queue(), w1, m1, dg, rows, cols, args).ok());
+  ASSERT_TRUE(backend_->Momentum(queue(), m2, dg, du, rows * cols, 0.95f,
+                                 formulas::MomentumKind::kSum, true).ok());
+  ASSERT_TRUE(backend_->RowNormalize(queue(), du, rows, cols, 1e-12f).ok());
+  ASSERT_TRUE(backend_->ApplyUpdate(queue(), w2, du, rows * cols, 0.02f, 0.1f, 1.3f, DType::kBF16).ok());
+  EXPECT_EQ(Host(w1, w.size()), Host(w2, w.size()));
+  EXPECT_EQ(Host(m1, m.size()), Host(m2, m.size()));
+}
+
+TEST_P(BackendTest, ConvertRoundTripAndCountNonFinite) {
+  std::vector<float> x = {1.0f, -2.5f, 3.14159f, 65504.0f, 1e-7f};
+  float* dx = Device(x);
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    auto narrow = backend_->Allocate(x.size() * 2);
+    ASSERT_TRUE(narrow.ok());
+    std::vector<float> back(x.size());
+    float* db = Device(back);
+    ASSERT_TRUE(backend_->Convert(queue(), dx, DType::kF32, narrow->data(), dtype, x.size()).ok());
+    ASSERT_TRUE(backend_->Convert(queue(), narrow->data(), dtype, db, DType::kF32, x.size()).ok());
+    auto got = Host(db, x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float want = dtype == DType::kBF16 ? formulas::RoundToBf16(x[i]) : formulas::RoundToHalf(x[i]);
+      EXPECT_EQ(got[i], want);
+    }
+  }
+  std::vector<float> bad = {1, std::numeric_limits<float>::infinity(), 2,
+                            std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()};
+  auto count = backend_->CountNonFinite(queue(), Device(bad), bad.size());
+  ASSERT_TRUE(count.ok());
+  EXPECT_EQ(*count, 3);
+}
+
+TEST_P(BackendTest, BadArgumentsAreInvalidArgumentAndWriteNothing) {
+  std::vector<float> x = {1, 2, 3, 4};
+  float* dx = Device(x);
+  EXPECT_EQ(backend_->RowNormalize(queue(), dx, -1, 4, 1e-12f).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(backend_->RowNormalize(queue(), nullptr, 1, 4, 1e-12f).code(),
+            absl::StatusCode::kInvalidArgument);
+  GemmArgs gemm{.m = 2, .n = 2, .k = 2, .a = dx, .lda = 1, .b = dx, .ldb = 2, .c = dx, .ldc = 2};
+  const absl::Status status = backend_->Gemm(queue(), gemm);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("leading dimension of A"), absl::string_view::npos) << status;
+  SyrkArgs syrk{.n = -2, .k = 2, .a = dx, .lda = 2, .c = dx, .ldc = 2};
+  EXPECT_EQ(backend_->SymmetricRankK(queue(), syrk).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Host(dx, 4), x);
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BackendTest, ::testing::Values("cpu", "cuda"),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace optd
