@@ -135,7 +135,9 @@ TEST_F(NewtonSchulzTest, ConvergesToThePolarFactorAsStepsGrow) {
     config.custom = {{1.5, -0.5, 0.0}};
     const double error = RelativeError(Run(x, 1, rows, cols, config), exact);
     // Strictly better each time until fp32 rounding (~3e-7 here) is all that is left.
-    if (previous > 1e-6) EXPECT_LT(error, previous) << steps;
+    if (previous > 1e-6) {
+      EXPECT_LT(error, previous) << steps;
+    }
     previous = error;
   }
   EXPECT_LT(previous, 1e-5);
