@@ -77,10 +77,21 @@ TEST_P(BackendTest, GemmFp32AllTransposesBatched) {
       float* dc = Device(c);
       GemmArgs args{.trans_a = ta ? Transpose::kYes : Transpose::kNo,
                     .trans_b = tb ? Transpose::kYes : Transpose::kNo,
-                    .m = m, .n = n, .k = k, .alpha = 0.7f, .beta = -0.3f,
-                    .a = Device(a), .lda = ta ? m : k, .stride_a = m * k,
-                    .b = Device(b), .ldb = tb ? k : n, .stride_b = k * n,
-                    .c = dc, .ldc = n, .stride_c = m * n, .batch = batch};
+                    .m = m,
+                    .n = n,
+                    .k = k,
+                    .alpha = 0.7f,
+                    .beta = -0.3f,
+                    .a = Device(a),
+                    .lda = ta ? m : k,
+                    .stride_a = m * k,
+                    .b = Device(b),
+                    .ldb = tb ? k : n,
+                    .stride_b = k * n,
+                    .c = dc,
+                    .ldc = n,
+                    .stride_c = m * n,
+                    .batch = batch};
       ASSERT_TRUE(backend_->Gemm(queue(), args).ok());
       auto got = Host(dc, c.size());
       for (int i = 0; i < batch; ++i) {
@@ -102,12 +113,16 @@ TEST_P(BackendTest, GemmHalfInputsAccumulateInFp32) {
     std::vector<float> c(m * n, 0.0f);
     std::vector<uint16_t> a16(a.size()), b16(b.size());
     for (size_t i = 0; i < a.size(); ++i) {
-      a16[i] = dtype == DType::kBF16 ? formulas::FloatToBf16Bits(a[i]) : formulas::FloatToHalfBits(a[i]);
-      a[i] = dtype == DType::kBF16 ? formulas::Bf16BitsToFloat(a16[i]) : formulas::HalfBitsToFloat(a16[i]);
+      a16[i] =
+          dtype == DType::kBF16 ? formulas::FloatToBf16Bits(a[i]) : formulas::FloatToHalfBits(a[i]);
+      a[i] = dtype == DType::kBF16 ? formulas::Bf16BitsToFloat(a16[i])
+                                   : formulas::HalfBitsToFloat(a16[i]);
     }
     for (size_t i = 0; i < b.size(); ++i) {
-      b16[i] = dtype == DType::kBF16 ? formulas::FloatToBf16Bits(b[i]) : formulas::FloatToHalfBits(b[i]);
-      b[i] = dtype == DType::kBF16 ? formulas::Bf16BitsToFloat(b16[i]) : formulas::HalfBitsToFloat(b16[i]);
+      b16[i] =
+          dtype == DType::kBF16 ? formulas::FloatToBf16Bits(b[i]) : formulas::FloatToHalfBits(b[i]);
+      b[i] = dtype == DType::kBF16 ? formulas::Bf16BitsToFloat(b16[i])
+                                   : formulas::HalfBitsToFloat(b16[i]);
     }
     auto da = backend_->Allocate(a16.size() * 2);
     auto db = backend_->Allocate(b16.size() * 2);
@@ -115,12 +130,21 @@ TEST_P(BackendTest, GemmHalfInputsAccumulateInFp32) {
     ASSERT_TRUE(backend_->Upload(queue(), da->data(), a16.data(), a16.size() * 2).ok());
     ASSERT_TRUE(backend_->Upload(queue(), db->data(), b16.data(), b16.size() * 2).ok());
     float* dc = Device(c);
-    GemmArgs args{.m = m, .n = n, .k = k, .input_dtype = dtype, .a = da->data(), .lda = k,
-                  .b = db->data(), .ldb = n, .c = dc, .ldc = n};
+    GemmArgs args{.m = m,
+                  .n = n,
+                  .k = k,
+                  .input_dtype = dtype,
+                  .a = da->data(),
+                  .lda = k,
+                  .b = db->data(),
+                  .ldb = n,
+                  .c = dc,
+                  .ldc = n};
     ASSERT_TRUE(backend_->Gemm(queue(), args).ok());
     // The inputs are exact in fp32, so only fp32 accumulation separates the result from fp64.
-    EXPECT_LT(RelativeError(Host(dc, c.size()), GemmReference(false, false, m, n, k, 1, a, b, 0, c)),
-              1e-6);
+    EXPECT_LT(
+        RelativeError(Host(dc, c.size()), GemmReference(false, false, m, n, k, 1, a, b, 0, c)),
+        1e-6);
   }
 }
 
@@ -129,9 +153,15 @@ TEST_P(BackendTest, SymmetricRankKWritesTheUpperTriangle) {
   for (bool trans : {false, true}) {
     auto a = RandomNormal(n * k, 6), c = RandomNormal(n * n, 7);
     float* dc = Device(c);
-    SyrkArgs args{.trans = trans ? Transpose::kYes : Transpose::kNo, .n = n, .k = k,
-                  .alpha = 1.5f, .beta = 0.5f, .a = Device(a), .lda = trans ? n : k,
-                  .c = dc, .ldc = n};
+    SyrkArgs args{.trans = trans ? Transpose::kYes : Transpose::kNo,
+                  .n = n,
+                  .k = k,
+                  .alpha = 1.5f,
+                  .beta = 0.5f,
+                  .a = Device(a),
+                  .lda = trans ? n : k,
+                  .c = dc,
+                  .ldc = n};
     ASSERT_TRUE(backend_->SymmetricRankK(queue(), args).ok());
     auto got = Host(dc, c.size());
     // op(A)·op(A)ᵀ is op(A)·(op(A))ᵀ: A·Aᵀ (no trans, A is n×k) or Aᵀ·A (trans, A is k×n).
@@ -161,8 +191,17 @@ TEST_P(BackendTest, SymmetricMultiplyReadsTheUpperTriangleOnly) {
       }
     auto b = RandomNormal(m * n, 9), c = RandomNormal(m * n, 10);
     float* dc = Device(c);
-    SymmArgs args{.side = side, .m = m, .n = n, .alpha = 2.0f, .beta = 0.25f, .s = Device(s),
-                  .lds = s_order, .b = Device(b), .ldb = n, .c = dc, .ldc = n};
+    SymmArgs args{.side = side,
+                  .m = m,
+                  .n = n,
+                  .alpha = 2.0f,
+                  .beta = 0.25f,
+                  .s = Device(s),
+                  .lds = s_order,
+                  .b = Device(b),
+                  .ldb = n,
+                  .c = dc,
+                  .ldc = n};
     ASSERT_TRUE(backend_->SymmetricMultiply(queue(), args).ok());
     auto want = side == Side::kLeft ? GemmReference(false, false, m, n, m, 2, full, b, 0.25, c)
                                     : GemmReference(false, false, m, n, n, 2, b, full, 0.25, c);
@@ -180,14 +219,16 @@ TEST_P(BackendTest, SingularValueDecompositionReconstructs) {
     float* s = work;
     float* u = s + 2 * k;
     float* vt = u + 2 * m * k;
-    ASSERT_TRUE(backend_->SingularValueDecomposition(queue(), MatrixBatch{da, 2, m, n}, s, u, vt).ok());
+    ASSERT_TRUE(
+        backend_->SingularValueDecomposition(queue(), MatrixBatch{da, 2, m, n}, s, u, vt).ok());
     auto hs = Host(s, 2 * k), hu = Host(u, 2 * m * k), hvt = Host(vt, 2 * k * n);
     for (int b = 0; b < 2; ++b) {
       std::vector<double> rebuilt(m * n, 0.0);
       for (int i = 0; i < m; ++i)
         for (int j = 0; j < n; ++j)
           for (int p = 0; p < k; ++p)
-            rebuilt[i * n + j] += double(hu[b * m * k + i * k + p]) * hs[b * k + p] * hvt[b * k * n + p * n + j];
+            rebuilt[i * n + j] +=
+                double(hu[b * m * k + i * k + p]) * hs[b * k + p] * hvt[b * k * n + p * n + j];
       std::vector<float> original(a.begin() + b * m * n, a.begin() + (b + 1) * m * n);
       EXPECT_LT(RelativeError(rebuilt, original), 1e-6);
       for (int p = 1; p < k; ++p) EXPECT_GE(hs[b * k + p - 1], hs[b * k + p]);
@@ -197,8 +238,10 @@ TEST_P(BackendTest, SingularValueDecompositionReconstructs) {
   std::vector<float> d = {0, 0, -2, 0, 3, 0, 0.5, 0, 0};
   std::vector<float> out(3, 0);
   float* ds = Device(out);
-  ASSERT_TRUE(backend_->SingularValueDecomposition(queue(), MatrixBatch{Device(d), 1, 3, 3}, ds,
-                                                   nullptr, nullptr).ok());
+  ASSERT_TRUE(backend_
+                  ->SingularValueDecomposition(queue(), MatrixBatch{Device(d), 1, 3, 3}, ds,
+                                               nullptr, nullptr)
+                  .ok());
   auto s = Host(ds, 3);
   EXPECT_NEAR(s[0], 3, 1e-6);
   EXPECT_NEAR(s[1], 2, 1e-6);
@@ -224,8 +267,10 @@ TEST_P(BackendTest, FrobeniusNormalizePerMatrixAndZeroStaysZero) {
   auto x = RandomNormal(2 * 12, 13);
   x.resize(3 * 12, 0.0f);  // the third matrix is zero
   float* dx = Device(x);
-  ASSERT_TRUE(backend_->FrobeniusNormalize(queue(), MatrixBatch{dx, 3, 3, 4}, 1.02f, 1e-7f,
-                                           formulas::NormEpsilon::kAdd, DType::kF32).ok());
+  ASSERT_TRUE(backend_
+                  ->FrobeniusNormalize(queue(), MatrixBatch{dx, 3, 3, 4}, 1.02f, 1e-7f,
+                                       formulas::NormEpsilon::kAdd, DType::kF32)
+                  .ok());
   auto got = Host(dx, x.size());
   for (int b = 0; b < 2; ++b) {
     double norm = 0;
@@ -239,8 +284,10 @@ TEST_P(BackendTest, FrobeniusNormalizePerMatrixAndZeroStaysZero) {
   // The floor form divides a tiny matrix by eps, not by its norm.
   std::vector<float> tiny = {1e-9f, 0, 0, 0};
   float* dt = Device(tiny);
-  ASSERT_TRUE(backend_->FrobeniusNormalize(queue(), MatrixBatch{dt, 1, 2, 2}, 1.0f, 1e-7f,
-                                           formulas::NormEpsilon::kFloor, DType::kF32).ok());
+  ASSERT_TRUE(backend_
+                  ->FrobeniusNormalize(queue(), MatrixBatch{dt, 1, 2, 2}, 1.0f, 1e-7f,
+                                       formulas::NormEpsilon::kFloor, DType::kF32)
+                  .ok());
   EXPECT_NEAR(Host(dt, 4)[0], 1e-2, 1e-8);
 }
 
@@ -251,18 +298,21 @@ TEST_P(BackendTest, RowAndColumnSumsOfSquares) {
   float* out = Device(zeros);
   float* dx = Device(x);
   ASSERT_TRUE(backend_->RowSumSquares(queue(), dx, batch * rows, cols, out).ok());
-  ASSERT_TRUE(backend_->ColumnSumSquares(queue(), MatrixBatch{dx, batch, rows, cols},
-                                         out + batch * rows).ok());
+  ASSERT_TRUE(
+      backend_->ColumnSumSquares(queue(), MatrixBatch{dx, batch, rows, cols}, out + batch * rows)
+          .ok());
   auto got = Host(out, zeros.size());
   for (int b = 0; b < batch; ++b) {
     for (int r = 0; r < rows; ++r) {
       double s = 0;
-      for (int c = 0; c < cols; ++c) s += double(x[(b * rows + r) * cols + c]) * x[(b * rows + r) * cols + c];
+      for (int c = 0; c < cols; ++c)
+        s += double(x[(b * rows + r) * cols + c]) * x[(b * rows + r) * cols + c];
       EXPECT_NEAR(got[b * rows + r], s, 1e-5 * s);
     }
     for (int c = 0; c < cols; ++c) {
       double s = 0;
-      for (int r = 0; r < rows; ++r) s += double(x[(b * rows + r) * cols + c]) * x[(b * rows + r) * cols + c];
+      for (int r = 0; r < rows; ++r)
+        s += double(x[(b * rows + r) * cols + c]) * x[(b * rows + r) * cols + c];
       EXPECT_NEAR(got[batch * rows + b * cols + c], s, 1e-5 * s);
     }
   }
@@ -276,10 +326,11 @@ TEST_P(BackendTest, EquilibrateRowColumnAndClip) {
       x[0] *= 40;  // a large row and column so the clip binds
       std::vector<float> scratch(rows + cols, 0.0f);
       float* dx = Device(x);
-      EquilibrateArgs args{.rows = mode != 1, .cols = mode != 0, .eps = 1e-8f, .exponent = -0.5f,
-                           .clip = clip};
-      ASSERT_TRUE(backend_->Equilibrate(queue(), MatrixBatch{dx, 1, rows, cols}, args,
-                                        Device(scratch)).ok());
+      EquilibrateArgs args{
+          .rows = mode != 1, .cols = mode != 0, .eps = 1e-8f, .exponent = -0.5f, .clip = clip};
+      ASSERT_TRUE(
+          backend_->Equilibrate(queue(), MatrixBatch{dx, 1, rows, cols}, args, Device(scratch))
+              .ok());
       std::vector<double> rs(rows, 0), cs(cols, 0), want(rows * cols);
       for (int r = 0; r < rows; ++r)
         for (int c = 0; c < cols; ++c) {
@@ -292,8 +343,8 @@ TEST_P(BackendTest, EquilibrateRowColumnAndClip) {
       };
       for (int r = 0; r < rows; ++r)
         for (int c = 0; c < cols; ++c)
-          want[r * cols + c] = x[r * cols + c] * (args.rows ? factor(rs[r]) : 1) *
-                               (args.cols ? factor(cs[c]) : 1);
+          want[r * cols + c] =
+              x[r * cols + c] * (args.rows ? factor(rs[r]) : 1) * (args.cols ? factor(cs[c]) : 1);
       EXPECT_LT(RelativeError(Host(dx, x.size()), want), 1e-6) << mode << " " << clip;
     }
   }
@@ -323,7 +374,8 @@ TEST_P(BackendTest, NorMuonNormalizeMatchesSeed002) {
     float* dox = Device(o);
     float* dv = Device(v);
     NorMuonArgs args{.beta2 = 0.95f, .eps = 1e-10f, .preserve_frobenius = preserve};
-    ASSERT_TRUE(backend_->NorMuonNormalize(queue(), MatrixBatch{dox, 1, rows, cols}, dv, args).ok());
+    ASSERT_TRUE(
+        backend_->NorMuonNormalize(queue(), MatrixBatch{dox, 1, rows, cols}, dv, args).ok());
     std::vector<double> want(rows * cols), want_v(rows);
     double before = 0, after = 0;
     for (float e : o) before += double(e) * e;
@@ -367,8 +419,8 @@ TEST_P(BackendTest, MomentumFormsMatchTheirDefinitions) {
       auto gm = Host(dm, n), gu = Host(du, n);
       for (int i = 0; i < n; ++i) {
         const double mu = 0.9;
-        const double new_m = kind == formulas::MomentumKind::kEma ? mu * m[i] + (1 - mu) * g[i]
-                                                                  : mu * m[i] + g[i];
+        const double new_m =
+            kind == formulas::MomentumKind::kEma ? mu * m[i] + (1 - mu) * g[i] : mu * m[i] + g[i];
         double want_u = new_m;
         if (nesterov) {
           want_u = kind == formulas::MomentumKind::kEma ? (1 - mu) * g[i] + mu * new_m
@@ -385,7 +437,8 @@ TEST_P(BackendTest, ApplyUpdateDecaysThenStepsWithRounding) {
   const int n = 64;
   auto w = RandomNormal(n, 21), o = RandomNormal(n, 22);
   float* dw = Device(w);
-  ASSERT_TRUE(backend_->ApplyUpdate(queue(), dw, Device(o), n, 0.1f, 0.5f, 1.7f, DType::kBF16).ok());
+  ASSERT_TRUE(
+      backend_->ApplyUpdate(queue(), dw, Device(o), n, 0.1f, 0.5f, 1.7f, DType::kBF16).ok());
   auto got = Host(dw, n);
   for (int i = 0; i < n; ++i) {
     const double step = formulas::RoundToBf16(o[i] * 1.7f);
@@ -403,8 +456,9 @@ TEST_P(BackendTest, AdamWBothEpsilonPlacements) {
     const int t = 3;
     const double b1 = 0.9, b2 = 0.95, lr = 0.01, wd = 0.1, eps = 1e-8;
     const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
-    formulas::AdamWScalars s{float(b1), float(b2), float(eps), float(lr), float(wd), float(bc1),
-                             float(std::sqrt(bc2)), placement};
+    formulas::AdamWScalars s{
+        float(b1), float(b2), float(eps), float(lr), float(wd), float(bc1), float(std::sqrt(bc2)),
+        placement};
     ASSERT_TRUE(backend_->AdamW(queue(), dw, dm, dv, Device(g), n, s).ok());
     auto gw = Host(dw, n);
     for (int i = 0; i < n; ++i) {
@@ -426,13 +480,21 @@ TEST_P(BackendTest, FusedRmnpStepEqualsItsStages) {
   float *w1 = Device(w), *m1 = Device(m), *w2 = Device(w), *m2 = Device(m), *dg = Device(g);
   std::vector<float> u(rows * cols);
   float* du = Device(u);
-  RmnpStepArgs args{.momentum = 0.95f, .nesterov = true, .eps = 1e-12f, .lr = 0.02f,
-                    .weight_decay = 0.1f, .scale = 1.3f, .step_dtype = DType::kBF16};
+  RmnpStepArgs args{.momentum = 0.95f,
+                    .nesterov = true,
+                    .eps = 1e-12f,
+                    .lr = 0.02f,
+                    .weight_decay = 0.1f,
+                    .scale = 1.3f,
+                    .step_dtype = DType::kBF16};
   ASSERT_TRUE(backend_->RmnpStep(queue(), w1, m1, dg, rows, cols, args).ok());
-  ASSERT_TRUE(backend_->Momentum(queue(), m2, dg, du, rows * cols, 0.95f,
-                                 formulas::MomentumKind::kSum, true).ok());
+  ASSERT_TRUE(
+      backend_
+          ->Momentum(queue(), m2, dg, du, rows * cols, 0.95f, formulas::MomentumKind::kSum, true)
+          .ok());
   ASSERT_TRUE(backend_->RowNormalize(queue(), du, rows, cols, 1e-12f).ok());
-  ASSERT_TRUE(backend_->ApplyUpdate(queue(), w2, du, rows * cols, 0.02f, 0.1f, 1.3f, DType::kBF16).ok());
+  ASSERT_TRUE(
+      backend_->ApplyUpdate(queue(), w2, du, rows * cols, 0.02f, 0.1f, 1.3f, DType::kBF16).ok());
   EXPECT_EQ(Host(w1, w.size()), Host(w2, w.size()));
   EXPECT_EQ(Host(m1, m.size()), Host(m2, m.size()));
 }
@@ -449,12 +511,14 @@ TEST_P(BackendTest, ConvertRoundTripAndCountNonFinite) {
     ASSERT_TRUE(backend_->Convert(queue(), narrow->data(), dtype, db, DType::kF32, x.size()).ok());
     auto got = Host(db, x.size());
     for (size_t i = 0; i < x.size(); ++i) {
-      const float want = dtype == DType::kBF16 ? formulas::RoundToBf16(x[i]) : formulas::RoundToHalf(x[i]);
+      const float want =
+          dtype == DType::kBF16 ? formulas::RoundToBf16(x[i]) : formulas::RoundToHalf(x[i]);
       EXPECT_EQ(got[i], want);
     }
   }
   std::vector<float> bad = {1, std::numeric_limits<float>::infinity(), 2,
-                            std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()};
+                            std::numeric_limits<float>::quiet_NaN(),
+                            -std::numeric_limits<float>::infinity()};
   auto count = backend_->CountNonFinite(queue(), Device(bad), bad.size());
   ASSERT_TRUE(count.ok());
   EXPECT_EQ(*count, 3);

@@ -33,8 +33,8 @@ class NewtonSchulzTest : public ::testing::Test {
     EXPECT_TRUE(buffer.ok() && workspace.ok());
     Queue& q = backend_->default_queue();
     EXPECT_TRUE(backend_->Upload(q, buffer->data(), x.data(), x.size() * 4).ok());
-    const absl::Status status = NewtonSchulz(*backend_, q, MatrixBatch{buffer->f32(), batch, rows, cols},
-                                             config, workspace->f32());
+    const absl::Status status = NewtonSchulz(
+        *backend_, q, MatrixBatch{buffer->f32(), batch, rows, cols}, config, workspace->f32());
     EXPECT_TRUE(status.ok()) << status;
     EXPECT_TRUE(backend_->Download(q, x.data(), buffer->data(), x.size() * 4).ok());
     return x;
@@ -149,14 +149,16 @@ TEST_F(NewtonSchulzTest, TransposeSymmetryAndBatchEqualsSingles) {
   std::vector<float> xt(x.size());
   for (int b = 0; b < 2; ++b)
     for (int i = 0; i < rows; ++i)
-      for (int j = 0; j < cols; ++j) xt[b * rows * cols + j * rows + i] = x[b * rows * cols + i * cols + j];
+      for (int j = 0; j < cols; ++j)
+        xt[b * rows * cols + j * rows + i] = x[b * rows * cols + i * cols + j];
   NewtonSchulzConfig config = Fp32("keller", 5);
   auto out = Run(x, 2, rows, cols, config);
   auto out_t = Run(xt, 2, cols, rows, config);
   std::vector<float> back(x.size());
   for (int b = 0; b < 2; ++b)
     for (int i = 0; i < rows; ++i)
-      for (int j = 0; j < cols; ++j) back[b * rows * cols + i * cols + j] = out_t[b * rows * cols + j * rows + i];
+      for (int j = 0; j < cols; ++j)
+        back[b * rows * cols + i * cols + j] = out_t[b * rows * cols + j * rows + i];
   EXPECT_LT(RelativeError(back, out), 1e-5);
   std::vector<float> second(x.begin() + rows * cols, x.end());
   auto single = Run(second, 1, rows, cols, config);

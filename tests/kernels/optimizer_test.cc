@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -32,10 +33,10 @@ double Lerp(double a, double b, double t) { return a + t * (b - a); }
 // One step of `preset` on one matrix, as the reference code reads. `scale_rows/cols` are the
 // dimensions the scale rule reads (the 4-D quirk aside, the matrix's own).
 void ReferenceMatrixStep(const std::string& preset, RefState& s, const Matrix& g, double lr,
-                         double mu, double scale_rows, double scale_cols, int step) {
+                         double mu, double scale_rows, double scale_cols) {
   const int64_t r = g.rows, c = g.cols;
-  const bool ema = preset == "keller" || preset == "torch" || preset == "normuon" ||
-                   preset == "normuon_paper";
+  const bool ema =
+      preset == "keller" || preset == "torch" || preset == "normuon" || preset == "normuon_paper";
   const bool nesterov = preset != "dion" && preset != "normuon_paper";
   Matrix u(r, c);
   for (size_t i = 0; i < g.v.size(); ++i) {
@@ -105,10 +106,23 @@ void ReferenceMatrixStep(const std::string& preset, RefState& s, const Matrix& g
       scale = 0.2 * std::sqrt(double(r * c)) / reference::FrobeniusNorm(o);
     }
   }
-  (void)step;
   for (size_t i = 0; i < s.w.v.size(); ++i) {
     s.w.v[i] = s.w.v[i] * (1 - lr * kWeightDecay) - lr * scale * o.v[i];
   }
+}
+
+// The fp32 contract: w within 1e-5 relative of the fp64 w, and the accumulated change w − w0
+// (which w0 would otherwise dominate) within 1e-4 — about what rounding w to fp32 at every step
+// leaves when lr is 1e-3.
+void ExpectFp32Match(const std::vector<float>& got, const std::vector<double>& want,
+                     const std::vector<float>& w0) {
+  std::vector<double> delta_got(got.size()), delta_want(got.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    delta_got[i] = double(got[i]) - w0[i];
+    delta_want[i] = want[i] - w0[i];
+  }
+  EXPECT_LT(reference::RelativeError(got, want), 1e-5);
+  EXPECT_LT(reference::RelativeError(delta_got, delta_want), 1e-4);
 }
 
 struct Shape {
@@ -170,14 +184,11 @@ TEST_P(PresetTest, MatchesFp64ReferenceOverTenSteps) {
       for (int64_t b = 0; b < view->batch; ++b) {
         ReferenceMatrixStep(pc.preset, ref[b],
                             reference::FromFloats(g.data() + b * size, view->rows, view->cols),
-                            config->lr, config->matrix.momentum, scale_rows, scale_cols, step);
+                            config->lr, config->matrix.momentum, scale_rows, scale_cols);
       }
     }
     std::vector<float> w(count);
     ASSERT_TRUE((*opt)->GetParameters(0, absl::MakeSpan(w)).ok());
-    // The contract: w within 1e-5 relative of the fp64 w in fp32, and for both precisions the
-    // accumulated change w − w0 (which w0 would otherwise dominate) within 1e-4 (fp32: about
-    // what rounding w to fp32 every step leaves when lr is 1e-3) or 2e-2 (bf16).
     std::vector<double> got(count), want(count), want_w(count);
     for (int64_t b = 0; b < view->batch; ++b) {
       for (int64_t i = 0; i < size; ++i) {
@@ -187,8 +198,7 @@ TEST_P(PresetTest, MatchesFp64ReferenceOverTenSteps) {
       }
     }
     if (pc.precision == "fp32") {
-      EXPECT_LT(reference::RelativeError(w, want_w), 1e-5);
-      EXPECT_LT(reference::RelativeError(got, want), 1e-4);
+      ExpectFp32Match(w, want_w, w0);
     } else {
       EXPECT_LT(reference::RelativeError(w, want_w), 2e-2);
       // A 1×n matrix has one singular value, 1/1.02 after dion's normalization, where Polar
@@ -215,6 +225,275 @@ INSTANTIATE_TEST_SUITE_P(AllPresets, PresetTest, ::testing::ValuesIn(PresetCases
                            return info.param.preset + "_" +
                                   (info.param.precision.empty() ? "bf16" : info.param.precision);
                          });
+
+// --- The optimizer's contract on edge cases and bad input. ---
+
+class OptimizerContractTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto backend = CreateCpuBackend();
+    ASSERT_TRUE(backend.ok());
+    backend_ = std::move(*backend);
+  }
+  OptimizerConfig Config(const std::string& spec) {
+    auto config = ParseOptimizerConfig(spec);
+    EXPECT_TRUE(config.ok()) << config.status();
+    return *config;
+  }
+  std::unique_ptr<Optimizer> Make(std::vector<TensorSpec> specs) {
+    auto opt = Optimizer::Create(*backend_, std::move(specs));
+    EXPECT_TRUE(opt.ok()) << opt.status();
+    return std::move(*opt);
+  }
+  std::vector<float> Params(const Optimizer& opt, int i) {
+    std::vector<float> w(opt.num_elements(i));
+    EXPECT_TRUE(opt.GetParameters(i, absl::MakeSpan(w)).ok());
+    return w;
+  }
+  std::vector<float> State(const Optimizer& opt, int i, int k) {
+    const StateBuffer b = opt.state(i)[k];
+    return std::vector<float>(b.data, b.data + b.count);  // CPU backend: host memory
+  }
+  std::unique_ptr<Backend> backend_;
+};
+
+TEST_F(OptimizerContractTest, NonFiniteGradientRejectsTheWholeStepAndChangesNothing) {
+  auto opt = Make({{"a", {8, 6}, RankPolicy::kFlatten, Config("keller")},
+                   {"b", {6}, RankPolicy::kFlatten, Config("adamw")}});
+  ASSERT_TRUE(opt->SetParameters(0, reference::RandomNormal(48, 1)).ok());
+  ASSERT_TRUE(opt->SetGradient(0, reference::RandomNormal(48, 2)).ok());
+  ASSERT_TRUE(opt->SetGradient(1, reference::RandomNormal(6, 3)).ok());
+  ASSERT_TRUE(opt->Step().ok());
+  const auto w0 = Params(*opt, 0), w1 = Params(*opt, 1), m0 = State(*opt, 0, 0),
+             v1 = State(*opt, 1, 1);
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    auto g = reference::RandomNormal(6, 4);
+    g[2] = bad;
+    ASSERT_TRUE(opt->SetGradient(0, reference::RandomNormal(48, 5)).ok());
+    ASSERT_TRUE(opt->SetGradient(1, g).ok());
+    const absl::Status status = opt->Step();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(status.message().find("tensor 'b'"), absl::string_view::npos) << status;
+    EXPECT_NE(status.message().find("1 non-finite"), absl::string_view::npos) << status;
+    EXPECT_EQ(Params(*opt, 0), w0);
+    EXPECT_EQ(Params(*opt, 1), w1);
+    EXPECT_EQ(State(*opt, 0, 0), m0);
+    EXPECT_EQ(State(*opt, 1, 1), v1);
+    EXPECT_EQ(opt->steps_applied(0), 1);
+  }
+}
+
+TEST_F(OptimizerContractTest, BadSpecsAreInvalidArgumentNamingTheProblem) {
+  struct Case {
+    std::vector<TensorSpec> specs;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{{"bias", {16}, RankPolicy::kFlatten, Config("muoneq_row")}}, "adamw group"},
+      {{{"w", {4, 0}, RankPolicy::kFlatten, Config("keller")}}, "is empty"},
+      {{{"", {4, 4}, RankPolicy::kFlatten, Config("keller")}}, "name is empty"},
+      {{{"w", {4, 4}, RankPolicy::kFlatten, Config("keller")},
+        {"w", {4}, RankPolicy::kFlatten, Config("adamw")}},
+       "repeated"},
+  };
+  for (const Case& c : cases) {
+    auto opt = Optimizer::Create(*backend_, c.specs);
+    EXPECT_EQ(opt.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(opt.status().message().find(c.message), absl::string_view::npos) << opt.status();
+  }
+  OptimizerConfig bad = Config("keller");
+  bad.matrix.momentum = 1.5f;
+  auto opt = Optimizer::Create(*backend_, {{"w", {4, 4}, RankPolicy::kFlatten, bad}});
+  EXPECT_NE(opt.status().message().find("tensor 'w': momentum"), absl::string_view::npos);
+}
+
+TEST_F(OptimizerContractTest, ConfigParsingRejectsUnknownsAndKeepsTheConfig) {
+  EXPECT_EQ(ParseOptimizerConfig("sgd").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(ParseOptimizerConfig("keller,colour=red").status().message().find("'colour'"),
+            absl::string_view::npos);
+  EXPECT_NE(ParseOptimizerConfig("keller,lr=fast").status().message().find("'fast'"),
+            absl::string_view::npos);
+  EXPECT_NE(ParseOptimizerConfig("keller,ns.steps=0").status().message().find("[1, 100]"),
+            absl::string_view::npos);
+  EXPECT_NE(ParseOptimizerConfig("keller,ns.dtype=int8").status().message().find("int8"),
+            absl::string_view::npos);
+  EXPECT_NE(ParseOptimizerConfig("keller,lr").status().message().find("key=value"),
+            absl::string_view::npos);
+  OptimizerConfig config = Config("keller");
+  EXPECT_FALSE(ApplyOverride(config, "direction", "sideways").ok());
+  EXPECT_EQ(config.matrix.direction, Direction::kNewtonSchulz);
+  auto custom = ParseOptimizerConfig("keller,ns.coefficients=1.5:-0.5:0/3:-3.2:1.2,ns.steps=7");
+  ASSERT_TRUE(custom.ok()) << custom.status();
+  EXPECT_EQ(custom->matrix.newton_schulz.coefficient_set, "custom");
+  EXPECT_EQ(custom->matrix.newton_schulz.custom.size(), 2u);
+  for (absl::string_view preset : PresetNames()) EXPECT_TRUE(PresetConfig(preset).ok()) << preset;
+}
+
+TEST_F(OptimizerContractTest, SizeMismatchesAndBadIndicesLeaveStateAlone) {
+  auto opt = Make({{"w", {3, 5}, RankPolicy::kFlatten, Config("rmnp")}});
+  const auto w = Params(*opt, 0);
+  const absl::Status status = opt->SetGradient(0, std::vector<float>(14));
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("14 elements, expected 15"), absl::string_view::npos) << status;
+  EXPECT_EQ(opt->SetParameters(0, std::vector<float>(16)).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(opt->SetParameters(1, std::vector<float>(15)).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(opt->FindTensor("v").status().code(), absl::StatusCode::kNotFound);
+  const bool wrong_size[2] = {true, true};
+  EXPECT_EQ(opt->Step(absl::MakeConstSpan(wrong_size, 2)).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(opt->SetHyperparameters(0, -1.0f, 0.0f, 0.9f).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(opt->spec(0).config.lr, 0.02f);
+  EXPECT_EQ(Params(*opt, 0), w);
+}
+
+TEST_F(OptimizerContractTest, ZeroGradientGivesAZeroUpdate) {
+  for (absl::string_view preset : PresetNames()) {
+    auto opt = Make({{"w", {6, 4}, RankPolicy::kFlatten, Config(std::string(preset))}});
+    const auto w0 = reference::RandomNormal(24, 6);
+    ASSERT_TRUE(opt->SetParameters(0, w0).ok());
+    ASSERT_TRUE(opt->Step().ok()) << preset;  // gradients start zero
+    const float decay = 1.0f - opt->spec(0).config.lr * opt->spec(0).config.weight_decay;
+    const auto w = Params(*opt, 0);
+    for (int i = 0; i < 24; ++i) EXPECT_EQ(w[i], w0[i] * decay) << preset << " " << i;
+  }
+}
+
+TEST_F(OptimizerContractTest, TensorWithoutGradientIsSkipped) {
+  auto opt = Make({{"a", {4, 4}, RankPolicy::kFlatten, Config("moonlight")},
+                   {"b", {4, 4}, RankPolicy::kFlatten, Config("moonlight")}});
+  ASSERT_TRUE(opt->SetParameters(1, reference::RandomNormal(16, 7)).ok());
+  ASSERT_TRUE(opt->SetGradient(0, reference::RandomNormal(16, 8)).ok());
+  ASSERT_TRUE(opt->SetGradient(1, reference::RandomNormal(16, 9)).ok());
+  const auto b = Params(*opt, 1);
+  const bool present[2] = {true, false};
+  ASSERT_TRUE(opt->Step(absl::MakeConstSpan(present, 2)).ok());
+  EXPECT_EQ(Params(*opt, 1), b);  // no decay either
+  EXPECT_EQ(State(*opt, 1, 0), std::vector<float>(16, 0.0f));
+  EXPECT_EQ(opt->steps_applied(0), 1);
+  EXPECT_EQ(opt->steps_applied(1), 0);
+}
+
+TEST_F(OptimizerContractTest, SameShapeTensorsStepAsOneBatchWithTheSameResult) {
+  const OptimizerConfig keller = Config("keller,precision=fp32");
+  auto batched = Make({{"q", {8, 12}, RankPolicy::kFlatten, keller},
+                       {"k", {8, 12}, RankPolicy::kFlatten, keller},
+                       {"mlp", {12, 8}, RankPolicy::kFlatten, keller},
+                       {"experts", {2, 8, 12}, RankPolicy::kBatch, keller}});
+  EXPECT_EQ(batched->num_groups(), 2);  // 8×12 (q, k, experts) and 12×8
+  std::vector<std::unique_ptr<Optimizer>> singles;
+  for (int i = 0; i < 4; ++i) {
+    singles.push_back(Make({batched->spec(i)}));
+  }
+  for (int step = 0; step < 3; ++step) {
+    for (int i = 0; i < 4; ++i) {
+      const auto g = reference::RandomNormal(batched->num_elements(i), 10 * step + i);
+      ASSERT_TRUE(batched->SetGradient(i, g).ok());
+      ASSERT_TRUE(singles[i]->SetGradient(0, g).ok());
+      ASSERT_TRUE(singles[i]->Step().ok());
+    }
+    ASSERT_TRUE(batched->Step().ok());
+  }
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_LT(reference::RelativeError(Params(*batched, i), Params(*singles[i], 0)), 1e-7) << i;
+  }
+}
+
+// Plain AdamW (torch's rule, or Moonlight's ε placement) in fp64.
+void ReferenceAdamW(std::vector<double>& w, std::vector<double>& m, std::vector<double>& v,
+                    const std::vector<float>& g, int t, double lr, double b1, double b2, double eps,
+                    double wd, bool moonlight) {
+  const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
+  for (size_t i = 0; i < w.size(); ++i) {
+    m[i] = b1 * m[i] + (1 - b1) * g[i];
+    v[i] = b2 * v[i] + (1 - b2) * double(g[i]) * g[i];
+    w[i] *= 1 - lr * wd;
+    w[i] -= moonlight ? lr * std::sqrt(bc2) / bc1 * m[i] / (std::sqrt(v[i]) + eps)
+                      : lr * (m[i] / bc1) / (std::sqrt(v[i] / bc2) + eps);
+  }
+}
+
+TEST_F(OptimizerContractTest, AdamWMatchesFp64OverTenSteps) {
+  for (const char* spec : {"adamw", "adamw,adamw.eps_placement=moonlight,adamw.beta2=0.95"}) {
+    const OptimizerConfig c = Config(spec);
+    auto opt =
+        Make({{"emb", {10, 6}, RankPolicy::kFlatten, c}, {"bias", {7}, RankPolicy::kFlatten, c}});
+    for (int i = 0; i < 2; ++i) {
+      const auto w0 = reference::RandomNormal(opt->num_elements(i), 20 + i);
+      ASSERT_TRUE(opt->SetParameters(i, w0).ok());
+      std::vector<double> w(w0.begin(), w0.end()), m(w.size()), v(w.size());
+      for (int t = 1; t <= kSteps; ++t) {
+        const auto g = reference::RandomNormal(w.size(), 100 * t + i);
+        ASSERT_TRUE(opt->SetGradient(i, g).ok());
+        const bool present[2] = {i == 0, i == 1};
+        ASSERT_TRUE(opt->Step(absl::MakeConstSpan(present, 2)).ok());
+        ReferenceAdamW(w, m, v, g, t, c.lr, c.adamw.beta1, c.adamw.beta2, c.adamw.eps,
+                       c.weight_decay, c.adamw.eps_placement == formulas::AdamEpsilon::kMoonlight);
+      }
+      SCOPED_TRACE(std::string(spec) + " tensor " + std::to_string(i));
+      ExpectFp32Match(Params(*opt, i), w, w0);
+    }
+  }
+}
+
+TEST_F(OptimizerContractTest, MuonEqPhaseSwitchesRowColToRow) {
+  const int rows = 8, cols = 10;
+  auto opt = Make(
+      {{"w",
+        {rows, cols},
+        RankPolicy::kFlatten,
+        Config("muoneq_rowcol,precision=fp32,pre_normalize.row_at_step=3,weight_decay=0.05")}});
+  const auto w0 = reference::RandomNormal(rows * cols, 30);
+  ASSERT_TRUE(opt->SetParameters(0, w0).ok());
+  RefState ref{reference::FromFloats(w0.data(), rows, cols), Matrix(rows, cols), {}};
+  for (int step = 0; step < 5; ++step) {
+    const auto g = reference::RandomNormal(rows * cols, 40 + step);
+    ASSERT_TRUE(opt->SetGradient(0, g).ok());
+    ASSERT_TRUE(opt->Step().ok());
+    // Steps 1 and 2 (1-based) are rowcol; from step 3 on, row.
+    ReferenceMatrixStep(step < 2 ? "muoneq_rowcol" : "muoneq_row", ref,
+                        reference::FromFloats(g.data(), rows, cols), 1e-3, 0.95, rows, cols);
+  }
+  EXPECT_LT(reference::RelativeError(Params(*opt, 0), ref.w.v), 1e-6);
+}
+
+TEST_F(OptimizerContractTest, ExactPolarAndRowNormalizeDirections) {
+  const int rows = 6, cols = 9;
+  for (const char* direction : {"polar", "row_normalize"}) {
+    auto opt =
+        Make({{"w",
+               {rows, cols},
+               RankPolicy::kFlatten,
+               Config(std::string("keller,precision=fp32,scale=none,direction=") + direction)}});
+    std::vector<double> m(rows * cols, 0.0), w(rows * cols, 0.0);
+    for (int step = 0; step < 3; ++step) {
+      const auto g = reference::RandomNormal(rows * cols, 50 + step);
+      ASSERT_TRUE(opt->SetGradient(0, g).ok());
+      ASSERT_TRUE(opt->Step().ok());
+      Matrix u(rows, cols);
+      for (int i = 0; i < rows * cols; ++i) {
+        m[i] = Lerp(m[i], g[i], 0.05);
+        u.v[i] = Lerp(g[i], m[i], 0.95);
+      }
+      Matrix o;
+      if (std::string(direction) == "polar") {
+        // The cubic iteration converges to UVᵀ for singular values in (0, √3).
+        o = reference::NewtonSchulz(u, {{1.5, -0.5, 0.0}}, 60, 0.0, 1.0, false);
+      } else {
+        o = u;
+        for (int i = 0; i < rows; ++i) {
+          double n = 0;
+          for (int j = 0; j < cols; ++j) n += u.at(i, j) * u.at(i, j);
+          for (int j = 0; j < cols; ++j) o.at(i, j) /= std::sqrt(n);
+        }
+      }
+      for (int i = 0; i < rows * cols; ++i) w[i] -= 0.02 * o.v[i];
+    }
+    EXPECT_LT(reference::RelativeError(Params(*opt, 0), w), 1e-5) << direction;
+  }
+}
 
 }  // namespace
 }  // namespace optd

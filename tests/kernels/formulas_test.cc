@@ -1,0 +1,62 @@
+// The shared formulas against values worked out by hand or from IEEE 754's definitions.
+#include "kernels/formulas.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+
+namespace optd::formulas {
+namespace {
+
+TEST(FormulasTest, Bf16RoundsToNearestEven) {
+  EXPECT_EQ(RoundToBf16(1.0f), 1.0f);
+  // bf16 keeps 8 significand bits: 1 + 2⁻⁸ is halfway between 1 and 1 + 2⁻⁷, ties to even (1).
+  EXPECT_EQ(RoundToBf16(1.0f + 0x1p-8f), 1.0f);
+  EXPECT_EQ(RoundToBf16(1.0f + 3 * 0x1p-8f), 1.0f + 0x1p-6f);         // tie, rounds up to even
+  EXPECT_EQ(RoundToBf16(1.0f + 0x1p-8f + 0x1p-20f), 1.0f + 0x1p-7f);  // above the tie
+  EXPECT_EQ(FloatToBf16Bits(-2.0f), 0xc000);
+  EXPECT_TRUE(std::isnan(RoundToBf16(std::numeric_limits<float>::quiet_NaN())));
+  EXPECT_EQ(RoundToBf16(std::numeric_limits<float>::infinity()),
+            std::numeric_limits<float>::infinity());
+}
+
+TEST(FormulasTest, HalfRoundsToNearestEvenWithSubnormalsAndOverflow) {
+  EXPECT_EQ(RoundToHalf(1.0f), 1.0f);
+  EXPECT_EQ(RoundToHalf(1.0f + 0x1p-11f), 1.0f);                             // tie to even
+  EXPECT_EQ(RoundToHalf(1.0f + 3 * 0x1p-11f), 1.0f + 0x1p-9f);               // tie to even, up
+  EXPECT_EQ(RoundToHalf(65504.0f), 65504.0f);                                // largest half
+  EXPECT_EQ(RoundToHalf(65520.0f), std::numeric_limits<float>::infinity());  // rounds past it
+  EXPECT_EQ(RoundToHalf(0x1p-24f), 0x1p-24f);                                // smallest subnormal
+  EXPECT_EQ(RoundToHalf(0x1p-26f), 0.0f);                                    // below half of it
+  EXPECT_EQ(RoundToHalf(3 * 0x1p-26f), 0x1p-24f);                            // above half of it
+  EXPECT_EQ(RoundToHalf(-0x1p-15f), -0x1p-15f);                              // subnormal, exact
+  EXPECT_EQ(FloatToHalfBits(-2.0f), 0xc000);
+  EXPECT_TRUE(std::isnan(RoundToHalf(std::numeric_limits<float>::quiet_NaN())));
+  for (uint32_t h = 0; h < 0x7c00; ++h) {  // every finite positive half survives a round trip
+    const float f = HalfBitsToFloat(static_cast<uint16_t>(h));
+    ASSERT_EQ(FloatToHalfBits(f), h) << h;
+  }
+}
+
+TEST(FormulasTest, LerpMatchesTorchsTwoBranches) {
+  EXPECT_EQ(Lerp(1.0f, 3.0f, 0.25f), 1.5f);
+  EXPECT_EQ(Lerp(1.0f, 3.0f, 0.75f), 2.5f);
+  EXPECT_EQ(Lerp(2.0f, 2.0f, 0.95f), 2.0f);
+}
+
+TEST(FormulasTest, ScalesAndDenominators) {
+  EXPECT_EQ(RowL2Denominator(25.0f, 1e-12f), 5.0f);
+  EXPECT_EQ(RowL2Denominator(0.0f, 1e-12f), 1e-12f);
+  EXPECT_FLOAT_EQ(EquilibrationScale(4.0f, 0.0f, -0.5f, 0.0f), 0.5f);
+  EXPECT_FLOAT_EQ(EquilibrationScale(16.0f, 0.0f, -0.25f, 0.0f), 0.5f);
+  EXPECT_FLOAT_EQ(EquilibrationScale(1e-4f, 0.0f, -0.5f, 10.0f), 10.0f);  // clipped from 100
+  EXPECT_FLOAT_EQ(FrobeniusDenominator(2.0f, 1.02f, 1e-7f, NormEpsilon::kAdd), 2.04f + 1e-7f);
+  EXPECT_EQ(FrobeniusDenominator(0.0f, 1.0f, 1e-7f, NormEpsilon::kFloor), 1e-7f);
+  EXPECT_FLOAT_EQ(NorMuonSecondMoment(1.0f, 3.0f, 0.95f), 1.1f);
+  EXPECT_FLOAT_EQ(NorMuonRowScale(4.0f, 0.0f), 0.5f);
+  EXPECT_DOUBLE_EQ(NewtonSchulzPolynomial(1.0, 3.4445, -4.7750, 2.0315), 0.701);
+}
+
+}  // namespace
+}  // namespace optd::formulas
