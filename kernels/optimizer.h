@@ -78,6 +78,12 @@ class Optimizer {
   // a tensor without a gradient is skipped entirely (no momentum, no decay — the rule of torch,
   // Moonlight, MuonEq and dion). Any non-finite value in a present gradient fails the whole step
   // with InvalidArgument naming the tensor, before anything changes.
+  //
+  // Every check runs before the first write, so a step commits whole or not at all as long as the
+  // backend's own operations succeed; on the CPU backend none can fail after validation but the
+  // SVD of the exact-polar direction (LAPACK non-convergence). Should a backend operation fail
+  // mid-step, Step returns Internal and every later Step returns FailedPrecondition: the state
+  // may be partly written and must be restored from a checkpoint.
   absl::Status Step(absl::Span<const bool> has_gradient = {});
 
   // Changes a tensor's learning rate, weight decay and (matrix optimizers) momentum.
