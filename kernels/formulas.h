@@ -35,12 +35,14 @@ OPTD_HOST_DEVICE float BitsToFloat(uint32_t bits) {
 // do); NaN stays NaN.
 OPTD_HOST_DEVICE uint16_t FloatToBf16Bits(float x) {
   const uint32_t bits = FloatBits(x);
-  if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0) {
-    return static_cast<uint16_t>((bits >> 16) | 0x0040u);
-  }
-  const uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>((bits + rounding_bias) >> 16);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (bits >> 16) | 0x0040u;
+  // A select, not a branch, so CPU loops over it vectorize.
+  return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
+
+// True for NaN and ±inf: the exponent bits all set.
+OPTD_HOST_DEVICE bool IsNonFinite(float x) { return (FloatBits(x) & 0x7f800000u) == 0x7f800000u; }
 
 OPTD_HOST_DEVICE float Bf16BitsToFloat(uint16_t bits) {
   return BitsToFloat(static_cast<uint32_t>(bits) << 16);

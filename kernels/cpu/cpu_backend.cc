@@ -2,9 +2,9 @@
 // OpenMP loops over the shared formulas (kernels/formulas.h) for everything else.
 #include <cblas.h>
 #include <lapacke.h>
-#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/thread_pool.h"
 #include "kernels/formulas.h"
 #include "kernels/status_macros.h"
 
@@ -25,8 +26,44 @@ namespace {
 using formulas::RoundToBf16;
 using formulas::RoundToHalf;
 
-// Loops shorter than this run on one thread: forking costs more than it saves.
-constexpr int64_t kParallelThreshold = 1 << 15;
+// Loops shorter than this many elements run on one thread: waking a worker costs more than it
+// saves.
+constexpr int64_t kGrain = 1 << 15;
+// Sums of squares add blocks of this many elements in a fixed order, so results do not depend on
+// the thread count.
+constexpr int64_t kSumBlock = 1 << 14;
+
+// Σx² in fp32 with vector-wide partial sums (a GPU's tree reduction also sums in fp32); callers
+// add blocks of at most kSumBlock in fp64. One function for every caller, built for AVX2 and the
+// baseline and chosen at load time, so every path sums in the same order on a given machine.
+__attribute__((target_clones("avx2", "default"))) double SumSquares(const float* x, int64_t count) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < count; ++i) sum += x[i] * x[i];
+  return sum;
+}
+
+// NaNs and infinities in x[0, count): every step reads each gradient once for this check.
+__attribute__((target_clones("avx2", "default"))) int64_t NonFiniteIn(const float* x,
+                                                                      int64_t count) {
+  int64_t bad = 0;
+#pragma omp simd reduction(+ : bad)
+  for (int64_t i = 0; i < count; ++i) bad += formulas::IsNonFinite(x[i]) ? 1 : 0;
+  return bad;
+}
+
+template <DType kDType>
+[[gnu::always_inline]] inline float RoundScalarTo(float x) {
+  if constexpr (kDType == DType::kBF16) return RoundToBf16(x);
+  if constexpr (kDType == DType::kF16) return RoundToHalf(x);
+  return x;
+}
+
+float RoundScalar(float x, DType dtype) {
+  if (dtype == DType::kBF16) return RoundToBf16(x);
+  if (dtype == DType::kF16) return RoundToHalf(x);
+  return x;
+}
 
 class CpuQueue : public Queue {};
 
@@ -70,6 +107,53 @@ float ToFloat(const void* src, DType dtype, int64_t i) {
   return static_cast<const float*>(src)[i];
 }
 
+// Rows [begin, end) of the fused RMNP step: per row, momentum into `u` (cols floats), its norm,
+// then the update, so memory sees one pass over g, m and w. The step dtype is a template
+// parameter so the inner loops carry no branch.
+template <DType kStepDType>
+[[gnu::always_inline]] inline void RmnpRowsOf(float* w, float* m, const float* g, int64_t begin,
+                                              int64_t end, int64_t cols, const RmnpStepArgs& a,
+                                              float* __restrict u) {
+  const float mu = a.momentum, eps = a.eps, scale = a.scale, lr = a.lr;
+  const float weight_decay = a.weight_decay;
+  const bool nesterov = a.nesterov;
+  for (int64_t r = begin; r < end; ++r) {
+    float* __restrict m_row = m + r * cols;
+    const float* __restrict g_row = g + r * cols;
+    float* __restrict w_row = w + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      u[c] = formulas::MomentumStep(m_row[c], g_row[c], mu, formulas::MomentumKind::kSum, nesterov);
+    }
+    // The same sum RowNormalize takes, so the fused and staged paths agree bit for bit.
+    const float denominator =
+        formulas::RowL2Denominator(static_cast<float>(SumSquares(u, cols)), eps);
+    for (int64_t c = 0; c < cols; ++c) {
+      const float step = RoundScalarTo<kStepDType>((u[c] / denominator) * scale);
+      w_row[c] = formulas::DecayAndStep(w_row[c], step, lr, weight_decay);
+    }
+  }
+}
+
+// The RMNP step is compute-bound at SSE2's four lanes (bench/RESULTS.md); built for AVX2 as well,
+// chosen at load time. Element results are identical either way: no FMA contraction, IEEE
+// division, and SumSquares dispatches the same way.
+__attribute__((target_clones("avx2", "default"))) void RmnpRows(float* w, float* m, const float* g,
+                                                                int64_t begin, int64_t end,
+                                                                int64_t cols, const RmnpStepArgs& a,
+                                                                float* u) {
+  switch (a.step_dtype) {
+    case DType::kBF16:
+      RmnpRowsOf<DType::kBF16>(w, m, g, begin, end, cols, a, u);
+      break;
+    case DType::kF16:
+      RmnpRowsOf<DType::kF16>(w, m, g, begin, end, cols, a, u);
+      break;
+    default:
+      RmnpRowsOf<DType::kF32>(w, m, g, begin, end, cols, a, u);
+      break;
+  }
+}
+
 std::string CpuModel() {
   std::ifstream cpuinfo("/proc/cpuinfo");
   std::string line;
@@ -84,11 +168,12 @@ std::string CpuModel() {
 
 class CpuBackend : public Backend {
  public:
-  explicit CpuBackend(int threads) : threads_(threads) {}
+  explicit CpuBackend(int threads) : pool_(threads) {}
 
   absl::string_view name() const override { return "cpu"; }
   std::string description() const override {
-    return absl::StrCat(CpuModel(), ", ", threads_, " threads, OpenBLAS ", openblas_get_config());
+    return absl::StrCat(CpuModel(), ", ", pool_.threads(), " threads, OpenBLAS ",
+                        openblas_get_config());
   }
 
   Queue& default_queue() override { return queue_; }
@@ -133,8 +218,7 @@ class CpuBackend : public Backend {
                        int64_t count) override {
     OPTD_RETURN_IF_ERROR(CheckCount("convert", count, src));
     OPTD_RETURN_IF_ERROR(CheckCount("convert", count, dst));
-#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
-    for (int64_t i = 0; i < count; ++i) {
+    ForEach(count, [&](int64_t i) {
       const float v = ToFloat(src, src_dtype, i);
       switch (dst_dtype) {
         case DType::kF32:
@@ -150,28 +234,27 @@ class CpuBackend : public Backend {
           static_cast<double*>(dst)[i] = static_cast<double>(ToFloat(src, src_dtype, i));
           break;
       }
-    }
+    });
     return absl::OkStatus();
   }
 
   absl::Status RoundTo(Queue&, float* x, int64_t count, DType dtype) override {
     OPTD_RETURN_IF_ERROR(CheckCount("round", count, x));
     if (dtype == DType::kBF16) {
-#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
-      for (int64_t i = 0; i < count; ++i) x[i] = RoundToBf16(x[i]);
+      ForEach(count, [x](int64_t i) { x[i] = RoundToBf16(x[i]); });
     } else if (dtype == DType::kF16) {
-#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
-      for (int64_t i = 0; i < count; ++i) x[i] = RoundToHalf(x[i]);
+      ForEach(count, [x](int64_t i) { x[i] = RoundToHalf(x[i]); });
     }
     return absl::OkStatus();
   }
 
   absl::StatusOr<int64_t> CountNonFinite(Queue&, const float* x, int64_t count) override {
     OPTD_RETURN_IF_ERROR(CheckCount("count non-finite", count, x));
-    int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad) if (count > kParallelThreshold)
-    for (int64_t i = 0; i < count; ++i) bad += std::isfinite(x[i]) ? 0 : 1;
-    return bad;
+    std::atomic<int64_t> bad{0};
+    pool_.ParallelFor(count, kGrain, [&](int64_t begin, int64_t end) {
+      bad += NonFiniteIn(x + begin, end - begin);
+    });
+    return bad.load();
   }
 
   absl::Status Gemm(Queue&, const GemmArgs& g) override {
@@ -295,13 +378,20 @@ class CpuBackend : public Backend {
 
   absl::Status Symmetrize(Queue&, float* a, int64_t n, int64_t batch) override {
     OPTD_RETURN_IF_ERROR(CheckCount("symmetrize", batch * n * n, a));
-#pragma omp parallel for schedule(static) collapse(2) if (batch * n * n > kParallelThreshold)
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t i = 0; i < n; ++i) {
-        float* m = a + b * n * n;
-        for (int64_t j = 0; j < i; ++j) m[i * n + j] = m[j * n + i];
+    // Tiles of the lower triangle, each filled from its mirror tile, so reads and writes both
+    // stay within a few cache lines per row.
+    constexpr int64_t kTile = 32;
+    const int64_t tiles = (n + kTile - 1) / kTile;
+    ForRows(batch * tiles, kTile * n, [&](int64_t tile_row) {
+      float* m = a + (tile_row / tiles) * n * n;
+      const int64_t i0 = (tile_row % tiles) * kTile, i1 = std::min(n, i0 + kTile);
+      for (int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+        const int64_t j1 = std::min(n, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = j0; j < std::min(j1, i); ++j) m[i * n + j] = m[j * n + i];
+        }
       }
-    }
+    });
     return absl::OkStatus();
   }
 
@@ -320,11 +410,10 @@ class CpuBackend : public Backend {
       float* m = x.data + b * x.matrix_size();
       const int64_t size = x.matrix_size();
       const float norm =
-          RoundScalar(std::sqrt(static_cast<float>(SumSquares(m, size))), norm_dtype);
+          RoundScalar(std::sqrt(static_cast<float>(ParallelSumSquares(m, size))), norm_dtype);
       const float denominator =
           RoundScalar(formulas::FrobeniusDenominator(norm, safety, eps, mode), norm_dtype);
-#pragma omp parallel for schedule(static) if (size > kParallelThreshold)
-      for (int64_t i = 0; i < size; ++i) m[i] = m[i] / denominator;
+      ForEach(size, [m, denominator](int64_t i) { m[i] = m[i] / denominator; });
     }
     return absl::OkStatus();
   }
@@ -333,8 +422,8 @@ class CpuBackend : public Backend {
                              float* out) override {
     OPTD_RETURN_IF_ERROR(CheckCount("row sum of squares", rows * cols, x));
     OPTD_RETURN_IF_ERROR(CheckCount("row sum of squares", rows, out));
-#pragma omp parallel for schedule(static) if (rows * cols > kParallelThreshold)
-    for (int64_t r = 0; r < rows; ++r) out[r] = static_cast<float>(SumSquares(x + r * cols, cols));
+    ForRows(rows, cols,
+            [&](int64_t r) { out[r] = static_cast<float>(SumSquares(x + r * cols, cols)); });
     return absl::OkStatus();
   }
 
@@ -373,9 +462,7 @@ class CpuBackend : public Backend {
     for (int64_t i = 0; args.cols && i < x.batch * x.cols; ++i) {
       col_scale[i] = formulas::EquilibrationScale(col_scale[i], args.eps, args.exponent, args.clip);
     }
-    const int64_t rows = x.batch * x.rows;
-#pragma omp parallel for schedule(static) if (x.size() > kParallelThreshold)
-    for (int64_t r = 0; r < rows; ++r) {
+    ForRows(x.batch * x.rows, x.cols, [&](int64_t r) {
       float* row = x.data + r * x.cols;
       const float* cs = col_scale + (r / std::max<int64_t>(1, x.rows)) * x.cols;
       for (int64_t c = 0; c < x.cols; ++c) {
@@ -384,19 +471,18 @@ class CpuBackend : public Backend {
         if (args.cols) v = v * cs[c];
         row[c] = v;
       }
-    }
+    });
     return absl::OkStatus();
   }
 
   absl::Status RowNormalize(Queue&, float* x, int64_t rows, int64_t cols, float eps) override {
     OPTD_RETURN_IF_ERROR(CheckCount("row normalize", rows * cols, x));
-#pragma omp parallel for schedule(static) if (rows * cols > kParallelThreshold)
-    for (int64_t r = 0; r < rows; ++r) {
+    ForRows(rows, cols, [&](int64_t r) {
       float* row = x + r * cols;
       const float denominator =
           formulas::RowL2Denominator(static_cast<float>(SumSquares(row, cols)), eps);
       for (int64_t c = 0; c < cols; ++c) row[c] = row[c] / denominator;
-    }
+    });
     return absl::OkStatus();
   }
 
@@ -406,9 +492,9 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("normuon normalize", o.batch * o.rows, v));
     for (int64_t b = 0; b < o.batch; ++b) {
       float* m = o.data + b * o.matrix_size();
-      const float norm_before = std::sqrt(static_cast<float>(SumSquares(m, o.matrix_size())));
-#pragma omp parallel for schedule(static) if (o.matrix_size() > kParallelThreshold)
-      for (int64_t r = 0; r < o.rows; ++r) {
+      const float norm_before =
+          std::sqrt(static_cast<float>(ParallelSumSquares(m, o.matrix_size())));
+      ForRows(o.rows, o.cols, [&](int64_t r) {
         float* row = m + r * o.cols;
         const float mean_square =
             static_cast<float>(SumSquares(row, o.cols) / static_cast<double>(o.cols));
@@ -416,9 +502,10 @@ class CpuBackend : public Backend {
         second_moment = formulas::NorMuonSecondMoment(second_moment, mean_square, args.beta2);
         const float scale = formulas::NorMuonRowScale(second_moment, args.eps);
         for (int64_t c = 0; c < o.cols; ++c) row[c] = row[c] * scale;
-      }
+      });
       if (args.preserve_frobenius) {
-        const float norm_after = std::sqrt(static_cast<float>(SumSquares(m, o.matrix_size())));
+        const float norm_after =
+            std::sqrt(static_cast<float>(ParallelSumSquares(m, o.matrix_size())));
         ScaleInPlace(m, o.matrix_size(), norm_before / (norm_after + args.eps));
       }
     }
@@ -429,7 +516,7 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckMatrixBatch("scale to rms", x));
     for (int64_t b = 0; b < x.batch; ++b) {
       float* m = x.data + b * x.matrix_size();
-      const float norm = std::sqrt(static_cast<float>(SumSquares(m, x.matrix_size())));
+      const float norm = std::sqrt(static_cast<float>(ParallelSumSquares(m, x.matrix_size())));
       const float target = rms * std::sqrt(static_cast<float>(x.matrix_size()));
       ScaleInPlace(m, x.matrix_size(), target / (norm + eps));
     }
@@ -441,9 +528,8 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, m));
     OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, g));
     OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, u));
-#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
-    for (int64_t i = 0; i < count; ++i)
-      u[i] = formulas::MomentumStep(m[i], g[i], mu, kind, nesterov);
+    ForEach(count,
+            [&](int64_t i) { u[i] = formulas::MomentumStep(m[i], g[i], mu, kind, nesterov); });
     return absl::OkStatus();
   }
 
@@ -451,10 +537,9 @@ class CpuBackend : public Backend {
                            float weight_decay, float scale, DType step_dtype) override {
     OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, w));
     OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, o));
-#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
-    for (int64_t i = 0; i < count; ++i) {
+    ForEach(count, [&](int64_t i) {
       w[i] = formulas::DecayAndStep(w[i], RoundScalar(o[i] * scale, step_dtype), lr, weight_decay);
-    }
+    });
     return absl::OkStatus();
   }
 
@@ -464,8 +549,7 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, m));
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, v));
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, g));
-#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
-    for (int64_t i = 0; i < count; ++i) formulas::AdamWStep(w[i], m[i], v[i], g[i], scalars);
+    ForEach(count, [&](int64_t i) { formulas::AdamWStep(w[i], m[i], v[i], g[i], scalars); });
     return absl::OkStatus();
   }
 
@@ -474,52 +558,53 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, w));
     OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, m));
     OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, g));
-#pragma omp parallel if (rows * cols > kParallelThreshold)
-    {
-      // The row's direction stays in this thread's cache between the two passes, so memory sees
-      // one read of g, m, w and one write of m, w per element.
+    ForRowBlocks(rows, cols, [&](int64_t begin, int64_t end) {
       std::vector<float> u(cols);
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; ++r) {
-        float* m_row = m + r * cols;
-        const float* g_row = g + r * cols;
-        float* w_row = w + r * cols;
-        double sum_squares = 0.0;
-        for (int64_t c = 0; c < cols; ++c) {
-          u[c] = formulas::MomentumStep(m_row[c], g_row[c], a.momentum,
-                                        formulas::MomentumKind::kSum, a.nesterov);
-          sum_squares += static_cast<double>(u[c]) * u[c];
-        }
-        const float denominator =
-            formulas::RowL2Denominator(static_cast<float>(sum_squares), a.eps);
-        for (int64_t c = 0; c < cols; ++c) {
-          const float step = RoundScalar((u[c] / denominator) * a.scale, a.step_dtype);
-          w_row[c] = formulas::DecayAndStep(w_row[c], step, a.lr, a.weight_decay);
-        }
-      }
-    }
+      RmnpRows(w, m, g, begin, end, cols, a, u.data());
+    });
     return absl::OkStatus();
   }
 
  private:
-  static float RoundScalar(float x, DType dtype) {
-    if (dtype == DType::kBF16) return RoundToBf16(x);
-    if (dtype == DType::kF16) return RoundToHalf(x);
-    return x;
+  // fn(i) for i in [0, count), split over the pool.
+  template <typename Fn>
+  void ForEach(int64_t count, Fn fn) {
+    pool_.ParallelFor(count, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) fn(i);
+    });
   }
 
-  static double SumSquares(const float* x, int64_t count) {
+  // fn(begin, end) over blocks of `rows` rows of `cols` elements, split over the pool.
+  template <typename Fn>
+  void ForRowBlocks(int64_t rows, int64_t cols, Fn fn) {
+    pool_.ParallelFor(rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, cols)), fn);
+  }
+
+  // fn(r) for every row of `rows` rows of `cols` elements, split over the pool.
+  template <typename Fn>
+  void ForRows(int64_t rows, int64_t cols, Fn fn) {
+    ForRowBlocks(rows, cols, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) fn(r);
+    });
+  }
+
+  // Σx² over blocks summed in a fixed order: the same bits for any thread count.
+  double ParallelSumSquares(const float* x, int64_t count) {
+    const int64_t blocks = (count + kSumBlock - 1) / kSumBlock;
+    std::vector<double> partial(blocks);
+    ForRows(blocks, kSumBlock, [&](int64_t b) {
+      partial[b] = SumSquares(x + b * kSumBlock, std::min(kSumBlock, count - b * kSumBlock));
+    });
     double sum = 0.0;
-    for (int64_t i = 0; i < count; ++i) sum += static_cast<double>(x[i]) * x[i];
+    for (double p : partial) sum += p;
     return sum;
   }
 
-  static void ScaleInPlace(float* x, int64_t count, float scale) {
-#pragma omp parallel for schedule(static) if (count > kParallelThreshold)
-    for (int64_t i = 0; i < count; ++i) x[i] = x[i] * scale;
+  void ScaleInPlace(float* x, int64_t count, float scale) {
+    ForEach(count, [x, scale](int64_t i) { x[i] = x[i] * scale; });
   }
 
-  int threads_;
+  ThreadPool pool_;
   CpuQueue queue_;
 };
 
@@ -533,7 +618,6 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOption
   int threads = options.threads;
   if (threads > 0) {
     openblas_set_num_threads(threads);
-    omp_set_num_threads(threads);
   } else {
     threads = openblas_get_num_threads();
   }
