@@ -5,6 +5,16 @@
 namespace optd {
 namespace {
 
+// Polls before a thread blocks: about 10 µs, far below the millisecond-scale BLAS calls that the
+// polling could slow, and enough to catch the next loop of a step.
+constexpr int kPolls = 2000;
+
+void Pause() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // Chunk i of `chunks` equal parts of [0, n).
 std::pair<int64_t, int64_t> ChunkBounds(int64_t n, int chunks, int i) {
   return {n * i / chunks, n * (i + 1) / chunks};
@@ -41,11 +51,16 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
     n_ = n;
     chunks_ = chunks;
     pending_ = chunks - 1;
+    published_pending_.store(pending_, std::memory_order_release);
     ++generation_;
+    published_generation_.store(generation_, std::memory_order_release);
     work_cv_.SignalAll();
   }
   const auto [begin, end] = ChunkBounds(n, chunks, 0);
   fn(begin, end);
+  for (int i = 0; i < kPolls && published_pending_.load(std::memory_order_acquire) > 0; ++i) {
+    Pause();
+  }
   absl::MutexLock lock(&mu_);
   while (pending_ > 0) done_cv_.Wait(&mu_);
   fn_ = nullptr;
@@ -57,6 +72,10 @@ void ThreadPool::WorkerLoop(int index) {
     const absl::FunctionRef<void(int64_t, int64_t)>* fn;
     int64_t n;
     int chunks;
+    for (int i = 0; i < kPolls && published_generation_.load(std::memory_order_acquire) == seen;
+         ++i) {
+      Pause();
+    }
     {
       absl::MutexLock lock(&mu_);
       while (!stop_ && generation_ == seen) work_cv_.Wait(&mu_);
@@ -70,7 +89,8 @@ void ThreadPool::WorkerLoop(int index) {
     const auto [begin, end] = ChunkBounds(n, chunks, index);
     (*fn)(begin, end);
     absl::MutexLock lock(&mu_);
-    if (--pending_ == 0) done_cv_.Signal();
+    published_pending_.store(--pending_, std::memory_order_release);
+    if (pending_ == 0) done_cv_.Signal();
   }
 }
 

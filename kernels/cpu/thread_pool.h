@@ -2,10 +2,12 @@
 //
 // The CPU backend runs its element and row loops here instead of OpenMP: libgomp's idle threads
 // spin on the cores OpenBLAS's threads need, which cost Newton–Schulz up to 40% on two cores
-// (bench/RESULTS.md). Threads here block on a condition variable when there is no loop to run.
+// (bench/RESULTS.md). Threads here poll for a few microseconds after a loop, which keeps the
+// wake-up of back-to-back loops cheap, then block on a condition variable.
 #ifndef OPTD_KERNELS_CPU_THREAD_POOL_H_
 #define OPTD_KERNELS_CPU_THREAD_POOL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -44,6 +46,9 @@ class ThreadPool {
   int64_t n_ ABSL_GUARDED_BY(mu_) = 0;
   const absl::FunctionRef<void(int64_t, int64_t)>* fn_ ABSL_GUARDED_BY(mu_) = nullptr;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Copies of generation_ and pending_, written under mu_, read without it while polling.
+  std::atomic<int64_t> published_generation_{0};
+  std::atomic<int> published_pending_{0};
   std::vector<std::thread> workers_;
 };
 
