@@ -3,7 +3,7 @@
 // exists. The data is a synthetic teacher task (a random two-layer teacher labels Gaussian
 // inputs), so the example needs no downloads.
 //
-// Usage: train_example [steps]
+// Usage: train_example [steps [losses.csv]] — the CSV gets one row per (optimizer, step, loss).
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -126,6 +126,16 @@ void Check(const absl::Status& status) {
 
 int main(int argc, char** argv) {
   const int steps = argc > 1 ? std::atoi(argv[1]) : 300;
+  if (steps < 1) {
+    std::fprintf(stderr, "usage: %s [steps >= 1 [losses.csv]]\n", argv[0]);
+    return 2;
+  }
+  FILE* csv = argc > 2 ? std::fopen(argv[2], "w") : nullptr;
+  if (argc > 2 && csv == nullptr) {
+    std::fprintf(stderr, "cannot write %s\n", argv[2]);
+    return 1;
+  }
+  if (csv) std::fprintf(csv, "optimizer,step,train_loss\n");
   auto backend_or = optd::CreateCpuBackend();
   Check(backend_or.status());
   optd::Backend& backend = **backend_or;
@@ -179,6 +189,7 @@ int main(int argc, char** argv) {
     for (int step = 0; step < steps; ++step) {
       const int offset = (step % 40) * kBatch;
       train_loss = LossAndGradient(model, train, offset, kBatch, &grad, nullptr);
+      if (csv) std::fprintf(csv, "%s,%d,%.6f\n", preset, step, train_loss);
       if (step % std::max(1, steps / 6) == 0 || step == steps - 1) {
         std::printf("%-14s %4d  %.4f\n", "", step, train_loss);
       }
@@ -216,5 +227,6 @@ int main(int argc, char** argv) {
                                           .c_str()
                                     : "   (adamw: no V)");
   }
+  if (csv) std::fclose(csv);
   return 0;
 }
