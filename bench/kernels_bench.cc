@@ -138,7 +138,7 @@ void BM_NewtonSchulz(benchmark::State& state) {
   const NewtonSchulzConfig config = KellerFp32();
   const absl::Span<const float> input = Gaussian(rows * cols);
   Buffer x = AllocateFloats(state, rows * cols);
-  Buffer workspace = AllocateFloats(state, NewtonSchulzWorkspaceFloats(1, rows, cols));
+  Buffer workspace = AllocateFloats(state, NewtonSchulzWorkspaceFloats(KellerFp32(), 1, rows, cols));
   if (state.error_occurred()) return;
   const MatrixBatch batch{x.f32(), 1, rows, cols};
   // NewtonSchulz works in place, so every iteration restores the input first, outside the timed
@@ -192,7 +192,7 @@ void BM_NewtonSchulzBlasLimit(benchmark::State& state, bool gemm_update) {
   }
 
   Buffer x = AllocateFloats(state, size);
-  Buffer workspace = AllocateFloats(state, NewtonSchulzWorkspaceFloats(1, rows, cols));
+  Buffer workspace = AllocateFloats(state, NewtonSchulzWorkspaceFloats(KellerFp32(), 1, rows, cols));
   if (state.error_occurred()) return;
   float* const gram = workspace.f32() + size;
   float* const poly = gram + s * s;

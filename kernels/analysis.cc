@@ -83,6 +83,10 @@ absl::StatusOr<std::vector<float>> SingularValues(Backend& backend, Queue& queue
   return ToHost(backend, queue, s.f32(), k);
 }
 
+float PolarRelativeTolerance(int64_t rows, int64_t cols) {
+  return static_cast<float>(std::max(rows, cols)) * std::numeric_limits<float>::epsilon();
+}
+
 absl::Status ExactPolar(Backend& backend, Queue& queue, const float* x, int64_t rows, int64_t cols,
                         float* out) {
   OPTD_RETURN_IF_ERROR(CheckShape(rows, cols));
@@ -93,6 +97,8 @@ absl::Status ExactPolar(Backend& backend, Queue& queue, const float* x, int64_t 
   float* vt = u + rows * k;
   OPTD_RETURN_IF_ERROR(backend.SingularValueDecomposition(
       queue, MatrixBatch{const_cast<float*>(x), 1, rows, cols}, s, u, vt));
+  OPTD_RETURN_IF_ERROR(backend.ZeroSmallSingularVectors(queue, u, s, 1, rows, k,
+                                                        PolarRelativeTolerance(rows, cols)));
   OPTD_RETURN_IF_ERROR(backend.Gemm(queue, GemmArgs{.m = rows,
                                                     .n = cols,
                                                     .k = k,
@@ -169,7 +175,8 @@ absl::StatusOr<MatrixAnalysis> AnalyzeMatrix(Backend& backend, Queue& queue, con
 
   // polar(V), NS(V) and rownormalize(V), side by side in one buffer.
   OPTD_ASSIGN_OR_RETURN(
-      Buffer work, AllocateFloats(backend, 3 * size + NewtonSchulzWorkspaceFloats(1, rows, cols)));
+      Buffer work, AllocateFloats(backend, 3 * size + NewtonSchulzWorkspaceFloats(newton_schulz, 1,
+                                                                                  rows, cols)));
   float* polar = work.f32();
   float* ns = polar + size;
   float* rows_normalized = ns + size;

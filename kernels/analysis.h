@@ -30,7 +30,12 @@ absl::StatusOr<DominanceRatios> ComputeDominanceRatios(Backend& backend, Queue& 
 absl::StatusOr<std::vector<float>> SingularValues(Backend& backend, Queue& queue, const float* x,
                                                   int64_t rows, int64_t cols);
 
-// The exact polar factor U·Vᵀ of x (thin SVD x = U·Σ·Vᵀ) into `out` (rows×cols, backend memory).
+// max(rows, cols)·ε_fp32: singular values at most this times σ_max count as zero (numpy's pinv
+// rule).
+float PolarRelativeTolerance(int64_t rows, int64_t cols);
+
+// The exact polar factor U·Vᵀ of x (thin SVD x = U·Σ·Vᵀ, over the singular values above
+// PolarRelativeTolerance; zero for a zero matrix) into `out` (rows×cols, backend memory).
 absl::Status ExactPolar(Backend& backend, Queue& queue, const float* x, int64_t rows, int64_t cols,
                         float* out);
 

@@ -164,6 +164,7 @@ class Backend {
   virtual absl::Status Copy(Queue& queue, void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Fill(Queue& queue, float* x, int64_t count, float value) = 0;
   // Element conversion between fp32, bf16 and fp16 (the wire dtypes); rounding to nearest even.
+  // InvalidArgument for fp64.
   virtual absl::Status Convert(Queue& queue, const void* src, DType src_dtype, void* dst,
                                DType dst_dtype, int64_t count) = 0;
   // Rounds fp32 values in place to the nearest value of `dtype` (bf16/fp16; fp32 is a no-op):
@@ -180,6 +181,13 @@ class Backend {
   // in fp64 on the CPU backend.
   virtual absl::Status SingularValueDecomposition(Queue& queue, const MatrixBatch& a, float* s,
                                                   float* u, float* vt) = 0;
+
+  // Zeroes column j of each rows×k matrix of u whose singular value s[j] (descending, k per
+  // matrix) is at most relative_tolerance·s[0]: U·Vᵀ then spans only the matrix's numerical
+  // range, the polar factor of a rank-deficient matrix (and zero for a zero matrix).
+  virtual absl::Status ZeroSmallSingularVectors(Queue& queue, float* u, const float* s,
+                                                int64_t batch, int64_t rows, int64_t k,
+                                                float relative_tolerance) = 0;
 
   // Copies each n×n matrix's upper triangle onto its lower triangle.
   virtual absl::Status Symmetrize(Queue& queue, float* a, int64_t n, int64_t batch) = 0;

@@ -91,8 +91,9 @@ OPTD_HOST_DEVICE float HalfBitsToFloat(uint16_t h) {
 OPTD_HOST_DEVICE float RoundToBf16(float x) { return Bf16BitsToFloat(FloatToBf16Bits(x)); }
 OPTD_HOST_DEVICE float RoundToHalf(float x) { return HalfBitsToFloat(FloatToHalfBits(x)); }
 
-// torch.lerp's two-branch evaluation (aten/src/ATen/native/Lerp.h), so `ema` momentum matches the
-// public codes bit for bit in fp32.
+// torch.lerp's two-branch evaluation (aten/src/ATen/native/Lerp.h). It matches the public codes up
+// to fp32 rounding, not bit for bit: torch's vectorized CPU path fuses a multiply-add, and the
+// references form 1 − μ in double (0.05) where optd forms it in fp32 (0.0500000119).
 OPTD_HOST_DEVICE float Lerp(float start, float end, float weight) {
   return fabsf(weight) < 0.5f ? start + weight * (end - start)
                               : end - (end - start) * (1.0f - weight);

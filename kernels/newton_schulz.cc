@@ -67,8 +67,9 @@ absl::Status ValidateNewtonSchulzConfig(const NewtonSchulzConfig& config) {
   if (config.compute_dtype == DType::kF64) {
     return absl::InvalidArgumentError("Newton-Schulz computes in fp32, bf16 or fp16, not fp64");
   }
-  if (!(config.eps >= 0.0f) || !std::isfinite(config.eps)) {
-    return absl::InvalidArgumentError("Newton-Schulz eps must be finite and >= 0");
+  // eps > 0 keeps a zero matrix at zero instead of 0/0.
+  if (!(config.eps > 0.0f) || !std::isfinite(config.eps)) {
+    return absl::InvalidArgumentError("Newton-Schulz eps must be finite and > 0");
   }
   if (!(config.safety > 0.0f) || !std::isfinite(config.safety)) {
     return absl::InvalidArgumentError("Newton-Schulz safety factor must be finite and > 0");
@@ -93,8 +94,9 @@ NewtonSchulzCoefficients NewtonSchulzStepCoefficients(const NewtonSchulzConfig& 
   return list[std::min<size_t>(step, list.size() - 1)];
 }
 
-int64_t NewtonSchulzWorkspaceFloats(int64_t batch, int64_t rows, int64_t cols) {
-  const int64_t gram = std::min(rows, cols);
+int64_t NewtonSchulzWorkspaceFloats(const NewtonSchulzConfig& config, int64_t batch, int64_t rows,
+                                    int64_t cols) {
+  const int64_t gram = config.transpose_tall ? std::min(rows, cols) : rows;
   return batch * (rows * cols + 2 * gram * gram);
 }
 

@@ -52,8 +52,10 @@ int NewtonSchulzSteps(const NewtonSchulzConfig& config, int64_t rows, int64_t co
 // The coefficients of step `step` (0-based). REQUIRES: ValidateNewtonSchulzConfig(config).ok().
 NewtonSchulzCoefficients NewtonSchulzStepCoefficients(const NewtonSchulzConfig& config, int step);
 
-// Floats of workspace NewtonSchulz needs for a batch of rows×cols matrices.
-int64_t NewtonSchulzWorkspaceFloats(int64_t batch, int64_t rows, int64_t cols);
+// Floats of workspace NewtonSchulz needs for a batch of rows×cols matrices under `config` (the
+// Gram matrix is min(rows, cols)² when tall matrices are transposed, rows² otherwise).
+int64_t NewtonSchulzWorkspaceFloats(const NewtonSchulzConfig& config, int64_t batch, int64_t rows,
+                                    int64_t cols);
 
 // Orthogonalizes every matrix of `x` in place, on `queue`. `workspace` holds
 // NewtonSchulzWorkspaceFloats(...) floats of backend memory. A zero matrix stays zero.

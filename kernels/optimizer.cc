@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/analysis.h"
 #include "kernels/newton_schulz.h"
 #include "kernels/status_macros.h"
 
@@ -56,7 +57,7 @@ int64_t GroupWorkspaceFloats(const MatrixConfig& c, int64_t batch, int64_t rows,
   const int64_t k = std::min(rows, cols);
   int64_t direction = 0;
   if (c.direction == Direction::kNewtonSchulz) {
-    direction = NewtonSchulzWorkspaceFloats(batch, rows, cols);
+    direction = NewtonSchulzWorkspaceFloats(c.newton_schulz, batch, rows, cols);
   } else if (c.direction == Direction::kExactPolar) {
     direction = batch * (k + rows * k + k * cols);
   }
@@ -66,17 +67,29 @@ int64_t GroupWorkspaceFloats(const MatrixConfig& c, int64_t batch, int64_t rows,
 
 }  // namespace
 
+absl::StatusOr<int64_t> ElementCount(absl::Span<const int64_t> shape) {
+  int64_t count = 1;
+  for (int64_t d : shape) {
+    if (d <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("shape [", absl::StrJoin(shape, ", "), "] is empty (a dimension <= 0)"));
+    }
+    if (__builtin_mul_overflow(count, d, &count) || count > kMaxTensorElements) {
+      return absl::InvalidArgumentError(absl::StrCat("shape [", absl::StrJoin(shape, ", "),
+                                                     "] has more than ", kMaxTensorElements,
+                                                     " elements"));
+    }
+  }
+  return count;
+}
+
 absl::StatusOr<MatrixView> MatrixViewOf(absl::Span<const int64_t> shape, RankPolicy policy) {
   if (shape.size() < 2) {
     return absl::InvalidArgumentError(
         absl::StrCat("a matrix optimizer needs rank >= 2, got rank ", shape.size()));
   }
-  for (int64_t d : shape) {
-    if (d <= 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("shape [", absl::StrJoin(shape, ", "), "] has a dimension <= 0"));
-    }
-  }
+  // Bounds every product below: rows·cols and batch·rows·cols are at most the element count.
+  OPTD_RETURN_IF_ERROR(ElementCount(shape).status());
   MatrixView view;
   if (policy == RankPolicy::kFlatten) {
     view.rows = shape[0];
@@ -110,14 +123,12 @@ absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(Backend& backend,
           absl::StrCat("tensor '", spec.name, "': ", valid.message()));
     }
     auto t = std::make_unique<Tensor>();
-    t->count = 1;
-    for (int64_t d : spec.shape) {
-      if (d <= 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "tensor '", spec.name, "': shape [", absl::StrJoin(spec.shape, ", "), "] is empty"));
-      }
-      t->count *= d;
+    absl::StatusOr<int64_t> count = ElementCount(spec.shape);
+    if (!count.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", spec.name, "': ", count.status().message()));
     }
+    t->count = *count;
     const bool matrix = spec.config.algorithm == Algorithm::kMatrix;
     if (matrix) {
       absl::StatusOr<MatrixView> view = MatrixViewOf(spec.shape, spec.rank_policy);
@@ -418,6 +429,8 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
       float* u = s + batch * k;
       float* vt = u + batch * rows * k;
       OPTD_RETURN_IF_ERROR(backend_.SingularValueDecomposition(queue, all, s, u, vt));
+      OPTD_RETURN_IF_ERROR(backend_.ZeroSmallSingularVectors(queue, u, s, batch, rows, k,
+                                                             PolarRelativeTolerance(rows, cols)));
       GemmArgs polar{.m = rows,
                      .n = cols,
                      .k = k,

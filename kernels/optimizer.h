@@ -32,6 +32,13 @@ struct MatrixView {
   int64_t batch = 1, rows = 0, cols = 0;
 };
 
+// Most elements one tensor may have (2⁴⁰, 4 TiB of fp32): beyond it, sizes and byte counts would
+// come close to overflowing.
+inline constexpr int64_t kMaxTensorElements = int64_t{1} << 40;
+
+// Elements of `shape`; InvalidArgument for a dimension <= 0 or more than kMaxTensorElements.
+absl::StatusOr<int64_t> ElementCount(absl::Span<const int64_t> shape);
+
 // The matrices a tensor of `shape` is stepped as. InvalidArgument for rank < 2 or an empty shape.
 absl::StatusOr<MatrixView> MatrixViewOf(absl::Span<const int64_t> shape, RankPolicy policy);
 

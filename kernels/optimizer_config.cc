@@ -374,7 +374,8 @@ absl::Status ValidateOptimizerConfig(const OptimizerConfig& c) {
   const MatrixConfig& m = c.matrix;
   OPTD_RETURN_IF_ERROR(
       check(m.momentum >= 0.0f && m.momentum < 1.0f, "momentum must be in [0, 1)"));
-  OPTD_RETURN_IF_ERROR(check(m.pre_normalize_eps >= 0.0f, "pre_normalize.eps must be >= 0"));
+  // eps > 0 keeps a zero row or column at zero instead of 0·inf.
+  OPTD_RETURN_IF_ERROR(check(m.pre_normalize_eps > 0.0f, "pre_normalize.eps must be > 0"));
   OPTD_RETURN_IF_ERROR(
       check(m.pre_normalize_exponent < 0.0f, "pre_normalize.exponent must be negative"));
   OPTD_RETURN_IF_ERROR(check(m.pre_normalize_clip == 0.0f || m.pre_normalize_clip >= 1.0f,

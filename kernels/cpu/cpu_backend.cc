@@ -93,17 +93,10 @@ absl::Status CheckLeading(absl::string_view op, absl::string_view name, int64_t 
 
 CBLAS_TRANSPOSE ToCblas(Transpose t) { return t == Transpose::kYes ? CblasTrans : CblasNoTrans; }
 
+// Element i of a wire-dtype (fp32, bf16 or fp16) array, widened exactly.
 float ToFloat(const void* src, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kBF16:
-      return formulas::Bf16BitsToFloat(static_cast<const uint16_t*>(src)[i]);
-    case DType::kF16:
-      return formulas::HalfBitsToFloat(static_cast<const uint16_t*>(src)[i]);
-    case DType::kF64:
-      return static_cast<float>(static_cast<const double*>(src)[i]);
-    case DType::kF32:
-      break;
-  }
+  if (dtype == DType::kBF16) return formulas::Bf16BitsToFloat(static_cast<const uint16_t*>(src)[i]);
+  if (dtype == DType::kF16) return formulas::HalfBitsToFloat(static_cast<const uint16_t*>(src)[i]);
   return static_cast<const float*>(src)[i];
 }
 
@@ -218,21 +211,17 @@ class CpuBackend : public Backend {
                        int64_t count) override {
     OPTD_RETURN_IF_ERROR(CheckCount("convert", count, src));
     OPTD_RETURN_IF_ERROR(CheckCount("convert", count, dst));
+    if (src_dtype == DType::kF64 || dst_dtype == DType::kF64) {
+      return absl::InvalidArgumentError("convert: dtypes are fp32, bf16 or fp16 (the wire dtypes)");
+    }
     ForEach(count, [&](int64_t i) {
       const float v = ToFloat(src, src_dtype, i);
-      switch (dst_dtype) {
-        case DType::kF32:
-          static_cast<float*>(dst)[i] = v;
-          break;
-        case DType::kBF16:
-          static_cast<uint16_t*>(dst)[i] = formulas::FloatToBf16Bits(v);
-          break;
-        case DType::kF16:
-          static_cast<uint16_t*>(dst)[i] = formulas::FloatToHalfBits(v);
-          break;
-        case DType::kF64:
-          static_cast<double*>(dst)[i] = static_cast<double>(ToFloat(src, src_dtype, i));
-          break;
+      if (dst_dtype == DType::kBF16) {
+        static_cast<uint16_t*>(dst)[i] = formulas::FloatToBf16Bits(v);
+      } else if (dst_dtype == DType::kF16) {
+        static_cast<uint16_t*>(dst)[i] = formulas::FloatToHalfBits(v);
+      } else {
+        static_cast<float*>(dst)[i] = v;
       }
     });
     return absl::OkStatus();
@@ -286,8 +275,9 @@ class CpuBackend : public Backend {
       } else {
         // bf16/fp16 inputs are widened exactly; the product then accumulates in fp32 as the
         // GPU's tensor cores do.
-        a32.resize(a_rows * g.lda);
-        b32.resize(b_rows * g.ldb);
+        // Exactly the elements the matrices span: the last row ends at its last column.
+        a32.resize(g.k == 0 ? 0 : (a_rows - 1) * g.lda + a_cols);
+        b32.resize(g.k == 0 ? 0 : (b_rows - 1) * g.ldb + b_cols);
         const auto* a16 = static_cast<const uint16_t*>(g.a) + i * g.stride_a;
         const auto* b16 = static_cast<const uint16_t*>(g.b) + i * g.stride_b;
         for (size_t j = 0; j < a32.size(); ++j) a32[j] = ToFloat(a16, g.input_dtype, j);
@@ -348,29 +338,43 @@ class CpuBackend : public Backend {
     const bool vectors = u != nullptr || vt != nullptr;
     // LAPACKE checks ldu and ldvt even when it computes no vectors, so the buffers keep their
     // full shapes.
-    std::vector<double> work(m * n), sd(k), ud(m * k), vtd(k * n);
-    for (int64_t b = 0; b < a.batch; ++b) {
-      const float* src = a.data + b * a.matrix_size();
-      for (int64_t i = 0; i < m * n; ++i) {
-        if (!std::isfinite(src[i])) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("svd: matrix ", b, " has a non-finite value at element ", i));
-        }
-        work[i] = src[i];
+    for (int64_t i = 0; i < a.size(); ++i) {
+      if (!std::isfinite(a.data[i])) {
+        return absl::InvalidArgumentError(absl::StrCat("svd: matrix ", i / a.matrix_size(),
+                                                       " has a non-finite value at element ",
+                                                       i % a.matrix_size()));
       }
+    }
+    // Every matrix is decomposed into fp64 temporaries first, so a failure writes nothing.
+    // LAPACKE checks ldu and ldvt even when it computes no vectors: the buffers keep full shapes.
+    std::vector<double> work(m * n), sd(a.batch * k), ud(a.batch * m * k), vtd(a.batch * k * n);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      std::copy(a.data + b * m * n, a.data + (b + 1) * m * n, work.begin());
       const lapack_int info =
-          LAPACKE_dgesdd(LAPACK_ROW_MAJOR, vectors ? 'S' : 'N', m, n, work.data(), n, sd.data(),
-                         ud.data(), k, vtd.data(), n);
+          LAPACKE_dgesdd(LAPACK_ROW_MAJOR, vectors ? 'S' : 'N', m, n, work.data(), n,
+                         sd.data() + b * k, ud.data() + b * m * k, k, vtd.data() + b * k * n, n);
       if (info != 0) {
         return absl::InternalError(
             absl::StrCat("svd: LAPACKE_dgesdd failed with info=", info, " on matrix ", b));
       }
-      for (int64_t i = 0; i < k; ++i) s[b * k + i] = static_cast<float>(sd[i]);
-      if (u != nullptr) {
-        for (int64_t i = 0; i < m * k; ++i) u[b * m * k + i] = static_cast<float>(ud[i]);
-      }
-      if (vt != nullptr) {
-        for (int64_t i = 0; i < k * n; ++i) vt[b * k * n + i] = static_cast<float>(vtd[i]);
+    }
+    std::copy(sd.begin(), sd.end(), s);
+    if (u != nullptr) std::copy(ud.begin(), ud.end(), u);
+    if (vt != nullptr) std::copy(vtd.begin(), vtd.end(), vt);
+    return absl::OkStatus();
+  }
+
+  absl::Status ZeroSmallSingularVectors(Queue&, float* u, const float* s, int64_t batch,
+                                        int64_t rows, int64_t k,
+                                        float relative_tolerance) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("zero small singular vectors", batch * rows * k, u));
+    OPTD_RETURN_IF_ERROR(CheckCount("zero small singular vectors", batch * k, s));
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* sv = s + b * k;
+      float* m = u + b * rows * k;
+      for (int64_t j = 0; j < k; ++j) {
+        if (sv[j] > relative_tolerance * sv[0]) continue;
+        for (int64_t r = 0; r < rows; ++r) m[r * k + j] = 0.0f;
       }
     }
     return absl::OkStatus();

@@ -543,5 +543,63 @@ TEST_P(BackendTest, BadArgumentsAreInvalidArgumentAndWriteNothing) {
 INSTANTIATE_TEST_SUITE_P(Backends, BackendTest, ::testing::Values("cpu", "cuda"),
                          [](const auto& info) { return info.param; });
 
+TEST_P(BackendTest, HalfGemmWithPaddedRowsReadsOnlyTheMatrix) {
+  // A is 4×3 stored with lda 5; the last row ends at element 3·5 + 3, the rest is not read.
+  const int m = 4, n = 2, k = 3, lda = 5;
+  std::vector<float> a(m * lda, 0.0f), b = RandomNormal(k * n, 30), c(m * n, 0.0f);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < k; ++j) a[i * lda + j] = float(i + j);
+  std::vector<uint16_t> a16((m - 1) * lda + k), b16(k * n);
+  for (size_t i = 0; i < a16.size(); ++i) a16[i] = formulas::FloatToBf16Bits(a[i]);
+  for (size_t i = 0; i < b16.size(); ++i) {
+    b16[i] = formulas::FloatToBf16Bits(b[i]);
+    b[i] = formulas::Bf16BitsToFloat(b16[i]);
+  }
+  auto da = backend_->Allocate(a16.size() * 2), db = backend_->Allocate(b16.size() * 2);
+  ASSERT_TRUE(da.ok() && db.ok());
+  ASSERT_TRUE(backend_->Upload(queue(), da->data(), a16.data(), a16.size() * 2).ok());
+  ASSERT_TRUE(backend_->Upload(queue(), db->data(), b16.data(), b16.size() * 2).ok());
+  float* dc = Device(c);
+  GemmArgs args{.m = m,
+                .n = n,
+                .k = k,
+                .input_dtype = DType::kBF16,
+                .a = da->data(),
+                .lda = lda,
+                .b = db->data(),
+                .ldb = n,
+                .c = dc,
+                .ldc = n};
+  ASSERT_TRUE(backend_->Gemm(queue(), args).ok());
+  std::vector<float> dense(m * k);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < k; ++j) dense[i * k + j] = a[i * lda + j];
+  EXPECT_LT(
+      RelativeError(Host(dc, c.size()), GemmReference(false, false, m, n, k, 1, dense, b, 0, c)),
+      1e-6);
+}
+
+TEST_P(BackendTest, FailedSvdAndFp64ConversionWriteNothing) {
+  auto a = RandomNormal(2 * 9, 31);
+  a[9 + 4] = std::numeric_limits<float>::quiet_NaN();  // the second matrix
+  std::vector<float> out(2 * 3, -7.0f);
+  float* s = Device(out);
+  const absl::Status status = backend_->SingularValueDecomposition(
+      queue(), MatrixBatch{Device(a), 2, 3, 3}, s, nullptr, nullptr);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("matrix 1"), absl::string_view::npos) << status;
+  EXPECT_EQ(Host(s, out.size()), out);
+  std::vector<float> x = {1, 2};
+  EXPECT_EQ(backend_->Convert(queue(), Device(x), DType::kF32, Device(x), DType::kF64, 2).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_P(BackendTest, ZeroSmallSingularVectors) {
+  // u is 3×2 per matrix; the second singular value is tiny in matrix 0 and zero in matrix 1.
+  std::vector<float> u = {1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6}, s = {2, 1e-9f, 0, 0};
+  float* du = Device(u);
+  ASSERT_TRUE(backend_->ZeroSmallSingularVectors(queue(), du, Device(s), 2, 3, 2, 1e-6f).ok());
+  EXPECT_EQ(Host(du, u.size()), (std::vector<float>{1, 0, 3, 0, 5, 0, 0, 0, 0, 0, 0, 0}));
+}
 }  // namespace
 }  // namespace optd

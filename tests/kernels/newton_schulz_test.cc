@@ -29,7 +29,7 @@ class NewtonSchulzTest : public ::testing::Test {
   std::vector<float> Run(std::vector<float> x, int64_t batch, int64_t rows, int64_t cols,
                          const NewtonSchulzConfig& config) {
     auto buffer = backend_->Allocate(x.size() * 4);
-    auto workspace = backend_->Allocate(NewtonSchulzWorkspaceFloats(batch, rows, cols) * 4);
+    auto workspace = backend_->Allocate(NewtonSchulzWorkspaceFloats(config, batch, rows, cols) * 4);
     EXPECT_TRUE(buffer.ok() && workspace.ok());
     Queue& q = backend_->default_queue();
     EXPECT_TRUE(backend_->Upload(q, buffer->data(), x.data(), x.size() * 4).ok());
@@ -226,5 +226,17 @@ TEST(NewtonSchulzConfigTest, RejectsBadSettings) {
   EXPECT_EQ(NewtonSchulzStepCoefficients(config, 6)[0], 2.3465413258596377);
 }
 
+TEST_F(NewtonSchulzTest, WithoutTransposeTallMatricesIterateOnTheLargeGram) {
+  // Same polynomial on the same singular values, so the same result as the transposed iteration;
+  // the workspace must hold the rows×rows Gram matrix.
+  const int rows = 40, cols = 8;
+  auto x = RandomNormal(2 * rows * cols, 9);
+  NewtonSchulzConfig transposed = Fp32("keller", 5);
+  NewtonSchulzConfig direct = transposed;
+  direct.transpose_tall = false;
+  EXPECT_GT(NewtonSchulzWorkspaceFloats(direct, 2, rows, cols),
+            NewtonSchulzWorkspaceFloats(transposed, 2, rows, cols));
+  EXPECT_LT(RelativeError(Run(x, 2, rows, cols, direct), Run(x, 2, rows, cols, transposed)), 1e-5);
+}
 }  // namespace
 }  // namespace optd

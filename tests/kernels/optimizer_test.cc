@@ -495,5 +495,50 @@ TEST_F(OptimizerContractTest, ExactPolarAndRowNormalizeDirections) {
   }
 }
 
+TEST_F(OptimizerContractTest, OversizedShapesAndZeroEpsilonsAreRejected) {
+  auto huge = Optimizer::Create(
+      *backend_, {{"w", {3, int64_t{0x5555555555555556}}, RankPolicy::kFlatten, Config("keller")}});
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(huge.status().message().find("more than"), absl::string_view::npos) << huge.status();
+  auto big = Optimizer::Create(*backend_,
+                               {{"v", {int64_t{1} << 41}, RankPolicy::kFlatten, Config("adamw")}});
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kInvalidArgument);
+  // A zero epsilon would turn a zero gradient into 0/0.
+  for (const char* spec :
+       {"keller,ns.eps=0", "muoneq_row,pre_normalize.eps=0", "rmnp,row_normalize.eps=0",
+        "normuon,normuon.eps=0", "adamw,adamw.eps=0"}) {
+    EXPECT_EQ(ParseOptimizerConfig(spec).status().code(), absl::StatusCode::kInvalidArgument)
+        << spec;
+  }
+}
+
+TEST_F(OptimizerContractTest, ExactPolarOfZeroAndRankDeficientMomentum) {
+  // Zero gradient: the polar factor of a zero matrix is zero, so nothing moves.
+  auto opt = Make({{"w",
+                    {5, 7},
+                    RankPolicy::kFlatten,
+                    Config("keller,precision=fp32,direction=polar,weight_decay=0")}});
+  const auto w0 = reference::RandomNormal(35, 60);
+  ASSERT_TRUE(opt->SetParameters(0, w0).ok());
+  ASSERT_TRUE(opt->Step().ok());
+  EXPECT_EQ(Params(*opt, 0), w0);
+  // A rank-one gradient a·bᵀ: the polar factor is (a/‖a‖)(b/‖b‖)ᵀ, and the step moves w by
+  // lr·scale times it.
+  std::vector<float> a = {1, -2, 0.5f, 3, 1}, b = {2, 0, -1, 1, 0.5f, 1, -3}, g(35);
+  double na = 0, nb = 0;
+  for (float v : a) na += v * v;
+  for (float v : b) nb += v * v;
+  for (int i = 0; i < 5; ++i)
+    for (int j = 0; j < 7; ++j) g[i * 7 + j] = a[i] * b[j];
+  ASSERT_TRUE(opt->SetGradient(0, g).ok());
+  ASSERT_TRUE(opt->Step().ok());
+  const auto w = Params(*opt, 0);
+  std::vector<double> want(35);
+  for (int i = 0; i < 5; ++i)
+    for (int j = 0; j < 7; ++j) {
+      want[i * 7 + j] = w0[i * 7 + j] - 0.02 * a[i] * b[j] / std::sqrt(na * nb);
+    }
+  EXPECT_LT(reference::RelativeError(w, want), 1e-6);
+}
 }  // namespace
 }  // namespace optd
