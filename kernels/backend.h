@@ -170,8 +170,9 @@ class Backend {
   // Rounds fp32 values in place to the nearest value of `dtype` (bf16/fp16; fp32 is a no-op):
   // how an fp32 buffer emulates a computation held in a narrower dtype.
   virtual absl::Status RoundTo(Queue& queue, float* x, int64_t count, DType dtype) = 0;
-  // Number of NaN or infinite values; synchronizes.
-  virtual absl::StatusOr<int64_t> CountNonFinite(Queue& queue, const float* x, int64_t count) = 0;
+  // Number of values that are NaN, ±inf or of magnitude above max_magnitude; synchronizes.
+  virtual absl::StatusOr<int64_t> CountOutOfRange(Queue& queue, const float* x, int64_t count,
+                                                  float max_magnitude) = 0;
 
   virtual absl::Status Gemm(Queue& queue, const GemmArgs& args) = 0;
   virtual absl::Status SymmetricRankK(Queue& queue, const SyrkArgs& args) = 0;
@@ -207,7 +208,7 @@ class Backend {
   // MuonEq pre-normalization. `scratch` holds batch·(rows + cols) floats.
   virtual absl::Status Equilibrate(Queue& queue, const MatrixBatch& x, const EquilibrateArgs& args,
                                    float* scratch) = 0;
-  // Each row x <- x / RowL2Denominator(‖x‖², eps) (RMNP's direction).
+  // Each row x <- x / RowL2Denominator(‖x‖, eps) (RMNP's direction).
   virtual absl::Status RowNormalize(Queue& queue, float* x, int64_t rows, int64_t cols,
                                     float eps) = 0;
   // NorMuon's post-normalization; v holds batch·rows second moments and is updated.

@@ -41,8 +41,10 @@ OPTD_HOST_DEVICE uint16_t FloatToBf16Bits(float x) {
   return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
-// True for NaN and ±inf: the exponent bits all set.
-OPTD_HOST_DEVICE bool IsNonFinite(float x) { return (FloatBits(x) & 0x7f800000u) == 0x7f800000u; }
+// True for NaN, ±inf and |x| > max_magnitude (the comparison is false for NaN).
+OPTD_HOST_DEVICE bool IsOutOfRange(float x, float max_magnitude) {
+  return !(fabsf(x) <= max_magnitude);
+}
 
 OPTD_HOST_DEVICE float Bf16BitsToFloat(uint16_t bits) {
   return BitsToFloat(static_cast<uint32_t>(bits) << 16);
@@ -152,22 +154,19 @@ OPTD_HOST_DEVICE void AdamWStep(float& w, float& m, float& v, float g, const Ada
 
 // RMNP's row ℓ2 normalization (seed 000, D = diag(VVᵀ)^(-1/2)·V): each row is divided by
 // max(‖row‖₂, eps), the floor torch's F.normalize applies.
-OPTD_HOST_DEVICE float RowL2Denominator(float sum_squares, float eps) {
-  return fmaxf(sqrtf(sum_squares), eps);
-}
+OPTD_HOST_DEVICE float RowL2Denominator(float norm, float eps) { return fmaxf(norm, eps); }
 
 // MuonEq's equilibration factor for one row or column (seed 001): (Σu² + eps)^exponent, exponent
 // -1/2 (or -1/4 for the two-sided variant's option), clipped to [1/clip, clip] when clip > 0.
-OPTD_HOST_DEVICE float EquilibrationScale(float sum_squares, float eps, float exponent,
-                                          float clip) {
-  const float x = sum_squares + eps;
+// Takes root = √(Σu² + eps), which stays finite where Σu² itself would overflow fp32.
+OPTD_HOST_DEVICE float EquilibrationScale(float root, float exponent, float clip) {
   float scale;
   if (exponent == -0.5f) {
-    scale = 1.0f / sqrtf(x);
+    scale = 1.0f / root;
   } else if (exponent == -0.25f) {
-    scale = sqrtf(1.0f / sqrtf(x));  // the reference's rsqrt_().sqrt_()
+    scale = sqrtf(1.0f / root);  // the reference's rsqrt_().sqrt_()
   } else {
-    scale = powf(x, exponent);
+    scale = powf(root, 2.0f * exponent);
   }
   if (clip > 0.0f) scale = fminf(fmaxf(scale, 1.0f / clip), clip);
   return scale;

@@ -121,9 +121,13 @@ absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
   float* gram = workspace + x.size();
   float* poly = gram + x.batch * s * s;
 
-  OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), dtype));
-  OPTD_RETURN_IF_ERROR(
-      backend.FrobeniusNormalize(queue, x, config.safety, config.eps, config.eps_mode, dtype));
+  // The input is cast to the compute dtype before it is normalized, and the norm computed in it,
+  // as the references do in bf16; fp16's range (±65504) holds neither raw gradients nor their
+  // norms, so in fp16 the normalization runs in fp32 and the cast follows.
+  const DType input_dtype = dtype == DType::kF16 ? DType::kF32 : dtype;
+  OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), input_dtype));
+  OPTD_RETURN_IF_ERROR(backend.FrobeniusNormalize(queue, x, config.safety, config.eps,
+                                                  config.eps_mode, input_dtype));
   OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), dtype));
 
   const int steps = NewtonSchulzSteps(config, m, n);

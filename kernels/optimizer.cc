@@ -305,10 +305,12 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
   for (int i = 0; i < num_tensors(); ++i) {
     if (!present[i]) continue;
     const Tensor& t = *tensors_[i];
-    OPTD_ASSIGN_OR_RETURN(int64_t bad, backend_.CountNonFinite(queue, t.gradient.f32(), t.count));
+    OPTD_ASSIGN_OR_RETURN(int64_t bad, backend_.CountOutOfRange(queue, t.gradient.f32(), t.count,
+                                                                kMaxGradientMagnitude));
     if (bad > 0) {
-      return absl::InvalidArgumentError(absl::StrCat("gradient for tensor '", t.spec.name, "' has ",
-                                                     bad, " non-finite values of ", t.count));
+      return absl::InvalidArgumentError(
+          absl::StrCat("gradient for tensor '", t.spec.name, "' has ", bad, " of ", t.count,
+                       " values that are NaN, infinite or beyond ±", kMaxGradientMagnitude));
     }
   }
   absl::Status status;

@@ -32,6 +32,10 @@ struct MatrixView {
   int64_t batch = 1, rows = 0, cols = 0;
 };
 
+// Largest gradient magnitude a step accepts, 2⁶³: with it, momentum, its squares and their fp64
+// sums stay finite, so no finite gradient can turn into a NaN or an overflowed norm downstream.
+inline constexpr float kMaxGradientMagnitude = 0x1p63f;
+
 // Most elements one tensor may have (2⁴⁰, 4 TiB of fp32): beyond it, sizes and byte counts would
 // come close to overflowing.
 inline constexpr int64_t kMaxTensorElements = int64_t{1} << 40;
@@ -83,8 +87,9 @@ class Optimizer {
 
   // Applies the staged gradients. `has_gradient` (empty: all true) marks tensors that got one;
   // a tensor without a gradient is skipped entirely (no momentum, no decay — the rule of torch,
-  // Moonlight, MuonEq and dion). Any non-finite value in a present gradient fails the whole step
-  // with InvalidArgument naming the tensor, before anything changes.
+  // Moonlight, MuonEq and dion). A present gradient with a NaN, an infinity or a value beyond
+  // ±kMaxGradientMagnitude fails the whole step with InvalidArgument naming the tensor, before
+  // anything changes.
   //
   // Every check runs before the first write, so a step commits whole or not at all as long as the
   // backend's own operations succeed; on the CPU backend none can fail after validation but the

@@ -33,23 +33,30 @@ constexpr int64_t kGrain = 1 << 15;
 // the thread count.
 constexpr int64_t kSumBlock = 1 << 14;
 
-// Σx² in fp32 with vector-wide partial sums (a GPU's tree reduction also sums in fp32); callers
-// add blocks of at most kSumBlock in fp64. One function for every caller, built for AVX2 and the
-// baseline and chosen at load time, so every path sums in the same order on a given machine.
+// Σx² with vector-wide fp64 partial sums: fp64 so squares of large finite values (|x| > 1.8e19)
+// do not overflow to inf and silently zero a normalized update. One function for every caller,
+// built for AVX2 and the baseline and chosen at load time, so every path sums in the same order
+// on a given machine.
 __attribute__((target_clones("avx2", "default"))) double SumSquares(const float* x, int64_t count) {
-  float sum = 0.0f;
+  double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < count; ++i) sum += x[i] * x[i];
+  for (int64_t i = 0; i < count; ++i) sum += static_cast<double>(x[i]) * x[i];
   return sum;
 }
 
-// NaNs and infinities in x[0, count): every step reads each gradient once for this check.
-__attribute__((target_clones("avx2", "default"))) int64_t NonFiniteIn(const float* x,
-                                                                      int64_t count) {
+// Values of x[0, count) out of range: every step reads each gradient once for this check.
+__attribute__((target_clones("avx2", "default"))) int64_t OutOfRangeIn(const float* x,
+                                                                       int64_t count,
+                                                                       float max_magnitude) {
   int64_t bad = 0;
 #pragma omp simd reduction(+ : bad)
-  for (int64_t i = 0; i < count; ++i) bad += formulas::IsNonFinite(x[i]) ? 1 : 0;
+  for (int64_t i = 0; i < count; ++i) bad += formulas::IsOutOfRange(x[i], max_magnitude) ? 1 : 0;
   return bad;
+}
+
+// ‖x‖₂ from the fp64 sum, as fp32.
+float Norm(const float* x, int64_t count) {
+  return static_cast<float>(std::sqrt(SumSquares(x, count)));
 }
 
 template <DType kDType>
@@ -118,8 +125,7 @@ template <DType kStepDType>
       u[c] = formulas::MomentumStep(m_row[c], g_row[c], mu, formulas::MomentumKind::kSum, nesterov);
     }
     // The same sum RowNormalize takes, so the fused and staged paths agree bit for bit.
-    const float denominator =
-        formulas::RowL2Denominator(static_cast<float>(SumSquares(u, cols)), eps);
+    const float denominator = formulas::RowL2Denominator(Norm(u, cols), eps);
     for (int64_t c = 0; c < cols; ++c) {
       const float step = RoundScalarTo<kStepDType>((u[c] / denominator) * scale);
       w_row[c] = formulas::DecayAndStep(w_row[c], step, lr, weight_decay);
@@ -237,11 +243,12 @@ class CpuBackend : public Backend {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<int64_t> CountNonFinite(Queue&, const float* x, int64_t count) override {
-    OPTD_RETURN_IF_ERROR(CheckCount("count non-finite", count, x));
+  absl::StatusOr<int64_t> CountOutOfRange(Queue&, const float* x, int64_t count,
+                                          float max_magnitude) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("count out of range", count, x));
     std::atomic<int64_t> bad{0};
     pool_.ParallelFor(count, kGrain, [&](int64_t begin, int64_t end) {
-      bad += NonFiniteIn(x + begin, end - begin);
+      bad += OutOfRangeIn(x + begin, end - begin, max_magnitude);
     });
     return bad.load();
   }
@@ -414,7 +421,7 @@ class CpuBackend : public Backend {
       float* m = x.data + b * x.matrix_size();
       const int64_t size = x.matrix_size();
       const float norm =
-          RoundScalar(std::sqrt(static_cast<float>(ParallelSumSquares(m, size))), norm_dtype);
+          RoundScalar(static_cast<float>(std::sqrt(ParallelSumSquares(m, size))), norm_dtype);
       const float denominator =
           RoundScalar(formulas::FrobeniusDenominator(norm, safety, eps, mode), norm_dtype);
       ForEach(size, [m, denominator](int64_t i) { m[i] = m[i] / denominator; });
@@ -449,22 +456,32 @@ class CpuBackend : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Equilibrate(Queue& queue, const MatrixBatch& x, const EquilibrateArgs& args,
+  absl::Status Equilibrate(Queue&, const MatrixBatch& x, const EquilibrateArgs& args,
                            float* scratch) override {
     OPTD_RETURN_IF_ERROR(CheckMatrixBatch("equilibrate", x));
     OPTD_RETURN_IF_ERROR(CheckCount("equilibrate", x.batch * (x.rows + x.cols), scratch));
     float* row_scale = scratch;
     float* col_scale = scratch + x.batch * x.rows;
-    // Both factors come from the unnormalized input (MuonEq's rowcol mode squares u once).
+    // Both factors come from the unnormalized input (MuonEq's rowcol mode squares u once), from
+    // fp64 sums whose roots are taken before narrowing to fp32.
+    auto factor = [&args](double sum_squares) {
+      return formulas::EquilibrationScale(static_cast<float>(std::sqrt(sum_squares + args.eps)),
+                                          args.exponent, args.clip);
+    };
     if (args.rows) {
-      OPTD_RETURN_IF_ERROR(RowSumSquares(queue, x.data, x.batch * x.rows, x.cols, row_scale));
+      ForRows(x.batch * x.rows, x.cols,
+              [&](int64_t r) { row_scale[r] = factor(SumSquares(x.data + r * x.cols, x.cols)); });
     }
-    if (args.cols) OPTD_RETURN_IF_ERROR(ColumnSumSquares(queue, x, col_scale));
-    for (int64_t i = 0; args.rows && i < x.batch * x.rows; ++i) {
-      row_scale[i] = formulas::EquilibrationScale(row_scale[i], args.eps, args.exponent, args.clip);
-    }
-    for (int64_t i = 0; args.cols && i < x.batch * x.cols; ++i) {
-      col_scale[i] = formulas::EquilibrationScale(col_scale[i], args.eps, args.exponent, args.clip);
+    if (args.cols) {
+      std::vector<double> sums(x.cols);
+      for (int64_t b = 0; b < x.batch; ++b) {
+        std::fill(sums.begin(), sums.end(), 0.0);
+        for (int64_t r = 0; r < x.rows; ++r) {
+          const float* row = x.data + (b * x.rows + r) * x.cols;
+          for (int64_t c = 0; c < x.cols; ++c) sums[c] += static_cast<double>(row[c]) * row[c];
+        }
+        for (int64_t c = 0; c < x.cols; ++c) col_scale[b * x.cols + c] = factor(sums[c]);
+      }
     }
     ForRows(x.batch * x.rows, x.cols, [&](int64_t r) {
       float* row = x.data + r * x.cols;
@@ -483,8 +500,7 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("row normalize", rows * cols, x));
     ForRows(rows, cols, [&](int64_t r) {
       float* row = x + r * cols;
-      const float denominator =
-          formulas::RowL2Denominator(static_cast<float>(SumSquares(row, cols)), eps);
+      const float denominator = formulas::RowL2Denominator(Norm(row, cols), eps);
       for (int64_t c = 0; c < cols; ++c) row[c] = row[c] / denominator;
     });
     return absl::OkStatus();
@@ -497,7 +513,7 @@ class CpuBackend : public Backend {
     for (int64_t b = 0; b < o.batch; ++b) {
       float* m = o.data + b * o.matrix_size();
       const float norm_before =
-          std::sqrt(static_cast<float>(ParallelSumSquares(m, o.matrix_size())));
+          static_cast<float>(std::sqrt(ParallelSumSquares(m, o.matrix_size())));
       ForRows(o.rows, o.cols, [&](int64_t r) {
         float* row = m + r * o.cols;
         const float mean_square =
@@ -509,7 +525,7 @@ class CpuBackend : public Backend {
       });
       if (args.preserve_frobenius) {
         const float norm_after =
-            std::sqrt(static_cast<float>(ParallelSumSquares(m, o.matrix_size())));
+            static_cast<float>(std::sqrt(ParallelSumSquares(m, o.matrix_size())));
         ScaleInPlace(m, o.matrix_size(), norm_before / (norm_after + args.eps));
       }
     }
@@ -520,7 +536,7 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckMatrixBatch("scale to rms", x));
     for (int64_t b = 0; b < x.batch; ++b) {
       float* m = x.data + b * x.matrix_size();
-      const float norm = std::sqrt(static_cast<float>(ParallelSumSquares(m, x.matrix_size())));
+      const float norm = static_cast<float>(std::sqrt(ParallelSumSquares(m, x.matrix_size())));
       const float target = rms * std::sqrt(static_cast<float>(x.matrix_size()));
       ScaleInPlace(m, x.matrix_size(), target / (norm + eps));
     }

@@ -499,7 +499,7 @@ TEST_P(BackendTest, FusedRmnpStepEqualsItsStages) {
   EXPECT_EQ(Host(m1, m.size()), Host(m2, m.size()));
 }
 
-TEST_P(BackendTest, ConvertRoundTripAndCountNonFinite) {
+TEST_P(BackendTest, ConvertRoundTripAndCountOutOfRange) {
   std::vector<float> x = {1.0f, -2.5f, 3.14159f, 65504.0f, 1e-7f};
   float* dx = Device(x);
   for (DType dtype : {DType::kBF16, DType::kF16}) {
@@ -516,12 +516,16 @@ TEST_P(BackendTest, ConvertRoundTripAndCountNonFinite) {
       EXPECT_EQ(got[i], want);
     }
   }
-  std::vector<float> bad = {1, std::numeric_limits<float>::infinity(), 2,
+  std::vector<float> bad = {1,
+                            std::numeric_limits<float>::infinity(),
+                            2,
                             std::numeric_limits<float>::quiet_NaN(),
-                            -std::numeric_limits<float>::infinity()};
-  auto count = backend_->CountNonFinite(queue(), Device(bad), bad.size());
+                            -std::numeric_limits<float>::infinity(),
+                            -5,
+                            4};
+  auto count = backend_->CountOutOfRange(queue(), Device(bad), bad.size(), 4.0f);
   ASSERT_TRUE(count.ok());
-  EXPECT_EQ(*count, 3);
+  EXPECT_EQ(*count, 4);
 }
 
 TEST_P(BackendTest, BadArgumentsAreInvalidArgumentAndWriteNothing) {

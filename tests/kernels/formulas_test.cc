@@ -46,11 +46,17 @@ TEST(FormulasTest, LerpMatchesTorchsTwoBranches) {
 }
 
 TEST(FormulasTest, ScalesAndDenominators) {
-  EXPECT_EQ(RowL2Denominator(25.0f, 1e-12f), 5.0f);
+  EXPECT_EQ(RowL2Denominator(5.0f, 1e-12f), 5.0f);
+  EXPECT_TRUE(IsOutOfRange(std::numeric_limits<float>::quiet_NaN(), 1e30f));
+  EXPECT_TRUE(IsOutOfRange(-std::numeric_limits<float>::infinity(), 1e30f));
+  EXPECT_TRUE(IsOutOfRange(-2e30f, 1e30f));
+  EXPECT_FALSE(IsOutOfRange(-1e30f, 1e30f));
   EXPECT_EQ(RowL2Denominator(0.0f, 1e-12f), 1e-12f);
-  EXPECT_FLOAT_EQ(EquilibrationScale(4.0f, 0.0f, -0.5f, 0.0f), 0.5f);
-  EXPECT_FLOAT_EQ(EquilibrationScale(16.0f, 0.0f, -0.25f, 0.0f), 0.5f);
-  EXPECT_FLOAT_EQ(EquilibrationScale(1e-4f, 0.0f, -0.5f, 10.0f), 10.0f);  // clipped from 100
+  // The argument is √(Σu² + eps): Σu² = 4 → 1/2, Σu² = 16 with exponent -1/4 → 1/2.
+  EXPECT_FLOAT_EQ(EquilibrationScale(2.0f, -0.5f, 0.0f), 0.5f);
+  EXPECT_FLOAT_EQ(EquilibrationScale(4.0f, -0.25f, 0.0f), 0.5f);
+  EXPECT_FLOAT_EQ(EquilibrationScale(1e-2f, -0.5f, 10.0f), 10.0f);  // clipped from 100
+  EXPECT_FLOAT_EQ(EquilibrationScale(8.0f, -1.0f / 3.0f, 0.0f), 0.25f);
   EXPECT_FLOAT_EQ(FrobeniusDenominator(2.0f, 1.02f, 1e-7f, NormEpsilon::kAdd), 2.04f + 1e-7f);
   EXPECT_EQ(FrobeniusDenominator(0.0f, 1.0f, 1e-7f, NormEpsilon::kFloor), 1e-7f);
   EXPECT_FLOAT_EQ(NorMuonSecondMoment(1.0f, 3.0f, 0.95f), 1.1f);
