@@ -138,7 +138,8 @@ void BM_NewtonSchulz(benchmark::State& state) {
   const NewtonSchulzConfig config = KellerFp32();
   const absl::Span<const float> input = Gaussian(rows * cols);
   Buffer x = AllocateFloats(state, rows * cols);
-  Buffer workspace = AllocateFloats(state, NewtonSchulzWorkspaceFloats(KellerFp32(), 1, rows, cols));
+  Buffer workspace =
+      AllocateFloats(state, NewtonSchulzWorkspaceFloats(KellerFp32(), 1, rows, cols));
   if (state.error_occurred()) return;
   const MatrixBatch batch{x.f32(), 1, rows, cols};
   // NewtonSchulz works in place, so every iteration restores the input first, outside the timed
@@ -192,7 +193,8 @@ void BM_NewtonSchulzBlasLimit(benchmark::State& state, bool gemm_update) {
   }
 
   Buffer x = AllocateFloats(state, size);
-  Buffer workspace = AllocateFloats(state, NewtonSchulzWorkspaceFloats(KellerFp32(), 1, rows, cols));
+  Buffer workspace =
+      AllocateFloats(state, NewtonSchulzWorkspaceFloats(KellerFp32(), 1, rows, cols));
   if (state.error_occurred()) return;
   float* const gram = workspace.f32() + size;
   float* const poly = gram + s * s;
@@ -287,11 +289,11 @@ void BM_RmnpKernel(benchmark::State& state) {
   Backend& backend = Cpu();
   absl::StatusOr<OptimizerConfig> config = ParseOptimizerConfig("rmnp");
   if (!Ok(state, config.status())) return;
-  const RmnpStepArgs args{.momentum = config->matrix.momentum,
+  const RmnpStepArgs args{.momentum = static_cast<float>(config->matrix.momentum),
                           .nesterov = config->matrix.nesterov,
                           .eps = config->matrix.row_normalize_eps,
-                          .lr = config->lr,
-                          .weight_decay = config->weight_decay,
+                          .lr = static_cast<float>(config->lr),
+                          .decay = static_cast<float>(1.0 - config->lr * config->weight_decay),
                           .scale = ScaleFactor(config->matrix, rows, cols),
                           .step_dtype = config->matrix.step_dtype};
   Buffer w = AllocateFloats(state, count);

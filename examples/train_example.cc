@@ -159,12 +159,12 @@ int main(int argc, char** argv) {
     if (std::string(preset) != "adamw") {
       // The presets' default learning rates assume their own models; one shared rate per family
       // keeps this comparison about the update rule.
-      matrix->lr = matrix->matrix.scale == optd::ScaleRule::kMatchRms ? 0.01f : 0.02f;
-      matrix->weight_decay = 0.0f;
+      matrix->lr = matrix->matrix.scale == optd::ScaleRule::kMatchRms ? 0.01 : 0.02;
+      matrix->weight_decay = 0.0;
     } else {
-      matrix->lr = 3e-3f;
+      matrix->lr = 3e-3;
     }
-    vector_config->lr = 3e-3f;
+    vector_config->lr = 3e-3;
     std::vector<optd::TensorSpec> specs = {
         {"w1", {kHidden, kInputs}, optd::RankPolicy::kFlatten, *matrix},
         {"b1", {kHidden}, optd::RankPolicy::kFlatten, *vector_config},

@@ -132,13 +132,13 @@ struct RmnpStepArgs {
   bool nesterov = true;
   float eps = 1e-12f;
   float lr = 0.02f;
-  float weight_decay = 0.0f;
+  float decay = 1.0f;  // 1 − lr·λ, formed in fp64
   float scale = 1.0f;
   DType step_dtype = DType::kF32;  // the step is rounded to this dtype before it is applied
 };
 
 struct NorMuonArgs {
-  float beta2 = 0.95f;
+  float one_minus_beta2 = 0.05f;  // formed in fp64
   float eps = 1e-10f;
   bool preserve_frobenius = true;  // o <- o·‖o_before‖/(‖o_after‖ + eps)
 };
@@ -219,10 +219,10 @@ class Backend {
 
   // u[i] = MomentumStep(m[i], g[i], ...) for i < count; m updated in place.
   virtual absl::Status Momentum(Queue& queue, float* m, const float* g, float* u, int64_t count,
-                                float mu, formulas::MomentumKind kind, bool nesterov) = 0;
-  // w <- DecayAndStep(w, round(scale·o), lr, weight_decay) with round to `step_dtype`.
+                                const formulas::MomentumScalars& scalars) = 0;
+  // w <- DecayAndStep(w, round(scale·o), lr, decay) with round to `step_dtype`.
   virtual absl::Status ApplyUpdate(Queue& queue, float* w, const float* o, int64_t count, float lr,
-                                   float weight_decay, float scale, DType step_dtype) = 0;
+                                   float decay, float scale, DType step_dtype) = 0;
   virtual absl::Status AdamW(Queue& queue, float* w, float* m, float* v, const float* g,
                              int64_t count, const formulas::AdamWScalars& scalars) = 0;
   virtual absl::Status RmnpStep(Queue& queue, float* w, float* m, const float* g, int64_t rows,

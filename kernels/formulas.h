@@ -93,9 +93,9 @@ OPTD_HOST_DEVICE float HalfBitsToFloat(uint16_t h) {
 OPTD_HOST_DEVICE float RoundToBf16(float x) { return Bf16BitsToFloat(FloatToBf16Bits(x)); }
 OPTD_HOST_DEVICE float RoundToHalf(float x) { return HalfBitsToFloat(FloatToHalfBits(x)); }
 
-// torch.lerp's two-branch evaluation (aten/src/ATen/native/Lerp.h). It matches the public codes up
-// to fp32 rounding, not bit for bit: torch's vectorized CPU path fuses a multiply-add, and the
-// references form 1 − μ in double (0.05) where optd forms it in fp32 (0.0500000119).
+// torch.lerp's two-branch evaluation (aten/src/ATen/native/Lerp.h). Scalars such as 1 − μ arrive
+// formed in fp64 on the host, as the references form them in Python. The result matches torch up to
+// fp32 rounding, not bit for bit: torch's vectorized CPU path fuses a multiply-add.
 OPTD_HOST_DEVICE float Lerp(float start, float end, float weight) {
   return fabsf(weight) < 0.5f ? start + weight * (end - start)
                               : end - (end - start) * (1.0f - weight);
@@ -103,52 +103,61 @@ OPTD_HOST_DEVICE float Lerp(float start, float end, float weight) {
 
 enum class MomentumKind : int { kEma = 0, kSum = 1 };
 
+// Momentum settings as the kernels use them; one_minus_mu = 1 − μ formed in fp64 on the host.
+struct MomentumScalars {
+  float mu;
+  float one_minus_mu;
+  MomentumKind kind;
+  bool nesterov;
+};
+
 // Updates the momentum buffer `m` with gradient `g` and returns the direction's input u.
 //   ema: m <- lerp(m, g, 1-mu);  Nesterov u = lerp(g, m, mu), else u = m   (Keller, torch, NorMuon)
 //   sum: m <- mu*m + g;          Nesterov u = g + mu*m,      else u = m   (Moonlight, RMNP, MuonEq,
 //                                                                          dion)
-OPTD_HOST_DEVICE float MomentumStep(float& m, float g, float mu, MomentumKind kind, bool nesterov) {
-  if (kind == MomentumKind::kEma) {
-    m = Lerp(m, g, 1.0f - mu);
-    return nesterov ? Lerp(g, m, mu) : m;
+OPTD_HOST_DEVICE float MomentumStep(float& m, float g, const MomentumScalars& s) {
+  if (s.kind == MomentumKind::kEma) {
+    m = Lerp(m, g, s.one_minus_mu);
+    return s.nesterov ? Lerp(g, m, s.mu) : m;
   }
-  m = mu * m + g;
-  return nesterov ? g + mu * m : m;
+  m = s.mu * m + g;
+  return s.nesterov ? g + s.mu * m : m;
 }
 
-// Decoupled weight decay then the scaled step: w <- w*(1 - lr*wd) - lr*step, where `step` is the
-// already scaled (and, where a preset says so, rounded) update.
-OPTD_HOST_DEVICE float DecayAndStep(float w, float step, float lr, float weight_decay) {
-  return w * (1.0f - lr * weight_decay) - lr * step;
+// Decoupled weight decay then the scaled step: w <- w·decay − lr·step, where decay = 1 − lr·λ is
+// formed in fp64 on the host and `step` is the already scaled (and, where a preset says so,
+// rounded) update.
+OPTD_HOST_DEVICE float DecayAndStep(float w, float step, float lr, float decay) {
+  return w * decay - lr * step;
 }
 
 // How AdamW places epsilon: kTorch m̂/(√v̂ + ε) (torch.optim.AdamW); kMoonlight m/(√v + ε) scaled by
 // √bc2/bc1, i.e. m̂/(√v̂ + ε/√bc2) (Moonlight's toy_train.py).
 enum class AdamEpsilon : int { kTorch = 0, kMoonlight = 1 };
 
+// AdamW's per-step scalars, each formed in fp64 on the host as torch and Moonlight form them.
 struct AdamWScalars {
-  float beta1;
   float beta2;
+  float one_minus_beta1;
+  float one_minus_beta2;
   float eps;
-  float lr;
-  float weight_decay;
-  float bias_correction1;       // 1 - beta1^t
-  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  float decay;                  // 1 − lr·λ
+  float step_size;              // lr/bc1 (kTorch) or lr·√bc2/bc1 (kMoonlight), bc = 1 − β^t
+  float bias_correction2_sqrt;  // √(1 − β₂^t), kTorch only
   AdamEpsilon eps_placement;
 };
 
 // One AdamW element update; updates w, m, v in place.
 OPTD_HOST_DEVICE void AdamWStep(float& w, float& m, float& v, float g, const AdamWScalars& s) {
-  m = Lerp(m, g, 1.0f - s.beta1);
-  w = w * (1.0f - s.lr * s.weight_decay);
+  m = Lerp(m, g, s.one_minus_beta1);
+  w = w * s.decay;
   if (s.eps_placement == AdamEpsilon::kTorch) {
-    v = v * s.beta2 + (1.0f - s.beta2) * (g * g);
+    v = v * s.beta2 + s.one_minus_beta2 * (g * g);
     const float denom = sqrtf(v) / s.bias_correction2_sqrt + s.eps;
-    w = w - (s.lr / s.bias_correction1) * (m / denom);
+    w = w - s.step_size * (m / denom);
   } else {
-    v = Lerp(v, g * g, 1.0f - s.beta2);
-    const float direction = m / (s.eps + sqrtf(v));
-    w = w - (s.lr / (s.bias_correction1 / s.bias_correction2_sqrt)) * direction;
+    v = Lerp(v, g * g, s.one_minus_beta2);
+    w = w - s.step_size * (m / (s.eps + sqrtf(v)));
   }
 }
 
@@ -182,8 +191,8 @@ OPTD_HOST_DEVICE float FrobeniusDenominator(float norm, float safety, float eps,
 }
 
 // NorMuon's per-neuron second moment (seed 002, Algorithm 1): v <- lerp(v, mean_row(o²), 1-β₂).
-OPTD_HOST_DEVICE float NorMuonSecondMoment(float v, float mean_square, float beta2) {
-  return Lerp(v, mean_square, 1.0f - beta2);
+OPTD_HOST_DEVICE float NorMuonSecondMoment(float v, float mean_square, float one_minus_beta2) {
+  return Lerp(v, mean_square, one_minus_beta2);
 }
 
 // NorMuon's per-neuron step factor: 1/(√v + ε).

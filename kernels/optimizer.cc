@@ -52,6 +52,11 @@ bool FusesRmnp(const MatrixConfig& c) {
          c.momentum_kind == formulas::MomentumKind::kSum && c.scale != ScaleRule::kUnitRms;
 }
 
+// 1 − lr·λ, formed in fp64 as the references' `p.mul_(1 - lr * wd)` forms it.
+float DecayFactor(const OptimizerConfig& c) {
+  return static_cast<float>(1.0 - c.lr * c.weight_decay);
+}
+
 // Floats of workspace a group of `batch` rows×cols matrices needs.
 int64_t GroupWorkspaceFloats(const MatrixConfig& c, int64_t batch, int64_t rows, int64_t cols) {
   const int64_t k = std::min(rows, cols);
@@ -258,8 +263,8 @@ absl::Status Optimizer::SetGradient(int tensor, absl::Span<const float> values) 
                          values.size() * sizeof(float));
 }
 
-absl::Status Optimizer::SetHyperparameters(int tensor, float lr, float weight_decay,
-                                           float momentum) {
+absl::Status Optimizer::SetHyperparameters(int tensor, double lr, double weight_decay,
+                                           double momentum) {
   OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
   OptimizerConfig config = tensors_[tensor]->spec.config;
   config.lr = lr;
@@ -338,14 +343,18 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
 absl::Status Optimizer::StepAdamW(Tensor& t) {
   const OptimizerConfig& c = t.spec.config;
   const double step = static_cast<double>(t.steps + 1);
+  // torch: step_size = lr/bc1 and denominator √v/√bc2 + ε; Moonlight: lr/(bc1/√bc2) and √v + ε.
+  const double bc1 = 1.0 - std::pow(c.adamw.beta1, step);
+  const double bc2_sqrt = std::sqrt(1.0 - std::pow(c.adamw.beta2, step));
+  const bool torch = c.adamw.eps_placement == formulas::AdamEpsilon::kTorch;
   formulas::AdamWScalars s{
-      .beta1 = c.adamw.beta1,
-      .beta2 = c.adamw.beta2,
+      .beta2 = static_cast<float>(c.adamw.beta2),
+      .one_minus_beta1 = static_cast<float>(1.0 - c.adamw.beta1),
+      .one_minus_beta2 = static_cast<float>(1.0 - c.adamw.beta2),
       .eps = c.adamw.eps,
-      .lr = c.lr,
-      .weight_decay = c.weight_decay,
-      .bias_correction1 = static_cast<float>(1.0 - std::pow(c.adamw.beta1, step)),
-      .bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(c.adamw.beta2, step))),
+      .decay = DecayFactor(c),
+      .step_size = static_cast<float>(torch ? c.lr / bc1 : c.lr / (bc1 / bc2_sqrt)),
+      .bias_correction2_sqrt = static_cast<float>(bc2_sqrt),
       .eps_placement = c.adamw.eps_placement};
   return backend_.AdamW(backend_.default_queue(), t.parameters.f32(), t.momentum.f32(),
                         t.second_moment.f32(), t.gradient.f32(), t.count, s);
@@ -375,11 +384,11 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
   if (group.fused_rmnp) {
     for (Tensor* t : members) {
       const OptimizerConfig& c = t->spec.config;
-      RmnpStepArgs args{.momentum = c.matrix.momentum,
+      RmnpStepArgs args{.momentum = static_cast<float>(c.matrix.momentum),
                         .nesterov = c.matrix.nesterov,
                         .eps = c.matrix.row_normalize_eps,
-                        .lr = c.lr,
-                        .weight_decay = c.weight_decay,
+                        .lr = static_cast<float>(c.lr),
+                        .decay = DecayFactor(c),
                         .scale = scale_of(*t),
                         .step_dtype = c.matrix.step_dtype};
       OPTD_RETURN_IF_ERROR(backend_.RmnpStep(queue, t->parameters.f32(), t->momentum.f32(),
@@ -395,8 +404,11 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
   for (Tensor* t : members) {
     const MatrixConfig& c = t->spec.config.matrix;
     float* u = directions + offset;
-    OPTD_RETURN_IF_ERROR(backend_.Momentum(queue, t->momentum.f32(), t->gradient.f32(), u, t->count,
-                                           c.momentum, c.momentum_kind, c.nesterov));
+    const formulas::MomentumScalars momentum{static_cast<float>(c.momentum),
+                                             static_cast<float>(1.0 - c.momentum), c.momentum_kind,
+                                             c.nesterov};
+    OPTD_RETURN_IF_ERROR(
+        backend_.Momentum(queue, t->momentum.f32(), t->gradient.f32(), u, t->count, momentum));
     PreNormalize mode = c.pre_normalize;
     if (mode == PreNormalize::kRowCol && c.rowcol_to_row_at_step > 0 &&
         t->steps + 1 >= c.rowcol_to_row_at_step) {
@@ -457,14 +469,17 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
     const OptimizerConfig& c = t->spec.config;
     const MatrixBatch o{directions + offset, t->view.batch, rows, cols};
     if (c.matrix.post_normalize == PostNormalize::kNorMuon) {
-      OPTD_RETURN_IF_ERROR(
-          backend_.NorMuonNormalize(queue, o, t->second_moment.f32(), c.matrix.normuon));
+      OPTD_RETURN_IF_ERROR(backend_.NorMuonNormalize(
+          queue, o, t->second_moment.f32(),
+          NorMuonArgs{static_cast<float>(1.0 - c.matrix.normuon.beta2), c.matrix.normuon.eps,
+                      c.matrix.normuon.preserve_frobenius}));
     }
     if (c.matrix.scale == ScaleRule::kUnitRms) {
       OPTD_RETURN_IF_ERROR(backend_.ScaleToRms(queue, o, c.matrix.scale_rms, c.matrix.normuon.eps));
     }
-    OPTD_RETURN_IF_ERROR(backend_.ApplyUpdate(queue, t->parameters.f32(), o.data, t->count, c.lr,
-                                              c.weight_decay, scale_of(*t), c.matrix.step_dtype));
+    OPTD_RETURN_IF_ERROR(backend_.ApplyUpdate(queue, t->parameters.f32(), o.data, t->count,
+                                              static_cast<float>(c.lr), DecayFactor(c),
+                                              scale_of(*t), c.matrix.step_dtype));
     offset += t->count;
   }
   return absl::OkStatus();

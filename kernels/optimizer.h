@@ -99,7 +99,7 @@ class Optimizer {
   absl::Status Step(absl::Span<const bool> has_gradient = {});
 
   // Changes a tensor's learning rate, weight decay and (matrix optimizers) momentum.
-  absl::Status SetHyperparameters(int tensor, float lr, float weight_decay, float momentum);
+  absl::Status SetHyperparameters(int tensor, double lr, double weight_decay, double momentum);
 
   std::vector<StateBuffer> state(int tensor) const;
 

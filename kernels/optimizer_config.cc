@@ -21,7 +21,7 @@ using formulas::NormEpsilon;
 // Newton–Schulz as the public codes run it: Keller's coefficients in bf16, X/(‖X‖F + 1e-7).
 NewtonSchulzConfig KellerNewtonSchulz() { return NewtonSchulzConfig{}; }
 
-OptimizerConfig MatrixPreset(absl::string_view name, float lr, float weight_decay) {
+OptimizerConfig MatrixPreset(absl::string_view name, double lr, double weight_decay) {
   OptimizerConfig config;
   config.preset = std::string(name);
   config.lr = lr;
@@ -32,7 +32,7 @@ OptimizerConfig MatrixPreset(absl::string_view name, float lr, float weight_deca
 // Each preset follows ../shared/REFERENCES.md, which was read from the projects' own code.
 absl::StatusOr<OptimizerConfig> BuildPreset(absl::string_view name) {
   if (name == "keller") {  // KellerJordan/Muon muon.py
-    OptimizerConfig c = MatrixPreset(name, 0.02f, 0.0f);
+    OptimizerConfig c = MatrixPreset(name, 0.02, 0.0);
     c.matrix.momentum_kind = MomentumKind::kEma;
     c.matrix.newton_schulz = KellerNewtonSchulz();
     c.matrix.scale = ScaleRule::kKeller;
@@ -41,21 +41,21 @@ absl::StatusOr<OptimizerConfig> BuildPreset(absl::string_view name) {
     return c;
   }
   if (name == "moonlight") {  // MoonshotAI/Moonlight examples/toy_train.py
-    OptimizerConfig c = MatrixPreset(name, 1e-3f, 0.1f);
+    OptimizerConfig c = MatrixPreset(name, 1e-3, 0.1);
     c.matrix.momentum_kind = MomentumKind::kSum;
     c.matrix.scale = ScaleRule::kMatchRms;
-    c.adamw = {0.9f, 0.95f, 1e-8f, AdamEpsilon::kMoonlight};
+    c.adamw = {0.9, 0.95, 1e-8f, AdamEpsilon::kMoonlight};
     return c;
   }
   if (name == "torch") {  // torch.optim.Muon (torch >= 2.9)
-    OptimizerConfig c = MatrixPreset(name, 1e-3f, 0.1f);
+    OptimizerConfig c = MatrixPreset(name, 1e-3, 0.1);
     c.matrix.momentum_kind = MomentumKind::kEma;
     c.matrix.newton_schulz.eps_mode = NormEpsilon::kFloor;
     c.matrix.scale = ScaleRule::kKeller;
     return c;
   }
   if (name == "dion") {  // microsoft/dion dion/muon.py
-    OptimizerConfig c = MatrixPreset(name, 0.01f, 0.01f);
+    OptimizerConfig c = MatrixPreset(name, 0.01, 0.01);
     c.matrix.momentum_kind = MomentumKind::kSum;
     c.matrix.nesterov = false;
     c.matrix.newton_schulz.coefficient_set = "polar_express";
@@ -65,26 +65,26 @@ absl::StatusOr<OptimizerConfig> BuildPreset(absl::string_view name) {
     return c;
   }
   if (name == "normuon") {  // zichongli5/NorMuon normuon.py
-    OptimizerConfig c = MatrixPreset(name, 0.02f, 0.0f);
+    OptimizerConfig c = MatrixPreset(name, 0.02, 0.0);
     c.matrix.momentum_kind = MomentumKind::kEma;
     c.matrix.post_normalize = PostNormalize::kNorMuon;
-    c.matrix.normuon = {0.95f, 1e-10f, true};
+    c.matrix.normuon = {0.95, 1e-10f, true};
     c.matrix.scale = ScaleRule::kKeller;
     c.matrix.scale_from_last_two_dims = true;
     return c;
   }
   if (name == "normuon_paper") {  // NorMuon paper (seed 002), Algorithm 1
-    OptimizerConfig c = MatrixPreset(name, 0.02f, 0.0f);
+    OptimizerConfig c = MatrixPreset(name, 0.02, 0.0);
     c.matrix.momentum_kind = MomentumKind::kEma;
     c.matrix.nesterov = false;
     c.matrix.post_normalize = PostNormalize::kNorMuon;
-    c.matrix.normuon = {0.95f, 1e-8f, false};
+    c.matrix.normuon = {0.95, 1e-8f, false};
     c.matrix.scale = ScaleRule::kUnitRms;
     c.matrix.scale_rms = 0.2f;
     return c;
   }
   if (name == "rmnp") {  // Dominator-Index/RMNP rmnp/rmnp.py
-    OptimizerConfig c = MatrixPreset(name, 0.02f, 0.0f);
+    OptimizerConfig c = MatrixPreset(name, 0.02, 0.0);
     c.matrix.momentum_kind = MomentumKind::kSum;
     c.matrix.direction = Direction::kRowNormalize;
     c.matrix.row_normalize_eps = 1e-12f;
@@ -94,21 +94,21 @@ absl::StatusOr<OptimizerConfig> BuildPreset(absl::string_view name) {
   }
   if (name == "muoneq_row" || name == "muoneq_col" || name == "muoneq_rowcol") {
     // MaeChd/muon-eq muoneq.py
-    OptimizerConfig c = MatrixPreset(name, 1e-3f, 0.1f);
+    OptimizerConfig c = MatrixPreset(name, 1e-3, 0.1);
     c.matrix.momentum_kind = MomentumKind::kSum;
     c.matrix.pre_normalize = name == "muoneq_row"   ? PreNormalize::kRow
                              : name == "muoneq_col" ? PreNormalize::kCol
                                                     : PreNormalize::kRowCol;
     c.matrix.scale = ScaleRule::kMatchRms;
-    c.adamw = {0.95f, 0.95f, 1e-8f, AdamEpsilon::kMoonlight};
+    c.adamw = {0.95, 0.95, 1e-8f, AdamEpsilon::kMoonlight};
     return c;
   }
   if (name == "adamw") {  // torch.optim.AdamW defaults
     OptimizerConfig c;
     c.preset = "adamw";
     c.algorithm = Algorithm::kAdamW;
-    c.lr = 1e-3f;
-    c.weight_decay = 0.01f;
+    c.lr = 1e-3;
+    c.weight_decay = 0.01;
     return c;
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown optimizer preset '", name,
@@ -119,6 +119,15 @@ absl::StatusOr<OptimizerConfig> BuildPreset(absl::string_view name) {
 absl::StatusOr<float> ParseFloat(absl::string_view key, absl::string_view value) {
   float v;
   if (!absl::SimpleAtof(value, &v) || !std::isfinite(v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("override ", key, ": '", value, "' is not a finite number"));
+  }
+  return v;
+}
+
+absl::StatusOr<double> ParseDouble(absl::string_view key, absl::string_view value) {
+  double v;
+  if (!absl::SimpleAtod(value, &v) || !std::isfinite(v)) {
     return absl::InvalidArgumentError(
         absl::StrCat("override ", key, ": '", value, "' is not a finite number"));
   }
@@ -191,6 +200,9 @@ Setter Field(Parse parse, std::function<T&(OptimizerConfig&)> field) {
 }
 
 Setter FloatField(std::function<float&(OptimizerConfig&)> f) { return Field<float>(ParseFloat, f); }
+Setter DoubleField(std::function<double&(OptimizerConfig&)> f) {
+  return Field<double>(ParseDouble, f);
+}
 Setter BoolField(std::function<bool&(OptimizerConfig&)> f) { return Field<bool>(ParseBool, f); }
 
 template <typename E>
@@ -206,9 +218,9 @@ Setter DTypeField(std::function<DType&(OptimizerConfig&)> f) {
 
 const std::map<absl::string_view, Setter>& Setters() {
   static const auto* setters = new std::map<absl::string_view, Setter>{
-      {"lr", FloatField([](auto& c) -> auto& { return c.lr; })},
-      {"weight_decay", FloatField([](auto& c) -> auto& { return c.weight_decay; })},
-      {"momentum", FloatField([](auto& c) -> auto& { return c.matrix.momentum; })},
+      {"lr", DoubleField([](auto& c) -> auto& { return c.lr; })},
+      {"weight_decay", DoubleField([](auto& c) -> auto& { return c.weight_decay; })},
+      {"momentum", DoubleField([](auto& c) -> auto& { return c.matrix.momentum; })},
       {"momentum.kind", EnumField<MomentumKind>(
                             {{"ema", MomentumKind::kEma}, {"sum", MomentumKind::kSum}},
                             [](auto& c) -> auto& { return c.matrix.momentum_kind; })},
@@ -276,7 +288,7 @@ const std::map<absl::string_view, Setter>& Setters() {
       {"post_normalize", EnumField<PostNormalize>(
                              {{"none", PostNormalize::kNone}, {"normuon", PostNormalize::kNorMuon}},
                              [](auto& c) -> auto& { return c.matrix.post_normalize; })},
-      {"normuon.beta2", FloatField([](auto& c) -> auto& { return c.matrix.normuon.beta2; })},
+      {"normuon.beta2", DoubleField([](auto& c) -> auto& { return c.matrix.normuon.beta2; })},
       {"normuon.eps", FloatField([](auto& c) -> auto& { return c.matrix.normuon.eps; })},
       {"normuon.preserve_norm",
        BoolField([](auto& c) -> auto& { return c.matrix.normuon.preserve_frobenius; })},
@@ -298,8 +310,8 @@ const std::map<absl::string_view, Setter>& Setters() {
          c.matrix.step_dtype = dtype;
          return absl::OkStatus();
        }},
-      {"adamw.beta1", FloatField([](auto& c) -> auto& { return c.adamw.beta1; })},
-      {"adamw.beta2", FloatField([](auto& c) -> auto& { return c.adamw.beta2; })},
+      {"adamw.beta1", DoubleField([](auto& c) -> auto& { return c.adamw.beta1; })},
+      {"adamw.beta2", DoubleField([](auto& c) -> auto& { return c.adamw.beta2; })},
       {"adamw.eps", FloatField([](auto& c) -> auto& { return c.adamw.eps; })},
       {"adamw.eps_placement",
        EnumField<AdamEpsilon>(

@@ -24,8 +24,17 @@ enum class PostNormalize { kNone, kNorMuon };
 // kUnitRms: each matrix rescaled to RMS `rms` (the NorMuon paper's 0.2·√(mn)/‖Ô‖F).
 enum class ScaleRule { kNone, kKeller, kMatchRms, kSpectral, kUnitRms };
 
+// NorMuon's post-normalization settings (seed 002).
+struct NorMuonConfig {
+  double beta2 = 0.95;
+  float eps = 1e-10f;
+  bool preserve_frobenius = true;  // o <- o·‖o_before‖/(‖o_after‖ + eps)
+};
+
+// Hyperparameters are fp64, as the reference codes hold them in Python: derived scalars such as
+// 1 − μ and 1 − lr·λ are formed in fp64 and only then narrowed for the kernels.
 struct MatrixConfig {
-  float momentum = 0.95f;
+  double momentum = 0.95;
   formulas::MomentumKind momentum_kind = formulas::MomentumKind::kEma;
   bool nesterov = true;
 
@@ -41,7 +50,7 @@ struct MatrixConfig {
   float row_normalize_eps = 1e-12f;
 
   PostNormalize post_normalize = PostNormalize::kNone;
-  NorMuonArgs normuon;
+  NorMuonConfig normuon;
 
   ScaleRule scale = ScaleRule::kKeller;
   float scale_rms = 0.2f;
@@ -54,8 +63,8 @@ struct MatrixConfig {
 };
 
 struct AdamWConfig {
-  float beta1 = 0.9f;
-  float beta2 = 0.999f;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
   float eps = 1e-8f;
   formulas::AdamEpsilon eps_placement = formulas::AdamEpsilon::kTorch;
 };
@@ -63,8 +72,8 @@ struct AdamWConfig {
 struct OptimizerConfig {
   std::string preset;  // the preset this started from
   Algorithm algorithm = Algorithm::kMatrix;
-  float lr = 0.02f;
-  float weight_decay = 0.0f;
+  double lr = 0.02;
+  double weight_decay = 0.0;
   MatrixConfig matrix;
   AdamWConfig adamw;
 };

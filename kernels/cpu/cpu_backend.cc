@@ -114,21 +114,22 @@ template <DType kStepDType>
 [[gnu::always_inline]] inline void RmnpRowsOf(float* w, float* m, const float* g, int64_t begin,
                                               int64_t end, int64_t cols, const RmnpStepArgs& a,
                                               float* __restrict u) {
-  const float mu = a.momentum, eps = a.eps, scale = a.scale, lr = a.lr;
-  const float weight_decay = a.weight_decay;
-  const bool nesterov = a.nesterov;
+  // Sum momentum, which has no use for 1 − μ.
+  const formulas::MomentumScalars momentum{a.momentum, 0.0f, formulas::MomentumKind::kSum,
+                                           a.nesterov};
+  const float eps = a.eps, scale = a.scale, lr = a.lr, decay = a.decay;
   for (int64_t r = begin; r < end; ++r) {
     float* __restrict m_row = m + r * cols;
     const float* __restrict g_row = g + r * cols;
     float* __restrict w_row = w + r * cols;
     for (int64_t c = 0; c < cols; ++c) {
-      u[c] = formulas::MomentumStep(m_row[c], g_row[c], mu, formulas::MomentumKind::kSum, nesterov);
+      u[c] = formulas::MomentumStep(m_row[c], g_row[c], momentum);
     }
     // The same sum RowNormalize takes, so the fused and staged paths agree bit for bit.
     const float denominator = formulas::RowL2Denominator(Norm(u, cols), eps);
     for (int64_t c = 0; c < cols; ++c) {
       const float step = RoundScalarTo<kStepDType>((u[c] / denominator) * scale);
-      w_row[c] = formulas::DecayAndStep(w_row[c], step, lr, weight_decay);
+      w_row[c] = formulas::DecayAndStep(w_row[c], step, lr, decay);
     }
   }
 }
@@ -519,7 +520,8 @@ class CpuBackend : public Backend {
         const float mean_square =
             static_cast<float>(SumSquares(row, o.cols) / static_cast<double>(o.cols));
         float& second_moment = v[b * o.rows + r];
-        second_moment = formulas::NorMuonSecondMoment(second_moment, mean_square, args.beta2);
+        second_moment =
+            formulas::NorMuonSecondMoment(second_moment, mean_square, args.one_minus_beta2);
         const float scale = formulas::NorMuonRowScale(second_moment, args.eps);
         for (int64_t c = 0; c < o.cols; ++c) row[c] = row[c] * scale;
       });
@@ -543,22 +545,21 @@ class CpuBackend : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Momentum(Queue&, float* m, const float* g, float* u, int64_t count, float mu,
-                        formulas::MomentumKind kind, bool nesterov) override {
+  absl::Status Momentum(Queue&, float* m, const float* g, float* u, int64_t count,
+                        const formulas::MomentumScalars& scalars) override {
     OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, m));
     OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, g));
     OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, u));
-    ForEach(count,
-            [&](int64_t i) { u[i] = formulas::MomentumStep(m[i], g[i], mu, kind, nesterov); });
+    ForEach(count, [&](int64_t i) { u[i] = formulas::MomentumStep(m[i], g[i], scalars); });
     return absl::OkStatus();
   }
 
-  absl::Status ApplyUpdate(Queue&, float* w, const float* o, int64_t count, float lr,
-                           float weight_decay, float scale, DType step_dtype) override {
+  absl::Status ApplyUpdate(Queue&, float* w, const float* o, int64_t count, float lr, float decay,
+                           float scale, DType step_dtype) override {
     OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, w));
     OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, o));
     ForEach(count, [&](int64_t i) {
-      w[i] = formulas::DecayAndStep(w[i], RoundScalar(o[i] * scale, step_dtype), lr, weight_decay);
+      w[i] = formulas::DecayAndStep(w[i], RoundScalar(o[i] * scale, step_dtype), lr, decay);
     });
     return absl::OkStatus();
   }

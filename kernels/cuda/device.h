@@ -19,8 +19,8 @@ DeviceQuery QueryDevices();
 
 // Element formulas (kernels/formulas.h) on device 0 over host arrays of n elements, for checking
 // the GPU's arithmetic against the CPU backend. Each returns "" on success or the CUDA error.
-std::string MomentumOnDevice(float* m, const float* g, float* u, int64_t n, float mu, int kind,
-                             bool nesterov);
+std::string MomentumOnDevice(float* m, const float* g, float* u, int64_t n, float mu,
+                             float one_minus_mu, int kind, bool nesterov);
 std::string RoundToBf16OnDevice(float* x, int64_t n);
 std::string RoundToHalfOnDevice(float* x, int64_t n);
 

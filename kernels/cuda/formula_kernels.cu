@@ -12,10 +12,10 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void MomentumKernel(float* m, const float* g, float* u, int64_t n, float mu,
-                               formulas::MomentumKind kind, bool nesterov) {
+__global__ void MomentumKernel(float* m, const float* g, float* u, int64_t n,
+                               formulas::MomentumScalars scalars) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < n) u[i] = formulas::MomentumStep(m[i], g[i], mu, kind, nesterov);
+  if (i < n) u[i] = formulas::MomentumStep(m[i], g[i], scalars);
 }
 
 __global__ void RoundKernel(float* x, int64_t n, bool bf16) {
@@ -47,16 +47,17 @@ unsigned Blocks(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / k
 
 }  // namespace
 
-std::string MomentumOnDevice(float* m, const float* g, float* u, int64_t n, float mu, int kind,
-                             bool nesterov) {
+std::string MomentumOnDevice(float* m, const float* g, float* u, int64_t n, float mu,
+                             float one_minus_mu, int kind, bool nesterov) {
   DeviceArrays arrays;
   float *dm, *dg, *du;
   cudaError_t e = arrays.Upload(m, n, &dm);
   if (e == cudaSuccess) e = arrays.Upload(g, n, &dg);
   if (e == cudaSuccess) e = arrays.Upload(u, n, &du);
   if (e != cudaSuccess) return Message(e);
-  MomentumKernel<<<Blocks(n), kThreads>>>(dm, dg, du, n, mu,
-                                          static_cast<formulas::MomentumKind>(kind), nesterov);
+  const formulas::MomentumScalars scalars{mu, one_minus_mu,
+                                          static_cast<formulas::MomentumKind>(kind), nesterov};
+  MomentumKernel<<<Blocks(n), kThreads>>>(dm, dg, du, n, scalars);
   e = cudaGetLastError();
   if (e == cudaSuccess) e = cudaMemcpy(m, dm, n * sizeof(float), cudaMemcpyDeviceToHost);
   if (e == cudaSuccess) e = cudaMemcpy(u, du, n * sizeof(float), cudaMemcpyDeviceToHost);

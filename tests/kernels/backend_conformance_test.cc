@@ -373,7 +373,7 @@ TEST_P(BackendTest, NorMuonNormalizeMatchesSeed002) {
     std::vector<float> v = {0.1f, 0.0f, 0.3f, 0.02f, 1.0f};
     float* dox = Device(o);
     float* dv = Device(v);
-    NorMuonArgs args{.beta2 = 0.95f, .eps = 1e-10f, .preserve_frobenius = preserve};
+    NorMuonArgs args{.one_minus_beta2 = 0.05f, .eps = 1e-10f, .preserve_frobenius = preserve};
     ASSERT_TRUE(
         backend_->NorMuonNormalize(queue(), MatrixBatch{dox, 1, rows, cols}, dv, args).ok());
     std::vector<double> want(rows * cols), want_v(rows);
@@ -415,7 +415,8 @@ TEST_P(BackendTest, MomentumFormsMatchTheirDefinitions) {
       auto m = RandomNormal(n, 19), g = RandomNormal(n, 20);
       std::vector<float> u(n, 0.0f);
       float *dm = Device(m), *du = Device(u);
-      ASSERT_TRUE(backend_->Momentum(queue(), dm, Device(g), du, n, 0.9f, kind, nesterov).ok());
+      const formulas::MomentumScalars scalars{0.9f, 0.1f, kind, nesterov};
+      ASSERT_TRUE(backend_->Momentum(queue(), dm, Device(g), du, n, scalars).ok());
       auto gm = Host(dm, n), gu = Host(du, n);
       for (int i = 0; i < n; ++i) {
         const double mu = 0.9;
@@ -438,7 +439,7 @@ TEST_P(BackendTest, ApplyUpdateDecaysThenStepsWithRounding) {
   auto w = RandomNormal(n, 21), o = RandomNormal(n, 22);
   float* dw = Device(w);
   ASSERT_TRUE(
-      backend_->ApplyUpdate(queue(), dw, Device(o), n, 0.1f, 0.5f, 1.7f, DType::kBF16).ok());
+      backend_->ApplyUpdate(queue(), dw, Device(o), n, 0.1f, 0.95f, 1.7f, DType::kBF16).ok());
   auto got = Host(dw, n);
   for (int i = 0; i < n; ++i) {
     const double step = formulas::RoundToBf16(o[i] * 1.7f);
@@ -456,9 +457,15 @@ TEST_P(BackendTest, AdamWBothEpsilonPlacements) {
     const int t = 3;
     const double b1 = 0.9, b2 = 0.95, lr = 0.01, wd = 0.1, eps = 1e-8;
     const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
-    formulas::AdamWScalars s{
-        float(b1), float(b2), float(eps), float(lr), float(wd), float(bc1), float(std::sqrt(bc2)),
-        placement};
+    const bool torch = placement == formulas::AdamEpsilon::kTorch;
+    formulas::AdamWScalars s{float(b2),
+                             float(1 - b1),
+                             float(1 - b2),
+                             float(eps),
+                             float(1 - lr * wd),
+                             float(torch ? lr / bc1 : lr * std::sqrt(bc2) / bc1),
+                             float(std::sqrt(bc2)),
+                             placement};
     ASSERT_TRUE(backend_->AdamW(queue(), dw, dm, dv, Device(g), n, s).ok());
     auto gw = Host(dw, n);
     for (int i = 0; i < n; ++i) {
@@ -484,17 +491,18 @@ TEST_P(BackendTest, FusedRmnpStepEqualsItsStages) {
                     .nesterov = true,
                     .eps = 1e-12f,
                     .lr = 0.02f,
-                    .weight_decay = 0.1f,
+                    .decay = 0.998f,
                     .scale = 1.3f,
                     .step_dtype = DType::kBF16};
   ASSERT_TRUE(backend_->RmnpStep(queue(), w1, m1, dg, rows, cols, args).ok());
   ASSERT_TRUE(
       backend_
-          ->Momentum(queue(), m2, dg, du, rows * cols, 0.95f, formulas::MomentumKind::kSum, true)
+          ->Momentum(queue(), m2, dg, du, rows * cols,
+                     formulas::MomentumScalars{0.95f, 0.05f, formulas::MomentumKind::kSum, true})
           .ok());
   ASSERT_TRUE(backend_->RowNormalize(queue(), du, rows, cols, 1e-12f).ok());
   ASSERT_TRUE(
-      backend_->ApplyUpdate(queue(), w2, du, rows * cols, 0.02f, 0.1f, 1.3f, DType::kBF16).ok());
+      backend_->ApplyUpdate(queue(), w2, du, rows * cols, 0.02f, 0.998f, 1.3f, DType::kBF16).ok());
   EXPECT_EQ(Host(w1, w.size()), Host(w2, w.size()));
   EXPECT_EQ(Host(m1, m.size()), Host(m2, m.size()));
 }

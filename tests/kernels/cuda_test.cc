@@ -35,10 +35,11 @@ TEST_F(CudaFormulaTest, MomentumIsBitwiseTheCpuFormula) {
       auto m = reference::RandomNormal(n, 1), g = reference::RandomNormal(n, 2);
       std::vector<float> u(n), m_cpu = m, u_cpu(n);
       for (int i = 0; i < n; ++i) {
-        u_cpu[i] = formulas::MomentumStep(m_cpu[i], g[i], 0.95f,
-                                          static_cast<formulas::MomentumKind>(kind), nesterov);
+        u_cpu[i] = formulas::MomentumStep(
+            m_cpu[i], g[i], {0.95f, 0.05f, static_cast<formulas::MomentumKind>(kind), nesterov});
       }
-      ASSERT_EQ(MomentumOnDevice(m.data(), g.data(), u.data(), n, 0.95f, kind, nesterov), "");
+      ASSERT_EQ(MomentumOnDevice(m.data(), g.data(), u.data(), n, 0.95f, 0.05f, kind, nesterov),
+                "");
       EXPECT_EQ(m, m_cpu);
       EXPECT_EQ(u, u_cpu);
     }

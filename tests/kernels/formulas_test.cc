@@ -59,7 +59,7 @@ TEST(FormulasTest, ScalesAndDenominators) {
   EXPECT_FLOAT_EQ(EquilibrationScale(8.0f, -1.0f / 3.0f, 0.0f), 0.25f);
   EXPECT_FLOAT_EQ(FrobeniusDenominator(2.0f, 1.02f, 1e-7f, NormEpsilon::kAdd), 2.04f + 1e-7f);
   EXPECT_EQ(FrobeniusDenominator(0.0f, 1.0f, 1e-7f, NormEpsilon::kFloor), 1e-7f);
-  EXPECT_FLOAT_EQ(NorMuonSecondMoment(1.0f, 3.0f, 0.95f), 1.1f);
+  EXPECT_FLOAT_EQ(NorMuonSecondMoment(1.0f, 3.0f, 0.05f), 1.1f);  // takes 1 − β₂
   EXPECT_FLOAT_EQ(NorMuonRowScale(4.0f, 0.0f), 0.5f);
   EXPECT_DOUBLE_EQ(NewtonSchulzPolynomial(1.0, 3.4445, -4.7750, 2.0315), 0.701);
 }

@@ -343,9 +343,9 @@ TEST_F(OptimizerContractTest, SizeMismatchesAndBadIndicesLeaveStateAlone) {
   const bool wrong_size[2] = {true, true};
   EXPECT_EQ(opt->Step(absl::MakeConstSpan(wrong_size, 2)).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(opt->SetHyperparameters(0, -1.0f, 0.0f, 0.9f).code(),
+  EXPECT_EQ(opt->SetHyperparameters(0, -1.0, 0.0, 0.9).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(opt->spec(0).config.lr, 0.02f);
+  EXPECT_EQ(opt->spec(0).config.lr, 0.02);
   EXPECT_EQ(Params(*opt, 0), w);
 }
 
@@ -355,7 +355,8 @@ TEST_F(OptimizerContractTest, ZeroGradientGivesAZeroUpdate) {
     const auto w0 = reference::RandomNormal(24, 6);
     ASSERT_TRUE(opt->SetParameters(0, w0).ok());
     ASSERT_TRUE(opt->Step().ok()) << preset;  // gradients start zero
-    const float decay = 1.0f - opt->spec(0).config.lr * opt->spec(0).config.weight_decay;
+    const float decay =
+        static_cast<float>(1.0 - opt->spec(0).config.lr * opt->spec(0).config.weight_decay);
     const auto w = Params(*opt, 0);
     for (int i = 0; i < 24; ++i) EXPECT_EQ(w[i], w0[i] * decay) << preset << " " << i;
   }
