@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "tests/kernels/backend_test_util.h"
 #include "tests/kernels/reference.h"
 
 namespace optd {
@@ -16,22 +17,11 @@ using reference::RandomNormal;
 
 class AnalysisTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    auto backend = CreateCpuBackend();
-    ASSERT_TRUE(backend.ok());
-    backend_ = std::move(*backend);
-  }
-  float* Device(const std::vector<float>& host) {
-    auto buffer = backend_->Allocate(host.size() * 4);
-    EXPECT_TRUE(buffer.ok());
-    EXPECT_TRUE(backend_->Upload(queue(), buffer->data(), host.data(), host.size() * 4).ok());
-    buffers_.push_back(std::move(*buffer));
-    return buffers_.back().f32();
-  }
+  float* Device(const std::vector<float>& host) { return memory_.Upload(host); }
   Queue& queue() { return backend_->default_queue(); }
 
-  std::unique_ptr<Backend> backend_;
-  std::vector<Buffer> buffers_;
+  std::unique_ptr<Backend> backend_ = testing::MakeCpuBackend();
+  testing::DeviceMemory memory_{*backend_};
 };
 
 TEST_F(AnalysisTest, DominanceOfClosedForms) {

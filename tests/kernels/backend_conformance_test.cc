@@ -11,6 +11,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/cuda_status.h"
+#include "tests/kernels/backend_test_util.h"
 #include "tests/kernels/reference.h"
 
 namespace optd {
@@ -25,29 +26,23 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
     if (GetParam() == "cuda") {
       GTEST_SKIP() << CudaBackendUnavailableReason();
     }
-    auto backend = CreateCpuBackend();
-    ASSERT_TRUE(backend.ok()) << backend.status();
-    backend_ = std::move(*backend);
+    backend_ = testing::MakeCpuBackend();
+    ASSERT_NE(backend_, nullptr);
+    memory_ = std::make_unique<testing::DeviceMemory>(*backend_);
   }
 
   // A backend copy of host data, kept alive for the test.
-  float* Device(const std::vector<float>& host) {
-    auto buffer = backend_->Allocate(host.size() * sizeof(float));
-    EXPECT_TRUE(buffer.ok());
-    EXPECT_TRUE(backend_->Upload(queue(), buffer->data(), host.data(), host.size() * 4).ok());
-    buffers_.push_back(std::move(*buffer));
-    return buffers_.back().f32();
+  template <typename T>
+  T* Device(const std::vector<T>& host) {
+    return memory_->Upload(host);
   }
   std::vector<float> Host(const float* device, size_t count) {
-    std::vector<float> host(count);
-    EXPECT_TRUE(backend_->Download(queue(), host.data(), device, count * 4).ok());
-    EXPECT_TRUE(backend_->Synchronize(queue()).ok());
-    return host;
+    return memory_->Download(device, count);
   }
   Queue& queue() { return backend_->default_queue(); }
 
   std::unique_ptr<Backend> backend_;
-  std::vector<Buffer> buffers_;
+  std::unique_ptr<testing::DeviceMemory> memory_;
 };
 
 // fp64 C = alpha·op(A)·op(B) + beta·C for row-major inputs.
@@ -111,32 +106,16 @@ TEST_P(BackendTest, GemmHalfInputsAccumulateInFp32) {
   for (DType dtype : {DType::kBF16, DType::kF16}) {
     auto a = RandomNormal(m * k, 4), b = RandomNormal(k * n, 5);
     std::vector<float> c(m * n, 0.0f);
-    std::vector<uint16_t> a16(a.size()), b16(b.size());
-    for (size_t i = 0; i < a.size(); ++i) {
-      a16[i] =
-          dtype == DType::kBF16 ? formulas::FloatToBf16Bits(a[i]) : formulas::FloatToHalfBits(a[i]);
-      a[i] = dtype == DType::kBF16 ? formulas::Bf16BitsToFloat(a16[i])
-                                   : formulas::HalfBitsToFloat(a16[i]);
-    }
-    for (size_t i = 0; i < b.size(); ++i) {
-      b16[i] =
-          dtype == DType::kBF16 ? formulas::FloatToBf16Bits(b[i]) : formulas::FloatToHalfBits(b[i]);
-      b[i] = dtype == DType::kBF16 ? formulas::Bf16BitsToFloat(b16[i])
-                                   : formulas::HalfBitsToFloat(b16[i]);
-    }
-    auto da = backend_->Allocate(a16.size() * 2);
-    auto db = backend_->Allocate(b16.size() * 2);
-    ASSERT_TRUE(da.ok() && db.ok());
-    ASSERT_TRUE(backend_->Upload(queue(), da->data(), a16.data(), a16.size() * 2).ok());
-    ASSERT_TRUE(backend_->Upload(queue(), db->data(), b16.data(), b16.size() * 2).ok());
+    uint16_t* da = Device(testing::ToHalfWords(a, dtype));
+    uint16_t* db = Device(testing::ToHalfWords(b, dtype));
     float* dc = Device(c);
     GemmArgs args{.m = m,
                   .n = n,
                   .k = k,
                   .input_dtype = dtype,
-                  .a = da->data(),
+                  .a = da,
                   .lda = k,
-                  .b = db->data(),
+                  .b = db,
                   .ldb = n,
                   .c = dc,
                   .ldc = n};
@@ -561,24 +540,17 @@ TEST_P(BackendTest, HalfGemmWithPaddedRowsReadsOnlyTheMatrix) {
   std::vector<float> a(m * lda, 0.0f), b = RandomNormal(k * n, 30), c(m * n, 0.0f);
   for (int i = 0; i < m; ++i)
     for (int j = 0; j < k; ++j) a[i * lda + j] = float(i + j);
-  std::vector<uint16_t> a16((m - 1) * lda + k), b16(k * n);
-  for (size_t i = 0; i < a16.size(); ++i) a16[i] = formulas::FloatToBf16Bits(a[i]);
-  for (size_t i = 0; i < b16.size(); ++i) {
-    b16[i] = formulas::FloatToBf16Bits(b[i]);
-    b[i] = formulas::Bf16BitsToFloat(b16[i]);
-  }
-  auto da = backend_->Allocate(a16.size() * 2), db = backend_->Allocate(b16.size() * 2);
-  ASSERT_TRUE(da.ok() && db.ok());
-  ASSERT_TRUE(backend_->Upload(queue(), da->data(), a16.data(), a16.size() * 2).ok());
-  ASSERT_TRUE(backend_->Upload(queue(), db->data(), b16.data(), b16.size() * 2).ok());
+  a.resize((m - 1) * lda + k);  // the backend memory ends where the matrix does
+  uint16_t* da = Device(testing::ToHalfWords(a, DType::kBF16));
+  uint16_t* db = Device(testing::ToHalfWords(b, DType::kBF16));
   float* dc = Device(c);
   GemmArgs args{.m = m,
                 .n = n,
                 .k = k,
                 .input_dtype = DType::kBF16,
-                .a = da->data(),
+                .a = da,
                 .lda = lda,
-                .b = db->data(),
+                .b = db,
                 .ldb = n,
                 .c = dc,
                 .ldc = n};

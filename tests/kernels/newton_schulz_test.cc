@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/analysis.h"
+#include "tests/kernels/backend_test_util.h"
 #include "tests/kernels/reference.h"
 
 namespace optd {
@@ -20,9 +21,8 @@ using reference::RelativeError;
 class NewtonSchulzTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto backend = CreateCpuBackend();
-    ASSERT_TRUE(backend.ok());
-    backend_ = std::move(*backend);
+    backend_ = testing::MakeCpuBackend();
+    ASSERT_NE(backend_, nullptr);
   }
 
   // NS of a host matrix, on the backend.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "tests/kernels/backend_test_util.h"
 #include "tests/kernels/reference.h"
 
 namespace optd {
@@ -231,9 +232,8 @@ INSTANTIATE_TEST_SUITE_P(AllPresets, PresetTest, ::testing::ValuesIn(PresetCases
 class OptimizerContractTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto backend = CreateCpuBackend();
-    ASSERT_TRUE(backend.ok());
-    backend_ = std::move(*backend);
+    backend_ = testing::MakeCpuBackend();
+    ASSERT_NE(backend_, nullptr);
   }
   OptimizerConfig Config(const std::string& spec) {
     auto config = ParseOptimizerConfig(spec);
@@ -343,8 +343,7 @@ TEST_F(OptimizerContractTest, SizeMismatchesAndBadIndicesLeaveStateAlone) {
   const bool wrong_size[2] = {true, true};
   EXPECT_EQ(opt->Step(absl::MakeConstSpan(wrong_size, 2)).code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(opt->SetHyperparameters(0, -1.0, 0.0, 0.9).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(opt->SetHyperparameters(0, -1.0, 0.0, 0.9).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(opt->spec(0).config.lr, 0.02);
   EXPECT_EQ(Params(*opt, 0), w);
 }

@@ -1,0 +1,68 @@
+// Helpers the kernels tests share: a CPU backend, and host data moved in and out of backend memory.
+#ifndef OPTD_TESTS_KERNELS_BACKEND_TEST_UTIL_H_
+#define OPTD_TESTS_KERNELS_BACKEND_TEST_UTIL_H_
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/formulas.h"
+
+namespace optd::testing {
+
+// The CPU backend; a test failure if it cannot be made.
+inline std::unique_ptr<Backend> MakeCpuBackend() {
+  auto backend = CreateCpuBackend();
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  return backend.ok() ? std::move(*backend) : nullptr;
+}
+
+// Backend copies of host vectors, alive as long as this object.
+class DeviceMemory {
+ public:
+  explicit DeviceMemory(Backend& backend) : backend_(backend) {}
+
+  template <typename T>
+  T* Upload(const std::vector<T>& host) {
+    auto buffer = backend_.Allocate(host.size() * sizeof(T));
+    EXPECT_TRUE(buffer.ok()) << buffer.status();
+    EXPECT_TRUE(
+        backend_
+            .Upload(backend_.default_queue(), buffer->data(), host.data(), host.size() * sizeof(T))
+            .ok());
+    buffers_.push_back(std::move(*buffer));
+    return static_cast<T*>(buffers_.back().data());
+  }
+
+  std::vector<float> Download(const float* device, size_t count) {
+    std::vector<float> host(count);
+    Queue& queue = backend_.default_queue();
+    EXPECT_TRUE(backend_.Download(queue, host.data(), device, count * sizeof(float)).ok());
+    EXPECT_TRUE(backend_.Synchronize(queue).ok());
+    return host;
+  }
+
+ private:
+  Backend& backend_;
+  std::vector<Buffer> buffers_;
+};
+
+// Rounds x in place to bf16 or fp16 and returns the 16-bit words, so a test can feed a GEMM
+// narrow inputs and compute its reference from the same (exact) values.
+inline std::vector<uint16_t> ToHalfWords(std::vector<float>& x, DType dtype) {
+  std::vector<uint16_t> words(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    words[i] =
+        dtype == DType::kBF16 ? formulas::FloatToBf16Bits(x[i]) : formulas::FloatToHalfBits(x[i]);
+    x[i] = dtype == DType::kBF16 ? formulas::Bf16BitsToFloat(words[i])
+                                 : formulas::HalfBitsToFloat(words[i]);
+  }
+  return words;
+}
+
+}  // namespace optd::testing
+
+#endif  // OPTD_TESTS_KERNELS_BACKEND_TEST_UTIL_H_
