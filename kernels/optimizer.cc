@@ -2,9 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <map>
 #include <set>
-#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -232,6 +230,12 @@ absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values
   if (static_cast<int64_t>(values.size()) != t.count) {
     return absl::InvalidArgumentError(
         absl::StrCat("tensor '", t.spec.name, "' has ", t.count, " elements, got ", values.size()));
+  }
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (!std::isfinite(values[i])) {
+      return absl::InvalidArgumentError(absl::StrCat("parameters for tensor '", t.spec.name,
+                                                     "' are not finite at element ", i));
+    }
   }
   Queue& queue = backend_.default_queue();
   OPTD_RETURN_IF_ERROR(

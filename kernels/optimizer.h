@@ -76,7 +76,8 @@ class Optimizer {
   // Number of batched groups the step runs (for tests and diagnostics).
   int num_groups() const;
 
-  // Host <-> backend parameter copies; InvalidArgument when the size differs.
+  // Host <-> backend parameter copies; InvalidArgument when the size differs or (SetParameters)
+  // a value is NaN or infinite, and then nothing is written.
   absl::Status SetParameters(int tensor, absl::Span<const float> values);
   absl::Status GetParameters(int tensor, absl::Span<float> out) const;
   float* parameters(int tensor) const;

@@ -338,6 +338,11 @@ TEST_F(OptimizerContractTest, SizeMismatchesAndBadIndicesLeaveStateAlone) {
   EXPECT_NE(status.message().find("14 elements, expected 15"), absl::string_view::npos) << status;
   EXPECT_EQ(opt->SetParameters(0, std::vector<float>(16)).code(),
             absl::StatusCode::kInvalidArgument);
+  std::vector<float> nan_params(15, 1.0f);
+  nan_params[7] = std::numeric_limits<float>::quiet_NaN();
+  const absl::Status nan_status = opt->SetParameters(0, nan_params);
+  EXPECT_EQ(nan_status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(nan_status.message().find("element 7"), absl::string_view::npos) << nan_status;
   EXPECT_EQ(opt->SetParameters(1, std::vector<float>(15)).code(), absl::StatusCode::kOutOfRange);
   EXPECT_EQ(opt->FindTensor("v").status().code(), absl::StatusCode::kNotFound);
   const bool wrong_size[2] = {true, true};
