@@ -294,7 +294,7 @@ void BM_RmnpKernel(benchmark::State& state) {
                           .eps = config->matrix.row_normalize_eps,
                           .lr = static_cast<float>(config->lr),
                           .decay = static_cast<float>(1.0 - config->lr * config->weight_decay),
-                          .scale = ScaleFactor(config->matrix, rows, cols),
+                          .scale = static_cast<float>(ScaleFactor(config->matrix, rows, cols)),
                           .step_dtype = config->matrix.step_dtype};
   Buffer w = AllocateFloats(state, count);
   Buffer m = AllocateFloats(state, count);

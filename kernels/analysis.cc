@@ -158,6 +158,7 @@ absl::StatusOr<MatrixAnalysis> AnalyzeMatrix(Backend& backend, Queue& queue, con
                                              int64_t rows, int64_t cols,
                                              const NewtonSchulzConfig& newton_schulz) {
   OPTD_RETURN_IF_ERROR(CheckShape(rows, cols));
+  OPTD_RETURN_IF_ERROR(ValidateNewtonSchulzConfig(newton_schulz));
   const int64_t size = rows * cols;
   MatrixAnalysis a;
   OPTD_ASSIGN_OR_RETURN(std::vector<float> v, ToHost(backend, queue, momentum, size));

@@ -42,9 +42,9 @@ std::vector<NewtonSchulzCoefficients> ListOf(const NewtonSchulzConfig& config) {
   return list.ok() ? *list : std::vector<NewtonSchulzCoefficients>{};
 }
 
-}  // namespace
-
-absl::Status ValidateNewtonSchulzConfig(const NewtonSchulzConfig& config) {
+// The checks that make a run well defined; ValidateNewtonSchulzConfig adds the divergence check,
+// which costs too much to repeat on every call.
+absl::Status CheckNewtonSchulzSettings(const NewtonSchulzConfig& config) {
   if (config.coefficient_set == "custom") {
     if (config.custom.empty()) {
       return absl::InvalidArgumentError("custom Newton-Schulz coefficient list is empty");
@@ -57,9 +57,9 @@ absl::Status ValidateNewtonSchulzConfig(const NewtonSchulzConfig& config) {
   } else {
     OPTD_RETURN_IF_ERROR(NewtonSchulzCoefficientSet(config.coefficient_set).status());
   }
-  if (config.steps < 1 || config.steps > 100) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("Newton-Schulz steps must be in [1, 100], got ", config.steps));
+  if (config.steps < 1 || config.steps > kMaxNewtonSchulzSteps) {
+    return absl::InvalidArgumentError(absl::StrCat("Newton-Schulz steps must be in [1, ",
+                                                   kMaxNewtonSchulzSteps, "], got ", config.steps));
   }
   if (config.reference_dimension < 1) {
     return absl::InvalidArgumentError("Newton-Schulz reference dimension must be >= 1");
@@ -71,8 +71,34 @@ absl::Status ValidateNewtonSchulzConfig(const NewtonSchulzConfig& config) {
   if (!(config.eps > 0.0f) || !std::isfinite(config.eps)) {
     return absl::InvalidArgumentError("Newton-Schulz eps must be finite and > 0");
   }
-  if (!(config.safety > 0.0f) || !std::isfinite(config.safety)) {
-    return absl::InvalidArgumentError("Newton-Schulz safety factor must be finite and > 0");
+  // With safety >= 1 the normalized singular values start in [0, 1].
+  if (!(config.safety >= 1.0f) || !std::isfinite(config.safety)) {
+    return absl::InvalidArgumentError("Newton-Schulz safety factor must be finite and >= 1");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateNewtonSchulzConfig(const NewtonSchulzConfig& config) {
+  OPTD_RETURN_IF_ERROR(CheckNewtonSchulzSettings(config));
+  // Newton–Schulz acts on each singular value alone, so the coefficients are safe when the scalar
+  // iteration keeps every start in [0, 1] bounded over as many steps as the config can run (kept
+  // well below fp32's range; the named sets stay below 1.6).
+  const std::vector<NewtonSchulzCoefficients> list = ListOf(config);
+  const int max_steps = config.steps_grow_with_dimension ? kMaxNewtonSchulzSteps : config.steps;
+  constexpr double kBound = 1e3;
+  for (int i = 0; i <= 1000; ++i) {
+    double x = i / 1000.0;
+    for (int step = 0; step < max_steps; ++step) {
+      const auto& [a, b, c] = list[std::min<size_t>(step, list.size() - 1)];
+      x = formulas::NewtonSchulzPolynomial(x, a, b, c);
+      if (!(std::fabs(x) <= kBound)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("Newton-Schulz coefficients diverge: the singular value ", i / 1000.0,
+                         " grows past ", kBound, " by step ", step + 1, " of ", max_steps));
+      }
+    }
   }
   return absl::OkStatus();
 }
@@ -86,7 +112,8 @@ int NewtonSchulzSteps(const NewtonSchulzConfig& config, int64_t rows, int64_t co
   const double slope = list.empty() ? 1.0 : list.back()[0];
   if (slope <= 1.0) return config.steps;
   const double lost = 0.5 * std::log(static_cast<double>(dimension) / config.reference_dimension);
-  return config.steps + static_cast<int>(std::ceil(lost / std::log(slope)));
+  const double extra = std::ceil(lost / std::log(slope));
+  return static_cast<int>(std::min<double>(kMaxNewtonSchulzSteps, config.steps + extra));
 }
 
 NewtonSchulzCoefficients NewtonSchulzStepCoefficients(const NewtonSchulzConfig& config, int step) {
@@ -102,7 +129,7 @@ int64_t NewtonSchulzWorkspaceFloats(const NewtonSchulzConfig& config, int64_t ba
 
 absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
                           const NewtonSchulzConfig& config, float* workspace) {
-  OPTD_RETURN_IF_ERROR(ValidateNewtonSchulzConfig(config));
+  OPTD_RETURN_IF_ERROR(CheckNewtonSchulzSettings(config));
   if (x.batch < 0 || x.rows < 0 || x.cols < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("newton-schulz: negative shape [", x.batch, ", ", x.rows, ", ", x.cols, "]"));

@@ -19,6 +19,9 @@ namespace optd {
 
 using NewtonSchulzCoefficients = std::array<double, 3>;  // (a, b, c) of one step
 
+// Most steps one orthogonalization runs, however the count is set or grows.
+inline constexpr int kMaxNewtonSchulzSteps = 100;
+
 struct NewtonSchulzConfig {
   // "keller", "polar_express", "dion_legacy", or "custom" (then `custom` holds the list).
   std::string coefficient_set = "keller";
@@ -46,6 +49,8 @@ struct NewtonSchulzConfig {
 // The named coefficient lists (../shared/REFERENCES.md); InvalidArgument for an unknown name.
 absl::StatusOr<std::vector<NewtonSchulzCoefficients>> NewtonSchulzCoefficientSet(
     absl::string_view name);
+// InvalidArgument for an unknown set, steps outside [1, kMaxNewtonSchulzSteps], eps <= 0,
+// safety < 1, or coefficients whose scalar iteration diverges from some start in [0, 1].
 absl::Status ValidateNewtonSchulzConfig(const NewtonSchulzConfig& config);
 // Steps run on a rows×cols matrix under `config`.
 int NewtonSchulzSteps(const NewtonSchulzConfig& config, int64_t rows, int64_t cols);
@@ -59,6 +64,8 @@ int64_t NewtonSchulzWorkspaceFloats(const NewtonSchulzConfig& config, int64_t ba
 
 // Orthogonalizes every matrix of `x` in place, on `queue`. `workspace` holds
 // NewtonSchulzWorkspaceFloats(...) floats of backend memory. A zero matrix stays zero.
+// REQUIRES: ValidateNewtonSchulzConfig(config).ok() (checked once where a config is accepted;
+// each call re-checks only what keeps it well defined).
 //
 // Each step costs one symmetric rank-k update for A, one for A² (A is symmetric, so A·A = A·Aᵀ),
 // and one symmetric multiply; the scalar parts ride in the BLAS calls' alpha/beta and a diagonal

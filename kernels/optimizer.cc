@@ -233,8 +233,8 @@ absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values
   }
   for (size_t i = 0; i < values.size(); ++i) {
     if (!std::isfinite(values[i])) {
-      return absl::InvalidArgumentError(absl::StrCat("parameters for tensor '", t.spec.name,
-                                                     "' are not finite at element ", i));
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameters for tensor '", t.spec.name, "' are not finite at element ", i));
     }
   }
   Queue& queue = backend_.default_queue();
@@ -376,24 +376,31 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
   if (members.empty()) return absl::OkStatus();
   const int64_t rows = group.rows, cols = group.cols, matrix = rows * cols;
 
-  auto scale_of = [&](const Tensor& t) {
-    const MatrixConfig& c = t.spec.config.matrix;
+  // The rate and scale the kernels apply as lr·(scale·o); a preset that folds the scale into the
+  // rate gets (lr·scale) formed in fp64 and a scale of 1.
+  struct RateAndScale {
+    float lr, scale;
+  };
+  auto rate_and_scale = [&](const Tensor& t) -> RateAndScale {
+    const OptimizerConfig& c = t.spec.config;
     const auto& shape = t.spec.shape;
-    if (c.scale_from_last_two_dims && shape.size() >= 2) {
-      return ScaleFactor(c, shape[shape.size() - 2], shape.back());
-    }
-    return ScaleFactor(c, rows, cols);
+    const double scale = c.matrix.scale_from_last_two_dims && shape.size() >= 2
+                             ? ScaleFactor(c.matrix, shape[shape.size() - 2], shape.back())
+                             : ScaleFactor(c.matrix, rows, cols);
+    if (c.matrix.scale_in_lr) return {static_cast<float>(c.lr * scale), 1.0f};
+    return {static_cast<float>(c.lr), static_cast<float>(scale)};
   };
 
   if (group.fused_rmnp) {
     for (Tensor* t : members) {
       const OptimizerConfig& c = t->spec.config;
+      const RateAndScale rate = rate_and_scale(*t);
       RmnpStepArgs args{.momentum = static_cast<float>(c.matrix.momentum),
                         .nesterov = c.matrix.nesterov,
                         .eps = c.matrix.row_normalize_eps,
-                        .lr = static_cast<float>(c.lr),
+                        .lr = rate.lr,
                         .decay = DecayFactor(c),
-                        .scale = scale_of(*t),
+                        .scale = rate.scale,
                         .step_dtype = c.matrix.step_dtype};
       OPTD_RETURN_IF_ERROR(backend_.RmnpStep(queue, t->parameters.f32(), t->momentum.f32(),
                                              t->gradient.f32(), t->view.batch * rows, cols, args));
@@ -479,11 +486,12 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
                       c.matrix.normuon.preserve_frobenius}));
     }
     if (c.matrix.scale == ScaleRule::kUnitRms) {
-      OPTD_RETURN_IF_ERROR(backend_.ScaleToRms(queue, o, c.matrix.scale_rms, c.matrix.normuon.eps));
+      OPTD_RETURN_IF_ERROR(backend_.ScaleToRms(queue, o, static_cast<float>(c.matrix.scale_rms),
+                                               c.matrix.normuon.eps));
     }
-    OPTD_RETURN_IF_ERROR(backend_.ApplyUpdate(queue, t->parameters.f32(), o.data, t->count,
-                                              static_cast<float>(c.lr), DecayFactor(c),
-                                              scale_of(*t), c.matrix.step_dtype));
+    const RateAndScale rate = rate_and_scale(*t);
+    OPTD_RETURN_IF_ERROR(backend_.ApplyUpdate(queue, t->parameters.f32(), o.data, t->count, rate.lr,
+                                              DecayFactor(c), rate.scale, c.matrix.step_dtype));
     offset += t->count;
   }
   return absl::OkStatus();

@@ -44,6 +44,7 @@ absl::StatusOr<OptimizerConfig> BuildPreset(absl::string_view name) {
     OptimizerConfig c = MatrixPreset(name, 1e-3, 0.1);
     c.matrix.momentum_kind = MomentumKind::kSum;
     c.matrix.scale = ScaleRule::kMatchRms;
+    c.matrix.scale_in_lr = true;  // adjusted_lr = lr·0.2·√max(A, B)
     c.adamw = {0.9, 0.95, 1e-8f, AdamEpsilon::kMoonlight};
     return c;
   }
@@ -52,6 +53,7 @@ absl::StatusOr<OptimizerConfig> BuildPreset(absl::string_view name) {
     c.matrix.momentum_kind = MomentumKind::kEma;
     c.matrix.newton_schulz.eps_mode = NormEpsilon::kFloor;
     c.matrix.scale = ScaleRule::kKeller;
+    c.matrix.scale_in_lr = true;  // adjusted_lr = lr·scale
     return c;
   }
   if (name == "dion") {  // microsoft/dion dion/muon.py
@@ -62,6 +64,7 @@ absl::StatusOr<OptimizerConfig> BuildPreset(absl::string_view name) {
     c.matrix.newton_schulz.safety = 1.02f;
     c.matrix.newton_schulz.eps = 1e-8f;
     c.matrix.scale = ScaleRule::kSpectral;
+    c.matrix.scale_in_lr = true;  // adjusted_lr = lr·√(fan_out/fan_in)
     return c;
   }
   if (name == "normuon") {  // zichongli5/NorMuon normuon.py
@@ -80,7 +83,7 @@ absl::StatusOr<OptimizerConfig> BuildPreset(absl::string_view name) {
     c.matrix.post_normalize = PostNormalize::kNorMuon;
     c.matrix.normuon = {0.95, 1e-8f, false};
     c.matrix.scale = ScaleRule::kUnitRms;
-    c.matrix.scale_rms = 0.2f;
+    c.matrix.scale_rms = 0.2;
     return c;
   }
   if (name == "rmnp") {  // Dominator-Index/RMNP rmnp/rmnp.py
@@ -100,6 +103,7 @@ absl::StatusOr<OptimizerConfig> BuildPreset(absl::string_view name) {
                              : name == "muoneq_col" ? PreNormalize::kCol
                                                     : PreNormalize::kRowCol;
     c.matrix.scale = ScaleRule::kMatchRms;
+    c.matrix.scale_in_lr = true;  // adjusted_lr = lr·0.2·√max(A, B)
     c.adamw = {0.95, 0.95, 1e-8f, AdamEpsilon::kMoonlight};
     return c;
   }
@@ -261,9 +265,9 @@ const std::map<absl::string_view, Setter>& Setters() {
       {"ns.steps",
        [](OptimizerConfig& c, absl::string_view key, absl::string_view value) -> absl::Status {
          OPTD_ASSIGN_OR_RETURN(int64_t steps, ParseInt(key, value));
-         if (steps < 1 || steps > 100) {
-           return absl::InvalidArgumentError(
-               absl::StrCat("override ns.steps: ", steps, " is outside [1, 100]"));
+         if (steps < 1 || steps > kMaxNewtonSchulzSteps) {
+           return absl::InvalidArgumentError(absl::StrCat(
+               "override ns.steps: ", steps, " is outside [1, ", kMaxNewtonSchulzSteps, "]"));
          }
          c.matrix.newton_schulz.steps = static_cast<int>(steps);
          return absl::OkStatus();
@@ -299,7 +303,8 @@ const std::map<absl::string_view, Setter>& Setters() {
                      {"spectral", ScaleRule::kSpectral},
                      {"unit_rms", ScaleRule::kUnitRms}},
                     [](auto& c) -> auto& { return c.matrix.scale; })},
-      {"scale.rms", FloatField([](auto& c) -> auto& { return c.matrix.scale_rms; })},
+      {"scale.rms", DoubleField([](auto& c) -> auto& { return c.matrix.scale_rms; })},
+      {"scale.in_lr", BoolField([](auto& c) -> auto& { return c.matrix.scale_in_lr; })},
       {"scale.last_two_dims",
        BoolField([](auto& c) -> auto& { return c.matrix.scale_from_last_two_dims; })},
       {"step_dtype", DTypeField([](auto& c) -> auto& { return c.matrix.step_dtype; })},
@@ -374,22 +379,27 @@ absl::Status ValidateOptimizerConfig(const OptimizerConfig& c) {
   auto check = [](bool ok, absl::string_view what) {
     return ok ? absl::OkStatus() : absl::InvalidArgumentError(what);
   };
-  OPTD_RETURN_IF_ERROR(check(c.lr >= 0.0f, "lr must be >= 0"));
-  OPTD_RETURN_IF_ERROR(check(c.weight_decay >= 0.0f, "weight_decay must be >= 0"));
+  OPTD_RETURN_IF_ERROR(check(c.lr >= 0.0 && c.lr <= kMaxLearningRate, "lr must be in [0, 1e6]"));
+  OPTD_RETURN_IF_ERROR(check(c.weight_decay >= 0.0, "weight_decay must be >= 0"));
+  // Decoupled decay multiplies w by 1 − lr·λ: beyond 1 it flips signs and grows without bound.
+  OPTD_RETURN_IF_ERROR(check(c.lr * c.weight_decay <= 1.0, "lr * weight_decay must be <= 1"));
   if (c.algorithm == Algorithm::kAdamW) {
     OPTD_RETURN_IF_ERROR(
         check(c.adamw.beta1 >= 0.0f && c.adamw.beta1 < 1.0f, "adamw.beta1 must be in [0, 1)"));
     OPTD_RETURN_IF_ERROR(
         check(c.adamw.beta2 >= 0.0f && c.adamw.beta2 < 1.0f, "adamw.beta2 must be in [0, 1)"));
-    return check(c.adamw.eps > 0.0f, "adamw.eps must be > 0");
+    // eps >= 1e-30 keeps m/(√v + eps) finite when v underflows to zero.
+    return check(c.adamw.eps >= 1e-30f, "adamw.eps must be >= 1e-30");
   }
   const MatrixConfig& m = c.matrix;
   OPTD_RETURN_IF_ERROR(
       check(m.momentum >= 0.0f && m.momentum < 1.0f, "momentum must be in [0, 1)"));
   // eps > 0 keeps a zero row or column at zero instead of 0·inf.
   OPTD_RETURN_IF_ERROR(check(m.pre_normalize_eps > 0.0f, "pre_normalize.eps must be > 0"));
+  // MuonEq's two exponents; others can overflow fp32 on small rows (0·inf).
   OPTD_RETURN_IF_ERROR(
-      check(m.pre_normalize_exponent < 0.0f, "pre_normalize.exponent must be negative"));
+      check(m.pre_normalize_exponent == -0.5f || m.pre_normalize_exponent == -0.25f,
+            "pre_normalize.exponent must be -0.5 or -0.25"));
   OPTD_RETURN_IF_ERROR(check(m.pre_normalize_clip == 0.0f || m.pre_normalize_clip >= 1.0f,
                              "pre_normalize.clip must be 0 (off) or >= 1"));
   OPTD_RETURN_IF_ERROR(
@@ -397,26 +407,28 @@ absl::Status ValidateOptimizerConfig(const OptimizerConfig& c) {
   OPTD_RETURN_IF_ERROR(check(m.row_normalize_eps > 0.0f, "row_normalize.eps must be > 0"));
   OPTD_RETURN_IF_ERROR(
       check(m.normuon.beta2 >= 0.0f && m.normuon.beta2 < 1.0f, "normuon.beta2 must be in [0, 1)"));
-  OPTD_RETURN_IF_ERROR(check(m.normuon.eps > 0.0f, "normuon.eps must be > 0"));
-  OPTD_RETURN_IF_ERROR(check(m.scale_rms > 0.0f, "scale.rms must be > 0"));
+  // eps >= 1e-30 keeps 1/(√v + eps) finite for a zero row.
+  OPTD_RETURN_IF_ERROR(check(m.normuon.eps >= 1e-30f, "normuon.eps must be >= 1e-30"));
+  OPTD_RETURN_IF_ERROR(
+      check(m.scale_rms > 0.0 && m.scale_rms <= 1e3, "scale.rms must be in (0, 1e3]"));
   OPTD_RETURN_IF_ERROR(check(m.step_dtype != DType::kF64, "step_dtype must be fp32, bf16 or fp16"));
   return ValidateNewtonSchulzConfig(m.newton_schulz);
 }
 
-float ScaleFactor(const MatrixConfig& config, int64_t rows, int64_t cols) {
-  const float r = static_cast<float>(rows), c = static_cast<float>(cols);
+double ScaleFactor(const MatrixConfig& config, int64_t rows, int64_t cols) {
+  const double r = static_cast<double>(rows), c = static_cast<double>(cols);
   switch (config.scale) {
     case ScaleRule::kKeller:
-      return std::sqrt(std::max(1.0f, r / c));
+      return std::sqrt(std::max(1.0, r / c));
     case ScaleRule::kMatchRms:
       return config.scale_rms * std::sqrt(std::max(r, c));
     case ScaleRule::kSpectral:
       return std::sqrt(r / c);
     case ScaleRule::kNone:
     case ScaleRule::kUnitRms:
-      return 1.0f;
+      return 1.0;
   }
-  return 1.0f;
+  return 1.0;
 }
 
 }  // namespace optd

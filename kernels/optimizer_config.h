@@ -53,7 +53,11 @@ struct MatrixConfig {
   NorMuonConfig normuon;
 
   ScaleRule scale = ScaleRule::kKeller;
-  float scale_rms = 0.2f;
+  double scale_rms = 0.2;
+  // Where the scale multiplies: into the learning rate, p -= (lr·scale)·o with lr·scale formed in
+  // fp64 (Moonlight, torch, MuonEq, dion), or into the update, p -= lr·(scale·o) (Keller, NorMuon,
+  // RMNP).
+  bool scale_in_lr = false;
   // Keller's quirk: a 4-D (conv) weight is flattened for Newton–Schulz but its scale reads the
   // tensor's last two dimensions (kh/kw).
   bool scale_from_last_two_dims = false;
@@ -96,7 +100,10 @@ absl::Status ValidateOptimizerConfig(const OptimizerConfig& config);
 
 // The scale factor of the kKeller, kMatchRms and kSpectral rules for an r×c matrix (1 for kNone
 // and kUnitRms, which rescales per matrix instead).
-float ScaleFactor(const MatrixConfig& config, int64_t rows, int64_t cols);
+double ScaleFactor(const MatrixConfig& config, int64_t rows, int64_t cols);
+
+// Learning rates above this are rejected: lr, lr·scale and AdamW's step size stay finite in fp32.
+inline constexpr double kMaxLearningRate = 1e6;
 
 }  // namespace optd
 

@@ -500,7 +500,7 @@ TEST_F(OptimizerContractTest, ExactPolarAndRowNormalizeDirections) {
   }
 }
 
-TEST_F(OptimizerContractTest, OversizedShapesAndZeroEpsilonsAreRejected) {
+TEST_F(OptimizerContractTest, OversizedShapesAndUnsafeSettingsAreRejected) {
   auto huge = Optimizer::Create(
       *backend_, {{"w", {3, int64_t{0x5555555555555556}}, RankPolicy::kFlatten, Config("keller")}});
   EXPECT_EQ(huge.status().code(), absl::StatusCode::kInvalidArgument);
@@ -508,13 +508,28 @@ TEST_F(OptimizerContractTest, OversizedShapesAndZeroEpsilonsAreRejected) {
   auto big = Optimizer::Create(*backend_,
                                {{"v", {int64_t{1} << 41}, RankPolicy::kFlatten, Config("adamw")}});
   EXPECT_EQ(big.status().code(), absl::StatusCode::kInvalidArgument);
-  // A zero epsilon would turn a zero gradient into 0/0.
-  for (const char* spec :
-       {"keller,ns.eps=0", "muoneq_row,pre_normalize.eps=0", "rmnp,row_normalize.eps=0",
-        "normuon,normuon.eps=0", "adamw,adamw.eps=0"}) {
-    EXPECT_EQ(ParseOptimizerConfig(spec).status().code(), absl::StatusCode::kInvalidArgument)
-        << spec;
+  // Settings that would let a finite gradient become NaN or inf: a zero or denormal epsilon, an
+  // exponent that overflows on small rows, a rate that does not fit fp32, decay past 1, a safety
+  // factor that starts singular values above 1, coefficients that diverge.
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"keller,ns.eps=0", "Newton-Schulz eps"},
+      {"muoneq_row,pre_normalize.eps=0", "pre_normalize.eps"},
+      {"rmnp,row_normalize.eps=0", "row_normalize.eps"},
+      {"normuon,normuon.eps=1e-40", "normuon.eps"},
+      {"adamw,adamw.eps=1e-40", "adamw.eps"},
+      {"muoneq_row,pre_normalize.exponent=-5", "exponent"},
+      {"keller,lr=1e39", "lr must be"},
+      {"adamw,lr=1,weight_decay=3", "lr * weight_decay"},
+      {"keller,ns.safety=0.2", "safety"},
+      {"keller,ns.coefficients=3:0:0,ns.steps=10", "diverge"},
+      {"keller,scale.rms=0", "scale.rms"},
+  };
+  for (const auto& [spec, message] : bad) {
+    const absl::Status status = ParseOptimizerConfig(spec).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << spec;
+    EXPECT_NE(status.message().find(message), absl::string_view::npos) << spec << ": " << status;
   }
+  EXPECT_TRUE(ParseOptimizerConfig("keller,ns.coefficients=3:0:0,ns.steps=5").ok());  // 3⁵ < 1e3
 }
 
 TEST_F(OptimizerContractTest, ExactPolarOfZeroAndRankDeficientMomentum) {
