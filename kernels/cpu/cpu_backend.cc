@@ -67,9 +67,18 @@ template <DType kDType>
 }
 
 float RoundScalar(float x, DType dtype) {
-  if (dtype == DType::kBF16) return RoundToBf16(x);
-  if (dtype == DType::kF16) return RoundToHalf(x);
+  if (dtype == DType::kBF16) return RoundScalarTo<DType::kBF16>(x);
+  if (dtype == DType::kF16) return RoundScalarTo<DType::kF16>(x);
   return x;
+}
+
+// sums[c] = Σ_r x[b][r][c]² in fp64 for matrix b of the batch.
+void ColumnSumsOfSquares(const MatrixBatch& x, int64_t b, std::vector<double>& sums) {
+  std::fill(sums.begin(), sums.end(), 0.0);
+  for (int64_t r = 0; r < x.rows; ++r) {
+    const float* row = x.data + (b * x.rows + r) * x.cols;
+    for (int64_t c = 0; c < x.cols; ++c) sums[c] += static_cast<double>(row[c]) * row[c];
+  }
 }
 
 class CpuQueue : public Queue {};
@@ -444,14 +453,7 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("column sum of squares", x.batch * x.cols, out));
     std::vector<double> sums(x.cols);
     for (int64_t b = 0; b < x.batch; ++b) {
-      std::fill(sums.begin(), sums.end(), 0.0);
-      const float* m = x.data + b * x.matrix_size();
-      for (int64_t r = 0; r < x.rows; ++r) {
-        for (int64_t c = 0; c < x.cols; ++c) {
-          const double v = m[r * x.cols + c];
-          sums[c] += v * v;
-        }
-      }
+      ColumnSumsOfSquares(x, b, sums);
       for (int64_t c = 0; c < x.cols; ++c) out[b * x.cols + c] = static_cast<float>(sums[c]);
     }
     return absl::OkStatus();
@@ -476,11 +478,7 @@ class CpuBackend : public Backend {
     if (args.cols) {
       std::vector<double> sums(x.cols);
       for (int64_t b = 0; b < x.batch; ++b) {
-        std::fill(sums.begin(), sums.end(), 0.0);
-        for (int64_t r = 0; r < x.rows; ++r) {
-          const float* row = x.data + (b * x.rows + r) * x.cols;
-          for (int64_t c = 0; c < x.cols; ++c) sums[c] += static_cast<double>(row[c]) * row[c];
-        }
+        ColumnSumsOfSquares(x, b, sums);
         for (int64_t c = 0; c < x.cols; ++c) col_scale[b * x.cols + c] = factor(sums[c]);
       }
     }
