@@ -30,7 +30,8 @@ class ThreadPool {
 
   // Calls fn(begin, end) on contiguous chunks covering [0, n), each at least `grain` long (so
   // short loops stay on the calling thread), and returns when every chunk is done. Calls from
-  // several threads run one after another.
+  // several threads run one after another. REQUIRES: fn does not call ParallelFor on this pool
+  // (it would wait on itself).
   void ParallelFor(int64_t n, int64_t grain, absl::FunctionRef<void(int64_t, int64_t)> fn);
 
  private:
