@@ -21,6 +21,7 @@ struct Optimizer::Tensor {
   Buffer gradient;
   Buffer momentum;       // matrix: momentum; adamw: first moment
   Buffer second_moment;  // normuon: per-row v; adamw: second moment
+  int64_t second_count = 0;
 };
 
 // Tensors whose direction runs as one batch: same matrix shape, same direction settings.
@@ -106,15 +107,12 @@ absl::StatusOr<MatrixView> MatrixViewOf(absl::Span<const int64_t> shape, RankPol
   return view;
 }
 
-Optimizer::Optimizer(Backend& backend) : backend_(backend) {}
+Optimizer::Optimizer(Backend* backend) : backend_(backend) {}
 Optimizer::~Optimizer() = default;
 int Optimizer::num_groups() const { return static_cast<int>(groups_.size()); }
 
-absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(Backend& backend,
-                                                             std::vector<TensorSpec> specs) {
-  std::unique_ptr<Optimizer> opt(new Optimizer(backend));
+absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
   std::set<std::string> names;
-  Queue& queue = backend.default_queue();
   for (TensorSpec& spec : specs) {
     if (spec.name.empty()) return absl::InvalidArgumentError("tensor name is empty");
     if (!names.insert(spec.name).second) {
@@ -142,37 +140,23 @@ absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(Backend& backend,
       }
       t->view = *view;
     }
-    const size_t bytes = static_cast<size_t>(t->count) * sizeof(float);
-    OPTD_ASSIGN_OR_RETURN(t->parameters, backend.Allocate(bytes));
-    OPTD_ASSIGN_OR_RETURN(t->gradient, backend.Allocate(bytes));
-    OPTD_ASSIGN_OR_RETURN(t->momentum, backend.Allocate(bytes));
-    OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->parameters.f32(), t->count, 0.0f));
-    OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->gradient.f32(), t->count, 0.0f));
-    OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->momentum.f32(), t->count, 0.0f));
-    int64_t second = 0;
-    if (!matrix) second = t->count;
+    if (!matrix) t->second_count = t->count;
     if (matrix && spec.config.matrix.post_normalize == PostNormalize::kNorMuon) {
-      second = t->view.batch * t->view.rows;
-    }
-    if (second > 0) {
-      OPTD_ASSIGN_OR_RETURN(t->second_moment,
-                            backend.Allocate(static_cast<size_t>(second) * sizeof(float)));
-      OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->second_moment.f32(), second, 0.0f));
+      t->second_count = t->view.batch * t->view.rows;
     }
     t->spec = std::move(spec);
-    opt->tensors_.push_back(std::move(t));
+    tensors_.push_back(std::move(t));
   }
 
   // Group matrix tensors for batched directions.
-  int64_t workspace = 0;
-  for (int i = 0; i < opt->num_tensors(); ++i) {
-    const Tensor& t = *opt->tensors_[i];
+  for (int i = 0; i < num_tensors(); ++i) {
+    const Tensor& t = *tensors_[i];
     if (t.spec.config.algorithm != Algorithm::kMatrix) continue;
     const MatrixConfig& c = t.spec.config.matrix;
     Group* group = nullptr;
     if (!FusesRmnp(c)) {
-      for (Group& g : opt->groups_) {
-        const MatrixConfig& first = opt->tensors_[g.members[0]]->spec.config.matrix;
+      for (Group& g : groups_) {
+        const MatrixConfig& first = tensors_[g.members[0]]->spec.config.matrix;
         if (!g.fused_rmnp && g.rows == t.view.rows && g.cols == t.view.cols &&
             SameDirection(first, c)) {
           group = &g;
@@ -181,24 +165,60 @@ absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(Backend& backend,
       }
     }
     if (group == nullptr) {
-      opt->groups_.push_back(Group{{}, t.view.rows, t.view.cols, FusesRmnp(c)});
-      group = &opt->groups_.back();
+      groups_.push_back(Group{{}, t.view.rows, t.view.cols, FusesRmnp(c)});
+      group = &groups_.back();
     }
     group->members.push_back(i);
   }
-  for (const Group& g : opt->groups_) {
+  workspace_floats_ = 0;
+  for (const Group& g : groups_) {
     if (g.fused_rmnp) continue;
     int64_t batch = 0;
     int64_t floats = 0;
-    for (int i : g.members) batch += opt->tensors_[i]->view.batch;
+    for (int i : g.members) batch += tensors_[i]->view.batch;
     for (int i : g.members) {
-      floats = std::max(floats, GroupWorkspaceFloats(opt->tensors_[i]->spec.config.matrix, batch,
-                                                     g.rows, g.cols));
+      floats = std::max(
+          floats, GroupWorkspaceFloats(tensors_[i]->spec.config.matrix, batch, g.rows, g.cols));
     }
-    workspace = std::max(workspace, floats);
+    workspace_floats_ = std::max(workspace_floats_, floats);
   }
-  OPTD_ASSIGN_OR_RETURN(opt->workspace_,
-                        backend.Allocate(static_cast<size_t>(workspace) * sizeof(float)));
+  return absl::OkStatus();
+}
+
+int64_t Optimizer::allocated_bytes() const {
+  int64_t floats = workspace_floats_;
+  for (const auto& t : tensors_) floats += 3 * t->count + t->second_count;
+  return floats * static_cast<int64_t>(sizeof(float));
+}
+
+absl::StatusOr<int64_t> Optimizer::RequiredBytes(std::vector<TensorSpec> tensors) {
+  Optimizer plan(nullptr);  // planning allocates nothing
+  OPTD_RETURN_IF_ERROR(plan.Plan(std::move(tensors)));
+  return plan.allocated_bytes();
+}
+
+absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(Backend& backend,
+                                                             std::vector<TensorSpec> specs) {
+  std::unique_ptr<Optimizer> opt(new Optimizer(&backend));
+  OPTD_RETURN_IF_ERROR(opt->Plan(std::move(specs)));
+  Queue& queue = backend.default_queue();
+  for (auto& t : opt->tensors_) {
+    const size_t bytes = static_cast<size_t>(t->count) * sizeof(float);
+    OPTD_ASSIGN_OR_RETURN(t->parameters, backend.Allocate(bytes));
+    OPTD_ASSIGN_OR_RETURN(t->gradient, backend.Allocate(bytes));
+    OPTD_ASSIGN_OR_RETURN(t->momentum, backend.Allocate(bytes));
+    OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->parameters.f32(), t->count, 0.0f));
+    OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->gradient.f32(), t->count, 0.0f));
+    OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->momentum.f32(), t->count, 0.0f));
+    if (t->second_count > 0) {
+      OPTD_ASSIGN_OR_RETURN(t->second_moment,
+                            backend.Allocate(static_cast<size_t>(t->second_count) * sizeof(float)));
+      OPTD_RETURN_IF_ERROR(backend.Fill(queue, t->second_moment.f32(), t->second_count, 0.0f));
+    }
+  }
+  OPTD_ASSIGN_OR_RETURN(
+      opt->workspace_,
+      backend.Allocate(static_cast<size_t>(opt->workspace_floats_) * sizeof(float)));
   OPTD_RETURN_IF_ERROR(backend.Synchronize(queue));
   return opt;
 }
@@ -237,10 +257,10 @@ absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values
           absl::StrCat("parameters for tensor '", t.spec.name, "' are not finite at element ", i));
     }
   }
-  Queue& queue = backend_.default_queue();
+  Queue& queue = backend_->default_queue();
   OPTD_RETURN_IF_ERROR(
-      backend_.Upload(queue, t.parameters.data(), values.data(), values.size() * sizeof(float)));
-  return backend_.Synchronize(queue);
+      backend_->Upload(queue, t.parameters.data(), values.data(), values.size() * sizeof(float)));
+  return backend_->Synchronize(queue);
 }
 
 absl::Status Optimizer::GetParameters(int tensor, absl::Span<float> out) const {
@@ -250,10 +270,10 @@ absl::Status Optimizer::GetParameters(int tensor, absl::Span<float> out) const {
     return absl::InvalidArgumentError(absl::StrCat("tensor '", t.spec.name, "' has ", t.count,
                                                    " elements, output holds ", out.size()));
   }
-  Queue& queue = backend_.default_queue();
+  Queue& queue = backend_->default_queue();
   OPTD_RETURN_IF_ERROR(
-      backend_.Download(queue, out.data(), t.parameters.data(), out.size() * sizeof(float)));
-  return backend_.Synchronize(queue);
+      backend_->Download(queue, out.data(), t.parameters.data(), out.size() * sizeof(float)));
+  return backend_->Synchronize(queue);
 }
 
 absl::Status Optimizer::SetGradient(int tensor, absl::Span<const float> values) {
@@ -263,8 +283,8 @@ absl::Status Optimizer::SetGradient(int tensor, absl::Span<const float> values) 
     return absl::InvalidArgumentError(absl::StrCat("gradient for tensor '", t.spec.name, "' has ",
                                                    values.size(), " elements, expected ", t.count));
   }
-  return backend_.Upload(backend_.default_queue(), t.gradient.data(), values.data(),
-                         values.size() * sizeof(float));
+  return backend_->Upload(backend_->default_queue(), t.gradient.data(), values.data(),
+                          values.size() * sizeof(float));
 }
 
 absl::Status Optimizer::SetHyperparameters(int tensor, double lr, double weight_decay,
@@ -273,7 +293,11 @@ absl::Status Optimizer::SetHyperparameters(int tensor, double lr, double weight_
   OptimizerConfig config = tensors_[tensor]->spec.config;
   config.lr = lr;
   config.weight_decay = weight_decay;
-  config.matrix.momentum = momentum;
+  if (config.algorithm == Algorithm::kAdamW) {
+    config.adamw.beta1 = momentum;
+  } else {
+    config.matrix.momentum = momentum;
+  }
   absl::Status valid = ValidateOptimizerConfig(config);
   if (!valid.ok()) {
     return absl::InvalidArgumentError(
@@ -296,6 +320,52 @@ std::vector<StateBuffer> Optimizer::state(int tensor) const {
   return state;
 }
 
+absl::StatusOr<StateBuffer> Optimizer::FindState(int tensor, absl::string_view buffer) const {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  for (const StateBuffer& b : state(tensor)) {
+    if (b.name == buffer) return b;
+  }
+  return absl::NotFoundError(absl::StrCat("tensor '", tensors_[tensor]->spec.name,
+                                          "' has no state buffer '", buffer, "'"));
+}
+
+absl::Status Optimizer::GetState(int tensor, absl::string_view buffer,
+                                 absl::Span<float> out) const {
+  OPTD_ASSIGN_OR_RETURN(StateBuffer b, FindState(tensor, buffer));
+  if (static_cast<int64_t>(out.size()) != b.count) {
+    return absl::InvalidArgumentError(absl::StrCat("state '", buffer, "' of tensor '",
+                                                   tensors_[tensor]->spec.name, "' has ", b.count,
+                                                   " elements, output holds ", out.size()));
+  }
+  Queue& queue = backend_->default_queue();
+  OPTD_RETURN_IF_ERROR(backend_->Download(queue, out.data(), b.data, out.size() * sizeof(float)));
+  return backend_->Synchronize(queue);
+}
+
+absl::Status Optimizer::SetState(int tensor, absl::string_view buffer,
+                                 absl::Span<const float> values) {
+  OPTD_ASSIGN_OR_RETURN(StateBuffer b, FindState(tensor, buffer));
+  if (static_cast<int64_t>(values.size()) != b.count) {
+    return absl::InvalidArgumentError(absl::StrCat("state '", buffer, "' of tensor '",
+                                                   tensors_[tensor]->spec.name, "' has ", b.count,
+                                                   " elements, got ", values.size()));
+  }
+  Queue& queue = backend_->default_queue();
+  OPTD_RETURN_IF_ERROR(
+      backend_->Upload(queue, b.data, values.data(), values.size() * sizeof(float)));
+  return backend_->Synchronize(queue);
+}
+
+absl::Status Optimizer::SetStepsApplied(int tensor, int64_t steps) {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  if (steps < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("steps applied of tensor '", tensors_[tensor]->spec.name, "' is ", steps));
+  }
+  tensors_[tensor]->steps = steps;
+  return absl::OkStatus();
+}
+
 absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
   if (poisoned_) {
     return absl::FailedPreconditionError(
@@ -309,13 +379,13 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
   // A plain bool array: absl::Span cannot view std::vector<bool>.
   std::unique_ptr<bool[]> present(new bool[num_tensors()]);
   for (int i = 0; i < num_tensors(); ++i) present[i] = has_gradient.empty() || has_gradient[i];
-  Queue& queue = backend_.default_queue();
+  Queue& queue = backend_->default_queue();
   // Validate everything before any state changes: a rejected step leaves no trace.
   for (int i = 0; i < num_tensors(); ++i) {
     if (!present[i]) continue;
     const Tensor& t = *tensors_[i];
-    OPTD_ASSIGN_OR_RETURN(int64_t bad, backend_.CountOutOfRange(queue, t.gradient.f32(), t.count,
-                                                                kMaxGradientMagnitude));
+    OPTD_ASSIGN_OR_RETURN(int64_t bad, backend_->CountOutOfRange(queue, t.gradient.f32(), t.count,
+                                                                 kMaxGradientMagnitude));
     if (bad > 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("gradient for tensor '", t.spec.name, "' has ", bad, " of ", t.count,
@@ -332,11 +402,11 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
       status = StepAdamW(*tensors_[i]);
     }
   }
-  if (status.ok()) status = backend_.Synchronize(queue);
+  if (status.ok()) status = backend_->Synchronize(queue);
   if (!status.ok()) {
     poisoned_ = true;
     return absl::InternalError(
-        absl::StrCat("step failed in the ", backend_.name(), " backend: ", status.message()));
+        absl::StrCat("step failed in the ", backend_->name(), " backend: ", status.message()));
   }
   for (int i = 0; i < num_tensors(); ++i) {
     if (present[i]) ++tensors_[i]->steps;
@@ -360,12 +430,12 @@ absl::Status Optimizer::StepAdamW(Tensor& t) {
       .step_size = static_cast<float>(torch ? c.lr / bc1 : c.lr / (bc1 / bc2_sqrt)),
       .bias_correction2_sqrt = static_cast<float>(bc2_sqrt),
       .eps_placement = c.adamw.eps_placement};
-  return backend_.AdamW(backend_.default_queue(), t.parameters.f32(), t.momentum.f32(),
-                        t.second_moment.f32(), t.gradient.f32(), t.count, s);
+  return backend_->AdamW(backend_->default_queue(), t.parameters.f32(), t.momentum.f32(),
+                         t.second_moment.f32(), t.gradient.f32(), t.count, s);
 }
 
 absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> present) {
-  Queue& queue = backend_.default_queue();
+  Queue& queue = backend_->default_queue();
   std::vector<Tensor*> members;
   int64_t batch = 0;
   for (int i : group.members) {
@@ -402,8 +472,8 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
                         .decay = DecayFactor(c),
                         .scale = rate.scale,
                         .step_dtype = c.matrix.step_dtype};
-      OPTD_RETURN_IF_ERROR(backend_.RmnpStep(queue, t->parameters.f32(), t->momentum.f32(),
-                                             t->gradient.f32(), t->view.batch * rows, cols, args));
+      OPTD_RETURN_IF_ERROR(backend_->RmnpStep(queue, t->parameters.f32(), t->momentum.f32(),
+                                              t->gradient.f32(), t->view.batch * rows, cols, args));
     }
     return absl::OkStatus();
   }
@@ -419,7 +489,7 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
                                              static_cast<float>(1.0 - c.momentum), c.momentum_kind,
                                              c.nesterov};
     OPTD_RETURN_IF_ERROR(
-        backend_.Momentum(queue, t->momentum.f32(), t->gradient.f32(), u, t->count, momentum));
+        backend_->Momentum(queue, t->momentum.f32(), t->gradient.f32(), u, t->count, momentum));
     PreNormalize mode = c.pre_normalize;
     if (mode == PreNormalize::kRowCol && c.rowcol_to_row_at_step > 0 &&
         t->steps + 1 >= c.rowcol_to_row_at_step) {
@@ -432,7 +502,7 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
                            .exponent = c.pre_normalize_exponent,
                            .clip = c.pre_normalize_clip};
       OPTD_RETURN_IF_ERROR(
-          backend_.Equilibrate(queue, MatrixBatch{u, t->view.batch, rows, cols}, args, scratch));
+          backend_->Equilibrate(queue, MatrixBatch{u, t->view.batch, rows, cols}, args, scratch));
     }
     offset += t->count;
   }
@@ -442,20 +512,20 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
   const MatrixBatch all{directions, batch, rows, cols};
   switch (first.direction) {
     case Direction::kNewtonSchulz:
-      OPTD_RETURN_IF_ERROR(NewtonSchulz(backend_, queue, all, first.newton_schulz, scratch));
+      OPTD_RETURN_IF_ERROR(NewtonSchulz(*backend_, queue, all, first.newton_schulz, scratch));
       break;
     case Direction::kRowNormalize:
       OPTD_RETURN_IF_ERROR(
-          backend_.RowNormalize(queue, directions, batch * rows, cols, first.row_normalize_eps));
+          backend_->RowNormalize(queue, directions, batch * rows, cols, first.row_normalize_eps));
       break;
     case Direction::kExactPolar: {
       const int64_t k = std::min(rows, cols);
       float* s = scratch;
       float* u = s + batch * k;
       float* vt = u + batch * rows * k;
-      OPTD_RETURN_IF_ERROR(backend_.SingularValueDecomposition(queue, all, s, u, vt));
-      OPTD_RETURN_IF_ERROR(backend_.ZeroSmallSingularVectors(queue, u, s, batch, rows, k,
-                                                             PolarRelativeTolerance(rows, cols)));
+      OPTD_RETURN_IF_ERROR(backend_->SingularValueDecomposition(queue, all, s, u, vt));
+      OPTD_RETURN_IF_ERROR(backend_->ZeroSmallSingularVectors(queue, u, s, batch, rows, k,
+                                                              PolarRelativeTolerance(rows, cols)));
       GemmArgs polar{.m = rows,
                      .n = cols,
                      .k = k,
@@ -469,7 +539,7 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
                      .ldc = cols,
                      .stride_c = matrix,
                      .batch = batch};
-      OPTD_RETURN_IF_ERROR(backend_.Gemm(queue, polar));
+      OPTD_RETURN_IF_ERROR(backend_->Gemm(queue, polar));
       break;
     }
   }
@@ -480,18 +550,19 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
     const OptimizerConfig& c = t->spec.config;
     const MatrixBatch o{directions + offset, t->view.batch, rows, cols};
     if (c.matrix.post_normalize == PostNormalize::kNorMuon) {
-      OPTD_RETURN_IF_ERROR(backend_.NorMuonNormalize(
+      OPTD_RETURN_IF_ERROR(backend_->NorMuonNormalize(
           queue, o, t->second_moment.f32(),
           NorMuonArgs{static_cast<float>(1.0 - c.matrix.normuon.beta2), c.matrix.normuon.eps,
                       c.matrix.normuon.preserve_frobenius}));
     }
     if (c.matrix.scale == ScaleRule::kUnitRms) {
-      OPTD_RETURN_IF_ERROR(backend_.ScaleToRms(queue, o, static_cast<float>(c.matrix.scale_rms),
-                                               c.matrix.normuon.eps));
+      OPTD_RETURN_IF_ERROR(backend_->ScaleToRms(queue, o, static_cast<float>(c.matrix.scale_rms),
+                                                c.matrix.normuon.eps));
     }
     const RateAndScale rate = rate_and_scale(*t);
-    OPTD_RETURN_IF_ERROR(backend_.ApplyUpdate(queue, t->parameters.f32(), o.data, t->count, rate.lr,
-                                              DecayFactor(c), rate.scale, c.matrix.step_dtype));
+    OPTD_RETURN_IF_ERROR(backend_->ApplyUpdate(queue, t->parameters.f32(), o.data, t->count,
+                                               rate.lr, DecayFactor(c), rate.scale,
+                                               c.matrix.step_dtype));
     offset += t->count;
   }
   return absl::OkStatus();

@@ -63,9 +63,16 @@ class Optimizer {
   static absl::StatusOr<std::unique_ptr<Optimizer>> Create(Backend& backend,
                                                            std::vector<TensorSpec> tensors);
 
+  // Backend bytes that Create would allocate for `tensors` (parameters, gradient staging, state,
+  // workspace), with the same validation and errors as Create, allocating nothing.
+  static absl::StatusOr<int64_t> RequiredBytes(std::vector<TensorSpec> tensors);
+
   ~Optimizer();
 
-  Backend& backend() const { return backend_; }
+  // Backend bytes this optimizer holds.
+  int64_t allocated_bytes() const;
+
+  Backend& backend() const { return *backend_; }
   int num_tensors() const { return static_cast<int>(tensors_.size()); }
   const TensorSpec& spec(int tensor) const;
   int64_t num_elements(int tensor) const;
@@ -99,24 +106,37 @@ class Optimizer {
   // may be partly written and must be restored from a checkpoint.
   absl::Status Step(absl::Span<const bool> has_gradient = {});
 
-  // Changes a tensor's learning rate, weight decay and (matrix optimizers) momentum.
+  // Changes a tensor's learning rate, weight decay and momentum (AdamW: β1, the momentum that
+  // torch's schedulers cycle). InvalidArgument, changing nothing, when the result is invalid.
   absl::Status SetHyperparameters(int tensor, double lr, double weight_decay, double momentum);
 
   std::vector<StateBuffer> state(int tensor) const;
 
+  // Host copies of one state buffer (by StateBuffer name), for checkpoints. NotFound for a name
+  // the tensor does not have; InvalidArgument when the size differs (nothing is written then).
+  absl::Status GetState(int tensor, absl::string_view buffer, absl::Span<float> out) const;
+  absl::Status SetState(int tensor, absl::string_view buffer, absl::Span<const float> values);
+  // Restores the step count of a tensor (checkpoints); InvalidArgument when negative.
+  absl::Status SetStepsApplied(int tensor, int64_t steps);
+
  private:
   struct Tensor;
   struct Group;
-  explicit Optimizer(Backend& backend);
+  explicit Optimizer(Backend* backend);
+
+  // Validates the specs and sizes tensors, groups and workspace without allocating.
+  absl::Status Plan(std::vector<TensorSpec> tensors);
 
   absl::Status CheckIndex(int tensor) const;
+  absl::StatusOr<StateBuffer> FindState(int tensor, absl::string_view buffer) const;
   absl::Status StepGroup(const Group& group, absl::Span<const bool> present);
   absl::Status StepAdamW(Tensor& tensor);
 
-  Backend& backend_;
+  Backend* backend_;  // null only while RequiredBytes plans
   std::vector<std::unique_ptr<Tensor>> tensors_;
   std::vector<Group> groups_;
   Buffer workspace_;
+  int64_t workspace_floats_ = 0;
   bool poisoned_ = false;
 };
 

@@ -1,0 +1,108 @@
+#include "kernels/wire.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/formulas.h"
+
+namespace optd {
+namespace {
+
+uint16_t LoadHalfWord(const char* p) {
+  uint16_t word;
+  std::memcpy(&word, p, sizeof(word));
+  return word;
+}
+
+}  // namespace
+
+absl::StatusOr<DecodeReport> DecodeWire(DType dtype, absl::string_view bytes, absl::Span<float> out,
+                                        float max_magnitude) {
+  if (dtype == DType::kF64) {
+    return absl::InvalidArgumentError("fp64 is not a wire dtype; use fp32, bf16 or fp16");
+  }
+  const size_t size = DTypeSize(dtype);
+  if (bytes.size() % size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(bytes.size(), " bytes of ", DTypeName(dtype),
+                                                   " is not a whole number of elements"));
+  }
+  if (bytes.size() / size != out.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("decoding ", bytes.size() / size, " elements into room for ", out.size()));
+  }
+  const char* p = bytes.data();
+  switch (dtype) {
+    case DType::kF32:
+      std::memcpy(out.data(), p, bytes.size());
+      break;
+    case DType::kBF16:
+      for (size_t i = 0; i < out.size(); ++i) {
+        out[i] = formulas::Bf16BitsToFloat(LoadHalfWord(p + 2 * i));
+      }
+      break;
+    case DType::kF16:
+      for (size_t i = 0; i < out.size(); ++i) {
+        out[i] = formulas::HalfBitsToFloat(LoadHalfWord(p + 2 * i));
+      }
+      break;
+    case DType::kF64:
+      break;
+  }
+  DecodeReport report;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (formulas::IsOutOfRange(out[i], max_magnitude)) {
+      if (report.out_of_range++ == 0) report.first_out_of_range = static_cast<int64_t>(i);
+    }
+  }
+  return report;
+}
+
+absl::Status EncodeWire(DType dtype, absl::Span<const float> values, std::string& out) {
+  if (dtype == DType::kF64) {
+    return absl::InvalidArgumentError("fp64 is not a wire dtype; use fp32, bf16 or fp16");
+  }
+  const size_t start = out.size();
+  out.resize(start + values.size() * DTypeSize(dtype));
+  char* p = out.data() + start;
+  switch (dtype) {
+    case DType::kF32:
+      std::memcpy(p, values.data(), values.size() * sizeof(float));
+      break;
+    case DType::kBF16:
+      for (size_t i = 0; i < values.size(); ++i) {
+        const uint16_t word = formulas::FloatToBf16Bits(values[i]);
+        std::memcpy(p + 2 * i, &word, sizeof(word));
+      }
+      break;
+    case DType::kF16:
+      for (size_t i = 0; i < values.size(); ++i) {
+        const uint16_t word = formulas::FloatToHalfBits(values[i]);
+        std::memcpy(p + 2 * i, &word, sizeof(word));
+      }
+      break;
+    case DType::kF64:
+      break;
+  }
+  return absl::OkStatus();
+}
+
+void MeanOfWorkers(absl::Span<const float* const> inputs, absl::Span<float> out) {
+  if (inputs.empty()) return;
+  if (inputs.size() == 1) {
+    if (inputs[0] != out.data()) std::memcpy(out.data(), inputs[0], out.size() * sizeof(float));
+    return;
+  }
+  const float count = static_cast<float>(inputs.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    float sum = inputs[0][i];
+    for (size_t w = 1; w < inputs.size(); ++w) sum += inputs[w][i];
+    out[i] = sum / count;
+  }
+}
+
+void ParameterDelta(absl::Span<const float> after, absl::Span<const float> before,
+                    absl::Span<float> out) {
+  for (size_t i = 0; i < out.size(); ++i) out[i] = after[i] - before[i];
+}
+
+}  // namespace optd

@@ -1,0 +1,125 @@
+// optd: the optimizer daemon. `optd --help` lists the flags.
+#include <signal.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "server/server.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
+          "Address to serve gRPC on, host:port; port 0 picks a free port (see --port_file).");
+ABSL_FLAG(std::string, backend, "auto",
+          "Optimizer backend: auto (CUDA when a GPU is usable, else CPU), cpu or cuda.");
+ABSL_FLAG(int, threads, 0, "Backend threads (BLAS and element loops); 0 uses every core.");
+ABSL_FLAG(std::string, state_dir, "",
+          "Directory for checkpoints; optd resumes every session found in it. Empty: sessions "
+          "live in memory only and Checkpoint/Restore are refused.");
+ABSL_FLAG(int, max_sessions, 64, "Most sessions held at once (RESOURCE_EXHAUSTED beyond).");
+ABSL_FLAG(int64_t, max_session_bytes, int64_t{16} << 30,
+          "Most bytes of state one session may hold: parameters, optimizer state, gradient "
+          "staging per worker and the result buffer (RESOURCE_EXHAUSTED beyond).");
+ABSL_FLAG(int64_t, max_message_bytes, (int64_t{4} << 20) + (64 << 10),
+          "Largest gRPC message accepted or sent; chunks are at most 4 MiB.");
+ABSL_FLAG(int64_t, chunk_bytes, int64_t{1} << 20,
+          "Default size of the chunks results are streamed in (clients may ask for others).");
+ABSL_FLAG(int, max_pending_steps, 64,
+          "Step calls admitted at once, waiting ones included; beyond it Step answers "
+          "UNAVAILABLE so clients back off.");
+ABSL_FLAG(int, max_concurrent_streams, 256, "HTTP/2 streams per connection.");
+ABSL_FLAG(double, straggler_timeout_s, 60,
+          "Seconds a step waits for all workers of a multi-worker session before it is aborted "
+          "(sessions may set their own).");
+ABSL_FLAG(double, idle_ttl_s, 0,
+          "Sessions unused this many seconds are checkpointed and unloaded, and reload on next "
+          "use; 0 keeps them loaded. Needs --state_dir.");
+ABSL_FLAG(double, drain_timeout_s, 30,
+          "On SIGTERM, seconds steps in flight get to finish before sessions are checkpointed.");
+ABSL_FLAG(std::string, admin_token, "",
+          "Token that CreateSession, ListSessions and DeleteSession require (Bearer metadata); "
+          "empty: those calls are open to anyone who can connect.");
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain; with --tls_key turns TLS on.");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).");
+ABSL_FLAG(std::string, port_file, "",
+          "Write the bound port to this file once serving (for --listen=...:0).");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "optd: optimizer-as-a-service daemon (Muon, RMNP, MuonEq, NorMuon, AdamW).\n"
+      "  optd --listen=127.0.0.1:50051 --state_dir=/var/lib/optd");
+  absl::ParseCommandLine(argc, argv);
+
+  // Block the shutdown signals before any thread starts, then wait for them here.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  optd::server::ServerOptions options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.backend = absl::GetFlag(FLAGS_backend);
+  options.threads = absl::GetFlag(FLAGS_threads);
+  options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  options.admin_token = absl::GetFlag(FLAGS_admin_token);
+  options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  options.drain_timeout = absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_s));
+  options.sessions.state_dir = absl::GetFlag(FLAGS_state_dir);
+  options.sessions.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  options.sessions.max_session_bytes = absl::GetFlag(FLAGS_max_session_bytes);
+  options.sessions.idle_ttl = absl::Seconds(absl::GetFlag(FLAGS_idle_ttl_s));
+  options.sessions.default_straggler_timeout =
+      absl::Seconds(absl::GetFlag(FLAGS_straggler_timeout_s));
+  options.service.max_pending_steps = absl::GetFlag(FLAGS_max_pending_steps);
+  options.service.default_chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  if (options.service.default_chunk_bytes < 4 ||
+      options.service.default_chunk_bytes > optd::server::kMaxChunkBytes ||
+      options.max_message_bytes < options.service.default_chunk_bytes + 1024) {
+    std::fprintf(stderr,
+                 "optd: --chunk_bytes must be in [4, 4 MiB] and below --max_message_bytes\n");
+    return 2;
+  }
+  if (options.sessions.idle_ttl > absl::ZeroDuration() && options.sessions.state_dir.empty()) {
+    std::fprintf(stderr, "optd: --idle_ttl_s needs --state_dir to unload sessions into\n");
+    return 2;
+  }
+
+  absl::StatusOr<std::unique_ptr<optd::server::Server>> server =
+      optd::server::Server::Start(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "optd: %s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  for (const std::string& line : (*server)->startup_log()) {
+    std::fprintf(stderr, "optd: %s\n", line.c_str());
+  }
+  std::fprintf(stderr, "optd: serving on %s\n", (*server)->address().c_str());
+  const std::string port_file = absl::GetFlag(FLAGS_port_file);
+  if (!port_file.empty()) {
+    const std::string temporary = port_file + ".tmp";
+    std::ofstream(temporary) << (*server)->port() << "\n";
+    std::rename(temporary.c_str(), port_file.c_str());
+  }
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  std::fprintf(stderr, "optd: %s: draining steps, checkpointing sessions\n",
+               signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
+  absl::Status stopped = (*server)->Shutdown();
+  if (!stopped.ok()) {
+    std::fprintf(stderr, "optd: shutdown checkpoint failed: %s\n", stopped.ToString().c_str());
+    return 1;
+  }
+  std::fprintf(stderr, "optd: stopped\n");
+  return 0;
+}

@@ -1,0 +1,166 @@
+#include "server/server.h"
+
+#include <fstream>
+#include <sstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "kernels/cuda_status.h"
+#include "kernels/status_macros.h"
+#include "server/auth.h"
+
+namespace optd::server {
+namespace {
+
+absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read ", what, " file '", path, "'"));
+  }
+  std::stringstream contents;
+  contents << in.rdbuf();
+  return contents.str();
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> PickBackend(const ServerOptions& options,
+                                                     std::vector<std::string>& log) {
+  if (options.backend != "auto" && options.backend != "cpu" && options.backend != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend=", options.backend, " is not one of auto, cpu, cuda"));
+  }
+  // The CUDA backend arrives with issue 7; until then `auto` serves from the CPU and says why.
+  if (options.backend == "cuda") {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--backend=cuda: this build has no CUDA optimizer backend yet (",
+        CudaDeviceCount() > 0 ? "a GPU is present" : CudaBackendUnavailableReason(), ")"));
+  }
+  if (options.backend == "auto") {
+    log.push_back(absl::StrCat("backend auto: cpu (",
+                               CudaDeviceCount() > 0
+                                   ? "a GPU is present but this build has no CUDA backend yet"
+                                   : CudaBackendUnavailableReason(),
+                               ")"));
+  }
+  CpuBackendOptions cpu;
+  cpu.threads = options.threads;
+  return CreateCpuBackend(cpu);
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
+    const ServerOptions& options) {
+  if (options.tls_cert.empty() && options.tls_key.empty()) {
+    if (!options.tls_client_ca.empty()) {
+      return absl::InvalidArgumentError("--tls_client_ca needs --tls_cert and --tls_key");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  if (options.tls_cert.empty() || options.tls_key.empty()) {
+    return absl::InvalidArgumentError("TLS needs both --tls_cert and --tls_key");
+  }
+  grpc::SslServerCredentialsOptions ssl;
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  OPTD_ASSIGN_OR_RETURN(pair.cert_chain, ReadPem(options.tls_cert, "--tls_cert"));
+  OPTD_ASSIGN_OR_RETURN(pair.private_key, ReadPem(options.tls_key, "--tls_key"));
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!options.tls_client_ca.empty()) {
+    OPTD_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem(options.tls_client_ca, "--tls_client_ca"));
+    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
+  std::unique_ptr<Server> server(new Server());
+  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                        ServerCredentials(options));
+  OPTD_ASSIGN_OR_RETURN(server->backend_, PickBackend(options, server->startup_log_));
+  server->startup_log_.push_back(absl::StrCat("backend: ", server->backend_->description()));
+  if (!options.admin_token.empty()) {
+    options.sessions.admin_token_digest = TokenDigest(options.admin_token);
+  }
+  server->sessions_ = std::make_unique<SessionManager>(*server->backend_, options.sessions);
+  std::vector<std::string> skipped;
+  OPTD_RETURN_IF_ERROR(server->sessions_->Recover(&skipped));
+  for (const std::string& s : skipped) {
+    server->startup_log_.push_back(absl::StrCat("skipped checkpoint ", s));
+  }
+  if (!options.sessions.state_dir.empty()) {
+    server->startup_log_.push_back(absl::StrCat("state directory ", options.sessions.state_dir,
+                                                ": ", server->sessions_->num_sessions(),
+                                                " session(s) to resume"));
+  }
+  server->service_ = std::make_unique<OptimizerService>(*server->sessions_, options.service);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, credentials, &server->port_);
+  builder.RegisterService(server->service_.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  // Every pending step holds a thread in the synchronous server (workers wait for each other),
+  // so the quota leaves room for all of them plus the other calls.
+  grpc::ResourceQuota quota("optd");
+  quota.SetMaxThreads(options.service.max_pending_steps + 64);
+  builder.SetResourceQuota(quota);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options.max_concurrent_streams);
+  // Keepalive: ping idle clients every 60 s, drop them after 20 s without an answer; refuse
+  // clients that ping more often than every 10 s (gRPC's anti-abuse strikes).
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 60000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 2);
+  server->server_ = builder.BuildAndStart();
+  if (server->server_ == nullptr || server->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  server->server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
+  server->options_ = std::move(options);
+
+  if (server->options_.sessions.idle_ttl > absl::ZeroDuration()) {
+    const absl::Duration period = std::clamp(server->options_.sessions.idle_ttl / 4,
+                                             absl::Milliseconds(50), absl::Seconds(10));
+    Server* self = server.get();
+    server->reaper_ = std::thread([self, period] {
+      while (!self->stop_reaper_.WaitForNotificationWithTimeout(period)) {
+        self->sessions_->UnloadIdle(absl::Now());
+      }
+    });
+  }
+  return server;
+}
+
+std::string Server::address() const {
+  const std::string& listen = options_.listen;
+  return absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port_);
+}
+
+absl::Status Server::Shutdown() {
+  if (shut_down_) return absl::OkStatus();
+  shut_down_ = true;
+  server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
+  service_->StartDraining();
+  service_->WaitForIdle(options_.drain_timeout);
+  if (reaper_.joinable()) {
+    stop_reaper_.Notify();
+    reaper_.join();
+  }
+  absl::Status checkpointed = sessions_->CheckpointAll();
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  server_->Wait();
+  return checkpointed;
+}
+
+Server::~Server() {
+  if (!shut_down_ && server_ != nullptr) Shutdown().IgnoreError();
+  if (reaper_.joinable()) {
+    stop_reaper_.Notify();
+    reaper_.join();
+  }
+}
+
+}  // namespace optd::server

@@ -1,0 +1,80 @@
+// The optd daemon as an object: backend, sessions, the gRPC server with health checking and
+// reflection, the idle-session reaper, and the drain-and-checkpoint shutdown. main.cc wires flags
+// to it; end-to-end tests run it in-process.
+#ifndef OPTD_SERVER_SERVER_H_
+#define OPTD_SERVER_SERVER_H_
+
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "grpcpp/grpcpp.h"
+#include "kernels/backend.h"
+#include "server/service.h"
+#include "server/session_manager.h"
+
+namespace optd::server {
+
+// The service name readiness is reported under; "" is liveness.
+inline constexpr char kServiceName[] = "optd.v1.Optimizer";
+
+struct ServerOptions {
+  std::string listen = "127.0.0.1:50051";  // port 0 picks a free one
+  std::string backend = "auto";            // auto | cpu | cuda
+  int threads = 0;                         // backend threads; 0: all cores
+  // PEM file paths; cert and key turn TLS on, a client CA makes it mutual.
+  std::string tls_cert, tls_key, tls_client_ca;
+  std::string admin_token;  // empty: CreateSession and ListSessions need none
+  int64_t max_message_bytes = kMaxChunkBytes + (64 << 10);
+  int max_concurrent_streams = 256;
+  absl::Duration drain_timeout = absl::Seconds(30);
+  SessionManagerOptions sessions;
+  ServiceOptions service;
+};
+
+class Server {
+ public:
+  // Picks the backend, recovers the sessions in the state directory and starts serving.
+  // InvalidArgument for bad options, Unavailable when the address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<Server>> Start(ServerOptions options);
+  ~Server();
+
+  int port() const { return port_; }
+  std::string address() const;
+  Backend& backend() { return *backend_; }
+  SessionManager& sessions() { return *sessions_; }
+  // Lines worth logging at start-up (backend choice, recovered and skipped sessions).
+  const std::vector<std::string>& startup_log() const { return startup_log_; }
+
+  // Readiness goes NOT_SERVING, new steps are refused, steps in flight get up to the drain
+  // timeout to finish, every session is checkpointed, and the gRPC server stops. Returns the
+  // checkpoint result; idempotent.
+  absl::Status Shutdown();
+
+ private:
+  Server() = default;
+
+  ServerOptions options_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<SessionManager> sessions_;
+  std::unique_ptr<OptimizerService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::vector<std::string> startup_log_;
+  absl::Notification stop_reaper_;
+  std::thread reaper_;
+  bool shut_down_ = false;
+};
+
+// grpc::Server credentials for `options`: insecure, TLS, or mutual TLS. InvalidArgument naming
+// the file that cannot be read.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
+    const ServerOptions& options);
+
+}  // namespace optd::server
+
+#endif  // OPTD_SERVER_SERVER_H_

@@ -1,0 +1,330 @@
+#include "server/service.h"
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/optimizer.h"
+#include "kernels/status_macros.h"
+#include "kernels/wire.h"
+#include "server/session_config.h"
+
+namespace optd::server {
+namespace {
+
+absl::string_view Authorization(const grpc::ServerContext& context) {
+  const auto& metadata = context.client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) return {};
+  return absl::string_view(it->second.data(), it->second.size());
+}
+
+absl::StatusOr<int64_t> ChunkBytes(int64_t requested, int64_t default_bytes) {
+  if (requested == 0) return default_bytes;
+  if (requested < 4 || requested > kMaxChunkBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk_bytes ", requested, " is outside [4, ", kMaxChunkBytes, "]"));
+  }
+  return requested;
+}
+
+// The dtype results go out in: the request's, or the tensor's own.
+absl::StatusOr<DType> ResultDType(int requested, DType tensor_dtype) {
+  if (requested == v1::DTYPE_UNSPECIFIED) return tensor_dtype;
+  return FromWireDType(requested);
+}
+
+// Streams `values` as chunks of at most `chunk_bytes`, through `write`, which returns false when
+// the peer is gone.
+template <typename Write>
+absl::Status StreamTensor(const std::string& name, absl::Span<const float> values, DType dtype,
+                          int64_t chunk_bytes, v1::TensorChunk& chunk, Write write) {
+  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / DTypeSize(dtype));
+  const int64_t count = static_cast<int64_t>(values.size());
+  chunk.set_tensor(name);
+  chunk.set_dtype(ToWireDType(dtype));
+  for (int64_t offset = 0; offset < count; offset += per_chunk) {
+    const int64_t n = std::min(per_chunk, count - offset);
+    chunk.set_offset(offset);
+    std::string* data = chunk.mutable_data();
+    data->clear();
+    OPTD_RETURN_IF_ERROR(EncodeWire(dtype, values.subspan(offset, n), *data));
+    if (!write()) {
+      return absl::CancelledError(
+          absl::StrCat("the client went away while tensor '", name, "' was being sent"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Decodes one chunk into `staging` after resolving its tensor and dtype.
+absl::Status AddChunk(Session& session, TensorStaging& staging, const v1::TensorChunk& chunk,
+                      float max_magnitude, bool reject) {
+  OPTD_ASSIGN_OR_RETURN(int tensor, session.FindTensor(chunk.tensor()));
+  absl::StatusOr<DType> dtype = FromWireDType(chunk.dtype());
+  if (!dtype.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk of tensor '", chunk.tensor(), "': ", dtype.status().message()));
+  }
+  return staging.AddChunk(tensor, chunk.offset(), *dtype, chunk.data(), max_magnitude, reject);
+}
+
+}  // namespace
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+OptimizerService::OptimizerService(SessionManager& sessions, ServiceOptions options)
+    : sessions_(sessions), options_(options) {}
+
+void OptimizerService::StartDraining() { draining_ = true; }
+
+bool OptimizerService::WaitForIdle(absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (steps_in_flight_.load() > 0) {
+    if (absl::Now() >= deadline) return false;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return true;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> OptimizerService::Authorize(grpc::ServerContext* context,
+                                                                     absl::string_view session_id) {
+  if (session_id.empty()) return absl::InvalidArgumentError("session_id is empty");
+  return sessions_.Get(session_id, Authorization(*context));
+}
+
+grpc::Status OptimizerService::CreateSession(grpc::ServerContext* context,
+                                             const v1::CreateSessionRequest* request,
+                                             v1::CreateSessionResponse* response) {
+  absl::Status admin = sessions_.AuthorizeAdmin(Authorization(*context));
+  if (!admin.ok()) return ToGrpcStatus(admin);
+  absl::StatusOr<CreatedSession> created =
+      sessions_.Create(request->session_id(), request->config());
+  if (!created.ok()) return ToGrpcStatus(created.status());
+  response->set_session_id(created->session->id());
+  response->set_token(created->token);
+  *response->mutable_session() = created->session->Info(/*with_tensors=*/true);
+  return grpc::Status::OK;
+}
+
+grpc::Status OptimizerService::GetSession(grpc::ServerContext* context,
+                                          const v1::GetSessionRequest* request,
+                                          v1::SessionInfo* response) {
+  absl::StatusOr<std::shared_ptr<Session>> session = Authorize(context, request->session_id());
+  if (!session.ok()) return ToGrpcStatus(session.status());
+  *response = (*session)->Info(/*with_tensors=*/true);
+  return grpc::Status::OK;
+}
+
+grpc::Status OptimizerService::ListSessions(grpc::ServerContext* context,
+                                            const v1::ListSessionsRequest*,
+                                            v1::ListSessionsResponse* response) {
+  absl::Status admin = sessions_.AuthorizeAdmin(Authorization(*context));
+  if (!admin.ok()) return ToGrpcStatus(admin);
+  for (v1::SessionInfo& info : sessions_.List()) *response->add_sessions() = std::move(info);
+  return grpc::Status::OK;
+}
+
+grpc::Status OptimizerService::DeleteSession(grpc::ServerContext* context,
+                                             const v1::DeleteSessionRequest* request,
+                                             v1::DeleteSessionResponse*) {
+  if (request->session_id().empty()) {
+    return ToGrpcStatus(absl::InvalidArgumentError("session_id is empty"));
+  }
+  return ToGrpcStatus(sessions_.Delete(request->session_id(), Authorization(*context)));
+}
+
+grpc::Status OptimizerService::UpdateHyperparams(grpc::ServerContext* context,
+                                                 const v1::UpdateHyperparamsRequest* request,
+                                                 v1::UpdateHyperparamsResponse*) {
+  absl::StatusOr<std::shared_ptr<Session>> session = Authorize(context, request->session_id());
+  if (!session.ok()) return ToGrpcStatus(session.status());
+  return ToGrpcStatus((*session)->UpdateHyperparams(*request));
+}
+
+grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
+                                            grpc::ServerReader<v1::UploadParamsRequest>* reader,
+                                            v1::UploadParamsResponse* response) {
+  v1::UploadParamsRequest request;
+  if (!reader->Read(&request) || !request.has_header()) {
+    return ToGrpcStatus(
+        absl::InvalidArgumentError("UploadParams must start with a header naming the session"));
+  }
+  absl::StatusOr<std::shared_ptr<Session>> session =
+      Authorize(context, request.header().session_id());
+  if (!session.ok()) return ToGrpcStatus(session.status());
+  std::unique_ptr<TensorStaging> staging = (*session)->AcquireStaging();
+  absl::Status status;
+  while (status.ok() && reader->Read(&request)) {
+    if (!request.has_chunk()) {
+      status = absl::InvalidArgumentError("UploadParams carries one header, then only chunks");
+      break;
+    }
+    // Parameters may be any finite value; the gradient bound does not apply to them.
+    status = AddChunk(**session, *staging, request.chunk(), std::numeric_limits<float>::max(),
+                      /*reject=*/true);
+  }
+  if (status.ok() && context->IsCancelled()) {
+    status = absl::CancelledError("the upload was cancelled; nothing was changed");
+  }
+  if (status.ok()) status = staging->CheckComplete();
+  if (status.ok()) status = (*session)->SetParameters(*staging);
+  if (status.ok()) response->set_tensors_updated(staging->num_present());
+  (*session)->ReleaseStaging(std::move(staging));
+  return ToGrpcStatus(status);
+}
+
+grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
+                                         const v1::GetParamsRequest* request,
+                                         grpc::ServerWriter<v1::TensorChunk>* writer) {
+  absl::StatusOr<std::shared_ptr<Session>> found = Authorize(context, request->session_id());
+  if (!found.ok()) return ToGrpcStatus(found.status());
+  Session& session = **found;
+  absl::StatusOr<int64_t> chunk_bytes =
+      ChunkBytes(request->chunk_bytes(), options_.default_chunk_bytes);
+  if (!chunk_bytes.ok()) return ToGrpcStatus(chunk_bytes.status());
+  std::vector<int> tensors;
+  for (const std::string& name : request->tensors()) {
+    absl::StatusOr<int> t = session.FindTensor(name);
+    if (!t.ok()) return ToGrpcStatus(t.status());
+    tensors.push_back(*t);
+  }
+  if (tensors.empty()) {
+    for (int t = 0; t < session.num_tensors(); ++t) tensors.push_back(t);
+  }
+  if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
+    absl::Status valid = FromWireDType(request->dtype()).status();
+    if (!valid.ok()) return ToGrpcStatus(valid);
+  }
+  v1::TensorChunk chunk;
+  std::vector<float> values;
+  for (int t : tensors) {
+    values.resize(static_cast<size_t>(session.num_elements(t)));
+    absl::Status got = session.GetParameters(t, absl::MakeSpan(values));
+    if (!got.ok()) return ToGrpcStatus(got);
+    const DType dtype = *ResultDType(request->dtype(), session.tensor_dtype(t));
+    absl::Status sent = StreamTensor(session.tensor_name(t), values, dtype, *chunk_bytes, chunk,
+                                     [&] { return writer->Write(chunk); });
+    if (!sent.ok()) return ToGrpcStatus(sent);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status OptimizerService::Step(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) {
+  if (draining_.load()) {
+    return ToGrpcStatus(absl::UnavailableError("optd is shutting down; no new steps"));
+  }
+  if (steps_in_flight_.fetch_add(1) >= options_.max_pending_steps) {
+    steps_in_flight_.fetch_sub(1);
+    return ToGrpcStatus(absl::UnavailableError(
+        absl::StrCat("the step queue is full (", options_.max_pending_steps,
+                     " steps pending, --max_pending_steps); back off and retry")));
+  }
+  absl::Status status = RunStep(context, stream);
+  steps_in_flight_.fetch_sub(1);
+  return ToGrpcStatus(status);
+}
+
+absl::Status OptimizerService::RunStep(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) {
+  v1::StepRequest request;
+  if (!stream->Read(&request) || !request.has_header()) {
+    return absl::InvalidArgumentError(
+        "Step must start with a header (session, worker, step number)");
+  }
+  const v1::StepHeader header = request.header();
+  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Authorize(context, header.session_id()));
+  OPTD_ASSIGN_OR_RETURN(int64_t chunk_bytes,
+                        ChunkBytes(header.chunk_bytes(), options_.default_chunk_bytes));
+  if (header.result_dtype() != v1::DTYPE_UNSPECIFIED) {
+    OPTD_RETURN_IF_ERROR(FromWireDType(header.result_dtype()).status());
+  }
+  OPTD_RETURN_IF_ERROR(session->CheckStepHeader(header));
+
+  const bool reject = session->config().non_finite_policy() != v1::NON_FINITE_POLICY_SKIP_STEP;
+  std::unique_ptr<TensorStaging> staging = session->AcquireStaging();
+  absl::Status received;
+  while (received.ok() && stream->Read(&request)) {
+    if (!request.has_chunk()) {
+      received = absl::InvalidArgumentError("a Step stream carries one header, then only chunks");
+      break;
+    }
+    received = AddChunk(*session, *staging, request.chunk(), kMaxGradientMagnitude, reject);
+  }
+  if (received.ok() && context->IsCancelled()) {
+    received = absl::CancelledError("the step was cancelled while its gradients arrived");
+  }
+  if (received.ok()) received = staging->CheckComplete();
+  if (!received.ok()) {
+    session->ReleaseStaging(std::move(staging));
+    return absl::Status(received.code(), absl::StrCat("session '", session->id(), "' step ",
+                                                      header.step(), ": ", received.message()));
+  }
+
+  OPTD_ASSIGN_OR_RETURN(StepReply reply, session->Step(header, std::move(staging), [context] {
+    return context->IsCancelled();
+  }));
+  const StepOutcome& outcome = *reply.outcome;
+  v1::StepResponse response;
+  v1::StepSummary* summary = response.mutable_summary();
+  summary->set_step(outcome.step);
+  summary->set_skipped(outcome.skipped);
+  summary->set_replayed(reply.replayed);
+  summary->set_tensors_updated(outcome.tensors_updated);
+  summary->set_nonfinite_values(outcome.nonfinite_values);
+  summary->set_result(outcome.result);
+  if (!stream->Write(response)) {
+    return absl::CancelledError("the client went away before the step's result was sent");
+  }
+  for (size_t t = 0; t < outcome.values.size(); ++t) {
+    const DType dtype = *ResultDType(header.result_dtype(), session->tensor_dtype(t));
+    v1::TensorChunk* chunk = response.mutable_chunk();
+    OPTD_RETURN_IF_ERROR(StreamTensor(session->tensor_name(t), outcome.values[t], dtype,
+                                      chunk_bytes, *chunk,
+                                      [&] { return stream->Write(response); }));
+  }
+  return absl::OkStatus();
+}
+
+grpc::Status OptimizerService::Checkpoint(grpc::ServerContext* context,
+                                          const v1::CheckpointRequest* request,
+                                          v1::CheckpointResponse* response) {
+  absl::StatusOr<std::shared_ptr<Session>> session = Authorize(context, request->session_id());
+  if (!session.ok()) return ToGrpcStatus(session.status());
+  absl::StatusOr<CheckpointInfo> info = (*session)->Checkpoint();
+  if (!info.ok()) return ToGrpcStatus(info.status());
+  response->set_step(info->step);
+  response->set_path(info->path);
+  response->set_bytes(info->bytes);
+  return grpc::Status::OK;
+}
+
+grpc::Status OptimizerService::Restore(grpc::ServerContext* context,
+                                       const v1::RestoreRequest* request,
+                                       v1::RestoreResponse* response) {
+  absl::StatusOr<std::shared_ptr<Session>> session = Authorize(context, request->session_id());
+  if (!session.ok()) return ToGrpcStatus(session.status());
+  absl::StatusOr<int64_t> step = (*session)->Restore();
+  if (!step.ok()) return ToGrpcStatus(step.status());
+  response->set_step(*step);
+  return grpc::Status::OK;
+}
+
+grpc::Status OptimizerService::GetAnalysis(grpc::ServerContext* context,
+                                           const v1::GetAnalysisRequest* request,
+                                           v1::GetAnalysisResponse* response) {
+  absl::StatusOr<std::shared_ptr<Session>> session = Authorize(context, request->session_id());
+  if (!session.ok()) return ToGrpcStatus(session.status());
+  for (v1::TensorAnalysis& a : (*session)->Analysis()) *response->add_tensors() = std::move(a);
+  return grpc::Status::OK;
+}
+
+}  // namespace optd::server

@@ -1,0 +1,636 @@
+#include "server/session.h"
+
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "kernels/initializers.h"
+#include "kernels/status_macros.h"
+#include "kernels/wire.h"
+#include "server/checkpoint_file.h"
+#include "server/session_config.h"
+
+namespace optd::server {
+namespace {
+
+absl::string_view AsBytes(absl::Span<const float> values) {
+  return absl::string_view(reinterpret_cast<const char*>(values.data()),
+                           values.size() * sizeof(float));
+}
+
+absl::Status CopyRecord(absl::string_view record, absl::string_view name, absl::Span<float> out) {
+  if (record.size() != out.size() * sizeof(float)) {
+    return absl::DataLossError(absl::StrCat("checkpoint record '", name, "' has ", record.size(),
+                                            " bytes, expected ", out.size() * sizeof(float)));
+  }
+  std::memcpy(out.data(), record.data(), record.size());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+struct Session::Loaded {
+  std::unique_ptr<Optimizer> optimizer;
+  int64_t step = 0;
+  std::map<std::string, v1::GroupHyperparams> hyperparams;
+};
+
+Session::Session(Backend& backend, std::string id, v1::SessionConfig config,
+                 std::string token_digest, SessionOptions options)
+    : backend_(backend),
+      id_(std::move(id)),
+      config_(std::move(config)),
+      token_digest_(std::move(token_digest)),
+      options_(std::move(options)) {
+  for (const v1::TensorConfig& t : config_.tensors()) {
+    names_.push_back(t.name());
+    counts_.push_back(*ElementCount(t.shape()));
+    dtypes_.push_back(*FromWireDType(t.dtype()));
+    int group = 0;
+    while (config_.groups(group).name() != t.group()) ++group;
+    group_of_.push_back(group);
+  }
+  Touch();
+}
+
+Session::~Session() = default;
+
+std::string Session::CheckpointPath(const std::string& state_dir, const std::string& id) {
+  return absl::StrCat(state_dir, "/", id, "/checkpoint");
+}
+
+absl::StatusOr<int64_t> Session::RequiredBytes(const v1::SessionConfig& config) {
+  OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config));
+  int64_t elements = 0;
+  for (const TensorSpec& spec : specs) elements += *ElementCount(spec.shape);
+  OPTD_ASSIGN_OR_RETURN(int64_t optimizer, Optimizer::RequiredBytes(std::move(specs)));
+  const int64_t result = config.step_result() == v1::STEP_RESULT_NONE ? 0 : 1;
+  const int64_t world = std::max(1, config.world_size());
+  return optimizer + (world + result) * elements * static_cast<int64_t>(sizeof(float));
+}
+
+absl::StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend, std::string id,
+                                                         v1::SessionConfig config,
+                                                         std::string token_digest,
+                                                         SessionOptions options) {
+  OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config));
+  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> optimizer,
+                        Optimizer::Create(backend, std::move(specs)));
+  for (int t = 0; t < config.tensors_size(); ++t) {
+    const v1::TensorConfig& tensor = config.tensors(t);
+    if (!tensor.has_normal()) continue;
+    std::vector<float> values(static_cast<size_t>(optimizer->num_elements(t)));
+    FillNormal(tensor.normal().seed(), tensor.normal().mean(), tensor.normal().std(),
+               absl::MakeSpan(values));
+    OPTD_RETURN_IF_ERROR(optimizer->SetParameters(t, values));
+  }
+  std::unique_ptr<Session> session(new Session(backend, std::move(id), std::move(config),
+                                               std::move(token_digest), std::move(options)));
+  OPTD_RETURN_IF_ERROR(session->Initialize(std::move(optimizer)));
+  return session;
+}
+
+absl::Status Session::Initialize(std::unique_ptr<Optimizer> optimizer) {
+  OPTD_ASSIGN_OR_RETURN(state_bytes_, RequiredBytes(config_));
+  absl::MutexLock lock(&mu_);
+  optimizer_ = std::move(optimizer);
+  for (int t = 0; t < num_tensors(); ++t) {
+    const v1::GroupConfig& group = config_.groups(group_of_[t]);
+    if (hyperparams_.contains(group.name())) continue;
+    const OptimizerConfig& c = optimizer_->spec(t).config;
+    v1::GroupHyperparams& h = hyperparams_[group.name()];
+    h.set_group(group.name());
+    h.set_lr(c.lr);
+    h.set_weight_decay(c.weight_decay);
+    h.set_momentum(c.algorithm == Algorithm::kAdamW ? c.adamw.beta1 : c.matrix.momentum);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::SessionCheckpoint> Session::ReadCheckpointMeta(FileSystem& fs,
+                                                                  const std::string& path) {
+  OPTD_ASSIGN_OR_RETURN(CheckpointReader reader, CheckpointReader::Open(fs, path));
+  OPTD_ASSIGN_OR_RETURN(absl::string_view meta_bytes, reader.Find("meta"));
+  v1::SessionCheckpoint meta;
+  if (!meta.ParseFromArray(meta_bytes.data(), static_cast<int>(meta_bytes.size()))) {
+    return absl::DataLossError(absl::StrCat(path, ": the meta record does not parse"));
+  }
+  return meta;
+}
+
+absl::StatusOr<Session::Loaded> Session::LoadCheckpoint(const std::string& path) {
+  OPTD_ASSIGN_OR_RETURN(CheckpointReader reader, CheckpointReader::Open(*options_.fs, path));
+  OPTD_ASSIGN_OR_RETURN(absl::string_view meta_bytes, reader.Find("meta"));
+  v1::SessionCheckpoint meta;
+  if (!meta.ParseFromArray(meta_bytes.data(), static_cast<int>(meta_bytes.size()))) {
+    return absl::DataLossError(absl::StrCat(path, ": the meta record does not parse"));
+  }
+  if (meta.session_id() != id_ || meta.tensors_size() != num_tensors() || meta.step() < 0) {
+    return absl::DataLossError(absl::StrCat(path, " holds session '", meta.session_id(), "' with ",
+                                            meta.tensors_size(), " tensors at step ", meta.step(),
+                                            "; expected session '", id_, "' with ", num_tensors(),
+                                            " tensors"));
+  }
+  OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config_));
+  Loaded loaded;
+  OPTD_ASSIGN_OR_RETURN(loaded.optimizer, Optimizer::Create(backend_, std::move(specs)));
+  std::vector<float> values;
+  for (int t = 0; t < num_tensors(); ++t) {
+    const v1::TensorCheckpoint& tc = meta.tensors(t);
+    if (tc.name() != names_[t]) {
+      return absl::DataLossError(
+          absl::StrCat(path, ": tensor ", t, " is '", tc.name(), "', expected '", names_[t], "'"));
+    }
+    const std::string params_name = absl::StrCat("params/", names_[t]);
+    OPTD_ASSIGN_OR_RETURN(absl::string_view params, reader.Find(params_name));
+    values.resize(static_cast<size_t>(counts_[t]));
+    OPTD_RETURN_IF_ERROR(CopyRecord(params, params_name, absl::MakeSpan(values)));
+    OPTD_RETURN_IF_ERROR(loaded.optimizer->SetParameters(t, values));
+    for (const StateBuffer& buffer : loaded.optimizer->state(t)) {
+      const std::string name = absl::StrCat("state/", names_[t], "/", buffer.name);
+      OPTD_ASSIGN_OR_RETURN(absl::string_view record, reader.Find(name));
+      values.resize(static_cast<size_t>(buffer.count));
+      OPTD_RETURN_IF_ERROR(CopyRecord(record, name, absl::MakeSpan(values)));
+      OPTD_RETURN_IF_ERROR(loaded.optimizer->SetState(t, buffer.name, values));
+    }
+    OPTD_RETURN_IF_ERROR(loaded.optimizer->SetStepsApplied(t, tc.steps_applied()));
+  }
+  loaded.step = meta.step();
+  for (const v1::GroupHyperparams& h : meta.hyperparams()) loaded.hyperparams[h.group()] = h;
+  return loaded;
+}
+
+absl::StatusOr<std::unique_ptr<Session>> Session::Load(Backend& backend, const std::string& path,
+                                                       SessionOptions options) {
+  if (options.fs == nullptr) return absl::InvalidArgumentError("Session::Load needs a FileSystem");
+  OPTD_ASSIGN_OR_RETURN(v1::SessionCheckpoint meta, ReadCheckpointMeta(*options.fs, path));
+  v1::SessionConfig config = meta.config();
+  absl::Status valid = NormalizeSessionConfig(config);
+  if (!valid.ok()) {
+    return absl::DataLossError(
+        absl::StrCat(path, ": the config does not validate: ", valid.message()));
+  }
+  std::unique_ptr<Session> session(new Session(backend, meta.session_id(), std::move(config),
+                                               meta.token_sha256(), std::move(options)));
+  OPTD_ASSIGN_OR_RETURN(Loaded loaded, session->LoadCheckpoint(path));
+  OPTD_RETURN_IF_ERROR(session->Initialize(std::move(loaded.optimizer)));
+  absl::MutexLock lock(&session->mu_);
+  OPTD_RETURN_IF_ERROR(session->SetHyperparamsLocked(loaded.hyperparams));
+  session->step_ = loaded.step;
+  session->checkpoint_step_ = loaded.step;
+  session->step_published_ = loaded.step;
+  session->checkpoint_step_published_ = loaded.step;
+  return session;
+}
+
+absl::StatusOr<int> Session::FindTensor(absl::string_view name) const {
+  for (int t = 0; t < num_tensors(); ++t) {
+    if (names_[t] == name) return t;
+  }
+  return absl::NotFoundError(absl::StrCat("session '", id_, "' has no tensor '", name, "'"));
+}
+
+void Session::Touch() { last_used_ns_ = absl::ToUnixNanos(absl::Now()); }
+
+std::unique_ptr<TensorStaging> Session::AcquireStaging() {
+  {
+    absl::MutexLock lock(&staging_mu_);
+    if (!free_staging_.empty()) {
+      std::unique_ptr<TensorStaging> staging = std::move(free_staging_.back());
+      free_staging_.pop_back();
+      staging->Reset();
+      return staging;
+    }
+  }
+  return std::make_unique<TensorStaging>(names_, counts_);
+}
+
+void Session::ReleaseStaging(std::unique_ptr<TensorStaging> staging) {
+  if (staging == nullptr) return;
+  absl::MutexLock lock(&staging_mu_);
+  // Keep as many as one step of every worker needs; drop the rest.
+  if (static_cast<int>(free_staging_.size()) < config_.world_size()) {
+    free_staging_.push_back(std::move(staging));
+  }
+}
+
+absl::Duration Session::straggler_timeout() const {
+  if (config_.straggler_timeout_seconds() > 0) {
+    return absl::Seconds(config_.straggler_timeout_seconds());
+  }
+  return options_.default_straggler_timeout;
+}
+
+absl::Status Session::CheckUsableLocked() const {
+  if (!damaged_.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session '", id_, "' was damaged by a failed step (", damaged_.message(),
+                     "); Restore it from its checkpoint"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Session::CheckStepHeader(const v1::StepHeader& header) {
+  absl::MutexLock lock(&mu_);
+  return CheckStepHeaderLocked(header);
+}
+
+absl::Status Session::CheckStepHeaderLocked(const v1::StepHeader& header) {
+  OPTD_RETURN_IF_ERROR(CheckUsableLocked());
+  if (header.worker_id() < 0 || header.worker_id() >= config_.world_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("worker_id ", header.worker_id(),
+                                                   " is outside [0, ", config_.world_size(),
+                                                   ") for session '", id_, "'"));
+  }
+  if (header.step() == step_ && last_outcome_ != nullptr) return absl::OkStatus();
+  if (header.step() != step_ + 1) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session '", id_, "' expects step ", step_ + 1, " (it has completed ", step_,
+                     " steps); worker ", header.worker_id(), " sent step ", header.step()));
+  }
+  if (header.has_lr()) {
+    for (int t = 0; t < num_tensors(); ++t) {
+      OptimizerConfig c = optimizer_->spec(t).config;
+      c.lr = header.lr();
+      absl::Status valid = ValidateOptimizerConfig(c);
+      if (!valid.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("step lr ", header.lr(), " for tensor '",
+                                                       names_[t], "': ", valid.message()));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
+                                        std::unique_ptr<TensorStaging> gradients,
+                                        const std::function<bool()>& cancelled) {
+  Touch();
+  absl::MutexLock lock(&mu_);
+  absl::Status valid = CheckStepHeaderLocked(header);
+  if (!valid.ok()) {
+    ReleaseStaging(std::move(gradients));
+    return valid;
+  }
+  if (header.step() == step_) {
+    ReleaseStaging(std::move(gradients));
+    return StepReply{last_outcome_, true};
+  }
+  const int worker = header.worker_id();
+  const bool replayed = contributions_.contains(worker);
+  if (replayed) {
+    // A retry of a contribution already counted: wait for the step without counting it again.
+    ReleaseStaging(std::move(gradients));
+  } else {
+    if (!contributions_.empty()) {
+      const TensorStaging& first = *contributions_.begin()->second;
+      if (first.PresentTensors() != gradients->PresentTensors()) {
+        std::vector<std::string> mine, theirs;
+        for (int t : gradients->PresentTensors()) mine.push_back(names_[t]);
+        for (int t : first.PresentTensors()) theirs.push_back(names_[t]);
+        ReleaseStaging(std::move(gradients));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "worker ", worker, " sent gradients for {", absl::StrJoin(mine, ", "), "} but worker ",
+            contributions_.begin()->first, " sent {", absl::StrJoin(theirs, ", "), "} for step ",
+            header.step(), " of session '", id_, "'; every worker must send the same tensors"));
+      }
+    }
+    if (cancelled()) {
+      ReleaseStaging(std::move(gradients));
+      return absl::CancelledError("the step call was cancelled before its gradients counted");
+    }
+    if (contributions_.empty()) round_deadline_ = absl::Now() + straggler_timeout();
+    contributions_[worker] = std::move(gradients);
+    workers_pending_published_ = static_cast<int>(contributions_.size());
+    if (static_cast<int>(contributions_.size()) == config_.world_size()) {
+      absl::StatusOr<std::shared_ptr<const StepOutcome>> result = CommitLocked(header);
+      EndRoundLocked(result);
+      if (!result.ok()) return result.status();
+      return StepReply{*std::move(result), false};
+    }
+  }
+  const int64_t my_round = round_;
+  while (round_ == my_round) {
+    const absl::Duration poll = absl::Milliseconds(50);
+    const absl::Duration left = round_deadline_ - absl::Now();
+    round_done_.WaitWithTimeout(&mu_, std::min(poll, std::max(left, absl::ZeroDuration())));
+    if (round_ != my_round) break;
+    if (cancelled()) {
+      contributions_.erase(worker);
+      workers_pending_published_ = static_cast<int>(contributions_.size());
+      return absl::CancelledError(
+          absl::StrCat("the step call was cancelled while waiting for the other workers; worker ",
+                       worker, "'s gradients for step ", header.step(), " are withdrawn"));
+    }
+    if (absl::Now() >= round_deadline_) {
+      std::vector<int> missing;
+      for (int w = 0; w < config_.world_size(); ++w) {
+        if (!contributions_.contains(w)) missing.push_back(w);
+      }
+      EndRoundLocked(absl::AbortedError(absl::StrCat(
+          "step ", header.step(), " of session '", id_, "' aborted: worker(s) ",
+          absl::StrJoin(missing, ", "), " sent no gradients within the straggler timeout of ",
+          absl::FormatDuration(straggler_timeout()), "; nothing was applied")));
+      break;
+    }
+  }
+  if (finished_round_ != my_round) {
+    return absl::InternalError("step round bookkeeping lost a round");
+  }
+  if (!finished_result_.ok()) return finished_result_.status();
+  return StepReply{*finished_result_, replayed};
+}
+
+void Session::EndRoundLocked(absl::StatusOr<std::shared_ptr<const StepOutcome>> result) {
+  for (auto& [worker, staging] : contributions_) ReleaseStaging(std::move(staging));
+  contributions_.clear();
+  workers_pending_published_ = 0;
+  finished_round_ = round_;
+  finished_result_ = std::move(result);
+  ++round_;
+  round_done_.SignalAll();
+}
+
+absl::StatusOr<std::shared_ptr<const StepOutcome>> Session::CommitLocked(
+    const v1::StepHeader& header) {
+  auto outcome = std::make_shared<StepOutcome>();
+  outcome->step = header.step();
+  outcome->result = config_.step_result();
+  for (const auto& [worker, staging] : contributions_) {
+    outcome->nonfinite_values += staging->out_of_range_values();
+  }
+  const std::vector<int> present = contributions_.begin()->second->PresentTensors();
+  if (outcome->nonfinite_values > 0) {
+    // Only reachable under NON_FINITE_POLICY_SKIP_STEP: the stream rejects them otherwise.
+    outcome->skipped = true;
+  } else {
+    OPTD_RETURN_IF_ERROR(ApplyLocked(header, present, *outcome));
+  }
+  if (outcome->skipped && outcome->result != v1::STEP_RESULT_NONE) {
+    outcome->values.resize(num_tensors());
+    for (int t = 0; t < num_tensors(); ++t) {
+      outcome->values[t].assign(static_cast<size_t>(counts_[t]), 0.0f);
+      if (outcome->result == v1::STEP_RESULT_PARAMETERS) {
+        OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, absl::MakeSpan(outcome->values[t])));
+      }
+    }
+  }
+  step_ = header.step();
+  step_published_ = step_;
+  last_outcome_ = outcome;
+  if (config_.checkpoint_interval() > 0 && !options_.state_dir.empty() &&
+      step_ % config_.checkpoint_interval() == 0) {
+    // The step has committed; a failed periodic checkpoint leaves the last good one in place
+    // and is reported by the next explicit Checkpoint.
+    CheckpointLocked().IgnoreError();
+  }
+  return std::shared_ptr<const StepOutcome>(outcome);
+}
+
+absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,
+                                  StepOutcome& outcome) {
+  std::vector<const float*> inputs;
+  for (int t : present) {
+    inputs.clear();
+    for (const auto& [worker, staging] : contributions_) inputs.push_back(staging->data(t));
+    float* mean = contributions_.begin()->second->data(t);
+    MeanOfWorkers(inputs, absl::MakeSpan(mean, static_cast<size_t>(counts_[t])));
+    OPTD_RETURN_IF_ERROR(
+        optimizer_->SetGradient(t, absl::MakeConstSpan(mean, static_cast<size_t>(counts_[t]))));
+  }
+  if (outcome.result != v1::STEP_RESULT_NONE) {
+    outcome.values.resize(num_tensors());
+    for (int t = 0; t < num_tensors(); ++t) {
+      outcome.values[t].resize(static_cast<size_t>(counts_[t]));
+      if (outcome.result == v1::STEP_RESULT_DELTA) {
+        OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, absl::MakeSpan(outcome.values[t])));
+      }
+    }
+  }
+  // A plain bool array: absl::Span cannot view std::vector<bool>.
+  const size_t n = names_.size();
+  std::unique_ptr<bool[]> has_gradient = std::make_unique<bool[]>(n);
+  for (int t : present) has_gradient[t] = true;
+  if (header.has_lr()) {
+    for (int t = 0; t < num_tensors(); ++t) {
+      const v1::GroupHyperparams& h = hyperparams_.at(config_.groups(group_of_[t]).name());
+      OPTD_RETURN_IF_ERROR(
+          optimizer_->SetHyperparameters(t, header.lr(), h.weight_decay(), h.momentum()));
+    }
+  }
+  absl::Status stepped = optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n));
+  if (header.has_lr()) OPTD_RETURN_IF_ERROR(SetHyperparamsLocked(hyperparams_));
+  if (!stepped.ok()) {
+    if (stepped.code() == absl::StatusCode::kInternal) damaged_ = stepped;
+    return stepped;
+  }
+  outcome.tensors_updated = static_cast<int>(present.size());
+  if (outcome.result == v1::STEP_RESULT_NONE) return absl::OkStatus();
+  std::vector<float> after;
+  for (int t = 0; t < num_tensors(); ++t) {
+    absl::Span<float> values = absl::MakeSpan(outcome.values[t]);
+    if (outcome.result == v1::STEP_RESULT_PARAMETERS) {
+      OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, values));
+    } else {
+      after.resize(values.size());
+      OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, absl::MakeSpan(after)));
+      ParameterDelta(after, values, values);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Session::SetHyperparamsLocked(
+    const std::map<std::string, v1::GroupHyperparams>& groups) {
+  for (int t = 0; t < num_tensors(); ++t) {
+    auto h = groups.find(config_.groups(group_of_[t]).name());
+    if (h == groups.end()) continue;
+    OPTD_RETURN_IF_ERROR(optimizer_->SetHyperparameters(t, h->second.lr(), h->second.weight_decay(),
+                                                        h->second.momentum()));
+  }
+  if (&groups != &hyperparams_) {
+    for (const auto& [name, h] : groups) hyperparams_[name] = h;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Session::UpdateHyperparams(const v1::UpdateHyperparamsRequest& request) {
+  Touch();
+  absl::MutexLock lock(&mu_);
+  OPTD_RETURN_IF_ERROR(CheckUsableLocked());
+  std::map<std::string, v1::GroupHyperparams> updated;
+  for (const v1::HyperparamUpdate& u : request.updates()) {
+    auto current = hyperparams_.find(u.group());
+    if (current == hyperparams_.end()) {
+      return absl::NotFoundError(
+          absl::StrCat("session '", id_, "' has no group '", u.group(), "'"));
+    }
+    v1::GroupHyperparams h = updated.contains(u.group()) ? updated[u.group()] : current->second;
+    if (u.has_lr()) h.set_lr(u.lr());
+    if (u.has_momentum()) h.set_momentum(u.momentum());
+    if (u.has_weight_decay()) h.set_weight_decay(u.weight_decay());
+    updated[u.group()] = h;
+  }
+  // Check every tensor of every updated group before changing any.
+  for (int t = 0; t < num_tensors(); ++t) {
+    auto h = updated.find(config_.groups(group_of_[t]).name());
+    if (h == updated.end()) continue;
+    OptimizerConfig c = optimizer_->spec(t).config;
+    c.lr = h->second.lr();
+    c.weight_decay = h->second.weight_decay();
+    if (c.algorithm == Algorithm::kAdamW) {
+      c.adamw.beta1 = h->second.momentum();
+    } else {
+      c.matrix.momentum = h->second.momentum();
+    }
+    absl::Status valid = ValidateOptimizerConfig(c);
+    if (!valid.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "group '", h->first, "' (lr ", h->second.lr(), ", momentum ", h->second.momentum(),
+          ", weight_decay ", h->second.weight_decay(), "): ", valid.message()));
+    }
+  }
+  return SetHyperparamsLocked(updated);
+}
+
+absl::Status Session::SetParameters(const TensorStaging& values) {
+  Touch();
+  absl::MutexLock lock(&mu_);
+  OPTD_RETURN_IF_ERROR(CheckUsableLocked());
+  if (values.out_of_range_values() > 0) {
+    return absl::InvalidArgumentError("parameters must be finite");
+  }
+  for (int t : values.PresentTensors()) {
+    OPTD_RETURN_IF_ERROR(optimizer_->SetParameters(t, values.values(t)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Session::GetParameters(int tensor, absl::Span<float> out) {
+  Touch();
+  absl::MutexLock lock(&mu_);
+  OPTD_RETURN_IF_ERROR(CheckUsableLocked());
+  return optimizer_->GetParameters(tensor, out);
+}
+
+absl::StatusOr<CheckpointInfo> Session::Checkpoint() {
+  Touch();
+  absl::MutexLock lock(&mu_);
+  OPTD_RETURN_IF_ERROR(CheckUsableLocked());
+  return CheckpointLocked();
+}
+
+absl::StatusOr<CheckpointInfo> Session::CheckpointLocked() {
+  if (options_.state_dir.empty()) {
+    return absl::FailedPreconditionError(
+        "the daemon has no state directory (--state_dir); checkpoints are off");
+  }
+  FileSystem& fs = *options_.fs;
+  const std::string dir = absl::StrCat(options_.state_dir, "/", id_);
+  OPTD_RETURN_IF_ERROR(fs.CreateDir(dir));
+  CheckpointInfo info;
+  info.path = CheckpointPath(options_.state_dir, id_);
+  info.step = step_;
+
+  v1::SessionCheckpoint meta;
+  meta.set_session_id(id_);
+  *meta.mutable_config() = config_;
+  meta.set_token_sha256(token_digest_);
+  meta.set_step(step_);
+  meta.set_written_unix_micros(absl::ToUnixMicros(absl::Now()));
+  for (const auto& [name, h] : hyperparams_) *meta.add_hyperparams() = h;
+  for (int t = 0; t < num_tensors(); ++t) {
+    v1::TensorCheckpoint* tc = meta.add_tensors();
+    tc->set_name(names_[t]);
+    tc->set_steps_applied(optimizer_->steps_applied(t));
+    for (const StateBuffer& b : optimizer_->state(t)) tc->add_state_buffers(b.name);
+  }
+  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointWriter> writer,
+                        CheckpointWriter::Create(fs, info.path));
+  const std::string meta_bytes = meta.SerializeAsString();
+  OPTD_RETURN_IF_ERROR(writer->AddRecord("meta", meta_bytes));
+  info.bytes = static_cast<int64_t>(meta_bytes.size());
+  std::vector<float> values;
+  for (int t = 0; t < num_tensors(); ++t) {
+    values.resize(static_cast<size_t>(counts_[t]));
+    OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, absl::MakeSpan(values)));
+    OPTD_RETURN_IF_ERROR(writer->AddRecord(absl::StrCat("params/", names_[t]), AsBytes(values)));
+    info.bytes += static_cast<int64_t>(values.size() * sizeof(float));
+    for (const StateBuffer& b : optimizer_->state(t)) {
+      values.resize(static_cast<size_t>(b.count));
+      OPTD_RETURN_IF_ERROR(optimizer_->GetState(t, b.name, absl::MakeSpan(values)));
+      OPTD_RETURN_IF_ERROR(
+          writer->AddRecord(absl::StrCat("state/", names_[t], "/", b.name), AsBytes(values)));
+      info.bytes += static_cast<int64_t>(values.size() * sizeof(float));
+    }
+  }
+  OPTD_RETURN_IF_ERROR(writer->Commit());
+  checkpoint_step_ = step_;
+  checkpoint_step_published_ = step_;
+  return info;
+}
+
+absl::StatusOr<int64_t> Session::Restore() {
+  Touch();
+  if (options_.state_dir.empty()) {
+    return absl::FailedPreconditionError(
+        "the daemon has no state directory (--state_dir); checkpoints are off");
+  }
+  absl::MutexLock lock(&mu_);
+  const std::string path = CheckpointPath(options_.state_dir, id_);
+  absl::StatusOr<Loaded> loaded = LoadCheckpoint(path);
+  if (absl::IsNotFound(loaded.status())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session '", id_, "' has no checkpoint at ", path));
+  }
+  OPTD_RETURN_IF_ERROR(loaded.status());
+  // Abort a pending step: its workers get Aborted and resend against the restored step.
+  if (!contributions_.empty()) {
+    EndRoundLocked(absl::AbortedError(absl::StrCat("session '", id_,
+                                                   "' was restored from its checkpoint at step ",
+                                                   loaded->step, " while this step was pending")));
+  }
+  optimizer_ = std::move(loaded->optimizer);
+  damaged_ = absl::OkStatus();
+  OPTD_RETURN_IF_ERROR(SetHyperparamsLocked(loaded->hyperparams));
+  step_ = loaded->step;
+  step_published_ = step_;
+  checkpoint_step_ = step_;
+  checkpoint_step_published_ = step_;
+  last_outcome_ = nullptr;
+  return step_;
+}
+
+std::vector<v1::TensorAnalysis> Session::Analysis() {
+  Touch();
+  absl::MutexLock lock(&mu_);
+  return analysis_;
+}
+
+v1::SessionInfo Session::Info(bool with_tensors) {
+  v1::SessionInfo info;
+  info.set_session_id(id_);
+  info.set_loaded(true);
+  info.set_step(step_published_.load());
+  info.set_checkpoint_step(checkpoint_step_published_.load());
+  info.set_state_bytes(state_bytes_);
+  info.set_backend(std::string(backend_.name()));
+  info.set_workers_pending(workers_pending_published_.load());
+  if (!with_tensors) return info;
+  *info.mutable_config() = config_;
+  absl::MutexLock lock(&mu_);
+  for (int t = 0; t < num_tensors(); ++t) {
+    v1::TensorInfo* ti = info.add_tensors();
+    *ti->mutable_config() = config_.tensors(t);
+    ti->set_num_elements(counts_[t]);
+    ti->set_steps_applied(optimizer_->steps_applied(t));
+    const v1::GroupHyperparams& h = hyperparams_.at(config_.groups(group_of_[t]).name());
+    ti->set_lr(h.lr());
+    ti->set_weight_decay(h.weight_decay());
+    ti->set_momentum(h.momentum());
+  }
+  return info;
+}
+
+}  // namespace optd::server

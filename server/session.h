@@ -1,0 +1,217 @@
+// A session: one training run's tensors, their parameters and optimizer state on a backend, and
+// the step protocol that turns the gradients of `world_size` workers into one optimizer step.
+//
+// Step protocol (DESIGN.md, "One step, as data"): the session has completed `step` steps; each
+// worker sends step + 1. The step runs when every worker has contributed, on the mean of their
+// gradients summed in worker order (so the result does not depend on arrival order), exactly
+// once. A worker that retries a step it already contributed to is not counted again and gets the
+// step's result; a retry of the last completed step gets that step's result again. If the
+// workers do not all arrive within the straggler timeout, the step is aborted and nothing is
+// applied.
+//
+// Commit: every input is checked before the optimizer runs, and the kernels' Step checks again
+// before its first write, so a step either commits whole or leaves parameters and state
+// untouched. Should the backend fail mid-step, the session refuses further work
+// (FailedPrecondition) until Restore reloads its last checkpoint.
+//
+// Checkpoint file (server/checkpoint_file.h's record format), <state_dir>/<session>/checkpoint:
+// record "meta" (optd.v1.SessionCheckpoint), then "params/<tensor>" and
+// "state/<tensor>/<buffer>" as little-endian fp32.
+#ifndef OPTD_SERVER_SESSION_H_
+#define OPTD_SERVER_SESSION_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "kernels/backend.h"
+#include "kernels/optimizer.h"
+#include "optd/v1/checkpoint.pb.h"
+#include "optd/v1/optd.pb.h"
+#include "server/file_system.h"
+#include "server/tensor_staging.h"
+
+namespace optd::server {
+
+struct SessionOptions {
+  // Where checkpoints go; empty: Checkpoint and Restore fail with FailedPrecondition.
+  std::string state_dir;
+  FileSystem* fs = nullptr;  // REQUIRED when state_dir is set
+  // Straggler timeout for sessions whose config leaves it 0.
+  absl::Duration default_straggler_timeout = absl::Seconds(60);
+};
+
+// What one step produced, shared by every worker that asks for it.
+struct StepOutcome {
+  int64_t step = 0;
+  bool skipped = false;
+  int tensors_updated = 0;
+  int64_t nonfinite_values = 0;
+  v1::StepResult result = v1::STEP_RESULT_PARAMETERS;
+  // Per tensor, in session order: the new parameters or the delta; empty for STEP_RESULT_NONE.
+  std::vector<std::vector<float>> values;
+};
+
+struct StepReply {
+  std::shared_ptr<const StepOutcome> outcome;
+  // The caller's contribution had already been counted, or the step had already run: this is
+  // the result the first attempt produced.
+  bool replayed = false;
+};
+
+struct CheckpointInfo {
+  int64_t step = 0;
+  std::string path;
+  int64_t bytes = 0;
+};
+
+class Session {
+ public:
+  // A new session at step 0 with parameters initialized as the config says. REQUIRES: `config`
+  // passed NormalizeSessionConfig.
+  static absl::StatusOr<std::unique_ptr<Session>> Create(Backend& backend, std::string id,
+                                                         v1::SessionConfig config,
+                                                         std::string token_digest,
+                                                         SessionOptions options);
+  // The session in a checkpoint file. DataLoss for a damaged file, InvalidArgument when its
+  // contents do not fit its own config.
+  static absl::StatusOr<std::unique_ptr<Session>> Load(Backend& backend, const std::string& path,
+                                                       SessionOptions options);
+  // The meta record of a checkpoint, read without loading any tensor (the file is still checked
+  // whole).
+  static absl::StatusOr<v1::SessionCheckpoint> ReadCheckpointMeta(FileSystem& fs,
+                                                                  const std::string& path);
+  // Backend and host bytes a session with this config holds: the optimizer's buffers, one
+  // gradient staging per worker and the result buffer.
+  static absl::StatusOr<int64_t> RequiredBytes(const v1::SessionConfig& config);
+  static std::string CheckpointPath(const std::string& state_dir, const std::string& id);
+
+  ~Session();
+
+  const std::string& id() const { return id_; }
+  const v1::SessionConfig& config() const { return config_; }
+  const std::string& token_digest() const { return token_digest_; }
+  int64_t state_bytes() const { return state_bytes_; }
+  int num_tensors() const { return static_cast<int>(names_.size()); }
+  // NotFound naming the session and the tensor.
+  absl::StatusOr<int> FindTensor(absl::string_view name) const;
+  int64_t num_elements(int tensor) const { return counts_[tensor]; }
+  DType tensor_dtype(int tensor) const { return dtypes_[tensor]; }
+  const std::string& tensor_name(int tensor) const { return names_[tensor]; }
+
+  // A staging area for one stream of gradients or parameters; give it back with
+  // ReleaseStaging (or hand it to Step) so its memory is reused.
+  std::unique_ptr<TensorStaging> AcquireStaging();
+  void ReleaseStaging(std::unique_ptr<TensorStaging> staging);
+
+  // The checks Step makes on its header (worker id, step number, lr override), for a stream to
+  // fail fast before reading gradients. A retry of the last completed step passes.
+  absl::Status CheckStepHeader(const v1::StepHeader& header);
+
+  // Contributes `gradients` (complete, checked by the caller with CheckComplete) for worker
+  // header.worker_id and waits until the step has run, then returns its outcome. `cancelled` is
+  // polled while waiting: a worker whose call is cancelled withdraws its contribution. Errors:
+  // FailedPrecondition for a wrong step number (naming the expected one) or a damaged session;
+  // InvalidArgument for a worker id outside [0, world_size) or gradients for another set of
+  // tensors than the step's first worker sent; Aborted when the straggler timeout passes first;
+  // Cancelled when the call is cancelled before the step runs.
+  absl::StatusOr<StepReply> Step(const v1::StepHeader& header,
+                                 std::unique_ptr<TensorStaging> gradients,
+                                 const std::function<bool()>& cancelled);
+
+  // Replaces the parameters of every tensor present in `values` (complete, finite) at once.
+  absl::Status SetParameters(const TensorStaging& values);
+  absl::Status GetParameters(int tensor, absl::Span<float> out);
+
+  // All updates are checked before any is applied. InvalidArgument names the group and value.
+  absl::Status UpdateHyperparams(const v1::UpdateHyperparamsRequest& request);
+
+  absl::StatusOr<CheckpointInfo> Checkpoint();
+  // Replaces parameters, state, step and hyperparameters with the last checkpoint's, atomically.
+  absl::StatusOr<int64_t> Restore();
+
+  // Analysis figures (filled by the analyzer; see DESIGN.md, "Metrics").
+  std::vector<v1::TensorAnalysis> Analysis();
+
+  // `with_tensors` adds per-tensor details and waits for a running step; without, it never
+  // blocks.
+  v1::SessionInfo Info(bool with_tensors);
+
+  int64_t step() const { return step_published_.load(); }
+  absl::Time last_used() const { return absl::FromUnixNanos(last_used_ns_.load()); }
+  void Touch();
+
+ private:
+  Session(Backend& backend, std::string id, v1::SessionConfig config, std::string token_digest,
+          SessionOptions options);
+
+  absl::Status Initialize(std::unique_ptr<Optimizer> optimizer);
+  absl::Status CheckStepHeaderLocked(const v1::StepHeader& header)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckUsableLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::shared_ptr<const StepOutcome>> CommitLocked(const v1::StepHeader& header)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,
+                           StepOutcome& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EndRoundLocked(absl::StatusOr<std::shared_ptr<const StepOutcome>> result)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<CheckpointInfo> CheckpointLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A fresh optimizer holding the checkpoint at `path`, with its step and hyperparameters.
+  struct Loaded;
+  absl::StatusOr<Loaded> LoadCheckpoint(const std::string& path);
+  absl::Status SetHyperparamsLocked(const std::map<std::string, v1::GroupHyperparams>& groups)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Duration straggler_timeout() const;
+
+  Backend& backend_;
+  const std::string id_;
+  const v1::SessionConfig config_;
+  const std::string token_digest_;
+  const SessionOptions options_;
+  std::vector<std::string> names_;
+  std::vector<int64_t> counts_;
+  std::vector<DType> dtypes_;
+  std::vector<int> group_of_;  // index into config_.groups() per tensor
+  int64_t state_bytes_ = 0;
+
+  std::atomic<int64_t> step_published_{0};
+  std::atomic<int64_t> checkpoint_step_published_{-1};
+  std::atomic<int> workers_pending_published_{0};
+  std::atomic<int64_t> last_used_ns_{0};
+
+  absl::Mutex staging_mu_;
+  std::vector<std::unique_ptr<TensorStaging>> free_staging_ ABSL_GUARDED_BY(staging_mu_);
+
+  absl::Mutex mu_;
+  absl::CondVar round_done_;
+  std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
+  int64_t step_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t checkpoint_step_ ABSL_GUARDED_BY(mu_) = -1;
+  // Current hyperparameters per group name.
+  std::map<std::string, v1::GroupHyperparams> hyperparams_ ABSL_GUARDED_BY(mu_);
+  absl::Status damaged_ ABSL_GUARDED_BY(mu_);
+  // The pending step: contributions by worker id, the deadline set by the first, and a round
+  // number that changes when the step commits or aborts.
+  std::map<int, std::unique_ptr<TensorStaging>> contributions_ ABSL_GUARDED_BY(mu_);
+  absl::Time round_deadline_ ABSL_GUARDED_BY(mu_);
+  int64_t round_ ABSL_GUARDED_BY(mu_) = 0;
+  // How the last round ended (its number and outcome or abort status).
+  int64_t finished_round_ ABSL_GUARDED_BY(mu_) = -1;
+  absl::StatusOr<std::shared_ptr<const StepOutcome>> finished_result_ ABSL_GUARDED_BY(mu_);
+  // The last completed step's outcome, for retries.
+  std::shared_ptr<const StepOutcome> last_outcome_ ABSL_GUARDED_BY(mu_);
+  std::vector<v1::TensorAnalysis> analysis_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace optd::server
+
+#endif  // OPTD_SERVER_SESSION_H_

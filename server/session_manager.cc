@@ -1,0 +1,244 @@
+#include "server/session_manager.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+#include "server/auth.h"
+#include "server/session_config.h"
+
+namespace optd::server {
+
+SessionManager::SessionManager(Backend& backend, SessionManagerOptions options)
+    : backend_(backend),
+      options_(std::move(options)),
+      fs_(options_.fs != nullptr ? *options_.fs : PosixFileSystem()) {}
+
+SessionOptions SessionManager::session_options() const {
+  SessionOptions o;
+  o.state_dir = options_.state_dir;
+  o.fs = &fs_;
+  o.default_straggler_timeout = options_.default_straggler_timeout;
+  return o;
+}
+
+absl::Status SessionManager::Recover(std::vector<std::string>* skipped) {
+  if (options_.state_dir.empty()) return absl::OkStatus();
+  OPTD_RETURN_IF_ERROR(fs_.CreateDir(options_.state_dir));
+  OPTD_ASSIGN_OR_RETURN(std::vector<std::string> names, fs_.ListDir(options_.state_dir));
+  absl::MutexLock lock(&mu_);
+  for (const std::string& name : names) {
+    if (!IsValidSessionId(name)) continue;
+    const std::string path = Session::CheckpointPath(options_.state_dir, name);
+    if (!fs_.Exists(path)) continue;
+    absl::StatusOr<v1::SessionCheckpoint> meta = Session::ReadCheckpointMeta(fs_, path);
+    absl::StatusOr<int64_t> bytes =
+        meta.ok() ? Session::RequiredBytes(meta->config()) : meta.status();
+    if (!bytes.ok() || meta->session_id() != name) {
+      if (skipped != nullptr) {
+        skipped->push_back(absl::StrCat(
+            path, ": ", bytes.ok() ? "holds another session's id" : bytes.status().ToString()));
+      }
+      continue;
+    }
+    Entry entry;
+    entry.token_digest = meta->token_sha256();
+    entry.step = meta->step();
+    entry.state_bytes = *bytes;
+    id_by_digest_[entry.token_digest] = name;
+    sessions_[name] = std::move(entry);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SessionManager::AuthorizeAdmin(absl::string_view authorization) const {
+  if (options_.admin_token_digest.empty()) return absl::OkStatus();
+  absl::StatusOr<std::string> token = ParseBearer(authorization);
+  if (!token.ok()) {
+    return absl::UnauthenticatedError(
+        absl::StrCat("this call needs the admin token: ", token.status().message()));
+  }
+  if (!DigestsEqual(TokenDigest(*token), options_.admin_token_digest)) {
+    return absl::PermissionDeniedError("this call needs the admin token; the token given is not");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::SessionConfig config) {
+  OPTD_RETURN_IF_ERROR(NormalizeSessionConfig(config));
+  OPTD_ASSIGN_OR_RETURN(int64_t bytes, Session::RequiredBytes(config));
+  if (bytes > options_.max_session_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the session needs ", bytes, " bytes of state (parameters, optimizer state, ",
+                     "staging for ", config.world_size(), " worker(s), results); the limit per ",
+                     "session is ", options_.max_session_bytes, " (--max_session_bytes)"));
+  }
+  if (!id.empty() && !IsValidSessionId(id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("session id '", id, "' is not [A-Za-z0-9_.-]{1,64}"));
+  }
+  OPTD_ASSIGN_OR_RETURN(std::string token, GenerateToken());
+  const std::string digest = TokenDigest(token);
+  {
+    // Reserve the name and the slot before the (possibly long) allocation.
+    absl::MutexLock lock(&mu_);
+    if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
+      return absl::ResourceExhaustedError(absl::StrCat("the daemon holds ", sessions_.size(),
+                                                       " sessions, its limit (--max_sessions); ",
+                                                       "delete one first"));
+    }
+    if (id.empty()) {
+      do {
+        OPTD_ASSIGN_OR_RETURN(id, GenerateSessionId());
+      } while (sessions_.contains(id));
+    } else if (sessions_.contains(id)) {
+      return absl::AlreadyExistsError(absl::StrCat("session '", id, "' already exists"));
+    }
+    Entry reserved;
+    reserved.token_digest = digest;
+    reserved.state_bytes = bytes;
+    reserved.creating = true;
+    sessions_[id] = std::move(reserved);
+  }
+  absl::StatusOr<std::unique_ptr<Session>> created =
+      Session::Create(backend_, id, std::move(config), digest, session_options());
+  absl::StatusOr<CheckpointInfo> first = CheckpointInfo{};
+  if (created.ok() && !options_.state_dir.empty()) first = (*created)->Checkpoint();
+  absl::MutexLock lock(&mu_);
+  if (!created.ok() || !first.ok()) {
+    sessions_.erase(id);
+    if (!options_.state_dir.empty()) {
+      fs_.DeleteRecursively(absl::StrCat(options_.state_dir, "/", id)).IgnoreError();
+    }
+    return created.ok() ? first.status() : created.status();
+  }
+  std::shared_ptr<Session> session = *std::move(created);
+  sessions_[id].session = session;
+  sessions_[id].creating = false;
+  id_by_digest_[digest] = id;
+  return CreatedSession{std::move(session), std::move(token)};
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionManager::LoadLocked(const std::string& id,
+                                                                    Entry& entry) {
+  if (entry.session != nullptr) return entry.session;
+  absl::StatusOr<std::unique_ptr<Session>> loaded =
+      Session::Load(backend_, Session::CheckpointPath(options_.state_dir, id), session_options());
+  if (!loaded.ok()) {
+    return absl::Status(loaded.status().code(),
+                        absl::StrCat("session '", id, "' could not be reloaded from its ",
+                                     "checkpoint: ", loaded.status().message()));
+  }
+  entry.session = *std::move(loaded);
+  return entry.session;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionManager::Get(absl::string_view id,
+                                                             absl::string_view authorization) {
+  OPTD_ASSIGN_OR_RETURN(std::string token, ParseBearer(authorization));
+  const std::string digest = TokenDigest(token);
+  const bool admin =
+      !options_.admin_token_digest.empty() && DigestsEqual(digest, options_.admin_token_digest);
+  absl::MutexLock lock(&mu_);
+  auto owner = id_by_digest_.find(digest);
+  if (!admin && owner == id_by_digest_.end()) {
+    return absl::UnauthenticatedError("the bearer token is not valid for any session");
+  }
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) {
+    return absl::NotFoundError(absl::StrCat("session '", id, "' does not exist"));
+  }
+  if (!admin && !DigestsEqual(digest, it->second.token_digest)) {
+    return absl::PermissionDeniedError(absl::StrCat("the bearer token belongs to session '",
+                                                    owner->second, "', not to session '", id, "'"));
+  }
+  if (it->second.creating) {
+    return absl::UnavailableError(absl::StrCat("session '", id, "' is still being created"));
+  }
+  return LoadLocked(it->first, it->second);
+}
+
+absl::Status SessionManager::Delete(absl::string_view id, absl::string_view authorization) {
+  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Get(id, authorization));
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) {
+    return absl::NotFoundError(absl::StrCat("session '", id, "' does not exist"));
+  }
+  id_by_digest_.erase(it->second.token_digest);
+  sessions_.erase(it);
+  if (!options_.state_dir.empty()) {
+    OPTD_RETURN_IF_ERROR(fs_.DeleteRecursively(absl::StrCat(options_.state_dir, "/", id)));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<v1::SessionInfo> SessionManager::List() {
+  std::vector<v1::SessionInfo> infos;
+  absl::MutexLock lock(&mu_);
+  for (const auto& [id, entry] : sessions_) {
+    if (entry.creating) continue;
+    if (entry.session != nullptr) {
+      infos.push_back(entry.session->Info(/*with_tensors=*/false));
+      continue;
+    }
+    v1::SessionInfo info;
+    info.set_session_id(id);
+    info.set_loaded(false);
+    info.set_step(entry.step);
+    info.set_checkpoint_step(entry.step);
+    info.set_state_bytes(entry.state_bytes);
+    infos.push_back(std::move(info));
+  }
+  return infos;
+}
+
+int SessionManager::num_sessions() {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(sessions_.size());
+}
+
+int64_t SessionManager::loaded_bytes() {
+  absl::MutexLock lock(&mu_);
+  int64_t bytes = 0;
+  for (const auto& [id, entry] : sessions_) {
+    if (entry.session != nullptr) bytes += entry.state_bytes;
+  }
+  return bytes;
+}
+
+int SessionManager::UnloadIdle(absl::Time now) {
+  if (options_.state_dir.empty() || options_.idle_ttl <= absl::ZeroDuration()) return 0;
+  int unloaded = 0;
+  absl::MutexLock lock(&mu_);
+  for (auto& [id, entry] : sessions_) {
+    // use_count 1: only this map holds it, so no call is using it and none can start (Get
+    // takes mu_).
+    if (entry.session == nullptr || entry.session.use_count() != 1) continue;
+    if (now - entry.session->last_used() < options_.idle_ttl) continue;
+    if (!entry.session->Checkpoint().ok()) continue;
+    entry.step = entry.session->step();
+    entry.session = nullptr;
+    ++unloaded;
+  }
+  return unloaded;
+}
+
+absl::Status SessionManager::CheckpointAll() {
+  if (options_.state_dir.empty()) return absl::OkStatus();
+  std::vector<std::shared_ptr<Session>> loaded;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [id, entry] : sessions_) {
+      if (entry.session != nullptr) loaded.push_back(entry.session);
+    }
+  }
+  absl::Status first;
+  for (const auto& session : loaded) {
+    absl::StatusOr<CheckpointInfo> info = session->Checkpoint();
+    if (!info.ok() && first.ok()) first = info.status();
+  }
+  return first;
+}
+
+}  // namespace optd::server

@@ -1,0 +1,101 @@
+// The daemon's sessions: creation under limits, authorization, lookup (reloading sessions that
+// idled out), deletion, and the state directory that outlives the process.
+#ifndef OPTD_SERVER_SESSION_MANAGER_H_
+#define OPTD_SERVER_SESSION_MANAGER_H_
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "kernels/backend.h"
+#include "optd/v1/optd.pb.h"
+#include "server/file_system.h"
+#include "server/session.h"
+
+namespace optd::server {
+
+struct SessionManagerOptions {
+  // Checkpoints and the sessions a restarted daemon resumes; empty: in memory only.
+  std::string state_dir;
+  FileSystem* fs = nullptr;  // default: PosixFileSystem()
+  int max_sessions = 64;
+  int64_t max_session_bytes = int64_t{16} << 30;
+  // Sessions unused this long are checkpointed and unloaded (state_dir required); 0: never.
+  absl::Duration idle_ttl = absl::ZeroDuration();
+  absl::Duration default_straggler_timeout = absl::Seconds(60);
+  // SHA-256 of the admin token; empty: none (CreateSession and ListSessions are open).
+  std::string admin_token_digest;
+};
+
+struct CreatedSession {
+  std::shared_ptr<Session> session;
+  std::string token;
+};
+
+class SessionManager {
+ public:
+  SessionManager(Backend& backend, SessionManagerOptions options);
+
+  // Registers every session checkpointed in the state directory, unloaded (each loads on first
+  // use). Sessions whose checkpoint does not read are logged to `skipped` and left on disk.
+  absl::Status Recover(std::vector<std::string>* skipped);
+
+  // Caller checks for the admin-guarded calls: OK when no admin token is configured or `token`
+  // is the admin token; Unauthenticated when it is missing, PermissionDenied when it is wrong.
+  absl::Status AuthorizeAdmin(absl::string_view authorization) const;
+
+  // Normalizes and validates `config`, checks the limits (ResourceExhausted naming the bytes or
+  // session count), creates the session with a fresh token and, with a state directory, writes
+  // its first checkpoint. AlreadyExists for a taken id; InvalidArgument for a bad id or config.
+  absl::StatusOr<CreatedSession> Create(std::string id, v1::SessionConfig config);
+
+  // The session `id` for a caller presenting `authorization` ("Bearer <token>"): its own token or
+  // the admin token. Unauthenticated for a missing or unknown token, NotFound for an unknown
+  // session, PermissionDenied for another session's token. Loads an unloaded session.
+  absl::StatusOr<std::shared_ptr<Session>> Get(absl::string_view id,
+                                               absl::string_view authorization);
+
+  // Removes the session and its checkpoint. Same authorization as Get.
+  absl::Status Delete(absl::string_view id, absl::string_view authorization);
+
+  std::vector<v1::SessionInfo> List();
+  int num_sessions();
+  int64_t loaded_bytes();
+
+  // Checkpoints and unloads sessions idle longer than the TTL that nobody is using. Returns how
+  // many were unloaded.
+  int UnloadIdle(absl::Time now);
+  // Checkpoints every loaded session (shutdown). Returns the first failure, after trying all.
+  absl::Status CheckpointAll();
+
+ private:
+  struct Entry {
+    std::string token_digest;
+    std::shared_ptr<Session> session;  // null while unloaded
+    int64_t step = 0;                  // while unloaded
+    int64_t state_bytes = 0;
+    bool creating = false;  // reserved by Create, not yet usable
+  };
+
+  absl::StatusOr<std::shared_ptr<Session>> LoadLocked(const std::string& id, Entry& entry)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  SessionOptions session_options() const;
+
+  Backend& backend_;
+  const SessionManagerOptions options_;
+  FileSystem& fs_;
+
+  absl::Mutex mu_;
+  std::map<std::string, Entry, std::less<>> sessions_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::string, std::less<>> id_by_digest_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace optd::server
+
+#endif  // OPTD_SERVER_SESSION_MANAGER_H_

@@ -1,0 +1,127 @@
+#include "server/tensor_staging.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+#include "kernels/wire.h"
+
+namespace optd::server {
+
+TensorStaging::TensorStaging(std::vector<std::string> names, std::vector<int64_t> counts)
+    : names_(std::move(names)),
+      counts_(std::move(counts)),
+      buffers_(counts_.size()),
+      ranges_(counts_.size()),
+      covered_(counts_.size(), 0) {
+  for (size_t i = 0; i < counts_.size(); ++i) buffers_[i].resize(static_cast<size_t>(counts_[i]));
+}
+
+void TensorStaging::Reset() {
+  for (auto& r : ranges_) r.clear();
+  std::fill(covered_.begin(), covered_.end(), 0);
+  out_of_range_ = 0;
+}
+
+absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
+                                     absl::string_view bytes, float max_magnitude,
+                                     bool reject_out_of_range) {
+  const std::string& name = names_[tensor];
+  const size_t size = DTypeSize(dtype);
+  if (bytes.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk of tensor '", name, "' at offset ", offset, " is empty"));
+  }
+  if (bytes.size() % size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk of tensor '", name, "' has ",
+                                                   bytes.size(), " bytes, not a whole number of ",
+                                                   DTypeName(dtype), " elements"));
+  }
+  const int64_t n = static_cast<int64_t>(bytes.size() / size);
+  const int64_t count = counts_[tensor];
+  if (offset < 0 || offset > count || n > count - offset) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk of tensor '", name, "' covers elements [",
+                                                   offset, ", ", offset + n,
+                                                   ") outside the tensor's ", count, " elements"));
+  }
+  const int64_t end = offset + n;
+  std::map<int64_t, int64_t>& ranges = ranges_[tensor];
+  auto next = ranges.upper_bound(offset);
+  if (next != ranges.end() && next->first < end) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk of tensor '", name, "' at elements [", offset, ", ", end,
+                     ") overlaps elements [", next->first, ", ", next->second, ") sent earlier"));
+  }
+  auto prev = next == ranges.begin() ? ranges.end() : std::prev(next);
+  if (prev != ranges.end() && prev->second > offset) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk of tensor '", name, "' at elements [", offset, ", ", end,
+                     ") overlaps elements [", prev->first, ", ", prev->second, ") sent earlier"));
+  }
+  OPTD_ASSIGN_OR_RETURN(
+      DecodeReport report,
+      DecodeWire(dtype, bytes, absl::MakeSpan(buffers_[tensor].data() + offset, n), max_magnitude));
+  if (report.out_of_range > 0 && reject_out_of_range) {
+    const int64_t at = offset + report.first_out_of_range;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor '", name, "' element ", at, " is ", buffers_[tensor][at],
+        report.out_of_range > 1 ? absl::StrCat(" (and ", report.out_of_range - 1, " more)") : "",
+        ": values must be finite and within ±", max_magnitude));
+  }
+  out_of_range_ += report.out_of_range;
+  // Record [offset, end), merged with its neighbours when they touch.
+  int64_t start = offset;
+  int64_t stop = end;
+  if (prev != ranges.end() && prev->second == offset) {
+    start = prev->first;
+    ranges.erase(prev);
+  }
+  if (next != ranges.end() && next->first == end) {
+    stop = next->second;
+    ranges.erase(next);
+  }
+  ranges[start] = stop;
+  covered_[tensor] += n;
+  return absl::OkStatus();
+}
+
+absl::Status TensorStaging::CheckComplete() const {
+  for (size_t t = 0; t < counts_.size(); ++t) {
+    if (covered_[t] == 0 || covered_[t] == counts_[t]) continue;
+    int64_t missing_start = 0;
+    int64_t missing_end = counts_[t];
+    for (const auto& [start, end] : ranges_[t]) {
+      if (start > missing_start) {
+        missing_end = start;
+        break;
+      }
+      missing_start = end;
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor '", names_[t], "' got ", covered_[t], " of its ", counts_[t],
+                     " elements; elements [", missing_start, ", ", missing_end, ") are missing"));
+  }
+  return absl::OkStatus();
+}
+
+int TensorStaging::num_present() const {
+  int n = 0;
+  for (int64_t c : covered_) n += c > 0;
+  return n;
+}
+
+std::vector<int> TensorStaging::PresentTensors() const {
+  std::vector<int> present;
+  for (size_t t = 0; t < covered_.size(); ++t) {
+    if (covered_[t] > 0) present.push_back(static_cast<int>(t));
+  }
+  return present;
+}
+
+int64_t TensorStaging::bytes() const {
+  int64_t n = 0;
+  for (int64_t c : counts_) n += c;
+  return n * static_cast<int64_t>(sizeof(float));
+}
+
+}  // namespace optd::server

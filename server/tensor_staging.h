@@ -1,0 +1,61 @@
+// Host staging for one stream's tensors (a worker's gradients for one step, or a parameter
+// upload): chunks are checked and decoded as they arrive, and the whole set is checked for
+// completeness at the end.
+#ifndef OPTD_SERVER_TENSOR_STAGING_H_
+#define OPTD_SERVER_TENSOR_STAGING_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "kernels/dtype.h"
+
+namespace optd::server {
+
+class TensorStaging {
+ public:
+  // One buffer per tensor, `counts[i]` floats, allocated here and reused across Reset().
+  TensorStaging(std::vector<std::string> names, std::vector<int64_t> counts);
+
+  // Forgets every chunk; keeps the buffers.
+  void Reset();
+
+  // Checks and decodes elements [offset, offset + n) of `tensor`, n = bytes.size() / size of
+  // dtype. InvalidArgument naming the tensor for an empty chunk, a byte count that is not whole
+  // elements, elements outside [0, count), or elements an earlier chunk already sent. Values that
+  // are NaN, infinite or beyond ±max_magnitude are counted; with `reject_out_of_range` the first
+  // one fails the chunk with InvalidArgument naming the tensor and element.
+  absl::Status AddChunk(int tensor, int64_t offset, DType dtype, absl::string_view bytes,
+                        float max_magnitude, bool reject_out_of_range);
+
+  // After the last chunk: InvalidArgument naming the first tensor that got some chunks but not
+  // all of its elements, with the first missing range.
+  absl::Status CheckComplete() const;
+
+  int num_tensors() const { return static_cast<int>(counts_.size()); }
+  bool present(int tensor) const { return covered_[tensor] > 0; }
+  int num_present() const;
+  // Tensors with at least one chunk, in index order.
+  std::vector<int> PresentTensors() const;
+  float* data(int tensor) { return buffers_[tensor].data(); }
+  absl::Span<const float> values(int tensor) const { return buffers_[tensor]; }
+  int64_t out_of_range_values() const { return out_of_range_; }
+  int64_t bytes() const;
+
+ private:
+  std::vector<std::string> names_;
+  std::vector<int64_t> counts_;
+  std::vector<std::vector<float>> buffers_;
+  // Per tensor: covered element ranges, start -> end, merged when adjacent.
+  std::vector<std::map<int64_t, int64_t>> ranges_;
+  std::vector<int64_t> covered_;
+  int64_t out_of_range_ = 0;
+};
+
+}  // namespace optd::server
+
+#endif  // OPTD_SERVER_TENSOR_STAGING_H_
