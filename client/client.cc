@@ -1,0 +1,348 @@
+#include "client/client.h"
+
+#include <fstream>
+#include <limits>
+#include <sstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+#include "kernels/wire.h"
+
+namespace optd::client {
+namespace {
+
+absl::StatusOr<std::string> ReadPem(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat("cannot read PEM file '", path, "'"));
+  std::stringstream contents;
+  contents << in.rdbuf();
+  return contents.str();
+}
+
+v1::DType WireDType(DType dtype) {
+  switch (dtype) {
+    case DType::kBF16:
+      return v1::DTYPE_BF16;
+    case DType::kF16:
+      return v1::DTYPE_FP16;
+    default:
+      return v1::DTYPE_FP32;
+  }
+}
+
+absl::StatusOr<DType> FromWire(v1::DType dtype) {
+  switch (dtype) {
+    case v1::DTYPE_FP32:
+      return DType::kF32;
+    case v1::DTYPE_BF16:
+      return DType::kBF16;
+    case v1::DTYPE_FP16:
+      return DType::kF16;
+    default:
+      return absl::DataLossError(absl::StrCat("the daemon sent a chunk in dtype ", dtype));
+  }
+}
+
+void SetDeadline(grpc::ClientContext& context, absl::Duration timeout) {
+  if (timeout != absl::InfiniteDuration()) {
+    context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  }
+}
+
+absl::Status CheckChunkBytes(int64_t chunk_bytes) {
+  if (chunk_bytes < 4 || chunk_bytes > (int64_t{4} << 20)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk_bytes ", chunk_bytes, " is outside [4, 4 MiB]"));
+  }
+  return absl::OkStatus();
+}
+
+// Sends each tensor as chunks of at most `chunk_bytes` through `write(chunk)`.
+template <typename Write>
+absl::Status SendTensors(absl::Span<const NamedTensor> tensors, DType dtype, int64_t chunk_bytes,
+                         v1::TensorChunk& chunk, Write write) {
+  OPTD_RETURN_IF_ERROR(CheckChunkBytes(chunk_bytes));
+  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / DTypeSize(dtype));
+  for (const NamedTensor& tensor : tensors) {
+    chunk.set_tensor(tensor.name);
+    chunk.set_dtype(WireDType(dtype));
+    const int64_t count = static_cast<int64_t>(tensor.values.size());
+    for (int64_t offset = 0; offset < count; offset += per_chunk) {
+      const int64_t n = std::min(per_chunk, count - offset);
+      chunk.set_offset(offset);
+      chunk.mutable_data()->clear();
+      OPTD_RETURN_IF_ERROR(EncodeWire(dtype, tensor.values.subspan(offset, n),
+                                      *chunk.mutable_data()));
+      if (!write()) return absl::OkStatus();  // the stream broke; Finish() says why
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Places one received chunk into `out[chunk.tensor()]`, growing it as needed.
+absl::Status Receive(const v1::TensorChunk& chunk, std::map<std::string, std::vector<float>>& out) {
+  OPTD_ASSIGN_OR_RETURN(DType dtype, FromWire(chunk.dtype()));
+  const size_t size = DTypeSize(dtype);
+  if (chunk.offset() < 0 || chunk.data().size() % size != 0) {
+    return absl::DataLossError(absl::StrCat("malformed chunk of tensor '", chunk.tensor(), "'"));
+  }
+  const size_t n = chunk.data().size() / size;
+  std::vector<float>& values = out[chunk.tensor()];
+  const size_t end = static_cast<size_t>(chunk.offset()) + n;
+  if (values.size() < end) values.resize(end);
+  return DecodeWire(dtype, chunk.data(),
+                    absl::MakeSpan(values.data() + chunk.offset(), n),
+                    std::numeric_limits<float>::infinity())
+      .status();
+}
+
+}  // namespace
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions& options) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  const bool tls = options.tls || !options.tls_ca.empty() || !options.tls_cert.empty() ||
+                   !options.tls_key.empty();
+  if (!tls) {
+    return grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
+  }
+  grpc::SslCredentialsOptions ssl;
+  if (!options.tls_ca.empty()) {
+    OPTD_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem(options.tls_ca));
+  }
+  if (options.tls_cert.empty() != options.tls_key.empty()) {
+    return absl::InvalidArgumentError("a client certificate needs both tls_cert and tls_key");
+  }
+  if (!options.tls_cert.empty()) {
+    OPTD_ASSIGN_OR_RETURN(ssl.pem_cert_chain, ReadPem(options.tls_cert));
+    OPTD_ASSIGN_OR_RETURN(ssl.pem_private_key, ReadPem(options.tls_key));
+  }
+  if (!options.tls_server_name.empty()) {
+    args.SetSslTargetNameOverride(options.tls_server_name);
+  }
+  return grpc::CreateCustomChannel(options.target, grpc::SslCredentials(ssl), args);
+}
+
+Session::Session(std::shared_ptr<grpc::Channel> channel, std::string id, std::string token)
+    : channel_(std::move(channel)),
+      stub_(v1::Optimizer::NewStub(channel_)),
+      id_(std::move(id)),
+      token_(std::move(token)) {}
+
+void Session::Authorize(grpc::ClientContext& context) const {
+  context.AddMetadata("authorization", absl::StrCat("Bearer ", token_));
+}
+
+absl::StatusOr<v1::SessionInfo> Session::Info() {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::GetSessionRequest request;
+  request.set_session_id(id_);
+  v1::SessionInfo info;
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->GetSession(&context, request, &info)));
+  return info;
+}
+
+absl::Status Session::UploadParameters(absl::Span<const NamedTensor> tensors, DType wire_dtype,
+                                       int64_t chunk_bytes) {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::UploadParamsResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::UploadParamsRequest>> writer =
+      stub_->UploadParams(&context, &response);
+  v1::UploadParamsRequest request;
+  request.mutable_header()->set_session_id(id_);
+  if (writer->Write(request)) {
+    v1::TensorChunk* chunk = request.mutable_chunk();
+    absl::Status sent = SendTensors(tensors, wire_dtype, chunk_bytes, *chunk,
+                                    [&] { return writer->Write(request); });
+    if (!sent.ok()) {
+      context.TryCancel();
+      writer->Finish().ok();
+      return sent;
+    }
+  }
+  writer->WritesDone();
+  return FromGrpcStatus(writer->Finish());
+}
+
+absl::StatusOr<std::map<std::string, std::vector<float>>> Session::GetParameters(
+    absl::Span<const std::string> names, DType wire_dtype) {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::GetParamsRequest request;
+  request.set_session_id(id_);
+  for (const std::string& name : names) request.add_tensors(name);
+  request.set_dtype(WireDType(wire_dtype));
+  std::unique_ptr<grpc::ClientReader<v1::TensorChunk>> reader =
+      stub_->GetParams(&context, request);
+  std::map<std::string, std::vector<float>> values;
+  v1::TensorChunk chunk;
+  absl::Status received;
+  while (reader->Read(&chunk)) {
+    if (received.ok()) received = Receive(chunk, values);
+  }
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
+  OPTD_RETURN_IF_ERROR(received);
+  return values;
+}
+
+absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTensor> gradients,
+                                         const StepOptions& options) {
+  grpc::ClientContext context;
+  Authorize(context);
+  SetDeadline(context, options.timeout);
+  std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream =
+      stub_->Step(&context);
+  v1::StepRequest request;
+  v1::StepHeader* header = request.mutable_header();
+  header->set_session_id(id_);
+  header->set_worker_id(options.worker_id);
+  header->set_step(step);
+  if (options.lr.has_value()) header->set_lr(*options.lr);
+  if (options.result_dtype.has_value()) header->set_result_dtype(WireDType(*options.result_dtype));
+  header->set_chunk_bytes(options.chunk_bytes);
+  if (stream->Write(request)) {
+    v1::TensorChunk* chunk = request.mutable_chunk();
+    absl::Status sent = SendTensors(gradients, options.wire_dtype, options.chunk_bytes, *chunk,
+                                    [&] { return stream->Write(request); });
+    if (!sent.ok()) {
+      context.TryCancel();
+      stream->Finish().ok();
+      return sent;
+    }
+  }
+  stream->WritesDone();
+  StepResult result;
+  v1::StepResponse response;
+  absl::Status received;
+  while (stream->Read(&response)) {
+    if (!received.ok()) continue;
+    if (response.has_summary()) {
+      const v1::StepSummary& s = response.summary();
+      result.step = s.step();
+      result.skipped = s.skipped();
+      result.replayed = s.replayed();
+      result.tensors_updated = s.tensors_updated();
+      result.nonfinite_values = s.nonfinite_values();
+      result.kind = s.result();
+    } else {
+      received = Receive(response.chunk(), result.values);
+    }
+  }
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(stream->Finish()));
+  OPTD_RETURN_IF_ERROR(received);
+  return result;
+}
+
+absl::Status Session::UpdateHyperparams(absl::Span<const v1::HyperparamUpdate> updates) {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::UpdateHyperparamsRequest request;
+  request.set_session_id(id_);
+  for (const v1::HyperparamUpdate& u : updates) *request.add_updates() = u;
+  v1::UpdateHyperparamsResponse response;
+  return FromGrpcStatus(stub_->UpdateHyperparams(&context, request, &response));
+}
+
+absl::StatusOr<v1::CheckpointResponse> Session::Checkpoint() {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::CheckpointRequest request;
+  request.set_session_id(id_);
+  v1::CheckpointResponse response;
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->Checkpoint(&context, request, &response)));
+  return response;
+}
+
+absl::StatusOr<int64_t> Session::Restore() {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::RestoreRequest request;
+  request.set_session_id(id_);
+  v1::RestoreResponse response;
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->Restore(&context, request, &response)));
+  return response.step();
+}
+
+absl::StatusOr<v1::GetAnalysisResponse> Session::Analysis() {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::GetAnalysisRequest request;
+  request.set_session_id(id_);
+  v1::GetAnalysisResponse response;
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->GetAnalysis(&context, request, &response)));
+  return response;
+}
+
+absl::Status Session::Delete() {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::DeleteSessionRequest request;
+  request.set_session_id(id_);
+  v1::DeleteSessionResponse response;
+  return FromGrpcStatus(stub_->DeleteSession(&context, request, &response));
+}
+
+Client::Client(std::shared_ptr<grpc::Channel> channel, std::string admin_token)
+    : channel_(std::move(channel)),
+      stub_(v1::Optimizer::NewStub(channel_)),
+      admin_token_(std::move(admin_token)) {}
+
+void Client::Authorize(grpc::ClientContext& context, const std::string& token) const {
+  if (!token.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token));
+}
+
+absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Client::Health(
+    const std::string& service, absl::Duration timeout) {
+  grpc::ClientContext context;
+  SetDeadline(context, timeout);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(
+      grpc::health::v1::Health::NewStub(channel_)->Check(&context, request, &response)));
+  return response.status();
+}
+
+absl::StatusOr<Session> Client::CreateSession(const v1::SessionConfig& config, std::string id) {
+  grpc::ClientContext context;
+  Authorize(context, admin_token_);
+  v1::CreateSessionRequest request;
+  request.set_session_id(std::move(id));
+  *request.mutable_config() = config;
+  v1::CreateSessionResponse response;
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->CreateSession(&context, request, &response)));
+  return Session(channel_, response.session_id(), response.token());
+}
+
+Session Client::OpenSession(std::string id, std::string token) const {
+  return Session(channel_, std::move(id), std::move(token));
+}
+
+absl::StatusOr<std::vector<v1::SessionInfo>> Client::ListSessions() {
+  grpc::ClientContext context;
+  Authorize(context, admin_token_);
+  v1::ListSessionsResponse response;
+  OPTD_RETURN_IF_ERROR(
+      FromGrpcStatus(stub_->ListSessions(&context, v1::ListSessionsRequest(), &response)));
+  return std::vector<v1::SessionInfo>(response.sessions().begin(), response.sessions().end());
+}
+
+absl::Status Client::DeleteSession(const std::string& id, const std::string& token) {
+  grpc::ClientContext context;
+  Authorize(context, token.empty() ? admin_token_ : token);
+  v1::DeleteSessionRequest request;
+  request.set_session_id(id);
+  v1::DeleteSessionResponse response;
+  return FromGrpcStatus(stub_->DeleteSession(&context, request, &response));
+}
+
+}  // namespace optd::client

@@ -1,0 +1,132 @@
+// The C++ client of optd: channels (plain, TLS, mutual TLS), sessions, chunked parameter upload
+// and download, and the streamed Step, with wire-dtype conversion inside. Errors are absl::Status
+// values carrying the daemon's gRPC code and message.
+#ifndef OPTD_CLIENT_CLIENT_H_
+#define OPTD_CLIENT_CLIENT_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "kernels/dtype.h"
+#include "optd/v1/optd.grpc.pb.h"
+
+namespace optd::client {
+
+inline constexpr int64_t kDefaultChunkBytes = int64_t{1} << 20;
+
+struct ChannelOptions {
+  std::string target = "127.0.0.1:50051";
+  bool tls = false;              // also implied by any of the files below
+  std::string tls_ca;            // PEM file of the CA that signed the server; empty: system roots
+  std::string tls_cert;          // PEM client certificate (mutual TLS)
+  std::string tls_key;           // PEM client key (mutual TLS)
+  std::string tls_server_name;   // overrides the name checked against the server certificate
+  int64_t max_message_bytes = (int64_t{4} << 20) + (64 << 10);
+};
+
+// InvalidArgument naming a PEM file that cannot be read.
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions& options);
+
+// grpc::Status -> absl::Status, code for code.
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+// One tensor's values on the client, by name.
+struct NamedTensor {
+  std::string name;
+  absl::Span<const float> values;
+};
+
+struct StepOptions {
+  int worker_id = 0;
+  std::optional<double> lr;               // this step only
+  DType wire_dtype = DType::kF32;         // how gradients travel
+  std::optional<DType> result_dtype;      // default: each tensor's dtype
+  int64_t chunk_bytes = kDefaultChunkBytes;
+  absl::Duration timeout = absl::InfiniteDuration();
+};
+
+struct StepResult {
+  int64_t step = 0;
+  bool skipped = false;
+  bool replayed = false;
+  int tensors_updated = 0;
+  int64_t nonfinite_values = 0;
+  v1::StepResult kind = v1::STEP_RESULT_PARAMETERS;
+  // New parameters or deltas by tensor name (empty for STEP_RESULT_NONE).
+  std::map<std::string, std::vector<float>> values;
+};
+
+class Session {
+ public:
+  Session(std::shared_ptr<grpc::Channel> channel, std::string id, std::string token);
+
+  const std::string& id() const { return id_; }
+  const std::string& token() const { return token_; }
+
+  absl::StatusOr<v1::SessionInfo> Info();
+  // Uploads the given tensors' parameters (each whole) in chunks of `chunk_bytes`; the daemon
+  // applies all of them or none.
+  absl::Status UploadParameters(absl::Span<const NamedTensor> tensors,
+                                DType wire_dtype = DType::kF32,
+                                int64_t chunk_bytes = kDefaultChunkBytes);
+  // Parameters of `names` (empty: all), reassembled from the daemon's chunks.
+  absl::StatusOr<std::map<std::string, std::vector<float>>> GetParameters(
+      absl::Span<const std::string> names = {}, DType wire_dtype = DType::kF32);
+  // Sends this worker's gradients for step `step` (tensors absent from `gradients` get no
+  // update) and returns the step's result once every worker has sent theirs.
+  absl::StatusOr<StepResult> Step(int64_t step, absl::Span<const NamedTensor> gradients,
+                                  const StepOptions& options = {});
+  absl::Status UpdateHyperparams(absl::Span<const v1::HyperparamUpdate> updates);
+  absl::StatusOr<v1::CheckpointResponse> Checkpoint();
+  absl::StatusOr<int64_t> Restore();
+  absl::StatusOr<v1::GetAnalysisResponse> Analysis();
+  absl::Status Delete();
+
+ private:
+  void Authorize(grpc::ClientContext& context) const;
+
+  std::shared_ptr<grpc::Channel> channel_;
+  std::shared_ptr<v1::Optimizer::Stub> stub_;  // shared: a Session is a copyable handle
+  std::string id_;
+  std::string token_;
+};
+
+class Client {
+ public:
+  // `admin_token` goes with CreateSession, ListSessions and DeleteSession when not empty.
+  explicit Client(std::shared_ptr<grpc::Channel> channel, std::string admin_token = "");
+
+  // SERVING, NOT_SERVING, ... for `service` ("" is liveness, "optd.v1.Optimizer" readiness).
+  absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Health(
+      const std::string& service = "", absl::Duration timeout = absl::Seconds(5));
+  // Creates a session (id empty: the daemon names it) and returns it with its token.
+  absl::StatusOr<Session> CreateSession(const v1::SessionConfig& config, std::string id = "");
+  // A handle on an existing session; nothing is checked until the first call.
+  Session OpenSession(std::string id, std::string token) const;
+  absl::StatusOr<std::vector<v1::SessionInfo>> ListSessions();
+  // Deletes with the admin token (or `token` when given).
+  absl::Status DeleteSession(const std::string& id, const std::string& token = "");
+
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+
+ private:
+  void Authorize(grpc::ClientContext& context, const std::string& token) const;
+
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Optimizer::Stub> stub_;
+  std::string admin_token_;
+};
+
+}  // namespace optd::client
+
+#endif  // OPTD_CLIENT_CLIENT_H_

@@ -1,0 +1,399 @@
+// Steps over real loopback gRPC: results equal the kernels library's bit for bit, the mean of
+// several workers is applied once, retries replay, stragglers abort, cancelled contributions are
+// withdrawn.
+#include <thread>
+
+#include "kernels/formulas.h"
+#include "tests/server/test_daemon.h"
+
+namespace optd::testing {
+namespace {
+
+class StepTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { server_ = StartServer(LoopbackOptions()).release(); }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+
+  client::Session Create(const v1::SessionConfig& config) {
+    client::Client c = ConnectTo(*server_);
+    absl::StatusOr<client::Session> session = c.CreateSession(config);
+    EXPECT_TRUE(session.ok()) << session.status();
+    return *session;
+  }
+
+  static server::Server* server_;
+};
+
+server::Server* StepTest::server_ = nullptr;
+
+v1::SessionConfig ModelConfig(const std::string& preset, int world_size = 1) {
+  const std::string matrix = preset == "adamw" ? "vectors" : "matrices";
+  return MakeConfig(
+      {{"matrices", preset}, {"vectors", "adamw"}},
+      {{"hidden", {24, 40}, matrix}, {"conv", {6, 3, 3, 3}, matrix}, {"bias", {40}, "vectors"}},
+      world_size);
+}
+
+void ExpectMatches(const Reference& reference, const std::map<std::string, std::vector<float>>& got,
+                   const std::string& what) {
+  ASSERT_EQ(got.size(), static_cast<size_t>(reference.num_tensors())) << what;
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    auto it = got.find(reference.name(t));
+    ASSERT_NE(it, got.end()) << what << ": " << reference.name(t);
+    EXPECT_TRUE(BitwiseEqual(it->second, reference.Parameters(t)))
+        << what << ": tensor " << reference.name(t) << " differs from the kernels library";
+  }
+}
+
+class PresetStepTest : public StepTest, public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(PresetStepTest, OneWorkerEqualsKernelsBitForBit) {
+  const v1::SessionConfig config = ModelConfig(GetParam());
+  client::Session session = Create(config);
+  Reference reference(config);
+  ExpectMatches(reference, *session.GetParameters(), "initial parameters");
+  for (int64_t step = 1; step <= 3; ++step) {
+    const auto grads = WorkerGradients(reference, step, 0);
+    absl::StatusOr<client::StepResult> result = session.Step(step, AsNamed(reference, grads));
+    ASSERT_TRUE(result.ok()) << result.status();
+    reference.Step({grads});
+    EXPECT_EQ(result->step, step);
+    EXPECT_FALSE(result->replayed);
+    EXPECT_EQ(result->tensors_updated, 3);
+    ExpectMatches(reference, result->values, absl::StrCat("step ", step, " result"));
+  }
+  ExpectMatches(reference, *session.GetParameters(), "GetParams after 3 steps");
+  absl::StatusOr<v1::SessionInfo> info = session.Info();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->step(), 3);
+  for (const v1::TensorInfo& t : info->tensors()) EXPECT_EQ(t.steps_applied(), 3);
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, PresetStepTest, ::testing::ValuesIn([] {
+                           std::vector<std::string> names;
+                           for (absl::string_view n : PresetNames()) names.emplace_back(n);
+                           return names;
+                         }()),
+                         [](const auto& info) { return info.param; });
+
+// Runs Step for every worker on its own thread and returns their results in worker order.
+std::vector<absl::StatusOr<client::StepResult>> StepAll(
+    client::Session& session, const Reference& reference, int64_t step,
+    const std::vector<std::vector<std::vector<float>>>& grads, const client::StepOptions& base) {
+  std::vector<absl::StatusOr<client::StepResult>> results(grads.size(),
+                                                          absl::UnknownError("not run"));
+  std::vector<std::thread> workers;
+  for (size_t w = 0; w < grads.size(); ++w) {
+    workers.emplace_back([&, w] {
+      client::StepOptions options = base;
+      options.worker_id = static_cast<int>(w);
+      results[w] = session.Step(step, AsNamed(reference, grads[w]), options);
+    });
+  }
+  for (std::thread& t : workers) t.join();
+  return results;
+}
+
+TEST_F(StepTest, FourConcurrentWorkersApplyTheirMeanOnce) {
+  const v1::SessionConfig config = ModelConfig("keller", /*world_size=*/4);
+  client::Session session = Create(config);
+  Reference reference(config);
+  for (int64_t step = 1; step <= 2; ++step) {
+    std::vector<std::vector<std::vector<float>>> grads;
+    for (int w = 0; w < 4; ++w) grads.push_back(WorkerGradients(reference, step, w));
+    auto results = StepAll(session, reference, step, grads, {});
+    reference.Step(grads);
+    for (int w = 0; w < 4; ++w) {
+      ASSERT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w].status();
+      ExpectMatches(reference, results[w]->values, absl::StrCat("worker ", w, " step ", step));
+    }
+  }
+  absl::StatusOr<v1::SessionInfo> info = session.Info();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->step(), 2);
+  for (const v1::TensorInfo& t : info->tensors()) EXPECT_EQ(t.steps_applied(), 2);
+}
+
+TEST_F(StepTest, RetryOfAFinishedStepReplaysItsResult) {
+  const v1::SessionConfig config = ModelConfig("rmnp");
+  client::Session session = Create(config);
+  Reference reference(config);
+  const auto grads = WorkerGradients(reference, 1, 0);
+  absl::StatusOr<client::StepResult> first = session.Step(1, AsNamed(reference, grads));
+  ASSERT_TRUE(first.ok()) << first.status();
+  reference.Step({grads});
+  // Different gradients on the retry: they must not be applied.
+  const auto other = WorkerGradients(reference, 99, 0);
+  absl::StatusOr<client::StepResult> retry = session.Step(1, AsNamed(reference, other));
+  ASSERT_TRUE(retry.ok()) << retry.status();
+  EXPECT_TRUE(retry->replayed);
+  EXPECT_EQ(retry->values, first->values);
+  ExpectMatches(reference, *session.GetParameters(), "after the retry");
+  EXPECT_EQ(session.Info()->step(), 1);
+}
+
+// Waits until the session has `n` contributions pending.
+void AwaitPending(client::Session& session, int n) {
+  for (int i = 0; i < 500; ++i) {
+    absl::StatusOr<v1::SessionInfo> info = session.Info();
+    if (info.ok() && info->workers_pending() == n) return;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ADD_FAILURE() << "never saw " << n << " workers pending";
+}
+
+TEST_F(StepTest, RetryWhileThePendingStepWaitsIsCountedOnce) {
+  const v1::SessionConfig config = ModelConfig("keller", /*world_size=*/2);
+  client::Session session = Create(config);
+  Reference reference(config);
+  const auto g0 = WorkerGradients(reference, 1, 0);
+  const auto g0_retry = WorkerGradients(reference, 1, 7);
+  const auto g1 = WorkerGradients(reference, 1, 1);
+  absl::StatusOr<client::StepResult> first, retry, other;
+  std::thread a([&] { first = session.Step(1, AsNamed(reference, g0)); });
+  AwaitPending(session, 1);
+  std::thread b([&] { retry = session.Step(1, AsNamed(reference, g0_retry)); });
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_EQ(session.Info()->workers_pending(), 1) << "the retry was counted as a contribution";
+  client::StepOptions worker1;
+  worker1.worker_id = 1;
+  other = session.Step(1, AsNamed(reference, g1), worker1);
+  a.join();
+  b.join();
+  reference.Step({g0, g1});
+  ASSERT_TRUE(first.ok() && retry.ok() && other.ok())
+      << first.status() << retry.status() << other.status();
+  EXPECT_FALSE(first->replayed);
+  EXPECT_TRUE(retry->replayed);
+  ExpectMatches(reference, first->values, "first attempt");
+  ExpectMatches(reference, retry->values, "retry");
+  ExpectMatches(reference, other->values, "worker 1");
+}
+
+TEST_F(StepTest, AWorkerOnTheWrongStepIsRefusedWithTheExpectedStep) {
+  const v1::SessionConfig config = ModelConfig("keller");
+  client::Session session = Create(config);
+  Reference reference(config);
+  absl::StatusOr<client::StepResult> result =
+      session.Step(3, AsNamed(reference, WorkerGradients(reference, 3, 0)));
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(result.status().message()), ::testing::HasSubstr("expects step 1"));
+  EXPECT_THAT(std::string(result.status().message()), ::testing::HasSubstr("sent step 3"));
+  ExpectMatches(reference, *session.GetParameters(), "after the refused step");
+}
+
+TEST_F(StepTest, AStragglerPastTheDeadlineAbortsTheStepWithNothingApplied) {
+  v1::SessionConfig config = ModelConfig("muoneq_rowcol", /*world_size=*/4);
+  config.set_straggler_timeout_seconds(0.3);
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::vector<std::vector<std::vector<float>>> grads;
+  for (int w = 0; w < 4; ++w) grads.push_back(WorkerGradients(reference, 1, w));
+  std::vector<std::vector<std::vector<float>>> three(grads.begin(), grads.begin() + 3);
+  auto results = StepAll(session, reference, 1, three, {});
+  for (int w = 0; w < 3; ++w) {
+    EXPECT_EQ(results[w].status().code(), absl::StatusCode::kAborted) << results[w].status();
+    EXPECT_THAT(std::string(results[w].status().message()), ::testing::HasSubstr("worker(s) 3"));
+  }
+  ExpectMatches(reference, *session.GetParameters(), "after the aborted step");
+  EXPECT_EQ(session.Info()->step(), 0);
+  // The step can be run again by all four.
+  results = StepAll(session, reference, 1, grads, {});
+  reference.Step(grads);
+  for (int w = 0; w < 4; ++w) {
+    ASSERT_TRUE(results[w].ok()) << results[w].status();
+    ExpectMatches(reference, results[w]->values, "rerun");
+  }
+}
+
+TEST_F(StepTest, ACancelledWaitWithdrawsTheContribution) {
+  const v1::SessionConfig config = ModelConfig("normuon", /*world_size=*/2);
+  client::Session session = Create(config);
+  Reference reference(config);
+  client::StepOptions hurried;
+  hurried.timeout = absl::Milliseconds(300);
+  absl::StatusOr<client::StepResult> gone =
+      session.Step(1, AsNamed(reference, WorkerGradients(reference, 1, 0)), hurried);
+  EXPECT_EQ(gone.status().code(), absl::StatusCode::kDeadlineExceeded) << gone.status();
+  AwaitPending(session, 0);
+  // Worker 0 sends other gradients; only those count.
+  std::vector<std::vector<std::vector<float>>> grads = {WorkerGradients(reference, 1, 5),
+                                                        WorkerGradients(reference, 1, 1)};
+  auto results = StepAll(session, reference, 1, grads, {});
+  reference.Step(grads);
+  for (int w = 0; w < 2; ++w) {
+    ASSERT_TRUE(results[w].ok()) << results[w].status();
+    ExpectMatches(reference, results[w]->values, "after the withdrawal");
+  }
+}
+
+TEST_F(StepTest, ClientSideAccumulationAppliesTheOptimizerOncePerStep) {
+  const v1::SessionConfig config = ModelConfig("moonlight");
+  client::Session session = Create(config);
+  Reference reference(config);
+  for (int64_t step = 1; step <= 2; ++step) {
+    // Four micro-batches summed on the client, one Step.
+    std::vector<std::vector<float>> sum = WorkerGradients(reference, step, 0);
+    for (int micro = 1; micro < 4; ++micro) {
+      const auto g = WorkerGradients(reference, step, micro);
+      for (size_t t = 0; t < sum.size(); ++t) {
+        for (size_t i = 0; i < sum[t].size(); ++i) sum[t][i] += g[t][i];
+      }
+    }
+    absl::StatusOr<client::StepResult> result = session.Step(step, AsNamed(reference, sum));
+    ASSERT_TRUE(result.ok()) << result.status();
+    reference.Step({sum});
+    ExpectMatches(reference, result->values, "accumulated step");
+  }
+  const v1::SessionInfo info = *session.Info();
+  for (const v1::TensorInfo& t : info.tensors()) EXPECT_EQ(t.steps_applied(), 2);
+}
+
+TEST_F(StepTest, DeltaResultIsNewMinusOldParameters) {
+  v1::SessionConfig config = ModelConfig("torch");
+  config.set_step_result(v1::STEP_RESULT_DELTA);
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::vector<std::vector<float>> before;
+  for (int t = 0; t < reference.num_tensors(); ++t) before.push_back(reference.Parameters(t));
+  const auto grads = WorkerGradients(reference, 1, 0);
+  absl::StatusOr<client::StepResult> result = session.Step(1, AsNamed(reference, grads));
+  ASSERT_TRUE(result.ok()) << result.status();
+  reference.Step({grads});
+  EXPECT_EQ(result->kind, v1::STEP_RESULT_DELTA);
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    const std::vector<float> after = reference.Parameters(t);
+    std::vector<float> delta(after.size());
+    for (size_t i = 0; i < after.size(); ++i) delta[i] = after[i] - before[t][i];
+    EXPECT_TRUE(BitwiseEqual(result->values.at(reference.name(t)), delta)) << reference.name(t);
+  }
+}
+
+TEST_F(StepTest, SkipStepPolicySkipsNonFiniteGradientsAndAdvances) {
+  v1::SessionConfig config = ModelConfig("keller");
+  config.set_non_finite_policy(v1::NON_FINITE_POLICY_SKIP_STEP);
+  client::Session session = Create(config);
+  Reference reference(config);
+  auto grads = WorkerGradients(reference, 1, 0);
+  grads[0][5] = std::numeric_limits<float>::quiet_NaN();
+  grads[2][1] = std::numeric_limits<float>::infinity();
+  absl::StatusOr<client::StepResult> skipped = session.Step(1, AsNamed(reference, grads));
+  ASSERT_TRUE(skipped.ok()) << skipped.status();
+  EXPECT_TRUE(skipped->skipped);
+  EXPECT_EQ(skipped->nonfinite_values, 2);
+  ExpectMatches(reference, skipped->values, "skipped step");
+  const auto next = WorkerGradients(reference, 2, 0);
+  absl::StatusOr<client::StepResult> result = session.Step(2, AsNamed(reference, next));
+  ASSERT_TRUE(result.ok()) << result.status();
+  reference.Step({next});
+  ExpectMatches(reference, result->values, "step after the skipped one");
+}
+
+TEST_F(StepTest, StepLrOverrideAndHyperparameterUpdates) {
+  const v1::SessionConfig config = ModelConfig("rmnp");
+  client::Session session = Create(config);
+  Reference reference(config);
+  Optimizer& opt = reference.optimizer();
+  // Step 1 with lr 0.001 for every group, this step only.
+  const auto g1 = WorkerGradients(reference, 1, 0);
+  client::StepOptions override_lr;
+  override_lr.lr = 0.001;
+  ASSERT_TRUE(session.Step(1, AsNamed(reference, g1), override_lr).ok());
+  std::vector<OptimizerConfig> original;
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    original.push_back(opt.spec(t).config);
+    const OptimizerConfig& c = original.back();
+    const double momentum = c.algorithm == Algorithm::kAdamW ? c.adamw.beta1 : c.matrix.momentum;
+    ASSERT_TRUE(opt.SetHyperparameters(t, 0.001, c.weight_decay, momentum).ok());
+  }
+  reference.Step({g1});
+  // Then the matrices' lr becomes 0.005 and their momentum 0.9 from step 2 on.
+  v1::HyperparamUpdate update;
+  update.set_group("matrices");
+  update.set_lr(0.005);
+  update.set_momentum(0.9);
+  ASSERT_TRUE(session.UpdateHyperparams({update}).ok());
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    const OptimizerConfig& c = original[t];
+    if (c.algorithm == Algorithm::kAdamW) {
+      ASSERT_TRUE(opt.SetHyperparameters(t, c.lr, c.weight_decay, c.adamw.beta1).ok());
+    } else {
+      ASSERT_TRUE(opt.SetHyperparameters(t, 0.005, c.weight_decay, 0.9).ok());
+    }
+  }
+  const auto g2 = WorkerGradients(reference, 2, 0);
+  absl::StatusOr<client::StepResult> result = session.Step(2, AsNamed(reference, g2));
+  ASSERT_TRUE(result.ok()) << result.status();
+  reference.Step({g2});
+  ExpectMatches(reference, result->values, "after the updates");
+  const v1::SessionInfo info = *session.Info();
+  for (const v1::TensorInfo& t : info.tensors()) {
+    if (t.config().group() == "matrices") {
+      EXPECT_EQ(t.lr(), 0.005);
+      EXPECT_EQ(t.momentum(), 0.9);
+    }
+  }
+}
+
+TEST_F(StepTest, HalfPrecisionWireAndSmallChunksRoundTrip) {
+  const v1::SessionConfig config = ModelConfig("keller");
+  client::Session session = Create(config);
+  Reference reference(config);
+  auto grads = WorkerGradients(reference, 1, 0);
+  client::StepOptions options;
+  options.wire_dtype = DType::kBF16;
+  options.result_dtype = DType::kF16;
+  options.chunk_bytes = 100;  // 50 bf16 values per chunk, tensors split unevenly
+  absl::StatusOr<client::StepResult> result = session.Step(1, AsNamed(reference, grads), options);
+  ASSERT_TRUE(result.ok()) << result.status();
+  // The daemon saw the gradients rounded to bf16 and sent the parameters rounded to fp16.
+  for (auto& g : grads) {
+    for (float& x : g) x = formulas::RoundToBf16(x);
+  }
+  reference.Step({grads});
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    std::vector<float> expected = reference.Parameters(t);
+    for (float& x : expected) x = formulas::RoundToHalf(x);
+    EXPECT_TRUE(BitwiseEqual(result->values.at(reference.name(t)), expected)) << reference.name(t);
+  }
+  ExpectMatches(reference, *session.GetParameters(), "fp32 parameters on the daemon");
+}
+
+TEST_F(StepTest, UploadedParametersReplaceTheInitialOnes) {
+  const v1::SessionConfig config = ModelConfig("dion");
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::vector<std::vector<float>> values;
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    values.push_back(Gradient(reference.count(t), 50 + t, 0, 0));
+    ASSERT_TRUE(reference.optimizer().SetParameters(t, values.back()).ok());
+  }
+  ASSERT_TRUE(session.UploadParameters(AsNamed(reference, values), DType::kF32, 64).ok());
+  ExpectMatches(reference, *session.GetParameters(), "after the upload");
+  const auto grads = WorkerGradients(reference, 1, 0);
+  absl::StatusOr<client::StepResult> result = session.Step(1, AsNamed(reference, grads));
+  ASSERT_TRUE(result.ok()) << result.status();
+  reference.Step({grads});
+  ExpectMatches(reference, result->values, "step after the upload");
+}
+
+TEST_F(StepTest, TensorsWithoutGradientsAreLeftAlone) {
+  const v1::SessionConfig config = ModelConfig("keller");
+  client::Session session = Create(config);
+  Reference reference(config);
+  auto grads = WorkerGradients(reference, 1, 0);
+  std::vector<client::NamedTensor> only_hidden = {{reference.name(0), grads[0]}};
+  absl::StatusOr<client::StepResult> result = session.Step(1, only_hidden);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->tensors_updated, 1);
+  ASSERT_TRUE(reference.optimizer().SetGradient(0, grads[0]).ok());
+  const bool present[] = {true, false, false};
+  ASSERT_TRUE(reference.optimizer().Step(present).ok());
+  ExpectMatches(reference, result->values, "partial step");
+}
+
+}  // namespace
+}  // namespace optd::testing
