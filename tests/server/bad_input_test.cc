@@ -1,0 +1,404 @@
+// Every bad input gets its precise status and a message naming the problem, and leaves every
+// parameter and state buffer byte-identical (compared through GetParams and a checkpoint).
+#include <functional>
+
+#include "server/checkpoint_file.h"
+#include "server/file_system.h"
+#include "tests/server/test_daemon.h"
+
+namespace optd::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int64_t kRows = 16, kCols = 24;
+
+// What a session holds: parameters, every checkpoint record but the meta's timestamp, the step,
+// hyperparameters and steps applied.
+struct Snapshot {
+  std::map<std::string, std::vector<float>> parameters;
+  std::map<std::string, std::string> records;
+  std::string info;
+
+  bool operator==(const Snapshot&) const = default;
+};
+
+Snapshot Take(client::Session& session) {
+  Snapshot s;
+  s.parameters = *session.GetParameters();
+  absl::StatusOr<v1::CheckpointResponse> checkpoint = session.Checkpoint();
+  EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
+  absl::StatusOr<server::CheckpointReader> reader =
+      server::CheckpointReader::Open(server::PosixFileSystem(), checkpoint->path());
+  EXPECT_TRUE(reader.ok()) << reader.status();
+  for (const auto& [name, data] : reader->records()) {
+    if (name == "meta") {
+      v1::SessionCheckpoint meta;
+      meta.ParseFromArray(data.data(), static_cast<int>(data.size()));
+      meta.clear_written_unix_micros();
+      s.records[name] = meta.SerializeAsString();
+    } else {
+      s.records[name] = std::string(data);
+    }
+  }
+  s.info = session.Info()->SerializeAsString();
+  return s;
+}
+
+// Raw calls, for requests the client library would never build.
+struct Raw {
+  std::shared_ptr<v1::Optimizer::Stub> stub;
+
+  static void Authorize(grpc::ClientContext& context, const std::string& authorization) {
+    if (!authorization.empty()) context.AddMetadata("authorization", authorization);
+  }
+
+  absl::Status Step(const std::string& authorization,
+                    const std::vector<v1::StepRequest>& requests) {
+    grpc::ClientContext context;
+    Authorize(context, authorization);
+    auto stream = stub->Step(&context);
+    for (const v1::StepRequest& r : requests) {
+      if (!stream->Write(r)) break;
+    }
+    stream->WritesDone();
+    v1::StepResponse response;
+    while (stream->Read(&response)) {
+    }
+    return client::FromGrpcStatus(stream->Finish());
+  }
+
+  absl::Status Upload(const std::string& authorization,
+                      const std::vector<v1::UploadParamsRequest>& requests) {
+    grpc::ClientContext context;
+    Authorize(context, authorization);
+    v1::UploadParamsResponse response;
+    auto writer = stub->UploadParams(&context, &response);
+    for (const v1::UploadParamsRequest& r : requests) {
+      if (!writer->Write(r)) break;
+    }
+    writer->WritesDone();
+    return client::FromGrpcStatus(writer->Finish());
+  }
+};
+
+v1::StepRequest Header(const std::string& session, int64_t step, int worker = 0) {
+  v1::StepRequest r;
+  r.mutable_header()->set_session_id(session);
+  r.mutable_header()->set_step(step);
+  r.mutable_header()->set_worker_id(worker);
+  return r;
+}
+
+v1::TensorChunk Chunk(const std::string& tensor, int64_t offset, const std::vector<float>& values,
+                      v1::DType dtype = v1::DTYPE_FP32) {
+  v1::TensorChunk c;
+  c.set_tensor(tensor);
+  c.set_offset(offset);
+  c.set_dtype(dtype);
+  c.set_data(
+      std::string(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float)));
+  return c;
+}
+
+v1::StepRequest StepChunk(v1::TensorChunk chunk) {
+  v1::StepRequest r;
+  *r.mutable_chunk() = std::move(chunk);
+  return r;
+}
+
+v1::UploadParamsRequest UploadChunk(v1::TensorChunk chunk) {
+  v1::UploadParamsRequest r;
+  *r.mutable_chunk() = std::move(chunk);
+  return r;
+}
+
+std::vector<float> Ones(int64_t n) { return std::vector<float>(static_cast<size_t>(n), 1.0f); }
+
+struct BadInput {
+  std::string name;
+  absl::StatusCode code;
+  std::string message;  // a substring the message must hold
+};
+
+class BadInputTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    state_dir_ = new std::string(MakeTempDir("bad_input"));
+    server::ServerOptions options = LoopbackOptions(*state_dir_);
+    options.sessions.max_session_bytes = 64 << 20;
+    server_ = StartServer(options).release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    delete state_dir_;
+  }
+
+  void SetUp() override {
+    client::Client c = ConnectTo(*server_);
+    config_ = MakeConfig({{"matrices", "keller"}, {"vectors", "adamw"}},
+                         {{"w", {kRows, kCols}, "matrices"}, {"b", {kCols}, "vectors"}});
+    victim_ = std::make_unique<client::Session>(*c.CreateSession(config_));
+    other_ = std::make_unique<client::Session>(*c.CreateSession(config_));
+    // One real step first, so momentum and Adam moments are not zero.
+    Reference reference(config_);
+    ASSERT_TRUE(victim_->Step(1, AsNamed(reference, WorkerGradients(reference, 1, 0))).ok());
+    raw_.stub = v1::Optimizer::NewStub(c.channel());
+  }
+
+  std::string Bearer(const client::Session& s) const { return "Bearer " + s.token(); }
+
+  // Runs `call`, checks its status, and checks the victim's state did not change.
+  void Check(const BadInput& expected, const std::function<absl::Status()>& call) {
+    SCOPED_TRACE(expected.name);
+    const Snapshot before = Take(*victim_);
+    const absl::Status status = call();
+    EXPECT_EQ(status.code(), expected.code) << status;
+    EXPECT_THAT(std::string(status.message()), HasSubstr(expected.message));
+    EXPECT_TRUE(Take(*victim_) == before) << "state changed";
+  }
+
+  static server::Server* server_;
+  static std::string* state_dir_;
+  v1::SessionConfig config_;
+  std::unique_ptr<client::Session> victim_, other_;
+  Raw raw_;
+};
+
+server::Server* BadInputTest::server_ = nullptr;
+std::string* BadInputTest::state_dir_ = nullptr;
+
+TEST_F(BadInputTest, StepStreams) {
+  const std::string id = victim_->id();
+  const std::string bearer = Bearer(*victim_);
+  const std::vector<float> w = Ones(kRows * kCols);
+  const std::vector<float> b = Ones(kCols);
+  auto step = [&](std::vector<v1::StepRequest> requests, const std::string& auth = "") {
+    return [this, requests, auth, bearer] {
+      return raw_.Step(auth.empty() ? bearer : auth, requests);
+    };
+  };
+  auto with = [&](v1::StepRequest header, std::vector<v1::TensorChunk> chunks) {
+    std::vector<v1::StepRequest> r = {std::move(header)};
+    for (auto& c : chunks) r.push_back(StepChunk(std::move(c)));
+    return r;
+  };
+  std::vector<float> nan = w;
+  nan[5] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> inf = b;
+  inf[3] = -std::numeric_limits<float>::infinity();
+  std::vector<float> huge = b;
+  huge[0] = 1e30f;
+  v1::TensorChunk ragged = Chunk("b", 0, b);
+  ragged.mutable_data()->resize(7);
+  v1::TensorChunk unspecified = Chunk("b", 0, b, v1::DTYPE_UNSPECIFIED);
+  v1::TensorChunk empty = Chunk("b", 0, {});
+  v1::StepRequest bad_lr = Header(id, 2);
+  bad_lr.mutable_header()->set_lr(-1);
+  v1::StepRequest big_chunks = Header(id, 2);
+  big_chunks.mutable_header()->set_chunk_bytes(int64_t{8} << 20);
+  v1::StepRequest bad_result_dtype = Header(id, 2);
+  bad_result_dtype.mutable_header()->set_result_dtype(static_cast<v1::DType>(9));
+  const std::vector<float> oversize(5 << 18, 0.5f);  // 5 MiB in one message
+
+  Check({"unknown session", absl::StatusCode::kNotFound, "session 'nope' does not exist"},
+        step(with(Header("nope", 2), {Chunk("b", 0, b)})));
+  Check({"unknown tensor", absl::StatusCode::kNotFound, "has no tensor 'ghost'"},
+        step(with(Header(id, 2), {Chunk("ghost", 0, b)})));
+  Check({"offset past the end", absl::StatusCode::kInvalidArgument,
+         "covers elements [10, 34) outside the tensor's 24 elements"},
+        step(with(Header(id, 2), {Chunk("b", 10, b)})));
+  Check({"negative offset", absl::StatusCode::kInvalidArgument, "outside the tensor"},
+        step(with(Header(id, 2), {Chunk("b", -1, {1.0f})})));
+  Check({"overlapping chunks", absl::StatusCode::kInvalidArgument,
+         "at elements [4, 8) overlaps elements [0, 12)"},
+        step(with(Header(id, 2), {Chunk("b", 0, Ones(12)), Chunk("b", 4, Ones(4))})));
+  Check({"missing chunk", absl::StatusCode::kInvalidArgument,
+         "tensor 'b' got 20 of its 24 elements; elements [8, 12) are missing"},
+        step(with(Header(id, 2),
+                  {Chunk("w", 0, w), Chunk("b", 0, Ones(8)), Chunk("b", 12, Ones(12))})));
+  Check({"unspecified dtype", absl::StatusCode::kInvalidArgument, "is not a wire dtype"},
+        step(with(Header(id, 2), {unspecified})));
+  Check({"ragged bytes", absl::StatusCode::kInvalidArgument, "not a whole number of fp32"},
+        step(with(Header(id, 2), {ragged})));
+  Check({"empty chunk", absl::StatusCode::kInvalidArgument, "is empty"},
+        step(with(Header(id, 2), {empty})));
+  Check({"NaN gradient", absl::StatusCode::kInvalidArgument, "tensor 'w' element 5 is nan"},
+        step(with(Header(id, 2), {Chunk("w", 0, nan), Chunk("b", 0, b)})));
+  Check({"infinite gradient", absl::StatusCode::kInvalidArgument, "tensor 'b' element 3 is -inf"},
+        step(with(Header(id, 2), {Chunk("w", 0, w), Chunk("b", 0, inf)})));
+  Check({"gradient beyond 2^63", absl::StatusCode::kInvalidArgument, "must be finite and within"},
+        step(with(Header(id, 2), {Chunk("w", 0, w), Chunk("b", 0, huge)})));
+  Check({"wrong step", absl::StatusCode::kFailedPrecondition, "expects step 2"},
+        step(with(Header(id, 5), {Chunk("b", 0, b)})));
+  Check(
+      {"worker outside world", absl::StatusCode::kInvalidArgument, "worker_id 3 is outside [0, 1)"},
+      step(with(Header(id, 2, 3), {Chunk("b", 0, b)})));
+  Check({"chunk before header", absl::StatusCode::kInvalidArgument, "must start with a header"},
+        step({StepChunk(Chunk("b", 0, b))}));
+  Check({"second header", absl::StatusCode::kInvalidArgument, "one header, then only chunks"},
+        step({Header(id, 2), Header(id, 2)}));
+  Check({"invalid step lr", absl::StatusCode::kInvalidArgument, "step lr -1"},
+        step(with(bad_lr, {Chunk("b", 0, b)})));
+  Check({"result chunks too large", absl::StatusCode::kInvalidArgument, "chunk_bytes 8388608"},
+        step(with(big_chunks, {Chunk("b", 0, b)})));
+  Check({"unknown result dtype", absl::StatusCode::kInvalidArgument, "dtype 9"},
+        step(with(bad_result_dtype, {Chunk("b", 0, b)})));
+  Check({"oversize message", absl::StatusCode::kResourceExhausted, "larger than max"},
+        step(with(Header(id, 2), {Chunk("b", 0, oversize)})));
+  Check({"missing token", absl::StatusCode::kUnauthenticated, "missing 'authorization"}, [&] {
+    grpc::ClientContext context;
+    auto stream = raw_.stub->Step(&context);
+    stream->Write(Header(id, 2));
+    stream->WritesDone();
+    return client::FromGrpcStatus(stream->Finish());
+  });
+  Check({"not a bearer credential", absl::StatusCode::kUnauthenticated, "not 'Bearer <token>'"},
+        step(with(Header(id, 2), {Chunk("b", 0, b)}), "Basic dXNlcjpwYXNz"));
+  Check({"unknown token", absl::StatusCode::kUnauthenticated, "not valid for any session"},
+        step(with(Header(id, 2), {Chunk("b", 0, b)}), "Bearer optd_0123"));
+  Check({"another session's token", absl::StatusCode::kPermissionDenied,
+         absl::StrCat("belongs to session '", other_->id(), "', not to session '", id, "'")},
+        step(with(Header(id, 2), {Chunk("b", 0, b)}), Bearer(*other_)));
+}
+
+TEST_F(BadInputTest, WorkersThatDisagreeOnTheirTensors) {
+  client::Client c = ConnectTo(*server_);
+  v1::SessionConfig two = config_;
+  two.set_world_size(2);
+  client::Session pair = *c.CreateSession(two);
+  Reference reference(two);
+  const auto grads = WorkerGradients(reference, 1, 0);
+  absl::StatusOr<client::StepResult> first;
+  std::thread worker0([&] { first = pair.Step(1, AsNamed(reference, grads)); });
+  for (int i = 0; i < 500 && pair.Info()->workers_pending() != 1; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  client::StepOptions worker1;
+  worker1.worker_id = 1;
+  std::vector<client::NamedTensor> only_w = {{"w", grads[0]}};
+  absl::StatusOr<client::StepResult> mismatched = pair.Step(1, only_w, worker1);
+  EXPECT_EQ(mismatched.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(mismatched.status().message()),
+              HasSubstr("worker 1 sent gradients for {w} but worker 0 sent {w, b}"));
+  absl::StatusOr<client::StepResult> second = pair.Step(1, AsNamed(reference, grads), worker1);
+  worker0.join();
+  ASSERT_TRUE(first.ok() && second.ok()) << first.status() << second.status();
+}
+
+TEST_F(BadInputTest, ParameterUploads) {
+  const std::string id = victim_->id();
+  const std::string bearer = Bearer(*victim_);
+  auto upload = [&](std::vector<v1::TensorChunk> chunks, const std::string& auth = "",
+                    const std::string& session = "") {
+    std::vector<v1::UploadParamsRequest> requests(1);
+    requests[0].mutable_header()->set_session_id(session.empty() ? id : session);
+    for (auto& c : chunks) requests.push_back(UploadChunk(std::move(c)));
+    return [this, requests, auth, bearer] {
+      return raw_.Upload(auth.empty() ? bearer : auth, requests);
+    };
+  };
+  std::vector<float> nan = Ones(kCols);
+  nan[2] = std::numeric_limits<float>::quiet_NaN();
+  Check({"non-finite parameter", absl::StatusCode::kInvalidArgument, "element 2 is nan"},
+        upload({Chunk("w", 0, Ones(kRows * kCols)), Chunk("b", 0, nan)}));
+  Check({"partial tensor", absl::StatusCode::kInvalidArgument, "elements [10, 24) are missing"},
+        upload({Chunk("w", 0, Ones(kRows * kCols)), Chunk("b", 0, Ones(10))}));
+  Check({"unknown tensor", absl::StatusCode::kNotFound, "has no tensor 'x'"},
+        upload({Chunk("w", 0, Ones(kRows * kCols)), Chunk("x", 0, Ones(3))}));
+  Check({"no header", absl::StatusCode::kInvalidArgument, "must start with a header"},
+        [&] { return raw_.Upload(bearer, {UploadChunk(Chunk("b", 0, Ones(kCols)))}); });
+  Check({"another session's token", absl::StatusCode::kPermissionDenied, "belongs to session"},
+        upload({Chunk("b", 0, Ones(kCols))}, Bearer(*other_)));
+}
+
+TEST_F(BadInputTest, SessionCalls) {
+  client::Client c = ConnectTo(*server_);
+  auto update = [&](const std::string& group, std::optional<double> lr,
+                    std::optional<double> momentum, std::optional<double> wd) {
+    v1::HyperparamUpdate u;
+    u.set_group(group);
+    if (lr) u.set_lr(*lr);
+    if (momentum) u.set_momentum(*momentum);
+    if (wd) u.set_weight_decay(*wd);
+    return [this, u] { return victim_->UpdateHyperparams({u}); };
+  };
+  Check({"unknown group", absl::StatusCode::kNotFound, "has no group 'heads'"},
+        update("heads", 0.1, {}, {}));
+  Check({"negative lr", absl::StatusCode::kInvalidArgument, "group 'matrices' (lr -0.1"},
+        update("matrices", -0.1, {}, {}));
+  Check({"lr times decay above 1", absl::StatusCode::kInvalidArgument, "group 'vectors'"},
+        update("vectors", 2.0, {}, 0.9));
+  Check({"momentum of 1", absl::StatusCode::kInvalidArgument, "momentum"},
+        update("matrices", {}, 1.0, {}));
+  Check({"GetParams of an unknown tensor", absl::StatusCode::kNotFound, "has no tensor 'q'"},
+        [&] { return victim_->GetParameters({"q"}).status(); });
+  Check({"delete with another session's token", absl::StatusCode::kPermissionDenied,
+         "belongs to session"},
+        [&] { return c.DeleteSession(victim_->id(), other_->token()); });
+  Check({"restore with another session's token", absl::StatusCode::kPermissionDenied,
+         "belongs to session"},
+        [&] { return c.OpenSession(victim_->id(), other_->token()).Restore().status(); });
+  Check({"over the per-session byte quota", absl::StatusCode::kResourceExhausted,
+         "the limit per session is 67108864"},
+        [&] {
+          return c.CreateSession(MakeConfig({{"m", "keller"}}, {{"big", {4096, 4096}, "m"}}))
+              .status();
+        });
+  Check({"unknown preset", absl::StatusCode::kInvalidArgument, "group 'm'"}, [&] {
+    return c.CreateSession(MakeConfig({{"m", "sgd"}}, {{"x", {4, 4}, "m"}})).status();
+  });
+  Check({"vector in a matrix group", absl::StatusCode::kInvalidArgument,
+         "put vectors, embeddings and heads in an adamw group"},
+        [&] {
+          return c.CreateSession(MakeConfig({{"m", "keller"}}, {{"x", {4}, "m"}})).status();
+        });
+  Check({"undefined group", absl::StatusCode::kInvalidArgument, "group 'nope' is not defined"},
+        [&] {
+          return c.CreateSession(MakeConfig({{"m", "keller"}}, {{"x", {4, 4}, "nope"}})).status();
+        });
+  Check({"taken session id", absl::StatusCode::kAlreadyExists, "already exists"},
+        [&] { return c.CreateSession(config_, victim_->id()).status(); });
+  Check({"malformed session id", absl::StatusCode::kInvalidArgument, "is not [A-Za-z0-9_.-]"},
+        [&] { return c.CreateSession(config_, "../etc").status(); });
+  Check({"zero world size is one; 5000 is too many", absl::StatusCode::kInvalidArgument,
+         "world_size 5000"},
+        [&] {
+          v1::SessionConfig many = config_;
+          many.set_world_size(5000);
+          return c.CreateSession(many).status();
+        });
+}
+
+TEST(AdminTokenTest, GuardsCreateListAndDelete) {
+  server::ServerOptions options = LoopbackOptions();
+  options.admin_token = "admin-secret";
+  options.sessions.max_sessions = 1;
+  std::unique_ptr<server::Server> server = StartServer(options);
+  const v1::SessionConfig config = MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}});
+  client::Client anonymous = ConnectTo(*server);
+  client::Client wrong = ConnectTo(*server, "guess");
+  client::Client admin = ConnectTo(*server, "admin-secret");
+  EXPECT_EQ(anonymous.CreateSession(config).status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(wrong.CreateSession(config).status().code(), absl::StatusCode::kPermissionDenied);
+  absl::StatusOr<client::Session> session = admin.CreateSession(config);
+  ASSERT_TRUE(session.ok()) << session.status();
+  absl::StatusOr<client::Session> second = admin.CreateSession(config);
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(second.status().message()), HasSubstr("--max_sessions"));
+  EXPECT_EQ(anonymous.ListSessions().status().code(), absl::StatusCode::kUnauthenticated);
+  client::Client with_session_token = ConnectTo(*server, session->token());
+  EXPECT_EQ(with_session_token.ListSessions().status().code(), absl::StatusCode::kPermissionDenied);
+  absl::StatusOr<std::vector<v1::SessionInfo>> listed = admin.ListSessions();
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].session_id(), session->id());
+  // The admin token opens any session; the session token opens its own.
+  EXPECT_TRUE(admin.OpenSession(session->id(), "admin-secret").Info().ok());
+  EXPECT_TRUE(session->Info().ok());
+  EXPECT_TRUE(admin.DeleteSession(session->id()).ok());
+  EXPECT_EQ(session->Info().status().code(), absl::StatusCode::kUnauthenticated);
+}
+
+}  // namespace
+}  // namespace optd::testing
