@@ -46,6 +46,7 @@ class Server {
   int port() const { return port_; }
   std::string address() const;
   Backend& backend() { return *backend_; }
+  int steps_in_flight() const { return service_->steps_in_flight(); }
   SessionManager& sessions() { return *sessions_; }
   // Lines worth logging at start-up (backend choice, recovered and skipped sessions).
   const std::vector<std::string>& startup_log() const { return startup_log_; }
