@@ -72,12 +72,29 @@ absl::Status SendTensors(absl::Span<const NamedTensor> tensors, DType dtype, int
       const int64_t n = std::min(per_chunk, count - offset);
       chunk.set_offset(offset);
       chunk.mutable_data()->clear();
-      OPTD_RETURN_IF_ERROR(EncodeWire(dtype, tensor.values.subspan(offset, n),
-                                      *chunk.mutable_data()));
+      OPTD_RETURN_IF_ERROR(
+          EncodeWire(dtype, tensor.values.subspan(offset, n), *chunk.mutable_data()));
       if (!write()) return absl::OkStatus();  // the stream broke; Finish() says why
     }
   }
   return absl::OkStatus();
+}
+
+// Decodes one received chunk into `values`, which must hold it.
+absl::Status ReceiveInto(const v1::TensorChunk& chunk, absl::Span<float> values) {
+  OPTD_ASSIGN_OR_RETURN(DType dtype, FromWire(chunk.dtype()));
+  const size_t size = DTypeSize(dtype);
+  const size_t n = chunk.data().size() / size;
+  if (chunk.offset() < 0 || chunk.data().size() % size != 0 ||
+      static_cast<size_t>(chunk.offset()) > values.size() ||
+      n > values.size() - static_cast<size_t>(chunk.offset())) {
+    return absl::DataLossError(absl::StrCat("chunk of tensor '", chunk.tensor(), "' at offset ",
+                                            chunk.offset(), " does not fit its ", values.size(),
+                                            "-element output"));
+  }
+  return DecodeWire(dtype, chunk.data(), values.subspan(chunk.offset(), n),
+                    std::numeric_limits<float>::infinity())
+      .status();
 }
 
 // Places one received chunk into `out[chunk.tensor()]`, growing it as needed.
@@ -88,11 +105,17 @@ absl::Status Receive(const v1::TensorChunk& chunk, std::map<std::string, std::ve
     return absl::DataLossError(absl::StrCat("malformed chunk of tensor '", chunk.tensor(), "'"));
   }
   const size_t n = chunk.data().size() / size;
-  std::vector<float>& values = out[chunk.tensor()];
   const size_t end = static_cast<size_t>(chunk.offset()) + n;
-  if (values.size() < end) values.resize(end);
-  return DecodeWire(dtype, chunk.data(),
-                    absl::MakeSpan(values.data() + chunk.offset(), n),
+  constexpr size_t kMaxElements = size_t{1} << 40;
+  if (end > kMaxElements || static_cast<size_t>(chunk.tensor_elements()) > kMaxElements) {
+    return absl::DataLossError(absl::StrCat("chunk of tensor '", chunk.tensor(), "' ends at ", end,
+                                            ", past any tensor optd holds"));
+  }
+  std::vector<float>& values = out[chunk.tensor()];
+  // The first chunk says how large the tensor is: size it once.
+  const size_t whole = std::max(end, static_cast<size_t>(chunk.tensor_elements()));
+  if (values.size() < whole) values.resize(whole);
+  return DecodeWire(dtype, chunk.data(), absl::MakeSpan(values.data() + chunk.offset(), n),
                     std::numeric_limits<float>::infinity())
       .status();
 }
@@ -108,6 +131,8 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ChannelOptions&
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  // Results stream in bulk: a 16 MiB HTTP/2 window, as the daemon uses for gradients.
+  args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16 << 20);
   const bool tls = options.tls || !options.tls_ca.empty() || !options.tls_cert.empty() ||
                    !options.tls_key.empty();
   if (!tls) {
@@ -137,7 +162,8 @@ Session::Session(std::shared_ptr<grpc::Channel> channel, std::string id, std::st
       token_(std::move(token)) {}
 
 void Session::Authorize(grpc::ClientContext& context) const {
-  context.AddMetadata("authorization", absl::StrCat("Bearer ", token_));
+  if (!token_.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token_));
+  SetDeadline(context, timeout_);
 }
 
 absl::StatusOr<v1::SessionInfo> Session::Info() {
@@ -174,15 +200,15 @@ absl::Status Session::UploadParameters(absl::Span<const NamedTensor> tensors, DT
 }
 
 absl::StatusOr<std::map<std::string, std::vector<float>>> Session::GetParameters(
-    absl::Span<const std::string> names, DType wire_dtype) {
+    absl::Span<const std::string> names, std::optional<DType> wire_dtype, int64_t chunk_bytes) {
   grpc::ClientContext context;
   Authorize(context);
   v1::GetParamsRequest request;
   request.set_session_id(id_);
   for (const std::string& name : names) request.add_tensors(name);
-  request.set_dtype(WireDType(wire_dtype));
-  std::unique_ptr<grpc::ClientReader<v1::TensorChunk>> reader =
-      stub_->GetParams(&context, request);
+  if (wire_dtype.has_value()) request.set_dtype(WireDType(*wire_dtype));
+  request.set_chunk_bytes(chunk_bytes);
+  std::unique_ptr<grpc::ClientReader<v1::TensorChunk>> reader = stub_->GetParams(&context, request);
   std::map<std::string, std::vector<float>> values;
   v1::TensorChunk chunk;
   absl::Status received;
@@ -197,7 +223,7 @@ absl::StatusOr<std::map<std::string, std::vector<float>>> Session::GetParameters
 absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTensor> gradients,
                                          const StepOptions& options) {
   grpc::ClientContext context;
-  Authorize(context);
+  if (!token_.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token_));
   SetDeadline(context, options.timeout);
   std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream =
       stub_->Step(&context);
@@ -221,6 +247,8 @@ absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTen
   }
   stream->WritesDone();
   StepResult result;
+  std::map<absl::string_view, absl::Span<float>> outputs;
+  for (const NamedOutput& o : options.outputs) outputs[o.name] = o.values;
   v1::StepResponse response;
   absl::Status received;
   while (stream->Read(&response)) {
@@ -233,6 +261,8 @@ absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTen
       result.tensors_updated = s.tensors_updated();
       result.nonfinite_values = s.nonfinite_values();
       result.kind = s.result();
+    } else if (auto o = outputs.find(response.chunk().tensor()); o != outputs.end()) {
+      received = ReceiveInto(response.chunk(), o->second);
     } else {
       received = Receive(response.chunk(), result.values);
     }
@@ -298,6 +328,7 @@ Client::Client(std::shared_ptr<grpc::Channel> channel, std::string admin_token)
 
 void Client::Authorize(grpc::ClientContext& context, const std::string& token) const {
   if (!token.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token));
+  SetDeadline(context, timeout_);
 }
 
 absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Client::Health(
@@ -320,11 +351,15 @@ absl::StatusOr<Session> Client::CreateSession(const v1::SessionConfig& config, s
   *request.mutable_config() = config;
   v1::CreateSessionResponse response;
   OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->CreateSession(&context, request, &response)));
-  return Session(channel_, response.session_id(), response.token());
+  Session session(channel_, response.session_id(), response.token());
+  session.set_timeout(timeout_);
+  return session;
 }
 
 Session Client::OpenSession(std::string id, std::string token) const {
-  return Session(channel_, std::move(id), std::move(token));
+  Session session(channel_, std::move(id), std::move(token));
+  session.set_timeout(timeout_);
+  return session;
 }
 
 absl::StatusOr<std::vector<v1::SessionInfo>> Client::ListSessions() {

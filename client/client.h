@@ -26,11 +26,11 @@ inline constexpr int64_t kDefaultChunkBytes = int64_t{1} << 20;
 
 struct ChannelOptions {
   std::string target = "127.0.0.1:50051";
-  bool tls = false;              // also implied by any of the files below
-  std::string tls_ca;            // PEM file of the CA that signed the server; empty: system roots
-  std::string tls_cert;          // PEM client certificate (mutual TLS)
-  std::string tls_key;           // PEM client key (mutual TLS)
-  std::string tls_server_name;   // overrides the name checked against the server certificate
+  bool tls = false;             // also implied by any of the files below
+  std::string tls_ca;           // PEM file of the CA that signed the server; empty: system roots
+  std::string tls_cert;         // PEM client certificate (mutual TLS)
+  std::string tls_key;          // PEM client key (mutual TLS)
+  std::string tls_server_name;  // overrides the name checked against the server certificate
   int64_t max_message_bytes = (int64_t{4} << 20) + (64 << 10);
 };
 
@@ -46,13 +46,22 @@ struct NamedTensor {
   absl::Span<const float> values;
 };
 
+// Where a tensor's result goes when the caller supplies the memory.
+struct NamedOutput {
+  std::string name;
+  absl::Span<float> values;  // the tensor's size
+};
+
 struct StepOptions {
   int worker_id = 0;
-  std::optional<double> lr;               // this step only
-  DType wire_dtype = DType::kF32;         // how gradients travel
-  std::optional<DType> result_dtype;      // default: each tensor's dtype
+  std::optional<double> lr;           // this step only
+  DType wire_dtype = DType::kF32;     // how gradients travel
+  std::optional<DType> result_dtype;  // default: each tensor's dtype
   int64_t chunk_bytes = kDefaultChunkBytes;
   absl::Duration timeout = absl::InfiniteDuration();
+  // Results of these tensors are written here (DataLoss if a span is too small) instead of into
+  // StepResult::values: no allocation per step for a training loop that steps in place.
+  std::vector<NamedOutput> outputs;
 };
 
 struct StepResult {
@@ -62,7 +71,8 @@ struct StepResult {
   int tensors_updated = 0;
   int64_t nonfinite_values = 0;
   v1::StepResult kind = v1::STEP_RESULT_PARAMETERS;
-  // New parameters or deltas by tensor name (empty for STEP_RESULT_NONE).
+  // New parameters or deltas by tensor name (empty for STEP_RESULT_NONE), except for tensors
+  // given in StepOptions::outputs.
   std::map<std::string, std::vector<float>> values;
 };
 
@@ -72,6 +82,8 @@ class Session {
 
   const std::string& id() const { return id_; }
   const std::string& token() const { return token_; }
+  // Deadline of every call but Step (StepOptions::timeout); default none.
+  void set_timeout(absl::Duration timeout) { timeout_ = timeout; }
 
   absl::StatusOr<v1::SessionInfo> Info();
   // Uploads the given tensors' parameters (each whole) in chunks of `chunk_bytes`; the daemon
@@ -79,9 +91,12 @@ class Session {
   absl::Status UploadParameters(absl::Span<const NamedTensor> tensors,
                                 DType wire_dtype = DType::kF32,
                                 int64_t chunk_bytes = kDefaultChunkBytes);
-  // Parameters of `names` (empty: all), reassembled from the daemon's chunks.
+  // Parameters of `names` (empty: all), reassembled from the daemon's chunks, sent in
+  // `wire_dtype` (default: each tensor's dtype) and chunks of `chunk_bytes` (0: the daemon's
+  // default).
   absl::StatusOr<std::map<std::string, std::vector<float>>> GetParameters(
-      absl::Span<const std::string> names = {}, DType wire_dtype = DType::kF32);
+      absl::Span<const std::string> names = {}, std::optional<DType> wire_dtype = std::nullopt,
+      int64_t chunk_bytes = 0);
   // Sends this worker's gradients for step `step` (tensors absent from `gradients` get no
   // update) and returns the step's result once every worker has sent theirs.
   absl::StatusOr<StepResult> Step(int64_t step, absl::Span<const NamedTensor> gradients,
@@ -99,6 +114,7 @@ class Session {
   std::shared_ptr<v1::Optimizer::Stub> stub_;  // shared: a Session is a copyable handle
   std::string id_;
   std::string token_;
+  absl::Duration timeout_ = absl::InfiniteDuration();
 };
 
 class Client {
@@ -118,6 +134,8 @@ class Client {
   absl::Status DeleteSession(const std::string& id, const std::string& token = "");
 
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+  // Deadline of every call; default none. Sessions opened or created here inherit it.
+  void set_timeout(absl::Duration timeout) { timeout_ = timeout; }
 
  private:
   void Authorize(grpc::ClientContext& context, const std::string& token) const;
@@ -125,6 +143,7 @@ class Client {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Optimizer::Stub> stub_;
   std::string admin_token_;
+  absl::Duration timeout_ = absl::InfiniteDuration();
 };
 
 }  // namespace optd::client

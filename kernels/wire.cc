@@ -31,27 +31,41 @@ absl::StatusOr<DecodeReport> DecodeWire(DType dtype, absl::string_view bytes, ab
         absl::StrCat("decoding ", bytes.size() / size, " elements into room for ", out.size()));
   }
   const char* p = bytes.data();
+  // One pass: each value is widened, stored and range-checked together; the checks count
+  // without branching, and only a chunk with a bad value is scanned again for the first one.
+  int64_t bad = 0;
   switch (dtype) {
     case DType::kF32:
-      std::memcpy(out.data(), p, bytes.size());
+      for (size_t i = 0; i < out.size(); ++i) {
+        float x;
+        std::memcpy(&x, p + 4 * i, sizeof(x));
+        out[i] = x;
+        bad += formulas::IsOutOfRange(x, max_magnitude);
+      }
       break;
     case DType::kBF16:
       for (size_t i = 0; i < out.size(); ++i) {
-        out[i] = formulas::Bf16BitsToFloat(LoadHalfWord(p + 2 * i));
+        const float x = formulas::Bf16BitsToFloat(LoadHalfWord(p + 2 * i));
+        out[i] = x;
+        bad += formulas::IsOutOfRange(x, max_magnitude);
       }
       break;
     case DType::kF16:
       for (size_t i = 0; i < out.size(); ++i) {
-        out[i] = formulas::HalfBitsToFloat(LoadHalfWord(p + 2 * i));
+        const float x = formulas::HalfBitsToFloat(LoadHalfWord(p + 2 * i));
+        out[i] = x;
+        bad += formulas::IsOutOfRange(x, max_magnitude);
       }
       break;
     case DType::kF64:
       break;
   }
   DecodeReport report;
-  for (size_t i = 0; i < out.size(); ++i) {
+  report.out_of_range = bad;
+  for (size_t i = 0; bad > 0 && i < out.size(); ++i) {
     if (formulas::IsOutOfRange(out[i], max_magnitude)) {
-      if (report.out_of_range++ == 0) report.first_out_of_range = static_cast<int64_t>(i);
+      report.first_out_of_range = static_cast<int64_t>(i);
+      break;
     }
   }
   return report;

@@ -45,6 +45,7 @@ absl::Status StreamTensor(const std::string& name, absl::Span<const float> value
   const int64_t count = static_cast<int64_t>(values.size());
   chunk.set_tensor(name);
   chunk.set_dtype(ToWireDType(dtype));
+  chunk.set_tensor_elements(count);
   for (int64_t offset = 0; offset < count; offset += per_chunk) {
     const int64_t n = std::min(per_chunk, count - offset);
     chunk.set_offset(offset);

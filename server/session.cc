@@ -65,7 +65,7 @@ absl::StatusOr<int64_t> Session::RequiredBytes(const v1::SessionConfig& config) 
   int64_t elements = 0;
   for (const TensorSpec& spec : specs) elements += *ElementCount(spec.shape);
   OPTD_ASSIGN_OR_RETURN(int64_t optimizer, Optimizer::RequiredBytes(std::move(specs)));
-  const int64_t result = config.step_result() == v1::STEP_RESULT_NONE ? 0 : 1;
+  const int64_t result = config.step_result() == v1::STEP_RESULT_NONE ? 0 : 2;
   const int64_t world = std::max(1, config.world_size());
   return optimizer + (world + result) * elements * static_cast<int64_t>(sizeof(float));
 }
@@ -354,7 +354,16 @@ void Session::EndRoundLocked(absl::StatusOr<std::shared_ptr<const StepOutcome>> 
 
 absl::StatusOr<std::shared_ptr<const StepOutcome>> Session::CommitLocked(
     const v1::StepHeader& header) {
-  auto outcome = std::make_shared<StepOutcome>();
+  std::shared_ptr<StepOutcome> outcome;
+  if (spare_outcome_ != nullptr && spare_outcome_.use_count() == 1) {
+    outcome = std::move(spare_outcome_);
+    std::vector<std::vector<float>> values = std::move(outcome->values);
+    *outcome = StepOutcome();
+    outcome->values = std::move(values);  // sizes stay; every element is overwritten below
+  } else {
+    outcome = std::make_shared<StepOutcome>();
+  }
+  spare_outcome_ = nullptr;
   outcome->step = header.step();
   outcome->result = config_.step_result();
   for (const auto& [worker, staging] : contributions_) {
@@ -378,6 +387,7 @@ absl::StatusOr<std::shared_ptr<const StepOutcome>> Session::CommitLocked(
   }
   step_ = header.step();
   step_published_ = step_;
+  spare_outcome_ = std::move(last_outcome_);
   last_outcome_ = outcome;
   if (config_.checkpoint_interval() > 0 && !options_.state_dir.empty() &&
       step_ % config_.checkpoint_interval() == 0) {
@@ -599,6 +609,7 @@ absl::StatusOr<int64_t> Session::Restore() {
   checkpoint_step_ = step_;
   checkpoint_step_published_ = step_;
   last_outcome_ = nullptr;
+  spare_outcome_ = nullptr;
   return step_;
 }
 

@@ -91,7 +91,8 @@ class Session {
   static absl::StatusOr<v1::SessionCheckpoint> ReadCheckpointMeta(FileSystem& fs,
                                                                   const std::string& path);
   // Backend and host bytes a session with this config holds: the optimizer's buffers, one
-  // gradient staging per worker and the result buffer.
+  // gradient staging per worker and two result buffers (the last step's, kept for retries, and
+  // the next one's).
   static absl::StatusOr<int64_t> RequiredBytes(const v1::SessionConfig& config);
   static std::string CheckpointPath(const std::string& state_dir, const std::string& id);
 
@@ -207,8 +208,10 @@ class Session {
   // How the last round ended (its number and outcome or abort status).
   int64_t finished_round_ ABSL_GUARDED_BY(mu_) = -1;
   absl::StatusOr<std::shared_ptr<const StepOutcome>> finished_result_ ABSL_GUARDED_BY(mu_);
-  // The last completed step's outcome, for retries.
-  std::shared_ptr<const StepOutcome> last_outcome_ ABSL_GUARDED_BY(mu_);
+  // The last completed step's outcome, for retries, and the one before it, whose buffers the next
+  // step reuses once nobody streams it any more (no page faults on the hot path).
+  std::shared_ptr<StepOutcome> last_outcome_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<StepOutcome> spare_outcome_ ABSL_GUARDED_BY(mu_);
   std::vector<v1::TensorAnalysis> analysis_ ABSL_GUARDED_BY(mu_);
 };
 

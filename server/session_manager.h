@@ -46,9 +46,10 @@ class SessionManager {
   // use). Sessions whose checkpoint does not read are logged to `skipped` and left on disk.
   absl::Status Recover(std::vector<std::string>* skipped);
 
-  // Caller checks for the admin-guarded calls: OK when no admin token is configured or `token`
-  // is the admin token; Unauthenticated when it is missing, PermissionDenied when it is wrong.
-  absl::Status AuthorizeAdmin(absl::string_view authorization) const;
+  // Caller checks for the admin-guarded calls: OK when no admin token is configured or
+  // `authorization` carries it; PermissionDenied for a session's token (valid, but not enough);
+  // Unauthenticated for a missing or unknown token.
+  absl::Status AuthorizeAdmin(absl::string_view authorization);
 
   // Normalizes and validates `config`, checks the limits (ResourceExhausted naming the bytes or
   // session count), creates the session with a fresh token and, with a state directory, writes

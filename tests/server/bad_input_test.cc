@@ -380,7 +380,7 @@ TEST(AdminTokenTest, GuardsCreateListAndDelete) {
   client::Client wrong = ConnectTo(*server, "guess");
   client::Client admin = ConnectTo(*server, "admin-secret");
   EXPECT_EQ(anonymous.CreateSession(config).status().code(), absl::StatusCode::kUnauthenticated);
-  EXPECT_EQ(wrong.CreateSession(config).status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(wrong.CreateSession(config).status().code(), absl::StatusCode::kUnauthenticated);
   absl::StatusOr<client::Session> session = admin.CreateSession(config);
   ASSERT_TRUE(session.ok()) << session.status();
   absl::StatusOr<client::Session> second = admin.CreateSession(config);

@@ -1,0 +1,265 @@
+// Issue 4's service benchmark, on GPT-2 small's shapes (124M parameters):
+// - the remote step (gradients streamed to an optd process over loopback TCP, the step, the new
+//   parameters streamed back) against the same step in-process on the kernels library;
+// - gradient streaming throughput (UploadParams, which decodes and checks every chunk as a Step
+//   does, without the optimizer) and result streaming (GetParams), per chunk size.
+// bench/service.sh runs it beside iperf3 (the raw loopback TCP ceiling) and writes RESULTS.md.
+//
+// Usage: service_bench OPTD_BINARY [--repetitions=N] [--presets=keller,rmnp] > out.json
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "client/client.h"
+#include "kernels/backend.h"
+#include "kernels/initializers.h"
+#include "kernels/optimizer.h"
+#include "server/session_config.h"
+
+namespace {
+
+using optd::client::NamedTensor;
+
+struct Tensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::string group;
+};
+
+// GPT-2 small in PyTorch's [out, in] layout: 48 block matrices on the matrix preset; embeddings,
+// biases and LayerNorm vectors on AdamW, as the seeds' setups do.
+std::vector<Tensor> Gpt2Small() {
+  std::vector<Tensor> t = {{"wte", {50257, 768}, "adamw"}, {"wpe", {1024, 768}, "adamw"}};
+  for (int b = 0; b < 12; ++b) {
+    const std::string p = absl::StrCat("h.", b, ".");
+    t.push_back({p + "attn.c_attn.weight", {2304, 768}, "matrices"});
+    t.push_back({p + "attn.c_proj.weight", {768, 768}, "matrices"});
+    t.push_back({p + "mlp.c_fc.weight", {3072, 768}, "matrices"});
+    t.push_back({p + "mlp.c_proj.weight", {768, 3072}, "matrices"});
+    for (const char* v : {"ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
+                          "attn.c_proj.bias", "mlp.c_proj.bias"}) {
+      t.push_back({p + v, {768}, "adamw"});
+    }
+    t.push_back({p + "attn.c_attn.bias", {2304}, "adamw"});
+    t.push_back({p + "mlp.c_fc.bias", {3072}, "adamw"});
+  }
+  t.push_back({"ln_f.weight", {768}, "adamw"});
+  t.push_back({"ln_f.bias", {768}, "adamw"});
+  return t;
+}
+
+optd::v1::SessionConfig Config(const std::vector<Tensor>& tensors, const std::string& preset) {
+  optd::v1::SessionConfig config;
+  for (const auto& [name, p] :
+       {std::pair<std::string, std::string>{"matrices", preset}, {"adamw", "adamw"}}) {
+    optd::v1::GroupConfig* g = config.add_groups();
+    g->set_name(name);
+    g->set_preset(p);
+  }
+  uint64_t seed = 1;
+  for (const Tensor& t : tensors) {
+    optd::v1::TensorConfig* tc = config.add_tensors();
+    tc->set_name(t.name);
+    for (int64_t d : t.shape) tc->add_shape(d);
+    tc->set_group(t.group);
+    tc->mutable_normal()->set_seed(seed++);
+    tc->mutable_normal()->set_std(0.02);
+  }
+  return config;
+}
+
+double Seconds(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+std::string Json(const std::vector<double>& v) {
+  return absl::StrCat("[", absl::StrJoin(v, ", "), "]");
+}
+
+void Die(const absl::Status& status, const char* what) {
+  if (status.ok()) return;
+  std::fprintf(stderr, "service_bench: %s: %s\n", what, status.ToString().c_str());
+  std::exit(1);
+}
+
+// optd in a child process on a free loopback port.
+class Daemon {
+ public:
+  explicit Daemon(const std::string& binary) {
+    port_file_ = absl::StrCat("/tmp/service_bench.", getpid(), ".port");
+    unlink(port_file_.c_str());
+    pid_ = fork();
+    if (pid_ == 0) {
+      std::string port_arg = "--port_file=" + port_file_;
+      execl(binary.c_str(), binary.c_str(), "--listen=127.0.0.1:0", port_arg.c_str(),
+            "--max_session_bytes=17179869184", static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    for (int i = 0; i < 3000 && port_ == 0; ++i) {
+      std::ifstream in(port_file_);
+      if (!(in >> port_)) port_ = 0;
+      if (port_ == 0) absl::SleepFor(absl::Milliseconds(10));
+    }
+    if (port_ == 0) Die(absl::UnavailableError("optd did not start"), binary.c_str());
+  }
+  ~Daemon() {
+    kill(pid_, SIGTERM);
+    waitpid(pid_, nullptr, 0);
+    unlink(port_file_.c_str());
+  }
+  std::string target() const { return absl::StrCat("127.0.0.1:", port_); }
+
+ private:
+  pid_t pid_ = -1;
+  int port_ = 0;
+  std::string port_file_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: service_bench OPTD_BINARY [--repetitions=N] [--presets=a,b]\n");
+    return 2;
+  }
+  int repetitions = 3;
+  std::vector<std::string> presets = {"keller", "rmnp"};
+  for (int i = 2; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--repetitions=", 0) == 0) repetitions = std::stoi(arg.substr(14));
+    if (arg.rfind("--presets=", 0) == 0) presets = absl::StrSplit(arg.substr(10), ',');
+  }
+  const std::vector<Tensor> tensors = Gpt2Small();
+  int64_t elements = 0;
+  std::vector<std::vector<float>> gradients;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const int64_t n = *optd::ElementCount(tensors[t].shape);
+    elements += n;
+    gradients.emplace_back(static_cast<size_t>(n));
+    optd::FillNormal(1000 + t, 0.0, 1e-3, absl::MakeSpan(gradients.back()));
+  }
+  std::vector<NamedTensor> named;
+  for (size_t t = 0; t < tensors.size(); ++t) named.push_back({tensors[t].name, gradients[t]});
+  const double gradient_bytes = static_cast<double>(elements) * sizeof(float);
+  std::fprintf(stderr, "service_bench: GPT-2 small, %zu tensors, %lld parameters\n", tensors.size(),
+               static_cast<long long>(elements));
+
+  Daemon daemon(argv[1]);
+  optd::client::ChannelOptions channel_options;
+  channel_options.target = daemon.target();
+  optd::client::Client client(*optd::client::MakeChannel(channel_options));
+
+  std::vector<std::string> results;
+  for (const std::string& preset : presets) {
+    const optd::v1::SessionConfig config = Config(tensors, preset);
+    // In-process: the kernels library alone, gradients already in its staging buffers.
+    std::vector<double> local;
+    {
+      std::unique_ptr<optd::Backend> backend = *optd::CreateCpuBackend();
+      optd::v1::SessionConfig normalized = config;
+      Die(optd::server::NormalizeSessionConfig(normalized), "config");
+      std::unique_ptr<optd::Optimizer> optimizer =
+          *optd::Optimizer::Create(*backend, *optd::server::TensorSpecs(normalized));
+      for (int r = 0; r <= repetitions; ++r) {
+        for (size_t t = 0; t < tensors.size(); ++t) {
+          Die(optimizer->SetGradient(static_cast<int>(t), gradients[t]), "SetGradient");
+        }
+        const auto start = std::chrono::steady_clock::now();
+        Die(optimizer->Step(), "in-process step");
+        if (r > 0) local.push_back(Seconds(start));  // the first is warm-up
+        std::fprintf(stderr, "service_bench: %s in-process step %d/%d: %.3f s\n", preset.c_str(), r,
+                     repetitions, Seconds(start));
+      }
+    }
+    // Remote: one worker's Step call, fp32 gradients in, fp32 parameters back.
+    std::vector<double> remote, remote_bf16;
+    {
+      absl::StatusOr<optd::client::Session> session = client.CreateSession(config);
+      Die(session.status(), "CreateSession");
+      int64_t step = 0;
+      // The parameters come back into the client's own buffers, as a training loop steps.
+      std::vector<std::vector<float>> parameters;
+      std::vector<optd::client::NamedOutput> outputs;
+      for (size_t t = 0; t < tensors.size(); ++t) {
+        parameters.emplace_back(gradients[t].size());
+        outputs.push_back({tensors[t].name, absl::MakeSpan(parameters.back())});
+      }
+      for (const optd::DType wire : {optd::DType::kF32, optd::DType::kBF16}) {
+        // Two warm-up steps: the daemon's two result buffers are allocated by then.
+        for (int r = -1; r <= repetitions; ++r) {
+          optd::client::StepOptions options;
+          options.wire_dtype = wire;
+          options.result_dtype = wire;
+          options.outputs = outputs;
+          const auto start = std::chrono::steady_clock::now();
+          absl::StatusOr<optd::client::StepResult> result = session->Step(++step, named, options);
+          Die(result.status(), "remote step");
+          const double seconds = Seconds(start);
+          if (r > 0) (wire == optd::DType::kF32 ? remote : remote_bf16).push_back(seconds);
+          std::fprintf(stderr, "service_bench: %s remote step (%s wire) %d/%d: %.3f s\n",
+                       preset.c_str(), std::string(optd::DTypeName(wire)).c_str(), r, repetitions,
+                       seconds);
+        }
+      }
+      Die(session->Delete(), "DeleteSession");
+    }
+    results.push_back(absl::StrCat(
+        "{\"preset\": \"", preset, "\", \"in_process_s\": ", Json(local),
+        ", \"remote_fp32_s\": ", Json(remote), ", \"remote_bf16_s\": ", Json(remote_bf16),
+        ", \"overhead_fp32\": ", Median(remote) / Median(local),
+        ", \"overhead_bf16\": ", Median(remote_bf16) / Median(local), "}"));
+  }
+
+  // Streaming throughput per chunk size: UploadParams (client -> optd, decoded and checked into
+  // staging as gradients are) and GetParams (optd -> client).
+  std::vector<std::string> streaming;
+  {
+    absl::StatusOr<optd::client::Session> session = client.CreateSession(Config(tensors, "rmnp"));
+    Die(session.status(), "CreateSession");
+    for (const int64_t chunk : {int64_t{256} << 10, int64_t{1} << 20, int64_t{4} << 20}) {
+      std::vector<double> up, down;
+      for (int r = 0; r <= repetitions; ++r) {
+        auto start = std::chrono::steady_clock::now();
+        Die(session->UploadParameters(named, optd::DType::kF32, chunk), "UploadParams");
+        const double up_s = Seconds(start);
+        start = std::chrono::steady_clock::now();
+        absl::StatusOr<std::map<std::string, std::vector<float>>> params =
+            session->GetParameters({}, optd::DType::kF32, chunk);
+        Die(params.status(), "GetParams");
+        const double down_s = Seconds(start);
+        if (r > 0) {
+          up.push_back(gradient_bytes / up_s / 1e9);
+          down.push_back(gradient_bytes / down_s / 1e9);
+        }
+        std::fprintf(stderr, "service_bench: chunk %lld KiB: up %.2f GB/s, down %.2f GB/s\n",
+                     static_cast<long long>(chunk >> 10), gradient_bytes / up_s / 1e9,
+                     gradient_bytes / down_s / 1e9);
+      }
+      streaming.push_back(absl::StrCat("{\"chunk_bytes\": ", chunk, ", \"up_gbps\": ", Json(up),
+                                       ", \"down_gbps\": ", Json(down), "}"));
+    }
+    Die(session->Delete(), "DeleteSession");
+  }
+  std::printf(
+      "{\"model\": \"gpt2-small\", \"tensors\": %zu, \"parameters\": %lld, "
+      "\"repetitions\": %d, \"steps\": [%s], \"streaming\": [%s]}\n",
+      tensors.size(), static_cast<long long>(elements), repetitions,
+      absl::StrJoin(results, ", ").c_str(), absl::StrJoin(streaming, ", ").c_str());
+  return 0;
+}
