@@ -17,6 +17,8 @@ NUMPY_SPEEDUP_TARGET = 1.15  # optd NS5 at least 1.15x faster than numpy, at 102
 NUMPY_TARGET_SHAPE = (1024, 4096)
 COPY_FRACTION_TARGET = 0.80  # RMNP at least 80% of memory copy bandwidth
 TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+SERVICE_BEGIN = "<!-- service:begin -->"  # bench/write_service_results.py's section
+SERVICE_END = "<!-- service:end -->"
 
 
 def ns_step_flops(rows, cols):
@@ -256,8 +258,17 @@ def main():
         f"{verdict(gpt2_copy_fraction >= COPY_FRACTION_TARGET)} |")
     add("")
 
+    # bench/service.sh owns the section between its markers; keep it.
+    try:
+        with open(args.out) as f:
+            old = f.read()
+        begin, end = old.find(SERVICE_BEGIN), old.find(SERVICE_END)
+        if begin >= 0 and end > begin:
+            lines += ["", old[begin:end + len(SERVICE_END)]]
+    except FileNotFoundError:
+        pass
     with open(args.out, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

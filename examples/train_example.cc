@@ -1,18 +1,25 @@
-// Trains a small two-layer ReLU classifier with optd's kernels library, once per optimizer
-// preset, and prints the loss curve and final figures of each: the main job until the daemon
-// exists. The data is a synthetic teacher task (a random two-layer teacher labels Gaussian
-// inputs), so the example needs no downloads.
+// Trains a small two-layer ReLU classifier once per optimizer preset, and prints the loss curve
+// and final figures of each. The optimizer runs in-process on the kernels library or, with
+// --server, remotely in an optd daemon through the C++ client: the same arithmetic, so the two
+// modes print the same losses bit for bit, and the step times show what the service costs. The
+// data is a synthetic teacher task (a random two-layer teacher labels Gaussian inputs), so the
+// example needs no downloads.
 //
-// Usage: train_example [steps [losses.csv]] — the CSV gets one row per (optimizer, step, loss).
+// Usage: train_example [steps [losses.csv]] [--server=HOST:PORT] — the CSV gets one row per
+// (optimizer, step, loss).
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "client/client.h"
 #include "kernels/analysis.h"
 #include "kernels/backend.h"
 #include "kernels/optimizer.h"
@@ -124,16 +131,67 @@ void Check(const absl::Status& status) {
 
 }  // namespace
 
+// The optimizer groups of the remote session: the matrix preset for W1, AdamW for the rest.
+optd::v1::SessionConfig RemoteConfig(const std::string& preset,
+                                     const optd::OptimizerConfig& matrix) {
+  optd::v1::SessionConfig config;
+  optd::v1::GroupConfig* hidden = config.add_groups();
+  hidden->set_name("hidden");
+  hidden->set_preset(preset);
+  for (const auto& [key, value] :
+       {std::pair<std::string, double>{"lr", matrix.lr}, {"weight_decay", matrix.weight_decay}}) {
+    optd::v1::Override* o = hidden->add_overrides();
+    o->set_key(key);
+    o->set_value(absl::StrCat(value));
+  }
+  optd::v1::GroupConfig* vectors = config.add_groups();
+  vectors->set_name("vectors");
+  vectors->set_preset("adamw");
+  optd::v1::Override* lr = vectors->add_overrides();
+  lr->set_key("lr");
+  lr->set_value("0.003");
+  const std::pair<const char*, std::vector<int64_t>> tensors[] = {{"w1", {kHidden, kInputs}},
+                                                                  {"b1", {kHidden}},
+                                                                  {"w2", {kClasses, kHidden}},
+                                                                  {"b2", {kClasses}}};
+  for (const auto& [name, shape] : tensors) {
+    optd::v1::TensorConfig* t = config.add_tensors();
+    t->set_name(name);
+    for (int64_t d : shape) t->add_shape(d);
+    t->set_group(std::string(name) == "w1" ? "hidden" : "vectors");
+  }
+  return config;
+}
+
 int main(int argc, char** argv) {
-  const int steps = argc > 1 ? std::atoi(argv[1]) : 300;
-  if (steps < 1) {
-    std::fprintf(stderr, "usage: %s [steps >= 1 [losses.csv]]\n", argv[0]);
+  std::vector<std::string> positional;
+  std::string server;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--server=", 0) == 0) {
+      server = arg.substr(9);
+    } else {
+      positional.push_back(arg);
+    }
+  }
+  const int steps = !positional.empty() ? std::atoi(positional[0].c_str()) : 300;
+  if (steps < 1 || positional.size() > 2) {
+    std::fprintf(stderr, "usage: %s [steps >= 1 [losses.csv]] [--server=HOST:PORT]\n", argv[0]);
     return 2;
   }
-  FILE* csv = argc > 2 ? std::fopen(argv[2], "w") : nullptr;
-  if (argc > 2 && csv == nullptr) {
-    std::fprintf(stderr, "cannot write %s\n", argv[2]);
+  FILE* csv = positional.size() > 1 ? std::fopen(positional[1].c_str(), "w") : nullptr;
+  if (positional.size() > 1 && csv == nullptr) {
+    std::fprintf(stderr, "cannot write %s\n", positional[1].c_str());
     return 1;
+  }
+  std::unique_ptr<optd::client::Client> remote;
+  if (!server.empty()) {
+    optd::client::ChannelOptions channel;
+    channel.target = server;
+    auto made = optd::client::MakeChannel(channel);
+    Check(made.status());
+    remote = std::make_unique<optd::client::Client>(*made);
+    std::printf("optimizer: remote, optd at %s\n", server.c_str());
   }
   if (csv) std::fprintf(csv, "optimizer,step,train_loss\n");
   auto backend_or = optd::CreateCpuBackend();
@@ -173,6 +231,13 @@ int main(int argc, char** argv) {
     auto optimizer_or = optd::Optimizer::Create(backend, specs);
     Check(optimizer_or.status());
     optd::Optimizer& opt = **optimizer_or;
+    std::optional<optd::client::Session> session;
+    if (remote != nullptr) {
+      const std::string group = std::string(preset) == "adamw" ? "adamw" : preset;
+      auto created = remote->CreateSession(RemoteConfig(group, *matrix));
+      Check(created.status());
+      session = *created;
+    }
 
     std::mt19937 init(3);
     std::normal_distribution<float> normal;
@@ -183,6 +248,11 @@ int main(int argc, char** argv) {
     Model grad = model;
     Check(opt.SetParameters(0, model.w1));
     Check(opt.SetParameters(2, model.w2));
+    if (session.has_value()) {
+      const optd::client::NamedTensor initial[] = {
+          {"w1", model.w1}, {"b1", model.b1}, {"w2", model.w2}, {"b2", model.b2}};
+      Check(session->UploadParameters(initial));
+    }
 
     std::printf("\n%-14s step  train_loss\n", preset);
     double optimizer_seconds = 0, train_loss = 0;
@@ -194,21 +264,37 @@ int main(int argc, char** argv) {
         std::printf("%-14s %4d  %.4f\n", "", step, train_loss);
       }
       const auto start = std::chrono::steady_clock::now();
-      Check(opt.SetGradient(0, grad.w1));
-      Check(opt.SetGradient(1, grad.b1));
-      Check(opt.SetGradient(2, grad.w2));
-      Check(opt.SetGradient(3, grad.b2));
-      Check(opt.Step());
-      Check(opt.GetParameters(0, absl::MakeSpan(model.w1)));
-      Check(opt.GetParameters(1, absl::MakeSpan(model.b1)));
-      Check(opt.GetParameters(2, absl::MakeSpan(model.w2)));
-      Check(opt.GetParameters(3, absl::MakeSpan(model.b2)));
+      if (session.has_value()) {
+        // One Step call: the gradients go to optd, the new parameters come back in place.
+        const optd::client::NamedTensor gradients[] = {
+            {"w1", grad.w1}, {"b1", grad.b1}, {"w2", grad.w2}, {"b2", grad.b2}};
+        optd::client::StepOptions options;
+        options.outputs = {{"w1", absl::MakeSpan(model.w1)},
+                           {"b1", absl::MakeSpan(model.b1)},
+                           {"w2", absl::MakeSpan(model.w2)},
+                           {"b2", absl::MakeSpan(model.b2)}};
+        Check(session->Step(step + 1, gradients, options).status());
+      } else {
+        Check(opt.SetGradient(0, grad.w1));
+        Check(opt.SetGradient(1, grad.b1));
+        Check(opt.SetGradient(2, grad.w2));
+        Check(opt.SetGradient(3, grad.b2));
+        Check(opt.Step());
+        Check(opt.GetParameters(0, absl::MakeSpan(model.w1)));
+        Check(opt.GetParameters(1, absl::MakeSpan(model.b1)));
+        Check(opt.GetParameters(2, absl::MakeSpan(model.w2)));
+        Check(opt.GetParameters(3, absl::MakeSpan(model.b2)));
+      }
       optimizer_seconds +=
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
     Run run{preset, train_loss, 0, 0, 1e3 * optimizer_seconds / steps, {}};
     run.valid_loss = LossAndGradient(model, valid, 0, 2000, nullptr, &run.valid_accuracy);
-    if (opt.spec(0).config.algorithm == optd::Algorithm::kMatrix) {
+    if (session.has_value()) {
+      // The dominance ratios come from the daemon's analyzer (GetAnalysis) once it runs;
+      // until then the remote table leaves them out.
+      Check(session->Delete());
+    } else if (opt.spec(0).config.algorithm == optd::Algorithm::kMatrix) {
       // Seed 000's dominance ratios of the hidden layer's momentum V (rows = hidden neurons).
       auto dominance = optd::ComputeDominanceRatios(backend, backend.default_queue(),
                                                     opt.state(0)[0].data, kHidden, kInputs);
@@ -222,10 +308,11 @@ int main(int argc, char** argv) {
   for (const Run& r : runs) {
     std::printf("%-14s %10.4f %10.4f %8.1f%% %11.3f %s\n", r.preset.c_str(), r.train_loss,
                 r.valid_loss, 100 * r.valid_accuracy, r.ms_per_step,
-                r.dominance.max > 0 ? absl::StrFormat("%6.2f/%6.2f/%6.2f", r.dominance.min,
-                                                      r.dominance.avg, r.dominance.max)
-                                          .c_str()
-                                    : "   (adamw: no V)");
+                r.dominance.max > 0
+                    ? absl::StrFormat("%6.2f/%6.2f/%6.2f", r.dominance.min, r.dominance.avg,
+                                      r.dominance.max)
+                          .c_str()
+                    : (remote != nullptr ? "   (remote: n/a yet)" : "   (adamw: no V)"));
   }
   if (csv) std::fclose(csv);
   return 0;

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 4's service benchmark, in one go on this machine: iperf3 over loopback (the raw TCP
+# ceiling), then service_bench (the remote step against the in-process step on GPT-2 small, and
+# gradient/result streaming per chunk size), then the "Service" section of bench/RESULTS.md.
+# Raw output goes to bench/out/ (ignored by git). Takes about five minutes on 2 cores.
+#
+# Usage: bench/service.sh [--repetitions=N]   (default 3)
+#   OPTD_BENCH_BUILD_DIR  build tree (default: build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build_dir=${OPTD_BENCH_BUILD_DIR:-build}
+repetitions=3
+for arg in "$@"; do
+  case $arg in
+    --repetitions=*) repetitions=${arg#--repetitions=} ;;
+    *) echo "usage: bench/service.sh [--repetitions=N]" >&2; exit 2 ;;
+  esac
+done
+out=bench/out
+mkdir -p "$out"
+log() { echo "bench/service.sh: $*" >&2; }
+
+log "[1/4] building optd and service_bench in $build_dir"
+scripts/install-deps
+cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DOPTD_BUILD_BENCH=ON >"$out/configure.log"
+cmake --build "$build_dir" --target optd service_bench -j"$(nproc)"
+
+log "[2/4] iperf3 over loopback, 3 runs of 3 s"
+port=$((20000 + RANDOM % 20000))
+for run in 1 2 3; do
+  iperf3 --server --one-off --port "$port" >/dev/null 2>&1 &
+  server=$!
+  sleep 0.5
+  iperf3 --client 127.0.0.1 --port "$port" --time 3 --json >"$out/iperf3.$run.json"
+  wait "$server" || true
+done
+
+log "[3/4] service_bench --repetitions=$repetitions"
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+"$build_dir/bench/service_bench" "$build_dir/server/optd" --repetitions="$repetitions" \
+  >"$out/service_bench.json"
+
+log "[4/4] writing bench/RESULTS.md (Service section)"
+/usr/bin/python3 bench/write_service_results.py --bench "$out/service_bench.json" \
+  --iperf "$out"/iperf3.*.json --load "$load_before" \
+  --command "bench/service.sh${*:+ $*}" --results bench/RESULTS.md
