@@ -380,6 +380,57 @@ TEST_F(StepTest, UploadedParametersReplaceTheInitialOnes) {
   ExpectMatches(reference, result->values, "step after the upload");
 }
 
+TEST_F(StepTest, AStreamCancelledWhileSendingGradientsChangesNothing) {
+  const v1::SessionConfig config = ModelConfig("keller");
+  client::Session session = Create(config);
+  Reference reference(config);
+  {
+    // Header and the first chunk, then the client gives up.
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer " + session.token());
+    auto stub = v1::Optimizer::NewStub(ConnectTo(*server_).channel());
+    auto stream = stub->Step(&context);
+    v1::StepRequest request;
+    request.mutable_header()->set_session_id(session.id());
+    request.mutable_header()->set_step(1);
+    ASSERT_TRUE(stream->Write(request));
+    const std::vector<float> half(reference.count(0) / 2, 1.0f);
+    v1::TensorChunk* chunk = request.mutable_chunk();
+    chunk->set_tensor(reference.name(0));
+    chunk->set_dtype(v1::DTYPE_FP32);
+    chunk->set_data(
+        std::string(reinterpret_cast<const char*>(half.data()), half.size() * sizeof(float)));
+    ASSERT_TRUE(stream->Write(request));
+    context.TryCancel();
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  EXPECT_EQ(session.Info()->step(), 0);
+  ExpectMatches(reference, *session.GetParameters(), "after the cancelled stream");
+  const auto grads = WorkerGradients(reference, 1, 0);
+  absl::StatusOr<client::StepResult> result = session.Step(1, AsNamed(reference, grads));
+  ASSERT_TRUE(result.ok()) << result.status();
+  reference.Step({grads});
+  ExpectMatches(reference, result->values, "the step after the cancelled one");
+}
+
+TEST_F(StepTest, HalfPrecisionParameterUploadsWidenExactly) {
+  const v1::SessionConfig config = ModelConfig("rmnp");
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::vector<std::vector<float>> values;
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    values.push_back(Gradient(reference.count(t), 70 + t, 0, 0));
+  }
+  ASSERT_TRUE(session.UploadParameters(AsNamed(reference, values), DType::kF16).ok());
+  absl::StatusOr<std::map<std::string, std::vector<float>>> got = session.GetParameters();
+  ASSERT_TRUE(got.ok());
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    std::vector<float> expected = values[t];
+    for (float& x : expected) x = formulas::RoundToHalf(x);
+    EXPECT_TRUE(BitwiseEqual(got->at(reference.name(t)), expected)) << reference.name(t);
+  }
+}
+
 TEST_F(StepTest, TensorsWithoutGradientsAreLeftAlone) {
   const v1::SessionConfig config = ModelConfig("keller");
   client::Session session = Create(config);
