@@ -159,7 +159,9 @@ grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
   absl::StatusOr<std::shared_ptr<Session>> session =
       Authorize(context, request.header().session_id());
   if (!session.ok()) return ToGrpcStatus(session.status());
-  std::unique_ptr<TensorStaging> staging = (*session)->AcquireStaging();
+  absl::StatusOr<std::unique_ptr<TensorStaging>> acquired = (*session)->AcquireStaging();
+  if (!acquired.ok()) return ToGrpcStatus(acquired.status());
+  std::unique_ptr<TensorStaging> staging = *std::move(acquired);
   absl::Status status;
   while (status.ok() && reader->Read(&request)) {
     if (!request.has_chunk()) {
@@ -251,7 +253,7 @@ absl::Status OptimizerService::RunStep(
   OPTD_RETURN_IF_ERROR(session->CheckStepHeader(header));
 
   const bool reject = session->config().non_finite_policy() != v1::NON_FINITE_POLICY_SKIP_STEP;
-  std::unique_ptr<TensorStaging> staging = session->AcquireStaging();
+  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
   absl::Status received;
   while (received.ok() && stream->Read(&request)) {
     if (!request.has_chunk()) {

@@ -66,8 +66,9 @@ absl::StatusOr<int64_t> Session::RequiredBytes(const v1::SessionConfig& config) 
   for (const TensorSpec& spec : specs) elements += *ElementCount(spec.shape);
   OPTD_ASSIGN_OR_RETURN(int64_t optimizer, Optimizer::RequiredBytes(std::move(specs)));
   const int64_t result = config.step_result() == v1::STEP_RESULT_NONE ? 0 : 2;
-  const int64_t world = std::max(1, config.world_size());
-  return optimizer + (world + result) * elements * static_cast<int64_t>(sizeof(float));
+  // Staging: one per worker plus one for a retry or an upload (AcquireStaging's limit).
+  const int64_t staging = std::max(1, config.world_size()) + 1;
+  return optimizer + (staging + result) * elements * static_cast<int64_t>(sizeof(float));
 }
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend, std::string id,
@@ -193,9 +194,17 @@ absl::StatusOr<int> Session::FindTensor(absl::string_view name) const {
 
 void Session::Touch() { last_used_ns_ = absl::ToUnixNanos(absl::Now()); }
 
-std::unique_ptr<TensorStaging> Session::AcquireStaging() {
+absl::StatusOr<std::unique_ptr<TensorStaging>> Session::AcquireStaging() {
   {
     absl::MutexLock lock(&staging_mu_);
+    // Bounded so that no client can make a session hold more staging than its quota counted.
+    const int limit = config_.world_size() + 1;
+    if (staging_outstanding_ >= limit) {
+      return absl::UnavailableError(absl::StrCat(
+          "session '", id_, "' already receives ", staging_outstanding_,
+          " gradient or parameter streams, its limit (world_size + 1); retry when they finish"));
+    }
+    ++staging_outstanding_;
     if (!free_staging_.empty()) {
       std::unique_ptr<TensorStaging> staging = std::move(free_staging_.back());
       free_staging_.pop_back();
@@ -209,10 +218,8 @@ std::unique_ptr<TensorStaging> Session::AcquireStaging() {
 void Session::ReleaseStaging(std::unique_ptr<TensorStaging> staging) {
   if (staging == nullptr) return;
   absl::MutexLock lock(&staging_mu_);
-  // Keep as many as one step of every worker needs; drop the rest.
-  if (static_cast<int>(free_staging_.size()) < config_.world_size()) {
-    free_staging_.push_back(std::move(staging));
-  }
+  --staging_outstanding_;
+  free_staging_.push_back(std::move(staging));
 }
 
 absl::Duration Session::straggler_timeout() const {
@@ -317,6 +324,7 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
     round_done_.WaitWithTimeout(&mu_, std::min(poll, std::max(left, absl::ZeroDuration())));
     if (round_ != my_round) break;
     if (cancelled()) {
+      ReleaseStaging(std::move(contributions_[worker]));
       contributions_.erase(worker);
       workers_pending_published_ = static_cast<int>(contributions_.size());
       return absl::CancelledError(

@@ -91,8 +91,8 @@ class Session {
   static absl::StatusOr<v1::SessionCheckpoint> ReadCheckpointMeta(FileSystem& fs,
                                                                   const std::string& path);
   // Backend and host bytes a session with this config holds: the optimizer's buffers, one
-  // gradient staging per worker and two result buffers (the last step's, kept for retries, and
-  // the next one's).
+  // gradient staging per worker plus one, and two result buffers (the last step's, kept for
+  // retries, and the next one's).
   static absl::StatusOr<int64_t> RequiredBytes(const v1::SessionConfig& config);
   static std::string CheckpointPath(const std::string& state_dir, const std::string& id);
 
@@ -110,8 +110,9 @@ class Session {
   const std::string& tensor_name(int tensor) const { return names_[tensor]; }
 
   // A staging area for one stream of gradients or parameters; give it back with
-  // ReleaseStaging (or hand it to Step) so its memory is reused.
-  std::unique_ptr<TensorStaging> AcquireStaging();
+  // ReleaseStaging (or hand it to Step) so its memory is reused. At most world_size + 1 are out
+  // at once: Unavailable beyond (a client retrying far too eagerly).
+  absl::StatusOr<std::unique_ptr<TensorStaging>> AcquireStaging();
   void ReleaseStaging(std::unique_ptr<TensorStaging> staging);
 
   // The checks Step makes on its header (worker id, step number, lr override), for a stream to
@@ -191,6 +192,7 @@ class Session {
 
   absl::Mutex staging_mu_;
   std::vector<std::unique_ptr<TensorStaging>> free_staging_ ABSL_GUARDED_BY(staging_mu_);
+  int staging_outstanding_ ABSL_GUARDED_BY(staging_mu_) = 0;
 
   absl::Mutex mu_;
   absl::CondVar round_done_;

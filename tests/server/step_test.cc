@@ -413,6 +413,44 @@ TEST_F(StepTest, AStreamCancelledWhileSendingGradientsChangesNothing) {
   ExpectMatches(reference, result->values, "the step after the cancelled one");
 }
 
+TEST_F(StepTest, StreamsPerSessionAreBoundedByItsStagingQuota) {
+  const v1::SessionConfig config = ModelConfig("keller");  // world_size 1: two streams at most
+  client::Session session = Create(config);
+  auto stub = v1::Optimizer::NewStub(ConnectTo(*server_).channel());
+  struct Open {
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream;
+  };
+  std::vector<std::unique_ptr<Open>> open;
+  auto start = [&] {
+    auto o = std::make_unique<Open>();
+    o->context.AddMetadata("authorization", "Bearer " + session.token());
+    o->stream = stub->Step(&o->context);
+    v1::StepRequest request;
+    request.mutable_header()->set_session_id(session.id());
+    request.mutable_header()->set_step(1);
+    o->stream->Write(request);
+    open.push_back(std::move(o));
+  };
+  start();
+  start();
+  while (server_->steps_in_flight() < 2) absl::SleepFor(absl::Milliseconds(1));
+  absl::SleepFor(absl::Milliseconds(50));  // both past their header checks
+  start();
+  open.back()->stream->WritesDone();
+  const grpc::Status third = open.back()->stream->Finish();
+  EXPECT_EQ(third.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(third.error_message(), ::testing::HasSubstr("its limit (world_size + 1)"));
+  for (size_t i = 0; i < 2; ++i) {
+    open[i]->context.TryCancel();
+    open[i]->stream->Finish();
+  }
+  // Once they are gone, steps work again.
+  Reference reference(config);
+  while (server_->steps_in_flight() > 0) absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_TRUE(session.Step(1, AsNamed(reference, WorkerGradients(reference, 1, 0))).ok());
+}
+
 TEST_F(StepTest, HalfPrecisionParameterUploadsWidenExactly) {
   const v1::SessionConfig config = ModelConfig("rmnp");
   client::Session session = Create(config);
