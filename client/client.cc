@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/status_macros.h"
 #include "kernels/wire.h"
+#include "proto/wire_dtype.h"
 
 namespace optd::client {
 namespace {
@@ -20,28 +21,12 @@ absl::StatusOr<std::string> ReadPem(const std::string& path) {
   return contents.str();
 }
 
-v1::DType WireDType(DType dtype) {
-  switch (dtype) {
-    case DType::kBF16:
-      return v1::DTYPE_BF16;
-    case DType::kF16:
-      return v1::DTYPE_FP16;
-    default:
-      return v1::DTYPE_FP32;
-  }
-}
-
-absl::StatusOr<DType> FromWire(v1::DType dtype) {
-  switch (dtype) {
-    case v1::DTYPE_FP32:
-      return DType::kF32;
-    case v1::DTYPE_BF16:
-      return DType::kBF16;
-    case v1::DTYPE_FP16:
-      return DType::kF16;
-    default:
-      return absl::DataLossError(absl::StrCat("the daemon sent a chunk in dtype ", dtype));
-  }
+// A chunk from the daemon in a dtype this client does not know is damaged data.
+absl::StatusOr<DType> FromWire(int dtype) {
+  absl::StatusOr<DType> known = FromWireDType(dtype);
+  if (!known.ok())
+    return absl::DataLossError(absl::StrCat("the daemon sent ", known.status().message()));
+  return known;
 }
 
 void SetDeadline(grpc::ClientContext& context, absl::Duration timeout) {
@@ -66,7 +51,7 @@ absl::Status SendTensors(absl::Span<const NamedTensor> tensors, DType dtype, int
   const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / DTypeSize(dtype));
   for (const NamedTensor& tensor : tensors) {
     chunk.set_tensor(tensor.name);
-    chunk.set_dtype(WireDType(dtype));
+    chunk.set_dtype(ToWireDType(dtype));
     const int64_t count = static_cast<int64_t>(tensor.values.size());
     for (int64_t offset = 0; offset < count; offset += per_chunk) {
       const int64_t n = std::min(per_chunk, count - offset);
@@ -206,7 +191,7 @@ absl::StatusOr<std::map<std::string, std::vector<float>>> Session::GetParameters
   v1::GetParamsRequest request;
   request.set_session_id(id_);
   for (const std::string& name : names) request.add_tensors(name);
-  if (wire_dtype.has_value()) request.set_dtype(WireDType(*wire_dtype));
+  if (wire_dtype.has_value()) request.set_dtype(ToWireDType(*wire_dtype));
   request.set_chunk_bytes(chunk_bytes);
   std::unique_ptr<grpc::ClientReader<v1::TensorChunk>> reader = stub_->GetParams(&context, request);
   std::map<std::string, std::vector<float>> values;
@@ -233,7 +218,8 @@ absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTen
   header->set_worker_id(options.worker_id);
   header->set_step(step);
   if (options.lr.has_value()) header->set_lr(*options.lr);
-  if (options.result_dtype.has_value()) header->set_result_dtype(WireDType(*options.result_dtype));
+  if (options.result_dtype.has_value())
+    header->set_result_dtype(ToWireDType(*options.result_dtype));
   header->set_chunk_bytes(options.chunk_bytes);
   if (stream->Write(request)) {
     v1::TensorChunk* chunk = request.mutable_chunk();

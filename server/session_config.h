@@ -11,6 +11,7 @@
 #include "kernels/dtype.h"
 #include "kernels/optimizer.h"
 #include "optd/v1/optd.pb.h"
+#include "proto/wire_dtype.h"
 
 namespace optd::server {
 
@@ -30,10 +31,6 @@ absl::StatusOr<OptimizerConfig> GroupOptimizerConfig(const v1::GroupConfig& grou
 
 // One TensorSpec per tensor, in the config's order. REQUIRES: a normalized config.
 absl::StatusOr<std::vector<TensorSpec>> TensorSpecs(const v1::SessionConfig& config);
-
-// Wire dtype mapping; InvalidArgument for DTYPE_UNSPECIFIED and unknown values.
-absl::StatusOr<DType> FromWireDType(int dtype);
-v1::DType ToWireDType(DType dtype);
 
 // Session names: [A-Za-z0-9_.-]{1,64}.
 bool IsValidSessionId(absl::string_view id);
