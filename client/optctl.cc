@@ -107,9 +107,10 @@ Commands:
   analysis SESSION
       The latest analysis figures per tensor (DESIGN.md, "Metrics").
 
-Tokens: create and list send --admin_token ($OPTD_ADMIN_TOKEN); delete sends --token
-($OPTD_TOKEN) when given, else the admin token; the other session commands send --token, or
-the admin token when no session token is given (the daemon accepts it for every session).
+Tokens: create and list send --admin_token ($OPTD_ADMIN_TOKEN); delete sends the admin token
+when given (a daemon started with --admin_token requires it), else --token ($OPTD_TOKEN); the
+other session commands send --token, or the admin token when no session token is given (the
+daemon accepts it for every session).
 
 Files: dump and step name a tensor's file after the tensor: the name with every '%' written as
 "%25" and every '/' as "%2F", then ".npy" (tensor "blocks/0/w%" is blocks%2F0%2Fw%25.npy).
@@ -300,7 +301,10 @@ absl::StatusOr<int> Run(const std::vector<std::string>& args) {
     return 0;
   }
   if (name == "delete") {
-    OPTD_RETURN_IF_ERROR(RunDelete(client, args[1], token, std::cout));
+    // The admin token when there is one (a daemon with an admin token requires it), else the
+    // session's own.
+    OPTD_RETURN_IF_ERROR(
+        RunDelete(client, args[1], admin_token.empty() ? token : admin_token, std::cout));
     return 0;
   }
   if (token.empty() && admin_token.empty()) {

@@ -82,6 +82,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   if (!options.admin_token.empty()) {
     options.sessions.admin_token_digest = TokenDigest(options.admin_token);
   }
+  options.sessions.max_world_size = options.service.max_pending_steps;
   server->sessions_ = std::make_unique<SessionManager>(*server->backend_, options.sessions);
   std::vector<std::string> skipped;
   OPTD_RETURN_IF_ERROR(server->sessions_->Recover(&skipped));
@@ -152,10 +153,10 @@ absl::Status Server::Shutdown() {
     stop_reaper_.Notify();
     reaper_.join();
   }
-  absl::Status checkpointed = sessions_->CheckpointAll();
+  // Stop serving first, so that nothing can change a session after its final checkpoint.
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   server_->Wait();
-  return checkpointed;
+  return sessions_->CheckpointAll();
 }
 
 Server::~Server() {

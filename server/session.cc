@@ -8,6 +8,7 @@
 #include "kernels/initializers.h"
 #include "kernels/status_macros.h"
 #include "kernels/wire.h"
+#include "server/auth.h"
 #include "server/checkpoint_file.h"
 #include "server/session_config.h"
 
@@ -68,7 +69,15 @@ absl::StatusOr<int64_t> Session::RequiredBytes(const v1::SessionConfig& config) 
   const int64_t result = config.step_result() == v1::STEP_RESULT_NONE ? 0 : 2;
   // Staging: one per worker plus one for a retry or an upload (AcquireStaging's limit).
   const int64_t staging = std::max(1, config.world_size()) + 1;
-  return optimizer + (staging + result) * elements * static_cast<int64_t>(sizeof(float));
+  int64_t host = 0, total = 0;
+  if (__builtin_mul_overflow((staging + result) * static_cast<int64_t>(sizeof(float)), elements,
+                             &host) ||
+      __builtin_add_overflow(optimizer, host, &total)) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the session's ", elements, " elements with world_size ", config.world_size(),
+                     " need more than 2^63 bytes"));
+  }
+  return total;
 }
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend, std::string id,
@@ -127,7 +136,8 @@ absl::StatusOr<Session::Loaded> Session::LoadCheckpoint(const std::string& path)
   if (!meta.ParseFromArray(meta_bytes.data(), static_cast<int>(meta_bytes.size()))) {
     return absl::DataLossError(absl::StrCat(path, ": the meta record does not parse"));
   }
-  if (meta.session_id() != id_ || meta.tensors_size() != num_tensors() || meta.step() < 0) {
+  if (meta.session_id() != id_ || !DigestsEqual(meta.token_sha256(), token_digest_) ||
+      meta.tensors_size() != num_tensors() || meta.step() < 0) {
     return absl::DataLossError(absl::StrCat(path, " holds session '", meta.session_id(), "' with ",
                                             meta.tensors_size(), " tensors at step ", meta.step(),
                                             "; expected session '", id_, "' with ", num_tensors(),
@@ -159,6 +169,11 @@ absl::StatusOr<Session::Loaded> Session::LoadCheckpoint(const std::string& path)
   }
   loaded.step = meta.step();
   for (const v1::GroupHyperparams& h : meta.hyperparams()) loaded.hyperparams[h.group()] = h;
+  absl::Status applied = ApplyHyperparams(*loaded.optimizer, loaded.hyperparams);
+  if (!applied.ok()) {
+    return absl::DataLossError(
+        absl::StrCat(path, ": its hyperparameters do not validate: ", applied.message()));
+  }
   return loaded;
 }
 
@@ -177,7 +192,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Load(Backend& backend, const s
   OPTD_ASSIGN_OR_RETURN(Loaded loaded, session->LoadCheckpoint(path));
   OPTD_RETURN_IF_ERROR(session->Initialize(std::move(loaded.optimizer)));
   absl::MutexLock lock(&session->mu_);
-  OPTD_RETURN_IF_ERROR(session->SetHyperparamsLocked(loaded.hyperparams));
+  for (const auto& [name, h] : loaded.hyperparams) session->hyperparams_[name] = h;
   session->step_ = loaded.step;
   session->checkpoint_step_ = loaded.step;
   session->step_published_ = loaded.step;
@@ -229,7 +244,16 @@ absl::Duration Session::straggler_timeout() const {
   return options_.default_straggler_timeout;
 }
 
+void Session::MarkDeleted() {
+  absl::MutexLock lock(&mu_);
+  deleted_ = true;
+  if (!contributions_.empty()) {
+    EndRoundLocked(absl::NotFoundError(absl::StrCat("session '", id_, "' was deleted")));
+  }
+}
+
 absl::Status Session::CheckUsableLocked() const {
+  if (deleted_) return absl::NotFoundError(absl::StrCat("session '", id_, "' was deleted"));
   if (!damaged_.ok()) {
     return absl::FailedPreconditionError(
         absl::StrCat("session '", id_, "' was damaged by a failed step (", damaged_.message(),
@@ -303,11 +327,23 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
             header.step(), " of session '", id_, "'; every worker must send the same tensors"));
       }
     }
+    const std::optional<double> lr =
+        header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
+    if (!contributions_.empty() && lr != round_lr_) {
+      ReleaseStaging(std::move(gradients));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "worker ", worker, " sent lr ", lr ? absl::StrCat(*lr) : "none", " but worker ",
+          contributions_.begin()->first, " sent lr ", round_lr_ ? absl::StrCat(*round_lr_) : "none",
+          " for step ", header.step(), " of session '", id_, "'; every worker must send the same"));
+    }
     if (cancelled()) {
       ReleaseStaging(std::move(gradients));
       return absl::CancelledError("the step call was cancelled before its gradients counted");
     }
-    if (contributions_.empty()) round_deadline_ = absl::Now() + straggler_timeout();
+    if (contributions_.empty()) {
+      round_deadline_ = absl::Now() + straggler_timeout();
+      round_lr_ = lr;
+    }
     contributions_[worker] = std::move(gradients);
     workers_pending_published_ = static_cast<int>(contributions_.size());
     if (static_cast<int>(contributions_.size()) == config_.world_size()) {
@@ -318,15 +354,24 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
     }
   }
   const int64_t my_round = round_;
+  ++waiters_[worker];
   while (round_ == my_round) {
     const absl::Duration poll = absl::Milliseconds(50);
     const absl::Duration left = round_deadline_ - absl::Now();
     round_done_.WaitWithTimeout(&mu_, std::min(poll, std::max(left, absl::ZeroDuration())));
     if (round_ != my_round) break;
     if (cancelled()) {
-      ReleaseStaging(std::move(contributions_[worker]));
-      contributions_.erase(worker);
-      workers_pending_published_ = static_cast<int>(contributions_.size());
+      // Withdraw only when no other stream of this worker (an earlier attempt or a retry) still
+      // waits on the contribution.
+      if (--waiters_[worker] == 0) {
+        waiters_.erase(worker);
+        auto it = contributions_.find(worker);
+        if (it != contributions_.end()) {
+          ReleaseStaging(std::move(it->second));
+          contributions_.erase(it);
+        }
+        workers_pending_published_ = static_cast<int>(contributions_.size());
+      }
       return absl::CancelledError(
           absl::StrCat("the step call was cancelled while waiting for the other workers; worker ",
                        worker, "'s gradients for step ", header.step(), " are withdrawn"));
@@ -353,6 +398,7 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
 void Session::EndRoundLocked(absl::StatusOr<std::shared_ptr<const StepOutcome>> result) {
   for (auto& [worker, staging] : contributions_) ReleaseStaging(std::move(staging));
   contributions_.clear();
+  waiters_.clear();
   workers_pending_published_ = 0;
   finished_round_ = round_;
   finished_result_ = std::move(result);
@@ -364,6 +410,9 @@ absl::StatusOr<std::shared_ptr<const StepOutcome>> Session::CommitLocked(
     const v1::StepHeader& header) {
   std::shared_ptr<StepOutcome> outcome;
   if (spare_outcome_ != nullptr && spare_outcome_.use_count() == 1) {
+    // The last reader dropped its reference after its last read; order those reads before
+    // the overwrite below (use_count is a relaxed load).
+    std::atomic_thread_fence(std::memory_order_acquire);
     outcome = std::move(spare_outcome_);
     std::vector<std::vector<float>> values = std::move(outcome->values);
     *outcome = StepOutcome();
@@ -438,12 +487,24 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
     }
   }
   absl::Status stepped = optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n));
-  if (header.has_lr()) OPTD_RETURN_IF_ERROR(SetHyperparamsLocked(hyperparams_));
+  const absl::Status restored =
+      header.has_lr() ? SetHyperparamsLocked(hyperparams_) : absl::OkStatus();
   if (!stepped.ok()) {
     if (stepped.code() == absl::StatusCode::kInternal) damaged_ = stepped;
     return stepped;
   }
+  // The state has changed: a failure from here on would leave the step count behind the state
+  // (a retry would apply the step twice), so it damages the session.
+  absl::Status finished = restored.ok() ? ReadResultLocked(outcome) : restored;
+  if (!finished.ok()) {
+    damaged_ = finished;
+    return finished;
+  }
   outcome.tensors_updated = static_cast<int>(present.size());
+  return absl::OkStatus();
+}
+
+absl::Status Session::ReadResultLocked(StepOutcome& outcome) {
   if (outcome.result == v1::STEP_RESULT_NONE) return absl::OkStatus();
   std::vector<float> after;
   for (int t = 0; t < num_tensors(); ++t) {
@@ -459,14 +520,20 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
   return absl::OkStatus();
 }
 
-absl::Status Session::SetHyperparamsLocked(
-    const std::map<std::string, v1::GroupHyperparams>& groups) {
+absl::Status Session::ApplyHyperparams(
+    Optimizer& optimizer, const std::map<std::string, v1::GroupHyperparams>& groups) const {
   for (int t = 0; t < num_tensors(); ++t) {
     auto h = groups.find(config_.groups(group_of_[t]).name());
     if (h == groups.end()) continue;
-    OPTD_RETURN_IF_ERROR(optimizer_->SetHyperparameters(t, h->second.lr(), h->second.weight_decay(),
-                                                        h->second.momentum()));
+    OPTD_RETURN_IF_ERROR(optimizer.SetHyperparameters(t, h->second.lr(), h->second.weight_decay(),
+                                                      h->second.momentum()));
   }
+  return absl::OkStatus();
+}
+
+absl::Status Session::SetHyperparamsLocked(
+    const std::map<std::string, v1::GroupHyperparams>& groups) {
+  OPTD_RETURN_IF_ERROR(ApplyHyperparams(*optimizer_, groups));
   if (&groups != &hyperparams_) {
     for (const auto& [name, h] : groups) hyperparams_[name] = h;
   }
@@ -532,8 +599,8 @@ absl::Status Session::GetParameters(int tensor, absl::Span<float> out) {
   return optimizer_->GetParameters(tensor, out);
 }
 
-absl::StatusOr<CheckpointInfo> Session::Checkpoint() {
-  Touch();
+absl::StatusOr<CheckpointInfo> Session::Checkpoint(bool touch) {
+  if (touch) Touch();
   absl::MutexLock lock(&mu_);
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
   return CheckpointLocked();
@@ -544,6 +611,7 @@ absl::StatusOr<CheckpointInfo> Session::CheckpointLocked() {
     return absl::FailedPreconditionError(
         "the daemon has no state directory (--state_dir); checkpoints are off");
   }
+  OPTD_RETURN_IF_ERROR(CheckUsableLocked());
   FileSystem& fs = *options_.fs;
   const std::string dir = absl::StrCat(options_.state_dir, "/", id_);
   OPTD_RETURN_IF_ERROR(fs.CreateDir(dir));
@@ -609,9 +677,10 @@ absl::StatusOr<int64_t> Session::Restore() {
                                                    "' was restored from its checkpoint at step ",
                                                    loaded->step, " while this step was pending")));
   }
+  // Nothing can fail from here on: the restore is all or nothing.
   optimizer_ = std::move(loaded->optimizer);
   damaged_ = absl::OkStatus();
-  OPTD_RETURN_IF_ERROR(SetHyperparamsLocked(loaded->hyperparams));
+  for (const auto& [name, h] : loaded->hyperparams) hyperparams_[name] = h;
   step_ = loaded->step;
   step_published_ = step_;
   checkpoint_step_ = step_;

@@ -25,6 +25,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -137,7 +138,8 @@ class Session {
   // All updates are checked before any is applied. InvalidArgument names the group and value.
   absl::Status UpdateHyperparams(const v1::UpdateHyperparamsRequest& request);
 
-  absl::StatusOr<CheckpointInfo> Checkpoint();
+  // `touch` false: a checkpoint that does not count as use (the idle-session reaper's).
+  absl::StatusOr<CheckpointInfo> Checkpoint(bool touch = true);
   // Replaces parameters, state, step and hyperparameters with the last checkpoint's, atomically.
   absl::StatusOr<int64_t> Restore();
 
@@ -151,6 +153,9 @@ class Session {
   int64_t step() const { return step_published_.load(); }
   absl::Time last_used() const { return absl::FromUnixNanos(last_used_ns_.load()); }
   void Touch();
+  // Called by SessionManager::Delete: aborts a pending step and refuses every later call and
+  // checkpoint, so that nothing of this session is written after its directory is removed.
+  void MarkDeleted();
 
  private:
   Session(Backend& backend, std::string id, v1::SessionConfig config, std::string token_digest,
@@ -164,12 +169,16 @@ class Session {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,
                            StepOutcome& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Fills the outcome's values (new parameters, or the delta from the old ones it holds).
+  absl::Status ReadResultLocked(StepOutcome& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EndRoundLocked(absl::StatusOr<std::shared_ptr<const StepOutcome>> result)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<CheckpointInfo> CheckpointLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A fresh optimizer holding the checkpoint at `path`, with its step and hyperparameters.
   struct Loaded;
   absl::StatusOr<Loaded> LoadCheckpoint(const std::string& path);
+  absl::Status ApplyHyperparams(Optimizer& optimizer,
+                                const std::map<std::string, v1::GroupHyperparams>& groups) const;
   absl::Status SetHyperparamsLocked(const std::map<std::string, v1::GroupHyperparams>& groups)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Duration straggler_timeout() const;
@@ -202,6 +211,11 @@ class Session {
   // Current hyperparameters per group name.
   std::map<std::string, v1::GroupHyperparams> hyperparams_ ABSL_GUARDED_BY(mu_);
   absl::Status damaged_ ABSL_GUARDED_BY(mu_);
+  bool deleted_ ABSL_GUARDED_BY(mu_) = false;
+  // The lr override of the pending step, set by its first contribution.
+  std::optional<double> round_lr_ ABSL_GUARDED_BY(mu_);
+  // Streams waiting on each worker's contribution (its first attempt and any retries).
+  std::map<int, int> waiters_ ABSL_GUARDED_BY(mu_);
   // The pending step: contributions by worker id, the deadline set by the first, and a round
   // number that changes when the step commits or aborts.
   std::map<int, std::unique_ptr<TensorStaging>> contributions_ ABSL_GUARDED_BY(mu_);

@@ -70,6 +70,11 @@ absl::Status SessionManager::AuthorizeAdmin(absl::string_view authorization) {
 
 absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::SessionConfig config) {
   OPTD_RETURN_IF_ERROR(NormalizeSessionConfig(config));
+  if (config.world_size() > options_.max_world_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "world_size ", config.world_size(), " exceeds the ", options_.max_world_size,
+        " steps the daemon admits at once (--max_pending_steps); all workers of a step must fit"));
+  }
   OPTD_ASSIGN_OR_RETURN(int64_t bytes, Session::RequiredBytes(config));
   if (bytes > options_.max_session_bytes) {
     return absl::ResourceExhaustedError(
@@ -91,12 +96,22 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
                                                        " sessions, its limit (--max_sessions); ",
                                                        "delete one first"));
     }
+    // A directory without a session is a checkpoint Recover could not read: never reuse its
+    // name, so that it stays on disk for someone to look at.
+    auto taken = [&](const std::string& name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return sessions_.contains(name) || (!options_.state_dir.empty() &&
+                                          fs_.Exists(absl::StrCat(options_.state_dir, "/", name)));
+    };
     if (id.empty()) {
       do {
         OPTD_ASSIGN_OR_RETURN(id, GenerateSessionId());
-      } while (sessions_.contains(id));
+      } while (taken(id));
     } else if (sessions_.contains(id)) {
       return absl::AlreadyExistsError(absl::StrCat("session '", id, "' already exists"));
+    } else if (taken(id)) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("the state directory holds a checkpoint for '", id,
+                       "' that could not be loaded at start-up; move it away to reuse the name"));
     }
     Entry reserved;
     reserved.token_digest = digest;
@@ -137,13 +152,12 @@ absl::StatusOr<std::shared_ptr<Session>> SessionManager::LoadLocked(const std::s
   return entry.session;
 }
 
-absl::StatusOr<std::shared_ptr<Session>> SessionManager::Get(absl::string_view id,
-                                                             absl::string_view authorization) {
+absl::StatusOr<SessionManager::Entry*> SessionManager::AuthorizeLocked(
+    absl::string_view id, absl::string_view authorization) {
   OPTD_ASSIGN_OR_RETURN(std::string token, ParseBearer(authorization));
   const std::string digest = TokenDigest(token);
   const bool admin =
       !options_.admin_token_digest.empty() && DigestsEqual(digest, options_.admin_token_digest);
-  absl::MutexLock lock(&mu_);
   auto owner = id_by_digest_.find(digest);
   if (!admin && owner == id_by_digest_.end()) {
     return absl::UnauthenticatedError("the bearer token is not valid for any session");
@@ -159,18 +173,27 @@ absl::StatusOr<std::shared_ptr<Session>> SessionManager::Get(absl::string_view i
   if (it->second.creating) {
     return absl::UnavailableError(absl::StrCat("session '", id, "' is still being created"));
   }
-  return LoadLocked(it->first, it->second);
+  return &it->second;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionManager::Get(absl::string_view id,
+                                                             absl::string_view authorization) {
+  absl::MutexLock lock(&mu_);
+  OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeLocked(id, authorization));
+  return LoadLocked(std::string(id), *entry);
 }
 
 absl::Status SessionManager::Delete(absl::string_view id, absl::string_view authorization) {
-  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Get(id, authorization));
+  // With an admin token, deleting is the admin's; without one, the session's own token does.
+  if (!options_.admin_token_digest.empty()) OPTD_RETURN_IF_ERROR(AuthorizeAdmin(authorization));
   absl::MutexLock lock(&mu_);
-  auto it = sessions_.find(id);
-  if (it == sessions_.end()) {
-    return absl::NotFoundError(absl::StrCat("session '", id, "' does not exist"));
-  }
-  id_by_digest_.erase(it->second.token_digest);
-  sessions_.erase(it);
+  // An unloaded session is deleted without loading it (its checkpoint may not even read).
+  OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeLocked(id, authorization));
+  // Calls still holding the session get NotFound from now on, and nothing of it is written
+  // again: no checkpoint can bring it back after its directory is gone.
+  if (entry->session != nullptr) entry->session->MarkDeleted();
+  id_by_digest_.erase(entry->token_digest);
+  sessions_.erase(sessions_.find(id));
   if (!options_.state_dir.empty()) {
     OPTD_RETURN_IF_ERROR(fs_.DeleteRecursively(absl::StrCat(options_.state_dir, "/", id)));
   }
@@ -213,16 +236,31 @@ int64_t SessionManager::loaded_bytes() {
 
 int SessionManager::UnloadIdle(absl::Time now) {
   if (options_.state_dir.empty() || options_.idle_ttl <= absl::ZeroDuration()) return 0;
+  std::vector<std::pair<std::string, std::shared_ptr<Session>>> idle;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [id, entry] : sessions_) {
+      if (entry.session == nullptr || now - entry.session->last_used() < options_.idle_ttl) {
+        continue;
+      }
+      idle.push_back({id, entry.session});
+    }
+  }
   int unloaded = 0;
-  absl::MutexLock lock(&mu_);
-  for (auto& [id, entry] : sessions_) {
-    // use_count 1: only this map holds it, so no call is using it and none can start (Get
-    // takes mu_).
-    if (entry.session == nullptr || entry.session.use_count() != 1) continue;
-    if (now - entry.session->last_used() < options_.idle_ttl) continue;
-    if (!entry.session->Checkpoint().ok()) continue;
-    entry.step = entry.session->step();
-    entry.session = nullptr;
+  for (auto& [id, session] : idle) {
+    // Checkpointed without the manager's lock, so other sessions' calls go on meanwhile.
+    const absl::Time seen = session->last_used();
+    if (!session->Checkpoint(/*touch=*/false).ok()) continue;
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(id);
+    // Unload only if nothing used it since: the map and `session` hold the only references
+    // (use_count 2; Get takes mu_, so none can appear) and no call touched it after `seen`.
+    if (it == sessions_.end() || it->second.session != session || session.use_count() != 2 ||
+        session->last_used() != seen) {
+      continue;
+    }
+    it->second.step = session->step();
+    it->second.session = nullptr;
     ++unloaded;
   }
   return unloaded;

@@ -25,6 +25,10 @@ struct SessionManagerOptions {
   std::string state_dir;
   FileSystem* fs = nullptr;  // default: PosixFileSystem()
   int max_sessions = 64;
+  // Largest world_size a session may have: its workers wait for each other inside the daemon's
+  // step queue, so a session larger than the queue could never step (Server sets it to
+  // --max_pending_steps).
+  int max_world_size = 64;
   int64_t max_session_bytes = int64_t{16} << 30;
   // Sessions unused this long are checkpointed and unloaded (state_dir required); 0: never.
   absl::Duration idle_ttl = absl::ZeroDuration();
@@ -62,7 +66,9 @@ class SessionManager {
   absl::StatusOr<std::shared_ptr<Session>> Get(absl::string_view id,
                                                absl::string_view authorization);
 
-  // Removes the session and its checkpoint. Same authorization as Get.
+  // Removes the session and its checkpoint, without loading it. With an admin token configured
+  // only that token may; otherwise the session's own token does. Calls that still hold the
+  // session get NotFound from then on.
   absl::Status Delete(absl::string_view id, absl::string_view authorization);
 
   std::vector<v1::SessionInfo> List();
@@ -84,6 +90,9 @@ class SessionManager {
     bool creating = false;  // reserved by Create, not yet usable
   };
 
+  // The entry `id` if `authorization` may use it (Get's rules), without loading it.
+  absl::StatusOr<Entry*> AuthorizeLocked(absl::string_view id, absl::string_view authorization)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::shared_ptr<Session>> LoadLocked(const std::string& id, Entry& entry)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SessionOptions session_options() const;

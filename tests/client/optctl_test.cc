@@ -493,18 +493,21 @@ TEST_F(OptctlTest, AnalysisOfAFreshSession) {
   EXPECT_EQ(out.str(), "no analysis yet\n");
 }
 
-TEST_F(OptctlTest, DeleteWithTheAdminOrTheSessionToken) {
+TEST_F(OptctlTest, DeleteNeedsTheAdminTokenOfADaemonThatHasOne) {
   Create("deleted_by_admin");
-  client::Session by_owner = Create("deleted_by_owner");
+  client::Session by_owner = Create("kept_from_owner");
   client::Client admin = Client();
   client::Client anonymous = Client("");
   std::ostringstream out;
   ASSERT_TRUE(client::RunDelete(admin, "deleted_by_admin", "", out).ok());
-  ASSERT_TRUE(client::RunDelete(anonymous, "deleted_by_owner", by_owner.token(), out).ok());
-  EXPECT_EQ(out.str(), "deleted: deleted_by_admin\ndeleted: deleted_by_owner\n");
+  EXPECT_EQ(client::RunDelete(anonymous, "kept_from_owner", by_owner.token(), out).code(),
+            absl::StatusCode::kPermissionDenied);
+  ASSERT_TRUE(client::RunDelete(admin, "kept_from_owner", "", out).ok());
+  EXPECT_EQ(out.str(), "deleted: deleted_by_admin\ndeleted: kept_from_owner\n");
   std::ostringstream list;
   ASSERT_TRUE(client::RunList(admin, list).ok());
   EXPECT_THAT(list.str(), Not(HasSubstr("deleted_by")));
+  EXPECT_THAT(list.str(), Not(HasSubstr("kept_from")));
 }
 
 // The binary itself: create, then inspect, dump and step with the token from the environment,
@@ -570,7 +573,8 @@ TEST_F(OptctlTest, BinaryDrivesASession) {
   EXPECT_EQ(row[1], "1");
   EXPECT_EQ(row[2], "true");
 
-  const BinaryRun deleted = RunBinary("delete binary", env);
+  const BinaryRun deleted =
+      RunBinary("delete binary", absl::StrCat(env, " OPTD_ADMIN_TOKEN=", kAdminToken));
   EXPECT_EQ(deleted.exit_code, 0) << deleted.err;
   EXPECT_EQ(deleted.out, "deleted: binary\n");
 }

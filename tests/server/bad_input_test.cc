@@ -361,6 +361,26 @@ TEST_F(BadInputTest, SessionCalls) {
         [&] { return c.CreateSession(config_, victim_->id()).status(); });
   Check({"malformed session id", absl::StatusCode::kInvalidArgument, "is not [A-Za-z0-9_.-]"},
         [&] { return c.CreateSession(config_, "../etc").status(); });
+  Check({"more workers than the step queue holds", absl::StatusCode::kInvalidArgument,
+         "(--max_pending_steps)"},
+        [&] {
+          v1::SessionConfig wide = config_;
+          wide.set_world_size(65);
+          return c.CreateSession(wide).status();
+        });
+  Check({"a byte count beyond int64", absl::StatusCode::kResourceExhausted,
+         "need more than 2^63 bytes"},
+        [&] {
+          v1::SessionConfig huge = MakeConfig({{"v", "adamw"}}, {});
+          for (int i = 0; i < 100000; ++i) {
+            v1::TensorConfig* t = huge.add_tensors();
+            t->set_name(absl::StrCat("t", i));
+            t->add_shape(int64_t{1} << 40);
+            t->set_group("v");
+          }
+          huge.set_world_size(60);
+          return c.CreateSession(huge).status();
+        });
   Check({"zero world size is one; 5000 is too many", absl::StatusCode::kInvalidArgument,
          "world_size 5000"},
         [&] {
@@ -396,6 +416,9 @@ TEST(AdminTokenTest, GuardsCreateListAndDelete) {
   // The admin token opens any session; the session token opens its own.
   EXPECT_TRUE(admin.OpenSession(session->id(), "admin-secret").Info().ok());
   EXPECT_TRUE(session->Info().ok());
+  // With an admin token, deleting is the admin's alone.
+  EXPECT_EQ(anonymous.DeleteSession(session->id(), session->token()).code(),
+            absl::StatusCode::kPermissionDenied);
   EXPECT_TRUE(admin.DeleteSession(session->id()).ok());
   EXPECT_EQ(session->Info().status().code(), absl::StatusCode::kUnauthenticated);
 }

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <thread>
 
+#include "server/auth.h"
 #include "server/checkpoint_file.h"
 #include "tests/server/fault_injection_file_system.h"
 #include "tests/server/test_daemon.h"
@@ -220,34 +221,41 @@ TEST(DurabilityTest, ShutdownLetsAStepInFlightFinishAndRefusesNewOnes) {
 
 TEST(DurabilityTest, AFullStepQueueAnswersUnavailable) {
   server::ServerOptions options = LoopbackOptions();
-  options.service.max_pending_steps = 1;
+  options.service.max_pending_steps = 2;
   std::unique_ptr<server::Server> server = StartServer(options);
   client::Client c = ConnectTo(*server);
   v1::SessionConfig config = MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}}, 2);
   config.set_straggler_timeout_seconds(0.5);
-  client::Session session = *c.CreateSession(config);
+  // Worker 0 of two sessions waits for its partner: the two places of the queue are taken.
+  client::Session first = *c.CreateSession(config);
+  client::Session second = *c.CreateSession(config);
   Reference reference(config);
-  absl::StatusOr<client::StepResult> waiting;
-  std::thread worker0(
-      [&] { waiting = session.Step(1, AsNamed(reference, WorkerGradients(reference, 1, 0))); });
-  while (session.Info()->workers_pending() != 1) absl::SleepFor(absl::Milliseconds(5));
+  std::vector<absl::StatusOr<client::StepResult>> waiting(2, absl::UnknownError("not run"));
+  std::vector<std::thread> workers;
+  for (client::Session* s : {&first, &second}) {
+    workers.emplace_back([&, s] {
+      waiting[s == &second] = s->Step(1, AsNamed(reference, WorkerGradients(reference, 1, 0)));
+    });
+    while (s->Info()->workers_pending() != 1) absl::SleepFor(absl::Milliseconds(5));
+  }
   client::StepOptions worker1;
   worker1.worker_id = 1;
   absl::StatusOr<client::StepResult> full =
-      session.Step(1, AsNamed(reference, WorkerGradients(reference, 1, 1)), worker1);
+      first.Step(1, AsNamed(reference, WorkerGradients(reference, 1, 1)), worker1);
   EXPECT_EQ(full.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(std::string(full.status().message()), HasSubstr("step queue is full"));
-  // Worker 0 gives up at the straggler timeout, which frees the queue.
-  worker0.join();
-  EXPECT_EQ(waiting.status().code(), absl::StatusCode::kAborted) << waiting.status();
+  // The waiting workers give up at the straggler timeout, which frees the queue; then a whole
+  // step fits again.
+  for (std::thread& t : workers) t.join();
+  for (const auto& w : waiting) EXPECT_EQ(w.status().code(), absl::StatusCode::kAborted);
   std::vector<std::vector<std::vector<float>>> grads = {WorkerGradients(reference, 1, 0),
                                                         WorkerGradients(reference, 1, 1)};
-  absl::StatusOr<client::StepResult> second;
-  std::thread again([&] { second = session.Step(1, AsNamed(reference, grads[0])); });
-  while (session.Info()->workers_pending() != 1) absl::SleepFor(absl::Milliseconds(5));
-  EXPECT_EQ(session.Step(1, AsNamed(reference, grads[1]), worker1).status().code(),
-            absl::StatusCode::kUnavailable);
-  again.join();
+  absl::StatusOr<client::StepResult> again;
+  std::thread worker0([&] { again = first.Step(1, AsNamed(reference, grads[0])); });
+  while (first.Info()->workers_pending() != 1) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_TRUE(first.Step(1, AsNamed(reference, grads[1]), worker1).ok());
+  worker0.join();
+  EXPECT_TRUE(again.ok()) << again.status();
 }
 
 TEST(DurabilityTest, InjectedWriteFailuresNeverCorruptTheLastCheckpoint) {
@@ -366,6 +374,108 @@ TEST(DurabilityTest, IdleSessionsAreCheckpointedUnloadedAndReloaded) {
   EXPECT_TRUE(c.ListSessions()->at(0).loaded());
   ASSERT_TRUE(session.Step(2, AsNamed(history.reference(), history.Gradients(2))).ok());
   ExpectState(session, history, 2, "stepped after reloading");
+}
+
+// Opens a Step stream and sends its header only, for tests that act while a step is mid-way.
+struct OpenStep {
+  OpenStep(const server::Server& server, const client::Session& session, int64_t step)
+      : stub(v1::Optimizer::NewStub(ConnectTo(server).channel())) {
+    context.AddMetadata("authorization", "Bearer " + session.token());
+    stream = stub->Step(&context);
+    v1::StepRequest request;
+    request.mutable_header()->set_session_id(session.id());
+    request.mutable_header()->set_step(step);
+    EXPECT_TRUE(stream->Write(request));
+  }
+  // Sends `values` as the whole of `tensor`, half-closes and reads the reply.
+  grpc::Status Finish(const std::string& tensor, const std::vector<float>& values,
+                      v1::StepSummary* summary) {
+    v1::StepRequest request;
+    v1::TensorChunk* chunk = request.mutable_chunk();
+    chunk->set_tensor(tensor);
+    chunk->set_dtype(v1::DTYPE_FP32);
+    chunk->set_data(
+        std::string(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float)));
+    stream->Write(request);
+    stream->WritesDone();
+    v1::StepResponse response;
+    while (stream->Read(&response)) {
+      if (response.has_summary()) *summary = response.summary();
+    }
+    return stream->Finish();
+  }
+
+  grpc::ClientContext context;
+  std::unique_ptr<v1::Optimizer::Stub> stub;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream;
+};
+
+TEST(DurabilityTest, ADeletedSessionStaysDeletedWhateverWasInFlight) {
+  const std::string state_dir = MakeTempDir("deleted");
+  std::unique_ptr<server::Server> server = StartServer(LoopbackOptions(state_dir));
+  client::Client c = ConnectTo(*server);
+  v1::SessionConfig config = MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}});
+  config.set_checkpoint_interval(1);
+  client::Session old_session = *c.CreateSession(config, "shared");
+  OpenStep in_flight(*server, old_session, 1);
+  while (server->steps_in_flight() == 0) absl::SleepFor(absl::Milliseconds(1));
+  absl::SleepFor(absl::Milliseconds(100));  // past its header checks
+  ASSERT_TRUE(old_session.Delete().ok());
+  // The id is reused at once; the old stream then completes its gradients.
+  client::Session fresh = *c.CreateSession(config, "shared");
+  v1::StepSummary summary;
+  const grpc::Status late = in_flight.Finish("x", std::vector<float>(16, 0.5f), &summary);
+  EXPECT_EQ(late.error_code(), grpc::StatusCode::NOT_FOUND) << late.error_message();
+  // Nothing of the old session reached the new one's checkpoint.
+  EXPECT_EQ(*fresh.Restore(), 0);
+  absl::StatusOr<v1::SessionCheckpoint> meta = server::Session::ReadCheckpointMeta(
+      server::PosixFileSystem(), server::Session::CheckpointPath(state_dir, "shared"));
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  EXPECT_EQ(meta->token_sha256(), server::TokenDigest(fresh.token()));
+  server = StartServer(LoopbackOptions(state_dir));
+  client::Client after = ConnectTo(*server);
+  EXPECT_TRUE(after.OpenSession("shared", fresh.token()).Info().ok());
+  EXPECT_EQ(after.OpenSession("shared", old_session.token()).Info().status().code(),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(server->sessions().num_sessions(), 1);
+}
+
+TEST(DurabilityTest, AStepAcknowledgedDuringShutdownIsInTheFinalCheckpoint) {
+  const std::string state_dir = MakeTempDir("late");
+  server::ServerOptions options = LoopbackOptions(state_dir);
+  options.drain_timeout = absl::Milliseconds(100);
+  std::unique_ptr<server::Server> server = StartServer(options);
+  client::Session session =
+      *ConnectTo(*server).CreateSession(MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}}));
+  OpenStep in_flight(*server, session, 1);
+  while (server->steps_in_flight() == 0) absl::SleepFor(absl::Milliseconds(1));
+  std::thread shutdown([&] { EXPECT_TRUE(server->Shutdown().ok()); });
+  absl::SleepFor(absl::Milliseconds(400));  // past the drain timeout, within gRPC's grace
+  v1::StepSummary summary;
+  const grpc::Status status = in_flight.Finish("x", std::vector<float>(16, 0.5f), &summary);
+  shutdown.join();
+  // Whatever the client was told is what the restarted daemon has.
+  const int64_t acknowledged = status.ok() ? summary.step() : 0;
+  server = StartServer(LoopbackOptions(state_dir));
+  client::Session reopened = ConnectTo(*server).OpenSession(session.id(), session.token());
+  EXPECT_EQ(reopened.Info()->step(), acknowledged) << status.error_message();
+}
+
+TEST(DurabilityTest, AnUnloadedSessionWithAnUnreadableCheckpointCanStillBeDeleted) {
+  const std::string state_dir = MakeTempDir("undeletable");
+  server::ServerOptions options = LoopbackOptions(state_dir);
+  options.sessions.idle_ttl = absl::Milliseconds(100);
+  std::unique_ptr<server::Server> server = StartServer(options);
+  client::Session session =
+      *ConnectTo(*server).CreateSession(MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}}), "gone");
+  for (int i = 0; i < 200 && server->sessions().loaded_bytes() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_EQ(server->sessions().loaded_bytes(), 0) << "never unloaded";
+  std::ofstream(state_dir + "/gone/checkpoint", std::ios::trunc) << "torn";
+  EXPECT_EQ(session.Info().status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_TRUE(session.Delete().ok());
+  EXPECT_EQ(server->sessions().num_sessions(), 0);
 }
 
 }  // namespace

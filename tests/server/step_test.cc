@@ -230,6 +230,58 @@ TEST_F(StepTest, ACancelledWaitWithdrawsTheContribution) {
   }
 }
 
+TEST_F(StepTest, ACancelledRetryLeavesTheFirstAttemptsContribution) {
+  const v1::SessionConfig config = ModelConfig("rmnp", /*world_size=*/2);
+  client::Session session = Create(config);
+  Reference reference(config);
+  const auto g0 = WorkerGradients(reference, 1, 0);
+  const auto g1 = WorkerGradients(reference, 1, 1);
+  absl::StatusOr<client::StepResult> first;
+  std::thread waiting([&] { first = session.Step(1, AsNamed(reference, g0)); });
+  AwaitPending(session, 1);
+  client::StepOptions hurried;
+  hurried.timeout = absl::Milliseconds(300);
+  EXPECT_EQ(session.Step(1, AsNamed(reference, g0), hurried).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(session.Info()->workers_pending(), 1) << "the retry withdrew the first attempt";
+  client::StepOptions worker1;
+  worker1.worker_id = 1;
+  absl::StatusOr<client::StepResult> other = session.Step(1, AsNamed(reference, g1), worker1);
+  waiting.join();
+  reference.Step({g0, g1});
+  ASSERT_TRUE(first.ok() && other.ok()) << first.status() << other.status();
+  ExpectMatches(reference, first->values, "first attempt");
+}
+
+TEST_F(StepTest, WorkersMustAgreeOnTheStepsLrOverride) {
+  v1::SessionConfig config = ModelConfig("rmnp", /*world_size=*/2);
+  client::Session session = Create(config);
+  Reference reference(config);
+  const auto g0 = WorkerGradients(reference, 1, 0);
+  const auto g1 = WorkerGradients(reference, 1, 1);
+  client::StepOptions worker0, worker1;
+  worker0.lr = 0.005;
+  worker1.worker_id = 1;
+  absl::StatusOr<client::StepResult> first;
+  std::thread waiting([&] { first = session.Step(1, AsNamed(reference, g0), worker0); });
+  AwaitPending(session, 1);
+  absl::StatusOr<client::StepResult> disagreeing = session.Step(1, AsNamed(reference, g1), worker1);
+  EXPECT_EQ(disagreeing.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(disagreeing.status().message()),
+              ::testing::HasSubstr("worker 1 sent lr none but worker 0 sent lr 0.005"));
+  worker1.lr = 0.005;
+  absl::StatusOr<client::StepResult> agreeing = session.Step(1, AsNamed(reference, g1), worker1);
+  waiting.join();
+  ASSERT_TRUE(first.ok() && agreeing.ok()) << first.status() << agreeing.status();
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    const OptimizerConfig c = reference.optimizer().spec(t).config;
+    const double momentum = c.algorithm == Algorithm::kAdamW ? c.adamw.beta1 : c.matrix.momentum;
+    ASSERT_TRUE(reference.optimizer().SetHyperparameters(t, 0.005, c.weight_decay, momentum).ok());
+  }
+  reference.Step({g0, g1});
+  ExpectMatches(reference, first->values, "the agreed lr");
+}
+
 TEST_F(StepTest, ClientSideAccumulationAppliesTheOptimizerOncePerStep) {
   const v1::SessionConfig config = ModelConfig("moonlight");
   client::Session session = Create(config);
