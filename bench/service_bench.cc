@@ -143,7 +143,9 @@ int main(int argc, char** argv) {
   for (int i = 2; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--repetitions=", 0) == 0) repetitions = std::stoi(arg.substr(14));
-    if (arg.rfind("--presets=", 0) == 0) presets = absl::StrSplit(arg.substr(10), ',');
+    if (arg.rfind("--presets=", 0) == 0) {
+      presets = absl::StrSplit(arg.substr(10), ',', absl::SkipEmpty());
+    }
   }
   const std::vector<Tensor> tensors = Gpt2Small();
   int64_t elements = 0;
