@@ -306,7 +306,7 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
   }
   if (header.step() == step_) {
     ReleaseStaging(std::move(gradients));
-    return StepReply{last_outcome_, true};
+    return StepReply{Lease(last_outcome_), true};
   }
   const int worker = header.worker_id();
   const bool replayed = contributions_.contains(worker);
@@ -347,10 +347,10 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
     contributions_[worker] = std::move(gradients);
     workers_pending_published_ = static_cast<int>(contributions_.size());
     if (static_cast<int>(contributions_.size()) == config_.world_size()) {
-      absl::StatusOr<std::shared_ptr<const StepOutcome>> result = CommitLocked(header);
+      absl::StatusOr<std::shared_ptr<StepOutcome>> result = CommitLocked(header);
       EndRoundLocked(result);
       if (!result.ok()) return result.status();
-      return StepReply{*std::move(result), false};
+      return StepReply{Lease(*result), false};
     }
   }
   const int64_t my_round = round_;
@@ -392,10 +392,17 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
     return absl::InternalError("step round bookkeeping lost a round");
   }
   if (!finished_result_.ok()) return finished_result_.status();
-  return StepReply{*finished_result_, replayed};
+  return StepReply{Lease(*finished_result_), replayed};
 }
 
-void Session::EndRoundLocked(absl::StatusOr<std::shared_ptr<const StepOutcome>> result) {
+std::shared_ptr<const StepOutcome> Session::Lease(const std::shared_ptr<StepOutcome>& outcome) {
+  outcome->leases.fetch_add(1, std::memory_order_relaxed);
+  return std::shared_ptr<const StepOutcome>(outcome.get(), [keep = outcome](const StepOutcome*) {
+    keep->leases.fetch_sub(1, std::memory_order_release);
+  });
+}
+
+void Session::EndRoundLocked(absl::StatusOr<std::shared_ptr<StepOutcome>> result) {
   for (auto& [worker, staging] : contributions_) ReleaseStaging(std::move(staging));
   contributions_.clear();
   waiters_.clear();
@@ -406,17 +413,16 @@ void Session::EndRoundLocked(absl::StatusOr<std::shared_ptr<const StepOutcome>> 
   round_done_.SignalAll();
 }
 
-absl::StatusOr<std::shared_ptr<const StepOutcome>> Session::CommitLocked(
-    const v1::StepHeader& header) {
+absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::StepHeader& header) {
   std::shared_ptr<StepOutcome> outcome;
-  if (spare_outcome_ != nullptr && spare_outcome_.use_count() == 1) {
-    // The last reader dropped its reference after its last read; order those reads before
-    // the overwrite below (use_count is a relaxed load).
-    std::atomic_thread_fence(std::memory_order_acquire);
+  if (spare_outcome_ != nullptr && spare_outcome_->leases.load(std::memory_order_acquire) == 0) {
+    // No reader is left (their last reads happen before this load), so the buffers can be
+    // overwritten; sizes stay and every element is written below.
     outcome = std::move(spare_outcome_);
-    std::vector<std::vector<float>> values = std::move(outcome->values);
-    *outcome = StepOutcome();
-    outcome->values = std::move(values);  // sizes stay; every element is overwritten below
+    outcome->step = 0;
+    outcome->skipped = false;
+    outcome->tensors_updated = 0;
+    outcome->nonfinite_values = 0;
   } else {
     outcome = std::make_shared<StepOutcome>();
   }
@@ -452,7 +458,7 @@ absl::StatusOr<std::shared_ptr<const StepOutcome>> Session::CommitLocked(
     // and is reported by the next explicit Checkpoint.
     CheckpointLocked().IgnoreError();
   }
-  return std::shared_ptr<const StepOutcome>(outcome);
+  return outcome;
 }
 
 absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,

@@ -60,6 +60,9 @@ struct StepOutcome {
   v1::StepResult result = v1::STEP_RESULT_PARAMETERS;
   // Per tensor, in session order: the new parameters or the delta; empty for STEP_RESULT_NONE.
   std::vector<std::vector<float>> values;
+  // Readers outside the session (StepReply) that may still read `values`. The session reuses
+  // the buffers only once it reads 0: each reader's release pairs with that acquire load.
+  std::atomic<int> leases{0};
 };
 
 struct StepReply {
@@ -165,13 +168,15 @@ class Session {
   absl::Status CheckStepHeaderLocked(const v1::StepHeader& header)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckUsableLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<std::shared_ptr<const StepOutcome>> CommitLocked(const v1::StepHeader& header)
+  absl::StatusOr<std::shared_ptr<StepOutcome>> CommitLocked(const v1::StepHeader& header)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,
                            StepOutcome& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Fills the outcome's values (new parameters, or the delta from the old ones it holds).
   absl::Status ReadResultLocked(StepOutcome& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void EndRoundLocked(absl::StatusOr<std::shared_ptr<const StepOutcome>> result)
+  // A reference for a reader outside the lock, counted in outcome->leases until it is dropped.
+  static std::shared_ptr<const StepOutcome> Lease(const std::shared_ptr<StepOutcome>& outcome);
+  void EndRoundLocked(absl::StatusOr<std::shared_ptr<StepOutcome>> result)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<CheckpointInfo> CheckpointLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A fresh optimizer holding the checkpoint at `path`, with its step and hyperparameters.
@@ -223,7 +228,7 @@ class Session {
   int64_t round_ ABSL_GUARDED_BY(mu_) = 0;
   // How the last round ended (its number and outcome or abort status).
   int64_t finished_round_ ABSL_GUARDED_BY(mu_) = -1;
-  absl::StatusOr<std::shared_ptr<const StepOutcome>> finished_result_ ABSL_GUARDED_BY(mu_);
+  absl::StatusOr<std::shared_ptr<StepOutcome>> finished_result_ ABSL_GUARDED_BY(mu_);
   // The last completed step's outcome, for retries, and the one before it, whose buffers the next
   // step reuses once nobody streams it any more (no page faults on the hot path).
   std::shared_ptr<StepOutcome> last_outcome_ ABSL_GUARDED_BY(mu_);

@@ -1,5 +1,6 @@
 #include "server/tensor_staging.h"
 
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -40,9 +41,12 @@ absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
   const int64_t n = static_cast<int64_t>(bytes.size() / size);
   const int64_t count = counts_[tensor];
   if (offset < 0 || offset > count || n > count - offset) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk of tensor '", name, "' covers elements [",
-                                                   offset, ", ", offset + n,
-                                                   ") outside the tensor's ", count, " elements"));
+    // offset + n is formed only where it cannot overflow.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "chunk of tensor '", name, "' covers elements [", offset, ", ",
+        offset <= std::numeric_limits<int64_t>::max() - n ? absl::StrCat(offset + n)
+                                                          : absl::StrCat(offset, " + ", n),
+        ") outside the tensor's ", count, " elements"));
   }
   const int64_t end = offset + n;
   std::map<int64_t, int64_t>& ranges = ranges_[tensor];

@@ -20,6 +20,14 @@
 #include "kernels/formulas.h"
 #include "kernels/status_macros.h"
 
+// The hot loops are built for AVX2 and the baseline, chosen at load time by an ifunc resolver.
+// ThreadSanitizer runs too late for such resolvers, so its builds keep the baseline only.
+#if defined(__SANITIZE_THREAD__)
+#define OPTD_AVX2_CLONES
+#else
+#define OPTD_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+
 namespace optd {
 namespace {
 
@@ -37,7 +45,7 @@ constexpr int64_t kSumBlock = 1 << 14;
 // do not overflow to inf and silently zero a normalized update. One function for every caller,
 // built for AVX2 and the baseline and chosen at load time, so every path sums in the same order
 // on a given machine.
-__attribute__((target_clones("avx2", "default"))) double SumSquares(const float* x, int64_t count) {
+OPTD_AVX2_CLONES double SumSquares(const float* x, int64_t count) {
   double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < count; ++i) sum += static_cast<double>(x[i]) * x[i];
@@ -45,7 +53,7 @@ __attribute__((target_clones("avx2", "default"))) double SumSquares(const float*
 }
 
 // Values of x[0, count) out of range: every step reads each gradient once for this check.
-__attribute__((target_clones("avx2", "default"))) int64_t OutOfRangeIn(const float* x,
+OPTD_AVX2_CLONES int64_t OutOfRangeIn(const float* x,
                                                                        int64_t count,
                                                                        float max_magnitude) {
   int64_t bad = 0;
@@ -146,7 +154,7 @@ template <DType kStepDType>
 // The RMNP step is compute-bound at SSE2's four lanes (bench/RESULTS.md); built for AVX2 as well,
 // chosen at load time. Element results are identical either way: no FMA contraction, IEEE
 // division, and SumSquares dispatches the same way.
-__attribute__((target_clones("avx2", "default"))) void RmnpRows(float* w, float* m, const float* g,
+OPTD_AVX2_CLONES void RmnpRows(float* w, float* m, const float* g,
                                                                 int64_t begin, int64_t end,
                                                                 int64_t cols, const RmnpStepArgs& a,
                                                                 float* u) {

@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "server/file_system.h"
 
 namespace optd::server {
@@ -53,21 +54,36 @@ class FaultInjectionFileSystem final : public FileSystem {
 
   // Fails the call of kind `op` whose index, counting from 0 since construction or ResetCounts,
   // is `n`.
-  void FailNth(FsOp op, int64_t n) { plan(op).fail_index = n; }
+  // Thread-safe: a test sets the plan on its thread while the daemon's threads write.
+  void FailNth(FsOp op, int64_t n) {
+    absl::MutexLock lock(&mu_);
+    plan(op).fail_index = n;
+  }
   // Fails every call of kind `op` from now on.
-  void FailAll(FsOp op) { plan(op).fail_all = true; }
+  void FailAll(FsOp op) {
+    absl::MutexLock lock(&mu_);
+    plan(op).fail_all = true;
+  }
   // Stops failing anything.
   void ClearFailures() {
+    absl::MutexLock lock(&mu_);
     for (Plan& p : plans_) p.fail_index = -1, p.fail_all = false;
   }
   void ResetCounts() {
+    absl::MutexLock lock(&mu_);
     for (Plan& p : plans_) p.calls = 0;
     log_.clear();
   }
   // Calls of kind `op` since construction or ResetCounts, failed ones included.
-  int64_t count(FsOp op) const { return plans_[static_cast<size_t>(op)].calls; }
+  int64_t count(FsOp op) {
+    absl::MutexLock lock(&mu_);
+    return plans_[static_cast<size_t>(op)].calls;
+  }
   // Every counted call in order, since construction or ResetCounts.
-  const std::vector<FsOp>& log() const { return log_; }
+  std::vector<FsOp> log() {
+    absl::MutexLock lock(&mu_);
+    return log_;
+  }
 
   absl::StatusOr<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path) override {
     if (ShouldFail(FsOp::kNewWritableFile)) return Injected(FsOp::kNewWritableFile);
@@ -129,10 +145,11 @@ class FaultInjectionFileSystem final : public FileSystem {
     return absl::InternalError(absl::StrCat("injected ", FsOpName(op), " failure"));
   }
 
-  Plan& plan(FsOp op) { return plans_[static_cast<size_t>(op)]; }
+  Plan& plan(FsOp op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return plans_[static_cast<size_t>(op)]; }
 
   // Counts one call of kind `op`; whether it is to fail.
   bool ShouldFail(FsOp op) {
+    absl::MutexLock lock(&mu_);
     Plan& p = plan(op);
     const int64_t index = p.calls++;
     log_.push_back(op);
@@ -140,8 +157,9 @@ class FaultInjectionFileSystem final : public FileSystem {
   }
 
   FileSystem& base_;
-  std::array<Plan, kAllFsOps.size()> plans_;
-  std::vector<FsOp> log_;
+  absl::Mutex mu_;
+  std::array<Plan, kAllFsOps.size()> plans_ ABSL_GUARDED_BY(mu_);
+  std::vector<FsOp> log_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace optd::server
