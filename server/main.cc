@@ -8,6 +8,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "server/server.h"
@@ -15,7 +17,8 @@
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "Address to serve gRPC on, host:port; port 0 picks a free port (see --port_file).");
 ABSL_FLAG(std::string, backend, "auto",
-          "Optimizer backend: auto (CUDA when a GPU is usable, else CPU), cpu or cuda.");
+          "Optimizer backend: auto, cpu or cuda. This build has the CPU backend only: auto uses "
+          "it and logs why, cuda is refused (the CUDA backend is issue 7's).");
 ABSL_FLAG(int, threads, 0, "Backend threads (BLAS and element loops); 0 uses every core.");
 ABSL_FLAG(std::string, state_dir, "",
           "Directory for checkpoints; optd resumes every session found in it. Empty: sessions "
@@ -41,8 +44,9 @@ ABSL_FLAG(double, idle_ttl_s, 0,
 ABSL_FLAG(double, drain_timeout_s, 30,
           "On SIGTERM, seconds steps in flight get to finish before sessions are checkpointed.");
 ABSL_FLAG(std::string, admin_token, "",
-          "Token that CreateSession, ListSessions and DeleteSession require (Bearer metadata); "
-          "empty: those calls are open to anyone who can connect.");
+          "Token that CreateSession, ListSessions and DeleteSession require (Bearer metadata); it "
+          "also opens every session. Empty: creating and listing are open to anyone who can "
+          "connect, and a session's own token deletes it.");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain; with --tls_key turns TLS on.");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert.");
 ABSL_FLAG(std::string, tls_client_ca, "",
@@ -51,8 +55,14 @@ ABSL_FLAG(std::string, port_file, "",
           "Write the bound port to this file once serving (for --listen=...:0).");
 
 int main(int argc, char** argv) {
+  // --help lists this file's flags (absl matches flag files against the program name otherwise).
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view path) {
+    return absl::EndsWith(path, "server/main.cc");
+  };
+  absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
-      "optd: optimizer-as-a-service daemon (Muon, RMNP, MuonEq, NorMuon, AdamW).\n"
+      "optimizer-as-a-service daemon (Muon, RMNP, MuonEq, NorMuon, AdamW).\n"
       "  optd --listen=127.0.0.1:50051 --state_dir=/var/lib/optd");
   absl::ParseCommandLine(argc, argv);
 
