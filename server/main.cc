@@ -18,7 +18,7 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "Address to serve gRPC on, host:port; port 0 picks a free port (see --port_file).");
 ABSL_FLAG(std::string, backend, "auto",
           "Optimizer backend: auto, cpu or cuda. This build has the CPU backend only: auto uses "
-          "it and logs why, cuda is refused (the CUDA backend is issue 7's).");
+          "it and logs why; cuda is refused until the CUDA backend lands.");
 ABSL_FLAG(int, threads, 0, "Backend threads (BLAS and element loops); 0 uses every core.");
 ABSL_FLAG(std::string, state_dir, "",
           "Directory for checkpoints; optd resumes every session found in it. Empty: sessions "
