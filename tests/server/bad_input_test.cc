@@ -357,6 +357,16 @@ TEST_F(BadInputTest, SessionCalls) {
         [&] {
           return c.CreateSession(MakeConfig({{"m", "keller"}}, {{"x", {4, 4}, "nope"}})).status();
         });
+  Check({"a zero dimension", absl::StatusCode::kInvalidArgument, "tensor 'x'"}, [&] {
+    return c.CreateSession(MakeConfig({{"m", "keller"}}, {{"x", {4, 0}, "m"}})).status();
+  });
+  Check({"an unknown tensor dtype", absl::StatusCode::kInvalidArgument,
+         "tensor 'x': dtype 9 is not a wire dtype"},
+        [&] {
+          v1::SessionConfig config = MakeConfig({{"m", "keller"}}, {{"x", {4, 4}, "m"}});
+          config.mutable_tensors(0)->set_dtype(static_cast<v1::DType>(9));
+          return c.CreateSession(config).status();
+        });
   Check({"taken session id", absl::StatusCode::kAlreadyExists, "already exists"},
         [&] { return c.CreateSession(config_, victim_->id()).status(); });
   Check({"malformed session id", absl::StatusCode::kInvalidArgument, "is not [A-Za-z0-9_.-]"},
