@@ -138,20 +138,6 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
   return CreatedSession{std::move(session), std::move(token)};
 }
 
-absl::StatusOr<std::shared_ptr<Session>> SessionManager::LoadLocked(const std::string& id,
-                                                                    Entry& entry) {
-  if (entry.session != nullptr) return entry.session;
-  absl::StatusOr<std::unique_ptr<Session>> loaded =
-      Session::Load(backend_, Session::CheckpointPath(options_.state_dir, id), session_options());
-  if (!loaded.ok()) {
-    return absl::Status(loaded.status().code(),
-                        absl::StrCat("session '", id, "' could not be reloaded from its ",
-                                     "checkpoint: ", loaded.status().message()));
-  }
-  entry.session = *std::move(loaded);
-  return entry.session;
-}
-
 absl::StatusOr<SessionManager::Entry*> SessionManager::AuthorizeLocked(
     absl::string_view id, absl::string_view authorization) {
   OPTD_ASSIGN_OR_RETURN(std::string token, ParseBearer(authorization));
@@ -176,11 +162,40 @@ absl::StatusOr<SessionManager::Entry*> SessionManager::AuthorizeLocked(
   return &it->second;
 }
 
+absl::StatusOr<SessionManager::Entry*> SessionManager::AuthorizeSettledLocked(
+    absl::string_view id, absl::string_view authorization) {
+  while (true) {
+    OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeLocked(id, authorization));
+    if (!entry->loading) return entry;
+    // Another call is reloading it; the entry may be gone once it is done.
+    loading_done_.Wait(&mu_);
+  }
+}
+
 absl::StatusOr<std::shared_ptr<Session>> SessionManager::Get(absl::string_view id,
                                                              absl::string_view authorization) {
+  {
+    absl::MutexLock lock(&mu_);
+    OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeSettledLocked(id, authorization));
+    if (entry->session != nullptr) return entry->session;
+    entry->loading = true;
+  }
+  // The checkpoint is read without the table lock, so calls for other sessions go on meanwhile;
+  // calls for this one wait in AuthorizeSettledLocked.
+  const std::string name(id);
+  absl::StatusOr<std::unique_ptr<Session>> loaded =
+      Session::Load(backend_, Session::CheckpointPath(options_.state_dir, name), session_options());
   absl::MutexLock lock(&mu_);
-  OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeLocked(id, authorization));
-  return LoadLocked(std::string(id), *entry);
+  loading_done_.SignalAll();
+  Entry& entry = sessions_.at(name);  // Delete waits for the load, so the entry is still here
+  entry.loading = false;
+  if (!loaded.ok()) {
+    return absl::Status(loaded.status().code(),
+                        absl::StrCat("session '", name, "' could not be reloaded from its ",
+                                     "checkpoint: ", loaded.status().message()));
+  }
+  entry.session = *std::move(loaded);
+  return entry.session;
 }
 
 absl::Status SessionManager::Delete(absl::string_view id, absl::string_view authorization) {
@@ -188,7 +203,7 @@ absl::Status SessionManager::Delete(absl::string_view id, absl::string_view auth
   if (!options_.admin_token_digest.empty()) OPTD_RETURN_IF_ERROR(AuthorizeAdmin(authorization));
   absl::MutexLock lock(&mu_);
   // An unloaded session is deleted without loading it (its checkpoint may not even read).
-  OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeLocked(id, authorization));
+  OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeSettledLocked(id, authorization));
   // Calls still holding the session get NotFound from now on, and nothing of it is written
   // again: no checkpoint can bring it back after its directory is gone.
   if (entry->session != nullptr) entry->session->MarkDeleted();

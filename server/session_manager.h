@@ -62,7 +62,8 @@ class SessionManager {
 
   // The session `id` for a caller presenting `authorization` ("Bearer <token>"): its own token or
   // the admin token. Unauthenticated for a missing or unknown token, NotFound for an unknown
-  // session, PermissionDenied for another session's token. Loads an unloaded session.
+  // session, PermissionDenied for another session's token. Loads an unloaded session, without
+  // holding up calls for other sessions meanwhile.
   absl::StatusOr<std::shared_ptr<Session>> Get(absl::string_view id,
                                                absl::string_view authorization);
 
@@ -88,12 +89,15 @@ class SessionManager {
     int64_t step = 0;                  // while unloaded
     int64_t state_bytes = 0;
     bool creating = false;  // reserved by Create, not yet usable
+    bool loading = false;   // a call is reading its checkpoint (without holding mu_)
   };
 
   // The entry `id` if `authorization` may use it (Get's rules), without loading it.
   absl::StatusOr<Entry*> AuthorizeLocked(absl::string_view id, absl::string_view authorization)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<std::shared_ptr<Session>> LoadLocked(const std::string& id, Entry& entry)
+  // AuthorizeLocked, after waiting out a reload of the entry by another call.
+  absl::StatusOr<Entry*> AuthorizeSettledLocked(absl::string_view id,
+                                                absl::string_view authorization)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SessionOptions session_options() const;
 
@@ -102,6 +106,7 @@ class SessionManager {
   FileSystem& fs_;
 
   absl::Mutex mu_;
+  absl::CondVar loading_done_;
   std::map<std::string, Entry, std::less<>> sessions_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::string, std::less<>> id_by_digest_ ABSL_GUARDED_BY(mu_);
 };

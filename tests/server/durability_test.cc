@@ -478,5 +478,49 @@ TEST(DurabilityTest, AnUnloadedSessionWithAnUnreadableCheckpointCanStillBeDelete
   EXPECT_EQ(server->sessions().num_sessions(), 0);
 }
 
+TEST(DurabilityTest, ReloadingOneSessionDoesNotHoldUpTheOthers) {
+  const std::string state_dir = MakeTempDir("reload");
+  server::FaultInjectionFileSystem faulty(server::PosixFileSystem());
+  server::ServerOptions options = LoopbackOptions(state_dir);
+  options.sessions.fs = &faulty;
+  options.sessions.idle_ttl = absl::Milliseconds(100);
+  std::unique_ptr<server::Server> server = StartServer(options);
+  client::Client c = ConnectTo(*server);
+  c.set_timeout(absl::Seconds(5));  // a call stuck behind the reload fails instead of hanging
+  const v1::SessionConfig config = MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}});
+  client::Session sleeper = *c.CreateSession(config, "sleeper");
+  for (int i = 0; i < 300 && server->sessions().loaded_bytes() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_EQ(server->sessions().loaded_bytes(), 0) << "never unloaded";
+  // Hold the sleeper's reload inside its checkpoint read.
+  absl::Notification release;
+  faulty.HoldReads(server::Session::CheckpointPath(state_dir, "sleeper"), &release);
+  absl::StatusOr<v1::SessionInfo> woken;
+  std::thread reload([&] { woken = sleeper.Info(); });
+  while (faulty.reads_held() == 0) absl::SleepFor(absl::Milliseconds(1));
+  // Meanwhile other calls go on: a new session is created, stepped and listed.
+  // (EXPECT, not ASSERT: the held reload must be released and joined whatever happens.)
+  absl::StatusOr<client::Session> other = c.CreateSession(config, "other");
+  EXPECT_TRUE(other.ok()) << other.status();
+  Reference reference(config);
+  if (other.ok()) {
+    EXPECT_TRUE(other->Step(1, AsNamed(reference, WorkerGradients(reference, 1, 0))).ok());
+  }
+  absl::StatusOr<std::vector<v1::SessionInfo>> listed = c.ListSessions();
+  EXPECT_TRUE(listed.ok()) << listed.status();
+  // A second call for the sleeper waits for the same reload and shares its result.
+  absl::StatusOr<v1::SessionInfo> second;
+  std::thread waiter([&] { second = sleeper.Info(); });
+  absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_EQ(faulty.reads_held(), 1) << "the second call read the checkpoint again";
+  release.Notify();
+  reload.join();
+  waiter.join();
+  ASSERT_TRUE(woken.ok()) << woken.status();
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(woken->session_id(), "sleeper");
+}
+
 }  // namespace
 }  // namespace optd::testing

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "server/file_system.h"
 
 namespace optd::server {
@@ -74,6 +75,17 @@ class FaultInjectionFileSystem final : public FileSystem {
     for (Plan& p : plans_) p.calls = 0;
     log_.clear();
   }
+  // Reads of `path` wait until `release` is notified (a test holding a load mid-way).
+  void HoldReads(const std::string& path, absl::Notification* release) {
+    absl::MutexLock lock(&mu_);
+    held_path_ = path;
+    held_gate_ = release;
+  }
+  // Reads that reached a HoldReads gate.
+  int reads_held() {
+    absl::MutexLock lock(&mu_);
+    return reads_held_;
+  }
   // Calls of kind `op` since construction or ResetCounts, failed ones included.
   int64_t count(FsOp op) {
     absl::MutexLock lock(&mu_);
@@ -92,6 +104,15 @@ class FaultInjectionFileSystem final : public FileSystem {
     return std::unique_ptr<WritableFile>(new File(*this, *std::move(file)));
   }
   absl::StatusOr<std::string> ReadFile(const std::string& path) override {
+    absl::Notification* gate = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      if (path == held_path_) {
+        gate = held_gate_;
+        ++reads_held_;
+      }
+    }
+    if (gate != nullptr) gate->WaitForNotification();
     return base_.ReadFile(path);
   }
   absl::Status Rename(const std::string& from, const std::string& to) override {
@@ -160,6 +181,9 @@ class FaultInjectionFileSystem final : public FileSystem {
   absl::Mutex mu_;
   std::array<Plan, kAllFsOps.size()> plans_ ABSL_GUARDED_BY(mu_);
   std::vector<FsOp> log_ ABSL_GUARDED_BY(mu_);
+  std::string held_path_ ABSL_GUARDED_BY(mu_);
+  absl::Notification* held_gate_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int reads_held_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace optd::server
