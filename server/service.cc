@@ -221,9 +221,6 @@ grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
 grpc::Status OptimizerService::Step(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) {
-  if (draining_.load()) {
-    return ToGrpcStatus(absl::UnavailableError("optd is shutting down; no new steps"));
-  }
   if (steps_in_flight_.fetch_add(1) >= options_.max_pending_steps) {
     steps_in_flight_.fetch_sub(1);
     return ToGrpcStatus(absl::UnavailableError(
@@ -251,6 +248,11 @@ absl::Status OptimizerService::RunStep(
     OPTD_RETURN_IF_ERROR(FromWireDType(header.result_dtype()).status());
   }
   OPTD_RETURN_IF_ERROR(session->CheckStepHeader(header));
+  // While draining, only the workers of a step that has already begun may still come in (so it
+  // can finish within the drain deadline), and retries of the last one.
+  if (draining_.load() && !session->StepUnderway(header.step())) {
+    return absl::UnavailableError("optd is shutting down; no new steps");
+  }
 
   const bool reject = session->config().non_finite_policy() != v1::NON_FINITE_POLICY_SKIP_STEP;
   OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());

@@ -31,7 +31,8 @@ class OptimizerService final : public v1::Optimizer::Service {
  public:
   OptimizerService(SessionManager& sessions, ServiceOptions options);
 
-  // From now on Step answers UNAVAILABLE ("shutting down"); steps already admitted go on.
+  // From now on Step answers UNAVAILABLE ("shutting down") except to the workers of a step
+  // already under way (and retries of a finished one); steps already admitted go on.
   void StartDraining();
   // Waits until no step is in flight or `timeout` passes; true when none is.
   bool WaitForIdle(absl::Duration timeout);

@@ -294,6 +294,12 @@ absl::Status Session::CheckStepHeaderLocked(const v1::StepHeader& header) {
   return absl::OkStatus();
 }
 
+bool Session::StepUnderway(int64_t step) {
+  absl::MutexLock lock(&mu_);
+  return (step == step_ + 1 && !contributions_.empty()) ||
+         (step == step_ && last_outcome_ != nullptr);
+}
+
 absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
                                         std::unique_ptr<TensorStaging> gradients,
                                         const std::function<bool()>& cancelled) {

@@ -123,6 +123,10 @@ class Session {
   // fail fast before reading gradients. A retry of the last completed step passes.
   absl::Status CheckStepHeader(const v1::StepHeader& header);
 
+  // True when `step` is the pending step and some worker has contributed to it, or is the last
+  // completed step (a retry).
+  bool StepUnderway(int64_t step);
+
   // Contributes `gradients` (complete, checked by the caller with CheckComplete) for worker
   // header.worker_id and waits until the step has run, then returns its outcome. `cancelled` is
   // polled while waiting: a worker whose call is cancelled withdraws its contribution. Errors:

@@ -522,5 +522,43 @@ TEST(DurabilityTest, ReloadingOneSessionDoesNotHoldUpTheOthers) {
   EXPECT_EQ(woken->session_id(), "sleeper");
 }
 
+TEST(DurabilityTest, ADrainLetsTheRestOfAStepUnderWayArrive) {
+  const std::string state_dir = MakeTempDir("drain_round");
+  server::ServerOptions options = LoopbackOptions(state_dir);
+  options.drain_timeout = absl::Seconds(20);
+  std::unique_ptr<server::Server> server = StartServer(options);
+  client::Client c = ConnectTo(*server);
+  const v1::SessionConfig config = MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}}, 2);
+  client::Session pair = *c.CreateSession(config);
+  client::Session idle = *c.CreateSession(MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}}));
+  Reference reference(config);
+  std::vector<std::vector<std::vector<float>>> grads = {WorkerGradients(reference, 1, 0),
+                                                        WorkerGradients(reference, 1, 1)};
+  absl::StatusOr<client::StepResult> first;
+  std::thread worker0([&] { first = pair.Step(1, AsNamed(reference, grads[0])); });
+  while (pair.Info()->workers_pending() != 1) absl::SleepFor(absl::Milliseconds(5));
+  std::thread shutdown([&] { EXPECT_TRUE(server->Shutdown().ok()); });
+  while (*c.Health(server::kServiceName) != grpc::health::v1::HealthCheckResponse::NOT_SERVING) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  // A step that has not begun is refused; the partner of the one under way is let in.
+  Reference idle_reference(idle.Info()->config());
+  EXPECT_EQ(
+      idle.Step(1, AsNamed(idle_reference, WorkerGradients(idle_reference, 1, 0))).status().code(),
+      absl::StatusCode::kUnavailable);
+  client::StepOptions worker1;
+  worker1.worker_id = 1;
+  absl::StatusOr<client::StepResult> second = pair.Step(1, AsNamed(reference, grads[1]), worker1);
+  worker0.join();
+  shutdown.join();
+  reference.Step(grads);
+  ASSERT_TRUE(first.ok() && second.ok()) << first.status() << second.status();
+  EXPECT_TRUE(BitwiseEqual(second->values.at("x"), reference.Parameters(0)));
+  // The final checkpoint has the step.
+  server = StartServer(LoopbackOptions(state_dir));
+  client::Session reopened = ConnectTo(*server).OpenSession(pair.id(), pair.token());
+  EXPECT_EQ(reopened.Info()->step(), 1);
+}
+
 }  // namespace
 }  // namespace optd::testing
