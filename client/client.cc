@@ -48,19 +48,10 @@ template <typename Write>
 absl::Status SendTensors(absl::Span<const NamedTensor> tensors, DType dtype, int64_t chunk_bytes,
                          v1::TensorChunk& chunk, Write write) {
   OPTD_RETURN_IF_ERROR(CheckChunkBytes(chunk_bytes));
-  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / DTypeSize(dtype));
   for (const NamedTensor& tensor : tensors) {
-    chunk.set_tensor(tensor.name);
-    chunk.set_dtype(ToWireDType(dtype));
-    const int64_t count = static_cast<int64_t>(tensor.values.size());
-    for (int64_t offset = 0; offset < count; offset += per_chunk) {
-      const int64_t n = std::min(per_chunk, count - offset);
-      chunk.set_offset(offset);
-      chunk.mutable_data()->clear();
-      OPTD_RETURN_IF_ERROR(
-          EncodeWire(dtype, tensor.values.subspan(offset, n), *chunk.mutable_data()));
-      if (!write()) return absl::OkStatus();  // the stream broke; Finish() says why
-    }
+    OPTD_ASSIGN_OR_RETURN(
+        bool sent, WriteTensorChunks(tensor.name, tensor.values, dtype, chunk_bytes, chunk, write));
+    if (!sent) return absl::OkStatus();  // the stream broke; Finish() says why
   }
   return absl::OkStatus();
 }

@@ -1,9 +1,18 @@
-// optd.v1.DType <-> the kernels' DType: the one mapping the daemon and the clients share.
+// What the daemon and the clients share about the wire: optd.v1.DType <-> the kernels' DType,
+// and cutting a tensor into TensorChunks.
 #ifndef OPTD_PROTO_WIRE_DTYPE_H_
 #define OPTD_PROTO_WIRE_DTYPE_H_
 
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "kernels/dtype.h"
+#include "kernels/status_macros.h"
+#include "kernels/wire.h"
 #include "optd/v1/optd.pb.h"
 
 namespace optd {
@@ -12,6 +21,29 @@ namespace optd {
 absl::StatusOr<DType> FromWireDType(int dtype);
 // fp32, bf16, fp16 to their wire values; anything else to DTYPE_FP32.
 v1::DType ToWireDType(DType dtype);
+
+// Fills `chunk` with consecutive pieces of tensor `name` (`values` in `dtype`, at most
+// `chunk_bytes` bytes each, tensor_elements set) and calls `write()` after each. Returns false
+// as soon as `write()` does (the stream broke), true when every piece went out; an error only if
+// encoding fails (fp64).
+template <typename Write>
+absl::StatusOr<bool> WriteTensorChunks(absl::string_view name, absl::Span<const float> values,
+                                       DType dtype, int64_t chunk_bytes, v1::TensorChunk& chunk,
+                                       Write write) {
+  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / DTypeSize(dtype));
+  const int64_t count = static_cast<int64_t>(values.size());
+  chunk.set_tensor(std::string(name));
+  chunk.set_dtype(ToWireDType(dtype));
+  chunk.set_tensor_elements(count);
+  for (int64_t offset = 0; offset < count; offset += per_chunk) {
+    chunk.set_offset(offset);
+    chunk.mutable_data()->clear();
+    OPTD_RETURN_IF_ERROR(EncodeWire(
+        dtype, values.subspan(offset, std::min(per_chunk, count - offset)), *chunk.mutable_data()));
+    if (!write()) return false;
+  }
+  return true;
+}
 
 }  // namespace optd
 

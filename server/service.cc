@@ -36,26 +36,16 @@ absl::StatusOr<DType> ResultDType(int requested, DType tensor_dtype) {
   return FromWireDType(requested);
 }
 
-// Streams `values` as chunks of at most `chunk_bytes`, through `write`, which returns false when
-// the peer is gone.
+// Streams one tensor's values through `write` (WriteTensorChunks); Cancelled when the peer went
+// away.
 template <typename Write>
 absl::Status StreamTensor(const std::string& name, absl::Span<const float> values, DType dtype,
                           int64_t chunk_bytes, v1::TensorChunk& chunk, Write write) {
-  const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / DTypeSize(dtype));
-  const int64_t count = static_cast<int64_t>(values.size());
-  chunk.set_tensor(name);
-  chunk.set_dtype(ToWireDType(dtype));
-  chunk.set_tensor_elements(count);
-  for (int64_t offset = 0; offset < count; offset += per_chunk) {
-    const int64_t n = std::min(per_chunk, count - offset);
-    chunk.set_offset(offset);
-    std::string* data = chunk.mutable_data();
-    data->clear();
-    OPTD_RETURN_IF_ERROR(EncodeWire(dtype, values.subspan(offset, n), *data));
-    if (!write()) {
-      return absl::CancelledError(
-          absl::StrCat("the client went away while tensor '", name, "' was being sent"));
-    }
+  OPTD_ASSIGN_OR_RETURN(bool sent,
+                        WriteTensorChunks(name, values, dtype, chunk_bytes, chunk, write));
+  if (!sent) {
+    return absl::CancelledError(
+        absl::StrCat("the client went away while tensor '", name, "' was being sent"));
   }
   return absl::OkStatus();
 }
