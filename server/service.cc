@@ -217,14 +217,17 @@ grpc::Status OptimizerService::Step(
         absl::StrCat("the step queue is full (", options_.max_pending_steps,
                      " steps pending, --max_pending_steps); back off and retry")));
   }
-  absl::Status status = RunStep(context, stream);
+  // Counted first, then checked: a drain that starts later waits for this step.
+  const bool admitted_before_drain = !draining_.load();
+  absl::Status status = RunStep(context, stream, admitted_before_drain);
   steps_in_flight_.fetch_sub(1);
   return ToGrpcStatus(status);
 }
 
 absl::Status OptimizerService::RunStep(
     grpc::ServerContext* context,
-    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) {
+    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
+    bool admitted_before_drain) {
   v1::StepRequest request;
   if (!stream->Read(&request) || !request.has_header()) {
     return absl::InvalidArgumentError(
@@ -238,9 +241,9 @@ absl::Status OptimizerService::RunStep(
     OPTD_RETURN_IF_ERROR(FromWireDType(header.result_dtype()).status());
   }
   OPTD_RETURN_IF_ERROR(session->CheckStepHeader(header));
-  // While draining, only the workers of a step that has already begun may still come in (so it
-  // can finish within the drain deadline), and retries of the last one.
-  if (draining_.load() && !session->StepUnderway(header.step())) {
+  // Once draining, only calls that arrived before it, the workers of a step that has already
+  // begun (so it can finish within the drain deadline) and retries of the last one go on.
+  if (!admitted_before_drain && !session->StepUnderway(header.step())) {
     return absl::UnavailableError("optd is shutting down; no new steps");
   }
 

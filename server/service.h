@@ -67,7 +67,8 @@ class OptimizerService final : public v1::Optimizer::Service {
   absl::StatusOr<std::shared_ptr<Session>> Authorize(grpc::ServerContext* context,
                                                      absl::string_view session_id);
   absl::Status RunStep(grpc::ServerContext* context,
-                       grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream);
+                       grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
+                       bool admitted_before_drain);
 
   SessionManager& sessions_;
   const ServiceOptions options_;
