@@ -107,8 +107,8 @@ class Daemon {
     pid_ = fork();
     if (pid_ == 0) {
       std::string port_arg = "--port_file=" + port_file_;
-      execl(binary.c_str(), binary.c_str(), "--listen=127.0.0.1:0", port_arg.c_str(),
-            "--max_session_bytes=17179869184", static_cast<char*>(nullptr));
+      execl(binary.c_str(), binary.c_str(), "--listen=127.0.0.1:0", "--metrics_addr=127.0.0.1:0",
+            port_arg.c_str(), "--max_session_bytes=17179869184", static_cast<char*>(nullptr));
       _exit(127);
     }
     for (int i = 0; i < 3000 && port_ == 0; ++i) {

@@ -232,6 +232,9 @@ class Backend {
 struct CpuBackendOptions {
   // BLAS and element-loop threads; 0 keeps OpenBLAS's own choice (all cores).
   int threads = 0;
+  // false: `threads` sizes the element loops only and OpenBLAS's process-wide thread count is
+  // left as it is (a second backend beside the one that set it, such as the analyzer's).
+  bool set_blas_threads = true;
 };
 
 // The CPU backend: OpenBLAS (cblas, multithreaded) and LAPACKE.

@@ -51,6 +51,17 @@ ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain; with --tls_key turn
 ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert.");
 ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).");
+ABSL_FLAG(std::string, metrics_addr, "127.0.0.1:9464",
+          "host:port of the Prometheus endpoint (/metrics); empty turns it off; port 0 picks a "
+          "free one.");
+ABSL_FLAG(int, metrics_tensor_budget, 32,
+          "Tensors per session whose optimizer figures get series of their own; the rest count "
+          "in the session's aggregate only.");
+ABSL_FLAG(int64_t, analysis_max_bytes, int64_t{1} << 30,
+          "Most bytes of momentum/update/gradient snapshots the analyzer holds; a session's "
+          "analysis that does not fit is skipped (optd_analysis_skipped_total).");
+ABSL_FLAG(std::string, metrics_port_file, "",
+          "Once serving, write the metrics port here (for --metrics_addr with port 0).");
 ABSL_FLAG(std::string, port_file, "",
           "Write the bound port to this file once serving (for --listen=...:0).");
 
@@ -92,6 +103,9 @@ int main(int argc, char** argv) {
       absl::Seconds(absl::GetFlag(FLAGS_straggler_timeout_s));
   options.service.max_pending_steps = absl::GetFlag(FLAGS_max_pending_steps);
   options.service.default_chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
+  options.metrics_addr = absl::GetFlag(FLAGS_metrics_addr);
+  options.metrics.tensor_label_budget = absl::GetFlag(FLAGS_metrics_tensor_budget);
+  options.analyzer.max_snapshot_bytes = absl::GetFlag(FLAGS_analysis_max_bytes);
   if (options.service.default_chunk_bytes < 4 ||
       options.service.default_chunk_bytes > optd::server::kMaxChunkBytes ||
       options.max_message_bytes < options.service.default_chunk_bytes + 1024) {
@@ -114,12 +128,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "optd: %s\n", line.c_str());
   }
   std::fprintf(stderr, "optd: serving on %s\n", (*server)->address().c_str());
-  const std::string port_file = absl::GetFlag(FLAGS_port_file);
-  if (!port_file.empty()) {
-    const std::string temporary = port_file + ".tmp";
-    std::ofstream(temporary) << (*server)->port() << "\n";
-    std::rename(temporary.c_str(), port_file.c_str());
-  }
+  // Written whole under a temporary name, so a reader never sees half a port.
+  auto write_port = [](const std::string& path, int port) {
+    if (path.empty()) return;
+    const std::string temporary = path + ".tmp";
+    std::ofstream(temporary) << port << "\n";
+    std::rename(temporary.c_str(), path.c_str());
+  };
+  write_port(absl::GetFlag(FLAGS_metrics_port_file), (*server)->metrics_port());
+  write_port(absl::GetFlag(FLAGS_port_file), (*server)->port());
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);

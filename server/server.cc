@@ -48,6 +48,15 @@ absl::StatusOr<std::unique_ptr<Backend>> PickBackend(const ServerOptions& option
   return CreateCpuBackend(cpu);
 }
 
+// The analyzer's backend: on the CPU one of its own with a single loop thread, so that it never
+// waits for (or holds up) the step backend's thread pool.
+absl::StatusOr<std::unique_ptr<Backend>> AnalysisBackend() {
+  CpuBackendOptions cpu;
+  cpu.threads = 1;
+  cpu.set_blas_threads = false;
+  return CreateCpuBackend(cpu);
+}
+
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
@@ -79,6 +88,28 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
                         ServerCredentials(options));
   OPTD_ASSIGN_OR_RETURN(server->backend_, PickBackend(options, server->startup_log_));
   server->startup_log_.push_back(absl::StrCat("backend: ", server->backend_->description()));
+  if (options.metrics.tensor_label_budget < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--metrics_tensor_budget must be >= 0, got ",
+                                                   options.metrics.tensor_label_budget));
+  }
+  options.metrics.session_memory_limit_bytes = options.sessions.max_session_bytes;
+  server->metrics_ = std::make_unique<Metrics>(options.metrics);
+  if (!options.metrics_addr.empty()) {
+    OPTD_ASSIGN_OR_RETURN(server->exposer_,
+                          StartExposer(options.metrics_addr, server->metrics_->registry()));
+    const std::vector<int> ports = server->exposer_->GetListeningPorts();
+    server->metrics_port_ = ports.empty() ? 0 : ports.front();
+    server->startup_log_.push_back(absl::StrCat(
+        "metrics on http://", options.metrics_addr.substr(0, options.metrics_addr.rfind(':')), ":",
+        server->metrics_port_, "/metrics"));
+  }
+  OPTD_ASSIGN_OR_RETURN(server->analysis_backend_, AnalysisBackend());
+  OPTD_ASSIGN_OR_RETURN(
+      server->analyzer_,
+      Analyzer::Create(*server->analysis_backend_, server->metrics_.get(), options.analyzer));
+  options.sessions.metrics = server->metrics_.get();
+  options.sessions.analyzer = server->analyzer_.get();
+  options.service.metrics = server->metrics_.get();
   if (!options.admin_token.empty()) {
     options.sessions.admin_token_digest = TokenDigest(options.admin_token);
   }
@@ -165,6 +196,8 @@ Server::~Server() {
     stop_reaper_.Notify();
     reaper_.join();
   }
+  // The analyzer may still publish into sessions and metrics: it stops before they go.
+  analyzer_.reset();
 }
 
 }  // namespace optd::server

@@ -14,6 +14,8 @@
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "kernels/backend.h"
+#include "server/analyzer.h"
+#include "server/metrics.h"
 #include "server/service.h"
 #include "server/session_manager.h"
 
@@ -32,6 +34,11 @@ struct ServerOptions {
   int64_t max_message_bytes = kMaxChunkBytes + (64 << 10);
   int max_concurrent_streams = 256;
   absl::Duration drain_timeout = absl::Seconds(30);
+  // host:port the Prometheus exposition is served on (/metrics); empty: not served (the
+  // metrics are still kept, see Server::metrics()). Port 0 picks a free one.
+  std::string metrics_addr;
+  MetricsOptions metrics;
+  AnalyzerOptions analyzer;
   SessionManagerOptions sessions;
   ServiceOptions service;
 };
@@ -48,6 +55,10 @@ class Server {
   Backend& backend() { return *backend_; }
   int steps_in_flight() const { return service_->steps_in_flight(); }
   SessionManager& sessions() { return *sessions_; }
+  Metrics& metrics() { return *metrics_; }
+  Analyzer& analyzer() { return *analyzer_; }
+  // The port /metrics is served on; 0 when it is not.
+  int metrics_port() const { return metrics_port_; }
   // Lines worth logging at start-up (backend choice, recovered and skipped sessions).
   const std::vector<std::string>& startup_log() const { return startup_log_; }
 
@@ -60,7 +71,11 @@ class Server {
   Server() = default;
 
   ServerOptions options_;
+  // Declared first, destroyed last: sessions and the service report to it until they go.
+  std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Backend> analysis_backend_;
+  std::unique_ptr<Analyzer> analyzer_;
   std::unique_ptr<SessionManager> sessions_;
   std::unique_ptr<OptimizerService> service_;
   std::unique_ptr<grpc::Server> server_;
@@ -69,6 +84,8 @@ class Server {
   absl::Notification stop_reaper_;
   std::thread reaper_;
   bool shut_down_ = false;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  int metrics_port_ = 0;
 };
 
 // grpc::Server credentials for `options`: insecure, TLS, or mutual TLS. InvalidArgument naming

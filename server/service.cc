@@ -52,7 +52,8 @@ absl::Status StreamTensor(const std::string& name, absl::Span<const float> value
 
 // Decodes one chunk into `staging` after resolving its tensor and dtype.
 absl::Status AddChunk(Session& session, TensorStaging& staging, const v1::TensorChunk& chunk,
-                      float max_magnitude, bool reject) {
+                      float max_magnitude, bool reject, Metrics* metrics) {
+  if (metrics != nullptr) metrics->AddBytesReceived(static_cast<int64_t>(chunk.data().size()));
   OPTD_ASSIGN_OR_RETURN(int tensor, session.FindTensor(chunk.tensor()));
   absl::StatusOr<DType> dtype = FromWireDType(chunk.dtype());
   if (!dtype.ok()) {
@@ -67,6 +68,16 @@ absl::Status AddChunk(Session& session, TensorStaging& staging, const v1::Tensor
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+grpc::Status OptimizerService::Finish(absl::string_view method, const absl::Status& status,
+                                      absl::string_view reason) {
+  if (options_.metrics != nullptr) options_.metrics->CountRpc(method, status, reason);
+  return ToGrpcStatus(status);
+}
+
+void OptimizerService::CountSent(int64_t bytes) {
+  if (options_.metrics != nullptr) options_.metrics->AddBytesSent(bytes);
 }
 
 OptimizerService::OptimizerService(SessionManager& sessions, ServiceOptions options)
@@ -92,120 +103,121 @@ absl::StatusOr<std::shared_ptr<Session>> OptimizerService::Authorize(grpc::Serve
 grpc::Status OptimizerService::CreateSession(grpc::ServerContext* context,
                                              const v1::CreateSessionRequest* request,
                                              v1::CreateSessionResponse* response) {
-  absl::Status admin = sessions_.AuthorizeAdmin(Authorization(*context));
-  if (!admin.ok()) return ToGrpcStatus(admin);
-  absl::StatusOr<CreatedSession> created =
-      sessions_.Create(request->session_id(), request->config());
-  if (!created.ok()) return ToGrpcStatus(created.status());
-  response->set_session_id(created->session->id());
-  response->set_token(created->token);
-  *response->mutable_session() = created->session->Info(/*with_tensors=*/true);
-  return grpc::Status::OK;
+  return Finish("CreateSession", [&]() -> absl::Status {
+    OPTD_RETURN_IF_ERROR(sessions_.AuthorizeAdmin(Authorization(*context)));
+    OPTD_ASSIGN_OR_RETURN(CreatedSession created,
+                          sessions_.Create(request->session_id(), request->config()));
+    response->set_session_id(created.session->id());
+    response->set_token(created.token);
+    *response->mutable_session() = created.session->Info(/*with_tensors=*/true);
+    return absl::OkStatus();
+  }());
 }
 
 grpc::Status OptimizerService::GetSession(grpc::ServerContext* context,
                                           const v1::GetSessionRequest* request,
                                           v1::SessionInfo* response) {
-  absl::StatusOr<std::shared_ptr<Session>> session = Authorize(context, request->session_id());
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  *response = (*session)->Info(/*with_tensors=*/true);
-  return grpc::Status::OK;
+  return Finish("GetSession", [&]() -> absl::Status {
+    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                          Authorize(context, request->session_id()));
+    *response = session->Info(/*with_tensors=*/true);
+    return absl::OkStatus();
+  }());
 }
 
 grpc::Status OptimizerService::ListSessions(grpc::ServerContext* context,
                                             const v1::ListSessionsRequest*,
                                             v1::ListSessionsResponse* response) {
-  absl::Status admin = sessions_.AuthorizeAdmin(Authorization(*context));
-  if (!admin.ok()) return ToGrpcStatus(admin);
-  for (v1::SessionInfo& info : sessions_.List()) *response->add_sessions() = std::move(info);
-  return grpc::Status::OK;
+  return Finish("ListSessions", [&]() -> absl::Status {
+    OPTD_RETURN_IF_ERROR(sessions_.AuthorizeAdmin(Authorization(*context)));
+    for (v1::SessionInfo& info : sessions_.List()) *response->add_sessions() = std::move(info);
+    return absl::OkStatus();
+  }());
 }
 
 grpc::Status OptimizerService::DeleteSession(grpc::ServerContext* context,
                                              const v1::DeleteSessionRequest* request,
                                              v1::DeleteSessionResponse*) {
-  if (request->session_id().empty()) {
-    return ToGrpcStatus(absl::InvalidArgumentError("session_id is empty"));
-  }
-  return ToGrpcStatus(sessions_.Delete(request->session_id(), Authorization(*context)));
+  return Finish("DeleteSession", [&]() -> absl::Status {
+    if (request->session_id().empty()) return absl::InvalidArgumentError("session_id is empty");
+    return sessions_.Delete(request->session_id(), Authorization(*context));
+  }());
 }
 
 grpc::Status OptimizerService::UpdateHyperparams(grpc::ServerContext* context,
                                                  const v1::UpdateHyperparamsRequest* request,
                                                  v1::UpdateHyperparamsResponse*) {
-  absl::StatusOr<std::shared_ptr<Session>> session = Authorize(context, request->session_id());
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  return ToGrpcStatus((*session)->UpdateHyperparams(*request));
+  return Finish("UpdateHyperparams", [&]() -> absl::Status {
+    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                          Authorize(context, request->session_id()));
+    return session->UpdateHyperparams(*request);
+  }());
 }
 
 grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
                                             grpc::ServerReader<v1::UploadParamsRequest>* reader,
                                             v1::UploadParamsResponse* response) {
-  v1::UploadParamsRequest request;
-  if (!reader->Read(&request) || !request.has_header()) {
-    return ToGrpcStatus(
-        absl::InvalidArgumentError("UploadParams must start with a header naming the session"));
-  }
-  absl::StatusOr<std::shared_ptr<Session>> session =
-      Authorize(context, request.header().session_id());
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  absl::StatusOr<std::unique_ptr<TensorStaging>> acquired = (*session)->AcquireStaging();
-  if (!acquired.ok()) return ToGrpcStatus(acquired.status());
-  std::unique_ptr<TensorStaging> staging = *std::move(acquired);
-  absl::Status status;
-  while (status.ok() && reader->Read(&request)) {
-    if (!request.has_chunk()) {
-      status = absl::InvalidArgumentError("UploadParams carries one header, then only chunks");
-      break;
+  return Finish("UploadParams", [&]() -> absl::Status {
+    v1::UploadParamsRequest request;
+    if (!reader->Read(&request) || !request.has_header()) {
+      return absl::InvalidArgumentError("UploadParams must start with a header naming the session");
     }
-    // Parameters may be any finite value; the gradient bound does not apply to them.
-    status = AddChunk(**session, *staging, request.chunk(), std::numeric_limits<float>::max(),
-                      /*reject=*/true);
-  }
-  if (status.ok() && context->IsCancelled()) {
-    status = absl::CancelledError("the upload was cancelled; nothing was changed");
-  }
-  if (status.ok()) status = staging->CheckComplete();
-  if (status.ok()) status = (*session)->SetParameters(*staging);
-  if (status.ok()) response->set_tensors_updated(staging->num_present());
-  (*session)->ReleaseStaging(std::move(staging));
-  return ToGrpcStatus(status);
+    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                          Authorize(context, request.header().session_id()));
+    OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
+    absl::Status status;
+    while (status.ok() && reader->Read(&request)) {
+      if (!request.has_chunk()) {
+        status = absl::InvalidArgumentError("UploadParams carries one header, then only chunks");
+        break;
+      }
+      // Parameters may be any finite value; the gradient bound does not apply to them.
+      status = AddChunk(*session, *staging, request.chunk(), std::numeric_limits<float>::max(),
+                        /*reject=*/true, options_.metrics);
+    }
+    if (status.ok() && context->IsCancelled()) {
+      status = absl::CancelledError("the upload was cancelled; nothing was changed");
+    }
+    if (status.ok()) status = staging->CheckComplete();
+    if (status.ok()) status = session->SetParameters(*staging);
+    if (status.ok()) response->set_tensors_updated(staging->num_present());
+    session->ReleaseStaging(std::move(staging));
+    return status;
+  }());
 }
 
 grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
                                          const v1::GetParamsRequest* request,
                                          grpc::ServerWriter<v1::TensorChunk>* writer) {
-  absl::StatusOr<std::shared_ptr<Session>> found = Authorize(context, request->session_id());
-  if (!found.ok()) return ToGrpcStatus(found.status());
-  Session& session = **found;
-  absl::StatusOr<int64_t> chunk_bytes =
-      ChunkBytes(request->chunk_bytes(), options_.default_chunk_bytes);
-  if (!chunk_bytes.ok()) return ToGrpcStatus(chunk_bytes.status());
-  std::vector<int> tensors;
-  for (const std::string& name : request->tensors()) {
-    absl::StatusOr<int> t = session.FindTensor(name);
-    if (!t.ok()) return ToGrpcStatus(t.status());
-    tensors.push_back(*t);
-  }
-  if (tensors.empty()) {
-    for (int t = 0; t < session.num_tensors(); ++t) tensors.push_back(t);
-  }
-  if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
-    absl::Status valid = FromWireDType(request->dtype()).status();
-    if (!valid.ok()) return ToGrpcStatus(valid);
-  }
-  v1::TensorChunk chunk;
-  std::vector<float> values;
-  for (int t : tensors) {
-    values.resize(static_cast<size_t>(session.num_elements(t)));
-    absl::Status got = session.GetParameters(t, absl::MakeSpan(values));
-    if (!got.ok()) return ToGrpcStatus(got);
-    const DType dtype = *ResultDType(request->dtype(), session.tensor_dtype(t));
-    absl::Status sent = StreamTensor(session.tensor_name(t), values, dtype, *chunk_bytes, chunk,
-                                     [&] { return writer->Write(chunk); });
-    if (!sent.ok()) return ToGrpcStatus(sent);
-  }
-  return grpc::Status::OK;
+  return Finish("GetParams", [&]() -> absl::Status {
+    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> found,
+                          Authorize(context, request->session_id()));
+    Session& session = *found;
+    OPTD_ASSIGN_OR_RETURN(int64_t chunk_bytes,
+                          ChunkBytes(request->chunk_bytes(), options_.default_chunk_bytes));
+    std::vector<int> tensors;
+    for (const std::string& name : request->tensors()) {
+      OPTD_ASSIGN_OR_RETURN(int t, session.FindTensor(name));
+      tensors.push_back(t);
+    }
+    if (tensors.empty()) {
+      for (int t = 0; t < session.num_tensors(); ++t) tensors.push_back(t);
+    }
+    if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
+      OPTD_RETURN_IF_ERROR(FromWireDType(request->dtype()).status());
+    }
+    v1::TensorChunk chunk;
+    std::vector<float> values;
+    for (int t : tensors) {
+      values.resize(static_cast<size_t>(session.num_elements(t)));
+      OPTD_RETURN_IF_ERROR(session.GetParameters(t, absl::MakeSpan(values)));
+      const DType dtype = *ResultDType(request->dtype(), session.tensor_dtype(t));
+      OPTD_RETURN_IF_ERROR(StreamTensor(session.tensor_name(t), values, dtype, chunk_bytes, chunk,
+                                        [&] { return writer->Write(chunk); }));
+      CountSent(static_cast<int64_t>(values.size() * DTypeSize(dtype)));
+    }
+    return absl::OkStatus();
+  }());
 }
 
 grpc::Status OptimizerService::Step(
@@ -213,21 +225,25 @@ grpc::Status OptimizerService::Step(
     grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) {
   if (steps_in_flight_.fetch_add(1) >= options_.max_pending_steps) {
     steps_in_flight_.fetch_sub(1);
-    return ToGrpcStatus(absl::UnavailableError(
-        absl::StrCat("the step queue is full (", options_.max_pending_steps,
-                     " steps pending, --max_pending_steps); back off and retry")));
+    return Finish("Step",
+                  absl::UnavailableError(
+                      absl::StrCat("the step queue is full (", options_.max_pending_steps,
+                                   " steps pending, --max_pending_steps); back off and retry")),
+                  "queue_full");
   }
   // Counted first, then checked: a drain that starts later waits for this step.
   const bool admitted_before_drain = !draining_.load();
-  absl::Status status = RunStep(context, stream, admitted_before_drain);
+  absl::string_view reason;
+  absl::Status status = RunStep(context, stream, admitted_before_drain, reason);
   steps_in_flight_.fetch_sub(1);
-  return ToGrpcStatus(status);
+  return Finish("Step", status, reason);
 }
 
 absl::Status OptimizerService::RunStep(
     grpc::ServerContext* context,
-    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
-    bool admitted_before_drain) {
+    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream, bool admitted_before_drain,
+    absl::string_view& reason) {
+  const absl::Time start = absl::Now();
   v1::StepRequest request;
   if (!stream->Read(&request) || !request.has_header()) {
     return absl::InvalidArgumentError(
@@ -240,10 +256,15 @@ absl::Status OptimizerService::RunStep(
   if (header.result_dtype() != v1::DTYPE_UNSPECIFIED) {
     OPTD_RETURN_IF_ERROR(FromWireDType(header.result_dtype()).status());
   }
-  OPTD_RETURN_IF_ERROR(session->CheckStepHeader(header));
+  if (absl::Status valid = session->CheckStepHeader(header); !valid.ok()) {
+    const int64_t step = session->step();
+    if (header.step() != step && header.step() != step + 1) reason = "wrong_step";
+    return valid;
+  }
   // Once draining, only calls that arrived before it, the workers of a step that has already
   // begun (so it can finish within the drain deadline) and retries of the last one go on.
   if (!admitted_before_drain && !session->StepUnderway(header.step())) {
+    reason = "draining";
     return absl::UnavailableError("optd is shutting down; no new steps");
   }
 
@@ -255,21 +276,30 @@ absl::Status OptimizerService::RunStep(
       received = absl::InvalidArgumentError("a Step stream carries one header, then only chunks");
       break;
     }
-    received = AddChunk(*session, *staging, request.chunk(), kMaxGradientMagnitude, reject);
+    received = AddChunk(*session, *staging, request.chunk(), kMaxGradientMagnitude, reject,
+                        options_.metrics);
   }
   if (received.ok() && context->IsCancelled()) {
     received = absl::CancelledError("the step was cancelled while its gradients arrived");
   }
   if (received.ok()) received = staging->CheckComplete();
   if (!received.ok()) {
+    if (staging->out_of_range_values() > 0 && reject) {
+      reason = "nonfinite";
+      if (options_.metrics != nullptr) {
+        options_.metrics->CountNonFinite(session->id(), staging->out_of_range_values());
+      }
+    }
     session->ReleaseStaging(std::move(staging));
     return absl::Status(received.code(), absl::StrCat("session '", session->id(), "' step ",
                                                       header.step(), ": ", received.message()));
   }
+  const absl::Time received_at = absl::Now();
 
   OPTD_ASSIGN_OR_RETURN(StepReply reply, session->Step(header, std::move(staging), [context] {
     return context->IsCancelled();
   }));
+  const absl::Time stepped_at = absl::Now();
   const StepOutcome& outcome = *reply.outcome;
   v1::StepResponse response;
   v1::StepSummary* summary = response.mutable_summary();
@@ -288,6 +318,19 @@ absl::Status OptimizerService::RunStep(
     OPTD_RETURN_IF_ERROR(StreamTensor(session->tensor_name(t), outcome.values[t], dtype,
                                       chunk_bytes, *chunk,
                                       [&] { return stream->Write(response); }));
+    CountSent(static_cast<int64_t>(outcome.values[t].size() * DTypeSize(dtype)));
+  }
+  if (options_.metrics != nullptr) {
+    const absl::Time end = absl::Now();
+    Metrics& m = *options_.metrics;
+    m.ObserveStep(session->optimizer_label(), end - start);
+    m.ObservePhase(StepPhase::kReceive, received_at - start);
+    if (!reply.replayed) {
+      // Waiting for the other workers and averaging, then the optimizer and the result.
+      m.ObservePhase(StepPhase::kAggregate, outcome.compute_started - received_at);
+      m.ObservePhase(StepPhase::kCompute, outcome.compute_finished - outcome.compute_started);
+    }
+    m.ObservePhase(StepPhase::kSend, end - stepped_at);
   }
   return absl::OkStatus();
 }
@@ -295,34 +338,38 @@ absl::Status OptimizerService::RunStep(
 grpc::Status OptimizerService::Checkpoint(grpc::ServerContext* context,
                                           const v1::CheckpointRequest* request,
                                           v1::CheckpointResponse* response) {
-  absl::StatusOr<std::shared_ptr<Session>> session = Authorize(context, request->session_id());
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  absl::StatusOr<CheckpointInfo> info = (*session)->Checkpoint();
-  if (!info.ok()) return ToGrpcStatus(info.status());
-  response->set_step(info->step);
-  response->set_path(info->path);
-  response->set_bytes(info->bytes);
-  return grpc::Status::OK;
+  return Finish("Checkpoint", [&]() -> absl::Status {
+    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                          Authorize(context, request->session_id()));
+    OPTD_ASSIGN_OR_RETURN(CheckpointInfo info, session->Checkpoint());
+    response->set_step(info.step);
+    response->set_path(info.path);
+    response->set_bytes(info.bytes);
+    return absl::OkStatus();
+  }());
 }
 
 grpc::Status OptimizerService::Restore(grpc::ServerContext* context,
                                        const v1::RestoreRequest* request,
                                        v1::RestoreResponse* response) {
-  absl::StatusOr<std::shared_ptr<Session>> session = Authorize(context, request->session_id());
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  absl::StatusOr<int64_t> step = (*session)->Restore();
-  if (!step.ok()) return ToGrpcStatus(step.status());
-  response->set_step(*step);
-  return grpc::Status::OK;
+  return Finish("Restore", [&]() -> absl::Status {
+    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                          Authorize(context, request->session_id()));
+    OPTD_ASSIGN_OR_RETURN(int64_t step, session->Restore());
+    response->set_step(step);
+    return absl::OkStatus();
+  }());
 }
 
 grpc::Status OptimizerService::GetAnalysis(grpc::ServerContext* context,
                                            const v1::GetAnalysisRequest* request,
                                            v1::GetAnalysisResponse* response) {
-  absl::StatusOr<std::shared_ptr<Session>> session = Authorize(context, request->session_id());
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  for (v1::TensorAnalysis& a : (*session)->Analysis()) *response->add_tensors() = std::move(a);
-  return grpc::Status::OK;
+  return Finish("GetAnalysis", [&]() -> absl::Status {
+    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                          Authorize(context, request->session_id()));
+    for (v1::TensorAnalysis& a : session->Analysis()) *response->add_tensors() = std::move(a);
+    return absl::OkStatus();
+  }());
 }
 
 }  // namespace optd::server

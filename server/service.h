@@ -10,6 +10,7 @@
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "optd/v1/optd.grpc.pb.h"
+#include "server/metrics.h"
 #include "server/session_manager.h"
 
 namespace optd::server {
@@ -22,6 +23,7 @@ struct ServiceOptions {
   // clients back off and retry.
   int max_pending_steps = 64;
   int64_t default_chunk_bytes = kDefaultChunkBytes;
+  Metrics* metrics = nullptr;  // may be null
 };
 
 // The one place absl::Status becomes grpc::Status (the canonical codes map one to one).
@@ -66,9 +68,14 @@ class OptimizerService final : public v1::Optimizer::Service {
  private:
   absl::StatusOr<std::shared_ptr<Session>> Authorize(grpc::ServerContext* context,
                                                      absl::string_view session_id);
+  // `reason` is set when a failure has a more precise rejection reason than its code.
   absl::Status RunStep(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
-                       bool admitted_before_drain);
+                       bool admitted_before_drain, absl::string_view& reason);
+  // Counts the finished RPC (and its rejection) and converts its status.
+  grpc::Status Finish(absl::string_view method, const absl::Status& status,
+                      absl::string_view reason = {});
+  void CountSent(int64_t bytes);
 
   SessionManager& sessions_;
   const ServiceOptions options_;

@@ -1,6 +1,7 @@
 #include "server/session.h"
 
 #include <cstring>
+#include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -30,6 +31,14 @@ absl::Status CopyRecord(absl::string_view record, absl::string_view name, absl::
 }
 
 }  // namespace
+
+struct Session::Snapshot {
+  AnalysisJob job;
+  int64_t bytes = 0;
+  std::vector<int> tensors;  // session index of each job tensor
+  std::vector<double> lr;
+  std::vector<float> decay;
+};
 
 struct Session::Loaded {
   std::unique_ptr<Optimizer> optimizer;
@@ -98,11 +107,20 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend, std::
   std::unique_ptr<Session> session(new Session(backend, std::move(id), std::move(config),
                                                std::move(token_digest), std::move(options)));
   OPTD_RETURN_IF_ERROR(session->Initialize(std::move(optimizer)));
+  absl::MutexLock lock(&session->mu_);
+  session->ExportStateLocked();
   return session;
 }
 
 absl::Status Session::Initialize(std::unique_ptr<Optimizer> optimizer) {
   OPTD_ASSIGN_OR_RETURN(state_bytes_, RequiredBytes(config_));
+  std::set<std::string> presets;
+  for (int t = 0; t < num_tensors(); ++t) {
+    if (optimizer->spec(t).config.algorithm == Algorithm::kMatrix) {
+      presets.insert(config_.groups(group_of_[t]).preset());
+    }
+  }
+  optimizer_label_ = presets.empty() ? "adamw" : absl::StrJoin(presets, "+");
   absl::MutexLock lock(&mu_);
   optimizer_ = std::move(optimizer);
   for (int t = 0; t < num_tensors(); ++t) {
@@ -197,6 +215,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Load(Backend& backend, const s
   session->checkpoint_step_ = loaded.step;
   session->step_published_ = loaded.step;
   session->checkpoint_step_published_ = loaded.step;
+  session->ExportStateLocked();
   return session;
 }
 
@@ -439,6 +458,7 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
     outcome->nonfinite_values += staging->out_of_range_values();
   }
   const std::vector<int> present = contributions_.begin()->second->PresentTensors();
+  outcome->compute_started = absl::Now();  // ApplyLocked moves it past the mean
   if (outcome->nonfinite_values > 0) {
     // Only reachable under NON_FINITE_POLICY_SKIP_STEP: the stream rejects them otherwise.
     outcome->skipped = true;
@@ -454,8 +474,13 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
       }
     }
   }
+  outcome->compute_finished = absl::Now();
   step_ = header.step();
   step_published_ = step_;
+  ExportStateLocked();
+  if (outcome->nonfinite_values > 0 && options_.metrics != nullptr) {
+    options_.metrics->CountNonFinite(id_, outcome->nonfinite_values);
+  }
   spare_outcome_ = std::move(last_outcome_);
   last_outcome_ = outcome;
   if (config_.checkpoint_interval() > 0 && !options_.state_dir.empty() &&
@@ -498,22 +523,130 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
           optimizer_->SetHyperparameters(t, header.lr(), h.weight_decay(), h.momentum()));
     }
   }
+  outcome.compute_started = absl::Now();
+  std::optional<Snapshot> snapshot = StartSnapshotLocked(header.step(), present);
   absl::Status stepped = optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n));
   const absl::Status restored =
       header.has_lr() ? SetHyperparamsLocked(hyperparams_) : absl::OkStatus();
   if (!stepped.ok()) {
+    if (snapshot.has_value()) options_.analyzer->Release(id_, snapshot->bytes);
     if (stepped.code() == absl::StatusCode::kInternal) damaged_ = stepped;
     return stepped;
   }
   // The state has changed: a failure from here on would leave the step count behind the state
   // (a retry would apply the step twice), so it damages the session.
   absl::Status finished = restored.ok() ? ReadResultLocked(outcome) : restored;
+  if (finished.ok() && snapshot.has_value()) {
+    finished = FinishSnapshotLocked(*std::move(snapshot));
+  } else if (snapshot.has_value()) {
+    options_.analyzer->Release(id_, snapshot->bytes);
+  }
   if (!finished.ok()) {
     damaged_ = finished;
     return finished;
   }
   outcome.tensors_updated = static_cast<int>(present.size());
   return absl::OkStatus();
+}
+
+std::optional<Session::Snapshot> Session::StartSnapshotLocked(int64_t step,
+                                                              const std::vector<int>& present) {
+  const int64_t interval = config_.analysis_interval();
+  if (options_.analyzer == nullptr || interval == 0 || step % interval != 0) return std::nullopt;
+  Snapshot snapshot;
+  for (int t : present) {
+    const TensorSpec& spec = optimizer_->spec(t);
+    if (spec.config.algorithm != Algorithm::kMatrix) continue;
+    const absl::StatusOr<MatrixView> view = MatrixViewOf(spec.shape, spec.rank_policy);
+    if (!view.ok() || view->rows < 2) continue;  // no dominance ratio for a single row
+    snapshot.tensors.push_back(t);
+    snapshot.bytes += 3 * counts_[t] * static_cast<int64_t>(sizeof(float));
+  }
+  if (snapshot.tensors.empty() || !options_.analyzer->Reserve(id_, snapshot.bytes)) {
+    return std::nullopt;
+  }
+  snapshot.job.session = id_;
+  snapshot.job.step = step;
+  for (int t : snapshot.tensors) {
+    const TensorSpec& spec = optimizer_->spec(t);
+    const MatrixView view = *MatrixViewOf(spec.shape, spec.rank_policy);
+    TensorSnapshot& s = snapshot.job.tensors.emplace_back();
+    s.name = names_[t];
+    s.batch = view.batch;
+    s.rows = view.rows;
+    s.cols = view.cols;
+    s.newton_schulz = spec.config.matrix.newton_schulz;
+    const size_t count = static_cast<size_t>(counts_[t]);
+    const float* gradient = contributions_.begin()->second->data(t);  // the workers' mean
+    s.gradient.assign(gradient, gradient + count);
+    s.update.resize(count);
+    // Parameters before the step, for the update (FinishSnapshotLocked); cannot fail for an
+    // index the session holds.
+    optimizer_->GetParameters(t, absl::MakeSpan(s.update)).IgnoreError();
+    // The rates this step applies (an lr override is in place by now): the kernels decay with
+    // the fp32 factor 1 − lr·λ formed in fp64.
+    snapshot.lr.push_back(spec.config.lr);
+    snapshot.decay.push_back(static_cast<float>(1.0 - spec.config.lr * spec.config.weight_decay));
+  }
+  return snapshot;
+}
+
+absl::Status Session::FinishSnapshotLocked(Snapshot snapshot) {
+  std::vector<float> after;
+  for (size_t i = 0; i < snapshot.tensors.size(); ++i) {
+    const int t = snapshot.tensors[i];
+    TensorSnapshot& s = snapshot.job.tensors[i];
+    s.momentum.resize(s.update.size());
+    absl::Status read = optimizer_->GetState(t, "momentum", absl::MakeSpan(s.momentum));
+    after.resize(s.update.size());
+    if (read.ok()) read = optimizer_->GetParameters(t, absl::MakeSpan(after));
+    if (!read.ok()) {
+      options_.analyzer->Release(id_, snapshot.bytes);
+      return read;
+    }
+    // w_new = w_old·decay − lr·u (the decoupled weight decay stage), so u is recovered from the
+    // parameters; in fp64, its rounding is that of w_new's last bit over lr.
+    const double lr = snapshot.lr[i];
+    const double decay = snapshot.decay[i];
+    for (size_t k = 0; k < after.size(); ++k) {
+      s.update[k] = static_cast<float>((s.update[k] * decay - after[k]) / lr);
+    }
+  }
+  std::weak_ptr<Session> self = weak_from_this();
+  snapshot.job.publish = [self](int64_t step, std::vector<v1::TensorAnalysis> figures) {
+    if (std::shared_ptr<Session> session = self.lock()) {
+      session->PublishAnalysis(step, std::move(figures));
+    }
+  };
+  options_.analyzer->Submit(std::move(snapshot.job), snapshot.bytes);
+  return absl::OkStatus();
+}
+
+void Session::PublishAnalysis(int64_t step, std::vector<v1::TensorAnalysis> figures) {
+  absl::MutexLock lock(&analysis_mu_);
+  if (retired_) return;
+  // Keep each tensor's latest figures; a tensor left out this time keeps its earlier ones.
+  std::map<std::string, v1::TensorAnalysis> latest;
+  for (v1::TensorAnalysis& a : analysis_) latest[a.tensor()] = std::move(a);
+  for (v1::TensorAnalysis& a : figures) latest[a.tensor()] = std::move(a);
+  analysis_.clear();
+  for (const std::string& name : names_) {
+    auto it = latest.find(name);
+    if (it != latest.end()) analysis_.push_back(std::move(it->second));
+  }
+  if (options_.metrics != nullptr) options_.metrics->PublishAnalysis(id_, step, analysis_);
+}
+
+void Session::Retire() {
+  absl::MutexLock lock(&analysis_mu_);
+  retired_ = true;
+  if (options_.metrics != nullptr) options_.metrics->RemoveSession(id_);
+}
+
+void Session::ExportStateLocked() {
+  if (options_.metrics == nullptr) return;
+  absl::MutexLock lock(&analysis_mu_);
+  if (!retired_) options_.metrics->SetSessionState(id_, step_, state_bytes_);
 }
 
 absl::Status Session::ReadResultLocked(StepOutcome& outcome) {
@@ -699,12 +832,13 @@ absl::StatusOr<int64_t> Session::Restore() {
   checkpoint_step_published_ = step_;
   last_outcome_ = nullptr;
   spare_outcome_ = nullptr;
+  ExportStateLocked();
   return step_;
 }
 
 std::vector<v1::TensorAnalysis> Session::Analysis() {
   Touch();
-  absl::MutexLock lock(&mu_);
+  absl::MutexLock lock(&analysis_mu_);
   return analysis_;
 }
 

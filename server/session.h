@@ -38,7 +38,9 @@
 #include "kernels/optimizer.h"
 #include "optd/v1/checkpoint.pb.h"
 #include "optd/v1/optd.pb.h"
+#include "server/analyzer.h"
 #include "server/file_system.h"
+#include "server/metrics.h"
 #include "server/tensor_staging.h"
 
 namespace optd::server {
@@ -49,6 +51,9 @@ struct SessionOptions {
   FileSystem* fs = nullptr;  // REQUIRED when state_dir is set
   // Straggler timeout for sessions whose config leaves it 0.
   absl::Duration default_straggler_timeout = absl::Seconds(60);
+  // Where the session's series go and who analyzes it; either may be null (then it has none).
+  Metrics* metrics = nullptr;
+  Analyzer* analyzer = nullptr;
 };
 
 // What one step produced, shared by every worker that asks for it.
@@ -60,6 +65,9 @@ struct StepOutcome {
   v1::StepResult result = v1::STEP_RESULT_PARAMETERS;
   // Per tensor, in session order: the new parameters or the delta; empty for STEP_RESULT_NONE.
   std::vector<std::vector<float>> values;
+  // When the optimizer began (the workers' mean taken) and when the result was ready.
+  absl::Time compute_started;
+  absl::Time compute_finished;
   // Readers outside the session (StepReply) that may still read `values`. The session reuses
   // the buffers only once it reads 0: each reader's release pairs with that acquire load.
   std::atomic<int> leases{0};
@@ -78,7 +86,8 @@ struct CheckpointInfo {
   int64_t bytes = 0;
 };
 
-class Session {
+// Owned through std::shared_ptr (the analyzer's callback holds a weak one).
+class Session : public std::enable_shared_from_this<Session> {
  public:
   // A new session at step 0 with parameters initialized as the config says. REQUIRES: `config`
   // passed NormalizeSessionConfig.
@@ -150,8 +159,16 @@ class Session {
   // Replaces parameters, state, step and hyperparameters with the last checkpoint's, atomically.
   absl::StatusOr<int64_t> Restore();
 
-  // Analysis figures (filled by the analyzer; see DESIGN.md, "Metrics").
+  // The latest analysis figures of each analyzed matrix tensor, in session order (DESIGN.md,
+  // "Metrics"); empty until the first analysis (every config.analysis_interval() steps) is done.
   std::vector<v1::TensorAnalysis> Analysis();
+  // Takes the analyzer's figures for `step` and exports them (unless the session is retired).
+  void PublishAnalysis(int64_t step, std::vector<v1::TensorAnalysis> figures);
+  // Removes the session's metric series for good: the session is being deleted or unloaded.
+  void Retire();
+  // The optimizer label of its step metrics: its matrix groups' presets joined by '+', or
+  // "adamw" when it has no matrix tensor.
+  const std::string& optimizer_label() const { return optimizer_label_; }
 
   // `with_tensors` adds per-tensor details and waits for a running step; without, it never
   // blocks.
@@ -191,6 +208,15 @@ class Session {
   absl::Status SetHyperparamsLocked(const std::map<std::string, v1::GroupHyperparams>& groups)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Duration straggler_timeout() const;
+  // The analyzer's snapshot of one step.
+  struct Snapshot;
+  // With an analyzer and a step the analysis interval divides: each present matrix tensor's
+  // gradient and pre-step parameters, with the analyzer's room reserved; nullopt otherwise.
+  std::optional<Snapshot> StartSnapshotLocked(int64_t step, const std::vector<int>& present)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // After the step: momentum, and the update recovered from the parameters; submits the job.
+  absl::Status FinishSnapshotLocked(Snapshot snapshot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ExportStateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   Backend& backend_;
   const std::string id_;
@@ -201,6 +227,7 @@ class Session {
   std::vector<int64_t> counts_;
   std::vector<DType> dtypes_;
   std::vector<int> group_of_;  // index into config_.groups() per tensor
+  std::string optimizer_label_;
   int64_t state_bytes_ = 0;
 
   std::atomic<int64_t> step_published_{0};
@@ -237,7 +264,10 @@ class Session {
   // step reuses once nobody streams it any more (no page faults on the hot path).
   std::shared_ptr<StepOutcome> last_outcome_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<StepOutcome> spare_outcome_ ABSL_GUARDED_BY(mu_);
-  std::vector<v1::TensorAnalysis> analysis_ ABSL_GUARDED_BY(mu_);
+  // Separate from mu_ so that GetAnalysis never waits for a step.
+  absl::Mutex analysis_mu_;
+  std::vector<v1::TensorAnalysis> analysis_ ABSL_GUARDED_BY(analysis_mu_);
+  bool retired_ ABSL_GUARDED_BY(analysis_mu_) = false;
 };
 
 }  // namespace optd::server

@@ -19,7 +19,19 @@ SessionOptions SessionManager::session_options() const {
   o.state_dir = options_.state_dir;
   o.fs = &fs_;
   o.default_straggler_timeout = options_.default_straggler_timeout;
+  o.metrics = options_.metrics;
+  o.analyzer = options_.analyzer;
   return o;
+}
+
+void SessionManager::ExportCountsLocked() {
+  if (options_.metrics == nullptr) return;
+  int64_t loaded_bytes = 0;
+  for (const auto& [id, entry] : sessions_) {
+    if (entry.session != nullptr) loaded_bytes += entry.state_bytes;
+  }
+  options_.metrics->SetSessions(static_cast<int64_t>(sessions_.size()));
+  options_.metrics->SetBackendMemory("sessions", loaded_bytes);
 }
 
 absl::Status SessionManager::Recover(std::vector<std::string>* skipped) {
@@ -48,6 +60,7 @@ absl::Status SessionManager::Recover(std::vector<std::string>* skipped) {
     id_by_digest_[entry.token_digest] = name;
     sessions_[name] = std::move(entry);
   }
+  ExportCountsLocked();
   return absl::OkStatus();
 }
 
@@ -125,6 +138,7 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
   if (created.ok() && !options_.state_dir.empty()) first = (*created)->Checkpoint();
   absl::MutexLock lock(&mu_);
   if (!created.ok() || !first.ok()) {
+    if (created.ok()) (*created)->Retire();
     sessions_.erase(id);
     if (!options_.state_dir.empty()) {
       fs_.DeleteRecursively(absl::StrCat(options_.state_dir, "/", id)).IgnoreError();
@@ -135,6 +149,7 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
   sessions_[id].session = session;
   sessions_[id].creating = false;
   id_by_digest_[digest] = id;
+  ExportCountsLocked();
   return CreatedSession{std::move(session), std::move(token)};
 }
 
@@ -195,6 +210,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionManager::Get(absl::string_view i
                                      "checkpoint: ", loaded.status().message()));
   }
   entry.session = *std::move(loaded);
+  ExportCountsLocked();
   return entry.session;
 }
 
@@ -206,9 +222,13 @@ absl::Status SessionManager::Delete(absl::string_view id, absl::string_view auth
   OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeSettledLocked(id, authorization));
   // Calls still holding the session get NotFound from now on, and nothing of it is written
   // again: no checkpoint can bring it back after its directory is gone.
-  if (entry->session != nullptr) entry->session->MarkDeleted();
+  if (entry->session != nullptr) {
+    entry->session->MarkDeleted();
+    entry->session->Retire();
+  }
   id_by_digest_.erase(entry->token_digest);
   sessions_.erase(sessions_.find(id));
+  ExportCountsLocked();
   if (!options_.state_dir.empty()) {
     OPTD_RETURN_IF_ERROR(fs_.DeleteRecursively(absl::StrCat(options_.state_dir, "/", id)));
   }
@@ -275,7 +295,9 @@ int SessionManager::UnloadIdle(absl::Time now) {
       continue;
     }
     it->second.step = session->step();
+    session->Retire();
     it->second.session = nullptr;
+    ExportCountsLocked();
     ++unloaded;
   }
   return unloaded;

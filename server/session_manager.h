@@ -35,6 +35,9 @@ struct SessionManagerOptions {
   absl::Duration default_straggler_timeout = absl::Seconds(60);
   // SHA-256 of the admin token; empty: none (CreateSession and ListSessions are open).
   std::string admin_token_digest;
+  // Handed to every session; either may be null.
+  Metrics* metrics = nullptr;
+  Analyzer* analyzer = nullptr;
 };
 
 struct CreatedSession {
@@ -100,6 +103,8 @@ class SessionManager {
                                                 absl::string_view authorization)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   SessionOptions session_options() const;
+  // optd_sessions and the sessions' backend memory, after the table changed.
+  void ExportCountsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   Backend& backend_;
   const SessionManagerOptions options_;

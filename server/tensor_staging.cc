@@ -65,6 +65,7 @@ absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
   OPTD_ASSIGN_OR_RETURN(
       DecodeReport report,
       DecodeWire(dtype, bytes, absl::MakeSpan(buffers_[tensor].data() + offset, n), max_magnitude));
+  out_of_range_ += report.out_of_range;
   if (report.out_of_range > 0 && reject_out_of_range) {
     const int64_t at = offset + report.first_out_of_range;
     return absl::InvalidArgumentError(absl::StrCat(
@@ -72,7 +73,6 @@ absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
         report.out_of_range > 1 ? absl::StrCat(" (and ", report.out_of_range - 1, " more)") : "",
         ": values must be finite and within ±", max_magnitude));
   }
-  out_of_range_ += report.out_of_range;
   // Record [offset, end), merged with its neighbours when they touch.
   int64_t start = offset;
   int64_t stop = end;

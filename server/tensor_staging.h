@@ -27,8 +27,9 @@ class TensorStaging {
   // Checks and decodes elements [offset, offset + n) of `tensor`, n = bytes.size() / size of
   // dtype. InvalidArgument naming the tensor for an empty chunk, a byte count that is not whole
   // elements, elements outside [0, count), or elements an earlier chunk already sent. Values that
-  // are NaN, infinite or beyond ±max_magnitude are counted; with `reject_out_of_range` the first
-  // one fails the chunk with InvalidArgument naming the tensor and element.
+  // are NaN, infinite or beyond ±max_magnitude are counted (also when they fail the chunk); with
+  // `reject_out_of_range` the first one fails the chunk with InvalidArgument naming the tensor
+  // and element.
   absl::Status AddChunk(int tensor, int64_t offset, DType dtype, absl::string_view bytes,
                         float max_magnitude, bool reject_out_of_range);
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 optd=$1 train=$2 work=$3
 rm -rf "$work" && mkdir -p "$work"
-"$optd" --listen=127.0.0.1:0 --port_file="$work/port" --threads=1 2>"$work/optd.log" &
+"$optd" --listen=127.0.0.1:0 --metrics_addr= --port_file="$work/port" --threads=1 2>"$work/optd.log" &
 pid=$!
 trap 'kill -KILL $pid 2>/dev/null || true' EXIT
 for _ in $(seq 200); do [[ -s $work/port ]] && break; sleep 0.05; done

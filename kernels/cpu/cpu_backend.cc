@@ -53,9 +53,7 @@ OPTD_AVX2_CLONES double SumSquares(const float* x, int64_t count) {
 }
 
 // Values of x[0, count) out of range: every step reads each gradient once for this check.
-OPTD_AVX2_CLONES int64_t OutOfRangeIn(const float* x,
-                                                                       int64_t count,
-                                                                       float max_magnitude) {
+OPTD_AVX2_CLONES int64_t OutOfRangeIn(const float* x, int64_t count, float max_magnitude) {
   int64_t bad = 0;
 #pragma omp simd reduction(+ : bad)
   for (int64_t i = 0; i < count; ++i) bad += formulas::IsOutOfRange(x[i], max_magnitude) ? 1 : 0;
@@ -154,10 +152,8 @@ template <DType kStepDType>
 // The RMNP step is compute-bound at SSE2's four lanes (bench/RESULTS.md); built for AVX2 as well,
 // chosen at load time. Element results are identical either way: no FMA contraction, IEEE
 // division, and SumSquares dispatches the same way.
-OPTD_AVX2_CLONES void RmnpRows(float* w, float* m, const float* g,
-                                                                int64_t begin, int64_t end,
-                                                                int64_t cols, const RmnpStepArgs& a,
-                                                                float* u) {
+OPTD_AVX2_CLONES void RmnpRows(float* w, float* m, const float* g, int64_t begin, int64_t end,
+                               int64_t cols, const RmnpStepArgs& a, float* u) {
   switch (a.step_dtype) {
     case DType::kBF16:
       RmnpRowsOf<DType::kBF16>(w, m, g, begin, end, cols, a, u);
@@ -644,7 +640,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOption
   }
   int threads = options.threads;
   if (threads > 0) {
-    openblas_set_num_threads(threads);
+    if (options.set_blas_threads) openblas_set_num_threads(threads);
   } else {
     threads = openblas_get_num_threads();
   }

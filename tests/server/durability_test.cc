@@ -25,7 +25,10 @@ class Daemon {
   Daemon(const std::string& state_dir, std::vector<std::string> extra = {}) {
     port_file_ = absl::StrCat(state_dir, "/../", std::to_string(getpid()), ".port");
     unlink(port_file_.c_str());
-    std::vector<std::string> args = {OPTD_PATH, "--listen=127.0.0.1:0", "--threads=1",
+    std::vector<std::string> args = {OPTD_PATH,
+                                     "--listen=127.0.0.1:0",
+                                     "--metrics_addr=",
+                                     "--threads=1",
                                      absl::StrCat("--state_dir=", state_dir),
                                      absl::StrCat("--port_file=", port_file_)};
     for (std::string& e : extra) args.push_back(std::move(e));

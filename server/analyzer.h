@@ -1,0 +1,112 @@
+// The analyzer (../shared/DESIGN.md, "One step, as data", 6): every K steps a session hands it a
+// snapshot of its matrix tensors' momentum, update and gradient, taken at the end of the step;
+// one low-priority thread computes the figures of DESIGN.md's "Metrics" table (kernels/analysis.h)
+// and publishes them through the job's callback. A step never waits for it: a session whose
+// previous snapshot is still being analyzed, or a snapshot that would not fit the analyzer's
+// memory, is skipped (and counted in optd_analysis_skipped_total).
+//
+// On the CPU the analyzer runs on a backend of its own (one thread, so it never queues behind a
+// step's loops on the step backend's thread pool), in a thread at the lowest scheduling priority.
+// It still shares OpenBLAS with the steps, which runs one multithreaded level-3 call at a time:
+// the analysis keeps its own BLAS calls small (kernels/analysis.h) so a step waits at most for
+// one of them.
+#ifndef OPTD_SERVER_ANALYZER_H_
+#define OPTD_SERVER_ANALYZER_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/analysis.h"
+#include "kernels/backend.h"
+#include "kernels/newton_schulz.h"
+#include "optd/v1/optd.pb.h"
+#include "server/metrics.h"
+
+namespace optd::server {
+
+struct AnalyzerOptions {
+  // Snapshot bytes held at once (queued and in analysis).
+  int64_t max_snapshot_bytes = int64_t{1} << 30;
+};
+
+// One matrix tensor at the end of a step: the batch of rows×cols matrices it is stepped as.
+struct TensorSnapshot {
+  std::string name;
+  int64_t batch = 1, rows = 0, cols = 0;
+  std::vector<float> momentum;
+  // The applied update scale·o, before the learning rate and weight decay.
+  std::vector<float> update;
+  std::vector<float> gradient;  // the workers' mean
+  NewtonSchulzConfig newton_schulz;
+
+  int64_t bytes() const {
+    return static_cast<int64_t>((momentum.size() + update.size() + gradient.size()) *
+                                sizeof(float));
+  }
+};
+
+struct AnalysisJob {
+  std::string session;
+  int64_t step = 0;
+  std::vector<TensorSnapshot> tensors;
+  // Called on the analyzer's thread with the figures of each tensor that could be analyzed (a
+  // tensor whose momentum is zero has none), in the order of `tensors`.
+  std::function<void(int64_t step, std::vector<v1::TensorAnalysis> figures)> publish;
+};
+
+// The figures of one snapshot: the mean over its batch of matrices of each figure. Errors as
+// AnalyzeMatrix's (FailedPrecondition for a zero momentum).
+absl::StatusOr<v1::TensorAnalysis> AnalyzeSnapshot(Backend& backend, Queue& queue,
+                                                   const TensorSnapshot& snapshot, int64_t step);
+
+class Analyzer {
+ public:
+  // `backend` is the analyzer's own (see above); `metrics` may be null.
+  static absl::StatusOr<std::unique_ptr<Analyzer>> Create(Backend& backend, Metrics* metrics,
+                                                          AnalyzerOptions options);
+  // Stops after the tensor in analysis; queued jobs are dropped.
+  ~Analyzer();
+
+  // Room for a snapshot of `bytes` for `session`, or false (counted as skipped) when the
+  // analyzer still holds one of this session's or the bytes do not fit. A true return must be
+  // followed by Submit or Release with the same arguments.
+  bool Reserve(const std::string& session, int64_t bytes);
+  void Release(const std::string& session, int64_t bytes);
+  // REQUIRES: Reserve(job.session, bytes) returned true, bytes the sum of the snapshots' bytes.
+  void Submit(AnalysisJob job, int64_t bytes);
+
+  // Waits until every submitted job has been published (tests and benchmarks).
+  void WaitUntilIdle();
+  // True while a job is queued or in analysis.
+  bool busy();
+
+ private:
+  Analyzer(Backend& backend, Metrics* metrics, AnalyzerOptions options,
+           std::unique_ptr<Queue> queue);
+  void Run();
+  bool HasWorkOrStop() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  Backend& backend_;
+  Metrics* const metrics_;
+  const AnalyzerOptions options_;
+  std::unique_ptr<Queue> queue_;
+
+  absl::Mutex mu_;
+  std::deque<std::pair<AnalysisJob, int64_t>> jobs_ ABSL_GUARDED_BY(mu_);
+  std::set<std::string> reserved_ ABSL_GUARDED_BY(mu_);  // sessions with a job out
+  int64_t reserved_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
+}  // namespace optd::server
+
+#endif  // OPTD_SERVER_ANALYZER_H_

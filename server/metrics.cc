@@ -1,0 +1,321 @@
+#include "server/metrics.h"
+
+#include <exception>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace optd::server {
+namespace {
+
+using prometheus::Counter;
+using prometheus::Family;
+using prometheus::Gauge;
+using prometheus::Histogram;
+
+// 1 ms to 60 s: a small model's step on a GPU up to a large one's on a CPU.
+Histogram::BucketBoundaries StepBuckets() {
+  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60};
+}
+
+Histogram::BucketBoundaries AnalysisBuckets() {
+  return {0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600};
+}
+
+absl::string_view ReasonOf(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kUnauthenticated:
+      return "unauthenticated";
+    case absl::StatusCode::kPermissionDenied:
+      return "permission_denied";
+    case absl::StatusCode::kNotFound:
+      return "not_found";
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+      return "invalid_argument";
+    case absl::StatusCode::kResourceExhausted:
+      return "over_quota";
+    case absl::StatusCode::kAborted:
+      return "straggler";
+    case absl::StatusCode::kCancelled:
+      return "cancelled";
+    default:
+      return "other";
+  }
+}
+
+// gRPC's name for a code ("INVALID_ARGUMENT"); absl's StatusCodeToString gives the same words
+// in another case.
+std::string GrpcCodeName(absl::StatusCode code) {
+  std::string name = absl::StatusCodeToString(code);
+  for (char& c : name) c = c == ' ' ? '_' : static_cast<char>(std::toupper(c));
+  return name;
+}
+
+}  // namespace
+
+struct Metrics::Figure {
+  Family<Gauge>* family;
+  prometheus::Labels labels;  // the figure's own label (stat or of), if any
+  double (*value)(const v1::TensorAnalysis&);
+};
+
+struct Metrics::SessionSeries {
+  Gauge* memory = nullptr;
+  Gauge* step = nullptr;
+  Counter* nonfinite = nullptr;
+  Gauge* analysis_step = nullptr;
+  std::vector<std::pair<Family<Gauge>*, Gauge*>> analysis;
+};
+
+Metrics::Metrics(MetricsOptions options)
+    : options_(options),
+      registry_(std::make_shared<prometheus::Registry>()),
+      rpcs_(prometheus::BuildCounter()
+                .Name("optd_rpc_total")
+                .Help("RPCs finished, by method and gRPC status code.")
+                .Register(*registry_)),
+      step_duration_(prometheus::BuildHistogram()
+                         .Name("optd_step_duration_seconds")
+                         .Help("One Step call, from its header to the last result byte, by the "
+                               "session's matrix optimizer presets.")
+                         .Register(*registry_)),
+      step_phase_(prometheus::BuildHistogram()
+                      .Name("optd_step_phase_seconds")
+                      .Help("A Step call's phases: receive (gradients read and decoded), "
+                            "aggregate (waiting for the other workers and averaging), compute "
+                            "(the optimizer step and the result), send (streaming the result).")
+                      .Register(*registry_)),
+      bytes_received_(prometheus::BuildCounter()
+                          .Name("optd_bytes_received_total")
+                          .Help("Tensor payload bytes received (gradients and parameters).")
+                          .Register(*registry_)
+                          .Add({})),
+      bytes_sent_(prometheus::BuildCounter()
+                      .Name("optd_bytes_sent_total")
+                      .Help("Tensor payload bytes sent (step results and parameters).")
+                      .Register(*registry_)
+                      .Add({})),
+      sessions_(prometheus::BuildGauge()
+                    .Name("optd_sessions")
+                    .Help("Sessions held, loaded or unloaded after idling.")
+                    .Register(*registry_)
+                    .Add({})),
+      backend_memory_(prometheus::BuildGauge()
+                          .Name("optd_backend_memory_bytes")
+                          .Help("Backend memory: held for sessions (kind=sessions) or by the "
+                                "analyzer's snapshots (kind=analysis).")
+                          .Register(*registry_)),
+      rejected_(prometheus::BuildCounter()
+                    .Name("optd_rejected_total")
+                    .Help("Failed RPCs by reason.")
+                    .Register(*registry_)),
+      nonfinite_(prometheus::BuildCounter()
+                     .Name("optd_nonfinite_gradients_total")
+                     .Help("NaN, infinite or out-of-range gradient values received.")
+                     .Register(*registry_)),
+      session_memory_(prometheus::BuildGauge()
+                          .Name("optd_session_memory_bytes")
+                          .Help("Bytes a session holds (charged against "
+                                "optd_session_memory_limit_bytes).")
+                          .Register(*registry_)),
+      session_step_(prometheus::BuildGauge()
+                        .Name("optd_session_step")
+                        .Help("Steps a session has completed.")
+                        .Register(*registry_)),
+      analysis_step_(prometheus::BuildGauge()
+                         .Name("optd_analysis_step")
+                         .Help("The step the session's latest optimizer figures belong to.")
+                         .Register(*registry_)),
+      analysis_duration_(prometheus::BuildHistogram()
+                             .Name("optd_analysis_duration_seconds")
+                             .Help("One analysis of a session's matrix tensors.")
+                             .Register(*registry_)
+                             .Add({}, AnalysisBuckets())),
+      analysis_skipped_(prometheus::BuildCounter()
+                            .Name("optd_analysis_skipped_total")
+                            .Help("Analyses not taken, by reason (busy: the analyzer was still "
+                                  "on an earlier one, or its snapshot memory was full).")
+                            .Register(*registry_)) {
+  prometheus::BuildGauge()
+      .Name("optd_session_memory_limit_bytes")
+      .Help("Most bytes one session may hold (--max_session_bytes).")
+      .Register(*registry_)
+      .Add({})
+      .Set(static_cast<double>(options_.session_memory_limit_bytes));
+  for (const char* phase : {"receive", "aggregate", "compute", "send"}) {
+    phases_.push_back(&step_phase_.Add({{"phase", phase}}, StepBuckets()));
+  }
+  auto gauge = [this](const char* name, const char* help) {
+    return &prometheus::BuildGauge().Name(name).Help(help).Register(*registry_);
+  };
+  // DESIGN.md's table, figure by figure.
+  Family<Gauge>* dominance =
+      gauge("optd_dominance_ratio",
+            "Seed 000: r_i = (VV^T)_ii / mean_{j!=i} |(VV^T)_ij| over the rows of the momentum V; "
+            "min, avg and max over rows. Below 1, rows interact more than they dominate.");
+  Family<Gauge>* cosine = gauge("optd_rmnp_muon_cosine",
+                                "Cosine between the RMNP direction (rows of V normalized) and "
+                                "the exact polar factor of V (Muon's ideal direction).");
+  Family<Gauge>* stable_rank = gauge("optd_stable_rank", "||X||_F^2 / sigma_max^2.");
+  Family<Gauge>* condition =
+      gauge("optd_condition_number", "sigma_max / sigma_min of the momentum.");
+  Family<Gauge>* entropy =
+      gauge("optd_singular_value_entropy", "Entropy of sigma / sum(sigma) (natural log).");
+  Family<Gauge>* ns_error =
+      gauge("optd_ns_polar_error",
+            "||NS(V) - polar(V)||_F / ||polar(V)||_F for the session's Newton-Schulz setting.");
+  Family<Gauge>* ns_small =
+      gauge("optd_ns_small_sv_fraction", "Seed 003: share of singular values of NS(V) below 0.6.");
+  Family<Gauge>* neuron_cv =
+      gauge("optd_neuron_norm_cv", "Seed 002: coefficient of variation of the update's row norms.");
+  Family<Gauge>* update_rms = gauge("optd_update_rms",
+                                    "RMS of the applied update (the direction after its scale, "
+                                    "before the learning rate).");
+  Family<Gauge>* grad_norm = gauge("optd_grad_norm", "Frobenius norm of the mean gradient.");
+  using A = v1::TensorAnalysis;
+  figures_ = {
+      {dominance, {{"stat", "min"}}, [](const A& a) { return a.dominance_ratio_min(); }},
+      {dominance, {{"stat", "avg"}}, [](const A& a) { return a.dominance_ratio_avg(); }},
+      {dominance, {{"stat", "max"}}, [](const A& a) { return a.dominance_ratio_max(); }},
+      {cosine, {}, [](const A& a) { return a.rmnp_muon_cosine(); }},
+      {stable_rank, {{"of", "momentum"}}, [](const A& a) { return a.stable_rank_momentum(); }},
+      {stable_rank, {{"of", "update"}}, [](const A& a) { return a.stable_rank_update(); }},
+      {condition, {{"of", "momentum"}}, [](const A& a) { return a.condition_number_momentum(); }},
+      {entropy,
+       {{"of", "momentum"}},
+       [](const A& a) { return a.singular_value_entropy_momentum(); }},
+      {entropy, {{"of", "update"}}, [](const A& a) { return a.singular_value_entropy_update(); }},
+      {ns_error, {}, [](const A& a) { return a.ns_polar_error(); }},
+      {ns_small, {}, [](const A& a) { return a.ns_small_sv_fraction(); }},
+      {neuron_cv, {{"of", "update"}}, [](const A& a) { return a.neuron_norm_cv_update(); }},
+      {update_rms, {}, [](const A& a) { return a.update_rms(); }},
+      {grad_norm, {}, [](const A& a) { return a.grad_norm(); }},
+  };
+}
+
+Metrics::~Metrics() = default;
+
+void Metrics::CountRpc(absl::string_view method, const absl::Status& status,
+                       absl::string_view reason) {
+  rpcs_.Add({{"method", std::string(method)}, {"code", GrpcCodeName(status.code())}}).Increment();
+  if (!status.ok()) {
+    rejected_.Add({{"reason", std::string(reason.empty() ? ReasonOf(status.code()) : reason)}})
+        .Increment();
+  }
+}
+
+void Metrics::ObserveStep(absl::string_view optimizer, absl::Duration duration) {
+  step_duration_.Add({{"optimizer", std::string(optimizer)}}, StepBuckets())
+      .Observe(absl::ToDoubleSeconds(duration));
+}
+
+void Metrics::ObservePhase(StepPhase phase, absl::Duration duration) {
+  phases_[static_cast<int>(phase)]->Observe(absl::ToDoubleSeconds(duration));
+}
+
+void Metrics::AddBytesReceived(int64_t bytes) {
+  bytes_received_.Increment(static_cast<double>(bytes));
+}
+void Metrics::AddBytesSent(int64_t bytes) { bytes_sent_.Increment(static_cast<double>(bytes)); }
+void Metrics::SetSessions(int64_t sessions) { sessions_.Set(static_cast<double>(sessions)); }
+
+void Metrics::SetBackendMemory(absl::string_view kind, int64_t bytes) {
+  backend_memory_.Add({{"kind", std::string(kind)}}).Set(static_cast<double>(bytes));
+}
+
+void Metrics::SetSessionState(const std::string& session, int64_t step, int64_t memory_bytes) {
+  absl::MutexLock lock(&mu_);
+  SessionSeries& series = sessions_series_[session];
+  if (series.step == nullptr) {
+    series.step = &session_step_.Add({{"session", session}});
+    series.memory = &session_memory_.Add({{"session", session}});
+  }
+  series.step->Set(static_cast<double>(step));
+  series.memory->Set(static_cast<double>(memory_bytes));
+}
+
+void Metrics::CountNonFinite(const std::string& session, int64_t values) {
+  absl::MutexLock lock(&mu_);
+  SessionSeries& series = sessions_series_[session];
+  if (series.nonfinite == nullptr) series.nonfinite = &nonfinite_.Add({{"session", session}});
+  series.nonfinite->Increment(static_cast<double>(values));
+}
+
+void Metrics::RemoveAnalysisLocked(SessionSeries& series) {
+  for (auto& [family, gauge] : series.analysis) family->Remove(gauge);
+  series.analysis.clear();
+  if (series.analysis_step != nullptr) analysis_step_.Remove(series.analysis_step);
+  series.analysis_step = nullptr;
+}
+
+void Metrics::PublishAnalysis(const std::string& session, int64_t step,
+                              const std::vector<v1::TensorAnalysis>& tensors) {
+  absl::MutexLock lock(&mu_);
+  SessionSeries& series = sessions_series_[session];
+  RemoveAnalysisLocked(series);
+  if (tensors.empty()) return;
+  series.analysis_step = &analysis_step_.Add({{"session", session}});
+  series.analysis_step->Set(static_cast<double>(step));
+  const size_t budget = static_cast<size_t>(std::max(options_.tensor_label_budget, 0));
+  for (const Figure& figure : figures_) {
+    double sum = 0;
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      const double value = figure.value(tensors[t]);
+      sum += value;
+      if (t >= budget) continue;
+      prometheus::Labels labels = figure.labels;
+      labels["session"] = session;
+      labels["tensor"] = tensors[t].tensor();
+      Gauge& gauge = figure.family->Add(labels);
+      gauge.Set(value);
+      series.analysis.push_back({figure.family, &gauge});
+    }
+    prometheus::Labels labels = figure.labels;
+    labels["session"] = session;
+    Gauge& mean = figure.family->Add(labels);
+    mean.Set(sum / static_cast<double>(tensors.size()));
+    series.analysis.push_back({figure.family, &mean});
+  }
+}
+
+void Metrics::ObserveAnalysis(absl::Duration duration) {
+  analysis_duration_.Observe(absl::ToDoubleSeconds(duration));
+}
+
+void Metrics::CountAnalysisSkipped(absl::string_view reason) {
+  analysis_skipped_.Add({{"reason", std::string(reason)}}).Increment();
+}
+
+void Metrics::RemoveSession(const std::string& session) {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_series_.find(session);
+  if (it == sessions_series_.end()) return;
+  SessionSeries& series = it->second;
+  RemoveAnalysisLocked(series);
+  if (series.step != nullptr) session_step_.Remove(series.step);
+  if (series.memory != nullptr) session_memory_.Remove(series.memory);
+  if (series.nonfinite != nullptr) nonfinite_.Remove(series.nonfinite);
+  sessions_series_.erase(it);
+}
+
+absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartExposer(
+    const std::string& address, const std::shared_ptr<prometheus::Registry>& registry) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos || colon + 1 == address.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--metrics_addr '", address, "' is not host:port"));
+  }
+  std::unique_ptr<prometheus::Exposer> exposer;
+  try {
+    // civetweb throws when it cannot bind; nothing else here does.
+    exposer = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/2);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve metrics on '", address, "': ", e.what()));
+  }
+  exposer->RegisterCollectable(registry);
+  return exposer;
+}
+
+}  // namespace optd::server
