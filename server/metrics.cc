@@ -1,6 +1,5 @@
 #include "server/metrics.h"
 
-#include <exception>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -297,25 +296,6 @@ void Metrics::RemoveSession(const std::string& session) {
   if (series.memory != nullptr) session_memory_.Remove(series.memory);
   if (series.nonfinite != nullptr) nonfinite_.Remove(series.nonfinite);
   sessions_series_.erase(it);
-}
-
-absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartExposer(
-    const std::string& address, const std::shared_ptr<prometheus::Registry>& registry) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos || colon + 1 == address.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--metrics_addr '", address, "' is not host:port"));
-  }
-  std::unique_ptr<prometheus::Exposer> exposer;
-  try {
-    // civetweb throws when it cannot bind; nothing else here does.
-    exposer = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/2);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot serve metrics on '", address, "': ", e.what()));
-  }
-  exposer->RegisterCollectable(registry);
-  return exposer;
 }
 
 }  // namespace optd::server

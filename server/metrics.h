@@ -27,7 +27,6 @@
 #include "absl/time/time.h"
 #include "optd/v1/optd.pb.h"
 #include "prometheus/counter.h"
-#include "prometheus/exposer.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
@@ -104,11 +103,6 @@ class Metrics {
   absl::Mutex mu_;
   std::map<std::string, SessionSeries> sessions_series_ ABSL_GUARDED_BY(mu_);
 };
-
-// Serves `registry` at http://<address>/metrics. Unavailable when the address cannot be bound;
-// InvalidArgument when it is not host:port.
-absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartExposer(
-    const std::string& address, const std::shared_ptr<prometheus::Registry>& registry);
 
 }  // namespace optd::server
 

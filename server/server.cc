@@ -95,10 +95,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   options.metrics.session_memory_limit_bytes = options.sessions.max_session_bytes;
   server->metrics_ = std::make_unique<Metrics>(options.metrics);
   if (!options.metrics_addr.empty()) {
-    OPTD_ASSIGN_OR_RETURN(server->exposer_,
-                          StartExposer(options.metrics_addr, server->metrics_->registry()));
-    const std::vector<int> ports = server->exposer_->GetListeningPorts();
-    server->metrics_port_ = ports.empty() ? 0 : ports.front();
+    OPTD_ASSIGN_OR_RETURN(
+        server->metrics_http_,
+        MetricsHttpServer::Start(options.metrics_addr, server->metrics_->registry()));
+    server->metrics_port_ = server->metrics_http_->port();
     server->startup_log_.push_back(absl::StrCat(
         "metrics on http://", options.metrics_addr.substr(0, options.metrics_addr.rfind(':')), ":",
         server->metrics_port_, "/metrics"));

@@ -16,6 +16,7 @@
 #include "kernels/backend.h"
 #include "server/analyzer.h"
 #include "server/metrics.h"
+#include "server/metrics_http.h"
 #include "server/service.h"
 #include "server/session_manager.h"
 
@@ -84,7 +85,7 @@ class Server {
   absl::Notification stop_reaper_;
   std::thread reaper_;
   bool shut_down_ = false;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
   int metrics_port_ = 0;
 };
 

@@ -1,0 +1,436 @@
+// optd's metrics end to end: the analyzer's figures in GetAnalysis and in the Prometheus
+// exposition against fp64 values computed here, the service metrics against what the test did,
+// the label budget, series removal, the step never waiting for an analysis, and /metrics over
+// HTTP.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "prometheus/text_serializer.h"
+#include "tests/server/analysis_reference.h"
+#include "tests/server/test_daemon.h"
+
+namespace optd::testing {
+namespace {
+
+using Labels = std::map<std::string, std::string>;
+
+struct Sample {
+  std::string name;
+  Labels labels;
+  double value = 0;
+};
+
+// Parses the text exposition format: `name{k="v",...} value` lines; comments skipped.
+std::vector<Sample> ParseExposition(const std::string& text) {
+  std::vector<Sample> samples;
+  for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
+    if (line.front() == '#') continue;
+    Sample s;
+    const size_t brace = line.find('{');
+    const size_t space = line.rfind(' ');
+    if (brace != absl::string_view::npos && brace < space) {
+      s.name = std::string(line.substr(0, brace));
+      const size_t close = line.rfind('}');
+      for (absl::string_view pair :
+           absl::StrSplit(line.substr(brace + 1, close - brace - 1), ',', absl::SkipEmpty())) {
+        const size_t eq = pair.find('=');
+        s.labels[std::string(pair.substr(0, eq))] =
+            std::string(pair.substr(eq + 2, pair.size() - eq - 3));
+      }
+    } else {
+      s.name = std::string(line.substr(0, space));
+    }
+    s.value = std::strtod(std::string(line.substr(space + 1)).c_str(), nullptr);
+    samples.push_back(std::move(s));
+  }
+  return samples;
+}
+
+class Exposition {
+ public:
+  explicit Exposition(server::Server& server)
+      : samples_(ParseExposition(
+            prometheus::TextSerializer().Serialize(server.metrics().registry()->Collect()))) {}
+
+  // The value of the series with exactly these labels; NaN (and a failure) when absent.
+  double Get(const std::string& name, const Labels& labels = {}) const {
+    for (const Sample& s : samples_) {
+      if (s.name == name && s.labels == labels) return s.value;
+    }
+    ADD_FAILURE() << "no series " << name << " with " << labels.size() << " labels";
+    return std::nan("");
+  }
+  int Count(const std::string& name, const std::string& session) const {
+    int n = 0;
+    for (const Sample& s : samples_) {
+      auto it = s.labels.find("session");
+      n += s.name == name && it != s.labels.end() && it->second == session;
+    }
+    return n;
+  }
+  int CountWithLabel(const std::string& label, const std::string& value) const {
+    int n = 0;
+    for (const Sample& s : samples_) {
+      auto it = s.labels.find(label);
+      n += it != s.labels.end() && it->second == value;
+    }
+    return n;
+  }
+
+ private:
+  std::vector<Sample> samples_;
+};
+
+v1::TensorConfig* AddTensor(v1::SessionConfig& config, const std::string& name,
+                            std::vector<int64_t> shape) {
+  v1::TensorConfig* t = config.add_tensors();
+  t->set_name(name);
+  for (int64_t d : shape) t->add_shape(d);
+  t->set_group("matrices");
+  return t;
+}
+
+// Moonlight's rule with fp32 Newton–Schulz: `sum` momentum, so the first step's momentum is the
+// gradient itself, and zero initial parameters, so the update is −w₁/lr.
+v1::SessionConfig AnalyzedConfig() {
+  v1::SessionConfig config;
+  v1::GroupConfig* group = config.add_groups();
+  group->set_name("matrices");
+  group->set_preset("moonlight");
+  v1::Override* dtype = group->add_overrides();
+  dtype->set_key("ns.dtype");
+  dtype->set_value("fp32");
+  config.set_analysis_interval(1);
+  return config;
+}
+
+constexpr double kMoonlightLr = 1e-3;
+
+void ExpectClose(double got, double want, const std::string& what) {
+  if (std::isinf(want)) {
+    EXPECT_EQ(got, want) << what;
+    return;
+  }
+  EXPECT_NEAR(got, want, 2e-5 * std::max(1.0, std::fabs(want))) << what;
+}
+
+// Each figure of a TensorAnalysis next to its metric name and labels.
+struct FigureOf {
+  const char* metric;
+  Labels labels;
+  double (v1::TensorAnalysis::*get)() const;
+  double reference::Figures::*want;
+};
+
+const std::vector<FigureOf>& Figures() {
+  using A = v1::TensorAnalysis;
+  using F = reference::Figures;
+  static const std::vector<FigureOf> figures = {
+      {"optd_dominance_ratio", {{"stat", "min"}}, &A::dominance_ratio_min, &F::dominance_min},
+      {"optd_dominance_ratio", {{"stat", "avg"}}, &A::dominance_ratio_avg, &F::dominance_avg},
+      {"optd_dominance_ratio", {{"stat", "max"}}, &A::dominance_ratio_max, &F::dominance_max},
+      {"optd_rmnp_muon_cosine", {}, &A::rmnp_muon_cosine, &F::rmnp_muon_cosine},
+      {"optd_stable_rank",
+       {{"of", "momentum"}},
+       &A::stable_rank_momentum,
+       &F::stable_rank_momentum},
+      {"optd_stable_rank", {{"of", "update"}}, &A::stable_rank_update, &F::stable_rank_update},
+      {"optd_condition_number",
+       {{"of", "momentum"}},
+       &A::condition_number_momentum,
+       &F::condition_number_momentum},
+      {"optd_singular_value_entropy",
+       {{"of", "momentum"}},
+       &A::singular_value_entropy_momentum,
+       &F::entropy_momentum},
+      {"optd_singular_value_entropy",
+       {{"of", "update"}},
+       &A::singular_value_entropy_update,
+       &F::entropy_update},
+      {"optd_ns_polar_error", {}, &A::ns_polar_error, &F::ns_polar_error},
+      {"optd_ns_small_sv_fraction", {}, &A::ns_small_sv_fraction, &F::ns_small_sv_fraction},
+      {"optd_neuron_norm_cv", {{"of", "update"}}, &A::neuron_norm_cv_update, &F::neuron_norm_cv},
+      {"optd_update_rms", {}, &A::update_rms, &F::update_rms},
+      {"optd_grad_norm", {}, &A::grad_norm, &F::grad_norm},
+  };
+  return figures;
+}
+
+Labels With(Labels labels, const std::string& session, const std::string& tensor = "") {
+  labels["session"] = session;
+  if (!tensor.empty()) labels["tensor"] = tensor;
+  return labels;
+}
+
+class MetricsTest : public ::testing::Test {
+ protected:
+  void SetUp() override { server_ = StartServer(LoopbackOptions()); }
+
+  std::unique_ptr<server::Server> server_;
+};
+
+TEST_F(MetricsTest, FiguresMatchFp64InGetAnalysisAndTheExposition) {
+  v1::SessionConfig config = AnalyzedConfig();
+  AddTensor(config, "diagonal", {6, 6});
+  AddTensor(config, "rank_one", {5, 8});
+  AddTensor(config, "random", {12, 20});
+  client::Client client = ConnectTo(*server_);
+  absl::StatusOr<client::Session> session = client.CreateSession(config, "figures");
+  ASSERT_TRUE(session.ok()) << session.status();
+
+  // diag(1..6): VVᵀ is diagonal, every dominance ratio infinite, polar(V) = rownormalize(V).
+  std::vector<float> diagonal(36, 0.0f);
+  for (int i = 0; i < 6; ++i) diagonal[i * 6 + i] = static_cast<float>(i + 1);
+  // u·vᵀ with dyadic entries: exactly rank one in fp32; r_i = |u_i| / mean_{j≠i} |u_j|.
+  const std::vector<float> u = {1, -2, 3, 0.5f, -1};
+  const std::vector<float> v = {0.5f, 1, -1, 2, 0.25f, -0.75f, 1.5f, -0.5f};
+  std::vector<float> rank_one;
+  for (float a : u) {
+    for (float b : v) rank_one.push_back(a * b);
+  }
+  const std::vector<float> random = Gradient(12 * 20, 7, 1, 0);
+  const std::vector<client::NamedTensor> gradients = {
+      {"diagonal", diagonal}, {"rank_one", rank_one}, {"random", random}};
+  ASSERT_TRUE(session->Step(1, gradients).ok());
+  server_->analyzer().WaitUntilIdle();
+
+  absl::StatusOr<v1::GetAnalysisResponse> analysis = session->Analysis();
+  ASSERT_TRUE(analysis.ok()) << analysis.status();
+  ASSERT_EQ(analysis->tensors_size(), 3);
+  absl::StatusOr<std::map<std::string, std::vector<float>>> params = session->GetParameters();
+  ASSERT_TRUE(params.ok());
+  const Exposition exposition(*server_);
+
+  const std::vector<std::pair<std::vector<float>, std::vector<int64_t>>> inputs = {
+      {diagonal, {6, 6}}, {rank_one, {5, 8}}, {random, {12, 20}}};
+  std::map<std::string, double> sums;
+  for (int t = 0; t < 3; ++t) {
+    const v1::TensorAnalysis& got = analysis->tensors(t);
+    const std::string& name = config.tensors(t).name();
+    EXPECT_EQ(got.tensor(), name);
+    EXPECT_EQ(got.step(), 1);
+    const std::vector<float>& g = inputs[t].first;
+    std::vector<float> update;
+    for (float w : params->at(name)) update.push_back(static_cast<float>(-w / kMoonlightLr));
+    const reference::Figures want =
+        reference::AnalyzeFp64(g, update, g, inputs[t].second[0], inputs[t].second[1]);
+    for (const FigureOf& f : Figures()) {
+      const std::string what =
+          absl::StrCat(name, " ", f.metric, " ", f.labels.empty() ? "" : f.labels.begin()->second);
+      const double value = (got.*f.get)();
+      if (t == 1 && f.want == &reference::Figures::condition_number_momentum) {
+        // Exactly rank one: σ_min is zero, or rounding noise ~1e-16·σ_max.
+        EXPECT_GT(value, 1e12) << what;
+      } else {
+        ExpectClose(value, want.*f.want, what);
+      }
+      // The exposition carries the same number, and the session series their mean.
+      EXPECT_DOUBLE_EQ(exposition.Get(f.metric, With(f.labels, "figures", name)), value) << what;
+      sums[absl::StrCat(f.metric, f.labels.empty() ? "" : f.labels.begin()->second)] += value;
+    }
+  }
+  for (const FigureOf& f : Figures()) {
+    const double mean =
+        sums[absl::StrCat(f.metric, f.labels.empty() ? "" : f.labels.begin()->second)] / 3;
+    EXPECT_DOUBLE_EQ(exposition.Get(f.metric, With(f.labels, "figures")), mean) << f.metric;
+  }
+  // Closed forms for two of the inputs, beside the fp64 reference.
+  EXPECT_EQ(analysis->tensors(0).dominance_ratio_min(), std::numeric_limits<double>::infinity());
+  EXPECT_NEAR(analysis->tensors(0).rmnp_muon_cosine(), 1.0, 1e-6);
+  EXPECT_NEAR(analysis->tensors(0).condition_number_momentum(), 6.0, 1e-5);
+  EXPECT_NEAR(analysis->tensors(1).dominance_ratio_max(), 3.0 / ((1 + 2 + 0.5 + 1) / 4.0), 1e-5);
+  EXPECT_NEAR(analysis->tensors(1).ns_small_sv_fraction(), 4.0 / 5.0, 1e-12);
+  EXPECT_NEAR(analysis->tensors(1).stable_rank_momentum(), 1.0, 1e-6);
+
+  // The service metrics of what this test did.
+  int64_t elements = 0;
+  for (const auto& [g, shape] : inputs) elements += static_cast<int64_t>(g.size());
+  EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "CreateSession"}, {"code", "OK"}}), 1);
+  EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "Step"}, {"code", "OK"}}), 1);
+  EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "GetAnalysis"}, {"code", "OK"}}), 1);
+  EXPECT_EQ(exposition.Get("optd_bytes_received_total"), 4.0 * elements);
+  // The step's result (parameters) and GetParams.
+  EXPECT_EQ(exposition.Get("optd_bytes_sent_total"), 2 * 4.0 * elements);
+  EXPECT_EQ(exposition.Get("optd_step_duration_seconds_count", {{"optimizer", "moonlight"}}), 1);
+  for (const char* phase : {"receive", "aggregate", "compute", "send"}) {
+    EXPECT_EQ(exposition.Get("optd_step_phase_seconds_count", {{"phase", phase}}), 1) << phase;
+  }
+  EXPECT_EQ(exposition.Get("optd_sessions"), 1);
+  absl::StatusOr<v1::SessionInfo> info = session->Info();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(exposition.Get("optd_backend_memory_bytes", {{"kind", "sessions"}}),
+            info->state_bytes());
+  EXPECT_EQ(exposition.Get("optd_session_memory_bytes", {{"session", "figures"}}),
+            info->state_bytes());
+  EXPECT_EQ(exposition.Get("optd_session_memory_limit_bytes"),
+            static_cast<double>(server::SessionManagerOptions().max_session_bytes));
+  EXPECT_EQ(exposition.Get("optd_session_step", {{"session", "figures"}}), 1);
+  EXPECT_EQ(exposition.Get("optd_analysis_step", {{"session", "figures"}}), 1);
+  EXPECT_EQ(exposition.Get("optd_analysis_duration_seconds_count"), 1);
+  EXPECT_EQ(exposition.Get("optd_backend_memory_bytes", {{"kind", "analysis"}}), 0);
+}
+
+TEST_F(MetricsTest, RejectionsAreCountedByReason) {
+  v1::SessionConfig config = AnalyzedConfig();
+  AddTensor(config, "w", {2, 5});
+  client::Client client = ConnectTo(*server_);
+  absl::StatusOr<client::Session> session = client.CreateSession(config, "rejections");
+  ASSERT_TRUE(session.ok());
+  std::vector<float> g(10, 1.0f);
+  EXPECT_EQ(session->Step(3, {{"w", g}}).status().code(), absl::StatusCode::kFailedPrecondition);
+  client::ChannelOptions channel;
+  channel.target = server_->address();
+  client::Session stranger(*client::MakeChannel(channel), "rejections", "optd_0000");
+  EXPECT_EQ(stranger.Info().status().code(), absl::StatusCode::kUnauthenticated);
+  g[1] = g[4] = g[7] = std::nanf("");
+  EXPECT_EQ(session->Step(1, {{"w", g}}).status().code(), absl::StatusCode::kInvalidArgument);
+  const Exposition exposition(*server_);
+  EXPECT_EQ(exposition.Get("optd_rejected_total", {{"reason", "wrong_step"}}), 1);
+  EXPECT_EQ(exposition.Get("optd_rejected_total", {{"reason", "unauthenticated"}}), 1);
+  EXPECT_EQ(exposition.Get("optd_rejected_total", {{"reason", "nonfinite"}}), 1);
+  EXPECT_EQ(exposition.Get("optd_nonfinite_gradients_total", {{"session", "rejections"}}), 3);
+  EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "Step"}, {"code", "FAILED_PRECONDITION"}}),
+            1);
+  EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "Step"}, {"code", "INVALID_ARGUMENT"}}),
+            1);
+  EXPECT_EQ(
+      exposition.Get("optd_rpc_total", {{"method", "GetSession"}, {"code", "UNAUTHENTICATED"}}), 1);
+}
+
+TEST(MetricsBudgetTest, SessionsPastTheBudgetFoldIntoTheAggregate) {
+  server::ServerOptions options = LoopbackOptions();
+  options.metrics.tensor_label_budget = 2;
+  std::unique_ptr<server::Server> server = StartServer(options);
+  v1::SessionConfig config = AnalyzedConfig();
+  std::vector<std::vector<float>> storage;
+  std::vector<client::NamedTensor> gradients;
+  for (int t = 0; t < 5; ++t) {
+    AddTensor(config, absl::StrCat("layer", t), {4, 6});
+    storage.push_back(Gradient(24, t, 1, 0));
+  }
+  for (int t = 0; t < 5; ++t) gradients.push_back({config.tensors(t).name(), storage[t]});
+  client::Client client = ConnectTo(*server);
+  absl::StatusOr<client::Session> session = client.CreateSession(config, "budget");
+  ASSERT_TRUE(session.ok());
+  ASSERT_TRUE(session->Step(1, gradients).ok());
+  server->analyzer().WaitUntilIdle();
+  absl::StatusOr<v1::GetAnalysisResponse> analysis = session->Analysis();
+  ASSERT_TRUE(analysis.ok());
+  ASSERT_EQ(analysis->tensors_size(), 5);  // GetAnalysis has every tensor
+  const Exposition exposition(*server);
+  for (const FigureOf& f : Figures()) {
+    // Per figure and label value: two tensors and the aggregate.
+    int series_per_figure = 0;
+    for (const FigureOf& g : Figures()) series_per_figure += g.metric == std::string(f.metric);
+    EXPECT_EQ(exposition.Count(f.metric, "budget"), 3 * series_per_figure) << f.metric;
+    double sum = 0;
+    for (const v1::TensorAnalysis& a : analysis->tensors()) sum += (a.*f.get)();
+    EXPECT_DOUBLE_EQ(exposition.Get(f.metric, With(f.labels, "budget")), sum / 5) << f.metric;
+  }
+  EXPECT_EQ(exposition.CountWithLabel("tensor", "layer2"), 0);
+}
+
+TEST_F(MetricsTest, DeletingASessionRemovesItsSeries) {
+  v1::SessionConfig config = AnalyzedConfig();
+  AddTensor(config, "w", {3, 4});
+  client::Client client = ConnectTo(*server_);
+  absl::StatusOr<client::Session> session = client.CreateSession(config, "gone");
+  ASSERT_TRUE(session.ok());
+  std::vector<float> g = Gradient(12, 0, 1, 0);
+  ASSERT_TRUE(session->Step(1, {{"w", g}}).ok());
+  server_->analyzer().WaitUntilIdle();
+  EXPECT_GT(Exposition(*server_).CountWithLabel("session", "gone"), 20);
+  ASSERT_TRUE(session->Delete().ok());
+  const Exposition after(*server_);
+  EXPECT_EQ(after.CountWithLabel("session", "gone"), 0);
+  EXPECT_EQ(after.Get("optd_sessions"), 0);
+}
+
+TEST_F(MetricsTest, AStepDoesNotWaitForTheAnalysis) {
+  // Exact SVDs and Newton–Schulz of a 768×1536 momentum take the analyzer seconds; the step that
+  // handed it over returns meanwhile, and so does the next, whose analysis is skipped.
+  v1::SessionConfig config = AnalyzedConfig();
+  AddTensor(config, "big", {768, 1536});
+  client::Client client = ConnectTo(*server_);
+  absl::StatusOr<client::Session> session = client.CreateSession(config, "big");
+  ASSERT_TRUE(session.ok());
+  const std::vector<float> g = Gradient(768 * 1536, 0, 1, 0);
+  ASSERT_TRUE(session->Step(1, {{"big", g}}).ok());
+  EXPECT_TRUE(server_->analyzer().busy());
+  ASSERT_TRUE(session->Step(2, {{"big", g}}).ok());
+  // Step 2 came while step 1's analysis ran: its analysis is skipped, not queued behind it.
+  EXPECT_TRUE(server_->analyzer().busy());
+  server_->analyzer().WaitUntilIdle();
+  absl::StatusOr<v1::GetAnalysisResponse> analysis = session->Analysis();
+  ASSERT_TRUE(analysis.ok());
+  ASSERT_EQ(analysis->tensors_size(), 1);
+  EXPECT_EQ(analysis->tensors(0).step(), 1);
+  const Exposition exposition(*server_);
+  EXPECT_EQ(exposition.Get("optd_analysis_skipped_total", {{"reason", "busy"}}), 1);
+  // The analysis took longer than both steps together, none of which waited for it.
+  EXPECT_GT(exposition.Get("optd_analysis_duration_seconds_sum"),
+            exposition.Get("optd_step_duration_seconds_sum", {{"optimizer", "moonlight"}}));
+}
+
+// GET /metrics over a plain socket.
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string request =
+      absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
+    close(fd);
+    return "";
+  }
+  std::string response;
+  char buffer[4096];
+  ssize_t n;
+  while ((n = read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, n);
+  close(fd);
+  return response;
+}
+
+TEST(MetricsExposerTest, ServesTheRegistryOverHttp) {
+  server::ServerOptions options = LoopbackOptions();
+  options.metrics_addr = "127.0.0.1:0";
+  std::unique_ptr<server::Server> server = StartServer(options);
+  ASSERT_GT(server->metrics_port(), 0);
+  const std::string response = HttpGet(server->metrics_port(), "/metrics");
+  EXPECT_NE(response.find("200 OK"), std::string::npos) << response.substr(0, 200);
+  EXPECT_NE(response.find("# TYPE optd_sessions gauge"), std::string::npos);
+  EXPECT_NE(response.find("optd_session_memory_limit_bytes"), std::string::npos);
+  // The same port again cannot be bound; an address without a port is refused.
+  const std::string taken = absl::StrCat("127.0.0.1:", server->metrics_port());
+  EXPECT_EQ(server::MetricsHttpServer::Start(taken, server->metrics().registry()).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(
+      server::MetricsHttpServer::Start("localhost", server->metrics().registry()).status().code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(server::MetricsHttpServer::Start("no.such.host.invalid:0", server->metrics().registry())
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  // Anything but /metrics is 404; HEAD has no body.
+  EXPECT_NE(HttpGet(server->metrics_port(), "/other").find("404 Not Found"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace optd::testing
