@@ -69,6 +69,11 @@ ABSL_FLAG(std::optional<double>, lr, std::nullopt,
           "step: learning rate of every group for this step only; default: the groups' own.");
 ABSL_FLAG(std::optional<std::string>, result_dtype, std::nullopt,
           "step: dtype the result travels in, fp32, bf16 or fp16; default: each tensor's dtype.");
+ABSL_FLAG(bool, follow, false, "analysis: keep polling and print each new analysis as it lands.");
+ABSL_FLAG(std::optional<double>, interval_s, std::nullopt,
+          "analysis --follow: seconds between polls (default 2).");
+ABSL_FLAG(std::optional<int64_t>, updates, std::nullopt,
+          "analysis --follow: stop after this many analyses (default: never).");
 ABSL_FLAG(std::optional<int64_t>, chunk_bytes, std::nullopt,
           "step: size of the gradient and result chunks, 4 .. 4194304; default: 1048576.");
 
@@ -104,8 +109,10 @@ Commands:
       Sends one worker's gradients for step N from DIR's .npy files (each must have its
       tensor's exact shape), prints the step's summary and with --out writes the result
       tensors there.
-  analysis SESSION
-      The latest analysis figures per tensor (DESIGN.md, "Metrics").
+  analysis SESSION [--follow [--interval_s=2] [--updates=N]]
+      The latest analysis figures per tensor (DESIGN.md, "Metrics"): a session analyzes every
+      analysis_interval steps. --follow polls and prints each new analysis as it lands, until
+      interrupted or N were shown.
 
 Tokens: create and list send --admin_token ($OPTD_ADMIN_TOKEN); delete sends the admin token
 when given (a daemon started with --admin_token requires it), else --token ($OPTD_TOKEN); the
@@ -190,7 +197,7 @@ const std::vector<Command>& Commands() {
        1,
        1,
        {"step", "grads", "out", "worker", "lr", "wire_dtype", "result_dtype", "chunk_bytes"}},
-      {"analysis", 1, 1, {}},
+      {"analysis", 1, 1, {"follow", "interval_s", "updates"}},
   };
   return *commands;
 }
@@ -224,6 +231,9 @@ absl::StatusOr<const Command*> FindCommand(const std::vector<std::string>& args)
       {"lr", absl::GetFlag(FLAGS_lr).has_value()},
       {"result_dtype", absl::GetFlag(FLAGS_result_dtype).has_value()},
       {"chunk_bytes", absl::GetFlag(FLAGS_chunk_bytes).has_value()},
+      {"follow", absl::GetFlag(FLAGS_follow)},
+      {"interval_s", absl::GetFlag(FLAGS_interval_s).has_value()},
+      {"updates", absl::GetFlag(FLAGS_updates).has_value()},
   };
   for (const auto& [flag, is_given] : given) {
     if (is_given &&
@@ -320,7 +330,16 @@ absl::StatusOr<int> Run(const std::vector<std::string>& args) {
   } else if (name == "restore") {
     OPTD_RETURN_IF_ERROR(RunRestore(session, std::cout));
   } else if (name == "analysis") {
-    OPTD_RETURN_IF_ERROR(RunAnalysis(session, std::cout));
+    AnalysisCommandOptions analysis;
+    analysis.follow = absl::GetFlag(FLAGS_follow);
+    const double interval = absl::GetFlag(FLAGS_interval_s).value_or(2.0);
+    const int64_t updates = absl::GetFlag(FLAGS_updates).value_or(0);
+    if (!(interval > 0) || updates < 0) {
+      return UsageError("--interval_s must be > 0 and --updates >= 0");
+    }
+    analysis.interval = absl::Seconds(interval);
+    analysis.updates = updates;
+    OPTD_RETURN_IF_ERROR(RunAnalysis(session, analysis, std::cout));
   } else if (name == "dump") {
     DumpOptions dump;
     dump.dir = args[2];

@@ -17,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "client/npy.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
@@ -279,12 +280,9 @@ absl::Status RunRestore(Session& session, std::ostream& out) {
   return absl::OkStatus();
 }
 
-absl::Status RunAnalysis(Session& session, std::ostream& out) {
-  OPTD_ASSIGN_OR_RETURN(v1::GetAnalysisResponse analysis, session.Analysis());
-  if (analysis.tensors().empty()) {
-    out << "no analysis yet\n";
-    return absl::OkStatus();
-  }
+namespace {
+
+void PrintAnalysis(const v1::GetAnalysisResponse& analysis, std::ostream& out) {
   // Every field of TensorAnalysis is a column, headed by its proto name, so the table follows
   // the wire contract as figures are added to it.
   const google::protobuf::Descriptor* descriptor = v1::TensorAnalysis::descriptor();
@@ -316,6 +314,41 @@ absl::Status RunAnalysis(Session& session, std::ostream& out) {
     }
   }
   PrintTable(rows, "", out);
+}
+
+}  // namespace
+
+absl::Status RunAnalysis(Session& session, const AnalysisCommandOptions& options,
+                         std::ostream& out) {
+  if (!options.follow) {
+    OPTD_ASSIGN_OR_RETURN(v1::GetAnalysisResponse analysis, session.Analysis());
+    if (analysis.tensors().empty()) {
+      out << "no analysis yet\n";
+    } else {
+      PrintAnalysis(analysis, out);
+    }
+    return absl::OkStatus();
+  }
+  int64_t shown_step = -1;
+  for (int64_t printed = 0; options.updates == 0 || printed < options.updates;) {
+    OPTD_ASSIGN_OR_RETURN(v1::GetAnalysisResponse analysis, session.Analysis());
+    int64_t step = -1;
+    for (const v1::TensorAnalysis& tensor : analysis.tensors()) {
+      step = std::max(step, tensor.step());
+    }
+    if (step != shown_step) {
+      if (step < 0) {
+        out << "waiting for the first analysis\n";
+      } else {
+        out << "step " << step << "\n";
+        PrintAnalysis(analysis, out);
+        ++printed;
+      }
+      out.flush();
+      shown_step = step;
+    }
+    if (options.updates == 0 || printed < options.updates) absl::SleepFor(options.interval);
+  }
   return absl::OkStatus();
 }
 

@@ -71,8 +71,17 @@ absl::Status RunCheckpoint(Session& session, std::ostream& out);
 // Prints the step the session went back to.
 absl::Status RunRestore(Session& session, std::ostream& out);
 
-// The latest analysis figures, one row per tensor, or "no analysis yet".
-absl::Status RunAnalysis(Session& session, std::ostream& out);
+struct AnalysisCommandOptions {
+  // Keep polling and print each new analysis (a new step) as it lands, headed by its step.
+  bool follow = false;
+  absl::Duration interval = absl::Seconds(2);  // between polls
+  int64_t updates = 0;                         // following: stop after this many; 0: never
+};
+
+// The latest analysis figures, one row per tensor, or "no analysis yet"; with `follow`, every
+// new analysis until `updates` were printed (or the call fails).
+absl::Status RunAnalysis(Session& session, const AnalysisCommandOptions& options,
+                         std::ostream& out);
 
 struct DumpOptions {
   std::string dir;                   // created when missing

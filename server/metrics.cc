@@ -21,6 +21,16 @@ Histogram::BucketBoundaries AnalysisBuckets() {
   return {0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600};
 }
 
+// optd_rejected_total's reasons: the service's own (queue_full, draining, nonfinite, wrong_step)
+// and those a status code stands for (ReasonOf).
+const std::vector<absl::string_view>& RejectionReasons() {
+  static const std::vector<absl::string_view> reasons = {
+      "queue_full",      "draining",          "nonfinite", "wrong_step",
+      "unauthenticated", "permission_denied", "not_found", "invalid_argument",
+      "over_quota",      "straggler",         "cancelled", "other"};
+  return reasons;
+}
+
 absl::string_view ReasonOf(absl::StatusCode code) {
   switch (code) {
     case absl::StatusCode::kUnauthenticated:
@@ -145,6 +155,11 @@ Metrics::Metrics(MetricsOptions options)
   for (const char* phase : {"receive", "aggregate", "compute", "send"}) {
     phases_.push_back(&step_phase_.Add({{"phase", phase}}, StepBuckets()));
   }
+  // Every known label value starts at 0, so rate() and the alerts see the first event.
+  for (absl::string_view reason : RejectionReasons())
+    rejected_.Add({{"reason", std::string(reason)}});
+  analysis_skipped_.Add({{"reason", "busy"}});
+  for (const char* kind : {"sessions", "analysis"}) backend_memory_.Add({{"kind", kind}});
   auto gauge = [this](const char* name, const char* help) {
     return &prometheus::BuildGauge().Name(name).Help(help).Register(*registry_);
   };
@@ -230,6 +245,7 @@ void Metrics::SetSessionState(const std::string& session, int64_t step, int64_t 
     series.step = &session_step_.Add({{"session", session}});
     series.memory = &session_memory_.Add({{"session", session}});
   }
+  if (series.nonfinite == nullptr) series.nonfinite = &nonfinite_.Add({{"session", session}});
   series.step->Set(static_cast<double>(step));
   series.memory->Set(static_cast<double>(memory_bytes));
 }

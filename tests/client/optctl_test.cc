@@ -11,6 +11,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -19,6 +20,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/synchronization/mutex.h"
 #include "client/npy.h"
 #include "client/optctl_lib.h"
 #include "google/protobuf/text_format.h"
@@ -489,8 +491,73 @@ TEST_F(OptctlTest, WrongTokensAreRefusedWithTheDaemonsStatus) {
 TEST_F(OptctlTest, AnalysisOfAFreshSession) {
   client::Session session = Create("fresh");
   std::ostringstream out;
-  ASSERT_TRUE(client::RunAnalysis(session, out).ok());
+  ASSERT_TRUE(client::RunAnalysis(session, {}, out).ok());
   EXPECT_EQ(out.str(), "no analysis yet\n");
+}
+
+// An output stream another thread can watch while it is written.
+class WatchedOutput : public std::streambuf {
+ public:
+  // True once the text written contains `needle`; false after `timeout`.
+  bool WaitFor(const std::string& needle, absl::Duration timeout) {
+    absl::MutexLock lock(&mu_);
+    auto seen = [&]()
+                    ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return absl::StrContains(text_, needle); };
+    return mu_.AwaitWithTimeout(absl::Condition(&seen), timeout);
+  }
+  std::string text() {
+    absl::MutexLock lock(&mu_);
+    return text_;
+  }
+
+ protected:
+  int_type overflow(int_type c) override {
+    if (c != traits_type::eof()) {
+      absl::MutexLock lock(&mu_);
+      text_.push_back(static_cast<char>(c));
+    }
+    return c;
+  }
+  std::streamsize xsputn(const char* s, std::streamsize n) override {
+    absl::MutexLock lock(&mu_);
+    text_.append(s, static_cast<size_t>(n));
+    return n;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::string text_ ABSL_GUARDED_BY(mu_);
+};
+
+TEST_F(OptctlTest, AnalysisFollowsEachNewAnalysis) {
+  v1::SessionConfig config = ParsedConfig();
+  config.set_analysis_interval(1);
+  client::Client admin = Client();
+  absl::StatusOr<client::Session> session = admin.CreateSession(config, "followed");
+  ASSERT_TRUE(session.ok()) << session.status();
+  WatchedOutput watched;
+  std::ostream out(&watched);
+  absl::Status followed;
+  std::thread follower([&] {
+    followed = client::RunAnalysis(
+        *session, {.follow = true, .interval = absl::Milliseconds(1), .updates = 2}, out);
+  });
+  const std::vector<float> matrix = Gradient(48, 0, 1, 0);
+  for (int64_t step = 1; step <= 2; ++step) {
+    ASSERT_TRUE(session->Step(step, {{kMatrix, matrix}}).ok());
+    ASSERT_TRUE(watched.WaitFor(absl::StrCat("step ", step, "\n"), absl::Seconds(60)));
+    server_->analyzer().WaitUntilIdle();  // so the next step's analysis is not skipped as busy
+  }
+  follower.join();
+  EXPECT_TRUE(followed.ok()) << followed;
+  const std::string text = watched.text();
+  // "waiting for the first analysis" first if the follower polled before step 1 was analyzed.
+  EXPECT_LT(text.find("step 1\n"), text.find("step 2\n")) << text;
+  // Each analysis is a header row and the matrix's row.
+  const std::vector<std::string> tables = absl::StrSplit(text, "DOMINANCE_RATIO_MIN");
+  const std::vector<std::string> rows = absl::StrSplit(text, kMatrix);
+  EXPECT_EQ(tables.size(), 3u) << text;
+  EXPECT_EQ(rows.size(), 3u) << text;
 }
 
 TEST_F(OptctlTest, DeleteNeedsTheAdminTokenOfADaemonThatHasOne) {
