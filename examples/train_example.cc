@@ -5,8 +5,10 @@
 // data is a synthetic teacher task (a random two-layer teacher labels Gaussian inputs), so the
 // example needs no downloads.
 //
-// Usage: train_example [steps [losses.csv]] [--server=HOST:PORT] — the CSV gets one row per
-// (optimizer, step, loss).
+// Usage: train_example [steps [losses.csv]] [--server=HOST:PORT [--keep_sessions]] — the CSV
+// gets one row per (optimizer, step, loss). Remote sessions are analyzed every 10 steps; the
+// table's dominance ratios then come from the daemon's GetAnalysis. --keep_sessions leaves them
+// in the daemon, named demo-<preset>, for its metrics and optctl to show.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -15,6 +17,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -132,9 +135,12 @@ void Check(const absl::Status& status) {
 }  // namespace
 
 // The optimizer groups of the remote session: the matrix preset for W1, AdamW for the rest.
+constexpr int kAnalysisInterval = 10;
+
 optd::v1::SessionConfig RemoteConfig(const std::string& preset,
                                      const optd::OptimizerConfig& matrix) {
   optd::v1::SessionConfig config;
+  config.set_analysis_interval(kAnalysisInterval);
   optd::v1::GroupConfig* hidden = config.add_groups();
   hidden->set_name("hidden");
   hidden->set_preset(preset);
@@ -166,17 +172,22 @@ optd::v1::SessionConfig RemoteConfig(const std::string& preset,
 int main(int argc, char** argv) {
   std::vector<std::string> positional;
   std::string server;
+  bool keep_sessions = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--server=", 0) == 0) {
       server = arg.substr(9);
+    } else if (arg == "--keep_sessions") {
+      keep_sessions = true;
     } else {
       positional.push_back(arg);
     }
   }
   const int steps = !positional.empty() ? std::atoi(positional[0].c_str()) : 300;
   if (steps < 1 || positional.size() > 2) {
-    std::fprintf(stderr, "usage: %s [steps >= 1 [losses.csv]] [--server=HOST:PORT]\n", argv[0]);
+    std::fprintf(stderr,
+                 "usage: %s [steps >= 1 [losses.csv]] [--server=HOST:PORT [--keep_sessions]]\n",
+                 argv[0]);
     return 2;
   }
   FILE* csv = positional.size() > 1 ? std::fopen(positional[1].c_str(), "w") : nullptr;
@@ -207,6 +218,7 @@ int main(int argc, char** argv) {
     std::string preset;
     double train_loss, valid_loss, valid_accuracy, ms_per_step;
     optd::DominanceRatios dominance;
+    int64_t dominance_step = 0;  // the step whose momentum they are of
   };
   std::vector<Run> runs;
   for (const char* preset : {"keller", "moonlight", "torch", "dion", "normuon", "normuon_paper",
@@ -234,7 +246,8 @@ int main(int argc, char** argv) {
     std::optional<optd::client::Session> session;
     if (remote != nullptr) {
       const std::string group = std::string(preset) == "adamw" ? "adamw" : preset;
-      auto created = remote->CreateSession(RemoteConfig(group, *matrix));
+      auto created = remote->CreateSession(RemoteConfig(group, *matrix),
+                                           keep_sessions ? absl::StrCat("demo-", preset) : "");
       Check(created.status());
       session = *created;
     }
@@ -288,12 +301,27 @@ int main(int argc, char** argv) {
       optimizer_seconds +=
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
-    Run run{preset, train_loss, 0, 0, 1e3 * optimizer_seconds / steps, {}};
+    Run run{preset, train_loss, 0, 0, 1e3 * optimizer_seconds / steps, {}, steps};
     run.valid_loss = LossAndGradient(model, valid, 0, 2000, nullptr, &run.valid_accuracy);
     if (session.has_value()) {
-      // The dominance ratios come from the daemon's analyzer (GetAnalysis) once it runs;
-      // until then the remote table leaves them out.
-      Check(session->Delete());
+      // Seed 000's dominance ratios from the daemon's analyzer, which runs in the background
+      // after a step returned: the last analyzed step's (an analysis the analyzer was too busy
+      // to take is skipped, so give it up to 1 s, then take the latest).
+      const int64_t last = steps / kAnalysisInterval * kAnalysisInterval;
+      for (int attempt = 0; last > 0 && attempt <= 20; ++attempt) {
+        auto analysis = session->Analysis();
+        Check(analysis.status());
+        if (!analysis->tensors().empty() &&
+            (analysis->tensors(0).step() == last || attempt == 20)) {
+          const optd::v1::TensorAnalysis& w1 = analysis->tensors(0);
+          run.dominance = {w1.dominance_ratio_min(), w1.dominance_ratio_avg(),
+                           w1.dominance_ratio_max()};
+          run.dominance_step = w1.step();
+          break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+      if (!keep_sessions) Check(session->Delete());
     } else if (opt.spec(0).config.algorithm == optd::Algorithm::kMatrix) {
       // Seed 000's dominance ratios of the hidden layer's momentum V (rows = hidden neurons).
       auto dominance = optd::ComputeDominanceRatios(backend, backend.default_queue(),
@@ -303,16 +331,16 @@ int main(int argc, char** argv) {
     runs.push_back(run);
   }
 
-  std::printf("\n%-14s %10s %10s %9s %11s %22s\n", "optimizer", "train_loss", "valid_loss",
-              "valid_acc", "ms/opt-step", "r_min/avg/max(W1 VVᵀ)");
+  std::printf("\n%-14s %10s %10s %9s %11s %22s %6s\n", "optimizer", "train_loss", "valid_loss",
+              "valid_acc", "ms/opt-step", "r_min/avg/max(W1 VVᵀ)", "@step");
   for (const Run& r : runs) {
     std::printf("%-14s %10.4f %10.4f %8.1f%% %11.3f %s\n", r.preset.c_str(), r.train_loss,
                 r.valid_loss, 100 * r.valid_accuracy, r.ms_per_step,
                 r.dominance.max > 0
-                    ? absl::StrFormat("%6.2f/%6.2f/%6.2f", r.dominance.min, r.dominance.avg,
-                                      r.dominance.max)
+                    ? absl::StrFormat("%6.2f/%6.2f/%6.2f %6d", r.dominance.min, r.dominance.avg,
+                                      r.dominance.max, r.dominance_step)
                           .c_str()
-                    : (remote != nullptr ? "   (remote: n/a yet)" : "   (adamw: no V)"));
+                    : "   (adamw: no V)");
   }
   if (csv) std::fclose(csv);
   return 0;
