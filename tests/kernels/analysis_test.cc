@@ -3,8 +3,13 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <random>
+#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "tests/kernels/backend_test_util.h"
@@ -14,6 +19,67 @@ namespace optd {
 namespace {
 
 using reference::RandomNormal;
+
+// A rows×k matrix with orthonormal columns: Gram–Schmidt (twice) on Gaussian columns, in fp64.
+reference::Matrix RandomOrthonormalColumns(int64_t rows, int64_t k, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal;
+  reference::Matrix q(rows, k);
+  for (int64_t j = 0; j < k; ++j) {
+    std::vector<double> c(rows);
+    for (double& e : c) e = normal(rng);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int64_t i = 0; i < j; ++i) {
+        double dot = 0;
+        for (int64_t r = 0; r < rows; ++r) dot += q.at(r, i) * c[r];
+        for (int64_t r = 0; r < rows; ++r) c[r] -= dot * q.at(r, i);
+      }
+    }
+    double norm = 0;
+    for (double e : c) norm += e * e;
+    for (int64_t r = 0; r < rows; ++r) q.at(r, j) = c[r] / std::sqrt(norm);
+  }
+  return q;
+}
+
+// U·diag(sigma)·Wᵀ with random orthonormal U (rows×k) and W (cols×k), k = sigma.size(); the
+// polar factor U·Wᵀ into *polar when given.
+std::vector<float> WithSingularValues(int64_t rows, int64_t cols, const std::vector<double>& sigma,
+                                      uint32_t seed, std::vector<double>* polar = nullptr) {
+  const int64_t k = sigma.size();
+  const reference::Matrix u = RandomOrthonormalColumns(rows, k, seed);
+  const reference::Matrix w = RandomOrthonormalColumns(cols, k, seed + 1);
+  std::vector<float> x(rows * cols);
+  if (polar != nullptr) polar->assign(rows * cols, 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      double e = 0, p = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        e += u.at(r, i) * sigma[i] * w.at(c, i);
+        p += u.at(r, i) * w.at(c, i);
+      }
+      x[r * cols + c] = static_cast<float>(e);
+      if (polar != nullptr) (*polar)[r * cols + c] = p;
+    }
+  return x;
+}
+
+// The spectrum figures of a known list of singular values, in fp64.
+SpectrumStats ClosedFormSpectrum(const std::vector<double>& sigma) {
+  double sum = 0, squares = 0, hi = 0, lo = 1e300;
+  for (double s : sigma) {
+    sum += s;
+    squares += s * s;
+    hi = std::max(hi, s);
+    lo = std::min(lo, s);
+  }
+  SpectrumStats stats{.sigma_max = hi,
+                      .sigma_min = lo,
+                      .stable_rank = squares / (hi * hi),
+                      .condition_number = hi / lo};
+  for (double s : sigma) stats.entropy -= s / sum * std::log(s / sum);
+  return stats;
+}
 
 class AnalysisTest : public ::testing::Test {
  protected:
@@ -200,6 +266,326 @@ TEST_F(AnalysisTest, AnalyzeMatrixOnRandomMatchesFp64Pieces) {
                 .status()
                 .code(),
             absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(AnalysisTest, RowBlockedDominanceMatchesFp64) {
+  // A tall matrix, so V·Vᵀ (300×300) is much larger than V; caps of 2 rows per call and of less
+  // than one row (one row per call).
+  const int rows = 300, cols = 20;
+  auto v = RandomNormal(rows * cols, 11);
+  for (int c = 0; c < cols; ++c) v[7 * cols + c] = 0;  // a zero row is left out
+  double lo = 1e300, hi = 0, sum = 0;
+  int counted = 0;
+  for (int i = 0; i < rows; ++i) {
+    if (i == 7) continue;
+    double diag = 0, off = 0;
+    for (int j = 0; j < rows; ++j) {
+      double p = 0;
+      for (int c = 0; c < cols; ++c) p += double(v[i * cols + c]) * v[j * cols + c];
+      if (i == j)
+        diag = p;
+      else
+        off += std::fabs(p);
+    }
+    const double r = diag / (off / (rows - 1));
+    lo = std::min(lo, r);
+    hi = std::max(hi, r);
+    sum += r;
+    ++counted;
+  }
+  for (int64_t cap : {int64_t{3 * rows * cols - 1}, int64_t{1}, int64_t{1} << 28}) {
+    auto got = ComputeDominanceRatios(*backend_, queue(), Device(v), rows, cols,
+                                      AnalysisOptions{.max_flops_per_call = cap});
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_NEAR(got->min, lo, 1e-5 * lo) << cap;
+    EXPECT_NEAR(got->max, hi, 1e-5 * hi) << cap;
+    EXPECT_NEAR(got->avg, sum / counted, 1e-5 * sum / counted) << cap;
+  }
+}
+
+TEST_F(AnalysisTest, ExactPathIsTheSameInRowBlocks) {
+  const int rows = 40, cols = 24;
+  auto v = RandomNormal(rows * cols, 12);
+  auto u = RandomNormal(rows * cols, 13);
+  NewtonSchulzConfig ns;
+  ns.compute_dtype = DType::kF32;
+  auto whole = AnalyzeMatrix(*backend_, queue(), Device(v), Device(u), Device(u), rows, cols, ns);
+  auto blocked = AnalyzeMatrix(*backend_, queue(), Device(v), Device(u), Device(u), rows, cols, ns,
+                               AnalysisOptions{.max_flops_per_call = 100});
+  ASSERT_TRUE(whole.ok() && blocked.ok());
+  EXPECT_FALSE(whole->estimated);
+  EXPECT_FALSE(blocked->estimated);
+  EXPECT_NEAR(blocked->dominance.avg, whole->dominance.avg, 1e-6 * whole->dominance.avg);
+  EXPECT_NEAR(blocked->rmnp_muon_cosine, whole->rmnp_muon_cosine, 1e-6);
+  EXPECT_NEAR(blocked->ns_polar_error, whole->ns_polar_error, 1e-6);
+}
+
+TEST_F(AnalysisTest, NewtonSchulzSingularValueMapMatchesTheIteration) {
+  // Known singular values from 1e-3 to 1 (log-spaced): the scalar map's Σ(p(σ)−1)² against
+  // ‖NS(V) − U·Wᵀ‖F² of the real iteration in fp32, for several settings and both orientations.
+  const int k = 40;
+  std::vector<double> sigma(k);
+  for (int i = 0; i < k; ++i) sigma[i] = std::pow(10.0, -3.0 * i / (k - 1));
+  NewtonSchulzConfig keller;
+  keller.compute_dtype = DType::kF32;
+  NewtonSchulzConfig polar_express = keller;
+  polar_express.coefficient_set = "polar_express";
+  polar_express.safety = 1.02f;
+  polar_express.eps_mode = formulas::NormEpsilon::kFloor;
+  NewtonSchulzConfig growing = keller;
+  growing.steps_grow_with_dimension = true;
+  growing.reference_dimension = 10;  // 40 > 10: one more step
+  ASSERT_EQ(NewtonSchulzSteps(growing, k, 64), 6);
+  for (const auto& [rows, cols] : {std::pair{40, 64}, std::pair{64, 40}}) {
+    std::vector<double> polar;
+    const std::vector<float> v = WithSingularValues(rows, cols, sigma, 21, &polar);
+    double norm = 0;
+    for (double s : sigma) norm += s * s;
+    norm = std::sqrt(norm);
+    for (const NewtonSchulzConfig& config : {keller, polar_express, growing}) {
+      const NewtonSchulzSingularValueMap map(config, rows, cols, norm);
+      double predicted = 0;
+      for (double s : sigma) predicted += (map(s) - 1) * (map(s) - 1);
+      float* x = Device(v);
+      auto workspace =
+          backend_->Allocate(NewtonSchulzWorkspaceFloats(config, 1, rows, cols) * sizeof(float));
+      ASSERT_TRUE(workspace.ok());
+      ASSERT_TRUE(
+          NewtonSchulz(*backend_, queue(), MatrixBatch{x, 1, rows, cols}, config, workspace->f32())
+              .ok());
+      const std::vector<float> ns = memory_.Download(x, rows * cols);
+      double actual = 0;
+      for (int i = 0; i < rows * cols; ++i) actual += (ns[i] - polar[i]) * (ns[i] - polar[i]);
+      EXPECT_NEAR(predicted, actual, 1e-4 * actual) << config.coefficient_set << " " << rows;
+    }
+  }
+}
+
+struct EstimateCase {
+  std::string name;
+  int64_t rows, cols;
+  std::vector<float> momentum, update;
+  std::vector<double> sigma;  // the momentum's singular values, when prescribed
+};
+
+class AnalysisEstimateTest : public AnalysisTest {
+ protected:
+  // The estimate path (exact_max_dim below min(rows, cols)) against the exact path on the same
+  // matrices, within the errors analysis.h states.
+  void ExpectEstimateMatchesExact(const EstimateCase& c) {
+    SCOPED_TRACE(c.name);
+    NewtonSchulzConfig ns;
+    ns.compute_dtype = DType::kF32;  // the estimate models the polynomial, not bf16 rounding
+    const float* v = Device(c.momentum);
+    const float* u = Device(c.update);
+    auto exact = AnalyzeMatrix(*backend_, queue(), v, u, u, c.rows, c.cols, ns);
+    auto estimate = AnalyzeMatrix(*backend_, queue(), v, u, u, c.rows, c.cols, ns,
+                                  AnalysisOptions{.exact_max_dim = 100});
+    ASSERT_TRUE(exact.ok()) << exact.status();
+    ASSERT_TRUE(estimate.ok()) << estimate.status();
+    EXPECT_FALSE(exact->estimated);
+    EXPECT_TRUE(estimate->estimated);
+    // The standard errors analysis.h states, from the exact singular values: s = √(2/(p·k)) and
+    // the rms/mean of each trace's function over the spectrum.
+    auto sv = SingularValues(*backend_, queue(), v, c.rows, c.cols);
+    ASSERT_TRUE(sv.ok());
+    const double k = static_cast<double>(sv->size());
+    const double s = std::sqrt(2.0 / (8 * k));
+    double norm = 0, sum = 0;
+    for (float x : *sv) {
+      norm += double(x) * x;
+      sum += x;
+    }
+    const NewtonSchulzSingularValueMap map(ns, c.rows, c.cols, std::sqrt(norm));
+    double h_mean = 0, h_squares = 0, small = 0, entropy_squares = 0;
+    for (float x : *sv) {
+      const double h = (map(x) - 1) * (map(x) - 1);
+      h_mean += h / k;
+      h_squares += h * h / k;
+      small += std::fabs(map(x)) < 0.6 ? 1 / k : 0;
+      const double p = x / sum;
+      const double g = k * p * (1 - exact->momentum.entropy - (p > 0 ? std::log(p) : 0));
+      entropy_squares += g * g / k;
+    }
+    const double ns_error_se = 0.5 * s * std::sqrt(h_squares) / h_mean * exact->ns_polar_error;
+    const double small_se = s * std::sqrt(small);
+    const double entropy_se = s * std::sqrt(entropy_squares);
+    EXPECT_DOUBLE_EQ(estimate->dominance.min, exact->dominance.min);
+    EXPECT_DOUBLE_EQ(estimate->dominance.avg, exact->dominance.avg);
+    EXPECT_DOUBLE_EQ(estimate->dominance.max, exact->dominance.max);
+    for (const auto& [name, e, x] : {std::tuple{"momentum", estimate->momentum, exact->momentum},
+                                     std::tuple{"update", estimate->update, exact->update}}) {
+      SCOPED_TRACE(name);
+      EXPECT_LE(e.sigma_max, x.sigma_max * (1 + 1e-5));
+      EXPECT_NEAR(e.sigma_max, x.sigma_max, 1e-3 * x.sigma_max);
+      EXPECT_NEAR(e.stable_rank, x.stable_rank, 2e-3 * x.stable_rank);
+      // Bounds up to the fp32 rounding of the products, which grows with the condition number.
+      const double rounding = std::sqrt(double(c.rows + c.cols)) *
+                              std::numeric_limits<float>::epsilon() * x.condition_number;
+      EXPECT_LE(e.condition_number, x.condition_number * (1 + rounding + 1e-5));
+      EXPECT_GE(e.sigma_min, x.sigma_min * (1 - rounding - 1e-5));
+    }
+    EXPECT_NEAR(estimate->momentum.entropy, exact->momentum.entropy, 4 * entropy_se);
+    EXPECT_NEAR(estimate->rmnp_muon_cosine, exact->rmnp_muon_cosine, 4 * s);
+    EXPECT_NEAR(estimate->ns_polar_error, exact->ns_polar_error, 4 * ns_error_se);
+    EXPECT_NEAR(estimate->ns_small_sv_fraction, exact->ns_small_sv_fraction,
+                4 * small_se + 1.0 / 40);
+    EXPECT_EQ(estimate->neuron_norm_cv, exact->neuron_norm_cv);
+    EXPECT_EQ(estimate->update_rms, exact->update_rms);
+    EXPECT_EQ(estimate->grad_norm, exact->grad_norm);
+    if (!c.sigma.empty()) {
+      const SpectrumStats truth = ClosedFormSpectrum(c.sigma);
+      EXPECT_NEAR(estimate->momentum.sigma_max, truth.sigma_max, 1e-3 * truth.sigma_max);
+      EXPECT_NEAR(estimate->momentum.stable_rank, truth.stable_rank, 2e-3 * truth.stable_rank);
+      EXPECT_LE(estimate->momentum.condition_number, truth.condition_number * (1 + 1e-5));
+      EXPECT_NEAR(estimate->momentum.entropy, truth.entropy, 4 * entropy_se);
+    }
+  }
+};
+
+TEST_F(AnalysisEstimateTest, RandomGaussian) {
+  ExpectEstimateMatchesExact(
+      {"gaussian", 200, 300, RandomNormal(200 * 300, 31), RandomNormal(200 * 300, 32), {}});
+}
+
+TEST_F(AnalysisEstimateTest, TallRandomGaussian) {
+  ExpectEstimateMatchesExact(
+      {"tall", 300, 200, RandomNormal(300 * 200, 33), RandomNormal(300 * 200, 34), {}});
+}
+
+TEST_F(AnalysisEstimateTest, DecayingSpectrum) {
+  // σ_i = 1/(1 + i/10): a spread spectrum with a long tail of small values.
+  std::vector<double> sigma(200);
+  for (int i = 0; i < 200; ++i) sigma[i] = 1.0 / (1.0 + i / 10.0);
+  ExpectEstimateMatchesExact({"decaying", 200, 300, WithSingularValues(200, 300, sigma, 41),
+                              RandomNormal(200 * 300, 42), sigma});
+}
+
+TEST_F(AnalysisEstimateTest, ClusterBelowTheNewtonSchulzThreshold) {
+  // 150 singular values in [0.5, 1] and 50 in [1e-3, 3e-3]: after Newton–Schulz the small
+  // cluster stays below 0.6 (seed 003's tail), and the gap lets the quadrature resolve it.
+  std::vector<double> sigma(200);
+  for (int i = 0; i < 150; ++i) sigma[i] = 1.0 - 0.5 * i / 149;
+  for (int i = 150; i < 200; ++i) sigma[i] = 3e-3 - 2e-3 * (i - 150) / 49;
+  ExpectEstimateMatchesExact({"cluster", 200, 300, WithSingularValues(200, 300, sigma, 45),
+                              RandomNormal(200 * 300, 46), sigma});
+}
+
+TEST_F(AnalysisEstimateTest, UnresolvedThresholdIsMissed) {
+  // σ log-spaced from 1 down to 1e-3: the Newton–Schulz threshold (σ ≈ 5e-3 here) lies below
+  // the smallest Ritz value of 40 Lanczos steps, so the quadrature puts the directions under it
+  // on a node above it. analysis.h states this bias; the estimate misses the small share.
+  const int rows = 200, cols = 300;
+  std::vector<double> sigma(200);
+  for (int i = 0; i < 200; ++i) sigma[i] = std::pow(10.0, -3.0 * i / 199);
+  const std::vector<float> v = WithSingularValues(rows, cols, sigma, 47);
+  NewtonSchulzConfig ns;
+  ns.compute_dtype = DType::kF32;
+  auto exact = AnalyzeMatrix(*backend_, queue(), Device(v), Device(v), Device(v), rows, cols, ns);
+  auto estimate = AnalyzeMatrix(*backend_, queue(), Device(v), Device(v), Device(v), rows, cols, ns,
+                                AnalysisOptions{.exact_max_dim = 100});
+  ASSERT_TRUE(exact.ok() && estimate.ok());
+  EXPECT_GT(exact->ns_small_sv_fraction, 0.2);
+  EXPECT_LT(estimate->ns_small_sv_fraction, exact->ns_small_sv_fraction - 0.1);
+  EXPECT_LT(estimate->ns_polar_error, exact->ns_polar_error);
+  EXPECT_LE(estimate->momentum.condition_number, exact->momentum.condition_number);
+}
+
+TEST_F(AnalysisEstimateTest, NearlyRankDeficient) {
+  // Rank 20 plus small noise: 20 large singular values over a bulk 1e-3 times smaller.
+  auto left = RandomNormal(200 * 20, 51);
+  auto right = RandomNormal(20 * 300, 52);
+  auto noise = RandomNormal(200 * 300, 53, 1e-3f);
+  std::vector<float> v(200 * 300);
+  for (int r = 0; r < 200; ++r)
+    for (int c = 0; c < 300; ++c) {
+      double e = noise[r * 300 + c];
+      for (int i = 0; i < 20; ++i) e += double(left[r * 20 + i]) * right[i * 300 + c] / 20;
+      v[r * 300 + c] = static_cast<float>(e);
+    }
+  ExpectEstimateMatchesExact({"rank20", 200, 300, v, RandomNormal(200 * 300, 54), {}});
+}
+
+TEST_F(AnalysisEstimateTest, PrescribedSingularValues) {
+  // σ evenly spaced in [0.5, 2] from random orthogonal factors; the update is orthogonal-ish.
+  std::vector<double> sigma(200), flat(200, 1.0);
+  for (int i = 0; i < 200; ++i) sigma[i] = 2.0 - 1.5 * i / 199.0;
+  ExpectEstimateMatchesExact({"prescribed", 200, 300, WithSingularValues(200, 300, sigma, 61),
+                              WithSingularValues(200, 300, flat, 62), sigma});
+}
+
+TEST_F(AnalysisEstimateTest, CosineIdentityHoldsAsProbesGrow) {
+  // tr(D⁻¹·(VVᵀ)^½)/(√k·√r) is the cosine itself, not an approximation of it: with 512 probes
+  // the estimate closes in on the exact cosine (standard error at most √(2/(p·k)) = 0.0063 here),
+  // for a wide and a tall V.
+  for (const auto& [rows, cols] : {std::pair{100, 160}, std::pair{160, 100}}) {
+    auto v = RandomNormal(rows * cols, 75);
+    NewtonSchulzConfig ns;
+    auto exact = AnalyzeMatrix(*backend_, queue(), Device(v), Device(v), Device(v), rows, cols, ns);
+    auto estimate = AnalyzeMatrix(*backend_, queue(), Device(v), Device(v), Device(v), rows, cols,
+                                  ns, AnalysisOptions{.exact_max_dim = 50, .probes = 512});
+    ASSERT_TRUE(exact.ok() && estimate.ok());
+    EXPECT_NEAR(estimate->rmnp_muon_cosine, exact->rmnp_muon_cosine, 4 * std::sqrt(2.0 / 51200))
+        << rows << "x" << cols;
+  }
+}
+
+TEST_F(AnalysisEstimateTest, Deterministic) {
+  const int rows = 150, cols = 220;
+  auto v = RandomNormal(rows * cols, 71);
+  auto u = RandomNormal(rows * cols, 72);
+  NewtonSchulzConfig ns;
+  const AnalysisOptions options{.exact_max_dim = 100};
+  auto first =
+      AnalyzeMatrix(*backend_, queue(), Device(v), Device(u), Device(u), rows, cols, ns, options);
+  auto second =
+      AnalyzeMatrix(*backend_, queue(), Device(v), Device(u), Device(u), rows, cols, ns, options);
+  ASSERT_TRUE(first.ok() && second.ok());
+  EXPECT_TRUE(first->estimated);
+  EXPECT_EQ(first->rmnp_muon_cosine, second->rmnp_muon_cosine);
+  EXPECT_EQ(first->momentum.sigma_max, second->momentum.sigma_max);
+  EXPECT_EQ(first->momentum.sigma_min, second->momentum.sigma_min);
+  EXPECT_EQ(first->momentum.entropy, second->momentum.entropy);
+  EXPECT_EQ(first->update.entropy, second->update.entropy);
+  EXPECT_EQ(first->ns_polar_error, second->ns_polar_error);
+  EXPECT_EQ(first->ns_small_sv_fraction, second->ns_small_sv_fraction);
+  EXPECT_EQ(first->dominance.avg, second->dominance.avg);
+}
+
+TEST_F(AnalysisEstimateTest, RowBlocksChangeOnlyRounding) {
+  // A cap of 1000 multiply-adds splits every Lanczos product into blocks of a few rows (one row
+  // for the dominance); the figures move only by fp32 summation order.
+  for (const auto& [rows, cols] : {std::pair{150, 220}, std::pair{220, 150}}) {
+    auto v = RandomNormal(rows * cols, 73);
+    auto u = RandomNormal(rows * cols, 74);
+    NewtonSchulzConfig ns;
+    auto whole = AnalyzeMatrix(*backend_, queue(), Device(v), Device(u), Device(u), rows, cols, ns,
+                               AnalysisOptions{.exact_max_dim = 100});
+    auto blocked =
+        AnalyzeMatrix(*backend_, queue(), Device(v), Device(u), Device(u), rows, cols, ns,
+                      AnalysisOptions{.exact_max_dim = 100, .max_flops_per_call = 1000});
+    ASSERT_TRUE(whole.ok() && blocked.ok());
+    EXPECT_NEAR(blocked->dominance.avg, whole->dominance.avg, 1e-5 * whole->dominance.avg);
+    EXPECT_NEAR(blocked->momentum.sigma_max, whole->momentum.sigma_max,
+                1e-5 * whole->momentum.sigma_max);
+    EXPECT_NEAR(blocked->momentum.entropy, whole->momentum.entropy, 1e-5);
+    EXPECT_NEAR(blocked->update.entropy, whole->update.entropy, 1e-5);
+    EXPECT_NEAR(blocked->rmnp_muon_cosine, whole->rmnp_muon_cosine, 1e-5);
+    EXPECT_NEAR(blocked->ns_polar_error, whole->ns_polar_error, 1e-5);
+  }
+}
+
+TEST_F(AnalysisEstimateTest, InvalidOptions) {
+  auto v = RandomNormal(4 * 6, 81);
+  NewtonSchulzConfig ns;
+  for (const AnalysisOptions& bad :
+       {AnalysisOptions{.probes = 0}, AnalysisOptions{.lanczos_steps = 0},
+        AnalysisOptions{.max_flops_per_call = 0}, AnalysisOptions{.exact_max_dim = -1}}) {
+    EXPECT_EQ(AnalyzeMatrix(*backend_, queue(), Device(v), Device(v), Device(v), 4, 6, ns, bad)
+                  .status()
+                  .code(),
+              absl::StatusCode::kInvalidArgument);
+  }
 }
 
 }  // namespace
