@@ -20,7 +20,8 @@ void LowerThisThreadsPriority() {
 }  // namespace
 
 absl::StatusOr<v1::TensorAnalysis> AnalyzeSnapshot(Backend& backend, Queue& queue,
-                                                   const TensorSnapshot& s, int64_t step) {
+                                                   const TensorSnapshot& s, int64_t step,
+                                                   const AnalysisOptions& options) {
   const int64_t size = s.rows * s.cols;
   if (s.batch < 1 || size < 1 || static_cast<int64_t>(s.momentum.size()) != s.batch * size ||
       s.update.size() != s.momentum.size() || s.gradient.size() != s.momentum.size()) {
@@ -38,9 +39,10 @@ absl::StatusOr<v1::TensorAnalysis> AnalyzeSnapshot(Backend& backend, Queue& queu
     OPTD_RETURN_IF_ERROR(backend.Upload(queue, momentum, s.momentum.data() + b * size, bytes));
     OPTD_RETURN_IF_ERROR(backend.Upload(queue, update, s.update.data() + b * size, bytes));
     OPTD_RETURN_IF_ERROR(backend.Upload(queue, gradient, s.gradient.data() + b * size, bytes));
-    OPTD_ASSIGN_OR_RETURN(
-        MatrixAnalysis a,
-        AnalyzeMatrix(backend, queue, momentum, update, gradient, s.rows, s.cols, s.newton_schulz));
+    OPTD_ASSIGN_OR_RETURN(MatrixAnalysis a,
+                          AnalyzeMatrix(backend, queue, momentum, update, gradient, s.rows, s.cols,
+                                        s.newton_schulz, options));
+    sum.estimated = sum.estimated || a.estimated;
     sum.dominance.min += a.dominance.min;
     sum.dominance.avg += a.dominance.avg;
     sum.dominance.max += a.dominance.max;
@@ -75,6 +77,7 @@ absl::StatusOr<v1::TensorAnalysis> AnalyzeSnapshot(Backend& backend, Queue& queu
   out.set_neuron_norm_cv_update(sum.neuron_norm_cv / n);
   out.set_update_rms(sum.update_rms / n);
   out.set_grad_norm(sum.grad_norm / n);
+  out.set_estimated(sum.estimated);
   return out;
 }
 
@@ -84,6 +87,7 @@ absl::StatusOr<std::unique_ptr<Analyzer>> Analyzer::Create(Backend& backend, Met
     return absl::InvalidArgumentError(absl::StrCat(
         "analyzer: max_snapshot_bytes must be >= 0, got ", options.max_snapshot_bytes));
   }
+  OPTD_RETURN_IF_ERROR(ValidateAnalysisOptions(options.analysis));
   OPTD_ASSIGN_OR_RETURN(std::unique_ptr<Queue> queue, backend.CreateQueue(QueuePriority::kLow));
   return std::unique_ptr<Analyzer>(new Analyzer(backend, metrics, options, std::move(queue)));
 }
@@ -164,7 +168,8 @@ void Analyzer::Run() {
         stopped = stop_;
       }
       if (stopped) break;
-      absl::StatusOr<v1::TensorAnalysis> a = AnalyzeSnapshot(backend_, *queue_, snapshot, job.step);
+      absl::StatusOr<v1::TensorAnalysis> a =
+          AnalyzeSnapshot(backend_, *queue_, snapshot, job.step, options_.analysis);
       if (a.ok()) figures.push_back(*std::move(a));
     }
     if (!stopped) {

@@ -35,6 +35,8 @@ namespace optd::server {
 struct AnalyzerOptions {
   // Snapshot bytes held at once (queued and in analysis).
   int64_t max_snapshot_bytes = int64_t{1} << 30;
+  // Exact up to exact_max_dim, estimated past it; the BLAS block size.
+  AnalysisOptions analysis;
 };
 
 // One matrix tensor at the end of a step: the batch of rows×cols matrices it is stepped as.
@@ -65,7 +67,8 @@ struct AnalysisJob {
 // The figures of one snapshot: the mean over its batch of matrices of each figure. Errors as
 // AnalyzeMatrix's (FailedPrecondition for a zero momentum).
 absl::StatusOr<v1::TensorAnalysis> AnalyzeSnapshot(Backend& backend, Queue& queue,
-                                                   const TensorSnapshot& snapshot, int64_t step);
+                                                   const TensorSnapshot& snapshot, int64_t step,
+                                                   const AnalysisOptions& options);
 
 class Analyzer {
  public:

@@ -60,6 +60,9 @@ ABSL_FLAG(int, metrics_tensor_budget, 32,
 ABSL_FLAG(int64_t, analysis_max_bytes, int64_t{1} << 30,
           "Most bytes of momentum/update/gradient snapshots the analyzer holds; a session's "
           "analysis that does not fit is skipped (optd_analysis_skipped_total).");
+ABSL_FLAG(int64_t, analysis_exact_max_dim, 1024,
+          "Matrices whose smaller side is at most this get exact SVDs in the analysis; larger "
+          "ones the stochastic Lanczos estimates (GetAnalysis marks them 'estimated').");
 ABSL_FLAG(std::string, metrics_port_file, "",
           "Once serving, write the metrics port here (for --metrics_addr with port 0).");
 ABSL_FLAG(std::string, port_file, "",
@@ -106,6 +109,7 @@ int main(int argc, char** argv) {
   options.metrics_addr = absl::GetFlag(FLAGS_metrics_addr);
   options.metrics.tensor_label_budget = absl::GetFlag(FLAGS_metrics_tensor_budget);
   options.analyzer.max_snapshot_bytes = absl::GetFlag(FLAGS_analysis_max_bytes);
+  options.analyzer.analysis.exact_max_dim = absl::GetFlag(FLAGS_analysis_exact_max_dim);
   if (options.service.default_chunk_bytes < 4 ||
       options.service.default_chunk_bytes > optd::server::kMaxChunkBytes ||
       options.max_message_bytes < options.service.default_chunk_bytes + 1024) {

@@ -383,6 +383,46 @@ TEST_F(MetricsTest, AStepDoesNotWaitForTheAnalysis) {
             exposition.Get("optd_step_duration_seconds_sum", {{"optimizer", "moonlight"}}));
 }
 
+TEST(MetricsEstimateTest, MatricesPastTheExactLimitGetTheStatedEstimates) {
+  // A 40×60 momentum past an exact limit of 16: the dominance ratios, row-norm CV, update RMS
+  // and gradient norm stay exact; the spectrum figures are estimates within kernels/analysis.h's
+  // stated errors (4 standard errors of √(2/(probes·k)) for the SLQ traces; σ_max converges).
+  server::ServerOptions options = LoopbackOptions();
+  options.analyzer.analysis.exact_max_dim = 16;
+  std::unique_ptr<server::Server> server = StartServer(options);
+  v1::SessionConfig config = AnalyzedConfig();
+  AddTensor(config, "wide", {40, 60});
+  client::Client client = ConnectTo(*server);
+  absl::StatusOr<client::Session> session = client.CreateSession(config, "estimated");
+  ASSERT_TRUE(session.ok());
+  const std::vector<float> g = Gradient(40 * 60, 3, 1, 0);
+  ASSERT_TRUE(session->Step(1, {{"wide", g}}).ok());
+  server->analyzer().WaitUntilIdle();
+  absl::StatusOr<v1::GetAnalysisResponse> analysis = session->Analysis();
+  ASSERT_TRUE(analysis.ok());
+  ASSERT_EQ(analysis->tensors_size(), 1);
+  const v1::TensorAnalysis& got = analysis->tensors(0);
+  EXPECT_TRUE(got.estimated());
+  absl::StatusOr<std::map<std::string, std::vector<float>>> params = session->GetParameters();
+  ASSERT_TRUE(params.ok());
+  std::vector<float> update;
+  for (float w : params->at("wide")) update.push_back(static_cast<float>(-w / kMoonlightLr));
+  const reference::Figures want = reference::AnalyzeFp64(g, update, g, 40, 60);
+  ExpectClose(got.dominance_ratio_min(), want.dominance_min, "dominance min");
+  ExpectClose(got.dominance_ratio_max(), want.dominance_max, "dominance max");
+  ExpectClose(got.neuron_norm_cv_update(), want.neuron_norm_cv, "neuron cv");
+  ExpectClose(got.update_rms(), want.update_rms, "update rms");
+  ExpectClose(got.grad_norm(), want.grad_norm, "grad norm");
+  EXPECT_NEAR(got.stable_rank_momentum(), want.stable_rank_momentum,
+              1e-3 * want.stable_rank_momentum);
+  EXPECT_LE(got.condition_number_momentum(), want.condition_number_momentum * (1 + 1e-5));
+  const double s = std::sqrt(2.0 / (8 * 40));
+  EXPECT_NEAR(got.rmnp_muon_cosine(), want.rmnp_muon_cosine, 4 * s);
+  EXPECT_NEAR(got.singular_value_entropy_momentum(), want.entropy_momentum,
+              4 * s * want.entropy_momentum);
+  EXPECT_NEAR(got.ns_polar_error(), want.ns_polar_error, 4 * s * want.ns_polar_error + 0.02);
+}
+
 // GET /metrics over a plain socket.
 std::string HttpGet(int port, const std::string& path) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
