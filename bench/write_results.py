@@ -17,8 +17,9 @@ NUMPY_SPEEDUP_TARGET = 1.15  # optd NS5 at least 1.15x faster than numpy, at 102
 NUMPY_TARGET_SHAPE = (1024, 4096)
 COPY_FRACTION_TARGET = 0.80  # RMNP at least 80% of memory copy bandwidth
 TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
-SERVICE_BEGIN = "<!-- service:begin -->"  # bench/write_service_results.py's section
-SERVICE_END = "<!-- service:end -->"
+# The sections other scripts write: bench/write_service_results.py's, bench/write_analysis_results.py's.
+MARKED_SECTIONS = [("<!-- service:begin -->", "<!-- service:end -->"),
+                   ("<!-- analysis:begin -->", "<!-- analysis:end -->")]
 
 
 def ns_step_flops(rows, cols):
@@ -258,13 +259,14 @@ def main():
         f"{verdict(gpt2_copy_fraction >= COPY_FRACTION_TARGET)} |")
     add("")
 
-    # bench/service.sh owns the section between its markers; keep it.
+    # bench/service.sh and bench/analysis.sh own the sections between their markers; keep them.
     try:
         with open(args.out) as f:
             old = f.read()
-        begin, end = old.find(SERVICE_BEGIN), old.find(SERVICE_END)
-        if begin >= 0 and end > begin:
-            lines += ["", old[begin:end + len(SERVICE_END)]]
+        for begin_marker, end_marker in MARKED_SECTIONS:
+            begin, end = old.find(begin_marker), old.find(end_marker)
+            if begin >= 0 and end > begin:
+                lines += ["", old[begin:end + len(end_marker)]]
     except FileNotFoundError:
         pass
     with open(args.out, "w") as f:
