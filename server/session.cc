@@ -556,7 +556,9 @@ std::optional<Session::Snapshot> Session::StartSnapshotLocked(int64_t step,
   Snapshot snapshot;
   for (int t : present) {
     const TensorSpec& spec = optimizer_->spec(t);
-    if (spec.config.algorithm != Algorithm::kMatrix) continue;
+    // The update is recovered from the parameters over the learning rate: a step at lr 0 applies
+    // none, and is not analyzed.
+    if (spec.config.algorithm != Algorithm::kMatrix || spec.config.lr == 0) continue;
     const absl::StatusOr<MatrixView> view = MatrixViewOf(spec.shape, spec.rank_policy);
     if (!view.ok() || view->rows < 2) continue;  // no dominance ratio for a single row
     snapshot.tensors.push_back(t);

@@ -357,6 +357,30 @@ TEST_F(MetricsTest, DeletingASessionRemovesItsSeries) {
   EXPECT_EQ(after.Get("optd_sessions"), 0);
 }
 
+TEST_F(MetricsTest, AStepAtLearningRateZeroIsNotAnalyzed) {
+  // The update is recovered from the parameters over the learning rate; at lr 0 none was applied.
+  v1::SessionConfig config = AnalyzedConfig();
+  AddTensor(config, "w", {3, 4});
+  client::Client client = ConnectTo(*server_);
+  absl::StatusOr<client::Session> session = client.CreateSession(config, "warmup");
+  ASSERT_TRUE(session.ok());
+  const std::vector<float> g = Gradient(12, 0, 1, 0);
+  client::StepOptions warmup;
+  warmup.lr = 0.0;
+  ASSERT_TRUE(session->Step(1, {{"w", g}}, warmup).ok());
+  server_->analyzer().WaitUntilIdle();
+  absl::StatusOr<v1::GetAnalysisResponse> analysis = session->Analysis();
+  ASSERT_TRUE(analysis.ok());
+  EXPECT_EQ(analysis->tensors_size(), 0);
+  ASSERT_TRUE(session->Step(2, {{"w", g}}).ok());
+  server_->analyzer().WaitUntilIdle();
+  analysis = session->Analysis();
+  ASSERT_TRUE(analysis.ok());
+  ASSERT_EQ(analysis->tensors_size(), 1);
+  EXPECT_EQ(analysis->tensors(0).step(), 2);
+  EXPECT_TRUE(std::isfinite(analysis->tensors(0).update_rms()));
+}
+
 TEST_F(MetricsTest, AStepDoesNotWaitForTheAnalysis) {
   // Exact SVDs and Newton–Schulz of a 768×1536 momentum take the analyzer seconds; the step that
   // handed it over returns meanwhile, and so does the next, whose analysis is skipped.
