@@ -626,7 +626,8 @@ absl::Status Session::FinishSnapshotLocked(Snapshot snapshot) {
 
 void Session::PublishAnalysis(int64_t step, std::vector<v1::TensorAnalysis> figures) {
   absl::MutexLock lock(&analysis_mu_);
-  if (retired_) return;
+  // Past the session's step: a Restore went back before the analyzed step.
+  if (retired_ || step > step_published_.load()) return;
   // Keep each tensor's latest figures; a tensor left out this time keeps its earlier ones.
   std::map<std::string, v1::TensorAnalysis> latest;
   for (v1::TensorAnalysis& a : analysis_) latest[a.tensor()] = std::move(a);
@@ -835,6 +836,10 @@ absl::StatusOr<int64_t> Session::Restore() {
   last_outcome_ = nullptr;
   spare_outcome_ = nullptr;
   ExportStateLocked();
+  // The figures were of steps that no longer happened.
+  absl::MutexLock analysis_lock(&analysis_mu_);
+  analysis_.clear();
+  if (options_.metrics != nullptr && !retired_) options_.metrics->PublishAnalysis(id_, step_, {});
   return step_;
 }
 

@@ -381,6 +381,30 @@ TEST_F(MetricsTest, AStepAtLearningRateZeroIsNotAnalyzed) {
   EXPECT_TRUE(std::isfinite(analysis->tensors(0).update_rms()));
 }
 
+TEST(MetricsRestoreTest, RestoreDropsTheFiguresOfStepsItUndid) {
+  std::unique_ptr<server::Server> server =
+      StartServer(LoopbackOptions(MakeTempDir("metrics_restore_")));
+  v1::SessionConfig config = AnalyzedConfig();
+  AddTensor(config, "w", {3, 4});
+  client::Client client = ConnectTo(*server);
+  absl::StatusOr<client::Session> session = client.CreateSession(config, "undone");
+  ASSERT_TRUE(session.ok());  // checkpointed at step 0
+  const std::vector<float> g = Gradient(12, 0, 1, 0);
+  ASSERT_TRUE(session->Step(1, {{"w", g}}).ok());
+  server->analyzer().WaitUntilIdle();
+  EXPECT_EQ(Exposition(*server).Get("optd_analysis_step", {{"session", "undone"}}), 1);
+  absl::StatusOr<int64_t> restored = session->Restore();
+  ASSERT_TRUE(restored.ok());
+  EXPECT_EQ(*restored, 0);
+  absl::StatusOr<v1::GetAnalysisResponse> analysis = session->Analysis();
+  ASSERT_TRUE(analysis.ok());
+  EXPECT_EQ(analysis->tensors_size(), 0);
+  const Exposition after(*server);
+  EXPECT_EQ(after.Count("optd_dominance_ratio", "undone"), 0);
+  EXPECT_EQ(after.Count("optd_analysis_step", "undone"), 0);
+  EXPECT_EQ(after.Get("optd_session_step", {{"session", "undone"}}), 0);
+}
+
 TEST_F(MetricsTest, AStepDoesNotWaitForTheAnalysis) {
   // Exact SVDs and Newton–Schulz of a 768×1536 momentum take the analyzer seconds; the step that
   // handed it over returns meanwhile, and so does the next, whose analysis is skipped.
