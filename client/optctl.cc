@@ -112,7 +112,7 @@ Commands:
   analysis SESSION [--follow [--interval_s=2] [--updates=N]]
       The latest analysis figures per tensor (DESIGN.md, "Metrics"): a session analyzes every
       analysis_interval steps. --follow polls and prints each new analysis as it lands, until
-      interrupted or N were shown.
+      interrupted or N were shown; it stops at the first failed call (exit status 1).
 
 Tokens: create and list send --admin_token ($OPTD_ADMIN_TOKEN); delete sends the admin token
 when given (a daemon started with --admin_token requires it), else --token ($OPTD_TOKEN); the

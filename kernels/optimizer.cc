@@ -4,6 +4,7 @@
 #include <cmath>
 #include <set>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kernels/analysis.h"
@@ -22,6 +23,7 @@ struct Optimizer::Tensor {
   Buffer momentum;       // matrix: momentum; adamw: first moment
   Buffer second_moment;  // normuon: per-row v; adamw: second moment
   int64_t second_count = 0;
+  float* capture = nullptr;  // CaptureUpdate's destination for the next Step
 };
 
 // Tensors whose direction runs as one batch: same matrix shape, same direction settings.
@@ -366,7 +368,23 @@ absl::Status Optimizer::SetStepsApplied(int tensor, int64_t steps) {
   return absl::OkStatus();
 }
 
+absl::Status Optimizer::CaptureUpdate(int tensor, float* out) {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  Tensor& t = *tensors_[tensor];
+  if (t.spec.config.algorithm != Algorithm::kMatrix || out == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("capture of tensor '", t.spec.name,
+                     "': only matrix tensors have an update to capture, into non-null memory"));
+  }
+  t.capture = out;
+  return absl::OkStatus();
+}
+
 absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
+  // A capture is for this step only, whatever becomes of it (a rejected step included).
+  absl::Cleanup clear_captures = [this] {
+    for (auto& t : tensors_) t->capture = nullptr;
+  };
   if (poisoned_) {
     return absl::FailedPreconditionError(
         "an earlier step failed inside the backend after it began changing state; restore the "
@@ -450,6 +468,7 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
   // rate gets (lr·scale) formed in fp64 and a scale of 1.
   struct RateAndScale {
     float lr, scale;
+    float full_scale;  // the scale whether or not it is folded into lr, for CaptureUpdate
   };
   auto rate_and_scale = [&](const Tensor& t) -> RateAndScale {
     const OptimizerConfig& c = t.spec.config;
@@ -457,8 +476,17 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
     const double scale = c.matrix.scale_from_last_two_dims && shape.size() >= 2
                              ? ScaleFactor(c.matrix, shape[shape.size() - 2], shape.back())
                              : ScaleFactor(c.matrix, rows, cols);
-    if (c.matrix.scale_in_lr) return {static_cast<float>(c.lr * scale), 1.0f};
-    return {static_cast<float>(c.lr), static_cast<float>(scale)};
+    if (c.matrix.scale_in_lr) {
+      return {static_cast<float>(c.lr * scale), 1.0f, static_cast<float>(scale)};
+    }
+    return {static_cast<float>(c.lr), static_cast<float>(scale), static_cast<float>(scale)};
+  };
+  // capture = capture·0 − (−1)·(o·scale): the scaled direction, formed by the same kernel (and
+  // the same product) as the step's, without its step-dtype rounding. A capture that is not `o`
+  // itself is zeroed first (its old contents may not be finite); `o` always is.
+  auto capture_scaled = [&](float* capture, const float* o, int64_t count, float scale) {
+    if (capture != o) OPTD_RETURN_IF_ERROR(backend_->Fill(queue, capture, count, 0.0f));
+    return backend_->ApplyUpdate(queue, capture, o, count, -1.0f, 0.0f, scale, DType::kF32);
   };
 
   if (group.fused_rmnp) {
@@ -474,6 +502,20 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
                         .step_dtype = c.matrix.step_dtype};
       OPTD_RETURN_IF_ERROR(backend_->RmnpStep(queue, t->parameters.f32(), t->momentum.f32(),
                                               t->gradient.f32(), t->view.batch * rows, cols, args));
+      if (t->capture == nullptr) continue;
+      // The fused pass keeps no direction: rebuild it from the new momentum the way the pass
+      // formed it (sum momentum: u = g + μ·m with Nesterov, else m; each product and sum the
+      // same fp32 operation), then row-normalize and scale it.
+      float* u = t->capture;
+      if (c.matrix.nesterov) {
+        OPTD_RETURN_IF_ERROR(backend_->Copy(queue, u, t->gradient.f32(), t->count * sizeof(float)));
+        OPTD_RETURN_IF_ERROR(backend_->ApplyUpdate(queue, u, t->momentum.f32(), t->count,
+                                                   -args.momentum, 1.0f, 1.0f, DType::kF32));
+      } else {
+        OPTD_RETURN_IF_ERROR(backend_->Copy(queue, u, t->momentum.f32(), t->count * sizeof(float)));
+      }
+      OPTD_RETURN_IF_ERROR(backend_->RowNormalize(queue, u, t->view.batch * rows, cols, args.eps));
+      OPTD_RETURN_IF_ERROR(capture_scaled(u, u, t->count, rate.full_scale));
     }
     return absl::OkStatus();
   }
@@ -560,6 +602,9 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
                                                 c.matrix.normuon.eps));
     }
     const RateAndScale rate = rate_and_scale(*t);
+    if (t->capture != nullptr) {
+      OPTD_RETURN_IF_ERROR(capture_scaled(t->capture, o.data, t->count, rate.full_scale));
+    }
     OPTD_RETURN_IF_ERROR(backend_->ApplyUpdate(queue, t->parameters.f32(), o.data, t->count,
                                                rate.lr, DecayFactor(c), rate.scale,
                                                c.matrix.step_dtype));

@@ -106,6 +106,14 @@ class Optimizer {
   // may be partly written and must be restored from a checkpoint.
   absl::Status Step(absl::Span<const bool> has_gradient = {});
 
+  // Asks the next Step to write the update it applies to matrix tensor `tensor` into `out`
+  // (backend memory, num_elements floats): the direction after post-normalization and the scale,
+  // before the learning rate and decay — u in w ← w·(1 − ηλ) − η·u — in fp32, before a preset's
+  // step-dtype rounding. For that one Step only, whether it succeeds or not, and only if the
+  // tensor has a gradient in it; the analyzer's snapshot uses it. InvalidArgument for an AdamW
+  // tensor or a null `out`, OutOfRange for a bad index.
+  absl::Status CaptureUpdate(int tensor, float* out);
+
   // Changes a tensor's learning rate, weight decay and momentum (AdamW: β1, the momentum that
   // torch's schedulers cycle). InvalidArgument, changing nothing, when the result is invalid.
   absl::Status SetHyperparameters(int tensor, double lr, double weight_decay, double momentum);

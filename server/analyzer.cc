@@ -118,7 +118,9 @@ bool Analyzer::Reserve(const std::string& session, int64_t bytes) {
       return true;
     }
   }
-  if (metrics_ != nullptr) metrics_->CountAnalysisSkipped("busy");
+  if (metrics_ != nullptr) {
+    metrics_->CountAnalysisSkipped(bytes > options_.max_snapshot_bytes ? "too_large" : "busy");
+  }
   return false;
 }
 
@@ -170,7 +172,11 @@ void Analyzer::Run() {
       if (stopped) break;
       absl::StatusOr<v1::TensorAnalysis> a =
           AnalyzeSnapshot(backend_, *queue_, snapshot, job.step, options_.analysis);
-      if (a.ok()) figures.push_back(*std::move(a));
+      if (a.ok()) {
+        figures.push_back(*std::move(a));
+      } else if (metrics_ != nullptr) {
+        metrics_->CountAnalysisSkipped("failed");  // e.g. a zero momentum: no direction
+      }
     }
     if (!stopped) {
       job.publish(job.step, std::move(figures));

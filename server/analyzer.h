@@ -3,7 +3,8 @@
 // one low-priority thread computes the figures of DESIGN.md's "Metrics" table (kernels/analysis.h)
 // and publishes them through the job's callback. A step never waits for it: a session whose
 // previous snapshot is still being analyzed, or a snapshot that would not fit the analyzer's
-// memory, is skipped (and counted in optd_analysis_skipped_total).
+// memory, is skipped (and counted in optd_analysis_skipped_total). The snapshot itself is a copy
+// the step makes (12 bytes per matrix parameter, every K steps).
 //
 // On the CPU the analyzer runs on a backend of its own (one thread, so it never queues behind a
 // step's loops on the step backend's thread pool), in a thread at the lowest scheduling priority.
@@ -88,7 +89,8 @@ class Analyzer {
 
   // Waits until every submitted job has been published (tests and benchmarks).
   void WaitUntilIdle();
-  // True while a job is queued or in analysis.
+  // True while some session holds a reservation: its snapshot is being taken, queued or in
+  // analysis.
   bool busy();
 
  private:

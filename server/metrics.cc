@@ -2,7 +2,9 @@
 
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
+#include "absl/types/optional.h"
 
 namespace optd::server {
 namespace {
@@ -61,7 +63,14 @@ std::string GrpcCodeName(absl::StatusCode code) {
   return name;
 }
 
+constexpr char kRejectionReasonPayload[] = "type.optd.dev/rejection_reason";
+
 }  // namespace
+
+absl::Status WithRejectionReason(absl::Status status, absl::string_view reason) {
+  status.SetPayload(kRejectionReasonPayload, absl::Cord(reason));
+  return status;
+}
 
 struct Metrics::Figure {
   Family<Gauge>* family;
@@ -74,7 +83,9 @@ struct Metrics::SessionSeries {
   Gauge* step = nullptr;
   Counter* nonfinite = nullptr;
   Gauge* analysis_step = nullptr;
-  std::vector<std::pair<Family<Gauge>*, Gauge*>> analysis;
+  // The figures' gauges by family and labels: a new analysis sets them in place, so a scrape
+  // never sees a series missing between two analyses.
+  std::map<std::pair<Family<Gauge>*, prometheus::Labels>, Gauge*> analysis;
 };
 
 Metrics::Metrics(MetricsOptions options)
@@ -143,8 +154,11 @@ Metrics::Metrics(MetricsOptions options)
                              .Add({}, AnalysisBuckets())),
       analysis_skipped_(prometheus::BuildCounter()
                             .Name("optd_analysis_skipped_total")
-                            .Help("Analyses not taken, by reason (busy: the analyzer was still "
-                                  "on an earlier one, or its snapshot memory was full).")
+                            .Help("Analyses not taken, by reason: busy (the analyzer was still "
+                                  "on the session's previous one, or its snapshot memory was "
+                                  "full), too_large (the snapshot alone exceeds "
+                                  "--analysis_max_bytes), failed (a tensor with no direction, "
+                                  "such as a zero momentum).")
                             .Register(*registry_)) {
   prometheus::BuildGauge()
       .Name("optd_session_memory_limit_bytes")
@@ -158,7 +172,9 @@ Metrics::Metrics(MetricsOptions options)
   // Every known label value starts at 0, so rate() and the alerts see the first event.
   for (absl::string_view reason : RejectionReasons())
     rejected_.Add({{"reason", std::string(reason)}});
-  analysis_skipped_.Add({{"reason", "busy"}});
+  for (const char* reason : {"busy", "too_large", "failed"}) {
+    analysis_skipped_.Add({{"reason", reason}});
+  }
   for (const char* kind : {"sessions", "analysis"}) backend_memory_.Add({{"kind", kind}});
   auto gauge = [this](const char* name, const char* help) {
     return &prometheus::BuildGauge().Name(name).Help(help).Register(*registry_);
@@ -214,8 +230,12 @@ void Metrics::CountRpc(absl::string_view method, const absl::Status& status,
                        absl::string_view reason) {
   rpcs_.Add({{"method", std::string(method)}, {"code", GrpcCodeName(status.code())}}).Increment();
   if (!status.ok()) {
-    rejected_.Add({{"reason", std::string(reason.empty() ? ReasonOf(status.code()) : reason)}})
-        .Increment();
+    std::string why(reason);
+    if (why.empty()) {
+      const absl::optional<absl::Cord> tagged = status.GetPayload(kRejectionReasonPayload);
+      why = tagged.has_value() ? std::string(*tagged) : std::string(ReasonOf(status.code()));
+    }
+    rejected_.Add({{"reason", why}}).Increment();
   }
 }
 
@@ -258,7 +278,7 @@ void Metrics::CountNonFinite(const std::string& session, int64_t values) {
 }
 
 void Metrics::RemoveAnalysisLocked(SessionSeries& series) {
-  for (auto& [family, gauge] : series.analysis) family->Remove(gauge);
+  for (auto& [key, gauge] : series.analysis) key.first->Remove(gauge);
   series.analysis.clear();
   if (series.analysis_step != nullptr) analysis_step_.Remove(series.analysis_step);
   series.analysis_step = nullptr;
@@ -268,10 +288,12 @@ void Metrics::PublishAnalysis(const std::string& session, int64_t step,
                               const std::vector<v1::TensorAnalysis>& tensors) {
   absl::MutexLock lock(&mu_);
   SessionSeries& series = sessions_series_[session];
-  RemoveAnalysisLocked(series);
-  if (tensors.empty()) return;
-  series.analysis_step = &analysis_step_.Add({{"session", session}});
-  series.analysis_step->Set(static_cast<double>(step));
+  if (tensors.empty()) {
+    RemoveAnalysisLocked(series);
+    return;
+  }
+  // The values of this analysis by series, then set in place; series no longer present go.
+  std::map<std::pair<Family<Gauge>*, prometheus::Labels>, double> values;
   const size_t budget = static_cast<size_t>(std::max(options_.tensor_label_budget, 0));
   for (const Figure& figure : figures_) {
     double sum = 0;
@@ -282,16 +304,29 @@ void Metrics::PublishAnalysis(const std::string& session, int64_t step,
       prometheus::Labels labels = figure.labels;
       labels["session"] = session;
       labels["tensor"] = tensors[t].tensor();
-      Gauge& gauge = figure.family->Add(labels);
-      gauge.Set(value);
-      series.analysis.push_back({figure.family, &gauge});
+      values[{figure.family, std::move(labels)}] = value;
     }
     prometheus::Labels labels = figure.labels;
     labels["session"] = session;
-    Gauge& mean = figure.family->Add(labels);
-    mean.Set(sum / static_cast<double>(tensors.size()));
-    series.analysis.push_back({figure.family, &mean});
+    values[{figure.family, std::move(labels)}] = sum / static_cast<double>(tensors.size());
   }
+  for (auto it = series.analysis.begin(); it != series.analysis.end();) {
+    if (values.contains(it->first)) {
+      ++it;
+    } else {
+      it->first.first->Remove(it->second);
+      it = series.analysis.erase(it);
+    }
+  }
+  for (const auto& [key, value] : values) {
+    Gauge*& gauge = series.analysis[key];
+    if (gauge == nullptr) gauge = &key.first->Add(key.second);
+    gauge->Set(value);
+  }
+  if (series.analysis_step == nullptr) {
+    series.analysis_step = &analysis_step_.Add({{"session", session}});
+  }
+  series.analysis_step->Set(static_cast<double>(step));
 }
 
 void Metrics::ObserveAnalysis(absl::Duration duration) {

@@ -43,6 +43,10 @@ struct MetricsOptions {
 
 enum class StepPhase { kReceive, kAggregate, kCompute, kSend };
 
+// `status` tagged with its optd_rejected_total reason, where the code alone would say less (a
+// wrong step number is one FAILED_PRECONDITION among several); Metrics::CountRpc reads it.
+absl::Status WithRejectionReason(absl::Status status, absl::string_view reason);
+
 class Metrics {
  public:
   explicit Metrics(MetricsOptions options);
@@ -53,8 +57,8 @@ class Metrics {
   const std::shared_ptr<prometheus::Registry>& registry() const { return registry_; }
   int tensor_label_budget() const { return options_.tensor_label_budget; }
 
-  // One finished RPC. A non-OK status also counts in optd_rejected_total under `reason`, or,
-  // when `reason` is empty, under the reason its code stands for.
+  // One finished RPC. A non-OK status also counts in optd_rejected_total under `reason`, else
+  // under the reason it was tagged with (WithRejectionReason), else the one its code stands for.
   void CountRpc(absl::string_view method, const absl::Status& status,
                 absl::string_view reason = {});
   void ObserveStep(absl::string_view optimizer, absl::Duration duration);

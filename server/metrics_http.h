@@ -13,29 +13,42 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "prometheus/registry.h"
 
 namespace optd::server {
 
 class MetricsHttpServer {
  public:
-  // Listens on `address` (host:port; port 0 picks a free one). InvalidArgument when the address
-  // does not parse or resolve, Unavailable when it cannot be bound.
+  // Listens on `address` (host:port; port 0 picks a free one), on every address the host
+  // resolves to (both loopbacks for "localhost"). InvalidArgument when the address does not parse
+  // or resolve, Unavailable when none of its addresses can be bound.
+  //
+  // Scrapes are answered one at a time, each within kConnectionDeadline from its accept, so a
+  // client that stalls or dribbles delays the others by that much at most.
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(
       const std::string& address, std::shared_ptr<prometheus::Registry> registry);
-  // Stops serving; a scrape in progress finishes first.
+  static constexpr int kConnectionDeadlineMs = 2000;
+
+  // Stops serving within about 100 ms, cutting off a scrape in progress.
   ~MetricsHttpServer();
 
   int port() const { return port_; }
 
  private:
-  MetricsHttpServer(int listen_fd, int port, std::shared_ptr<prometheus::Registry> registry);
+  MetricsHttpServer(std::vector<int> listen_fds, int port,
+                    std::shared_ptr<prometheus::Registry> registry);
   void Serve();
   void Answer(int connection);
+  // Waits until `connection` is ready for `events` or the connection's deadline or stop_ comes;
+  // false for the latter two.
+  bool WaitFor(int connection, short events, int64_t deadline_ms);
+  bool WriteAll(int connection, absl::string_view data, int64_t deadline_ms);
 
-  const int listen_fd_;
+  const std::vector<int> listen_fds_;
   const int port_;
   const std::shared_ptr<prometheus::Registry> registry_;
   std::atomic<bool> stop_{false};

@@ -256,11 +256,7 @@ absl::Status OptimizerService::RunStep(
   if (header.result_dtype() != v1::DTYPE_UNSPECIFIED) {
     OPTD_RETURN_IF_ERROR(FromWireDType(header.result_dtype()).status());
   }
-  if (absl::Status valid = session->CheckStepHeader(header); !valid.ok()) {
-    const int64_t step = session->step();
-    if (header.step() != step && header.step() != step + 1) reason = "wrong_step";
-    return valid;
-  }
+  OPTD_RETURN_IF_ERROR(session->CheckStepHeader(header));
   // Once draining, only calls that arrived before it, the workers of a step that has already
   // begun (so it can finish within the drain deadline) and retries of the last one go on.
   if (!admitted_before_drain && !session->StepUnderway(header.step())) {
@@ -286,9 +282,7 @@ absl::Status OptimizerService::RunStep(
   if (!received.ok()) {
     if (staging->out_of_range_values() > 0 && reject) {
       reason = "nonfinite";
-      if (options_.metrics != nullptr) {
-        options_.metrics->CountNonFinite(session->id(), staging->out_of_range_values());
-      }
+      session->CountNonFinite(staging->out_of_range_values());
     }
     session->ReleaseStaging(std::move(staging));
     return absl::Status(received.code(), absl::StrCat("session '", session->id(), "' step ",

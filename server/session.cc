@@ -35,9 +35,8 @@ absl::Status CopyRecord(absl::string_view record, absl::string_view name, absl::
 struct Session::Snapshot {
   AnalysisJob job;
   int64_t bytes = 0;
-  std::vector<int> tensors;  // session index of each job tensor
-  std::vector<double> lr;
-  std::vector<float> decay;
+  std::vector<int> tensors;     // session index of each job tensor
+  std::vector<Buffer> updates;  // backend memory the step captures each update into
 };
 
 struct Session::Loaded {
@@ -295,9 +294,11 @@ absl::Status Session::CheckStepHeaderLocked(const v1::StepHeader& header) {
   }
   if (header.step() == step_ && last_outcome_ != nullptr) return absl::OkStatus();
   if (header.step() != step_ + 1) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("session '", id_, "' expects step ", step_ + 1, " (it has completed ", step_,
-                     " steps); worker ", header.worker_id(), " sent step ", header.step()));
+    return WithRejectionReason(
+        absl::FailedPreconditionError(absl::StrCat(
+            "session '", id_, "' expects step ", step_ + 1, " (it has completed ", step_,
+            " steps); worker ", header.worker_id(), " sent step ", header.step())),
+        "wrong_step");
   }
   if (header.has_lr()) {
     for (int t = 0; t < num_tensors(); ++t) {
@@ -478,9 +479,7 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
   step_ = header.step();
   step_published_ = step_;
   ExportStateLocked();
-  if (outcome->nonfinite_values > 0 && options_.metrics != nullptr) {
-    options_.metrics->CountNonFinite(id_, outcome->nonfinite_values);
-  }
+  if (outcome->nonfinite_values > 0) CountNonFinite(outcome->nonfinite_values);
   spare_outcome_ = std::move(last_outcome_);
   last_outcome_ = outcome;
   if (config_.checkpoint_interval() > 0 && !options_.state_dir.empty() &&
@@ -556,9 +555,7 @@ std::optional<Session::Snapshot> Session::StartSnapshotLocked(int64_t step,
   Snapshot snapshot;
   for (int t : present) {
     const TensorSpec& spec = optimizer_->spec(t);
-    // The update is recovered from the parameters over the learning rate: a step at lr 0 applies
-    // none, and is not analyzed.
-    if (spec.config.algorithm != Algorithm::kMatrix || spec.config.lr == 0) continue;
+    if (spec.config.algorithm != Algorithm::kMatrix) continue;
     const absl::StatusOr<MatrixView> view = MatrixViewOf(spec.shape, spec.rank_policy);
     if (!view.ok() || view->rows < 2) continue;  // no dominance ratio for a single row
     snapshot.tensors.push_back(t);
@@ -581,53 +578,55 @@ std::optional<Session::Snapshot> Session::StartSnapshotLocked(int64_t step,
     const size_t count = static_cast<size_t>(counts_[t]);
     const float* gradient = contributions_.begin()->second->data(t);  // the workers' mean
     s.gradient.assign(gradient, gradient + count);
-    s.update.resize(count);
-    // Parameters before the step, for the update (FinishSnapshotLocked); cannot fail for an
-    // index the session holds.
-    optimizer_->GetParameters(t, absl::MakeSpan(s.update)).IgnoreError();
-    // The rates this step applies (an lr override is in place by now): the kernels decay with
-    // the fp32 factor 1 − lr·λ formed in fp64.
-    snapshot.lr.push_back(spec.config.lr);
-    snapshot.decay.push_back(static_cast<float>(1.0 - spec.config.lr * spec.config.weight_decay));
+    absl::StatusOr<Buffer> update = backend_.Allocate(count * sizeof(float));
+    if (!update.ok()) {
+      options_.analyzer->Release(id_, snapshot.bytes);
+      return std::nullopt;  // no analysis this time; the step goes on
+    }
+    snapshot.updates.push_back(*std::move(update));
+  }
+  // Every buffer is in place: the step writes each update it applies into one
+  // (Optimizer::CaptureUpdate), exact at any learning rate, where the parameters differenced over
+  // lr would not be. It cannot fail for a matrix tensor of this session and a buffer.
+  for (size_t i = 0; i < snapshot.tensors.size(); ++i) {
+    optimizer_->CaptureUpdate(snapshot.tensors[i], snapshot.updates[i].f32()).IgnoreError();
   }
   return snapshot;
 }
 
 absl::Status Session::FinishSnapshotLocked(Snapshot snapshot) {
-  std::vector<float> after;
   for (size_t i = 0; i < snapshot.tensors.size(); ++i) {
     const int t = snapshot.tensors[i];
     TensorSnapshot& s = snapshot.job.tensors[i];
-    s.momentum.resize(s.update.size());
+    s.momentum.resize(s.gradient.size());
+    s.update.resize(s.gradient.size());
     absl::Status read = optimizer_->GetState(t, "momentum", absl::MakeSpan(s.momentum));
-    after.resize(s.update.size());
-    if (read.ok()) read = optimizer_->GetParameters(t, absl::MakeSpan(after));
+    if (read.ok()) {
+      read = backend_.Download(backend_.default_queue(), s.update.data(),
+                               snapshot.updates[i].data(), s.update.size() * sizeof(float));
+    }
+    if (read.ok()) read = backend_.Synchronize(backend_.default_queue());
     if (!read.ok()) {
       options_.analyzer->Release(id_, snapshot.bytes);
       return read;
     }
-    // w_new = w_old·decay − lr·u (the decoupled weight decay stage), so u is recovered from the
-    // parameters; in fp64, its rounding is that of w_new's last bit over lr.
-    const double lr = snapshot.lr[i];
-    const double decay = snapshot.decay[i];
-    for (size_t k = 0; k < after.size(); ++k) {
-      s.update[k] = static_cast<float>((s.update[k] * decay - after[k]) / lr);
-    }
   }
   std::weak_ptr<Session> self = weak_from_this();
-  snapshot.job.publish = [self](int64_t step, std::vector<v1::TensorAnalysis> figures) {
+  snapshot.job.publish = [self, restores = restores_.load()](
+                             int64_t step, std::vector<v1::TensorAnalysis> figures) {
     if (std::shared_ptr<Session> session = self.lock()) {
-      session->PublishAnalysis(step, std::move(figures));
+      session->PublishAnalysis(step, restores, std::move(figures));
     }
   };
   options_.analyzer->Submit(std::move(snapshot.job), snapshot.bytes);
   return absl::OkStatus();
 }
 
-void Session::PublishAnalysis(int64_t step, std::vector<v1::TensorAnalysis> figures) {
+void Session::PublishAnalysis(int64_t step, int64_t restores,
+                              std::vector<v1::TensorAnalysis> figures) {
   absl::MutexLock lock(&analysis_mu_);
-  // Past the session's step: a Restore went back before the analyzed step.
-  if (retired_ || step > step_published_.load()) return;
+  // A Restore since the snapshot undid the analyzed step.
+  if (retired_ || restores != restores_.load() || figures.empty()) return;
   // Keep each tensor's latest figures; a tensor left out this time keeps its earlier ones.
   std::map<std::string, v1::TensorAnalysis> latest;
   for (v1::TensorAnalysis& a : analysis_) latest[a.tensor()] = std::move(a);
@@ -644,6 +643,12 @@ void Session::Retire() {
   absl::MutexLock lock(&analysis_mu_);
   retired_ = true;
   if (options_.metrics != nullptr) options_.metrics->RemoveSession(id_);
+}
+
+void Session::CountNonFinite(int64_t values) {
+  if (options_.metrics == nullptr) return;
+  absl::MutexLock lock(&analysis_mu_);
+  if (!retired_) options_.metrics->CountNonFinite(id_, values);
 }
 
 void Session::ExportStateLocked() {
@@ -836,8 +841,9 @@ absl::StatusOr<int64_t> Session::Restore() {
   last_outcome_ = nullptr;
   spare_outcome_ = nullptr;
   ExportStateLocked();
-  // The figures were of steps that no longer happened.
+  // The figures were of steps that no longer happened, and so are those still in analysis.
   absl::MutexLock analysis_lock(&analysis_mu_);
+  ++restores_;
   analysis_.clear();
   if (options_.metrics != nullptr && !retired_) options_.metrics->PublishAnalysis(id_, step_, {});
   return step_;

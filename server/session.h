@@ -162,10 +162,15 @@ class Session : public std::enable_shared_from_this<Session> {
   // The latest analysis figures of each analyzed matrix tensor, in session order (DESIGN.md,
   // "Metrics"); empty until the first analysis (every config.analysis_interval() steps) is done.
   std::vector<v1::TensorAnalysis> Analysis();
-  // Takes the analyzer's figures for `step` and exports them (unless the session is retired).
-  void PublishAnalysis(int64_t step, std::vector<v1::TensorAnalysis> figures);
+  // Takes the analyzer's figures for `step` and exports them, unless the session is retired or a
+  // Restore came after the snapshot (`restores` is restores() when it was taken).
+  void PublishAnalysis(int64_t step, int64_t restores, std::vector<v1::TensorAnalysis> figures);
+  int64_t restores() const { return restores_.load(); }
   // Removes the session's metric series for good: the session is being deleted or unloaded.
   void Retire();
+  // Counts non-finite gradient values a worker sent (optd_nonfinite_gradients_total), unless
+  // the session is retired.
+  void CountNonFinite(int64_t values);
   // The optimizer label of its step metrics: its matrix groups' presets joined by '+', or
   // "adamw" when it has no matrix tensor.
   const std::string& optimizer_label() const { return optimizer_label_; }
@@ -234,6 +239,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::atomic<int64_t> checkpoint_step_published_{-1};
   std::atomic<int> workers_pending_published_{0};
   std::atomic<int64_t> last_used_ns_{0};
+  std::atomic<int64_t> restores_{0};  // Restores so far: an analysis from before one is dropped
 
   absl::Mutex staging_mu_;
   std::vector<std::unique_ptr<TensorStaging>> free_staging_ ABSL_GUARDED_BY(staging_mu_);

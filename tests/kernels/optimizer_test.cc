@@ -11,7 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "kernels/backend.h"
+#include "kernels/formulas.h"
 #include "tests/kernels/backend_test_util.h"
 #include "tests/kernels/reference.h"
 
@@ -256,6 +258,54 @@ class OptimizerContractTest : public ::testing::Test {
   }
   std::unique_ptr<Backend> backend_;
 };
+
+TEST_F(OptimizerContractTest, CapturedUpdateIsWhatTheStepApplied) {
+  // From zero parameters at lr 1 with no decay, a step leaves w = −step(u) exactly: the captured
+  // update itself, or its bf16 rounding for the presets that apply a bf16 step (keller, rmnp; the
+  // latter's fused pass keeps no direction, so the capture rebuilds it). Two tensors of one
+  // shape step as one batch; only the second is captured, on the second step, after a first
+  // step gave every preset a momentum history.
+  for (const char* preset : {"keller", "moonlight", "torch", "dion", "normuon", "normuon_paper",
+                             "rmnp", "muoneq_row", "muoneq_col", "muoneq_rowcol"}) {
+    SCOPED_TRACE(preset);
+    OptimizerConfig config = Config(absl::StrCat(preset, ",lr=1,weight_decay=0"));
+    auto opt = Make({{"a", {6, 10}, RankPolicy::kFlatten, config},
+                     {"b", {6, 10}, RankPolicy::kFlatten, config}});
+    for (int step = 1; step <= 2; ++step) {
+      for (int t = 0; t < 2; ++t) {
+        ASSERT_TRUE(opt->SetGradient(t, reference::RandomNormal(60, 10 * step + t)).ok());
+        ASSERT_TRUE(opt->SetParameters(t, std::vector<float>(60, 0.0f)).ok());
+      }
+      std::vector<float> captured(60, std::nanf(""));
+      if (step == 2) {
+        ASSERT_TRUE(opt->CaptureUpdate(1, captured.data()).ok());
+      }
+      ASSERT_TRUE(opt->Step().ok());
+      if (step == 1) continue;
+      const bool bf16 = config.matrix.step_dtype == DType::kBF16;
+      const std::vector<float> w = Params(*opt, 1);
+      for (int i = 0; i < 60; ++i) {
+        const float applied = bf16 ? formulas::RoundToBf16(captured[i]) : captured[i];
+        ASSERT_EQ(-w[i], applied) << "element " << i;
+      }
+    }
+  }
+  // For one step only; AdamW tensors have no such update.
+  auto opt = Make({{"m", {3, 4}, RankPolicy::kFlatten, Config("keller")},
+                   {"v", {4}, RankPolicy::kFlatten, Config("adamw")}});
+  std::vector<float> captured(12, 7.0f);
+  ASSERT_TRUE(opt->CaptureUpdate(0, captured.data()).ok());
+  ASSERT_TRUE(opt->SetGradient(0, reference::RandomNormal(12, 1)).ok());
+  ASSERT_TRUE(opt->Step().ok());
+  const std::vector<float> first = captured;
+  EXPECT_NE(first[0], 7.0f);
+  ASSERT_TRUE(opt->SetGradient(0, reference::RandomNormal(12, 2)).ok());
+  ASSERT_TRUE(opt->Step().ok());
+  EXPECT_EQ(captured, first);
+  EXPECT_EQ(opt->CaptureUpdate(1, captured.data()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(opt->CaptureUpdate(0, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(opt->CaptureUpdate(2, captured.data()).code(), absl::StatusCode::kOutOfRange);
+}
 
 TEST_F(OptimizerContractTest, NonFiniteGradientRejectsTheWholeStepAndChangesNothing) {
   auto opt = Make({{"a", {8, 6}, RankPolicy::kFlatten, Config("keller")},
