@@ -1,0 +1,302 @@
+"""The optd client for Python: sessions, parameter upload and download, and the optimizer step,
+over the optd.v1 gRPC contract (proto/optd/v1/optd.proto).
+
+Tensors go in as numpy arrays or torch tensors (any shape; the session knows each tensor's) and
+come back as float32 numpy arrays in the tensor's shape. Chunking and the fp32/bf16/fp16 wire
+conversion happen inside. Every failed call raises OptdError with the daemon's gRPC status code
+and message.
+"""
+
+import dataclasses
+
+import grpc
+import numpy as np
+from google.protobuf import text_format
+
+from optd import wire
+from optd.v1 import optd_pb2, optd_pb2_grpc
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # the daemon's default; at most 4 MiB
+_MAX_MESSAGE_BYTES = (4 << 20) + (64 << 10)
+
+
+class OptdError(Exception):
+    """A failed optd call: `code` is the grpc.StatusCode, `message` the daemon's explanation."""
+
+    def __init__(self, code, message):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _raise(error):
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        raise OptdError(error.code(), error.details() or "") from None
+    raise error
+
+
+def as_float32(values):
+    """A flat float32 numpy array from a numpy array, torch tensor or nested list."""
+    if hasattr(values, "detach"):  # a torch tensor, on any device and in any dtype
+        values = values.detach().cpu().float().numpy()
+    return np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+
+
+@dataclasses.dataclass
+class StepResult:
+    step: int
+    skipped: bool
+    replayed: bool
+    tensors_updated: int
+    nonfinite_values: int
+    kind: int  # optd_pb2.STEP_RESULT_PARAMETERS, _DELTA or _NONE
+    values: dict  # tensor name -> float32 array in the tensor's shape (empty for NONE)
+
+
+def _session_config(config):
+    """A SessionConfig from a SessionConfig, or its protobuf text format."""
+    if isinstance(config, optd_pb2.SessionConfig):
+        return config
+    if isinstance(config, str):
+        return text_format.Parse(config, optd_pb2.SessionConfig())
+    raise TypeError("config is an optd_pb2.SessionConfig or its text format")
+
+
+class Session:
+    """One session of a daemon, as its token opens it. Not tied to a thread: share it freely."""
+
+    def __init__(self, stub, session_id, token, info=None, timeout=None):
+        self._stub = stub
+        self.id = session_id
+        self.token = token
+        self.timeout = timeout
+        self._shapes = None
+        if info is not None:
+            self._learn(info)
+
+    def _metadata(self):
+        return (("authorization", f"Bearer {self.token}"),)
+
+    def _learn(self, info):
+        self._shapes = {t.config.name: tuple(t.config.shape) for t in info.tensors}
+
+    def shapes(self):
+        """Tensor name -> shape, in session order."""
+        if self._shapes is None:
+            self.info()
+        return dict(self._shapes)
+
+    def info(self):
+        """The session's optd_pb2.SessionInfo (config, step, per-tensor details)."""
+        try:
+            info = self._stub.GetSession(optd_pb2.GetSessionRequest(session_id=self.id),
+                                         metadata=self._metadata(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+        self._learn(info)
+        return info
+
+    @staticmethod
+    def _prepare(tensors, wire_dtype):
+        """{name: flat float32 array}, checked before a call starts: a bad dtype or value raises
+        here rather than inside gRPC's request stream."""
+        wire.dtype_value(wire_dtype)
+        return {name: as_float32(values) for name, values in tensors.items()}
+
+    def _chunks(self, tensors, wire_dtype, chunk_bytes):
+        """TensorChunk messages for prepared {name: flat float32}, each at most chunk_bytes of
+        payload."""
+        dtype = wire.dtype_value(wire_dtype)
+        per_chunk = max(1, chunk_bytes // wire.element_bytes(wire_dtype))
+        for name, flat in tensors.items():
+            for offset in range(0, max(flat.size, 1), per_chunk):
+                part = flat[offset:offset + per_chunk]
+                yield optd_pb2.TensorChunk(tensor=name, offset=offset, dtype=dtype,
+                                           data=wire.encode(part, wire_dtype),
+                                           tensor_elements=flat.size)
+
+    def _assemble(self, chunks):
+        """{name: float32 array in the tensor's shape} from a stream of TensorChunk."""
+        flat = {}
+        for chunk in chunks:
+            values = wire.decode(chunk.data, chunk.dtype)
+            out = flat.get(chunk.tensor)
+            if out is None:
+                out = flat[chunk.tensor] = np.empty(chunk.tensor_elements, dtype=np.float32)
+            out[chunk.offset:chunk.offset + values.size] = values
+        shapes = self.shapes()
+        return {name: values.reshape(shapes.get(name, values.shape)) for name, values in
+                flat.items()}
+
+    def upload_parameters(self, tensors, wire_dtype="fp32", chunk_bytes=DEFAULT_CHUNK_BYTES):
+        """Replaces the parameters of the given tensors ({name: values}, each whole), all or none.
+        Returns how many tensors were updated."""
+        tensors = self._prepare(tensors, wire_dtype)
+
+        def requests():
+            yield optd_pb2.UploadParamsRequest(
+                header=optd_pb2.UploadParamsHeader(session_id=self.id))
+            for chunk in self._chunks(tensors, wire_dtype, chunk_bytes):
+                yield optd_pb2.UploadParamsRequest(chunk=chunk)
+        try:
+            response = self._stub.UploadParams(requests(), metadata=self._metadata(),
+                                               timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+        return response.tensors_updated
+
+    def get_parameters(self, names=(), wire_dtype=None, chunk_bytes=0):
+        """{name: float32 array} of `names` (default all), sent in `wire_dtype` (default each
+        tensor's own dtype)."""
+        request = optd_pb2.GetParamsRequest(
+            session_id=self.id, tensors=list(names), chunk_bytes=chunk_bytes,
+            dtype=wire.dtype_value(wire_dtype) if wire_dtype else optd_pb2.DTYPE_UNSPECIFIED)
+        try:
+            return self._assemble(self._stub.GetParams(request, metadata=self._metadata(),
+                                                       timeout=self.timeout))
+        except grpc.RpcError as e:
+            _raise(e)
+
+    def step(self, step, gradients, *, worker_id=0, lr=None, wire_dtype="fp32",
+             result_dtype=None, chunk_bytes=DEFAULT_CHUNK_BYTES, timeout=None):
+        """Sends this worker's gradients ({name: values}) for step `step` (1-based: the session's
+        completed steps + 1) and returns the step's StepResult once every worker has sent
+        theirs. Tensors left out get no update; `lr` overrides every group's rate for this step
+        only."""
+        header = optd_pb2.StepHeader(
+            session_id=self.id, worker_id=worker_id, step=step, chunk_bytes=chunk_bytes,
+            result_dtype=(wire.dtype_value(result_dtype) if result_dtype
+                          else optd_pb2.DTYPE_UNSPECIFIED))
+        if lr is not None:
+            header.lr = lr
+        gradients = self._prepare(gradients, wire_dtype)
+
+        def requests():
+            yield optd_pb2.StepRequest(header=header)
+            for chunk in self._chunks(gradients, wire_dtype, chunk_bytes):
+                yield optd_pb2.StepRequest(chunk=chunk)
+        try:
+            responses = self._stub.Step(requests(), metadata=self._metadata(),
+                                        timeout=timeout if timeout is not None else self.timeout)
+            first = next(responses)
+            values = self._assemble(r.chunk for r in responses)
+        except grpc.RpcError as e:
+            _raise(e)
+        s = first.summary
+        return StepResult(step=s.step, skipped=s.skipped, replayed=s.replayed,
+                          tensors_updated=s.tensors_updated, nonfinite_values=s.nonfinite_values,
+                          kind=s.result, values=values)
+
+    def update_hyperparams(self, updates):
+        """Changes groups' hyperparameters, all or none: updates is a list of dicts with "group"
+        and any of "lr", "momentum", "weight_decay"."""
+        request = optd_pb2.UpdateHyperparamsRequest(session_id=self.id)
+        for u in updates:
+            request.updates.add(**u)
+        try:
+            self._stub.UpdateHyperparams(request, metadata=self._metadata(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+
+    def checkpoint(self):
+        """Writes the session's checkpoint; returns the optd_pb2.CheckpointResponse."""
+        try:
+            return self._stub.Checkpoint(optd_pb2.CheckpointRequest(session_id=self.id),
+                                         metadata=self._metadata(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+
+    def restore(self):
+        """Puts the session back to its last checkpoint; returns that step."""
+        try:
+            return self._stub.Restore(optd_pb2.RestoreRequest(session_id=self.id),
+                                      metadata=self._metadata(), timeout=self.timeout).step
+        except grpc.RpcError as e:
+            _raise(e)
+
+    def analysis(self):
+        """The latest analysis figures per tensor (a list of optd_pb2.TensorAnalysis)."""
+        try:
+            return list(self._stub.GetAnalysis(optd_pb2.GetAnalysisRequest(session_id=self.id),
+                                               metadata=self._metadata(),
+                                               timeout=self.timeout).tensors)
+        except grpc.RpcError as e:
+            _raise(e)
+
+    def delete(self):
+        """Deletes the session and its checkpoint."""
+        try:
+            self._stub.DeleteSession(optd_pb2.DeleteSessionRequest(session_id=self.id),
+                                     metadata=self._metadata(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+
+
+class Client:
+    """A connection to one optd daemon.
+
+    target: "host:port". With `root_certificates` (PEM bytes) the channel uses TLS, and with
+    `private_key` and `certificate_chain` as well, mutual TLS. `admin_token` is sent on the calls
+    that need it when the daemon has one (create, list, delete). `timeout` (seconds) is the
+    deadline of every call but Step, which takes its own.
+    """
+
+    def __init__(self, target, admin_token=None, *, root_certificates=None, private_key=None,
+                 certificate_chain=None, timeout=None):
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key,
+                                                       certificate_chain)
+            self._channel = grpc.secure_channel(target, credentials, options)
+        else:
+            self._channel = grpc.insecure_channel(target, options)
+        self._stub = optd_pb2_grpc.OptimizerStub(self._channel)
+        self.admin_token = admin_token
+        self.timeout = timeout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._channel.close()
+
+    def _admin_metadata(self):
+        return (("authorization", f"Bearer {self.admin_token}"),) if self.admin_token else ()
+
+    def wait_ready(self, timeout=30):
+        """Blocks until the channel connects; OptdError UNAVAILABLE after `timeout` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise OptdError(grpc.StatusCode.UNAVAILABLE,
+                            f"optd did not answer within {timeout} s") from None
+
+    def create_session(self, config, session_id=""):
+        """A new session from `config` (an optd_pb2.SessionConfig or its text format), named
+        `session_id` or by the daemon. The returned Session holds its token (shown only once)."""
+        request = optd_pb2.CreateSessionRequest(session_id=session_id,
+                                                config=_session_config(config))
+        try:
+            response = self._stub.CreateSession(request, metadata=self._admin_metadata(),
+                                                timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+        return Session(self._stub, response.session_id, response.token, response.session,
+                       self.timeout)
+
+    def open_session(self, session_id, token):
+        """The session `session_id`, as `token` (its own, or the admin token) opens it."""
+        return Session(self._stub, session_id, token, timeout=self.timeout)
+
+    def list_sessions(self):
+        """Every session's optd_pb2.SessionInfo (without per-tensor details)."""
+        try:
+            return list(self._stub.ListSessions(optd_pb2.ListSessionsRequest(),
+                                                metadata=self._admin_metadata(),
+                                                timeout=self.timeout).sessions)
+        except grpc.RpcError as e:
+            _raise(e)

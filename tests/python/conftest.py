@@ -1,0 +1,36 @@
+"""A real optd daemon for the Python tests: the binary in $OPTD (default build/server/optd),
+started on a free loopback port, checkpointing into a temporary directory."""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+OPTD = os.environ.get("OPTD", os.path.join(REPO, "build/server/optd"))
+
+
+@pytest.fixture(scope="session")
+def daemon():
+    """The daemon's "host:port"; it is stopped with SIGTERM (and must exit 0) at the end."""
+    work = tempfile.mkdtemp(prefix="optd_python_")
+    log = open(f"{work}/optd.log", "w")
+    process = subprocess.Popen(
+        [OPTD, "--listen=127.0.0.1:0", f"--port_file={work}/port", "--metrics_addr=",
+         f"--state_dir={work}/state", "--threads=1"], stderr=log)
+    try:
+        deadline = time.time() + 30
+        while not (os.path.exists(f"{work}/port") and open(f"{work}/port").read().strip()):
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError("optd did not start: " + open(f"{work}/optd.log").read())
+            time.sleep(0.05)
+        yield f"127.0.0.1:{open(f'{work}/port').read().strip()}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+        assert code == 0, f"optd exited with {code}"

@@ -1,0 +1,193 @@
+"""The Python client against a real optd: results against fp64 numpy references of the presets'
+rules, the wire dtypes and chunking, and every error as an OptdError with its gRPC code that
+leaves the session unchanged."""
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import optd
+from optd import wire
+from optd.v1 import optd_pb2
+
+CONFIG = """
+tensors { name: "w" shape: [6, 10] group: "matrices" normal { seed: 3 std: 0.5 } }
+tensors { name: "b" shape: [10] group: "vectors" normal { seed: 4 std: 0.1 } }
+groups { name: "matrices" preset: "keller"
+         overrides { key: "precision" value: "fp32" } overrides { key: "weight_decay" value: "0.1" } }
+groups { name: "vectors" preset: "adamw" }
+"""
+KELLER = (3.4445, -4.7750, 2.0315)
+
+
+def gradients(step):
+    rng = np.random.default_rng(100 + step)
+    return {"w": rng.standard_normal((6, 10)).astype(np.float32),
+            "b": rng.standard_normal(10).astype(np.float32)}
+
+
+def newton_schulz(x, steps=5, eps=1e-7):
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / (np.linalg.norm(x) + eps)
+    a, b, c = KELLER
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Fp64Reference:
+    """Keller's Muon (EMA momentum 0.95, Nesterov, 5 NS steps, scale √max(1, rows/cols), decoupled
+    decay) and torch's AdamW (β 0.9/0.999, ε 1e-8 outside the root, bias corrections), in fp64."""
+
+    def __init__(self, w, b):
+        self.w, self.b = w.astype(np.float64), b.astype(np.float64)
+        self.m_w = np.zeros_like(self.w)
+        self.m_b, self.v_b = np.zeros_like(self.b), np.zeros_like(self.b)
+        self.t = 0
+
+    def step(self, g, lr_w=0.02, wd_w=0.1, lr_b=1e-3, wd_b=0.01):
+        self.t += 1
+        gw, gb = g["w"].astype(np.float64), g["b"].astype(np.float64)
+        self.m_w = self.m_w + 0.05 * (gw - self.m_w)
+        u = gw + 0.95 * (self.m_w - gw)
+        scale = np.sqrt(max(1.0, self.w.shape[0] / self.w.shape[1]))
+        self.w = self.w * (1 - lr_w * wd_w) - lr_w * scale * newton_schulz(u)
+        self.m_b = 0.9 * self.m_b + 0.1 * gb
+        self.v_b = 0.999 * self.v_b + 0.001 * gb * gb
+        m_hat = self.m_b / (1 - 0.9 ** self.t)
+        v_hat = self.v_b / (1 - 0.999 ** self.t)
+        self.b = self.b * (1 - lr_b * wd_b) - lr_b * m_hat / (np.sqrt(v_hat) + 1e-8)
+
+
+@pytest.fixture
+def client(daemon):
+    with optd.Client(daemon, timeout=30) as c:
+        c.wait_ready()
+        yield c
+
+
+def test_steps_match_the_fp64_rules_of_the_presets(client):
+    session = client.create_session(CONFIG)
+    assert session.shapes() == {"w": (6, 10), "b": (10,)}
+    start = session.get_parameters()
+    assert start["w"].shape == (6, 10) and start["w"].dtype == np.float32
+    reference = Fp64Reference(start["w"], start["b"])
+    for step in range(1, 6):
+        result = session.step(step, gradients(step))
+        reference.step(gradients(step))
+        assert (result.step, result.skipped, result.replayed, result.tensors_updated) == (
+            step, False, False, 2)
+        assert result.kind == optd_pb2.STEP_RESULT_PARAMETERS
+        np.testing.assert_allclose(result.values["w"], reference.w, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(result.values["b"], reference.b, rtol=0, atol=2e-6)
+    # The parameters the daemon holds are the ones the last step returned.
+    held = session.get_parameters()
+    np.testing.assert_array_equal(held["w"], result.values["w"])
+    session.delete()
+
+
+def test_wire_dtypes_and_chunks(client):
+    # bf16/fp16 gradients act exactly as fp32 gradients rounded to them beforehand; any chunk
+    # size gives the same bits.
+    for name in ("bf16", "fp16"):
+        wide = client.create_session(CONFIG)
+        narrow = client.create_session(CONFIG)
+        g = gradients(1)
+        rounded = {k: wire.round_to(v, name) for k, v in g.items()}
+        a = wide.step(1, rounded)
+        b = narrow.step(1, g, wire_dtype=name, chunk_bytes=6)
+        for k in g:
+            np.testing.assert_array_equal(a.values[k], b.values[k])
+        # Results in the narrow dtype are the fp32 results rounded.
+        c = narrow.get_parameters(wire_dtype=name, chunk_bytes=8)
+        np.testing.assert_array_equal(c["w"], wire.round_to(b.values["w"], name).reshape(6, 10))
+    # bf16 rounding is to nearest even, and NaN stays NaN.
+    values = np.array([1.0, 1.00390625, 1.01171875, -2.5, np.inf, np.nan], dtype=np.float32)
+    expected = np.array([1.0, 1.0, 1.015625, -2.5, np.inf], dtype=np.float32)
+    got = wire.round_to(values, "bf16")
+    np.testing.assert_array_equal(got[:5], expected)
+    assert np.isnan(got[5])
+
+
+def test_upload_and_torch_tensors(client):
+    torch = pytest.importorskip("torch")
+    session = client.create_session(CONFIG)
+    w = torch.arange(60, dtype=torch.float32).reshape(6, 10) / 7
+    assert session.upload_parameters({"w": w}, chunk_bytes=12) == 1
+    np.testing.assert_array_equal(session.get_parameters(["w"])["w"], w.numpy())
+    # A bf16 torch gradient goes in as its float32 value.
+    g = {k: torch.from_numpy(v).bfloat16() for k, v in gradients(1).items()}
+    twin = client.create_session(CONFIG)
+    twin.upload_parameters({"w": w})
+    a = session.step(1, g)
+    b = twin.step(1, {k: v.float().numpy() for k, v in g.items()})
+    np.testing.assert_array_equal(a.values["w"], b.values["w"])
+
+
+def test_errors_carry_their_codes_and_change_nothing(client, daemon):
+    session = client.create_session(CONFIG, session_id="errors")
+    before = session.get_parameters()
+
+    def fails(code, fragment, call):
+        with pytest.raises(optd.OptdError) as raised:
+            call()
+        assert raised.value.code == code, raised.value
+        assert fragment in raised.value.message, raised.value.message
+        after = session.get_parameters()
+        for k in before:
+            np.testing.assert_array_equal(after[k], before[k])
+
+    g = gradients(1)
+    fails(grpc.StatusCode.FAILED_PRECONDITION, "expects step 1", lambda: session.step(3, g))
+    fails(grpc.StatusCode.NOT_FOUND, "no tensor 'nope'",
+          lambda: session.step(1, {"nope": np.zeros(3)}))
+    bad = dict(g, w=g["w"].copy())
+    bad["w"][2, 3] = np.nan
+    fails(grpc.StatusCode.INVALID_ARGUMENT, "tensor 'w' element 23", lambda: session.step(1, bad))
+    fails(grpc.StatusCode.INVALID_ARGUMENT, "elements",
+          lambda: session.step(1, {"w": np.zeros(59)}))
+    fails(grpc.StatusCode.INVALID_ARGUMENT, "worker_id 1",
+          lambda: session.step(1, g, worker_id=1))
+    stranger = client.open_session("errors", "optd_0000")
+    fails(grpc.StatusCode.UNAUTHENTICATED, "not valid", stranger.info)
+    fails(grpc.StatusCode.ALREADY_EXISTS, "errors",
+          lambda: client.create_session(CONFIG, session_id="errors"))
+    with pytest.raises(ValueError):
+        session.step(1, g, wire_dtype="fp8")
+    with pytest.raises(optd.OptdError) as raised:
+        client.create_session("tensors { name: \"x\" shape: [2] group: \"missing\" }")
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    # A retry of the step that then runs gets the same result, marked replayed.
+    first = session.step(1, g)
+    again = session.step(1, g)
+    assert again.replayed and not first.replayed
+    np.testing.assert_array_equal(again.values["w"], first.values["w"])
+
+
+def test_hyperparams_checkpoint_restore_and_analysis(client):
+    config = CONFIG + "analysis_interval: 1\n"
+    session = client.create_session(config)
+    session.step(1, gradients(1))
+    saved = session.checkpoint()
+    assert saved.step == 1
+    session.update_hyperparams([{"group": "matrices", "lr": 0.0, "weight_decay": 0.0}])
+    info = session.info()
+    assert [t.lr for t in info.tensors] == [0.0, 1e-3]
+    frozen = session.step(2, gradients(2)).values["w"]
+    np.testing.assert_array_equal(frozen, session.get_parameters(["w"])["w"])
+    assert session.restore() == 1
+    assert session.info().step == 1
+    session.step(2, gradients(2))
+    deadline = time.time() + 30
+    figures = []
+    while not figures and time.time() < deadline:
+        figures = session.analysis()
+        time.sleep(0.05)
+    assert [f.tensor for f in figures] == ["w"]
+    assert figures[0].step == 2 and figures[0].grad_norm == pytest.approx(
+        np.linalg.norm(gradients(2)["w"].astype(np.float64)), rel=1e-6)
+    assert any(s.session_id == session.id for s in client.list_sessions())
