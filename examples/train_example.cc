@@ -5,10 +5,9 @@
 // data is a synthetic teacher task (a random two-layer teacher labels Gaussian inputs), so the
 // example needs no downloads.
 //
-// Usage: train_example [steps [losses.csv]] [--server=HOST:PORT [--keep_sessions]] — the CSV
-// gets one row per (optimizer, step, loss). Remote sessions are analyzed every 10 steps; the
-// table's dominance ratios then come from the daemon's GetAnalysis. --keep_sessions leaves them
-// in the daemon, named demo-<preset>, for its metrics and optctl to show.
+// Usage: train_example [steps [losses.csv]] [--server=HOST:PORT] — the CSV gets one row per
+// (optimizer, step, loss). Remote sessions are analyzed every 10 steps; the table's dominance
+// ratios then come from the daemon's GetAnalysis.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -172,22 +171,17 @@ optd::v1::SessionConfig RemoteConfig(const std::string& preset,
 int main(int argc, char** argv) {
   std::vector<std::string> positional;
   std::string server;
-  bool keep_sessions = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg.rfind("--server=", 0) == 0) {
       server = arg.substr(9);
-    } else if (arg == "--keep_sessions") {
-      keep_sessions = true;
     } else {
       positional.push_back(arg);
     }
   }
   const int steps = !positional.empty() ? std::atoi(positional[0].c_str()) : 300;
   if (steps < 1 || positional.size() > 2) {
-    std::fprintf(stderr,
-                 "usage: %s [steps >= 1 [losses.csv]] [--server=HOST:PORT [--keep_sessions]]\n",
-                 argv[0]);
+    std::fprintf(stderr, "usage: %s [steps >= 1 [losses.csv]] [--server=HOST:PORT]\n", argv[0]);
     return 2;
   }
   FILE* csv = positional.size() > 1 ? std::fopen(positional[1].c_str(), "w") : nullptr;
@@ -246,8 +240,7 @@ int main(int argc, char** argv) {
     std::optional<optd::client::Session> session;
     if (remote != nullptr) {
       const std::string group = std::string(preset) == "adamw" ? "adamw" : preset;
-      auto created = remote->CreateSession(RemoteConfig(group, *matrix),
-                                           keep_sessions ? absl::StrCat("demo-", preset) : "");
+      auto created = remote->CreateSession(RemoteConfig(group, *matrix));
       Check(created.status());
       session = *created;
     }
@@ -321,7 +314,7 @@ int main(int argc, char** argv) {
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
       }
-      if (!keep_sessions) Check(session->Delete());
+      Check(session->Delete());
     } else if (opt.spec(0).config.algorithm == optd::Algorithm::kMatrix) {
       // Seed 000's dominance ratios of the hidden layer's momentum V (rows = hidden neurons).
       auto dominance = optd::ComputeDominanceRatios(backend, backend.default_queue(),

@@ -2,15 +2,18 @@
 """Trains real small models through optd with each optimizer and shows what the seeds predict.
 
 Starts optd (build/server/optd, its default backend) unless --server names a running one, then:
-- trains an MLP on scikit-learn's handwritten digits with each optimizer, through
-  optd.torch.RemoteOptimizer, next to the same training with a local torch optimizer where one
-  exists (Keller's Muon, AdamW), for the remote-step overhead;
-- prints a table: final train and validation loss and accuracy, steps per second, and the
-  remote step's time against the local one;
+- trains an MLP on scikit-learn's handwritten digits, and a small character-level transformer on
+  the GNU GPL v3 as Debian ships it (/usr/share/common-licenses/GPL-3, base-files), with each
+  optimizer through optd.torch.RemoteOptimizer; a local torch optimizer of the same rule, where
+  one exists (Keller's Muon, AdamW), times the step the daemon replaces;
+- prints a table per model: final train and validation loss (and accuracy), steps per second,
+  and the remote step's time against the local one;
 - writes plots to --out: loss curves; the dominance ratios r_min/avg/max of the first hidden
   layer's momentum over steps (seed 000, Figure 3 in miniature); the singular values of its last
   update and its per-neuron update norms (seed 002, Figure 1 in miniature); and, for a 2-layer
-  ReLU model, dominance and the RMNP–Muon cosine against hidden width.
+  ReLU model, dominance and the RMNP–Muon cosine against hidden width;
+- when it started the daemon, prints the daemon's Prometheus metrics (scripts/show_metrics.py):
+  the service's counters and latencies and each session's optimizer figures.
 
 Usage: scripts/main_job.py [--quick] [--server HOST:PORT] [--out DIR]
 Run with /usr/bin/python3 and PYTHONPATH=build/python (scripts/build makes both).
@@ -89,14 +92,27 @@ def mlp(width=128, depth=2, inputs=64, classes=10, seed=0):
     return torch.nn.Sequential(*layers)
 
 
-def make_optimizer(net, client, preset, analysis_interval):
+def assignment(net, preset):
+    """Parameter name -> "matrix" or "adamw": RemoteOptimizer's defaults (2-D hidden weights on
+    the matrix preset; vectors, embeddings and heads on AdamW), with the MLP's output layer, which
+    carries no "head" in its name, given to AdamW; everything to AdamW for the AdamW run."""
+    from optd.torch import ADAMW_NAMES
     named = list(net.named_parameters())
-    head = named[-2][0]  # the output layer's weight: AdamW (DESIGN.md's default grouping)
+    kinds = {name: "matrix" if p.dim() >= 2 and not any(a in name for a in ADAMW_NAMES)
+             else "adamw" for name, p in named}
+    if isinstance(net, torch.nn.Sequential):
+        kinds[named[-2][0]] = "adamw"
     if preset is None:
-        assign = {name: "adamw" for name, _ in named}
-        return RemoteOptimizer(named, client, adamw_lr=ADAMW_LR, assign=assign)
-    return RemoteOptimizer(named, client, preset=preset, lr=MATRIX_LR[preset], adamw_lr=ADAMW_LR,
-                           assign={head: "adamw"}, analysis_interval=analysis_interval)
+        kinds = {name: "adamw" for name in kinds}
+    return kinds
+
+
+def make_optimizer(net, client, preset, analysis_interval, session_id=""):
+    kinds = assignment(net, preset)
+    return RemoteOptimizer(net.named_parameters(), client, preset=preset or "keller",
+                           lr=MATRIX_LR.get(preset, 0.02), adamw_lr=ADAMW_LR, assign=kinds,
+                           analysis_interval=analysis_interval if preset else 0,
+                           session_id=session_id)
 
 
 def evaluate(net, x, y):
@@ -113,12 +129,13 @@ def local_step_seconds(net, preset, steps=20):
         return None
     sys.path.insert(0, os.path.join(REPO, "tests/python"))
     from test_torch import LocalMuon
-    params = list(net.parameters())
-    hidden = [p for p in params[:-2] if p.dim() == 2] if preset else []
-    rest = [p for p in params if all(p is not h for h in hidden)]
+    kinds = assignment(net, preset)
+    named = list(net.named_parameters())
+    hidden = [p for name, p in named if kinds[name] == "matrix"]
+    rest = [p for name, p in named if kinds[name] == "adamw"]
     optimizers = [torch.optim.AdamW(rest, lr=ADAMW_LR)] + ([LocalMuon(hidden, 0.02)]
                                                            if hidden else [])
-    for p in params:
+    for _, p in named:
         p.grad = torch.randn_like(p)
     start = time.time()
     for _ in range(steps):
@@ -127,10 +144,11 @@ def local_step_seconds(net, preset, steps=20):
     return (time.time() - start) / steps
 
 
-def train_digits(client, label, preset, steps, batch=64):
+def train_digits(client, label, preset, steps, batch=64, keep=False):
     (x, y), (vx, vy) = digits()
     net = mlp()
-    optimizer = make_optimizer(net, client, preset, analysis_interval=max(1, steps // 20))
+    optimizer = make_optimizer(net, client, preset, analysis_interval=max(1, steps // 20),
+                               session_id=f"digits-{preset or 'adamw'}" if keep else "")
     generator = torch.Generator().manual_seed(1)
     losses, dominance, step_seconds = [], [], []
     progress = Progress(label, steps)
@@ -157,12 +175,105 @@ def train_digits(client, label, preset, steps, batch=64):
     train_loss, train_acc = evaluate(net, x, y)
     valid_loss, valid_acc = evaluate(net, vx, vy)
     local = local_step_seconds(mlp(), preset)
-    optimizer.session.delete()
+    if not keep:
+        optimizer.session.delete()
     return {"label": label, "preset": preset, "losses": losses, "dominance": dominance,
             "update": last_update, "train_loss": train_loss, "train_acc": train_acc,
             "valid_loss": valid_loss, "valid_acc": valid_acc,
             "remote_step_s": float(np.median(step_seconds)), "local_step_s": local,
             "steps_per_s": steps / max(sum(step_seconds), 1e-9)}
+
+
+TEXT = "/usr/share/common-licenses/GPL-3"  # Debian's base-files: real English, always there
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.qkv = torch.nn.Linear(width, 3 * width, bias=False)
+        self.proj = torch.nn.Linear(width, width, bias=False)
+        self.fc = torch.nn.Linear(width, 4 * width, bias=False)
+        self.out = torch.nn.Linear(4 * width, width, bias=False)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, c // self.heads).unbind(2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) / (c // self.heads) ** 0.5
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        attention = scores.masked_fill(causal, float("-inf")).softmax(-1)
+        x = x + self.proj((attention @ v).transpose(1, 2).reshape(b, t, c))
+        return x + self.out(torch.nn.functional.gelu(self.fc(self.norm2(x))))
+
+
+class CharTransformer(torch.nn.Module):
+    """A 2-layer, 4-head, 64-wide decoder over characters: embeddings and the head on AdamW by
+    name, the attention and MLP matrices on the matrix preset."""
+
+    def __init__(self, vocab, context, width=64, layers=2, heads=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.pos_embed = torch.nn.Embedding(context, width)
+        self.blocks = torch.nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids) + self.pos_embed(torch.arange(ids.size(1)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def text_data():
+    text = open(TEXT, encoding="utf-8").read()
+    vocab = sorted(set(text))
+    ids = torch.tensor([vocab.index(c) for c in text], dtype=torch.long)
+    split = int(0.9 * len(ids))
+    return len(vocab), ids[:split], ids[split:]
+
+
+def text_batch(ids, context, batch, generator):
+    starts = torch.randint(0, len(ids) - context - 1, (batch,), generator=generator)
+    x = torch.stack([ids[s:s + context] for s in starts])
+    y = torch.stack([ids[s + 1:s + context + 1] for s in starts])
+    return x, y
+
+
+def train_text(client, label, preset, steps, context=64, batch=16, keep=False):
+    vocab, train, valid = text_data()
+    net = CharTransformer(vocab, context)
+    optimizer = make_optimizer(net, client, preset, analysis_interval=max(1, steps // 10),
+                               session_id=f"text-{preset or 'adamw'}" if keep else "")
+    generator = torch.Generator().manual_seed(3)
+    losses, step_seconds = [], []
+    progress = Progress(label, steps)
+    for step in range(1, steps + 1):
+        x, y = text_batch(train, context, batch, generator)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        start = time.time()
+        optimizer.step()
+        step_seconds.append(time.time() - start)
+        losses.append(loss.item())
+        if step % 5 == 0 or step == steps:
+            progress.update(step, f"loss {loss.item():.3f}")
+    evaluation = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        valid_loss = np.mean([torch.nn.functional.cross_entropy(
+            net(x).flatten(0, 1), y.flatten()).item()
+            for x, y in (text_batch(valid, context, batch, evaluation) for _ in range(8))])
+    local = local_step_seconds(CharTransformer(vocab, context), preset)
+    if not keep:
+        optimizer.session.delete()
+    return {"label": label, "preset": preset, "losses": losses,
+            "train_loss": float(np.mean(losses[-max(1, steps // 10):])),
+            "valid_loss": float(valid_loss), "remote_step_s": float(np.median(step_seconds)),
+            "local_step_s": local, "steps_per_s": steps / max(sum(step_seconds), 1e-9)}
 
 
 def width_sweep(client, widths, steps):
@@ -196,18 +307,22 @@ def width_sweep(client, widths, steps):
     return rows
 
 
-def plot(results, sweep, out):
+def plot(results, text_results, sweep, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
-        curve = np.convolve(r["losses"], np.ones(10) / 10, mode="valid")
-        ax.plot(np.arange(len(curve)) + 10, curve, label=r["label"])
-    ax.set(xlabel="step", ylabel="train loss (10-step mean)", yscale="log",
-           title="Digits MLP trained through optd")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for ax, runs, title in ((axes[0], results, "Digits MLP"),
+                            (axes[1], text_results, "Character transformer, GPL-3 text")):
+        for r in runs:
+            window = min(10, len(r["losses"]))
+            curve = np.convolve(r["losses"], np.ones(window) / window, mode="valid")
+            ax.plot(np.arange(len(curve)) + window, curve, label=r["label"])
+        ax.set(xlabel="step", ylabel=f"train loss ({window}-step mean)", yscale="log",
+               title=f"{title}, trained through optd")
+        ax.legend()
+    fig.tight_layout()
     fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
@@ -254,6 +369,27 @@ def plot(results, sweep, out):
         fig.savefig(os.path.join(out, "width_sweep.png"), dpi=110)
 
 
+def print_table(title, runs, accuracy):
+    print(f"\n{title}")
+    header = (f"{'optimizer':<15} {'train_loss':>10} " + (f"{'train_acc':>9} " if accuracy else "")
+              + f"{'valid_loss':>10} " + (f"{'valid_acc':>9} " if accuracy else "")
+              + f"{'steps/s':>8} {'remote ms':>9} {'local ms':>8} {'overhead':>8}")
+    print(header)
+    lines = []
+    for r in runs:
+        local = r["local_step_s"]
+        line = (f"{r['label']:<15} {r['train_loss']:>10.4f} "
+                + (f"{100 * r['train_acc']:>8.1f}% " if accuracy else "")
+                + f"{r['valid_loss']:>10.4f} "
+                + (f"{100 * r['valid_acc']:>8.1f}% " if accuracy else "")
+                + f"{r['steps_per_s']:>8.1f} {1e3 * r['remote_step_s']:>9.2f} "
+                + (f"{1e3 * local:8.2f} {r['remote_step_s'] / local:7.1f}x" if local
+                   else f"{'—':>8} {'—':>8}"))
+        print(line)
+        lines.append(line)
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,6 +399,8 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     steps = 30 if args.quick else 600
+    text_steps = 10 if args.quick else 300
+    sweep_steps = 20 if args.quick else 150
     widths = [16, 64] if args.quick else [16, 32, 64, 128, 256, 512]
     daemon = None
     work = tempfile.mkdtemp(prefix="optd_main_job_")
@@ -270,39 +408,45 @@ def main():
         daemon, server = start_daemon(work)
     else:
         server = args.server
+    # Sessions stay in a daemon started here, for its metrics to show; in another, they go.
+    keep = daemon is not None
     try:
         with optd.Client(server, timeout=60) as client:
             client.wait_ready()
-            print(f"optd at {server}; digits MLP 64-128-128-10, {steps} steps per optimizer")
-            results = [train_digits(client, label, preset, steps) for label, preset in OPTIMIZERS]
-            sweep = width_sweep(client, widths, 20 if args.quick else 150)
+            print(f"optd at {server}")
+            print(f"digits MLP 64-128-128-10, {steps} steps per optimizer")
+            results = [train_digits(client, label, preset, steps, keep=keep)
+                       for label, preset in OPTIMIZERS]
+            print(f"character transformer (2 layers, 64 wide) on {TEXT}, {text_steps} steps")
+            text_results = [train_text(client, label, preset, text_steps, keep=keep)
+                            for label, preset in OPTIMIZERS]
+            sweep = width_sweep(client, widths, sweep_steps)
+            if daemon is not None:
+                port = open(f"{work}/metrics_port").read().strip()
+                print(f"\n== optd's metrics: http://127.0.0.1:{port}/metrics ==")
+                subprocess.run([sys.executable, os.path.join(REPO, "scripts/show_metrics.py"),
+                                f"http://127.0.0.1:{port}/metrics",
+                                os.path.join(args.out, "optimizer_figures.png")], check=True)
     finally:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=60)
 
-    print(f"\n{'optimizer':<15} {'train_loss':>10} {'train_acc':>9} {'valid_loss':>10} "
-          f"{'valid_acc':>9} {'steps/s':>8} {'remote ms':>9} {'local ms':>8} {'overhead':>8}")
-    table = []
-    for r in results:
-        local = r["local_step_s"]
-        overhead = f"{r['remote_step_s'] / local:7.1f}x" if local else "       —"
-        line = (f"{r['label']:<15} {r['train_loss']:>10.4f} {100 * r['train_acc']:>8.1f}% "
-                f"{r['valid_loss']:>10.4f} {100 * r['valid_acc']:>8.1f}% {r['steps_per_s']:>8.1f} "
-                f"{1e3 * r['remote_step_s']:>9.2f} "
-                f"{(f'{1e3 * local:8.2f}' if local else '       —')} {overhead}")
-        print(line)
-        table.append(line)
-    if sweep:
-        print(f"\n2-layer ReLU after {20 if args.quick else 150} steps: hidden width vs seed 000's "
-              "dominance and the RMNP–Muon cosine (as measured)")
-        print(f"{'optimizer':<8} {'width':>6} {'r_avg':>8} {'r_min':>8} {'cos':>7}")
-        for preset, width, r_avg, r_min, cosine in sweep:
-            print(f"{preset:<8} {width:>6} {r_avg:>8.3f} {r_min:>8.3f} {cosine:>7.3f}")
+    table = print_table("Digits MLP (train: 1400 images, validation: 397)", results, True)
+    table += print_table("Character transformer (train: last 10% of steps' batches; validation: "
+                         "8 held-out batches)", text_results, False)
+    print("(remote ms: one optimizer.step() through optd; local ms: the same rule in torch on "
+          "this machine, where torch has it)")
+    print(f"\n2-layer ReLU after {sweep_steps} steps: hidden width vs seed 000's dominance and the "
+          "RMNP–Muon cosine (as measured)")
+    print(f"{'optimizer':<8} {'width':>6} {'r_avg':>8} {'r_min':>8} {'cos':>7}")
+    for preset, width, r_avg, r_min, cosine in sweep:
+        print(f"{preset:<8} {width:>6} {r_avg:>8.3f} {r_min:>8.3g} {cosine:>7.3f}")
     with open(os.path.join(args.out, "table.txt"), "w") as f:
         f.write("\n".join(table) + "\n")
-    plot(results, sweep, args.out)
-    print(f"\nplots in {args.out}: loss_curves.png dominance.png update_spectra.png width_sweep.png")
+    plot(results, text_results, sweep, args.out)
+    print(f"\nplots in {args.out}: loss_curves.png dominance.png update_spectra.png "
+          "width_sweep.png" + (" optimizer_figures.png" if keep else ""))
 
 
 if __name__ == "__main__":

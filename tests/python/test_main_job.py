@@ -1,9 +1,11 @@
-"""The Python main job end to end in its quick mode, against the test daemon: its table has a
-row per optimizer with the figures in range, and every plot file is written."""
+"""The Python main job end to end in its quick mode, against the test daemon: its tables have a
+row per optimizer and model with the figures in range, and every plot file is written."""
 
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -14,15 +16,19 @@ def test_quick_main_job(daemon, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = (tmp_path / "table.txt").read_text().splitlines()
-    assert [row.split("  ")[0].strip() for row in rows] == [
-        "muon (keller)", "rmnp", "muoneq_row", "normuon", "adamw"]
-    for row in rows:
-        numbers = [float(word.rstrip("%x")) for word in row.split()[-8:]
-                   if word not in ("—",) and word.rstrip("%x").replace(".", "").isdigit()]
-        train_loss, train_acc, valid_loss, valid_acc = numbers[:4]
+    optimizers = ["muon (keller)", "rmnp", "muoneq_row", "normuon", "adamw"]
+    assert [row.split("  ")[0].strip() for row in rows] == optimizers * 2
+    for row in rows[:5]:  # digits: losses and accuracies
+        words = row[15:].split()
+        train_loss, train_acc, valid_loss, valid_acc = (float(w.rstrip("%")) for w in words[:4])
         # 30 steps on ten classes: well under chance's loss of ln 10 = 2.30, above chance's 10%.
         assert 0 < train_loss < 2.3 and 10 < train_acc <= 100, row
         assert 0 < valid_loss < 2.3 and 10 < valid_acc <= 100, row
+        assert float(words[4]) > 0 and float(words[5]) > 0, row  # steps/s, remote ms
+    vocabulary = len(set(open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read()))
+    for row in rows[5:]:  # text: losses below a uniform guess over the characters
+        train_loss, valid_loss = (float(w) for w in row[15:].split()[:2])
+        assert 0 < train_loss < np.log(vocabulary) and 0 < valid_loss < np.log(vocabulary), row
     for plot in ("loss_curves.png", "dominance.png", "update_spectra.png", "width_sweep.png"):
         assert (tmp_path / plot).stat().st_size > 10_000, plot
     assert "hidden width vs seed 000's dominance" in run.stdout
