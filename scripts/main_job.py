@@ -15,7 +15,7 @@ Starts optd (build/server/optd, its default backend) unless --server names a run
 - when it started the daemon, prints the daemon's Prometheus metrics (scripts/show_metrics.py):
   the service's counters and latencies and each session's optimizer figures.
 
-Usage: scripts/main_job.py [--quick] [--server HOST:PORT] [--out DIR]
+Usage: scripts/main_job.py [--quick] [--server HOST:PORT | --optd PATH] [--out DIR]
 Run with /usr/bin/python3 and PYTHONPATH=build/python (scripts/build makes both).
 """
 
@@ -59,8 +59,7 @@ class Progress:
         sys.stderr.flush()
 
 
-def start_daemon(work):
-    binary = os.path.join(REPO, "build/server/optd")
+def start_daemon(work, binary):
     process = subprocess.Popen(
         [binary, "--listen=127.0.0.1:0", f"--port_file={work}/port", "--metrics_addr=127.0.0.1:0",
          f"--metrics_port_file={work}/metrics_port"], stderr=open(f"{work}/optd.log", "w"))
@@ -395,6 +394,8 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few steps of each, for tests")
     parser.add_argument("--server", help="a running optd (default: start one here)")
+    parser.add_argument("--optd", default=os.path.join(REPO, "build/server/optd"),
+                        help="the optd binary to start when there is no --server")
     parser.add_argument("--out", default=os.path.join(REPO, "build/main_job"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -405,7 +406,7 @@ def main():
     daemon = None
     work = tempfile.mkdtemp(prefix="optd_main_job_")
     if args.server is None:
-        daemon, server = start_daemon(work)
+        daemon, server = start_daemon(work, args.optd)
     else:
         server = args.server
     # Sessions stay in a daemon started here, for its metrics to show; in another, they go.

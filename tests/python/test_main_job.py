@@ -10,9 +10,11 @@ import numpy as np
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def test_quick_main_job(daemon, tmp_path):
+def test_quick_main_job(tmp_path):
+    # As the README's main command runs it: the job starts its own optd and shows its metrics.
+    optd_binary = os.environ.get("OPTD", os.path.join(REPO, "build/server/optd"))
     run = subprocess.run([sys.executable, os.path.join(REPO, "scripts/main_job.py"), "--quick",
-                          "--server", daemon, "--out", str(tmp_path)],
+                          "--optd", optd_binary, "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = (tmp_path / "table.txt").read_text().splitlines()
@@ -29,6 +31,10 @@ def test_quick_main_job(daemon, tmp_path):
     for row in rows[5:]:  # text: losses below a uniform guess over the characters
         train_loss, valid_loss = (float(w) for w in row[15:].split()[:2])
         assert 0 < train_loss < np.log(vocabulary) and 0 < valid_loss < np.log(vocabulary), row
-    for plot in ("loss_curves.png", "dominance.png", "update_spectra.png", "width_sweep.png"):
+    for plot in ("loss_curves.png", "dominance.png", "update_spectra.png", "width_sweep.png",
+                 "optimizer_figures.png"):
         assert (tmp_path / plot).stat().st_size > 10_000, plot
     assert "hidden width vs seed 000's dominance" in run.stdout
+    # The daemon's metrics, with a row of optimizer figures per kept session.
+    assert "optd's metrics" in run.stdout and "digits-keller" in run.stdout
+    assert "text-normuon" in run.stdout
