@@ -33,12 +33,14 @@ import torch
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(REPO, "build/python"))
 import optd  # noqa: E402
-from optd.torch import RemoteOptimizer  # noqa: E402
+from optd.torch import RemoteOptimizer, default_assignment  # noqa: E402
 
 # (label, preset of the hidden matrices; None: AdamW everywhere)
 OPTIMIZERS = [("muon (keller)", "keller"), ("rmnp", "rmnp"), ("muoneq_row", "muoneq_row"),
+              ("muoneq_col", "muoneq_col"), ("muoneq_rowcol", "muoneq_rowcol"),
               ("normuon", "normuon"), ("adamw", None)]
-MATRIX_LR = {"keller": 0.02, "rmnp": 0.02, "muoneq_row": 0.01, "normuon": 0.02}
+MATRIX_LR = {"keller": 0.02, "rmnp": 0.02, "muoneq_row": 0.01, "muoneq_col": 0.01,
+             "muoneq_rowcol": 0.01, "normuon": 0.02}
 ADAMW_LR = 3e-3
 
 
@@ -92,18 +94,10 @@ def mlp(width=128, depth=2, inputs=64, classes=10, seed=0):
 
 
 def assignment(net, preset):
-    """Parameter name -> "matrix" or "adamw": RemoteOptimizer's defaults (2-D hidden weights on
-    the matrix preset; vectors, embeddings and heads on AdamW), with the MLP's output layer, which
-    carries no "head" in its name, given to AdamW; everything to AdamW for the AdamW run."""
-    from optd.torch import ADAMW_NAMES
-    named = list(net.named_parameters())
-    kinds = {name: "matrix" if p.dim() >= 2 and not any(a in name for a in ADAMW_NAMES)
-             else "adamw" for name, p in named}
-    if isinstance(net, torch.nn.Sequential):
-        kinds[named[-2][0]] = "adamw"
-    if preset is None:
-        kinds = {name: "adamw" for name in kinds}
-    return kinds
+    """Parameter name -> "matrix" or "adamw": RemoteOptimizer's default grouping, or everything
+    on AdamW for the AdamW run."""
+    kinds = default_assignment(net.named_parameters())
+    return {name: "adamw" for name in kinds} if preset is None else kinds
 
 
 def make_optimizer(net, client, preset, analysis_interval, session_id=""):

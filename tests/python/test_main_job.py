@@ -18,9 +18,10 @@ def test_quick_main_job(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = (tmp_path / "table.txt").read_text().splitlines()
-    optimizers = ["muon (keller)", "rmnp", "muoneq_row", "normuon", "adamw"]
+    optimizers = ["muon (keller)", "rmnp", "muoneq_row", "muoneq_col", "muoneq_rowcol",
+                  "normuon", "adamw"]
     assert [row.split("  ")[0].strip() for row in rows] == optimizers * 2
-    for row in rows[:5]:  # digits: losses and accuracies
+    for row in rows[:7]:  # digits: losses and accuracies
         words = row[15:].split()
         train_loss, train_acc, valid_loss, valid_acc = (float(w.rstrip("%")) for w in words[:4])
         # 30 steps on ten classes: well under chance's loss of ln 10 = 2.30, above chance's 10%.
@@ -28,7 +29,7 @@ def test_quick_main_job(tmp_path):
         assert 0 < valid_loss < 2.3 and 10 < valid_acc <= 100, row
         assert float(words[4]) > 0 and float(words[5]) > 0, row  # steps/s, remote ms
     vocabulary = len(set(open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read()))
-    for row in rows[5:]:  # text: losses below a uniform guess over the characters
+    for row in rows[7:]:  # text: losses below a uniform guess over the characters
         train_loss, valid_loss = (float(w) for w in row[15:].split()[:2])
         assert 0 < train_loss < np.log(vocabulary) and 0 < valid_loss < np.log(vocabulary), row
     for plot in ("loss_curves.png", "dominance.png", "update_spectra.png", "width_sweep.png",

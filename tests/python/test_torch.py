@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import optd  # noqa: E402
-from optd.torch import RemoteOptimizer  # noqa: E402
+from optd.torch import RemoteOptimizer, default_assignment  # noqa: E402
 
 
 class LocalMuon(torch.optim.Optimizer):
@@ -60,10 +60,9 @@ def train_step(net, optimizer, step):
 def test_matches_local_torch_over_steps_with_a_scheduler(daemon):
     remote_net, local_net = model(), model()
     with optd.Client(daemon, timeout=30) as client:
-        # Hidden weights on Muon; biases and (by `assign`) the output head on AdamW.
+        # Hidden weights on Muon; biases and the output head (the last 2-D parameter) on AdamW.
         remote = RemoteOptimizer(remote_net.named_parameters(), client, preset="keller",
-                                 lr=0.02, adamw_lr=3e-3, overrides={"precision": "fp32"},
-                                 assign={"4.weight": "adamw"})
+                                 lr=0.02, adamw_lr=3e-3, overrides={"precision": "fp32"})
         assert [len(g["params"]) for g in remote.param_groups] == [2, 4]
         hidden = [local_net[0].weight, local_net[2].weight]
         rest = [p for p in local_net.parameters() if all(p is not h for h in hidden)]
@@ -122,4 +121,26 @@ def test_state_dict_maps_onto_checkpoints(daemon):
             optimizer.load_state_dict({"optd": {"session_id": "other", "step": 2}})
         with pytest.raises(ValueError, match="assign"):
             RemoteOptimizer(net.named_parameters(), client, assign={"nope": "adamw"})
+        optimizer.session.delete()
+
+
+def test_default_grouping_and_its_override(daemon):
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(30, 8)
+            self.hidden = torch.nn.Linear(8, 8)
+            self.norm = torch.nn.LayerNorm(8)
+            self.out = torch.nn.Linear(8, 30, bias=False)
+
+    net = Tiny()
+    assert default_assignment(net.named_parameters()) == {
+        "embed.weight": "adamw", "hidden.weight": "matrix", "hidden.bias": "adamw",
+        "norm.weight": "adamw", "norm.bias": "adamw", "out.weight": "adamw"}
+    with optd.Client(daemon, timeout=30) as client:
+        optimizer = RemoteOptimizer(net.named_parameters(), client,
+                                    assign={"out.weight": "matrix"})
+        groups = {t.config.name: t.config.group for t in optimizer.session.info().tensors}
+        assert groups["out.weight"] == groups["hidden.weight"] == "matrices"
+        assert groups["embed.weight"] == "vectors"
         optimizer.session.delete()

@@ -11,8 +11,9 @@
         scheduler.step()
 
 Grouping (DESIGN.md): 2-D hidden weights go to the Muon-family `preset`; vectors, embeddings and
-the output head to AdamW. Names decide what is an embedding or a head (any of `adamw_names` in
-the parameter's name); `assign` maps a parameter name to "matrix" or "adamw" to override.
+the output head to AdamW (default_assignment: embeddings and heads by name, the head also as the
+last parameter of two or more dimensions); `assign` maps a parameter name to "matrix" or "adamw"
+to override.
 
 param_groups are torch's: each has "lr" (and "weight_decay"), so torch's LR schedulers work; a
 change reaches the daemon before the next step (UpdateHyperparams). state_dict() checkpoints the
@@ -28,10 +29,18 @@ ADAMW_NAMES = ("embed", "wte", "wpe", "lm_head", "head", "classifier")
 _GROUPS = {"matrix": "matrices", "adamw": "vectors"}
 
 
-def _default_kind(name, parameter, adamw_names):
-    if parameter.dim() < 2 or any(part in name for part in adamw_names):
-        return "adamw"
-    return "matrix"
+def default_assignment(named_parameters, adamw_names=ADAMW_NAMES):
+    """Parameter name -> "matrix" or "adamw", DESIGN.md's default grouping: 2-D hidden weights on
+    the matrix preset; vectors, embeddings and the output head on AdamW. Embeddings and heads are
+    told by name (any of `adamw_names` in it); the output head also by position, as the last
+    parameter of two or more dimensions (a plain nn.Sequential's last Linear)."""
+    named = list(named_parameters)
+    kinds = {name: "adamw" if p.dim() < 2 or any(part in name for part in adamw_names)
+             else "matrix" for name, p in named}
+    matrices = [name for name, p in named if p.dim() >= 2]
+    if matrices:
+        kinds[matrices[-1]] = "adamw"
+    return kinds
 
 
 def _text(value):
@@ -58,7 +67,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         unknown = set(assign) - {name for name, _ in named}
         if unknown:
             raise ValueError(f"assign names parameters the model does not have: {sorted(unknown)}")
-        kinds = {name: assign.get(name, _default_kind(name, p, adamw_names)) for name, p in named}
+        kinds = {**default_assignment(named, adamw_names), **assign}
         bad = {name: kind for name, kind in kinds.items() if kind not in _GROUPS}
         if bad:
             raise ValueError(f"assign takes 'matrix' or 'adamw', got {bad}")
@@ -167,4 +176,4 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     p.copy_(torch.from_numpy(values[self._names[id(p)]]).view_as(p))
 
 
-__all__ = ["RemoteOptimizer"]
+__all__ = ["RemoteOptimizer", "default_assignment"]
