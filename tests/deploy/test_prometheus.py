@@ -4,8 +4,8 @@ The test starts optd (built binary in $OPTD) on loopback, creates a session thro
 ($OPTCTL), steps it once with gradients made here, and starts Debian's `prometheus` with a
 generated config that scrapes the daemon and loads deploy/prometheus's rules. It then checks:
 
-- `promtool check metrics` accepts the exposition (but for its lint of two contract names), and tests/deploy/check_deploy.py finds every
-  metric the dashboard and rules name in it;
+- `promtool check metrics` accepts the exposition (but for its lint of two contract names), and
+  tests/deploy/check_deploy.py finds every metric the dashboard and rules name in it;
 - Prometheus' query API returns each optimizer figure per tensor and per session with the value
   numpy computes here in fp64 from the same gradients and the parameters the step returned;
 - service series (RPCs, rejections, non-finite gradients, memory) carry what the test did;

@@ -16,7 +16,8 @@ CONFIG = """
 tensors { name: "w" shape: [6, 10] group: "matrices" normal { seed: 3 std: 0.5 } }
 tensors { name: "b" shape: [10] group: "vectors" normal { seed: 4 std: 0.1 } }
 groups { name: "matrices" preset: "keller"
-         overrides { key: "precision" value: "fp32" } overrides { key: "weight_decay" value: "0.1" } }
+         overrides { key: "precision" value: "fp32" }
+         overrides { key: "weight_decay" value: "0.1" } }
 groups { name: "vectors" preset: "adamw" }
 """
 KELLER = (3.4445, -4.7750, 2.0315)
