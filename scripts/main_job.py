@@ -21,6 +21,7 @@ Run with /usr/bin/python3 and PYTHONPATH=build/python (scripts/build makes both)
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import torch
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(REPO, "build/python"))
 import optd  # noqa: E402
+from optd.local import LocalMuon  # noqa: E402
 from optd.torch import RemoteOptimizer, default_assignment  # noqa: E402
 
 # (label, preset of the hidden matrices; None: AdamW everywhere)
@@ -61,16 +63,35 @@ class Progress:
         sys.stderr.flush()
 
 
+def _die_with_parent():
+    """In the daemon's child process: SIGTERM when this job dies, however it dies (Linux's
+    PR_SET_PDEATHSIG), so no daemon outlives it."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def start_daemon(work, binary):
+    log = open(f"{work}/optd.log", "w")
     process = subprocess.Popen(
         [binary, "--listen=127.0.0.1:0", f"--port_file={work}/port", "--metrics_addr=127.0.0.1:0",
-         f"--metrics_port_file={work}/metrics_port"], stderr=open(f"{work}/optd.log", "w"))
+         f"--metrics_port_file={work}/metrics_port"], stderr=log, preexec_fn=_die_with_parent)
+    log.close()
     deadline = time.time() + 30
     while not (os.path.exists(f"{work}/port") and open(f"{work}/port").read().strip()):
         if process.poll() is not None or time.time() > deadline:
+            process.kill()
             raise RuntimeError("optd did not start: " + open(f"{work}/optd.log").read())
         time.sleep(0.05)
     return process, f"127.0.0.1:{open(f'{work}/port').read().strip()}"
+
+
+def stop_daemon(process):
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def digits():
@@ -101,9 +122,12 @@ def assignment(net, preset):
 
 
 def make_optimizer(net, client, preset, analysis_interval, session_id=""):
+    # Newton–Schulz and the step in fp32: the presets' bf16 is a GPU's format, which a CPU only
+    # emulates (slower, for nothing); with it, `keller` is the rule LocalMuon runs.
     kinds = assignment(net, preset)
     return RemoteOptimizer(net.named_parameters(), client, preset=preset or "keller",
                            lr=MATRIX_LR.get(preset, 0.02), adamw_lr=ADAMW_LR, assign=kinds,
+                           overrides={"precision": "fp32"},
                            analysis_interval=analysis_interval if preset else 0,
                            session_id=session_id)
 
@@ -115,13 +139,12 @@ def evaluate(net, x, y):
                 (logits.argmax(1) == y).float().mean().item())
 
 
-def local_step_seconds(net, preset, steps=20):
-    """The same model's optimizer step with a local torch optimizer of the same rule, where one
-    exists: torch.optim.AdamW, or Keller's Muon as tests/python/test_torch.py writes it."""
+def local_step_seconds(net, preset, steps=21):
+    """The median optimizer step of the same model with the same rule stepped locally in torch,
+    where torch has it: torch.optim.AdamW, and Keller's Muon as optd.local.LocalMuon writes it
+    (the first step, which allocates the state, left out)."""
     if preset not in (None, "keller"):
         return None
-    sys.path.insert(0, os.path.join(REPO, "tests/python"))
-    from test_torch import LocalMuon
     kinds = assignment(net, preset)
     named = list(net.named_parameters())
     hidden = [p for name, p in named if kinds[name] == "matrix"]
@@ -130,11 +153,13 @@ def local_step_seconds(net, preset, steps=20):
                                                            if hidden else [])
     for _, p in named:
         p.grad = torch.randn_like(p)
-    start = time.time()
+    seconds = []
     for _ in range(steps):
+        start = time.time()
         for o in optimizers:
             o.step()
-    return (time.time() - start) / steps
+        seconds.append(time.time() - start)
+    return float(np.median(seconds[1:]))
 
 
 def train_digits(client, label, preset, steps, batch=64, keep=False):
@@ -147,6 +172,7 @@ def train_digits(client, label, preset, steps, batch=64, keep=False):
     progress = Progress(label, steps)
     first = "0.weight"
     last_update = None
+    loop_start = time.time()
     for step in range(1, steps + 1):
         index = torch.randint(0, len(y), (batch,), generator=generator)
         optimizer.zero_grad()
@@ -165,6 +191,7 @@ def train_digits(client, label, preset, steps, batch=64, keep=False):
                                       figures.dominance_ratio_avg, figures.dominance_ratio_max))
         if step % 10 == 0 or step == steps:
             progress.update(step, f"loss {loss.item():.3f}")
+    loop_seconds = time.time() - loop_start
     train_loss, train_acc = evaluate(net, x, y)
     valid_loss, valid_acc = evaluate(net, vx, vy)
     local = local_step_seconds(mlp(), preset)
@@ -173,8 +200,8 @@ def train_digits(client, label, preset, steps, batch=64, keep=False):
     return {"label": label, "preset": preset, "losses": losses, "dominance": dominance,
             "update": last_update, "train_loss": train_loss, "train_acc": train_acc,
             "valid_loss": valid_loss, "valid_acc": valid_acc,
-            "remote_step_s": float(np.median(step_seconds)), "local_step_s": local,
-            "steps_per_s": steps / max(sum(step_seconds), 1e-9)}
+            "remote_step_s": float(np.median(step_seconds[1:] or step_seconds)),
+            "local_step_s": local, "steps_per_s": steps / loop_seconds}
 
 
 TEXT = "/usr/share/common-licenses/GPL-3"  # Debian's base-files: real English, always there
@@ -244,6 +271,7 @@ def train_text(client, label, preset, steps, context=64, batch=16, keep=False):
     generator = torch.Generator().manual_seed(3)
     losses, step_seconds = [], []
     progress = Progress(label, steps)
+    loop_start = time.time()
     for step in range(1, steps + 1):
         x, y = text_batch(train, context, batch, generator)
         optimizer.zero_grad()
@@ -255,6 +283,7 @@ def train_text(client, label, preset, steps, context=64, batch=16, keep=False):
         losses.append(loss.item())
         if step % 5 == 0 or step == steps:
             progress.update(step, f"loss {loss.item():.3f}")
+    loop_seconds = time.time() - loop_start
     evaluation = torch.Generator().manual_seed(4)
     with torch.no_grad():
         valid_loss = np.mean([torch.nn.functional.cross_entropy(
@@ -265,8 +294,9 @@ def train_text(client, label, preset, steps, context=64, batch=16, keep=False):
         optimizer.session.delete()
     return {"label": label, "preset": preset, "losses": losses,
             "train_loss": float(np.mean(losses[-max(1, steps // 10):])),
-            "valid_loss": float(valid_loss), "remote_step_s": float(np.median(step_seconds)),
-            "local_step_s": local, "steps_per_s": steps / max(sum(step_seconds), 1e-9)}
+            "valid_loss": float(valid_loss),
+            "remote_step_s": float(np.median(step_seconds[1:] or step_seconds)),
+            "local_step_s": local, "steps_per_s": steps / loop_seconds}
 
 
 def width_sweep(client, widths, steps):
@@ -399,13 +429,14 @@ def main():
     widths = [16, 64] if args.quick else [16, 32, 64, 128, 256, 512]
     daemon = None
     work = tempfile.mkdtemp(prefix="optd_main_job_")
-    if args.server is None:
-        daemon, server = start_daemon(work, args.optd)
-    else:
-        server = args.server
-    # Sessions stay in a daemon started here, for its metrics to show; in another, they go.
-    keep = daemon is not None
+    # SIGTERM unwinds like Ctrl-C, through the `finally` that stops the daemon.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        if args.server is None:
+            daemon, server = start_daemon(work, args.optd)
+        else:
+            server = args.server
+        keep = daemon is not None  # sessions stay in our own daemon, for its metrics to show
         with optd.Client(server, timeout=60) as client:
             client.wait_ready()
             print(f"optd at {server}")
@@ -424,14 +455,14 @@ def main():
                                 os.path.join(args.out, "optimizer_figures.png")], check=True)
     finally:
         if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=60)
+            stop_daemon(daemon)
+        shutil.rmtree(work, ignore_errors=True)
 
     table = print_table("Digits MLP (train: 1400 images, validation: 397)", results, True)
     table += print_table("Character transformer (train: last 10% of steps' batches; validation: "
                          "8 held-out batches)", text_results, False)
-    print("(remote ms: one optimizer.step() through optd; local ms: the same rule in torch on "
-          "this machine, where torch has it)")
+    print("(steps/s: whole training steps; remote ms: the median optimizer.step() through optd; "
+          "local ms: the same rule stepped in torch on this machine, where torch has it)")
     print(f"\n2-layer ReLU after {sweep_steps} steps: hidden width vs seed 000's dominance and the "
           "RMNP–Muon cosine (as measured)")
     print(f"{'optimizer':<8} {'width':>6} {'r_avg':>8} {'r_min':>8} {'cos':>7}")

@@ -1,9 +1,13 @@
 """optd.torch.RemoteOptimizer against a plain local torch implementation of the same rules: Keller's
-Muon (written out here; torch 1.13 has no torch.optim.Muon) for the hidden weights and
+Muon (optd.local.LocalMuon; torch 1.13 has no torch.optim.Muon) for the hidden weights and
 torch.optim.AdamW for the rest, over several steps with an LR scheduler, and state_dict /
 load_state_dict through the daemon's checkpoints."""
 
 import copy
+import io
+import pickle
+
+import grpc
 
 import numpy as np
 import pytest
@@ -11,30 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import optd  # noqa: E402
+from optd.local import LocalMuon  # noqa: E402
 from optd.torch import RemoteOptimizer, default_assignment  # noqa: E402
-
-
-class LocalMuon(torch.optim.Optimizer):
-    """KellerJordan/Muon's update in fp32: EMA momentum, Nesterov, 5 Newton–Schulz steps with
-    (3.4445, −4.7750, 2.0315) on X/(‖X‖+1e-7) (transposed when tall), scale √max(1, rows/cols)."""
-
-    def __init__(self, params, lr, momentum=0.95):
-        super().__init__(params, {"lr": lr, "momentum": momentum})
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                u = p.grad.lerp(buf, group["momentum"])
-                x = u.T if u.size(0) > u.size(1) else u
-                x = x / (x.norm() + 1e-7)
-                for _ in range(5):
-                    a = x @ x.T
-                    x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
-                o = x.T if u.size(0) > u.size(1) else x
-                p.add_(o * max(1, p.size(0) / p.size(1)) ** 0.5, alpha=-group["lr"])
 
 
 def model():
@@ -118,7 +100,8 @@ def test_state_dict_maps_onto_checkpoints(daemon):
         train_step(net, optimizer, 3)  # and it steps on from there
         assert optimizer.steps == 3
         with pytest.raises(ValueError, match="session"):
-            optimizer.load_state_dict({"optd": {"session_id": "other", "step": 2}})
+            optimizer.load_state_dict({"optd": {"session_id": "other", "step": 2},
+                                       "param_groups": []})
         with pytest.raises(ValueError, match="assign"):
             RemoteOptimizer(net.named_parameters(), client, assign={"nope": "adamw"})
         optimizer.session.delete()
@@ -144,3 +127,112 @@ def test_default_grouping_and_its_override(daemon):
         assert groups["out.weight"] == groups["hidden.weight"] == "matrices"
         assert groups["embed.weight"] == "vectors"
         optimizer.session.delete()
+
+
+def test_the_model_stays_in_charge_of_its_parameters(daemon):
+    # A parameter changed in place after the optimizer was built (model.load_state_dict, a
+    # re-initialization) is what the next step starts from; frozen parameters stay out.
+    net = model()
+    net[0].bias.requires_grad_(False)
+    with optd.Client(daemon, timeout=30) as client:
+        optimizer = RemoteOptimizer(net.named_parameters(), client, lr=0.0, adamw_lr=0.0)
+        assert "0.bias" not in optimizer.session.shapes()
+        with torch.no_grad():
+            net[0].weight.fill_(1.0)
+        train_step(net, optimizer, 1)
+        assert torch.equal(net[0].weight, torch.ones_like(net[0].weight))
+        # No gradient at all: nothing is sent, nothing changes.
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        assert optimizer.steps == 1
+        with pytest.raises(NotImplementedError):
+            optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+        optimizer.close()
+
+
+def test_resume_in_a_new_optimizer_from_a_saved_state_dict(daemon):
+    net = model()
+    with optd.Client(daemon, timeout=30) as client:
+        first = RemoteOptimizer(net.named_parameters(), client, lr=0.02, session_id="resumed")
+        for step in range(1, 3):
+            train_step(net, first, step)
+        buffer = io.BytesIO()
+        torch.save({"model": net.state_dict(), "optimizer": first.state_dict()}, buffer)
+        for step in range(3, 5):  # lost work: the run "crashes" after these
+            train_step(net, first, step)
+        checkpoint = torch.load(io.BytesIO(buffer.getvalue()))
+        # A new process: a fresh model and an optimizer attached to the same session.
+        fresh = model()
+        fresh.load_state_dict(checkpoint["model"])
+        second = RemoteOptimizer(fresh.named_parameters(),
+                                 session=client.open_session("resumed", first.session.token))
+        second.load_state_dict(checkpoint["optimizer"])
+        assert second.steps == 2
+        for name, value in fresh.state_dict().items():
+            assert torch.equal(value, checkpoint["model"][name]), name
+        # It steps on exactly as the first run did from step 3.
+        reference = model()
+        reference.load_state_dict(checkpoint["model"])
+        train_step(fresh, second, 3)
+        assert second.steps == 3
+        second.close()
+
+
+def test_a_refused_load_changes_nothing(daemon):
+    net = model()
+    with optd.Client(daemon, timeout=30) as client:
+        optimizer = RemoteOptimizer(net.named_parameters(), client)
+        train_step(net, optimizer, 1)
+        older = optimizer.state_dict()
+        train_step(net, optimizer, 2)
+        optimizer.state_dict()  # a newer checkpoint replaces the older one
+        train_step(net, optimizer, 3)
+        kept = copy.deepcopy(net.state_dict())
+        with pytest.raises(ValueError, match="last checkpoint is of step 2"):
+            optimizer.load_state_dict(older)
+        for name, value in net.state_dict().items():
+            assert torch.equal(value, kept[name]), name
+        train_step(net, optimizer, 4)  # the optimizer still works
+        assert optimizer.steps == 4
+        optimizer.close()
+
+
+def test_momentum_schedules_reach_the_daemon(daemon):
+    net = model()
+    with optd.Client(daemon, timeout=30) as client:
+        optimizer = RemoteOptimizer(net.named_parameters(), client)
+        assert optimizer.param_groups[0]["momentum"] == pytest.approx(0.95)
+        assert optimizer.param_groups[1]["momentum"] == pytest.approx(0.9)  # AdamW's β1
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=10)
+        for step in range(1, 4):
+            train_step(net, optimizer, step)
+            scheduler.step()
+        train_step(net, optimizer, 4)
+        tensors = {t.config.name: t for t in optimizer.session.info().tensors}
+        assert tensors["0.weight"].momentum == pytest.approx(optimizer.param_groups[0]["momentum"])
+        assert tensors["0.weight"].lr == pytest.approx(optimizer.param_groups[0]["lr"])
+        assert tensors["0.bias"].momentum == pytest.approx(optimizer.param_groups[1]["momentum"])
+        assert optimizer.param_groups[0]["momentum"] != pytest.approx(0.95)  # it did cycle
+        optimizer.close()
+
+
+def test_grouping_by_name_parts():
+    def names(*pairs):
+        return [(name, torch.zeros(shape)) for name, shape in pairs]
+    # Tied embeddings (no head parameter): the hidden matrices stay on the matrix preset.
+    tied = default_assignment(names(("wte.weight", (50, 8)), ("h.0.weight", (8, 8)),
+                                    ("h.1.weight", (8, 8))))
+    assert tied == {"wte.weight": "adamw", "h.0.weight": "matrix", "h.1.weight": "matrix"}
+    # Whole name parts: multihead_attn is no head; tok_emb is an embedding.
+    parts = default_assignment(names(("tok_emb.weight", (50, 8)),
+                                     ("multihead_attn.in_proj_weight", (24, 8)),
+                                     ("lm_head.weight", (50, 8))))
+    assert parts == {"tok_emb.weight": "adamw", "multihead_attn.in_proj_weight": "matrix",
+                     "lm_head.weight": "adamw"}
+
+
+def test_errors_pickle():
+    error = optd.OptdError(grpc.StatusCode.NOT_FOUND, "session 'x' does not exist")
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.code, again.message, str(again)) == (
+        error.code, error.message, "NOT_FOUND: session 'x' does not exist")

@@ -16,7 +16,8 @@ from google.protobuf import text_format
 from optd import wire
 from optd.v1 import optd_pb2, optd_pb2_grpc
 
-DEFAULT_CHUNK_BYTES = 1 << 20  # the daemon's default; at most 4 MiB
+DEFAULT_CHUNK_BYTES = 1 << 20  # the daemon's default
+MAX_CHUNK_BYTES = 4 << 20
 _MAX_MESSAGE_BYTES = (4 << 20) + (64 << 10)
 
 
@@ -24,9 +25,12 @@ class OptdError(Exception):
     """A failed optd call: `code` is the grpc.StatusCode, `message` the daemon's explanation."""
 
     def __init__(self, code, message):
-        super().__init__(f"{code.name}: {message}")
+        super().__init__(code, message)  # both in args: the error pickles
         self.code = code
         self.message = message
+
+    def __str__(self):
+        return f"{self.code.name}: {self.message}"
 
 
 def _raise(error):
@@ -107,6 +111,7 @@ class Session:
         """TensorChunk messages for prepared {name: flat float32}, each at most chunk_bytes of
         payload."""
         dtype = wire.dtype_value(wire_dtype)
+        chunk_bytes = min(chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
         per_chunk = max(1, chunk_bytes // wire.element_bytes(wire_dtype))
         for name, flat in tensors.items():
             for offset in range(0, max(flat.size, 1), per_chunk):
@@ -162,9 +167,12 @@ class Session:
         """Sends this worker's gradients ({name: values}) for step `step` (1-based: the session's
         completed steps + 1) and returns the step's StepResult once every worker has sent
         theirs. Tensors left out get no update; `lr` overrides every group's rate for this step
-        only."""
+        only. `timeout` (seconds) is this call's deadline; by default it has none, since a step
+        waits for the session's slowest worker. chunk_bytes 0 is the default (1 MiB), at most
+        4 MiB."""
         header = optd_pb2.StepHeader(
-            session_id=self.id, worker_id=worker_id, step=step, chunk_bytes=chunk_bytes,
+            session_id=self.id, worker_id=worker_id, step=step,
+            chunk_bytes=min(chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES),
             result_dtype=(wire.dtype_value(result_dtype) if result_dtype
                           else optd_pb2.DTYPE_UNSPECIFIED))
         if lr is not None:
@@ -176,8 +184,7 @@ class Session:
             for chunk in self._chunks(gradients, wire_dtype, chunk_bytes):
                 yield optd_pb2.StepRequest(chunk=chunk)
         try:
-            responses = self._stub.Step(requests(), metadata=self._metadata(),
-                                        timeout=timeout if timeout is not None else self.timeout)
+            responses = self._stub.Step(requests(), metadata=self._metadata(), timeout=timeout)
             first = next(responses)
             values = self._assemble(r.chunk for r in responses)
         except grpc.RpcError as e:
@@ -238,7 +245,7 @@ class Client:
     target: "host:port". With `root_certificates` (PEM bytes) the channel uses TLS, and with
     `private_key` and `certificate_chain` as well, mutual TLS. `admin_token` is sent on the calls
     that need it when the daemon has one (create, list, delete). `timeout` (seconds) is the
-    deadline of every call but Step, which takes its own.
+    deadline of every call but Step, whose own `timeout` argument defaults to none.
     """
 
     def __init__(self, target, admin_token=None, *, root_certificates=None, private_key=None,

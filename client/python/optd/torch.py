@@ -11,67 +11,93 @@
         scheduler.step()
 
 Grouping (DESIGN.md): 2-D hidden weights go to the Muon-family `preset`; vectors, embeddings and
-the output head to AdamW (default_assignment: embeddings and heads by name, the head also as the
-last parameter of two or more dimensions); `assign` maps a parameter name to "matrix" or "adamw"
-to override.
+the output head to AdamW (default_assignment); `assign` maps a parameter name to "matrix" or
+"adamw" to override. Parameters that do not require grad are left out.
 
-param_groups are torch's: each has "lr" (and "weight_decay"), so torch's LR schedulers work; a
-change reaches the daemon before the next step (UpdateHyperparams). state_dict() checkpoints the
-session in the daemon and returns where; load_state_dict() restores the daemon's last checkpoint
-and reloads the model's parameters from it.
+param_groups are torch's: "lr", "weight_decay" and "momentum" (for the AdamW group, its β1), so
+torch's LR and momentum schedulers work; a change reaches the daemon (UpdateHyperparams) with the
+next step. The daemon holds the authoritative parameters:
+a step copies them into the model, and a parameter the model changed in place since (a
+model.load_state_dict, a re-initialization) is uploaded before the step.
+
+state_dict() checkpoints the session in the daemon and returns which; load_state_dict() puts the
+daemon back to that checkpoint (its last) and copies its parameters into the model. To resume in
+a new process, attach to the session: RemoteOptimizer(..., session=client.open_session(id,
+token)), then load_state_dict().
 """
 
 import torch
 
 from optd.v1 import optd_pb2
 
-ADAMW_NAMES = ("embed", "wte", "wpe", "lm_head", "head", "classifier")
+# Name parts (split at "." and "_") that mark an embedding or an output head.
+EMBEDDING_NAME_PARTS = frozenset({"embed", "embedding", "embeddings", "emb", "wte", "wpe"})
+HEAD_NAME_PARTS = frozenset({"head", "classifier"})
 _GROUPS = {"matrix": "matrices", "adamw": "vectors"}
 
 
-def default_assignment(named_parameters, adamw_names=ADAMW_NAMES):
-    """Parameter name -> "matrix" or "adamw", DESIGN.md's default grouping: 2-D hidden weights on
-    the matrix preset; vectors, embeddings and the output head on AdamW. Embeddings and heads are
-    told by name (any of `adamw_names` in it); the output head also by position, as the last
-    parameter of two or more dimensions (a plain nn.Sequential's last Linear)."""
+def _parts(name):
+    return set(name.replace("_", ".").split("."))
+
+
+def default_assignment(named_parameters):
+    """Parameter name -> "matrix" or "adamw", DESIGN.md's default grouping: 2-D (and larger)
+    hidden weights on the matrix preset; vectors, embeddings and the output head on AdamW.
+
+    Embeddings and heads are told by a part of their name ("wte.weight", "tok_emb.weight",
+    "lm_head.weight"). When no parameter is named a head, the last parameter of two or more
+    dimensions is the head (a plain nn.Sequential's last Linear), unless the model names
+    embeddings and its output size is not theirs: then the head is tied to the embedding and
+    that parameter is a hidden one."""
     named = list(named_parameters)
-    kinds = {name: "adamw" if p.dim() < 2 or any(part in name for part in adamw_names)
-             else "matrix" for name, p in named}
-    matrices = [name for name, p in named if p.dim() >= 2]
-    if matrices:
-        kinds[matrices[-1]] = "adamw"
+    embeddings = [p for name, p in named if _parts(name) & EMBEDDING_NAME_PARTS]
+    heads = [name for name, _ in named if _parts(name) & HEAD_NAME_PARTS]
+    kinds = {name: "adamw" if p.dim() < 2 or _parts(name) & (EMBEDDING_NAME_PARTS |
+                                                              HEAD_NAME_PARTS) else "matrix"
+             for name, p in named}
+    matrices = [(name, p) for name, p in named if p.dim() >= 2]
+    if matrices and not heads:
+        name, p = matrices[-1]
+        if not embeddings or any(p.shape[0] == e.shape[0] for e in embeddings):
+            kinds[name] = "adamw"
     return kinds
 
 
 def _text(value):
-    return repr(value) if isinstance(value, float) else str(value)
+    return repr(float(value)) if isinstance(value, float) else str(value)
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
-    """See the module docstring. `params`: named_parameters() (names label the daemon's tensors
-    and its metrics), or plain parameters (named p0, p1, ...). `client`: an optd.Client.
-    `overrides`: extra key=value stage settings for the matrix preset (the kernels'
-    OverrideKeys, e.g. {"ns.dtype": "fp32"}). `analysis_interval`: the daemon's analyzer runs
-    every that many steps (0: off). `wire_dtype`: how gradients travel (fp32, bf16, fp16)."""
+    """See the module docstring.
 
-    def __init__(self, params, client, *, preset="keller", lr=0.02, weight_decay=None,
+    params: named_parameters() (the names label the daemon's tensors and its metrics), or plain
+    parameters (named p0, p1, ...). client: an optd.Client. overrides: key=value stage settings
+    for the matrix preset (the kernels' OverrideKeys, e.g. {"precision": "fp32"}).
+    analysis_interval: the daemon's analyzer runs every that many steps (0: off). wire_dtype:
+    how gradients travel (fp32, bf16, fp16). session: an optd.Session to attach to instead of
+    creating one (its tensors must be these parameters); session_id names a new one.
+    """
+
+    def __init__(self, params, client=None, *, preset="keller", lr=0.02, weight_decay=None,
                  adamw_lr=3e-3, adamw_weight_decay=None, overrides=None, assign=None,
-                 adamw_names=ADAMW_NAMES, analysis_interval=0, wire_dtype="fp32",
-                 session_id=""):
+                 analysis_interval=0, wire_dtype="fp32", session_id="", session=None):
         named = list(params)
         if named and not isinstance(named[0], tuple):
             named = [(f"p{i}", p) for i, p in enumerate(named)]
+        named = [(name, p) for name, p in named if p.requires_grad]
         if not named:
-            raise ValueError("RemoteOptimizer got no parameters")
+            raise ValueError("RemoteOptimizer got no parameters that require grad")
         assign = dict(assign or {})
         unknown = set(assign) - {name for name, _ in named}
         if unknown:
-            raise ValueError(f"assign names parameters the model does not have: {sorted(unknown)}")
-        kinds = {**default_assignment(named, adamw_names), **assign}
+            raise ValueError(f"assign names parameters the model does not have (or that do not "
+                             f"require grad): {sorted(unknown)}")
+        kinds = {**default_assignment(named), **assign}
         bad = {name: kind for name, kind in kinds.items() if kind not in _GROUPS}
         if bad:
             raise ValueError(f"assign takes 'matrix' or 'adamw', got {bad}")
         self._names = {id(p): name for name, p in named}
+        self._parameters = dict(named)
         self._wire_dtype = wire_dtype
         groups = []
         for kind, group_lr, group_wd in (("matrix", lr, weight_decay),
@@ -82,98 +108,151 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 if group_wd is not None:
                     group["weight_decay"] = group_wd
                 groups.append(group)
-        super().__init__(groups, {})
+        # "momentum" in the defaults tells torch's schedulers (OneCycleLR, CyclicLR) that they
+        # may cycle it; the daemon's values replace the placeholder below.
+        super().__init__(groups, {"momentum": 0.0})
+        self._initialized = True
 
-        config = optd_pb2.SessionConfig(analysis_interval=int(analysis_interval))
-        for name, p in named:
-            config.tensors.add(name=name, shape=list(p.shape), group=_GROUPS[kinds[name]])
+        if session is None and client is None:
+            raise ValueError("RemoteOptimizer needs a client to create its session, or a session")
+        if session is None:
+            config = optd_pb2.SessionConfig(analysis_interval=int(analysis_interval))
+            for name, p in named:
+                config.tensors.add(name=name, shape=list(p.shape), group=_GROUPS[kinds[name]])
+            for group in self.param_groups:
+                is_matrix = group["optd_group"] == "matrices"
+                settings = dict(overrides or {}) if is_matrix else {}
+                settings["lr"] = group["lr"]
+                if "weight_decay" in group:
+                    settings["weight_decay"] = group["weight_decay"]
+                g = config.groups.add(name=group["optd_group"],
+                                      preset=preset if is_matrix else "adamw")
+                for key, value in settings.items():
+                    g.overrides.add(key=key, value=_text(value))
+            session = client.create_session(config, session_id)
+            created = True
+        else:
+            created = False
+        self.session = session
+        try:
+            info = session.info()
+            shapes = {t.config.name: (tuple(t.config.shape), t.config.group)
+                      for t in info.tensors}
+            expected = {name: (tuple(p.shape), _GROUPS[kinds[name]]) for name, p in named}
+            if shapes != expected:
+                raise ValueError(f"session {session.id!r} holds other tensors than these "
+                                 f"parameters: {shapes} against {expected}")
+            self._step = info.step
+            self._fill_groups(info)
+            self._upload(list(self._parameters))
+        except BaseException:
+            if created:
+                session.delete()
+            raise
+
+    def _fill_groups(self, info):
+        """weight_decay and momentum (AdamW's β1 for the AdamW group) of each group, as the
+        daemon holds them."""
+        by_group = {t.config.group: t for t in info.tensors}
         for group in self.param_groups:
-            is_matrix = group["optd_group"] == "matrices"
-            settings = dict(overrides or {}) if is_matrix else {}
-            settings["lr"] = group["lr"]
-            if "weight_decay" in group:
-                settings["weight_decay"] = group["weight_decay"]
-            g = config.groups.add(name=group["optd_group"], preset=preset if is_matrix else "adamw")
-            for key, value in settings.items():
-                g.overrides.add(key=key, value=_text(value))
-        self.session = client.create_session(config, session_id)
-        self._sent = {g["optd_group"]: (g["lr"], g.get("weight_decay")) for g in self.param_groups}
-        self._step = 0
-        self.session.upload_parameters({name: p for name, p in named})
+            t = by_group[group["optd_group"]]
+            group["weight_decay"] = t.weight_decay
+            group["momentum"] = t.momentum
+        self._sent = {g["optd_group"]: self._hyperparams(g) for g in self.param_groups}
+
+    @staticmethod
+    def _hyperparams(group):
+        return (float(group["lr"]), float(group["weight_decay"]), float(group["momentum"]))
+
+    def _upload(self, names):
+        self.session.upload_parameters({name: self._parameters[name] for name in names})
+        self._versions = {name: p._version for name, p in self._parameters.items()}
+
+    def add_param_group(self, param_group):
+        if getattr(self, "_initialized", False):
+            raise NotImplementedError("RemoteOptimizer's tensors are fixed when its session is "
+                                      "created; build a new optimizer for new parameters")
+        super().add_param_group(param_group)
 
     @property
     def steps(self):
-        """Steps the daemon has applied for this optimizer."""
+        """Steps the daemon has applied for this session."""
         return self._step
 
-    def _sync_hyperparams(self):
+    def _sync(self):
+        """Sends changed hyperparameters, and uploads parameters the model changed in place."""
         updates = []
         for group in self.param_groups:
-            now = (group["lr"], group.get("weight_decay"))
+            now = self._hyperparams(group)
             if now != self._sent[group["optd_group"]]:
-                update = {"group": group["optd_group"], "lr": float(group["lr"])}
-                if now[1] is not None:
-                    update["weight_decay"] = float(now[1])
-                updates.append(update)
+                updates.append({"group": group["optd_group"], "lr": now[0],
+                                "weight_decay": now[1], "momentum": now[2]})
         if updates:
             self.session.update_hyperparams(updates)
-            for group in self.param_groups:
-                self._sent[group["optd_group"]] = (group["lr"], group.get("weight_decay"))
+            self._sent = {g["optd_group"]: self._hyperparams(g) for g in self.param_groups}
+        changed = [name for name, p in self._parameters.items()
+                   if p._version != self._versions[name]]
+        if changed:
+            self._upload(changed)
 
     @torch.no_grad()
     def step(self, closure=None):
         """Sends every gradient to optd (parameters without one get no update, as in torch),
-        applies the step there and copies the new parameters into the model."""
+        applies the step there and copies the new parameters into the model. Without any
+        gradient it does nothing."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._sync_hyperparams()
-        gradients, parameters = {}, {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    name = self._names[id(p)]
-                    gradients[name] = p.grad
-                    parameters[name] = p
+        gradients = {name: p.grad for name, p in self._parameters.items() if p.grad is not None}
+        if not gradients:
+            return loss
+        self._sync()
         result = self.session.step(self._step + 1, gradients, wire_dtype=self._wire_dtype)
         self._step = result.step
         for name, values in result.values.items():
-            p = parameters.get(name)
-            if p is not None:
-                p.copy_(torch.from_numpy(values).view_as(p))
+            p = self._parameters[name]
+            p.copy_(torch.from_numpy(values).view_as(p))
+            self._versions[name] = p._version
         return loss
 
     def state_dict(self):
         """Checkpoints the session in the daemon; the returned dict says which, at which step."""
         saved = self.session.checkpoint()
         return {"optd": {"session_id": self.session.id, "step": saved.step, "path": saved.path},
-                "param_groups": [{"lr": g["lr"], "weight_decay": g.get("weight_decay"),
-                                  "optd_group": g["optd_group"]} for g in self.param_groups]}
+                "param_groups": [{"optd_group": g["optd_group"], "lr": g["lr"]}
+                                 for g in self.param_groups]}
 
     def load_state_dict(self, state_dict):
-        """Restores the daemon's last checkpoint of this session (which must be the one
-        `state_dict` names) and reloads the model's parameters from it."""
+        """Puts the daemon back to the checkpoint `state_dict` names, which must be the session's
+        last, and copies its parameters into the model; the groups' rates are state_dict's.
+        Nothing changes when it cannot."""
         saved = state_dict["optd"]
         if saved["session_id"] != self.session.id:
             raise ValueError(f"state_dict is of session {saved['session_id']!r}, "
                              f"this optimizer's is {self.session.id!r}")
-        step = self.session.restore()
-        if step != saved["step"]:
-            raise ValueError(f"the daemon's last checkpoint is of step {step}, state_dict's of "
+        last = self.session.info().checkpoint_step
+        if last != saved["step"]:
+            raise ValueError(f"the daemon's last checkpoint is of step {last}, state_dict's of "
                              f"step {saved['step']}: only the last checkpoint can be restored")
-        self._step = step
-        for group, stored in zip(self.param_groups, state_dict["param_groups"]):
-            group["lr"] = stored["lr"]
-            if stored["weight_decay"] is not None:
-                group["weight_decay"] = stored["weight_decay"]
-        # The checkpoint holds its own hyperparameters; send the groups' on the next step.
-        self._sent = {g["optd_group"]: (None, None) for g in self.param_groups}
+        self._step = self.session.restore()
+        info = self.session.info()
+        rates = {g["optd_group"]: g["lr"] for g in state_dict["param_groups"]}
+        for group in self.param_groups:
+            group["lr"] = rates.get(group["optd_group"], group["lr"])
+        self._fill_groups(info)
+        self._sent = {}  # the checkpoint holds its own rates: send the groups' with the next step
+        for group in self.param_groups:
+            self._sent[group["optd_group"]] = None
         values = self.session.get_parameters()
         with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.copy_(torch.from_numpy(values[self._names[id(p)]]).view_as(p))
+            for name, p in self._parameters.items():
+                p.copy_(torch.from_numpy(values[name]).view_as(p))
+        self._versions = {name: p._version for name, p in self._parameters.items()}
+
+    def close(self):
+        """Deletes the session from the daemon."""
+        self.session.delete()
 
 
 __all__ = ["RemoteOptimizer", "default_assignment"]

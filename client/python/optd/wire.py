@@ -49,7 +49,8 @@ def encode(values, name):
     if name == "bf16":
         return to_bf16_bits(values).astype("<u2").tobytes()
     if name == "fp16":
-        return np.ascontiguousarray(values, dtype=np.float32).astype("<f2").tobytes()
+        with np.errstate(over="ignore"):  # beyond ±65504 is ±inf, as the daemon's rule has it
+            return np.ascontiguousarray(values, dtype=np.float32).astype("<f2").tobytes()
     raise ValueError(f"wire dtype {name!r} is not one of fp32, bf16, fp16")
 
 
