@@ -8,6 +8,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -96,6 +97,34 @@ inline std::vector<float> RandomNormal(int64_t n, uint32_t seed, float stddev = 
   std::vector<float> x(n);
   for (float& v : x) v = normal(rng);
   return x;
+}
+
+struct Dominance {
+  double min = 0, avg = 0, max = 0;
+};
+
+// Seed 000's r_i = (VVᵀ)_ii / ((1/(m−1))·Σ_{j≠i} |(VVᵀ)_ij|) over the non-zero rows i of the
+// rows×cols matrix v, in fp64: their min, mean and max (+inf for a row orthogonal to the others).
+inline Dominance DominanceRatios(const std::vector<float>& v, int64_t rows, int64_t cols) {
+  const Matrix vm = FromFloats(v.data(), rows, cols);
+  const Matrix gram = Multiply(vm, Transposed(vm));
+  Dominance d{std::numeric_limits<double>::infinity(), 0, 0};
+  int counted = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (gram.at(i, i) == 0) continue;
+    double off = 0;
+    for (int64_t j = 0; j < rows; ++j) {
+      if (j != i) off += std::fabs(gram.at(i, j));
+    }
+    const double r = off == 0 ? std::numeric_limits<double>::infinity()
+                              : gram.at(i, i) / (off / static_cast<double>(rows - 1));
+    d.min = std::min(d.min, r);
+    d.max = std::max(d.max, r);
+    d.avg += r;
+    ++counted;
+  }
+  d.avg /= counted;
+  return d;
 }
 
 // ‖a − b‖ / ‖b‖ over two equally long sequences.

@@ -111,24 +111,10 @@ inline Figures AnalyzeFp64(const std::vector<float>& v, const std::vector<float>
                            int ns_steps = 5) {
   Figures f;
   const Matrix vm = FromFloats(v.data(), rows, cols);
-  // Seed 000's dominance ratio per non-zero row of VVᵀ.
-  const Matrix gram = Multiply(vm, Transposed(vm));
-  f.dominance_min = std::numeric_limits<double>::infinity();
-  int counted = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    double off = 0;
-    for (int64_t j = 0; j < rows; ++j) {
-      if (j != i) off += std::fabs(gram.at(i, j));
-    }
-    if (gram.at(i, i) == 0) continue;
-    const double r = off == 0 ? std::numeric_limits<double>::infinity()
-                              : gram.at(i, i) / (off / static_cast<double>(rows - 1));
-    f.dominance_min = std::min(f.dominance_min, r);
-    f.dominance_max = std::max(f.dominance_max, r);
-    f.dominance_avg += r;
-    ++counted;
-  }
-  f.dominance_avg /= counted;
+  const Dominance dominance = DominanceRatios(v, rows, cols);
+  f.dominance_min = dominance.min;
+  f.dominance_avg = dominance.avg;
+  f.dominance_max = dominance.max;
 
   const Svd svd = JacobiSvd(vm);
   SpectrumFigures(svd.s, f.stable_rank_momentum, &f.condition_number_momentum, f.entropy_momentum);
