@@ -8,6 +8,8 @@ import datetime
 import json
 import subprocess
 
+from results_section import write_section
+
 BEGIN = "<!-- analysis:begin -->"
 END = "<!-- analysis:end -->"
 
@@ -68,17 +70,7 @@ def main():
     add("")
     add(END)
 
-    try:
-        old = open(args.results).read()
-    except FileNotFoundError:
-        old = ""
-    begin, end = old.find(BEGIN), old.find(END)
-    if begin >= 0 and end > begin:
-        new = old[:begin] + "\n".join(lines) + old[end + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-    open(args.results, "w").write(new)
-    print("\n".join(lines))
+    write_section(args.results, BEGIN, END, lines)
 
 
 if __name__ == "__main__":

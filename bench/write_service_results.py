@@ -10,6 +10,8 @@ import json
 import statistics
 import subprocess
 
+from results_section import write_section
+
 BEGIN = "<!-- service:begin -->"
 END = "<!-- service:end -->"
 OVERHEAD_TARGET = 1.10  # remote step at most 10% slower than in-process
@@ -116,17 +118,7 @@ def main():
     add("")
     add(END)
 
-    try:
-        old = open(args.results).read()
-    except FileNotFoundError:
-        old = ""
-    begin, end = old.find(BEGIN), old.find(END)
-    if begin >= 0 and end > begin:
-        new = old[:begin] + "\n".join(lines) + old[end + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-    open(args.results, "w").write(new)
-    print("\n".join(lines))
+    write_section(args.results, BEGIN, END, lines)
 
 
 if __name__ == "__main__":
