@@ -34,9 +34,10 @@ OPTD = os.environ.get("OPTD", os.path.join(REPO, "build/server/optd"))
 OPTCTL = os.environ.get("OPTCTL", os.path.join(REPO, "build/client/optctl"))
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
+sys.path.insert(0, os.path.join(REPO, "tests/python"))
+from numpy_reference import newton_schulz  # noqa: E402
 
 SHAPES = {"a": (8, 12), "b": (6, 10)}
-KELLER = (3.4445, -4.7750, 2.0315)
 
 CONFIG = """
 tensors { name: "a" shape: [8, 12] group: "matrices" }
@@ -90,19 +91,6 @@ def save_npy(directory, tensors):
 
 
 # --- fp64 reference figures (DESIGN.md, "Metrics"), independent of the daemon ---------------
-
-def newton_schulz(x, steps=5, eps=1e-7):
-    """Keller's zeropower_via_newtonschulz5 in fp64."""
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    x = x / (np.linalg.norm(x) + eps)
-    a, b, c = KELLER
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
-
 
 def spectrum(s):
     p = s / s.sum()

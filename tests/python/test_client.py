@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import optd
+from numpy_reference import newton_schulz
 from optd import wire
 from optd.v1 import optd_pb2
 
@@ -20,24 +21,12 @@ groups { name: "matrices" preset: "keller"
          overrides { key: "weight_decay" value: "0.1" } }
 groups { name: "vectors" preset: "adamw" }
 """
-KELLER = (3.4445, -4.7750, 2.0315)
 
 
 def gradients(step):
     rng = np.random.default_rng(100 + step)
     return {"w": rng.standard_normal((6, 10)).astype(np.float32),
             "b": rng.standard_normal(10).astype(np.float32)}
-
-
-def newton_schulz(x, steps=5, eps=1e-7):
-    tall = x.shape[0] > x.shape[1]
-    x = x.T if tall else x
-    x = x / (np.linalg.norm(x) + eps)
-    a, b, c = KELLER
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
 
 
 class Fp64Reference:
