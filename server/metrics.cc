@@ -14,9 +14,12 @@ using prometheus::Family;
 using prometheus::Gauge;
 using prometheus::Histogram;
 
-// 1 ms to 60 s: a small model's step on a GPU up to a large one's on a CPU.
-Histogram::BucketBoundaries StepBuckets() {
-  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60};
+// 1 ms to 60 s: a small model's step on a GPU up to a large one's on a CPU. Built once: every
+// step's observation passes them (used only when its series is new).
+const Histogram::BucketBoundaries& StepBuckets() {
+  static const Histogram::BucketBoundaries buckets = {
+      0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60};
+  return buckets;
 }
 
 Histogram::BucketBoundaries AnalysisBuckets() {

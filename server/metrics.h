@@ -55,7 +55,6 @@ class Metrics {
   Metrics& operator=(const Metrics&) = delete;
 
   const std::shared_ptr<prometheus::Registry>& registry() const { return registry_; }
-  int tensor_label_budget() const { return options_.tensor_label_budget; }
 
   // One finished RPC. A non-OK status also counts in optd_rejected_total under `reason`, else
   // under the reason it was tagged with (WithRejectionReason), else the one its code stands for.

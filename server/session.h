@@ -163,9 +163,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // "Metrics"); empty until the first analysis (every config.analysis_interval() steps) is done.
   std::vector<v1::TensorAnalysis> Analysis();
   // Takes the analyzer's figures for `step` and exports them, unless the session is retired or a
-  // Restore came after the snapshot (`restores` is restores() when it was taken).
+  // Restore came after the snapshot (`restores` counts the Restores before it was taken).
   void PublishAnalysis(int64_t step, int64_t restores, std::vector<v1::TensorAnalysis> figures);
-  int64_t restores() const { return restores_.load(); }
   // Removes the session's metric series for good: the session is being deleted or unloaded.
   void Retire();
   // Counts non-finite gradient values a worker sent (optd_nonfinite_gradients_total), unless
