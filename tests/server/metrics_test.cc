@@ -573,6 +573,22 @@ TEST(MetricsExposerTest, ServesTheRegistryOverHttp) {
   EXPECT_NE(HttpGet(server->metrics_port(), "/other").find("404 Not Found"), std::string::npos);
 }
 
+TEST(MetricsOptionsTest, BadMetricsAndAnalyzerSettingsStopStartUp) {
+  server::ServerOptions budget = LoopbackOptions();
+  budget.metrics.tensor_label_budget = -1;
+  absl::StatusOr<std::unique_ptr<server::Server>> started = server::Server::Start(budget);
+  ASSERT_EQ(started.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(started.status().message().find("--metrics_tensor_budget"), std::string::npos);
+  server::ServerOptions exact = LoopbackOptions();
+  exact.analyzer.analysis.exact_max_dim = -1;
+  started = server::Server::Start(exact);
+  ASSERT_EQ(started.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(started.status().message().find("exact_max_dim"), std::string::npos);
+  server::ServerOptions address = LoopbackOptions();
+  address.metrics_addr = "no-port";
+  EXPECT_EQ(server::Server::Start(address).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(MetricsExposerTest, AStallingClientDoesNotHoldUpScrapes) {
   absl::StatusOr<std::unique_ptr<server::MetricsHttpServer>> http =
       server::MetricsHttpServer::Start("localhost:0", std::make_shared<prometheus::Registry>());
