@@ -12,10 +12,13 @@
 #ifndef OPTD_KERNELS_BACKEND_H_
 #define OPTD_KERNELS_BACKEND_H_
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -143,6 +146,17 @@ struct NorMuonArgs {
   bool preserve_frobenius = true;  // o <- o·‖o_before‖/(‖o_after‖ + eps)
 };
 
+// One Newton–Schulz run as a backend sees it; NewtonSchulz (newton_schulz.h) fills it from a
+// NewtonSchulzConfig and the matrix shape.
+struct NewtonSchulzRun {
+  DType dtype = DType::kBF16;  // GEMM inputs and outputs; products accumulate in fp32
+  float safety = 1.0f;
+  float eps = 1e-7f;
+  formulas::NormEpsilon eps_mode = formulas::NormEpsilon::kAdd;
+  bool transpose_tall = true;
+  std::vector<std::array<float, 3>> steps;  // (a, b, c) of each step, rounded to fp32
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -173,6 +187,11 @@ class Backend {
   // Number of values that are NaN, ±inf or of magnitude above max_magnitude; synchronizes.
   virtual absl::StatusOr<int64_t> CountOutOfRange(Queue& queue, const float* x, int64_t count,
                                                   float max_magnitude) = 0;
+  // CountOutOfRange of each array xs[i] of counts[i] values, with one synchronization for all
+  // (a step checks every gradient before it changes anything).
+  virtual absl::StatusOr<std::vector<int64_t>> CountOutOfRangeEach(
+      Queue& queue, const std::vector<const float*>& xs, const std::vector<int64_t>& counts,
+      float max_magnitude);
 
   virtual absl::Status Gemm(Queue& queue, const GemmArgs& args) = 0;
   virtual absl::Status SymmetricRankK(Queue& queue, const SyrkArgs& args) = 0;
@@ -227,6 +246,14 @@ class Backend {
                              int64_t count, const formulas::AdamWScalars& scalars) = 0;
   virtual absl::Status RmnpStep(Queue& queue, float* w, float* m, const float* g, int64_t rows,
                                 int64_t cols, const RmnpStepArgs& args) = 0;
+
+  // Newton–Schulz on every matrix of `x` in place, where the backend has a native path for it:
+  // the same rounding points as the composed path of newton_schulz.cc (inputs and outputs of
+  // every product in `run.dtype`, fp32 accumulation), with the matrices held in `run.dtype`
+  // between products. `workspace` holds NewtonSchulzWorkspaceFloats(...) floats. Unimplemented
+  // where the backend has none (the CPU); NewtonSchulz then composes the operations above.
+  virtual absl::Status NewtonSchulzNative(Queue& queue, const MatrixBatch& x,
+                                          const NewtonSchulzRun& run, float* workspace);
 };
 
 struct CpuBackendOptions {
@@ -239,6 +266,20 @@ struct CpuBackendOptions {
 
 // The CPU backend: OpenBLAS (cblas, multithreaded) and LAPACKE.
 absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOptions& options = {});
+
+struct CudaBackendOptions {
+  int device = 0;
+  // Device memory the backend's buffers may hold; beyond it Allocate is RESOURCE_EXHAUSTED.
+  // 0: 90% of the memory free on the device when the backend starts.
+  int64_t memory_budget_bytes = 0;
+  // fp32 products on TF32 tensor cores (inputs cut to a 10-bit mantissa): several times faster,
+  // and outside the fp32 tolerance of 1e-5. Off by default.
+  bool allow_tf32 = false;
+};
+
+// The CUDA backend (kernels/cuda): cuBLAS, cuSOLVER and optd's kernels on one GPU. Unavailable,
+// with the reason, in a build without CUDA or on a machine without a driver or a device.
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options = {});
 
 }  // namespace optd
 

@@ -138,6 +138,20 @@ absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
   if (x.data == nullptr || workspace == nullptr) {
     return absl::InvalidArgumentError("newton-schulz: null matrix or workspace");
   }
+  const int steps = NewtonSchulzSteps(config, x.rows, x.cols);
+  NewtonSchulzRun run{.dtype = config.compute_dtype,
+                      .safety = config.safety,
+                      .eps = config.eps,
+                      .eps_mode = config.eps_mode,
+                      .transpose_tall = config.transpose_tall,
+                      .steps = {}};
+  for (int step = 0; step < steps; ++step) {
+    const auto [a, b, c] = NewtonSchulzStepCoefficients(config, step);
+    run.steps.push_back({static_cast<float>(a), static_cast<float>(b), static_cast<float>(c)});
+  }
+  absl::Status native = backend.NewtonSchulzNative(queue, x, run, workspace);
+  if (!absl::IsUnimplemented(native)) return native;
+
   const DType dtype = config.compute_dtype;
   const int64_t m = x.rows, n = x.cols, size = x.matrix_size();
   // Tall matrices iterate on Xᵀ without moving data: A = XᵀX and X ← X·(B + aI).
@@ -157,9 +171,7 @@ absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
                                                   config.eps_mode, input_dtype));
   OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), dtype));
 
-  const int steps = NewtonSchulzSteps(config, m, n);
-  for (int step = 0; step < steps; ++step) {
-    const auto [a, b, c] = NewtonSchulzStepCoefficients(config, step);
+  for (const auto& [a, b, c] : run.steps) {
     // A = XXᵀ (or XᵀX), upper triangle, then mirrored: the next update reads A in full.
     SyrkArgs gram_args{.trans = tall ? Transpose::kYes : Transpose::kNo,
                        .n = s,
@@ -182,8 +194,8 @@ absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
     SyrkArgs poly_args{.trans = Transpose::kNo,
                        .n = s,
                        .k = s,
-                       .alpha = static_cast<float>(c),
-                       .beta = static_cast<float>(b),
+                       .alpha = c,
+                       .beta = b,
                        .a = gram,
                        .lda = s,
                        .stride_a = s * s,
@@ -193,7 +205,7 @@ absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
                        .batch = x.batch};
     OPTD_RETURN_IF_ERROR(backend.SymmetricRankK(queue, poly_args));
     // aX + BX = (B + aI)·X; B + aI is rounded once, as a GEMM epilogue would.
-    OPTD_RETURN_IF_ERROR(backend.AddDiagonal(queue, poly, s, x.batch, static_cast<float>(a)));
+    OPTD_RETURN_IF_ERROR(backend.AddDiagonal(queue, poly, s, x.batch, a));
     OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, poly, x.batch * s * s, dtype));
     SymmArgs update_args{.side = tall ? Side::kRight : Side::kLeft,
                          .m = m,

@@ -399,14 +399,23 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
   for (int i = 0; i < num_tensors(); ++i) present[i] = has_gradient.empty() || has_gradient[i];
   Queue& queue = backend_->default_queue();
   // Validate everything before any state changes: a rejected step leaves no trace.
+  std::vector<const float*> gradients;
+  std::vector<int64_t> counts;
+  std::vector<int> checked;
   for (int i = 0; i < num_tensors(); ++i) {
     if (!present[i]) continue;
-    const Tensor& t = *tensors_[i];
-    OPTD_ASSIGN_OR_RETURN(int64_t bad, backend_->CountOutOfRange(queue, t.gradient.f32(), t.count,
-                                                                 kMaxGradientMagnitude));
-    if (bad > 0) {
+    gradients.push_back(tensors_[i]->gradient.f32());
+    counts.push_back(tensors_[i]->count);
+    checked.push_back(i);
+  }
+  OPTD_ASSIGN_OR_RETURN(
+      const std::vector<int64_t> bad,
+      backend_->CountOutOfRangeEach(queue, gradients, counts, kMaxGradientMagnitude));
+  for (size_t j = 0; j < checked.size(); ++j) {
+    if (bad[j] > 0) {
+      const Tensor& t = *tensors_[checked[j]];
       return absl::InvalidArgumentError(
-          absl::StrCat("gradient for tensor '", t.spec.name, "' has ", bad, " of ", t.count,
+          absl::StrCat("gradient for tensor '", t.spec.name, "' has ", bad[j], " of ", t.count,
                        " values that are NaN, infinite or beyond ±", kMaxGradientMagnitude));
     }
   }

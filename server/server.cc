@@ -7,7 +7,6 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
-#include "kernels/cuda_status.h"
 #include "kernels/status_macros.h"
 #include "server/auth.h"
 
@@ -30,18 +29,17 @@ absl::StatusOr<std::unique_ptr<Backend>> PickBackend(const ServerOptions& option
     return absl::InvalidArgumentError(
         absl::StrCat("--backend=", options.backend, " is not one of auto, cpu, cuda"));
   }
-  // The CUDA backend arrives with issue 7; until then `auto` serves from the CPU and says why.
-  if (options.backend == "cuda") {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "--backend=cuda: this build has no CUDA optimizer backend yet (",
-        CudaDeviceCount() > 0 ? "a GPU is present" : CudaBackendUnavailableReason(), ")"));
-  }
-  if (options.backend == "auto") {
-    log.push_back(absl::StrCat("backend auto: cpu (",
-                               CudaDeviceCount() > 0
-                                   ? "a GPU is present but this build has no CUDA backend yet"
-                                   : CudaBackendUnavailableReason(),
-                               ")"));
+  if (options.backend != "cpu") {
+    absl::StatusOr<std::unique_ptr<Backend>> cuda = CreateCudaBackend(options.cuda);
+    if (cuda.ok()) {
+      if (options.backend == "auto") log.push_back("backend auto: cuda (a CUDA device is present)");
+      return cuda;
+    }
+    if (options.backend == "cuda") {
+      return absl::FailedPreconditionError(
+          absl::StrCat("--backend=cuda: ", cuda.status().message()));
+    }
+    log.push_back(absl::StrCat("backend auto: cpu (", cuda.status().message(), ")"));
   }
   CpuBackendOptions cpu;
   cpu.threads = options.threads;

@@ -28,7 +28,8 @@ inline constexpr char kServiceName[] = "optd.v1.Optimizer";
 struct ServerOptions {
   std::string listen = "127.0.0.1:50051";  // port 0 picks a free one
   std::string backend = "auto";            // auto | cpu | cuda
-  int threads = 0;                         // backend threads; 0: all cores
+  int threads = 0;                         // CPU backend threads; 0: all cores
+  CudaBackendOptions cuda;                 // the CUDA backend's device, memory budget, TF32
   // PEM file paths; cert and key turn TLS on, a client CA makes it mutual.
   std::string tls_cert, tls_key, tls_client_ca;
   std::string admin_token;  // empty: CreateSession and ListSessions need none

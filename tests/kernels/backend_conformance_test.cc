@@ -10,7 +10,6 @@
 #include <vector>
 
 #include "kernels/backend.h"
-#include "kernels/cuda_status.h"
 #include "tests/kernels/backend_test_util.h"
 #include "tests/kernels/reference.h"
 
@@ -23,10 +22,9 @@ using reference::RelativeError;
 class BackendTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    if (GetParam() == "cuda") {
-      GTEST_SKIP() << CudaBackendUnavailableReason();
-    }
-    backend_ = testing::MakeCpuBackend();
+    std::string skip;
+    backend_ = testing::MakeBackend(GetParam(), &skip);
+    if (!skip.empty()) GTEST_SKIP() << skip;
     ASSERT_NE(backend_, nullptr);
     memory_ = std::make_unique<testing::DeviceMemory>(*backend_);
   }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -18,6 +19,21 @@ inline std::unique_ptr<Backend> MakeCpuBackend() {
   auto backend = CreateCpuBackend();
   EXPECT_TRUE(backend.ok()) << backend.status();
   return backend.ok() ? std::move(*backend) : nullptr;
+}
+
+// The backend named `name` ("cpu" or "cuda"). Null with `*skip` saying why when the backend
+// cannot run here (no CUDA in the build, no driver, no device); a test failure for any other
+// error.
+inline std::unique_ptr<Backend> MakeBackend(const std::string& name, std::string* skip) {
+  absl::StatusOr<std::unique_ptr<Backend>> backend =
+      name == "cuda" ? CreateCudaBackend() : CreateCpuBackend();
+  if (backend.ok()) return std::move(*backend);
+  if (backend.status().code() == absl::StatusCode::kUnavailable) {
+    *skip = std::string(backend.status().message());
+  } else {
+    ADD_FAILURE() << name << " backend: " << backend.status();
+  }
+  return nullptr;
 }
 
 // Backend copies of host vectors, alive as long as this object.

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -146,21 +147,29 @@ std::vector<Shape> Shapes() {
 struct PresetCase {
   std::string preset;
   std::string precision;  // "fp32" or "" (the preset's own, bf16)
+  std::string backend;    // "cpu" or "cuda"
 };
+
+// Names a case in test output (gtest would print its bytes).
+void PrintTo(const PresetCase& c, std::ostream* os) {
+  *os << c.preset << " " << (c.precision.empty() ? "bf16" : c.precision) << " on " << c.backend;
+}
 
 class PresetTest : public ::testing::TestWithParam<PresetCase> {};
 
 TEST_P(PresetTest, MatchesFp64ReferenceOverTenSteps) {
   const PresetCase& pc = GetParam();
-  auto backend = CreateCpuBackend();
-  ASSERT_TRUE(backend.ok());
+  std::string skip;
+  std::unique_ptr<Backend> backend = testing::MakeBackend(pc.backend, &skip);
+  if (!skip.empty()) GTEST_SKIP() << skip;
+  ASSERT_NE(backend, nullptr);
   for (const Shape& shape : Shapes()) {
     SCOPED_TRACE(shape.name);
     std::string spec = pc.preset + ",weight_decay=0.05";
     if (!pc.precision.empty()) spec += ",precision=" + pc.precision;
     auto config = ParseOptimizerConfig(spec);
     ASSERT_TRUE(config.ok()) << config.status();
-    auto opt = Optimizer::Create(**backend, {{"w", shape.dims, shape.policy, *config}});
+    auto opt = Optimizer::Create(*backend, {{"w", shape.dims, shape.policy, *config}});
     ASSERT_TRUE(opt.ok()) << opt.status();
     auto view = MatrixViewOf(shape.dims, shape.policy);
     ASSERT_TRUE(view.ok());
@@ -217,8 +226,10 @@ std::vector<PresetCase> PresetCases() {
   std::vector<PresetCase> cases;
   for (const char* p : {"keller", "moonlight", "torch", "dion", "normuon", "normuon_paper", "rmnp",
                         "muoneq_row", "muoneq_col", "muoneq_rowcol"}) {
-    cases.push_back({p, "fp32"});
-    cases.push_back({p, ""});
+    for (const char* backend : {"cpu", "cuda"}) {
+      cases.push_back({p, "fp32", backend});
+      cases.push_back({p, "", backend});
+    }
   }
   return cases;
 }
@@ -226,7 +237,8 @@ std::vector<PresetCase> PresetCases() {
 INSTANTIATE_TEST_SUITE_P(AllPresets, PresetTest, ::testing::ValuesIn(PresetCases()),
                          [](const auto& info) {
                            return info.param.preset + "_" +
-                                  (info.param.precision.empty() ? "bf16" : info.param.precision);
+                                  (info.param.precision.empty() ? "bf16" : info.param.precision) +
+                                  "_" + info.param.backend;
                          });
 
 // --- The optimizer's contract on edge cases and bad input. ---

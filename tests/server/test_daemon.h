@@ -32,9 +32,17 @@ inline std::string MakeTempDir(const std::string& prefix) {
   return pattern;
 }
 
+// The backend the daemon under test and its Reference run on: $OPTD_TEST_BACKEND ("cpu" unless
+// set; scripts/gpu-check sets "cuda"), so the bit-for-bit comparisons hold on either.
+inline std::string TestBackendName() {
+  const char* name = std::getenv("OPTD_TEST_BACKEND");
+  return name != nullptr && *name != '\0' ? name : "cpu";
+}
+
 inline server::ServerOptions LoopbackOptions(const std::string& state_dir = "") {
   server::ServerOptions options;
   options.listen = "127.0.0.1:0";
+  options.backend = TestBackendName();
   options.threads = 1;
   options.sessions.state_dir = state_dir;
   options.drain_timeout = absl::Seconds(5);
@@ -94,7 +102,8 @@ inline std::vector<float> Gradient(int64_t count, uint64_t tensor, int64_t step,
 class Reference {
  public:
   explicit Reference(const v1::SessionConfig& config) : config_(config) {
-    backend_ = *CreateCpuBackend({.threads = 1});
+    backend_ =
+        TestBackendName() == "cuda" ? *CreateCudaBackend() : *CreateCpuBackend({.threads = 1});
     v1::SessionConfig normalized = config;
     EXPECT_TRUE(server::NormalizeSessionConfig(normalized).ok());
     config_ = normalized;

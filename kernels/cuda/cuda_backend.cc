@@ -1,0 +1,877 @@
+// The CUDA backend: cuBLAS for the products, cuSOLVER (fp64 Jacobi) for the SVD, and optd's own
+// kernels (launch.h) for everything else, each applying the formulas the CPU backend applies.
+//
+// Memory comes from a stream-ordered pool of the backend's own that keeps freed memory for reuse
+// (a caching arena), under a byte budget: beyond it Allocate is RESOURCE_EXHAUSTED, never an
+// abort. Temporaries an operation needs (partial sums, the SVD's fp64 copies) come from the same
+// pool, stream-ordered, and go back to it when the operation's work is done.
+//
+// Sessions step from several host threads on one queue: each queue has its own cuBLAS and
+// cuSOLVER handles and a mutex that serializes the calls made through them. Work of different
+// sessions interleaves on the stream, each session's in its own order.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/launch.h"
+#include "kernels/formulas.h"
+#include "kernels/status_macros.h"
+
+namespace optd {
+namespace {
+
+// The name of the call in `expression` ("cudaMemcpyAsync(dst, ...)" -> "cudaMemcpyAsync").
+absl::string_view CallName(absl::string_view expression) {
+  return expression.substr(0, expression.find('('));
+}
+
+absl::Status CudaStatus(cudaError_t error, absl::string_view expression) {
+  if (error == cudaSuccess) return absl::OkStatus();
+  const std::string message = absl::StrCat(CallName(expression), ": ", cudaGetErrorName(error),
+                                           " (", cudaGetErrorString(error), ")");
+  if (error == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
+  return absl::InternalError(message);
+}
+
+absl::Status CublasStatus(cublasStatus_t status, absl::string_view expression) {
+  if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  const std::string message = absl::StrCat(CallName(expression), ": ", cublasGetStatusName(status),
+                                           " (", cublasGetStatusString(status), ")");
+  if (status == CUBLAS_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(message);
+  return absl::InternalError(message);
+}
+
+absl::Status CusolverStatus(cusolverStatus_t status, absl::string_view expression) {
+  if (status == CUSOLVER_STATUS_SUCCESS) return absl::OkStatus();
+  const std::string message =
+      absl::StrCat(CallName(expression), ": cusolverStatus_t ", static_cast<int>(status));
+  if (status == CUSOLVER_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(message);
+  return absl::InternalError(message);
+}
+
+#define OPTD_CUDA(expression) OPTD_RETURN_IF_ERROR(CudaStatus((expression), #expression))
+#define OPTD_CUBLAS(expression) OPTD_RETURN_IF_ERROR(CublasStatus((expression), #expression))
+#define OPTD_CUSOLVER(expression) OPTD_RETURN_IF_ERROR(CusolverStatus((expression), #expression))
+
+int DTypeCode(DType dtype) {
+  switch (dtype) {
+    case DType::kBF16:
+      return cuda::kBF16;
+    case DType::kF16:
+      return cuda::kF16;
+    default:
+      return cuda::kF32;
+  }
+}
+
+cudaDataType_t CudaType(DType dtype) {
+  switch (dtype) {
+    case DType::kBF16:
+      return CUDA_R_16BF;
+    case DType::kF16:
+      return CUDA_R_16F;
+    default:
+      return CUDA_R_32F;
+  }
+}
+
+cublasOperation_t ToCublas(Transpose t) { return t == Transpose::kYes ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+absl::Status CheckCount(absl::string_view op, int64_t count, const void* ptr) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat(op, ": negative count ", count));
+  if (count > 0 && ptr == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": null pointer for ", count, " elements"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckMatrixBatch(absl::string_view op, const MatrixBatch& x) {
+  if (x.batch < 0 || x.rows < 0 || x.cols < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": negative shape [", x.batch, ", ", x.rows, ", ", x.cols, "]"));
+  }
+  return CheckCount(op, x.size(), x.data);
+}
+
+absl::Status CheckLeading(absl::string_view op, absl::string_view name, int64_t ld, int64_t cols) {
+  if (ld < std::max<int64_t>(1, cols)) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": leading dimension of ", name, " is ", ld,
+                                                   ", below its ", cols, " columns"));
+  }
+  return absl::OkStatus();
+}
+
+// cuBLAS and cuSOLVER take 32-bit sizes.
+absl::Status CheckInt(absl::string_view op, std::initializer_list<int64_t> sizes) {
+  for (int64_t size : sizes) {
+    if (size > INT_MAX) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": size ", size, " exceeds cuBLAS's 32-bit limit"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// What the backend's buffers share, alive while any buffer is: the pool, the stream frees run
+// on, and the budget's count.
+struct DeviceMemory {
+  int device = 0;
+  cudaMemPool_t pool = nullptr;
+  cudaStream_t stream = nullptr;  // allocations and frees of buffers
+  int64_t budget = 0;
+  std::atomic<int64_t> used{0};
+
+  ~DeviceMemory() {
+    if (stream != nullptr) {
+      cudaStreamSynchronize(stream);
+      cudaStreamDestroy(stream);
+    }
+    if (pool != nullptr) cudaMemPoolDestroy(pool);
+  }
+};
+
+class CudaQueue : public Queue {
+ public:
+  ~CudaQueue() override {
+    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    if (solver_ != nullptr) cusolverDnDestroy(solver_);
+    if (blas_ != nullptr) cublasDestroy(blas_);
+    if (blas_workspace_ != nullptr) cudaFree(blas_workspace_);
+    if (host_count_ != nullptr) cudaFreeHost(host_count_);
+    if (device_count_ != nullptr) cudaFree(device_count_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  absl::Status Init(int priority, bool allow_tf32) {
+    OPTD_CUDA(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority));
+    OPTD_CUBLAS(cublasCreate(&blas_));
+    OPTD_CUBLAS(cublasSetStream(blas_, stream_));
+    // A workspace of its own keeps cuBLAS from allocating inside a step (and inside a graph).
+    constexpr size_t kBlasWorkspace = 32 << 20;
+    OPTD_CUDA(cudaMalloc(&blas_workspace_, kBlasWorkspace));
+    OPTD_CUBLAS(cublasSetWorkspace(blas_, blas_workspace_, kBlasWorkspace));
+    OPTD_CUBLAS(
+        cublasSetMathMode(blas_, allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    OPTD_CUSOLVER(cusolverDnCreate(&solver_));
+    OPTD_CUSOLVER(cusolverDnSetStream(solver_, stream_));
+    OPTD_CUDA(cudaMallocHost(&host_count_, sizeof(unsigned long long)));
+    OPTD_CUDA(cudaMalloc(&device_count_, sizeof(unsigned long long)));
+    return absl::OkStatus();
+  }
+
+  cudaStream_t stream() const { return stream_; }
+  cublasHandle_t blas() const { return blas_; }
+  cusolverDnHandle_t solver() const { return solver_; }
+  unsigned long long* host_count() const { return host_count_; }
+  unsigned long long* device_count() const { return device_count_; }
+  absl::Mutex& mu() ABSL_LOCK_RETURNED(mu_) { return mu_; }
+
+ private:
+  absl::Mutex mu_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  cusolverDnHandle_t solver_ = nullptr;
+  void* blas_workspace_ = nullptr;
+  unsigned long long* host_count_ = nullptr;
+  unsigned long long* device_count_ = nullptr;
+};
+
+// A stream-ordered temporary from the pool: usable by work enqueued on `stream` after it is made,
+// returned to the pool after the work enqueued before its destruction.
+class Scratch {
+ public:
+  Scratch(cudaMemPool_t pool, cudaStream_t stream) : pool_(pool), stream_(stream) {}
+  ~Scratch() {
+    for (void* p : pointers_) cudaFreeAsync(p, stream_);
+  }
+  template <typename T>
+  absl::StatusOr<T*> Get(int64_t count) {
+    void* p = nullptr;
+    const size_t bytes = std::max<size_t>(1, static_cast<size_t>(count) * sizeof(T));
+    OPTD_CUDA(cudaMallocFromPoolAsync(&p, bytes, pool_, stream_));
+    pointers_.push_back(p);
+    return static_cast<T*>(p);
+  }
+
+ private:
+  cudaMemPool_t pool_;
+  cudaStream_t stream_;
+  std::vector<void*> pointers_;
+};
+
+class CudaBackend : public Backend {
+ public:
+  CudaBackend(std::shared_ptr<DeviceMemory> memory, std::unique_ptr<CudaQueue> queue,
+              std::string description, bool allow_tf32)
+      : memory_(std::move(memory)),
+        queue_(std::move(queue)),
+        description_(std::move(description)),
+        allow_tf32_(allow_tf32) {}
+
+  ~CudaBackend() override { queue_.reset(); }
+
+  absl::string_view name() const override { return "cuda"; }
+  std::string description() const override { return description_; }
+
+  Queue& default_queue() override { return *queue_; }
+
+  absl::StatusOr<std::unique_ptr<Queue>> CreateQueue(QueuePriority priority) override {
+    OPTD_CUDA(cudaSetDevice(memory_->device));
+    int least = 0, greatest = 0;  // numerically: least is the lowest priority
+    OPTD_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    auto queue = std::make_unique<CudaQueue>();
+    OPTD_RETURN_IF_ERROR(
+        queue->Init(priority == QueuePriority::kLow ? least : greatest, allow_tf32_));
+    return queue;
+  }
+
+  absl::Status Synchronize(Queue& queue) override {
+    OPTD_CUDA(cudaSetDevice(memory_->device));
+    OPTD_CUDA(cudaStreamSynchronize(Q(queue).stream()));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<Buffer> Allocate(size_t bytes) override {
+    if (bytes == 0) return Buffer();
+    const int64_t size = static_cast<int64_t>((bytes + 255) / 256 * 256);
+    const int64_t before = memory_->used.fetch_add(size);
+    if (before + size > memory_->budget) {
+      memory_->used.fetch_sub(size);
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cuda backend: ", bytes, " more bytes would exceed the device memory budget of ",
+          memory_->budget, " bytes (", before, " in use)"));
+    }
+    void* data = nullptr;
+    absl::Status status = CudaStatus(cudaSetDevice(memory_->device), "cudaSetDevice");
+    if (status.ok()) {
+      status = CudaStatus(cudaMallocFromPoolAsync(&data, size, memory_->pool, memory_->stream),
+                          "cudaMallocFromPoolAsync");
+    }
+    // Every stream may use it once its allocation has completed.
+    if (status.ok()) status = CudaStatus(cudaStreamSynchronize(memory_->stream), "sync");
+    if (!status.ok()) {
+      memory_->used.fetch_sub(size);
+      if (status.code() == absl::StatusCode::kResourceExhausted) {
+        return absl::ResourceExhaustedError(absl::StrCat("cuda backend: the device has no ", bytes,
+                                                         " bytes free: ", status.message()));
+      }
+      return status;
+    }
+    std::shared_ptr<DeviceMemory> memory = memory_;
+    return Buffer(data, bytes, [memory, size](void* p) {
+      cudaSetDevice(memory->device);
+      // Buffers are released between steps, after their work has been synchronized.
+      cudaFreeAsync(p, memory->stream);
+      memory->used.fetch_sub(size);
+    });
+  }
+
+  absl::Status Upload(Queue& queue, void* dst, const void* src, size_t bytes) override {
+    return Copy(queue, dst, src, bytes);
+  }
+  absl::Status Download(Queue& queue, void* dst, const void* src, size_t bytes) override {
+    return Copy(queue, dst, src, bytes);
+  }
+  absl::Status Copy(Queue& queue, void* dst, const void* src, size_t bytes) override {
+    if (bytes > 0 && (dst == nullptr || src == nullptr)) {
+      return absl::InvalidArgumentError("copy: null pointer");
+    }
+    if (bytes == 0 || dst == src) return absl::OkStatus();
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, q.stream()));
+    return absl::OkStatus();
+  }
+
+  absl::Status Fill(Queue& queue, float* x, int64_t count, float value) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("fill", count, x));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::Fill(q.stream(), x, count, value));
+    return absl::OkStatus();
+  }
+
+  absl::Status Convert(Queue& queue, const void* src, DType src_dtype, void* dst, DType dst_dtype,
+                       int64_t count) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("convert", count, src));
+    OPTD_RETURN_IF_ERROR(CheckCount("convert", count, dst));
+    if (src_dtype == DType::kF64 || dst_dtype == DType::kF64) {
+      return absl::InvalidArgumentError("convert: dtypes are fp32, bf16 or fp16 (the wire dtypes)");
+    }
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(
+        cuda::Convert(q.stream(), src, DTypeCode(src_dtype), dst, DTypeCode(dst_dtype), count));
+    return absl::OkStatus();
+  }
+
+  absl::Status RoundTo(Queue& queue, float* x, int64_t count, DType dtype) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("round", count, x));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::RoundTo(q.stream(), x, count, DTypeCode(dtype)));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<int64_t> CountOutOfRange(Queue& queue, const float* x, int64_t count,
+                                          float max_magnitude) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("count out of range", count, x));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cudaMemsetAsync(q.device_count(), 0, sizeof(unsigned long long), q.stream()));
+    OPTD_CUDA(cuda::CountOutOfRange(q.stream(), x, count, max_magnitude, q.device_count()));
+    OPTD_CUDA(cudaMemcpyAsync(q.host_count(), q.device_count(), sizeof(unsigned long long),
+                              cudaMemcpyDeviceToHost, q.stream()));
+    OPTD_CUDA(cudaStreamSynchronize(q.stream()));
+    return static_cast<int64_t>(*q.host_count());
+  }
+
+  absl::StatusOr<std::vector<int64_t>> CountOutOfRangeEach(Queue& queue,
+                                                           const std::vector<const float*>& xs,
+                                                           const std::vector<int64_t>& counts,
+                                                           float max_magnitude) override {
+    if (xs.size() != counts.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("count out of range: ", xs.size(),
+                                                     " arrays but ", counts.size(), " counts"));
+    }
+    for (size_t i = 0; i < xs.size(); ++i) {
+      OPTD_RETURN_IF_ERROR(CheckCount("count out of range", counts[i], xs[i]));
+    }
+    std::vector<int64_t> bad(xs.size(), 0);
+    if (xs.empty()) return bad;
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    cudaStream_t stream = q.stream();
+    Scratch scratch(memory_->pool, stream);
+    OPTD_ASSIGN_OR_RETURN(unsigned long long* device, scratch.Get<unsigned long long>(xs.size()));
+    OPTD_CUDA(cudaMemsetAsync(device, 0, xs.size() * sizeof(unsigned long long), stream));
+    for (size_t i = 0; i < xs.size(); ++i) {
+      OPTD_CUDA(cuda::CountOutOfRange(stream, xs[i], counts[i], max_magnitude, device + i));
+    }
+    std::vector<unsigned long long> host(xs.size());
+    OPTD_CUDA(cudaMemcpyAsync(host.data(), device, host.size() * sizeof(unsigned long long),
+                              cudaMemcpyDeviceToHost, stream));
+    OPTD_CUDA(cudaStreamSynchronize(stream));
+    for (size_t i = 0; i < xs.size(); ++i) bad[i] = static_cast<int64_t>(host[i]);
+    return bad;
+  }
+
+  absl::Status Gemm(Queue& queue, const GemmArgs& g) override {
+    if (g.m < 0 || g.n < 0 || g.k < 0 || g.batch < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gemm: negative size m=", g.m, " n=", g.n, " k=", g.k, " batch=", g.batch));
+    }
+    if (g.input_dtype == DType::kF64) {
+      return absl::InvalidArgumentError("gemm: inputs must be fp32, bf16 or fp16");
+    }
+    OPTD_RETURN_IF_ERROR(
+        CheckLeading("gemm", "A", g.lda, g.trans_a == Transpose::kYes ? g.m : g.k));
+    OPTD_RETURN_IF_ERROR(
+        CheckLeading("gemm", "B", g.ldb, g.trans_b == Transpose::kYes ? g.k : g.n));
+    OPTD_RETURN_IF_ERROR(CheckLeading("gemm", "C", g.ldc, g.n));
+    if (g.batch == 0 || g.m == 0 || g.n == 0) return absl::OkStatus();
+    if (g.c == nullptr || (g.k > 0 && (g.a == nullptr || g.b == nullptr))) {
+      return absl::InvalidArgumentError("gemm: null matrix pointer");
+    }
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    return GemmLocked(q, g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.stride_a, g.b,
+                      g.ldb, g.stride_b, g.beta, g.c, g.ldc, g.stride_c, g.batch, g.input_dtype,
+                      DType::kF32);
+  }
+
+  absl::Status SymmetricRankK(Queue& queue, const SyrkArgs& s) override {
+    if (s.n < 0 || s.k < 0 || s.batch < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("syrk: negative size n=", s.n, " k=", s.k, " batch=", s.batch));
+    }
+    OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "A", s.lda, s.trans == Transpose::kYes ? s.n : s.k));
+    OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "C", s.ldc, s.n));
+    if (s.batch == 0 || s.n == 0) return absl::OkStatus();
+    if (s.c == nullptr || (s.k > 0 && s.a == nullptr)) {
+      return absl::InvalidArgumentError("syrk: null matrix pointer");
+    }
+    OPTD_RETURN_IF_ERROR(CheckInt("syrk", {s.n, s.k, s.lda, s.ldc}));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    // Row-major buffers read column-major are the transposes: the row-major upper triangle is
+    // the column-major lower one, and A·Aᵀ of a row-major n×k A is MᵀM of the k×n M it reads as.
+    const cublasOperation_t op = s.trans == Transpose::kYes ? CUBLAS_OP_N : CUBLAS_OP_T;
+    for (int64_t i = 0; i < s.batch; ++i) {
+      OPTD_CUBLAS(cublasSsyrk(q.blas(), CUBLAS_FILL_MODE_LOWER, op, static_cast<int>(s.n),
+                              static_cast<int>(s.k), &s.alpha, s.a + i * s.stride_a,
+                              static_cast<int>(s.lda), &s.beta, s.c + i * s.stride_c,
+                              static_cast<int>(s.ldc)));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SymmetricMultiply(Queue& queue, const SymmArgs& s) override {
+    if (s.m < 0 || s.n < 0 || s.batch < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("symm: negative size m=", s.m, " n=", s.n, " batch=", s.batch));
+    }
+    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "S", s.lds, s.side == Side::kLeft ? s.m : s.n));
+    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "B", s.ldb, s.n));
+    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "C", s.ldc, s.n));
+    if (s.batch == 0 || s.m == 0 || s.n == 0) return absl::OkStatus();
+    if (s.s == nullptr || s.b == nullptr || s.c == nullptr) {
+      return absl::InvalidArgumentError("symm: null matrix pointer");
+    }
+    OPTD_RETURN_IF_ERROR(CheckInt("symm", {s.m, s.n, s.lds, s.ldb, s.ldc}));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    // Column-major, C becomes Cᵀ (n×m): S·B turns into Bᵀ·S (side right) and B·S into S·Bᵀ.
+    const cublasSideMode_t side = s.side == Side::kLeft ? CUBLAS_SIDE_RIGHT : CUBLAS_SIDE_LEFT;
+    for (int64_t i = 0; i < s.batch; ++i) {
+      OPTD_CUBLAS(cublasSsymm(
+          q.blas(), side, CUBLAS_FILL_MODE_LOWER, static_cast<int>(s.n), static_cast<int>(s.m),
+          &s.alpha, s.s + i * s.stride_s, static_cast<int>(s.lds), s.b + i * s.stride_b,
+          static_cast<int>(s.ldb), &s.beta, s.c + i * s.stride_c, static_cast<int>(s.ldc)));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SingularValueDecomposition(Queue& queue, const MatrixBatch& a, float* s, float* u,
+                                          float* vt) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("svd", a));
+    const int64_t m = a.rows, n = a.cols, k = std::min(m, n);
+    if (a.size() == 0 || k == 0) return absl::OkStatus();
+    if (s == nullptr) return absl::InvalidArgumentError("svd: null singular value output");
+    OPTD_RETURN_IF_ERROR(CheckInt("svd", {m, n}));
+    OPTD_ASSIGN_OR_RETURN(const int64_t bad, CountOutOfRange(queue, a.data, a.size(),
+                                                             std::numeric_limits<float>::max()));
+    if (bad > 0) return NonFiniteSvdInput(queue, a);
+    const bool vectors = u != nullptr || vt != nullptr;
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    cudaStream_t stream = q.stream();
+    // A row-major m×n matrix read column-major is M = Aᵀ (n×m). cuSOLVER's M = U'·Σ·V'ᵀ gives
+    // A = V'·Σ·U'ᵀ: A's u is V' transposed into row-major, and its vᵀ is U' as it lies.
+    Scratch scratch(memory_->pool, stream);
+    OPTD_ASSIGN_OR_RETURN(double* work_a, scratch.Get<double>(m * n));
+    OPTD_ASSIGN_OR_RETURN(double* sd, scratch.Get<double>(a.batch * k));
+    OPTD_ASSIGN_OR_RETURN(double* ud, scratch.Get<double>(a.batch * n * k));  // U' (n×k)
+    OPTD_ASSIGN_OR_RETURN(double* vd, scratch.Get<double>(a.batch * m * k));  // V' (m×k)
+    OPTD_ASSIGN_OR_RETURN(int* info, scratch.Get<int>(a.batch));
+    gesvdjInfo_t params = nullptr;
+    OPTD_CUSOLVER(cusolverDnCreateGesvdjInfo(&params));
+    std::unique_ptr<gesvdjInfo, void (*)(gesvdjInfo_t)> params_owner(
+        params, [](gesvdjInfo_t p) { cusolverDnDestroyGesvdjInfo(p); });
+    const cusolverEigMode_t mode = vectors ? CUSOLVER_EIG_MODE_VECTOR : CUSOLVER_EIG_MODE_NOVECTOR;
+    const int rows = static_cast<int>(n), cols = static_cast<int>(m);
+    int lwork = 0;
+    OPTD_CUSOLVER(cusolverDnDgesvdj_bufferSize(q.solver(), mode, /*econ=*/1, rows, cols, work_a,
+                                               rows, sd, ud, rows, vd, cols, &lwork, params));
+    OPTD_ASSIGN_OR_RETURN(double* work, scratch.Get<double>(lwork));
+    for (int64_t b = 0; b < a.batch; ++b) {
+      OPTD_CUDA(cuda::Widen(stream, a.data + b * m * n, work_a, m * n));
+      OPTD_CUSOLVER(cusolverDnDgesvdj(q.solver(), mode, 1, rows, cols, work_a, rows, sd + b * k,
+                                      ud + b * n * k, rows, vd + b * m * k, cols, work, lwork,
+                                      info + b, params));
+    }
+    std::vector<int> host_info(a.batch);
+    OPTD_CUDA(cudaMemcpyAsync(host_info.data(), info, a.batch * sizeof(int), cudaMemcpyDeviceToHost,
+                              stream));
+    OPTD_CUDA(cudaStreamSynchronize(stream));
+    for (int64_t b = 0; b < a.batch; ++b) {
+      if (host_info[b] != 0) {
+        return absl::InternalError(absl::StrCat(
+            "svd: cusolverDnDgesvdj failed with info=", host_info[b], " on matrix ", b));
+      }
+    }
+    // Every matrix is decomposed: only now are the outputs written.
+    OPTD_CUDA(cuda::Narrow(stream, sd, s, a.batch * k));
+    if (vt != nullptr) OPTD_CUDA(cuda::Narrow(stream, ud, vt, a.batch * k * n));
+    if (u != nullptr) OPTD_CUDA(cuda::NarrowTransposed(stream, vd, u, a.batch, m, k));
+    return absl::OkStatus();
+  }
+
+  absl::Status ZeroSmallSingularVectors(Queue& queue, float* u, const float* s, int64_t batch,
+                                        int64_t rows, int64_t k,
+                                        float relative_tolerance) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("zero small singular vectors", batch * rows * k, u));
+    OPTD_RETURN_IF_ERROR(CheckCount("zero small singular vectors", batch * k, s));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::ZeroSmallSingularVectors(q.stream(), u, s, batch, rows, k, relative_tolerance));
+    return absl::OkStatus();
+  }
+
+  absl::Status Symmetrize(Queue& queue, float* a, int64_t n, int64_t batch) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("symmetrize", batch * n * n, a));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::Symmetrize(q.stream(), a, n, batch));
+    return absl::OkStatus();
+  }
+
+  absl::Status AddDiagonal(Queue& queue, float* a, int64_t n, int64_t batch, float value) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("add diagonal", batch * n * n, a));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::AddDiagonal(q.stream(), a, n, batch, value));
+    return absl::OkStatus();
+  }
+
+  absl::Status FrobeniusNormalize(Queue& queue, const MatrixBatch& x, float safety, float eps,
+                                  formulas::NormEpsilon mode, DType norm_dtype) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("frobenius normalize", x));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    return FrobeniusNormalizeLocked(q, x, safety, eps, mode, norm_dtype);
+  }
+
+  absl::Status RowSumSquares(Queue& queue, const float* x, int64_t rows, int64_t cols,
+                             float* out) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("row sum of squares", rows * cols, x));
+    OPTD_RETURN_IF_ERROR(CheckCount("row sum of squares", rows, out));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::RowSumSquares(q.stream(), x, rows, cols, out));
+    return absl::OkStatus();
+  }
+
+  absl::Status ColumnSumSquares(Queue& queue, const MatrixBatch& x, float* out) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("column sum of squares", x));
+    OPTD_RETURN_IF_ERROR(CheckCount("column sum of squares", x.batch * x.cols, out));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::ColumnSumSquares(q.stream(), x.data, x.batch, x.rows, x.cols, out));
+    return absl::OkStatus();
+  }
+
+  absl::Status Equilibrate(Queue& queue, const MatrixBatch& x, const EquilibrateArgs& args,
+                           float* scratch) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("equilibrate", x));
+    OPTD_RETURN_IF_ERROR(CheckCount("equilibrate", x.batch * (x.rows + x.cols), scratch));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    // Both factors come from the unnormalized input (seed 001's rowcol squares u once).
+    float* row_factors = args.rows ? scratch : nullptr;
+    float* col_factors = args.cols ? scratch + x.batch * x.rows : nullptr;
+    if (args.rows) {
+      OPTD_CUDA(cuda::RowEquilibrationFactors(q.stream(), x.data, x.batch * x.rows, x.cols,
+                                              args.eps, args.exponent, args.clip, row_factors));
+    }
+    if (args.cols) {
+      OPTD_CUDA(cuda::ColumnEquilibrationFactors(q.stream(), x.data, x.batch, x.rows, x.cols,
+                                                 args.eps, args.exponent, args.clip, col_factors));
+    }
+    OPTD_CUDA(cuda::ApplyEquilibration(q.stream(), x.data, x.batch, x.rows, x.cols, row_factors,
+                                       col_factors));
+    return absl::OkStatus();
+  }
+
+  absl::Status RowNormalize(Queue& queue, float* x, int64_t rows, int64_t cols,
+                            float eps) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("row normalize", rows * cols, x));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::RowNormalize(q.stream(), x, rows, cols, eps));
+    return absl::OkStatus();
+  }
+
+  absl::Status NorMuonNormalize(Queue& queue, const MatrixBatch& o, float* v,
+                                const NorMuonArgs& args) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("normuon normalize", o));
+    OPTD_RETURN_IF_ERROR(CheckCount("normuon normalize", o.batch * o.rows, v));
+    if (o.size() == 0) return absl::OkStatus();
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    cudaStream_t stream = q.stream();
+    Scratch scratch(memory_->pool, stream);
+    double* before = nullptr;
+    double* after = nullptr;
+    double* partials = nullptr;
+    if (args.preserve_frobenius) {
+      OPTD_ASSIGN_OR_RETURN(before, scratch.Get<double>(o.batch));
+      OPTD_ASSIGN_OR_RETURN(after, scratch.Get<double>(o.batch));
+      OPTD_ASSIGN_OR_RETURN(partials, scratch.Get<double>(o.batch * cuda::SumSquaresBlocks(
+                                                                        o.batch, o.matrix_size())));
+      OPTD_CUDA(cuda::MatrixSumSquares(stream, o.data, o.batch, o.matrix_size(), partials, before));
+    }
+    OPTD_CUDA(cuda::NorMuonRows(stream, o.data, v, o.batch * o.rows, o.cols, args.one_minus_beta2,
+                                args.eps));
+    if (args.preserve_frobenius) {
+      OPTD_CUDA(cuda::MatrixSumSquares(stream, o.data, o.batch, o.matrix_size(), partials, after));
+      OPTD_CUDA(cuda::NorMuonPreserveNorm(stream, o.data, o.batch, o.matrix_size(), before, after,
+                                          args.eps));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status ScaleToRms(Queue& queue, const MatrixBatch& x, float rms, float eps) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("scale to rms", x));
+    if (x.size() == 0) return absl::OkStatus();
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    Scratch scratch(memory_->pool, q.stream());
+    OPTD_ASSIGN_OR_RETURN(double* sums, MatrixSums(q, scratch, x));
+    const float target = rms * std::sqrt(static_cast<float>(x.matrix_size()));
+    OPTD_CUDA(cuda::ScaleToNorm(q.stream(), x.data, x.batch, x.matrix_size(), sums, target, eps));
+    return absl::OkStatus();
+  }
+
+  absl::Status Momentum(Queue& queue, float* m, const float* g, float* u, int64_t count,
+                        const formulas::MomentumScalars& scalars) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, m));
+    OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, g));
+    OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, u));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::Momentum(q.stream(), m, g, u, count, scalars));
+    return absl::OkStatus();
+  }
+
+  absl::Status ApplyUpdate(Queue& queue, float* w, const float* o, int64_t count, float lr,
+                           float decay, float scale, DType step_dtype) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, w));
+    OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, o));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::ApplyUpdate(q.stream(), w, o, count, lr, decay, scale, DTypeCode(step_dtype)));
+    return absl::OkStatus();
+  }
+
+  absl::Status AdamW(Queue& queue, float* w, float* m, float* v, const float* g, int64_t count,
+                     const formulas::AdamWScalars& scalars) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, w));
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, m));
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, v));
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, g));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cuda::AdamW(q.stream(), w, m, v, g, count, scalars));
+    return absl::OkStatus();
+  }
+
+  absl::Status RmnpStep(Queue& queue, float* w, float* m, const float* g, int64_t rows,
+                        int64_t cols, const RmnpStepArgs& a) override {
+    OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, w));
+    OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, m));
+    OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, g));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    const cuda::RmnpScalars scalars{.momentum = a.momentum,
+                                    .eps = a.eps,
+                                    .lr = a.lr,
+                                    .decay = a.decay,
+                                    .scale = a.scale,
+                                    .nesterov = a.nesterov,
+                                    .step_dtype = DTypeCode(a.step_dtype)};
+    OPTD_CUDA(cuda::RmnpStep(q.stream(), w, m, g, rows, cols, scalars));
+    return absl::OkStatus();
+  }
+
+  // The composed path's rounding points (newton_schulz.cc), with every product one GEMM of
+  // `run.dtype` inputs and fp32 accumulation on the tensor cores, and X held in `run.dtype`:
+  //   A = X·Xᵀ (out in dtype: cuBLAS rounds as RoundTo does);  D = c·A·A (fp32);
+  //   P = round(D + b·A + a·I) in place of A;  X ← P·X (out in dtype).
+  // cuBLAS has no symmetric rank-k update for bf16 or fp16, so A and A·A are full products.
+  absl::Status NewtonSchulzNative(Queue& queue, const MatrixBatch& x, const NewtonSchulzRun& run,
+                                  float* workspace) override {
+    OPTD_RETURN_IF_ERROR(CheckMatrixBatch("newton-schulz", x));
+    if (x.size() == 0) return absl::OkStatus();
+    if (workspace == nullptr) return absl::InvalidArgumentError("newton-schulz: null workspace");
+    if (run.dtype == DType::kF64) {
+      return absl::InvalidArgumentError("newton-schulz: computes in fp32, bf16 or fp16");
+    }
+    const int64_t m = x.rows, n = x.cols, size = x.matrix_size();
+    const bool tall = run.transpose_tall && m > n;
+    const int64_t s = tall ? n : m;  // order of the Gram matrix
+    OPTD_RETURN_IF_ERROR(CheckInt("newton-schulz", {m, n, x.batch}));
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    cudaStream_t stream = q.stream();
+    const DType dtype = run.dtype;
+    const int code = DTypeCode(dtype);
+    const DType input_dtype = dtype == DType::kF16 ? DType::kF32 : dtype;
+
+    OPTD_CUDA(cuda::RoundTo(stream, x.data, x.size(), DTypeCode(input_dtype)));
+    OPTD_RETURN_IF_ERROR(
+        FrobeniusNormalizeLocked(q, x, run.safety, run.eps, run.eps_mode, input_dtype));
+    // X lives in x itself and the workspace's first region (fp32), or in two narrow halves of it.
+    void* current;
+    void* next;
+    if (dtype == DType::kF32) {
+      current = x.data;
+      next = workspace;
+    } else {
+      current = workspace;
+      next = reinterpret_cast<uint16_t*>(workspace) + x.size();
+      OPTD_CUDA(cuda::RoundAndNarrow(stream, x.data, current, x.size(), code));
+    }
+    float* product = workspace + x.size();    // batch·s² fp32: c·A·A
+    float* gram = product + x.batch * s * s;  // batch·s² of dtype: A, then P
+    const int64_t gram_size = s * s;
+    for (const auto& [a, b, c] : run.steps) {
+      OPTD_RETURN_IF_ERROR(GemmLocked(q, tall ? Transpose::kYes : Transpose::kNo,
+                                      tall ? Transpose::kNo : Transpose::kYes, s, s, tall ? m : n,
+                                      1.0f, current, n, size, current, n, size, 0.0f, gram, s,
+                                      gram_size, x.batch, dtype, dtype));
+      OPTD_RETURN_IF_ERROR(GemmLocked(q, Transpose::kNo, Transpose::kNo, s, s, s, c, gram, s,
+                                      gram_size, gram, s, gram_size, 0.0f, product, s, gram_size,
+                                      x.batch, dtype, DType::kF32));
+      OPTD_CUDA(cuda::PolynomialAndNarrow(stream, product, gram, s, x.batch, a, b, code));
+      if (tall) {
+        OPTD_RETURN_IF_ERROR(GemmLocked(q, Transpose::kNo, Transpose::kNo, m, n, n, 1.0f, current,
+                                        n, size, gram, s, gram_size, 0.0f, next, n, size, x.batch,
+                                        dtype, dtype));
+      } else {
+        OPTD_RETURN_IF_ERROR(GemmLocked(q, Transpose::kNo, Transpose::kNo, m, n, m, 1.0f, gram, s,
+                                        gram_size, current, n, size, 0.0f, next, n, size, x.batch,
+                                        dtype, dtype));
+      }
+      std::swap(current, next);
+    }
+    if (dtype != DType::kF32) {
+      OPTD_CUDA(cuda::Convert(stream, current, code, x.data, cuda::kF32, x.size()));
+    } else if (current != x.data) {
+      OPTD_CUDA(cudaMemcpyAsync(x.data, current, x.size() * sizeof(float), cudaMemcpyDeviceToDevice,
+                                stream));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  CudaQueue& Q(Queue& queue) { return static_cast<CudaQueue&>(queue); }
+  // Host threads start on device 0; every entry makes the backend's device current.
+  CudaQueue& Enter(Queue& queue) {
+    cudaSetDevice(memory_->device);
+    return Q(queue);
+  }
+
+  // Row-major C = alpha·op(A)·op(B) + beta·C over a strided batch, as column-major
+  // Cᵀ = op(B)ᵀ·op(A)ᵀ: operands swap, flags stay.
+  absl::Status GemmLocked(CudaQueue& q, Transpose ta, Transpose tb, int64_t m, int64_t n, int64_t k,
+                          float alpha, const void* a, int64_t lda, int64_t stride_a, const void* b,
+                          int64_t ldb, int64_t stride_b, float beta, void* c, int64_t ldc,
+                          int64_t stride_c, int64_t batch, DType input, DType output)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(q.mu()) {
+    OPTD_RETURN_IF_ERROR(CheckInt("gemm", {m, n, k, lda, ldb, ldc, batch}));
+    const cublasComputeType_t compute =
+        input == DType::kF32 && allow_tf32_ ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    OPTD_CUBLAS(cublasGemmStridedBatchedEx(
+        q.blas(), ToCublas(tb), ToCublas(ta), static_cast<int>(n), static_cast<int>(m),
+        static_cast<int>(k), &alpha, b, CudaType(input), static_cast<int>(ldb), stride_b, a,
+        CudaType(input), static_cast<int>(lda), stride_a, &beta, c, CudaType(output),
+        static_cast<int>(ldc), stride_c, static_cast<int>(batch), compute, CUBLAS_GEMM_DEFAULT));
+    return absl::OkStatus();
+  }
+
+  // Σx² of every matrix of x (fp64, on the device), in scratch.
+  absl::StatusOr<double*> MatrixSums(CudaQueue& q, Scratch& scratch, const MatrixBatch& x)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(q.mu()) {
+    OPTD_ASSIGN_OR_RETURN(double* sums, scratch.Get<double>(x.batch));
+    OPTD_ASSIGN_OR_RETURN(
+        double* partials,
+        scratch.Get<double>(x.batch * cuda::SumSquaresBlocks(x.batch, x.matrix_size())));
+    OPTD_CUDA(cuda::MatrixSumSquares(q.stream(), x.data, x.batch, x.matrix_size(), partials, sums));
+    return sums;
+  }
+
+  absl::Status FrobeniusNormalizeLocked(CudaQueue& q, const MatrixBatch& x, float safety, float eps,
+                                        formulas::NormEpsilon mode, DType norm_dtype)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(q.mu()) {
+    if (x.size() == 0) return absl::OkStatus();
+    Scratch scratch(memory_->pool, q.stream());
+    OPTD_ASSIGN_OR_RETURN(double* sums, MatrixSums(q, scratch, x));
+    OPTD_CUDA(cuda::FrobeniusDivide(q.stream(), x.data, x.batch, x.matrix_size(), sums, safety, eps,
+                                    static_cast<int>(mode), DTypeCode(norm_dtype)));
+    return absl::OkStatus();
+  }
+
+  // The error for an SVD input with a NaN or infinity, naming the first one, as the CPU does.
+  absl::Status NonFiniteSvdInput(Queue& queue, const MatrixBatch& a) {
+    std::vector<float> host(a.size());
+    OPTD_RETURN_IF_ERROR(Download(queue, host.data(), a.data, host.size() * sizeof(float)));
+    OPTD_RETURN_IF_ERROR(Synchronize(queue));
+    for (int64_t i = 0; i < a.size(); ++i) {
+      if (!std::isfinite(host[i])) {
+        return absl::InvalidArgumentError(absl::StrCat("svd: matrix ", i / a.matrix_size(),
+                                                       " has a non-finite value at element ",
+                                                       i % a.matrix_size()));
+      }
+    }
+    return absl::InternalError("svd: a non-finite value was counted but not found");
+  }
+
+  std::shared_ptr<DeviceMemory> memory_;
+  std::unique_ptr<CudaQueue> queue_;
+  std::string description_;
+  bool allow_tf32_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options) {
+  int count = 0;
+  const cudaError_t query = cudaGetDeviceCount(&count);
+  if (query != cudaSuccess) {
+    cudaGetLastError();  // clear it, so later calls start clean
+    return absl::UnavailableError(
+        absl::StrCat("no CUDA device: cudaGetDeviceCount: ", cudaGetErrorString(query)));
+  }
+  if (options.device < 0 || options.device >= count) {
+    return absl::UnavailableError(
+        absl::StrCat("no CUDA device ", options.device, ": ", count, " device(s) present"));
+  }
+  if (options.memory_budget_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda backend: memory budget must be >= 0, got ",
+                                                   options.memory_budget_bytes));
+  }
+  OPTD_CUDA(cudaSetDevice(options.device));
+  cudaDeviceProp props;
+  OPTD_CUDA(cudaGetDeviceProperties(&props, options.device));
+  size_t free_bytes = 0, total_bytes = 0;
+  OPTD_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
+
+  auto memory = std::make_shared<DeviceMemory>();
+  memory->device = options.device;
+  memory->budget = options.memory_budget_bytes > 0 ? options.memory_budget_bytes
+                                                   : static_cast<int64_t>(free_bytes * 0.9);
+  cudaMemPoolProps pool_props = {};
+  pool_props.allocType = cudaMemAllocationTypePinned;
+  pool_props.location.type = cudaMemLocationTypeDevice;
+  pool_props.location.id = options.device;
+  OPTD_CUDA(cudaMemPoolCreate(&memory->pool, &pool_props));
+  // Freed memory stays in the pool for the next allocation instead of going back to the driver.
+  uint64_t keep = std::numeric_limits<uint64_t>::max();
+  OPTD_CUDA(cudaMemPoolSetAttribute(memory->pool, cudaMemPoolAttrReleaseThreshold, &keep));
+  OPTD_CUDA(cudaStreamCreateWithFlags(&memory->stream, cudaStreamNonBlocking));
+
+  int least = 0, greatest = 0;
+  OPTD_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  auto queue = std::make_unique<CudaQueue>();
+  OPTD_RETURN_IF_ERROR(queue->Init(greatest, options.allow_tf32));
+
+  int driver = 0, runtime = 0;
+  cudaDriverGetVersion(&driver);
+  cudaRuntimeGetVersion(&runtime);
+  const std::string description = absl::StrFormat(
+      "%s (device %d, compute %d.%d, %d SMs, %.1f GiB), CUDA driver %d.%d, runtime %d.%d, "
+      "memory budget %.1f GiB%s",
+      props.name, options.device, props.major, props.minor, props.multiProcessorCount,
+      total_bytes / double(1 << 30), driver / 1000, driver % 1000 / 10, runtime / 1000,
+      runtime % 1000 / 10, memory->budget / double(1 << 30), options.allow_tf32 ? ", TF32" : "");
+  return std::make_unique<CudaBackend>(std::move(memory), std::move(queue), description,
+                                       options.allow_tf32);
+}
+
+}  // namespace optd

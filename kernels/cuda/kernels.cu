@@ -1,0 +1,601 @@
+// optd's CUDA kernels (launch.h). Elementwise kernels run one element per thread over a
+// grid-stride loop; row kernels give each row a warp (or, for long rows, a block) and sum its
+// squares in fp64 with a fixed reduction tree, so results do not change from run to run.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/launch.h"
+#include "kernels/formulas.h"
+
+namespace optd::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int64_t kMaxGrid = 1 << 20;
+// Rows at least this long get a block each; shorter ones a warp.
+constexpr int64_t kBlockRowMin = 2048;
+
+unsigned Grid(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxGrid));
+}
+
+#define OPTD_GRID_STRIDE(i, n)                                                           \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+__device__ __forceinline__ float RoundAs(float x, int dtype) {
+  if (dtype == kBF16) return formulas::RoundToBf16(x);
+  if (dtype == kF16) return formulas::RoundToHalf(x);
+  return x;
+}
+
+__device__ __forceinline__ float Load(const void* src, int dtype, int64_t i) {
+  if (dtype == kBF16) return formulas::Bf16BitsToFloat(static_cast<const uint16_t*>(src)[i]);
+  if (dtype == kF16) return formulas::HalfBitsToFloat(static_cast<const uint16_t*>(src)[i]);
+  return static_cast<const float*>(src)[i];
+}
+
+__device__ __forceinline__ void Store(void* dst, int dtype, int64_t i, float v) {
+  if (dtype == kBF16) {
+    static_cast<uint16_t*>(dst)[i] = formulas::FloatToBf16Bits(v);
+  } else if (dtype == kF16) {
+    static_cast<uint16_t*>(dst)[i] = formulas::FloatToHalfBits(v);
+  } else {
+    static_cast<float*>(dst)[i] = v;
+  }
+}
+
+__device__ __forceinline__ double WarpSum(double v) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// The block's sum, returned to every thread. blockDim.x is a multiple of 32.
+__device__ double BlockSum(double v) {
+  __shared__ double warp_sums[kThreads / kWarp];
+  __shared__ double total;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  v = WarpSum(v);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x / kWarp) ? warp_sums[lane] : 0.0;
+    v = WarpSum(v);
+    if (lane == 0) total = v;
+  }
+  __syncthreads();
+  return total;
+}
+
+// The rows a kernel gives one warp (kRowBlock false) or one block (true) each: the row index,
+// the first column this thread handles, the stride between its columns, and the row's Σ.
+template <bool kRowBlock>
+struct RowTeam {
+  __device__ RowTeam(int64_t rows) {
+    if (kRowBlock) {
+      row = blockIdx.x;
+      lane = threadIdx.x;
+      stride = blockDim.x;
+    } else {
+      row = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp;
+      lane = threadIdx.x % kWarp;
+      stride = kWarp;
+    }
+    active = row < rows;
+  }
+  // Every thread of a block calls this (warps with no row pass zeros), so barriers are uniform.
+  __device__ double Sum(double v) const {
+    if (kRowBlock) return BlockSum(v);
+    v = __shfl_sync(0xffffffffu, WarpSum(v), 0);
+    __syncwarp();  // orders each lane's earlier reads before lane 0's writes after the sum
+    return v;
+  }
+  int64_t row;
+  int lane;
+  int stride;
+  bool active;
+};
+
+template <typename Kernel, typename... Args>
+cudaError_t LaunchRows(cudaStream_t stream, int64_t rows, int64_t cols, Kernel warp_kernel,
+                       Kernel block_kernel, Args... args) {
+  if (rows <= 0) return cudaSuccess;
+  if (cols >= kBlockRowMin) {
+    block_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(args...);
+  } else {
+    const int64_t rows_per_block = kThreads / kWarp;
+    warp_kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kThreads, 0,
+                  stream>>>(args...);
+  }
+  return cudaGetLastError();
+}
+
+#define OPTD_LAUNCH_ROWS(stream, rows, cols, kernel, ...) \
+  LaunchRows(stream, rows, cols, kernel<false>, kernel<true>, __VA_ARGS__)
+
+template <typename Kernel, typename... Args>
+cudaError_t LaunchElements(cudaStream_t stream, int64_t n, Kernel kernel, Args... args) {
+  if (n <= 0) return cudaSuccess;
+  kernel<<<Grid(n), kThreads, 0, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+// ---- elementwise ----
+
+__global__ void FillKernel(float* x, int64_t n, float value) {
+  OPTD_GRID_STRIDE(i, n) x[i] = value;
+}
+
+__global__ void ConvertKernel(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n) {
+  OPTD_GRID_STRIDE(i, n) Store(dst, dst_dtype, i, Load(src, src_dtype, i));
+}
+
+__global__ void RoundKernel(float* x, int64_t n, int dtype) {
+  OPTD_GRID_STRIDE(i, n) x[i] = RoundAs(x[i], dtype);
+}
+
+__global__ void CountOutOfRangeKernel(const float* x, int64_t n, float max_magnitude,
+                                      unsigned long long* count) {
+  double bad = 0;  // counts as doubles so BlockSum serves; exact below 2⁵³
+  OPTD_GRID_STRIDE(i, n) bad += formulas::IsOutOfRange(x[i], max_magnitude) ? 1.0 : 0.0;
+  bad = BlockSum(bad);
+  if (threadIdx.x == 0 && bad > 0) atomicAdd(count, static_cast<unsigned long long>(bad));
+}
+
+__global__ void SymmetrizeKernel(float* a, int64_t n, int64_t batch) {
+  const int64_t size = n * n;
+  OPTD_GRID_STRIDE(idx, batch * size) {
+    const int64_t b = idx / size, e = idx % size, i = e / n, j = e % n;
+    if (j < i) a[idx] = a[b * size + j * n + i];
+  }
+}
+
+__global__ void AddDiagonalKernel(float* a, int64_t n, int64_t batch, float value) {
+  OPTD_GRID_STRIDE(idx, batch * n) {
+    const int64_t b = idx / n, i = idx % n;
+    a[b * n * n + i * n + i] += value;
+  }
+}
+
+__global__ void ZeroSmallKernel(float* u, const float* s, int64_t batch, int64_t rows, int64_t k,
+                                float relative_tolerance) {
+  OPTD_GRID_STRIDE(idx, batch * rows * k) {
+    const int64_t b = idx / (rows * k), j = idx % k;
+    const float* sv = s + b * k;
+    if (!(sv[j] > relative_tolerance * sv[0])) u[idx] = 0.0f;
+  }
+}
+
+__global__ void MomentumKernel(float* m, const float* g, float* u, int64_t n,
+                               formulas::MomentumScalars scalars) {
+  OPTD_GRID_STRIDE(i, n) u[i] = formulas::MomentumStep(m[i], g[i], scalars);
+}
+
+__global__ void ApplyUpdateKernel(float* w, const float* o, int64_t n, float lr, float decay,
+                                  float scale, int step_dtype) {
+  OPTD_GRID_STRIDE(i, n) {
+    w[i] = formulas::DecayAndStep(w[i], RoundAs(o[i] * scale, step_dtype), lr, decay);
+  }
+}
+
+__global__ void AdamWKernel(float* w, float* m, float* v, const float* g, int64_t n,
+                            formulas::AdamWScalars scalars) {
+  OPTD_GRID_STRIDE(i, n) formulas::AdamWStep(w[i], m[i], v[i], g[i], scalars);
+}
+
+__global__ void RoundAndNarrowKernel(float* x, void* narrow, int64_t n, int dtype) {
+  OPTD_GRID_STRIDE(i, n) {
+    const float r = RoundAs(x[i], dtype);
+    x[i] = r;
+    Store(narrow, dtype, i, r);
+  }
+}
+
+__global__ void PolynomialAndNarrowKernel(const float* product, void* gram, int64_t n,
+                                          int64_t batch, float a, float b, int dtype) {
+  const int64_t size = n * n;
+  OPTD_GRID_STRIDE(idx, batch * size) {
+    const int64_t e = idx % size;
+    // c·A·A + b·A as a GEMM with beta = b forms it, then + a·I, rounded once.
+    float v = product[idx] + b * Load(gram, dtype, idx);
+    if (e / n == e % n) v += a;
+    Store(gram, dtype, idx, RoundAs(v, dtype));
+  }
+}
+
+__global__ void WidenKernel(const float* in, double* out, int64_t n) {
+  OPTD_GRID_STRIDE(i, n) out[i] = in[i];
+}
+
+__global__ void NarrowKernel(const double* in, float* out, int64_t n) {
+  OPTD_GRID_STRIDE(i, n) out[i] = static_cast<float>(in[i]);
+}
+
+__global__ void NarrowTransposedKernel(const double* in, float* out, int64_t batch, int64_t rows,
+                                       int64_t k) {
+  const int64_t size = rows * k;
+  OPTD_GRID_STRIDE(idx, batch * size) {
+    const int64_t b = idx / size, e = idx % size, r = e / k, j = e % k;
+    out[idx] = static_cast<float>(in[b * size + j * rows + r]);
+  }
+}
+
+// ---- per-matrix sums ----
+
+__global__ void PartialSumSquaresKernel(const float* x, int64_t batch, int64_t size,
+                                        int blocks_per_matrix, double* partials) {
+  const int64_t b = blockIdx.x / blocks_per_matrix;
+  const int64_t part = blockIdx.x % blocks_per_matrix;
+  const float* m = x + b * size;
+  double sum = 0;
+  for (int64_t i = part * blockDim.x + threadIdx.x; i < size;
+       i += static_cast<int64_t>(blocks_per_matrix) * blockDim.x) {
+    sum += static_cast<double>(m[i]) * m[i];
+  }
+  sum = BlockSum(sum);
+  if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+}
+
+__global__ void ReducePartialsKernel(const double* partials, int blocks_per_matrix, double* sums) {
+  double sum = 0;
+  for (int i = threadIdx.x; i < blocks_per_matrix; i += blockDim.x) {
+    sum += partials[blockIdx.x * static_cast<int64_t>(blocks_per_matrix) + i];
+  }
+  sum = BlockSum(sum);
+  if (threadIdx.x == 0) sums[blockIdx.x] = sum;
+}
+
+__global__ void FrobeniusDivideKernel(float* x, int64_t batch, int64_t size, const double* sums,
+                                      float safety, float eps, int eps_mode, int norm_dtype) {
+  OPTD_GRID_STRIDE(i, batch * size) {
+    const float norm = RoundAs(static_cast<float>(sqrt(sums[i / size])), norm_dtype);
+    const float denominator =
+        RoundAs(formulas::FrobeniusDenominator(norm, safety, eps,
+                                               static_cast<formulas::NormEpsilon>(eps_mode)),
+                norm_dtype);
+    x[i] = x[i] / denominator;
+  }
+}
+
+__global__ void ScaleToNormKernel(float* x, int64_t batch, int64_t size, const double* sums,
+                                  float target, float eps) {
+  OPTD_GRID_STRIDE(i, batch * size) {
+    const float norm = static_cast<float>(sqrt(sums[i / size]));
+    x[i] = x[i] * (target / (norm + eps));
+  }
+}
+
+__global__ void PreserveNormKernel(float* o, int64_t batch, int64_t size, const double* before,
+                                   const double* after, float eps) {
+  OPTD_GRID_STRIDE(i, batch * size) {
+    const float norm_before = static_cast<float>(sqrt(before[i / size]));
+    const float norm_after = static_cast<float>(sqrt(after[i / size]));
+    o[i] = o[i] * (norm_before / (norm_after + eps));
+  }
+}
+
+// ---- per-row ----
+
+template <bool kRowBlock>
+__global__ void RowSumSquaresKernel(const float* x, int64_t rows, int64_t cols, float* out) {
+  const RowTeam<kRowBlock> team(rows);
+  double sum = 0;
+  if (team.active) {
+    const float* row = x + team.row * cols;
+    for (int64_t c = team.lane; c < cols; c += team.stride) {
+      sum += static_cast<double>(row[c]) * row[c];
+    }
+  }
+  sum = team.Sum(sum);
+  if (team.active && team.lane == 0) out[team.row] = static_cast<float>(sum);
+}
+
+template <bool kRowBlock>
+__global__ void RowEquilibrationKernel(const float* x, int64_t rows, int64_t cols, float eps,
+                                       float exponent, float clip, float* factors) {
+  const RowTeam<kRowBlock> team(rows);
+  double sum = 0;
+  if (team.active) {
+    const float* row = x + team.row * cols;
+    for (int64_t c = team.lane; c < cols; c += team.stride) {
+      sum += static_cast<double>(row[c]) * row[c];
+    }
+  }
+  sum = team.Sum(sum);
+  if (team.active && team.lane == 0) {
+    factors[team.row] = formulas::EquilibrationScale(
+        static_cast<float>(sqrt(sum + static_cast<double>(eps))), exponent, clip);
+  }
+}
+
+template <bool kRowBlock>
+__global__ void RowNormalizeKernel(float* x, int64_t rows, int64_t cols, float eps) {
+  const RowTeam<kRowBlock> team(rows);
+  float* row = x + team.row * cols;
+  double sum = 0;
+  if (team.active) {
+    for (int64_t c = team.lane; c < cols; c += team.stride) {
+      sum += static_cast<double>(row[c]) * row[c];
+    }
+  }
+  sum = team.Sum(sum);
+  if (!team.active) return;
+  const float denominator = formulas::RowL2Denominator(static_cast<float>(sqrt(sum)), eps);
+  for (int64_t c = team.lane; c < cols; c += team.stride) row[c] = row[c] / denominator;
+}
+
+template <bool kRowBlock>
+__global__ void NorMuonRowsKernel(float* o, float* v, int64_t rows, int64_t cols,
+                                  float one_minus_beta2, float eps) {
+  const RowTeam<kRowBlock> team(rows);
+  float* row = o + team.row * cols;
+  double sum = 0;
+  float old_moment = 0.0f;
+  if (team.active) {
+    old_moment = v[team.row];  // read by every thread before the sum's barrier, written after it
+    for (int64_t c = team.lane; c < cols; c += team.stride) {
+      sum += static_cast<double>(row[c]) * row[c];
+    }
+  }
+  sum = team.Sum(sum);
+  if (!team.active) return;
+  const float mean_square = static_cast<float>(sum / static_cast<double>(cols));
+  const float second_moment =
+      formulas::NorMuonSecondMoment(old_moment, mean_square, one_minus_beta2);
+  const float scale = formulas::NorMuonRowScale(second_moment, eps);
+  for (int64_t c = team.lane; c < cols; c += team.stride) row[c] = row[c] * scale;
+  if (team.lane == 0) v[team.row] = second_moment;
+}
+
+// The fused RMNP step (seed 000): per row, sum momentum (m written), the row's norm, then the
+// scaled, rounded step. With kCached the first pass keeps u in shared memory for the second;
+// without, the second pass rebuilds u from the new m and g with the same fp32 operations
+// MomentumStep used, so it is the same u bit for bit.
+template <bool kRowBlock, bool kCached>
+__global__ void RmnpStepKernel(float* w, float* m, const float* g, int64_t rows, int64_t cols,
+                               RmnpScalars s) {
+  extern __shared__ float cache[];
+  const RowTeam<kRowBlock> team(rows);
+  const formulas::MomentumScalars momentum{s.momentum, 0.0f, formulas::MomentumKind::kSum,
+                                           s.nesterov};
+  float* u_row = kRowBlock ? cache : cache + (threadIdx.x / kWarp) * cols;
+  const int64_t offset = team.row * cols;
+  double sum = 0;
+  if (team.active) {
+    for (int64_t c = team.lane; c < cols; c += team.stride) {
+      const float u = formulas::MomentumStep(m[offset + c], g[offset + c], momentum);
+      if (kCached) u_row[c] = u;
+      sum += static_cast<double>(u) * u;
+    }
+  }
+  sum = team.Sum(sum);
+  if (!team.active) return;
+  const float denominator = formulas::RowL2Denominator(static_cast<float>(sqrt(sum)), s.eps);
+  for (int64_t c = team.lane; c < cols; c += team.stride) {
+    float u;
+    if (kCached) {
+      u = u_row[c];  // written by this thread in the first pass
+    } else {
+      const float m_new = m[offset + c];
+      u = s.nesterov ? g[offset + c] + s.momentum * m_new : m_new;
+    }
+    const float step = RoundAs((u / denominator) * s.scale, s.step_dtype);
+    w[offset + c] = formulas::DecayAndStep(w[offset + c], step, s.lr, s.decay);
+  }
+}
+
+// ---- per-column ----
+
+__global__ void ColumnSumSquaresKernel(const float* x, int64_t batch, int64_t rows, int64_t cols,
+                                       float* out) {
+  OPTD_GRID_STRIDE(idx, batch * cols) {
+    const int64_t b = idx / cols, c = idx % cols;
+    const float* m = x + b * rows * cols + c;
+    double sum = 0;
+    for (int64_t r = 0; r < rows; ++r) sum += static_cast<double>(m[r * cols]) * m[r * cols];
+    out[idx] = static_cast<float>(sum);
+  }
+}
+
+__global__ void ColumnEquilibrationKernel(const float* x, int64_t batch, int64_t rows, int64_t cols,
+                                          float eps, float exponent, float clip, float* factors) {
+  OPTD_GRID_STRIDE(idx, batch * cols) {
+    const int64_t b = idx / cols, c = idx % cols;
+    const float* m = x + b * rows * cols + c;
+    double sum = 0;
+    for (int64_t r = 0; r < rows; ++r) sum += static_cast<double>(m[r * cols]) * m[r * cols];
+    factors[idx] = formulas::EquilibrationScale(
+        static_cast<float>(sqrt(sum + static_cast<double>(eps))), exponent, clip);
+  }
+}
+
+__global__ void ApplyEquilibrationKernel(float* x, int64_t batch, int64_t rows, int64_t cols,
+                                         const float* row_factors, const float* col_factors) {
+  OPTD_GRID_STRIDE(i, batch * rows * cols) {
+    const int64_t r = i / cols, c = i % cols, b = r / rows;
+    float v = x[i];
+    if (row_factors != nullptr) v = v * row_factors[r];
+    if (col_factors != nullptr) v = v * col_factors[b * cols + c];
+    x[i] = v;
+  }
+}
+
+}  // namespace
+
+cudaError_t Fill(cudaStream_t stream, float* x, int64_t n, float value) {
+  return LaunchElements(stream, n, FillKernel, x, n, value);
+}
+
+cudaError_t Convert(cudaStream_t stream, const void* src, int src_dtype, void* dst, int dst_dtype,
+                    int64_t n) {
+  return LaunchElements(stream, n, ConvertKernel, src, src_dtype, dst, dst_dtype, n);
+}
+
+cudaError_t RoundTo(cudaStream_t stream, float* x, int64_t n, int dtype) {
+  if (dtype == kF32) return cudaSuccess;
+  return LaunchElements(stream, n, RoundKernel, x, n, dtype);
+}
+
+cudaError_t CountOutOfRange(cudaStream_t stream, const float* x, int64_t n, float max_magnitude,
+                            unsigned long long* count) {
+  return LaunchElements(stream, n, CountOutOfRangeKernel, x, n, max_magnitude, count);
+}
+
+cudaError_t Symmetrize(cudaStream_t stream, float* a, int64_t n, int64_t batch) {
+  return LaunchElements(stream, batch * n * n, SymmetrizeKernel, a, n, batch);
+}
+
+cudaError_t AddDiagonal(cudaStream_t stream, float* a, int64_t n, int64_t batch, float value) {
+  return LaunchElements(stream, batch * n, AddDiagonalKernel, a, n, batch, value);
+}
+
+cudaError_t ZeroSmallSingularVectors(cudaStream_t stream, float* u, const float* s, int64_t batch,
+                                     int64_t rows, int64_t k, float relative_tolerance) {
+  return LaunchElements(stream, batch * rows * k, ZeroSmallKernel, u, s, batch, rows, k,
+                        relative_tolerance);
+}
+
+int SumSquaresBlocks(int64_t batch, int64_t size) {
+  // Enough blocks to fill the GPU for one large matrix; one per matrix for large batches.
+  const int64_t wanted = (size + 16 * kThreads - 1) / (16 * kThreads);
+  const int64_t cap = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, batch));
+  return static_cast<int>(std::max<int64_t>(1, std::min(wanted, cap)));
+}
+
+cudaError_t MatrixSumSquares(cudaStream_t stream, const float* x, int64_t batch, int64_t size,
+                             double* partials, double* sums) {
+  if (batch <= 0) return cudaSuccess;
+  const int blocks = SumSquaresBlocks(batch, size);
+  PartialSumSquaresKernel<<<static_cast<unsigned>(batch * blocks), kThreads, 0, stream>>>(
+      x, batch, size, blocks, partials);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  ReducePartialsKernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(partials, blocks,
+                                                                              sums);
+  return cudaGetLastError();
+}
+
+cudaError_t FrobeniusDivide(cudaStream_t stream, float* x, int64_t batch, int64_t size,
+                            const double* sums, float safety, float eps, int eps_mode,
+                            int norm_dtype) {
+  return LaunchElements(stream, batch * size, FrobeniusDivideKernel, x, batch, size, sums, safety,
+                        eps, eps_mode, norm_dtype);
+}
+
+cudaError_t ScaleToNorm(cudaStream_t stream, float* x, int64_t batch, int64_t size,
+                        const double* sums, float target, float eps) {
+  return LaunchElements(stream, batch * size, ScaleToNormKernel, x, batch, size, sums, target, eps);
+}
+
+cudaError_t RowSumSquares(cudaStream_t stream, const float* x, int64_t rows, int64_t cols,
+                          float* out) {
+  return OPTD_LAUNCH_ROWS(stream, rows, cols, RowSumSquaresKernel, x, rows, cols, out);
+}
+
+cudaError_t ColumnSumSquares(cudaStream_t stream, const float* x, int64_t batch, int64_t rows,
+                             int64_t cols, float* out) {
+  return LaunchElements(stream, batch * cols, ColumnSumSquaresKernel, x, batch, rows, cols, out);
+}
+
+cudaError_t RowEquilibrationFactors(cudaStream_t stream, const float* x, int64_t rows, int64_t cols,
+                                    float eps, float exponent, float clip, float* factors) {
+  return OPTD_LAUNCH_ROWS(stream, rows, cols, RowEquilibrationKernel, x, rows, cols, eps, exponent,
+                          clip, factors);
+}
+
+cudaError_t ColumnEquilibrationFactors(cudaStream_t stream, const float* x, int64_t batch,
+                                       int64_t rows, int64_t cols, float eps, float exponent,
+                                       float clip, float* factors) {
+  return LaunchElements(stream, batch * cols, ColumnEquilibrationKernel, x, batch, rows, cols, eps,
+                        exponent, clip, factors);
+}
+
+cudaError_t ApplyEquilibration(cudaStream_t stream, float* x, int64_t batch, int64_t rows,
+                               int64_t cols, const float* row_factors, const float* col_factors) {
+  return LaunchElements(stream, batch * rows * cols, ApplyEquilibrationKernel, x, batch, rows, cols,
+                        row_factors, col_factors);
+}
+
+cudaError_t RowNormalize(cudaStream_t stream, float* x, int64_t rows, int64_t cols, float eps) {
+  return OPTD_LAUNCH_ROWS(stream, rows, cols, RowNormalizeKernel, x, rows, cols, eps);
+}
+
+cudaError_t NorMuonRows(cudaStream_t stream, float* o, float* v, int64_t rows, int64_t cols,
+                        float one_minus_beta2, float eps) {
+  return OPTD_LAUNCH_ROWS(stream, rows, cols, NorMuonRowsKernel, o, v, rows, cols, one_minus_beta2,
+                          eps);
+}
+
+cudaError_t NorMuonPreserveNorm(cudaStream_t stream, float* o, int64_t batch, int64_t size,
+                                const double* before, const double* after, float eps) {
+  return LaunchElements(stream, batch * size, PreserveNormKernel, o, batch, size, before, after,
+                        eps);
+}
+
+cudaError_t Momentum(cudaStream_t stream, float* m, const float* g, float* u, int64_t n,
+                     formulas::MomentumScalars scalars) {
+  return LaunchElements(stream, n, MomentumKernel, m, g, u, n, scalars);
+}
+
+cudaError_t ApplyUpdate(cudaStream_t stream, float* w, const float* o, int64_t n, float lr,
+                        float decay, float scale, int step_dtype) {
+  return LaunchElements(stream, n, ApplyUpdateKernel, w, o, n, lr, decay, scale, step_dtype);
+}
+
+cudaError_t AdamW(cudaStream_t stream, float* w, float* m, float* v, const float* g, int64_t n,
+                  formulas::AdamWScalars scalars) {
+  return LaunchElements(stream, n, AdamWKernel, w, m, v, g, n, scalars);
+}
+
+cudaError_t RmnpStep(cudaStream_t stream, float* w, float* m, const float* g, int64_t rows,
+                     int64_t cols, RmnpScalars scalars) {
+  if (rows <= 0) return cudaSuccess;
+  // u kept in shared memory when a block's rows fit the default 48 KiB: the second pass then
+  // reads w alone, 20 bytes moved per element instead of up to 28.
+  constexpr int64_t kSharedBytes = 48 << 10;
+  const int64_t rows_per_block = cols >= kBlockRowMin ? 1 : kThreads / kWarp;
+  const int64_t shared = rows_per_block * cols * static_cast<int64_t>(sizeof(float));
+  if (shared <= kSharedBytes) {
+    if (cols >= kBlockRowMin) {
+      RmnpStepKernel<true, true>
+          <<<static_cast<unsigned>(rows), kThreads, shared, stream>>>(w, m, g, rows, cols, scalars);
+    } else {
+      RmnpStepKernel<false, true>
+          <<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kThreads, shared,
+             stream>>>(w, m, g, rows, cols, scalars);
+    }
+    return cudaGetLastError();
+  }
+  return LaunchRows(stream, rows, cols, RmnpStepKernel<false, false>, RmnpStepKernel<true, false>,
+                    w, m, g, rows, cols, scalars);
+}
+
+cudaError_t RoundAndNarrow(cudaStream_t stream, float* x, void* narrow, int64_t n, int dtype) {
+  return LaunchElements(stream, n, RoundAndNarrowKernel, x, narrow, n, dtype);
+}
+
+cudaError_t PolynomialAndNarrow(cudaStream_t stream, const float* product, void* gram, int64_t n,
+                                int64_t batch, float a, float b, int dtype) {
+  return LaunchElements(stream, batch * n * n, PolynomialAndNarrowKernel, product, gram, n, batch,
+                        a, b, dtype);
+}
+
+cudaError_t Widen(cudaStream_t stream, const float* in, double* out, int64_t n) {
+  return LaunchElements(stream, n, WidenKernel, in, out, n);
+}
+
+cudaError_t Narrow(cudaStream_t stream, const double* in, float* out, int64_t n) {
+  return LaunchElements(stream, n, NarrowKernel, in, out, n);
+}
+
+cudaError_t NarrowTransposed(cudaStream_t stream, const double* in, float* out, int64_t batch,
+                             int64_t rows, int64_t k) {
+  return LaunchElements(stream, batch * rows * k, NarrowTransposedKernel, in, out, batch, rows, k);
+}
+
+}  // namespace optd::cuda

@@ -1,0 +1,386 @@
+// The CUDA backend against the CPU backend on the same inputs: the per-element formulas bit for
+// bit, the native Newton–Schulz and whole optimizer steps within the fp32 and bf16 tolerances,
+// plus what only the GPU has (the memory budget, concurrent sessions on one stream, queues).
+// Without a GPU every test but the first skips with the reason.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/backend.h"
+#include "kernels/newton_schulz.h"
+#include "kernels/optimizer.h"
+#include "kernels/optimizer_config.h"
+#include "tests/kernels/backend_test_util.h"
+#include "tests/kernels/reference.h"
+
+namespace optd {
+namespace {
+
+using reference::RandomNormal;
+using reference::RelativeError;
+
+TEST(CudaBackendCreateTest, IsUnavailableWithAReasonOrWorks) {
+  absl::StatusOr<std::unique_ptr<Backend>> backend = CreateCudaBackend();
+  if (backend.ok()) {
+    EXPECT_EQ((*backend)->name(), "cuda");
+    EXPECT_FALSE((*backend)->description().empty());
+  } else {
+    EXPECT_EQ(backend.status().code(), absl::StatusCode::kUnavailable) << backend.status();
+    EXPECT_FALSE(backend.status().message().empty());
+  }
+  CudaBackendOptions bad;
+  bad.device = 1 << 20;
+  EXPECT_EQ(CreateCudaBackend(bad).status().code(), absl::StatusCode::kUnavailable);
+}
+
+class CudaVsCpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string skip;
+    cuda_ = testing::MakeBackend("cuda", &skip);
+    if (!skip.empty()) GTEST_SKIP() << skip;
+    ASSERT_NE(cuda_, nullptr);
+    cpu_ = testing::MakeCpuBackend();
+    ASSERT_NE(cpu_, nullptr);
+    gpu_memory_ = std::make_unique<testing::DeviceMemory>(*cuda_);
+    cpu_memory_ = std::make_unique<testing::DeviceMemory>(*cpu_);
+  }
+
+  // The same host data on both backends.
+  struct Pair {
+    float* cpu;
+    float* gpu;
+  };
+  Pair Both(const std::vector<float>& host) {
+    return {cpu_memory_->Upload(host), gpu_memory_->Upload(host)};
+  }
+  // The CPU's and the GPU's copies of `count` elements.
+  std::pair<std::vector<float>, std::vector<float>> Read(Pair p, size_t count) {
+    return {cpu_memory_->Download(p.cpu, count), gpu_memory_->Download(p.gpu, count)};
+  }
+  Queue& cq() { return cpu_->default_queue(); }
+  Queue& gq() { return cuda_->default_queue(); }
+
+  std::unique_ptr<Backend> cuda_, cpu_;
+  std::unique_ptr<testing::DeviceMemory> gpu_memory_, cpu_memory_;
+};
+
+TEST_F(CudaVsCpuTest, ElementFormulasGiveTheCpusBits) {
+  const int n = 100003;  // not a multiple of any block size
+  for (auto kind : {formulas::MomentumKind::kEma, formulas::MomentumKind::kSum}) {
+    for (bool nesterov : {false, true}) {
+      Pair m = Both(RandomNormal(n, 1)), g = Both(RandomNormal(n, 2)),
+           u = Both(std::vector<float>(n, 0.0f));
+      const formulas::MomentumScalars s{0.95f, 0.05f, kind, nesterov};
+      ASSERT_TRUE(cpu_->Momentum(cq(), m.cpu, g.cpu, u.cpu, n, s).ok());
+      ASSERT_TRUE(cuda_->Momentum(gq(), m.gpu, g.gpu, u.gpu, n, s).ok());
+      auto [mc, mg] = Read(m, n);
+      auto [uc, ug] = Read(u, n);
+      EXPECT_EQ(mc, mg);
+      EXPECT_EQ(uc, ug);
+    }
+  }
+  for (DType step_dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    Pair w = Both(RandomNormal(n, 3)), o = Both(RandomNormal(n, 4));
+    ASSERT_TRUE(cpu_->ApplyUpdate(cq(), w.cpu, o.cpu, n, 0.02f, 0.999f, 1.7f, step_dtype).ok());
+    ASSERT_TRUE(cuda_->ApplyUpdate(gq(), w.gpu, o.gpu, n, 0.02f, 0.999f, 1.7f, step_dtype).ok());
+    auto [wc, wg] = Read(w, n);
+    EXPECT_EQ(wc, wg) << DTypeName(step_dtype);
+  }
+  for (auto placement : {formulas::AdamEpsilon::kTorch, formulas::AdamEpsilon::kMoonlight}) {
+    std::vector<float> v0(n);
+    for (int i = 0; i < n; ++i) v0[i] = 0.01f * (1 + i % 7);
+    Pair w = Both(RandomNormal(n, 5)), m = Both(RandomNormal(n, 6, 0.1f)), v = Both(v0),
+         g = Both(RandomNormal(n, 7));
+    const formulas::AdamWScalars s{0.95f, 0.1f, 0.05f, 1e-8f, 0.999f, 0.01f, 0.3f, placement};
+    ASSERT_TRUE(cpu_->AdamW(cq(), w.cpu, m.cpu, v.cpu, g.cpu, n, s).ok());
+    ASSERT_TRUE(cuda_->AdamW(gq(), w.gpu, m.gpu, v.gpu, g.gpu, n, s).ok());
+    EXPECT_EQ(Read(w, n).first, Read(w, n).second);
+    EXPECT_EQ(Read(v, n).first, Read(v, n).second);
+  }
+  // Rounding and conversion, over magnitudes that reach fp16's overflow and subnormals.
+  std::vector<float> x = RandomNormal(n, 8, 3000.0f);
+  for (int i = 0; i < 1000; ++i) x[i] = std::ldexp(x[i], -30);
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    Pair r = Both(x);
+    ASSERT_TRUE(cpu_->RoundTo(cq(), r.cpu, n, dtype).ok());
+    ASSERT_TRUE(cuda_->RoundTo(gq(), r.gpu, n, dtype).ok());
+    EXPECT_EQ(Read(r, n).first, Read(r, n).second) << DTypeName(dtype);
+  }
+}
+
+TEST_F(CudaVsCpuTest, RowKernelsOnShortAndLongRows) {
+  // A warp per row below 2048 columns, a block per row from there; the RMNP step keeps u in
+  // shared memory while a block's rows fit 48 KiB (40 and 5000 columns) and rereads m and g
+  // otherwise (1800 and 13000).
+  for (int64_t cols : {40, 1800, 5000, 13000}) {
+    const int64_t rows = 37, n = rows * cols;
+    SCOPED_TRACE(cols);
+    Pair w = Both(RandomNormal(n, 9)), m = Both(RandomNormal(n, 10)), g = Both(RandomNormal(n, 11));
+    const RmnpStepArgs args{.momentum = 0.95f,
+                            .nesterov = true,
+                            .eps = 1e-12f,
+                            .lr = 0.02f,
+                            .decay = 0.998f,
+                            .scale = 1.3f,
+                            .step_dtype = DType::kBF16};
+    ASSERT_TRUE(cpu_->RmnpStep(cq(), w.cpu, m.cpu, g.cpu, rows, cols, args).ok());
+    ASSERT_TRUE(cuda_->RmnpStep(gq(), w.gpu, m.gpu, g.gpu, rows, cols, args).ok());
+    EXPECT_EQ(Read(m, n).first, Read(m, n).second);
+    // The row norms sum in a different order: the steps agree to a few fp32 ulps (and bf16
+    // rounding of the step can move one element by a bf16 ulp of the step).
+    EXPECT_LT(RelativeError(Read(w, n).second, Read(w, n).first), 1e-6);
+
+    Pair x = Both(RandomNormal(n, 12));
+    Pair sums = Both(std::vector<float>(rows, 0.0f));
+    ASSERT_TRUE(cpu_->RowSumSquares(cq(), x.cpu, rows, cols, sums.cpu).ok());
+    ASSERT_TRUE(cuda_->RowSumSquares(gq(), x.gpu, rows, cols, sums.gpu).ok());
+    EXPECT_LT(RelativeError(Read(sums, rows).second, Read(sums, rows).first), 1e-7);
+
+    std::vector<float> v0(rows);
+    for (int64_t r = 0; r < rows; ++r) v0[r] = 0.01f * (1 + r % 3);
+    Pair v = Both(v0);
+    const NorMuonArgs normuon{.one_minus_beta2 = 0.05f, .eps = 1e-10f, .preserve_frobenius = true};
+    ASSERT_TRUE(
+        cpu_->NorMuonNormalize(cq(), MatrixBatch{x.cpu, 1, rows, cols}, v.cpu, normuon).ok());
+    ASSERT_TRUE(
+        cuda_->NorMuonNormalize(gq(), MatrixBatch{x.gpu, 1, rows, cols}, v.gpu, normuon).ok());
+    EXPECT_LT(RelativeError(Read(x, n).second, Read(x, n).first), 1e-6);
+    EXPECT_LT(RelativeError(Read(v, rows).second, Read(v, rows).first), 1e-6);
+
+    Pair e = Both(RandomNormal(n, 13));
+    Pair scratch = Both(std::vector<float>(rows + cols, 0.0f));
+    const EquilibrateArgs eq{.rows = true, .cols = true, .eps = 1e-8f, .exponent = -0.25f};
+    ASSERT_TRUE(cpu_->Equilibrate(cq(), MatrixBatch{e.cpu, 1, rows, cols}, eq, scratch.cpu).ok());
+    ASSERT_TRUE(cuda_->Equilibrate(gq(), MatrixBatch{e.gpu, 1, rows, cols}, eq, scratch.gpu).ok());
+    EXPECT_LT(RelativeError(Read(e, n).second, Read(e, n).first), 1e-6);
+  }
+}
+
+struct NsCase {
+  int64_t batch, rows, cols;
+  const char* set;
+  DType dtype;
+  double tolerance;
+};
+
+TEST_F(CudaVsCpuTest, NativeNewtonSchulzMatchesTheComposedCpuPath) {
+  // fp32: both accumulate in fp32, in different orders, over five cubic steps. bf16 and fp16:
+  // one rounding of the compute dtype apart where a sum lands near a rounding boundary.
+  const std::vector<NsCase> cases = {{1, 64, 64, "keller", DType::kF32, 2e-5},
+                                     {1, 96, 256, "keller", DType::kF32, 2e-5},
+                                     {1, 300, 80, "keller", DType::kF32, 2e-5},
+                                     {3, 48, 40, "polar_express", DType::kF32, 2e-5},
+                                     {1, 1, 50, "keller", DType::kF32, 2e-5},
+                                     {1, 96, 256, "keller", DType::kBF16, 2e-2},
+                                     {1, 300, 80, "keller", DType::kBF16, 2e-2},
+                                     {4, 64, 64, "polar_express", DType::kBF16, 2e-2},
+                                     {2, 80, 120, "dion_legacy", DType::kF16, 5e-3}};
+  for (const NsCase& c : cases) {
+    SCOPED_TRACE(
+        absl::StrCat(c.batch, "x", c.rows, "x", c.cols, " ", c.set, " ", DTypeName(c.dtype)));
+    NewtonSchulzConfig config;
+    config.coefficient_set = c.set;
+    config.compute_dtype = c.dtype;
+    if (std::string(c.set) == "polar_express") config.safety = 1.02f;
+    const int64_t n = c.batch * c.rows * c.cols;
+    Pair x = Both(RandomNormal(n, 14));
+    const int64_t work = NewtonSchulzWorkspaceFloats(config, c.batch, c.rows, c.cols);
+    Pair workspace = Both(std::vector<float>(work, 0.0f));
+    ASSERT_TRUE(NewtonSchulz(*cpu_, cq(), MatrixBatch{x.cpu, c.batch, c.rows, c.cols}, config,
+                             workspace.cpu)
+                    .ok());
+    ASSERT_TRUE(NewtonSchulz(*cuda_, gq(), MatrixBatch{x.gpu, c.batch, c.rows, c.cols}, config,
+                             workspace.gpu)
+                    .ok());
+    auto [want, got] = Read(x, n);
+    EXPECT_LT(RelativeError(got, want), c.tolerance);
+  }
+}
+
+TEST_F(CudaVsCpuTest, EveryPresetStepsLikeTheCpuOverTenSteps) {
+  const std::vector<TensorSpec> shapes = {
+      {"square", {64, 64}, RankPolicy::kFlatten, {}},
+      {"wide", {48, 160}, RankPolicy::kFlatten, {}},
+      {"tall", {200, 32}, RankPolicy::kFlatten, {}},
+      {"experts", {3, 24, 40}, RankPolicy::kBatch, {}},
+      {"twin", {48, 160}, RankPolicy::kFlatten, {}},  // batches with "wide"
+  };
+  for (absl::string_view preset : PresetNames()) {
+    if (preset == "adamw") continue;
+    for (const char* precision : {"fp32", "bf16"}) {
+      SCOPED_TRACE(absl::StrCat(preset, " ", precision));
+      auto config =
+          ParseOptimizerConfig(absl::StrCat(preset, ",weight_decay=0.05,precision=", precision));
+      ASSERT_TRUE(config.ok()) << config.status();
+      auto adamw = ParseOptimizerConfig("adamw,weight_decay=0.05");
+      ASSERT_TRUE(adamw.ok());
+      std::vector<TensorSpec> specs = shapes;
+      for (TensorSpec& s : specs) s.config = *config;
+      specs.push_back({"bias", {77}, RankPolicy::kFlatten, *adamw});
+      auto on_cpu = Optimizer::Create(*cpu_, specs);
+      auto on_gpu = Optimizer::Create(*cuda_, specs);
+      ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
+      ASSERT_TRUE(on_gpu.ok()) << on_gpu.status();
+      for (int t = 0; t < (*on_cpu)->num_tensors(); ++t) {
+        const std::vector<float> w0 = RandomNormal((*on_cpu)->num_elements(t), 20 + t, 0.5f);
+        ASSERT_TRUE((*on_cpu)->SetParameters(t, w0).ok());
+        ASSERT_TRUE((*on_gpu)->SetParameters(t, w0).ok());
+      }
+      for (int step = 0; step < 10; ++step) {
+        for (int t = 0; t < (*on_cpu)->num_tensors(); ++t) {
+          const std::vector<float> g =
+              RandomNormal((*on_cpu)->num_elements(t), 1000 * step + t + 1);
+          ASSERT_TRUE((*on_cpu)->SetGradient(t, g).ok());
+          ASSERT_TRUE((*on_gpu)->SetGradient(t, g).ok());
+        }
+        ASSERT_TRUE((*on_cpu)->Step().ok());
+        ASSERT_TRUE((*on_gpu)->Step().ok());
+      }
+      for (int t = 0; t < (*on_cpu)->num_tensors(); ++t) {
+        std::vector<float> want((*on_cpu)->num_elements(t)), got(want.size());
+        ASSERT_TRUE((*on_cpu)->GetParameters(t, absl::MakeSpan(want)).ok());
+        ASSERT_TRUE((*on_gpu)->GetParameters(t, absl::MakeSpan(got)).ok());
+        EXPECT_LT(RelativeError(got, want), std::string(precision) == "fp32" ? 1e-5 : 2e-2)
+            << (*on_cpu)->spec(t).name;
+      }
+    }
+  }
+}
+
+TEST_F(CudaVsCpuTest, ExactPolarDirectionMatches) {
+  auto config = ParseOptimizerConfig("keller,direction=polar,precision=fp32");
+  ASSERT_TRUE(config.ok()) << config.status();
+  const std::vector<TensorSpec> specs = {{"w", {40, 24}, RankPolicy::kFlatten, *config}};
+  auto on_cpu = Optimizer::Create(*cpu_, specs);
+  auto on_gpu = Optimizer::Create(*cuda_, specs);
+  ASSERT_TRUE(on_cpu.ok() && on_gpu.ok());
+  for (int step = 0; step < 3; ++step) {
+    const std::vector<float> g = RandomNormal(40 * 24, 50 + step);
+    ASSERT_TRUE((*on_cpu)->SetGradient(0, g).ok());
+    ASSERT_TRUE((*on_gpu)->SetGradient(0, g).ok());
+    ASSERT_TRUE((*on_cpu)->Step().ok());
+    ASSERT_TRUE((*on_gpu)->Step().ok());
+  }
+  std::vector<float> want(40 * 24), got(40 * 24);
+  ASSERT_TRUE((*on_cpu)->GetParameters(0, absl::MakeSpan(want)).ok());
+  ASSERT_TRUE((*on_gpu)->GetParameters(0, absl::MakeSpan(got)).ok());
+  EXPECT_LT(RelativeError(got, want), 1e-5);
+}
+
+TEST_F(CudaVsCpuTest, RejectedStepChangesNothingOnTheGpu) {
+  auto config = ParseOptimizerConfig("keller");
+  ASSERT_TRUE(config.ok());
+  auto opt = Optimizer::Create(*cuda_, {{"w", {32, 48}, RankPolicy::kFlatten, *config}});
+  ASSERT_TRUE(opt.ok());
+  const std::vector<float> w0 = RandomNormal(32 * 48, 60);
+  ASSERT_TRUE((*opt)->SetParameters(0, w0).ok());
+  std::vector<float> g = RandomNormal(32 * 48, 61);
+  g[777] = std::numeric_limits<float>::quiet_NaN();
+  ASSERT_TRUE((*opt)->SetGradient(0, g).ok());
+  const absl::Status status = (*opt)->Step();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  std::vector<float> w(w0.size()), m(w0.size());
+  ASSERT_TRUE((*opt)->GetParameters(0, absl::MakeSpan(w)).ok());
+  ASSERT_TRUE((*opt)->GetState(0, "momentum", absl::MakeSpan(m)).ok());
+  EXPECT_EQ(w, w0);
+  EXPECT_EQ(m, std::vector<float>(w0.size(), 0.0f));
+  EXPECT_EQ((*opt)->steps_applied(0), 0);
+}
+
+TEST_F(CudaVsCpuTest, SessionsOnSeveralThreadsShareTheQueue) {
+  // Four optimizers stepped at once from four threads give what each gives alone.
+  auto config = ParseOptimizerConfig("muoneq_rowcol,precision=fp32");
+  ASSERT_TRUE(config.ok());
+  const std::vector<TensorSpec> specs = {{"a", {96, 128}, RankPolicy::kFlatten, *config},
+                                         {"b", {128, 96}, RankPolicy::kFlatten, *config}};
+  auto run = [&](Optimizer& opt, int seed) {
+    for (int step = 0; step < 8; ++step) {
+      for (int t = 0; t < 2; ++t) {
+        if (!opt.SetGradient(t, RandomNormal(opt.num_elements(t), seed * 100 + step * 2 + t))
+                 .ok()) {
+          return false;
+        }
+      }
+      if (!opt.Step().ok()) return false;
+    }
+    return true;
+  };
+  std::vector<std::unique_ptr<Optimizer>> alone, together;
+  for (int i = 0; i < 4; ++i) {
+    auto a = Optimizer::Create(*cuda_, specs);
+    auto b = Optimizer::Create(*cuda_, specs);
+    ASSERT_TRUE(a.ok() && b.ok());
+    ASSERT_TRUE(run(**a, i));
+    alone.push_back(std::move(*a));
+    together.push_back(std::move(*b));
+  }
+  std::vector<std::thread> threads;
+  std::vector<int> ok(4, 0);
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] { ok[i] = run(*together[i], i); });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(ok[i]) << i;
+    for (int t = 0; t < 2; ++t) {
+      std::vector<float> want(alone[i]->num_elements(t)), got(want.size());
+      ASSERT_TRUE(alone[i]->GetParameters(t, absl::MakeSpan(want)).ok());
+      ASSERT_TRUE(together[i]->GetParameters(t, absl::MakeSpan(got)).ok());
+      EXPECT_EQ(got, want) << i << " " << t;
+    }
+  }
+}
+
+TEST(CudaMemoryTest, BudgetIsResourceExhaustedAndFreedMemoryReturns) {
+  CudaBackendOptions options;
+  options.memory_budget_bytes = 64 << 20;
+  auto backend = CreateCudaBackend(options);
+  if (!backend.ok()) GTEST_SKIP() << backend.status().message();
+  auto first = (*backend)->Allocate(48 << 20);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = (*backend)->Allocate(32 << 20);
+  ASSERT_EQ(second.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(second.status().message().find("budget of 67108864 bytes"), absl::string_view::npos)
+      << second.status();
+  *first = Buffer();
+  auto third = (*backend)->Allocate(32 << 20);
+  EXPECT_TRUE(third.ok()) << third.status();
+  // A model too large for the budget is refused whole.
+  auto config = ParseOptimizerConfig("keller");
+  ASSERT_TRUE(config.ok());
+  auto opt = Optimizer::Create(**backend, {{"w", {4096, 4096}, RankPolicy::kFlatten, *config}});
+  EXPECT_EQ(opt.status().code(), absl::StatusCode::kResourceExhausted) << opt.status();
+}
+
+TEST(CudaQueueTest, LowPriorityQueueRunsWorkInOrder) {
+  auto backend = CreateCudaBackend();
+  if (!backend.ok()) GTEST_SKIP() << backend.status().message();
+  auto queue = (*backend)->CreateQueue(QueuePriority::kLow);
+  ASSERT_TRUE(queue.ok()) << queue.status();
+  const int m = 33, n = 17, k = 65;
+  const std::vector<float> a = RandomNormal(m * k, 70), b = RandomNormal(k * n, 71);
+  testing::DeviceMemory memory(**backend);
+  float* da = memory.Upload(a);
+  float* db = memory.Upload(b);
+  float* dc = memory.Upload(std::vector<float>(m * n, 0.0f));
+  GemmArgs args{.m = m, .n = n, .k = k, .a = da, .lda = k, .b = db, .ldb = n, .c = dc, .ldc = n};
+  ASSERT_TRUE((*backend)->Gemm(**queue, args).ok());
+  std::vector<float> got(m * n);
+  ASSERT_TRUE((*backend)->Download(**queue, got.data(), dc, got.size() * sizeof(float)).ok());
+  ASSERT_TRUE((*backend)->Synchronize(**queue).ok());
+  std::vector<double> want(m * n, 0.0);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j)
+      for (int p = 0; p < k; ++p) want[i * n + j] += double(a[i * k + p]) * b[p * n + j];
+  EXPECT_LT(RelativeError(got, want), 1e-6);
+}
+
+}  // namespace
+}  // namespace optd
