@@ -357,12 +357,20 @@ class CudaBackend : public Backend {
     CudaQueue& q = Enter(queue);
     absl::MutexLock lock(&q.mu());
     cudaStream_t stream = q.stream();
+    // One launch over a table of the arrays (a step checks every gradient of the session).
     Scratch scratch(memory_->pool, stream);
-    OPTD_ASSIGN_OR_RETURN(unsigned long long* device, scratch.Get<unsigned long long>(xs.size()));
-    OPTD_CUDA(cudaMemsetAsync(device, 0, xs.size() * sizeof(unsigned long long), stream));
-    for (size_t i = 0; i < xs.size(); ++i) {
-      OPTD_CUDA(cuda::CountOutOfRange(stream, xs[i], counts[i], max_magnitude, device + i));
-    }
+    const int64_t n = static_cast<int64_t>(xs.size());
+    OPTD_ASSIGN_OR_RETURN(unsigned long long* device, scratch.Get<unsigned long long>(n));
+    OPTD_ASSIGN_OR_RETURN(const float** table, scratch.Get<const float*>(n));
+    OPTD_ASSIGN_OR_RETURN(int64_t * sizes, scratch.Get<int64_t>(n));
+    OPTD_CUDA(cudaMemsetAsync(device, 0, n * sizeof(unsigned long long), stream));
+    OPTD_CUDA(cudaMemcpyAsync(table, xs.data(), n * sizeof(const float*), cudaMemcpyHostToDevice,
+                              stream));
+    OPTD_CUDA(
+        cudaMemcpyAsync(sizes, counts.data(), n * sizeof(int64_t), cudaMemcpyHostToDevice, stream));
+    const int64_t max_count = *std::max_element(counts.begin(), counts.end());
+    OPTD_CUDA(
+        cuda::CountOutOfRangeTable(stream, table, sizes, n, max_count, max_magnitude, device));
     std::vector<unsigned long long> host(xs.size());
     OPTD_CUDA(cudaMemcpyAsync(host.data(), device, host.size() * sizeof(unsigned long long),
                               cudaMemcpyDeviceToHost, stream));

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 #include "kernels/cuda/launch.h"
 #include "kernels/formulas.h"
@@ -45,6 +46,37 @@ __device__ __forceinline__ void Store(void* dst, int dtype, int64_t i, float v) 
     static_cast<uint16_t*>(dst)[i] = formulas::FloatToHalfBits(v);
   } else {
     static_cast<float*>(dst)[i] = v;
+  }
+}
+
+// kVec consecutive floats of a row: one 16-byte access when kVec is 4 (the row kernels take that
+// path when the row length is a multiple of 4 and the arrays are 16-byte aligned).
+template <int kVec>
+struct Chunk {
+  float v[kVec];
+};
+
+template <int kVec>
+__device__ __forceinline__ Chunk<kVec> LoadChunk(const float* p) {
+  Chunk<kVec> c;
+  if constexpr (kVec == 4) {
+    const float4 f = *reinterpret_cast<const float4*>(p);
+    c.v[0] = f.x;
+    c.v[1] = f.y;
+    c.v[2] = f.z;
+    c.v[3] = f.w;
+  } else {
+    c.v[0] = *p;
+  }
+  return c;
+}
+
+template <int kVec>
+__device__ __forceinline__ void StoreChunk(float* p, const Chunk<kVec>& c) {
+  if constexpr (kVec == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(c.v[0], c.v[1], c.v[2], c.v[3]);
+  } else {
+    *p = c.v[0];
   }
 }
 
@@ -145,6 +177,19 @@ __global__ void CountOutOfRangeKernel(const float* x, int64_t n, float max_magni
   OPTD_GRID_STRIDE(i, n) bad += formulas::IsOutOfRange(x[i], max_magnitude) ? 1.0 : 0.0;
   bad = BlockSum(bad);
   if (threadIdx.x == 0 && bad > 0) atomicAdd(count, static_cast<unsigned long long>(bad));
+}
+
+// CountOutOfRangeKernel over a table of arrays: blockIdx.y picks the array.
+__global__ void CountOutOfRangeTableKernel(const float* const* xs, const int64_t* counts,
+                                           float max_magnitude, unsigned long long* out) {
+  const float* x = xs[blockIdx.y];
+  const int64_t n = counts[blockIdx.y];
+  double bad = 0;
+  OPTD_GRID_STRIDE(i, n) bad += formulas::IsOutOfRange(x[i], max_magnitude) ? 1.0 : 0.0;
+  bad = BlockSum(bad);
+  if (threadIdx.x == 0 && bad > 0) {
+    atomicAdd(out + blockIdx.y, static_cast<unsigned long long>(bad));
+  }
 }
 
 __global__ void SymmetrizeKernel(float* a, int64_t n, int64_t batch) {
@@ -313,20 +358,28 @@ __global__ void RowEquilibrationKernel(const float* x, int64_t rows, int64_t col
   }
 }
 
-template <bool kRowBlock>
+// Row ℓ2 normalization (RMNP's direction). The fused RMNP step sums each row in the same order
+// for the same kVec, so the staged and fused paths agree bit for bit.
+template <bool kRowBlock, int kVec>
 __global__ void RowNormalizeKernel(float* x, int64_t rows, int64_t cols, float eps) {
   const RowTeam<kRowBlock> team(rows);
   float* row = x + team.row * cols;
+  const int64_t chunks = cols / kVec;
   double sum = 0;
   if (team.active) {
-    for (int64_t c = team.lane; c < cols; c += team.stride) {
-      sum += static_cast<double>(row[c]) * row[c];
+    for (int64_t k = team.lane; k < chunks; k += team.stride) {
+      const Chunk<kVec> c = LoadChunk<kVec>(row + k * kVec);
+      for (int j = 0; j < kVec; ++j) sum += static_cast<double>(c.v[j]) * c.v[j];
     }
   }
   sum = team.Sum(sum);
   if (!team.active) return;
   const float denominator = formulas::RowL2Denominator(static_cast<float>(sqrt(sum)), eps);
-  for (int64_t c = team.lane; c < cols; c += team.stride) row[c] = row[c] / denominator;
+  for (int64_t k = team.lane; k < chunks; k += team.stride) {
+    Chunk<kVec> c = LoadChunk<kVec>(row + k * kVec);
+    for (int j = 0; j < kVec; ++j) c.v[j] = c.v[j] / denominator;
+    StoreChunk<kVec>(row + k * kVec, c);
+  }
 }
 
 template <bool kRowBlock>
@@ -356,36 +409,51 @@ __global__ void NorMuonRowsKernel(float* o, float* v, int64_t rows, int64_t cols
 // scaled, rounded step. With kCached the first pass keeps u in shared memory for the second;
 // without, the second pass rebuilds u from the new m and g with the same fp32 operations
 // MomentumStep used, so it is the same u bit for bit.
-template <bool kRowBlock, bool kCached>
+template <bool kRowBlock, bool kCached, int kVec>
 __global__ void RmnpStepKernel(float* w, float* m, const float* g, int64_t rows, int64_t cols,
                                RmnpScalars s) {
-  extern __shared__ float cache[];
+  extern __shared__ float4 shared[];
+  float* cache = reinterpret_cast<float*>(shared);
   const RowTeam<kRowBlock> team(rows);
   const formulas::MomentumScalars momentum{s.momentum, 0.0f, formulas::MomentumKind::kSum,
                                            s.nesterov};
   float* u_row = kRowBlock ? cache : cache + (threadIdx.x / kWarp) * cols;
   const int64_t offset = team.row * cols;
+  const int64_t chunks = cols / kVec;
   double sum = 0;
   if (team.active) {
-    for (int64_t c = team.lane; c < cols; c += team.stride) {
-      const float u = formulas::MomentumStep(m[offset + c], g[offset + c], momentum);
-      if (kCached) u_row[c] = u;
-      sum += static_cast<double>(u) * u;
+    for (int64_t k = team.lane; k < chunks; k += team.stride) {
+      const int64_t e = offset + k * kVec;
+      Chunk<kVec> mc = LoadChunk<kVec>(m + e);
+      const Chunk<kVec> gc = LoadChunk<kVec>(g + e);
+      Chunk<kVec> u;
+      for (int j = 0; j < kVec; ++j) {
+        u.v[j] = formulas::MomentumStep(mc.v[j], gc.v[j], momentum);
+        sum += static_cast<double>(u.v[j]) * u.v[j];
+      }
+      StoreChunk<kVec>(m + e, mc);
+      if (kCached) StoreChunk<kVec>(u_row + k * kVec, u);
     }
   }
   sum = team.Sum(sum);
   if (!team.active) return;
   const float denominator = formulas::RowL2Denominator(static_cast<float>(sqrt(sum)), s.eps);
-  for (int64_t c = team.lane; c < cols; c += team.stride) {
-    float u;
+  for (int64_t k = team.lane; k < chunks; k += team.stride) {
+    const int64_t e = offset + k * kVec;
+    Chunk<kVec> u;
     if (kCached) {
-      u = u_row[c];  // written by this thread in the first pass
+      u = LoadChunk<kVec>(u_row + k * kVec);  // written by this thread in the first pass
     } else {
-      const float m_new = m[offset + c];
-      u = s.nesterov ? g[offset + c] + s.momentum * m_new : m_new;
+      const Chunk<kVec> mc = LoadChunk<kVec>(m + e);
+      const Chunk<kVec> gc = LoadChunk<kVec>(g + e);
+      for (int j = 0; j < kVec; ++j) u.v[j] = s.nesterov ? gc.v[j] + s.momentum * mc.v[j] : mc.v[j];
     }
-    const float step = RoundAs((u / denominator) * s.scale, s.step_dtype);
-    w[offset + c] = formulas::DecayAndStep(w[offset + c], step, s.lr, s.decay);
+    Chunk<kVec> wc = LoadChunk<kVec>(w + e);
+    for (int j = 0; j < kVec; ++j) {
+      const float step = RoundAs((u.v[j] / denominator) * s.scale, s.step_dtype);
+      wc.v[j] = formulas::DecayAndStep(wc.v[j], step, s.lr, s.decay);
+    }
+    StoreChunk<kVec>(w + e, wc);
   }
 }
 
@@ -444,6 +512,22 @@ cudaError_t RoundTo(cudaStream_t stream, float* x, int64_t n, int dtype) {
 cudaError_t CountOutOfRange(cudaStream_t stream, const float* x, int64_t n, float max_magnitude,
                             unsigned long long* count) {
   return LaunchElements(stream, n, CountOutOfRangeKernel, x, n, max_magnitude, count);
+}
+
+cudaError_t CountOutOfRangeTable(cudaStream_t stream, const float* const* xs, const int64_t* counts,
+                                 int64_t arrays, int64_t max_count, float max_magnitude,
+                                 unsigned long long* out) {
+  constexpr int64_t kMaxGridY = 65535;
+  if (max_count <= 0) return cudaSuccess;
+  for (int64_t first = 0; first < arrays; first += kMaxGridY) {
+    const dim3 grid(std::min<unsigned>(Grid(max_count), 1024),
+                    static_cast<unsigned>(std::min(kMaxGridY, arrays - first)));
+    CountOutOfRangeTableKernel<<<grid, kThreads, 0, stream>>>(xs + first, counts + first,
+                                                              max_magnitude, out + first);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t Symmetrize(cudaStream_t stream, float* a, int64_t n, int64_t batch) {
@@ -521,8 +605,43 @@ cudaError_t ApplyEquilibration(cudaStream_t stream, float* x, int64_t batch, int
                         row_factors, col_factors);
 }
 
+namespace {
+
+// Rows of a multiple of 4 floats in 16-byte aligned arrays go 16 bytes at a time.
+bool Vectorizable(int64_t cols, std::initializer_list<const void*> arrays) {
+  if (cols % 4 != 0) return false;
+  for (const void* p : arrays) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// One launch of a row kernel: a block per row for long rows, else a warp per row; `shared`
+// bytes of shared memory per row.
+template <typename Kernel, typename... Args>
+cudaError_t LaunchRowsWith(cudaStream_t stream, int64_t rows, bool row_block,
+                           int64_t shared_per_row, Kernel kernel, Args... args) {
+  const int64_t rows_per_block = row_block ? 1 : kThreads / kWarp;
+  kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kThreads,
+           rows_per_block * shared_per_row, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
 cudaError_t RowNormalize(cudaStream_t stream, float* x, int64_t rows, int64_t cols, float eps) {
-  return OPTD_LAUNCH_ROWS(stream, rows, cols, RowNormalizeKernel, x, rows, cols, eps);
+  if (rows <= 0) return cudaSuccess;
+  const bool block = cols >= kBlockRowMin;
+  if (Vectorizable(cols, {x})) {
+    return block ? LaunchRowsWith(stream, rows, true, 0, RowNormalizeKernel<true, 4>, x, rows, cols,
+                                  eps)
+                 : LaunchRowsWith(stream, rows, false, 0, RowNormalizeKernel<false, 4>, x, rows,
+                                  cols, eps);
+  }
+  return block ? LaunchRowsWith(stream, rows, true, 0, RowNormalizeKernel<true, 1>, x, rows, cols,
+                                eps)
+               : LaunchRowsWith(stream, rows, false, 0, RowNormalizeKernel<false, 1>, x, rows, cols,
+                                eps);
 }
 
 cudaError_t NorMuonRows(cudaStream_t stream, float* o, float* v, int64_t rows, int64_t cols,
@@ -558,21 +677,19 @@ cudaError_t RmnpStep(cudaStream_t stream, float* w, float* m, const float* g, in
   // u kept in shared memory when a block's rows fit the default 48 KiB: the second pass then
   // reads w alone, 20 bytes moved per element instead of up to 28.
   constexpr int64_t kSharedBytes = 48 << 10;
-  const int64_t rows_per_block = cols >= kBlockRowMin ? 1 : kThreads / kWarp;
-  const int64_t shared = rows_per_block * cols * static_cast<int64_t>(sizeof(float));
-  if (shared <= kSharedBytes) {
-    if (cols >= kBlockRowMin) {
-      RmnpStepKernel<true, true>
-          <<<static_cast<unsigned>(rows), kThreads, shared, stream>>>(w, m, g, rows, cols, scalars);
-    } else {
-      RmnpStepKernel<false, true>
-          <<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kThreads, shared,
-             stream>>>(w, m, g, rows, cols, scalars);
-    }
-    return cudaGetLastError();
-  }
-  return LaunchRows(stream, rows, cols, RmnpStepKernel<false, false>, RmnpStepKernel<true, false>,
-                    w, m, g, rows, cols, scalars);
+  const bool block = cols >= kBlockRowMin;
+  const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(float));
+  const bool cached = (block ? 1 : kThreads / kWarp) * row_bytes <= kSharedBytes;
+  const bool vec = Vectorizable(cols, {w, m, g});
+  const int64_t shared = cached ? row_bytes : 0;
+#define OPTD_RMNP(kBlock, kCached, kVec)                                                       \
+  LaunchRowsWith(stream, rows, kBlock, shared, RmnpStepKernel<kBlock, kCached, kVec>, w, m, g, \
+                 rows, cols, scalars)
+  if (cached && vec) return block ? OPTD_RMNP(true, true, 4) : OPTD_RMNP(false, true, 4);
+  if (cached) return block ? OPTD_RMNP(true, true, 1) : OPTD_RMNP(false, true, 1);
+  if (vec) return block ? OPTD_RMNP(true, false, 4) : OPTD_RMNP(false, false, 4);
+  return block ? OPTD_RMNP(true, false, 1) : OPTD_RMNP(false, false, 1);
+#undef OPTD_RMNP
 }
 
 cudaError_t RoundAndNarrow(cudaStream_t stream, float* x, void* narrow, int64_t n, int dtype) {

@@ -32,6 +32,11 @@ cudaError_t RoundTo(cudaStream_t stream, float* x, int64_t n, int dtype);
 // *count += number of out-of-range values (the caller zeroes it).
 cudaError_t CountOutOfRange(cudaStream_t stream, const float* x, int64_t n, float max_magnitude,
                             unsigned long long* count);
+// out[i] += CountOutOfRange of array xs[i] (counts[i] values) for i < arrays, in one launch;
+// xs, counts and out are device memory, max_count the largest count.
+cudaError_t CountOutOfRangeTable(cudaStream_t stream, const float* const* xs, const int64_t* counts,
+                                 int64_t arrays, int64_t max_count, float max_magnitude,
+                                 unsigned long long* out);
 
 cudaError_t Symmetrize(cudaStream_t stream, float* a, int64_t n, int64_t batch);
 cudaError_t AddDiagonal(cudaStream_t stream, float* a, int64_t n, int64_t batch, float value);

@@ -38,6 +38,7 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
     return memory_->Download(device, count);
   }
   Queue& queue() { return backend_->default_queue(); }
+  void FusedRmnpStepEqualsItsStagesFor(int rows, int cols);
 
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<testing::DeviceMemory> memory_;
@@ -458,7 +459,15 @@ TEST_P(BackendTest, AdamWBothEpsilonPlacements) {
 }
 
 TEST_P(BackendTest, FusedRmnpStepEqualsItsStages) {
-  const int rows = 6, cols = 33;
+  // Odd and multiple-of-4 row lengths (a GPU takes 16-byte accesses for the latter), short and
+  // long rows.
+  for (int cols : {33, 36, 2100}) {
+    SCOPED_TRACE(cols);
+    FusedRmnpStepEqualsItsStagesFor(6, cols);
+  }
+}
+
+void BackendTest::FusedRmnpStepEqualsItsStagesFor(int rows, int cols) {
   auto w = RandomNormal(rows * cols, 27), m = RandomNormal(rows * cols, 28),
        g = RandomNormal(rows * cols, 29);
   float *w1 = Device(w), *m1 = Device(m), *w2 = Device(w), *m2 = Device(m), *dg = Device(g);
