@@ -320,6 +320,15 @@ absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Client::Hea
   return response.status();
 }
 
+absl::StatusOr<v1::ServerInfo> Client::ServerInfo(absl::Duration timeout) {
+  grpc::ClientContext context;
+  SetDeadline(context, timeout);
+  v1::ServerInfo info;
+  OPTD_RETURN_IF_ERROR(
+      FromGrpcStatus(stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &info)));
+  return info;
+}
+
 absl::StatusOr<Session> Client::CreateSession(const v1::SessionConfig& config, std::string id) {
   grpc::ClientContext context;
   Authorize(context, admin_token_);

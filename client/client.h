@@ -125,6 +125,8 @@ class Client {
   // SERVING, NOT_SERVING, ... for `service` ("" is liveness, "optd.v1.Optimizer" readiness).
   absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Health(
       const std::string& service = "", absl::Duration timeout = absl::Seconds(5));
+  // The daemon's backend, its device and why it was picked.
+  absl::StatusOr<v1::ServerInfo> ServerInfo(absl::Duration timeout = absl::Seconds(5));
   // Creates a session (id empty: the daemon names it) and returns it with its token.
   absl::StatusOr<Session> CreateSession(const v1::SessionConfig& config, std::string id = "");
   // A handle on an existing session; nothing is checked until the first call.

@@ -183,6 +183,11 @@ absl::StatusOr<bool> RunHealth(Client& client, const std::string& service, absl:
   using grpc::health::v1::HealthCheckResponse;
   OPTD_ASSIGN_OR_RETURN(HealthCheckResponse::ServingStatus status, client.Health(service, timeout));
   out << HealthCheckResponse::ServingStatus_Name(status) << "\n";
+  if (status == HealthCheckResponse::SERVING) {
+    OPTD_ASSIGN_OR_RETURN(v1::ServerInfo info, client.ServerInfo(timeout));
+    out << "backend: " << info.backend() << " (" << info.backend_description() << ")\n";
+    out << "backend_choice: " << info.backend_choice() << "\n";
+  }
   return status == HealthCheckResponse::SERVING;
 }
 

@@ -129,6 +129,11 @@ Metrics::Metrics(MetricsOptions options)
                           .Help("Backend memory: held for sessions (kind=sessions) or by the "
                                 "analyzer's snapshots (kind=analysis).")
                           .Register(*registry_)),
+      backend_info_(prometheus::BuildGauge()
+                        .Name("optd_backend_info")
+                        .Help("1 for the backend that serves (cpu or cuda) and its device; "
+                              "--backend=auto takes the GPU when one is present.")
+                        .Register(*registry_)),
       rejected_(prometheus::BuildCounter()
                     .Name("optd_rejected_total")
                     .Help("Failed RPCs by reason.")
@@ -256,6 +261,10 @@ void Metrics::AddBytesReceived(int64_t bytes) {
 }
 void Metrics::AddBytesSent(int64_t bytes) { bytes_sent_.Increment(static_cast<double>(bytes)); }
 void Metrics::SetSessions(int64_t sessions) { sessions_.Set(static_cast<double>(sessions)); }
+
+void Metrics::SetBackendInfo(absl::string_view backend, absl::string_view device) {
+  backend_info_.Add({{"backend", std::string(backend)}, {"device", std::string(device)}}).Set(1);
+}
 
 void Metrics::SetBackendMemory(absl::string_view kind, int64_t bytes) {
   backend_memory_.Add({{"kind", std::string(kind)}}).Set(static_cast<double>(bytes));

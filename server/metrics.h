@@ -65,6 +65,8 @@ class Metrics {
   void AddBytesReceived(int64_t bytes);
   void AddBytesSent(int64_t bytes);
   void SetSessions(int64_t sessions);
+  // optd_backend_info{backend, device} = 1: which backend serves, on what.
+  void SetBackendInfo(absl::string_view backend, absl::string_view device);
   // kind: "sessions" (bytes held for loaded sessions) or "analysis" (the analyzer's snapshots).
   void SetBackendMemory(absl::string_view kind, int64_t bytes);
 
@@ -93,6 +95,7 @@ class Metrics {
   prometheus::Counter& bytes_sent_;
   prometheus::Gauge& sessions_;
   prometheus::Family<prometheus::Gauge>& backend_memory_;
+  prometheus::Family<prometheus::Gauge>& backend_info_;
   prometheus::Family<prometheus::Counter>& rejected_;
   prometheus::Family<prometheus::Counter>& nonfinite_;
   prometheus::Family<prometheus::Gauge>& session_memory_;

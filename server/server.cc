@@ -23,8 +23,9 @@ absl::StatusOr<std::string> ReadPem(const std::string& path, absl::string_view w
   return contents.str();
 }
 
+// The backend --backend names; `choice` says how it was chosen (and why not the GPU).
 absl::StatusOr<std::unique_ptr<Backend>> PickBackend(const ServerOptions& options,
-                                                     std::vector<std::string>& log) {
+                                                     std::string& choice) {
   if (options.backend != "auto" && options.backend != "cpu" && options.backend != "cuda") {
     return absl::InvalidArgumentError(
         absl::StrCat("--backend=", options.backend, " is not one of auto, cpu, cuda"));
@@ -32,14 +33,17 @@ absl::StatusOr<std::unique_ptr<Backend>> PickBackend(const ServerOptions& option
   if (options.backend != "cpu") {
     absl::StatusOr<std::unique_ptr<Backend>> cuda = CreateCudaBackend(options.cuda);
     if (cuda.ok()) {
-      if (options.backend == "auto") log.push_back("backend auto: cuda (a CUDA device is present)");
+      choice = options.backend == "auto" ? "--backend=auto: cuda (a CUDA device is present)"
+                                         : "--backend=cuda";
       return cuda;
     }
     if (options.backend == "cuda") {
       return absl::FailedPreconditionError(
           absl::StrCat("--backend=cuda: ", cuda.status().message()));
     }
-    log.push_back(absl::StrCat("backend auto: cpu (", cuda.status().message(), ")"));
+    choice = absl::StrCat("--backend=auto: cpu (", cuda.status().message(), ")");
+  } else {
+    choice = "--backend=cpu";
   }
   CpuBackendOptions cpu;
   cpu.threads = options.threads;
@@ -84,14 +88,19 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   std::unique_ptr<Server> server(new Server());
   OPTD_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
                         ServerCredentials(options));
-  OPTD_ASSIGN_OR_RETURN(server->backend_, PickBackend(options, server->startup_log_));
-  server->startup_log_.push_back(absl::StrCat("backend: ", server->backend_->description()));
+  v1::ServerInfo& info = options.service.server_info;
+  OPTD_ASSIGN_OR_RETURN(server->backend_, PickBackend(options, *info.mutable_backend_choice()));
+  info.set_backend(std::string(server->backend_->name()));
+  info.set_backend_description(server->backend_->description());
+  server->startup_log_.push_back(absl::StrCat("backend ", info.backend_choice()));
+  server->startup_log_.push_back(absl::StrCat("backend: ", info.backend_description()));
   if (options.metrics.tensor_label_budget < 0) {
     return absl::InvalidArgumentError(absl::StrCat("--metrics_tensor_budget must be >= 0, got ",
                                                    options.metrics.tensor_label_budget));
   }
   options.metrics.session_memory_limit_bytes = options.sessions.max_session_bytes;
   server->metrics_ = std::make_unique<Metrics>(options.metrics);
+  server->metrics_->SetBackendInfo(info.backend(), info.backend_description());
   if (!options.metrics_addr.empty()) {
     OPTD_ASSIGN_OR_RETURN(
         server->metrics_http_,

@@ -366,4 +366,12 @@ grpc::Status OptimizerService::GetAnalysis(grpc::ServerContext* context,
   }());
 }
 
+grpc::Status OptimizerService::GetServerInfo(grpc::ServerContext*, const v1::GetServerInfoRequest*,
+                                             v1::ServerInfo* response) {
+  return Finish("GetServerInfo", [&]() -> absl::Status {
+    *response = options_.server_info;
+    return absl::OkStatus();
+  }());
+}
+
 }  // namespace optd::server

@@ -24,6 +24,7 @@ struct ServiceOptions {
   int max_pending_steps = 64;
   int64_t default_chunk_bytes = kDefaultChunkBytes;
   Metrics* metrics = nullptr;  // may be null
+  v1::ServerInfo server_info;  // GetServerInfo's answer
 };
 
 // The one place absl::Status becomes grpc::Status (the canonical codes map one to one).
@@ -64,6 +65,8 @@ class OptimizerService final : public v1::Optimizer::Service {
                        v1::RestoreResponse* response) override;
   grpc::Status GetAnalysis(grpc::ServerContext* context, const v1::GetAnalysisRequest* request,
                            v1::GetAnalysisResponse* response) override;
+  grpc::Status GetServerInfo(grpc::ServerContext* context, const v1::GetServerInfoRequest* request,
+                             v1::ServerInfo* response) override;
 
  private:
   absl::StatusOr<std::shared_ptr<Session>> Authorize(grpc::ServerContext* context,

@@ -222,7 +222,10 @@ TEST_F(OptctlTest, HealthIsServing) {
     absl::StatusOr<bool> serving = client::RunHealth(c, service, absl::Seconds(5), out);
     ASSERT_TRUE(serving.ok()) << serving.status();
     EXPECT_TRUE(*serving) << service;
-    EXPECT_EQ(out.str(), "SERVING\n") << service;
+    EXPECT_EQ(out.str(), absl::StrCat("SERVING\nbackend: ", server_->backend().name(), " (",
+                                      server_->backend().description(),
+                                      ")\nbackend_choice: --backend=", TestBackendName(), "\n"))
+        << service;
   }
   std::ostringstream out;
   EXPECT_EQ(client::RunHealth(c, "no.such.Service", absl::Seconds(5), out).status().code(),
@@ -230,10 +233,36 @@ TEST_F(OptctlTest, HealthIsServing) {
 
   const BinaryRun run = RunBinary("health");
   EXPECT_EQ(run.exit_code, 0) << run.err;
-  EXPECT_EQ(run.out, "SERVING\n");
+  EXPECT_THAT(run.out, ::testing::StartsWith("SERVING\nbackend: "));
   const BinaryRun ready = RunBinary("health optd.v1.Optimizer");
   EXPECT_EQ(ready.exit_code, 0) << ready.err;
-  EXPECT_EQ(ready.out, "SERVING\n");
+  EXPECT_THAT(ready.out, HasSubstr("backend_choice: --backend="));
+}
+
+TEST(OptctlAutoBackendTest, HealthSaysWhichBackendAutoPickedAndWhy) {
+  server::ServerOptions options = LoopbackOptions();
+  options.backend = "auto";
+  std::unique_ptr<server::Server> server = StartServer(options);
+  ASSERT_NE(server, nullptr);
+  absl::StatusOr<std::unique_ptr<Backend>> gpu = CreateCudaBackend();
+  absl::StatusOr<v1::ServerInfo> info = ConnectTo(*server).ServerInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->backend_description(), server->backend().description());
+  if (gpu.ok()) {
+    EXPECT_EQ(info->backend(), "cuda");
+    EXPECT_EQ(info->backend_choice(), "--backend=auto: cuda (a CUDA device is present)");
+  } else {
+    EXPECT_EQ(info->backend(), "cpu");
+    EXPECT_EQ(info->backend_choice(),
+              absl::StrCat("--backend=auto: cpu (", gpu.status().message(), ")"));
+  }
+  // --backend=cuda without a GPU refuses to start, naming why.
+  if (!gpu.ok()) {
+    options.backend = "cuda";
+    absl::StatusOr<std::unique_ptr<server::Server>> refused = server::Server::Start(options);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(refused.status().message(), HasSubstr(gpu.status().message()));
+  }
 }
 
 TEST_F(OptctlTest, DumpWritesEachTensorAsGetParametersReturnsIt) {

@@ -433,5 +433,32 @@ TEST(AdminTokenTest, GuardsCreateListAndDelete) {
   EXPECT_EQ(session->Info().status().code(), absl::StatusCode::kUnauthenticated);
 }
 
+// The GPU's memory budget is a limit of the whole daemon, beside the per-session quota: a session
+// that does not fit is refused whole, and the memory of a deleted one comes back.
+TEST(GpuBudgetTest, SessionsBeyondTheDeviceBudgetAreResourceExhausted) {
+  if (TestBackendName() != "cuda") {
+    GTEST_SKIP() << "the CUDA backend's device budget (run with OPTD_TEST_BACKEND=cuda on a GPU)";
+  }
+  server::ServerOptions options = LoopbackOptions();
+  options.cuda.memory_budget_bytes = int64_t{256} << 20;
+  std::unique_ptr<server::Server> server = StartServer(options);
+  ASSERT_NE(server, nullptr);
+  client::Client c = ConnectTo(*server);
+  // 2048² fp32: parameters, gradient, momentum and workspace, about 100 MiB on the device.
+  const v1::SessionConfig config = MakeConfig({{"m", "keller"}}, {{"w", {2048, 2048}, "m"}});
+  absl::StatusOr<client::Session> first = c.CreateSession(config, "first");
+  ASSERT_TRUE(first.ok()) << first.status();
+  absl::StatusOr<client::Session> second = c.CreateSession(config, "second");
+  ASSERT_TRUE(second.ok()) << second.status();
+  absl::StatusOr<client::Session> third = c.CreateSession(config, "third");
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted) << third.status();
+  EXPECT_THAT(third.status().message(), HasSubstr("device memory budget of 268435456 bytes"));
+  absl::StatusOr<std::vector<v1::SessionInfo>> listed = c.ListSessions();
+  ASSERT_TRUE(listed.ok());
+  EXPECT_EQ(listed->size(), 2u);
+  ASSERT_TRUE(c.DeleteSession("first", first->token()).ok());
+  EXPECT_TRUE(c.CreateSession(config, "third").ok());
+}
+
 }  // namespace
 }  // namespace optd::testing

@@ -44,12 +44,15 @@ std::vector<Sample> ParseExposition(const std::string& text) {
     const size_t space = line.rfind(' ');
     if (brace != absl::string_view::npos && brace < space) {
       s.name = std::string(line.substr(0, brace));
-      const size_t close = line.rfind('}');
-      for (absl::string_view pair :
-           absl::StrSplit(line.substr(brace + 1, close - brace - 1), ',', absl::SkipEmpty())) {
-        const size_t eq = pair.find('=');
-        s.labels[std::string(pair.substr(0, eq))] =
-            std::string(pair.substr(eq + 2, pair.size() - eq - 3));
+      // name="value" pairs; values may hold commas and \-escapes.
+      size_t i = brace + 1;
+      while (i < line.size() && line[i] != '}') {
+        const size_t eq = line.find('=', i);
+        std::string value;
+        size_t j = eq + 2;  // past ="
+        for (; line[j] != '"'; ++j) value += line[j] == '\\' ? line[++j] : line[j];
+        s.labels[std::string(line.substr(i, eq - i))] = value;
+        i = line[j + 1] == ',' ? j + 2 : j + 1;
       }
     } else {
       s.name = std::string(line.substr(0, space));
@@ -285,6 +288,11 @@ TEST_F(MetricsTest, FiguresMatchFp64InGetAnalysisAndTheExposition) {
     EXPECT_EQ(exposition.Get("optd_step_phase_seconds_count", {{"phase", phase}}), 1) << phase;
   }
   EXPECT_EQ(exposition.Get("optd_sessions"), 1);
+  EXPECT_EQ(
+      exposition.Get("optd_backend_info", {{"backend", std::string(server_->backend().name())},
+                                           {"device", server_->backend().description()}}),
+      1);
+  EXPECT_EQ(exposition.CountWithLabel("backend", std::string(server_->backend().name())), 1);
   absl::StatusOr<v1::SessionInfo> info = session->Info();
   ASSERT_TRUE(info.ok());
   EXPECT_EQ(exposition.Get("optd_backend_memory_bytes", {{"kind", "sessions"}}),
