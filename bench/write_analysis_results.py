@@ -65,8 +65,9 @@ def main():
     add("The step never waits for the analysis (tests/server/metrics_test.cc); what remains is "
         "sharing the cores and OpenBLAS, which runs one multithreaded level-3 call at a time: "
         "the analysis keeps its own calls to blocks of at most 2²⁸ multiply-adds, but the exact "
-        "path's LAPACK SVD is not split (bounded by the exact limit). On a GPU the analyzer runs "
-        "on a low-priority stream instead (issue 7).")
+        "path's LAPACK SVD is not split (bounded by the exact limit). With the CUDA backend the "
+        "steps run on the GPU and the analyzer stays on the CPU, so the two no longer share "
+        "cores.")
     add("")
     add(END)
 
