@@ -44,4 +44,16 @@ absl::Status Backend::NewtonSchulzNative(Queue&, const MatrixBatch&, const Newto
       absl::StrCat("the ", name(), " backend has no native Newton-Schulz"));
 }
 
+absl::Status Backend::BeginRecording(Queue&) {
+  return absl::UnimplementedError(absl::StrCat("the ", name(), " backend records no graphs"));
+}
+
+absl::Status Backend::Replay(Queue&, const StepGraph&) {
+  return absl::UnimplementedError(absl::StrCat("the ", name(), " backend records no graphs"));
+}
+
+absl::Status Backend::EndRecording(Queue&, std::unique_ptr<StepGraph>*) {
+  return absl::UnimplementedError(absl::StrCat("the ", name(), " backend records no graphs"));
+}
+
 }  // namespace optd

@@ -60,6 +60,12 @@ class Queue {
   virtual ~Queue() = default;
 };
 
+// A recorded step (a CUDA graph), kept by its owner to be run again.
+class StepGraph {
+ public:
+  virtual ~StepGraph() = default;
+};
+
 enum class Transpose { kNo, kYes };
 enum class Side { kLeft, kRight };
 
@@ -242,8 +248,10 @@ class Backend {
   // w <- DecayAndStep(w, round(scale·o), lr, decay) with round to `step_dtype`.
   virtual absl::Status ApplyUpdate(Queue& queue, float* w, const float* o, int64_t count, float lr,
                                    float decay, float scale, DType step_dtype) = 0;
+  // `scalars` is backend memory, read when the work runs: a recorded step reads the values of
+  // the step it runs in (the bias corrections change every step).
   virtual absl::Status AdamW(Queue& queue, float* w, float* m, float* v, const float* g,
-                             int64_t count, const formulas::AdamWScalars& scalars) = 0;
+                             int64_t count, const formulas::AdamWScalars* scalars) = 0;
   virtual absl::Status RmnpStep(Queue& queue, float* w, float* m, const float* g, int64_t rows,
                                 int64_t cols, const RmnpStepArgs& args) = 0;
 
@@ -254,6 +262,17 @@ class Backend {
   // where the backend has none (the CPU); NewtonSchulz then composes the operations above.
   virtual absl::Status NewtonSchulzNative(Queue& queue, const MatrixBatch& x,
                                           const NewtonSchulzRun& run, float* workspace);
+
+  // Step graphs: work enqueued on `queue` after BeginRecording is recorded instead of run, and
+  // EndRecording runs it as one launch. It reuses `*graph` when the recording has the same
+  // shape as the one it was made from (kernel arguments may differ) and replaces it otherwise;
+  // with a null `graph` the recording is dropped unrun (after a failure). REQUIRES: nobody else
+  // enqueues on `queue` meanwhile, and nothing recorded synchronizes or allocates. Unimplemented
+  // where the backend has no graphs (the CPU) or they are switched off.
+  virtual absl::Status BeginRecording(Queue& queue);
+  virtual absl::Status EndRecording(Queue& queue, std::unique_ptr<StepGraph>* graph);
+  // Runs a recorded step again as it was recorded (its arguments included).
+  virtual absl::Status Replay(Queue& queue, const StepGraph& graph);
 };
 
 struct CpuBackendOptions {
@@ -275,6 +294,9 @@ struct CudaBackendOptions {
   // fp32 products on TF32 tensor cores (inputs cut to a 10-bit mantissa): several times faster,
   // and outside the fp32 tolerance of 1e-5. Off by default.
   bool allow_tf32 = false;
+  // Optimizer steps after the first run as CUDA graphs (BeginRecording/EndRecording): one launch
+  // instead of hundreds of small ones.
+  bool step_graphs = true;
 };
 
 // The CUDA backend (kernels/cuda): cuBLAS, cuSOLVER and optd's kernels on one GPU. Unavailable,

@@ -24,6 +24,7 @@ struct Optimizer::Tensor {
   Buffer second_moment;  // normuon: per-row v; adamw: second moment
   int64_t second_count = 0;
   float* capture = nullptr;  // CaptureUpdate's destination for the next Step
+  int adamw_slot = -1;       // AdamW: its scalars' index in adamw_scalars_
 };
 
 // Tensors whose direction runs as one batch: same matrix shape, same direction settings.
@@ -110,7 +111,10 @@ absl::StatusOr<MatrixView> MatrixViewOf(absl::Span<const int64_t> shape, RankPol
 }
 
 Optimizer::Optimizer(Backend* backend) : backend_(backend) {}
-Optimizer::~Optimizer() = default;
+Optimizer::~Optimizer() {
+  // Uploads may still be in flight into buffers about to be freed.
+  if (queue_ != nullptr) backend_->Synchronize(*queue_).IgnoreError();
+}
 int Optimizer::num_groups() const { return static_cast<int>(groups_.size()); }
 
 absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
@@ -150,6 +154,11 @@ absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
     tensors_.push_back(std::move(t));
   }
 
+  num_adamw_ = 0;
+  for (auto& t : tensors_) {
+    if (t->spec.config.algorithm == Algorithm::kAdamW) t->adamw_slot = num_adamw_++;
+  }
+
   // Group matrix tensors for batched directions.
   for (int i = 0; i < num_tensors(); ++i) {
     const Tensor& t = *tensors_[i];
@@ -172,6 +181,10 @@ absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
     }
     group->members.push_back(i);
   }
+  for (const Group& g : groups_) {
+    has_exact_polar_ |=
+        tensors_[g.members[0]]->spec.config.matrix.direction == Direction::kExactPolar;
+  }
   workspace_floats_ = 0;
   for (const Group& g : groups_) {
     if (g.fused_rmnp) continue;
@@ -190,7 +203,8 @@ absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
 int64_t Optimizer::allocated_bytes() const {
   int64_t floats = workspace_floats_;
   for (const auto& t : tensors_) floats += 3 * t->count + t->second_count;
-  return floats * static_cast<int64_t>(sizeof(float));
+  return floats * static_cast<int64_t>(sizeof(float)) +
+         num_adamw_ * static_cast<int64_t>(sizeof(formulas::AdamWScalars));
 }
 
 absl::StatusOr<int64_t> Optimizer::RequiredBytes(std::vector<TensorSpec> tensors) {
@@ -203,7 +217,10 @@ absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(Backend& backend,
                                                              std::vector<TensorSpec> specs) {
   std::unique_ptr<Optimizer> opt(new Optimizer(&backend));
   OPTD_RETURN_IF_ERROR(opt->Plan(std::move(specs)));
-  Queue& queue = backend.default_queue();
+  // A queue of its own: steps of other optimizers on the backend neither wait for this one's nor
+  // end up in its recorded steps.
+  OPTD_ASSIGN_OR_RETURN(opt->queue_, backend.CreateQueue(QueuePriority::kNormal));
+  Queue& queue = *opt->queue_;
   for (auto& t : opt->tensors_) {
     const size_t bytes = static_cast<size_t>(t->count) * sizeof(float);
     OPTD_ASSIGN_OR_RETURN(t->parameters, backend.Allocate(bytes));
@@ -221,6 +238,8 @@ absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(Backend& backend,
   OPTD_ASSIGN_OR_RETURN(
       opt->workspace_,
       backend.Allocate(static_cast<size_t>(opt->workspace_floats_) * sizeof(float)));
+  OPTD_ASSIGN_OR_RETURN(opt->adamw_scalars_,
+                        backend.Allocate(opt->num_adamw_ * sizeof(formulas::AdamWScalars)));
   OPTD_RETURN_IF_ERROR(backend.Synchronize(queue));
   return opt;
 }
@@ -259,7 +278,7 @@ absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values
           absl::StrCat("parameters for tensor '", t.spec.name, "' are not finite at element ", i));
     }
   }
-  Queue& queue = backend_->default_queue();
+  Queue& queue = *queue_;
   OPTD_RETURN_IF_ERROR(
       backend_->Upload(queue, t.parameters.data(), values.data(), values.size() * sizeof(float)));
   return backend_->Synchronize(queue);
@@ -272,7 +291,7 @@ absl::Status Optimizer::GetParameters(int tensor, absl::Span<float> out) const {
     return absl::InvalidArgumentError(absl::StrCat("tensor '", t.spec.name, "' has ", t.count,
                                                    " elements, output holds ", out.size()));
   }
-  Queue& queue = backend_->default_queue();
+  Queue& queue = *queue_;
   OPTD_RETURN_IF_ERROR(
       backend_->Download(queue, out.data(), t.parameters.data(), out.size() * sizeof(float)));
   return backend_->Synchronize(queue);
@@ -285,8 +304,7 @@ absl::Status Optimizer::SetGradient(int tensor, absl::Span<const float> values) 
     return absl::InvalidArgumentError(absl::StrCat("gradient for tensor '", t.spec.name, "' has ",
                                                    values.size(), " elements, expected ", t.count));
   }
-  return backend_->Upload(backend_->default_queue(), t.gradient.data(), values.data(),
-                          values.size() * sizeof(float));
+  return backend_->Upload(*queue_, t.gradient.data(), values.data(), values.size() * sizeof(float));
 }
 
 absl::Status Optimizer::SetHyperparameters(int tensor, double lr, double weight_decay,
@@ -304,6 +322,12 @@ absl::Status Optimizer::SetHyperparameters(int tensor, double lr, double weight_
   if (!valid.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("tensor '", tensors_[tensor]->spec.name, "': ", valid.message()));
+  }
+  const OptimizerConfig& before = tensors_[tensor]->spec.config;
+  if (before.lr != config.lr || before.weight_decay != config.weight_decay ||
+      before.matrix.momentum != config.matrix.momentum ||
+      before.adamw.beta1 != config.adamw.beta1) {
+    ++settings_generation_;  // recorded steps carry the old values
   }
   tensors_[tensor]->spec.config = config;
   return absl::OkStatus();
@@ -339,7 +363,7 @@ absl::Status Optimizer::GetState(int tensor, absl::string_view buffer,
                                                    tensors_[tensor]->spec.name, "' has ", b.count,
                                                    " elements, output holds ", out.size()));
   }
-  Queue& queue = backend_->default_queue();
+  Queue& queue = *queue_;
   OPTD_RETURN_IF_ERROR(backend_->Download(queue, out.data(), b.data, out.size() * sizeof(float)));
   return backend_->Synchronize(queue);
 }
@@ -352,7 +376,7 @@ absl::Status Optimizer::SetState(int tensor, absl::string_view buffer,
                                                    tensors_[tensor]->spec.name, "' has ", b.count,
                                                    " elements, got ", values.size()));
   }
-  Queue& queue = backend_->default_queue();
+  Queue& queue = *queue_;
   OPTD_RETURN_IF_ERROR(
       backend_->Upload(queue, b.data, values.data(), values.size() * sizeof(float)));
   return backend_->Synchronize(queue);
@@ -397,7 +421,7 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
   // A plain bool array: absl::Span cannot view std::vector<bool>.
   std::unique_ptr<bool[]> present(new bool[num_tensors()]);
   for (int i = 0; i < num_tensors(); ++i) present[i] = has_gradient.empty() || has_gradient[i];
-  Queue& queue = backend_->default_queue();
+  Queue& queue = *queue_;
   // Validate everything before any state changes: a rejected step leaves no trace.
   std::vector<const float*> gradients;
   std::vector<int64_t> counts;
@@ -419,6 +443,49 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
                        " values that are NaN, infinite or beyond ±", kMaxGradientMagnitude));
     }
   }
+  // AdamW's per-step scalars (its bias corrections) go to the backend before the work that
+  // reads them, so a recorded step replays with this step's values.
+  if (num_adamw_ > 0) {
+    std::vector<formulas::AdamWScalars> scalars(num_adamw_);
+    for (const auto& t : tensors_) {
+      if (t->adamw_slot >= 0) scalars[t->adamw_slot] = AdamWScalarsOf(*t);
+    }
+    OPTD_RETURN_IF_ERROR(backend_->Upload(queue, adamw_scalars_.data(), scalars.data(),
+                                          scalars.size() * sizeof(formulas::AdamWScalars)));
+  }
+  // After its first step (which sizes the backend's scratch), a step whose work neither
+  // synchronizes (the exact polar's SVD) nor differs for a capture runs as one graph where the
+  // backend has them: replayed while the step's shape and settings stay those it was recorded
+  // with, recorded anew when they change.
+  bool record = steps_run_ > 0 && graphs_available_ && !has_exact_polar_;
+  for (int i = 0; record && i < num_tensors(); ++i) record = tensors_[i]->capture == nullptr;
+  std::vector<uint8_t> key;
+  if (record) {
+    for (int i = 0; i < num_tensors(); ++i) {
+      const Tensor& t = *tensors_[i];
+      const MatrixConfig& c = t.spec.config.matrix;
+      const bool switched = c.rowcol_to_row_at_step > 0 && t.steps + 1 >= c.rowcol_to_row_at_step;
+      key.push_back(static_cast<uint8_t>(present[i] | (switched << 1)));
+    }
+    if (graph_ != nullptr && key == graph_key_ && graph_generation_ == settings_generation_) {
+      absl::Status replayed = backend_->Replay(queue, *graph_);
+      if (replayed.ok()) replayed = backend_->Synchronize(queue);
+      if (!replayed.ok()) {
+        poisoned_ = true;
+        return absl::InternalError(absl::StrCat("step failed in the ", backend_->name(),
+                                                " backend: ", replayed.message()));
+      }
+      return FinishStep(absl::MakeConstSpan(present.get(), num_tensors()));
+    }
+    const absl::Status began = backend_->BeginRecording(queue);
+    if (absl::IsUnimplemented(began)) {
+      graphs_available_ = false;
+      record = false;
+    } else if (!began.ok()) {
+      return absl::InternalError(
+          absl::StrCat("step failed in the ", backend_->name(), " backend: ", began.message()));
+    }
+  }
   absl::Status status;
   for (const Group& group : groups_) {
     status = StepGroup(group, absl::MakeConstSpan(present.get(), num_tensors()));
@@ -429,26 +496,41 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
       status = StepAdamW(*tensors_[i]);
     }
   }
+  if (record) {
+    if (status.ok()) {
+      status = backend_->EndRecording(queue, &graph_);
+      graph_key_ = key;
+      graph_generation_ = settings_generation_;
+    } else {
+      backend_->EndRecording(queue, nullptr).IgnoreError();  // ends the recording, runs nothing
+      graph_.reset();
+    }
+  }
   if (status.ok()) status = backend_->Synchronize(queue);
   if (!status.ok()) {
     poisoned_ = true;
     return absl::InternalError(
         absl::StrCat("step failed in the ", backend_->name(), " backend: ", status.message()));
   }
+  return FinishStep(absl::MakeConstSpan(present.get(), num_tensors()));
+}
+
+absl::Status Optimizer::FinishStep(absl::Span<const bool> present) {
   for (int i = 0; i < num_tensors(); ++i) {
     if (present[i]) ++tensors_[i]->steps;
   }
+  ++steps_run_;
   return absl::OkStatus();
 }
 
-absl::Status Optimizer::StepAdamW(Tensor& t) {
+formulas::AdamWScalars Optimizer::AdamWScalarsOf(const Tensor& t) const {
   const OptimizerConfig& c = t.spec.config;
   const double step = static_cast<double>(t.steps + 1);
   // torch: step_size = lr/bc1 and denominator √v/√bc2 + ε; Moonlight: lr/(bc1/√bc2) and √v + ε.
   const double bc1 = 1.0 - std::pow(c.adamw.beta1, step);
   const double bc2_sqrt = std::sqrt(1.0 - std::pow(c.adamw.beta2, step));
   const bool torch = c.adamw.eps_placement == formulas::AdamEpsilon::kTorch;
-  formulas::AdamWScalars s{
+  return formulas::AdamWScalars{
       .beta2 = static_cast<float>(c.adamw.beta2),
       .one_minus_beta1 = static_cast<float>(1.0 - c.adamw.beta1),
       .one_minus_beta2 = static_cast<float>(1.0 - c.adamw.beta2),
@@ -457,12 +539,16 @@ absl::Status Optimizer::StepAdamW(Tensor& t) {
       .step_size = static_cast<float>(torch ? c.lr / bc1 : c.lr / (bc1 / bc2_sqrt)),
       .bias_correction2_sqrt = static_cast<float>(bc2_sqrt),
       .eps_placement = c.adamw.eps_placement};
-  return backend_->AdamW(backend_->default_queue(), t.parameters.f32(), t.momentum.f32(),
-                         t.second_moment.f32(), t.gradient.f32(), t.count, s);
+}
+
+absl::Status Optimizer::StepAdamW(Tensor& t) {
+  const auto* scalars = static_cast<const formulas::AdamWScalars*>(adamw_scalars_.data());
+  return backend_->AdamW(*queue_, t.parameters.f32(), t.momentum.f32(), t.second_moment.f32(),
+                         t.gradient.f32(), t.count, scalars + t.adamw_slot);
 }
 
 absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> present) {
-  Queue& queue = backend_->default_queue();
+  Queue& queue = *queue_;
   std::vector<Tensor*> members;
   int64_t batch = 0;
   for (int i : group.members) {

@@ -93,7 +93,9 @@ class Optimizer {
   absl::Status SetGradient(int tensor, absl::Span<const float> values);
   float* gradient(int tensor) const;
 
-  // Applies the staged gradients. `has_gradient` (empty: all true) marks tensors that got one;
+  // Applies the staged gradients, on the optimizer's own queue; from the second step on, as one
+  // recorded graph where the backend has them (the CUDA backend). `has_gradient` (empty: all
+  // true) marks tensors that got one;
   // a tensor without a gradient is skipped entirely (no momentum, no decay — the rule of torch,
   // Moonlight, MuonEq and dion). A present gradient with a NaN, an infinity or a value beyond
   // ±kMaxGradientMagnitude fails the whole step with InvalidArgument naming the tensor, before
@@ -139,13 +141,28 @@ class Optimizer {
   absl::StatusOr<StateBuffer> FindState(int tensor, absl::string_view buffer) const;
   absl::Status StepGroup(const Group& group, absl::Span<const bool> present);
   absl::Status StepAdamW(Tensor& tensor);
+  formulas::AdamWScalars AdamWScalarsOf(const Tensor& tensor) const;
+  // Counts a step that has run.
+  absl::Status FinishStep(absl::Span<const bool> present);
 
   Backend* backend_;  // null only while RequiredBytes plans
+  std::unique_ptr<Queue> queue_;
   std::vector<std::unique_ptr<Tensor>> tensors_;
   std::vector<Group> groups_;
   Buffer workspace_;
   int64_t workspace_floats_ = 0;
   bool poisoned_ = false;
+  // Recorded steps (Backend::BeginRecording): the graph of the last one, whether the backend has
+  // them, and what keeps a step from being recorded.
+  std::unique_ptr<StepGraph> graph_;
+  std::vector<uint8_t> graph_key_;   // the recorded step's tensors present and MuonEq phases
+  int64_t graph_generation_ = -1;    // settings_generation_ when it was recorded
+  int64_t settings_generation_ = 0;  // bumped by every change of a hyperparameter
+  bool graphs_available_ = true;
+  bool has_exact_polar_ = false;
+  int64_t steps_run_ = 0;
+  int num_adamw_ = 0;
+  Buffer adamw_scalars_;  // one formulas::AdamWScalars per AdamW tensor
 };
 
 }  // namespace optd

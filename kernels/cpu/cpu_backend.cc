@@ -567,11 +567,13 @@ class CpuBackend : public Backend {
   }
 
   absl::Status AdamW(Queue&, float* w, float* m, float* v, const float* g, int64_t count,
-                     const formulas::AdamWScalars& scalars) override {
+                     const formulas::AdamWScalars* scalars_in) override {
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, w));
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, m));
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, v));
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, g));
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", 1, scalars_in));
+    const formulas::AdamWScalars scalars = *scalars_in;
     ForEach(count, [&](int64_t i) { formulas::AdamWStep(w[i], m[i], v[i], g[i], scalars); });
     return absl::OkStatus();
   }

@@ -14,15 +14,18 @@
 #include <cusolverDn.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -136,6 +139,18 @@ struct DeviceMemory {
   int64_t budget = 0;
   std::atomic<int64_t> used{0};
 
+  // Charges `bytes` to the budget; RESOURCE_EXHAUSTED, charging nothing, beyond it.
+  absl::Status Charge(int64_t bytes, size_t asked) {
+    const int64_t before = used.fetch_add(bytes);
+    if (before + bytes > budget) {
+      used.fetch_sub(bytes);
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cuda backend: ", asked, " more bytes would exceed the device memory budget of ", budget,
+          " bytes (", before, " in use)"));
+    }
+    return absl::OkStatus();
+  }
+
   ~DeviceMemory() {
     if (stream != nullptr) {
       cudaStreamSynchronize(stream);
@@ -147,18 +162,33 @@ struct DeviceMemory {
 
 class CudaQueue : public Queue {
  public:
+  explicit CudaQueue(std::shared_ptr<DeviceMemory> memory) : memory_(std::move(memory)) {}
+
   ~CudaQueue() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    if (copy_stream_ != nullptr) cudaStreamSynchronize(copy_stream_);
     if (solver_ != nullptr) cusolverDnDestroy(solver_);
     if (blas_ != nullptr) cublasDestroy(blas_);
     if (blas_workspace_ != nullptr) cudaFree(blas_workspace_);
     if (host_count_ != nullptr) cudaFreeHost(host_count_);
     if (device_count_ != nullptr) cudaFree(device_count_);
+    for (StagingSlot& slot : staging_) {
+      if (slot.host != nullptr) cudaFreeHost(slot.host);
+      if (slot.copied != nullptr) cudaEventDestroy(slot.copied);
+    }
+    if (copies_done_ != nullptr) cudaEventDestroy(copies_done_);
+    if (compute_mark_ != nullptr) cudaEventDestroy(compute_mark_);
+    for (const ScratchBlock& block : scratch_) {
+      cudaFree(block.data);
+      memory_->used.fetch_sub(static_cast<int64_t>(block.bytes));
+    }
+    if (copy_stream_ != nullptr) cudaStreamDestroy(copy_stream_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
   absl::Status Init(int priority, bool allow_tf32) {
     OPTD_CUDA(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority));
+    OPTD_CUDA(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, priority));
     OPTD_CUBLAS(cublasCreate(&blas_));
     OPTD_CUBLAS(cublasSetStream(blas_, stream_));
     // A workspace of its own keeps cuBLAS from allocating inside a step (and inside a graph).
@@ -171,6 +201,12 @@ class CudaQueue : public Queue {
     OPTD_CUSOLVER(cusolverDnSetStream(solver_, stream_));
     OPTD_CUDA(cudaMallocHost(&host_count_, sizeof(unsigned long long)));
     OPTD_CUDA(cudaMalloc(&device_count_, sizeof(unsigned long long)));
+    for (StagingSlot& slot : staging_) {
+      OPTD_CUDA(cudaMallocHost(&slot.host, kStagingBytes));
+      OPTD_CUDA(cudaEventCreateWithFlags(&slot.copied, cudaEventDisableTiming));
+    }
+    OPTD_CUDA(cudaEventCreateWithFlags(&copies_done_, cudaEventDisableTiming));
+    OPTD_CUDA(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
     return absl::OkStatus();
   }
 
@@ -181,47 +217,129 @@ class CudaQueue : public Queue {
   unsigned long long* device_count() const { return device_count_; }
   absl::Mutex& mu() ABSL_LOCK_RETURNED(mu_) { return mu_; }
 
+  // Work enqueued from BeginRecording on is captured into a graph, not run.
+  bool recording() const { return recording_; }
+  void set_recording(bool recording) { recording_ = recording; }
+
+  // Copies host memory the GPU cannot read directly (pageable) through pinned staging slots on
+  // the copy stream: the host fills slot k+1 while slot k's DMA runs, returns once the last
+  // chunk is staged, and the compute stream's later work waits for the copies. REQUIRES: mu().
+  absl::Status StagedUpload(void* dst, const void* src, size_t bytes) {
+    // The copies may overwrite what earlier compute work still reads.
+    OPTD_CUDA(cudaEventRecord(compute_mark_, stream_));
+    OPTD_CUDA(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
+    for (size_t offset = 0; offset < bytes; offset += kStagingBytes) {
+      StagingSlot& slot = staging_[next_slot_];
+      next_slot_ = (next_slot_ + 1) % staging_.size();
+      const size_t n = std::min(kStagingBytes, bytes - offset);
+      OPTD_CUDA(cudaEventSynchronize(slot.copied));  // the slot's previous DMA is done
+      std::memcpy(slot.host, static_cast<const char*>(src) + offset, n);
+      OPTD_CUDA(cudaMemcpyAsync(static_cast<char*>(dst) + offset, slot.host, n,
+                                cudaMemcpyHostToDevice, copy_stream_));
+      OPTD_CUDA(cudaEventRecord(slot.copied, copy_stream_));
+    }
+    OPTD_CUDA(cudaEventRecord(copies_done_, copy_stream_));
+    OPTD_CUDA(cudaStreamWaitEvent(stream_, copies_done_, 0));
+    return absl::OkStatus();
+  }
+
+  // Device scratch for one operation, from blocks the queue keeps (charged to the budget), so
+  // that a recorded step allocates nothing: Begin, then Take the arrays, all valid until the next
+  // Begin; stream order keeps one operation's use of a block before the next one's.
+  void BeginScratch() {
+    block_ = 0;
+    offset_ = 0;
+  }
+  absl::StatusOr<void*> TakeScratch(size_t bytes) {
+    bytes = std::max<size_t>(256, (bytes + 255) / 256 * 256);
+    while (block_ < scratch_.size() && offset_ + bytes > scratch_[block_].bytes) {
+      ++block_;
+      offset_ = 0;
+    }
+    if (block_ == scratch_.size()) {
+      if (recording_) {
+        return absl::FailedPreconditionError(
+            "cuda backend: a recorded step needs more scratch than its unrecorded warm-up did");
+      }
+      const size_t size = std::max(
+          {bytes, size_t{1} << 20, scratch_.empty() ? size_t{0} : 2 * scratch_.back().bytes});
+      OPTD_RETURN_IF_ERROR(memory_->Charge(static_cast<int64_t>(size), size));
+      void* data = nullptr;
+      absl::Status allocated = CudaStatus(cudaMalloc(&data, size), "cudaMalloc");
+      if (!allocated.ok()) {
+        memory_->used.fetch_sub(static_cast<int64_t>(size));
+        return allocated;
+      }
+      scratch_.push_back({data, size});
+    }
+    void* p = static_cast<char*>(scratch_[block_].data) + offset_;
+    offset_ += bytes;
+    return p;
+  }
+
  private:
+  static constexpr size_t kStagingBytes = size_t{4} << 20;
+  struct StagingSlot {
+    void* host = nullptr;
+    cudaEvent_t copied = nullptr;
+  };
+  struct ScratchBlock {
+    void* data;
+    size_t bytes;
+  };
+
+  std::shared_ptr<DeviceMemory> memory_;
   absl::Mutex mu_;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t copy_stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   cusolverDnHandle_t solver_ = nullptr;
   void* blas_workspace_ = nullptr;
   unsigned long long* host_count_ = nullptr;
   unsigned long long* device_count_ = nullptr;
+  std::array<StagingSlot, 3> staging_;
+  size_t next_slot_ = 0;
+  cudaEvent_t copies_done_ = nullptr;
+  cudaEvent_t compute_mark_ = nullptr;
+  std::vector<ScratchBlock> scratch_;
+  size_t block_ = 0, offset_ = 0;
+  bool recording_ = false;
 };
 
-// A stream-ordered temporary from the pool: usable by work enqueued on `stream` after it is made,
-// returned to the pool after the work enqueued before its destruction.
+// One operation's scratch arrays (CudaQueue::TakeScratch). REQUIRES: the queue's mu().
 class Scratch {
  public:
-  Scratch(cudaMemPool_t pool, cudaStream_t stream) : pool_(pool), stream_(stream) {}
-  ~Scratch() {
-    for (void* p : pointers_) cudaFreeAsync(p, stream_);
-  }
+  explicit Scratch(CudaQueue& queue) : queue_(queue) { queue_.BeginScratch(); }
   template <typename T>
   absl::StatusOr<T*> Get(int64_t count) {
-    void* p = nullptr;
-    const size_t bytes = std::max<size_t>(1, static_cast<size_t>(count) * sizeof(T));
-    OPTD_CUDA(cudaMallocFromPoolAsync(&p, bytes, pool_, stream_));
-    pointers_.push_back(p);
+    OPTD_ASSIGN_OR_RETURN(void* p, queue_.TakeScratch(static_cast<size_t>(count) * sizeof(T)));
     return static_cast<T*>(p);
   }
 
  private:
-  cudaMemPool_t pool_;
-  cudaStream_t stream_;
-  std::vector<void*> pointers_;
+  CudaQueue& queue_;
+};
+
+// A recorded step, instantiated (CUDA graph exec).
+class CudaStepGraph : public StepGraph {
+ public:
+  explicit CudaStepGraph(cudaGraphExec_t exec) : exec_(exec) {}
+  ~CudaStepGraph() override { cudaGraphExecDestroy(exec_); }
+  cudaGraphExec_t exec() const { return exec_; }
+
+ private:
+  cudaGraphExec_t exec_;
 };
 
 class CudaBackend : public Backend {
  public:
   CudaBackend(std::shared_ptr<DeviceMemory> memory, std::unique_ptr<CudaQueue> queue,
-              std::string description, bool allow_tf32)
+              std::string description, const CudaBackendOptions& options)
       : memory_(std::move(memory)),
         queue_(std::move(queue)),
         description_(std::move(description)),
-        allow_tf32_(allow_tf32) {}
+        allow_tf32_(options.allow_tf32),
+        step_graphs_(options.step_graphs) {}
 
   ~CudaBackend() override { queue_.reset(); }
 
@@ -234,10 +352,56 @@ class CudaBackend : public Backend {
     OPTD_CUDA(cudaSetDevice(memory_->device));
     int least = 0, greatest = 0;  // numerically: least is the lowest priority
     OPTD_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    auto queue = std::make_unique<CudaQueue>();
+    auto queue = std::make_unique<CudaQueue>(memory_);
     OPTD_RETURN_IF_ERROR(
         queue->Init(priority == QueuePriority::kLow ? least : greatest, allow_tf32_));
     return queue;
+  }
+
+  absl::Status BeginRecording(Queue& queue) override {
+    if (!step_graphs_) {
+      return absl::UnimplementedError("cuda backend: step graphs are switched off");
+    }
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    if (q.recording()) return absl::FailedPreconditionError("cuda backend: already recording");
+    OPTD_CUDA(cudaStreamBeginCapture(q.stream(), cudaStreamCaptureModeThreadLocal));
+    q.set_recording(true);
+    return absl::OkStatus();
+  }
+
+  absl::Status Replay(Queue& queue, const StepGraph& graph) override {
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_CUDA(cudaGraphLaunch(static_cast<const CudaStepGraph&>(graph).exec(), q.stream()));
+    return absl::OkStatus();
+  }
+
+  absl::Status EndRecording(Queue& queue, std::unique_ptr<StepGraph>* graph) override {
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    if (!q.recording()) return absl::FailedPreconditionError("cuda backend: not recording");
+    q.set_recording(false);
+    cudaGraph_t recorded = nullptr;
+    OPTD_CUDA(cudaStreamEndCapture(q.stream(), &recorded));
+    absl::Cleanup destroy = [recorded] { cudaGraphDestroy(recorded); };
+    if (graph == nullptr) return absl::OkStatus();
+    if (*graph != nullptr) {
+      cudaGraphExecUpdateResultInfo result;
+      const cudaError_t updated =
+          cudaGraphExecUpdate(static_cast<CudaStepGraph&>(**graph).exec(), recorded, &result);
+      if (updated != cudaSuccess) {
+        cudaGetLastError();  // a different shape: instantiate anew below
+        graph->reset();
+      }
+    }
+    if (*graph == nullptr) {
+      cudaGraphExec_t exec = nullptr;
+      OPTD_CUDA(cudaGraphInstantiate(&exec, recorded, 0));
+      *graph = std::make_unique<CudaStepGraph>(exec);
+    }
+    OPTD_CUDA(cudaGraphLaunch(static_cast<CudaStepGraph&>(**graph).exec(), q.stream()));
+    return absl::OkStatus();
   }
 
   absl::Status Synchronize(Queue& queue) override {
@@ -249,13 +413,7 @@ class CudaBackend : public Backend {
   absl::StatusOr<Buffer> Allocate(size_t bytes) override {
     if (bytes == 0) return Buffer();
     const int64_t size = static_cast<int64_t>((bytes + 255) / 256 * 256);
-    const int64_t before = memory_->used.fetch_add(size);
-    if (before + size > memory_->budget) {
-      memory_->used.fetch_sub(size);
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "cuda backend: ", bytes, " more bytes would exceed the device memory budget of ",
-          memory_->budget, " bytes (", before, " in use)"));
-    }
+    OPTD_RETURN_IF_ERROR(memory_->Charge(size, bytes));
     void* data = nullptr;
     absl::Status status = CudaStatus(cudaSetDevice(memory_->device), "cudaSetDevice");
     if (status.ok()) {
@@ -282,7 +440,13 @@ class CudaBackend : public Backend {
   }
 
   absl::Status Upload(Queue& queue, void* dst, const void* src, size_t bytes) override {
-    return Copy(queue, dst, src, bytes);
+    if (bytes == 0 || dst == nullptr || src == nullptr) return Copy(queue, dst, src, bytes);
+    cudaPointerAttributes attributes;
+    OPTD_CUDA(cudaPointerGetAttributes(&attributes, src));
+    if (attributes.type != cudaMemoryTypeUnregistered) return Copy(queue, dst, src, bytes);
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    return q.StagedUpload(dst, src, bytes);
   }
   absl::Status Download(Queue& queue, void* dst, const void* src, size_t bytes) override {
     return Copy(queue, dst, src, bytes);
@@ -358,7 +522,7 @@ class CudaBackend : public Backend {
     absl::MutexLock lock(&q.mu());
     cudaStream_t stream = q.stream();
     // One launch over a table of the arrays (a step checks every gradient of the session).
-    Scratch scratch(memory_->pool, stream);
+    Scratch scratch(q);
     const int64_t n = static_cast<int64_t>(xs.size());
     OPTD_ASSIGN_OR_RETURN(unsigned long long* device, scratch.Get<unsigned long long>(n));
     OPTD_ASSIGN_OR_RETURN(const float** table, scratch.Get<const float*>(n));
@@ -471,7 +635,7 @@ class CudaBackend : public Backend {
     cudaStream_t stream = q.stream();
     // A row-major m×n matrix read column-major is M = Aᵀ (n×m). cuSOLVER's M = U'·Σ·V'ᵀ gives
     // A = V'·Σ·U'ᵀ: A's u is V' transposed into row-major, and its vᵀ is U' as it lies.
-    Scratch scratch(memory_->pool, stream);
+    Scratch scratch(q);
     OPTD_ASSIGN_OR_RETURN(double* work_a, scratch.Get<double>(m * n));
     OPTD_ASSIGN_OR_RETURN(double* sd, scratch.Get<double>(a.batch * k));
     OPTD_ASSIGN_OR_RETURN(double* ud, scratch.Get<double>(a.batch * n * k));  // U' (n×k)
@@ -603,7 +767,7 @@ class CudaBackend : public Backend {
     CudaQueue& q = Enter(queue);
     absl::MutexLock lock(&q.mu());
     cudaStream_t stream = q.stream();
-    Scratch scratch(memory_->pool, stream);
+    Scratch scratch(q);
     double* before = nullptr;
     double* after = nullptr;
     double* partials = nullptr;
@@ -629,7 +793,7 @@ class CudaBackend : public Backend {
     if (x.size() == 0) return absl::OkStatus();
     CudaQueue& q = Enter(queue);
     absl::MutexLock lock(&q.mu());
-    Scratch scratch(memory_->pool, q.stream());
+    Scratch scratch(q);
     OPTD_ASSIGN_OR_RETURN(double* sums, MatrixSums(q, scratch, x));
     const float target = rms * std::sqrt(static_cast<float>(x.matrix_size()));
     OPTD_CUDA(cuda::ScaleToNorm(q.stream(), x.data, x.batch, x.matrix_size(), sums, target, eps));
@@ -658,11 +822,12 @@ class CudaBackend : public Backend {
   }
 
   absl::Status AdamW(Queue& queue, float* w, float* m, float* v, const float* g, int64_t count,
-                     const formulas::AdamWScalars& scalars) override {
+                     const formulas::AdamWScalars* scalars) override {
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, w));
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, m));
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, v));
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, g));
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", 1, scalars));
     CudaQueue& q = Enter(queue);
     absl::MutexLock lock(&q.mu());
     OPTD_CUDA(cuda::AdamW(q.stream(), w, m, v, g, count, scalars));
@@ -798,7 +963,7 @@ class CudaBackend : public Backend {
                                         formulas::NormEpsilon mode, DType norm_dtype)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(q.mu()) {
     if (x.size() == 0) return absl::OkStatus();
-    Scratch scratch(memory_->pool, q.stream());
+    Scratch scratch(q);
     OPTD_ASSIGN_OR_RETURN(double* sums, MatrixSums(q, scratch, x));
     OPTD_CUDA(cuda::FrobeniusDivide(q.stream(), x.data, x.batch, x.matrix_size(), sums, safety, eps,
                                     static_cast<int>(mode), DTypeCode(norm_dtype)));
@@ -824,6 +989,7 @@ class CudaBackend : public Backend {
   std::unique_ptr<CudaQueue> queue_;
   std::string description_;
   bool allow_tf32_;
+  bool step_graphs_;
 };
 
 }  // namespace
@@ -866,7 +1032,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOpti
 
   int least = 0, greatest = 0;
   OPTD_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  auto queue = std::make_unique<CudaQueue>();
+  auto queue = std::make_unique<CudaQueue>(memory);
   OPTD_RETURN_IF_ERROR(queue->Init(greatest, options.allow_tf32));
 
   int driver = 0, runtime = 0;
@@ -874,12 +1040,12 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOpti
   cudaRuntimeGetVersion(&runtime);
   const std::string description = absl::StrFormat(
       "%s (device %d, compute %d.%d, %d SMs, %.1f GiB), CUDA driver %d.%d, runtime %d.%d, "
-      "memory budget %.1f GiB%s",
+      "memory budget %.1f GiB%s%s",
       props.name, options.device, props.major, props.minor, props.multiProcessorCount,
       total_bytes / double(1 << 30), driver / 1000, driver % 1000 / 10, runtime / 1000,
-      runtime % 1000 / 10, memory->budget / double(1 << 30), options.allow_tf32 ? ", TF32" : "");
-  return std::make_unique<CudaBackend>(std::move(memory), std::move(queue), description,
-                                       options.allow_tf32);
+      runtime % 1000 / 10, memory->budget / double(1 << 30), options.allow_tf32 ? ", TF32" : "",
+      options.step_graphs ? ", step graphs" : "");
+  return std::make_unique<CudaBackend>(std::move(memory), std::move(queue), description, options);
 }
 
 }  // namespace optd

@@ -229,7 +229,8 @@ __global__ void ApplyUpdateKernel(float* w, const float* o, int64_t n, float lr,
 }
 
 __global__ void AdamWKernel(float* w, float* m, float* v, const float* g, int64_t n,
-                            formulas::AdamWScalars scalars) {
+                            const formulas::AdamWScalars* scalars_in) {
+  const formulas::AdamWScalars scalars = *scalars_in;
   OPTD_GRID_STRIDE(i, n) formulas::AdamWStep(w[i], m[i], v[i], g[i], scalars);
 }
 
@@ -667,7 +668,7 @@ cudaError_t ApplyUpdate(cudaStream_t stream, float* w, const float* o, int64_t n
 }
 
 cudaError_t AdamW(cudaStream_t stream, float* w, float* m, float* v, const float* g, int64_t n,
-                  formulas::AdamWScalars scalars) {
+                  const formulas::AdamWScalars* scalars) {
   return LaunchElements(stream, n, AdamWKernel, w, m, v, g, n, scalars);
 }
 

@@ -85,7 +85,7 @@ cudaError_t Momentum(cudaStream_t stream, float* m, const float* g, float* u, in
 cudaError_t ApplyUpdate(cudaStream_t stream, float* w, const float* o, int64_t n, float lr,
                         float decay, float scale, int step_dtype);
 cudaError_t AdamW(cudaStream_t stream, float* w, float* m, float* v, const float* g, int64_t n,
-                  formulas::AdamWScalars scalars);
+                  const formulas::AdamWScalars* scalars);
 cudaError_t RmnpStep(cudaStream_t stream, float* w, float* m, const float* g, int64_t rows,
                      int64_t cols, RmnpScalars scalars);
 

@@ -444,7 +444,8 @@ TEST_P(BackendTest, AdamWBothEpsilonPlacements) {
                              float(torch ? lr / bc1 : lr * std::sqrt(bc2) / bc1),
                              float(std::sqrt(bc2)),
                              placement};
-    ASSERT_TRUE(backend_->AdamW(queue(), dw, dm, dv, Device(g), n, s).ok());
+    const auto* ds = Device(std::vector<formulas::AdamWScalars>{s});
+    ASSERT_TRUE(backend_->AdamW(queue(), dw, dm, dv, Device(g), n, ds).ok());
     auto gw = Host(dw, n);
     for (int i = 0; i < n; ++i) {
       const double mm = b1 * m[i] + (1 - b1) * g[i];

@@ -99,8 +99,13 @@ TEST_F(CudaVsCpuTest, ElementFormulasGiveTheCpusBits) {
     Pair w = Both(RandomNormal(n, 5)), m = Both(RandomNormal(n, 6, 0.1f)), v = Both(v0),
          g = Both(RandomNormal(n, 7));
     const formulas::AdamWScalars s{0.95f, 0.1f, 0.05f, 1e-8f, 0.999f, 0.01f, 0.3f, placement};
-    ASSERT_TRUE(cpu_->AdamW(cq(), w.cpu, m.cpu, v.cpu, g.cpu, n, s).ok());
-    ASSERT_TRUE(cuda_->AdamW(gq(), w.gpu, m.gpu, v.gpu, g.gpu, n, s).ok());
+    ASSERT_TRUE(cpu_->AdamW(cq(), w.cpu, m.cpu, v.cpu, g.cpu, n,
+                            cpu_memory_->Upload(std::vector<formulas::AdamWScalars>{s}))
+                    .ok());
+    ASSERT_TRUE(cuda_
+                    ->AdamW(gq(), w.gpu, m.gpu, v.gpu, g.gpu, n,
+                            gpu_memory_->Upload(std::vector<formulas::AdamWScalars>{s}))
+                    .ok());
     EXPECT_EQ(Read(w, n).first, Read(w, n).second);
     EXPECT_EQ(Read(v, n).first, Read(v, n).second);
   }
@@ -336,6 +341,86 @@ TEST_F(CudaVsCpuTest, SessionsOnSeveralThreadsShareTheQueue) {
       EXPECT_EQ(got, want) << i << " " << t;
     }
   }
+}
+
+// Recorded steps (CUDA graphs, the default) against the same steps run eagerly: the same bits,
+// through everything that changes a step's arguments (AdamW's bias corrections, a new learning
+// rate) or its shape (MuonEq's phase switch, a tensor without a gradient, a captured update).
+TEST(CudaGraphTest, RecordedStepsGiveTheEagerStepsBits) {
+  CudaBackendOptions eager_options;
+  eager_options.step_graphs = false;
+  auto graphs = CreateCudaBackend();
+  if (!graphs.ok()) GTEST_SKIP() << graphs.status().message();
+  auto eager = CreateCudaBackend(eager_options);
+  ASSERT_TRUE(eager.ok()) << eager.status();
+  auto muon = ParseOptimizerConfig("keller");
+  auto rowcol = ParseOptimizerConfig("muoneq_rowcol,precision=fp32,pre_normalize.row_at_step=5");
+  auto rmnp = ParseOptimizerConfig("rmnp");
+  auto adamw = ParseOptimizerConfig("adamw,weight_decay=0.1");
+  ASSERT_TRUE(muon.ok() && rowcol.ok() && rmnp.ok() && adamw.ok()) << rowcol.status();
+  const std::vector<TensorSpec> specs = {{"a", {64, 96}, RankPolicy::kFlatten, *muon},
+                                         {"b", {64, 96}, RankPolicy::kFlatten, *muon},
+                                         {"c", {48, 32}, RankPolicy::kFlatten, *rowcol},
+                                         {"d", {40, 72}, RankPolicy::kFlatten, *rmnp},
+                                         {"bias", {300}, RankPolicy::kFlatten, *adamw}};
+  std::vector<std::unique_ptr<Optimizer>> opts;
+  for (Backend* backend : {graphs->get(), eager->get()}) {
+    auto opt = Optimizer::Create(*backend, specs);
+    ASSERT_TRUE(opt.ok()) << opt.status();
+    opts.push_back(std::move(*opt));
+  }
+  testing::DeviceMemory memory(**graphs);
+  float* captured = memory.Upload(std::vector<float>(64 * 96, 0.0f));
+  for (int step = 0; step < 12; ++step) {
+    std::vector<bool> present(specs.size(), true);
+    if (step == 7) present[1] = false;
+    bool flags[5];
+    for (size_t t = 0; t < specs.size(); ++t) flags[t] = present[t];
+    for (auto& opt : opts) {
+      for (int t = 0; t < opt->num_tensors(); ++t) {
+        ASSERT_TRUE(opt->SetGradient(t, RandomNormal(opt->num_elements(t), 100 * step + t)).ok());
+      }
+      if (step == 4) {
+        ASSERT_TRUE(opt->SetHyperparameters(0, 0.005, 0.0, 0.9).ok());
+      }
+      if (step == 9) {
+        ASSERT_TRUE(opt->CaptureUpdate(0, captured).ok());
+      }
+      ASSERT_TRUE(opt->Step(absl::MakeConstSpan(flags, specs.size())).ok()) << step;
+    }
+  }
+  for (int t = 0; t < opts[0]->num_tensors(); ++t) {
+    std::vector<float> recorded(opts[0]->num_elements(t)), run(recorded.size());
+    ASSERT_TRUE(opts[0]->GetParameters(t, absl::MakeSpan(recorded)).ok());
+    ASSERT_TRUE(opts[1]->GetParameters(t, absl::MakeSpan(run)).ok());
+    EXPECT_EQ(recorded, run) << opts[0]->spec(t).name;
+    for (const StateBuffer& b : opts[0]->state(t)) {
+      std::vector<float> x(b.count), y(b.count);
+      ASSERT_TRUE(opts[0]->GetState(t, b.name, absl::MakeSpan(x)).ok());
+      ASSERT_TRUE(opts[1]->GetState(t, b.name, absl::MakeSpan(y)).ok());
+      EXPECT_EQ(x, y) << opts[0]->spec(t).name << " " << b.name;
+    }
+  }
+}
+
+TEST(CudaUploadTest, PageableUploadsAreStagedAndArriveWhole) {
+  auto backend = CreateCudaBackend();
+  if (!backend.ok()) GTEST_SKIP() << backend.status().message();
+  // Several staging slots' worth, not a multiple of a slot, uploaded back to back into two
+  // buffers and read back after the compute queue's own work on them.
+  const std::vector<float> a = RandomNormal((int64_t{13} << 20) / 4 + 5, 80);
+  std::vector<float> b = RandomNormal(a.size(), 81);
+  testing::DeviceMemory memory(**backend);
+  float* da = memory.Upload(std::vector<float>(a.size(), 0.0f));
+  float* db = memory.Upload(std::vector<float>(a.size(), 0.0f));
+  Queue& queue = (*backend)->default_queue();
+  ASSERT_TRUE((*backend)->Upload(queue, da, a.data(), a.size() * sizeof(float)).ok());
+  ASSERT_TRUE((*backend)->Upload(queue, db, b.data(), b.size() * sizeof(float)).ok());
+  std::fill(b.begin(), b.end(), 0.0f);  // the host copy may change once Upload returns
+  ASSERT_TRUE((*backend)->ApplyUpdate(queue, da, db, a.size(), 1.0f, 1.0f, 1.0f, DType::kF32).ok());
+  std::vector<float> got = memory.Download(da, a.size());
+  const std::vector<float> b_sent = RandomNormal(a.size(), 81);
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(got[i], a[i] - b_sent[i]) << i;
 }
 
 TEST(CudaMemoryTest, BudgetIsResourceExhaustedAndFreedMemoryReturns) {
