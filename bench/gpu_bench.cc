@@ -213,6 +213,8 @@ double Gpt2Step(Backend& backend, const std::string& preset, int* groups) {
           "copy");
     keep.push_back(std::move(g));
   }
+  Check(backend.Synchronize(backend.default_queue()), "synchronize");  // the optimizer's queue
+                                                                       // is another
   *groups = opt->num_groups();
   return MedianMs(backend, 3, 20, [&] { Check(opt->Step(), "step"); });
 }
@@ -249,6 +251,21 @@ int main(int argc, char** argv) {
   out.Add("gemm_bf16_tflops", peak);
   out.Add("copy_gbps", copy);
 
+  {
+    // Backend::Upload from pageable host memory (the server's staging), through the pinned
+    // slots and the copy stream; torch_gpu_reference.py measures torch's own copies.
+    const int64_t bytes = int64_t{256} << 20;
+    std::vector<float> host(bytes / 4, 1.5f);
+    optd::Buffer dst = optd::Get(backend.Allocate(bytes), "allocate");
+    const double ms = optd::MedianMs(backend, 2, 10, [&] {
+      optd::Check(backend.Upload(backend.default_queue(), dst.data(), host.data(), bytes),
+                  "upload");
+    });
+    const double gbps = bytes / (ms * 1e-3) / 1e9;
+    std::fprintf(stderr, "  upload 256 MiB from pageable memory %8.3f ms  %6.1f GB/s\n", ms, gbps);
+    out.Add("upload_pageable_gbps", gbps);
+  }
+
   std::vector<optd::NsShape> shapes = {{"4096x4096", 1, 4096, 4096},
                                        {"gpt2 c_attn 12x2304x768", 12, 2304, 768},
                                        {"gpt2 c_proj 12x768x768", 12, 768, 768},
@@ -283,6 +300,22 @@ int main(int argc, char** argv) {
     row.Add("ms", ms);
     row.Add("groups", groups);
     steps.push_back(row.str());
+  }
+  {
+    // The same steps run eagerly (step graphs off), the baseline of the recorded ones above.
+    optd::CudaBackendOptions eager;
+    eager.step_graphs = false;
+    auto eager_backend = optd::Get(optd::CreateCudaBackend(eager), "eager backend");
+    for (const char* preset : {"keller", "rmnp"}) {
+      int groups = 0;
+      const double ms = optd::Gpt2Step(*eager_backend, preset, &groups);
+      std::fprintf(stderr, "  GPT-2 small step %-22s %8.3f ms (step graphs off)\n", preset, ms);
+      optd::Json row;
+      row.Add("preset", absl::StrCat(preset, ",no_graphs"));
+      row.Add("ms", ms);
+      row.Add("groups", groups);
+      steps.push_back(row.str());
+    }
   }
   {
     // fp32 Newton–Schulz on TF32 tensor cores (--allow_tf32), beside the exact fp32 above.

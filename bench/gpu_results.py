@@ -107,6 +107,10 @@ def main():
         "one matrix at a time) plus `torch.optim.AdamW` on the rest.")
     add("")
     torch_step = torch["gpt2_small_step"][0]["ms"] if torch["gpt2_small_step"] else None
+    add("optd's steps after the first run as one CUDA graph, replayed while the step keeps its "
+        "shape and settings (`--cuda_graphs`, on by default); `no_graphs` rows are the same steps "
+        "launched one kernel at a time, measured in the same run.")
+    add("")
     add("| optimizer | ms per step | torch / optd |")
     add("|---|---:|---:|")
     for r in bench["gpt2_small_step"]:
@@ -115,6 +119,36 @@ def main():
     if torch_step:
         add(f"| torch.optim.Muon + AdamW | {torch_step:.2f} | 1 |")
     add("")
+    steps = {r["preset"]: r["ms"] for r in bench["gpt2_small_step"]}
+    for preset in ("keller", "rmnp"):
+        if f"{preset},no_graphs" in steps:
+            add(f"Step graphs, `{preset}`: {steps[f'{preset},no_graphs']:.2f} ms launched kernel "
+                f"by kernel, {steps[preset]:.2f} ms replayed "
+                f"({steps[f'{preset},no_graphs'] / steps[preset]:.2f}×).")
+    add("")
+    add("The graphs save the host's launch work (a step is some 300 launches), not GPU time: "
+        "what remains beside the GPU's own work is the one synchronization that checks every "
+        "gradient for non-finite values before anything changes, and the last one.")
+    add("")
+
+    if "upload_pageable_gbps" in bench:
+        add("### Gradient upload from pageable host memory")
+        add("")
+        add("The server stages gradients in ordinary (pageable) host memory; `Backend::Upload` "
+            "copies them through pinned 4 MiB slots on a copy stream of the session's queue, the "
+            "host filling slot k+1 while slot k's DMA runs and returning once the last chunk is "
+            "staged. 256 MiB, same run; torch copies the same size with "
+            "`tensor.copy_(non_blocking=True)` from pageable and from pinned memory.")
+        add("")
+        add("| copy | GB/s |")
+        add("|---|---:|")
+        add(f"| optd `Upload`, pageable source | {bench['upload_pageable_gbps']:.1f} |")
+        add(f"| torch, pageable source | {torch['h2d_pageable_gbps']:.1f} |")
+        add(f"| torch, pinned source (the link's ceiling) | {torch['h2d_pinned_gbps']:.1f} |")
+        add("")
+        add("The staging copy on the host (one core's memcpy) bounds a pageable upload, as it "
+            "does torch's; a client that wants the link's rate must hand over pinned memory.")
+        add("")
 
     add("### The issue's targets")
     add("")

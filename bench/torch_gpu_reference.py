@@ -81,6 +81,15 @@ def main():
     ms = median_ms(lambda: a @ b)
     out["matmul_bf16_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
     del a, b
+    size = 256 << 20
+    pageable = torch.ones(size // 4)
+    pinned = pageable.pin_memory()
+    target = torch.empty(size // 4, device=device)
+    for name, source in [("h2d_pageable_gbps", pageable), ("h2d_pinned_gbps", pinned)]:
+        ms = median_ms(lambda: target.copy_(source, non_blocking=True), repeats=10)
+        out[name] = size / (ms * 1e-3) / 1e9
+        print(f"  torch {name} {out[name]:.1f} GB/s", file=sys.stderr)
+    del pageable, pinned, target
     rows = []
     for name, batch, r, c in [("4096x4096", 1, 4096, 4096),
                               ("gpt2 c_attn 12x2304x768", 12, 2304, 768),
