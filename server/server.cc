@@ -50,9 +50,11 @@ absl::StatusOr<std::unique_ptr<Backend>> PickBackend(const ServerOptions& option
   return CreateCpuBackend(cpu);
 }
 
-// The analyzer's backend: on the CPU one of its own with a single loop thread, so that it never
-// waits for (or holds up) the step backend's thread pool.
-absl::StatusOr<std::unique_ptr<Backend>> AnalysisBackend() {
+// The analyzer's own backend on the CPU: a single loop thread, so that it never waits for (or
+// holds up) the step backend's thread pool. On a GPU it needs none: it shares the step backend
+// through a low-priority queue of its own (Analyzer::Create), so steps' kernels go first.
+absl::StatusOr<std::unique_ptr<Backend>> AnalysisBackend(const Backend& steps) {
+  if (steps.name() == "cuda") return nullptr;
   CpuBackendOptions cpu;
   cpu.threads = 1;
   cpu.set_blas_threads = false;
@@ -110,10 +112,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
         "metrics on http://", options.metrics_addr.substr(0, options.metrics_addr.rfind(':')), ":",
         server->metrics_port_, "/metrics"));
   }
-  OPTD_ASSIGN_OR_RETURN(server->analysis_backend_, AnalysisBackend());
-  OPTD_ASSIGN_OR_RETURN(
-      server->analyzer_,
-      Analyzer::Create(*server->analysis_backend_, server->metrics_.get(), options.analyzer));
+  OPTD_ASSIGN_OR_RETURN(server->analysis_backend_, AnalysisBackend(*server->backend_));
+  Backend& analysis =
+      server->analysis_backend_ != nullptr ? *server->analysis_backend_ : *server->backend_;
+  OPTD_ASSIGN_OR_RETURN(server->analyzer_,
+                        Analyzer::Create(analysis, server->metrics_.get(), options.analyzer));
   options.sessions.metrics = server->metrics_.get();
   options.sessions.analyzer = server->analyzer_.get();
   options.service.metrics = server->metrics_.get();

@@ -76,7 +76,7 @@ class Server {
   // Declared first, destroyed last: sessions and the service report to it until they go.
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Backend> backend_;
-  std::unique_ptr<Backend> analysis_backend_;
+  std::unique_ptr<Backend> analysis_backend_;  // null: the analyzer shares backend_ (the GPU)
   std::unique_ptr<Analyzer> analyzer_;
   std::unique_ptr<SessionManager> sessions_;
   std::unique_ptr<OptimizerService> service_;
