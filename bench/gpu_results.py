@@ -41,6 +41,8 @@ def main():
     parser.add_argument("--bench", default="bench/gpu/gpu_bench.json")
     parser.add_argument("--torch", default="bench/gpu/torch_reference.json")
     parser.add_argument("--tests", default="", help="the test lines of gpu-check's report")
+    parser.add_argument("--tests-run", default="the same run",
+                        help="which gpu-check run the test lines come from")
     parser.add_argument("--date", required=True)
     parser.add_argument("--results", default="bench/RESULTS.md")
     parser.add_argument("--plot", default="bench/gpu/ns_vs_torch.png")
@@ -55,14 +57,15 @@ def main():
     add(f"Measured by `scripts/gpu-check` on {bench['device']}, {args.date}; torch "
         f"{torch['torch']} on the same GPU in the same call; this section by "
         f"`bench/gpu_results.py`. The binaries were built on the development machine "
-        "(Debian bookworm, nvcc 13.0, sm_80 and sm_90) and run there with their libraries. Times "
+        "(Debian bookworm, nvcc 13.0, kernels for sm_80 and sm_90) and run on the GPU machine "
+        "(Ubuntu 24.04, its CUDA 13.0 libraries) with their Debian libraries beside them. Times "
         "are medians of 20 timed calls after 3 warm-ups, each synchronized; the ceilings are "
         "measured in the same run: a bf16 GEMM at 8192³ through the backend's own cuBLAS call "
         f"({peak:.0f} TFLOP/s; torch's matmul gets {torch['matmul_bf16_tflops']:.0f}) and a "
         f"device-to-device copy counting bytes read and written ({copy:.0f} GB/s).")
     add("")
     if args.tests:
-        add("GPU tests in the same run (scripts/gpu-check):")
+        add(f"GPU tests (scripts/gpu-check, {args.tests_run}), every one on the H200:")
         add("")
         for line in open(args.tests).read().strip().splitlines():
             add(line)
