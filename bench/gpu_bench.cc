@@ -290,16 +290,19 @@ int main(int argc, char** argv) {
   out.AddRaw("rmnp", absl::StrCat("[", absl::StrJoin(rmnp, ", "), "]"));
 
   std::vector<std::string> steps;
-  for (const char* preset : {"keller", "keller,precision=fp32", "rmnp", "normuon"}) {
-    int groups = 0;
-    const double ms = optd::Gpt2Step(backend, preset, &groups);
-    std::fprintf(stderr, "  GPT-2 small step %-22s %8.3f ms (%d batched groups)\n", preset, ms,
-                 groups);
+  auto step_row = [&steps](const std::string& preset, double ms, int groups) {
     optd::Json row;
     row.Add("preset", preset);
     row.Add("ms", ms);
     row.Add("groups", groups);
     steps.push_back(row.str());
+  };
+  for (const char* preset : {"keller", "keller,precision=fp32", "rmnp", "normuon"}) {
+    int groups = 0;
+    const double ms = optd::Gpt2Step(backend, preset, &groups);
+    std::fprintf(stderr, "  GPT-2 small step %-22s %8.3f ms (%d batched groups)\n", preset, ms,
+                 groups);
+    step_row(preset, ms, groups);
   }
   {
     // The same steps run eagerly (step graphs off), the baseline of the recorded ones above.
@@ -310,11 +313,7 @@ int main(int argc, char** argv) {
       int groups = 0;
       const double ms = optd::Gpt2Step(*eager_backend, preset, &groups);
       std::fprintf(stderr, "  GPT-2 small step %-22s %8.3f ms (step graphs off)\n", preset, ms);
-      optd::Json row;
-      row.Add("preset", absl::StrCat(preset, ",no_graphs"));
-      row.Add("ms", ms);
-      row.Add("groups", groups);
-      steps.push_back(row.str());
+      step_row(absl::StrCat(preset, ",no_graphs"), ms, groups);
     }
   }
   {
@@ -325,11 +324,7 @@ int main(int argc, char** argv) {
     int groups = 0;
     const double ms = optd::Gpt2Step(*tf32_backend, "keller,precision=fp32", &groups);
     std::fprintf(stderr, "  GPT-2 small step %-22s %8.3f ms (TF32)\n", "keller,precision=fp32", ms);
-    optd::Json row;
-    row.Add("preset", "keller,precision=fp32,tf32");
-    row.Add("ms", ms);
-    row.Add("groups", groups);
-    steps.push_back(row.str());
+    step_row("keller,precision=fp32,tf32", ms, groups);
   }
   out.AddRaw("gpt2_small_step", absl::StrCat("[", absl::StrJoin(steps, ", "), "]"));
 

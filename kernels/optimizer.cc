@@ -323,12 +323,6 @@ absl::Status Optimizer::SetHyperparameters(int tensor, double lr, double weight_
     return absl::InvalidArgumentError(
         absl::StrCat("tensor '", tensors_[tensor]->spec.name, "': ", valid.message()));
   }
-  const OptimizerConfig& before = tensors_[tensor]->spec.config;
-  if (before.lr != config.lr || before.weight_decay != config.weight_decay ||
-      before.matrix.momentum != config.matrix.momentum ||
-      before.adamw.beta1 != config.adamw.beta1) {
-    ++settings_generation_;  // recorded steps carry the old values
-  }
   tensors_[tensor]->spec.config = config;
   return absl::OkStatus();
 }
@@ -456,63 +450,82 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
   // After its first step (which sizes the backend's scratch), a step whose work neither
   // synchronizes (the exact polar's SVD) nor differs for a capture runs as one graph where the
   // backend has them: replayed while the step's shape and settings stay those it was recorded
-  // with, recorded anew when they change.
+  // with (a learning rate a header sets for every step included), recorded anew when they change.
+  const absl::Span<const bool> has = absl::MakeConstSpan(present.get(), num_tensors());
   bool record = steps_run_ > 0 && graphs_available_ && !has_exact_polar_;
   for (int i = 0; record && i < num_tensors(); ++i) record = tensors_[i]->capture == nullptr;
-  std::vector<uint8_t> key;
   if (record) {
-    for (int i = 0; i < num_tensors(); ++i) {
-      const Tensor& t = *tensors_[i];
-      const MatrixConfig& c = t.spec.config.matrix;
-      const bool switched = c.rowcol_to_row_at_step > 0 && t.steps + 1 >= c.rowcol_to_row_at_step;
-      key.push_back(static_cast<uint8_t>(present[i] | (switched << 1)));
-    }
-    if (graph_ != nullptr && key == graph_key_ && graph_generation_ == settings_generation_) {
+    const std::vector<uint8_t> key = GraphKey(has);
+    if (graph_ != nullptr && key == graph_key_) {
       absl::Status replayed = backend_->Replay(queue, *graph_);
       if (replayed.ok()) replayed = backend_->Synchronize(queue);
-      if (!replayed.ok()) {
-        poisoned_ = true;
-        return absl::InternalError(absl::StrCat("step failed in the ", backend_->name(),
-                                                " backend: ", replayed.message()));
+      if (!replayed.ok()) return Poison(replayed);
+      return FinishStep(has);
+    }
+    absl::Status recorded = backend_->BeginRecording(queue);
+    if (recorded.ok()) {
+      recorded = EnqueueStep(has);
+      if (recorded.ok()) {
+        recorded = backend_->EndRecording(queue, &graph_);
+      } else {
+        backend_->EndRecording(queue, nullptr).IgnoreError();  // ends the recording, runs nothing
       }
-      return FinishStep(absl::MakeConstSpan(present.get(), num_tensors()));
     }
-    const absl::Status began = backend_->BeginRecording(queue);
-    if (absl::IsUnimplemented(began)) {
-      graphs_available_ = false;
-      record = false;
-    } else if (!began.ok()) {
-      return absl::InternalError(
-          absl::StrCat("step failed in the ", backend_->name(), " backend: ", began.message()));
-    }
-  }
-  absl::Status status;
-  for (const Group& group : groups_) {
-    status = StepGroup(group, absl::MakeConstSpan(present.get(), num_tensors()));
-    if (!status.ok()) break;
-  }
-  for (int i = 0; status.ok() && i < num_tensors(); ++i) {
-    if (present[i] && tensors_[i]->spec.config.algorithm == Algorithm::kAdamW) {
-      status = StepAdamW(*tensors_[i]);
-    }
-  }
-  if (record) {
-    if (status.ok()) {
-      status = backend_->EndRecording(queue, &graph_);
+    if (recorded.ok()) {
       graph_key_ = key;
-      graph_generation_ = settings_generation_;
-    } else {
-      backend_->EndRecording(queue, nullptr).IgnoreError();  // ends the recording, runs nothing
-      graph_.reset();
+      const absl::Status synced = backend_->Synchronize(queue);
+      if (!synced.ok()) return Poison(synced);
+      return FinishStep(has);
+    }
+    // Nothing recorded ran: this optimizer steps kernel by kernel from now on.
+    graph_.reset();
+    graphs_available_ = false;
+  }
+  absl::Status status = EnqueueStep(has);
+  // A failed step's work may still be running: it finishes before the caller frees anything.
+  const absl::Status synced = backend_->Synchronize(queue);
+  if (status.ok()) status = synced;
+  if (!status.ok()) return Poison(status);
+  return FinishStep(has);
+}
+
+absl::Status Optimizer::EnqueueStep(absl::Span<const bool> present) {
+  for (const Group& group : groups_) OPTD_RETURN_IF_ERROR(StepGroup(group, present));
+  for (int i = 0; i < num_tensors(); ++i) {
+    if (present[i] && tensors_[i]->spec.config.algorithm == Algorithm::kAdamW) {
+      OPTD_RETURN_IF_ERROR(StepAdamW(*tensors_[i]));
     }
   }
-  if (status.ok()) status = backend_->Synchronize(queue);
-  if (!status.ok()) {
-    poisoned_ = true;
-    return absl::InternalError(
-        absl::StrCat("step failed in the ", backend_->name(), " backend: ", status.message()));
+  return absl::OkStatus();
+}
+
+absl::Status Optimizer::Poison(const absl::Status& status) {
+  backend_->Synchronize(*queue_).IgnoreError();
+  poisoned_ = true;
+  return absl::InternalError(
+      absl::StrCat("step failed in the ", backend_->name(), " backend: ", status.message()));
+}
+
+std::vector<uint8_t> Optimizer::GraphKey(absl::Span<const bool> present) const {
+  // What a recorded step's kernels take as arguments or as their sequence: the tensors present,
+  // each one's settings (as bytes), and MuonEq's phase. AdamW's per-step scalars are read from
+  // backend memory and do not count.
+  std::vector<uint8_t> key;
+  auto add = [&key](const auto& value) {
+    const auto* bytes = reinterpret_cast<const uint8_t*>(&value);
+    key.insert(key.end(), bytes, bytes + sizeof(value));
+  };
+  for (int i = 0; i < num_tensors(); ++i) {
+    const Tensor& t = *tensors_[i];
+    const OptimizerConfig& c = t.spec.config;
+    const bool switched =
+        c.matrix.rowcol_to_row_at_step > 0 && t.steps + 1 >= c.matrix.rowcol_to_row_at_step;
+    add(static_cast<uint8_t>(present[i] | (switched << 1)));
+    add(c.lr);
+    add(c.weight_decay);
+    add(c.algorithm == Algorithm::kAdamW ? c.adamw.beta1 : c.matrix.momentum);
   }
-  return FinishStep(absl::MakeConstSpan(present.get(), num_tensors()));
+  return key;
 }
 
 absl::Status Optimizer::FinishStep(absl::Span<const bool> present) {

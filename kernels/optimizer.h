@@ -142,8 +142,15 @@ class Optimizer {
   absl::Status StepGroup(const Group& group, absl::Span<const bool> present);
   absl::Status StepAdamW(Tensor& tensor);
   formulas::AdamWScalars AdamWScalarsOf(const Tensor& tensor) const;
+  // Enqueues a step's work (groups, then AdamW) on queue_.
+  absl::Status EnqueueStep(absl::Span<const bool> present);
+  // What must match for a recorded step to be replayed.
+  std::vector<uint8_t> GraphKey(absl::Span<const bool> present) const;
   // Counts a step that has run.
   absl::Status FinishStep(absl::Span<const bool> present);
+  // After a backend failure mid-step: waits for the work, marks the optimizer unusable, and
+  // returns Internal naming the failure.
+  absl::Status Poison(const absl::Status& status);
 
   Backend* backend_;  // null only while RequiredBytes plans
   std::unique_ptr<Queue> queue_;
@@ -155,9 +162,7 @@ class Optimizer {
   // Recorded steps (Backend::BeginRecording): the graph of the last one, whether the backend has
   // them, and what keeps a step from being recorded.
   std::unique_ptr<StepGraph> graph_;
-  std::vector<uint8_t> graph_key_;   // the recorded step's tensors present and MuonEq phases
-  int64_t graph_generation_ = -1;    // settings_generation_ when it was recorded
-  int64_t settings_generation_ = 0;  // bumped by every change of a hyperparameter
+  std::vector<uint8_t> graph_key_;  // GraphKey of the recorded step
   bool graphs_available_ = true;
   bool has_exact_polar_ = false;
   int64_t steps_run_ = 0;

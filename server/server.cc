@@ -37,9 +37,11 @@ absl::StatusOr<std::unique_ptr<Backend>> PickBackend(const ServerOptions& option
                                          : "--backend=cuda";
       return cuda;
     }
-    if (options.backend == "cuda") {
+    if (options.backend == "cuda" || !absl::IsUnavailable(cuda.status())) {
+      // Without a GPU, --backend=cuda cannot start; with one, a bad CUDA setting (a device that
+      // does not exist, a budget below one queue) is an error either way, not a silent fallback.
       return absl::FailedPreconditionError(
-          absl::StrCat("--backend=cuda: ", cuda.status().message()));
+          absl::StrCat("--backend=", options.backend, ": ", cuda.status().message()));
     }
     choice = absl::StrCat("--backend=auto: cpu (", cuda.status().message(), ")");
   } else {

@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/backend.h"
+#include "kernels/backend_checks.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/formulas.h"
 #include "kernels/status_macros.h"
@@ -88,30 +89,6 @@ void ColumnSumsOfSquares(const MatrixBatch& x, int64_t b, std::vector<double>& s
 }
 
 class CpuQueue : public Queue {};
-
-absl::Status CheckCount(absl::string_view op, int64_t count, const void* ptr) {
-  if (count < 0) return absl::InvalidArgumentError(absl::StrCat(op, ": negative count ", count));
-  if (count > 0 && ptr == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": null pointer for ", count, " elements"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckMatrixBatch(absl::string_view op, const MatrixBatch& x) {
-  if (x.batch < 0 || x.rows < 0 || x.cols < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": negative shape [", x.batch, ", ", x.rows, ", ", x.cols, "]"));
-  }
-  return CheckCount(op, x.size(), x.data);
-}
-
-absl::Status CheckLeading(absl::string_view op, absl::string_view name, int64_t ld, int64_t cols) {
-  if (ld < std::max<int64_t>(1, cols)) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": leading dimension of ", name, " is ", ld,
-                                                   ", below its ", cols, " columns"));
-  }
-  return absl::OkStatus();
-}
 
 CBLAS_TRANSPOSE ToCblas(Transpose t) { return t == Transpose::kYes ? CblasTrans : CblasNoTrans; }
 
@@ -268,24 +245,12 @@ class CpuBackend : public Backend {
   }
 
   absl::Status Gemm(Queue&, const GemmArgs& g) override {
-    if (g.m < 0 || g.n < 0 || g.k < 0 || g.batch < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("gemm: negative size m=", g.m, " n=", g.n, " k=", g.k, " batch=", g.batch));
-    }
-    if (g.input_dtype == DType::kF64) {
-      return absl::InvalidArgumentError("gemm: inputs must be fp32, bf16 or fp16");
-    }
+    OPTD_ASSIGN_OR_RETURN(const bool work, CheckGemm(g));
+    if (!work) return absl::OkStatus();
     const int64_t a_rows = g.trans_a == Transpose::kYes ? g.k : g.m;
     const int64_t a_cols = g.trans_a == Transpose::kYes ? g.m : g.k;
     const int64_t b_rows = g.trans_b == Transpose::kYes ? g.n : g.k;
     const int64_t b_cols = g.trans_b == Transpose::kYes ? g.k : g.n;
-    OPTD_RETURN_IF_ERROR(CheckLeading("gemm", "A", g.lda, a_cols));
-    OPTD_RETURN_IF_ERROR(CheckLeading("gemm", "B", g.ldb, b_cols));
-    OPTD_RETURN_IF_ERROR(CheckLeading("gemm", "C", g.ldc, g.n));
-    if (g.batch == 0 || g.m == 0 || g.n == 0) return absl::OkStatus();
-    if (g.c == nullptr || (g.k > 0 && (g.a == nullptr || g.b == nullptr))) {
-      return absl::InvalidArgumentError("gemm: null matrix pointer");
-    }
     std::vector<float> a32, b32;
     for (int64_t i = 0; i < g.batch; ++i) {
       const float* a;
@@ -313,16 +278,8 @@ class CpuBackend : public Backend {
   }
 
   absl::Status SymmetricRankK(Queue&, const SyrkArgs& s) override {
-    if (s.n < 0 || s.k < 0 || s.batch < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("syrk: negative size n=", s.n, " k=", s.k, " batch=", s.batch));
-    }
-    OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "A", s.lda, s.trans == Transpose::kYes ? s.n : s.k));
-    OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "C", s.ldc, s.n));
-    if (s.batch == 0 || s.n == 0) return absl::OkStatus();
-    if (s.c == nullptr || (s.k > 0 && s.a == nullptr)) {
-      return absl::InvalidArgumentError("syrk: null matrix pointer");
-    }
+    OPTD_ASSIGN_OR_RETURN(const bool work, CheckSyrk(s));
+    if (!work) return absl::OkStatus();
     for (int64_t i = 0; i < s.batch; ++i) {
       cblas_ssyrk(CblasRowMajor, CblasUpper, ToCblas(s.trans), s.n, s.k, s.alpha,
                   s.a + i * s.stride_a, s.lda, s.beta, s.c + i * s.stride_c, s.ldc);
@@ -331,17 +288,8 @@ class CpuBackend : public Backend {
   }
 
   absl::Status SymmetricMultiply(Queue&, const SymmArgs& s) override {
-    if (s.m < 0 || s.n < 0 || s.batch < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("symm: negative size m=", s.m, " n=", s.n, " batch=", s.batch));
-    }
-    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "S", s.lds, s.side == Side::kLeft ? s.m : s.n));
-    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "B", s.ldb, s.n));
-    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "C", s.ldc, s.n));
-    if (s.batch == 0 || s.m == 0 || s.n == 0) return absl::OkStatus();
-    if (s.s == nullptr || s.b == nullptr || s.c == nullptr) {
-      return absl::InvalidArgumentError("symm: null matrix pointer");
-    }
+    OPTD_ASSIGN_OR_RETURN(const bool work, CheckSymm(s));
+    if (!work) return absl::OkStatus();
     for (int64_t i = 0; i < s.batch; ++i) {
       cblas_ssymm(CblasRowMajor, s.side == Side::kLeft ? CblasLeft : CblasRight, CblasUpper, s.m,
                   s.n, s.alpha, s.s + i * s.stride_s, s.lds, s.b + i * s.stride_b, s.ldb, s.beta,

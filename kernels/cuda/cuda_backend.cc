@@ -31,6 +31,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "kernels/backend.h"
+#include "kernels/backend_checks.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/formulas.h"
 #include "kernels/status_macros.h"
@@ -95,30 +96,6 @@ cudaDataType_t CudaType(DType dtype) {
 
 cublasOperation_t ToCublas(Transpose t) { return t == Transpose::kYes ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
-absl::Status CheckCount(absl::string_view op, int64_t count, const void* ptr) {
-  if (count < 0) return absl::InvalidArgumentError(absl::StrCat(op, ": negative count ", count));
-  if (count > 0 && ptr == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": null pointer for ", count, " elements"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckMatrixBatch(absl::string_view op, const MatrixBatch& x) {
-  if (x.batch < 0 || x.rows < 0 || x.cols < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(op, ": negative shape [", x.batch, ", ", x.rows, ", ", x.cols, "]"));
-  }
-  return CheckCount(op, x.size(), x.data);
-}
-
-absl::Status CheckLeading(absl::string_view op, absl::string_view name, int64_t ld, int64_t cols) {
-  if (ld < std::max<int64_t>(1, cols)) {
-    return absl::InvalidArgumentError(absl::StrCat(op, ": leading dimension of ", name, " is ", ld,
-                                                   ", below its ", cols, " columns"));
-  }
-  return absl::OkStatus();
-}
-
 // cuBLAS and cuSOLVER take 32-bit sizes.
 absl::Status CheckInt(absl::string_view op, std::initializer_list<int64_t> sizes) {
   for (int64_t size : sizes) {
@@ -169,7 +146,10 @@ class CudaQueue : public Queue {
     if (copy_stream_ != nullptr) cudaStreamSynchronize(copy_stream_);
     if (solver_ != nullptr) cusolverDnDestroy(solver_);
     if (blas_ != nullptr) cublasDestroy(blas_);
-    if (blas_workspace_ != nullptr) cudaFree(blas_workspace_);
+    if (blas_workspace_ != nullptr) {
+      cudaFree(blas_workspace_);
+      memory_->used.fetch_sub(kBlasWorkspace);
+    }
     if (host_count_ != nullptr) cudaFreeHost(host_count_);
     if (device_count_ != nullptr) cudaFree(device_count_);
     for (StagingSlot& slot : staging_) {
@@ -191,9 +171,16 @@ class CudaQueue : public Queue {
     OPTD_CUDA(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, priority));
     OPTD_CUBLAS(cublasCreate(&blas_));
     OPTD_CUBLAS(cublasSetStream(blas_, stream_));
-    // A workspace of its own keeps cuBLAS from allocating inside a step (and inside a graph).
-    constexpr size_t kBlasWorkspace = 32 << 20;
-    OPTD_CUDA(cudaMalloc(&blas_workspace_, kBlasWorkspace));
+    // A workspace of its own keeps cuBLAS from allocating inside a step (and inside a graph);
+    // charged to the budget like the sessions' buffers.
+    OPTD_RETURN_IF_ERROR(memory_->Charge(kBlasWorkspace, kBlasWorkspace));
+    const absl::Status allocated =
+        CudaStatus(cudaMalloc(&blas_workspace_, kBlasWorkspace), "cudaMalloc");
+    if (!allocated.ok()) {
+      blas_workspace_ = nullptr;
+      memory_->used.fetch_sub(kBlasWorkspace);
+      return allocated;
+    }
     OPTD_CUBLAS(cublasSetWorkspace(blas_, blas_workspace_, kBlasWorkspace));
     OPTD_CUBLAS(
         cublasSetMathMode(blas_, allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
@@ -279,6 +266,7 @@ class CudaQueue : public Queue {
 
  private:
   static constexpr size_t kStagingBytes = size_t{4} << 20;
+  static constexpr int64_t kBlasWorkspace = int64_t{32} << 20;
   struct StagingSlot {
     void* host = nullptr;
     cudaEvent_t copied = nullptr;
@@ -544,22 +532,8 @@ class CudaBackend : public Backend {
   }
 
   absl::Status Gemm(Queue& queue, const GemmArgs& g) override {
-    if (g.m < 0 || g.n < 0 || g.k < 0 || g.batch < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("gemm: negative size m=", g.m, " n=", g.n, " k=", g.k, " batch=", g.batch));
-    }
-    if (g.input_dtype == DType::kF64) {
-      return absl::InvalidArgumentError("gemm: inputs must be fp32, bf16 or fp16");
-    }
-    OPTD_RETURN_IF_ERROR(
-        CheckLeading("gemm", "A", g.lda, g.trans_a == Transpose::kYes ? g.m : g.k));
-    OPTD_RETURN_IF_ERROR(
-        CheckLeading("gemm", "B", g.ldb, g.trans_b == Transpose::kYes ? g.k : g.n));
-    OPTD_RETURN_IF_ERROR(CheckLeading("gemm", "C", g.ldc, g.n));
-    if (g.batch == 0 || g.m == 0 || g.n == 0) return absl::OkStatus();
-    if (g.c == nullptr || (g.k > 0 && (g.a == nullptr || g.b == nullptr))) {
-      return absl::InvalidArgumentError("gemm: null matrix pointer");
-    }
+    OPTD_ASSIGN_OR_RETURN(const bool work, CheckGemm(g));
+    if (!work) return absl::OkStatus();
     CudaQueue& q = Enter(queue);
     absl::MutexLock lock(&q.mu());
     return GemmLocked(q, g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.stride_a, g.b,
@@ -568,16 +542,8 @@ class CudaBackend : public Backend {
   }
 
   absl::Status SymmetricRankK(Queue& queue, const SyrkArgs& s) override {
-    if (s.n < 0 || s.k < 0 || s.batch < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("syrk: negative size n=", s.n, " k=", s.k, " batch=", s.batch));
-    }
-    OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "A", s.lda, s.trans == Transpose::kYes ? s.n : s.k));
-    OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "C", s.ldc, s.n));
-    if (s.batch == 0 || s.n == 0) return absl::OkStatus();
-    if (s.c == nullptr || (s.k > 0 && s.a == nullptr)) {
-      return absl::InvalidArgumentError("syrk: null matrix pointer");
-    }
+    OPTD_ASSIGN_OR_RETURN(const bool work, CheckSyrk(s));
+    if (!work) return absl::OkStatus();
     OPTD_RETURN_IF_ERROR(CheckInt("syrk", {s.n, s.k, s.lda, s.ldc}));
     CudaQueue& q = Enter(queue);
     absl::MutexLock lock(&q.mu());
@@ -594,17 +560,8 @@ class CudaBackend : public Backend {
   }
 
   absl::Status SymmetricMultiply(Queue& queue, const SymmArgs& s) override {
-    if (s.m < 0 || s.n < 0 || s.batch < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("symm: negative size m=", s.m, " n=", s.n, " batch=", s.batch));
-    }
-    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "S", s.lds, s.side == Side::kLeft ? s.m : s.n));
-    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "B", s.ldb, s.n));
-    OPTD_RETURN_IF_ERROR(CheckLeading("symm", "C", s.ldc, s.n));
-    if (s.batch == 0 || s.m == 0 || s.n == 0) return absl::OkStatus();
-    if (s.s == nullptr || s.b == nullptr || s.c == nullptr) {
-      return absl::InvalidArgumentError("symm: null matrix pointer");
-    }
+    OPTD_ASSIGN_OR_RETURN(const bool work, CheckSymm(s));
+    if (!work) return absl::OkStatus();
     OPTD_RETURN_IF_ERROR(CheckInt("symm", {s.m, s.n, s.lds, s.ldb, s.ldc}));
     CudaQueue& q = Enter(queue);
     absl::MutexLock lock(&q.mu());

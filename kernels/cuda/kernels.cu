@@ -327,9 +327,9 @@ __global__ void PreserveNormKernel(float* o, int64_t batch, int64_t size, const 
 
 // ---- per-row ----
 
+// Σx² of the team's row in fp64, returned to every thread of the team (all must call it).
 template <bool kRowBlock>
-__global__ void RowSumSquaresKernel(const float* x, int64_t rows, int64_t cols, float* out) {
-  const RowTeam<kRowBlock> team(rows);
+__device__ double RowSumOfSquares(const RowTeam<kRowBlock>& team, const float* x, int64_t cols) {
   double sum = 0;
   if (team.active) {
     const float* row = x + team.row * cols;
@@ -337,7 +337,13 @@ __global__ void RowSumSquaresKernel(const float* x, int64_t rows, int64_t cols, 
       sum += static_cast<double>(row[c]) * row[c];
     }
   }
-  sum = team.Sum(sum);
+  return team.Sum(sum);
+}
+
+template <bool kRowBlock>
+__global__ void RowSumSquaresKernel(const float* x, int64_t rows, int64_t cols, float* out) {
+  const RowTeam<kRowBlock> team(rows);
+  const double sum = RowSumOfSquares(team, x, cols);
   if (team.active && team.lane == 0) out[team.row] = static_cast<float>(sum);
 }
 
@@ -345,14 +351,7 @@ template <bool kRowBlock>
 __global__ void RowEquilibrationKernel(const float* x, int64_t rows, int64_t cols, float eps,
                                        float exponent, float clip, float* factors) {
   const RowTeam<kRowBlock> team(rows);
-  double sum = 0;
-  if (team.active) {
-    const float* row = x + team.row * cols;
-    for (int64_t c = team.lane; c < cols; c += team.stride) {
-      sum += static_cast<double>(row[c]) * row[c];
-    }
-  }
-  sum = team.Sum(sum);
+  const double sum = RowSumOfSquares(team, x, cols);
   if (team.active && team.lane == 0) {
     factors[team.row] = formulas::EquilibrationScale(
         static_cast<float>(sqrt(sum + static_cast<double>(eps))), exponent, clip);
@@ -388,15 +387,9 @@ __global__ void NorMuonRowsKernel(float* o, float* v, int64_t rows, int64_t cols
                                   float one_minus_beta2, float eps) {
   const RowTeam<kRowBlock> team(rows);
   float* row = o + team.row * cols;
-  double sum = 0;
-  float old_moment = 0.0f;
-  if (team.active) {
-    old_moment = v[team.row];  // read by every thread before the sum's barrier, written after it
-    for (int64_t c = team.lane; c < cols; c += team.stride) {
-      sum += static_cast<double>(row[c]) * row[c];
-    }
-  }
-  sum = team.Sum(sum);
+  // Read by every thread before the sum's barrier, written by one after it.
+  const float old_moment = team.active ? v[team.row] : 0.0f;
+  const double sum = RowSumOfSquares(team, o, cols);
   if (!team.active) return;
   const float mean_square = static_cast<float>(sum / static_cast<double>(cols));
   const float second_moment =
@@ -675,9 +668,10 @@ cudaError_t AdamW(cudaStream_t stream, float* w, float* m, float* v, const float
 cudaError_t RmnpStep(cudaStream_t stream, float* w, float* m, const float* g, int64_t rows,
                      int64_t cols, RmnpScalars scalars) {
   if (rows <= 0) return cudaSuccess;
-  // u kept in shared memory when a block's rows fit the default 48 KiB: the second pass then
-  // reads w alone, 20 bytes moved per element instead of up to 28.
-  constexpr int64_t kSharedBytes = 48 << 10;
+  // u kept in shared memory when a block's rows fit the default 48 KiB (less BlockSum's own
+  // static shared memory, which counts against the same limit): the second pass then reads w
+  // alone, 20 bytes moved per element instead of up to 28.
+  constexpr int64_t kSharedBytes = (48 << 10) - 1024;
   const bool block = cols >= kBlockRowMin;
   const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(float));
   const bool cached = (block ? 1 : kThreads / kWarp) * row_bytes <= kSharedBytes;
