@@ -1,0 +1,94 @@
+// optd-loadgen as a library: simulated training workers stepping sessions of their own on one or
+// more optd endpoints, measured the way perf_analyzer measures Triton — fixed windows, a level
+// counts once its last windows agree — with latency taken from each step's intended start in the
+// open loop, so a slow server cannot hide its queueing (no coordinated omission).
+#ifndef OPTD_CLIENT_LOADGEN_H_
+#define OPTD_CLIENT_LOADGEN_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "client/client.h"
+#include "optd/v1/loadgen.pb.h"
+
+namespace optd::loadgen {
+
+struct TensorShape {
+  std::string name;
+  std::vector<int64_t> shape;
+  bool adamw = false;  // embeddings, norms, biases: the AdamW group
+};
+
+// The tensors of `model`: "gpt2-small" (124,439,808 parameters, head tied to the embedding),
+// "gpt2-medium" (354,823,168), "llama-1b-layer" (one decoder layer of Llama 3.2 1B, 60,821,504),
+// or a JSON file (LoadgenModel). InvalidArgument for anything else.
+absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model);
+
+// "4" → {4}; "1:16:x2" → {1, 2, 4, 8, 16}; "2:8:+3" → {2, 5, 8}.
+absl::StatusOr<std::vector<int>> ParseSweep(const std::string& spec);
+
+// True when the last `count` windows' rates lie within `tolerance` of their mean.
+bool WindowsAgree(const std::vector<double>& rates, int count, double tolerance);
+
+// The q-quantile (0..1) of `sorted` by nearest rank; 0 when empty.
+double Quantile(const std::vector<double>& sorted, double q);
+
+enum class Arrival { kClosed, kConstant, kPoisson };
+
+struct Options {
+  std::vector<std::string> endpoints = {"127.0.0.1:50051"};
+  // /metrics addresses (host:port), one per endpoint or none: the server phases come from them.
+  std::vector<std::string> metrics;
+  client::ChannelOptions channel;  // TLS settings; `target` is set per endpoint
+  std::string admin_token;
+  std::string model = "gpt2-small";
+  std::string preset = "keller";  // the matrix group's preset; vectors take adamw
+  DType wire_dtype = DType::kF32;
+  v1::StepResult result = v1::STEP_RESULT_PARAMETERS;
+  int world_size = 1;  // workers per session; each step waits for all of them
+  Arrival arrival = Arrival::kClosed;
+  int concurrency = 1;                          // sessions; the open loop's most steps in flight
+  double rate = 0;                              // open loop: steps per second
+  uint64_t seed = 1;                            // Poisson arrivals
+  int warmup_steps = 2;                         // per session, before measuring
+  int64_t max_steps = 0;                        // measured worker steps per level; 0: no bound
+  absl::Duration duration = absl::Seconds(30);  // per level, the hard bound
+  absl::Duration window = absl::Seconds(2);
+  int stable_windows = 3;
+  double stability = 0.1;
+  int max_windows = 10;
+  double max_error_rate = 0.0;  // errors / (steps + errors) above it make a level error-ridden
+  // Every N-th step of each worker first sends a step with a wrong number (FAILED_PRECONDITION),
+  // to see errors counted; 0: none.
+  int inject_bad_every = 0;
+  // Called with a one-line status after every window.
+  std::function<void(const std::string&)> progress;
+};
+
+// One level under `options`: creates `concurrency` sessions (each with a token; spread over the
+// endpoints), warms them up, measures, deletes them. Errors of the setup (an endpoint down, a
+// rejected session) are returned; errors of steps are counted in the level.
+absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options);
+
+// Levels for every concurrency (closed loop) or the one rate (open loop), and the report.
+absl::StatusOr<v1::LoadgenReport> Run(const Options& options,
+                                      const std::vector<int>& concurrencies);
+
+std::string ToJson(const v1::LoadgenReport& report);
+absl::StatusOr<v1::LoadgenReport> FromJson(const std::string& json);
+std::string ToCsv(const v1::LoadgenReport& report);
+std::string ToTable(const v1::LoadgenReport& report);
+
+// Levels of `candidate` matched with `baseline`'s (same arrival, concurrency and rate): a line per
+// level, "REGRESSION" where steps/s fell or p99 latency rose by more than `threshold`. `*regressed`
+// says whether any did.
+std::string Compare(const v1::LoadgenReport& baseline, const v1::LoadgenReport& candidate,
+                    double threshold, bool* regressed);
+
+}  // namespace optd::loadgen
+
+#endif  // OPTD_CLIENT_LOADGEN_H_

@@ -1,0 +1,217 @@
+// optd-loadgen against an in-process daemon: its report's counts equal the daemon's own counters
+// (steps, bytes, errors by code), the duration bound holds, sessions are cleaned up; and the
+// pieces it is built from (model shapes with their published parameter totals, sweeps, the
+// stability rule, quantiles, report comparison).
+#include "client/loadgen.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "google/protobuf/util/message_differencer.h"
+#include "prometheus/text_serializer.h"
+#include "tests/server/test_daemon.h"
+
+namespace optd::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+int64_t Parameters(const std::vector<loadgen::TensorShape>& shapes) {
+  int64_t total = 0;
+  for (const auto& t : shapes) {
+    int64_t n = 1;
+    for (int64_t d : t.shape) n *= d;
+    total += n;
+  }
+  return total;
+}
+
+TEST(LoadgenModelTest, PresetsHaveTheirPublishedParameterCounts) {
+  // GPT-2's published totals (head tied to the token embedding), and one Llama 3.2 1B layer:
+  // 2·2048² (q, o) + 2·512·2048 (k, v) + 3·8192·2048 (MLP) + 2·2048 (norms).
+  EXPECT_EQ(Parameters(*loadgen::ModelShapes("gpt2-small")), 124439808);
+  EXPECT_EQ(Parameters(*loadgen::ModelShapes("gpt2-medium")), 354823168);
+  EXPECT_EQ(Parameters(*loadgen::ModelShapes("llama-1b-layer")), 60821504);
+  const std::string path = MakeTempDir("loadgen_model_") + "/model.json";
+  std::ofstream(path) << R"({"tensors": [{"name": "w", "shape": [3, 4]},
+      {"name": "e", "shape": [10, 4], "adamw": true}, {"name": "b", "shape": [4]}]})";
+  absl::StatusOr<std::vector<loadgen::TensorShape>> shapes = loadgen::ModelShapes(path);
+  ASSERT_TRUE(shapes.ok()) << shapes.status();
+  ASSERT_EQ(shapes->size(), 3u);
+  EXPECT_FALSE((*shapes)[0].adamw);
+  EXPECT_TRUE((*shapes)[1].adamw);
+  EXPECT_TRUE((*shapes)[2].adamw);  // a vector
+  EXPECT_EQ(loadgen::ModelShapes("gpt3").status().code(), absl::StatusCode::kInvalidArgument);
+  std::ofstream(path) << "{\"tensors\": 5}";
+  EXPECT_EQ(loadgen::ModelShapes(path).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(LoadgenSweepTest, ParsesLevelsAndRejectsNonsense) {
+  EXPECT_EQ(*loadgen::ParseSweep("4"), std::vector<int>{4});
+  EXPECT_EQ(*loadgen::ParseSweep("1:16:x2"), (std::vector<int>{1, 2, 4, 8, 16}));
+  EXPECT_EQ(*loadgen::ParseSweep("2:8:+3"), (std::vector<int>{2, 5, 8}));
+  for (const char* bad : {"0", "x", "4:2:x2", "1:8:x1", "1:8:*2", "1:8", "-1"}) {
+    EXPECT_EQ(loadgen::ParseSweep(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+}
+
+TEST(LoadgenMeasureTest, StabilityRuleAndQuantiles) {
+  EXPECT_TRUE(loadgen::WindowsAgree({10, 100, 104, 96}, 3, 0.1));
+  EXPECT_FALSE(loadgen::WindowsAgree({100, 104, 80}, 3, 0.1));
+  EXPECT_FALSE(loadgen::WindowsAgree({100, 100}, 3, 0.1));  // too few windows
+  EXPECT_FALSE(loadgen::WindowsAgree({0, 0, 0}, 3, 0.1));   // nothing ran
+  std::vector<double> sorted;
+  for (int i = 1; i <= 1000; ++i) sorted.push_back(i);
+  EXPECT_EQ(loadgen::Quantile(sorted, 0.5), 500);
+  EXPECT_EQ(loadgen::Quantile(sorted, 0.99), 990);
+  EXPECT_EQ(loadgen::Quantile(sorted, 0.999), 999);
+  EXPECT_EQ(loadgen::Quantile(sorted, 1.0), 1000);
+  EXPECT_EQ(loadgen::Quantile({}, 0.5), 0);
+}
+
+// The series `name{labels}` in the daemon's exposition, 0 when absent.
+double Counter(server::Server& server, const std::string& series) {
+  const std::string text =
+      prometheus::TextSerializer().Serialize(server.metrics().registry()->Collect());
+  const size_t at = text.find("\n" + series + " ");
+  return at == std::string::npos ? 0 : std::stod(text.substr(at + series.size() + 2));
+}
+
+class LoadgenRunTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    server::ServerOptions options = LoopbackOptions();
+    options.metrics_addr = "127.0.0.1:0";
+    server_ = StartServer(options);
+    ASSERT_NE(server_, nullptr);
+    model_ = MakeTempDir("loadgen_") + "/model.json";
+    std::ofstream(model_) << R"({"tensors": [{"name": "w1", "shape": [48, 64]},
+        {"name": "w2", "shape": [64, 48]}, {"name": "b", "shape": [64]}]})";
+  }
+  loadgen::Options Options() const {
+    loadgen::Options o;
+    o.endpoints = {server_->address()};
+    o.metrics = {absl::StrCat("127.0.0.1:", server_->metrics_port())};
+    o.model = model_;
+    o.window = absl::Milliseconds(200);
+    o.duration = absl::Seconds(5);
+    return o;
+  }
+  std::unique_ptr<server::Server> server_;
+  std::string model_;
+};
+
+TEST_F(LoadgenRunTest, CountsAgreeWithTheDaemonsOwnAndSessionsAreDeleted) {
+  loadgen::Options o = Options();
+  o.world_size = 2;
+  o.inject_bad_every = 3;
+  o.max_error_rate = 0.5;
+  o.max_windows = 4;
+  o.stable_windows = 100;  // never stable: the level runs its four windows
+  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {2});
+  ASSERT_TRUE(report.ok()) << report.status();
+  ASSERT_EQ(report->levels_size(), 1);
+  const v1::LoadgenLevel& level = report->levels(0);
+  EXPECT_EQ(level.window_steps_per_second_size(), 4);
+  EXPECT_GT(level.steps(), 0);
+  // Everything the level sent, against what the daemon counted.
+  EXPECT_EQ(level.total_steps(), Counter(*server_, R"(optd_rpc_total{code="OK",method="Step"})"));
+  EXPECT_EQ(level.total_errors(),
+            Counter(*server_, R"(optd_rpc_total{code="FAILED_PRECONDITION",method="Step"})"));
+  EXPECT_GT(level.total_errors(), 0);
+  EXPECT_EQ(level.errors(), level.errors_by_code().at("FAILED_PRECONDITION"));
+  EXPECT_EQ(level.total_bytes_sent(), Counter(*server_, "optd_bytes_received_total"));
+  EXPECT_EQ(level.total_bytes_received(), Counter(*server_, "optd_bytes_sent_total"));
+  EXPECT_EQ(level.total_bytes_sent(), level.total_steps() * 4 * (48 * 64 * 2 + 64));
+  // Measured figures are a subset, with their percentiles in order, and the server's phases.
+  EXPECT_LE(level.steps(), level.total_steps());
+  EXPECT_LE(level.latency_p50_s(), level.latency_p99_s());
+  EXPECT_LE(level.latency_p99_s(), level.latency_max_s());
+  EXPECT_GT(level.server_phase_seconds().at("compute"), 0);
+  EXPECT_FALSE(level.stable());
+  EXPECT_FALSE(report->ok());
+  // Cleaned up.
+  absl::StatusOr<std::vector<v1::SessionInfo>> left = ConnectTo(*server_).ListSessions();
+  ASSERT_TRUE(left.ok());
+  EXPECT_TRUE(left->empty());
+  // The report survives JSON, and the CSV has a row per level.
+  absl::StatusOr<v1::LoadgenReport> back = loadgen::FromJson(loadgen::ToJson(*report));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(*back, *report));
+  const std::string csv = loadgen::ToCsv(*report);
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 2);
+  EXPECT_THAT(loadgen::ToTable(*report), HasSubstr("FAILED_PRECONDITION="));
+}
+
+TEST_F(LoadgenRunTest, TheDurationBoundHolds) {
+  loadgen::Options o = Options();
+  o.duration = absl::Milliseconds(600);
+  o.stable_windows = 100;
+  o.max_windows = 1000;
+  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {1});
+  ASSERT_TRUE(report.ok()) << report.status();
+  // Measuring stops at the bound; the steps in flight then finish unmeasured.
+  EXPECT_LE(report->levels(0).seconds(), 0.6 + 0.25);
+  EXPECT_GT(report->levels(0).steps(), 0);
+}
+
+TEST_F(LoadgenRunTest, OpenLoopStartsStepsAtTheRate) {
+  loadgen::Options o = Options();
+  o.arrival = loadgen::Arrival::kPoisson;
+  o.rate = 40;
+  o.concurrency = 4;
+  o.duration = absl::Seconds(2);
+  o.window = absl::Milliseconds(500);
+  o.stable_windows = 100;
+  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {4});
+  ASSERT_TRUE(report.ok()) << report.status();
+  const v1::LoadgenLevel& level = report->levels(0);
+  EXPECT_EQ(level.arrival(), "poisson");
+  // About rate × seconds arrivals were due; the daemon keeps up with this tiny model, so the
+  // steps done are near that (Poisson's spread over ~80 arrivals is about ±20%).
+  const double due = o.rate * level.seconds();
+  EXPECT_GT(level.steps(), 0.4 * due);
+  EXPECT_LT(level.steps(), 1.6 * due);
+  EXPECT_EQ(level.total_steps(), Counter(*server_, R"(optd_rpc_total{code="OK",method="Step"})"));
+}
+
+TEST(LoadgenCompareTest, FlagsRegressionsBeyondTheThreshold) {
+  v1::LoadgenReport base, same, slower;
+  auto add = [](v1::LoadgenReport& r, int concurrency, double steps_per_second, double p99) {
+    v1::LoadgenLevel* l = r.add_levels();
+    l->set_arrival("closed");
+    l->set_concurrency(concurrency);
+    l->set_steps_per_second(steps_per_second);
+    l->set_latency_p99_s(p99);
+  };
+  add(base, 1, 100, 0.010);
+  add(base, 4, 300, 0.020);
+  add(same, 1, 96, 0.0105);
+  add(same, 4, 310, 0.019);
+  add(slower, 1, 100, 0.010);
+  add(slower, 4, 240, 0.020);
+  bool regressed = true;
+  std::string text = loadgen::Compare(base, same, 0.1, &regressed);
+  EXPECT_FALSE(regressed) << text;
+  text = loadgen::Compare(base, slower, 0.1, &regressed);
+  EXPECT_TRUE(regressed);
+  EXPECT_THAT(text, HasSubstr("REGRESSION"));
+  // The binary: exit 1 on a regression, 0 without.
+  const std::string dir = MakeTempDir("loadgen_compare_");
+  std::ofstream(dir + "/base.json") << loadgen::ToJson(base);
+  std::ofstream(dir + "/slower.json") << loadgen::ToJson(slower);
+  const std::string command = absl::StrCat("'", OPTD_LOADGEN_PATH, "' compare '", dir,
+                                           "/base.json' '", dir, "/slower.json' >/dev/null");
+  EXPECT_EQ(WEXITSTATUS(std::system(command.c_str())), 1);
+  const std::string self = absl::StrCat("'", OPTD_LOADGEN_PATH, "' compare '", dir, "/base.json' '",
+                                        dir, "/base.json' >/dev/null");
+  EXPECT_EQ(WEXITSTATUS(std::system(self.c_str())), 0);
+}
+
+}  // namespace
+}  // namespace optd::testing
