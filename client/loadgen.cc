@@ -359,6 +359,7 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
     channel.target = endpoint;
     OPTD_ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> made, client::MakeChannel(channel));
     clients.emplace_back(made, options.admin_token);
+    clients.back().set_timeout(options.call_timeout);
   }
   std::vector<std::unique_ptr<SessionRun>> sessions;
   auto delete_sessions = [&] {
@@ -407,6 +408,7 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
     client::StepOptions step_options;
     step_options.worker_id = worker;
     step_options.wire_dtype = options.wire_dtype;
+    step_options.timeout = options.step_timeout;
     if (options.result != v1::STEP_RESULT_NONE) {
       // One span over the worker's buffer per tensor, written in place.
       int64_t offset = 0;

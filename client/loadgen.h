@@ -65,6 +65,9 @@ struct Options {
   // Every N-th step of each worker first sends a step with a wrong number (FAILED_PRECONDITION),
   // to see errors counted; 0: none.
   int inject_bad_every = 0;
+  // Deadline of each Step call (DEADLINE_EXCEEDED counts as an error) and of every other call.
+  absl::Duration step_timeout = absl::Seconds(60);
+  absl::Duration call_timeout = absl::Seconds(30);
   // Called with a one-line status after every window.
   std::function<void(const std::string&)> progress;
 };

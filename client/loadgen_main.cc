@@ -50,6 +50,8 @@ ABSL_FLAG(double, max_error_rate, 0,
           "Share of failed steps above which a level is error-ridden (exit 1).");
 ABSL_FLAG(int, inject_bad_every, 0,
           "Every N-th step, first send one with a wrong step number (errors under load).");
+ABSL_FLAG(double, step_timeout_s, 60,
+          "Deadline of each step (DEADLINE_EXCEEDED counts as an error); other calls get 30 s.");
 ABSL_FLAG(std::string, json, "", "Write the report as JSON here.");
 ABSL_FLAG(std::string, csv, "", "Write one CSV row per level here.");
 ABSL_FLAG(double, threshold, 0.1,
@@ -161,6 +163,7 @@ int main(int argc, char** argv) {
   options.max_windows = absl::GetFlag(FLAGS_max_windows);
   options.max_error_rate = absl::GetFlag(FLAGS_max_error_rate);
   options.inject_bad_every = absl::GetFlag(FLAGS_inject_bad_every);
+  options.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_step_timeout_s));
   options.progress = [](const std::string& line) {
     std::fprintf(stderr, "\r\033[K%s", line.c_str());
     std::fflush(stderr);

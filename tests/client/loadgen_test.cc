@@ -9,11 +9,13 @@
 
 #include <cstdio>
 #include <fstream>
+#include <sstream>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "prometheus/text_serializer.h"
+#include "tests/server/certificates.h"
 #include "tests/server/test_daemon.h"
 
 namespace optd::testing {
@@ -211,6 +213,77 @@ TEST(LoadgenCompareTest, FlagsRegressionsBeyondTheThreshold) {
   const std::string self = absl::StrCat("'", OPTD_LOADGEN_PATH, "' compare '", dir, "/base.json' '",
                                         dir, "/base.json' >/dev/null");
   EXPECT_EQ(WEXITSTATUS(std::system(self.c_str())), 0);
+}
+
+TEST(LoadgenBinaryTest, HelpDocumentsEveryFlag) {
+  std::ifstream source(absl::StrCat(OPTD_SOURCE_DIR, "/client/loadgen_main.cc"));
+  std::stringstream text;
+  text << source.rdbuf();
+  const std::string dir = MakeTempDir("loadgen_help_");
+  const std::string help = dir + "/help.txt";
+  std::system(absl::StrCat("'", OPTD_LOADGEN_PATH, "' --help >'", help, "' 2>&1").c_str());
+  std::ifstream in(help);
+  std::stringstream printed;
+  printed << in.rdbuf();
+  int flags = 0;
+  const std::string code = text.str();
+  for (size_t at = code.find("ABSL_FLAG("); at != std::string::npos;
+       at = code.find("ABSL_FLAG(", at + 1)) {
+    const size_t comma = code.find(',', at);
+    const size_t name_end = code.find(',', comma + 1);
+    std::string name = code.substr(comma + 1, name_end - comma - 1);
+    name.erase(0, name.find_first_not_of(' '));
+    EXPECT_THAT(printed.str(), HasSubstr("--" + name + " ")) << name;
+    ++flags;
+  }
+  EXPECT_GE(flags, 25);
+  // Bad usage exits 2 and says what is wrong.
+  const std::string bad =
+      absl::StrCat("'", OPTD_LOADGEN_PATH, "' --wire_dtype=fp64 2>'", dir, "/err.txt'");
+  EXPECT_EQ(WEXITSTATUS(std::system(bad.c_str())), 2);
+  std::ifstream err(dir + "/err.txt");
+  std::stringstream message;
+  message << err.rdbuf();
+  EXPECT_THAT(message.str(), HasSubstr("--wire_dtype"));
+}
+
+// Against two daemons that require mutual TLS: the same TLS settings as optctl, sessions spread
+// over the endpoints, and each daemon's counters adding up to the report's.
+TEST(LoadgenTlsTest, MutualTlsEndpointsShareTheSessions) {
+  Certificates certs;
+  ASSERT_TRUE(certs.ok());
+  std::vector<std::unique_ptr<server::Server>> servers;
+  loadgen::Options o;
+  o.endpoints.clear();
+  for (int i = 0; i < 2; ++i) {
+    server::ServerOptions options = LoopbackOptions();
+    options.metrics_addr = "127.0.0.1:0";
+    options.tls_cert = certs.path("server.pem");
+    options.tls_key = certs.path("server.key");
+    options.tls_client_ca = certs.path("ca.pem");
+    servers.push_back(StartServer(options));
+    ASSERT_NE(servers.back(), nullptr);
+    o.endpoints.push_back(servers.back()->address());
+    o.metrics.push_back(absl::StrCat("127.0.0.1:", servers.back()->metrics_port()));
+  }
+  const std::string model = MakeTempDir("loadgen_tls_") + "/model.json";
+  std::ofstream(model) << R"({"tensors": [{"name": "w", "shape": [32, 48]}]})";
+  o.model = model;
+  o.channel.tls_ca = certs.path("ca.pem");
+  o.window = absl::Milliseconds(200);
+  o.max_windows = 2;
+  o.stable_windows = 100;
+  // Without a client certificate the daemons refuse the connection: a setup error, no report.
+  EXPECT_FALSE(loadgen::Run(o, {2}).ok());
+  o.channel.tls_cert = certs.path("client.pem");
+  o.channel.tls_key = certs.path("client.key");
+  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {2});
+  ASSERT_TRUE(report.ok()) << report.status();
+  const std::string ok_steps = R"(optd_rpc_total{code="OK",method="Step"})";
+  const double first = Counter(*servers[0], ok_steps), second = Counter(*servers[1], ok_steps);
+  EXPECT_GT(first, 0);
+  EXPECT_GT(second, 0);
+  EXPECT_EQ(report->levels(0).total_steps(), first + second);
 }
 
 }  // namespace
