@@ -544,7 +544,10 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
   bool stable = false;
   while (true) {
     const absl::Time window_end = std::min(last + options.window, start + options.duration);
-    while (absl::Now() < window_end &&
+    auto interrupted = [&options] {
+      return options.interrupt != nullptr && options.interrupt->load();
+    };
+    while (absl::Now() < window_end && !interrupted() &&
            !(options.max_steps > 0 && tally.steps >= options.max_steps)) {
       absl::SleepFor(std::min(absl::Milliseconds(10), window_end - absl::Now()));
     }
@@ -563,7 +566,7 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
           rates.size(), rates.empty() ? 0.0 : rates.back(), steps, tally.errors.load(),
           stable ? " (stable)" : ""));
     }
-    if (stable || static_cast<int>(rates.size()) >= options.max_windows ||
+    if (stable || interrupted() || static_cast<int>(rates.size()) >= options.max_windows ||
         now >= start + options.duration || (options.max_steps > 0 && steps >= options.max_steps)) {
       break;
     }
@@ -642,6 +645,10 @@ absl::StatusOr<v1::LoadgenReport> Run(const Options& options,
   report.set_started(absl::FormatTime(absl::RFC3339_sec, absl::Now(), absl::UTCTimeZone()));
   bool ok = true;
   for (int concurrency : concurrencies) {
+    if (options.interrupt != nullptr && options.interrupt->load()) {
+      ok = false;
+      break;
+    }
     Options level_options = options;
     level_options.concurrency = concurrency;
     OPTD_ASSIGN_OR_RETURN(v1::LoadgenLevel level, RunLevel(level_options));

@@ -5,6 +5,7 @@
 #ifndef OPTD_CLIENT_LOADGEN_H_
 #define OPTD_CLIENT_LOADGEN_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -70,6 +71,9 @@ struct Options {
   absl::Duration call_timeout = absl::Seconds(30);
   // Called with a one-line status after every window.
   std::function<void(const std::string&)> progress;
+  // Set (from another thread, e.g. on SIGINT) to end the run early: the level in progress stops
+  // measuring at its next check, its sessions are deleted, and no further level starts.
+  const std::atomic<bool>* interrupt = nullptr;
 };
 
 // One level under `options`: creates `concurrency` sessions (each with a token; spread over the

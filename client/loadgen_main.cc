@@ -1,9 +1,13 @@
 // optd-loadgen: load-tests optd's update path. `optd-loadgen --help` lists the flags;
 // `optd-loadgen compare BASE.json NEW.json` compares two reports.
+#include <signal.h>
+
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -164,6 +168,19 @@ int main(int argc, char** argv) {
   options.max_error_rate = absl::GetFlag(FLAGS_max_error_rate);
   options.inject_bad_every = absl::GetFlag(FLAGS_inject_bad_every);
   options.step_timeout = absl::Seconds(absl::GetFlag(FLAGS_step_timeout_s));
+  // SIGINT and SIGTERM end the run early and still delete its sessions.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  static std::atomic<bool> interrupted{false};
+  std::thread([signals] {
+    int signal = 0;
+    sigwait(&signals, &signal);
+    interrupted = true;
+  }).detach();
+  options.interrupt = &interrupted;
   options.progress = [](const std::string& line) {
     std::fprintf(stderr, "\r\033[K%s", line.c_str());
     std::fflush(stderr);
@@ -181,6 +198,10 @@ int main(int argc, char** argv) {
   }
   if (!absl::GetFlag(FLAGS_csv).empty()) {
     std::ofstream(absl::GetFlag(FLAGS_csv)) << optd::loadgen::ToCsv(*report);
+  }
+  if (interrupted) {
+    std::fprintf(stderr, "optd-loadgen: interrupted; its sessions are deleted\n");
+    return 130;
   }
   if (!report->ok()) {
     std::fprintf(stderr, "optd-loadgen: a level was unstable or had too many errors\n");

@@ -286,5 +286,19 @@ TEST(LoadgenTlsTest, MutualTlsEndpointsShareTheSessions) {
   EXPECT_EQ(report->levels(0).total_steps(), first + second);
 }
 
+TEST_F(LoadgenRunTest, AnInterruptedRunStillDeletesItsSessions) {
+  // SIGINT a second into a run of up to 30 s: it reports what it measured, exits 130, and the
+  // daemon holds no session of it.
+  const std::string command = absl::StrCat(
+      "timeout --preserve-status -s INT 1 '", OPTD_LOADGEN_PATH, "' --server=", server_->address(),
+      " --model=", model_, " --concurrency=3 --duration_s=30 --window_s=0.2",
+      " --stable_windows=1000 >/dev/null 2>&1");
+  EXPECT_EQ(WEXITSTATUS(std::system(command.c_str())), 130);
+  absl::StatusOr<std::vector<v1::SessionInfo>> left = ConnectTo(*server_).ListSessions();
+  ASSERT_TRUE(left.ok());
+  EXPECT_TRUE(left->empty());
+  EXPECT_GT(Counter(*server_, R"(optd_rpc_total{code="OK",method="DeleteSession"})"), 2);
+}
+
 }  // namespace
 }  // namespace optd::testing
