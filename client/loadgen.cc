@@ -264,13 +264,39 @@ absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model) {
   }
   std::stringstream text;
   text << in.rdbuf();
+  std::string json = text.str();
+  const size_t first = json.find_first_not_of(" \t\r\n");
+  if (first != std::string::npos && json[first] == '[') {
+    const size_t second = json.find_first_not_of(" \t\r\n", first + 1);
+    if (second != std::string::npos && json[second] == '[') {
+      // A bare list of shapes, [[768, 3072], ...]: tensors t0, t1, ...
+      std::string objects;
+      int depth = 0, index = 0;
+      std::string shape;
+      for (char c : json.substr(first)) {
+        if (c == '[') {
+          if (++depth == 2) shape.clear();
+        } else if (c == ']') {
+          if (depth-- == 2) {
+            absl::StrAppend(&objects, objects.empty() ? "" : ", ", "{\"name\": \"t", index++,
+                            "\", \"shape\": [", shape, "]}");
+          }
+        } else if (depth == 2) {
+          shape += c;
+        }
+      }
+      json = absl::StrCat("{\"tensors\": [", objects, "]}");
+    } else {
+      json = absl::StrCat("{\"tensors\": ", json.substr(first), "}");  // a list of tensors
+    }
+  }
   v1::LoadgenModel parsed;
-  const auto status = google::protobuf::util::JsonStringToMessage(text.str(), &parsed);
+  const auto status = google::protobuf::util::JsonStringToMessage(json, &parsed);
   if (!status.ok() || parsed.tensors().empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat("--model=", model,
-                     ": expected {\"tensors\": [{\"name\": ..., \"shape\": "
-                     "[...]}, ...]}",
+                     ": expected {\"tensors\": [{\"name\": ..., \"shape\": [...]}, ...]}, a list "
+                     "of such tensors, or a list of shapes [[768, 3072], ...]",
                      status.ok() ? "" : absl::StrCat(": ", status.ToString())));
   }
   std::vector<TensorShape> shapes;

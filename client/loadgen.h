@@ -26,7 +26,8 @@ struct TensorShape {
 
 // The tensors of `model`: "gpt2-small" (124,439,808 parameters, head tied to the embedding),
 // "gpt2-medium" (354,823,168), "llama-1b-layer" (one decoder layer of Llama 3.2 1B, 60,821,504),
-// or a JSON file (LoadgenModel). InvalidArgument for anything else.
+// or a JSON file: a LoadgenModel ({"tensors": [...]}), a list of its tensors, or a list of shapes
+// ([[768, 3072], [3072], ...], named t0, t1, ...). InvalidArgument for anything else.
 absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model);
 
 // "4" → {4}; "1:16:x2" → {1, 2, 4, 8, 16}; "2:8:+3" → {2, 5, 8}.

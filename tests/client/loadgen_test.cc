@@ -48,6 +48,18 @@ TEST(LoadgenModelTest, PresetsHaveTheirPublishedParameterCounts) {
   EXPECT_FALSE((*shapes)[0].adamw);
   EXPECT_TRUE((*shapes)[1].adamw);
   EXPECT_TRUE((*shapes)[2].adamw);  // a vector
+  // A list of tensors, and a bare list of shapes.
+  std::ofstream(path) << R"([{"name": "w", "shape": [3, 4]}, {"name": "b", "shape": [4]}])";
+  shapes = loadgen::ModelShapes(path);
+  ASSERT_TRUE(shapes.ok()) << shapes.status();
+  EXPECT_EQ(shapes->size(), 2u);
+  std::ofstream(path) << "[[768, 3072], [3072, 768], [ 768 ]]";
+  shapes = loadgen::ModelShapes(path);
+  ASSERT_TRUE(shapes.ok()) << shapes.status();
+  ASSERT_EQ(shapes->size(), 3u);
+  EXPECT_EQ((*shapes)[1].name, "t1");
+  EXPECT_EQ((*shapes)[1].shape, (std::vector<int64_t>{3072, 768}));
+  EXPECT_TRUE((*shapes)[2].adamw);
   EXPECT_EQ(loadgen::ModelShapes("gpt3").status().code(), absl::StatusCode::kInvalidArgument);
   std::ofstream(path) << "{\"tensors\": 5}";
   EXPECT_EQ(loadgen::ModelShapes(path).status().code(), absl::StatusCode::kInvalidArgument);
