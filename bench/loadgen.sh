@@ -37,7 +37,7 @@ for run in 1 2 3; do
 done
 
 log "[3/4] optd-loadgen --concurrency=1:16:x4 against optd (CPU backend)"
-rm -f "$out/optd.port" "$out/optd.metrics_port"
+rm -f "$out/optd.port" "$out/optd.metrics_port" "$out/loadgen.json" "$out/loadgen.csv"
 "$build_dir/server/optd" --listen=127.0.0.1:0 --port_file="$out/optd.port" \
   --metrics_addr=127.0.0.1:0 --metrics_port_file="$out/optd.metrics_port" \
   --max_session_bytes=$((1 << 30)) 2>"$out/optd.log" &

@@ -17,12 +17,14 @@
 #include <sstream>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "google/protobuf/struct.pb.h"
 #include "google/protobuf/util/json_util.h"
 #include "kernels/status_macros.h"
 
@@ -79,29 +81,36 @@ absl::StatusOr<std::string> Scrape(const std::string& address) {
   if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0 || found == nullptr) {
     return absl::UnavailableError(absl::StrCat("metrics at ", address, ": cannot resolve"));
   }
-  const int fd = socket(found->ai_family, found->ai_socktype, found->ai_protocol);
-  timeval timeout{5, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
-  const bool connected = fd >= 0 && connect(fd, found->ai_addr, found->ai_addrlen) == 0;
-  freeaddrinfo(found);
-  if (!connected) {
-    if (fd >= 0) close(fd);
-    return absl::UnavailableError(absl::StrCat("metrics at ", address, ": cannot connect"));
+  int fd = -1;
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {  // every address in turn
+    fd = socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+    if (fd < 0) continue;
+    timeval timeout{5, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+    if (connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
+      close(fd);
+      fd = -1;
+    }
   }
+  freeaddrinfo(found);
+  if (fd < 0)
+    return absl::UnavailableError(absl::StrCat("metrics at ", address, ": cannot connect"));
   const std::string request = absl::StrCat("GET /metrics HTTP/1.0\r\nHost: ", address, "\r\n\r\n");
   std::string response;
-  if (send(fd, request.data(), request.size(), MSG_NOSIGNAL) ==
-      static_cast<ssize_t>(request.size())) {
-    char buffer[1 << 16];
-    ssize_t n;
-    while ((n = recv(fd, buffer, sizeof(buffer), 0)) > 0) response.append(buffer, n);
-  }
+  bool failed = send(fd, request.data(), request.size(), MSG_NOSIGNAL) !=
+                static_cast<ssize_t>(request.size());
+  char buffer[1 << 16];
+  ssize_t n = 0;
+  while (!failed && (n = recv(fd, buffer, sizeof(buffer), 0)) > 0) response.append(buffer, n);
+  failed = failed || n < 0;  // a timeout or reset, not the end of the response
   close(fd);
   const size_t body = response.find("\r\n\r\n");
-  if (response.rfind("HTTP/1.", 0) != 0 || response.find(" 200 ") == std::string::npos ||
-      body == std::string::npos) {
-    return absl::UnavailableError(absl::StrCat("metrics at ", address, ": no 200 response"));
+  const std::string status_line = response.substr(0, response.find("\r\n"));
+  if (failed || status_line.rfind("HTTP/1.", 0) != 0 ||
+      status_line.find(" 200") == std::string::npos || body == std::string::npos) {
+    return absl::UnavailableError(
+        absl::StrCat("metrics at ", address, ": no whole 200 response (", status_line, ")"));
   }
   return response.substr(body + 4);
 }
@@ -168,6 +177,11 @@ class Schedule {
     }
     cv_.notify_all();
   }
+  // Intended starts no session has taken.
+  int64_t waiting() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int64_t>(due_.size());
+  }
 
  private:
   std::mutex mu_;
@@ -218,22 +232,25 @@ class SessionRun {
     *intended = intended_;
     return go_;
   }
-  // Every worker after its step; `resync` > 0 names the step the daemon expects next.
-  void Done(int64_t resync) {
+  // Every worker after its step, saying whether it failed.
+  void Done(bool failed) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (resync > 0) resync_ = resync;
+    failed_ = failed_ || failed;
     if (++done_ == world_size_) {
       done_ = 0;
-      next_step_ = resync_ > 0 ? resync_ : step_ + 1;
-      resync_ = 0;
+      next_step_ = step_ + 1;
       ++completed_;
       done_cv_.notify_all();
     }
   }
-  // Worker 0: until every worker has finished the step published after `completed_before`.
-  void AwaitAll(int64_t completed_before) {
+  // Worker 0: until every worker has finished the step published after `completed_before`;
+  // true when one of them failed (the caller then asks the daemon where the session stands).
+  bool AwaitAll(int64_t completed_before) {
     std::unique_lock<std::mutex> lock(mu_);
     done_cv_.wait(lock, [&] { return completed_ > completed_before; });
+    const bool failed = failed_;
+    failed_ = false;
+    return failed;
   }
 
  private:
@@ -246,7 +263,7 @@ class SessionRun {
   int64_t step_ = 0;
   absl::Time intended_;
   int64_t next_step_ = 1;
-  int64_t resync_ = 0;
+  bool failed_ = false;
   int done_ = 0;
   int64_t completed_ = 0;
 };
@@ -267,28 +284,41 @@ absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model) {
   std::string json = text.str();
   const size_t first = json.find_first_not_of(" \t\r\n");
   if (first != std::string::npos && json[first] == '[') {
-    const size_t second = json.find_first_not_of(" \t\r\n", first + 1);
-    if (second != std::string::npos && json[second] == '[') {
-      // A bare list of shapes, [[768, 3072], ...]: tensors t0, t1, ...
-      std::string objects;
-      int depth = 0, index = 0;
-      std::string shape;
-      for (char c : json.substr(first)) {
-        if (c == '[') {
-          if (++depth == 2) shape.clear();
-        } else if (c == ']') {
-          if (depth-- == 2) {
-            absl::StrAppend(&objects, objects.empty() ? "" : ", ", "{\"name\": \"t", index++,
-                            "\", \"shape\": [", shape, "]}");
-          }
-        } else if (depth == 2) {
-          shape += c;
-        }
-      }
-      json = absl::StrCat("{\"tensors\": [", objects, "]}");
-    } else {
-      json = absl::StrCat("{\"tensors\": ", json.substr(first), "}");  // a list of tensors
+    google::protobuf::ListValue list;
+    if (!google::protobuf::util::JsonStringToMessage(json, &list).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--model=", model, ": not valid JSON"));
     }
+    v1::LoadgenModel wrapped;
+    for (int i = 0; i < list.values_size(); ++i) {
+      const google::protobuf::Value& entry = list.values(i);
+      if (entry.has_struct_value()) {
+        // A list of tensors, as in {"tensors": [...]}.
+        std::string one;
+        (void)google::protobuf::util::MessageToJsonString(entry, &one);
+        if (!google::protobuf::util::JsonStringToMessage(one, wrapped.add_tensors()).ok()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("--model=", model, ": entry ", i, " is not a tensor"));
+        }
+        continue;
+      }
+      // A list of shapes: lists of positive integers, named t0, t1, ...
+      if (!entry.has_list_value() || entry.list_value().values().empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--model=", model, ": entry ", i, " is neither a tensor nor a list of dimensions"));
+      }
+      v1::LoadgenModel::Tensor* t = wrapped.add_tensors();
+      t->set_name(absl::StrCat("t", i));
+      for (const google::protobuf::Value& d : entry.list_value().values()) {
+        if (d.kind_case() != google::protobuf::Value::kNumberValue || d.number_value() < 1 ||
+            d.number_value() != std::floor(d.number_value()) || d.number_value() > 1e12) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "--model=", model, ": entry ", i, " has a dimension that is not a positive integer"));
+        }
+        t->add_shape(static_cast<int64_t>(d.number_value()));
+      }
+    }
+    json.clear();  // MessageToJsonString appends
+    (void)google::protobuf::util::MessageToJsonString(wrapped, &json);
   }
   v1::LoadgenModel parsed;
   const auto status = google::protobuf::util::JsonStringToMessage(json, &parsed);
@@ -301,6 +331,12 @@ absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model) {
   }
   std::vector<TensorShape> shapes;
   for (const auto& t : parsed.tensors()) {
+    bool positive = !t.shape().empty();
+    for (int64_t d : t.shape()) positive = positive && d > 0;
+    if (t.name().empty() || !positive) {
+      return absl::InvalidArgumentError(absl::StrCat("--model=", model, ": tensor '", t.name(),
+                                                     "' needs a name and positive dimensions"));
+    }
     TensorShape shape{t.name(), {t.shape().begin(), t.shape().end()}, t.adamw()};
     if (shape.shape.size() < 2) shape.adamw = true;
     shapes.push_back(std::move(shape));
@@ -310,24 +346,24 @@ absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model) {
 
 absl::StatusOr<std::vector<int>> ParseSweep(const std::string& spec) {
   const std::vector<std::string> parts = absl::StrSplit(spec, ':');
-  int first = 0, last = 0;
   auto bad = [&spec] {
     return absl::InvalidArgumentError(absl::StrCat(
-        "concurrency '", spec, "': expected N, or FIRST:LAST:xFACTOR / FIRST:LAST:+STEP"));
+        "concurrency '", spec, "': expected N, or FIRST:LAST:xFACTOR / FIRST:LAST:+STEP, with ",
+        "1 <= FIRST <= LAST <= ", kMaxConcurrency, " and at most ", kMaxLevels, " levels"));
   };
-  if (!absl::SimpleAtoi(parts[0], &first) || first < 1) return bad();
-  if (parts.size() == 1) return std::vector<int>{first};
+  int64_t first = 0, last = 0, by = 0;
+  if (!absl::SimpleAtoi(parts[0], &first) || first < 1 || first > kMaxConcurrency) return bad();
+  if (parts.size() == 1) return std::vector<int>{static_cast<int>(first)};
   if (parts.size() != 3 || !absl::SimpleAtoi(parts[1], &last) || last < first ||
-      parts[2].size() < 2) {
-    return bad();
-  }
-  int by = 0;
-  if (!absl::SimpleAtoi(parts[2].substr(1), &by) || by < 1 ||
-      (parts[2][0] != 'x' && parts[2][0] != '+') || (parts[2][0] == 'x' && by < 2)) {
+      last > kMaxConcurrency || parts[2].size() < 2 || !absl::SimpleAtoi(parts[2].substr(1), &by) ||
+      (parts[2][0] != 'x' && parts[2][0] != '+') || by < (parts[2][0] == 'x' ? 2 : 1)) {
     return bad();
   }
   std::vector<int> levels;
-  for (int c = first; c <= last; c = parts[2][0] == 'x' ? c * by : c + by) levels.push_back(c);
+  for (int64_t c = first; c <= last; c = parts[2][0] == 'x' ? c * by : c + by) {
+    if (static_cast<int>(levels.size()) == kMaxLevels) return bad();
+    levels.push_back(static_cast<int>(c));
+  }
   return levels;
 }
 
@@ -353,13 +389,19 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
   if (!options.metrics.empty() && options.metrics.size() != options.endpoints.size()) {
     return absl::InvalidArgumentError("--metrics needs one address per endpoint");
   }
-  if (options.concurrency < 1 || options.world_size < 1) {
-    return absl::InvalidArgumentError("concurrency and world_size must be >= 1");
+  if (options.concurrency < 1 || options.world_size < 1 ||
+      int64_t{options.concurrency} * options.world_size > kMaxConcurrency) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("concurrency and world_size must be >= 1, with at most ", kMaxConcurrency,
+                     " workers (concurrency × world_size) in all"));
   }
   if (options.arrival != Arrival::kClosed && !(options.rate > 0)) {
     return absl::InvalidArgumentError("an open loop needs --rate > 0");
   }
   OPTD_ASSIGN_OR_RETURN(std::vector<TensorShape> shapes, ModelShapes(options.model));
+  auto interrupted = [&options] {
+    return options.interrupt != nullptr && options.interrupt->load();
+  };
 
   // The sessions, spread over the endpoints; deleted however the level ends.
   v1::SessionConfig config;
@@ -394,7 +436,10 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
           .DeleteSession(sessions[i]->session().id(), sessions[i]->session().token())
           .IgnoreError();
     }
+    sessions.clear();
   };
+  // Deleted however the level ends (an error, an exception).
+  absl::Cleanup delete_on_exit = [&] { delete_sessions(); };
   for (int i = 0; i < options.concurrency; ++i) {
     absl::StatusOr<client::Session> session = clients[i % clients.size()].CreateSession(config);
     if (!session.ok()) {
@@ -429,8 +474,11 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
   if (options.arrival != Arrival::kClosed) schedule.SetOpen();
 
   // One worker's step: the call, its accounting, and (every N-th) an injected bad request first.
+  // Refusals before the daemon counted the gradients (a full queue, a stream limit) are retried
+  // with backoff until the step's deadline, so the worker's partners are not left waiting for
+  // it. Returns false when the step failed.
   auto run_step = [&](SessionRun& run, int worker, int64_t step, absl::Time intended,
-                      std::vector<float>& out, int64_t* resync) {
+                      std::vector<float>& out) -> bool {
     client::StepOptions step_options;
     step_options.worker_id = worker;
     step_options.wire_dtype = options.wire_dtype;
@@ -455,25 +503,35 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
     if (options.inject_bad_every > 0 && step % options.inject_bad_every == 0) {
       count_error(run.session().Step(step + 1000000, named, step_options).status());
     }
-    absl::StatusOr<client::StepResult> result = run.session().Step(step, named, step_options);
+    const absl::Time deadline = absl::Now() + options.step_timeout;
+    absl::Duration backoff = absl::Milliseconds(5);
+    absl::StatusOr<client::StepResult> result;
+    while (true) {
+      result = run.session().Step(step, named, step_options);
+      const bool refused =
+          absl::IsUnavailable(result.status()) || absl::IsResourceExhausted(result.status());
+      if (result.ok() || !refused || absl::Now() + backoff >= deadline) break;
+      count_error(result.status());
+      absl::SleepFor(backoff);
+      backoff = std::min(2 * backoff, absl::Milliseconds(200));
+    }
     const absl::Time done = absl::Now();
     if (!result.ok()) {
       count_error(result.status());
-      // Put the session's step count back in line with the daemon's.
-      absl::StatusOr<v1::SessionInfo> info = run.session().Info();
-      if (info.ok()) *resync = info->step() + 1;
-      return;
+      return false;
     }
     ++tally.total_steps;
     tally.total_bytes_sent += sent_per_step;
     tally.total_bytes_received += received_per_step;
-    if (measuring.load()) {
+    // A replay is the answer to a step already counted (after a resync), not new work.
+    if (measuring.load() && !result->replayed) {
       ++tally.steps;
       tally.bytes_sent += sent_per_step;
       tally.bytes_received += received_per_step;
       absl::MutexLock lock(&tally.mu);
       tally.latencies.push_back(absl::ToDoubleSeconds(done - intended));
     }
+    return true;
   };
 
   // Warm-up: every session steps `warmup_steps` times, closed loop, not measured.
@@ -482,10 +540,9 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
     for (auto& run : sessions) {
       for (int w = 0; w < options.world_size; ++w) {
         threads.emplace_back([&, w, run = run.get()] {
-          std::vector<float> out(elements);
-          for (int s = 1; s <= options.warmup_steps; ++s) {
-            int64_t resync = 0;
-            run_step(*run, w, s, absl::Now(), out, &resync);
+          std::vector<float> out(options.result == v1::STEP_RESULT_NONE ? 0 : elements);
+          for (int s = 1; s <= options.warmup_steps && !interrupted(); ++s) {
+            run_step(*run, w, s, absl::Now(), out);
           }
         });
       }
@@ -524,7 +581,7 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
   for (auto& run : sessions) {
     for (int w = 0; w < options.world_size; ++w) {
       threads.emplace_back([&, w, run = run.get()] {
-        std::vector<float> out(elements);
+        std::vector<float> out(options.result == v1::STEP_RESULT_NONE ? 0 : elements);
         int64_t seen = 0;
         while (true) {
           int64_t step = 0, before = 0;
@@ -538,15 +595,18 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
           } else if (!run->Await(&seen, &step, &intended)) {
             return;
           }
-          int64_t resync = 0;
-          run_step(*run, w, step, intended, out, &resync);
-          run->Done(resync);
-          if (w == 0) run->AwaitAll(before);
+          run->Done(!run_step(*run, w, step, intended, out));
+          if (w == 0 && run->AwaitAll(before)) {
+            // A worker failed: the daemon says which step the session expects next.
+            absl::StatusOr<v1::SessionInfo> info = run->session().Info();
+            if (info.ok()) run->set_next_step(info->step() + 1);
+          }
         }
       });
     }
   }
   std::thread arrivals;
+  std::atomic<int64_t> intended_starts{0};
   if (options.arrival != Arrival::kClosed) {
     arrivals = std::thread([&] {
       std::mt19937_64 gen(options.seed);
@@ -557,7 +617,10 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
         for (absl::Time now = absl::Now(); !stop.load() && now < next; now = absl::Now()) {
           absl::SleepFor(std::min(next - now, absl::Milliseconds(10)));
         }
-        if (!stop.load()) schedule.Push(next);
+        if (!stop.load()) {
+          schedule.Push(next);
+          if (measuring.load()) ++intended_starts;
+        }
       }
     });
   }
@@ -570,9 +633,6 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
   bool stable = false;
   while (true) {
     const absl::Time window_end = std::min(last + options.window, start + options.duration);
-    auto interrupted = [&options] {
-      return options.interrupt != nullptr && options.interrupt->load();
-    };
     while (absl::Now() < window_end && !interrupted() &&
            !(options.max_steps > 0 && tally.steps >= options.max_steps)) {
       absl::SleepFor(std::min(absl::Milliseconds(10), window_end - absl::Now()));
@@ -599,6 +659,7 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
   }
   const absl::Duration measured = absl::Now() - start;
   measuring = false;
+  const int64_t unstarted = schedule.waiting();
   stop = true;
   schedule.Stop();
   if (arrivals.joinable()) arrivals.join();
@@ -637,6 +698,13 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
   const int64_t attempts = level.steps() + level.errors();
   level.set_error_ridden(attempts > 0 &&
                          static_cast<double>(level.errors()) / attempts > options.max_error_rate);
+  level.set_session_steps_per_second(level.steps_per_second() / options.world_size);
+  if (options.arrival != Arrival::kClosed) {
+    level.set_intended_starts(intended_starts);
+    level.set_unstarted(unstarted);
+    // Arrivals the sessions could not start in time: the server did not keep up with the rate.
+    level.set_overloaded(intended_starts > 0 && unstarted > 0.05 * intended_starts);
+  }
   if (!options.metrics.empty()) {
     for (const char* phase : {"receive", "aggregate", "compute", "send"}) {
       const std::string labels = absl::StrCat("{phase=\"", phase, "\"}");
@@ -677,9 +745,20 @@ absl::StatusOr<v1::LoadgenReport> Run(const Options& options,
     }
     Options level_options = options;
     level_options.concurrency = concurrency;
-    OPTD_ASSIGN_OR_RETURN(v1::LoadgenLevel level, RunLevel(level_options));
-    ok = ok && level.stable() && !level.error_ridden();
-    *report.add_levels() = std::move(level);
+    absl::StatusOr<v1::LoadgenLevel> level = RunLevel(level_options);
+    if (!level.ok()) {
+      // The levels that ran stay in the report; this one says why it could not.
+      v1::LoadgenLevel* failed = report.add_levels();
+      failed->set_concurrency(concurrency);
+      failed->set_rate(options.rate);
+      failed->set_error(level.status().ToString());
+      ok = false;
+      break;
+    }
+    // A level bounded by --steps may end before its windows can agree.
+    ok = ok && (level->stable() || options.max_steps > 0) && !level->error_ridden() &&
+         !level->overloaded();
+    *report.add_levels() = *std::move(level);
   }
   report.set_ok(ok);
   return report;
@@ -709,7 +788,8 @@ std::string ToCsv(const v1::LoadgenReport& report) {
   std::string csv =
       "arrival,concurrency,rate,seconds,steps,errors,steps_per_second,gradient_gbps,result_gbps,"
       "latency_p50_s,latency_p90_s,latency_p99_s,latency_p999_s,latency_max_s,stable,"
-      "server_receive_s,server_aggregate_s,server_compute_s,server_send_s\n";
+      "server_receive_s,server_aggregate_s,server_compute_s,server_send_s,"
+      "session_steps_per_second,intended_starts,unstarted,overloaded,error\n";
   for (const v1::LoadgenLevel& l : report.levels()) {
     auto phase = [&l](const char* name) {
       auto it = l.server_phase_seconds().find(name);
@@ -720,8 +800,13 @@ std::string ToCsv(const v1::LoadgenReport& report) {
                           l.errors(), l.steps_per_second(), l.gradient_gbps(), l.result_gbps(),
                           l.latency_p50_s(), l.latency_p90_s(), l.latency_p99_s(),
                           l.latency_p999_s(), l.latency_max_s(), l.stable() ? 1 : 0);
-    absl::StrAppendFormat(&csv, "%.6f,%.6f,%.6f,%.6f\n", phase("receive"), phase("aggregate"),
-                          phase("compute"), phase("send"));
+    std::string error = l.error();
+    std::replace(error.begin(), error.end(), ',', ';');
+    std::replace(error.begin(), error.end(), '\n', ' ');
+    absl::StrAppendFormat(&csv, "%.6f,%.6f,%.6f,%.6f,%.3f,%d,%d,%d,%s\n", phase("receive"),
+                          phase("aggregate"), phase("compute"), phase("send"),
+                          l.session_steps_per_second(), l.intended_starts(), l.unstarted(),
+                          l.overloaded() ? 1 : 0, error);
   }
   return csv;
 }
@@ -735,6 +820,11 @@ std::string ToTable(const v1::LoadgenReport& report) {
                         "conc", "rate", "steps/s", "GB/s in", "GB/s out", "p50 ms", "p90 ms",
                         "p99 ms", "p999 ms", "max ms", "errors", "");
   for (const v1::LoadgenLevel& l : report.levels()) {
+    if (!l.error().empty()) {
+      absl::StrAppendFormat(&out, "level concurrency=%d rate=%g could not run: %s\n",
+                            l.concurrency(), l.rate(), l.error());
+      continue;
+    }
     std::string codes;
     for (const auto& [code, n] : l.errors_by_code()) absl::StrAppend(&codes, " ", code, "=", n);
     absl::StrAppendFormat(
@@ -743,6 +833,10 @@ std::string ToTable(const v1::LoadgenReport& report) {
         l.result_gbps(), 1e3 * l.latency_p50_s(), 1e3 * l.latency_p90_s(), 1e3 * l.latency_p99_s(),
         1e3 * l.latency_p999_s(), 1e3 * l.latency_max_s(), l.errors(),
         l.stable() ? "stable" : "UNSTABLE", l.error_ridden() ? " ERRORS" : "", codes);
+    if (l.overloaded()) {
+      absl::StrAppendFormat(&out, "          OVERLOADED: %d of %d intended starts never started\n",
+                            l.unstarted(), l.intended_starts());
+    }
     if (!l.server_phase_seconds().empty()) {
       absl::StrAppend(&out, "          server per step:");
       for (const char* phase : {"receive", "aggregate", "compute", "send"}) {

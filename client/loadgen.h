@@ -30,7 +30,12 @@ struct TensorShape {
 // ([[768, 3072], [3072], ...], named t0, t1, ...). InvalidArgument for anything else.
 absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model);
 
-// "4" → {4}; "1:16:x2" → {1, 2, 4, 8, 16}; "2:8:+3" → {2, 5, 8}.
+// Bounds on a sweep: sessions per level, and levels.
+inline constexpr int kMaxConcurrency = 4096;
+inline constexpr int kMaxLevels = 64;
+
+// "4" → {4}; "1:16:x2" → {1, 2, 4, 8, 16}; "2:8:+3" → {2, 5, 8}. InvalidArgument past the
+// bounds above.
 absl::StatusOr<std::vector<int>> ParseSweep(const std::string& spec);
 
 // True when the last `count` windows' rates lie within `tolerance` of their mean.

@@ -3,7 +3,9 @@
 #include <signal.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -42,7 +44,8 @@ ABSL_FLAG(std::string, concurrency, "1",
 ABSL_FLAG(double, rate, 0,
           "Open loop: steps started per second, latency measured from each intended start. 0: "
           "closed loop.");
-ABSL_FLAG(std::string, arrival, "constant", "Open-loop arrivals: constant or poisson.");
+ABSL_FLAG(std::string, arrival, "constant",
+          "Open-loop arrivals: constant or poisson (needs --rate).");
 ABSL_FLAG(int, warmup_steps, 2, "Unmeasured steps per session before each level.");
 ABSL_FLAG(int64_t, steps, 0, "Measured worker steps per level; 0: bounded by time only.");
 ABSL_FLAG(double, duration_s, 30, "Longest a level is measured, seconds.");
@@ -142,8 +145,30 @@ int main(int argc, char** argv) {
     usage_error = std::string(concurrencies.status().message());
   } else if (absl::GetFlag(FLAGS_rate) > 0 && concurrencies->size() > 1) {
     usage_error = "--rate takes one --concurrency (the most in flight), not a sweep";
-  } else if (absl::GetFlag(FLAGS_duration_s) <= 0 || absl::GetFlag(FLAGS_window_s) <= 0) {
-    usage_error = "--duration_s and --window_s must be > 0";
+  } else if (!(absl::GetFlag(FLAGS_duration_s) > 0) || !(absl::GetFlag(FLAGS_window_s) > 0) ||
+             !std::isfinite(absl::GetFlag(FLAGS_duration_s)) ||
+             !std::isfinite(absl::GetFlag(FLAGS_window_s))) {
+    usage_error = "--duration_s and --window_s must be finite and > 0";
+  } else if (absl::GetFlag(FLAGS_stable_windows) < 1 ||
+             absl::GetFlag(FLAGS_max_windows) < absl::GetFlag(FLAGS_stable_windows) ||
+             absl::GetFlag(FLAGS_stable_windows) * absl::GetFlag(FLAGS_window_s) >
+                 absl::GetFlag(FLAGS_duration_s)) {
+    usage_error =
+        "--stable_windows must be >= 1, at most --max_windows, and fit in --duration_s "
+        "(stable_windows × window_s <= duration_s)";
+  } else if (!(absl::GetFlag(FLAGS_stability) > 0) || !(absl::GetFlag(FLAGS_max_error_rate) >= 0) ||
+             absl::GetFlag(FLAGS_max_error_rate) > 1) {
+    usage_error = "--stability must be > 0 and --max_error_rate in [0, 1]";
+  } else if (absl::GetFlag(FLAGS_world_size) < 1 || absl::GetFlag(FLAGS_warmup_steps) < 0 ||
+             absl::GetFlag(FLAGS_steps) < 0 || absl::GetFlag(FLAGS_inject_bad_every) < 0) {
+    usage_error = "--world_size must be >= 1; --warmup_steps, --steps, --inject_bad_every >= 0";
+  } else if (!(absl::GetFlag(FLAGS_step_timeout_s) > 0)) {
+    usage_error = "--step_timeout_s must be > 0";
+  } else if (absl::GetFlag(FLAGS_rate) != 0 &&
+             !(absl::GetFlag(FLAGS_rate) > 0 && absl::GetFlag(FLAGS_rate) <= 1e6)) {
+    usage_error = "--rate must be in (0, 1e6] steps/s (0: closed loop)";
+  } else if (absl::GetFlag(FLAGS_rate) == 0 && arrival == "poisson") {
+    usage_error = "--arrival=poisson needs --rate (the open loop)";
   }
   if (!usage_error.empty()) {
     std::fprintf(stderr, "optd-loadgen: %s\n", usage_error.c_str());
@@ -179,6 +204,9 @@ int main(int argc, char** argv) {
     int signal = 0;
     sigwait(&signals, &signal);
     interrupted = true;
+    // A second signal does not wait for the sessions to be deleted.
+    sigwait(&signals, &signal);
+    std::_Exit(130);
   }).detach();
   options.interrupt = &interrupted;
   options.progress = [](const std::string& line) {

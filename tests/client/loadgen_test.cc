@@ -6,6 +6,7 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 
 #include <cstdio>
 #include <fstream>
@@ -60,6 +61,12 @@ TEST(LoadgenModelTest, PresetsHaveTheirPublishedParameterCounts) {
   EXPECT_EQ((*shapes)[1].name, "t1");
   EXPECT_EQ((*shapes)[1].shape, (std::vector<int64_t>{3072, 768}));
   EXPECT_TRUE((*shapes)[2].adamw);
+  for (const char* bad : {"[[[768, 3072]]]", "[[1, 2], 7]", "[[1, 2]] [[9, 9]]", "[[1, 2]",
+                          "[[0, 4]]", "[[1.5, 2]]", "[]", R"([{"name": "s", "shape": []}])"}) {
+    std::ofstream(path) << bad;
+    EXPECT_EQ(loadgen::ModelShapes(path).status().code(), absl::StatusCode::kInvalidArgument)
+        << bad;
+  }
   EXPECT_EQ(loadgen::ModelShapes("gpt3").status().code(), absl::StatusCode::kInvalidArgument);
   std::ofstream(path) << "{\"tensors\": 5}";
   EXPECT_EQ(loadgen::ModelShapes(path).status().code(), absl::StatusCode::kInvalidArgument);
@@ -69,7 +76,8 @@ TEST(LoadgenSweepTest, ParsesLevelsAndRejectsNonsense) {
   EXPECT_EQ(*loadgen::ParseSweep("4"), std::vector<int>{4});
   EXPECT_EQ(*loadgen::ParseSweep("1:16:x2"), (std::vector<int>{1, 2, 4, 8, 16}));
   EXPECT_EQ(*loadgen::ParseSweep("2:8:+3"), (std::vector<int>{2, 5, 8}));
-  for (const char* bad : {"0", "x", "4:2:x2", "1:8:x1", "1:8:*2", "1:8", "-1"}) {
+  for (const char* bad : {"0", "x", "4:2:x2", "1:8:x1", "1:8:*2", "1:8", "-1", "1:2147483647:x2",
+                          "1:4096:+1", "5000", "2147483000:2147483647:+1000"}) {
     EXPECT_EQ(loadgen::ParseSweep(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
   }
 }
@@ -194,6 +202,48 @@ TEST_F(LoadgenRunTest, OpenLoopStartsStepsAtTheRate) {
   EXPECT_EQ(level.total_steps(), Counter(*server_, R"(optd_rpc_total{code="OK",method="Step"})"));
 }
 
+TEST_F(LoadgenRunTest, AnOpenLoopTheServerCannotKeepUpWithIsOverloaded) {
+  // Far more arrivals than one session can start: most are still waiting at the end, and the
+  // level says so instead of reporting what the server managed as the answer.
+  loadgen::Options o = Options();
+  o.arrival = loadgen::Arrival::kConstant;
+  o.rate = 100000;
+  o.duration = absl::Seconds(1);
+  o.window = absl::Milliseconds(250);
+  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {1});
+  ASSERT_TRUE(report.ok()) << report.status();
+  const v1::LoadgenLevel& level = report->levels(0);
+  EXPECT_TRUE(level.overloaded());
+  EXPECT_GT(level.unstarted(), level.intended_starts() / 2);
+  EXPECT_FALSE(report->ok());
+}
+
+TEST(LoadgenRetryTest, RefusedWorkersRetrySoTheirPartnersAreNotLeftWaiting) {
+  // Two sessions of two workers against a daemon that admits three step streams at once: a
+  // refused worker retries its step instead of leaving its partner waiting for the straggler
+  // timeout, so the level ends at its bound with every refusal counted.
+  server::ServerOptions options = LoopbackOptions();
+  options.service.max_pending_steps = 3;
+  std::unique_ptr<server::Server> server = StartServer(options);
+  ASSERT_NE(server, nullptr);
+  const std::string model = MakeTempDir("loadgen_retry_") + "/model.json";
+  std::ofstream(model) << R"({"tensors": [{"name": "w", "shape": [64, 64]}]})";
+  loadgen::Options o;
+  o.endpoints = {server->address()};
+  o.model = model;
+  o.world_size = 2;
+  o.max_error_rate = 1;
+  o.duration = absl::Seconds(1);
+  o.window = absl::Milliseconds(250);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {2});
+  ASSERT_TRUE(report.ok()) << report.status();
+  // Without the retries a refused worker's partner waits 60 s (the straggler timeout).
+  EXPECT_LT(absl::Now() - start, absl::Seconds(30));
+  EXPECT_GT(report->levels(0).steps(), 0);
+  EXPECT_EQ(report->levels(0).errors_by_code().count("ABORTED"), 0u);
+}
+
 TEST(LoadgenCompareTest, FlagsRegressionsBeyondTheThreshold) {
   v1::LoadgenReport base, same, slower;
   auto add = [](v1::LoadgenReport& r, int concurrency, double steps_per_second, double p99) {
@@ -285,8 +335,11 @@ TEST(LoadgenTlsTest, MutualTlsEndpointsShareTheSessions) {
   o.window = absl::Milliseconds(200);
   o.max_windows = 2;
   o.stable_windows = 100;
-  // Without a client certificate the daemons refuse the connection: a setup error, no report.
-  EXPECT_FALSE(loadgen::Run(o, {2}).ok());
+  // Without a client certificate the daemons refuse the connection: the level reports why.
+  absl::StatusOr<v1::LoadgenReport> refused = loadgen::Run(o, {2});
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  EXPECT_FALSE(refused->ok());
+  EXPECT_THAT(refused->levels(0).error(), HasSubstr("creating a session on"));
   o.channel.tls_cert = certs.path("client.pem");
   o.channel.tls_key = certs.path("client.key");
   absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {2});
@@ -299,17 +352,34 @@ TEST(LoadgenTlsTest, MutualTlsEndpointsShareTheSessions) {
 }
 
 TEST_F(LoadgenRunTest, AnInterruptedRunStillDeletesItsSessions) {
-  // SIGINT a second into a run of up to 30 s: it reports what it measured, exits 130, and the
-  // daemon holds no session of it.
+  // SIGINT once its three sessions exist: it reports what it measured, exits 130, and the daemon
+  // holds no session of it.
+  const std::string dir = MakeTempDir("loadgen_interrupt_");
   const std::string command = absl::StrCat(
-      "timeout --preserve-status -s INT 1 '", OPTD_LOADGEN_PATH, "' --server=", server_->address(),
-      " --model=", model_, " --concurrency=3 --duration_s=30 --window_s=0.2",
-      " --stable_windows=1000 >/dev/null 2>&1");
-  EXPECT_EQ(WEXITSTATUS(std::system(command.c_str())), 130);
-  absl::StatusOr<std::vector<v1::SessionInfo>> left = ConnectTo(*server_).ListSessions();
+      "sh -c \"'", OPTD_LOADGEN_PATH, "' --server=", server_->address(), " --model=", model_,
+      " --concurrency=3 --duration_s=30 --window_s=0.2 --stable_windows=100 --max_windows=1000",
+      " >/dev/null 2>&1 & echo \\$! >'", dir, "/pid'; wait \\$!; echo \\$? >'", dir, "/rc'\" &");
+  ASSERT_EQ(std::system(command.c_str()), 0);
+  client::Client client = ConnectTo(*server_);
+  for (int i = 0; i < 600; ++i) {
+    absl::StatusOr<std::vector<v1::SessionInfo>> sessions = client.ListSessions();
+    if (sessions.ok() && sessions->size() == 3) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  int pid = 0;
+  std::ifstream(dir + "/pid") >> pid;
+  ASSERT_GT(pid, 0);
+  ASSERT_EQ(kill(pid, SIGINT), 0);
+  int rc = -1;
+  for (int i = 0; i < 1200 && rc < 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(50));
+    std::ifstream(dir + "/rc") >> rc;
+  }
+  EXPECT_EQ(rc, 130);
+  absl::StatusOr<std::vector<v1::SessionInfo>> left = client.ListSessions();
   ASSERT_TRUE(left.ok());
   EXPECT_TRUE(left->empty());
-  EXPECT_GT(Counter(*server_, R"(optd_rpc_total{code="OK",method="DeleteSession"})"), 2);
+  EXPECT_EQ(Counter(*server_, R"(optd_rpc_total{code="OK",method="DeleteSession"})"), 3);
 }
 
 }  // namespace
