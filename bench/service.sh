@@ -8,6 +8,7 @@
 #   OPTD_BENCH_BUILD_DIR  build tree (default: build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/iperf3.sh
 build_dir=${OPTD_BENCH_BUILD_DIR:-build}
 repetitions=3
 for arg in "$@"; do
@@ -26,14 +27,7 @@ cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DOPTD_BUILD_BENCH=ON >"$o
 cmake --build "$build_dir" --target optd service_bench -j"$(nproc)"
 
 log "[2/4] iperf3 over loopback, 3 runs of 3 s"
-port=$((20000 + RANDOM % 20000))
-for run in 1 2 3; do
-  iperf3 --server --one-off --port "$port" >/dev/null 2>&1 &
-  server=$!
-  sleep 0.5
-  iperf3 --client 127.0.0.1 --port "$port" --time 3 --json >"$out/iperf3.$run.json"
-  wait "$server" || true
-done
+iperf3_loopback "$out"
 
 log "[3/4] service_bench --repetitions=$repetitions"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
