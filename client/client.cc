@@ -212,6 +212,7 @@ absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTen
   if (options.result_dtype.has_value())
     header->set_result_dtype(ToWireDType(*options.result_dtype));
   header->set_chunk_bytes(options.chunk_bytes);
+  header->set_placement_epoch(options.placement_epoch);
   if (stream->Write(request)) {
     v1::TensorChunk* chunk = request.mutable_chunk();
     absl::Status sent = SendTensors(gradients, options.wire_dtype, options.chunk_bytes, *chunk,

@@ -58,6 +58,7 @@ struct StepOptions {
   DType wire_dtype = DType::kF32;     // how gradients travel
   std::optional<DType> result_dtype;  // default: each tensor's dtype
   int64_t chunk_bytes = kDefaultChunkBytes;
+  int64_t placement_epoch = 0;  // a sharded session's epoch (0: unchecked)
   absl::Duration timeout = absl::InfiniteDuration();
   // Results of these tensors are written here (DataLoss if a span is too small) instead of into
   // StepResult::values: no allocation per step for a training loop that steps in place.

@@ -292,6 +292,12 @@ absl::Status Session::CheckStepHeaderLocked(const v1::StepHeader& header) {
                                                    " is outside [0, ", config_.world_size(),
                                                    ") for session '", id_, "'"));
   }
+  if (header.placement_epoch() != 0 && header.placement_epoch() != config_.placement_epoch()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session '", id_, "' was placed at epoch ", config_.placement_epoch(),
+                     "; worker ", header.worker_id(), " steps with placement epoch ",
+                     header.placement_epoch(), " (a stale placement: recompute it)"));
+  }
   if (header.step() == step_ && last_outcome_ != nullptr) return absl::OkStatus();
   if (header.step() != step_ + 1) {
     return WithRejectionReason(

@@ -1,0 +1,202 @@
+#include "client/sharded.h"
+
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/status_macros.h"
+
+namespace optd::client {
+namespace {
+
+absl::Status Named(const absl::Status& status, const std::string& address) {
+  return absl::Status(status.code(), absl::StrCat("instance ", address, ": ", status.message()));
+}
+
+std::string SliceName(const std::string& tensor, int64_t slice) {
+  return absl::StrCat(tensor, "[", slice, "]");
+}
+
+}  // namespace
+
+absl::StatusOr<ShardedSession> ShardedSession::Create(const std::vector<ShardEndpoint>& endpoints,
+                                                      const v1::SessionConfig& config,
+                                                      const std::string& id, int64_t epoch,
+                                                      const std::string& admin_token) {
+  if (epoch <= 0) return absl::InvalidArgumentError("a sharded session's epoch must be >= 1");
+  v1::PlacementManifest manifest;
+  manifest.set_epoch(epoch);
+  for (const ShardEndpoint& e : endpoints) {
+    v1::PlacementManifest::Endpoint* out = manifest.add_endpoints();
+    out->set_address(e.address);
+    out->set_memory_bytes(e.memory_bytes);
+  }
+  // Which tensors Newton–Schulz balances: those of groups whose preset is a matrix optimizer
+  // with it; AdamW and RMNP groups by bytes.
+  std::map<std::string, std::string> presets;
+  for (const v1::GroupConfig& g : config.groups()) presets[g.name()] = g.preset();
+  std::map<std::string, const v1::TensorConfig*> tensors;
+  for (const v1::TensorConfig& t : config.tensors()) {
+    tensors[t.name()] = &t;
+    v1::PlacementManifest::Tensor* m = manifest.add_tensors();
+    m->set_name(t.name());
+    for (int64_t d : t.shape()) m->add_shape(d);
+    const std::string& preset = presets[t.group()];
+    m->set_kind(preset.rfind("adamw", 0) == 0 || preset.rfind("rmnp", 0) == 0
+                    ? v1::PlacementManifest::Tensor::BYTES
+                    : v1::PlacementManifest::Tensor::NEWTON_SCHULZ);
+    m->set_batch(t.rank_policy() == v1::RANK_POLICY_BATCH && t.shape_size() >= 3);
+  }
+  ShardedSession sharded;
+  OPTD_ASSIGN_OR_RETURN(sharded.placement_, Place(manifest));
+
+  // Each instance's part of the config: its whole tensors, and its slices as tensors of one
+  // matrix each ([1, m, n], batched) named "name[i]".
+  std::vector<v1::SessionConfig> parts(endpoints.size());
+  for (v1::SessionConfig& part : parts) {
+    part = config;
+    part.clear_tensors();
+    part.set_placement_epoch(epoch);
+  }
+  for (const v1::Placement::Item& item : sharded.placement_.items()) {
+    const v1::TensorConfig& t = *tensors.at(item.tensor());
+    int64_t elements = 1;
+    for (int64_t d : t.shape()) elements *= d;
+    sharded.sizes_[item.tensor()] = elements;
+    v1::TensorConfig* out = parts[item.endpoint()].add_tensors();
+    *out = t;
+    if (t.rank_policy() == v1::RANK_POLICY_BATCH && t.shape_size() >= 3) {
+      const int64_t m = t.shape(t.shape_size() - 2), n = t.shape(t.shape_size() - 1);
+      out->set_name(SliceName(t.name(), item.first()));
+      out->clear_shape();
+      out->add_shape(1);
+      out->add_shape(m);
+      out->add_shape(n);
+      sharded.pieces_[item.tensor()].push_back(
+          {item.endpoint(), out->name(), item.first() * m * n, m * n});
+    } else {
+      sharded.pieces_[item.tensor()].push_back({item.endpoint(), t.name(), 0, elements});
+    }
+  }
+  std::vector<int> shard_of(endpoints.size(), -1);  // instances that own nothing get no session
+  for (size_t e = 0; e < endpoints.size(); ++e) {
+    if (parts[e].tensors().empty()) continue;
+    Client client(endpoints[e].channel, admin_token);
+    absl::StatusOr<Session> session = client.CreateSession(parts[e], id);
+    if (!session.ok()) {
+      sharded.Delete().IgnoreError();
+      return Named(session.status(), endpoints[e].address);
+    }
+    shard_of[e] = static_cast<int>(sharded.shards_.size());
+    Shard shard{endpoints[e].address, *std::move(session), {}};
+    for (const v1::TensorConfig& t : parts[e].tensors()) shard.tensors.push_back(t.name());
+    sharded.shards_.push_back(std::move(shard));
+  }
+  for (auto& [name, pieces] : sharded.pieces_) {
+    for (Piece& p : pieces) p.shard = shard_of[p.shard];
+  }
+  return sharded;
+}
+
+absl::StatusOr<StepResult> ShardedSession::Step(int64_t step,
+                                                absl::Span<const NamedTensor> gradients,
+                                                const StepOptions& options) {
+  // Each shard's gradients: spans into the caller's (slices are contiguous runs).
+  std::vector<std::vector<NamedTensor>> per_shard(shards_.size());
+  for (const NamedTensor& g : gradients) {
+    auto it = pieces_.find(g.name);
+    if (it == pieces_.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown tensor '", g.name, "'"));
+    }
+    if (static_cast<int64_t>(g.values.size()) != sizes_.at(g.name)) {
+      return absl::InvalidArgumentError(absl::StrCat("gradient for tensor '", g.name, "' has ",
+                                                     g.values.size(), " elements, expected ",
+                                                     sizes_.at(g.name)));
+    }
+    for (const Piece& p : it->second) {
+      per_shard[p.shard].push_back({p.name, g.values.subspan(p.offset, p.count)});
+    }
+  }
+  std::vector<absl::StatusOr<StepResult>> results(shards_.size(), absl::UnknownError(""));
+  std::vector<std::thread> threads;
+  for (size_t s = 0; s < shards_.size(); ++s) {
+    threads.emplace_back([&, s] {
+      StepOptions shard_options = options;
+      shard_options.outputs.clear();
+      shard_options.placement_epoch = placement_.epoch();
+      results[s] = shards_[s].session.Step(step, per_shard[s], shard_options);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  StepResult merged;
+  merged.step = step;
+  for (size_t s = 0; s < shards_.size(); ++s) {
+    if (!results[s].ok()) return Named(results[s].status(), shards_[s].address);
+    merged.skipped = merged.skipped || results[s]->skipped;
+    merged.replayed = merged.replayed || results[s]->replayed;
+    merged.tensors_updated += results[s]->tensors_updated;
+    merged.nonfinite_values += results[s]->nonfinite_values;
+    merged.kind = results[s]->kind;
+  }
+  if (merged.kind == v1::STEP_RESULT_NONE) return merged;
+  for (const auto& [name, pieces] : pieces_) {
+    std::vector<float>& whole = merged.values[name];
+    whole.resize(sizes_.at(name));
+    for (const Piece& p : pieces) {
+      auto part = results[p.shard]->values.find(p.name);
+      if (part == results[p.shard]->values.end()) continue;  // no gradient, no result
+      std::copy(part->second.begin(), part->second.end(), whole.begin() + p.offset);
+    }
+  }
+  return merged;
+}
+
+absl::Status ShardedSession::UploadParameters(absl::Span<const NamedTensor> tensors) {
+  std::vector<std::vector<NamedTensor>> per_shard(shards_.size());
+  for (const NamedTensor& t : tensors) {
+    auto it = pieces_.find(t.name);
+    if (it == pieces_.end() || static_cast<int64_t>(t.values.size()) != sizes_.at(t.name)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", t.name, "' is unknown or has the wrong size"));
+    }
+    for (const Piece& p : it->second) {
+      per_shard[p.shard].push_back({p.name, t.values.subspan(p.offset, p.count)});
+    }
+  }
+  for (size_t s = 0; s < shards_.size(); ++s) {
+    if (per_shard[s].empty()) continue;
+    absl::Status uploaded = shards_[s].session.UploadParameters(per_shard[s]);
+    if (!uploaded.ok()) return Named(uploaded, shards_[s].address);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::map<std::string, std::vector<float>>> ShardedSession::GetParameters() {
+  std::map<std::string, std::vector<float>> whole;
+  for (size_t s = 0; s < shards_.size(); ++s) {
+    absl::StatusOr<std::map<std::string, std::vector<float>>> part =
+        shards_[s].session.GetParameters();
+    if (!part.ok()) return Named(part.status(), shards_[s].address);
+    for (const auto& [name, pieces] : pieces_) {
+      for (const Piece& p : pieces) {
+        if (p.shard != static_cast<int>(s)) continue;
+        std::vector<float>& out = whole[name];
+        out.resize(sizes_.at(name));
+        const std::vector<float>& values = part->at(p.name);
+        std::copy(values.begin(), values.end(), out.begin() + p.offset);
+      }
+    }
+  }
+  return whole;
+}
+
+absl::Status ShardedSession::Delete() {
+  absl::Status first;
+  for (Shard& shard : shards_) {
+    absl::Status deleted = shard.session.Delete();
+    if (!deleted.ok() && first.ok()) first = Named(deleted, shard.address);
+  }
+  shards_.clear();
+  return first;
+}
+
+}  // namespace optd::client
