@@ -14,23 +14,36 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 OPTD = os.environ.get("OPTD", os.path.join(REPO, "build/server/optd"))
 
 
-@pytest.fixture(scope="session")
-def daemon():
-    """The daemon's "host:port"; it is stopped with SIGTERM (and must exit 0) at the end."""
+def start_daemon(*extra_args):
+    """Starts an optd; returns its "host:port" and a stop() that SIGTERMs it and returns its exit
+    code."""
     work = tempfile.mkdtemp(prefix="optd_python_")
     log = open(f"{work}/optd.log", "w")
     process = subprocess.Popen(
         [OPTD, "--listen=127.0.0.1:0", f"--port_file={work}/port", "--metrics_addr=",
-         f"--state_dir={work}/state", "--threads=1"], stderr=log)
-    try:
-        deadline = time.time() + 30
-        while not (os.path.exists(f"{work}/port") and open(f"{work}/port").read().strip()):
-            if process.poll() is not None or time.time() > deadline:
-                raise RuntimeError("optd did not start: " + open(f"{work}/optd.log").read())
-            time.sleep(0.05)
-        yield f"127.0.0.1:{open(f'{work}/port').read().strip()}"
-    finally:
+         f"--state_dir={work}/state", "--threads=1", *extra_args], stderr=log)
+
+    def stop():
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
+        return code
+
+    deadline = time.time() + 30
+    while not (os.path.exists(f"{work}/port") and open(f"{work}/port").read().strip()):
+        if process.poll() is not None or time.time() > deadline:
+            stop()
+            raise RuntimeError("optd did not start: " + open(f"{work}/optd.log").read())
+        time.sleep(0.05)
+    return f"127.0.0.1:{open(f'{work}/port').read().strip()}", stop
+
+
+@pytest.fixture(scope="session")
+def daemon():
+    """The daemon's "host:port"; it is stopped with SIGTERM (and must exit 0) at the end."""
+    address, stop = start_daemon()
+    try:
+        yield address
+    finally:
+        code = stop()
         assert code == 0, f"optd exited with {code}"

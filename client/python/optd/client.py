@@ -163,15 +163,16 @@ class Session:
             _raise(e)
 
     def step(self, step, gradients, *, worker_id=0, lr=None, wire_dtype="fp32",
-             result_dtype=None, chunk_bytes=DEFAULT_CHUNK_BYTES, timeout=None):
+             result_dtype=None, chunk_bytes=DEFAULT_CHUNK_BYTES, timeout=None,
+             placement_epoch=0):
         """Sends this worker's gradients ({name: values}) for step `step` (1-based: the session's
         completed steps + 1) and returns the step's StepResult once every worker has sent
         theirs. Tensors left out get no update; `lr` overrides every group's rate for this step
         only. `timeout` (seconds) is this call's deadline; by default it has none, since a step
         waits for the session's slowest worker. chunk_bytes 0 is the default (1 MiB), at most
-        4 MiB."""
+        4 MiB. `placement_epoch` is a sharded session's (optd.sharded); 0 is unchecked."""
         header = optd_pb2.StepHeader(
-            session_id=self.id, worker_id=worker_id, step=step,
+            session_id=self.id, worker_id=worker_id, step=step, placement_epoch=placement_epoch,
             chunk_bytes=min(chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES),
             result_dtype=(wire.dtype_value(result_dtype) if result_dtype
                           else optd_pb2.DTYPE_UNSPECIFIED))
