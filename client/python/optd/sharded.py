@@ -1,9 +1,8 @@
 """A sharded session: one logical session over several optd instances, each holding the tensors
-(or batch slices) optd.placement gave it; the same as client/sharded.h in C++. Steps go to every
-owner at once and the results are put back together, equal to one instance's bit for bit on the
-same backend."""
-
-from concurrent.futures import ThreadPoolExecutor
+(or batch slices) optd.placement gave it; the same as client/sharded.h in C++, and equal to one
+instance's results bit for bit on the same backend. Unlike the C++ session, it steps the owners in
+turn, not at once: concurrent Step streams from Python threads hung now and then with Debian's
+grpcio 1.51 (a stream never answered), and that is not yet understood."""
 
 import grpc
 import numpy as np
@@ -107,15 +106,13 @@ class ShardedSession:
         return whole
 
     def _each(self, call):
-        """call(session, endpoint) on every shard at once; the results by endpoint."""
-        with ThreadPoolExecutor(max_workers=len(self._shards)) as pool:
-            futures = {e: pool.submit(call, s, e) for e, (_, s) in self._shards.items()}
+        """call(session, endpoint) on every shard in turn; the results by endpoint."""
         results = {}
-        for e, future in futures.items():
+        for e, (address, session) in self._shards.items():
             try:
-                results[e] = future.result()
+                results[e] = call(session, e)
             except OptdError as error:
-                raise _named(error, self._shards[e][0]) from None
+                raise _named(error, address) from None
         return results
 
     def upload_parameters(self, tensors):
@@ -128,7 +125,7 @@ class ShardedSession:
         return self._join(self._each(lambda s, e: s.get_parameters()))
 
     def step(self, step, gradients, **options):
-        """One step of this worker on every owner at once (the keyword options of
+        """One step of this worker on every owner (the keyword options of
         Session.step); the StepResult holds every tensor whole. An instance's failure is raised
         naming it; steps its peers finished are replayed to a retry."""
         per_shard = self._split(gradients)
