@@ -150,8 +150,6 @@ class CudaQueue : public Queue {
       cudaFree(blas_workspace_);
       memory_->used.fetch_sub(kBlasWorkspace);
     }
-    if (host_count_ != nullptr) cudaFreeHost(host_count_);
-    if (device_count_ != nullptr) cudaFree(device_count_);
     for (StagingSlot& slot : staging_) {
       if (slot.host != nullptr) cudaFreeHost(slot.host);
       if (slot.copied != nullptr) cudaEventDestroy(slot.copied);
@@ -186,8 +184,6 @@ class CudaQueue : public Queue {
         cublasSetMathMode(blas_, allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     OPTD_CUSOLVER(cusolverDnCreate(&solver_));
     OPTD_CUSOLVER(cusolverDnSetStream(solver_, stream_));
-    OPTD_CUDA(cudaMallocHost(&host_count_, sizeof(unsigned long long)));
-    OPTD_CUDA(cudaMalloc(&device_count_, sizeof(unsigned long long)));
     for (StagingSlot& slot : staging_) {
       OPTD_CUDA(cudaMallocHost(&slot.host, kStagingBytes));
       OPTD_CUDA(cudaEventCreateWithFlags(&slot.copied, cudaEventDisableTiming));
@@ -200,8 +196,6 @@ class CudaQueue : public Queue {
   cudaStream_t stream() const { return stream_; }
   cublasHandle_t blas() const { return blas_; }
   cusolverDnHandle_t solver() const { return solver_; }
-  unsigned long long* host_count() const { return host_count_; }
-  unsigned long long* device_count() const { return device_count_; }
   absl::Mutex& mu() ABSL_LOCK_RETURNED(mu_) { return mu_; }
 
   // Work enqueued from BeginRecording on is captured into a graph, not run.
@@ -283,8 +277,6 @@ class CudaQueue : public Queue {
   cublasHandle_t blas_ = nullptr;
   cusolverDnHandle_t solver_ = nullptr;
   void* blas_workspace_ = nullptr;
-  unsigned long long* host_count_ = nullptr;
-  unsigned long long* device_count_ = nullptr;
   std::array<StagingSlot, 3> staging_;
   size_t next_slot_ = 0;
   cudaEvent_t copies_done_ = nullptr;
@@ -482,15 +474,9 @@ class CudaBackend : public Backend {
 
   absl::StatusOr<int64_t> CountOutOfRange(Queue& queue, const float* x, int64_t count,
                                           float max_magnitude) override {
-    OPTD_RETURN_IF_ERROR(CheckCount("count out of range", count, x));
-    CudaQueue& q = Enter(queue);
-    absl::MutexLock lock(&q.mu());
-    OPTD_CUDA(cudaMemsetAsync(q.device_count(), 0, sizeof(unsigned long long), q.stream()));
-    OPTD_CUDA(cuda::CountOutOfRange(q.stream(), x, count, max_magnitude, q.device_count()));
-    OPTD_CUDA(cudaMemcpyAsync(q.host_count(), q.device_count(), sizeof(unsigned long long),
-                              cudaMemcpyDeviceToHost, q.stream()));
-    OPTD_CUDA(cudaStreamSynchronize(q.stream()));
-    return static_cast<int64_t>(*q.host_count());
+    OPTD_ASSIGN_OR_RETURN(const std::vector<int64_t> bad,
+                          CountOutOfRangeEach(queue, {x}, {count}, max_magnitude));
+    return bad[0];
   }
 
   absl::StatusOr<std::vector<int64_t>> CountOutOfRangeEach(Queue& queue,

@@ -133,18 +133,24 @@ struct RowTeam {
   bool active;
 };
 
+// One launch of a row kernel: a block per row for long rows, else a warp per row; `shared`
+// bytes of shared memory per row.
+template <typename Kernel, typename... Args>
+cudaError_t LaunchRowsWith(cudaStream_t stream, int64_t rows, bool row_block,
+                           int64_t shared_per_row, Kernel kernel, Args... args) {
+  const int64_t rows_per_block = row_block ? 1 : kThreads / kWarp;
+  kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kThreads,
+           rows_per_block * shared_per_row, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+// A row kernel without shared memory, its block or warp form chosen by the row length.
 template <typename Kernel, typename... Args>
 cudaError_t LaunchRows(cudaStream_t stream, int64_t rows, int64_t cols, Kernel warp_kernel,
                        Kernel block_kernel, Args... args) {
   if (rows <= 0) return cudaSuccess;
-  if (cols >= kBlockRowMin) {
-    block_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(args...);
-  } else {
-    const int64_t rows_per_block = kThreads / kWarp;
-    warp_kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kThreads, 0,
-                  stream>>>(args...);
-  }
-  return cudaGetLastError();
+  const bool block = cols >= kBlockRowMin;
+  return LaunchRowsWith(stream, rows, block, 0, block ? block_kernel : warp_kernel, args...);
 }
 
 #define OPTD_LAUNCH_ROWS(stream, rows, cols, kernel, ...) \
@@ -171,15 +177,7 @@ __global__ void RoundKernel(float* x, int64_t n, int dtype) {
   OPTD_GRID_STRIDE(i, n) x[i] = RoundAs(x[i], dtype);
 }
 
-__global__ void CountOutOfRangeKernel(const float* x, int64_t n, float max_magnitude,
-                                      unsigned long long* count) {
-  double bad = 0;  // counts as doubles so BlockSum serves; exact below 2⁵³
-  OPTD_GRID_STRIDE(i, n) bad += formulas::IsOutOfRange(x[i], max_magnitude) ? 1.0 : 0.0;
-  bad = BlockSum(bad);
-  if (threadIdx.x == 0 && bad > 0) atomicAdd(count, static_cast<unsigned long long>(bad));
-}
-
-// CountOutOfRangeKernel over a table of arrays: blockIdx.y picks the array.
+// Counts the out-of-range values of a table of arrays: blockIdx.y picks the array.
 __global__ void CountOutOfRangeTableKernel(const float* const* xs, const int64_t* counts,
                                            float max_magnitude, unsigned long long* out) {
   const float* x = xs[blockIdx.y];
@@ -503,11 +501,6 @@ cudaError_t RoundTo(cudaStream_t stream, float* x, int64_t n, int dtype) {
   return LaunchElements(stream, n, RoundKernel, x, n, dtype);
 }
 
-cudaError_t CountOutOfRange(cudaStream_t stream, const float* x, int64_t n, float max_magnitude,
-                            unsigned long long* count) {
-  return LaunchElements(stream, n, CountOutOfRangeKernel, x, n, max_magnitude, count);
-}
-
 cudaError_t CountOutOfRangeTable(cudaStream_t stream, const float* const* xs, const int64_t* counts,
                                  int64_t arrays, int64_t max_count, float max_magnitude,
                                  unsigned long long* out) {
@@ -608,17 +601,6 @@ bool Vectorizable(int64_t cols, std::initializer_list<const void*> arrays) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   }
   return true;
-}
-
-// One launch of a row kernel: a block per row for long rows, else a warp per row; `shared`
-// bytes of shared memory per row.
-template <typename Kernel, typename... Args>
-cudaError_t LaunchRowsWith(cudaStream_t stream, int64_t rows, bool row_block,
-                           int64_t shared_per_row, Kernel kernel, Args... args) {
-  const int64_t rows_per_block = row_block ? 1 : kThreads / kWarp;
-  kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kThreads,
-           rows_per_block * shared_per_row, stream>>>(args...);
-  return cudaGetLastError();
 }
 
 }  // namespace

@@ -29,10 +29,8 @@ cudaError_t Fill(cudaStream_t stream, float* x, int64_t n, float value);
 cudaError_t Convert(cudaStream_t stream, const void* src, int src_dtype, void* dst, int dst_dtype,
                     int64_t n);
 cudaError_t RoundTo(cudaStream_t stream, float* x, int64_t n, int dtype);
-// *count += number of out-of-range values (the caller zeroes it).
-cudaError_t CountOutOfRange(cudaStream_t stream, const float* x, int64_t n, float max_magnitude,
-                            unsigned long long* count);
-// out[i] += CountOutOfRange of array xs[i] (counts[i] values) for i < arrays, in one launch;
+// out[i] += the number of out-of-range values (NaN, ±inf, beyond max_magnitude) of array xs[i]
+// (counts[i] values) for i < arrays, in one launch;
 // xs, counts and out are device memory, max_count the largest count.
 cudaError_t CountOutOfRangeTable(cudaStream_t stream, const float* const* xs, const int64_t* counts,
                                  int64_t arrays, int64_t max_count, float max_magnitude,
