@@ -260,11 +260,12 @@ absl::Status Session::UpdateHyperparams(absl::Span<const v1::HyperparamUpdate> u
   return FromGrpcStatus(stub_->UpdateHyperparams(&context, request, &response));
 }
 
-absl::StatusOr<v1::CheckpointResponse> Session::Checkpoint() {
+absl::StatusOr<v1::CheckpointResponse> Session::Checkpoint(bool shared) {
   grpc::ClientContext context;
   Authorize(context);
   v1::CheckpointRequest request;
   request.set_session_id(id_);
+  request.set_shared(shared);
   v1::CheckpointResponse response;
   OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->Checkpoint(&context, request, &response)));
   return response;
@@ -331,11 +332,16 @@ absl::StatusOr<v1::ServerInfo> Client::ServerInfo(absl::Duration timeout) {
 }
 
 absl::StatusOr<Session> Client::CreateSession(const v1::SessionConfig& config, std::string id) {
-  grpc::ClientContext context;
-  Authorize(context, admin_token_);
   v1::CreateSessionRequest request;
   request.set_session_id(std::move(id));
   *request.mutable_config() = config;
+  return CreateSession(request);
+}
+
+absl::StatusOr<Session> Client::CreateSession(const v1::CreateSessionRequest& request,
+                                              const std::string& token) {
+  grpc::ClientContext context;
+  Authorize(context, token.empty() ? admin_token_ : token);
   v1::CreateSessionResponse response;
   OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->CreateSession(&context, request, &response)));
   Session session(channel_, response.session_id(), response.token());

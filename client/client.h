@@ -103,7 +103,8 @@ class Session {
   absl::StatusOr<StepResult> Step(int64_t step, absl::Span<const NamedTensor> gradients,
                                   const StepOptions& options = {});
   absl::Status UpdateHyperparams(absl::Span<const v1::HyperparamUpdate> updates);
-  absl::StatusOr<v1::CheckpointResponse> Checkpoint();
+  // `shared`: also write the copy other instances restore a resharded session from.
+  absl::StatusOr<v1::CheckpointResponse> Checkpoint(bool shared = false);
   absl::StatusOr<int64_t> Restore();
   absl::StatusOr<v1::GetAnalysisResponse> Analysis();
   absl::Status Delete();
@@ -130,6 +131,10 @@ class Client {
   absl::StatusOr<v1::ServerInfo> ServerInfo(absl::Duration timeout = absl::Seconds(5));
   // Creates a session (id empty: the daemon names it) and returns it with its token.
   absl::StatusOr<Session> CreateSession(const v1::SessionConfig& config, std::string id = "");
+  // The full request (restore_from, replace). `token` authorizes it instead of the admin token:
+  // replacing a session on a daemon without one takes that session's token.
+  absl::StatusOr<Session> CreateSession(const v1::CreateSessionRequest& request,
+                                        const std::string& token = "");
   // A handle on an existing session; nothing is checked until the first call.
   Session OpenSession(std::string id, std::string token) const;
   absl::StatusOr<std::vector<v1::SessionInfo>> ListSessions();

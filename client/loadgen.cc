@@ -11,8 +11,10 @@
 #include <condition_variable>
 #include <deque>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -24,6 +26,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "client/sharded.h"
 #include "google/protobuf/struct.pb.h"
 #include "google/protobuf/util/json_util.h"
 #include "kernels/status_macros.h"
@@ -197,8 +200,40 @@ class SessionRun {
  public:
   SessionRun(client::Session session, int world_size)
       : session_(std::move(session)), world_size_(world_size) {}
+  // A session spread over every endpoint (--sharded).
+  SessionRun(client::ShardedSession sharded, int world_size)
+      : sharded_(std::make_unique<client::ShardedSession>(std::move(sharded))),
+        world_size_(world_size) {}
 
-  client::Session& session() { return session_; }
+  absl::StatusOr<client::StepResult> Step(int64_t step, absl::Span<const client::NamedTensor> g,
+                                          const client::StepOptions& options) {
+    return sharded_ != nullptr ? sharded_->Step(step, g, options)
+                               : session_->Step(step, g, options);
+  }
+  // Where the session stands: the step every part has completed.
+  absl::StatusOr<int64_t> CompletedStep() {
+    if (sharded_ == nullptr) {
+      OPTD_ASSIGN_OR_RETURN(v1::SessionInfo info, session_->Info());
+      return info.step();
+    }
+    int64_t step = std::numeric_limits<int64_t>::max();
+    for (auto& [address, part] : sharded_->parts()) {
+      absl::StatusOr<v1::SessionInfo> info = part.Info();
+      if (!info.ok()) {
+        return absl::Status(info.status().code(),
+                            absl::StrCat("instance ", address, ": ", info.status().message()));
+      }
+      step = std::min(step, info->step());
+    }
+    return step;
+  }
+  void Delete(client::Client& client) {
+    if (sharded_ != nullptr) {
+      sharded_->Delete().IgnoreError();
+    } else {
+      client.DeleteSession(session_->id(), session_->token()).IgnoreError();
+    }
+  }
 
   int64_t next_step() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -254,7 +289,8 @@ class SessionRun {
   }
 
  private:
-  client::Session session_;
+  std::optional<client::Session> session_;
+  std::unique_ptr<client::ShardedSession> sharded_;
   const int world_size_;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
@@ -431,16 +467,28 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
   }
   std::vector<std::unique_ptr<SessionRun>> sessions;
   auto delete_sessions = [&] {
-    for (size_t i = 0; i < sessions.size(); ++i) {
-      clients[i % clients.size()]
-          .DeleteSession(sessions[i]->session().id(), sessions[i]->session().token())
-          .IgnoreError();
-    }
+    for (size_t i = 0; i < sessions.size(); ++i) sessions[i]->Delete(clients[i % clients.size()]);
     sessions.clear();
   };
   // Deleted however the level ends (an error, an exception).
   absl::Cleanup delete_on_exit = [&] { delete_sessions(); };
-  for (int i = 0; i < options.concurrency; ++i) {
+  for (int i = 0; options.sharded && i < options.concurrency; ++i) {
+    // Every session spread over all the endpoints, under one name on each.
+    std::vector<client::ShardEndpoint> shards;
+    for (size_t e = 0; e < clients.size(); ++e) {
+      shards.push_back({options.endpoints[e], clients[e].channel(), 0});
+    }
+    absl::StatusOr<client::ShardedSession> sharded =
+        client::ShardedSession::Create(shards, config, absl::StrCat("loadgen-", getpid(), "-", i),
+                                       /*epoch=*/1, options.admin_token);
+    if (!sharded.ok()) {
+      delete_sessions();
+      return absl::Status(sharded.status().code(),
+                          absl::StrCat("creating a sharded session: ", sharded.status().message()));
+    }
+    sessions.push_back(std::make_unique<SessionRun>(*std::move(sharded), options.world_size));
+  }
+  for (int i = 0; !options.sharded && i < options.concurrency; ++i) {
     absl::StatusOr<client::Session> session = clients[i % clients.size()].CreateSession(config);
     if (!session.ok()) {
       delete_sessions();
@@ -501,13 +549,13 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
       if (measured) ++tally.errors_by_code[absl::StatusCodeToString(status.code())];
     };
     if (options.inject_bad_every > 0 && step % options.inject_bad_every == 0) {
-      count_error(run.session().Step(step + 1000000, named, step_options).status());
+      count_error(run.Step(step + 1000000, named, step_options).status());
     }
     const absl::Time deadline = absl::Now() + options.step_timeout;
     absl::Duration backoff = absl::Milliseconds(5);
     absl::StatusOr<client::StepResult> result;
     while (true) {
-      result = run.session().Step(step, named, step_options);
+      result = run.Step(step, named, step_options);
       const bool refused =
           absl::IsUnavailable(result.status()) || absl::IsResourceExhausted(result.status());
       if (result.ok() || !refused || absl::Now() + backoff >= deadline) break;
@@ -549,12 +597,12 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
     }
     for (std::thread& t : threads) t.join();
     for (auto& run : sessions) {
-      absl::StatusOr<v1::SessionInfo> info = run->session().Info();
-      if (!info.ok()) {
+      absl::StatusOr<int64_t> completed = run->CompletedStep();
+      if (!completed.ok()) {
         delete_sessions();
-        return info.status();
+        return completed.status();
       }
-      run->set_next_step(info->step() + 1);
+      run->set_next_step(*completed + 1);
     }
   }
 
@@ -598,8 +646,8 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
           run->Done(!run_step(*run, w, step, intended, out));
           if (w == 0 && run->AwaitAll(before)) {
             // A worker failed: the daemon says which step the session expects next.
-            absl::StatusOr<v1::SessionInfo> info = run->session().Info();
-            if (info.ok()) run->set_next_step(info->step() + 1);
+            absl::StatusOr<int64_t> completed = run->CompletedStep();
+            if (completed.ok()) run->set_next_step(*completed + 1);
           }
         }
       });
@@ -736,6 +784,7 @@ absl::StatusOr<v1::LoadgenReport> Run(const Options& options,
   report.set_preset(options.preset);
   report.set_wire_dtype(std::string(DTypeName(options.wire_dtype)));
   report.set_world_size(options.world_size);
+  report.set_sharded(options.sharded);
   report.set_started(absl::FormatTime(absl::RFC3339_sec, absl::Now(), absl::UTCTimeZone()));
   bool ok = true;
   for (int concurrency : concurrencies) {

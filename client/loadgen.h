@@ -57,6 +57,9 @@ struct Options {
   DType wire_dtype = DType::kF32;
   v1::StepResult result = v1::STEP_RESULT_PARAMETERS;
   int world_size = 1;  // workers per session; each step waits for all of them
+  // Each session spans every endpoint (client/sharded.h: placed at epoch 1, every owner stepped at
+  // once, results put back together) instead of living on one of them.
+  bool sharded = false;
   Arrival arrival = Arrival::kClosed;
   int concurrency = 1;                          // sessions; the open loop's most steps in flight
   double rate = 0;                              // open loop: steps per second
@@ -83,8 +86,9 @@ struct Options {
 };
 
 // One level under `options`: creates `concurrency` sessions (each with a token; spread over the
-// endpoints), warms them up, measures, deletes them. Errors of the setup (an endpoint down, a
-// rejected session) are returned; errors of steps are counted in the level.
+// endpoints, or each over all of them when sharded), warms them up, measures, deletes them. Errors
+// of the setup (an endpoint down, a rejected session) are returned; errors of steps are counted in
+// the level.
 absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options);
 
 // Levels for every concurrency (closed loop) or the one rate (open loop), and the report.

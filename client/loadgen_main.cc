@@ -22,7 +22,11 @@
 #include "kernels/dtype.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051",
-          "optd endpoints, HOST:PORT[,HOST:PORT...]; sessions are spread over them.");
+          "optd endpoints, HOST:PORT[,HOST:PORT...]; sessions are spread over them (or, with "
+          "--sharded, each spans all of them).");
+ABSL_FLAG(bool, sharded, false,
+          "Each session is one sharded session over every --server endpoint (placement by "
+          "Newton-Schulz cost, all owners stepped at once) instead of living on one.");
 ABSL_FLAG(std::string, metrics, "",
           "Their /metrics addresses, HOST:PORT, one per endpoint (empty: no server phases).");
 ABSL_FLAG(std::string, admin_token, "", "Admin token for creating and deleting the sessions.");
@@ -120,6 +124,7 @@ int main(int argc, char** argv) {
 
   optd::loadgen::Options options;
   options.endpoints = absl::StrSplit(absl::GetFlag(FLAGS_server), ',', absl::SkipEmpty());
+  options.sharded = absl::GetFlag(FLAGS_sharded);
   options.metrics = absl::StrSplit(absl::GetFlag(FLAGS_metrics), ',', absl::SkipEmpty());
   options.admin_token = absl::GetFlag(FLAGS_admin_token);
   options.channel.tls = absl::GetFlag(FLAGS_tls);

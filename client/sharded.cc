@@ -3,6 +3,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "kernels/status_macros.h"
 
 namespace optd::client {
@@ -21,7 +22,8 @@ std::string SliceName(const std::string& tensor, int64_t slice) {
 absl::StatusOr<ShardedSession> ShardedSession::Create(const std::vector<ShardEndpoint>& endpoints,
                                                       const v1::SessionConfig& config,
                                                       const std::string& id, int64_t epoch,
-                                                      const std::string& admin_token) {
+                                                      const std::string& admin_token,
+                                                      const ShardRestore* restore) {
   if (epoch <= 0) return absl::InvalidArgumentError("a sharded session's epoch must be >= 1");
   v1::PlacementManifest manifest;
   manifest.set_epoch(epoch);
@@ -47,6 +49,9 @@ absl::StatusOr<ShardedSession> ShardedSession::Create(const std::vector<ShardEnd
     m->set_batch(t.rank_policy() == v1::RANK_POLICY_BATCH && t.shape_size() >= 3);
   }
   ShardedSession sharded;
+  sharded.config_ = config;
+  sharded.id_ = id;
+  sharded.admin_token_ = admin_token;
   OPTD_ASSIGN_OR_RETURN(sharded.placement_, Place(manifest));
 
   // Each instance's part of the config: its whole tensors, and its slices as tensors of one
@@ -81,20 +86,122 @@ absl::StatusOr<ShardedSession> ShardedSession::Create(const std::vector<ShardEnd
   for (size_t e = 0; e < endpoints.size(); ++e) {
     if (parts[e].tensors().empty()) continue;
     Client client(endpoints[e].channel, admin_token);
-    absl::StatusOr<Session> session = client.CreateSession(parts[e], id);
+    v1::CreateSessionRequest request;
+    request.set_session_id(id);
+    *request.mutable_config() = parts[e];
+    std::string token;  // empty: the admin token
+    if (restore != nullptr) {
+      for (const std::string& instance : restore->instances) {
+        v1::CheckpointSource* source = request.add_restore_from();
+        source->set_instance(instance);
+        source->set_session_id(restore->session_id.empty() ? id : restore->session_id);
+      }
+      request.set_replace(true);
+      auto old = restore->tokens.find(endpoints[e].address);
+      if (admin_token.empty() && old != restore->tokens.end()) token = old->second;
+    }
+    absl::StatusOr<Session> session = client.CreateSession(request, token);
     if (!session.ok()) {
-      sharded.Delete().IgnoreError();
+      if (restore == nullptr) sharded.Delete().IgnoreError();
       return Named(session.status(), endpoints[e].address);
     }
     shard_of[e] = static_cast<int>(sharded.shards_.size());
-    Shard shard{endpoints[e].address, *std::move(session), {}};
+    Shard shard{endpoints[e].address, endpoints[e].channel, *std::move(session), {}};
     for (const v1::TensorConfig& t : parts[e].tensors()) shard.tensors.push_back(t.name());
     sharded.shards_.push_back(std::move(shard));
   }
   for (auto& [name, pieces] : sharded.pieces_) {
     for (Piece& p : pieces) p.shard = shard_of[p.shard];
   }
+  if (restore != nullptr) {
+    // Every part has read its sources: now its own checkpoint may overwrite one of them.
+    for (Shard& shard : sharded.shards_) {
+      absl::StatusOr<v1::CheckpointResponse> written = shard.session.Checkpoint();
+      if (!written.ok() && !absl::IsFailedPrecondition(written.status())) {
+        return Named(written.status(), shard.address);
+      }
+    }
+  }
   return sharded;
+}
+
+std::vector<std::pair<std::string, Session>> ShardedSession::parts() const {
+  std::vector<std::pair<std::string, Session>> out;
+  for (const Shard& shard : shards_) out.push_back({shard.address, shard.session});
+  return out;
+}
+
+absl::StatusOr<int64_t> ShardedSession::Checkpoint(bool shared) {
+  std::vector<int64_t> steps;
+  for (Shard& shard : shards_) {
+    absl::StatusOr<v1::CheckpointResponse> written = shard.session.Checkpoint(shared);
+    if (!written.ok()) return Named(written.status(), shard.address);
+    steps.push_back(written->step());
+  }
+  return CommonStep(steps, "checkpointed");
+}
+
+absl::StatusOr<int64_t> ShardedSession::Restore() {
+  std::vector<int64_t> steps;
+  for (Shard& shard : shards_) {
+    absl::StatusOr<int64_t> step = shard.session.Restore();
+    if (!step.ok()) return Named(step.status(), shard.address);
+    steps.push_back(*step);
+  }
+  return CommonStep(steps, "restored");
+}
+
+absl::StatusOr<int64_t> ShardedSession::CommonStep(const std::vector<int64_t>& steps,
+                                                   absl::string_view what) const {
+  if (steps.empty()) return absl::FailedPreconditionError("the sharded session has no parts");
+  bool same = true;
+  std::vector<std::string> each;
+  for (size_t s = 0; s < steps.size(); ++s) {
+    same = same && steps[s] == steps[0];
+    each.push_back(absl::StrCat(shards_[s].address, " at step ", steps[s]));
+  }
+  if (!same) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the parts of session '", id_, "' were ", what,
+                     " at different steps: ", absl::StrJoin(each, ", ")));
+  }
+  return steps[0];
+}
+
+absl::StatusOr<ShardedSession> ShardedSession::Reshard(const std::vector<ShardEndpoint>& endpoints,
+                                                       int64_t epoch) {
+  if (epoch <= placement_.epoch()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("resharding needs an epoch after ", placement_.epoch(), ", got ", epoch));
+  }
+  ShardRestore restore;
+  restore.session_id = id_;
+  for (Shard& shard : shards_) {
+    absl::StatusOr<v1::ServerInfo> info = Client(shard.channel).ServerInfo();
+    if (!info.ok()) return Named(info.status(), shard.address);
+    if (!info->shared_state()) {
+      return Named(absl::FailedPreconditionError(
+                       "the daemon has no --shared_state_root, so its part cannot move"),
+                   shard.address);
+    }
+    restore.instances.push_back(info->instance_name());
+    restore.tokens[shard.address] = shard.session.token();
+  }
+  OPTD_RETURN_IF_ERROR(Checkpoint(/*shared=*/true).status());
+  OPTD_ASSIGN_OR_RETURN(ShardedSession moved,
+                        Create(endpoints, config_, id_, epoch, admin_token_, &restore));
+  // The new parts are checkpointed; the old ones on instances that hold no new part go.
+  for (Shard& shard : shards_) {
+    bool kept = false;
+    for (const Shard& now : moved.shards_) kept = kept || now.address == shard.address;
+    if (!kept) {
+      Client(shard.channel, admin_token_)
+          .DeleteSession(id_, admin_token_.empty() ? shard.session.token() : "")
+          .IgnoreError();
+    }
+  }
+  shards_.clear();
+  return moved;
 }
 
 absl::StatusOr<StepResult> ShardedSession::Step(int64_t step,
@@ -127,6 +234,11 @@ absl::StatusOr<StepResult> ShardedSession::Step(int64_t step,
     });
   }
   for (std::thread& t : threads) t.join();
+  for (size_t s = 0; s < shards_.size(); ++s) {
+    if (absl::IsFailedPrecondition(results[s].status())) {
+      results[s] = CompletedBeforeRestart(s, step, per_shard[s], options, results[s].status());
+    }
+  }
   StepResult merged;
   merged.step = step;
   for (size_t s = 0; s < shards_.size(); ++s) {
@@ -148,6 +260,33 @@ absl::StatusOr<StepResult> ShardedSession::Step(int64_t step,
     }
   }
   return merged;
+}
+
+absl::StatusOr<StepResult> ShardedSession::CompletedBeforeRestart(
+    size_t s, int64_t step, absl::Span<const NamedTensor> gradients, const StepOptions& options,
+    const absl::Status& refused) {
+  Session& session = shards_[s].session;
+  absl::StatusOr<v1::SessionInfo> info = session.Info();
+  if (!info.ok() || info->step() != step ||
+      info->config().placement_epoch() != placement_.epoch()) {
+    return refused;
+  }
+  // The instance committed (and checkpointed) this step, then went down before it answered: it
+  // restarted at this step and cannot replay it. Its parameters are the step's result.
+  StepResult result;
+  result.step = step;
+  result.replayed = true;
+  result.kind = config_.step_result();
+  if (result.kind == v1::STEP_RESULT_NONE) return result;
+  if (result.kind == v1::STEP_RESULT_DELTA) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "it completed step ", step, " before it restarted, and the step's delta went with it; ",
+        "its parameters are current (GetParameters)"));
+  }
+  std::vector<std::string> names;
+  for (const NamedTensor& g : gradients) names.push_back(g.name);
+  OPTD_ASSIGN_OR_RETURN(result.values, session.GetParameters(names, options.result_dtype));
+  return result;
 }
 
 absl::Status ShardedSession::UploadParameters(absl::Span<const NamedTensor> tensors) {

@@ -1,5 +1,6 @@
 // optd: the optimizer daemon. `optd --help` lists the flags.
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
@@ -13,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "server/server.h"
+#include "server/session_config.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "Address to serve gRPC on, host:port; port 0 picks a free port (see --port_file).");
@@ -33,6 +35,15 @@ ABSL_FLAG(bool, allow_tf32, false,
 ABSL_FLAG(std::string, state_dir, "",
           "Directory for checkpoints; optd resumes every session found in it. Empty: sessions "
           "live in memory only and Checkpoint/Restore are refused.");
+ABSL_FLAG(std::string, shared_state_root, "",
+          "Directory every instance of a sharded deployment can read (a shared volume, or one "
+          "host's disk), with one directory of checkpoints per instance: <root>/<instance_name>. "
+          "A resharded session restores its tensors from there (CreateSession restore_from), and "
+          "Checkpoint with shared=true writes there. Point --state_dir at <root>/<instance_name> "
+          "to use one copy for both. Empty: resharding is off.");
+ABSL_FLAG(std::string, instance_name, "",
+          "This instance's name in --shared_state_root; empty: the host name (a StatefulSet "
+          "pod's name).");
 ABSL_FLAG(int, max_sessions, 64, "Most sessions held at once (RESOURCE_EXHAUSTED beyond).");
 ABSL_FLAG(int64_t, max_session_bytes, int64_t{16} << 30,
           "Most bytes of state one session may hold: parameters, optimizer state, gradient "
@@ -113,6 +124,18 @@ int main(int argc, char** argv) {
   options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   options.drain_timeout = absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_s));
   options.sessions.state_dir = absl::GetFlag(FLAGS_state_dir);
+  options.sessions.shared_state_root = absl::GetFlag(FLAGS_shared_state_root);
+  options.sessions.instance_name = absl::GetFlag(FLAGS_instance_name);
+  if (options.sessions.instance_name.empty()) {
+    char host[256] = {};
+    if (gethostname(host, sizeof(host) - 1) == 0) options.sessions.instance_name = host;
+  }
+  if (!options.sessions.shared_state_root.empty() &&
+      !optd::server::IsValidSessionId(options.sessions.instance_name)) {
+    std::fprintf(stderr, "optd: --instance_name '%s' is not [A-Za-z0-9_.-]{1,64}\n",
+                 options.sessions.instance_name.c_str());
+    return 2;
+  }
   options.sessions.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   options.sessions.max_session_bytes = absl::GetFlag(FLAGS_max_session_bytes);
   options.sessions.idle_ttl = absl::Seconds(absl::GetFlag(FLAGS_idle_ttl_s));

@@ -96,6 +96,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   OPTD_ASSIGN_OR_RETURN(server->backend_, PickBackend(options, *info.mutable_backend_choice()));
   info.set_backend(std::string(server->backend_->name()));
   info.set_backend_description(server->backend_->description());
+  info.set_instance_name(options.sessions.instance_name);
+  info.set_shared_state(!options.sessions.shared_state_root.empty());
+  if (info.shared_state()) {
+    server->startup_log_.push_back(absl::StrCat("instance '", options.sessions.instance_name,
+                                                "' in shared state root ",
+                                                options.sessions.shared_state_root));
+  }
   server->startup_log_.push_back(absl::StrCat("backend ", info.backend_choice()));
   server->startup_log_.push_back(absl::StrCat("backend: ", info.backend_description()));
   if (options.metrics.tensor_label_budget < 0) {

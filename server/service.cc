@@ -105,8 +105,12 @@ grpc::Status OptimizerService::CreateSession(grpc::ServerContext* context,
                                              v1::CreateSessionResponse* response) {
   return Finish("CreateSession", [&]() -> absl::Status {
     OPTD_RETURN_IF_ERROR(sessions_.AuthorizeAdmin(Authorization(*context)));
+    CreateOptions create;
+    create.restore_from.assign(request->restore_from().begin(), request->restore_from().end());
+    create.replace = request->replace();
+    create.authorization = std::string(Authorization(*context));
     OPTD_ASSIGN_OR_RETURN(CreatedSession created,
-                          sessions_.Create(request->session_id(), request->config()));
+                          sessions_.Create(request->session_id(), request->config(), create));
     response->set_session_id(created.session->id());
     response->set_token(created.token);
     *response->mutable_session() = created.session->Info(/*with_tensors=*/true);
@@ -335,10 +339,15 @@ grpc::Status OptimizerService::Checkpoint(grpc::ServerContext* context,
   return Finish("Checkpoint", [&]() -> absl::Status {
     OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
                           Authorize(context, request->session_id()));
-    OPTD_ASSIGN_OR_RETURN(CheckpointInfo info, session->Checkpoint());
+    std::string shared_dir;
+    if (request->shared()) {
+      OPTD_ASSIGN_OR_RETURN(shared_dir, sessions_.SharedDir());
+    }
+    OPTD_ASSIGN_OR_RETURN(CheckpointInfo info, session->Checkpoint(/*touch=*/true, shared_dir));
     response->set_step(info.step);
     response->set_path(info.path);
     response->set_bytes(info.bytes);
+    response->set_shared_path(info.shared_path);
     return absl::OkStatus();
   }());
 }

@@ -30,6 +30,33 @@ absl::Status CopyRecord(absl::string_view record, absl::string_view name, absl::
   return absl::OkStatus();
 }
 
+// Tensor `t` of `optimizer` from the records of the checkpointed tensor `tc`: parameters, every
+// state buffer the optimizer has for it, and its applied steps.
+absl::Status LoadTensorRecords(const CheckpointReader& reader, const v1::TensorCheckpoint& tc,
+                               int t, Optimizer& optimizer) {
+  std::vector<float> values;
+  const std::string params_name = absl::StrCat("params/", tc.name());
+  OPTD_ASSIGN_OR_RETURN(absl::string_view params, reader.Find(params_name));
+  values.resize(static_cast<size_t>(optimizer.num_elements(t)));
+  OPTD_RETURN_IF_ERROR(CopyRecord(params, params_name, absl::MakeSpan(values)));
+  OPTD_RETURN_IF_ERROR(optimizer.SetParameters(t, values));
+  for (const StateBuffer& buffer : optimizer.state(t)) {
+    const std::string name = absl::StrCat("state/", tc.name(), "/", buffer.name);
+    OPTD_ASSIGN_OR_RETURN(absl::string_view record, reader.Find(name));
+    values.resize(static_cast<size_t>(buffer.count));
+    OPTD_RETURN_IF_ERROR(CopyRecord(record, name, absl::MakeSpan(values)));
+    OPTD_RETURN_IF_ERROR(optimizer.SetState(t, buffer.name, values));
+  }
+  return optimizer.SetStepsApplied(t, tc.steps_applied());
+}
+
+const v1::GroupConfig* FindGroup(const v1::SessionConfig& config, absl::string_view name) {
+  for (const v1::GroupConfig& g : config.groups()) {
+    if (g.name() == name) return &g;
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 struct Session::Snapshot {
@@ -163,26 +190,13 @@ absl::StatusOr<Session::Loaded> Session::LoadCheckpoint(const std::string& path)
   OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config_));
   Loaded loaded;
   OPTD_ASSIGN_OR_RETURN(loaded.optimizer, Optimizer::Create(backend_, std::move(specs)));
-  std::vector<float> values;
   for (int t = 0; t < num_tensors(); ++t) {
     const v1::TensorCheckpoint& tc = meta.tensors(t);
     if (tc.name() != names_[t]) {
       return absl::DataLossError(
           absl::StrCat(path, ": tensor ", t, " is '", tc.name(), "', expected '", names_[t], "'"));
     }
-    const std::string params_name = absl::StrCat("params/", names_[t]);
-    OPTD_ASSIGN_OR_RETURN(absl::string_view params, reader.Find(params_name));
-    values.resize(static_cast<size_t>(counts_[t]));
-    OPTD_RETURN_IF_ERROR(CopyRecord(params, params_name, absl::MakeSpan(values)));
-    OPTD_RETURN_IF_ERROR(loaded.optimizer->SetParameters(t, values));
-    for (const StateBuffer& buffer : loaded.optimizer->state(t)) {
-      const std::string name = absl::StrCat("state/", names_[t], "/", buffer.name);
-      OPTD_ASSIGN_OR_RETURN(absl::string_view record, reader.Find(name));
-      values.resize(static_cast<size_t>(buffer.count));
-      OPTD_RETURN_IF_ERROR(CopyRecord(record, name, absl::MakeSpan(values)));
-      OPTD_RETURN_IF_ERROR(loaded.optimizer->SetState(t, buffer.name, values));
-    }
-    OPTD_RETURN_IF_ERROR(loaded.optimizer->SetStepsApplied(t, tc.steps_applied()));
+    OPTD_RETURN_IF_ERROR(LoadTensorRecords(reader, tc, t, *loaded.optimizer));
   }
   loaded.step = meta.step();
   for (const v1::GroupHyperparams& h : meta.hyperparams()) loaded.hyperparams[h.group()] = h;
@@ -214,6 +228,150 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Load(Backend& backend, const s
   session->checkpoint_step_ = loaded.step;
   session->step_published_ = loaded.step;
   session->checkpoint_step_published_ = loaded.step;
+  session->ExportStateLocked();
+  return session;
+}
+
+absl::StatusOr<std::unique_ptr<Session>> Session::Restored(
+    Backend& backend, std::string id, v1::SessionConfig config, std::string token_digest,
+    SessionOptions options, const std::vector<CheckpointSourcePath>& sources) {
+  if (options.fs == nullptr) {
+    return absl::InvalidArgumentError("Session::Restored needs a FileSystem");
+  }
+  if (sources.empty()) return absl::InvalidArgumentError("no checkpoint to restore from");
+  // Every source read and checked whole before anything is built.
+  std::vector<CheckpointReader> readers;
+  std::vector<v1::SessionCheckpoint> metas;
+  for (const CheckpointSourcePath& source : sources) {
+    absl::StatusOr<CheckpointReader> reader = CheckpointReader::Open(*options.fs, source.path);
+    if (absl::IsNotFound(reader.status())) {
+      return absl::NotFoundError(
+          absl::StrCat("there is no checkpoint of ", source.label, " at ", source.path));
+    }
+    OPTD_RETURN_IF_ERROR(reader.status());
+    OPTD_ASSIGN_OR_RETURN(absl::string_view meta_bytes, reader->Find("meta"));
+    v1::SessionCheckpoint& meta = metas.emplace_back();
+    if (!meta.ParseFromArray(meta_bytes.data(), static_cast<int>(meta_bytes.size()))) {
+      return absl::DataLossError(absl::StrCat(source.path, ": the meta record does not parse"));
+    }
+    readers.push_back(*std::move(reader));
+  }
+  const int64_t step = metas[0].step();
+  const int64_t epoch = metas[0].config().placement_epoch();
+  for (size_t s = 1; s < sources.size(); ++s) {
+    if (metas[s].step() != step) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          sources[0].label, " was checkpointed at step ", step, " but ", sources[s].label,
+          " at step ", metas[s].step(), "; checkpoint every part at the same step"));
+    }
+    if (metas[s].config().placement_epoch() != epoch) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          sources[0].label, " was placed at epoch ", epoch, " but ", sources[s].label, " at epoch ",
+          metas[s].config().placement_epoch(), "; restore from the parts of one placement"));
+    }
+  }
+  if (config.placement_epoch() <= epoch && (epoch != 0 || config.placement_epoch() != 0)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the checkpoints were placed at epoch ", epoch, "; a session restored from ",
+                     "them needs a later placement epoch, not ", config.placement_epoch()));
+  }
+  // Each checkpointed tensor by name: (source, its entry in the meta, its config).
+  struct Found {
+    size_t source;
+    const v1::TensorCheckpoint* checkpoint;
+    const v1::TensorConfig* config;
+  };
+  std::map<std::string, Found, std::less<>> found;
+  for (size_t s = 0; s < sources.size(); ++s) {
+    const v1::SessionCheckpoint& meta = metas[s];
+    if (meta.tensors_size() != meta.config().tensors_size()) {
+      return absl::DataLossError(absl::StrCat(sources[s].path, " lists ", meta.tensors_size(),
+                                              " tensors for a config of ",
+                                              meta.config().tensors_size()));
+    }
+    for (int t = 0; t < meta.tensors_size(); ++t) {
+      auto [it, added] = found.try_emplace(meta.tensors(t).name(),
+                                           Found{s, &meta.tensors(t), &meta.config().tensors(t)});
+      if (!added) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("tensor '", meta.tensors(t).name(), "' is in both ",
+                         sources[it->second.source].label, " and ", sources[s].label));
+      }
+    }
+  }
+  std::unique_ptr<Session> session(new Session(backend, std::move(id), std::move(config),
+                                               std::move(token_digest), std::move(options)));
+  const v1::SessionConfig& target = session->config_;
+  std::map<std::string, v1::GroupHyperparams> hyperparams;
+  std::map<std::string, size_t> hyperparams_from;  // group -> the source its values came from
+  for (int t = 0; t < session->num_tensors(); ++t) {
+    const v1::TensorConfig& want = target.tensors(t);
+    auto it = found.find(want.name());
+    if (it == found.end()) {
+      return absl::FailedPreconditionError(absl::StrCat("tensor '", want.name(), "' is in none of ",
+                                                        "the ", sources.size(),
+                                                        " checkpoints restored from"));
+    }
+    const Found& f = it->second;
+    const v1::SessionCheckpoint& meta = metas[f.source];
+    const v1::GroupConfig& group = *FindGroup(target, want.group());
+    const v1::GroupConfig* had = FindGroup(meta.config(), f.config->group());
+    auto shape = [](const v1::TensorConfig& c) { return absl::StrJoin(c.shape(), "x"); };
+    std::string differs;
+    if (shape(want) != shape(*f.config)) {
+      differs = absl::StrCat("shape ", shape(*f.config), " there, ", shape(want), " here");
+    } else if (want.dtype() != f.config->dtype()) {
+      differs = absl::StrCat("dtype ", v1::DType_Name(f.config->dtype()), " there, ",
+                             v1::DType_Name(want.dtype()), " here");
+    } else if (want.rank_policy() != f.config->rank_policy()) {
+      differs = "another rank policy";
+    } else if (had == nullptr || had->preset() != group.preset() ||
+               had->overrides_size() != group.overrides_size()) {
+      differs = absl::StrCat("preset '", had == nullptr ? "" : had->preset(), "' there, '",
+                             group.preset(), "' here (or other overrides)");
+    } else {
+      for (int o = 0; o < group.overrides_size(); ++o) {
+        if (had->overrides(o).key() != group.overrides(o).key() ||
+            had->overrides(o).value() != group.overrides(o).value()) {
+          differs = absl::StrCat("override ", had->overrides(o).key(), "=",
+                                 had->overrides(o).value(), " there, ", group.overrides(o).key(),
+                                 "=", group.overrides(o).value(), " here");
+          break;
+        }
+      }
+    }
+    if (!differs.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat("tensor '", want.name(),
+                                                        "' does not match its checkpoint in ",
+                                                        sources[f.source].label, ": ", differs));
+    }
+    for (const v1::GroupHyperparams& h : meta.hyperparams()) {
+      if (h.group() != f.config->group()) continue;
+      v1::GroupHyperparams mine = h;
+      mine.set_group(group.name());
+      auto [have, added] = hyperparams.try_emplace(group.name(), mine);
+      if (!added && (have->second.lr() != h.lr() || have->second.momentum() != h.momentum() ||
+                     have->second.weight_decay() != h.weight_decay())) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "group '", group.name(), "' has other hyperparameters in ",
+            sources[hyperparams_from[group.name()]].label, " than in ", sources[f.source].label));
+      }
+      hyperparams_from.try_emplace(group.name(), f.source);
+    }
+  }
+  OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(target));
+  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> optimizer,
+                        Optimizer::Create(backend, std::move(specs)));
+  for (int t = 0; t < session->num_tensors(); ++t) {
+    const Found& f = found.find(target.tensors(t).name())->second;
+    OPTD_RETURN_IF_ERROR(LoadTensorRecords(readers[f.source], *f.checkpoint, t, *optimizer));
+  }
+  OPTD_RETURN_IF_ERROR(session->ApplyHyperparams(*optimizer, hyperparams));
+  OPTD_RETURN_IF_ERROR(session->Initialize(std::move(optimizer)));
+  absl::MutexLock lock(&session->mu_);
+  for (const auto& [name, h] : hyperparams) session->hyperparams_[name] = h;
+  session->step_ = step;
+  session->step_published_ = step;
   session->ExportStateLocked();
   return session;
 }
@@ -758,11 +916,25 @@ absl::Status Session::GetParameters(int tensor, absl::Span<float> out) {
   return optimizer_->GetParameters(tensor, out);
 }
 
-absl::StatusOr<CheckpointInfo> Session::Checkpoint(bool touch) {
+absl::StatusOr<CheckpointInfo> Session::Checkpoint(bool touch, const std::string& shared_dir) {
   if (touch) Touch();
   absl::MutexLock lock(&mu_);
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
-  return CheckpointLocked();
+  if (!shared_dir.empty() && options_.state_dir.empty()) {
+    // Only the shared copy: the daemon keeps no restart checkpoints of its own.
+    OPTD_ASSIGN_OR_RETURN(CheckpointInfo info, WriteCheckpointLocked(shared_dir));
+    info.shared_path = info.path;
+    return info;
+  }
+  OPTD_ASSIGN_OR_RETURN(CheckpointInfo info, CheckpointLocked());
+  if (shared_dir.empty()) return info;
+  if (shared_dir == options_.state_dir) {
+    info.shared_path = info.path;
+    return info;
+  }
+  OPTD_ASSIGN_OR_RETURN(CheckpointInfo shared, WriteCheckpointLocked(shared_dir));
+  info.shared_path = shared.path;
+  return info;
 }
 
 absl::StatusOr<CheckpointInfo> Session::CheckpointLocked() {
@@ -770,12 +942,20 @@ absl::StatusOr<CheckpointInfo> Session::CheckpointLocked() {
     return absl::FailedPreconditionError(
         "the daemon has no state directory (--state_dir); checkpoints are off");
   }
+  OPTD_ASSIGN_OR_RETURN(CheckpointInfo info, WriteCheckpointLocked(options_.state_dir));
+  checkpoint_step_ = step_;
+  checkpoint_step_published_ = step_;
+  return info;
+}
+
+absl::StatusOr<CheckpointInfo> Session::WriteCheckpointLocked(const std::string& state_dir) {
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
   FileSystem& fs = *options_.fs;
-  const std::string dir = absl::StrCat(options_.state_dir, "/", id_);
+  OPTD_RETURN_IF_ERROR(fs.CreateDir(state_dir));
+  const std::string dir = absl::StrCat(state_dir, "/", id_);
   OPTD_RETURN_IF_ERROR(fs.CreateDir(dir));
   CheckpointInfo info;
-  info.path = CheckpointPath(options_.state_dir, id_);
+  info.path = CheckpointPath(state_dir, id_);
   info.step = step_;
 
   v1::SessionCheckpoint meta;
@@ -811,8 +991,6 @@ absl::StatusOr<CheckpointInfo> Session::CheckpointLocked() {
     }
   }
   OPTD_RETURN_IF_ERROR(writer->Commit());
-  checkpoint_step_ = step_;
-  checkpoint_step_published_ = step_;
   return info;
 }
 

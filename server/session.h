@@ -84,6 +84,13 @@ struct CheckpointInfo {
   int64_t step = 0;
   std::string path;
   int64_t bytes = 0;
+  std::string shared_path;  // the copy for resharding, when one was asked for
+};
+
+// A checkpoint a resharded session restores from, and how errors name it.
+struct CheckpointSourcePath {
+  std::string label;  // e.g. "instance 'optd-2' session 'run'"
+  std::string path;
 };
 
 // Owned through std::shared_ptr (the analyzer's callback holds a weak one).
@@ -99,6 +106,14 @@ class Session : public std::enable_shared_from_this<Session> {
   // contents do not fit its own config.
   static absl::StatusOr<std::unique_ptr<Session>> Load(Backend& backend, const std::string& path,
                                                        SessionOptions options);
+  // A new session whose tensors come from checkpoints of other sessions, by name (resharding;
+  // CreateSessionRequest.restore_from states the rules): at the sources' step, with their
+  // hyperparameters, and without a checkpoint of its own yet. NotFound for a missing source,
+  // DataLoss for a damaged one, FailedPrecondition naming the tensor or source that does not fit.
+  // REQUIRES: `config` passed NormalizeSessionConfig.
+  static absl::StatusOr<std::unique_ptr<Session>> Restored(
+      Backend& backend, std::string id, v1::SessionConfig config, std::string token_digest,
+      SessionOptions options, const std::vector<CheckpointSourcePath>& sources);
   // The meta record of a checkpoint, read without loading any tensor (the file is still checked
   // whole).
   static absl::StatusOr<v1::SessionCheckpoint> ReadCheckpointMeta(FileSystem& fs,
@@ -155,7 +170,10 @@ class Session : public std::enable_shared_from_this<Session> {
   absl::Status UpdateHyperparams(const v1::UpdateHyperparamsRequest& request);
 
   // `touch` false: a checkpoint that does not count as use (the idle-session reaper's).
-  absl::StatusOr<CheckpointInfo> Checkpoint(bool touch = true);
+  // `shared_dir` (the instance's directory in the shared state root): a copy goes there too, for
+  // other instances to restore from when the session is resharded (only there when the daemon
+  // has no state directory; once when it is the state directory).
+  absl::StatusOr<CheckpointInfo> Checkpoint(bool touch = true, const std::string& shared_dir = "");
   // Replaces parameters, state, step and hyperparameters with the last checkpoint's, atomically.
   absl::StatusOr<int64_t> Restore();
 
@@ -203,7 +221,11 @@ class Session : public std::enable_shared_from_this<Session> {
   static std::shared_ptr<const StepOutcome> Lease(const std::shared_ptr<StepOutcome>& outcome);
   void EndRoundLocked(absl::StatusOr<std::shared_ptr<StepOutcome>> result)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The restart checkpoint, in the state directory.
   absl::StatusOr<CheckpointInfo> CheckpointLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The session's checkpoint file under `state_dir` (created if missing).
+  absl::StatusOr<CheckpointInfo> WriteCheckpointLocked(const std::string& state_dir)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A fresh optimizer holding the checkpoint at `path`, with its step and hyperparameters.
   struct Loaded;
   absl::StatusOr<Loaded> LoadCheckpoint(const std::string& path);

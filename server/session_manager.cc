@@ -81,7 +81,16 @@ absl::Status SessionManager::AuthorizeAdmin(absl::string_view authorization) {
   return absl::UnauthenticatedError("this call needs the admin token; the token given is not");
 }
 
-absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::SessionConfig config) {
+absl::StatusOr<std::string> SessionManager::SharedDir() const {
+  if (options_.shared_state_root.empty()) {
+    return absl::FailedPreconditionError(
+        "the daemon has no shared state root (--shared_state_root); resharding is off");
+  }
+  return absl::StrCat(options_.shared_state_root, "/", options_.instance_name);
+}
+
+absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::SessionConfig config,
+                                                      const CreateOptions& create) {
   OPTD_RETURN_IF_ERROR(NormalizeSessionConfig(config));
   if (config.world_size() > options_.max_world_size) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -99,55 +108,109 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
     return absl::InvalidArgumentError(
         absl::StrCat("session id '", id, "' is not [A-Za-z0-9_.-]{1,64}"));
   }
+  std::vector<CheckpointSourcePath> sources;
+  if (!create.restore_from.empty()) {
+    OPTD_ASSIGN_OR_RETURN(std::string shared_dir, SharedDir());
+    for (const v1::CheckpointSource& source : create.restore_from) {
+      if (!IsValidSessionId(source.instance()) || !IsValidSessionId(source.session_id())) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "restore_from names instance '", source.instance(), "' and session '",
+            source.session_id(), "'; both must be [A-Za-z0-9_.-]{1,64}, not '.' or '..'"));
+      }
+      sources.push_back(
+          {absl::StrCat("instance '", source.instance(), "' session '", source.session_id(), "'"),
+           Session::CheckpointPath(absl::StrCat(options_.shared_state_root, "/", source.instance()),
+                                   source.session_id())});
+    }
+  }
+  if (create.replace && id.empty()) {
+    return absl::InvalidArgumentError("replace needs the session_id of the session to replace");
+  }
   OPTD_ASSIGN_OR_RETURN(std::string token, GenerateToken());
   const std::string digest = TokenDigest(token);
+  bool replacing = false;
   {
     // Reserve the name and the slot before the (possibly long) allocation.
     absl::MutexLock lock(&mu_);
-    if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
-      return absl::ResourceExhaustedError(absl::StrCat("the daemon holds ", sessions_.size(),
-                                                       " sessions, its limit (--max_sessions); ",
-                                                       "delete one first"));
+    auto existing = sessions_.find(id);
+    if (create.replace && existing != sessions_.end()) {
+      // Wait out a reload, then claim the entry: the old session serves until the swap.
+      OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeSettledLocked(id, create.authorization));
+      if (entry->replacing) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("session '", id, "' is already being replaced by another call"));
+      }
+      entry->replacing = true;
+      replacing = true;
+    } else {
+      if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
+        return absl::ResourceExhaustedError(absl::StrCat("the daemon holds ", sessions_.size(),
+                                                         " sessions, its limit (--max_sessions); ",
+                                                         "delete one first"));
+      }
+      // A directory without a session is a checkpoint Recover could not read: never reuse its
+      // name, so that it stays on disk for someone to look at.
+      auto taken = [&](const std::string& name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return sessions_.contains(name) ||
+               (!options_.state_dir.empty() &&
+                fs_.Exists(absl::StrCat(options_.state_dir, "/", name)));
+      };
+      if (id.empty()) {
+        do {
+          OPTD_ASSIGN_OR_RETURN(id, GenerateSessionId());
+        } while (taken(id));
+      } else if (existing != sessions_.end()) {
+        return absl::AlreadyExistsError(absl::StrCat("session '", id, "' already exists"));
+      } else if (taken(id)) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("the state directory holds a checkpoint for '", id,
+                         "' that could not be loaded at start-up; move it away to reuse the name"));
+      }
+      Entry reserved;
+      reserved.token_digest = digest;
+      reserved.state_bytes = bytes;
+      reserved.creating = true;
+      sessions_[id] = std::move(reserved);
     }
-    // A directory without a session is a checkpoint Recover could not read: never reuse its
-    // name, so that it stays on disk for someone to look at.
-    auto taken = [&](const std::string& name) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return sessions_.contains(name) || (!options_.state_dir.empty() &&
-                                          fs_.Exists(absl::StrCat(options_.state_dir, "/", name)));
-    };
-    if (id.empty()) {
-      do {
-        OPTD_ASSIGN_OR_RETURN(id, GenerateSessionId());
-      } while (taken(id));
-    } else if (sessions_.contains(id)) {
-      return absl::AlreadyExistsError(absl::StrCat("session '", id, "' already exists"));
-    } else if (taken(id)) {
-      return absl::AlreadyExistsError(
-          absl::StrCat("the state directory holds a checkpoint for '", id,
-                       "' that could not be loaded at start-up; move it away to reuse the name"));
-    }
-    Entry reserved;
-    reserved.token_digest = digest;
-    reserved.state_bytes = bytes;
-    reserved.creating = true;
-    sessions_[id] = std::move(reserved);
   }
   absl::StatusOr<std::unique_ptr<Session>> created =
-      Session::Create(backend_, id, std::move(config), digest, session_options());
+      sources.empty()
+          ? Session::Create(backend_, id, std::move(config), digest, session_options())
+          : Session::Restored(backend_, id, std::move(config), digest, session_options(), sources);
+  // A restored session's sources stay untouched until every part of the resharded session has
+  // read them (its first step or checkpoint comes later).
   absl::StatusOr<CheckpointInfo> first = CheckpointInfo{};
-  if (created.ok() && !options_.state_dir.empty()) first = (*created)->Checkpoint();
+  if (created.ok() && !options_.state_dir.empty() && sources.empty()) {
+    first = (*created)->Checkpoint();
+  }
   absl::MutexLock lock(&mu_);
   if (!created.ok() || !first.ok()) {
     if (created.ok()) (*created)->Retire();
-    sessions_.erase(id);
-    if (!options_.state_dir.empty()) {
-      fs_.DeleteRecursively(absl::StrCat(options_.state_dir, "/", id)).IgnoreError();
+    if (replacing) {
+      sessions_.at(id).replacing = false;  // the old session goes on as it was
+    } else {
+      sessions_.erase(id);
+      if (!options_.state_dir.empty()) {
+        fs_.DeleteRecursively(absl::StrCat(options_.state_dir, "/", id)).IgnoreError();
+      }
     }
     return created.ok() ? first.status() : created.status();
   }
   std::shared_ptr<Session> session = *std::move(created);
-  sessions_[id].session = session;
-  sessions_[id].creating = false;
+  Entry& entry = sessions_.at(id);
+  if (replacing) {
+    // The old session refuses every later call and never writes its checkpoint again.
+    if (entry.session != nullptr) {
+      entry.session->MarkDeleted();
+      entry.session->Retire();
+    }
+    id_by_digest_.erase(entry.token_digest);
+    entry = Entry{};
+    entry.token_digest = digest;
+    entry.state_bytes = bytes;
+  }
+  entry.session = session;
+  entry.creating = false;
   id_by_digest_[digest] = id;
   ExportCountsLocked();
   return CreatedSession{std::move(session), std::move(token)};
@@ -220,6 +283,10 @@ absl::Status SessionManager::Delete(absl::string_view id, absl::string_view auth
   absl::MutexLock lock(&mu_);
   // An unloaded session is deleted without loading it (its checkpoint may not even read).
   OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeSettledLocked(id, authorization));
+  if (entry->replacing) {
+    return absl::UnavailableError(
+        absl::StrCat("session '", id, "' is being replaced by a CreateSession; retry after it"));
+  }
   // Calls still holding the session get NotFound from now on, and nothing of it is written
   // again: no checkpoint can bring it back after its directory is gone.
   if (entry->session != nullptr) {

@@ -30,6 +30,11 @@ struct SessionManagerOptions {
   // --max_pending_steps).
   int max_world_size = 64;
   int64_t max_session_bytes = int64_t{16} << 30;
+  // Resharding (DESIGN.md, "Scale beyond one machine"): the directory every instance of a
+  // sharded deployment can read (a shared volume, or one host's disk), holding one directory of
+  // checkpoints per instance, and this instance's name there. Empty root: no resharding.
+  std::string shared_state_root;
+  std::string instance_name;
   // Sessions unused this long are checkpointed and unloaded (state_dir required); 0: never.
   absl::Duration idle_ttl = absl::ZeroDuration();
   absl::Duration default_straggler_timeout = absl::Seconds(60);
@@ -38,6 +43,15 @@ struct SessionManagerOptions {
   // Handed to every session; either may be null.
   Metrics* metrics = nullptr;
   Analyzer* analyzer = nullptr;
+};
+
+struct CreateOptions {
+  // Checkpoints in the shared state root to restore the new session from (resharding).
+  std::vector<v1::CheckpointSource> restore_from;
+  // Replace a session of the same id once the new one is built. `authorization` must carry the
+  // admin token when the daemon has one (the caller checks), otherwise that session's token.
+  bool replace = false;
+  std::string authorization;
 };
 
 struct CreatedSession {
@@ -61,7 +75,15 @@ class SessionManager {
   // Normalizes and validates `config`, checks the limits (ResourceExhausted naming the bytes or
   // session count), creates the session with a fresh token and, with a state directory, writes
   // its first checkpoint. AlreadyExists for a taken id; InvalidArgument for a bad id or config.
-  absl::StatusOr<CreatedSession> Create(std::string id, v1::SessionConfig config);
+  // With `create.restore_from` the session comes from those checkpoints (Session::Restored) and
+  // gets no first checkpoint. FailedPrecondition without a shared state root; InvalidArgument for
+  // a bad instance name or session id in a source. With `create.replace`, a session of that id
+  // (loaded or not) is retired once the new one is built: its checkpoint stays until the new
+  // one's first overwrites it, and its token no longer opens anything.
+  absl::StatusOr<CreatedSession> Create(std::string id, v1::SessionConfig config,
+                                        const CreateOptions& create = {});
+  // This instance's directory in the shared state root; FailedPrecondition without one.
+  absl::StatusOr<std::string> SharedDir() const;
 
   // The session `id` for a caller presenting `authorization` ("Bearer <token>"): its own token or
   // the admin token. Unauthenticated for a missing or unknown token, NotFound for an unknown
@@ -91,8 +113,9 @@ class SessionManager {
     std::shared_ptr<Session> session;  // null while unloaded
     int64_t step = 0;                  // while unloaded
     int64_t state_bytes = 0;
-    bool creating = false;  // reserved by Create, not yet usable
-    bool loading = false;   // a call is reading its checkpoint (without holding mu_)
+    bool creating = false;   // reserved by Create, not yet usable
+    bool loading = false;    // a call is reading its checkpoint (without holding mu_)
+    bool replacing = false;  // a CreateSession with `replace` is building its successor
   };
 
   // The entry `id` if `authorization` may use it (Get's rules), without loading it.

@@ -170,6 +170,37 @@ TEST_F(LoadgenRunTest, CountsAgreeWithTheDaemonsOwnAndSessionsAreDeleted) {
   EXPECT_THAT(loadgen::ToTable(*report), HasSubstr("FAILED_PRECONDITION="));
 }
 
+TEST_F(LoadgenRunTest, ShardedSessionsStepEveryInstanceOncePerStep) {
+  std::unique_ptr<server::Server> second = StartServer(LoopbackOptions());
+  ASSERT_NE(second, nullptr);
+  loadgen::Options o = Options();
+  o.endpoints.push_back(second->address());
+  o.metrics.clear();
+  o.sharded = true;
+  o.max_steps = 12;
+  o.stable_windows = 100;
+  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {2});
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->sharded());
+  const v1::LoadgenLevel& level = report->levels(0);
+  EXPECT_GT(level.total_steps(), 0);
+  EXPECT_EQ(level.total_errors(), 0);
+  // Placement gives each instance one of the two matrices: every logical step is one Step call
+  // on each, and the gradient bytes split between them.
+  const std::string ok_steps = R"(optd_rpc_total{code="OK",method="Step"})";
+  EXPECT_EQ(Counter(*server_, ok_steps), level.total_steps());
+  EXPECT_EQ(Counter(*second, ok_steps), level.total_steps());
+  EXPECT_EQ(Counter(*server_, "optd_bytes_received_total") +
+                Counter(*second, "optd_bytes_received_total"),
+            level.total_bytes_sent());
+  const double a = Counter(*server_, "optd_bytes_received_total"),
+               b = Counter(*second, "optd_bytes_received_total");
+  EXPECT_EQ(std::min(a, b), level.total_steps() * 4 * (48 * 64));
+  EXPECT_EQ(std::max(a, b), level.total_steps() * 4 * (48 * 64 + 64));
+  EXPECT_TRUE(ConnectTo(*server_).ListSessions()->empty());
+  EXPECT_TRUE(ConnectTo(*second).ListSessions()->empty());
+}
+
 TEST_F(LoadgenRunTest, TheDurationBoundHolds) {
   loadgen::Options o = Options();
   o.duration = absl::Milliseconds(600);

@@ -1,12 +1,15 @@
 // A sharded session over three in-process daemons against the same session on one: the same
 // parameters bit for bit after several steps with several presets and a batched tensor split into
-// slices; stale placement epochs refused; a down instance named in the step's error.
+// slices; stale placement epochs refused; a down instance named in the step's error; resharding
+// 3 -> 2 -> 3 instances through the shared state root, still bit for bit, and every way a
+// restore_from can fail, each leaving the session it would replace as it was.
 #include "client/sharded.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "tests/server/test_daemon.h"
@@ -135,6 +138,267 @@ TEST(ShardedSessionTest, AStalePlacementEpochIsRefused) {
   options.placement_epoch = 3;
   EXPECT_TRUE(session->Step(1, {{"w", g}}, options).ok());
   EXPECT_EQ((*session->Info()).step(), 1);
+}
+
+// Three daemons sharing one state root (each one's state directory is its directory there).
+struct SharedCluster {
+  explicit SharedCluster(int n) : root(MakeTempDir("shared")) {
+    for (int i = 0; i < n; ++i) {
+      server::ServerOptions options = LoopbackOptions(absl::StrCat(root, "/i", i));
+      options.sessions.shared_state_root = root;
+      options.sessions.instance_name = absl::StrCat("i", i);
+      servers.push_back(StartServer(options));
+      client::ChannelOptions channel;
+      channel.target = servers.back()->address();
+      endpoints.push_back({servers.back()->address(), *client::MakeChannel(channel), 0});
+    }
+  }
+  std::vector<client::ShardEndpoint> Endpoints(std::vector<int> which) const {
+    std::vector<client::ShardEndpoint> out;
+    for (int i : which) out.push_back(endpoints[i]);
+    return out;
+  }
+  std::string root;
+  std::vector<std::unique_ptr<server::Server>> servers;
+  std::vector<client::ShardEndpoint> endpoints;
+};
+
+// Steps `sharded` and `single` through steps [first, last] with the same gradients and expects
+// the same results bit for bit.
+void StepBoth(client::ShardedSession& sharded, client::Session& single,
+              const v1::SessionConfig& config, int64_t first, int64_t last) {
+  for (int64_t step = first; step <= last; ++step) {
+    std::map<std::string, std::vector<float>> grads;
+    for (const v1::TensorConfig& t : config.tensors()) {
+      int64_t n = 1;
+      for (int64_t d : t.shape()) n *= d;
+      grads[t.name()] = Gradient(n, t.name().size() * 31 + t.name()[0], step, 0);
+    }
+    std::vector<client::NamedTensor> g;
+    for (const auto& [name, values] : grads) g.push_back({name, values});
+    absl::StatusOr<client::StepResult> a = sharded.Step(step, g);
+    absl::StatusOr<client::StepResult> b = single.Step(step, g);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    for (const auto& [name, values] : b->values) {
+      EXPECT_TRUE(BitwiseEqual(a->values.at(name), values)) << name << " at step " << step;
+    }
+  }
+}
+
+TEST(ShardedSessionTest, ReshardsThreeToTwoAndBackBitForBit) {
+  SharedCluster cluster(3);
+  std::unique_ptr<server::Server> reference = StartServer(LoopbackOptions());
+  v1::SessionConfig config = ShardedConfig();
+  config.set_checkpoint_interval(2);
+  absl::StatusOr<client::ShardedSession> three =
+      client::ShardedSession::Create(cluster.Endpoints({0, 1, 2}), config, "run", 1);
+  ASSERT_TRUE(three.ok()) << three.status();
+  absl::StatusOr<client::Session> single = ConnectTo(*reference).CreateSession(config, "run");
+  ASSERT_TRUE(single.ok());
+  ASSERT_TRUE(single
+                  ->UpdateHyperparams({[] {
+                    v1::HyperparamUpdate u;
+                    u.set_group("muon");
+                    u.set_lr(0.013);
+                    return u;
+                  }()})
+                  .ok());
+  for (const auto& [address, part] : three->parts()) {
+    client::Session session = part;
+    if (!session.Info()->config().groups().empty()) {
+      v1::HyperparamUpdate u;
+      u.set_group("muon");
+      u.set_lr(0.013);
+      ASSERT_TRUE(session.UpdateHyperparams({u}).ok());
+    }
+  }
+  StepBoth(*three, *single, config, 1, 3);
+
+  absl::StatusOr<client::ShardedSession> two = three->Reshard(cluster.Endpoints({0, 1}), 2);
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_EQ(two->placement().epoch(), 2);
+  // The instance that owns nothing any more gave its part up.
+  EXPECT_TRUE(ConnectTo(*cluster.servers[2]).ListSessions()->empty());
+  for (const auto& [address, part] : two->parts()) {
+    client::Session session = part;
+    absl::StatusOr<v1::SessionInfo> info = session.Info();
+    ASSERT_TRUE(info.ok());
+    EXPECT_EQ(info->step(), 3);
+    EXPECT_EQ(info->config().placement_epoch(), 2);
+    for (const v1::TensorInfo& t : info->tensors()) {
+      if (t.config().group() == "muon") {
+        EXPECT_EQ(t.lr(), 0.013) << t.config().name();
+      }
+    }
+  }
+  StepBoth(*two, *single, config, 4, 6);
+
+  absl::StatusOr<client::ShardedSession> again = two->Reshard(cluster.Endpoints({2, 0, 1}), 3);
+  ASSERT_TRUE(again.ok()) << again.status();
+  StepBoth(*again, *single, config, 7, 8);
+  absl::StatusOr<std::map<std::string, std::vector<float>>> got = again->GetParameters();
+  absl::StatusOr<std::map<std::string, std::vector<float>>> want = single->GetParameters();
+  ASSERT_TRUE(got.ok() && want.ok());
+  for (const auto& [name, values] : *want) {
+    EXPECT_TRUE(BitwiseEqual(got->at(name), values)) << name;
+  }
+}
+
+TEST(ShardedSessionTest, RestoreFromRefusesWhatDoesNotFitAndChangesNothing) {
+  SharedCluster cluster(2);
+  const v1::SessionConfig base =
+      MakeConfig({{"m", "keller"}, {"v", "adamw"}}, {{"w", {8, 6}, "m"}, {"b", {6}, "v"}});
+  // A's part: session "src" at epoch 1, step 2, checkpointed into the shared root.
+  v1::SessionConfig placed = base;
+  placed.set_placement_epoch(1);
+  absl::StatusOr<client::Session> src = ConnectTo(*cluster.servers[0]).CreateSession(placed, "src");
+  ASSERT_TRUE(src.ok());
+  const std::vector<float> gw = Values(48, 3), gb = Values(6, 4);
+  client::StepOptions at1;
+  at1.placement_epoch = 1;
+  ASSERT_TRUE(src->Step(1, {{"w", gw}, {"b", gb}}, at1).ok());
+  ASSERT_TRUE(src->Step(2, {{"w", gw}, {"b", gb}}, at1).ok());
+  ASSERT_TRUE(src->Checkpoint(/*shared=*/true).ok());
+  // B holds "dst" (the session a restore would replace) at step 1.
+  absl::StatusOr<client::Session> dst = ConnectTo(*cluster.servers[1]).CreateSession(placed, "dst");
+  ASSERT_TRUE(dst.ok());
+  ASSERT_TRUE(dst->Step(1, {{"w", gw}, {"b", gb}}, at1).ok());
+  const std::map<std::string, std::vector<float>> before = *dst->GetParameters();
+
+  struct Case {
+    std::string what;
+    std::function<void(v1::CreateSessionRequest&)> change;
+    absl::StatusCode code;
+    std::string message;
+  };
+  auto source = [](v1::CreateSessionRequest& r, const std::string& instance,
+                   const std::string& session) {
+    v1::CheckpointSource* s = r.add_restore_from();
+    s->set_instance(instance);
+    s->set_session_id(session);
+  };
+  std::vector<Case> cases = {
+      {"bad instance name", [&](auto& r) { source(r, "..", "src"); },
+       absl::StatusCode::kInvalidArgument, "instance '..'"},
+      {"missing source", [&](auto& r) { source(r, "i7", "src"); }, absl::StatusCode::kNotFound,
+       "instance 'i7' session 'src'"},
+      {"epoch not later",
+       [&](auto& r) {
+         source(r, "i0", "src");
+         r.mutable_config()->set_placement_epoch(1);
+       },
+       absl::StatusCode::kFailedPrecondition, "later placement epoch"},
+      {"tensor missing",
+       [&](auto& r) {
+         source(r, "i0", "src");
+         r.mutable_config()->mutable_tensors(0)->set_name("w2");
+       },
+       absl::StatusCode::kFailedPrecondition, "tensor 'w2' is in none"},
+      {"shape",
+       [&](auto& r) {
+         source(r, "i0", "src");
+         r.mutable_config()->mutable_tensors(0)->set_shape(1, 8);
+         r.mutable_config()->mutable_tensors(0)->set_shape(0, 6);
+       },
+       absl::StatusCode::kFailedPrecondition, "shape 8x6 there, 6x8 here"},
+      {"preset",
+       [&](auto& r) {
+         source(r, "i0", "src");
+         r.mutable_config()->mutable_groups(0)->set_preset("normuon");
+       },
+       absl::StatusCode::kFailedPrecondition, "preset 'keller' there, 'normuon' here"},
+      {"two sources hold a tensor",
+       [&](auto& r) {
+         source(r, "i0", "src");
+         source(r, "i0", "src");
+       },
+       absl::StatusCode::kFailedPrecondition, "is in both"},
+  };
+  for (Case& c : cases) {
+    v1::CreateSessionRequest request;
+    request.set_session_id("dst");
+    *request.mutable_config() = base;
+    request.mutable_config()->set_placement_epoch(2);
+    request.set_replace(true);
+    c.change(request);
+    absl::StatusOr<client::Session> created =
+        ConnectTo(*cluster.servers[1]).CreateSession(request, dst->token());
+    EXPECT_EQ(created.status().code(), c.code) << c.what << ": " << created.status();
+    EXPECT_THAT(std::string(created.status().message()), HasSubstr(c.message)) << c.what;
+  }
+  // Sources at different steps: B's own "dst" (step 1) beside A's "src" (step 2).
+  ASSERT_TRUE(dst->Checkpoint(/*shared=*/true).ok());
+  {
+    v1::CreateSessionRequest request;
+    request.set_session_id("dst");
+    *request.mutable_config() = base;
+    request.mutable_config()->set_placement_epoch(2);
+    request.set_replace(true);
+    source(request, "i0", "src");
+    source(request, "i1", "dst");
+    absl::StatusOr<client::Session> created =
+        ConnectTo(*cluster.servers[1]).CreateSession(request, dst->token());
+    EXPECT_EQ(created.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(std::string(created.status().message()), HasSubstr("at step 1"));
+  }
+  // Replacing without the session's token (no admin token configured): refused.
+  {
+    v1::CreateSessionRequest request;
+    request.set_session_id("dst");
+    *request.mutable_config() = base;
+    request.mutable_config()->set_placement_epoch(2);
+    request.set_replace(true);
+    source(request, "i0", "src");
+    absl::StatusOr<client::Session> created =
+        ConnectTo(*cluster.servers[1]).CreateSession(request, "");
+    EXPECT_EQ(created.status().code(), absl::StatusCode::kUnauthenticated) << created.status();
+  }
+  // A daemon without a shared root refuses restore_from and shared checkpoints.
+  {
+    std::unique_ptr<server::Server> plain = StartServer(LoopbackOptions());
+    v1::CreateSessionRequest request;
+    *request.mutable_config() = base;
+    source(request, "i0", "src");
+    absl::StatusOr<client::Session> created = ConnectTo(*plain).CreateSession(request);
+    EXPECT_EQ(created.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(std::string(created.status().message()), HasSubstr("--shared_state_root"));
+    absl::StatusOr<client::Session> s = ConnectTo(*plain).CreateSession(base);
+    ASSERT_TRUE(s.ok());
+    EXPECT_EQ(s->Checkpoint(/*shared=*/true).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+  }
+  // Nothing changed: "dst" is still at step 1 with its parameters, and steps on with its token.
+  absl::StatusOr<v1::SessionInfo> info = dst->Info();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->step(), 1);
+  EXPECT_EQ(info->config().placement_epoch(), 1);
+  const std::map<std::string, std::vector<float>> after = *dst->GetParameters();
+  for (const auto& [name, values] : before) EXPECT_TRUE(BitwiseEqual(after.at(name), values));
+  EXPECT_TRUE(dst->Step(2, {{"w", gw}, {"b", gb}}, at1).ok());
+
+  // And a restore that fits replaces it: A's state at step 2, the old token no longer valid.
+  v1::CreateSessionRequest request;
+  request.set_session_id("dst");
+  *request.mutable_config() = base;
+  request.mutable_config()->set_placement_epoch(2);
+  request.set_replace(true);
+  source(request, "i0", "src");
+  absl::StatusOr<client::Session> moved =
+      ConnectTo(*cluster.servers[1]).CreateSession(request, dst->token());
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_EQ(moved->Info()->step(), 2);
+  EXPECT_EQ(dst->Info().status().code(), absl::StatusCode::kUnauthenticated);
+  const std::map<std::string, std::vector<float>> a = *src->GetParameters();
+  const std::map<std::string, std::vector<float>> b = *moved->GetParameters();
+  for (const auto& [name, values] : a) EXPECT_TRUE(BitwiseEqual(b.at(name), values)) << name;
+  client::StepOptions at2;
+  at2.placement_epoch = 2;
+  absl::StatusOr<client::StepResult> x = src->Step(3, {{"w", gw}, {"b", gb}}, at1);
+  absl::StatusOr<client::StepResult> y = moved->Step(3, {{"w", gw}, {"b", gb}}, at2);
+  ASSERT_TRUE(x.ok() && y.ok());
+  for (const auto& [name, values] : x->values)
+    EXPECT_TRUE(BitwiseEqual(y->values.at(name), values));
 }
 
 }  // namespace
