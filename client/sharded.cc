@@ -101,6 +101,14 @@ absl::StatusOr<ShardedSession> ShardedSession::Create(const std::vector<ShardEnd
       if (admin_token.empty() && old != restore->tokens.end()) token = old->second;
     }
     absl::StatusOr<Session> session = client.CreateSession(request, token);
+    // A restore replaces what an earlier attempt created, so it may be retried while the
+    // instance is unreachable for a moment (a connection broken by its restart).
+    for (absl::Duration wait = absl::Milliseconds(100);
+         restore != nullptr && absl::IsUnavailable(session.status()) && wait < absl::Seconds(4);
+         wait *= 2) {
+      absl::SleepFor(wait);
+      session = client.CreateSession(request, token);
+    }
     if (!session.ok()) {
       if (restore == nullptr) sharded.Delete().IgnoreError();
       return Named(session.status(), endpoints[e].address);

@@ -8,10 +8,15 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <functional>
+#include <random>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "tests/server/daemon_process.h"
 #include "tests/server/test_daemon.h"
 
 namespace optd::testing {
@@ -399,6 +404,199 @@ TEST(ShardedSessionTest, RestoreFromRefusesWhatDoesNotFitAndChangesNothing) {
   ASSERT_TRUE(x.ok() && y.ok());
   for (const auto& [name, values] : x->values)
     EXPECT_TRUE(BitwiseEqual(y->values.at(name), values));
+}
+
+// Three optd processes on loopback ports sharing a state root, each checkpointing every step.
+class Cluster {
+ public:
+  Cluster() : root_(MakeTempDir("cluster")) {
+    while (ports_.size() < 3) {
+      const int port = FreeLoopbackPort();
+      if (std::find(ports_.begin(), ports_.end(), port) == ports_.end()) ports_.push_back(port);
+    }
+    for (int i = 0; i < 3; ++i) {
+      daemons_.emplace_back();
+      Start(i);
+      grpc::ChannelArguments args;  // reconnect soon after a restart
+      args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+      args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+      args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 300);
+      const std::string address = absl::StrCat("127.0.0.1:", ports_[i]);
+      endpoints_.push_back(
+          {address, grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args),
+           0});
+    }
+  }
+  void Start(int i) {
+    daemons_[i] = std::make_unique<DaemonProcess>(
+        OPTD_PATH, absl::StrCat(root_, "/i", i, ".port"),
+        std::vector<std::string>{
+            absl::StrCat("--listen=127.0.0.1:", ports_[i]), "--metrics_addr=", "--threads=1",
+            absl::StrCat("--state_dir=", root_, "/i", i),
+            absl::StrCat("--shared_state_root=", root_), absl::StrCat("--instance_name=i", i)});
+  }
+  void Kill(int i) { EXPECT_EQ(daemons_[i]->Kill(SIGKILL), -SIGKILL); }
+  std::vector<client::ShardEndpoint> Endpoints(std::vector<int> which) const {
+    std::vector<client::ShardEndpoint> out;
+    for (int i : which) out.push_back(endpoints_[i]);
+    return out;
+  }
+  const std::string& address(int i) const { return endpoints_[i].address; }
+
+ private:
+  std::string root_;
+  std::vector<int> ports_;
+  std::vector<std::unique_ptr<DaemonProcess>> daemons_;
+  std::vector<client::ShardEndpoint> endpoints_;
+};
+
+// Gradients of logical step `step`, the same for every run.
+std::map<std::string, std::vector<float>> StepGradients(const v1::SessionConfig& config,
+                                                        int64_t step) {
+  std::map<std::string, std::vector<float>> grads;
+  for (const v1::TensorConfig& t : config.tensors()) {
+    int64_t n = 1;
+    for (int64_t d : t.shape()) n *= d;
+    grads[t.name()] = Gradient(n, t.name().size() * 31 + t.name()[0], step, 0);
+  }
+  return grads;
+}
+
+std::vector<client::NamedTensor> Named(const std::map<std::string, std::vector<float>>& values) {
+  std::vector<client::NamedTensor> out;
+  for (const auto& [name, v] : values) out.push_back({name, v});
+  return out;
+}
+
+// Steps `sharded` through `step`, retrying while an instance is away (each error must name the
+// instance `away`), for at most 30 s; the result or the last error.
+absl::StatusOr<client::StepResult> StepThroughRestarts(client::ShardedSession& sharded,
+                                                       const v1::SessionConfig& config,
+                                                       int64_t step, const std::string& away,
+                                                       int* failures) {
+  const auto grads = StepGradients(config, step);
+  client::StepOptions options;
+  options.timeout = absl::Seconds(20);
+  absl::StatusOr<client::StepResult> result;
+  for (const absl::Time end = absl::Now() + absl::Seconds(30); absl::Now() < end;) {
+    result = sharded.Step(step, Named(grads), options);
+    if (result.ok()) return result;
+    ++*failures;
+    EXPECT_NE(result.status().code(), absl::StatusCode::kDeadlineExceeded) << result.status();
+    EXPECT_THAT(std::string(result.status().message()), HasSubstr(away)) << result.status();
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return result;
+}
+
+void ExpectSameResult(const absl::StatusOr<client::StepResult>& got,
+                      const absl::StatusOr<client::StepResult>& want, int64_t step) {
+  ASSERT_TRUE(got.ok()) << "step " << step << ": " << got.status();
+  ASSERT_TRUE(want.ok()) << "step " << step << ": " << want.status();
+  for (const auto& [name, values] : want->values) {
+    EXPECT_TRUE(BitwiseEqual(got->values.at(name), values)) << name << " at step " << step;
+  }
+}
+
+TEST(ShardedClusterTest, ThreeProcessesMatchOneThroughKillsRestartsAndAReshardToTwo) {
+  Cluster cluster;
+  DaemonProcess one(OPTD_PATH, absl::StrCat(MakeTempDir("one"), "/port"),
+                    {"--listen=127.0.0.1:0", "--metrics_addr=", "--threads=1"});
+  v1::SessionConfig config = ShardedConfig();
+  v1::GroupConfig* normuon = config.add_groups();
+  normuon->set_name("normuon");
+  normuon->set_preset("normuon");
+  v1::TensorConfig* w4 = config.add_tensors();
+  w4->set_name("w4");
+  w4->add_shape(56);
+  w4->add_shape(32);
+  w4->set_group("normuon");
+  config.set_checkpoint_interval(1);  // every acknowledged step survives a kill
+  absl::StatusOr<client::ShardedSession> sharded =
+      client::ShardedSession::Create(cluster.Endpoints({0, 1, 2}), config, "run", 1);
+  ASSERT_TRUE(sharded.ok()) << sharded.status();
+  EXPECT_EQ(sharded->parts().size(), 3u);
+  absl::StatusOr<client::Session> single = one.Connect().CreateSession(config, "run");
+  ASSERT_TRUE(single.ok()) << single.status();
+  auto reference = [&](int64_t step) {
+    return single->Step(step, Named(StepGradients(config, step)));
+  };
+  int failures = 0;
+  for (int64_t step = 1; step <= 3; ++step) {
+    ExpectSameResult(StepThroughRestarts(*sharded, config, step, "-", &failures), reference(step),
+                     step);
+  }
+  ASSERT_EQ(failures, 0);
+
+  // Instance 1 is killed between steps: step 4 fails at once, naming it; its peers complete the
+  // step. Restarted from its checkpoint (step 3), it takes the retry while its peers replay.
+  cluster.Kill(1);
+  client::StepOptions options;
+  options.timeout = absl::Seconds(20);
+  const absl::Time start = absl::Now();
+  absl::StatusOr<client::StepResult> down =
+      sharded->Step(4, Named(StepGradients(config, 4)), options);
+  EXPECT_EQ(down.status().code(), absl::StatusCode::kUnavailable) << down.status();
+  EXPECT_THAT(std::string(down.status().message()), HasSubstr(cluster.address(1)));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10)) << "a step to a dead instance waited";
+  cluster.Start(1);
+  ExpectSameResult(StepThroughRestarts(*sharded, config, 4, cluster.address(1), &failures),
+                   reference(4), 4);
+
+  // Instance 0 completes step 5 and goes down before the client hears of it: after its restart
+  // the retry finds it at step 5 and takes its parameters as its part of the result.
+  ExpectSameResult(StepThroughRestarts(*sharded, config, 5, "-", &failures), reference(5), 5);
+  cluster.Kill(0);
+  cluster.Start(0);
+  ExpectSameResult(StepThroughRestarts(*sharded, config, 5, cluster.address(0), &failures),
+                   reference(5), 5);
+
+  // Instance 2 is killed at a random moment of a run of steps and restarted at once.
+  // Steps go on until it is back, and at least to step 12.
+  std::mt19937 random(absl::ToUnixNanos(absl::Now()));
+  std::atomic<bool> restarted{false};
+  std::thread killer([&] {
+    absl::SleepFor(absl::Milliseconds(std::uniform_int_distribution<int>(0, 60)(random)));
+    cluster.Kill(2);
+    cluster.Start(2);
+    restarted = true;
+  });
+  int64_t step = 6;
+  for (; step <= 12 || !restarted.load(); ++step) {
+    ExpectSameResult(StepThroughRestarts(*sharded, config, step, cluster.address(2), &failures),
+                     reference(step), step);
+  }
+  killer.join();
+  ExpectSameResult(StepThroughRestarts(*sharded, config, step, cluster.address(2), &failures),
+                   reference(step), step);
+  std::printf("steps 6..%lld ran through a kill of instance 2; %d step calls failed in all\n",
+              static_cast<long long>(step), failures);
+
+  // A checkpoint on 3 restored on 2: every part checkpoints into the shared root, the whole
+  // cluster goes down, and two instances come back to hold the session at the next epoch.
+  absl::StatusOr<int64_t> checkpointed = sharded->Checkpoint(/*shared=*/true);
+  ASSERT_TRUE(checkpointed.ok()) << checkpointed.status();
+  EXPECT_EQ(*checkpointed, step);
+  client::ShardRestore restore;
+  restore.instances = {"i0", "i1", "i2"};
+  for (const auto& [address, part] : sharded->parts()) restore.tokens[address] = part.token();
+  for (int i = 0; i < 3; ++i) cluster.Kill(i);
+  cluster.Start(0);
+  cluster.Start(1);
+  absl::StatusOr<client::ShardedSession> two =
+      client::ShardedSession::Create(cluster.Endpoints({0, 1}), config, "run", 2, "", &restore);
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_EQ(two->parts().size(), 2u);
+  for (int64_t next = step + 1; next <= step + 3; ++next) {
+    ExpectSameResult(StepThroughRestarts(*two, config, next, "-", &failures), reference(next),
+                     next);
+  }
+  absl::StatusOr<std::map<std::string, std::vector<float>>> got = two->GetParameters();
+  absl::StatusOr<std::map<std::string, std::vector<float>>> want = single->GetParameters();
+  ASSERT_TRUE(got.ok() && want.ok());
+  for (const auto& [name, values] : *want) {
+    EXPECT_TRUE(BitwiseEqual(got->at(name), values)) << name;
+  }
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include "server/auth.h"
 #include "server/checkpoint_file.h"
+#include "tests/server/daemon_process.h"
 #include "tests/server/fault_injection_file_system.h"
 #include "tests/server/test_daemon.h"
 
@@ -19,57 +20,21 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// The optd binary in a child process.
-class Daemon {
+// The optd binary in a child process, on a state directory.
+class Daemon : public DaemonProcess {
  public:
-  Daemon(const std::string& state_dir, std::vector<std::string> extra = {}) {
-    port_file_ = absl::StrCat(state_dir, "/../", std::to_string(getpid()), ".port");
-    unlink(port_file_.c_str());
-    std::vector<std::string> args = {OPTD_PATH,
-                                     "--listen=127.0.0.1:0",
-                                     "--metrics_addr=",
-                                     "--threads=1",
-                                     absl::StrCat("--state_dir=", state_dir),
-                                     absl::StrCat("--port_file=", port_file_)};
-    for (std::string& e : extra) args.push_back(std::move(e));
-    pid_ = fork();
-    if (pid_ == 0) {
-      std::vector<char*> argv;
-      for (std::string& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-    for (int i = 0; i < 1000 && port_ == 0; ++i) {
-      std::ifstream in(port_file_);
-      if (!(in >> port_)) port_ = 0;
-      if (port_ == 0) absl::SleepFor(absl::Milliseconds(10));
-    }
-    EXPECT_NE(port_, 0) << "optd did not start";
-  }
-  ~Daemon() {
-    if (pid_ > 0) Kill(SIGKILL);
-  }
-
-  client::Client Connect() const {
-    client::ChannelOptions options;
-    options.target = absl::StrCat("127.0.0.1:", port_);
-    return client::Client(*client::MakeChannel(options));
-  }
-
-  // Sends `signal` and returns the exit status (or -signal).
-  int Kill(int signal) {
-    kill(pid_, signal);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
-  }
+  Daemon(const std::string& state_dir, std::vector<std::string> extra = {})
+      : DaemonProcess(OPTD_PATH, absl::StrCat(state_dir, "/../", std::to_string(getpid()), ".port"),
+                      Flags(state_dir, std::move(extra))) {}
 
  private:
-  pid_t pid_ = -1;
-  int port_ = 0;
-  std::string port_file_;
+  static std::vector<std::string> Flags(const std::string& state_dir,
+                                        std::vector<std::string> extra) {
+    std::vector<std::string> flags = {"--listen=127.0.0.1:0", "--metrics_addr=", "--threads=1",
+                                      absl::StrCat("--state_dir=", state_dir)};
+    for (std::string& e : extra) flags.push_back(std::move(e));
+    return flags;
+  }
 };
 
 // Parameters the kernels library holds after each step of a deterministic gradient stream.
