@@ -14,14 +14,14 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 OPTD = os.environ.get("OPTD", os.path.join(REPO, "build/server/optd"))
 
 
-def start_daemon(*extra_args):
-    """Starts an optd; returns its "host:port" and a stop() that SIGTERMs it and returns its exit
-    code."""
+def start_daemon(*extra_args, state_dir=None):
+    """Starts an optd checkpointing into `state_dir` (default: a directory of its own); returns
+    its "host:port" and a stop() that SIGTERMs it and returns its exit code."""
     work = tempfile.mkdtemp(prefix="optd_python_")
     log = open(f"{work}/optd.log", "w")
     process = subprocess.Popen(
         [OPTD, "--listen=127.0.0.1:0", f"--port_file={work}/port", "--metrics_addr=",
-         f"--state_dir={work}/state", "--threads=1", *extra_args], stderr=log)
+         f"--state_dir={state_dir or work + '/state'}", "--threads=1", *extra_args], stderr=log)
 
     def stop():
         process.send_signal(signal.SIGTERM)
@@ -47,3 +47,10 @@ def daemon():
     finally:
         code = stop()
         assert code == 0, f"optd exited with {code}"
+
+
+def start_shared_daemons(root, count):
+    """`count` optds sharing the state root `root` as instances "i0", "i1", ..., each with its
+    directory there as its state directory; returns their (address, stop) pairs."""
+    return [start_daemon(f"--shared_state_root={root}", f"--instance_name=i{i}",
+                         state_dir=f"{root}/i{i}") for i in range(count)]

@@ -1,11 +1,14 @@
 """optd.torch.RemoteOptimizer against a plain local torch implementation of the same rules: Keller's
 Muon (optd.local.LocalMuon; torch 1.13 has no torch.optim.Muon) for the hidden weights and
 torch.optim.AdamW for the rest, over several steps with an LR scheduler, and state_dict /
-load_state_dict through the daemon's checkpoints."""
+load_state_dict through the daemon's checkpoints. Sharded over three daemons it trains bit for bit
+as over one, through a scheduler, a checkpoint and restore, and a reshard onto two."""
 
 import copy
 import io
 import pickle
+import shutil
+import tempfile
 
 import grpc
 
@@ -15,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import optd  # noqa: E402
+from conftest import start_shared_daemons  # noqa: E402
 from optd.local import LocalMuon  # noqa: E402
 from optd.torch import RemoteOptimizer, default_assignment  # noqa: E402
 
@@ -215,6 +219,109 @@ def test_momentum_schedules_reach_the_daemon(daemon):
         assert tensors["0.bias"].momentum == pytest.approx(optimizer.param_groups[1]["momentum"])
         assert optimizer.param_groups[0]["momentum"] != pytest.approx(0.95)  # it did cycle
         optimizer.close()
+
+
+class Tagger(torch.nn.Module):
+    """Token embedding, two hidden layers and a head: three AdamW tensors and biases beside the
+    hidden matrices, so a sharded session puts work on three instances."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(20, 16)
+        self.hidden1 = torch.nn.Linear(16, 32)
+        self.hidden2 = torch.nn.Linear(32, 24)
+        self.head = torch.nn.Linear(24, 4)
+
+    def forward(self, tokens):
+        h = self.embed(tokens).mean(dim=1)
+        h = torch.relu(self.hidden1(h))
+        return self.head(torch.relu(self.hidden2(h)))
+
+
+def tagger_step(net, optimizer, step):
+    g = torch.Generator().manual_seed(step)
+    tokens, labels = torch.randint(0, 20, (32, 6), generator=g), torch.randint(0, 4, (32,),
+                                                                                 generator=g)
+    optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(net(tokens), labels)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def shared_daemons():
+    """Three daemons sharing a state root, for sharded optimizers."""
+    root = tempfile.mkdtemp(prefix="optd_torch_shared_")
+    started = start_shared_daemons(root, 3)
+    yield [address for address, _ in started]
+    for _, stop in started:
+        assert stop() == 0
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("preset", ["keller", "muoneq_rowcol"])
+def test_sharded_trains_as_one_instance_bit_for_bit(daemon, shared_daemons, preset):
+    nets = {"sharded": Tagger(), "single": Tagger()}
+    clients = [optd.Client(a, timeout=30) for a in shared_daemons]
+    with optd.Client(daemon, timeout=30) as client:
+        optimizers = {
+            "sharded": RemoteOptimizer(nets["sharded"].named_parameters(), clients,
+                                       preset=preset, lr=0.02, adamw_lr=3e-3,
+                                       session_id=f"torch-sharded-{preset}"),
+            "single": RemoteOptimizer(nets["single"].named_parameters(), client, preset=preset,
+                                      lr=0.02, adamw_lr=3e-3,
+                                      session_id=f"torch-sharded-{preset}")}
+        sharded = optimizers["sharded"]
+        assert [a for a, _ in sharded.session.parts()] == shared_daemons
+        schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
+                      for o in optimizers.values()]
+
+        def train(first, last):
+            for step in range(first, last + 1):
+                losses = {k: tagger_step(nets[k], optimizers[k], step) for k in nets}
+                assert losses["sharded"] == losses["single"], step
+                for (name, a), b in zip(nets["sharded"].named_parameters(),
+                                        nets["single"].parameters()):
+                    assert torch.equal(a, b), f"{name} after step {step}"
+                for s in schedulers:
+                    s.step()
+
+        train(1, 5)
+        saved = {k: o.state_dict() for k, o in optimizers.items()}
+        assert saved["sharded"]["optd"]["step"] == saved["single"]["optd"]["step"]
+        train(6, 6)
+        for k, o in optimizers.items():
+            o.load_state_dict(saved[k])
+        assert sharded.steps == optimizers["single"].steps
+        train(6, 7)  # from the checkpoint again, still equal
+
+        sharded.reshard(clients[:2])
+        assert sharded.session.epoch == 2
+        assert [a for a, _ in sharded.session.parts()] == shared_daemons[:2]
+        train(8, 9)
+        # A new optimizer attaches to the sharded session as to one on a single instance.
+        attached = RemoteOptimizer(nets["sharded"].named_parameters(), session=sharded.session)
+        assert attached.steps == optimizers["single"].steps
+        assert ([g["momentum"] for g in attached.param_groups] ==
+                [g["momentum"] for g in optimizers["single"].param_groups])
+        for o in (attached, optimizers["single"]):
+            o.close()
+
+
+def test_sharding_options_that_do_not_fit_are_refused(daemon):
+    net = model()
+    with optd.Client(daemon, timeout=30) as client:
+        with pytest.raises(ValueError, match="list of clients"):
+            RemoteOptimizer(net.named_parameters(), [client],
+                            session=client.open_session("any", "token"))
+        with pytest.raises(ValueError, match="addresses"):
+            RemoteOptimizer(net.named_parameters(), client, addresses=[daemon])
+        single = RemoteOptimizer(net.named_parameters(), client)
+        with pytest.raises(ValueError, match="sharded"):
+            single.reshard([client])
+        single.close()
 
 
 def test_grouping_by_name_parts():

@@ -206,10 +206,13 @@ class Session:
         except grpc.RpcError as e:
             _raise(e)
 
-    def checkpoint(self):
-        """Writes the session's checkpoint; returns the optd_pb2.CheckpointResponse."""
+    def checkpoint(self, shared=False):
+        """Writes the session's checkpoint; returns the optd_pb2.CheckpointResponse. `shared`:
+        also where other instances restore a resharded session from (the daemon's
+        --shared_state_root; FAILED_PRECONDITION without one), its path in `shared_path`."""
         try:
-            return self._stub.Checkpoint(optd_pb2.CheckpointRequest(session_id=self.id),
+            return self._stub.Checkpoint(optd_pb2.CheckpointRequest(session_id=self.id,
+                                                                    shared=shared),
                                          metadata=self._metadata(), timeout=self.timeout)
         except grpc.RpcError as e:
             _raise(e)
@@ -260,6 +263,7 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(target, options)
         self._stub = optd_pb2_grpc.OptimizerStub(self._channel)
+        self.target = target
         self.admin_token = admin_token
         self.timeout = timeout
 
@@ -275,6 +279,15 @@ class Client:
     def _admin_metadata(self):
         return (("authorization", f"Bearer {self.admin_token}"),) if self.admin_token else ()
 
+    def server_info(self):
+        """The daemon's optd_pb2.ServerInfo: its backend, and for resharding its instance_name
+        and whether it has a shared state root (shared_state)."""
+        try:
+            return self._stub.GetServerInfo(optd_pb2.GetServerInfoRequest(),
+                                            timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+
     def wait_ready(self, timeout=30):
         """Blocks until the channel connects; OptdError UNAVAILABLE after `timeout` seconds."""
         try:
@@ -283,14 +296,23 @@ class Client:
             raise OptdError(grpc.StatusCode.UNAVAILABLE,
                             f"optd did not answer within {timeout} s") from None
 
-    def create_session(self, config, session_id=""):
+    def create_session(self, config, session_id="", *, restore_from=(), replace=False,
+                       token=None):
         """A new session from `config` (an optd_pb2.SessionConfig or its text format), named
-        `session_id` or by the daemon. The returned Session holds its token (shown only once)."""
-        request = optd_pb2.CreateSessionRequest(session_id=session_id,
-                                                config=_session_config(config))
+        `session_id` or by the daemon. The returned Session holds its token (shown only once).
+
+        restore_from: (instance, session_id) pairs, checkpoints in the daemon's
+        --shared_state_root that the session starts from instead (resharding; the rules are
+        CreateSessionRequest.restore_from's). replace: replace a session of the same id once the
+        new one is built. `token` authorizes the call instead of the admin token: replacing a
+        session on a daemon without an admin token takes that session's token."""
+        request = optd_pb2.CreateSessionRequest(
+            session_id=session_id, config=_session_config(config), replace=replace,
+            restore_from=[optd_pb2.CheckpointSource(instance=instance, session_id=source)
+                          for instance, source in restore_from])
+        metadata = (("authorization", f"Bearer {token}"),) if token else self._admin_metadata()
         try:
-            response = self._stub.CreateSession(request, metadata=self._admin_metadata(),
-                                                timeout=self.timeout)
+            response = self._stub.CreateSession(request, metadata=metadata, timeout=self.timeout)
         except grpc.RpcError as e:
             _raise(e)
         return Session(self._stub, response.session_id, response.token, response.session,

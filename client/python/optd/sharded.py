@@ -2,13 +2,19 @@
 (or batch slices) optd.placement gave it; the same as client/sharded.h in C++, and equal to one
 instance's results bit for bit on the same backend. Unlike the C++ session, it steps the owners in
 turn, not at once: concurrent Step streams from Python threads hung now and then with Debian's
-grpcio 1.51 (a stream never answered), and that is not yet understood."""
+grpcio 1.51 (a stream never answered), and that is not yet understood.
+
+Resharding moves the session onto other instances at a later placement epoch through the daemons'
+--shared_state_root: every part is checkpointed there, and the new parts start from those
+checkpoints (CreateSessionRequest.restore_from), tensors found by name."""
+
+import dataclasses
 
 import grpc
 import numpy as np
 
 from optd import placement
-from optd.client import OptdError, StepResult, _session_config
+from optd.client import OptdError, StepResult, _session_config, as_float32
 from optd.v1 import optd_pb2, placement_pb2
 
 Tensor = placement_pb2.PlacementManifest.Tensor
@@ -18,15 +24,44 @@ def _named(error, address):
     return OptdError(error.code, f"instance {address}: {error.message}")
 
 
+@dataclasses.dataclass
+class ShardRestore:
+    """Where a resharded session's state comes from: the parts of session `session_id` (empty:
+    the new session's id) that the instances `instances` (their --instance_name) checkpointed
+    into the shared state root. `tokens`, by instance address: the tokens of the sessions the new
+    parts replace, which authorize the replacement on a daemon without an admin token."""
+    instances: list
+    session_id: str = ""
+    tokens: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Part:
+    address: str
+    client: object  # the optd.Client of its instance
+    session: object  # the optd.Session there
+    groups: frozenset  # the groups its tensors are in
+
+
 class ShardedSession:
     """Places `config` over `clients` (optd.Client, one per instance; `addresses` name them in
-    errors) at placement `epoch` and creates the session `session_id` on every owner. A batched
-    tensor's slices become tensors "name[i]" of shape [1, m, n]. `memory_bytes`: each instance's
-    state budget (None: no limit)."""
+    errors) at placement `epoch` and creates the session `session_id` on every owner (resharding
+    needs an id: the parts find their sources by it). A batched tensor's slices become tensors
+    "name[i]" of shape [1, m, n]. `memory_bytes`: each instance's state budget (None: no limit).
+    On an error, the parts already created are deleted.
 
-    def __init__(self, clients, addresses, config, session_id, epoch, memory_bytes=None):
+    With `restore` (a ShardRestore), each part starts from the checkpoints named there instead
+    (resharding: tensors are found by name, so N parts restore on M), replacing a session of that
+    id on its instance; `epoch` must be later than theirs. Once every part exists, each is
+    checkpointed (when its daemon has a state directory). On an error nothing is deleted: the
+    sources must survive, and a retry replaces what was created."""
+
+    def __init__(self, clients, addresses, config, session_id, epoch, memory_bytes=None, *,
+                 restore=None):
         if epoch <= 0:
             raise ValueError("a sharded session's epoch must be >= 1")
+        if len(clients) != len(addresses):
+            raise ValueError(f"{len(clients)} clients but {len(addresses)} addresses")
         config = _session_config(config)
         manifest = placement_pb2.PlacementManifest(epoch=epoch)
         for i, address in enumerate(addresses):
@@ -46,6 +81,8 @@ class ShardedSession:
                 batched.add(t.name)
         self.placement = placement.place(manifest)
         self.epoch = epoch
+        self.id = session_id
+        self._config = config
         parts = []
         for _ in clients:
             part = optd_pb2.SessionConfig()
@@ -69,25 +106,49 @@ class ShardedSession:
             else:
                 piece = (item.endpoint, t.name, 0, size)
             self._pieces.setdefault(item.tensor, []).append(piece)
-        self._shards = {}  # endpoint -> (address, Session)
+        restore_from = ()
+        if restore is not None:
+            restore_from = [(instance, restore.session_id or session_id)
+                            for instance in restore.instances]
+        self._shards = {}  # endpoint -> _Part
         try:
             for e, (client, address) in enumerate(zip(clients, addresses)):
                 if not parts[e].tensors:
                     continue
+                token = None
+                if restore is not None and not client.admin_token:
+                    token = restore.tokens.get(address)
                 try:
-                    self._shards[e] = (address, client.create_session(parts[e], session_id))
+                    session = client.create_session(parts[e], session_id,
+                                                    restore_from=restore_from,
+                                                    replace=restore is not None, token=token)
                 except OptdError as error:
                     raise _named(error, address) from None
+                self._shards[e] = _Part(address, client, session,
+                                        frozenset(t.group for t in parts[e].tensors))
         except OptdError:
-            self.delete()
+            if restore is None:
+                self.delete()
             raise
+        if restore is not None:
+            # Every part has read its sources: now its own checkpoint may overwrite one of them.
+            for part in self._shards.values():
+                try:
+                    part.session.checkpoint()
+                except OptdError as error:
+                    if error.code != grpc.StatusCode.FAILED_PRECONDITION:  # no state directory
+                        raise _named(error, part.address) from None
+
+    def parts(self):
+        """The parts: (instance address, its optd.Session, token included), in endpoint order."""
+        return [(part.address, part.session) for part in self._shards.values()]
 
     def _split(self, tensors):
         per_shard = {e: {} for e in self._shards}
         for name, values in tensors.items():
             if name not in self._pieces:
                 raise OptdError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown tensor '{name}'")
-            flat = np.asarray(values, dtype=np.float32).reshape(-1)
+            flat = as_float32(values)
             for endpoint, there, offset, count in self._pieces[name]:
                 per_shard[endpoint][there] = flat[offset:offset + count]
         return per_shard
@@ -107,13 +168,57 @@ class ShardedSession:
 
     def _each(self, call):
         """call(session, endpoint) on every shard in turn; the results by endpoint."""
+        if not self._shards:
+            raise OptdError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"sharded session '{self.id}' has no parts (deleted or resharded)")
         results = {}
-        for e, (address, session) in self._shards.items():
+        for e, part in self._shards.items():
             try:
-                results[e] = call(session, e)
+                results[e] = call(part.session, e)
             except OptdError as error:
-                raise _named(error, address) from None
+                raise _named(error, part.address) from None
         return results
+
+    def _common_step(self, steps, what):
+        """The step every part reported in `steps` (by endpoint), or FAILED_PRECONDITION naming
+        each part's."""
+        if len(set(steps.values())) > 1:
+            each = ", ".join(f"{self._shards[e].address} at step {step}"
+                             for e, step in steps.items())
+            raise OptdError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"the parts of session '{self.id}' {what} different steps: {each}")
+        return next(iter(steps.values()))
+
+    def info(self):
+        """The session's optd_pb2.SessionInfo, put together from its parts': every tensor whole
+        (a batched tensor's slices as one, with the fewest steps_applied of them); `step` the
+        steps every part has completed (the next step is step + 1: a part already past it
+        replays it); `checkpoint_step` the parts' common one, -1 when they differ; bytes
+        summed."""
+        infos = self._each(lambda s, e: s.info())
+        first = next(iter(infos.values()))
+        checkpoint_steps = {i.checkpoint_step for i in infos.values()}
+        merged = optd_pb2.SessionInfo(
+            session_id=self.id, step=min(i.step for i in infos.values()),
+            state_bytes=sum(i.state_bytes for i in infos.values()),
+            loaded=all(i.loaded for i in infos.values()),
+            checkpoint_step=checkpoint_steps.pop() if len(checkpoint_steps) == 1 else -1,
+            backend=", ".join(sorted({i.backend for i in infos.values()})),
+            workers_pending=max(i.workers_pending for i in infos.values()))
+        merged.config.CopyFrom(first.config)
+        del merged.config.tensors[:]
+        there = {(e, t.config.name): t for e, i in infos.items() for t in i.tensors}
+        for t in self._config.tensors:
+            pieces = [there[(e, name)] for e, name, _, _ in self._pieces[t.name]]
+            out = merged.tensors.add()
+            out.CopyFrom(pieces[0])
+            out.config.name = t.name
+            del out.config.shape[:]
+            out.config.shape.extend(t.shape)
+            out.num_elements = sum(p.num_elements for p in pieces)
+            out.steps_applied = min(p.steps_applied for p in pieces)
+            merged.config.tensors.add().CopyFrom(out.config)
+        return merged
 
     def upload_parameters(self, tensors):
         """Replaces the given tensors' parameters ({name: values}, each whole) on their owners."""
@@ -140,11 +245,80 @@ class ShardedSession:
                           kind=first.kind,
                           values=self._join({e: r.values for e, r in results.items()}))
 
+    def update_hyperparams(self, updates):
+        """Session.update_hyperparams on the parts holding tensors of the updated groups, each
+        part all or none; NOT_FOUND for a group no part holds. An instance's failure is raised
+        naming it, and the parts before it keep their update."""
+        held = frozenset().union(*(part.groups for part in self._shards.values()))
+        for u in updates:
+            if u["group"] not in held:
+                raise OptdError(grpc.StatusCode.NOT_FOUND,
+                                f"session '{self.id}' has no group '{u['group']}'")
+
+        def update(session, e):
+            mine = [u for u in updates if u["group"] in self._shards[e].groups]
+            if mine:
+                session.update_hyperparams(mine)
+        self._each(update)
+
+    def checkpoint(self, shared=False):
+        """Checkpoints every part (`shared`: into the shared state root too, where a resharded
+        session restores from) and returns their step; FAILED_PRECONDITION naming each instance's
+        step when the parts are at different steps."""
+        return self._common_step(self._each(lambda s, e: s.checkpoint(shared).step),
+                                 "were checkpointed at")
+
+    def restore(self):
+        """Restores every part from its last checkpoint (after an instance restarted further back
+        than its peers) and returns the common step; FAILED_PRECONDITION naming each instance's
+        step when the checkpoints are not of one step."""
+        return self._common_step(self._each(lambda s, e: s.restore()), "were restored at")
+
+    def reshard(self, clients, addresses, epoch, memory_bytes=None):
+        """Moves the session onto `clients` (named by `addresses`) at a later `epoch`: checkpoints
+        every part into the shared state root, creates the new parts from those checkpoints (a
+        ShardedSession with a ShardRestore), then deletes the parts left on instances that own
+        nothing any more. Every daemon involved needs --shared_state_root (FAILED_PRECONDITION
+        naming the one without). Returns the new session; this one must not be used
+        afterwards."""
+        if epoch <= self.epoch:
+            raise ValueError(f"resharding needs an epoch after {self.epoch}, got {epoch}")
+        restore = ShardRestore(instances=[], session_id=self.id)
+        for part in self._shards.values():
+            try:
+                info = part.client.server_info()
+            except OptdError as error:
+                raise _named(error, part.address) from None
+            if not info.shared_state:
+                raise _named(OptdError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       "the daemon has no --shared_state_root, so its part "
+                                       "cannot move"), part.address)
+            restore.instances.append(info.instance_name)
+            restore.tokens[part.address] = part.session.token
+        self.checkpoint(shared=True)
+        moved = ShardedSession(clients, addresses, self._config, self.id, epoch, memory_bytes,
+                               restore=restore)
+        kept = {part.address for part in moved._shards.values()}
+        for part in self._shards.values():
+            if part.address not in kept:
+                self._delete_part(part)
+        self._shards = {}
+        return moved
+
+    @staticmethod
+    def _delete_part(part):
+        """Deletes a part, as its daemon allows: with the admin token when the client has one,
+        otherwise with the part's own token. Errors are ignored: the part may be gone already."""
+        session = part.session
+        if part.client.admin_token:
+            session = part.client.open_session(session.id, part.client.admin_token)
+        try:
+            session.delete()
+        except OptdError:
+            pass
+
     def delete(self):
         """Deletes the session on every instance that holds a part."""
-        for address, session in self._shards.values():
-            try:
-                session.delete()
-            except OptdError:
-                pass
+        for part in self._shards.values():
+            self._delete_part(part)
         self._shards = {}

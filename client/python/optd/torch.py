@@ -24,10 +24,20 @@ state_dict() checkpoints the session in the daemon and returns which; load_state
 daemon back to that checkpoint (its last) and copies its parameters into the model. To resume in
 a new process, attach to the session: RemoteOptimizer(..., session=client.open_session(id,
 token)), then load_state_dict().
+
+Sharded over several instances, the same on the same backend bit for bit:
+
+    optimizer = RemoteOptimizer(model.named_parameters(), [client_a, client_b, client_c],
+                                preset="keller", lr=0.02, session_id="run")
+    ...
+    optimizer.reshard([client_a, client_b])  # through the daemons' --shared_state_root
 """
+
+import secrets
 
 import torch
 
+from optd.sharded import ShardedSession
 from optd.v1 import optd_pb2
 
 # Name parts (split at "." and "_") that mark an embedding or an output head.
@@ -71,16 +81,21 @@ class RemoteOptimizer(torch.optim.Optimizer):
     """See the module docstring.
 
     params: named_parameters() (the names label the daemon's tensors and its metrics), or plain
-    parameters (named p0, p1, ...). client: an optd.Client. overrides: key=value stage settings
-    for the matrix preset (the kernels' OverrideKeys, e.g. {"precision": "fp32"}).
-    analysis_interval: the daemon's analyzer runs every that many steps (0: off). wire_dtype:
-    how gradients travel (fp32, bf16, fp16). session: an optd.Session to attach to instead of
-    creating one (its tensors must be these parameters); session_id names a new one.
+    parameters (named p0, p1, ...). client: an optd.Client, or a list of them, one per instance:
+    then the session is sharded over those instances (optd.sharded.ShardedSession) at
+    `placement_epoch`, `addresses` naming them in errors (default: each client's target), and
+    named `session_id` or a fresh "torch-..." id. overrides: key=value stage settings for the
+    matrix preset (the kernels' OverrideKeys, e.g. {"precision": "fp32"}). analysis_interval:
+    the daemon's analyzer runs every that many steps (0: off). wire_dtype: how gradients travel
+    (fp32, bf16, fp16). session: an optd.Session or optd.sharded.ShardedSession to attach to
+    instead of creating one (its tensors must be these parameters), not with a list of clients;
+    session_id names a new one.
     """
 
     def __init__(self, params, client=None, *, preset="keller", lr=0.02, weight_decay=None,
                  adamw_lr=3e-3, adamw_weight_decay=None, overrides=None, assign=None,
-                 analysis_interval=0, wire_dtype="fp32", session_id="", session=None):
+                 analysis_interval=0, wire_dtype="fp32", session_id="", session=None,
+                 addresses=None, placement_epoch=1):
         named = list(params)
         if named and not isinstance(named[0], tuple):
             named = [(f"p{i}", p) for i, p in enumerate(named)]
@@ -115,6 +130,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
         if session is None and client is None:
             raise ValueError("RemoteOptimizer needs a client to create its session, or a session")
+        sharded = isinstance(client, (list, tuple))
+        if session is not None and sharded:
+            raise ValueError("session= attaches to an existing session and takes no list of "
+                             "clients; pass a sharded session as an optd.sharded.ShardedSession")
+        if addresses is not None and not sharded:
+            raise ValueError("addresses= names the instances of a sharded session: pass a list "
+                             "of clients")
         if session is None:
             config = optd_pb2.SessionConfig(analysis_interval=int(analysis_interval))
             for name, p in named:
@@ -129,7 +151,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                       preset=preset if is_matrix else "adamw")
                 for key, value in settings.items():
                     g.overrides.add(key=key, value=_text(value))
-            session = client.create_session(config, session_id)
+            if sharded:
+                session = ShardedSession(
+                    client, addresses or [c.target for c in client], config,
+                    session_id or f"torch-{secrets.token_hex(8)}", placement_epoch)
+            else:
+                session = client.create_session(config, session_id)
             created = True
         else:
             created = False
@@ -217,9 +244,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return loss
 
     def state_dict(self):
-        """Checkpoints the session in the daemon; the returned dict says which, at which step."""
-        saved = self.session.checkpoint()
-        return {"optd": {"session_id": self.session.id, "step": saved.step, "path": saved.path},
+        """Checkpoints the session in the daemon; the returned dict says which, at which step
+        (and where, for a session on one instance)."""
+        if isinstance(self.session, ShardedSession):
+            step, path = self.session.checkpoint(), None
+        else:
+            saved = self.session.checkpoint()
+            step, path = saved.step, saved.path
+        return {"optd": {"session_id": self.session.id, "step": step, "path": path},
                 "param_groups": [{"optd_group": g["optd_group"], "lr": g["lr"]}
                                  for g in self.param_groups]}
 
@@ -249,6 +281,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
             for name, p in self._parameters.items():
                 p.copy_(torch.from_numpy(values[name]).view_as(p))
         self._versions = {name: p._version for name, p in self._parameters.items()}
+
+    def reshard(self, clients, *, addresses=None, placement_epoch=None):
+        """Moves a sharded optimizer's session onto `clients` (optd.Client, one per instance;
+        `addresses` name them, default each client's target) at a later `placement_epoch`
+        (default the next), through the daemons' --shared_state_root
+        (optd.sharded.ShardedSession.reshard); training goes on from the same step."""
+        if not isinstance(self.session, ShardedSession):
+            raise ValueError("only a sharded session reshards: build the RemoteOptimizer with a "
+                             "list of clients")
+        clients = list(clients)
+        self.session = self.session.reshard(
+            clients, addresses or [c.target for c in clients],
+            placement_epoch or self.session.epoch + 1)
 
     def close(self):
         """Deletes the session from the daemon."""
