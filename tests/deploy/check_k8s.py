@@ -130,6 +130,29 @@ def kubernetes(repo, flags):
               monitors[0]["spec"]["endpoints"][0]["port"] in
               {p["name"] for p in services[0]["spec"]["ports"]},
               "the ServiceMonitor does not select the Service's metrics port")
+    # The resharding component: every pod mounts one ReadWriteMany claim at the shared state
+    # root it names, beside its own state volume.
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "kustomization.yaml"), "w") as f:
+            overlay = os.path.relpath(os.path.join(base, "overlays", "cpu"), tmp)
+            component = os.path.relpath(os.path.join(base, "components", "resharding"), tmp)
+            f.write(f"resources: [{overlay}]\ncomponents: [{component}]\n")
+        docs = kustomize(tmp)
+        check_rendered([d for d in docs if d["kind"] != "PersistentVolumeClaim"], flags, "cpu")
+        claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+        pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        roots = [a.split("=", 1)[1] for a in container["args"]
+                 if a.startswith("--shared_state_root=")]
+        volume = next((v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v), None)
+        mount = next((m for m in container["volumeMounts"]
+                      if volume and m["name"] == volume["name"]), None)
+        claim = claims.get(volume["persistentVolumeClaim"]["claimName"]) if volume else None
+        check(len(roots) == 1 and mount is not None and mount["mountPath"] == roots[0] and
+              claim is not None and claim["spec"]["accessModes"] == ["ReadWriteMany"],
+              "resharding: --shared_state_root is not a ReadWriteMany claim mounted there")
+        check(not any(a.startswith("--state_dir=" + roots[0]) for a in container["args"]),
+              "resharding: the state directory should stay on the pod's own volume")
     return 0
 
 
@@ -188,6 +211,8 @@ def self_test(repo, optd, flags):
          "service: optd.v1.Optimizer", "service: optd.v1.Nope", "readinessProbe"),
         ("kubernetes", "deploy/kubernetes/base/statefulset.yaml",
          "--idle_ttl_s=3600", "--idle_ttl=3600", "is not an optd flag"),
+        ("kubernetes", "deploy/kubernetes/components/resharding/shared-state.yaml",
+         "accessModes: [ReadWriteMany]", "accessModes: [ReadWriteOnce]", "ReadWriteMany"),
         ("host", "deploy/container/Containerfile", "libprotobuf32 ", "", "need libprotobuf32"),
         ("host", "deploy/systemd/optd.service", "TimeoutStopSec=90", "TimeoutStopSec=35",
          "TimeoutStopSec"),
