@@ -233,12 +233,15 @@ absl::StatusOr<StepResult> ShardedSession::Step(int64_t step,
   }
   std::vector<absl::StatusOr<StepResult>> results(shards_.size(), absl::UnknownError(""));
   std::vector<std::thread> threads;
+  last_part_times_.assign(shards_.size(), absl::ZeroDuration());
   for (size_t s = 0; s < shards_.size(); ++s) {
     threads.emplace_back([&, s] {
       StepOptions shard_options = options;
       shard_options.outputs.clear();
       shard_options.placement_epoch = placement_.epoch();
+      const absl::Time start = absl::Now();
       results[s] = shards_[s].session.Step(step, per_shard[s], shard_options);
+      last_part_times_[s] = absl::Now() - start;
     });
   }
   for (std::thread& t : threads) t.join();

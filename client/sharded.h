@@ -84,6 +84,9 @@ class ShardedSession {
   absl::StatusOr<ShardedSession> Reshard(const std::vector<ShardEndpoint>& endpoints,
                                          int64_t epoch);
 
+  // How long each part's call of the last Step took (in parts() order): the instances' balance.
+  const std::vector<absl::Duration>& last_part_times() const { return last_part_times_; }
+
   // The parts: instance address and its session (token included).
   std::vector<std::pair<std::string, Session>> parts() const;
 
@@ -118,6 +121,7 @@ class ShardedSession {
   std::vector<Shard> shards_;
   std::map<std::string, std::vector<Piece>> pieces_;
   std::map<std::string, int64_t> sizes_;
+  std::vector<absl::Duration> last_part_times_;
 };
 
 }  // namespace optd::client
