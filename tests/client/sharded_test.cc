@@ -271,6 +271,15 @@ TEST(ShardedSessionTest, RestoreFromRefusesWhatDoesNotFitAndChangesNothing) {
   ASSERT_TRUE(dst->Step(1, {{"w", gw}, {"b", gb}}, at1).ok());
   const std::map<std::string, std::vector<float>> before = *dst->GetParameters();
 
+  // A CreateSession that would replace "dst" at epoch 2; each case adds its sources.
+  auto replace_dst = [&] {
+    v1::CreateSessionRequest request;
+    request.set_session_id("dst");
+    *request.mutable_config() = base;
+    request.mutable_config()->set_placement_epoch(2);
+    request.set_replace(true);
+    return request;
+  };
   struct Case {
     std::string what;
     std::function<void(v1::CreateSessionRequest&)> change;
@@ -321,11 +330,7 @@ TEST(ShardedSessionTest, RestoreFromRefusesWhatDoesNotFitAndChangesNothing) {
        absl::StatusCode::kFailedPrecondition, "is in both"},
   };
   for (Case& c : cases) {
-    v1::CreateSessionRequest request;
-    request.set_session_id("dst");
-    *request.mutable_config() = base;
-    request.mutable_config()->set_placement_epoch(2);
-    request.set_replace(true);
+    v1::CreateSessionRequest request = replace_dst();
     c.change(request);
     absl::StatusOr<client::Session> created =
         ConnectTo(*cluster.servers[1]).CreateSession(request, dst->token());
@@ -335,11 +340,7 @@ TEST(ShardedSessionTest, RestoreFromRefusesWhatDoesNotFitAndChangesNothing) {
   // Sources at different steps: B's own "dst" (step 1) beside A's "src" (step 2).
   ASSERT_TRUE(dst->Checkpoint(/*shared=*/true).ok());
   {
-    v1::CreateSessionRequest request;
-    request.set_session_id("dst");
-    *request.mutable_config() = base;
-    request.mutable_config()->set_placement_epoch(2);
-    request.set_replace(true);
+    v1::CreateSessionRequest request = replace_dst();
     source(request, "i0", "src");
     source(request, "i1", "dst");
     absl::StatusOr<client::Session> created =
@@ -349,11 +350,7 @@ TEST(ShardedSessionTest, RestoreFromRefusesWhatDoesNotFitAndChangesNothing) {
   }
   // Replacing without the session's token (no admin token configured): refused.
   {
-    v1::CreateSessionRequest request;
-    request.set_session_id("dst");
-    *request.mutable_config() = base;
-    request.mutable_config()->set_placement_epoch(2);
-    request.set_replace(true);
+    v1::CreateSessionRequest request = replace_dst();
     source(request, "i0", "src");
     absl::StatusOr<client::Session> created =
         ConnectTo(*cluster.servers[1]).CreateSession(request, "");
@@ -383,11 +380,7 @@ TEST(ShardedSessionTest, RestoreFromRefusesWhatDoesNotFitAndChangesNothing) {
   EXPECT_TRUE(dst->Step(2, {{"w", gw}, {"b", gb}}, at1).ok());
 
   // And a restore that fits replaces it: A's state at step 2, the old token no longer valid.
-  v1::CreateSessionRequest request;
-  request.set_session_id("dst");
-  *request.mutable_config() = base;
-  request.mutable_config()->set_placement_epoch(2);
-  request.set_replace(true);
+  v1::CreateSessionRequest request = replace_dst();
   source(request, "i0", "src");
   absl::StatusOr<client::Session> moved =
       ConnectTo(*cluster.servers[1]).CreateSession(request, dst->token());

@@ -47,6 +47,17 @@ def kustomize(directory):
     return [d for d in yaml.safe_load_all(run.stdout) if d] if run.returncode == 0 else []
 
 
+def kustomize_with_component(base, overlay, component):
+    """The rendered documents of `overlay` with `component` on top."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "kustomization.yaml"), "w") as f:
+            # kustomize takes relative roots only.
+            resources = os.path.relpath(os.path.join(base, "overlays", overlay), tmp)
+            components = os.path.relpath(os.path.join(base, "components", component), tmp)
+            f.write(f"resources: [{resources}]\ncomponents: [{components}]\n")
+        return kustomize(tmp)
+
+
 def check_rendered(docs, flags, variant):
     kinds = {d["kind"]: d for d in docs}
     check(set(kinds) >= {"StatefulSet", "Service"}, f"{variant}: kinds {sorted(kinds)}")
@@ -115,44 +126,34 @@ def kubernetes(repo, flags):
     for variant in ("cpu", "gpu"):
         check_rendered(kustomize(os.path.join(base, "overlays", variant)), flags, variant)
     # The ServiceMonitor component on top of an overlay.
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "kustomization.yaml"), "w") as f:
-            # kustomize takes relative roots only.
-            overlay = os.path.relpath(os.path.join(base, "overlays", "gpu"), tmp)
-            component = os.path.relpath(os.path.join(base, "components", "servicemonitor"), tmp)
-            f.write(f"resources: [{overlay}]\ncomponents: [{component}]\n")
-        docs = kustomize(tmp)
-        monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
-        services = [d for d in docs if d["kind"] == "Service"]
-        check(len(monitors) == 1 and services and
-              monitors[0]["spec"]["selector"]["matchLabels"].items() <=
-              services[0]["metadata"]["labels"].items() and
-              monitors[0]["spec"]["endpoints"][0]["port"] in
-              {p["name"] for p in services[0]["spec"]["ports"]},
-              "the ServiceMonitor does not select the Service's metrics port")
+    docs = kustomize_with_component(base, "gpu", "servicemonitor")
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    services = [d for d in docs if d["kind"] == "Service"]
+    check(len(monitors) == 1 and services and
+          monitors[0]["spec"]["selector"]["matchLabels"].items() <=
+          services[0]["metadata"]["labels"].items() and
+          monitors[0]["spec"]["endpoints"][0]["port"] in
+          {p["name"] for p in services[0]["spec"]["ports"]},
+          "the ServiceMonitor does not select the Service's metrics port")
     # The resharding component: every pod mounts one ReadWriteMany claim at the shared state
     # root it names, beside its own state volume.
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "kustomization.yaml"), "w") as f:
-            overlay = os.path.relpath(os.path.join(base, "overlays", "cpu"), tmp)
-            component = os.path.relpath(os.path.join(base, "components", "resharding"), tmp)
-            f.write(f"resources: [{overlay}]\ncomponents: [{component}]\n")
-        docs = kustomize(tmp)
-        check_rendered([d for d in docs if d["kind"] != "PersistentVolumeClaim"], flags, "cpu")
-        claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
-        pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
-        container = pod["containers"][0]
-        roots = [a.split("=", 1)[1] for a in container["args"]
-                 if a.startswith("--shared_state_root=")]
-        volume = next((v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v), None)
-        mount = next((m for m in container["volumeMounts"]
-                      if volume and m["name"] == volume["name"]), None)
-        claim = claims.get(volume["persistentVolumeClaim"]["claimName"]) if volume else None
-        check(len(roots) == 1 and mount is not None and mount["mountPath"] == roots[0] and
-              claim is not None and claim["spec"]["accessModes"] == ["ReadWriteMany"],
-              "resharding: --shared_state_root is not a ReadWriteMany claim mounted there")
-        check(not any(a.startswith("--state_dir=" + roots[0]) for a in container["args"]),
-              "resharding: the state directory should stay on the pod's own volume")
+    docs = kustomize_with_component(base, "cpu", "resharding")
+    check_rendered([d for d in docs if d["kind"] != "PersistentVolumeClaim"], flags, "cpu")
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    roots = [a.split("=", 1)[1] for a in container["args"]
+             if a.startswith("--shared_state_root=")]
+    volume = next((v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v), None)
+    mount = next((m for m in container["volumeMounts"]
+                  if volume and m["name"] == volume["name"]), None)
+    claim = claims.get(volume["persistentVolumeClaim"]["claimName"]) if volume else None
+    check(len(roots) == 1 and mount is not None and mount["mountPath"] == roots[0] and
+          claim is not None and claim["spec"]["accessModes"] == ["ReadWriteMany"],
+          "resharding: --shared_state_root is not a ReadWriteMany claim mounted there")
+    check(not roots or
+          not any(a.startswith("--state_dir=" + roots[0]) for a in container["args"]),
+          "resharding: the state directory should stay on the pod's own volume")
     return 0
 
 
