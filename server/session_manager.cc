@@ -197,6 +197,11 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
     return created.ok() ? first.status() : created.status();
   }
   std::shared_ptr<Session> session = *std::move(created);
+  if (replacing) {
+    // A call may have started reloading the old session meanwhile: let it finish first, so it
+    // cannot put the old session back over the new one.
+    while (sessions_.at(id).loading) loading_done_.Wait(&mu_);
+  }
   Entry& entry = sessions_.at(id);
   if (replacing) {
     // The old session refuses every later call and never writes its checkpoint again.
