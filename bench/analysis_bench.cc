@@ -100,8 +100,7 @@ int Main(int argc, char** argv) {
   // (server/server.cc).
   absl::StatusOr<std::unique_ptr<Backend>> step_backend = CreateCpuBackend({});
   Check(step_backend.status());
-  absl::StatusOr<std::unique_ptr<Backend>> analysis_backend =
-      CreateCpuBackend({.threads = 1, .set_blas_threads = false});
+  absl::StatusOr<std::unique_ptr<Backend>> analysis_backend = CreateCpuBackend({.threads = 1});
   Check(analysis_backend.status());
   Queue& queue = (*analysis_backend)->default_queue();
 

@@ -276,14 +276,15 @@ class Backend {
 };
 
 struct CpuBackendOptions {
-  // BLAS and element-loop threads; 0 keeps OpenBLAS's own choice (all cores).
+  // Threads of the backend's loops and BLAS tiles; 0 takes OpenBLAS's own count
+  // (OPENBLAS_NUM_THREADS, or the cores the process may use).
   int threads = 0;
-  // false: `threads` sizes the element loops only and OpenBLAS's process-wide thread count is
-  // left as it is (a second backend beside the one that set it, such as the analyzer's).
-  bool set_blas_threads = true;
 };
 
-// The CPU backend: OpenBLAS (cblas, multithreaded) and LAPACKE.
+// The CPU backend: OpenBLAS (cblas) and LAPACKE. Creating one sets OpenBLAS's process-wide thread
+// count to one: the backend runs its products as single-threaded BLAS calls on fixed tiles of the
+// output over its own threads, so a result has the same bits whatever `threads` is (on one
+// machine: OpenBLAS picks its kernels per CPU, and they round differently).
 absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOptions& options = {});
 
 struct CudaBackendOptions {

@@ -8,9 +8,9 @@
 //
 // On the CPU the analyzer runs on a backend of its own (one thread, so it never queues behind a
 // step's loops on the step backend's thread pool), in a thread at the lowest scheduling priority.
-// It still shares OpenBLAS with the steps, which runs one multithreaded level-3 call at a time:
-// the analysis keeps its own BLAS calls small (kernels/analysis.h) so a step waits at most for
-// one of them.
+// Its BLAS calls are single-threaded, as the step backend's are (kernels/backend.h), so they run
+// beside a step's instead of queueing behind them, and the analysis keeps them small
+// (kernels/analysis.h).
 #ifndef OPTD_SERVER_ANALYZER_H_
 #define OPTD_SERVER_ANALYZER_H_
 

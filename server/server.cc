@@ -59,7 +59,6 @@ absl::StatusOr<std::unique_ptr<Backend>> AnalysisBackend(const Backend& steps) {
   if (steps.name() == "cuda") return nullptr;
   CpuBackendOptions cpu;
   cpu.threads = 1;
-  cpu.set_blas_threads = false;
   return CreateCpuBackend(cpu);
 }
 

@@ -38,6 +38,13 @@ using formulas::RoundToHalf;
 // Loops shorter than this many elements run on one thread: waking a worker costs more than it
 // saves.
 constexpr int64_t kGrain = 1 << 15;
+// BLAS products run single-threaded, one call per tile of the output, and the tiles run on the
+// pool. The tiling depends on the shapes alone, so every element comes from the same BLAS call
+// whatever the thread count: OpenBLAS's own threading splits the output by thread count, and its
+// AVX2 kernels (Haswell, Zen) round an element differently depending on the part it lands in.
+constexpr int64_t kTile = 256;
+// Tiles handed to one thread cover at least this many multiply-adds.
+constexpr int64_t kBlasGrain = int64_t{1} << 21;
 // Sums of squares add blocks of this many elements in a fixed order, so results do not depend on
 // the thread count.
 constexpr int64_t kSumBlock = 1 << 14;
@@ -89,6 +96,8 @@ void ColumnSumsOfSquares(const MatrixBatch& x, int64_t b, std::vector<double>& s
 }
 
 class CpuQueue : public Queue {};
+
+int64_t CeilDiv(int64_t n, int64_t d) { return (n + d - 1) / d; }
 
 CBLAS_TRANSPOSE ToCblas(Transpose t) { return t == Transpose::kYes ? CblasTrans : CblasNoTrans; }
 
@@ -247,32 +256,28 @@ class CpuBackend : public Backend {
   absl::Status Gemm(Queue&, const GemmArgs& g) override {
     OPTD_ASSIGN_OR_RETURN(const bool work, CheckGemm(g));
     if (!work) return absl::OkStatus();
+    if (g.input_dtype == DType::kF32) {
+      GemmTiles(g, static_cast<const float*>(g.a), g.stride_a, static_cast<const float*>(g.b),
+                g.stride_b, g.c, g.batch);
+      return absl::OkStatus();
+    }
+    // bf16/fp16 inputs are widened exactly, one matrix at a time; the product then accumulates in
+    // fp32 as the GPU's tensor cores do. Exactly the elements the matrices span: the last row ends
+    // at its last column.
     const int64_t a_rows = g.trans_a == Transpose::kYes ? g.k : g.m;
     const int64_t a_cols = g.trans_a == Transpose::kYes ? g.m : g.k;
     const int64_t b_rows = g.trans_b == Transpose::kYes ? g.n : g.k;
     const int64_t b_cols = g.trans_b == Transpose::kYes ? g.k : g.n;
-    std::vector<float> a32, b32;
+    std::vector<float> a32(g.k == 0 ? 0 : (a_rows - 1) * g.lda + a_cols);
+    std::vector<float> b32(g.k == 0 ? 0 : (b_rows - 1) * g.ldb + b_cols);
     for (int64_t i = 0; i < g.batch; ++i) {
-      const float* a;
-      const float* b;
-      if (g.input_dtype == DType::kF32) {
-        a = static_cast<const float*>(g.a) + i * g.stride_a;
-        b = static_cast<const float*>(g.b) + i * g.stride_b;
-      } else {
-        // bf16/fp16 inputs are widened exactly; the product then accumulates in fp32 as the
-        // GPU's tensor cores do.
-        // Exactly the elements the matrices span: the last row ends at its last column.
-        a32.resize(g.k == 0 ? 0 : (a_rows - 1) * g.lda + a_cols);
-        b32.resize(g.k == 0 ? 0 : (b_rows - 1) * g.ldb + b_cols);
-        const auto* a16 = static_cast<const uint16_t*>(g.a) + i * g.stride_a;
-        const auto* b16 = static_cast<const uint16_t*>(g.b) + i * g.stride_b;
-        for (size_t j = 0; j < a32.size(); ++j) a32[j] = ToFloat(a16, g.input_dtype, j);
-        for (size_t j = 0; j < b32.size(); ++j) b32[j] = ToFloat(b16, g.input_dtype, j);
-        a = a32.data();
-        b = b32.data();
-      }
-      cblas_sgemm(CblasRowMajor, ToCblas(g.trans_a), ToCblas(g.trans_b), g.m, g.n, g.k, g.alpha, a,
-                  g.lda, b, g.ldb, g.beta, g.c + i * g.stride_c, g.ldc);
+      const auto* a16 = static_cast<const uint16_t*>(g.a) + i * g.stride_a;
+      const auto* b16 = static_cast<const uint16_t*>(g.b) + i * g.stride_b;
+      ForEach(static_cast<int64_t>(a32.size()),
+              [&](int64_t j) { a32[j] = ToFloat(a16, g.input_dtype, j); });
+      ForEach(static_cast<int64_t>(b32.size()),
+              [&](int64_t j) { b32[j] = ToFloat(b16, g.input_dtype, j); });
+      GemmTiles(g, a32.data(), 0, b32.data(), 0, g.c + i * g.stride_c, 1);
     }
     return absl::OkStatus();
   }
@@ -280,21 +285,53 @@ class CpuBackend : public Backend {
   absl::Status SymmetricRankK(Queue&, const SyrkArgs& s) override {
     OPTD_ASSIGN_OR_RETURN(const bool work, CheckSyrk(s));
     if (!work) return absl::OkStatus();
-    for (int64_t i = 0; i < s.batch; ++i) {
-      cblas_ssyrk(CblasRowMajor, CblasUpper, ToCblas(s.trans), s.n, s.k, s.alpha,
-                  s.a + i * s.stride_a, s.lda, s.beta, s.c + i * s.stride_c, s.ldc);
+    // The upper triangle's tiles (I ≤ J): ssyrk on the diagonal, sgemm above it. With trans, A is
+    // k×n and tile I takes its columns; without, A is n×k and tile I takes its rows.
+    const int64_t tiles = CeilDiv(s.n, kTile);
+    std::vector<std::pair<int64_t, int64_t>> upper;
+    for (int64_t i = 0; i < tiles; ++i) {
+      for (int64_t j = i; j < tiles; ++j) upper.emplace_back(i * kTile, j * kTile);
     }
+    const bool trans = s.trans == Transpose::kYes;
+    const auto per_matrix = static_cast<int64_t>(upper.size());
+    ForTiles(s.batch * per_matrix, kTile * kTile * s.k, [&](int64_t t) {
+      const int64_t b = t / per_matrix;
+      const auto [r0, c0] = upper[t % per_matrix];
+      const int64_t rows = std::min(kTile, s.n - r0), cols = std::min(kTile, s.n - c0);
+      const float* a = s.a + b * s.stride_a;
+      const float* a_rows = trans ? a + r0 : a + r0 * s.lda;
+      const float* a_cols = trans ? a + c0 : a + c0 * s.lda;
+      float* c = s.c + b * s.stride_c + r0 * s.ldc + c0;
+      if (r0 == c0) {
+        cblas_ssyrk(CblasRowMajor, CblasUpper, ToCblas(s.trans), rows, s.k, s.alpha, a_rows, s.lda,
+                    s.beta, c, s.ldc);
+      } else {
+        cblas_sgemm(CblasRowMajor, trans ? CblasTrans : CblasNoTrans,
+                    trans ? CblasNoTrans : CblasTrans, rows, cols, s.k, s.alpha, a_rows, s.lda,
+                    a_cols, s.lda, s.beta, c, s.ldc);
+      }
+    });
     return absl::OkStatus();
   }
 
   absl::Status SymmetricMultiply(Queue&, const SymmArgs& s) override {
     OPTD_ASSIGN_OR_RETURN(const bool work, CheckSymm(s));
     if (!work) return absl::OkStatus();
-    for (int64_t i = 0; i < s.batch; ++i) {
-      cblas_ssymm(CblasRowMajor, s.side == Side::kLeft ? CblasLeft : CblasRight, CblasUpper, s.m,
-                  s.n, s.alpha, s.s + i * s.stride_s, s.lds, s.b + i * s.stride_b, s.ldb, s.beta,
-                  s.c + i * s.stride_c, s.ldc);
-    }
+    // S·B splits into tiles of B's and C's columns, B·S into tiles of their rows: each tile reads
+    // all of S.
+    const bool left = s.side == Side::kLeft;
+    const int64_t per_matrix = CeilDiv(left ? s.n : s.m, kTile);
+    const int64_t order = left ? s.m : s.n;
+    ForTiles(s.batch * per_matrix, kTile * order * order, [&](int64_t t) {
+      const int64_t b = t / per_matrix, first = t % per_matrix * kTile;
+      const int64_t size = std::min(kTile, (left ? s.n : s.m) - first);
+      const int64_t b_offset = left ? first : first * s.ldb;
+      const int64_t c_offset = left ? first : first * s.ldc;
+      cblas_ssymm(CblasRowMajor, left ? CblasLeft : CblasRight, CblasUpper, left ? s.m : size,
+                  left ? size : s.n, s.alpha, s.s + b * s.stride_s, s.lds,
+                  s.b + b * s.stride_b + b_offset, s.ldb, s.beta, s.c + b * s.stride_c + c_offset,
+                  s.ldc);
+    });
     return absl::OkStatus();
   }
 
@@ -561,6 +598,35 @@ class CpuBackend : public Backend {
     });
   }
 
+  // fn(t) for every tile t in [0, tiles), each `work` multiply-adds at most, taken in turn by
+  // the pool's threads (tiles may differ in cost).
+  template <typename Fn>
+  void ForTiles(int64_t tiles, int64_t work, Fn fn) {
+    const int64_t grain = std::max<int64_t>(1, kBlasGrain / std::max<int64_t>(1, work));
+    const int64_t runners = std::min<int64_t>(pool_.threads(), CeilDiv(tiles, grain));
+    std::atomic<int64_t> next{0};
+    pool_.ParallelFor(runners, 1, [&](int64_t, int64_t) {
+      for (int64_t t = next++; t < tiles; t = next++) fn(t);
+    });
+  }
+
+  // C = alpha·op(A)·op(B) + beta·C for `batch` matrices of fp32 inputs, one single-threaded BLAS
+  // call per kTile×kTile tile of each C.
+  void GemmTiles(const GemmArgs& g, const float* a, int64_t stride_a, const float* b,
+                 int64_t stride_b, float* c, int64_t batch) {
+    const int64_t col_tiles = CeilDiv(g.n, kTile);
+    const int64_t per_matrix = CeilDiv(g.m, kTile) * col_tiles;
+    ForTiles(batch * per_matrix, kTile * kTile * g.k, [&](int64_t t) {
+      const int64_t i = t / per_matrix;
+      const int64_t r0 = t % per_matrix / col_tiles * kTile, c0 = t % col_tiles * kTile;
+      const float* a_tile = a + i * stride_a + (g.trans_a == Transpose::kYes ? r0 : r0 * g.lda);
+      const float* b_tile = b + i * stride_b + (g.trans_b == Transpose::kYes ? c0 * g.ldb : c0);
+      cblas_sgemm(CblasRowMajor, ToCblas(g.trans_a), ToCblas(g.trans_b), std::min(kTile, g.m - r0),
+                  std::min(kTile, g.n - c0), g.k, g.alpha, a_tile, g.lda, b_tile, g.ldb, g.beta,
+                  c + i * g.stride_c + r0 * g.ldc + c0, g.ldc);
+    });
+  }
+
   // Σx² over blocks summed in a fixed order: the same bits for any thread count.
   double ParallelSumSquares(const float* x, int64_t count) {
     const int64_t blocks = (count + kSumBlock - 1) / kSumBlock;
@@ -588,12 +654,11 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOption
     return absl::InvalidArgumentError(
         absl::StrCat("cpu backend: threads must be >= 0, got ", options.threads));
   }
-  int threads = options.threads;
-  if (threads > 0) {
-    if (options.set_blas_threads) openblas_set_num_threads(threads);
-  } else {
-    threads = openblas_get_num_threads();
-  }
+  // OpenBLAS's own choice (OPENBLAS_NUM_THREADS, or the cores this process may use), read before
+  // optd first sets it to one.
+  static const int blas_default_threads = openblas_get_num_threads();
+  const int threads = options.threads > 0 ? options.threads : blas_default_threads;
+  openblas_set_num_threads(1);
   return std::make_unique<CpuBackend>(threads);
 }
 

@@ -1,0 +1,197 @@
+// The CPU backend's products are tiled over its own threads (kernels/backend.h): the same bits for
+// any thread count, on whatever kernels OpenBLAS picked for this CPU, and each product within its
+// fp32 rounding bound of an fp64 reference at shapes that span several tiles with ragged edges.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/formulas.h"
+#include "kernels/newton_schulz.h"
+#include "tests/kernels/backend_test_util.h"
+#include "tests/kernels/reference.h"
+
+namespace optd {
+namespace {
+
+using reference::RandomNormal;
+
+// Shapes past the backend's 256-wide tiles, none a multiple of them.
+constexpr int64_t kM = 300, kN = 517, kK = 261;
+
+std::unique_ptr<Backend> CpuBackendWith(int threads) {
+  auto backend = CreateCpuBackend({.threads = threads});
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  return backend.ok() ? std::move(*backend) : nullptr;
+}
+
+std::vector<uint16_t> ToBf16(const std::vector<float>& x) {
+  std::vector<uint16_t> bits(x.size());
+  for (size_t i = 0; i < x.size(); ++i) bits[i] = formulas::FloatToBf16Bits(x[i]);
+  return bits;
+}
+
+// Every product the backend tiles, and Newton–Schulz over them, run on `backend`: the outputs one
+// after another.
+std::vector<float> AllProducts(Backend& backend) {
+  testing::DeviceMemory memory(backend);
+  Queue& q = backend.default_queue();
+  std::vector<float> out;
+  auto keep = [&](const float* device, size_t count) {
+    const std::vector<float> host = memory.Download(device, count);
+    out.insert(out.end(), host.begin(), host.end());
+  };
+  const std::vector<float> a = RandomNormal(kM * kK, 1), b = RandomNormal(kK * kN, 2);
+  const std::vector<float> c0 = RandomNormal(kM * kN, 3);
+  for (const Transpose trans_a : {Transpose::kNo, Transpose::kYes}) {
+    for (const Transpose trans_b : {Transpose::kNo, Transpose::kYes}) {
+      float* c = memory.Upload(c0);
+      const GemmArgs gemm{.trans_a = trans_a,
+                          .trans_b = trans_b,
+                          .m = kM,
+                          .n = kN,
+                          .k = kK,
+                          .alpha = 0.75f,
+                          .beta = 0.5f,
+                          .a = memory.Upload(a),
+                          .lda = trans_a == Transpose::kYes ? kM : kK,
+                          .b = memory.Upload(b),
+                          .ldb = trans_b == Transpose::kYes ? kK : kN,
+                          .c = c,
+                          .ldc = kN};
+      EXPECT_TRUE(backend.Gemm(q, gemm).ok());
+      keep(c, c0.size());
+    }
+  }
+  {
+    float* c = memory.Upload(c0);
+    const GemmArgs bf16{.m = kM,
+                        .n = kN,
+                        .k = kK,
+                        .input_dtype = DType::kBF16,
+                        .a = memory.Upload(ToBf16(a)),
+                        .lda = kK,
+                        .b = memory.Upload(ToBf16(b)),
+                        .ldb = kN,
+                        .c = c,
+                        .ldc = kN};
+    EXPECT_TRUE(backend.Gemm(q, bf16).ok());
+    keep(c, c0.size());
+  }
+  for (const Transpose trans : {Transpose::kNo, Transpose::kYes}) {
+    const int64_t n = trans == Transpose::kYes ? kK : kM;
+    float* c = memory.Upload(RandomNormal(n * n, 4));
+    EXPECT_TRUE(backend
+                    .SymmetricRankK(q, SyrkArgs{.trans = trans,
+                                                .n = n,
+                                                .k = trans == Transpose::kYes ? kM : kK,
+                                                .alpha = 1.25f,
+                                                .beta = 0.5f,
+                                                .a = memory.Upload(a),
+                                                .lda = kK,
+                                                .c = c,
+                                                .ldc = n})
+                    .ok());
+    keep(c, n * n);
+  }
+  for (const Side side : {Side::kLeft, Side::kRight}) {
+    const int64_t order = side == Side::kLeft ? kM : kN;
+    float* c = memory.Upload(c0);
+    EXPECT_TRUE(
+        backend
+            .SymmetricMultiply(q, SymmArgs{.side = side,
+                                           .m = kM,
+                                           .n = kN,
+                                           .alpha = 0.75f,
+                                           .beta = 0.5f,
+                                           .s = memory.Upload(RandomNormal(order * order, 5)),
+                                           .lds = order,
+                                           .b = memory.Upload(c0),
+                                           .ldb = kN,
+                                           .c = c,
+                                           .ldc = kN})
+            .ok());
+    keep(c, c0.size());
+  }
+  for (const auto& [rows, cols] : {std::pair{kM, kN}, std::pair{kN, kM}}) {
+    for (const DType dtype : {DType::kF32, DType::kBF16}) {
+      NewtonSchulzConfig config;
+      config.compute_dtype = dtype;
+      constexpr int64_t kBatch = 2;
+      float* x = memory.Upload(RandomNormal(kBatch * rows * cols, 6));
+      std::vector<float> workspace(NewtonSchulzWorkspaceFloats(config, kBatch, rows, cols));
+      EXPECT_TRUE(NewtonSchulz(backend, q, MatrixBatch{x, kBatch, rows, cols}, config,
+                               memory.Upload(workspace))
+                      .ok());
+      keep(x, kBatch * rows * cols);
+    }
+  }
+  return out;
+}
+
+TEST(CpuBackendTest, SameBitsForAnyThreadCount) {
+  std::unique_ptr<Backend> one = CpuBackendWith(1);
+  ASSERT_NE(one, nullptr);
+  const std::vector<float> expected = AllProducts(*one);
+  for (const int threads : {2, 3, 7}) {
+    SCOPED_TRACE(threads);
+    std::unique_ptr<Backend> backend = CpuBackendWith(threads);
+    ASSERT_NE(backend, nullptr);
+    const std::vector<float> got = AllProducts(*backend);
+    ASSERT_EQ(got.size(), expected.size());
+    int64_t differing = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      differing += std::memcmp(&got[i], &expected[i], sizeof(float)) != 0 ? 1 : 0;
+    }
+    EXPECT_EQ(differing, 0) << "of " << got.size() << " elements";
+  }
+}
+
+TEST(CpuBackendTest, TiledGemmWithinRoundingOfFp64) {
+  // |fl(c) − c| <= γ_k·(|α|·|A|·|B|) + rounding of the β term, γ_k = k·u/(1 − k·u) with
+  // u = 2⁻²⁴ (Higham, "Accuracy and Stability of Numerical Algorithms", 3.5), for every tile.
+  std::unique_ptr<Backend> backend = CpuBackendWith(3);
+  ASSERT_NE(backend, nullptr);
+  testing::DeviceMemory memory(*backend);
+  const std::vector<float> a = RandomNormal(kM * kK, 11), b = RandomNormal(kK * kN, 12);
+  const std::vector<float> c0 = RandomNormal(kM * kN, 13);
+  const float alpha = 0.75f, beta = 0.5f;
+  float* c = memory.Upload(c0);
+  ASSERT_TRUE(backend
+                  ->Gemm(backend->default_queue(), GemmArgs{.m = kM,
+                                                            .n = kN,
+                                                            .k = kK,
+                                                            .alpha = alpha,
+                                                            .beta = beta,
+                                                            .a = memory.Upload(a),
+                                                            .lda = kK,
+                                                            .b = memory.Upload(b),
+                                                            .ldb = kN,
+                                                            .c = c,
+                                                            .ldc = kN})
+                  .ok());
+  const std::vector<float> got = memory.Download(c, c0.size());
+  const double u = std::ldexp(1.0, -24);
+  const double gamma = (kK + 2) * u / (1 - (kK + 2) * u);
+  for (int64_t i = 0; i < kM; ++i) {
+    for (int64_t j = 0; j < kN; ++j) {
+      double exact = 0, magnitude = 0;
+      for (int64_t l = 0; l < kK; ++l) {
+        exact += double(a[i * kK + l]) * b[l * kN + j];
+        magnitude += std::fabs(double(a[i * kK + l]) * b[l * kN + j]);
+      }
+      exact = alpha * exact + beta * double(c0[i * kN + j]);
+      const double bound = gamma * (alpha * magnitude + beta * std::fabs(c0[i * kN + j]));
+      ASSERT_NEAR(got[i * kN + j], exact, bound) << "element " << i << "," << j;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace optd
