@@ -51,10 +51,17 @@ constexpr Shape kShapes[] = {{768, 768}, {768, 3072}, {1024, 4096}};
 constexpr Shape kGpt2SmallBlock[] = {{768, 2304}, {768, 768}, {768, 3072}, {3072, 768}};
 constexpr int kGpt2SmallLayers = 12;
 
-// One CPU backend for the whole run, never destroyed: every benchmark shares OpenBLAS's thread
-// pool, as a server process would.
+// OpenBLAS's own thread count, read before the backend sets it to one (kernels/backend.h): the
+// baselines that call cblas directly run multithreaded at this count, as for a caller of its own.
+int BlasThreads() {
+  static const int threads = openblas_get_num_threads();
+  return threads;
+}
+
+// One CPU backend for the whole run, never destroyed, as a server process holds one.
 Backend& Cpu() {
   static Backend* const backend = [] {
+    BlasThreads();
     absl::StatusOr<std::unique_ptr<Backend>> created = CreateCpuBackend();
     if (!created.ok()) {
       std::fprintf(stderr, "kernels_bench: %s\n", created.status().ToString().c_str());
@@ -206,6 +213,8 @@ void BM_NewtonSchulzBlasLimit(benchmark::State& state, bool gemm_update) {
 
   using Clock = std::chrono::steady_clock;
   double gram_seconds = 0, poly_seconds = 0, update_seconds = 0;
+  Cpu();
+  openblas_set_num_threads(BlasThreads());
   auto run = [&] {
     float* current = x.f32();
     float* next = workspace.f32();
@@ -243,6 +252,7 @@ void BM_NewtonSchulzBlasLimit(benchmark::State& state, bool gemm_update) {
   }
   const double per_iteration_ms =
       1e3 / static_cast<double>(std::max<int64_t>(1, state.iterations()));
+  openblas_set_num_threads(1);  // back to what the backend's tiled calls expect
   state.counters["gram_syrk_ms"] = gram_seconds * per_iteration_ms;
   state.counters["poly_syrk_ms"] = poly_seconds * per_iteration_ms;
   state.counters[gemm_update ? "update_gemm_ms" : "update_symm_ms"] =
@@ -327,7 +337,7 @@ void TimeCopy(benchmark::State& state, int64_t rmnp_floats) {
   std::memset(dst.data(), 0, count * sizeof(float));
   float* const to = dst.f32();
   const float* const from = src.f32();
-  static ThreadPool* const pool = new ThreadPool(openblas_get_num_threads());
+  static ThreadPool* const pool = new ThreadPool(BlasThreads());
   for (auto _ : state) {
     pool->ParallelFor(count, 1 << 15, [&](int64_t begin, int64_t end) {
       std::memcpy(to + begin, from + begin, (end - begin) * sizeof(float));
@@ -412,7 +422,7 @@ int main(int argc, char** argv) {
   // choice go into the JSON context, so RESULTS.md names what produced its figures.
   benchmark::AddCustomContext("optd_backend", optd::Cpu().description());
   benchmark::AddCustomContext("openblas_corename", openblas_get_corename());
-  benchmark::AddCustomContext("copy_threads", std::to_string(openblas_get_num_threads()));
+  benchmark::AddCustomContext("copy_threads", std::to_string(optd::BlasThreads()));
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

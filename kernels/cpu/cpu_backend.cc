@@ -42,7 +42,10 @@ constexpr int64_t kGrain = 1 << 15;
 // pool. The tiling depends on the shapes alone, so every element comes from the same BLAS call
 // whatever the thread count: OpenBLAS's own threading splits the output by thread count, and its
 // AVX2 kernels (Haswell, Zen) round an element differently depending on the part it lands in.
-constexpr int64_t kTile = 256;
+constexpr int64_t kBlasTile = 256;
+// A symmetric multiply splits one side only (the other reads all of S), in strips this wide: more
+// of them than 256-wide tiles give, so a square matrix still spreads evenly over the threads.
+constexpr int64_t kSymmStrip = 128;
 // Tiles handed to one thread cover at least this many multiply-adds.
 constexpr int64_t kBlasGrain = int64_t{1} << 21;
 // Sums of squares add blocks of this many elements in a fixed order, so results do not depend on
@@ -287,17 +290,17 @@ class CpuBackend : public Backend {
     if (!work) return absl::OkStatus();
     // The upper triangle's tiles (I ≤ J): ssyrk on the diagonal, sgemm above it. With trans, A is
     // k×n and tile I takes its columns; without, A is n×k and tile I takes its rows.
-    const int64_t tiles = CeilDiv(s.n, kTile);
+    const int64_t tiles = CeilDiv(s.n, kBlasTile);
     std::vector<std::pair<int64_t, int64_t>> upper;
     for (int64_t i = 0; i < tiles; ++i) {
-      for (int64_t j = i; j < tiles; ++j) upper.emplace_back(i * kTile, j * kTile);
+      for (int64_t j = i; j < tiles; ++j) upper.emplace_back(i * kBlasTile, j * kBlasTile);
     }
     const bool trans = s.trans == Transpose::kYes;
     const auto per_matrix = static_cast<int64_t>(upper.size());
-    ForTiles(s.batch * per_matrix, kTile * kTile * s.k, [&](int64_t t) {
+    ForTiles(s.batch * per_matrix, kBlasTile * kBlasTile * s.k, [&](int64_t t) {
       const int64_t b = t / per_matrix;
       const auto [r0, c0] = upper[t % per_matrix];
-      const int64_t rows = std::min(kTile, s.n - r0), cols = std::min(kTile, s.n - c0);
+      const int64_t rows = std::min(kBlasTile, s.n - r0), cols = std::min(kBlasTile, s.n - c0);
       const float* a = s.a + b * s.stride_a;
       const float* a_rows = trans ? a + r0 : a + r0 * s.lda;
       const float* a_cols = trans ? a + c0 : a + c0 * s.lda;
@@ -320,11 +323,11 @@ class CpuBackend : public Backend {
     // S·B splits into tiles of B's and C's columns, B·S into tiles of their rows: each tile reads
     // all of S.
     const bool left = s.side == Side::kLeft;
-    const int64_t per_matrix = CeilDiv(left ? s.n : s.m, kTile);
+    const int64_t per_matrix = CeilDiv(left ? s.n : s.m, kSymmStrip);
     const int64_t order = left ? s.m : s.n;
-    ForTiles(s.batch * per_matrix, kTile * order * order, [&](int64_t t) {
-      const int64_t b = t / per_matrix, first = t % per_matrix * kTile;
-      const int64_t size = std::min(kTile, (left ? s.n : s.m) - first);
+    ForTiles(s.batch * per_matrix, kSymmStrip * order * order, [&](int64_t t) {
+      const int64_t b = t / per_matrix, first = t % per_matrix * kSymmStrip;
+      const int64_t size = std::min(kSymmStrip, (left ? s.n : s.m) - first);
       const int64_t b_offset = left ? first : first * s.ldb;
       const int64_t c_offset = left ? first : first * s.ldc;
       cblas_ssymm(CblasRowMajor, left ? CblasLeft : CblasRight, CblasUpper, left ? s.m : size,
@@ -611,19 +614,20 @@ class CpuBackend : public Backend {
   }
 
   // C = alpha·op(A)·op(B) + beta·C for `batch` matrices of fp32 inputs, one single-threaded BLAS
-  // call per kTile×kTile tile of each C.
+  // call per kBlasTile×kBlasTile tile of each C.
   void GemmTiles(const GemmArgs& g, const float* a, int64_t stride_a, const float* b,
                  int64_t stride_b, float* c, int64_t batch) {
-    const int64_t col_tiles = CeilDiv(g.n, kTile);
-    const int64_t per_matrix = CeilDiv(g.m, kTile) * col_tiles;
-    ForTiles(batch * per_matrix, kTile * kTile * g.k, [&](int64_t t) {
+    const int64_t col_tiles = CeilDiv(g.n, kBlasTile);
+    const int64_t per_matrix = CeilDiv(g.m, kBlasTile) * col_tiles;
+    ForTiles(batch * per_matrix, kBlasTile * kBlasTile * g.k, [&](int64_t t) {
       const int64_t i = t / per_matrix;
-      const int64_t r0 = t % per_matrix / col_tiles * kTile, c0 = t % col_tiles * kTile;
+      const int64_t r0 = t % per_matrix / col_tiles * kBlasTile, c0 = t % col_tiles * kBlasTile;
       const float* a_tile = a + i * stride_a + (g.trans_a == Transpose::kYes ? r0 : r0 * g.lda);
       const float* b_tile = b + i * stride_b + (g.trans_b == Transpose::kYes ? c0 * g.ldb : c0);
-      cblas_sgemm(CblasRowMajor, ToCblas(g.trans_a), ToCblas(g.trans_b), std::min(kTile, g.m - r0),
-                  std::min(kTile, g.n - c0), g.k, g.alpha, a_tile, g.lda, b_tile, g.ldb, g.beta,
-                  c + i * g.stride_c + r0 * g.ldc + c0, g.ldc);
+      cblas_sgemm(CblasRowMajor, ToCblas(g.trans_a), ToCblas(g.trans_b),
+                  std::min(kBlasTile, g.m - r0), std::min(kBlasTile, g.n - c0), g.k, g.alpha,
+                  a_tile, g.lda, b_tile, g.ldb, g.beta, c + i * g.stride_c + r0 * g.ldc + c0,
+                  g.ldc);
     });
   }
 
