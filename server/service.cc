@@ -1,9 +1,11 @@
 #include "server/service.h"
 
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "kernels/optimizer.h"
@@ -48,6 +50,16 @@ absl::Status StreamTensor(const std::string& name, absl::Span<const float> value
         absl::StrCat("the client went away while tensor '", name, "' was being sent"));
   }
   return absl::OkStatus();
+}
+
+// fn(), with an allocation failure turned into RESOURCE_EXHAUSTED. Every slot a handler takes is
+// released by a scope guard, so a throw leaves none held.
+absl::Status Guarded(absl::FunctionRef<absl::Status()> fn) {
+  try {
+    return fn();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("optd could not allocate host memory for this call");
+  }
 }
 
 // Decodes one chunk into `staging` after resolving its tensor and dtype.
@@ -103,149 +115,145 @@ absl::StatusOr<std::shared_ptr<Session>> OptimizerService::Authorize(grpc::Serve
 grpc::Status OptimizerService::CreateSession(grpc::ServerContext* context,
                                              const v1::CreateSessionRequest* request,
                                              v1::CreateSessionResponse* response) {
-  return Finish("CreateSession", [&]() -> absl::Status {
-    OPTD_RETURN_IF_ERROR(sessions_.AuthorizeAdmin(Authorization(*context)));
-    CreateOptions create;
-    create.restore_from.assign(request->restore_from().begin(), request->restore_from().end());
-    create.replace = request->replace();
-    create.authorization = std::string(Authorization(*context));
-    OPTD_ASSIGN_OR_RETURN(CreatedSession created,
-                          sessions_.Create(request->session_id(), request->config(), create));
-    response->set_session_id(created.session->id());
-    response->set_token(created.token);
-    *response->mutable_session() = created.session->Info(/*with_tensors=*/true);
-    return absl::OkStatus();
-  }());
+  return Finish(
+      "CreateSession", Guarded([&]() -> absl::Status {
+        OPTD_RETURN_IF_ERROR(sessions_.AuthorizeAdmin(Authorization(*context)));
+        CreateOptions create;
+        create.restore_from.assign(request->restore_from().begin(), request->restore_from().end());
+        create.replace = request->replace();
+        create.authorization = std::string(Authorization(*context));
+        OPTD_ASSIGN_OR_RETURN(CreatedSession created,
+                              sessions_.Create(request->session_id(), request->config(), create));
+        response->set_session_id(created.session->id());
+        response->set_token(created.token);
+        *response->mutable_session() = created.session->Info(/*with_tensors=*/true);
+        return absl::OkStatus();
+      }));
 }
 
 grpc::Status OptimizerService::GetSession(grpc::ServerContext* context,
                                           const v1::GetSessionRequest* request,
                                           v1::SessionInfo* response) {
-  return Finish("GetSession", [&]() -> absl::Status {
-    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
-                          Authorize(context, request->session_id()));
-    *response = session->Info(/*with_tensors=*/true);
-    return absl::OkStatus();
-  }());
+  return Finish("GetSession", Guarded([&]() -> absl::Status {
+                  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                                        Authorize(context, request->session_id()));
+                  *response = session->Info(/*with_tensors=*/true);
+                  return absl::OkStatus();
+                }));
 }
 
 grpc::Status OptimizerService::ListSessions(grpc::ServerContext* context,
                                             const v1::ListSessionsRequest*,
                                             v1::ListSessionsResponse* response) {
-  return Finish("ListSessions", [&]() -> absl::Status {
-    OPTD_RETURN_IF_ERROR(sessions_.AuthorizeAdmin(Authorization(*context)));
-    for (v1::SessionInfo& info : sessions_.List()) *response->add_sessions() = std::move(info);
-    return absl::OkStatus();
-  }());
+  return Finish("ListSessions", Guarded([&]() -> absl::Status {
+                  OPTD_RETURN_IF_ERROR(sessions_.AuthorizeAdmin(Authorization(*context)));
+                  for (v1::SessionInfo& info : sessions_.List())
+                    *response->add_sessions() = std::move(info);
+                  return absl::OkStatus();
+                }));
 }
 
 grpc::Status OptimizerService::DeleteSession(grpc::ServerContext* context,
                                              const v1::DeleteSessionRequest* request,
                                              v1::DeleteSessionResponse*) {
-  return Finish("DeleteSession", [&]() -> absl::Status {
-    if (request->session_id().empty()) return absl::InvalidArgumentError("session_id is empty");
-    return sessions_.Delete(request->session_id(), Authorization(*context));
-  }());
+  return Finish("DeleteSession", Guarded([&]() -> absl::Status {
+                  if (request->session_id().empty())
+                    return absl::InvalidArgumentError("session_id is empty");
+                  return sessions_.Delete(request->session_id(), Authorization(*context));
+                }));
 }
 
 grpc::Status OptimizerService::UpdateHyperparams(grpc::ServerContext* context,
                                                  const v1::UpdateHyperparamsRequest* request,
                                                  v1::UpdateHyperparamsResponse*) {
-  return Finish("UpdateHyperparams", [&]() -> absl::Status {
-    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
-                          Authorize(context, request->session_id()));
-    return session->UpdateHyperparams(*request);
-  }());
+  return Finish("UpdateHyperparams", Guarded([&]() -> absl::Status {
+                  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                                        Authorize(context, request->session_id()));
+                  return session->UpdateHyperparams(*request);
+                }));
 }
 
 grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
                                             grpc::ServerReader<v1::UploadParamsRequest>* reader,
                                             v1::UploadParamsResponse* response) {
-  return Finish("UploadParams", [&]() -> absl::Status {
-    v1::UploadParamsRequest request;
-    if (!reader->Read(&request) || !request.has_header()) {
-      return absl::InvalidArgumentError("UploadParams must start with a header naming the session");
-    }
-    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
-                          Authorize(context, request.header().session_id()));
-    OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
-    absl::Status status;
-    while (status.ok() && reader->Read(&request)) {
-      if (!request.has_chunk()) {
-        status = absl::InvalidArgumentError("UploadParams carries one header, then only chunks");
-        break;
-      }
-      // Parameters may be any finite value; the gradient bound does not apply to them.
-      status = AddChunk(*session, *staging, request.chunk(), std::numeric_limits<float>::max(),
-                        /*reject=*/true, options_.metrics);
-    }
-    if (status.ok() && context->IsCancelled()) {
-      status = absl::CancelledError("the upload was cancelled; nothing was changed");
-    }
-    if (status.ok()) status = staging->CheckComplete();
-    if (status.ok()) status = session->SetParameters(*staging);
-    if (status.ok()) response->set_tensors_updated(staging->num_present());
-    session->ReleaseStaging(std::move(staging));
-    return status;
-  }());
+  return Finish(
+      "UploadParams", Guarded([&]() -> absl::Status {
+        v1::UploadParamsRequest request;
+        if (!reader->Read(&request) || !request.has_header()) {
+          return absl::InvalidArgumentError(
+              "UploadParams must start with a header naming the session");
+        }
+        OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                              Authorize(context, request.header().session_id()));
+        OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
+        absl::Cleanup release = [&] { session->ReleaseStaging(std::move(staging)); };
+        absl::Status status;
+        while (status.ok() && reader->Read(&request)) {
+          if (!request.has_chunk()) {
+            status =
+                absl::InvalidArgumentError("UploadParams carries one header, then only chunks");
+            break;
+          }
+          // Parameters may be any finite value; the gradient bound does not apply to them.
+          status = AddChunk(*session, *staging, request.chunk(), std::numeric_limits<float>::max(),
+                            /*reject=*/true, options_.metrics);
+        }
+        if (status.ok() && context->IsCancelled()) {
+          status = absl::CancelledError("the upload was cancelled; nothing was changed");
+        }
+        if (status.ok()) status = staging->CheckComplete();
+        if (status.ok()) status = session->SetParameters(*staging);
+        if (status.ok()) response->set_tensors_updated(staging->num_present());
+        return status;
+      }));
 }
 
 grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
                                          const v1::GetParamsRequest* request,
                                          grpc::ServerWriter<v1::TensorChunk>* writer) {
-  return Finish("GetParams", [&]() -> absl::Status {
-    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> found,
-                          Authorize(context, request->session_id()));
-    Session& session = *found;
-    OPTD_ASSIGN_OR_RETURN(int64_t chunk_bytes,
-                          ChunkBytes(request->chunk_bytes(), options_.default_chunk_bytes));
-    std::vector<int> tensors;
-    for (const std::string& name : request->tensors()) {
-      OPTD_ASSIGN_OR_RETURN(int t, session.FindTensor(name));
-      tensors.push_back(t);
-    }
-    if (tensors.empty()) {
-      for (int t = 0; t < session.num_tensors(); ++t) tensors.push_back(t);
-    }
-    if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
-      OPTD_RETURN_IF_ERROR(FromWireDType(request->dtype()).status());
-    }
-    v1::TensorChunk chunk;
-    std::vector<float> values;
-    for (int t : tensors) {
-      values.resize(static_cast<size_t>(session.num_elements(t)));
-      OPTD_RETURN_IF_ERROR(session.GetParameters(t, absl::MakeSpan(values)));
-      const DType dtype = *ResultDType(request->dtype(), session.tensor_dtype(t));
-      OPTD_RETURN_IF_ERROR(StreamTensor(session.tensor_name(t), values, dtype, chunk_bytes, chunk,
-                                        [&] { return writer->Write(chunk); }));
-      CountSent(static_cast<int64_t>(values.size() * DTypeSize(dtype)));
-    }
-    return absl::OkStatus();
-  }());
+  return Finish(
+      "GetParams", Guarded([&]() -> absl::Status {
+        OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> found,
+                              Authorize(context, request->session_id()));
+        Session& session = *found;
+        OPTD_ASSIGN_OR_RETURN(int64_t chunk_bytes,
+                              ChunkBytes(request->chunk_bytes(), options_.default_chunk_bytes));
+        std::vector<int> tensors;
+        for (const std::string& name : request->tensors()) {
+          OPTD_ASSIGN_OR_RETURN(int t, session.FindTensor(name));
+          tensors.push_back(t);
+        }
+        if (tensors.empty()) {
+          for (int t = 0; t < session.num_tensors(); ++t) tensors.push_back(t);
+        }
+        if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
+          OPTD_RETURN_IF_ERROR(FromWireDType(request->dtype()).status());
+        }
+        v1::TensorChunk chunk;
+        std::vector<float> values;
+        for (int t : tensors) {
+          values.resize(static_cast<size_t>(session.num_elements(t)));
+          OPTD_RETURN_IF_ERROR(session.GetParameters(t, absl::MakeSpan(values)));
+          const DType dtype = *ResultDType(request->dtype(), session.tensor_dtype(t));
+          OPTD_RETURN_IF_ERROR(StreamTensor(session.tensor_name(t), values, dtype, chunk_bytes,
+                                            chunk, [&] { return writer->Write(chunk); }));
+          CountSent(static_cast<int64_t>(values.size() * DTypeSize(dtype)));
+        }
+        return absl::OkStatus();
+      }));
 }
 
 grpc::Status OptimizerService::Step(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) {
-  if (steps_in_flight_.fetch_add(1) >= options_.max_pending_steps) {
-    steps_in_flight_.fetch_sub(1);
-    return Finish("Step",
-                  absl::UnavailableError(
-                      absl::StrCat("the step queue is full (", options_.max_pending_steps,
-                                   " steps pending, --max_pending_steps); back off and retry")),
-                  "queue_full");
-  }
-  // Counted first, then checked: a drain that starts later waits for this step.
-  const bool admitted_before_drain = !draining_.load();
   absl::string_view reason;
-  absl::Status status = RunStep(context, stream, admitted_before_drain, reason);
-  steps_in_flight_.fetch_sub(1);
+  const absl::Status status = Guarded([&] { return RunStep(context, stream, reason); });
   return Finish("Step", status, reason);
 }
 
 absl::Status OptimizerService::RunStep(
     grpc::ServerContext* context,
-    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream, bool admitted_before_drain,
+    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
     absl::string_view& reason) {
   const absl::Time start = absl::Now();
   v1::StepRequest request;
@@ -261,6 +269,17 @@ absl::Status OptimizerService::RunStep(
     OPTD_RETURN_IF_ERROR(FromWireDType(header.result_dtype()).status());
   }
   OPTD_RETURN_IF_ERROR(session->CheckStepHeader(header));
+  // A place in the step queue only for a caller that has proved who it is. Counted first, then
+  // the drain checked: a drain that starts later waits for this step.
+  if (steps_in_flight_.fetch_add(1) >= options_.max_pending_steps) {
+    steps_in_flight_.fetch_sub(1);
+    reason = "queue_full";
+    return absl::UnavailableError(
+        absl::StrCat("the step queue is full (", options_.max_pending_steps,
+                     " steps pending, --max_pending_steps); back off and retry"));
+  }
+  absl::Cleanup leave_queue = [this] { steps_in_flight_.fetch_sub(1); };
+  const bool admitted_before_drain = !draining_.load();
   // Once draining, only calls that arrived before it, the workers of a step that has already
   // begun (so it can finish within the drain deadline) and retries of the last one go on.
   if (!admitted_before_drain && !session->StepUnderway(header.step())) {
@@ -270,6 +289,8 @@ absl::Status OptimizerService::RunStep(
 
   const bool reject = session->config().non_finite_policy() != v1::NON_FINITE_POLICY_SKIP_STEP;
   OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
+  // Returned here unless Session::Step took it.
+  absl::Cleanup release = [&] { session->ReleaseStaging(std::move(staging)); };
   absl::Status received;
   while (received.ok() && stream->Read(&request)) {
     if (!request.has_chunk()) {
@@ -288,7 +309,6 @@ absl::Status OptimizerService::RunStep(
       reason = "nonfinite";
       session->CountNonFinite(staging->out_of_range_values());
     }
-    session->ReleaseStaging(std::move(staging));
     return absl::Status(received.code(), absl::StrCat("session '", session->id(), "' step ",
                                                       header.step(), ": ", received.message()));
   }
@@ -336,51 +356,53 @@ absl::Status OptimizerService::RunStep(
 grpc::Status OptimizerService::Checkpoint(grpc::ServerContext* context,
                                           const v1::CheckpointRequest* request,
                                           v1::CheckpointResponse* response) {
-  return Finish("Checkpoint", [&]() -> absl::Status {
-    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
-                          Authorize(context, request->session_id()));
-    std::string shared_dir;
-    if (request->shared()) {
-      OPTD_ASSIGN_OR_RETURN(shared_dir, sessions_.SharedDir());
-    }
-    OPTD_ASSIGN_OR_RETURN(CheckpointInfo info, session->Checkpoint(/*touch=*/true, shared_dir));
-    response->set_step(info.step);
-    response->set_path(info.path);
-    response->set_bytes(info.bytes);
-    response->set_shared_path(info.shared_path);
-    return absl::OkStatus();
-  }());
+  return Finish("Checkpoint", Guarded([&]() -> absl::Status {
+                  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                                        Authorize(context, request->session_id()));
+                  std::string shared_dir;
+                  if (request->shared()) {
+                    OPTD_ASSIGN_OR_RETURN(shared_dir, sessions_.SharedDir());
+                  }
+                  OPTD_ASSIGN_OR_RETURN(CheckpointInfo info,
+                                        session->Checkpoint(/*touch=*/true, shared_dir));
+                  response->set_step(info.step);
+                  response->set_path(info.path);
+                  response->set_bytes(info.bytes);
+                  response->set_shared_path(info.shared_path);
+                  return absl::OkStatus();
+                }));
 }
 
 grpc::Status OptimizerService::Restore(grpc::ServerContext* context,
                                        const v1::RestoreRequest* request,
                                        v1::RestoreResponse* response) {
-  return Finish("Restore", [&]() -> absl::Status {
-    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
-                          Authorize(context, request->session_id()));
-    OPTD_ASSIGN_OR_RETURN(int64_t step, session->Restore());
-    response->set_step(step);
-    return absl::OkStatus();
-  }());
+  return Finish("Restore", Guarded([&]() -> absl::Status {
+                  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                                        Authorize(context, request->session_id()));
+                  OPTD_ASSIGN_OR_RETURN(int64_t step, session->Restore());
+                  response->set_step(step);
+                  return absl::OkStatus();
+                }));
 }
 
 grpc::Status OptimizerService::GetAnalysis(grpc::ServerContext* context,
                                            const v1::GetAnalysisRequest* request,
                                            v1::GetAnalysisResponse* response) {
-  return Finish("GetAnalysis", [&]() -> absl::Status {
-    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
-                          Authorize(context, request->session_id()));
-    for (v1::TensorAnalysis& a : session->Analysis()) *response->add_tensors() = std::move(a);
-    return absl::OkStatus();
-  }());
+  return Finish("GetAnalysis", Guarded([&]() -> absl::Status {
+                  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                                        Authorize(context, request->session_id()));
+                  for (v1::TensorAnalysis& a : session->Analysis())
+                    *response->add_tensors() = std::move(a);
+                  return absl::OkStatus();
+                }));
 }
 
 grpc::Status OptimizerService::GetServerInfo(grpc::ServerContext*, const v1::GetServerInfoRequest*,
                                              v1::ServerInfo* response) {
-  return Finish("GetServerInfo", [&]() -> absl::Status {
-    *response = options_.server_info;
-    return absl::OkStatus();
-  }());
+  return Finish("GetServerInfo", Guarded([&]() -> absl::Status {
+                  *response = options_.server_info;
+                  return absl::OkStatus();
+                }));
 }
 
 }  // namespace optd::server

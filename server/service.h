@@ -20,7 +20,8 @@ inline constexpr int64_t kMaxChunkBytes = int64_t{4} << 20;
 
 struct ServiceOptions {
   // Step streams admitted at once, waiting ones included; beyond it Step answers UNAVAILABLE so
-  // clients back off and retry.
+  // clients back off and retry. A stream takes its place only after its header named a session
+  // and its token opened it.
   int max_pending_steps = 64;
   int64_t default_chunk_bytes = kDefaultChunkBytes;
   Metrics* metrics = nullptr;  // may be null
@@ -74,7 +75,7 @@ class OptimizerService final : public v1::Optimizer::Service {
   // `reason` is set when a failure has a more precise rejection reason than its code.
   absl::Status RunStep(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
-                       bool admitted_before_drain, absl::string_view& reason);
+                       absl::string_view& reason);
   // Counts the finished RPC (and its rejection) and converts its status.
   grpc::Status Finish(absl::string_view method, const absl::Status& status,
                       absl::string_view reason = {});

@@ -1,6 +1,7 @@
 #include "server/session.h"
 
 #include <cstring>
+#include <new>
 #include <set>
 #include <utility>
 
@@ -403,7 +404,14 @@ absl::StatusOr<std::unique_ptr<TensorStaging>> Session::AcquireStaging() {
       return staging;
     }
   }
-  return std::make_unique<TensorStaging>(names_, counts_);
+  try {
+    return std::make_unique<TensorStaging>(names_, counts_);
+  } catch (const std::bad_alloc&) {
+    absl::MutexLock lock(&staging_mu_);
+    --staging_outstanding_;
+    return absl::ResourceExhaustedError(
+        absl::StrCat("session '", id_, "': no host memory for another gradient staging buffer"));
+  }
 }
 
 void Session::ReleaseStaging(std::unique_ptr<TensorStaging> staging) {

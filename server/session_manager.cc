@@ -231,13 +231,15 @@ absl::StatusOr<SessionManager::Entry*> SessionManager::AuthorizeLocked(
   if (!admin && owner == id_by_digest_.end()) {
     return absl::UnauthenticatedError("the bearer token is not valid for any session");
   }
+  // A session token opens its own session only, and learns nothing of others: whether `id`
+  // exists is checked after ownership.
+  if (!admin && owner->second != id) {
+    return absl::PermissionDeniedError(absl::StrCat("the bearer token belongs to session '",
+                                                    owner->second, "', not to session '", id, "'"));
+  }
   auto it = sessions_.find(id);
   if (it == sessions_.end()) {
     return absl::NotFoundError(absl::StrCat("session '", id, "' does not exist"));
-  }
-  if (!admin && !DigestsEqual(digest, it->second.token_digest)) {
-    return absl::PermissionDeniedError(absl::StrCat("the bearer token belongs to session '",
-                                                    owner->second, "', not to session '", id, "'"));
   }
   if (it->second.creating) {
     return absl::UnavailableError(absl::StrCat("session '", id, "' is still being created"));
@@ -283,8 +285,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionManager::Get(absl::string_view i
 }
 
 absl::Status SessionManager::Delete(absl::string_view id, absl::string_view authorization) {
-  // With an admin token, deleting is the admin's; without one, the session's own token does.
-  if (!options_.admin_token_digest.empty()) OPTD_RETURN_IF_ERROR(AuthorizeAdmin(authorization));
+  // The admin token or the session's own token (a client closing its session).
   absl::MutexLock lock(&mu_);
   // An unloaded session is deleted without loading it (its checkpoint may not even read).
   OPTD_ASSIGN_OR_RETURN(Entry * entry, AuthorizeSettledLocked(id, authorization));

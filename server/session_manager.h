@@ -86,15 +86,15 @@ class SessionManager {
   absl::StatusOr<std::string> SharedDir() const;
 
   // The session `id` for a caller presenting `authorization` ("Bearer <token>"): its own token or
-  // the admin token. Unauthenticated for a missing or unknown token, NotFound for an unknown
-  // session, PermissionDenied for another session's token. Loads an unloaded session, without
-  // holding up calls for other sessions meanwhile.
+  // the admin token. Unauthenticated for a missing or unknown token, PermissionDenied for another
+  // session's token (whether `id` exists or not), NotFound for an unknown session. Loads an
+  // unloaded session, without holding up calls for other sessions meanwhile.
   absl::StatusOr<std::shared_ptr<Session>> Get(absl::string_view id,
                                                absl::string_view authorization);
 
-  // Removes the session and its checkpoint, without loading it. With an admin token configured
-  // only that token may; otherwise the session's own token does. Calls that still hold the
-  // session get NotFound from then on.
+  // Removes the session and its checkpoint, without loading it; the admin token or the
+  // session's own token may (errors as Get's). Calls that still hold the session get NotFound
+  // from then on.
   absl::Status Delete(absl::string_view id, absl::string_view authorization);
 
   std::vector<v1::SessionInfo> List();

@@ -589,17 +589,20 @@ TEST_F(OptctlTest, AnalysisFollowsEachNewAnalysis) {
   EXPECT_EQ(rows.size(), 3u) << text;
 }
 
-TEST_F(OptctlTest, DeleteNeedsTheAdminTokenOfADaemonThatHasOne) {
+TEST_F(OptctlTest, DeleteTakesTheAdminTokenOrTheSessionsOwn) {
   Create("deleted_by_admin");
-  client::Session by_owner = Create("kept_from_owner");
+  client::Session by_owner = Create("deleted_by_owner");
+  client::Session bystander = Create("kept_from_bystander");
   client::Client admin = Client();
   client::Client anonymous = Client("");
   std::ostringstream out;
   ASSERT_TRUE(client::RunDelete(admin, "deleted_by_admin", "", out).ok());
-  EXPECT_EQ(client::RunDelete(anonymous, "kept_from_owner", by_owner.token(), out).code(),
+  EXPECT_EQ(client::RunDelete(anonymous, "deleted_by_owner", bystander.token(), out).code(),
             absl::StatusCode::kPermissionDenied);
-  ASSERT_TRUE(client::RunDelete(admin, "kept_from_owner", "", out).ok());
-  EXPECT_EQ(out.str(), "deleted: deleted_by_admin\ndeleted: kept_from_owner\n");
+  ASSERT_TRUE(client::RunDelete(anonymous, "deleted_by_owner", by_owner.token(), out).ok());
+  ASSERT_TRUE(client::RunDelete(admin, "kept_from_bystander", "", out).ok());
+  EXPECT_EQ(out.str(),
+            "deleted: deleted_by_admin\ndeleted: deleted_by_owner\ndeleted: kept_from_bystander\n");
   std::ostringstream list;
   ASSERT_TRUE(client::RunList(admin, list).ok());
   EXPECT_THAT(list.str(), Not(HasSubstr("deleted_by")));

@@ -201,7 +201,10 @@ TEST_F(BadInputTest, StepStreams) {
   bad_result_dtype.mutable_header()->set_result_dtype(static_cast<v1::DType>(9));
   const std::vector<float> oversize(5 << 18, 0.5f);  // 5 MiB in one message
 
-  Check({"unknown session", absl::StatusCode::kNotFound, "session 'nope' does not exist"},
+  // A session token names its own session only: an unknown id answers as another session's
+  // does, so the token cannot probe which ids exist (the admin token gets NOT_FOUND,
+  // AdminTokenTest).
+  Check({"unknown session", absl::StatusCode::kPermissionDenied, "not to session 'nope'"},
         step(with(Header("nope", 2), {Chunk("b", 0, b)})));
   Check({"unknown tensor", absl::StatusCode::kNotFound, "has no tensor 'ghost'"},
         step(with(Header(id, 2), {Chunk("ghost", 0, b)})));
@@ -426,11 +429,43 @@ TEST(AdminTokenTest, GuardsCreateListAndDelete) {
   // The admin token opens any session; the session token opens its own.
   EXPECT_TRUE(admin.OpenSession(session->id(), "admin-secret").Info().ok());
   EXPECT_TRUE(session->Info().ok());
-  // With an admin token, deleting is the admin's alone.
-  EXPECT_EQ(anonymous.DeleteSession(session->id(), session->token()).code(),
-            absl::StatusCode::kPermissionDenied);
+  // With an admin token, the admin deletes any session and a session's own token deletes it
+  // (a client closing its session), but no other.
+  absl::StatusOr<client::Session> other = admin.CreateSession(config);
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kResourceExhausted);  // max_sessions 1
   EXPECT_TRUE(admin.DeleteSession(session->id()).ok());
   EXPECT_EQ(session->Info().status().code(), absl::StatusCode::kUnauthenticated);
+  absl::StatusOr<client::Session> mine = admin.CreateSession(config);
+  ASSERT_TRUE(mine.ok()) << mine.status();
+  EXPECT_EQ(anonymous.DeleteSession(mine->id(), "guess").code(),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_TRUE(anonymous.DeleteSession(mine->id(), mine->token()).ok());
+  EXPECT_EQ(mine->Info().status().code(), absl::StatusCode::kUnauthenticated);
+}
+
+TEST(AdminTokenTest, ASessionTokenCannotProbeOtherSessionIds) {
+  // Issue 16: NOT_FOUND for a missing id but PERMISSION_DENIED for an existing one told a session
+  // token holder which ids exist. Both answer PERMISSION_DENIED now, for every call naming one.
+  server::ServerOptions options = LoopbackOptions();
+  options.admin_token = "admin-secret";
+  std::unique_ptr<server::Server> server = StartServer(options);
+  const v1::SessionConfig config = MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}});
+  client::Client admin = ConnectTo(*server, "admin-secret");
+  absl::StatusOr<client::Session> mine = admin.CreateSession(config);
+  absl::StatusOr<client::Session> victim = admin.CreateSession(config);
+  ASSERT_TRUE(mine.ok() && victim.ok());
+  client::Client c = ConnectTo(*server);
+  for (const std::string& id : {victim->id(), std::string("no-such-session")}) {
+    SCOPED_TRACE(id);
+    client::Session probe = c.OpenSession(id, mine->token());
+    EXPECT_EQ(probe.Info().status().code(), absl::StatusCode::kPermissionDenied);
+    EXPECT_EQ(probe.GetParameters().status().code(), absl::StatusCode::kPermissionDenied);
+    EXPECT_EQ(c.DeleteSession(id, mine->token()).code(), absl::StatusCode::kPermissionDenied);
+  }
+  EXPECT_TRUE(victim->Info().ok());
+  // The admin token still tells a missing session apart.
+  EXPECT_EQ(admin.OpenSession("no-such-session", "admin-secret").Info().status().code(),
+            absl::StatusCode::kNotFound);
 }
 
 // The GPU's memory budget is a limit of the whole daemon, beside the per-session quota: a session

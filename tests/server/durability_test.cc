@@ -226,6 +226,49 @@ TEST(DurabilityTest, AFullStepQueueAnswersUnavailable) {
   EXPECT_TRUE(again.ok()) << again.status();
 }
 
+TEST(DurabilityTest, StreamsThatNeverProveWhoTheyAreTakeNoPlaceInTheStepQueue) {
+  // Issue 16: Step counted against --max_pending_steps before it read the header, so header-less
+  // anonymous streams made every real step answer UNAVAILABLE, and a drain waited for them.
+  server::ServerOptions options = LoopbackOptions();
+  options.service.max_pending_steps = 2;
+  std::unique_ptr<server::Server> server = StartServer(options);
+  client::Client c = ConnectTo(*server);
+  const v1::SessionConfig config = MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}});
+  client::Session session = *c.CreateSession(config);
+  Reference reference(config);
+  std::unique_ptr<v1::Optimizer::Stub> stub = v1::Optimizer::NewStub(c.channel());
+  struct Idle {
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream;
+  };
+  std::vector<std::unique_ptr<Idle>> idle;
+  for (int i = 0; i < 4; ++i) {
+    idle.push_back(std::make_unique<Idle>());
+    idle.back()->stream = stub->Step(&idle.back()->context);
+  }
+  // A header with a wrong token takes no place either.
+  {
+    auto wrong = std::make_unique<Idle>();
+    wrong->context.AddMetadata("authorization", "Bearer guess");
+    wrong->stream = stub->Step(&wrong->context);
+    v1::StepRequest header;
+    header.mutable_header()->set_session_id(session.id());
+    header.mutable_header()->set_step(1);
+    ASSERT_TRUE(wrong->stream->Write(header));
+    wrong->stream->WritesDone();
+    EXPECT_EQ(wrong->stream->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  // A call on the same connection after them: the idle streams have reached the server.
+  ASSERT_TRUE(c.ServerInfo().ok());
+  EXPECT_EQ(server->steps_in_flight(), 0);
+  absl::StatusOr<client::StepResult> stepped =
+      session.Step(1, AsNamed(reference, WorkerGradients(reference, 1, 0)));
+  EXPECT_TRUE(stepped.ok()) << stepped.status();
+  EXPECT_EQ(server->steps_in_flight(), 0);
+  for (auto& stream : idle) stream->context.TryCancel();
+  for (auto& stream : idle) stream->stream->Finish().IgnoreError();
+}
+
 TEST(DurabilityTest, InjectedWriteFailuresNeverCorruptTheLastCheckpoint) {
   const std::string state_dir = MakeTempDir("faults");
   server::FaultInjectionFileSystem faulty(server::PosixFileSystem());
