@@ -19,6 +19,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "client/loadgen.h"
+#include "common/command_line.h"
 #include "kernels/dtype.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051",
@@ -105,17 +106,13 @@ int Compare(const std::vector<char*>& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view path) {
-    return absl::EndsWith(path, "client/loadgen_main.cc");
-  };
-  absl::SetFlagsUsageConfig(usage);
-  absl::SetProgramUsageMessage(
+  const std::vector<char*> args = optd::ParseCommandLine(
+      argc, argv, "optd-loadgen",
       "load-tests optd's update path.\n"
       "  optd-loadgen --server=HOST:PORT --model=gpt2-small --concurrency=1:16:x2 --json=r.json\n"
       "  optd-loadgen --rate=50 --arrival=poisson --concurrency=32\n"
-      "  optd-loadgen compare BASELINE.json CANDIDATE.json [--threshold=0.1]");
-  const std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+      "  optd-loadgen compare BASELINE.json CANDIDATE.json [--threshold=0.1]",
+      "client/loadgen_main.cc");
   if (args.size() > 1 && std::string(args[1]) == "compare") return Compare(args);
   if (args.size() > 1) {
     std::fprintf(stderr, "optd-loadgen: unexpected argument '%s' (see --help)\n", args[1]);

@@ -25,6 +25,7 @@
 #include "absl/time/time.h"
 #include "client/client.h"
 #include "client/optctl_lib.h"
+#include "common/command_line.h"
 #include "kernels/status_macros.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "The daemon's address, HOST:PORT.");
@@ -360,11 +361,11 @@ absl::StatusOr<int> Run(const std::vector<std::string>& args) {
 }  // namespace optd::client
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(optd::client::kUsage);
   absl::StatusOr<int> exit_code;
   const absl::Status syntax = optd::client::CheckFlagSyntax(argc, argv);
   if (syntax.ok()) {
-    const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+    const std::vector<char*> positional =
+        optd::ParseCommandLine(argc, argv, "optctl", optd::client::kUsage);
     exit_code =
         optd::client::Run(std::vector<std::string>(positional.begin() + 1, positional.end()));
   } else {

@@ -4,6 +4,8 @@
 #include <openssl/rand.h>
 #include <openssl/sha.h>
 
+#include <fstream>
+
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
@@ -56,6 +58,19 @@ absl::StatusOr<std::string> ParseBearer(absl::string_view authorization) {
     return absl::UnauthenticatedError("the authorization metadata is not 'Bearer <token>'");
   }
   return std::string(absl::StripAsciiWhitespace(authorization.substr(kScheme.size())));
+}
+
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
+  std::ifstream file(path);
+  std::string line;
+  if (!file || !std::getline(file, line)) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read a token from '", path, "'"));
+  }
+  const std::string token(absl::StripAsciiWhitespace(line));
+  if (token.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("the first line of '", path, "' is empty"));
+  }
+  return token;
 }
 
 }  // namespace optd::server

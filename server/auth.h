@@ -24,6 +24,10 @@ bool DigestsEqual(absl::string_view a, absl::string_view b);
 // Unauthenticated when the value is empty or not a bearer credential.
 absl::StatusOr<std::string> ParseBearer(absl::string_view authorization);
 
+// The token in the file at `path`: its first line, without surrounding whitespace.
+// InvalidArgument naming the file when it cannot be read or that line is empty.
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
+
 // Random session names: "s-" and 16 hex characters.
 absl::StatusOr<std::string> GenerateSessionId();
 

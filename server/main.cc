@@ -13,6 +13,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/command_line.h"
+#include "server/auth.h"
 #include "server/server.h"
 #include "server/session_config.h"
 
@@ -65,9 +67,14 @@ ABSL_FLAG(double, idle_ttl_s, 0,
 ABSL_FLAG(double, drain_timeout_s, 30,
           "On SIGTERM, seconds steps in flight get to finish before sessions are checkpointed.");
 ABSL_FLAG(std::string, admin_token, "",
-          "Token that CreateSession, ListSessions and DeleteSession require (Bearer metadata); it "
-          "also opens every session. Empty: creating and listing are open to anyone who can "
-          "connect, and a session's own token deletes it.");
+          "Token that CreateSession and ListSessions require (Bearer metadata); it also opens and "
+          "deletes every session (a session's own token deletes that session). Visible in the "
+          "process's command line: prefer --admin_token_file. Empty: creating and listing are "
+          "open to anyone who can connect.");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "File whose first line is the admin token (as --admin_token, which it excludes): keeps "
+          "the token out of argv and /proc/PID/cmdline (a mounted Kubernetes Secret, a systemd "
+          "credential).");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain; with --tls_key turns TLS on.");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert.");
 ABSL_FLAG(std::string, tls_client_ca, "",
@@ -91,15 +98,10 @@ ABSL_FLAG(std::string, port_file, "",
 
 int main(int argc, char** argv) {
   // --help lists this file's flags (absl matches flag files against the program name otherwise).
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view path) {
-    return absl::EndsWith(path, "server/main.cc");
-  };
-  absl::SetFlagsUsageConfig(usage);
-  absl::SetProgramUsageMessage(
-      "optimizer-as-a-service daemon (Muon, RMNP, MuonEq, NorMuon, AdamW).\n"
-      "  optd --listen=127.0.0.1:50051 --state_dir=/var/lib/optd");
-  absl::ParseCommandLine(argc, argv);
+  optd::ParseCommandLine(argc, argv, "optd",
+                         "optimizer-as-a-service daemon (Muon, RMNP, MuonEq, NorMuon, AdamW).\n"
+                         "  optd --listen=127.0.0.1:50051 --state_dir=/var/lib/optd",
+                         "server/main.cc");
 
   // Block the shutdown signals before any thread starts, then wait for them here.
   sigset_t signals;
@@ -120,6 +122,16 @@ int main(int argc, char** argv) {
   options.tls_key = absl::GetFlag(FLAGS_tls_key);
   options.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
   options.admin_token = absl::GetFlag(FLAGS_admin_token);
+  if (const std::string path = absl::GetFlag(FLAGS_admin_token_file); !path.empty()) {
+    absl::StatusOr<std::string> token = optd::server::ReadTokenFile(path);
+    if (!options.admin_token.empty() || !token.ok()) {
+      std::fprintf(stderr, "optd: --admin_token_file: %s\n",
+                   token.ok() ? "give it or --admin_token, not both"
+                              : std::string(token.status().message()).c_str());
+      return 2;
+    }
+    options.admin_token = *std::move(token);
+  }
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
   options.drain_timeout = absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_s));

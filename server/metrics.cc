@@ -5,6 +5,7 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/types/optional.h"
+#include "common/version.h"
 
 namespace optd::server {
 namespace {
@@ -168,6 +169,12 @@ Metrics::Metrics(MetricsOptions options)
                                   "--analysis_max_bytes), failed (a tensor with no direction, "
                                   "such as a zero momentum).")
                             .Register(*registry_)) {
+  prometheus::BuildGauge()
+      .Name("optd_build_info")
+      .Help("1, labelled with the running optd's version.")
+      .Register(*registry_)
+      .Add({{"version", kOptdVersion}})
+      .Set(1);
   prometheus::BuildGauge()
       .Name("optd_session_memory_limit_bytes")
       .Help("Most bytes one session may hold (--max_session_bytes).")

@@ -8,6 +8,7 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "kernels/status_macros.h"
+#include "server/address.h"
 #include "server/auth.h"
 
 namespace optd::server {
@@ -88,6 +89,7 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
+  OPTD_RETURN_IF_ERROR(ParseHostPort(options.listen, "--listen").status());
   std::unique_ptr<Server> server(new Server());
   OPTD_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
                         ServerCredentials(options));

@@ -293,6 +293,8 @@ TEST_F(MetricsTest, FiguresMatchFp64InGetAnalysisAndTheExposition) {
                                            {"device", server_->backend().description()}}),
       1);
   EXPECT_EQ(exposition.CountWithLabel("backend", std::string(server_->backend().name())), 1);
+  // DESIGN.md's optd_build_info{version}; the version is CMake's project version.
+  EXPECT_EQ(exposition.Get("optd_build_info", {{"version", OPTD_VERSION}}), 1);
   absl::StatusOr<v1::SessionInfo> info = session->Info();
   ASSERT_TRUE(info.ok());
   EXPECT_EQ(exposition.Get("optd_backend_memory_bytes", {{"kind", "sessions"}}),
