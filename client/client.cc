@@ -239,6 +239,8 @@ absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTen
       result.tensors_updated = s.tensors_updated();
       result.nonfinite_values = s.nonfinite_values();
       result.kind = s.result();
+      result.checkpoint_step = s.checkpoint_step();
+      result.checkpoint_error = s.checkpoint_error();
     } else if (auto o = outputs.find(response.chunk().tensor()); o != outputs.end()) {
       received = ReceiveInto(response.chunk(), o->second);
     } else {

@@ -72,6 +72,10 @@ struct StepResult {
   int tensors_updated = 0;
   int64_t nonfinite_values = 0;
   v1::StepResult kind = v1::STEP_RESULT_PARAMETERS;
+  // The last step on disk once this one committed, and why this step's periodic checkpoint
+  // failed (empty when it did not): such a step is not durable (optd.proto, StepSummary).
+  int64_t checkpoint_step = 0;
+  std::string checkpoint_error;
   // New parameters or deltas by tensor name (empty for STEP_RESULT_NONE), except for tensors
   // given in StepOptions::outputs.
   std::map<std::string, std::vector<float>> values;

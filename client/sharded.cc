@@ -1,5 +1,6 @@
 #include "client/sharded.h"
 
+#include <algorithm>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -259,6 +260,13 @@ absl::StatusOr<StepResult> ShardedSession::Step(int64_t step,
     merged.tensors_updated += results[s]->tensors_updated;
     merged.nonfinite_values += results[s]->nonfinite_values;
     merged.kind = results[s]->kind;
+    // Durable only once every part is on disk.
+    merged.checkpoint_step = s == 0 ? results[s]->checkpoint_step
+                                    : std::min(merged.checkpoint_step, results[s]->checkpoint_step);
+    if (!results[s]->checkpoint_error.empty()) {
+      absl::StrAppend(&merged.checkpoint_error, merged.checkpoint_error.empty() ? "" : "; ",
+                      shards_[s].address, ": ", results[s]->checkpoint_error);
+    }
   }
   if (merged.kind == v1::STEP_RESULT_NONE) return merged;
   for (const auto& [name, pieces] : pieces_) {

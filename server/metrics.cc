@@ -143,6 +143,12 @@ Metrics::Metrics(MetricsOptions options)
                      .Name("optd_nonfinite_gradients_total")
                      .Help("NaN, infinite or out-of-range gradient values received.")
                      .Register(*registry_)),
+      checkpoint_failures_(prometheus::BuildCounter()
+                               .Name("optd_checkpoint_failures_total")
+                               .Help("Checkpoints that could not be written (periodic, explicit, "
+                                     "at unload or shutdown); the last good one stays on disk.")
+                               .Register(*registry_)
+                               .Add({})),
       session_memory_(prometheus::BuildGauge()
                           .Name("optd_session_memory_bytes")
                           .Help("Bytes a session holds (charged against "
@@ -295,6 +301,8 @@ void Metrics::CountNonFinite(const std::string& session, int64_t values) {
   if (series.nonfinite == nullptr) series.nonfinite = &nonfinite_.Add({{"session", session}});
   series.nonfinite->Increment(static_cast<double>(values));
 }
+
+void Metrics::CountCheckpointFailure() { checkpoint_failures_.Increment(); }
 
 void Metrics::RemoveAnalysisLocked(SessionSeries& series) {
   for (auto& [key, gauge] : series.analysis) key.first->Remove(gauge);

@@ -72,6 +72,8 @@ class Metrics {
 
   void SetSessionState(const std::string& session, int64_t step, int64_t memory_bytes);
   void CountNonFinite(const std::string& session, int64_t values);
+  // A checkpoint that could not be written (periodic, explicit, at unload or shutdown).
+  void CountCheckpointFailure();
   // Replaces the session's figures with `tensors` (the latest analysis of each analyzed tensor,
   // in session order) and their mean.
   void PublishAnalysis(const std::string& session, int64_t step,
@@ -98,6 +100,7 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& backend_info_;
   prometheus::Family<prometheus::Counter>& rejected_;
   prometheus::Family<prometheus::Counter>& nonfinite_;
+  prometheus::Counter& checkpoint_failures_;
   prometheus::Family<prometheus::Gauge>& session_memory_;
   prometheus::Family<prometheus::Gauge>& session_step_;
   prometheus::Family<prometheus::Gauge>& analysis_step_;

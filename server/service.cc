@@ -327,6 +327,8 @@ absl::Status OptimizerService::RunStep(
   summary->set_tensors_updated(outcome.tensors_updated);
   summary->set_nonfinite_values(outcome.nonfinite_values);
   summary->set_result(outcome.result);
+  summary->set_checkpoint_step(outcome.checkpoint_step);
+  summary->set_checkpoint_error(outcome.checkpoint_error);
   if (!stream->Write(response)) {
     return absl::CancelledError("the client went away before the step's result was sent");
   }

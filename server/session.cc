@@ -12,6 +12,7 @@
 #include "kernels/wire.h"
 #include "server/auth.h"
 #include "server/checkpoint_file.h"
+#include "server/log.h"
 #include "server/session_config.h"
 
 namespace optd::server {
@@ -621,6 +622,7 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
     outcome->skipped = false;
     outcome->tensors_updated = 0;
     outcome->nonfinite_values = 0;
+    outcome->checkpoint_error.clear();
   } else {
     outcome = std::make_shared<StepOutcome>();
   }
@@ -656,10 +658,13 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
   last_outcome_ = outcome;
   if (config_.checkpoint_interval() > 0 && !options_.state_dir.empty() &&
       step_ % config_.checkpoint_interval() == 0) {
-    // The step has committed; a failed periodic checkpoint leaves the last good one in place
-    // and is reported by the next explicit Checkpoint.
-    CheckpointLocked().IgnoreError();
+    // The step has committed in memory; if its checkpoint fails the reply says so (the step is
+    // not durable: a daemon killed now restarts from checkpoint_step), and it is counted and
+    // logged. The last good checkpoint stays in place.
+    absl::StatusOr<CheckpointInfo> written = CheckpointLocked();
+    if (!written.ok()) outcome->checkpoint_error = std::string(written.status().message());
   }
+  outcome->checkpoint_step = checkpoint_step_;
   return outcome;
 }
 
@@ -958,6 +963,18 @@ absl::StatusOr<CheckpointInfo> Session::CheckpointLocked() {
 
 absl::StatusOr<CheckpointInfo> Session::WriteCheckpointLocked(const std::string& state_dir) {
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
+  absl::StatusOr<CheckpointInfo> written = WriteCheckpointFileLocked(state_dir);
+  if (!written.ok()) {
+    // The last good checkpoint stays in place (CheckpointWriter commits by rename).
+    if (options_.metrics != nullptr) options_.metrics->CountCheckpointFailure();
+    LogEvent(absl::StrCat("session '", id_, "': checkpoint of step ", step_, " in ", state_dir,
+                          " failed, the last on disk is step ", checkpoint_step_, ": ",
+                          written.status().ToString()));
+  }
+  return written;
+}
+
+absl::StatusOr<CheckpointInfo> Session::WriteCheckpointFileLocked(const std::string& state_dir) {
   FileSystem& fs = *options_.fs;
   OPTD_RETURN_IF_ERROR(fs.CreateDir(state_dir));
   const std::string dir = absl::StrCat(state_dir, "/", id_);

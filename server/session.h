@@ -63,6 +63,10 @@ struct StepOutcome {
   int tensors_updated = 0;
   int64_t nonfinite_values = 0;
   v1::StepResult result = v1::STEP_RESULT_PARAMETERS;
+  // The last step on disk once this one committed (its own when its periodic checkpoint was
+  // written), and why this step's periodic checkpoint failed: such a step is not durable.
+  int64_t checkpoint_step = 0;
+  std::string checkpoint_error;
   // Per tensor, in session order: the new parameters or the delta; empty for STEP_RESULT_NONE.
   std::vector<std::vector<float>> values;
   // When the optimizer began (the workers' mean taken) and when the result was ready.
@@ -223,8 +227,11 @@ class Session : public std::enable_shared_from_this<Session> {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The restart checkpoint, in the state directory.
   absl::StatusOr<CheckpointInfo> CheckpointLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The session's checkpoint file under `state_dir` (created if missing).
+  // The session's checkpoint file under `state_dir` (created if missing); a failed write is
+  // counted (optd_checkpoint_failures_total) and logged.
   absl::StatusOr<CheckpointInfo> WriteCheckpointLocked(const std::string& state_dir)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<CheckpointInfo> WriteCheckpointFileLocked(const std::string& state_dir)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A fresh optimizer holding the checkpoint at `path`, with its step and hyperparameters.
   struct Loaded;

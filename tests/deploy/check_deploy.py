@@ -48,9 +48,10 @@ CONTRACT_METRICS = {
     "counter": [
         "optd_rpc_total", "optd_bytes_received_total", "optd_bytes_sent_total",
         "optd_rejected_total", "optd_nonfinite_gradients_total", "optd_analysis_skipped_total",
+        "optd_checkpoint_failures_total",
     ],
     "gauge": [
-        "optd_sessions", "optd_backend_memory_bytes", "optd_session_memory_bytes",
+        "optd_sessions", "optd_build_info", "optd_backend_memory_bytes", "optd_session_memory_bytes",
         "optd_session_memory_limit_bytes", "optd_session_step", "optd_analysis_step",
         "optd_dominance_ratio", "optd_rmnp_muon_cosine", "optd_stable_rank",
         "optd_condition_number", "optd_singular_value_entropy", "optd_ns_polar_error",

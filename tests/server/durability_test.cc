@@ -9,6 +9,7 @@
 #include <fstream>
 #include <thread>
 
+#include "prometheus/metric_family.h"
 #include "server/auth.h"
 #include "server/checkpoint_file.h"
 #include "tests/server/daemon_process.h"
@@ -267,6 +268,56 @@ TEST(DurabilityTest, StreamsThatNeverProveWhoTheyAreTakeNoPlaceInTheStepQueue) {
   EXPECT_EQ(server->steps_in_flight(), 0);
   for (auto& stream : idle) stream->context.TryCancel();
   for (auto& stream : idle) stream->stream->Finish().IgnoreError();
+}
+
+TEST(DurabilityTest, AStepWhosePeriodicCheckpointFailsIsNotAcknowledgedAsDurable) {
+  // Issue 16: with checkpoint_interval=1 on a full disk, steps answered OK as if on disk,
+  // nothing was logged or counted, and a killed daemon resumed at the last good step.
+  const std::string state_dir = MakeTempDir("periodic");
+  server::FaultInjectionFileSystem faulty(server::PosixFileSystem());
+  server::ServerOptions options = LoopbackOptions(state_dir);
+  options.sessions.fs = &faulty;
+  std::unique_ptr<server::Server> server = StartServer(options);
+  v1::SessionConfig config = SmallModel();
+  config.set_checkpoint_interval(1);
+  History history(config);
+  client::Session session = *ConnectTo(*server).CreateSession(config);
+  auto failures = [&] {
+    for (const prometheus::MetricFamily& family : server->metrics().registry()->Collect()) {
+      if (family.name == "optd_checkpoint_failures_total") return family.metric.at(0).counter.value;
+    }
+    return -1.0;
+  };
+  auto on_disk = [&] {
+    absl::StatusOr<v1::SessionCheckpoint> meta = server::Session::ReadCheckpointMeta(
+        server::PosixFileSystem(), server::Session::CheckpointPath(state_dir, session.id()));
+    return meta.ok() ? meta->step() : -1;
+  };
+  absl::StatusOr<client::StepResult> first =
+      session.Step(1, AsNamed(history.reference(), history.Gradients(1)));
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->checkpoint_step, 1);
+  EXPECT_EQ(first->checkpoint_error, "");
+  EXPECT_EQ(failures(), 0);
+
+  faulty.FailAll(server::FsOp::kSync);  // the disk refuses to persist anything
+  absl::StatusOr<client::StepResult> second =
+      session.Step(2, AsNamed(history.reference(), history.Gradients(2)));
+  ASSERT_TRUE(second.ok()) << second.status();  // committed in memory...
+  EXPECT_EQ(second->checkpoint_step, 1);        // ...but not durable, and the reply says so
+  EXPECT_THAT(second->checkpoint_error, HasSubstr("injected Sync failure"));
+  EXPECT_EQ(failures(), 1);
+  EXPECT_EQ(on_disk(), 1);
+  EXPECT_EQ(session.Info()->checkpoint_step(), 1);
+
+  faulty.ClearFailures();
+  absl::StatusOr<client::StepResult> third =
+      session.Step(3, AsNamed(history.reference(), history.Gradients(3)));
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_EQ(third->checkpoint_step, 3);
+  EXPECT_EQ(third->checkpoint_error, "");
+  EXPECT_EQ(on_disk(), 3);
+  EXPECT_EQ(failures(), 1);
 }
 
 TEST(DurabilityTest, InjectedWriteFailuresNeverCorruptTheLastCheckpoint) {

@@ -55,6 +55,10 @@ class StepResult:
     nonfinite_values: int
     kind: int  # optd_pb2.STEP_RESULT_PARAMETERS, _DELTA or _NONE
     values: dict  # tensor name -> float32 array in the tensor's shape (empty for NONE)
+    # The last step on disk once this one committed, and why this step's periodic checkpoint
+    # failed ('' when it did not): such a step is not durable (optd.proto, StepSummary).
+    checkpoint_step: int = 0
+    checkpoint_error: str = ''
 
 
 def _session_config(config):
@@ -193,7 +197,8 @@ class Session:
         s = first.summary
         return StepResult(step=s.step, skipped=s.skipped, replayed=s.replayed,
                           tensors_updated=s.tensors_updated, nonfinite_values=s.nonfinite_values,
-                          kind=s.result, values=values)
+                          kind=s.result, values=values, checkpoint_step=s.checkpoint_step,
+                          checkpoint_error=s.checkpoint_error)
 
     def update_hyperparams(self, updates):
         """Changes groups' hyperparameters, all or none: updates is a list of dicts with "group"

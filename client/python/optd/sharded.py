@@ -243,7 +243,12 @@ class ShardedSession:
                           tensors_updated=sum(r.tensors_updated for r in results.values()),
                           nonfinite_values=sum(r.nonfinite_values for r in results.values()),
                           kind=first.kind,
-                          values=self._join({e: r.values for e, r in results.items()}))
+                          values=self._join({e: r.values for e, r in results.items()}),
+                          # durable only once every part is on disk
+                          checkpoint_step=min(r.checkpoint_step for r in results.values()),
+                          checkpoint_error='; '.join(f'{e}: {r.checkpoint_error}'
+                                                     for e, r in results.items()
+                                                     if r.checkpoint_error))
 
     def update_hyperparams(self, updates):
         """Session.update_hyperparams on the parts holding tensors of the updated groups, each

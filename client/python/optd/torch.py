@@ -34,6 +34,7 @@ Sharded over several instances, the same on the same backend bit for bit:
 """
 
 import secrets
+import warnings
 
 import torch
 
@@ -236,6 +237,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
             return loss
         self._sync()
         result = self.session.step(self._step + 1, gradients, wire_dtype=self._wire_dtype)
+        if result.checkpoint_error:
+            warnings.warn(f'optd: step {result.step} is not durable (the daemon is at step '
+                          f'{result.step}, its last checkpoint at {result.checkpoint_step}): '
+                          f'{result.checkpoint_error}', RuntimeWarning)
         self._step = result.step
         for name, values in result.values.items():
             p = self._parameters[name]
