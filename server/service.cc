@@ -126,7 +126,11 @@ grpc::Status OptimizerService::CreateSession(grpc::ServerContext* context,
                               sessions_.Create(request->session_id(), request->config(), create));
         response->set_session_id(created.session->id());
         response->set_token(created.token);
-        *response->mutable_session() = created.session->Info(/*with_tensors=*/true);
+        // The reply stays small whatever the config's size: it repeats neither the config nor
+        // the per-tensor details (GetSession has them), so it cannot outgrow the message limit
+        // and leave a committed session whose token never reached its client.
+        *response->mutable_session() = created.session->Info(/*with_tensors=*/false);
+        response->mutable_session()->clear_config();
         return absl::OkStatus();
       }));
 }

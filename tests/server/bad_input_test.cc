@@ -443,6 +443,37 @@ TEST(AdminTokenTest, GuardsCreateListAndDelete) {
   EXPECT_EQ(mine->Info().status().code(), absl::StatusCode::kUnauthenticated);
 }
 
+TEST(CreateSessionTest, TheReplyStaysSmallWhateverTheConfigsSize) {
+  // Issue 16: the reply carried the config twice (as SessionInfo.config and in every TensorInfo),
+  // so a 2 MB request made a 4 MB reply that could not be sent, yet the session was committed and
+  // its token lost. 8,200 tensors with 250-character names: a config of about 2.1 MB.
+  std::unique_ptr<server::Server> server = StartServer(LoopbackOptions());
+  client::Client c = ConnectTo(*server);
+  v1::CreateSessionRequest request;
+  *request.mutable_config() = MakeConfig({{"v", "adamw"}}, {});
+  for (int i = 0; i < 8200; ++i) {
+    v1::TensorConfig* t = request.mutable_config()->add_tensors();
+    t->set_name(absl::StrCat(std::string(244, 'w'), absl::Dec(i, absl::kZeroPad6)));
+    t->add_shape(1);
+    t->set_group("v");
+  }
+  ASSERT_GT(request.ByteSizeLong(), size_t{2} << 20);
+  std::unique_ptr<v1::Optimizer::Stub> stub = v1::Optimizer::NewStub(c.channel());
+  grpc::ClientContext context;
+  v1::CreateSessionResponse response;
+  const grpc::Status created = stub->CreateSession(&context, request, &response);
+  ASSERT_TRUE(created.ok()) << created.error_message();
+  EXPECT_LT(response.ByteSizeLong(), 1024u);
+  EXPECT_FALSE(response.session().has_config());
+  EXPECT_EQ(response.session().step(), 0);
+  // The token that came back works.
+  client::Session session = c.OpenSession(response.session_id(), response.token());
+  absl::StatusOr<std::map<std::string, std::vector<float>>> params = session.GetParameters();
+  ASSERT_TRUE(params.ok()) << params.status();
+  EXPECT_EQ(params->size(), 8200u);
+  EXPECT_TRUE(session.Delete().ok());
+}
+
 TEST(AdminTokenTest, ASessionTokenCannotProbeOtherSessionIds) {
   // Issue 16: NOT_FOUND for a missing id but PERMISSION_DENIED for an existing one told a session
   // token holder which ids exist. Both answer PERMISSION_DENIED now, for every call naming one.

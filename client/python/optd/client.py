@@ -320,8 +320,9 @@ class Client:
             response = self._stub.CreateSession(request, metadata=metadata, timeout=self.timeout)
         except grpc.RpcError as e:
             _raise(e)
-        return Session(self._stub, response.session_id, response.token, response.session,
-                       self.timeout)
+        session = Session(self._stub, response.session_id, response.token, timeout=self.timeout)
+        session._shapes = {t.name: tuple(t.shape) for t in request.config.tensors}
+        return session
 
     def open_session(self, session_id, token):
         """The session `session_id`, as `token` (its own, or the admin token) opens it."""
