@@ -15,9 +15,16 @@
 namespace optd::server {
 namespace {
 
-// "<operation> <path>: <strerror(errno)>" with the code absl maps `errno` to.
+// "<operation> <path>: <strerror(errno)>" with the code absl maps `errno` to, except that a
+// state directory optd may not write (EACCES, EPERM, EROFS) is FAILED_PRECONDITION: absl's
+// PERMISSION_DENIED would read as a refused token to a client.
 absl::Status PosixError(absl::string_view operation, absl::string_view path, int error_number) {
-  return absl::ErrnoToStatus(error_number, absl::StrCat(operation, " ", path));
+  const absl::Status status = absl::ErrnoToStatus(error_number, absl::StrCat(operation, " ", path));
+  if (error_number == EACCES || error_number == EPERM || error_number == EROFS) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(status.message(), " (optd cannot write its state directory)"));
+  }
+  return status;
 }
 
 class PosixWritableFile final : public WritableFile {

@@ -2,12 +2,20 @@
 
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/status_macros.h"
 #include "server/auth.h"
+#include "server/log.h"
 #include "server/session_config.h"
 
 namespace optd::server {
+namespace {
+
+// A deleted session's checkpoint directory on its way out: '~' is in no session id.
+constexpr absl::string_view kDeletedPrefix = "deleted~";
+
+}  // namespace
 
 SessionManager::SessionManager(Backend& backend, SessionManagerOptions options)
     : backend_(backend),
@@ -40,6 +48,11 @@ absl::Status SessionManager::Recover(std::vector<std::string>* skipped) {
   OPTD_ASSIGN_OR_RETURN(std::vector<std::string> names, fs_.ListDir(options_.state_dir));
   absl::MutexLock lock(&mu_);
   for (const std::string& name : names) {
+    if (absl::StartsWith(name, kDeletedPrefix)) {
+      // A deleted session's checkpoint whose removal did not finish.
+      fs_.DeleteRecursively(absl::StrCat(options_.state_dir, "/", name)).IgnoreError();
+      continue;
+    }
     if (!IsValidSessionId(name)) continue;
     const std::string path = Session::CheckpointPath(options_.state_dir, name);
     if (!fs_.Exists(path)) continue;
@@ -293,6 +306,22 @@ absl::Status SessionManager::Delete(absl::string_view id, absl::string_view auth
     return absl::UnavailableError(
         absl::StrCat("session '", id, "' is being replaced by a CreateSession; retry after it"));
   }
+  // All or nothing: the checkpoint directory is first renamed out of Recover's sight (a name no
+  // session id can take); only then does the session go from memory. A state directory optd
+  // cannot write refuses the delete and leaves the session as it was.
+  std::string tombstone;
+  if (!options_.state_dir.empty()) {
+    const std::string dir = absl::StrCat(options_.state_dir, "/", id);
+    if (fs_.Exists(dir)) {
+      tombstone = absl::StrCat(options_.state_dir, "/", kDeletedPrefix, id);
+      OPTD_RETURN_IF_ERROR(fs_.DeleteRecursively(tombstone));  // an earlier delete's leftover
+      OPTD_RETURN_IF_ERROR(fs_.Rename(dir, tombstone));
+      if (absl::Status synced = fs_.SyncDir(options_.state_dir); !synced.ok()) {
+        LogEvent(absl::StrCat("session '", id, "': deleted, but the state directory could not be ",
+                              "synced; a crash now may bring it back: ", synced.ToString()));
+      }
+    }
+  }
   // Calls still holding the session get NotFound from now on, and nothing of it is written
   // again: no checkpoint can bring it back after its directory is gone.
   if (entry->session != nullptr) {
@@ -302,8 +331,12 @@ absl::Status SessionManager::Delete(absl::string_view id, absl::string_view auth
   id_by_digest_.erase(entry->token_digest);
   sessions_.erase(sessions_.find(id));
   ExportCountsLocked();
-  if (!options_.state_dir.empty()) {
-    OPTD_RETURN_IF_ERROR(fs_.DeleteRecursively(absl::StrCat(options_.state_dir, "/", id)));
+  LogEvent(absl::StrCat("session '", id, "' deleted"));
+  if (!tombstone.empty()) {
+    if (absl::Status removed = fs_.DeleteRecursively(tombstone); !removed.ok()) {
+      LogEvent(absl::StrCat("session '", id, "': its old checkpoint stays at ", tombstone,
+                            " (removed at the next start): ", removed.ToString()));
+    }
   }
   return absl::OkStatus();
 }

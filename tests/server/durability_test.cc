@@ -540,6 +540,43 @@ TEST(DurabilityTest, AnUnloadedSessionWithAnUnreadableCheckpointCanStillBeDelete
   EXPECT_EQ(server->sessions().num_sessions(), 0);
 }
 
+TEST(DurabilityTest, ADeleteTheStateDirectoryRefusesChangesNothing) {
+  // Issue 16: on a read-only state directory DeleteSession removed the session from memory, kept
+  // its checkpoint (so it came back after a restart), and answered PERMISSION_DENIED.
+  const std::string state_dir = MakeTempDir("readonly");
+  server::FaultInjectionFileSystem faulty(server::PosixFileSystem());
+  server::ServerOptions options = LoopbackOptions(state_dir);
+  options.sessions.fs = &faulty;
+  std::unique_ptr<server::Server> server = StartServer(options);
+  const v1::SessionConfig config = SmallModel();
+  History history(config);
+  client::Session session = *ConnectTo(*server).CreateSession(config, "kept");
+  ASSERT_TRUE(session.Step(1, AsNamed(history.reference(), history.Gradients(1))).ok());
+  faulty.FailAll(server::FsOp::kRename);
+  const absl::Status refused = session.Delete();
+  EXPECT_FALSE(refused.ok());
+  EXPECT_NE(refused.code(), absl::StatusCode::kPermissionDenied) << refused;
+  faulty.ClearFailures();
+  // Still there, in memory and on disk, and it steps on.
+  EXPECT_EQ(server->sessions().num_sessions(), 1);
+  ExpectState(session, history, 1, "after the refused delete");
+  ASSERT_TRUE(session.Step(2, AsNamed(history.reference(), history.Gradients(2))).ok());
+  EXPECT_TRUE(server::PosixFileSystem().Exists(state_dir + "/kept/checkpoint"));
+  // A delete that goes through leaves nothing for a restart to bring back.
+  ASSERT_TRUE(session.Delete().ok());
+  server = StartServer(LoopbackOptions(state_dir));
+  EXPECT_EQ(server->sessions().num_sessions(), 0);
+  EXPECT_EQ(*server::PosixFileSystem().ListDir(state_dir), std::vector<std::string>{});
+}
+
+TEST(DurabilityTest, AnUnwritableStateDirectoryIsAFailedPreconditionNotAnAuthError) {
+  // EPERM, EACCES and EROFS mean optd may not write there; absl maps them to PERMISSION_DENIED,
+  // which a client reads as a refused token. /proc refuses unlink even to root.
+  const absl::Status status = server::PosixFileSystem().DeleteFile("/proc/version");
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
+  EXPECT_THAT(std::string(status.message()), HasSubstr("cannot write its state directory"));
+}
+
 TEST(DurabilityTest, ReloadingOneSessionDoesNotHoldUpTheOthers) {
   const std::string state_dir = MakeTempDir("reload");
   server::FaultInjectionFileSystem faulty(server::PosixFileSystem());
