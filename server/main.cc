@@ -15,6 +15,7 @@
 #include "absl/time/time.h"
 #include "common/command_line.h"
 #include "server/auth.h"
+#include "server/log.h"
 #include "server/server.h"
 #include "server/session_config.h"
 
@@ -177,10 +178,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "optd: %s\n", server.status().ToString().c_str());
     return 1;
   }
-  for (const std::string& line : (*server)->startup_log()) {
-    std::fprintf(stderr, "optd: %s\n", line.c_str());
-  }
-  std::fprintf(stderr, "optd: serving on %s\n", (*server)->address().c_str());
+  for (const std::string& line : (*server)->startup_log()) optd::server::LogEvent(line);
+  optd::server::LogEvent(
+      absl::StrCat("optd ", optd::kOptdVersion, " serving on ", (*server)->address()));
   // Written whole under a temporary name, so a reader never sees half a port.
   auto write_port = [](const std::string& path, int port) {
     if (path.empty()) return;
@@ -193,13 +193,13 @@ int main(int argc, char** argv) {
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);
-  std::fprintf(stderr, "optd: %s: draining steps, checkpointing sessions\n",
-               signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
+  optd::server::LogEvent(absl::StrCat(signal_number == SIGTERM ? "SIGTERM" : "SIGINT",
+                                      ": draining steps, checkpointing sessions"));
   absl::Status stopped = (*server)->Shutdown();
   if (!stopped.ok()) {
-    std::fprintf(stderr, "optd: shutdown checkpoint failed: %s\n", stopped.ToString().c_str());
+    optd::server::LogEvent(absl::StrCat("shutdown checkpoint failed: ", stopped.ToString()));
     return 1;
   }
-  std::fprintf(stderr, "optd: stopped\n");
+  optd::server::LogEvent("stopped");
   return 0;
 }

@@ -1,5 +1,6 @@
 #include "server/session.h"
 
+#include <cmath>
 #include <cstring>
 #include <new>
 #include <set>
@@ -29,6 +30,14 @@ absl::Status CopyRecord(absl::string_view record, absl::string_view name, absl::
                                             " bytes, expected ", out.size() * sizeof(float)));
   }
   std::memcpy(out.data(), record.data(), record.size());
+  // A step from NaN or infinite state would return non-finite parameters: such a checkpoint
+  // (crafted, or written by a build without today's checks) is refused, not loaded.
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!std::isfinite(out[i])) {
+      return absl::DataLossError(
+          absl::StrCat("checkpoint record '", name, "' holds a non-finite value at element ", i));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -101,7 +110,12 @@ std::string Session::CheckpointPath(const std::string& state_dir, const std::str
 absl::StatusOr<int64_t> Session::RequiredBytes(const v1::SessionConfig& config) {
   OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config));
   int64_t elements = 0;
-  for (const TensorSpec& spec : specs) elements += *ElementCount(spec.shape);
+  for (const TensorSpec& spec : specs) {
+    OPTD_ASSIGN_OR_RETURN(const int64_t count, ElementCount(spec.shape));
+    if (__builtin_add_overflow(elements, count, &elements)) {
+      return absl::ResourceExhaustedError("the session's tensors hold more than 2^63 elements");
+    }
+  }
   OPTD_ASSIGN_OR_RETURN(int64_t optimizer, Optimizer::RequiredBytes(std::move(specs)));
   const int64_t result = config.step_result() == v1::STEP_RESULT_NONE ? 0 : 2;
   // Staging: one per worker plus one for a retry or an upload (AcquireStaging's limit).

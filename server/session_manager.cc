@@ -57,13 +57,25 @@ absl::Status SessionManager::Recover(std::vector<std::string>* skipped) {
     const std::string path = Session::CheckpointPath(options_.state_dir, name);
     if (!fs_.Exists(path)) continue;
     absl::StatusOr<v1::SessionCheckpoint> meta = Session::ReadCheckpointMeta(fs_, path);
-    absl::StatusOr<int64_t> bytes =
-        meta.ok() ? Session::RequiredBytes(meta->config()) : meta.status();
+    // Its config is checked exactly as CreateSession checks one: a crafted checkpoint (with valid
+    // checksums) is skipped with its reason, never trusted.
+    absl::StatusOr<int64_t> bytes = absl::UnknownError("unread");
+    if (meta.ok()) {
+      v1::SessionConfig config = meta->config();
+      const absl::Status valid = NormalizeSessionConfig(config);
+      bytes = valid.ok() ? Session::RequiredBytes(config) : valid;
+    } else {
+      bytes = meta.status();
+    }
+    if (bytes.ok() && *bytes > options_.max_session_bytes) {
+      bytes = absl::ResourceExhaustedError(absl::StrCat("needs ", *bytes, " bytes, over the ",
+                                                        options_.max_session_bytes,
+                                                        " of --max_session_bytes"));
+    }
     if (!bytes.ok() || meta->session_id() != name) {
-      if (skipped != nullptr) {
-        skipped->push_back(absl::StrCat(
-            path, ": ", bytes.ok() ? "holds another session's id" : bytes.status().ToString()));
-      }
+      const std::string reason = absl::StrCat(
+          path, ": ", bytes.ok() ? "holds another session's id" : bytes.status().ToString());
+      if (skipped != nullptr) skipped->push_back(reason);
       continue;
     }
     Entry entry;

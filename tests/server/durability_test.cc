@@ -6,9 +6,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
 #include <thread>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
 #include "prometheus/metric_family.h"
 #include "server/auth.h"
 #include "server/checkpoint_file.h"
@@ -575,6 +581,87 @@ TEST(DurabilityTest, AnUnwritableStateDirectoryIsAFailedPreconditionNotAnAuthErr
   const absl::Status status = server::PosixFileSystem().DeleteFile("/proc/version");
   EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
   EXPECT_THAT(std::string(status.message()), HasSubstr("cannot write its state directory"));
+}
+
+// Rewrites the checkpoint at `path` record by record, letting `edit` change each (its name and
+// bytes); the checksums are the writer's own, so only optd's checks of the content stand between
+// the file and the daemon.
+void RewriteCheckpoint(const std::string& path,
+                       const std::function<void(const std::string&, std::string&)>& edit) {
+  server::FileSystem& fs = server::PosixFileSystem();
+  absl::StatusOr<server::CheckpointReader> reader = server::CheckpointReader::Open(fs, path);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  std::vector<std::pair<std::string, std::string>> records;
+  for (const auto& [name, bytes] : reader->records()) records.push_back({name, std::string(bytes)});
+  absl::StatusOr<std::unique_ptr<server::CheckpointWriter>> writer =
+      server::CheckpointWriter::Create(fs, path);
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  for (auto& [name, bytes] : records) {
+    edit(name, bytes);
+    ASSERT_TRUE((*writer)->AddRecord(name, bytes).ok());
+  }
+  ASSERT_TRUE((*writer)->Commit().ok());
+}
+
+TEST(DurabilityTest, ACraftedCheckpointIsSkippedWithItsReasonNotTrusted) {
+  // Issue 16: a checkpoint with valid checksums but a shape of [0, 8], [-3, 8] or [2^40, 2^40]
+  // aborted the daemon at start-up, on every restart; NaN optimizer state loaded and the next step
+  // returned NaN parameters.
+  const std::string state_dir = MakeTempDir("crafted");
+  const v1::SessionConfig config = SmallModel();
+  std::map<std::string, std::string> tokens;
+  {
+    std::unique_ptr<server::Server> server = StartServer(LoopbackOptions(state_dir));
+    client::Client c = ConnectTo(*server);
+    History history(config);
+    for (const char* id : {"zero", "negative", "huge", "nan_state", "fine"}) {
+      client::Session s = *c.CreateSession(config, id);
+      ASSERT_TRUE(s.Step(1, AsNamed(history.reference(), history.Gradients(1))).ok());
+      tokens[id] = s.token();
+    }
+  }  // checkpointed at shutdown
+  auto with_shape = [&](const std::string& id, std::vector<int64_t> shape) {
+    RewriteCheckpoint(server::Session::CheckpointPath(state_dir, id),
+                      [&](const std::string& name, std::string& bytes) {
+                        if (name != "meta") return;
+                        v1::SessionCheckpoint meta;
+                        ASSERT_TRUE(meta.ParseFromString(bytes));
+                        v1::TensorConfig* t = meta.mutable_config()->mutable_tensors(0);
+                        t->clear_shape();
+                        for (int64_t d : shape) t->add_shape(d);
+                        bytes = meta.SerializeAsString();
+                      });
+  };
+  with_shape("zero", {0, 8});
+  with_shape("negative", {-3, 8});
+  with_shape("huge", {int64_t{1} << 40, int64_t{1} << 40});
+  bool poisoned = false;
+  RewriteCheckpoint(server::Session::CheckpointPath(state_dir, "nan_state"),
+                    [&](const std::string& name, std::string& bytes) {
+                      if (poisoned || !absl::StartsWith(name, "state/")) return;
+                      const float nan = std::numeric_limits<float>::quiet_NaN();
+                      std::memcpy(bytes.data(), &nan, sizeof(nan));
+                      poisoned = true;
+                    });
+  ASSERT_TRUE(poisoned);
+
+  std::unique_ptr<server::Server> server = StartServer(LoopbackOptions(state_dir));
+  std::string log = absl::StrJoin(server->startup_log(), "\n");
+  for (const char* id : {"zero", "negative", "huge"}) {
+    EXPECT_THAT(log, HasSubstr(absl::StrCat("skipped checkpoint ", state_dir, "/", id)));
+  }
+  // Its config is sound, so it is listed; loading it finds the NaN and refuses.
+  EXPECT_EQ(server->sessions().num_sessions(), 2);
+  client::Client c = ConnectTo(*server);
+  absl::StatusOr<std::vector<v1::SessionInfo>> listed = c.ListSessions();
+  ASSERT_TRUE(listed.ok());
+  std::vector<std::string> ids;
+  for (const v1::SessionInfo& info : *listed) ids.push_back(info.session_id());
+  EXPECT_THAT(ids, ::testing::UnorderedElementsAre("fine", "nan_state"));
+  const absl::Status nan = c.OpenSession("nan_state", tokens["nan_state"]).Info().status();
+  EXPECT_EQ(nan.code(), absl::StatusCode::kDataLoss) << nan;
+  EXPECT_THAT(std::string(nan.message()), HasSubstr("non-finite value at element 0"));
+  EXPECT_TRUE(c.OpenSession("fine", tokens["fine"]).Info().ok());
 }
 
 TEST(DurabilityTest, ReloadingOneSessionDoesNotHoldUpTheOthers) {
