@@ -96,6 +96,10 @@ absl::StatusOr<ShardedSession> ShardedSession::Create(const std::vector<ShardEnd
         v1::CheckpointSource* source = request.add_restore_from();
         source->set_instance(instance);
         source->set_session_id(restore->session_id.empty() ? id : restore->session_id);
+        auto source_token = restore->source_tokens.find(instance);
+        if (admin_token.empty() && source_token != restore->source_tokens.end()) {
+          source->set_token(source_token->second);
+        }
       }
       request.set_replace(true);
       auto old = restore->tokens.find(endpoints[e].address);
@@ -195,6 +199,7 @@ absl::StatusOr<ShardedSession> ShardedSession::Reshard(const std::vector<ShardEn
     }
     restore.instances.push_back(info->instance_name());
     restore.tokens[shard.address] = shard.session.token();
+    restore.source_tokens[info->instance_name()] = shard.session.token();
   }
   OPTD_RETURN_IF_ERROR(Checkpoint(/*shared=*/true).status());
   OPTD_ASSIGN_OR_RETURN(ShardedSession moved,

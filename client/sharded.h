@@ -31,6 +31,8 @@ struct ShardRestore {
   // Without an admin token, a new part that replaces the session an instance holds needs that
   // session's token: by instance address.
   std::map<std::string, std::string> tokens;
+  // Without an admin token, reading each source needs its session's token: by instance name.
+  std::map<std::string, std::string> source_tokens;
 };
 
 class ShardedSession {

@@ -57,6 +57,7 @@ struct TensorSnapshot {
 };
 
 struct AnalysisJob {
+  // The reservation's key: the session, and its restore count (Session::StartSnapshotLocked).
   std::string session;
   int64_t step = 0;
   std::vector<TensorSnapshot> tensors;

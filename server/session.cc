@@ -719,7 +719,7 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
   const absl::Status restored =
       header.has_lr() ? SetHyperparamsLocked(hyperparams_) : absl::OkStatus();
   if (!stepped.ok()) {
-    if (snapshot.has_value()) options_.analyzer->Release(id_, snapshot->bytes);
+    if (snapshot.has_value()) options_.analyzer->Release(snapshot->job.session, snapshot->bytes);
     if (stepped.code() == absl::StatusCode::kInternal) damaged_ = stepped;
     return stepped;
   }
@@ -729,7 +729,7 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
   if (finished.ok() && snapshot.has_value()) {
     finished = FinishSnapshotLocked(*std::move(snapshot));
   } else if (snapshot.has_value()) {
-    options_.analyzer->Release(id_, snapshot->bytes);
+    options_.analyzer->Release(snapshot->job.session, snapshot->bytes);
   }
   if (!finished.ok()) {
     damaged_ = finished;
@@ -752,10 +752,13 @@ std::optional<Session::Snapshot> Session::StartSnapshotLocked(int64_t step,
     snapshot.tensors.push_back(t);
     snapshot.bytes += 3 * counts_[t] * static_cast<int64_t>(sizeof(float));
   }
-  if (snapshot.tensors.empty() || !options_.analyzer->Reserve(id_, snapshot.bytes)) {
+  // Keyed by the session and its restores: an analysis still running for steps a Restore undid
+  // does not hold up the first analysis after it (its figures will be dropped anyway).
+  snapshot.job.session = absl::StrCat(id_, "#", restores_.load());
+  if (snapshot.tensors.empty() ||
+      !options_.analyzer->Reserve(snapshot.job.session, snapshot.bytes)) {
     return std::nullopt;
   }
-  snapshot.job.session = id_;
   snapshot.job.step = step;
   for (int t : snapshot.tensors) {
     const TensorSpec& spec = optimizer_->spec(t);
@@ -771,7 +774,7 @@ std::optional<Session::Snapshot> Session::StartSnapshotLocked(int64_t step,
     s.gradient.assign(gradient, gradient + count);
     absl::StatusOr<Buffer> update = backend_.Allocate(count * sizeof(float));
     if (!update.ok()) {
-      options_.analyzer->Release(id_, snapshot.bytes);
+      options_.analyzer->Release(snapshot.job.session, snapshot.bytes);
       return std::nullopt;  // no analysis this time; the step goes on
     }
     snapshot.updates.push_back(*std::move(update));
@@ -798,7 +801,7 @@ absl::Status Session::FinishSnapshotLocked(Snapshot snapshot) {
     }
     if (read.ok()) read = backend_.Synchronize(backend_.default_queue());
     if (!read.ok()) {
-      options_.analyzer->Release(id_, snapshot.bytes);
+      options_.analyzer->Release(snapshot.job.session, snapshot.bytes);
       return read;
     }
   }

@@ -106,6 +106,12 @@ absl::Status SessionManager::AuthorizeAdmin(absl::string_view authorization) {
   return absl::UnauthenticatedError("this call needs the admin token; the token given is not");
 }
 
+bool SessionManager::IsAdmin(absl::string_view authorization) const {
+  if (options_.admin_token_digest.empty()) return false;
+  absl::StatusOr<std::string> token = ParseBearer(authorization);
+  return token.ok() && DigestsEqual(TokenDigest(*token), options_.admin_token_digest);
+}
+
 absl::StatusOr<std::string> SessionManager::SharedDir() const {
   if (options_.shared_state_root.empty()) {
     return absl::FailedPreconditionError(
@@ -146,6 +152,21 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
           {absl::StrCat("instance '", source.instance(), "' session '", source.session_id(), "'"),
            Session::CheckpointPath(absl::StrCat(options_.shared_state_root, "/", source.instance()),
                                    source.session_id())});
+    }
+  }
+  // The right to read every source, before anything about them is looked at or told.
+  if (!sources.empty() && !IsAdmin(create.authorization)) {
+    for (size_t i = 0; i < sources.size(); ++i) {
+      const v1::CheckpointSource& source = create.restore_from[i];
+      absl::StatusOr<v1::SessionCheckpoint> meta =
+          Session::ReadCheckpointMeta(fs_, sources[i].path);
+      if (source.token().empty() || !meta.ok() ||
+          !DigestsEqual(TokenDigest(source.token()), meta->token_sha256())) {
+        return absl::PermissionDeniedError(absl::StrCat(
+            "restore_from ", sources[i].label, ": no checkpoint there that ",
+            source.token().empty() ? "an empty token" : "the token given with it",
+            " opens; each source needs its session's token, or the call the admin token"));
+      }
     }
   }
   if (create.replace && id.empty()) {

@@ -46,7 +46,9 @@ struct SessionManagerOptions {
 };
 
 struct CreateOptions {
-  // Checkpoints in the shared state root to restore the new session from (resharding).
+  // Checkpoints in the shared state root to restore the new session from (resharding); each
+  // needs its session's token unless `authorization` carries the admin token (PermissionDenied,
+  // before anything of the source is read beyond its token's digest).
   std::vector<v1::CheckpointSource> restore_from;
   // Replace a session of the same id once the new one is built. `authorization` must carry the
   // admin token when the daemon has one (the caller checks), otherwise that session's token.
@@ -82,6 +84,9 @@ class SessionManager {
   // one's first overwrites it, and its token no longer opens anything.
   absl::StatusOr<CreatedSession> Create(std::string id, v1::SessionConfig config,
                                         const CreateOptions& create = {});
+  // Whether `authorization` carries the admin token (false when the daemon has none).
+  bool IsAdmin(absl::string_view authorization) const;
+
   // This instance's directory in the shared state root; FailedPrecondition without one.
   absl::StatusOr<std::string> SharedDir() const;
 

@@ -22,7 +22,9 @@
 namespace optd::testing {
 namespace {
 
+using ::testing::AnyOf;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 v1::SessionConfig ShardedConfig() {
   v1::SessionConfig config;
@@ -286,17 +288,39 @@ TEST(ShardedSessionTest, RestoreFromRefusesWhatDoesNotFitAndChangesNothing) {
     absl::StatusCode code;
     std::string message;
   };
-  auto source = [](v1::CreateSessionRequest& r, const std::string& instance,
-                   const std::string& session) {
+  auto source = [&](v1::CreateSessionRequest& r, const std::string& instance,
+                    const std::string& session) {
     v1::CheckpointSource* s = r.add_restore_from();
     s->set_instance(instance);
     s->set_session_id(session);
+    s->set_token(session == "dst" ? dst->token() : src->token());
   };
   std::vector<Case> cases = {
       {"bad instance name", [&](auto& r) { source(r, "..", "src"); },
        absl::StatusCode::kInvalidArgument, "instance '..'"},
-      {"missing source", [&](auto& r) { source(r, "i7", "src"); }, absl::StatusCode::kNotFound,
-       "instance 'i7' session 'src'"},
+      // Without the admin token a missing source answers as one the token does not open.
+      {"missing source", [&](auto& r) { source(r, "i7", "src"); },
+       absl::StatusCode::kPermissionDenied, "instance 'i7' session 'src'"},
+      // Issue 16: restore_from copied any session without its token.
+      {"no token",
+       [&](auto& r) {
+         source(r, "i0", "src");
+         r.mutable_restore_from(0)->clear_token();
+       },
+       absl::StatusCode::kPermissionDenied, "an empty token"},
+      {"another session's token",
+       [&](auto& r) {
+         source(r, "i0", "src");
+         r.mutable_restore_from(0)->set_token(dst->token());
+       },
+       absl::StatusCode::kPermissionDenied, "the token given with it"},
+      {"the right token for one source, not the other",
+       [&](auto& r) {
+         source(r, "i0", "src");
+         source(r, "i0", "src");
+         r.mutable_restore_from(1)->set_token("guess");
+       },
+       absl::StatusCode::kPermissionDenied, "instance 'i0' session 'src'"},
       {"epoch not later",
        [&](auto& r) {
          source(r, "i0", "src");
@@ -336,6 +360,12 @@ TEST(ShardedSessionTest, RestoreFromRefusesWhatDoesNotFitAndChangesNothing) {
         ConnectTo(*cluster.servers[1]).CreateSession(request, dst->token());
     EXPECT_EQ(created.status().code(), c.code) << c.what << ": " << created.status();
     EXPECT_THAT(std::string(created.status().message()), HasSubstr(c.message)) << c.what;
+    if (c.code == absl::StatusCode::kPermissionDenied) {
+      // Nothing of the source is described to a caller who may not read it.
+      EXPECT_THAT(std::string(created.status().message()),
+                  Not(AnyOf(HasSubstr("'w'"), HasSubstr("keller"), HasSubstr("step"))))
+          << c.what;
+    }
   }
   // Sources at different steps: B's own "dst" (step 1) beside A's "src" (step 2).
   ASSERT_TRUE(dst->Checkpoint(/*shared=*/true).ok());
@@ -572,7 +602,12 @@ TEST(ShardedClusterTest, ThreeProcessesMatchOneThroughKillsRestartsAndAReshardTo
   EXPECT_EQ(*checkpointed, step);
   client::ShardRestore restore;
   restore.instances = {"i0", "i1", "i2"};
-  for (const auto& [address, part] : sharded->parts()) restore.tokens[address] = part.token();
+  for (const auto& [address, part] : sharded->parts()) {
+    restore.tokens[address] = part.token();
+    for (int i = 0; i < 3; ++i) {
+      if (cluster.address(i) == address) restore.source_tokens[absl::StrCat("i", i)] = part.token();
+    }
+  }
   for (int i = 0; i < 3; ++i) cluster.Kill(i);
   cluster.Start(0);
   cluster.Start(1);

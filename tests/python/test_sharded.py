@@ -216,7 +216,8 @@ def test_refusals_name_the_instance(shared):
     with pytest.raises(OptdError) as missing:
         ShardedSession([Client(i0), Client(i1)], [i0, i1], CONFIG, "py-moved", epoch=2,
                        restore=ShardRestore(instances=["i7"], session_id="py-errors"))
-    assert missing.value.code == grpc.StatusCode.NOT_FOUND
+    # without the admin token a missing source answers as one no token given opens
+    assert missing.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert i0 in missing.value.message
     assert "instance 'i7' session 'py-errors'" in missing.value.message
     assert all(s.session_id != "py-moved" for a in (i0, i1) for s in Client(a).list_sessions())
@@ -234,10 +235,17 @@ def test_refusals_name_the_instance(shared):
     with pytest.raises(OptdError) as untokened:
         Client(i0).create_session(part_config, "py-errors", restore_from=[("i0", "py-errors")],
                                   replace=True)
-    assert untokened.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert untokened.value.code == grpc.StatusCode.PERMISSION_DENIED
+    # Each source needs its session's token (issue 16: restore_from copied any session), and
+    # the refusal describes nothing of it.
+    with pytest.raises(OptdError) as no_source_token:
+        Client(i0).create_session(part_config, "py-errors", restore_from=[("i0", "py-errors")],
+                                  replace=True, token=on_i0.token)
+    assert no_source_token.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "step" not in no_source_token.value.message
     moved = Client(i0).create_session(part_config, "py-errors",
-                                      restore_from=[("i0", "py-errors")], replace=True,
-                                      token=on_i0.token)
+                                      restore_from=[("i0", "py-errors", on_i0.token)],
+                                      replace=True, token=on_i0.token)
     assert moved.info().step == 2
     after = moved.get_parameters()
     assert set(after) == set(at_step_2)

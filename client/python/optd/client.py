@@ -306,15 +306,17 @@ class Client:
         """A new session from `config` (an optd_pb2.SessionConfig or its text format), named
         `session_id` or by the daemon. The returned Session holds its token (shown only once).
 
-        restore_from: (instance, session_id) pairs, checkpoints in the daemon's
-        --shared_state_root that the session starts from instead (resharding; the rules are
-        CreateSessionRequest.restore_from's). replace: replace a session of the same id once the
+        restore_from: (instance, session_id) pairs or (instance, session_id, token) triples,
+        checkpoints in the daemon's --shared_state_root that the session starts from instead
+        (resharding; the rules are CreateSessionRequest.restore_from's: each source needs its
+        session's token unless the client holds the admin token). replace: replace a session of the same id once the
         new one is built. `token` authorizes the call instead of the admin token: replacing a
         session on a daemon without an admin token takes that session's token."""
         request = optd_pb2.CreateSessionRequest(
             session_id=session_id, config=_session_config(config), replace=replace,
-            restore_from=[optd_pb2.CheckpointSource(instance=instance, session_id=source)
-                          for instance, source in restore_from])
+            restore_from=[optd_pb2.CheckpointSource(instance=source[0], session_id=source[1],
+                                                    token=source[2] if len(source) > 2 else "")
+                          for source in restore_from])
         metadata = (("authorization", f"Bearer {token}"),) if token else self._admin_metadata()
         try:
             response = self._stub.CreateSession(request, metadata=metadata, timeout=self.timeout)

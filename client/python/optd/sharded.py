@@ -29,10 +29,13 @@ class ShardRestore:
     """Where a resharded session's state comes from: the parts of session `session_id` (empty:
     the new session's id) that the instances `instances` (their --instance_name) checkpointed
     into the shared state root. `tokens`, by instance address: the tokens of the sessions the new
-    parts replace, which authorize the replacement on a daemon without an admin token."""
+    parts replace, which authorize the replacement on a daemon without an admin token.
+    `source_tokens`, by instance name: the tokens of the sessions checkpointed there, which
+    authorize reading them without an admin token."""
     instances: list
     session_id: str = ""
     tokens: dict = dataclasses.field(default_factory=dict)
+    source_tokens: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -116,11 +119,14 @@ class ShardedSession:
                 if not parts[e].tensors:
                     continue
                 token = None
+                sources = restore_from
                 if restore is not None and not client.admin_token:
                     token = restore.tokens.get(address)
+                    sources = [(instance, source, restore.source_tokens.get(instance, ""))
+                               for instance, source in restore_from]
                 try:
                     session = client.create_session(parts[e], session_id,
-                                                    restore_from=restore_from,
+                                                    restore_from=sources,
                                                     replace=restore is not None, token=token)
                 except OptdError as error:
                     raise _named(error, address) from None
@@ -300,6 +306,7 @@ class ShardedSession:
                                        "cannot move"), part.address)
             restore.instances.append(info.instance_name)
             restore.tokens[part.address] = part.session.token
+            restore.source_tokens[info.instance_name] = part.session.token
         self.checkpoint(shared=True)
         moved = ShardedSession(clients, addresses, self._config, self.id, epoch, memory_bytes,
                                restore=restore)
