@@ -85,6 +85,14 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
 grpc::Status OptimizerService::Finish(absl::string_view method, const absl::Status& status,
                                       absl::string_view reason) {
   if (options_.metrics != nullptr) options_.metrics->CountRpc(method, status, reason);
+  // Refusals are logged by method and code at most once per period each: a client can cause
+  // them at any rate.
+  if (!status.ok() && !absl::IsCancelled(status)) {
+    const std::string code = absl::StatusCodeToString(status.code());
+    refusals_.Log(absl::StrCat(method, "/", code, "/", reason),
+                  absl::StrCat(method, " refused", reason.empty() ? "" : " (", reason,
+                               reason.empty() ? "" : ")", ": ", code, ": ", status.message()));
+  }
   return ToGrpcStatus(status);
 }
 

@@ -10,6 +10,7 @@
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "optd/v1/optd.grpc.pb.h"
+#include "server/log.h"
 #include "server/metrics.h"
 #include "server/session_manager.h"
 
@@ -83,6 +84,7 @@ class OptimizerService final : public v1::Optimizer::Service {
 
   SessionManager& sessions_;
   const ServiceOptions options_;
+  RateLimitedLog refusals_{absl::Seconds(10)};
   std::atomic<bool> draining_{false};
   std::atomic<int> steps_in_flight_{0};
 };

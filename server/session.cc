@@ -1072,6 +1072,7 @@ absl::StatusOr<int64_t> Session::Restore() {
   ++restores_;
   analysis_.clear();
   if (options_.metrics != nullptr && !retired_) options_.metrics->PublishAnalysis(id_, step_, {});
+  LogEvent(absl::StrCat("session '", id_, "' restored from its checkpoint at step ", step_));
   return step_;
 }
 

@@ -264,6 +264,12 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
   entry.creating = false;
   id_by_digest_[digest] = id;
   ExportCountsLocked();
+  LogEvent(absl::StrCat(
+      "session '", id, "' ", replacing ? "replaced" : "created", ": ", session->num_tensors(),
+      " tensor(s), world_size ", session->config().world_size(), ", ", bytes, " bytes of state",
+      sources.empty() ? std::string()
+                      : absl::StrCat(", restored from ", sources.size(), " checkpoint(s) at step ",
+                                     session->step())));
   return CreatedSession{std::move(session), std::move(token)};
 }
 
