@@ -89,7 +89,7 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
     // An IPv6 socket takes only IPv6: "::" beside "0.0.0.0" is then no conflict.
     if (a->ai_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
     if (bound_port != 0) SetPort(a->ai_addr, bound_port);
-    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 16) != 0) {
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 128) != 0) {
       last_error = std::strerror(errno);
       close(fd);
       continue;
@@ -118,89 +118,103 @@ MetricsHttpServer::~MetricsHttpServer() {
   for (int fd : listen_fds_) close(fd);
 }
 
+namespace {
+
+// One scrape connection: its request as it arrives, then its response as it leaves.
+struct Connection {
+  int fd = -1;
+  int64_t deadline_ms = 0;
+  std::string request;
+  std::string response;  // empty while the request is still arriving
+  size_t sent = 0;
+};
+
+}  // namespace
+
+std::string MetricsHttpServer::ResponseTo(absl::string_view request) const {
+  const absl::string_view line = request.substr(0, request.find("\r\n"));
+  const bool get = absl::StartsWith(line, "GET ");
+  const bool head = absl::StartsWith(line, "HEAD ");
+  if (!get && !head) return Response("405 Method Not Allowed", "text/plain", "GET /metrics\n");
+  const absl::string_view target = line.substr(line.find(' ') + 1);
+  const absl::string_view path = target.substr(0, target.find_first_of(" ?"));
+  if (path != "/metrics") return Response("404 Not Found", "text/plain", "optd serves /metrics\n");
+  const std::string body = prometheus::TextSerializer().Serialize(registry_->Collect());
+  std::string response = Response("200 OK", "text/plain; version=0.0.4; charset=utf-8", body);
+  if (head) response.resize(response.size() - body.size());
+  return response;
+}
+
 void MetricsHttpServer::Serve() {
-  std::vector<pollfd> listeners;
-  for (int fd : listen_fds_) listeners.push_back({fd, POLLIN, 0});
+  std::vector<Connection> connections;
+  std::vector<pollfd> polled;
   while (!stop_.load()) {
-    // Wakes every 100 ms to notice stop_: the destructor needs no signal or self-pipe.
-    if (poll(listeners.data(), listeners.size(), kStopCheckMs) <= 0) continue;
-    for (const pollfd& listener : listeners) {
-      if ((listener.revents & POLLIN) == 0) continue;
-      const int connection = accept4(listener.fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (connection < 0) {
+    // Listeners only while there is room: beyond kMaxConnections new ones wait in the backlog.
+    polled.clear();
+    if (connections.size() < kMaxConnections) {
+      for (int fd : listen_fds_) polled.push_back({fd, POLLIN, 0});
+    }
+    const size_t first_connection = polled.size();
+    int64_t next_deadline = NowMs() + kStopCheckMs;  // wakes to notice stop_ as well
+    for (const Connection& c : connections) {
+      polled.push_back({c.fd, static_cast<short>(c.response.empty() ? POLLIN : POLLOUT), 0});
+      next_deadline = std::min(next_deadline, c.deadline_ms);
+    }
+    const int64_t wait = std::max<int64_t>(0, next_deadline - NowMs());
+    if (poll(polled.data(), polled.size(), static_cast<int>(wait)) < 0 && errno != EINTR) {
+      poll(nullptr, 0, kStopCheckMs);
+      continue;
+    }
+    const int64_t now = NowMs();
+    // Existing connections first (their indices match `polled`), then new ones.
+    for (size_t i = 0; i < connections.size(); ++i) {
+      Connection& c = connections[i];
+      const short ready = polled[first_connection + i].revents;
+      bool done = now >= c.deadline_ms;  // a stalled or dribbling client is cut off
+      if (!done && c.response.empty() && (ready & (POLLIN | POLLHUP | POLLERR)) != 0) {
+        char buffer[4096];
+        const ssize_t n = recv(c.fd, buffer, sizeof(buffer), 0);
+        if (n > 0) {
+          c.request.append(buffer, static_cast<size_t>(n));
+          if (absl::StrContains(c.request, "\r\n\r\n") || c.request.size() >= kMaxRequestBytes) {
+            c.response = ResponseTo(c.request);
+          }
+        } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+          done = true;  // closed, or an error
+        }
+      }
+      if (!done && !c.response.empty()) {
+        const ssize_t n =
+            send(c.fd, c.response.data() + c.sent, c.response.size() - c.sent, MSG_NOSIGNAL);
+        if (n > 0) {
+          c.sent += static_cast<size_t>(n);
+          done = c.sent == c.response.size();
+        } else if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+          done = true;
+        }
+      }
+      if (done) {
+        close(c.fd);
+        c.fd = -1;
+      }
+    }
+    connections.erase(std::remove_if(connections.begin(), connections.end(),
+                                     [](const Connection& c) { return c.fd < 0; }),
+                      connections.end());
+    for (size_t i = 0; i < first_connection; ++i) {
+      if ((polled[i].revents & POLLIN) == 0 || connections.size() >= kMaxConnections) continue;
+      const int fd = accept4(polled[i].fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd < 0) {
         // Out of descriptors: the listener stays readable, so back off instead of spinning.
         if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
           poll(nullptr, 0, kStopCheckMs);
         }
         continue;
       }
-      Answer(connection);
-      close(connection);
+      connections.push_back({fd, now + kConnectionDeadlineMs, {}, {}, 0});
     }
   }
-}
-
-bool MetricsHttpServer::WaitFor(int connection, short events, int64_t deadline_ms) {
-  while (!stop_.load()) {
-    const int64_t left = deadline_ms - NowMs();
-    if (left <= 0) return false;
-    pollfd p{connection, events, 0};
-    const int ready = poll(&p, 1, static_cast<int>(std::min<int64_t>(left, kStopCheckMs)));
-    if (ready > 0) return true;
-    if (ready < 0 && errno != EINTR) return false;
-  }
-  return false;
-}
-
-bool MetricsHttpServer::WriteAll(int connection, absl::string_view data, int64_t deadline_ms) {
-  while (!data.empty()) {
-    const ssize_t n = send(connection, data.data(), data.size(), MSG_NOSIGNAL);
-    if (n > 0) {
-      data.remove_prefix(static_cast<size_t>(n));
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      if (!WaitFor(connection, POLLOUT, deadline_ms)) return false;
-    } else {
-      return false;
-    }
-  }
-  return true;
-}
-
-void MetricsHttpServer::Answer(int connection) {
-  const int64_t deadline_ms = NowMs() + kConnectionDeadlineMs;
-  std::string request;
-  char buffer[4096];
-  while (!absl::StrContains(request, "\r\n\r\n") && request.size() < kMaxRequestBytes) {
-    const ssize_t n = recv(connection, buffer, sizeof(buffer), 0);
-    if (n > 0) {
-      request.append(buffer, static_cast<size_t>(n));
-    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-      if (!WaitFor(connection, POLLIN, deadline_ms)) return;
-    } else {
-      return;  // closed, or an error
-    }
-  }
-  const absl::string_view line = absl::string_view(request).substr(0, request.find("\r\n"));
-  const bool get = absl::StartsWith(line, "GET ");
-  const bool head = absl::StartsWith(line, "HEAD ");
-  if (!get && !head) {
-    WriteAll(connection, Response("405 Method Not Allowed", "text/plain", "GET /metrics\n"),
-             deadline_ms);
-    return;
-  }
-  const absl::string_view target = line.substr(line.find(' ') + 1);
-  const absl::string_view path = target.substr(0, target.find_first_of(" ?"));
-  if (path != "/metrics") {
-    WriteAll(connection, Response("404 Not Found", "text/plain", "optd serves /metrics\n"),
-             deadline_ms);
-    return;
-  }
-  const std::string body = prometheus::TextSerializer().Serialize(registry_->Collect());
-  std::string response = Response("200 OK", "text/plain; version=0.0.4; charset=utf-8", body);
-  if (head) response.resize(response.size() - body.size());
-  WriteAll(connection, response, deadline_ms);
+  for (const Connection& c : connections) close(c.fd);
 }
 
 }  // namespace optd::server

@@ -1,5 +1,5 @@
 // The Prometheus endpoint: GET /metrics answers the registry in the text exposition format
-// (version 0.0.4), on one thread of its own.
+// (version 0.0.4), on one thread of its own that serves many connections at once.
 //
 // Why not prometheus-cpp's Exposer: it serves from civetweb, whose Debian build gives its worker
 // threads fixed 100 KiB stacks, and glibc carves every loaded library's static TLS out of a
@@ -27,11 +27,13 @@ class MetricsHttpServer {
   // resolves to (both loopbacks for "localhost"). InvalidArgument when the address does not parse
   // or resolve, Unavailable when none of its addresses can be bound.
   //
-  // Scrapes are answered one at a time, each within kConnectionDeadline from its accept, so a
-  // client that stalls or dribbles delays the others by that much at most.
+  // Up to kMaxConnections connections are served at once by one thread (non-blocking sockets
+  // and poll), each cut off kConnectionDeadlineMs after its accept: idle or dribbling clients
+  // delay no one's scrape, and beyond the bound new connections wait in the listen backlog.
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(
       const std::string& address, std::shared_ptr<prometheus::Registry> registry);
   static constexpr int kConnectionDeadlineMs = 2000;
+  static constexpr size_t kMaxConnections = 64;
 
   // Stops serving within about 100 ms, cutting off a scrape in progress.
   ~MetricsHttpServer();
@@ -42,11 +44,9 @@ class MetricsHttpServer {
   MetricsHttpServer(std::vector<int> listen_fds, int port,
                     std::shared_ptr<prometheus::Registry> registry);
   void Serve();
-  void Answer(int connection);
-  // Waits until `connection` is ready for `events` or the connection's deadline or stop_ comes;
-  // false for the latter two.
-  bool WaitFor(int connection, short events, int64_t deadline_ms);
-  bool WriteAll(int connection, absl::string_view data, int64_t deadline_ms);
+  // The whole HTTP response to `request`: the exposition for GET (or its headers for HEAD)
+  // /metrics, 404 or 405 otherwise.
+  std::string ResponseTo(absl::string_view request) const;
 
   const std::vector<int> listen_fds_;
   const int port_;

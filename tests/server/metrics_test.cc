@@ -9,8 +9,10 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <string>
 #include <thread>
@@ -628,6 +630,35 @@ TEST(MetricsExposerTest, AStallingClientDoesNotHoldUpScrapes) {
   EXPECT_NE(response.find("200 OK"), std::string::npos) << response;
   http->reset();  // stops while the dribbler may still be connected
   dribbler.join();
+}
+
+TEST(MetricsExposerTest, IdleConnectionsDoNotDelayAScrape) {
+  // Issue 16: connections were served one at a time, 2 s each, so five idle sockets delayed
+  // every scrape by about 10 s (Prometheus's default timeout). Now a scrape is answered while
+  // they are all still open: a server that waited them out would have closed them first.
+  absl::StatusOr<std::unique_ptr<server::MetricsHttpServer>> http =
+      server::MetricsHttpServer::Start("127.0.0.1:0", std::make_shared<prometheus::Registry>());
+  ASSERT_TRUE(http.ok()) << http.status();
+  const int port = (*http)->port();
+  std::vector<int> idle;
+  for (int i = 0; i < 5; ++i) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(static_cast<uint16_t>(port));
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+    idle.push_back(fd);
+  }
+  const std::string response = HttpGet(port, "/metrics");
+  EXPECT_NE(response.find("200 OK"), std::string::npos) << response;
+  for (int fd : idle) {
+    char byte;
+    // Still open: no data and no end of stream yet.
+    EXPECT_EQ(recv(fd, &byte, 1, MSG_DONTWAIT), -1);
+    EXPECT_TRUE(errno == EAGAIN || errno == EWOULDBLOCK) << std::strerror(errno);
+    close(fd);
+  }
 }
 
 }  // namespace
