@@ -241,11 +241,16 @@ grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
         if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
           OPTD_RETURN_IF_ERROR(FromWireDType(request->dtype()).status());
         }
+        // One of the session's staging buffers, already charged to its quota and bounded in
+        // number: a slow reader holds that, not an uncounted copy of the tensors. The copy is
+        // one step's parameters, whole.
+        OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session.AcquireStaging());
+        absl::Cleanup release = [&] { session.ReleaseStaging(std::move(staging)); };
+        OPTD_RETURN_IF_ERROR(session.GetParameters(tensors, *staging));
         v1::TensorChunk chunk;
-        std::vector<float> values;
         for (int t : tensors) {
-          values.resize(static_cast<size_t>(session.num_elements(t)));
-          OPTD_RETURN_IF_ERROR(session.GetParameters(t, absl::MakeSpan(values)));
+          const absl::Span<const float> values(staging->data(t),
+                                               static_cast<size_t>(session.num_elements(t)));
           const DType dtype = *ResultDType(request->dtype(), session.tensor_dtype(t));
           OPTD_RETURN_IF_ERROR(StreamTensor(session.tensor_name(t), values, dtype, chunk_bytes,
                                             chunk, [&] { return writer->Write(chunk); }));

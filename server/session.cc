@@ -408,8 +408,9 @@ absl::StatusOr<std::unique_ptr<TensorStaging>> Session::AcquireStaging() {
     const int limit = config_.world_size() + 1;
     if (staging_outstanding_ >= limit) {
       return absl::UnavailableError(absl::StrCat(
-          "session '", id_, "' already receives ", staging_outstanding_,
-          " gradient or parameter streams, its limit (world_size + 1); retry when they finish"));
+          "session '", id_, "' already has ", staging_outstanding_,
+          " gradient or parameter streams open, its limit (world_size + 1); retry when they "
+          "finish"));
     }
     ++staging_outstanding_;
     if (!free_staging_.empty()) {
@@ -939,11 +940,15 @@ absl::Status Session::SetParameters(const TensorStaging& values) {
   return absl::OkStatus();
 }
 
-absl::Status Session::GetParameters(int tensor, absl::Span<float> out) {
+absl::Status Session::GetParameters(const std::vector<int>& tensors, TensorStaging& into) {
   Touch();
   absl::MutexLock lock(&mu_);
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
-  return optimizer_->GetParameters(tensor, out);
+  for (int t : tensors) {
+    OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(
+        t, absl::MakeSpan(into.data(t), static_cast<size_t>(counts_[t]))));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<CheckpointInfo> Session::Checkpoint(bool touch, const std::string& shared_dir) {

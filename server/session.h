@@ -142,7 +142,8 @@ class Session : public std::enable_shared_from_this<Session> {
   const std::string& tensor_name(int tensor) const { return names_[tensor]; }
 
   // A staging area for one stream of gradients or parameters; give it back with
-  // ReleaseStaging (or hand it to Step) so its memory is reused. At most world_size + 1 are out
+  // ReleaseStaging (or hand it to Step) so its memory is reused; GetParams reads through one as
+  // well. At most world_size + 1 are out
   // at once: Unavailable beyond (a client retrying far too eagerly).
   absl::StatusOr<std::unique_ptr<TensorStaging>> AcquireStaging();
   void ReleaseStaging(std::unique_ptr<TensorStaging> staging);
@@ -168,7 +169,9 @@ class Session : public std::enable_shared_from_this<Session> {
 
   // Replaces the parameters of every tensor present in `values` (complete, finite) at once.
   absl::Status SetParameters(const TensorStaging& values);
-  absl::Status GetParameters(int tensor, absl::Span<float> out);
+  // The parameters of `tensors`, all of one step, into their buffers of `into` (one of this
+  // session's AcquireStaging buffers).
+  absl::Status GetParameters(const std::vector<int>& tensors, TensorStaging& into);
 
   // All updates are checked before any is applied. InvalidArgument names the group and value.
   absl::Status UpdateHyperparams(const v1::UpdateHyperparamsRequest& request);

@@ -474,6 +474,47 @@ TEST(CreateSessionTest, TheReplyStaysSmallWhateverTheConfigsSize) {
   EXPECT_TRUE(session.Delete().ok());
 }
 
+TEST(GetParamsTest, SlowReadersHoldTheSessionsOwnBoundedBuffersNotUncountedCopies) {
+  // Issue 16: every GetParams copied whole tensors outside the session's quota, so slow readers
+  // grew the daemon's memory without bound (RSS +971 MiB for a session charged 96 MiB). Now a
+  // reader holds one of the session's staging buffers (counted in its quota, world_size + 1 of
+  // them): past those, GetParams answers UNAVAILABLE.
+  std::unique_ptr<server::Server> server = StartServer(LoopbackOptions());
+  client::Client c = ConnectTo(*server);
+  const int64_t elements = int64_t{4} << 20;  // 16 MiB, far past the stream's flow-control window
+  client::Session session =
+      *c.CreateSession(MakeConfig({{"v", "adamw"}}, {{"big", {elements}, "v"}}));
+  std::unique_ptr<v1::Optimizer::Stub> stub = v1::Optimizer::NewStub(c.channel());
+  struct Reader {
+    grpc::ClientContext context;
+    std::unique_ptr<grpc::ClientReader<v1::TensorChunk>> stream;
+  };
+  v1::GetParamsRequest request;
+  request.set_session_id(session.id());
+  std::vector<std::unique_ptr<Reader>> stalled;
+  for (int i = 0; i < 2; ++i) {  // world_size 1: two buffers
+    stalled.push_back(std::make_unique<Reader>());
+    stalled.back()->context.AddMetadata("authorization", "Bearer " + session.token());
+    stalled.back()->stream = stub->GetParams(&stalled.back()->context, request);
+    v1::TensorChunk first;
+    ASSERT_TRUE(stalled.back()->stream->Read(&first));  // it streams: it holds its buffer
+  }
+  absl::StatusOr<std::map<std::string, std::vector<float>>> third = session.GetParameters();
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kUnavailable) << third.status();
+  EXPECT_THAT(std::string(third.status().message()), HasSubstr("its limit (world_size + 1)"));
+  for (auto& reader : stalled) reader->context.TryCancel();
+  for (auto& reader : stalled) reader->stream->Finish().IgnoreError();
+  // The buffers come back once the readers are gone.
+  absl::StatusOr<std::map<std::string, std::vector<float>>> after;
+  for (int i = 0; i < 100; ++i) {
+    after = session.GetParameters();
+    if (after.ok()) break;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->at("big").size(), static_cast<size_t>(elements));
+}
+
 TEST(AdminTokenTest, ASessionTokenCannotProbeOtherSessionIds) {
   // Issue 16: NOT_FOUND for a missing id but PERMISSION_DENIED for an existing one told a session
   // token holder which ids exist. Both answer PERMISSION_DENIED now, for every call naming one.
