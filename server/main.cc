@@ -48,6 +48,14 @@ ABSL_FLAG(std::string, instance_name, "",
           "This instance's name in --shared_state_root; empty: the host name (a StatefulSet "
           "pod's name).");
 ABSL_FLAG(int, max_sessions, 64, "Most sessions held at once (RESOURCE_EXHAUSTED beyond).");
+ABSL_FLAG(int, max_sessions_per_client, 16,
+          "Most sessions one client may hold when it creates them without the admin token (a "
+          "client is its TLS certificate's identity, else its address), so that no client takes "
+          "every slot; 0: no limit.");
+ABSL_FLAG(int64_t, memory_budget_bytes, 0,
+          "Bytes of state all sessions together may hold (loaded or not), the daemon's host "
+          "memory budget: CreateSession beyond it answers RESOURCE_EXHAUSTED. 0: 80% of the "
+          "memory optd may use (its cgroup's limit, else the machine's).");
 ABSL_FLAG(int64_t, max_session_bytes, int64_t{16} << 30,
           "Most bytes of state one session may hold: parameters, optimizer state, gradient "
           "staging per worker and the result buffer (RESOURCE_EXHAUSTED beyond).");
@@ -151,6 +159,8 @@ int main(int argc, char** argv) {
   }
   options.sessions.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   options.sessions.max_session_bytes = absl::GetFlag(FLAGS_max_session_bytes);
+  options.sessions.max_sessions_per_client = absl::GetFlag(FLAGS_max_sessions_per_client);
+  options.sessions.memory_budget_bytes = absl::GetFlag(FLAGS_memory_budget_bytes);
   options.sessions.idle_ttl = absl::Seconds(absl::GetFlag(FLAGS_idle_ttl_s));
   options.sessions.default_straggler_timeout =
       absl::Seconds(absl::GetFlag(FLAGS_straggler_timeout_s));

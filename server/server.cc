@@ -1,5 +1,8 @@
 #include "server/server.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <utility>
@@ -51,6 +54,20 @@ absl::StatusOr<std::unique_ptr<Backend>> PickBackend(const ServerOptions& option
   CpuBackendOptions cpu;
   cpu.threads = options.threads;
   return CreateCpuBackend(cpu);
+}
+
+// 80% of the memory this process may use: its cgroup's limit (v2 memory.max, v1
+// memory.limit_in_bytes) when there is one below the machine's, else the machine's.
+int64_t DefaultMemoryBudget() {
+  const int64_t pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  int64_t limit = pages > 0 && page > 0 ? pages * page : int64_t{16} << 30;
+  for (const char* path :
+       {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream file(path);
+    int64_t cgroup = 0;
+    if (file >> cgroup && cgroup > 0) limit = std::min(limit, cgroup);  // "max" fails to parse
+  }
+  return limit / 5 * 4;
 }
 
 // The analyzer's own backend on the CPU: a single loop thread, so that it never waits for (or
@@ -111,6 +128,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
                                                    options.metrics.tensor_label_budget));
   }
   options.metrics.session_memory_limit_bytes = options.sessions.max_session_bytes;
+  if (options.sessions.memory_budget_bytes < 0 || options.sessions.max_sessions_per_client < 0) {
+    return absl::InvalidArgumentError(
+        "--memory_budget_bytes and --max_sessions_per_client must be >= 0");
+  }
+  if (options.sessions.memory_budget_bytes == 0) {
+    options.sessions.memory_budget_bytes = DefaultMemoryBudget();
+  }
+  server->startup_log_.push_back(
+      absl::StrCat("memory budget for sessions: ", options.sessions.memory_budget_bytes, " bytes"));
   server->metrics_ = std::make_unique<Metrics>(options.metrics);
   server->metrics_->SetBackendInfo(info.backend(), info.backend_description());
   if (!options.metrics_addr.empty()) {

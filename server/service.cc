@@ -23,6 +23,20 @@ absl::string_view Authorization(const grpc::ServerContext& context) {
   return absl::string_view(it->second.data(), it->second.size());
 }
 
+// Who calls, for per-client limits: the TLS client certificate's identity under mutual TLS,
+// else the peer's address without its port.
+std::string ClientIdentity(const grpc::ServerContext& context) {
+  const std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
+  if (auth != nullptr && auth->IsPeerAuthenticated()) {
+    for (const grpc::string_ref& id : auth->GetPeerIdentity()) {
+      return absl::StrCat("tls:", absl::string_view(id.data(), id.size()));
+    }
+  }
+  const std::string peer = context.peer();  // "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555"
+  const size_t colon = peer.rfind(':');
+  return colon == std::string::npos || colon < peer.find(':') + 1 ? peer : peer.substr(0, colon);
+}
+
 absl::StatusOr<int64_t> ChunkBytes(int64_t requested, int64_t default_bytes) {
   if (requested == 0) return default_bytes;
   if (requested < 4 || requested > kMaxChunkBytes) {
@@ -130,6 +144,7 @@ grpc::Status OptimizerService::CreateSession(grpc::ServerContext* context,
         create.restore_from.assign(request->restore_from().begin(), request->restore_from().end());
         create.replace = request->replace();
         create.authorization = std::string(Authorization(*context));
+        create.client = ClientIdentity(*context);
         OPTD_ASSIGN_OR_RETURN(CreatedSession created,
                               sessions_.Create(request->session_id(), request->config(), create));
         response->set_session_id(created.session->id());

@@ -174,10 +174,24 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
   }
   OPTD_ASSIGN_OR_RETURN(std::string token, GenerateToken());
   const std::string digest = TokenDigest(token);
+  // The admin's sessions count against no client.
+  const std::string client = IsAdmin(create.authorization) ? "" : create.client;
   bool replacing = false;
   {
     // Reserve the name and the slot before the (possibly long) allocation.
     absl::MutexLock lock(&mu_);
+    if (options_.memory_budget_bytes > 0) {
+      // Every session counts, loaded or not (each must be able to reload); a replaced one
+      // until its successor takes its place.
+      int64_t committed = 0;
+      for (const auto& [other, e] : sessions_) committed += e.state_bytes;
+      if (committed + bytes > options_.memory_budget_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "the session needs ", bytes, " bytes of state and the daemon's sessions already hold ",
+            committed, " of its ", options_.memory_budget_bytes,
+            " (--memory_budget_bytes); delete a session first"));
+      }
+    }
     auto existing = sessions_.find(id);
     if (create.replace && existing != sessions_.end()) {
       // Wait out a reload, then claim the entry: the old session serves until the swap.
@@ -193,6 +207,15 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
         return absl::ResourceExhaustedError(absl::StrCat("the daemon holds ", sessions_.size(),
                                                          " sessions, its limit (--max_sessions); ",
                                                          "delete one first"));
+      }
+      if (!client.empty() && options_.max_sessions_per_client > 0) {
+        int held = 0;
+        for (const auto& [other, e] : sessions_) held += e.client == client ? 1 : 0;
+        if (held >= options_.max_sessions_per_client) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "client ", client, " holds ", held, " sessions, the limit for a client without the ",
+              "admin token (--max_sessions_per_client); delete one first"));
+        }
       }
       // A directory without a session is a checkpoint Recover could not read: never reuse its
       // name, so that it stays on disk for someone to look at.
@@ -215,6 +238,7 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
       Entry reserved;
       reserved.token_digest = digest;
       reserved.state_bytes = bytes;
+      reserved.client = client;
       reserved.creating = true;
       sessions_[id] = std::move(reserved);
     }
@@ -256,9 +280,11 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
       entry.session->Retire();
     }
     id_by_digest_.erase(entry.token_digest);
+    const std::string owner = entry.client;  // a replacement stays the same client's
     entry = Entry{};
     entry.token_digest = digest;
     entry.state_bytes = bytes;
+    entry.client = owner;
   }
   entry.session = session;
   entry.creating = false;

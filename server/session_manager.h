@@ -30,6 +30,13 @@ struct SessionManagerOptions {
   // --max_pending_steps).
   int max_world_size = 64;
   int64_t max_session_bytes = int64_t{16} << 30;
+  // Bytes of state every session together may hold (loaded or not, so that each can always
+  // reload): the daemon's host memory budget. CreateSession beyond it is RESOURCE_EXHAUSTED.
+  // 0: none (Server sets it from --memory_budget_bytes, by default 80% of the memory it may use).
+  int64_t memory_budget_bytes = 0;
+  // Sessions one client may hold at once, when it creates them without the admin token; a client
+  // is its TLS identity, else its address. 0: no limit.
+  int max_sessions_per_client = 0;
   // Resharding (DESIGN.md, "Scale beyond one machine"): the directory every instance of a
   // sharded deployment can read (a shared volume, or one host's disk), holding one directory of
   // checkpoints per instance, and this instance's name there. Empty root: no resharding.
@@ -54,6 +61,9 @@ struct CreateOptions {
   // admin token when the daemon has one (the caller checks), otherwise that session's token.
   bool replace = false;
   std::string authorization;
+  // Who calls (CreateOptions::client counts against max_sessions_per_client unless the call
+  // carries the admin token): a TLS identity or a peer address.
+  std::string client;
 };
 
 struct CreatedSession {
@@ -118,6 +128,7 @@ class SessionManager {
     std::shared_ptr<Session> session;  // null while unloaded
     int64_t step = 0;                  // while unloaded
     int64_t state_bytes = 0;
+    std::string client;      // who created it without the admin token; empty: the admin
     bool creating = false;   // reserved by Create, not yet usable
     bool loading = false;    // a call is reading its checkpoint (without holding mu_)
     bool replacing = false;  // a CreateSession with `replace` is building its successor

@@ -4,11 +4,13 @@
 
 #include "server/checkpoint_file.h"
 #include "server/file_system.h"
+#include "server/session.h"
 #include "tests/server/test_daemon.h"
 
 namespace optd::testing {
 namespace {
 
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 constexpr int64_t kRows = 16, kCols = 24;
@@ -513,6 +515,53 @@ TEST(GetParamsTest, SlowReadersHoldTheSessionsOwnBoundedBuffersNotUncountedCopie
   }
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_EQ(after->at("big").size(), static_cast<size_t>(elements));
+}
+
+TEST(LimitsTest, TheMemoryBudgetBoundsEverySessionTogether) {
+  // Issue 16: on the CPU backend the worst case was max_sessions × max_session_bytes (1 TiB by
+  // default). Now all sessions together stay within --memory_budget_bytes.
+  const v1::SessionConfig config = MakeConfig({{"v", "adamw"}}, {{"x", {1 << 16}, "v"}});
+  absl::StatusOr<int64_t> bytes = server::Session::RequiredBytes(config);
+  ASSERT_TRUE(bytes.ok());
+  server::ServerOptions options = LoopbackOptions();
+  options.sessions.memory_budget_bytes = 2 * *bytes + *bytes / 2;  // room for two
+  std::unique_ptr<server::Server> server = StartServer(options);
+  client::Client c = ConnectTo(*server);
+  absl::StatusOr<client::Session> first = c.CreateSession(config);
+  absl::StatusOr<client::Session> second = c.CreateSession(config);
+  ASSERT_TRUE(first.ok() && second.ok());
+  absl::StatusOr<client::Session> third = c.CreateSession(config);
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted) << third.status();
+  EXPECT_THAT(std::string(third.status().message()), HasSubstr("--memory_budget_bytes"));
+  EXPECT_EQ(server->sessions().num_sessions(), 2);
+  // A deleted session's bytes come back.
+  ASSERT_TRUE(first->Delete().ok());
+  EXPECT_TRUE(c.CreateSession(config).ok());
+}
+
+TEST(LimitsTest, OneClientWithoutTheAdminTokenCannotTakeEverySessionSlot) {
+  // Issue 16: anonymous clients could take every session slot (--max_sessions).
+  server::ServerOptions options = LoopbackOptions();
+  options.sessions.max_sessions_per_client = 2;
+  std::unique_ptr<server::Server> server = StartServer(options);
+  const v1::SessionConfig config = MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}});
+  client::Client c = ConnectTo(*server);
+  absl::StatusOr<client::Session> first = c.CreateSession(config);
+  ASSERT_TRUE(first.ok() && c.CreateSession(config).ok());
+  absl::StatusOr<client::Session> third = c.CreateSession(config);
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted) << third.status();
+  EXPECT_THAT(std::string(third.status().message()),
+              AllOf(HasSubstr("client ipv4:127.0.0.1 holds 2 sessions"),
+                    HasSubstr("--max_sessions_per_client")));
+  ASSERT_TRUE(first->Delete().ok());
+  EXPECT_TRUE(c.CreateSession(config).ok());
+  // The admin's sessions count against no client.
+  server::ServerOptions guarded = LoopbackOptions();
+  guarded.admin_token = "admin-secret";
+  guarded.sessions.max_sessions_per_client = 1;
+  std::unique_ptr<server::Server> admin_server = StartServer(guarded);
+  client::Client admin = ConnectTo(*admin_server, "admin-secret");
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(admin.CreateSession(config).ok()) << i;
 }
 
 TEST(AdminTokenTest, ASessionTokenCannotProbeOtherSessionIds) {
