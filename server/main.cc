@@ -67,6 +67,20 @@ ABSL_FLAG(int, max_pending_steps, 64,
           "Step calls admitted at once, waiting ones included; beyond it Step answers "
           "UNAVAILABLE so clients back off.");
 ABSL_FLAG(int, max_concurrent_streams, 256, "HTTP/2 streams per connection.");
+ABSL_FLAG(int, max_streams, 0,
+          "Streaming calls (Step, UploadParams, GetParams) served at once; beyond it they answer "
+          "UNAVAILABLE and readiness turns NOT_SERVING until they drop, while a reserve of "
+          "threads keeps answering the other calls. 0: --max_pending_steps + 32.");
+ABSL_FLAG(double, stream_header_timeout_s, 10,
+          "Seconds a streaming call may wait for its first message before it is cancelled.");
+ABSL_FLAG(double, stream_idle_timeout_s, 60,
+          "Seconds a stream may go without a message from its client, or without reading the "
+          "daemon's, before it is cancelled (not counting a step's wait for its other workers).");
+ABSL_FLAG(double, max_connection_idle_s, 300,
+          "Connections without a call for this long are closed (GOAWAY; clients reconnect).");
+ABSL_FLAG(double, max_connection_age_s, 3600,
+          "Connections older than this are closed once their calls end (GOAWAY; clients "
+          "reconnect), so no client holds one for good.");
 ABSL_FLAG(double, straggler_timeout_s, 60,
           "Seconds a step waits for all workers of a multi-worker session before it is aborted "
           "(sessions may set their own).");
@@ -143,6 +157,12 @@ int main(int argc, char** argv) {
   }
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  options.service.max_streams = absl::GetFlag(FLAGS_max_streams);
+  options.service.stream_header_timeout =
+      absl::Seconds(absl::GetFlag(FLAGS_stream_header_timeout_s));
+  options.service.stream_idle_timeout = absl::Seconds(absl::GetFlag(FLAGS_stream_idle_timeout_s));
+  options.max_connection_idle = absl::Seconds(absl::GetFlag(FLAGS_max_connection_idle_s));
+  options.max_connection_age = absl::Seconds(absl::GetFlag(FLAGS_max_connection_age_s));
   options.drain_timeout = absl::Seconds(absl::GetFlag(FLAGS_drain_timeout_s));
   options.sessions.state_dir = absl::GetFlag(FLAGS_state_dir);
   options.sessions.shared_state_root = absl::GetFlag(FLAGS_shared_state_root);

@@ -31,9 +31,9 @@ Histogram::BucketBoundaries AnalysisBuckets() {
 // and those a status code stands for (ReasonOf).
 const std::vector<absl::string_view>& RejectionReasons() {
   static const std::vector<absl::string_view> reasons = {
-      "queue_full",      "draining",          "nonfinite", "wrong_step",
-      "unauthenticated", "permission_denied", "not_found", "invalid_argument",
-      "over_quota",      "straggler",         "cancelled", "other"};
+      "queue_full",        "draining",       "nonfinite",        "wrong_step", "unauthenticated",
+      "permission_denied", "not_found",      "invalid_argument", "over_quota", "straggler",
+      "cancelled",         "stream_timeout", "saturated",        "other"};
   return reasons;
 }
 

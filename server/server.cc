@@ -56,6 +56,11 @@ absl::StatusOr<std::unique_ptr<Backend>> PickBackend(const ServerOptions& option
   return CreateCpuBackend(cpu);
 }
 
+// Streams the daemon serves beyond --max_pending_steps by default (uploads, parameter reads), and
+// threads kept beyond the streams for unary calls.
+constexpr int kStreamsBeyondSteps = 32;
+constexpr int kUnaryThreadReserve = 32;
+
 // 80% of the memory this process may use: its cgroup's limit (v2 memory.max, v1
 // memory.limit_in_bytes) when there is one below the machine's, else the machine's.
 int64_t DefaultMemoryBudget() {
@@ -171,6 +176,24 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
                                                 ": ", server->sessions_->num_sessions(),
                                                 " session(s) to resume"));
   }
+  // Every pending step holds a thread of the synchronous server (workers wait for each other), so
+  // the streams leave room for all of them; past the streams, a reserve of threads stays free for
+  // the unary calls (session admin, GetServerInfo) and the health service.
+  if (options.service.max_streams <= 0) {
+    options.service.max_streams = options.service.max_pending_steps + kStreamsBeyondSteps;
+  }
+  if (options.service.max_streams < options.service.max_pending_steps) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_streams (", options.service.max_streams, ") must be at least --max_pending_steps (",
+        options.service.max_pending_steps, "): every pending step is a stream"));
+  }
+  Server* self = server.get();
+  options.service.on_saturation = [self](bool saturated) {
+    absl::MutexLock lock(&self->health_mu_);
+    if (self->health_ != nullptr && !self->stopping_) {
+      self->health_->SetServingStatus(kServiceName, !saturated);
+    }
+  };
   server->service_ = std::make_unique<OptimizerService>(*server->sessions_, options.service);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -180,11 +203,18 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   builder.RegisterService(server->service_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  // Every pending step holds a thread in the synchronous server (workers wait for each other),
-  // so the quota leaves room for all of them plus the other calls.
   grpc::ResourceQuota quota("optd");
-  quota.SetMaxThreads(options.service.max_pending_steps + 64);
+  quota.SetMaxThreads(options.service.max_streams + kUnaryThreadReserve);
   builder.SetResourceQuota(quota);
+  builder.AddChannelArgument(
+      GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+      static_cast<int>(absl::ToInt64Milliseconds(options.max_connection_idle)));
+  builder.AddChannelArgument(
+      GRPC_ARG_MAX_CONNECTION_AGE_MS,
+      static_cast<int>(absl::ToInt64Milliseconds(options.max_connection_age)));
+  builder.AddChannelArgument(
+      GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+      static_cast<int>(absl::ToInt64Milliseconds(options.drain_timeout + absl::Seconds(60))));
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options.max_concurrent_streams);
   // Gradient streams are bulk transfers: let each stream run 16 MiB ahead of its reader (HTTP/2
   // flow-control window) instead of waiting for window updates every 64 KiB.
@@ -199,13 +229,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
-  server->server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
+  {
+    absl::MutexLock lock(&server->health_mu_);
+    server->health_ = server->server_->GetHealthCheckService();
+    server->health_->SetServingStatus(kServiceName, true);
+  }
   server->options_ = std::move(options);
 
   if (server->options_.sessions.idle_ttl > absl::ZeroDuration()) {
     const absl::Duration period = std::clamp(server->options_.sessions.idle_ttl / 4,
                                              absl::Milliseconds(50), absl::Seconds(10));
-    Server* self = server.get();
     server->reaper_ = std::thread([self, period] {
       while (!self->stop_reaper_.WaitForNotificationWithTimeout(period)) {
         self->sessions_->UnloadIdle(absl::Now());
@@ -223,7 +256,11 @@ std::string Server::address() const {
 absl::Status Server::Shutdown() {
   if (shut_down_) return absl::OkStatus();
   shut_down_ = true;
-  server_->GetHealthCheckService()->SetServingStatus(kServiceName, false);
+  {
+    absl::MutexLock lock(&health_mu_);
+    stopping_ = true;
+    health_->SetServingStatus(kServiceName, false);
+  }
   service_->StartDraining();
   service_->WaitForIdle(options_.drain_timeout);
   if (reaper_.joinable()) {

@@ -8,8 +8,10 @@
 #include <string>
 #include <thread>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
@@ -35,6 +37,11 @@ struct ServerOptions {
   std::string admin_token;  // empty: CreateSession and ListSessions need none
   int64_t max_message_bytes = kMaxChunkBytes + (64 << 10);
   int max_concurrent_streams = 256;
+  // Connections without a call for max_connection_idle, or older than max_connection_age, are
+  // sent GOAWAY (clients reconnect on their next call; calls under way get the drain timeout to
+  // finish, or the straggler timeout past it): no client holds a connection for good.
+  absl::Duration max_connection_idle = absl::Minutes(5);
+  absl::Duration max_connection_age = absl::Hours(1);
   absl::Duration drain_timeout = absl::Seconds(30);
   // host:port the Prometheus exposition is served on (/metrics); empty: not served (the
   // metrics are still kept, see Server::metrics()). Port 0 picks a free one.
@@ -86,6 +93,11 @@ class Server {
   absl::Notification stop_reaper_;
   std::thread reaper_;
   bool shut_down_ = false;
+  // Readiness: NOT_SERVING while the streams are saturated (ServiceOptions::max_streams) or the
+  // server is shutting down.
+  absl::Mutex health_mu_;
+  grpc::HealthCheckServiceInterface* health_ ABSL_GUARDED_BY(health_mu_) = nullptr;
+  bool stopping_ ABSL_GUARDED_BY(health_mu_) = false;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   int metrics_port_ = 0;
 };

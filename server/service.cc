@@ -76,6 +76,17 @@ absl::Status Guarded(absl::FunctionRef<absl::Status()> fn) {
   }
 }
 
+// A stream the watchdog cut off: `what` ("header" or "chunk") did not arrive, or the client did
+// not read, within its timeout.
+absl::Status StreamTimeout(absl::string_view method, absl::string_view what) {
+  return WithRejectionReason(
+      absl::DeadlineExceededError(absl::StrCat(
+          method, ": no ", what, what == "header" ? " within --stream_header_timeout_s" : "",
+          what == "header" ? "" : " sent or result read within --stream_idle_timeout_s",
+          "; the stream was cancelled")),
+      "stream_timeout");
+}
+
 // Decodes one chunk into `staging` after resolving its tensor and dtype.
 absl::Status AddChunk(Session& session, TensorStaging& staging, const v1::TensorChunk& chunk,
                       float max_magnitude, bool reject, Metrics* metrics) {
@@ -126,6 +137,41 @@ bool OptimizerService::WaitForIdle(absl::Duration timeout) {
     absl::SleepFor(absl::Milliseconds(10));
   }
   return true;
+}
+
+class OptimizerService::StreamSlot {
+ public:
+  explicit StreamSlot(OptimizerService& service) : service_(service) {}
+  ~StreamSlot() { service_.SetStreams(-1); }
+  StreamSlot(const StreamSlot&) = delete;
+  StreamSlot& operator=(const StreamSlot&) = delete;
+
+ private:
+  OptimizerService& service_;
+};
+
+void OptimizerService::SetStreams(int delta) {
+  const int streams = streams_.fetch_add(delta) + delta;
+  if (options_.max_streams <= 0) return;
+  absl::MutexLock lock(&saturation_mu_);
+  const bool saturated = streams >= options_.max_streams;
+  if (saturated == saturated_) return;
+  saturated_ = saturated;
+  if (saturated) LogEvent(absl::StrCat("saturated: ", streams, " streams (--max_streams)"));
+  if (options_.on_saturation) options_.on_saturation(saturated);
+}
+
+absl::StatusOr<std::unique_ptr<OptimizerService::StreamSlot>> OptimizerService::EnterStream(
+    grpc::ServerContext* context) {
+  OPTD_RETURN_IF_ERROR(sessions_.Authenticate(Authorization(*context)));
+  if (options_.max_streams > 0 && streams_.load() >= options_.max_streams) {
+    return WithRejectionReason(
+        absl::UnavailableError(absl::StrCat("optd serves ", options_.max_streams,
+                                            " streams at once (--max_streams); retry shortly")),
+        "saturated");
+  }
+  SetStreams(+1);
+  return std::make_unique<StreamSlot>(*this);
 }
 
 absl::StatusOr<std::shared_ptr<Session>> OptimizerService::Authorize(grpc::ServerContext* context,
@@ -205,11 +251,16 @@ grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
                                             v1::UploadParamsResponse* response) {
   return Finish(
       "UploadParams", Guarded([&]() -> absl::Status {
+        OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
+        StreamWatchdog::Watch watch(watchdog_, context);
+        watch.Arm(options_.stream_header_timeout);
         v1::UploadParamsRequest request;
         if (!reader->Read(&request) || !request.has_header()) {
+          if (watch.fired()) return StreamTimeout("UploadParams", "header");
           return absl::InvalidArgumentError(
               "UploadParams must start with a header naming the session");
         }
+        watch.Arm(options_.stream_idle_timeout);
         OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
                               Authorize(context, request.header().session_id()));
         OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
@@ -224,7 +275,10 @@ grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
           // Parameters may be any finite value; the gradient bound does not apply to them.
           status = AddChunk(*session, *staging, request.chunk(), std::numeric_limits<float>::max(),
                             /*reject=*/true, options_.metrics);
+          watch.Arm(options_.stream_idle_timeout);
         }
+        watch.Disarm();
+        if (status.ok() && watch.fired()) status = StreamTimeout("UploadParams", "chunk");
         if (status.ok() && context->IsCancelled()) {
           status = absl::CancelledError("the upload was cancelled; nothing was changed");
         }
@@ -240,6 +294,7 @@ grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
                                          grpc::ServerWriter<v1::TensorChunk>* writer) {
   return Finish(
       "GetParams", Guarded([&]() -> absl::Status {
+        OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
         OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> found,
                               Authorize(context, request->session_id()));
         Session& session = *found;
@@ -262,13 +317,18 @@ grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
         OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session.AcquireStaging());
         absl::Cleanup release = [&] { session.ReleaseStaging(std::move(staging)); };
         OPTD_RETURN_IF_ERROR(session.GetParameters(tensors, *staging));
+        // A reader that stops reading is cut off after the idle timeout.
+        StreamWatchdog::Watch watch(watchdog_, context);
         v1::TensorChunk chunk;
         for (int t : tensors) {
           const absl::Span<const float> values(staging->data(t),
                                                static_cast<size_t>(session.num_elements(t)));
           const DType dtype = *ResultDType(request->dtype(), session.tensor_dtype(t));
-          OPTD_RETURN_IF_ERROR(StreamTensor(session.tensor_name(t), values, dtype, chunk_bytes,
-                                            chunk, [&] { return writer->Write(chunk); }));
+          OPTD_RETURN_IF_ERROR(
+              StreamTensor(session.tensor_name(t), values, dtype, chunk_bytes, chunk, [&] {
+                watch.Arm(options_.stream_idle_timeout);
+                return writer->Write(chunk);
+              }));
           CountSent(static_cast<int64_t>(values.size() * DTypeSize(dtype)));
         }
         return absl::OkStatus();
@@ -279,20 +339,27 @@ grpc::Status OptimizerService::Step(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) {
   absl::string_view reason;
-  const absl::Status status = Guarded([&] { return RunStep(context, stream, reason); });
+  const absl::Status status = Guarded([&]() -> absl::Status {
+    OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
+    StreamWatchdog::Watch watch(watchdog_, context);
+    return RunStep(context, stream, watch, reason);
+  });
   return Finish("Step", status, reason);
 }
 
 absl::Status OptimizerService::RunStep(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
-    absl::string_view& reason) {
+    StreamWatchdog::Watch& watch, absl::string_view& reason) {
   const absl::Time start = absl::Now();
   v1::StepRequest request;
+  watch.Arm(options_.stream_header_timeout);
   if (!stream->Read(&request) || !request.has_header()) {
+    if (watch.fired()) return StreamTimeout("Step", "header");
     return absl::InvalidArgumentError(
         "Step must start with a header (session, worker, step number)");
   }
+  watch.Arm(options_.stream_idle_timeout);
   const v1::StepHeader header = request.header();
   OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Authorize(context, header.session_id()));
   OPTD_ASSIGN_OR_RETURN(int64_t chunk_bytes,
@@ -331,7 +398,11 @@ absl::Status OptimizerService::RunStep(
     }
     received = AddChunk(*session, *staging, request.chunk(), kMaxGradientMagnitude, reject,
                         options_.metrics);
+    watch.Arm(options_.stream_idle_timeout);
   }
+  // Waiting for the other workers is the straggler timeout's to bound, not the idle timeout's.
+  watch.Disarm();
+  if (received.ok() && watch.fired()) received = StreamTimeout("Step", "chunk");
   if (received.ok() && context->IsCancelled()) {
     received = absl::CancelledError("the step was cancelled while its gradients arrived");
   }
@@ -361,15 +432,18 @@ absl::Status OptimizerService::RunStep(
   summary->set_result(outcome.result);
   summary->set_checkpoint_step(outcome.checkpoint_step);
   summary->set_checkpoint_error(outcome.checkpoint_error);
+  watch.Arm(options_.stream_idle_timeout);
   if (!stream->Write(response)) {
     return absl::CancelledError("the client went away before the step's result was sent");
   }
   for (size_t t = 0; t < outcome.values.size(); ++t) {
     const DType dtype = *ResultDType(header.result_dtype(), session->tensor_dtype(t));
     v1::TensorChunk* chunk = response.mutable_chunk();
-    OPTD_RETURN_IF_ERROR(StreamTensor(session->tensor_name(t), outcome.values[t], dtype,
-                                      chunk_bytes, *chunk,
-                                      [&] { return stream->Write(response); }));
+    OPTD_RETURN_IF_ERROR(
+        StreamTensor(session->tensor_name(t), outcome.values[t], dtype, chunk_bytes, *chunk, [&] {
+          watch.Arm(options_.stream_idle_timeout);
+          return stream->Write(response);
+        }));
     CountSent(static_cast<int64_t>(outcome.values[t].size() * DTypeSize(dtype)));
   }
   if (options_.metrics != nullptr) {

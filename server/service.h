@@ -5,6 +5,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
+#include <memory>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -13,6 +15,7 @@
 #include "server/log.h"
 #include "server/metrics.h"
 #include "server/session_manager.h"
+#include "server/stream_watchdog.h"
 
 namespace optd::server {
 
@@ -25,6 +28,19 @@ struct ServiceOptions {
   // and its token opened it.
   int max_pending_steps = 64;
   int64_t default_chunk_bytes = kDefaultChunkBytes;
+  // Streaming calls (Step, UploadParams, GetParams) served at once; beyond it they answer
+  // UNAVAILABLE at once, so the server's threads past it stay free for the unary calls (the
+  // Server sizes its thread quota as this plus a reserve). 0: no bound.
+  int max_streams = 0;
+  // A stream's first message must arrive within stream_header_timeout; after it, a client may
+  // leave its stream without a message, or not read the daemon's, for stream_idle_timeout. Past
+  // either the call is cancelled and its thread freed (not while a step waits for its other
+  // workers: the straggler timeout governs that).
+  absl::Duration stream_header_timeout = absl::Seconds(10);
+  absl::Duration stream_idle_timeout = absl::Seconds(60);
+  // Called with true when the streams reach max_streams and with false when they fall below it
+  // again (the Server's readiness); may be empty.
+  std::function<void(bool saturated)> on_saturation;
   Metrics* metrics = nullptr;  // may be null
   v1::ServerInfo server_info;  // GetServerInfo's answer
 };
@@ -71,12 +87,19 @@ class OptimizerService final : public v1::Optimizer::Service {
                              v1::ServerInfo* response) override;
 
  private:
+  // A place among max_streams, given back when destroyed.
+  class StreamSlot;
+  // For a streaming call: its metadata's token must open some session (or be the admin token)
+  // before the call waits for any message, and a place must be free among max_streams.
+  absl::StatusOr<std::unique_ptr<StreamSlot>> EnterStream(grpc::ServerContext* context);
+  void SetStreams(int delta);
+
   absl::StatusOr<std::shared_ptr<Session>> Authorize(grpc::ServerContext* context,
                                                      absl::string_view session_id);
   // `reason` is set when a failure has a more precise rejection reason than its code.
   absl::Status RunStep(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
-                       absl::string_view& reason);
+                       StreamWatchdog::Watch& watch, absl::string_view& reason);
   // Counts the finished RPC (and its rejection) and converts its status.
   grpc::Status Finish(absl::string_view method, const absl::Status& status,
                       absl::string_view reason = {});
@@ -85,6 +108,10 @@ class OptimizerService final : public v1::Optimizer::Service {
   SessionManager& sessions_;
   const ServiceOptions options_;
   RateLimitedLog refusals_{absl::Seconds(10)};
+  StreamWatchdog watchdog_;
+  std::atomic<int> streams_{0};
+  absl::Mutex saturation_mu_;
+  bool saturated_ ABSL_GUARDED_BY(saturation_mu_) = false;
   std::atomic<bool> draining_{false};
   std::atomic<int> steps_in_flight_{0};
 };

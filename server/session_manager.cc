@@ -106,6 +106,19 @@ absl::Status SessionManager::AuthorizeAdmin(absl::string_view authorization) {
   return absl::UnauthenticatedError("this call needs the admin token; the token given is not");
 }
 
+absl::Status SessionManager::Authenticate(absl::string_view authorization) {
+  OPTD_ASSIGN_OR_RETURN(std::string token, ParseBearer(authorization));
+  const std::string digest = TokenDigest(token);
+  if (!options_.admin_token_digest.empty() && DigestsEqual(digest, options_.admin_token_digest)) {
+    return absl::OkStatus();
+  }
+  absl::MutexLock lock(&mu_);
+  if (!id_by_digest_.contains(digest)) {
+    return absl::UnauthenticatedError("the bearer token is not valid for any session");
+  }
+  return absl::OkStatus();
+}
+
 bool SessionManager::IsAdmin(absl::string_view authorization) const {
   if (options_.admin_token_digest.empty()) return false;
   absl::StatusOr<std::string> token = ParseBearer(authorization);

@@ -94,6 +94,10 @@ class SessionManager {
   // one's first overwrites it, and its token no longer opens anything.
   absl::StatusOr<CreatedSession> Create(std::string id, v1::SessionConfig config,
                                         const CreateOptions& create = {});
+  // OK when `authorization` carries the admin token or some session's token; Unauthenticated
+  // otherwise. Streaming calls check this before they wait for their first message.
+  absl::Status Authenticate(absl::string_view authorization);
+
   // Whether `authorization` carries the admin token (false when the daemon has none).
   bool IsAdmin(absl::string_view authorization) const;
 

@@ -326,6 +326,92 @@ TEST(DurabilityTest, AStepWhosePeriodicCheckpointFailsIsNotAcknowledgedAsDurable
   EXPECT_EQ(failures(), 1);
 }
 
+// An open Step or UploadParams stream that sends nothing: a client holding a thread.
+struct IdleStream {
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> step;
+  v1::UploadParamsResponse upload_response;
+  std::unique_ptr<grpc::ClientWriter<v1::UploadParamsRequest>> upload;
+  grpc::Status Finish() { return step != nullptr ? step->Finish() : upload->Finish(); }
+};
+
+std::unique_ptr<IdleStream> OpenIdle(v1::Optimizer::Stub& stub, const std::string& token,
+                                     bool upload) {
+  auto idle = std::make_unique<IdleStream>();
+  if (!token.empty()) idle->context.AddMetadata("authorization", "Bearer " + token);
+  if (upload) {
+    idle->upload = stub.UploadParams(&idle->context, &idle->upload_response);
+  } else {
+    idle->step = stub.Step(&idle->context);
+  }
+  return idle;
+}
+
+TEST(DurabilityTest, AnonymousStreamsAreRefusedBeforeTheyWaitForAnything) {
+  // Issue 16: 140 idle anonymous UploadParams/Step streams exhausted the server's threads.
+  std::unique_ptr<server::Server> server = StartServer(LoopbackOptions());
+  client::Client c = ConnectTo(*server);
+  std::unique_ptr<v1::Optimizer::Stub> stub = v1::Optimizer::NewStub(c.channel());
+  for (const bool upload : {false, true}) {
+    for (const std::string token : {"", "guess"}) {
+      std::unique_ptr<IdleStream> idle = OpenIdle(*stub, token, upload);
+      // Answered without a message from the client: the handler did not wait for one.
+      EXPECT_EQ(idle->Finish().error_code(), grpc::StatusCode::UNAUTHENTICATED) << upload;
+    }
+  }
+}
+
+TEST(DurabilityTest, AStreamWithoutItsHeaderIsCutOffAtTheHeaderTimeout) {
+  server::ServerOptions options = LoopbackOptions();
+  options.service.stream_header_timeout = absl::Milliseconds(100);
+  std::unique_ptr<server::Server> server = StartServer(options);
+  client::Client c = ConnectTo(*server);
+  client::Session session = *c.CreateSession(MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}}));
+  std::unique_ptr<v1::Optimizer::Stub> stub = v1::Optimizer::NewStub(c.channel());
+  for (const bool upload : {false, true}) {
+    std::unique_ptr<IdleStream> idle = OpenIdle(*stub, session.token(), upload);
+    // The server cancels it: Finish returns without the client closing its side.
+    EXPECT_EQ(idle->Finish().error_code(), grpc::StatusCode::CANCELLED) << upload;
+  }
+  EXPECT_EQ(server->steps_in_flight(), 0);
+  EXPECT_TRUE(session.Info().ok());
+}
+
+TEST(DurabilityTest, SaturatedStreamsTurnReadinessOffAndLeaveRoomForOtherCalls) {
+  // Issue 16: with every thread held the health service still answered SERVING, so Kubernetes
+  // never noticed, and every other call failed.
+  server::ServerOptions options = LoopbackOptions();
+  options.service.max_pending_steps = 2;
+  options.service.max_streams = 2;
+  std::unique_ptr<server::Server> server = StartServer(options);
+  client::Client c = ConnectTo(*server);
+  client::Session session = *c.CreateSession(MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}}));
+  std::unique_ptr<v1::Optimizer::Stub> stub = v1::Optimizer::NewStub(c.channel());
+  EXPECT_EQ(*c.Health(server::kServiceName), grpc::health::v1::HealthCheckResponse::SERVING);
+  std::vector<std::unique_ptr<IdleStream>> idle;
+  for (int i = 0; i < 2; ++i) idle.push_back(OpenIdle(*stub, session.token(), i == 1));
+  auto readiness = [&] { return *c.Health(server::kServiceName); };
+  for (int i = 0; i < 500 && readiness() != grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+       ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(readiness(), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  // A third stream is refused at once, naming the bound; unary calls are still answered.
+  std::unique_ptr<IdleStream> third = OpenIdle(*stub, session.token(), false);
+  const grpc::Status refused = third->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(refused.error_message(), HasSubstr("--max_streams"));
+  EXPECT_TRUE(c.ServerInfo().ok());
+  EXPECT_TRUE(session.Info().ok());
+  // Once they go, readiness comes back.
+  for (auto& stream : idle) stream->context.TryCancel();
+  for (auto& stream : idle) stream->Finish().IgnoreError();
+  for (int i = 0; i < 500 && readiness() != grpc::health::v1::HealthCheckResponse::SERVING; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(readiness(), grpc::health::v1::HealthCheckResponse::SERVING);
+}
+
 TEST(DurabilityTest, InjectedWriteFailuresNeverCorruptTheLastCheckpoint) {
   const std::string state_dir = MakeTempDir("faults");
   server::FaultInjectionFileSystem faulty(server::PosixFileSystem());
