@@ -561,7 +561,16 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
     contributions_[worker] = std::move(gradients);
     workers_pending_published_ = static_cast<int>(contributions_.size());
     if (static_cast<int>(contributions_.size()) == config_.world_size()) {
-      absl::StatusOr<std::shared_ptr<StepOutcome>> result = CommitLocked(header);
+      // Out of host memory before the optimizer ran (the result buffers; the snapshot and the
+      // checkpoint after it catch their own), nothing was applied: the round ends with the error.
+      absl::StatusOr<std::shared_ptr<StepOutcome>> result = absl::ResourceExhaustedError(
+          absl::StrCat("session '", id_, "' step ", header.step(),
+                       ": no host memory for the step's results; nothing was applied"));
+      try {
+        result = CommitLocked(header);
+      } catch (const std::bad_alloc&) {
+        spare_outcome_ = nullptr;
+      }
       EndRoundLocked(result);
       if (!result.ok()) return result.status();
       return StepReply{Lease(*result), false};
@@ -761,6 +770,27 @@ std::optional<Session::Snapshot> Session::StartSnapshotLocked(int64_t step,
     return std::nullopt;
   }
   snapshot.job.step = step;
+  // Every host buffer the snapshot needs is allocated here, before the step changes anything:
+  // out of memory, the step goes on without an analysis.
+  try {
+    AllocateSnapshotLocked(snapshot);
+  } catch (const std::bad_alloc&) {
+    snapshot.updates.clear();
+  }
+  if (snapshot.updates.size() != snapshot.tensors.size()) {
+    options_.analyzer->Release(snapshot.job.session, snapshot.bytes);
+    return std::nullopt;  // no analysis this time; the step goes on
+  }
+  // Every buffer is in place: the step writes each update it applies into one
+  // (Optimizer::CaptureUpdate), exact at any learning rate, where the parameters differenced over
+  // lr would not be. It cannot fail for a matrix tensor of this session and a buffer.
+  for (size_t i = 0; i < snapshot.tensors.size(); ++i) {
+    optimizer_->CaptureUpdate(snapshot.tensors[i], snapshot.updates[i].f32()).IgnoreError();
+  }
+  return snapshot;
+}
+
+void Session::AllocateSnapshotLocked(Snapshot& snapshot) {
   for (int t : snapshot.tensors) {
     const TensorSpec& spec = optimizer_->spec(t);
     const MatrixView view = *MatrixViewOf(spec.shape, spec.rank_policy);
@@ -773,28 +803,18 @@ std::optional<Session::Snapshot> Session::StartSnapshotLocked(int64_t step,
     const size_t count = static_cast<size_t>(counts_[t]);
     const float* gradient = contributions_.begin()->second->data(t);  // the workers' mean
     s.gradient.assign(gradient, gradient + count);
+    s.momentum.resize(count);
+    s.update.resize(count);
     absl::StatusOr<Buffer> update = backend_.Allocate(count * sizeof(float));
-    if (!update.ok()) {
-      options_.analyzer->Release(snapshot.job.session, snapshot.bytes);
-      return std::nullopt;  // no analysis this time; the step goes on
-    }
+    if (!update.ok()) return;  // fewer updates than tensors: no analysis
     snapshot.updates.push_back(*std::move(update));
   }
-  // Every buffer is in place: the step writes each update it applies into one
-  // (Optimizer::CaptureUpdate), exact at any learning rate, where the parameters differenced over
-  // lr would not be. It cannot fail for a matrix tensor of this session and a buffer.
-  for (size_t i = 0; i < snapshot.tensors.size(); ++i) {
-    optimizer_->CaptureUpdate(snapshot.tensors[i], snapshot.updates[i].f32()).IgnoreError();
-  }
-  return snapshot;
 }
 
 absl::Status Session::FinishSnapshotLocked(Snapshot snapshot) {
   for (size_t i = 0; i < snapshot.tensors.size(); ++i) {
     const int t = snapshot.tensors[i];
-    TensorSnapshot& s = snapshot.job.tensors[i];
-    s.momentum.resize(s.gradient.size());
-    s.update.resize(s.gradient.size());
+    TensorSnapshot& s = snapshot.job.tensors[i];  // sized by AllocateSnapshotLocked
     absl::Status read = optimizer_->GetState(t, "momentum", absl::MakeSpan(s.momentum));
     if (read.ok()) {
       read = backend_.Download(backend_.default_queue(), s.update.data(),
@@ -985,7 +1005,13 @@ absl::StatusOr<CheckpointInfo> Session::CheckpointLocked() {
 
 absl::StatusOr<CheckpointInfo> Session::WriteCheckpointLocked(const std::string& state_dir) {
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
-  absl::StatusOr<CheckpointInfo> written = WriteCheckpointFileLocked(state_dir);
+  absl::StatusOr<CheckpointInfo> written =
+      absl::ResourceExhaustedError("optd could not allocate host memory to write the checkpoint");
+  try {
+    written = WriteCheckpointFileLocked(state_dir);
+  } catch (const std::bad_alloc&) {
+    // `written` says so; the last good checkpoint stays (the writer commits by rename).
+  }
   if (!written.ok()) {
     // The last good checkpoint stays in place (CheckpointWriter commits by rename).
     if (options_.metrics != nullptr) options_.metrics->CountCheckpointFailure();

@@ -250,6 +250,9 @@ class Session : public std::enable_shared_from_this<Session> {
   // gradient and pre-step parameters, with the analyzer's room reserved; nullopt otherwise.
   std::optional<Snapshot> StartSnapshotLocked(int64_t step, const std::vector<int>& present)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The snapshot's host buffers and one update buffer per tensor (fewer when the backend is out
+  // of memory); throws std::bad_alloc when the host is.
+  void AllocateSnapshotLocked(Snapshot& snapshot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // After the step: momentum, and the update recovered from the parameters; submits the job.
   absl::Status FinishSnapshotLocked(Snapshot snapshot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ExportStateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -51,6 +51,7 @@ class DaemonProcess {
   }
 
   int port() const { return port_; }
+  pid_t pid() const { return pid_; }
   std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
   client::Client Connect() const {
     client::ChannelOptions options;

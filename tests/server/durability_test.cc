@@ -3,6 +3,7 @@
 // checkpoints, idle sessions unload and reload, a restarted daemon resumes every session, and a
 // full step queue answers UNAVAILABLE.
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -13,7 +14,9 @@
 #include <map>
 #include <thread>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
 #include "prometheus/metric_family.h"
 #include "server/auth.h"
@@ -410,6 +413,66 @@ TEST(DurabilityTest, SaturatedStreamsTurnReadinessOffAndLeaveRoomForOtherCalls) 
     absl::SleepFor(absl::Milliseconds(10));
   }
   EXPECT_EQ(readiness(), grpc::health::v1::HealthCheckResponse::SERVING);
+}
+
+// VmData of a process, in bytes (the memory RLIMIT_DATA counts).
+int64_t DataBytes(pid_t pid) {
+  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(status, line)) {
+    int64_t kib = 0;
+    if (absl::StartsWith(line, "VmData:") &&
+        absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(7, line.size() - 10)), &kib)) {
+      return kib << 10;
+    }
+  }
+  return -1;
+}
+
+TEST(DurabilityTest, OutOfHostMemoryIsResourceExhaustedAndLeaksNoSlot) {
+  // Issue 16: std::bad_alloc inside Step (a daemon under an address-space limit) escaped the
+  // handler, which answered UNKNOWN and never gave back its step-queue place or its staging slot:
+  // the queue stayed full for good. A 256 MiB tensor whose state fits the daemon's data limit but
+  // whose gradient staging does not.
+  const std::string dir = MakeTempDir("oom");
+  Daemon daemon(dir, {"--max_pending_steps=2"});
+  client::Client c = daemon.Connect();
+  const int64_t elements = int64_t{1} << 26;
+  absl::StatusOr<client::Session> big =
+      c.CreateSession(MakeConfig({{"m", "rmnp"}}, {{"x", {elements, 1}, "m"}}));
+  ASSERT_TRUE(big.ok()) << big.status();
+  client::Session small = *c.CreateSession(MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}}));
+  const int64_t data = DataBytes(daemon.pid());
+  ASSERT_GT(data, 0);
+  // The soft limit only, so that it can be raised again without privileges.
+  rlimit unlimited{};
+  ASSERT_EQ(prlimit(daemon.pid(), RLIMIT_DATA, nullptr, &unlimited), 0) << std::strerror(errno);
+  rlimit limit = unlimited;
+  limit.rlim_cur = static_cast<rlim_t>(data + elements * 2);  // half a buffer's room
+  ASSERT_EQ(prlimit(daemon.pid(), RLIMIT_DATA, &limit, nullptr), 0) << std::strerror(errno);
+
+  std::unique_ptr<v1::Optimizer::Stub> stub = v1::Optimizer::NewStub(c.channel());
+  for (int attempt = 0; attempt < 4; ++attempt) {  // more than the queue and the staging slots
+    SCOPED_TRACE(attempt);
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer " + big->token());
+    auto stream = stub->Step(&context);
+    v1::StepRequest header;
+    header.mutable_header()->set_session_id(big->id());
+    header.mutable_header()->set_step(1);
+    ASSERT_TRUE(stream->Write(header));
+    stream->WritesDone();
+    const grpc::Status status = stream->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr("no host memory")) << status.error_message();
+  }
+  ASSERT_EQ(prlimit(daemon.pid(), RLIMIT_DATA, &unlimited, nullptr), 0) << std::strerror(errno);
+  // No queue place or staging slot was lost: both sessions step.
+  const std::vector<float> g(16, 0.5f);
+  EXPECT_TRUE(small.Step(1, {{"x", g}}).ok());
+  absl::StatusOr<client::StepResult> stepped =
+      big->Step(1, {{"x", std::vector<float>(elements, 0.5f)}});
+  EXPECT_TRUE(stepped.ok()) << stepped.status();
 }
 
 TEST(DurabilityTest, InjectedWriteFailuresNeverCorruptTheLastCheckpoint) {
