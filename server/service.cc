@@ -142,7 +142,10 @@ bool OptimizerService::WaitForIdle(absl::Duration timeout) {
 class OptimizerService::StreamSlot {
  public:
   explicit StreamSlot(OptimizerService& service) : service_(service) {}
-  ~StreamSlot() { service_.SetStreams(-1); }
+  ~StreamSlot() {
+    service_.streams_.fetch_sub(1);
+    service_.UpdateSaturation();
+  }
   StreamSlot(const StreamSlot&) = delete;
   StreamSlot& operator=(const StreamSlot&) = delete;
 
@@ -150,10 +153,11 @@ class OptimizerService::StreamSlot {
   OptimizerService& service_;
 };
 
-void OptimizerService::SetStreams(int delta) {
-  const int streams = streams_.fetch_add(delta) + delta;
+void OptimizerService::UpdateSaturation() {
   if (options_.max_streams <= 0) return;
+  // The count is read under the lock, so concurrent updates cannot leave a stale state behind.
   absl::MutexLock lock(&saturation_mu_);
+  const int streams = streams_.load();
   const bool saturated = streams >= options_.max_streams;
   if (saturated == saturated_) return;
   saturated_ = saturated;
@@ -164,13 +168,15 @@ void OptimizerService::SetStreams(int delta) {
 absl::StatusOr<std::unique_ptr<OptimizerService::StreamSlot>> OptimizerService::EnterStream(
     grpc::ServerContext* context) {
   OPTD_RETURN_IF_ERROR(sessions_.Authenticate(Authorization(*context)));
-  if (options_.max_streams > 0 && streams_.load() >= options_.max_streams) {
+  // Counted first, then checked: concurrent calls cannot both take the last place.
+  if (streams_.fetch_add(1) >= options_.max_streams && options_.max_streams > 0) {
+    streams_.fetch_sub(1);
     return WithRejectionReason(
         absl::UnavailableError(absl::StrCat("optd serves ", options_.max_streams,
                                             " streams at once (--max_streams); retry shortly")),
         "saturated");
   }
-  SetStreams(+1);
+  UpdateSaturation();
   return std::make_unique<StreamSlot>(*this);
 }
 

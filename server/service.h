@@ -92,7 +92,8 @@ class OptimizerService final : public v1::Optimizer::Service {
   // For a streaming call: its metadata's token must open some session (or be the admin token)
   // before the call waits for any message, and a place must be free among max_streams.
   absl::StatusOr<std::unique_ptr<StreamSlot>> EnterStream(grpc::ServerContext* context);
-  void SetStreams(int delta);
+  // Readiness from the streams now open (ServiceOptions::on_saturation on a change).
+  void UpdateSaturation();
 
   absl::StatusOr<std::shared_ptr<Session>> Authorize(grpc::ServerContext* context,
                                                      absl::string_view session_id);
