@@ -100,6 +100,31 @@ absl::Status AddChunk(Session& session, TensorStaging& staging, const v1::Tensor
   return staging.AddChunk(tensor, chunk.offset(), *dtype, chunk.data(), max_magnitude, reject);
 }
 
+// Reads the chunks that follow a `method` stream's header into `staging` until the client
+// half-closes, stopping at the first refused one, with `watch` re-armed for the idle timeout after
+// each message. A stream the watchdog cut off, or that the client cancelled (`cancelled` says what
+// that lost), is an error too.
+template <typename Stream, typename Request>
+absl::Status ReceiveChunks(absl::string_view method, Stream& stream, Request& request,
+                           grpc::ServerContext& context, StreamWatchdog::Watch& watch,
+                           absl::Duration idle_timeout, Session& session, TensorStaging& staging,
+                           float max_magnitude, bool reject, Metrics* metrics,
+                           absl::string_view cancelled) {
+  absl::Status status;
+  while (status.ok() && stream.Read(&request)) {
+    if (!request.has_chunk()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(method, " carries one header, then only chunks"));
+    }
+    status = AddChunk(session, staging, request.chunk(), max_magnitude, reject, metrics);
+    watch.Arm(idle_timeout);
+  }
+  watch.Disarm();
+  if (status.ok() && watch.fired()) return StreamTimeout(method, "chunk");
+  if (status.ok() && context.IsCancelled()) return absl::CancelledError(cancelled);
+  return status;
+}
+
 }  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
@@ -271,23 +296,11 @@ grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
                               Authorize(context, request.header().session_id()));
         OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
         absl::Cleanup release = [&] { session->ReleaseStaging(std::move(staging)); };
-        absl::Status status;
-        while (status.ok() && reader->Read(&request)) {
-          if (!request.has_chunk()) {
-            status =
-                absl::InvalidArgumentError("UploadParams carries one header, then only chunks");
-            break;
-          }
-          // Parameters may be any finite value; the gradient bound does not apply to them.
-          status = AddChunk(*session, *staging, request.chunk(), std::numeric_limits<float>::max(),
-                            /*reject=*/true, options_.metrics);
-          watch.Arm(options_.stream_idle_timeout);
-        }
-        watch.Disarm();
-        if (status.ok() && watch.fired()) status = StreamTimeout("UploadParams", "chunk");
-        if (status.ok() && context->IsCancelled()) {
-          status = absl::CancelledError("the upload was cancelled; nothing was changed");
-        }
+        // Parameters may be any finite value; the gradient bound does not apply to them.
+        absl::Status status = ReceiveChunks(
+            "UploadParams", *reader, request, *context, watch, options_.stream_idle_timeout,
+            *session, *staging, std::numeric_limits<float>::max(), /*reject=*/true,
+            options_.metrics, "the upload was cancelled; nothing was changed");
         if (status.ok()) status = staging->CheckComplete();
         if (status.ok()) status = session->SetParameters(*staging);
         if (status.ok()) response->set_tensors_updated(staging->num_present());
@@ -396,22 +409,11 @@ absl::Status OptimizerService::RunStep(
   OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
   // Returned here unless Session::Step took it.
   absl::Cleanup release = [&] { session->ReleaseStaging(std::move(staging)); };
-  absl::Status received;
-  while (received.ok() && stream->Read(&request)) {
-    if (!request.has_chunk()) {
-      received = absl::InvalidArgumentError("a Step stream carries one header, then only chunks");
-      break;
-    }
-    received = AddChunk(*session, *staging, request.chunk(), kMaxGradientMagnitude, reject,
-                        options_.metrics);
-    watch.Arm(options_.stream_idle_timeout);
-  }
-  // Waiting for the other workers is the straggler timeout's to bound, not the idle timeout's.
-  watch.Disarm();
-  if (received.ok() && watch.fired()) received = StreamTimeout("Step", "chunk");
-  if (received.ok() && context->IsCancelled()) {
-    received = absl::CancelledError("the step was cancelled while its gradients arrived");
-  }
+  // Disarmed after the chunks: waiting for the other workers is the straggler timeout's to bound.
+  absl::Status received =
+      ReceiveChunks("Step", *stream, request, *context, watch, options_.stream_idle_timeout,
+                    *session, *staging, kMaxGradientMagnitude, reject, options_.metrics,
+                    "the step was cancelled while its gradients arrived");
   if (received.ok()) received = staging->CheckComplete();
   if (!received.ok()) {
     if (staging->out_of_range_values() > 0 && reject) {
