@@ -168,7 +168,8 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
     }
   }
   // The right to read every source, before anything about them is looked at or told.
-  if (!sources.empty() && !IsAdmin(create.authorization)) {
+  const bool admin = IsAdmin(create.authorization);
+  if (!sources.empty() && !admin) {
     for (size_t i = 0; i < sources.size(); ++i) {
       const v1::CheckpointSource& source = create.restore_from[i];
       absl::StatusOr<v1::SessionCheckpoint> meta =
@@ -188,7 +189,7 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
   OPTD_ASSIGN_OR_RETURN(std::string token, GenerateToken());
   const std::string digest = TokenDigest(token);
   // The admin's sessions count against no client.
-  const std::string client = IsAdmin(create.authorization) ? "" : create.client;
+  const std::string client = admin ? "" : create.client;
   bool replacing = false;
   {
     // Reserve the name and the slot before the (possibly long) allocation.

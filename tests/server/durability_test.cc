@@ -47,6 +47,14 @@ class Daemon : public DaemonProcess {
   }
 };
 
+// A daemon on `state_dir` whose file operations go through `faulty`.
+std::unique_ptr<server::Server> StartWithFaults(const std::string& state_dir,
+                                                server::FaultInjectionFileSystem& faulty) {
+  server::ServerOptions options = LoopbackOptions(state_dir);
+  options.sessions.fs = &faulty;
+  return StartServer(options);
+}
+
 // Parameters the kernels library holds after each step of a deterministic gradient stream.
 class History {
  public:
@@ -284,9 +292,7 @@ TEST(DurabilityTest, AStepWhosePeriodicCheckpointFailsIsNotAcknowledgedAsDurable
   // nothing was logged or counted, and a killed daemon resumed at the last good step.
   const std::string state_dir = MakeTempDir("periodic");
   server::FaultInjectionFileSystem faulty(server::PosixFileSystem());
-  server::ServerOptions options = LoopbackOptions(state_dir);
-  options.sessions.fs = &faulty;
-  std::unique_ptr<server::Server> server = StartServer(options);
+  std::unique_ptr<server::Server> server = StartWithFaults(state_dir, faulty);
   v1::SessionConfig config = SmallModel();
   config.set_checkpoint_interval(1);
   History history(config);
@@ -482,9 +488,7 @@ TEST(DurabilityTest, OutOfHostMemoryIsResourceExhaustedAndLeaksNoSlot) {
 TEST(DurabilityTest, InjectedWriteFailuresNeverCorruptTheLastCheckpoint) {
   const std::string state_dir = MakeTempDir("faults");
   server::FaultInjectionFileSystem faulty(server::PosixFileSystem());
-  server::ServerOptions options = LoopbackOptions(state_dir);
-  options.sessions.fs = &faulty;
-  std::unique_ptr<server::Server> server = StartServer(options);
+  std::unique_ptr<server::Server> server = StartWithFaults(state_dir, faulty);
   const v1::SessionConfig config = SmallModel();
   History history(config);
   client::Session session = *ConnectTo(*server).CreateSession(config);
@@ -704,9 +708,7 @@ TEST(DurabilityTest, ADeleteTheStateDirectoryRefusesChangesNothing) {
   // its checkpoint (so it came back after a restart), and answered PERMISSION_DENIED.
   const std::string state_dir = MakeTempDir("readonly");
   server::FaultInjectionFileSystem faulty(server::PosixFileSystem());
-  server::ServerOptions options = LoopbackOptions(state_dir);
-  options.sessions.fs = &faulty;
-  std::unique_ptr<server::Server> server = StartServer(options);
+  std::unique_ptr<server::Server> server = StartWithFaults(state_dir, faulty);
   const v1::SessionConfig config = SmallModel();
   History history(config);
   client::Session session = *ConnectTo(*server).CreateSession(config, "kept");
