@@ -4,6 +4,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <new>
 #include <utility>
 
 #include "absl/time/clock.h"
@@ -187,6 +188,71 @@ void Analyzer::Run() {
     next = {};  // the snapshot's memory goes before its reservation does
     Release(session, bytes);
   }
+}
+
+PendingSnapshot::PendingSnapshot(PendingSnapshot&& other) noexcept
+    : analyzer_(std::exchange(other.analyzer_, nullptr)),
+      job_(std::move(other.job_)),
+      bytes_(other.bytes_),
+      tensors_(std::move(other.tensors_)),
+      updates_(std::move(other.updates_)) {}
+
+PendingSnapshot::~PendingSnapshot() {
+  if (analyzer_ != nullptr) analyzer_->Release(job_.session, bytes_);
+}
+
+std::optional<PendingSnapshot> Analyzer::BeginSnapshot(std::string key, int64_t step,
+                                                       const std::vector<SnapshotRequest>& tensors,
+                                                       Backend& step_backend) {
+  int64_t bytes = 0;
+  for (const SnapshotRequest& r : tensors) {
+    bytes += 3 * static_cast<int64_t>(r.gradient.size() * sizeof(float));
+  }
+  if (tensors.empty() || !Reserve(key, bytes)) return std::nullopt;
+  AnalysisJob job;
+  job.session = std::move(key);
+  job.step = step;
+  PendingSnapshot snapshot(this, std::move(job), bytes);
+  // Every buffer is allocated here, before the step changes anything: out of memory, the step
+  // goes on without an analysis (and the room is given back as `snapshot` goes).
+  try {
+    for (const SnapshotRequest& r : tensors) {
+      TensorSnapshot& s = snapshot.job_.tensors.emplace_back();
+      s.name = r.name;
+      s.batch = r.batch;
+      s.rows = r.rows;
+      s.cols = r.cols;
+      s.newton_schulz = r.newton_schulz;
+      s.gradient.assign(r.gradient.begin(), r.gradient.end());
+      s.momentum.resize(r.gradient.size());
+      s.update.resize(r.gradient.size());
+      absl::StatusOr<Buffer> update = step_backend.Allocate(r.gradient.size() * sizeof(float));
+      if (!update.ok()) return std::nullopt;
+      snapshot.updates_.push_back(*std::move(update));
+      snapshot.tensors_.push_back(r.tensor);
+    }
+  } catch (const std::bad_alloc&) {
+    return std::nullopt;
+  }
+  return snapshot;
+}
+
+absl::Status Analyzer::Finish(
+    PendingSnapshot snapshot, Backend& step_backend,
+    const std::function<absl::Status(int tensor, absl::Span<float> out)>& read_momentum,
+    std::function<void(int64_t step, std::vector<v1::TensorAnalysis> figures)> publish) {
+  for (size_t i = 0; i < snapshot.size(); ++i) {
+    TensorSnapshot& s = snapshot.job_.tensors[i];
+    OPTD_RETURN_IF_ERROR(read_momentum(snapshot.tensors_[i], absl::MakeSpan(s.momentum)));
+    OPTD_RETURN_IF_ERROR(step_backend.Download(step_backend.default_queue(), s.update.data(),
+                                               snapshot.updates_[i].data(),
+                                               s.update.size() * sizeof(float)));
+    OPTD_RETURN_IF_ERROR(step_backend.Synchronize(step_backend.default_queue()));
+  }
+  snapshot.job_.publish = std::move(publish);
+  snapshot.analyzer_ = nullptr;  // the room passes to the job
+  Submit(std::move(snapshot.job_), snapshot.bytes_);
+  return absl::OkStatus();
 }
 
 }  // namespace optd::server

@@ -18,13 +18,16 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 #include "kernels/analysis.h"
 #include "kernels/backend.h"
 #include "kernels/newton_schulz.h"
@@ -57,7 +60,7 @@ struct TensorSnapshot {
 };
 
 struct AnalysisJob {
-  // The reservation's key: the session, and its restore count (Session::StartSnapshotLocked).
+  // The reservation's key: the session, and its restore count (Session::BeginSnapshotLocked).
   std::string session;
   int64_t step = 0;
   std::vector<TensorSnapshot> tensors;
@@ -71,6 +74,46 @@ struct AnalysisJob {
 absl::StatusOr<v1::TensorAnalysis> AnalyzeSnapshot(Backend& backend, Queue& queue,
                                                    const TensorSnapshot& snapshot, int64_t step,
                                                    const AnalysisOptions& options);
+
+class Analyzer;
+
+// One matrix tensor a step asks to snapshot: its session index, name, shape as stepped, Newton-
+// Schulz config, and the gradient the step is about to apply (the workers' mean), copied at once.
+struct SnapshotRequest {
+  int tensor = 0;
+  std::string name;
+  int64_t batch = 1, rows = 0, cols = 0;
+  NewtonSchulzConfig newton_schulz;
+  absl::Span<const float> gradient;
+};
+
+// A snapshot being taken (Analyzer::BeginSnapshot): the analyzer's room is reserved and every
+// buffer is allocated. The step writes each tensor's update into update_buffer(i) (backend
+// memory, Optimizer::CaptureUpdate); Analyzer::Finish then reads the momentum and the updates and
+// submits the job. A snapshot dropped unfinished gives its room back. Move-only.
+class PendingSnapshot {
+ public:
+  PendingSnapshot(PendingSnapshot&& other) noexcept;
+  PendingSnapshot& operator=(PendingSnapshot&&) = delete;
+  PendingSnapshot(const PendingSnapshot&) = delete;
+  ~PendingSnapshot();
+
+  size_t size() const { return tensors_.size(); }
+  // The session index of the i-th tensor, and the buffer its update goes to.
+  int tensor(size_t i) const { return tensors_[i]; }
+  float* update_buffer(size_t i) const { return updates_[i].f32(); }
+
+ private:
+  friend class Analyzer;
+  PendingSnapshot(Analyzer* analyzer, AnalysisJob job, int64_t bytes)
+      : analyzer_(analyzer), job_(std::move(job)), bytes_(bytes) {}
+
+  Analyzer* analyzer_;  // null once submitted or released
+  AnalysisJob job_;
+  int64_t bytes_ = 0;
+  std::vector<int> tensors_;
+  std::vector<Buffer> updates_;
+};
 
 class Analyzer {
  public:
@@ -87,6 +130,21 @@ class Analyzer {
   void Release(const std::string& session, int64_t bytes);
   // REQUIRES: Reserve(job.session, bytes) returned true, bytes the sum of the snapshots' bytes.
   void Submit(AnalysisJob job, int64_t bytes);
+
+  // A snapshot of `tensors` for the step `step` of the session keyed `key` (its id and restore
+  // count: an analysis of steps a Restore undid does not hold up the next one), or nullopt when
+  // the analyzer skips it: `tensors` is empty, room is not free (Reserve), or `step_backend` or
+  // the host has no memory for its buffers. The gradients are copied now.
+  std::optional<PendingSnapshot> BeginSnapshot(std::string key, int64_t step,
+                                               const std::vector<SnapshotRequest>& tensors,
+                                               Backend& step_backend);
+  // After the step: reads each tensor's momentum through `read_momentum(tensor, out)` and its
+  // update from the step backend, and submits the job, whose figures go to `publish`. On an
+  // error the room is given back and nothing is submitted.
+  absl::Status Finish(
+      PendingSnapshot snapshot, Backend& step_backend,
+      const std::function<absl::Status(int tensor, absl::Span<float> out)>& read_momentum,
+      std::function<void(int64_t step, std::vector<v1::TensorAnalysis> figures)> publish);
 
   // Waits until every submitted job has been published (tests and benchmarks).
   void WaitUntilIdle();

@@ -161,6 +161,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   options.sessions.metrics = server->metrics_.get();
   options.sessions.analyzer = server->analyzer_.get();
   options.service.metrics = server->metrics_.get();
+  if (options.clock == nullptr) options.clock = &RealClock();
+  options.sessions.clock = options.clock;
+  options.service.clock = options.clock;
   if (!options.admin_token.empty()) {
     options.sessions.admin_token_digest = TokenDigest(options.admin_token);
   }
@@ -241,7 +244,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
                                              absl::Milliseconds(50), absl::Seconds(10));
     server->reaper_ = std::thread([self, period] {
       while (!self->stop_reaper_.WaitForNotificationWithTimeout(period)) {
-        self->sessions_->UnloadIdle(absl::Now());
+        self->sessions_->UnloadIdle(self->clock().Now());
       }
     });
   }

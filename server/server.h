@@ -46,6 +46,10 @@ struct ServerOptions {
   // host:port the Prometheus exposition is served on (/metrics); empty: not served (the
   // metrics are still kept, see Server::metrics()). Port 0 picks a free one.
   std::string metrics_addr;
+  // What the daemon's deadlines and idle times read (straggler timeouts, the idle-session reaper,
+  // the stream watchdog); default RealClock(). Tests drive them with a fake one instead of
+  // sleeping. Durations measured for the metrics use the real clock.
+  Clock* clock = nullptr;
   MetricsOptions metrics;
   AnalyzerOptions analyzer;
   SessionManagerOptions sessions;
@@ -78,6 +82,7 @@ class Server {
 
  private:
   Server() = default;
+  Clock& clock() const { return *options_.clock; }
 
   ServerOptions options_;
   // Declared first, destroyed last: sessions and the service report to it until they go.

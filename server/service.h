@@ -42,6 +42,7 @@ struct ServiceOptions {
   // again (the Server's readiness); may be empty.
   std::function<void(bool saturated)> on_saturation;
   Metrics* metrics = nullptr;  // may be null
+  Clock* clock = nullptr;      // the stream deadlines' clock; default: RealClock()
   v1::ServerInfo server_info;  // GetServerInfo's answer
 };
 
@@ -109,7 +110,7 @@ class OptimizerService final : public v1::Optimizer::Service {
   SessionManager& sessions_;
   const ServiceOptions options_;
   RateLimitedLog refusals_{absl::Seconds(10)};
-  StreamWatchdog watchdog_;
+  StreamWatchdog watchdog_{options_.clock};
   std::atomic<int> streams_{0};
   absl::Mutex saturation_mu_;
   bool saturated_ ABSL_GUARDED_BY(saturation_mu_) = false;

@@ -1,7 +1,5 @@
 #include "server/session.h"
 
-#include <cmath>
-#include <cstring>
 #include <new>
 #include <set>
 #include <utility>
@@ -10,78 +8,26 @@
 #include "absl/strings/str_join.h"
 #include "kernels/initializers.h"
 #include "kernels/status_macros.h"
-#include "kernels/wire.h"
-#include "server/auth.h"
-#include "server/checkpoint_file.h"
 #include "server/log.h"
 #include "server/session_config.h"
 
 namespace optd::server {
+
 namespace {
 
-absl::string_view AsBytes(absl::Span<const float> values) {
-  return absl::string_view(reinterpret_cast<const char*>(values.data()),
-                           values.size() * sizeof(float));
+std::vector<std::string> TensorNames(const v1::SessionConfig& config) {
+  std::vector<std::string> names;
+  for (const v1::TensorConfig& t : config.tensors()) names.push_back(t.name());
+  return names;
 }
 
-absl::Status CopyRecord(absl::string_view record, absl::string_view name, absl::Span<float> out) {
-  if (record.size() != out.size() * sizeof(float)) {
-    return absl::DataLossError(absl::StrCat("checkpoint record '", name, "' has ", record.size(),
-                                            " bytes, expected ", out.size() * sizeof(float)));
-  }
-  std::memcpy(out.data(), record.data(), record.size());
-  // A step from NaN or infinite state would return non-finite parameters: such a checkpoint
-  // (crafted, or written by a build without today's checks) is refused, not loaded.
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (!std::isfinite(out[i])) {
-      return absl::DataLossError(
-          absl::StrCat("checkpoint record '", name, "' holds a non-finite value at element ", i));
-    }
-  }
-  return absl::OkStatus();
-}
-
-// Tensor `t` of `optimizer` from the records of the checkpointed tensor `tc`: parameters, every
-// state buffer the optimizer has for it, and its applied steps.
-absl::Status LoadTensorRecords(const CheckpointReader& reader, const v1::TensorCheckpoint& tc,
-                               int t, Optimizer& optimizer) {
-  std::vector<float> values;
-  const std::string params_name = absl::StrCat("params/", tc.name());
-  OPTD_ASSIGN_OR_RETURN(absl::string_view params, reader.Find(params_name));
-  values.resize(static_cast<size_t>(optimizer.num_elements(t)));
-  OPTD_RETURN_IF_ERROR(CopyRecord(params, params_name, absl::MakeSpan(values)));
-  OPTD_RETURN_IF_ERROR(optimizer.SetParameters(t, values));
-  for (const StateBuffer& buffer : optimizer.state(t)) {
-    const std::string name = absl::StrCat("state/", tc.name(), "/", buffer.name);
-    OPTD_ASSIGN_OR_RETURN(absl::string_view record, reader.Find(name));
-    values.resize(static_cast<size_t>(buffer.count));
-    OPTD_RETURN_IF_ERROR(CopyRecord(record, name, absl::MakeSpan(values)));
-    OPTD_RETURN_IF_ERROR(optimizer.SetState(t, buffer.name, values));
-  }
-  return optimizer.SetStepsApplied(t, tc.steps_applied());
-}
-
-const v1::GroupConfig* FindGroup(const v1::SessionConfig& config, absl::string_view name) {
-  for (const v1::GroupConfig& g : config.groups()) {
-    if (g.name() == name) return &g;
-  }
-  return nullptr;
+std::vector<int64_t> TensorCounts(const v1::SessionConfig& config) {
+  std::vector<int64_t> counts;
+  for (const v1::TensorConfig& t : config.tensors()) counts.push_back(*ElementCount(t.shape()));
+  return counts;
 }
 
 }  // namespace
-
-struct Session::Snapshot {
-  AnalysisJob job;
-  int64_t bytes = 0;
-  std::vector<int> tensors;     // session index of each job tensor
-  std::vector<Buffer> updates;  // backend memory the step captures each update into
-};
-
-struct Session::Loaded {
-  std::unique_ptr<Optimizer> optimizer;
-  int64_t step = 0;
-  std::map<std::string, v1::GroupHyperparams> hyperparams;
-};
 
 Session::Session(Backend& backend, std::string id, v1::SessionConfig config,
                  std::string token_digest, SessionOptions options)
@@ -89,10 +35,14 @@ Session::Session(Backend& backend, std::string id, v1::SessionConfig config,
       id_(std::move(id)),
       config_(std::move(config)),
       token_digest_(std::move(token_digest)),
-      options_(std::move(options)) {
+      options_(std::move(options)),
+      names_(TensorNames(config_)),
+      counts_(TensorCounts(config_)),
+      // Bounded so that no client can make a session hold more staging than its quota counted.
+      staging_(id_, names_, counts_, config_.world_size() + 1),
+      round_(mu_, StepRound::Options{id_, config_.world_size(), straggler_timeout(), &clock(),
+                                     &staging_}) {
   for (const v1::TensorConfig& t : config_.tensors()) {
-    names_.push_back(t.name());
-    counts_.push_back(*ElementCount(t.shape()));
     dtypes_.push_back(*FromWireDType(t.dtype()));
     int group = 0;
     while (config_.groups(group).name() != t.group()) ++group;
@@ -104,7 +54,7 @@ Session::Session(Backend& backend, std::string id, v1::SessionConfig config,
 Session::~Session() = default;
 
 std::string Session::CheckpointPath(const std::string& state_dir, const std::string& id) {
-  return absl::StrCat(state_dir, "/", id, "/checkpoint");
+  return SessionCheckpointPath(state_dir, id);
 }
 
 absl::StatusOr<int64_t> Session::RequiredBytes(const v1::SessionConfig& config) {
@@ -118,7 +68,7 @@ absl::StatusOr<int64_t> Session::RequiredBytes(const v1::SessionConfig& config) 
   }
   OPTD_ASSIGN_OR_RETURN(int64_t optimizer, Optimizer::RequiredBytes(std::move(specs)));
   const int64_t result = config.step_result() == v1::STEP_RESULT_NONE ? 0 : 2;
-  // Staging: one per worker plus one for a retry or an upload (AcquireStaging's limit).
+  // Staging: one per worker plus one for a retry or an upload (StagingPool's limit).
   const int64_t staging = std::max(1, config.world_size()) + 1;
   int64_t host = 0, total = 0;
   if (__builtin_mul_overflow((staging + result) * static_cast<int64_t>(sizeof(float)), elements,
@@ -136,35 +86,34 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend, std::
                                                          std::string token_digest,
                                                          SessionOptions options) {
   OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config));
-  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> optimizer,
-                        Optimizer::Create(backend, std::move(specs)));
+  SessionState state;
+  OPTD_ASSIGN_OR_RETURN(state.optimizer, Optimizer::Create(backend, std::move(specs)));
   for (int t = 0; t < config.tensors_size(); ++t) {
     const v1::TensorConfig& tensor = config.tensors(t);
     if (!tensor.has_normal()) continue;
-    std::vector<float> values(static_cast<size_t>(optimizer->num_elements(t)));
+    std::vector<float> values(static_cast<size_t>(state.optimizer->num_elements(t)));
     FillNormal(tensor.normal().seed(), tensor.normal().mean(), tensor.normal().std(),
                absl::MakeSpan(values));
-    OPTD_RETURN_IF_ERROR(optimizer->SetParameters(t, values));
+    OPTD_RETURN_IF_ERROR(state.optimizer->SetParameters(t, values));
   }
   std::unique_ptr<Session> session(new Session(backend, std::move(id), std::move(config),
                                                std::move(token_digest), std::move(options)));
-  OPTD_RETURN_IF_ERROR(session->Initialize(std::move(optimizer)));
-  absl::MutexLock lock(&session->mu_);
-  session->ExportStateLocked();
+  OPTD_RETURN_IF_ERROR(session->Initialize(std::move(state), /*checkpointed=*/false));
   return session;
 }
 
-absl::Status Session::Initialize(std::unique_ptr<Optimizer> optimizer) {
+absl::Status Session::Initialize(SessionState state, bool checkpointed) {
   OPTD_ASSIGN_OR_RETURN(state_bytes_, RequiredBytes(config_));
   std::set<std::string> presets;
   for (int t = 0; t < num_tensors(); ++t) {
-    if (optimizer->spec(t).config.algorithm == Algorithm::kMatrix) {
+    if (state.optimizer->spec(t).config.algorithm == Algorithm::kMatrix) {
       presets.insert(config_.groups(group_of_[t]).preset());
     }
   }
   optimizer_label_ = presets.empty() ? "adamw" : absl::StrJoin(presets, "+");
   absl::MutexLock lock(&mu_);
-  optimizer_ = std::move(optimizer);
+  optimizer_ = std::move(state.optimizer);
+  for (const auto& [name, h] : state.hyperparams) hyperparams_[name] = h;
   for (int t = 0; t < num_tensors(); ++t) {
     const v1::GroupConfig& group = config_.groups(group_of_[t]);
     if (hyperparams_.contains(group.name())) continue;
@@ -175,53 +124,20 @@ absl::Status Session::Initialize(std::unique_ptr<Optimizer> optimizer) {
     h.set_weight_decay(c.weight_decay);
     h.set_momentum(c.algorithm == Algorithm::kAdamW ? c.adamw.beta1 : c.matrix.momentum);
   }
+  step_ = state.step;
+  step_published_ = state.step;
+  if (checkpointed) {
+    checkpoint_step_ = state.step;
+    checkpoint_step_published_ = state.step;
+  }
+  ExportStateLocked();
   return absl::OkStatus();
 }
 
 absl::StatusOr<v1::SessionCheckpoint> Session::ReadCheckpointMeta(FileSystem& fs,
                                                                   const std::string& path) {
-  OPTD_ASSIGN_OR_RETURN(CheckpointReader reader, CheckpointReader::Open(fs, path));
-  OPTD_ASSIGN_OR_RETURN(absl::string_view meta_bytes, reader.Find("meta"));
-  v1::SessionCheckpoint meta;
-  if (!meta.ParseFromArray(meta_bytes.data(), static_cast<int>(meta_bytes.size()))) {
-    return absl::DataLossError(absl::StrCat(path, ": the meta record does not parse"));
-  }
-  return meta;
-}
-
-absl::StatusOr<Session::Loaded> Session::LoadCheckpoint(const std::string& path) {
-  OPTD_ASSIGN_OR_RETURN(CheckpointReader reader, CheckpointReader::Open(*options_.fs, path));
-  OPTD_ASSIGN_OR_RETURN(absl::string_view meta_bytes, reader.Find("meta"));
-  v1::SessionCheckpoint meta;
-  if (!meta.ParseFromArray(meta_bytes.data(), static_cast<int>(meta_bytes.size()))) {
-    return absl::DataLossError(absl::StrCat(path, ": the meta record does not parse"));
-  }
-  if (meta.session_id() != id_ || !DigestsEqual(meta.token_sha256(), token_digest_) ||
-      meta.tensors_size() != num_tensors() || meta.step() < 0) {
-    return absl::DataLossError(absl::StrCat(path, " holds session '", meta.session_id(), "' with ",
-                                            meta.tensors_size(), " tensors at step ", meta.step(),
-                                            "; expected session '", id_, "' with ", num_tensors(),
-                                            " tensors"));
-  }
-  OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config_));
-  Loaded loaded;
-  OPTD_ASSIGN_OR_RETURN(loaded.optimizer, Optimizer::Create(backend_, std::move(specs)));
-  for (int t = 0; t < num_tensors(); ++t) {
-    const v1::TensorCheckpoint& tc = meta.tensors(t);
-    if (tc.name() != names_[t]) {
-      return absl::DataLossError(
-          absl::StrCat(path, ": tensor ", t, " is '", tc.name(), "', expected '", names_[t], "'"));
-    }
-    OPTD_RETURN_IF_ERROR(LoadTensorRecords(reader, tc, t, *loaded.optimizer));
-  }
-  loaded.step = meta.step();
-  for (const v1::GroupHyperparams& h : meta.hyperparams()) loaded.hyperparams[h.group()] = h;
-  absl::Status applied = ApplyHyperparams(*loaded.optimizer, loaded.hyperparams);
-  if (!applied.ok()) {
-    return absl::DataLossError(
-        absl::StrCat(path, ": its hyperparameters do not validate: ", applied.message()));
-  }
-  return loaded;
+  OPTD_ASSIGN_OR_RETURN(OpenedCheckpoint opened, OpenSessionCheckpoint(fs, path));
+  return std::move(opened.meta);
 }
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Load(Backend& backend, const std::string& path,
@@ -236,15 +152,10 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Load(Backend& backend, const s
   }
   std::unique_ptr<Session> session(new Session(backend, meta.session_id(), std::move(config),
                                                meta.token_sha256(), std::move(options)));
-  OPTD_ASSIGN_OR_RETURN(Loaded loaded, session->LoadCheckpoint(path));
-  OPTD_RETURN_IF_ERROR(session->Initialize(std::move(loaded.optimizer)));
-  absl::MutexLock lock(&session->mu_);
-  for (const auto& [name, h] : loaded.hyperparams) session->hyperparams_[name] = h;
-  session->step_ = loaded.step;
-  session->checkpoint_step_ = loaded.step;
-  session->step_published_ = loaded.step;
-  session->checkpoint_step_published_ = loaded.step;
-  session->ExportStateLocked();
+  OPTD_ASSIGN_OR_RETURN(SessionState state,
+                        LoadSessionCheckpoint(backend, *session->options_.fs, path, session->id_,
+                                              session->config_, session->token_digest_));
+  OPTD_RETURN_IF_ERROR(session->Initialize(std::move(state), /*checkpointed=*/true));
   return session;
 }
 
@@ -254,141 +165,11 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restored(
   if (options.fs == nullptr) {
     return absl::InvalidArgumentError("Session::Restored needs a FileSystem");
   }
-  if (sources.empty()) return absl::InvalidArgumentError("no checkpoint to restore from");
-  // Every source read and checked whole before anything is built.
-  std::vector<CheckpointReader> readers;
-  std::vector<v1::SessionCheckpoint> metas;
-  for (const CheckpointSourcePath& source : sources) {
-    absl::StatusOr<CheckpointReader> reader = CheckpointReader::Open(*options.fs, source.path);
-    if (absl::IsNotFound(reader.status())) {
-      return absl::NotFoundError(
-          absl::StrCat("there is no checkpoint of ", source.label, " at ", source.path));
-    }
-    OPTD_RETURN_IF_ERROR(reader.status());
-    OPTD_ASSIGN_OR_RETURN(absl::string_view meta_bytes, reader->Find("meta"));
-    v1::SessionCheckpoint& meta = metas.emplace_back();
-    if (!meta.ParseFromArray(meta_bytes.data(), static_cast<int>(meta_bytes.size()))) {
-      return absl::DataLossError(absl::StrCat(source.path, ": the meta record does not parse"));
-    }
-    readers.push_back(*std::move(reader));
-  }
-  const int64_t step = metas[0].step();
-  const int64_t epoch = metas[0].config().placement_epoch();
-  for (size_t s = 1; s < sources.size(); ++s) {
-    if (metas[s].step() != step) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          sources[0].label, " was checkpointed at step ", step, " but ", sources[s].label,
-          " at step ", metas[s].step(), "; checkpoint every part at the same step"));
-    }
-    if (metas[s].config().placement_epoch() != epoch) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          sources[0].label, " was placed at epoch ", epoch, " but ", sources[s].label, " at epoch ",
-          metas[s].config().placement_epoch(), "; restore from the parts of one placement"));
-    }
-  }
-  if (config.placement_epoch() <= epoch && (epoch != 0 || config.placement_epoch() != 0)) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the checkpoints were placed at epoch ", epoch, "; a session restored from ",
-                     "them needs a later placement epoch, not ", config.placement_epoch()));
-  }
-  // Each checkpointed tensor by name: (source, its entry in the meta, its config).
-  struct Found {
-    size_t source;
-    const v1::TensorCheckpoint* checkpoint;
-    const v1::TensorConfig* config;
-  };
-  std::map<std::string, Found, std::less<>> found;
-  for (size_t s = 0; s < sources.size(); ++s) {
-    const v1::SessionCheckpoint& meta = metas[s];
-    if (meta.tensors_size() != meta.config().tensors_size()) {
-      return absl::DataLossError(absl::StrCat(sources[s].path, " lists ", meta.tensors_size(),
-                                              " tensors for a config of ",
-                                              meta.config().tensors_size()));
-    }
-    for (int t = 0; t < meta.tensors_size(); ++t) {
-      auto [it, added] = found.try_emplace(meta.tensors(t).name(),
-                                           Found{s, &meta.tensors(t), &meta.config().tensors(t)});
-      if (!added) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("tensor '", meta.tensors(t).name(), "' is in both ",
-                         sources[it->second.source].label, " and ", sources[s].label));
-      }
-    }
-  }
+  OPTD_ASSIGN_OR_RETURN(SessionState state,
+                        ReadReshardedState(backend, *options.fs, config, sources));
   std::unique_ptr<Session> session(new Session(backend, std::move(id), std::move(config),
                                                std::move(token_digest), std::move(options)));
-  const v1::SessionConfig& target = session->config_;
-  std::map<std::string, v1::GroupHyperparams> hyperparams;
-  std::map<std::string, size_t> hyperparams_from;  // group -> the source its values came from
-  for (int t = 0; t < session->num_tensors(); ++t) {
-    const v1::TensorConfig& want = target.tensors(t);
-    auto it = found.find(want.name());
-    if (it == found.end()) {
-      return absl::FailedPreconditionError(absl::StrCat("tensor '", want.name(), "' is in none of ",
-                                                        "the ", sources.size(),
-                                                        " checkpoints restored from"));
-    }
-    const Found& f = it->second;
-    const v1::SessionCheckpoint& meta = metas[f.source];
-    const v1::GroupConfig& group = *FindGroup(target, want.group());
-    const v1::GroupConfig* had = FindGroup(meta.config(), f.config->group());
-    auto shape = [](const v1::TensorConfig& c) { return absl::StrJoin(c.shape(), "x"); };
-    std::string differs;
-    if (shape(want) != shape(*f.config)) {
-      differs = absl::StrCat("shape ", shape(*f.config), " there, ", shape(want), " here");
-    } else if (want.dtype() != f.config->dtype()) {
-      differs = absl::StrCat("dtype ", v1::DType_Name(f.config->dtype()), " there, ",
-                             v1::DType_Name(want.dtype()), " here");
-    } else if (want.rank_policy() != f.config->rank_policy()) {
-      differs = "another rank policy";
-    } else if (had == nullptr || had->preset() != group.preset() ||
-               had->overrides_size() != group.overrides_size()) {
-      differs = absl::StrCat("preset '", had == nullptr ? "" : had->preset(), "' there, '",
-                             group.preset(), "' here (or other overrides)");
-    } else {
-      for (int o = 0; o < group.overrides_size(); ++o) {
-        if (had->overrides(o).key() != group.overrides(o).key() ||
-            had->overrides(o).value() != group.overrides(o).value()) {
-          differs = absl::StrCat("override ", had->overrides(o).key(), "=",
-                                 had->overrides(o).value(), " there, ", group.overrides(o).key(),
-                                 "=", group.overrides(o).value(), " here");
-          break;
-        }
-      }
-    }
-    if (!differs.empty()) {
-      return absl::FailedPreconditionError(absl::StrCat("tensor '", want.name(),
-                                                        "' does not match its checkpoint in ",
-                                                        sources[f.source].label, ": ", differs));
-    }
-    for (const v1::GroupHyperparams& h : meta.hyperparams()) {
-      if (h.group() != f.config->group()) continue;
-      v1::GroupHyperparams mine = h;
-      mine.set_group(group.name());
-      auto [have, added] = hyperparams.try_emplace(group.name(), mine);
-      if (!added && (have->second.lr() != h.lr() || have->second.momentum() != h.momentum() ||
-                     have->second.weight_decay() != h.weight_decay())) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "group '", group.name(), "' has other hyperparameters in ",
-            sources[hyperparams_from[group.name()]].label, " than in ", sources[f.source].label));
-      }
-      hyperparams_from.try_emplace(group.name(), f.source);
-    }
-  }
-  OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(target));
-  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> optimizer,
-                        Optimizer::Create(backend, std::move(specs)));
-  for (int t = 0; t < session->num_tensors(); ++t) {
-    const Found& f = found.find(target.tensors(t).name())->second;
-    OPTD_RETURN_IF_ERROR(LoadTensorRecords(readers[f.source], *f.checkpoint, t, *optimizer));
-  }
-  OPTD_RETURN_IF_ERROR(session->ApplyHyperparams(*optimizer, hyperparams));
-  OPTD_RETURN_IF_ERROR(session->Initialize(std::move(optimizer)));
-  absl::MutexLock lock(&session->mu_);
-  for (const auto& [name, h] : hyperparams) session->hyperparams_[name] = h;
-  session->step_ = step;
-  session->step_published_ = step;
-  session->ExportStateLocked();
+  OPTD_RETURN_IF_ERROR(session->Initialize(std::move(state), /*checkpointed=*/false));
   return session;
 }
 
@@ -399,42 +180,14 @@ absl::StatusOr<int> Session::FindTensor(absl::string_view name) const {
   return absl::NotFoundError(absl::StrCat("session '", id_, "' has no tensor '", name, "'"));
 }
 
-void Session::Touch() { last_used_ns_ = absl::ToUnixNanos(absl::Now()); }
+void Session::Touch() { last_used_ns_ = absl::ToUnixNanos(clock().Now()); }
 
 absl::StatusOr<std::unique_ptr<TensorStaging>> Session::AcquireStaging() {
-  {
-    absl::MutexLock lock(&staging_mu_);
-    // Bounded so that no client can make a session hold more staging than its quota counted.
-    const int limit = config_.world_size() + 1;
-    if (staging_outstanding_ >= limit) {
-      return absl::UnavailableError(absl::StrCat(
-          "session '", id_, "' already has ", staging_outstanding_,
-          " gradient or parameter streams open, its limit (world_size + 1); retry when they "
-          "finish"));
-    }
-    ++staging_outstanding_;
-    if (!free_staging_.empty()) {
-      std::unique_ptr<TensorStaging> staging = std::move(free_staging_.back());
-      free_staging_.pop_back();
-      staging->Reset();
-      return staging;
-    }
-  }
-  try {
-    return std::make_unique<TensorStaging>(names_, counts_);
-  } catch (const std::bad_alloc&) {
-    absl::MutexLock lock(&staging_mu_);
-    --staging_outstanding_;
-    return absl::ResourceExhaustedError(
-        absl::StrCat("session '", id_, "': no host memory for another gradient staging buffer"));
-  }
+  return staging_.Acquire();
 }
 
 void Session::ReleaseStaging(std::unique_ptr<TensorStaging> staging) {
-  if (staging == nullptr) return;
-  absl::MutexLock lock(&staging_mu_);
-  --staging_outstanding_;
-  free_staging_.push_back(std::move(staging));
+  staging_.Release(std::move(staging));
 }
 
 absl::Duration Session::straggler_timeout() const {
@@ -447,9 +200,7 @@ absl::Duration Session::straggler_timeout() const {
 void Session::MarkDeleted() {
   absl::MutexLock lock(&mu_);
   deleted_ = true;
-  if (!contributions_.empty()) {
-    EndRoundLocked(absl::NotFoundError(absl::StrCat("session '", id_, "' was deleted")));
-  }
+  round_.Abort(absl::NotFoundError(absl::StrCat("session '", id_, "' was deleted")));
 }
 
 absl::Status Session::CheckUsableLocked() const {
@@ -480,7 +231,7 @@ absl::Status Session::CheckStepHeaderLocked(const v1::StepHeader& header) {
                      "; worker ", header.worker_id(), " steps with placement epoch ",
                      header.placement_epoch(), " (a stale placement: recompute it)"));
   }
-  if (header.step() == step_ && last_outcome_ != nullptr) return absl::OkStatus();
+  if (header.step() == step_ && round_.has_last_outcome()) return absl::OkStatus();
   if (header.step() != step_ + 1) {
     return WithRejectionReason(
         absl::FailedPreconditionError(absl::StrCat(
@@ -504,8 +255,7 @@ absl::Status Session::CheckStepHeaderLocked(const v1::StepHeader& header) {
 
 bool Session::StepUnderway(int64_t step) {
   absl::MutexLock lock(&mu_);
-  return (step == step_ + 1 && !contributions_.empty()) ||
-         (step == step_ && last_outcome_ != nullptr);
+  return (step == step_ + 1 && round_.pending()) || (step == step_ && round_.has_last_outcome());
 }
 
 absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
@@ -520,144 +270,41 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
   }
   if (header.step() == step_) {
     ReleaseStaging(std::move(gradients));
-    return StepReply{Lease(last_outcome_), true};
+    return StepReply{round_.LastOutcome(), true};
   }
-  const int worker = header.worker_id();
-  const bool replayed = contributions_.contains(worker);
-  if (replayed) {
-    // A retry of a contribution already counted: wait for the step without counting it again.
-    ReleaseStaging(std::move(gradients));
-  } else {
-    if (!contributions_.empty()) {
-      const TensorStaging& first = *contributions_.begin()->second;
-      if (first.PresentTensors() != gradients->PresentTensors()) {
-        std::vector<std::string> mine, theirs;
-        for (int t : gradients->PresentTensors()) mine.push_back(names_[t]);
-        for (int t : first.PresentTensors()) theirs.push_back(names_[t]);
-        ReleaseStaging(std::move(gradients));
-        return absl::InvalidArgumentError(absl::StrCat(
-            "worker ", worker, " sent gradients for {", absl::StrJoin(mine, ", "), "} but worker ",
-            contributions_.begin()->first, " sent {", absl::StrJoin(theirs, ", "), "} for step ",
-            header.step(), " of session '", id_, "'; every worker must send the same tensors"));
-      }
+  const std::optional<double> lr =
+      header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
+  OPTD_ASSIGN_OR_RETURN(
+      const StepRound::Ticket ticket,
+      round_.Join(header.worker_id(), header.step(), lr, std::move(gradients), cancelled, names_));
+  if (ticket.complete) {
+    // Out of host memory before the optimizer ran (the result buffers; the snapshot and the
+    // checkpoint after it catch their own), nothing was applied: the round ends with the error.
+    absl::StatusOr<std::shared_ptr<StepOutcome>> result = absl::ResourceExhaustedError(
+        absl::StrCat("session '", id_, "' step ", header.step(),
+                     ": no host memory for the step's results; nothing was applied"));
+    try {
+      result = CommitLocked(header);
+    } catch (const std::bad_alloc&) {
     }
-    const std::optional<double> lr =
-        header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
-    if (!contributions_.empty() && lr != round_lr_) {
-      ReleaseStaging(std::move(gradients));
-      return absl::InvalidArgumentError(absl::StrCat(
-          "worker ", worker, " sent lr ", lr ? absl::StrCat(*lr) : "none", " but worker ",
-          contributions_.begin()->first, " sent lr ", round_lr_ ? absl::StrCat(*round_lr_) : "none",
-          " for step ", header.step(), " of session '", id_, "'; every worker must send the same"));
-    }
-    if (cancelled()) {
-      ReleaseStaging(std::move(gradients));
-      return absl::CancelledError("the step call was cancelled before its gradients counted");
-    }
-    if (contributions_.empty()) {
-      round_deadline_ = absl::Now() + straggler_timeout();
-      round_lr_ = lr;
-    }
-    contributions_[worker] = std::move(gradients);
-    workers_pending_published_ = static_cast<int>(contributions_.size());
-    if (static_cast<int>(contributions_.size()) == config_.world_size()) {
-      // Out of host memory before the optimizer ran (the result buffers; the snapshot and the
-      // checkpoint after it catch their own), nothing was applied: the round ends with the error.
-      absl::StatusOr<std::shared_ptr<StepOutcome>> result = absl::ResourceExhaustedError(
-          absl::StrCat("session '", id_, "' step ", header.step(),
-                       ": no host memory for the step's results; nothing was applied"));
-      try {
-        result = CommitLocked(header);
-      } catch (const std::bad_alloc&) {
-        spare_outcome_ = nullptr;
-      }
-      EndRoundLocked(result);
-      if (!result.ok()) return result.status();
-      return StepReply{Lease(*result), false};
-    }
+    round_.End(result);
+    if (!result.ok()) return result.status();
+    return StepReply{StepRound::Lease(*result), false};
   }
-  const int64_t my_round = round_;
-  ++waiters_[worker];
-  while (round_ == my_round) {
-    const absl::Duration poll = absl::Milliseconds(50);
-    const absl::Duration left = round_deadline_ - absl::Now();
-    round_done_.WaitWithTimeout(&mu_, std::min(poll, std::max(left, absl::ZeroDuration())));
-    if (round_ != my_round) break;
-    if (cancelled()) {
-      // Withdraw only when no other stream of this worker (an earlier attempt or a retry) still
-      // waits on the contribution.
-      if (--waiters_[worker] == 0) {
-        waiters_.erase(worker);
-        auto it = contributions_.find(worker);
-        if (it != contributions_.end()) {
-          ReleaseStaging(std::move(it->second));
-          contributions_.erase(it);
-        }
-        workers_pending_published_ = static_cast<int>(contributions_.size());
-      }
-      return absl::CancelledError(
-          absl::StrCat("the step call was cancelled while waiting for the other workers; worker ",
-                       worker, "'s gradients for step ", header.step(), " are withdrawn"));
-    }
-    if (absl::Now() >= round_deadline_) {
-      std::vector<int> missing;
-      for (int w = 0; w < config_.world_size(); ++w) {
-        if (!contributions_.contains(w)) missing.push_back(w);
-      }
-      EndRoundLocked(absl::AbortedError(absl::StrCat(
-          "step ", header.step(), " of session '", id_, "' aborted: worker(s) ",
-          absl::StrJoin(missing, ", "), " sent no gradients within the straggler timeout of ",
-          absl::FormatDuration(straggler_timeout()), "; nothing was applied")));
-      break;
-    }
-  }
-  if (finished_round_ != my_round) {
-    return absl::InternalError("step round bookkeeping lost a round");
-  }
-  if (!finished_result_.ok()) return finished_result_.status();
-  return StepReply{Lease(*finished_result_), replayed};
-}
-
-std::shared_ptr<const StepOutcome> Session::Lease(const std::shared_ptr<StepOutcome>& outcome) {
-  outcome->leases.fetch_add(1, std::memory_order_relaxed);
-  return std::shared_ptr<const StepOutcome>(outcome.get(), [keep = outcome](const StepOutcome*) {
-    keep->leases.fetch_sub(1, std::memory_order_release);
-  });
-}
-
-void Session::EndRoundLocked(absl::StatusOr<std::shared_ptr<StepOutcome>> result) {
-  for (auto& [worker, staging] : contributions_) ReleaseStaging(std::move(staging));
-  contributions_.clear();
-  waiters_.clear();
-  workers_pending_published_ = 0;
-  finished_round_ = round_;
-  finished_result_ = std::move(result);
-  ++round_;
-  round_done_.SignalAll();
+  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<StepOutcome> outcome,
+                        round_.Wait(ticket, header.worker_id(), cancelled));
+  return StepReply{StepRound::Lease(outcome), ticket.replayed};
 }
 
 absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::StepHeader& header) {
-  std::shared_ptr<StepOutcome> outcome;
-  if (spare_outcome_ != nullptr && spare_outcome_->leases.load(std::memory_order_acquire) == 0) {
-    // No reader is left (their last reads happen before this load), so the buffers can be
-    // overwritten; sizes stay and every element is written below.
-    outcome = std::move(spare_outcome_);
-    outcome->step = 0;
-    outcome->skipped = false;
-    outcome->tensors_updated = 0;
-    outcome->nonfinite_values = 0;
-    outcome->checkpoint_error.clear();
-  } else {
-    outcome = std::make_shared<StepOutcome>();
-  }
-  spare_outcome_ = nullptr;
+  std::shared_ptr<StepOutcome> outcome = round_.NewOutcome();
   outcome->step = header.step();
   outcome->result = config_.step_result();
-  for (const auto& [worker, staging] : contributions_) {
+  for (const auto& [worker, staging] : round_.contributions()) {
     outcome->nonfinite_values += staging->out_of_range_values();
   }
-  const std::vector<int> present = contributions_.begin()->second->PresentTensors();
-  outcome->compute_started = absl::Now();  // ApplyLocked moves it past the mean
+  const std::vector<int> present = round_.contributions().begin()->second->PresentTensors();
+  outcome->compute_started = clock().Now();  // ApplyLocked moves it past the mean
   if (outcome->nonfinite_values > 0) {
     // Only reachable under NON_FINITE_POLICY_SKIP_STEP: the stream rejects them otherwise.
     outcome->skipped = true;
@@ -673,13 +320,12 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
       }
     }
   }
-  outcome->compute_finished = absl::Now();
+  outcome->compute_finished = clock().Now();
   step_ = header.step();
   step_published_ = step_;
   ExportStateLocked();
   if (outcome->nonfinite_values > 0) CountNonFinite(outcome->nonfinite_values);
-  spare_outcome_ = std::move(last_outcome_);
-  last_outcome_ = outcome;
+  round_.Completed(outcome);
   if (config_.checkpoint_interval() > 0 && !options_.state_dir.empty() &&
       step_ % config_.checkpoint_interval() == 0) {
     // The step has committed in memory; if its checkpoint fails the reply says so (the step is
@@ -694,14 +340,8 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
 
 absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,
                                   StepOutcome& outcome) {
-  std::vector<const float*> inputs;
   for (int t : present) {
-    inputs.clear();
-    for (const auto& [worker, staging] : contributions_) inputs.push_back(staging->data(t));
-    float* mean = contributions_.begin()->second->data(t);
-    MeanOfWorkers(inputs, absl::MakeSpan(mean, static_cast<size_t>(counts_[t])));
-    OPTD_RETURN_IF_ERROR(
-        optimizer_->SetGradient(t, absl::MakeConstSpan(mean, static_cast<size_t>(counts_[t]))));
+    OPTD_RETURN_IF_ERROR(optimizer_->SetGradient(t, round_.MeanInFirst(t, counts_[t])));
   }
   if (outcome.result != v1::STEP_RESULT_NONE) {
     outcome.values.resize(num_tensors());
@@ -723,23 +363,20 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
           optimizer_->SetHyperparameters(t, header.lr(), h.weight_decay(), h.momentum()));
     }
   }
-  outcome.compute_started = absl::Now();
-  std::optional<Snapshot> snapshot = StartSnapshotLocked(header.step(), present);
+  outcome.compute_started = clock().Now();
+  std::optional<PendingSnapshot> snapshot = BeginSnapshotLocked(header.step(), present);
   absl::Status stepped = optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n));
   const absl::Status restored =
       header.has_lr() ? SetHyperparamsLocked(hyperparams_) : absl::OkStatus();
   if (!stepped.ok()) {
-    if (snapshot.has_value()) options_.analyzer->Release(snapshot->job.session, snapshot->bytes);
     if (stepped.code() == absl::StatusCode::kInternal) damaged_ = stepped;
-    return stepped;
+    return stepped;  // an unfinished snapshot gives its room back
   }
   // The state has changed: a failure from here on would leave the step count behind the state
   // (a retry would apply the step twice), so it damages the session.
   absl::Status finished = restored.ok() ? ReadResultLocked(outcome) : restored;
   if (finished.ok() && snapshot.has_value()) {
     finished = FinishSnapshotLocked(*std::move(snapshot));
-  } else if (snapshot.has_value()) {
-    options_.analyzer->Release(snapshot->job.session, snapshot->bytes);
   }
   if (!finished.ok()) {
     damaged_ = finished;
@@ -749,92 +386,53 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
   return absl::OkStatus();
 }
 
-std::optional<Session::Snapshot> Session::StartSnapshotLocked(int64_t step,
-                                                              const std::vector<int>& present) {
+std::optional<PendingSnapshot> Session::BeginSnapshotLocked(int64_t step,
+                                                            const std::vector<int>& present) {
   const int64_t interval = config_.analysis_interval();
   if (options_.analyzer == nullptr || interval == 0 || step % interval != 0) return std::nullopt;
-  Snapshot snapshot;
-  for (int t : present) {
-    const TensorSpec& spec = optimizer_->spec(t);
-    if (spec.config.algorithm != Algorithm::kMatrix) continue;
-    const absl::StatusOr<MatrixView> view = MatrixViewOf(spec.shape, spec.rank_policy);
-    if (!view.ok() || view->rows < 2) continue;  // no dominance ratio for a single row
-    snapshot.tensors.push_back(t);
-    snapshot.bytes += 3 * counts_[t] * static_cast<int64_t>(sizeof(float));
+  std::vector<SnapshotRequest> requests;
+  try {
+    for (int t : present) {
+      const TensorSpec& spec = optimizer_->spec(t);
+      if (spec.config.algorithm != Algorithm::kMatrix) continue;
+      const absl::StatusOr<MatrixView> view = MatrixViewOf(spec.shape, spec.rank_policy);
+      if (!view.ok() || view->rows < 2) continue;  // no dominance ratio for a single row
+      // The gradient is the workers' mean, which ApplyLocked left in the first contribution.
+      const float* gradient = round_.contributions().begin()->second->data(t);
+      requests.push_back(SnapshotRequest{t, names_[t], view->batch, view->rows, view->cols,
+                                         spec.config.matrix.newton_schulz,
+                                         absl::MakeConstSpan(gradient, counts_[t])});
+    }
+  } catch (const std::bad_alloc&) {
+    return std::nullopt;  // no analysis this time; the step goes on
   }
   // Keyed by the session and its restores: an analysis still running for steps a Restore undid
   // does not hold up the first analysis after it (its figures will be dropped anyway).
-  snapshot.job.session = absl::StrCat(id_, "#", restores_.load());
-  if (snapshot.tensors.empty() ||
-      !options_.analyzer->Reserve(snapshot.job.session, snapshot.bytes)) {
-    return std::nullopt;
-  }
-  snapshot.job.step = step;
-  // Every host buffer the snapshot needs is allocated here, before the step changes anything:
-  // out of memory, the step goes on without an analysis.
-  try {
-    AllocateSnapshotLocked(snapshot);
-  } catch (const std::bad_alloc&) {
-    snapshot.updates.clear();
-  }
-  if (snapshot.updates.size() != snapshot.tensors.size()) {
-    options_.analyzer->Release(snapshot.job.session, snapshot.bytes);
-    return std::nullopt;  // no analysis this time; the step goes on
-  }
+  std::optional<PendingSnapshot> snapshot = options_.analyzer->BeginSnapshot(
+      absl::StrCat(id_, "#", restores_.load()), step, requests, backend_);
+  if (!snapshot.has_value()) return std::nullopt;
   // Every buffer is in place: the step writes each update it applies into one
   // (Optimizer::CaptureUpdate), exact at any learning rate, where the parameters differenced over
   // lr would not be. It cannot fail for a matrix tensor of this session and a buffer.
-  for (size_t i = 0; i < snapshot.tensors.size(); ++i) {
-    optimizer_->CaptureUpdate(snapshot.tensors[i], snapshot.updates[i].f32()).IgnoreError();
+  for (size_t i = 0; i < snapshot->size(); ++i) {
+    optimizer_->CaptureUpdate(snapshot->tensor(i), snapshot->update_buffer(i)).IgnoreError();
   }
   return snapshot;
 }
 
-void Session::AllocateSnapshotLocked(Snapshot& snapshot) {
-  for (int t : snapshot.tensors) {
-    const TensorSpec& spec = optimizer_->spec(t);
-    const MatrixView view = *MatrixViewOf(spec.shape, spec.rank_policy);
-    TensorSnapshot& s = snapshot.job.tensors.emplace_back();
-    s.name = names_[t];
-    s.batch = view.batch;
-    s.rows = view.rows;
-    s.cols = view.cols;
-    s.newton_schulz = spec.config.matrix.newton_schulz;
-    const size_t count = static_cast<size_t>(counts_[t]);
-    const float* gradient = contributions_.begin()->second->data(t);  // the workers' mean
-    s.gradient.assign(gradient, gradient + count);
-    s.momentum.resize(count);
-    s.update.resize(count);
-    absl::StatusOr<Buffer> update = backend_.Allocate(count * sizeof(float));
-    if (!update.ok()) return;  // fewer updates than tensors: no analysis
-    snapshot.updates.push_back(*std::move(update));
-  }
-}
-
-absl::Status Session::FinishSnapshotLocked(Snapshot snapshot) {
-  for (size_t i = 0; i < snapshot.tensors.size(); ++i) {
-    const int t = snapshot.tensors[i];
-    TensorSnapshot& s = snapshot.job.tensors[i];  // sized by AllocateSnapshotLocked
-    absl::Status read = optimizer_->GetState(t, "momentum", absl::MakeSpan(s.momentum));
-    if (read.ok()) {
-      read = backend_.Download(backend_.default_queue(), s.update.data(),
-                               snapshot.updates[i].data(), s.update.size() * sizeof(float));
-    }
-    if (read.ok()) read = backend_.Synchronize(backend_.default_queue());
-    if (!read.ok()) {
-      options_.analyzer->Release(snapshot.job.session, snapshot.bytes);
-      return read;
-    }
-  }
+absl::Status Session::FinishSnapshotLocked(PendingSnapshot snapshot) {
   std::weak_ptr<Session> self = weak_from_this();
-  snapshot.job.publish = [self, restores = restores_.load()](
-                             int64_t step, std::vector<v1::TensorAnalysis> figures) {
-    if (std::shared_ptr<Session> session = self.lock()) {
-      session->PublishAnalysis(step, restores, std::move(figures));
-    }
-  };
-  options_.analyzer->Submit(std::move(snapshot.job), snapshot.bytes);
-  return absl::OkStatus();
+  return options_.analyzer->Finish(
+      std::move(snapshot), backend_,
+      [this](int t, absl::Span<float> out) {
+        mu_.AssertHeld();  // called within Finish
+        return optimizer_->GetState(t, "momentum", out);
+      },
+      [self, restores = restores_.load()](int64_t step, std::vector<v1::TensorAnalysis> figures) {
+        if (std::shared_ptr<Session> session = self.lock()) {
+          session->PublishAnalysis(step, restores, std::move(figures));
+        }
+      });
 }
 
 void Session::PublishAnalysis(int64_t step, int64_t restores,
@@ -888,20 +486,9 @@ absl::Status Session::ReadResultLocked(StepOutcome& outcome) {
   return absl::OkStatus();
 }
 
-absl::Status Session::ApplyHyperparams(
-    Optimizer& optimizer, const std::map<std::string, v1::GroupHyperparams>& groups) const {
-  for (int t = 0; t < num_tensors(); ++t) {
-    auto h = groups.find(config_.groups(group_of_[t]).name());
-    if (h == groups.end()) continue;
-    OPTD_RETURN_IF_ERROR(optimizer.SetHyperparameters(t, h->second.lr(), h->second.weight_decay(),
-                                                      h->second.momentum()));
-  }
-  return absl::OkStatus();
-}
-
 absl::Status Session::SetHyperparamsLocked(
     const std::map<std::string, v1::GroupHyperparams>& groups) {
-  OPTD_RETURN_IF_ERROR(ApplyHyperparams(*optimizer_, groups));
+  OPTD_RETURN_IF_ERROR(ApplyGroupHyperparams(config_, *optimizer_, groups));
   if (&groups != &hyperparams_) {
     for (const auto& [name, h] : groups) hyperparams_[name] = h;
   }
@@ -1008,7 +595,10 @@ absl::StatusOr<CheckpointInfo> Session::WriteCheckpointLocked(const std::string&
   absl::StatusOr<CheckpointInfo> written =
       absl::ResourceExhaustedError("optd could not allocate host memory to write the checkpoint");
   try {
-    written = WriteCheckpointFileLocked(state_dir);
+    written =
+        WriteSessionCheckpoint(*options_.fs, state_dir,
+                               SessionCheckpointContents{id_, config_, token_digest_, step_,
+                                                         hyperparams_, *optimizer_, clock().Now()});
   } catch (const std::bad_alloc&) {
     // `written` says so; the last good checkpoint stays (the writer commits by rename).
   }
@@ -1022,51 +612,6 @@ absl::StatusOr<CheckpointInfo> Session::WriteCheckpointLocked(const std::string&
   return written;
 }
 
-absl::StatusOr<CheckpointInfo> Session::WriteCheckpointFileLocked(const std::string& state_dir) {
-  FileSystem& fs = *options_.fs;
-  OPTD_RETURN_IF_ERROR(fs.CreateDir(state_dir));
-  const std::string dir = absl::StrCat(state_dir, "/", id_);
-  OPTD_RETURN_IF_ERROR(fs.CreateDir(dir));
-  CheckpointInfo info;
-  info.path = CheckpointPath(state_dir, id_);
-  info.step = step_;
-
-  v1::SessionCheckpoint meta;
-  meta.set_session_id(id_);
-  *meta.mutable_config() = config_;
-  meta.set_token_sha256(token_digest_);
-  meta.set_step(step_);
-  meta.set_written_unix_micros(absl::ToUnixMicros(absl::Now()));
-  for (const auto& [name, h] : hyperparams_) *meta.add_hyperparams() = h;
-  for (int t = 0; t < num_tensors(); ++t) {
-    v1::TensorCheckpoint* tc = meta.add_tensors();
-    tc->set_name(names_[t]);
-    tc->set_steps_applied(optimizer_->steps_applied(t));
-    for (const StateBuffer& b : optimizer_->state(t)) tc->add_state_buffers(b.name);
-  }
-  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointWriter> writer,
-                        CheckpointWriter::Create(fs, info.path));
-  const std::string meta_bytes = meta.SerializeAsString();
-  OPTD_RETURN_IF_ERROR(writer->AddRecord("meta", meta_bytes));
-  info.bytes = static_cast<int64_t>(meta_bytes.size());
-  std::vector<float> values;
-  for (int t = 0; t < num_tensors(); ++t) {
-    values.resize(static_cast<size_t>(counts_[t]));
-    OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, absl::MakeSpan(values)));
-    OPTD_RETURN_IF_ERROR(writer->AddRecord(absl::StrCat("params/", names_[t]), AsBytes(values)));
-    info.bytes += static_cast<int64_t>(values.size() * sizeof(float));
-    for (const StateBuffer& b : optimizer_->state(t)) {
-      values.resize(static_cast<size_t>(b.count));
-      OPTD_RETURN_IF_ERROR(optimizer_->GetState(t, b.name, absl::MakeSpan(values)));
-      OPTD_RETURN_IF_ERROR(
-          writer->AddRecord(absl::StrCat("state/", names_[t], "/", b.name), AsBytes(values)));
-      info.bytes += static_cast<int64_t>(values.size() * sizeof(float));
-    }
-  }
-  OPTD_RETURN_IF_ERROR(writer->Commit());
-  return info;
-}
-
 absl::StatusOr<int64_t> Session::Restore() {
   Touch();
   if (options_.state_dir.empty()) {
@@ -1075,18 +620,17 @@ absl::StatusOr<int64_t> Session::Restore() {
   }
   absl::MutexLock lock(&mu_);
   const std::string path = CheckpointPath(options_.state_dir, id_);
-  absl::StatusOr<Loaded> loaded = LoadCheckpoint(path);
+  absl::StatusOr<SessionState> loaded =
+      LoadSessionCheckpoint(backend_, *options_.fs, path, id_, config_, token_digest_);
   if (absl::IsNotFound(loaded.status())) {
     return absl::FailedPreconditionError(
         absl::StrCat("session '", id_, "' has no checkpoint at ", path));
   }
   OPTD_RETURN_IF_ERROR(loaded.status());
   // Abort a pending step: its workers get Aborted and resend against the restored step.
-  if (!contributions_.empty()) {
-    EndRoundLocked(absl::AbortedError(absl::StrCat("session '", id_,
-                                                   "' was restored from its checkpoint at step ",
-                                                   loaded->step, " while this step was pending")));
-  }
+  round_.Abort(absl::AbortedError(absl::StrCat("session '", id_,
+                                               "' was restored from its checkpoint at step ",
+                                               loaded->step, " while this step was pending")));
   // Nothing can fail from here on: the restore is all or nothing.
   optimizer_ = std::move(loaded->optimizer);
   damaged_ = absl::OkStatus();
@@ -1095,8 +639,7 @@ absl::StatusOr<int64_t> Session::Restore() {
   step_published_ = step_;
   checkpoint_step_ = step_;
   checkpoint_step_published_ = step_;
-  last_outcome_ = nullptr;
-  spare_outcome_ = nullptr;
+  round_.DropOutcomes();
   ExportStateLocked();
   // The figures were of steps that no longer happened, and so are those still in analysis.
   absl::MutexLock analysis_lock(&analysis_mu_);
@@ -1121,7 +664,7 @@ v1::SessionInfo Session::Info(bool with_tensors) {
   info.set_checkpoint_step(checkpoint_step_published_.load());
   info.set_state_bytes(state_bytes_);
   info.set_backend(std::string(backend_.name()));
-  info.set_workers_pending(workers_pending_published_.load());
+  info.set_workers_pending(round_.workers_pending());
   if (!with_tensors) return info;
   *info.mutable_config() = config_;
   absl::MutexLock lock(&mu_);

@@ -14,9 +14,14 @@
 // untouched. Should the backend fail mid-step, the session refuses further work
 // (FailedPrecondition) until Restore reloads its last checkpoint.
 //
-// Checkpoint file (server/checkpoint_file.h's record format), <state_dir>/<session>/checkpoint:
-// record "meta" (optd.v1.SessionCheckpoint), then "params/<tensor>" and
-// "state/<tensor>/<buffer>" as little-endian fp32.
+// The parts (a gradient's path: OptimizerService::Step -> Session::Step -> StepRound::Join, then
+// the last worker's CommitLocked -> Optimizer::Step -> StepRound::End):
+//   server/step_round.h          the pending step: contributions, waiters, straggler deadline,
+//                                outcome buffers
+//   server/session_checkpoint.h  the checkpoint file: write and load
+//   server/reshard.h             a session restored from other instances' checkpoints
+//   server/analyzer.h            the analysis snapshot a step takes (BeginSnapshot/Finish)
+// The session owns the lock they run under and the lifecycle.
 #ifndef OPTD_SERVER_SESSION_H_
 #define OPTD_SERVER_SESSION_H_
 
@@ -39,8 +44,12 @@
 #include "optd/v1/checkpoint.pb.h"
 #include "optd/v1/optd.pb.h"
 #include "server/analyzer.h"
+#include "server/clock.h"
 #include "server/file_system.h"
 #include "server/metrics.h"
+#include "server/reshard.h"
+#include "server/session_checkpoint.h"
+#include "server/step_round.h"
 #include "server/tensor_staging.h"
 
 namespace optd::server {
@@ -49,6 +58,7 @@ struct SessionOptions {
   // Where checkpoints go; empty: Checkpoint and Restore fail with FailedPrecondition.
   std::string state_dir;
   FileSystem* fs = nullptr;  // REQUIRED when state_dir is set
+  Clock* clock = nullptr;    // default: RealClock()
   // Straggler timeout for sessions whose config leaves it 0.
   absl::Duration default_straggler_timeout = absl::Seconds(60);
   // Where the session's series go and who analyzes it; either may be null (then it has none).
@@ -56,45 +66,11 @@ struct SessionOptions {
   Analyzer* analyzer = nullptr;
 };
 
-// What one step produced, shared by every worker that asks for it.
-struct StepOutcome {
-  int64_t step = 0;
-  bool skipped = false;
-  int tensors_updated = 0;
-  int64_t nonfinite_values = 0;
-  v1::StepResult result = v1::STEP_RESULT_PARAMETERS;
-  // The last step on disk once this one committed (its own when its periodic checkpoint was
-  // written), and why this step's periodic checkpoint failed: such a step is not durable.
-  int64_t checkpoint_step = 0;
-  std::string checkpoint_error;
-  // Per tensor, in session order: the new parameters or the delta; empty for STEP_RESULT_NONE.
-  std::vector<std::vector<float>> values;
-  // When the optimizer began (the workers' mean taken) and when the result was ready.
-  absl::Time compute_started;
-  absl::Time compute_finished;
-  // Readers outside the session (StepReply) that may still read `values`. The session reuses
-  // the buffers only once it reads 0: each reader's release pairs with that acquire load.
-  std::atomic<int> leases{0};
-};
-
 struct StepReply {
   std::shared_ptr<const StepOutcome> outcome;
   // The caller's contribution had already been counted, or the step had already run: this is
   // the result the first attempt produced.
   bool replayed = false;
-};
-
-struct CheckpointInfo {
-  int64_t step = 0;
-  std::string path;
-  int64_t bytes = 0;
-  std::string shared_path;  // the copy for resharding, when one was asked for
-};
-
-// A checkpoint a resharded session restores from, and how errors name it.
-struct CheckpointSourcePath {
-  std::string label;  // e.g. "instance 'optd-2' session 'run'"
-  std::string path;
 };
 
 // Owned through std::shared_ptr (the analyzer's callback holds a weak one).
@@ -214,7 +190,9 @@ class Session : public std::enable_shared_from_this<Session> {
   Session(Backend& backend, std::string id, v1::SessionConfig config, std::string token_digest,
           SessionOptions options);
 
-  absl::Status Initialize(std::unique_ptr<Optimizer> optimizer);
+  // Takes the optimizer and its hyperparameters (the config's, then `hyperparams` over them) at
+  // `step`; `checkpointed`: that step is on disk.
+  absl::Status Initialize(SessionState state, bool checkpointed);
   absl::Status CheckStepHeaderLocked(const v1::StepHeader& header)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckUsableLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -224,37 +202,22 @@ class Session : public std::enable_shared_from_this<Session> {
                            StepOutcome& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Fills the outcome's values (new parameters, or the delta from the old ones it holds).
   absl::Status ReadResultLocked(StepOutcome& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // A reference for a reader outside the lock, counted in outcome->leases until it is dropped.
-  static std::shared_ptr<const StepOutcome> Lease(const std::shared_ptr<StepOutcome>& outcome);
-  void EndRoundLocked(absl::StatusOr<std::shared_ptr<StepOutcome>> result)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The restart checkpoint, in the state directory.
   absl::StatusOr<CheckpointInfo> CheckpointLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The session's checkpoint file under `state_dir` (created if missing); a failed write is
   // counted (optd_checkpoint_failures_total) and logged.
   absl::StatusOr<CheckpointInfo> WriteCheckpointLocked(const std::string& state_dir)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<CheckpointInfo> WriteCheckpointFileLocked(const std::string& state_dir)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // A fresh optimizer holding the checkpoint at `path`, with its step and hyperparameters.
-  struct Loaded;
-  absl::StatusOr<Loaded> LoadCheckpoint(const std::string& path);
-  absl::Status ApplyHyperparams(Optimizer& optimizer,
-                                const std::map<std::string, v1::GroupHyperparams>& groups) const;
   absl::Status SetHyperparamsLocked(const std::map<std::string, v1::GroupHyperparams>& groups)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Duration straggler_timeout() const;
-  // The analyzer's snapshot of one step.
-  struct Snapshot;
-  // With an analyzer and a step the analysis interval divides: each present matrix tensor's
-  // gradient and pre-step parameters, with the analyzer's room reserved; nullopt otherwise.
-  std::optional<Snapshot> StartSnapshotLocked(int64_t step, const std::vector<int>& present)
+  Clock& clock() const { return options_.clock != nullptr ? *options_.clock : RealClock(); }
+  // With an analyzer and a step the analysis interval divides: a snapshot of each present matrix
+  // tensor (gradient now, momentum and update after the step), with the update captured by the
+  // step; nullopt otherwise.
+  std::optional<PendingSnapshot> BeginSnapshotLocked(int64_t step, const std::vector<int>& present)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // The snapshot's host buffers and one update buffer per tensor (fewer when the backend is out
-  // of memory); throws std::bad_alloc when the host is.
-  void AllocateSnapshotLocked(Snapshot& snapshot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // After the step: momentum, and the update recovered from the parameters; submits the job.
-  absl::Status FinishSnapshotLocked(Snapshot snapshot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status FinishSnapshotLocked(PendingSnapshot snapshot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ExportStateLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   Backend& backend_;
@@ -271,16 +234,12 @@ class Session : public std::enable_shared_from_this<Session> {
 
   std::atomic<int64_t> step_published_{0};
   std::atomic<int64_t> checkpoint_step_published_{-1};
-  std::atomic<int> workers_pending_published_{0};
   std::atomic<int64_t> last_used_ns_{0};
   std::atomic<int64_t> restores_{0};  // Restores so far: an analysis from before one is dropped
 
-  absl::Mutex staging_mu_;
-  std::vector<std::unique_ptr<TensorStaging>> free_staging_ ABSL_GUARDED_BY(staging_mu_);
-  int staging_outstanding_ ABSL_GUARDED_BY(staging_mu_) = 0;
+  StagingPool staging_;
 
   absl::Mutex mu_;
-  absl::CondVar round_done_;
   std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
   int64_t step_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t checkpoint_step_ ABSL_GUARDED_BY(mu_) = -1;
@@ -288,22 +247,8 @@ class Session : public std::enable_shared_from_this<Session> {
   std::map<std::string, v1::GroupHyperparams> hyperparams_ ABSL_GUARDED_BY(mu_);
   absl::Status damaged_ ABSL_GUARDED_BY(mu_);
   bool deleted_ ABSL_GUARDED_BY(mu_) = false;
-  // The lr override of the pending step, set by its first contribution.
-  std::optional<double> round_lr_ ABSL_GUARDED_BY(mu_);
-  // Streams waiting on each worker's contribution (its first attempt and any retries).
-  std::map<int, int> waiters_ ABSL_GUARDED_BY(mu_);
-  // The pending step: contributions by worker id, the deadline set by the first, and a round
-  // number that changes when the step commits or aborts.
-  std::map<int, std::unique_ptr<TensorStaging>> contributions_ ABSL_GUARDED_BY(mu_);
-  absl::Time round_deadline_ ABSL_GUARDED_BY(mu_);
-  int64_t round_ ABSL_GUARDED_BY(mu_) = 0;
-  // How the last round ended (its number and outcome or abort status).
-  int64_t finished_round_ ABSL_GUARDED_BY(mu_) = -1;
-  absl::StatusOr<std::shared_ptr<StepOutcome>> finished_result_ ABSL_GUARDED_BY(mu_);
-  // The last completed step's outcome, for retries, and the one before it, whose buffers the next
-  // step reuses once nobody streams it any more (no page faults on the hot path).
-  std::shared_ptr<StepOutcome> last_outcome_ ABSL_GUARDED_BY(mu_);
-  std::shared_ptr<StepOutcome> spare_outcome_ ABSL_GUARDED_BY(mu_);
+  // The pending step and the outcome buffers; runs under mu_.
+  StepRound round_;
   // Separate from mu_ so that GetAnalysis never waits for a step.
   absl::Mutex analysis_mu_;
   std::vector<v1::TensorAnalysis> analysis_ ABSL_GUARDED_BY(analysis_mu_);

@@ -26,6 +26,7 @@ SessionOptions SessionManager::session_options() const {
   SessionOptions o;
   o.state_dir = options_.state_dir;
   o.fs = &fs_;
+  o.clock = options_.clock;
   o.default_straggler_timeout = options_.default_straggler_timeout;
   o.metrics = options_.metrics;
   o.analyzer = options_.analyzer;

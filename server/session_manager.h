@@ -15,6 +15,7 @@
 #include "absl/time/time.h"
 #include "kernels/backend.h"
 #include "optd/v1/optd.pb.h"
+#include "server/clock.h"
 #include "server/file_system.h"
 #include "server/session.h"
 
@@ -24,6 +25,7 @@ struct SessionManagerOptions {
   // Checkpoints and the sessions a restarted daemon resumes; empty: in memory only.
   std::string state_dir;
   FileSystem* fs = nullptr;  // default: PosixFileSystem()
+  Clock* clock = nullptr;    // default: RealClock(); straggler deadlines and idle times
   int max_sessions = 64;
   // Largest world_size a session may have: its workers wait for each other inside the daemon's
   // step queue, so a session larger than the queue could never step (Server sets it to

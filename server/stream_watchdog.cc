@@ -4,12 +4,14 @@
 
 namespace optd::server {
 
-StreamWatchdog::StreamWatchdog() : thread_([this] { Run(); }) {}
+StreamWatchdog::StreamWatchdog(Clock* clock)
+    : clock_(clock != nullptr ? *clock : RealClock()), thread_([this] { Run(); }) {}
 
 StreamWatchdog::~StreamWatchdog() {
   {
     absl::MutexLock lock(&mu_);
     stop_ = true;
+    changed_.Signal();
   }
   thread_.join();
 }
@@ -29,9 +31,12 @@ StreamWatchdog::Watch::~Watch() {
 
 void StreamWatchdog::Watch::Arm(absl::Duration timeout) {
   absl::MutexLock lock(&watchdog_.mu_);
-  const absl::Time deadline = absl::Now() + timeout;
+  const absl::Time deadline = watchdog_.clock_.Now() + timeout;
   watchdog_.entries_[id_].deadline = deadline;
-  if (deadline < watchdog_.sleeping_until_) ++watchdog_.changes_;
+  if (deadline < watchdog_.sleeping_until_) {
+    ++watchdog_.changes_;
+    watchdog_.changed_.Signal();
+  }
 }
 
 void StreamWatchdog::Watch::Disarm() {
@@ -47,7 +52,7 @@ bool StreamWatchdog::Watch::fired() const {
 void StreamWatchdog::Run() {
   absl::MutexLock lock(&mu_);
   while (!stop_) {
-    const absl::Time now = absl::Now();
+    const absl::Time now = clock_.Now();
     absl::Time next = absl::InfiniteFuture();
     for (auto& [id, entry] : entries_) {
       if (entry.fired) continue;
@@ -62,9 +67,11 @@ void StreamWatchdog::Run() {
     // Sleep until the earliest deadline, or until an Arm may have set an earlier one.
     const int64_t seen = changes_;
     sleeping_until_ = next;
-    auto woken = [this, seen]()
-                     ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || changes_ != seen; };
-    mu_.AwaitWithDeadline(absl::Condition(&woken), next);
+    while (!stop_ && changes_ == seen) {
+      const absl::Duration left = next - clock_.Now();
+      if (left <= absl::ZeroDuration()) break;
+      clock_.WaitFor(changed_, mu_, left);
+    }
   }
 }
 

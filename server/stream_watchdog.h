@@ -13,12 +13,14 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpcpp/server_context.h"
+#include "server/clock.h"
 
 namespace optd::server {
 
 class StreamWatchdog {
  public:
-  StreamWatchdog();
+  // `clock` (default RealClock()) decides when a deadline has passed.
+  explicit StreamWatchdog(Clock* clock = nullptr);
   // Cancels nothing more; REQUIRES: no Watch outlives it.
   ~StreamWatchdog();
   StreamWatchdog(const StreamWatchdog&) = delete;
@@ -52,7 +54,9 @@ class StreamWatchdog {
   };
   void Run();
 
+  Clock& clock_;
   mutable absl::Mutex mu_;
+  absl::CondVar changed_;  // an earlier deadline, or stop
   std::map<int64_t, Entry> entries_ ABSL_GUARDED_BY(mu_);
   int64_t next_id_ ABSL_GUARDED_BY(mu_) = 0;
   // Bumped by an Arm that sets a deadline before the one Run sleeps until, so it re-reads them.

@@ -1,6 +1,7 @@
 #include "server/tensor_staging.h"
 
 #include <limits>
+#include <new>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -126,6 +127,47 @@ int64_t TensorStaging::bytes() const {
   int64_t n = 0;
   for (int64_t c : counts_) n += c;
   return n * static_cast<int64_t>(sizeof(float));
+}
+
+StagingPool::StagingPool(std::string session, std::vector<std::string> names,
+                         std::vector<int64_t> counts, int limit)
+    : session_(std::move(session)),
+      names_(std::move(names)),
+      counts_(std::move(counts)),
+      limit_(limit) {}
+
+absl::StatusOr<std::unique_ptr<TensorStaging>> StagingPool::Acquire() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (outstanding_ >= limit_) {
+      return absl::UnavailableError(absl::StrCat(
+          "session '", session_, "' already has ", outstanding_,
+          " gradient or parameter streams open, its limit (world_size + 1); retry when they "
+          "finish"));
+    }
+    ++outstanding_;
+    if (!free_.empty()) {
+      std::unique_ptr<TensorStaging> staging = std::move(free_.back());
+      free_.pop_back();
+      staging->Reset();
+      return staging;
+    }
+  }
+  try {
+    return std::make_unique<TensorStaging>(names_, counts_);
+  } catch (const std::bad_alloc&) {
+    absl::MutexLock lock(&mu_);
+    --outstanding_;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "session '", session_, "': no host memory for another gradient staging buffer"));
+  }
+}
+
+void StagingPool::Release(std::unique_ptr<TensorStaging> staging) {
+  if (staging == nullptr) return;
+  absl::MutexLock lock(&mu_);
+  --outstanding_;
+  free_.push_back(std::move(staging));
 }
 
 }  // namespace optd::server

@@ -6,11 +6,15 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "kernels/dtype.h"
 
@@ -55,6 +59,31 @@ class TensorStaging {
   std::vector<std::map<int64_t, int64_t>> ranges_;
   std::vector<int64_t> covered_;
   int64_t out_of_range_ = 0;
+};
+
+// A session's staging buffers: each stream of gradients or parameters takes one and gives it back,
+// so that steps reuse their memory. At most `limit` are out at once, so that no client can make a
+// session hold more staging than its quota counted. Thread-safe.
+class StagingPool {
+ public:
+  // `session` names the session in errors; `names` and `counts` are its tensors.
+  StagingPool(std::string session, std::vector<std::string> names, std::vector<int64_t> counts,
+              int limit);
+
+  // A reset buffer. Unavailable beyond the limit (a client retrying far too eagerly),
+  // ResourceExhausted when the host has no memory for another.
+  absl::StatusOr<std::unique_ptr<TensorStaging>> Acquire();
+  // Gives a buffer back (null: nothing).
+  void Release(std::unique_ptr<TensorStaging> staging);
+
+ private:
+  const std::string session_;
+  const std::vector<std::string> names_;
+  const std::vector<int64_t> counts_;
+  const int limit_;
+  absl::Mutex mu_;
+  std::vector<std::unique_ptr<TensorStaging>> free_ ABSL_GUARDED_BY(mu_);
+  int outstanding_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace optd::server
