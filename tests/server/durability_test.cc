@@ -22,6 +22,7 @@
 #include "server/auth.h"
 #include "server/checkpoint_file.h"
 #include "tests/server/daemon_process.h"
+#include "tests/server/fake_clock.h"
 #include "tests/server/fault_injection_file_system.h"
 #include "tests/server/test_daemon.h"
 
@@ -206,7 +207,9 @@ TEST(DurabilityTest, ShutdownLetsAStepInFlightFinishAndRefusesNewOnes) {
 }
 
 TEST(DurabilityTest, AFullStepQueueAnswersUnavailable) {
+  server::FakeClock clock;
   server::ServerOptions options = LoopbackOptions();
+  options.clock = &clock;
   options.service.max_pending_steps = 2;
   std::unique_ptr<server::Server> server = StartServer(options);
   client::Client c = ConnectTo(*server);
@@ -232,6 +235,7 @@ TEST(DurabilityTest, AFullStepQueueAnswersUnavailable) {
   EXPECT_THAT(std::string(full.status().message()), HasSubstr("step queue is full"));
   // The waiting workers give up at the straggler timeout, which frees the queue; then a whole
   // step fits again.
+  clock.Advance(absl::Milliseconds(500));
   for (std::thread& t : workers) t.join();
   for (const auto& w : waiting) EXPECT_EQ(w.status().code(), absl::StatusCode::kAborted);
   std::vector<std::vector<std::vector<float>>> grads = {WorkerGradients(reference, 1, 0),

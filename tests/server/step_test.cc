@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "kernels/formulas.h"
+#include "tests/server/fake_clock.h"
 #include "tests/server/test_daemon.h"
 
 namespace optd::testing {
@@ -11,10 +12,18 @@ namespace {
 
 class StepTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() { server_ = StartServer(LoopbackOptions()).release(); }
+  // The daemon's deadlines run on a fake clock: a test that needs one to pass advances it.
+  static void SetUpTestSuite() {
+    clock_ = new server::FakeClock;
+    server::ServerOptions options = LoopbackOptions();
+    options.clock = clock_;
+    server_ = StartServer(options).release();
+  }
   static void TearDownTestSuite() {
     delete server_;
     server_ = nullptr;
+    delete clock_;
+    clock_ = nullptr;
   }
 
   client::Session Create(const v1::SessionConfig& config) {
@@ -24,9 +33,11 @@ class StepTest : public ::testing::Test {
     return *session;
   }
 
+  static server::FakeClock* clock_;
   static server::Server* server_;
 };
 
+server::FakeClock* StepTest::clock_ = nullptr;
 server::Server* StepTest::server_ = nullptr;
 
 v1::SessionConfig ModelConfig(const std::string& preset, int world_size = 1) {
@@ -193,7 +204,14 @@ TEST_F(StepTest, AStragglerPastTheDeadlineAbortsTheStepWithNothingApplied) {
   std::vector<std::vector<std::vector<float>>> grads;
   for (int w = 0; w < 4; ++w) grads.push_back(WorkerGradients(reference, 1, w));
   std::vector<std::vector<std::vector<float>>> three(grads.begin(), grads.begin() + 3);
-  auto results = StepAll(session, reference, 1, three, {});
+  std::vector<absl::StatusOr<client::StepResult>> results;
+  std::thread stepping([&] { results = StepAll(session, reference, 1, three, {}); });
+  while (session.Info()->workers_pending() != 3) absl::SleepFor(absl::Milliseconds(1));
+  clock_->Advance(absl::Milliseconds(299));
+  absl::SleepFor(absl::Milliseconds(20));
+  EXPECT_EQ(session.Info()->workers_pending(), 3) << "aborted before the straggler timeout";
+  clock_->Advance(absl::Milliseconds(1));
+  stepping.join();
   for (int w = 0; w < 3; ++w) {
     EXPECT_EQ(results[w].status().code(), absl::StatusCode::kAborted) << results[w].status();
     EXPECT_THAT(std::string(results[w].status().message()), ::testing::HasSubstr("worker(s) 3"));
