@@ -197,6 +197,9 @@ absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
     }
     workspace_floats_ = std::max(workspace_floats_, floats);
   }
+  std::vector<std::string> ordered;
+  for (const auto& t : tensors_) ordered.push_back(t->spec.name);
+  index_ = std::make_unique<TensorIndex>(std::move(ordered));
   return absl::OkStatus();
 }
 
@@ -259,10 +262,22 @@ float* Optimizer::parameters(int tensor) const { return tensors_[tensor]->parame
 float* Optimizer::gradient(int tensor) const { return tensors_[tensor]->gradient.f32(); }
 
 absl::StatusOr<int> Optimizer::FindTensor(absl::string_view name) const {
-  for (int i = 0; i < num_tensors(); ++i) {
-    if (tensors_[i]->spec.name == name) return i;
+  const int t = index_->Find(name);
+  if (t < 0) return absl::NotFoundError(absl::StrCat("unknown tensor '", name, "'"));
+  return t;
+}
+
+absl::Status Optimizer::CheckStepLearningRate(double lr) const {
+  for (const auto& t : tensors_) {
+    OptimizerConfig c = t->spec.config;
+    c.lr = lr;
+    absl::Status valid = ValidateOptimizerConfig(c);
+    if (!valid.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("step lr ", lr, " for tensor '", t->spec.name, "': ", valid.message()));
+    }
   }
-  return absl::NotFoundError(absl::StrCat("unknown tensor '", name, "'"));
+  return absl::OkStatus();
 }
 
 absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values) {
@@ -398,10 +413,22 @@ absl::Status Optimizer::CaptureUpdate(int tensor, float* out) {
   return absl::OkStatus();
 }
 
-absl::Status Optimizer::Step(absl::Span<const bool> has_gradient) {
+absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<double> lr) {
   // A capture is for this step only, whatever becomes of it (a rejected step included).
   absl::Cleanup clear_captures = [this] {
     for (auto& t : tensors_) t->capture = nullptr;
+  };
+  // So is a learning-rate override: the tensors' own rates come back however the step ends.
+  std::vector<double> own_lr;
+  if (lr.has_value()) {
+    OPTD_RETURN_IF_ERROR(CheckStepLearningRate(*lr));
+    for (auto& t : tensors_) {
+      own_lr.push_back(t->spec.config.lr);
+      t->spec.config.lr = *lr;
+    }
+  }
+  absl::Cleanup restore_lr = [this, &own_lr] {
+    for (size_t i = 0; i < own_lr.size(); ++i) tensors_[i]->spec.config.lr = own_lr[i];
   };
   if (poisoned_) {
     return absl::FailedPreconditionError(

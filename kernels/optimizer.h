@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "common/tensor_index.h"
 #include "kernels/backend.h"
 #include "kernels/optimizer_config.h"
 
@@ -78,6 +80,7 @@ class Optimizer {
   int64_t num_elements(int tensor) const;
   // NotFound when no tensor has that name.
   absl::StatusOr<int> FindTensor(absl::string_view name) const;
+  const TensorIndex& index() const { return *index_; }
   // How many steps changed this tensor.
   int64_t steps_applied(int tensor) const;
   // Number of batched groups the step runs (for tests and diagnostics).
@@ -106,7 +109,15 @@ class Optimizer {
   // SVD of the exact-polar direction (LAPACK non-convergence). Should a backend operation fail
   // mid-step, Step returns Internal and every later Step returns FailedPrecondition: the state
   // may be partly written and must be restored from a checkpoint.
-  absl::Status Step(absl::Span<const bool> has_gradient = {});
+  //
+  // `lr`, when given, is this step's learning rate for every tensor (a worker's override; the
+  // tensors' own come back after the step): InvalidArgument before anything changes when some
+  // tensor's config would not validate with it (CheckStepLearningRate).
+  absl::Status Step(absl::Span<const bool> has_gradient = {},
+                    std::optional<double> lr = std::nullopt);
+  // Whether `lr` is a valid learning rate for every tensor: InvalidArgument naming the first that
+  // refuses it ("step lr <lr> for tensor '<name>': ...").
+  absl::Status CheckStepLearningRate(double lr) const;
 
   // Asks the next Step to write the update it applies to matrix tensor `tensor` into `out`
   // (backend memory, num_elements floats): the direction after post-normalization and the scale,
@@ -153,6 +164,7 @@ class Optimizer {
   absl::Status Poison(const absl::Status& status);
 
   Backend* backend_;  // null only while RequiredBytes plans
+  std::unique_ptr<TensorIndex> index_;
   std::unique_ptr<Queue> queue_;
   std::vector<std::unique_ptr<Tensor>> tensors_;
   std::vector<Group> groups_;

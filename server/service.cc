@@ -87,19 +87,6 @@ absl::Status StreamTimeout(absl::string_view method, absl::string_view what) {
       "stream_timeout");
 }
 
-// Decodes one chunk into `staging` after resolving its tensor and dtype.
-absl::Status AddChunk(Session& session, TensorStaging& staging, const v1::TensorChunk& chunk,
-                      float max_magnitude, bool reject, Metrics* metrics) {
-  if (metrics != nullptr) metrics->AddBytesReceived(static_cast<int64_t>(chunk.data().size()));
-  OPTD_ASSIGN_OR_RETURN(int tensor, session.FindTensor(chunk.tensor()));
-  absl::StatusOr<DType> dtype = FromWireDType(chunk.dtype());
-  if (!dtype.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("chunk of tensor '", chunk.tensor(), "': ", dtype.status().message()));
-  }
-  return staging.AddChunk(tensor, chunk.offset(), *dtype, chunk.data(), max_magnitude, reject);
-}
-
 // Reads the chunks that follow a `method` stream's header into `staging` until the client
 // half-closes, stopping at the first refused one, with `watch` re-armed for the idle timeout after
 // each message. A stream the watchdog cut off, or that the client cancelled (`cancelled` says what
@@ -107,16 +94,18 @@ absl::Status AddChunk(Session& session, TensorStaging& staging, const v1::Tensor
 template <typename Stream, typename Request>
 absl::Status ReceiveChunks(absl::string_view method, Stream& stream, Request& request,
                            grpc::ServerContext& context, StreamWatchdog::Watch& watch,
-                           absl::Duration idle_timeout, Session& session, TensorStaging& staging,
-                           float max_magnitude, bool reject, Metrics* metrics,
-                           absl::string_view cancelled) {
+                           absl::Duration idle_timeout, TensorStaging& staging, float max_magnitude,
+                           bool reject, Metrics* metrics, absl::string_view cancelled) {
   absl::Status status;
   while (status.ok() && stream.Read(&request)) {
     if (!request.has_chunk()) {
       return absl::InvalidArgumentError(
           absl::StrCat(method, " carries one header, then only chunks"));
     }
-    status = AddChunk(session, staging, request.chunk(), max_magnitude, reject, metrics);
+    if (metrics != nullptr) {
+      metrics->AddBytesReceived(static_cast<int64_t>(request.chunk().data().size()));
+    }
+    status = staging.AddChunk(request.chunk(), max_magnitude, reject);
     watch.Arm(idle_timeout);
   }
   watch.Disarm();
@@ -299,8 +288,8 @@ grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
         // Parameters may be any finite value; the gradient bound does not apply to them.
         absl::Status status = ReceiveChunks(
             "UploadParams", *reader, request, *context, watch, options_.stream_idle_timeout,
-            *session, *staging, std::numeric_limits<float>::max(), /*reject=*/true,
-            options_.metrics, "the upload was cancelled; nothing was changed");
+            *staging, std::numeric_limits<float>::max(), /*reject=*/true, options_.metrics,
+            "the upload was cancelled; nothing was changed");
         if (status.ok()) status = staging->CheckComplete();
         if (status.ok()) status = session->SetParameters(*staging);
         if (status.ok()) response->set_tensors_updated(staging->num_present());
@@ -412,7 +401,7 @@ absl::Status OptimizerService::RunStep(
   // Disarmed after the chunks: waiting for the other workers is the straggler timeout's to bound.
   absl::Status received =
       ReceiveChunks("Step", *stream, request, *context, watch, options_.stream_idle_timeout,
-                    *session, *staging, kMaxGradientMagnitude, reject, options_.metrics,
+                    *staging, kMaxGradientMagnitude, reject, options_.metrics,
                     "the step was cancelled while its gradients arrived");
   if (received.ok()) received = staging->CheckComplete();
   if (!received.ok()) {

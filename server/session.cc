@@ -15,10 +15,10 @@ namespace optd::server {
 
 namespace {
 
-std::vector<std::string> TensorNames(const v1::SessionConfig& config) {
+std::shared_ptr<const TensorIndex> IndexOf(const v1::SessionConfig& config) {
   std::vector<std::string> names;
   for (const v1::TensorConfig& t : config.tensors()) names.push_back(t.name());
-  return names;
+  return std::make_shared<const TensorIndex>(std::move(names));
 }
 
 std::vector<int64_t> TensorCounts(const v1::SessionConfig& config) {
@@ -36,10 +36,10 @@ Session::Session(Backend& backend, std::string id, v1::SessionConfig config,
       config_(std::move(config)),
       token_digest_(std::move(token_digest)),
       options_(std::move(options)),
-      names_(TensorNames(config_)),
+      index_(IndexOf(config_)),
       counts_(TensorCounts(config_)),
       // Bounded so that no client can make a session hold more staging than its quota counted.
-      staging_(id_, names_, counts_, config_.world_size() + 1),
+      staging_(id_, index_, counts_, config_.world_size() + 1),
       round_(mu_, StepRound::Options{id_, config_.world_size(), straggler_timeout(), &clock(),
                                      &staging_}) {
   for (const v1::TensorConfig& t : config_.tensors()) {
@@ -174,10 +174,11 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restored(
 }
 
 absl::StatusOr<int> Session::FindTensor(absl::string_view name) const {
-  for (int t = 0; t < num_tensors(); ++t) {
-    if (names_[t] == name) return t;
+  const int t = index_->Find(name);
+  if (t < 0) {
+    return absl::NotFoundError(absl::StrCat("session '", id_, "' has no tensor '", name, "'"));
   }
-  return absl::NotFoundError(absl::StrCat("session '", id_, "' has no tensor '", name, "'"));
+  return t;
 }
 
 void Session::Touch() { last_used_ns_ = absl::ToUnixNanos(clock().Now()); }
@@ -239,17 +240,7 @@ absl::Status Session::CheckStepHeaderLocked(const v1::StepHeader& header) {
             " steps); worker ", header.worker_id(), " sent step ", header.step())),
         "wrong_step");
   }
-  if (header.has_lr()) {
-    for (int t = 0; t < num_tensors(); ++t) {
-      OptimizerConfig c = optimizer_->spec(t).config;
-      c.lr = header.lr();
-      absl::Status valid = ValidateOptimizerConfig(c);
-      if (!valid.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("step lr ", header.lr(), " for tensor '",
-                                                       names_[t], "': ", valid.message()));
-      }
-    }
-  }
+  if (header.has_lr()) return optimizer_->CheckStepLearningRate(header.lr());
   return absl::OkStatus();
 }
 
@@ -274,9 +265,9 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
   }
   const std::optional<double> lr =
       header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
-  OPTD_ASSIGN_OR_RETURN(
-      const StepRound::Ticket ticket,
-      round_.Join(header.worker_id(), header.step(), lr, std::move(gradients), cancelled, names_));
+  OPTD_ASSIGN_OR_RETURN(const StepRound::Ticket ticket,
+                        round_.Join(header.worker_id(), header.step(), lr, std::move(gradients),
+                                    cancelled, index_->names()));
   if (ticket.complete) {
     // Out of host memory before the optimizer ran (the result buffers; the snapshot and the
     // checkpoint after it catch their own), nothing was applied: the round ends with the error.
@@ -353,28 +344,21 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
     }
   }
   // A plain bool array: absl::Span cannot view std::vector<bool>.
-  const size_t n = names_.size();
+  const size_t n = counts_.size();
   std::unique_ptr<bool[]> has_gradient = std::make_unique<bool[]>(n);
   for (int t : present) has_gradient[t] = true;
-  if (header.has_lr()) {
-    for (int t = 0; t < num_tensors(); ++t) {
-      const v1::GroupHyperparams& h = hyperparams_.at(config_.groups(group_of_[t]).name());
-      OPTD_RETURN_IF_ERROR(
-          optimizer_->SetHyperparameters(t, header.lr(), h.weight_decay(), h.momentum()));
-    }
-  }
   outcome.compute_started = clock().Now();
   std::optional<PendingSnapshot> snapshot = BeginSnapshotLocked(header.step(), present);
-  absl::Status stepped = optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n));
-  const absl::Status restored =
-      header.has_lr() ? SetHyperparamsLocked(hyperparams_) : absl::OkStatus();
+  absl::Status stepped =
+      optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n),
+                       header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt);
   if (!stepped.ok()) {
     if (stepped.code() == absl::StatusCode::kInternal) damaged_ = stepped;
     return stepped;  // an unfinished snapshot gives its room back
   }
   // The state has changed: a failure from here on would leave the step count behind the state
   // (a retry would apply the step twice), so it damages the session.
-  absl::Status finished = restored.ok() ? ReadResultLocked(outcome) : restored;
+  absl::Status finished = ReadResultLocked(outcome);
   if (finished.ok() && snapshot.has_value()) {
     finished = FinishSnapshotLocked(*std::move(snapshot));
   }
@@ -399,7 +383,7 @@ std::optional<PendingSnapshot> Session::BeginSnapshotLocked(int64_t step,
       if (!view.ok() || view->rows < 2) continue;  // no dominance ratio for a single row
       // The gradient is the workers' mean, which ApplyLocked left in the first contribution.
       const float* gradient = round_.contributions().begin()->second->data(t);
-      requests.push_back(SnapshotRequest{t, names_[t], view->batch, view->rows, view->cols,
+      requests.push_back(SnapshotRequest{t, index_->name(t), view->batch, view->rows, view->cols,
                                          spec.config.matrix.newton_schulz,
                                          absl::MakeConstSpan(gradient, counts_[t])});
     }
@@ -445,7 +429,7 @@ void Session::PublishAnalysis(int64_t step, int64_t restores,
   for (v1::TensorAnalysis& a : analysis_) latest[a.tensor()] = std::move(a);
   for (v1::TensorAnalysis& a : figures) latest[a.tensor()] = std::move(a);
   analysis_.clear();
-  for (const std::string& name : names_) {
+  for (const std::string& name : index_->names()) {
     auto it = latest.find(name);
     if (it != latest.end()) analysis_.push_back(std::move(it->second));
   }

@@ -110,12 +110,12 @@ class Session : public std::enable_shared_from_this<Session> {
   const v1::SessionConfig& config() const { return config_; }
   const std::string& token_digest() const { return token_digest_; }
   int64_t state_bytes() const { return state_bytes_; }
-  int num_tensors() const { return static_cast<int>(names_.size()); }
+  int num_tensors() const { return index_->size(); }
   // NotFound naming the session and the tensor.
   absl::StatusOr<int> FindTensor(absl::string_view name) const;
   int64_t num_elements(int tensor) const { return counts_[tensor]; }
   DType tensor_dtype(int tensor) const { return dtypes_[tensor]; }
-  const std::string& tensor_name(int tensor) const { return names_[tensor]; }
+  const std::string& tensor_name(int tensor) const { return index_->name(tensor); }
 
   // A staging area for one stream of gradients or parameters; give it back with
   // ReleaseStaging (or hand it to Step) so its memory is reused; GetParams reads through one as
@@ -225,7 +225,7 @@ class Session : public std::enable_shared_from_this<Session> {
   const v1::SessionConfig config_;
   const std::string token_digest_;
   const SessionOptions options_;
-  std::vector<std::string> names_;
+  const std::shared_ptr<const TensorIndex> index_;  // shared with every staging buffer
   std::vector<int64_t> counts_;
   std::vector<DType> dtypes_;
   std::vector<int> group_of_;  // index into config_.groups() per tensor

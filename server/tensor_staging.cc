@@ -7,11 +7,18 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/status_macros.h"
 #include "kernels/wire.h"
+#include "proto/wire_dtype.h"
 
 namespace optd::server {
 
 TensorStaging::TensorStaging(std::vector<std::string> names, std::vector<int64_t> counts)
-    : names_(std::move(names)),
+    : TensorStaging(std::make_shared<const TensorIndex>(std::move(names)), std::move(counts),
+                    "the staging") {}
+
+TensorStaging::TensorStaging(std::shared_ptr<const TensorIndex> index, std::vector<int64_t> counts,
+                             std::string owner)
+    : index_(std::move(index)),
+      owner_(std::move(owner)),
       counts_(std::move(counts)),
       buffers_(counts_.size()),
       ranges_(counts_.size()),
@@ -28,7 +35,7 @@ void TensorStaging::Reset() {
 absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
                                      absl::string_view bytes, float max_magnitude,
                                      bool reject_out_of_range) {
-  const std::string& name = names_[tensor];
+  const std::string& name = index_->name(tensor);
   const size_t size = DTypeSize(dtype);
   if (bytes.empty()) {
     return absl::InvalidArgumentError(
@@ -90,6 +97,20 @@ absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
   return absl::OkStatus();
 }
 
+absl::Status TensorStaging::AddChunk(const v1::TensorChunk& chunk, float max_magnitude,
+                                     bool reject_out_of_range) {
+  const int tensor = index_->Find(chunk.tensor());
+  if (tensor < 0) {
+    return absl::NotFoundError(absl::StrCat(owner_, " has no tensor '", chunk.tensor(), "'"));
+  }
+  absl::StatusOr<DType> dtype = FromWireDType(chunk.dtype());
+  if (!dtype.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk of tensor '", chunk.tensor(), "': ", dtype.status().message()));
+  }
+  return AddChunk(tensor, chunk.offset(), *dtype, chunk.data(), max_magnitude, reject_out_of_range);
+}
+
 absl::Status TensorStaging::CheckComplete() const {
   for (size_t t = 0; t < counts_.size(); ++t) {
     if (covered_[t] == 0 || covered_[t] == counts_[t]) continue;
@@ -103,7 +124,7 @@ absl::Status TensorStaging::CheckComplete() const {
       missing_start = end;
     }
     return absl::InvalidArgumentError(
-        absl::StrCat("tensor '", names_[t], "' got ", covered_[t], " of its ", counts_[t],
+        absl::StrCat("tensor '", index_->name(t), "' got ", covered_[t], " of its ", counts_[t],
                      " elements; elements [", missing_start, ", ", missing_end, ") are missing"));
   }
   return absl::OkStatus();
@@ -129,10 +150,10 @@ int64_t TensorStaging::bytes() const {
   return n * static_cast<int64_t>(sizeof(float));
 }
 
-StagingPool::StagingPool(std::string session, std::vector<std::string> names,
+StagingPool::StagingPool(std::string session, std::shared_ptr<const TensorIndex> index,
                          std::vector<int64_t> counts, int limit)
     : session_(std::move(session)),
-      names_(std::move(names)),
+      index_(std::move(index)),
       counts_(std::move(counts)),
       limit_(limit) {}
 
@@ -154,7 +175,8 @@ absl::StatusOr<std::unique_ptr<TensorStaging>> StagingPool::Acquire() {
     }
   }
   try {
-    return std::make_unique<TensorStaging>(names_, counts_);
+    return std::make_unique<TensorStaging>(index_, counts_,
+                                           absl::StrCat("session '", session_, "'"));
   } catch (const std::bad_alloc&) {
     absl::MutexLock lock(&mu_);
     --outstanding_;

@@ -16,13 +16,19 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "common/tensor_index.h"
 #include "kernels/dtype.h"
+#include "optd/v1/optd.pb.h"
 
 namespace optd::server {
 
 class TensorStaging {
  public:
-  // One buffer per tensor, `counts[i]` floats, allocated here and reused across Reset().
+  // One buffer per tensor of `index`, `counts[i]` floats, allocated here and reused across
+  // Reset(). `owner` names the tensors' owner in errors ("session 'run'").
+  TensorStaging(std::shared_ptr<const TensorIndex> index, std::vector<int64_t> counts,
+                std::string owner);
+  // The same with an index of its own.
   TensorStaging(std::vector<std::string> names, std::vector<int64_t> counts);
 
   // Forgets every chunk; keeps the buffers.
@@ -36,6 +42,10 @@ class TensorStaging {
   // and element.
   absl::Status AddChunk(int tensor, int64_t offset, DType dtype, absl::string_view bytes,
                         float max_magnitude, bool reject_out_of_range);
+  // The same for a chunk off the wire, its tensor and dtype resolved first: NotFound naming the
+  // owner and the tensor, InvalidArgument naming the tensor for a dtype that is not one.
+  absl::Status AddChunk(const v1::TensorChunk& chunk, float max_magnitude,
+                        bool reject_out_of_range);
 
   // After the last chunk: InvalidArgument naming the first tensor that got some chunks but not
   // all of its elements, with the first missing range.
@@ -52,7 +62,8 @@ class TensorStaging {
   int64_t bytes() const;
 
  private:
-  std::vector<std::string> names_;
+  std::shared_ptr<const TensorIndex> index_;
+  std::string owner_;
   std::vector<int64_t> counts_;
   std::vector<std::vector<float>> buffers_;
   // Per tensor: covered element ranges, start -> end, merged when adjacent.
@@ -66,9 +77,9 @@ class TensorStaging {
 // session hold more staging than its quota counted. Thread-safe.
 class StagingPool {
  public:
-  // `session` names the session in errors; `names` and `counts` are its tensors.
-  StagingPool(std::string session, std::vector<std::string> names, std::vector<int64_t> counts,
-              int limit);
+  // `session` names the session in errors; `index` and `counts` are its tensors.
+  StagingPool(std::string session, std::shared_ptr<const TensorIndex> index,
+              std::vector<int64_t> counts, int limit);
 
   // A reset buffer. Unavailable beyond the limit (a client retrying far too eagerly),
   // ResourceExhausted when the host has no memory for another.
@@ -78,7 +89,7 @@ class StagingPool {
 
  private:
   const std::string session_;
-  const std::vector<std::string> names_;
+  const std::shared_ptr<const TensorIndex> index_;
   const std::vector<int64_t> counts_;
   const int limit_;
   absl::Mutex mu_;

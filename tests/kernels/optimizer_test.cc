@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -344,6 +345,55 @@ TEST_F(OptimizerContractTest, NonFiniteGradientRejectsTheWholeStepAndChangesNoth
     EXPECT_EQ(State(*opt, 1, 1), v1);
     EXPECT_EQ(opt->steps_applied(0), 1);
   }
+}
+
+TEST_F(OptimizerContractTest, ALearningRateOverrideIsForOneStepAndChecksFirst) {
+  // Step(has_gradient, lr) equals setting every tensor's lr to `lr` for that step (the workers'
+  // override); the tensors' own rates are back afterwards. Two optimizers from the same start:
+  // one steps with the override, the other with SetHyperparameters before and after.
+  const std::vector<TensorSpec> specs = {
+      {"m", {8, 6}, RankPolicy::kFlatten, Config("normuon,lr=0.02,weight_decay=0.1")},
+      {"v", {6}, RankPolicy::kFlatten, Config("adamw,lr=0.001,weight_decay=0.01")}};
+  auto with_override = Make(specs);
+  auto by_hand = Make(specs);
+  const double mu = specs[0].config.matrix.momentum, beta1 = specs[1].config.adamw.beta1;
+  for (Optimizer* opt : {with_override.get(), by_hand.get()}) {
+    ASSERT_TRUE(opt->SetParameters(0, reference::RandomNormal(48, 1)).ok());
+    ASSERT_TRUE(opt->SetParameters(1, reference::RandomNormal(6, 2)).ok());
+  }
+  for (int step = 1; step <= 3; ++step) {
+    const std::optional<double> lr = step == 2 ? std::nullopt : std::optional<double>(0.005 * step);
+    for (Optimizer* opt : {with_override.get(), by_hand.get()}) {
+      ASSERT_TRUE(opt->SetGradient(0, reference::RandomNormal(48, 10 * step)).ok());
+      ASSERT_TRUE(opt->SetGradient(1, reference::RandomNormal(6, 10 * step + 1)).ok());
+    }
+    ASSERT_TRUE(with_override->Step({}, lr).ok());
+    if (lr.has_value()) {
+      ASSERT_TRUE(by_hand->SetHyperparameters(0, *lr, 0.1, mu).ok());
+      ASSERT_TRUE(by_hand->SetHyperparameters(1, *lr, 0.01, beta1).ok());
+    }
+    ASSERT_TRUE(by_hand->Step().ok());
+    ASSERT_TRUE(by_hand->SetHyperparameters(0, 0.02, 0.1, mu).ok());
+    ASSERT_TRUE(by_hand->SetHyperparameters(1, 0.001, 0.01, beta1).ok());
+    for (int t = 0; t < 2; ++t) {
+      EXPECT_EQ(Params(*with_override, t), Params(*by_hand, t)) << "step " << step << " " << t;
+    }
+  }
+  EXPECT_EQ(with_override->spec(0).config.lr, 0.02);
+  EXPECT_EQ(with_override->spec(1).config.lr, 0.001);
+  // A rate some tensor refuses fails the step before anything changes, naming the tensor.
+  const auto w0 = Params(*with_override, 0), m0 = State(*with_override, 0, 0);
+  ASSERT_TRUE(with_override->SetGradient(0, reference::RandomNormal(48, 99)).ok());
+  const absl::Status refused = with_override->Step({}, -1.0);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("step lr -1 for tensor 'm'"), absl::string_view::npos)
+      << refused;
+  EXPECT_EQ(with_override->CheckStepLearningRate(-1.0), refused);
+  EXPECT_TRUE(with_override->CheckStepLearningRate(0.5).ok());
+  EXPECT_EQ(Params(*with_override, 0), w0);
+  EXPECT_EQ(State(*with_override, 0, 0), m0);
+  EXPECT_EQ(with_override->steps_applied(0), 3);
+  EXPECT_EQ(with_override->spec(0).config.lr, 0.02);
 }
 
 TEST_F(OptimizerContractTest, BadSpecsAreInvalidArgumentNamingTheProblem) {

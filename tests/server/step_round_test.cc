@@ -45,7 +45,8 @@ std::unique_ptr<TensorStaging> Gradients(StagingPool& pool, float value, bool bo
 class StepRoundTest : public ::testing::Test {
  protected:
   void Make(int world_size, absl::Duration straggler_timeout = absl::Seconds(60)) {
-    pool_ = std::make_unique<StagingPool>("s", kNames, kCounts, world_size + 1);
+    pool_ = std::make_unique<StagingPool>("s", std::make_shared<const TensorIndex>(kNames), kCounts,
+                                          world_size + 1);
     round_ = std::make_unique<StepRound>(
         mu_, StepRound::Options{"s", world_size, straggler_timeout, &clock_, pool_.get()});
   }

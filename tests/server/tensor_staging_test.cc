@@ -105,5 +105,28 @@ TEST(TensorStagingTest, BoundsAreCheckedWithoutOverflow) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(TensorStagingTest, AChunkOffTheWireResolvesItsTensorAndDtype) {
+  auto index = std::make_shared<const TensorIndex>(std::vector<std::string>{"w", "b"});
+  TensorStaging staging(index, {4, 2}, "session 'run'");
+  const std::vector<float> values = {1, 2};
+  v1::TensorChunk chunk;
+  chunk.set_tensor("b");
+  chunk.set_dtype(v1::DTYPE_FP32);
+  chunk.set_data(Bytes(values, 0, 2));
+  ASSERT_TRUE(staging.AddChunk(chunk, kMax, true).ok());
+  EXPECT_EQ(staging.PresentTensors(), std::vector<int>{1});
+  EXPECT_THAT(staging.values(1), ::testing::ElementsAre(1.0f, 2.0f));
+  chunk.set_tensor("ghost");
+  absl::Status unknown = staging.AddChunk(chunk, kMax, true);
+  EXPECT_EQ(unknown.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(unknown.message(), "session 'run' has no tensor 'ghost'");
+  chunk.set_tensor("w");
+  chunk.set_dtype(v1::DTYPE_UNSPECIFIED);
+  absl::Status dtype = staging.AddChunk(chunk, kMax, true);
+  EXPECT_EQ(dtype.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(dtype.message()), HasSubstr("chunk of tensor 'w': "));
+  EXPECT_FALSE(staging.present(0)) << "refused chunks leave nothing";
+}
+
 }  // namespace
 }  // namespace optd::server
