@@ -29,12 +29,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "common/status_macros.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/newton_schulz.h"
 #include "kernels/optimizer.h"
 #include "kernels/optimizer_config.h"
-#include "kernels/status_macros.h"
 
 namespace optd {
 namespace {

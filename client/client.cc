@@ -6,8 +6,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/status_macros.h"
-#include "kernels/wire.h"
+#include "common/status_macros.h"
+#include "common/wire.h"
 #include "proto/wire_dtype.h"
 
 namespace optd::client {

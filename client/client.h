@@ -15,14 +15,13 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "common/dtype.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
-#include "kernels/dtype.h"
 #include "optd/v1/optd.grpc.pb.h"
+#include "proto/wire_dtype.h"
 
 namespace optd::client {
-
-inline constexpr int64_t kDefaultChunkBytes = int64_t{1} << 20;
 
 struct ChannelOptions {
   std::string target = "127.0.0.1:50051";

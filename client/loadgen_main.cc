@@ -20,7 +20,7 @@
 #include "absl/strings/str_split.h"
 #include "client/loadgen.h"
 #include "common/command_line.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051",
           "optd endpoints, HOST:PORT[,HOST:PORT...]; sessions are spread over them (or, with "

@@ -18,9 +18,9 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
-#include "kernels/dtype.h"
-#include "kernels/formulas.h"
-#include "kernels/status_macros.h"
+#include "common/dtype.h"
+#include "common/float16.h"
+#include "common/status_macros.h"
 
 namespace optd::client {
 namespace {
@@ -303,7 +303,7 @@ void ConvertFloat16(absl::Span<const unsigned char> raw, std::vector<float>& out
   for (size_t i = 0; i < out.size(); ++i) {
     uint16_t bits;
     memcpy(&bits, raw.data() + sizeof(bits) * i, sizeof(bits));
-    out[i] = formulas::HalfBitsToFloat(bits);
+    out[i] = HalfBitsToFloat(bits);
   }
 }
 

@@ -26,7 +26,7 @@
 #include "client/client.h"
 #include "client/optctl_lib.h"
 #include "common/command_line.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "The daemon's address, HOST:PORT.");
 ABSL_FLAG(std::string, token, "",

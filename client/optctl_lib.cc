@@ -19,9 +19,9 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "client/npy.h"
+#include "common/status_macros.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
-#include "kernels/status_macros.h"
 
 namespace optd::client {
 namespace {

@@ -19,7 +19,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "client/client.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 namespace optd::client {
 

@@ -23,7 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "kernels/formulas.h"
 
 namespace optd {

@@ -11,87 +11,20 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define OPTD_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define OPTD_HOST_DEVICE inline
-#endif
+#include "common/float16.h"  // defines OPTD_HOST_DEVICE
 
 namespace optd::formulas {
 
-OPTD_HOST_DEVICE uint32_t FloatBits(float x) {
-  uint32_t bits;
-  memcpy(&bits, &x, sizeof(bits));
-  return bits;
-}
-
-OPTD_HOST_DEVICE float BitsToFloat(uint32_t bits) {
-  float x;
-  memcpy(&x, &bits, sizeof(x));
-  return x;
-}
-
-// fp32 -> bf16 bits, round to nearest even (what torch's .bfloat16() and CUDA's __float2bfloat16
-// do); NaN stays NaN.
-OPTD_HOST_DEVICE uint16_t FloatToBf16Bits(float x) {
-  const uint32_t bits = FloatBits(x);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (bits >> 16) | 0x0040u;
-  // A select, not a branch, so CPU loops over it vectorize.
-  return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
-}
-
-// True for NaN, ±inf and |x| > max_magnitude (the comparison is false for NaN).
-OPTD_HOST_DEVICE bool IsOutOfRange(float x, float max_magnitude) {
-  return !(fabsf(x) <= max_magnitude);
-}
-
-OPTD_HOST_DEVICE float Bf16BitsToFloat(uint16_t bits) {
-  return BitsToFloat(static_cast<uint32_t>(bits) << 16);
-}
-
-// fp32 -> IEEE binary16 bits, round to nearest even, with subnormals and overflow to infinity.
-OPTD_HOST_DEVICE uint16_t FloatToHalfBits(float x) {
-  const uint32_t bits = FloatBits(x);
-  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  const uint32_t abs_bits = bits & 0x7fffffffu;
-  if (abs_bits >= 0x7f800000u) {  // inf or NaN
-    return static_cast<uint16_t>(sign | 0x7c00u | (abs_bits > 0x7f800000u ? 0x0200u : 0u));
-  }
-  if (abs_bits >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past max
-  const int exponent = static_cast<int>(abs_bits >> 23) - 127;
-  if (exponent < -25) return sign;  // below half the smallest subnormal: rounds to zero
-  uint32_t mantissa = (abs_bits & 0x007fffffu) | 0x00800000u;
-  if (exponent < -14) {
-    // Subnormal half: value = mantissa * 2^(exponent - 23); half unit is 2^-24.
-    const int shift = -exponent - 14 + 13;
-    const uint32_t halfway = 1u << (shift - 1);
-    const uint32_t remainder = mantissa & ((1u << shift) - 1u);
-    uint32_t result = mantissa >> shift;
-    if (remainder > halfway || (remainder == halfway && (result & 1u))) ++result;
-    return static_cast<uint16_t>(sign | result);
-  }
-  uint32_t result = (static_cast<uint32_t>(exponent + 15) << 10) | ((mantissa >> 13) & 0x3ffu);
-  const uint32_t remainder = mantissa & 0x1fffu;
-  if (remainder > 0x1000u || (remainder == 0x1000u && (result & 1u))) ++result;
-  return static_cast<uint16_t>(sign | result);
-}
-
-OPTD_HOST_DEVICE float HalfBitsToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu;
-  const uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0x1fu) return BitsToFloat(sign | 0x7f800000u | (mantissa << 13));
-  if (exponent == 0) {
-    // Subnormal or zero: mantissa * 2^-24, exact in fp32.
-    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
-    return sign ? -magnitude : magnitude;
-  }
-  return BitsToFloat(sign | ((exponent + 112u) << 23) | (mantissa << 13));
-}
-
-OPTD_HOST_DEVICE float RoundToBf16(float x) { return Bf16BitsToFloat(FloatToBf16Bits(x)); }
-OPTD_HOST_DEVICE float RoundToHalf(float x) { return HalfBitsToFloat(FloatToHalfBits(x)); }
+// The conversions of common/float16.h, as the formulas name them.
+using ::optd::Bf16BitsToFloat;
+using ::optd::BitsToFloat;
+using ::optd::FloatBits;
+using ::optd::FloatToBf16Bits;
+using ::optd::FloatToHalfBits;
+using ::optd::HalfBitsToFloat;
+using ::optd::IsOutOfRange;
+using ::optd::RoundToBf16;
+using ::optd::RoundToHalf;
 
 // torch.lerp's two-branch evaluation (aten/src/ATen/native/Lerp.h). Scalars such as 1 − μ arrive
 // formed in fp64 on the host, as the references form them in Python. The result matches torch up to

@@ -11,8 +11,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/dtype.h"
 #include "kernels/backend.h"
-#include "kernels/dtype.h"
 #include "kernels/formulas.h"
 
 namespace optd {

@@ -7,9 +7,9 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/status_macros.h"
 #include "kernels/analysis.h"
 #include "kernels/newton_schulz.h"
-#include "kernels/status_macros.h"
 
 namespace optd {
 

@@ -10,12 +10,17 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
-#include "kernels/dtype.h"
-#include "kernels/status_macros.h"
-#include "kernels/wire.h"
+#include "common/dtype.h"
+#include "common/status_macros.h"
+#include "common/wire.h"
 #include "optd/v1/optd.pb.h"
 
 namespace optd {
+
+// A tensor travels in chunks of kDefaultChunkBytes unless a call asks otherwise; the daemon
+// accepts at most kMaxChunkBytes of data in one.
+inline constexpr int64_t kDefaultChunkBytes = int64_t{1} << 20;
+inline constexpr int64_t kMaxChunkBytes = int64_t{4} << 20;
 
 // InvalidArgument naming the value for DTYPE_UNSPECIFIED and unknown values.
 absl::StatusOr<DType> FromWireDType(int dtype);

@@ -8,7 +8,7 @@
 #include <utility>
 
 #include "absl/time/clock.h"
-#include "kernels/status_macros.h"
+#include "common/status_macros.h"
 
 namespace optd::server {
 namespace {

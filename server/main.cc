@@ -191,7 +191,7 @@ int main(int argc, char** argv) {
   options.analyzer.max_snapshot_bytes = absl::GetFlag(FLAGS_analysis_max_bytes);
   options.analyzer.analysis.exact_max_dim = absl::GetFlag(FLAGS_analysis_exact_max_dim);
   if (options.service.default_chunk_bytes < 4 ||
-      options.service.default_chunk_bytes > optd::server::kMaxChunkBytes ||
+      options.service.default_chunk_bytes > optd::kMaxChunkBytes ||
       options.max_message_bytes < options.service.default_chunk_bytes + 1024) {
     std::fprintf(stderr,
                  "optd: --chunk_bytes must be in [4, 4 MiB] and below --max_message_bytes\n");

@@ -8,9 +8,9 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/status_macros.h"
+#include "common/wire.h"
 #include "kernels/optimizer.h"
-#include "kernels/status_macros.h"
-#include "kernels/wire.h"
 #include "server/session_config.h"
 
 namespace optd::server {

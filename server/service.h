@@ -12,15 +12,13 @@
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
 #include "optd/v1/optd.grpc.pb.h"
+#include "proto/wire_dtype.h"
 #include "server/log.h"
 #include "server/metrics.h"
 #include "server/session_manager.h"
 #include "server/stream_watchdog.h"
 
 namespace optd::server {
-
-inline constexpr int64_t kDefaultChunkBytes = int64_t{1} << 20;
-inline constexpr int64_t kMaxChunkBytes = int64_t{4} << 20;
 
 struct ServiceOptions {
   // Step streams admitted at once, waiting ones included; beyond it Step answers UNAVAILABLE so

@@ -6,8 +6,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+#include "kernels/host_math.h"
 #include "kernels/initializers.h"
-#include "kernels/status_macros.h"
 #include "server/log.h"
 #include "server/session_config.h"
 

@@ -8,7 +8,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "kernels/optimizer.h"
 #include "optd/v1/optd.pb.h"
 #include "proto/wire_dtype.h"

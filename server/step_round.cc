@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "kernels/wire.h"
+#include "kernels/host_math.h"
 
 namespace optd::server {
 

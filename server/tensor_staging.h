@@ -16,8 +16,8 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
+#include "common/dtype.h"
 #include "common/tensor_index.h"
-#include "kernels/dtype.h"
 #include "optd/v1/optd.pb.h"
 
 namespace optd::server {

@@ -15,11 +15,11 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "kernels/backend.h"
 #include "kernels/backend_checks.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/formulas.h"
-#include "kernels/status_macros.h"
 
 // The hot loops are built for AVX2 and the baseline, chosen at load time by an ifunc resolver.
 // ThreadSanitizer runs too late for such resolvers, so its builds keep the baseline only.

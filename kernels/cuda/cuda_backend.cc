@@ -30,11 +30,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "common/status_macros.h"
 #include "kernels/backend.h"
 #include "kernels/backend_checks.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/formulas.h"
-#include "kernels/status_macros.h"
 
 namespace optd {
 namespace {

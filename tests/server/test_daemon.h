@@ -17,9 +17,9 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
+#include "kernels/host_math.h"
 #include "kernels/initializers.h"
 #include "kernels/optimizer.h"
-#include "kernels/wire.h"
 #include "server/server.h"
 #include "server/session_config.h"
 

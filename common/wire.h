@@ -1,7 +1,7 @@
-// Wire formats of gradient and parameter chunks, and the mean over workers: the only arithmetic
-// the daemon needs between the network and the optimizer, kept here so the server does none.
-#ifndef OPTD_KERNELS_WIRE_H_
-#define OPTD_KERNELS_WIRE_H_
+// Wire formats of gradient and parameter chunks: little-endian fp32, bf16 and fp16, decoded with a
+// count of the values out of range. The daemon and the clients share it.
+#ifndef OPTD_COMMON_WIRE_H_
+#define OPTD_COMMON_WIRE_H_
 
 #include <cstdint>
 #include <string>
@@ -9,7 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 namespace optd {
 
@@ -30,15 +30,6 @@ absl::StatusOr<DecodeReport> DecodeWire(DType dtype, absl::string_view bytes, ab
 // fp64.
 absl::Status EncodeWire(DType dtype, absl::Span<const float> values, std::string& out);
 
-// out[i] = (Σ_w inputs[w][i]) / inputs.size(), summed in fp32 in the order given, so the mean
-// does not depend on the order in which workers arrived. `out` may alias inputs[0].
-void MeanOfWorkers(absl::Span<const float* const> inputs, absl::Span<float> out);
-
-// out[i] = after[i] − before[i]: the delta a step applied. All three have the same size; `out` may
-// alias either input.
-void ParameterDelta(absl::Span<const float> after, absl::Span<const float> before,
-                    absl::Span<float> out);
-
 }  // namespace optd
 
-#endif  // OPTD_KERNELS_WIRE_H_
+#endif  // OPTD_COMMON_WIRE_H_

@@ -1,9 +1,9 @@
-#include "kernels/wire.h"
+#include "common/wire.h"
 
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/formulas.h"
+#include "common/float16.h"
 
 namespace optd {
 namespace {
@@ -40,21 +40,21 @@ absl::StatusOr<DecodeReport> DecodeWire(DType dtype, absl::string_view bytes, ab
         float x;
         std::memcpy(&x, p + 4 * i, sizeof(x));
         out[i] = x;
-        bad += formulas::IsOutOfRange(x, max_magnitude);
+        bad += IsOutOfRange(x, max_magnitude);
       }
       break;
     case DType::kBF16:
       for (size_t i = 0; i < out.size(); ++i) {
-        const float x = formulas::Bf16BitsToFloat(LoadHalfWord(p + 2 * i));
+        const float x = Bf16BitsToFloat(LoadHalfWord(p + 2 * i));
         out[i] = x;
-        bad += formulas::IsOutOfRange(x, max_magnitude);
+        bad += IsOutOfRange(x, max_magnitude);
       }
       break;
     case DType::kF16:
       for (size_t i = 0; i < out.size(); ++i) {
-        const float x = formulas::HalfBitsToFloat(LoadHalfWord(p + 2 * i));
+        const float x = HalfBitsToFloat(LoadHalfWord(p + 2 * i));
         out[i] = x;
-        bad += formulas::IsOutOfRange(x, max_magnitude);
+        bad += IsOutOfRange(x, max_magnitude);
       }
       break;
     case DType::kF64:
@@ -63,7 +63,7 @@ absl::StatusOr<DecodeReport> DecodeWire(DType dtype, absl::string_view bytes, ab
   DecodeReport report;
   report.out_of_range = bad;
   for (size_t i = 0; bad > 0 && i < out.size(); ++i) {
-    if (formulas::IsOutOfRange(out[i], max_magnitude)) {
+    if (IsOutOfRange(out[i], max_magnitude)) {
       report.first_out_of_range = static_cast<int64_t>(i);
       break;
     }
@@ -84,13 +84,13 @@ absl::Status EncodeWire(DType dtype, absl::Span<const float> values, std::string
       break;
     case DType::kBF16:
       for (size_t i = 0; i < values.size(); ++i) {
-        const uint16_t word = formulas::FloatToBf16Bits(values[i]);
+        const uint16_t word = FloatToBf16Bits(values[i]);
         std::memcpy(p + 2 * i, &word, sizeof(word));
       }
       break;
     case DType::kF16:
       for (size_t i = 0; i < values.size(); ++i) {
-        const uint16_t word = formulas::FloatToHalfBits(values[i]);
+        const uint16_t word = FloatToHalfBits(values[i]);
         std::memcpy(p + 2 * i, &word, sizeof(word));
       }
       break;
@@ -98,25 +98,6 @@ absl::Status EncodeWire(DType dtype, absl::Span<const float> values, std::string
       break;
   }
   return absl::OkStatus();
-}
-
-void MeanOfWorkers(absl::Span<const float* const> inputs, absl::Span<float> out) {
-  if (inputs.empty()) return;
-  if (inputs.size() == 1) {
-    if (inputs[0] != out.data()) std::memcpy(out.data(), inputs[0], out.size() * sizeof(float));
-    return;
-  }
-  const float count = static_cast<float>(inputs.size());
-  for (size_t i = 0; i < out.size(); ++i) {
-    float sum = inputs[0][i];
-    for (size_t w = 1; w < inputs.size(); ++w) sum += inputs[w][i];
-    out[i] = sum / count;
-  }
-}
-
-void ParameterDelta(absl::Span<const float> after, absl::Span<const float> before,
-                    absl::Span<float> out) {
-  for (size_t i = 0; i < out.size(); ++i) out[i] = after[i] - before[i];
 }
 
 }  // namespace optd

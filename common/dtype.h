@@ -1,6 +1,6 @@
 // Element types optd stores, computes in, and accepts on the wire.
-#ifndef OPTD_KERNELS_DTYPE_H_
-#define OPTD_KERNELS_DTYPE_H_
+#ifndef OPTD_COMMON_DTYPE_H_
+#define OPTD_COMMON_DTYPE_H_
 
 #include <cstddef>
 
@@ -20,4 +20,4 @@ absl::StatusOr<DType> ParseDType(absl::string_view name);
 
 }  // namespace optd
 
-#endif  // OPTD_KERNELS_DTYPE_H_
+#endif  // OPTD_COMMON_DTYPE_H_

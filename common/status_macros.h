@@ -1,7 +1,7 @@
 // optd's one pair of early-return macros: bookworm's Abseil (20220623) predates
 // ABSL_RETURN_IF_ERROR / ABSL_ASSIGN_OR_RETURN.
-#ifndef OPTD_KERNELS_STATUS_MACROS_H_
-#define OPTD_KERNELS_STATUS_MACROS_H_
+#ifndef OPTD_COMMON_STATUS_MACROS_H_
+#define OPTD_COMMON_STATUS_MACROS_H_
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -24,4 +24,4 @@
   if (!statusor.ok()) return std::move(statusor).status(); \
   lhs = *std::move(statusor)
 
-#endif  // OPTD_KERNELS_STATUS_MACROS_H_
+#endif  // OPTD_COMMON_STATUS_MACROS_H_
