@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kernels/row_blocks.h"
 
 namespace optd {
 namespace {
@@ -36,44 +37,6 @@ absl::Status CheckShape(int64_t rows, int64_t cols) {
   if (rows < 1 || cols < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("analysis: matrix shape ", rows, "x", cols, " is empty"));
-  }
-  return absl::OkStatus();
-}
-
-// Rows of a row-blocked call whose every row costs `per_row` multiply-adds: as many as stay within
-// max_flops, and at least one.
-int64_t RowsPerCall(int64_t per_row, int64_t max_flops) {
-  return std::max<int64_t>(1, max_flops / std::max<int64_t>(1, per_row));
-}
-
-// C = A·op(B) (A not transposed, batch 1) as one call per block of A's and C's rows.
-absl::Status GemmInRowBlocks(Backend& backend, Queue& queue, const GemmArgs& args,
-                             int64_t max_flops) {
-  const int64_t block = RowsPerCall(args.n * args.k, max_flops);
-  for (int64_t first = 0; first < args.m; first += block) {
-    GemmArgs part = args;
-    part.m = std::min(block, args.m - first);
-    part.a = static_cast<const float*>(args.a) + first * args.lda;
-    part.c = args.c + first * args.ldc;
-    OPTD_RETURN_IF_ERROR(backend.Gemm(queue, part));
-  }
-  return absl::OkStatus();
-}
-
-// C = Aᵀ·B for A (k×m) and B (k×n) stored row-major: a sum over blocks of the k rows they share,
-// accumulated in C.
-absl::Status TransposedGemmInRowBlocks(Backend& backend, Queue& queue, const GemmArgs& args,
-                                       int64_t max_flops) {
-  if (args.k == 0) return backend.Gemm(queue, args);
-  const int64_t block = RowsPerCall(args.m * args.n, max_flops);
-  for (int64_t first = 0; first < args.k; first += block) {
-    GemmArgs part = args;
-    part.trans_a = Transpose::kYes;
-    part.k = std::min(block, args.k - first);
-    part.a = static_cast<const float*>(args.a) + first * args.lda;
-    part.b = static_cast<const float*>(args.b) + first * args.ldb;
-    part.beta = first == 0 ? args.beta : 1.0f;
-    OPTD_RETURN_IF_ERROR(backend.Gemm(queue, part));
   }
   return absl::OkStatus();
 }
@@ -384,36 +347,6 @@ absl::StatusOr<std::vector<float>> SingularValues(Backend& backend, Queue& queue
   OPTD_RETURN_IF_ERROR(backend.SingularValueDecomposition(
       queue, MatrixBatch{const_cast<float*>(x), 1, rows, cols}, s.f32(), nullptr, nullptr));
   return ToHost(backend, queue, s.f32(), k);
-}
-
-float PolarRelativeTolerance(int64_t rows, int64_t cols) {
-  return static_cast<float>(std::max(rows, cols)) * std::numeric_limits<float>::epsilon();
-}
-
-absl::Status ExactPolar(Backend& backend, Queue& queue, const float* x, int64_t rows, int64_t cols,
-                        float* out, int64_t max_flops_per_call) {
-  OPTD_RETURN_IF_ERROR(CheckShape(rows, cols));
-  const int64_t k = std::min(rows, cols);
-  OPTD_ASSIGN_OR_RETURN(Buffer work, AllocateFloats(backend, k + rows * k + k * cols));
-  float* s = work.f32();
-  float* u = s + k;
-  float* vt = u + rows * k;
-  OPTD_RETURN_IF_ERROR(backend.SingularValueDecomposition(
-      queue, MatrixBatch{const_cast<float*>(x), 1, rows, cols}, s, u, vt));
-  OPTD_RETURN_IF_ERROR(backend.ZeroSmallSingularVectors(queue, u, s, 1, rows, k,
-                                                        PolarRelativeTolerance(rows, cols)));
-  OPTD_RETURN_IF_ERROR(GemmInRowBlocks(backend, queue,
-                                       GemmArgs{.m = rows,
-                                                .n = cols,
-                                                .k = k,
-                                                .a = u,
-                                                .lda = k,
-                                                .b = vt,
-                                                .ldb = cols,
-                                                .c = out,
-                                                .ldc = cols},
-                                       max_flops_per_call));
-  return backend.Synchronize(queue);
 }
 
 SpectrumStats ComputeSpectrumStats(absl::Span<const float> sv) {

@@ -12,6 +12,7 @@
 #include "absl/types/span.h"
 #include "kernels/backend.h"
 #include "kernels/newton_schulz.h"
+#include "kernels/polar.h"
 
 namespace optd {
 
@@ -113,17 +114,6 @@ absl::StatusOr<DominanceRatios> ComputeDominanceRatios(Backend& backend, Queue& 
 // min(rows, cols) singular values of x, descending (fp64 SVD on the CPU backend).
 absl::StatusOr<std::vector<float>> SingularValues(Backend& backend, Queue& queue, const float* x,
                                                   int64_t rows, int64_t cols);
-
-// max(rows, cols)·ε_fp32: singular values at most this times σ_max count as zero (numpy's pinv
-// rule).
-float PolarRelativeTolerance(int64_t rows, int64_t cols);
-
-// The exact polar factor U·Vᵀ of x (thin SVD x = U·Σ·Vᵀ, over the singular values above
-// PolarRelativeTolerance; zero for a zero matrix) into `out` (rows×cols, backend memory). The
-// product U·Vᵀ runs in row blocks of at most max_flops_per_call multiply-adds.
-absl::Status ExactPolar(Backend& backend, Queue& queue, const float* x, int64_t rows, int64_t cols,
-                        float* out,
-                        int64_t max_flops_per_call = AnalysisOptions{}.max_flops_per_call);
 
 // Newton–Schulz acts on each singular value alone: in exact arithmetic NS(V) = U·p(Σ)·Wᵀ for the
 // thin SVD V = U·Σ·Wᵀ, where p(σ) is the composition of the step polynomials a·s + b·s³ + c·s⁵

@@ -8,8 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
-#include "kernels/analysis.h"
 #include "kernels/newton_schulz.h"
+#include "kernels/polar.h"
 
 namespace optd {
 
@@ -61,12 +61,11 @@ float DecayFactor(const OptimizerConfig& c) {
 
 // Floats of workspace a group of `batch` rows×cols matrices needs.
 int64_t GroupWorkspaceFloats(const MatrixConfig& c, int64_t batch, int64_t rows, int64_t cols) {
-  const int64_t k = std::min(rows, cols);
   int64_t direction = 0;
   if (c.direction == Direction::kNewtonSchulz) {
     direction = NewtonSchulzWorkspaceFloats(c.newton_schulz, batch, rows, cols);
   } else if (c.direction == Direction::kExactPolar) {
-    direction = batch * (k + rows * k + k * cols);
+    direction = ExactPolarScratchFloats(batch, rows, cols);
   }
   const int64_t pre = c.pre_normalize == PreNormalize::kNone ? 0 : batch * (rows + cols);
   return batch * rows * cols + std::max(direction, pre);
@@ -587,8 +586,134 @@ absl::Status Optimizer::StepAdamW(Tensor& t) {
                          t.gradient.f32(), t.count, scalars + t.adamw_slot);
 }
 
+// The rate and scale the kernels apply as lr·(scale·o); a preset that folds the scale into the
+// rate gets (lr·scale) formed in fp64 and a scale of 1.
+Optimizer::RateAndScale Optimizer::RateAndScaleOf(const Tensor& t) const {
+  const OptimizerConfig& c = t.spec.config;
+  const auto& shape = t.spec.shape;
+  const double scale = c.matrix.scale_from_last_two_dims && shape.size() >= 2
+                           ? ScaleFactor(c.matrix, shape[shape.size() - 2], shape.back())
+                           : ScaleFactor(c.matrix, t.view.rows, t.view.cols);
+  if (c.matrix.scale_in_lr) {
+    return {static_cast<float>(c.lr * scale), 1.0f, static_cast<float>(scale)};
+  }
+  return {static_cast<float>(c.lr), static_cast<float>(scale), static_cast<float>(scale)};
+}
+
+// capture = capture·0 − (−1)·(o·scale): the scaled direction, formed by the same kernel (and the
+// same product) as the step's, without its step-dtype rounding. A capture that is not `o` itself
+// is zeroed first (its old contents may not be finite); `o` always is.
+absl::Status Optimizer::CaptureScaled(float* capture, const float* o, int64_t count, float scale) {
+  if (capture != o) OPTD_RETURN_IF_ERROR(backend_->Fill(*queue_, capture, count, 0.0f));
+  return backend_->ApplyUpdate(*queue_, capture, o, count, -1.0f, 0.0f, scale, DType::kF32);
+}
+
+// --- The stages of a matrix step, in the order of ../shared/DESIGN.md's table ("The optimizer, as
+// stages"): momentum, pre-normalize, direction, post-normalize, scale, weight decay. StepGroup
+// runs them in that order; the fused RMNP pass runs them all in one kernel. ---
+
+// momentum: m ← μ·m + (1−μ)·g (ema) or μ·m + g (sum); the direction's input u = lerp(g, m, μ) or
+// g + μ·m with Nesterov, else m.
+absl::Status Optimizer::MomentumStage(Tensor& t, float* u) {
+  const MatrixConfig& c = t.spec.config.matrix;
+  const formulas::MomentumScalars momentum{static_cast<float>(c.momentum),
+                                           static_cast<float>(1.0 - c.momentum), c.momentum_kind,
+                                           c.nesterov};
+  return backend_->Momentum(*queue_, t.momentum.f32(), t.gradient.f32(), u, t.count, momentum);
+}
+
+// pre-normalize: MuonEq's row, column or row-and-column equilibration of u (seed: MuonEq paper);
+// rowcol becomes row from rowcol_to_row_at_step on.
+absl::Status Optimizer::PreNormalizeStage(const Tensor& t, const MatrixBatch& u, float* scratch) {
+  const MatrixConfig& c = t.spec.config.matrix;
+  PreNormalize mode = c.pre_normalize;
+  if (mode == PreNormalize::kRowCol && c.rowcol_to_row_at_step > 0 &&
+      t.steps + 1 >= c.rowcol_to_row_at_step) {
+    mode = PreNormalize::kRow;
+  }
+  if (mode == PreNormalize::kNone) return absl::OkStatus();
+  EquilibrateArgs args{.rows = mode == PreNormalize::kRow || mode == PreNormalize::kRowCol,
+                       .cols = mode == PreNormalize::kCol || mode == PreNormalize::kRowCol,
+                       .eps = c.pre_normalize_eps,
+                       .exponent = c.pre_normalize_exponent,
+                       .clip = c.pre_normalize_clip};
+  return backend_->Equilibrate(*queue_, u, args, scratch);
+}
+
+// direction, batched over the group: Newton–Schulz, RMNP's row ℓ2 normalization, or the exact
+// polar factor.
+absl::Status Optimizer::DirectionStage(const MatrixConfig& c, const MatrixBatch& all,
+                                       float* scratch) {
+  switch (c.direction) {
+    case Direction::kNewtonSchulz:
+      return NewtonSchulz(*backend_, *queue_, all, c.newton_schulz, scratch);
+    case Direction::kRowNormalize:
+      return backend_->RowNormalize(*queue_, all.data, all.batch * all.rows, all.cols,
+                                    c.row_normalize_eps);
+    case Direction::kExactPolar:
+      return BatchedExactPolar(*backend_, *queue_, all, all.data, scratch);
+  }
+  return absl::InternalError("unknown direction");
+}
+
+// post-normalize: NorMuon's per-neuron second moment, v ← β₂·v + (1−β₂)·mean_row(o²),
+// o ← o/(√v + ε), optionally keeping ‖o‖F (seed: NorMuon summary).
+absl::Status Optimizer::PostNormalizeStage(Tensor& t, const MatrixBatch& o) {
+  const MatrixConfig& c = t.spec.config.matrix;
+  if (c.post_normalize != PostNormalize::kNorMuon) return absl::OkStatus();
+  return backend_->NorMuonNormalize(*queue_, o, t.second_moment.f32(),
+                                    NorMuonArgs{static_cast<float>(1.0 - c.normuon.beta2),
+                                                c.normuon.eps, c.normuon.preserve_frobenius});
+}
+
+// scale and weight decay: o to unit RMS where the preset asks, then w ← w·(1 − η·λ) − η·scale·o
+// in the step dtype (and the update captured for the analyzer, before that rounding).
+absl::Status Optimizer::ScaleAndDecayStage(Tensor& t, const MatrixBatch& o) {
+  const OptimizerConfig& c = t.spec.config;
+  if (c.matrix.scale == ScaleRule::kUnitRms) {
+    OPTD_RETURN_IF_ERROR(backend_->ScaleToRms(*queue_, o, static_cast<float>(c.matrix.scale_rms),
+                                              c.matrix.normuon.eps));
+  }
+  const RateAndScale rate = RateAndScaleOf(t);
+  if (t.capture != nullptr) {
+    OPTD_RETURN_IF_ERROR(CaptureScaled(t.capture, o.data, t.count, rate.full_scale));
+  }
+  return backend_->ApplyUpdate(*queue_, t.parameters.f32(), o.data, t.count, rate.lr,
+                               DecayFactor(c), rate.scale, c.matrix.step_dtype);
+}
+
+// RMNP's six stages in one pass per tensor (Backend::RmnpStep): sum momentum, no pre-normalize,
+// row normalization, no post-normalize, the preset's scale and decay.
+absl::Status Optimizer::FusedRmnpStep(Tensor& t) {
+  const OptimizerConfig& c = t.spec.config;
+  const RateAndScale rate = RateAndScaleOf(t);
+  const int64_t rows = t.view.rows, cols = t.view.cols;
+  RmnpStepArgs args{.momentum = static_cast<float>(c.matrix.momentum),
+                    .nesterov = c.matrix.nesterov,
+                    .eps = c.matrix.row_normalize_eps,
+                    .lr = rate.lr,
+                    .decay = DecayFactor(c),
+                    .scale = rate.scale,
+                    .step_dtype = c.matrix.step_dtype};
+  OPTD_RETURN_IF_ERROR(backend_->RmnpStep(*queue_, t.parameters.f32(), t.momentum.f32(),
+                                          t.gradient.f32(), t.view.batch * rows, cols, args));
+  if (t.capture == nullptr) return absl::OkStatus();
+  // The fused pass keeps no direction: rebuild it from the new momentum the way the pass formed
+  // it (sum momentum: u = g + μ·m with Nesterov, else m; each product and sum the same fp32
+  // operation), then row-normalize and scale it.
+  float* u = t.capture;
+  if (c.matrix.nesterov) {
+    OPTD_RETURN_IF_ERROR(backend_->Copy(*queue_, u, t.gradient.f32(), t.count * sizeof(float)));
+    OPTD_RETURN_IF_ERROR(backend_->ApplyUpdate(*queue_, u, t.momentum.f32(), t.count,
+                                               -args.momentum, 1.0f, 1.0f, DType::kF32));
+  } else {
+    OPTD_RETURN_IF_ERROR(backend_->Copy(*queue_, u, t.momentum.f32(), t.count * sizeof(float)));
+  }
+  OPTD_RETURN_IF_ERROR(backend_->RowNormalize(*queue_, u, t.view.batch * rows, cols, args.eps));
+  return CaptureScaled(u, u, t.count, rate.full_scale);
+}
+
 absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> present) {
-  Queue& queue = *queue_;
   std::vector<Tensor*> members;
   int64_t batch = 0;
   for (int i : group.members) {
@@ -597,152 +722,31 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
     batch += tensors_[i]->view.batch;
   }
   if (members.empty()) return absl::OkStatus();
-  const int64_t rows = group.rows, cols = group.cols, matrix = rows * cols;
-
-  // The rate and scale the kernels apply as lr·(scale·o); a preset that folds the scale into the
-  // rate gets (lr·scale) formed in fp64 and a scale of 1.
-  struct RateAndScale {
-    float lr, scale;
-    float full_scale;  // the scale whether or not it is folded into lr, for CaptureUpdate
-  };
-  auto rate_and_scale = [&](const Tensor& t) -> RateAndScale {
-    const OptimizerConfig& c = t.spec.config;
-    const auto& shape = t.spec.shape;
-    const double scale = c.matrix.scale_from_last_two_dims && shape.size() >= 2
-                             ? ScaleFactor(c.matrix, shape[shape.size() - 2], shape.back())
-                             : ScaleFactor(c.matrix, rows, cols);
-    if (c.matrix.scale_in_lr) {
-      return {static_cast<float>(c.lr * scale), 1.0f, static_cast<float>(scale)};
-    }
-    return {static_cast<float>(c.lr), static_cast<float>(scale), static_cast<float>(scale)};
-  };
-  // capture = capture·0 − (−1)·(o·scale): the scaled direction, formed by the same kernel (and
-  // the same product) as the step's, without its step-dtype rounding. A capture that is not `o`
-  // itself is zeroed first (its old contents may not be finite); `o` always is.
-  auto capture_scaled = [&](float* capture, const float* o, int64_t count, float scale) {
-    if (capture != o) OPTD_RETURN_IF_ERROR(backend_->Fill(queue, capture, count, 0.0f));
-    return backend_->ApplyUpdate(queue, capture, o, count, -1.0f, 0.0f, scale, DType::kF32);
-  };
-
   if (group.fused_rmnp) {
-    for (Tensor* t : members) {
-      const OptimizerConfig& c = t->spec.config;
-      const RateAndScale rate = rate_and_scale(*t);
-      RmnpStepArgs args{.momentum = static_cast<float>(c.matrix.momentum),
-                        .nesterov = c.matrix.nesterov,
-                        .eps = c.matrix.row_normalize_eps,
-                        .lr = rate.lr,
-                        .decay = DecayFactor(c),
-                        .scale = rate.scale,
-                        .step_dtype = c.matrix.step_dtype};
-      OPTD_RETURN_IF_ERROR(backend_->RmnpStep(queue, t->parameters.f32(), t->momentum.f32(),
-                                              t->gradient.f32(), t->view.batch * rows, cols, args));
-      if (t->capture == nullptr) continue;
-      // The fused pass keeps no direction: rebuild it from the new momentum the way the pass
-      // formed it (sum momentum: u = g + μ·m with Nesterov, else m; each product and sum the
-      // same fp32 operation), then row-normalize and scale it.
-      float* u = t->capture;
-      if (c.matrix.nesterov) {
-        OPTD_RETURN_IF_ERROR(backend_->Copy(queue, u, t->gradient.f32(), t->count * sizeof(float)));
-        OPTD_RETURN_IF_ERROR(backend_->ApplyUpdate(queue, u, t->momentum.f32(), t->count,
-                                                   -args.momentum, 1.0f, 1.0f, DType::kF32));
-      } else {
-        OPTD_RETURN_IF_ERROR(backend_->Copy(queue, u, t->momentum.f32(), t->count * sizeof(float)));
-      }
-      OPTD_RETURN_IF_ERROR(backend_->RowNormalize(queue, u, t->view.batch * rows, cols, args.eps));
-      OPTD_RETURN_IF_ERROR(capture_scaled(u, u, t->count, rate.full_scale));
-    }
+    for (Tensor* t : members) OPTD_RETURN_IF_ERROR(FusedRmnpStep(*t));
     return absl::OkStatus();
   }
-
+  const int64_t rows = group.rows, cols = group.cols;
   float* directions = workspace_.f32();
-  float* scratch = directions + batch * matrix;
-  // Momentum and pre-normalization, each tensor into its slot of the group's batch.
+  float* scratch = directions + batch * rows * cols;
+  // Each tensor's slot of the group's batch.
+  auto slot = [&](const Tensor& t, int64_t offset) {
+    return MatrixBatch{directions + offset, t.view.batch, rows, cols};
+  };
   int64_t offset = 0;
   for (Tensor* t : members) {
-    const MatrixConfig& c = t->spec.config.matrix;
-    float* u = directions + offset;
-    const formulas::MomentumScalars momentum{static_cast<float>(c.momentum),
-                                             static_cast<float>(1.0 - c.momentum), c.momentum_kind,
-                                             c.nesterov};
-    OPTD_RETURN_IF_ERROR(
-        backend_->Momentum(queue, t->momentum.f32(), t->gradient.f32(), u, t->count, momentum));
-    PreNormalize mode = c.pre_normalize;
-    if (mode == PreNormalize::kRowCol && c.rowcol_to_row_at_step > 0 &&
-        t->steps + 1 >= c.rowcol_to_row_at_step) {
-      mode = PreNormalize::kRow;
-    }
-    if (mode != PreNormalize::kNone) {
-      EquilibrateArgs args{.rows = mode == PreNormalize::kRow || mode == PreNormalize::kRowCol,
-                           .cols = mode == PreNormalize::kCol || mode == PreNormalize::kRowCol,
-                           .eps = c.pre_normalize_eps,
-                           .exponent = c.pre_normalize_exponent,
-                           .clip = c.pre_normalize_clip};
-      OPTD_RETURN_IF_ERROR(
-          backend_->Equilibrate(queue, MatrixBatch{u, t->view.batch, rows, cols}, args, scratch));
-    }
+    const MatrixBatch u = slot(*t, offset);
+    OPTD_RETURN_IF_ERROR(MomentumStage(*t, u.data));
+    OPTD_RETURN_IF_ERROR(PreNormalizeStage(*t, u, scratch));
     offset += t->count;
   }
-
-  // The direction, batched over the whole group.
-  const MatrixConfig& first = members[0]->spec.config.matrix;
-  const MatrixBatch all{directions, batch, rows, cols};
-  switch (first.direction) {
-    case Direction::kNewtonSchulz:
-      OPTD_RETURN_IF_ERROR(NewtonSchulz(*backend_, queue, all, first.newton_schulz, scratch));
-      break;
-    case Direction::kRowNormalize:
-      OPTD_RETURN_IF_ERROR(
-          backend_->RowNormalize(queue, directions, batch * rows, cols, first.row_normalize_eps));
-      break;
-    case Direction::kExactPolar: {
-      const int64_t k = std::min(rows, cols);
-      float* s = scratch;
-      float* u = s + batch * k;
-      float* vt = u + batch * rows * k;
-      OPTD_RETURN_IF_ERROR(backend_->SingularValueDecomposition(queue, all, s, u, vt));
-      OPTD_RETURN_IF_ERROR(backend_->ZeroSmallSingularVectors(queue, u, s, batch, rows, k,
-                                                              PolarRelativeTolerance(rows, cols)));
-      GemmArgs polar{.m = rows,
-                     .n = cols,
-                     .k = k,
-                     .a = u,
-                     .lda = k,
-                     .stride_a = rows * k,
-                     .b = vt,
-                     .ldb = cols,
-                     .stride_b = k * cols,
-                     .c = directions,
-                     .ldc = cols,
-                     .stride_c = matrix,
-                     .batch = batch};
-      OPTD_RETURN_IF_ERROR(backend_->Gemm(queue, polar));
-      break;
-    }
-  }
-
-  // Post-normalization, scale, decay and the update, per tensor.
+  OPTD_RETURN_IF_ERROR(DirectionStage(members[0]->spec.config.matrix,
+                                      MatrixBatch{directions, batch, rows, cols}, scratch));
   offset = 0;
   for (Tensor* t : members) {
-    const OptimizerConfig& c = t->spec.config;
-    const MatrixBatch o{directions + offset, t->view.batch, rows, cols};
-    if (c.matrix.post_normalize == PostNormalize::kNorMuon) {
-      OPTD_RETURN_IF_ERROR(backend_->NorMuonNormalize(
-          queue, o, t->second_moment.f32(),
-          NorMuonArgs{static_cast<float>(1.0 - c.matrix.normuon.beta2), c.matrix.normuon.eps,
-                      c.matrix.normuon.preserve_frobenius}));
-    }
-    if (c.matrix.scale == ScaleRule::kUnitRms) {
-      OPTD_RETURN_IF_ERROR(backend_->ScaleToRms(queue, o, static_cast<float>(c.matrix.scale_rms),
-                                                c.matrix.normuon.eps));
-    }
-    const RateAndScale rate = rate_and_scale(*t);
-    if (t->capture != nullptr) {
-      OPTD_RETURN_IF_ERROR(capture_scaled(t->capture, o.data, t->count, rate.full_scale));
-    }
-    OPTD_RETURN_IF_ERROR(backend_->ApplyUpdate(queue, t->parameters.f32(), o.data, t->count,
-                                               rate.lr, DecayFactor(c), rate.scale,
-                                               c.matrix.step_dtype));
+    const MatrixBatch o = slot(*t, offset);
+    OPTD_RETURN_IF_ERROR(PostNormalizeStage(*t, o));
+    OPTD_RETURN_IF_ERROR(ScaleAndDecayStage(*t, o));
     offset += t->count;
   }
   return absl::OkStatus();

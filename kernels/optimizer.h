@@ -150,7 +150,21 @@ class Optimizer {
 
   absl::Status CheckIndex(int tensor) const;
   absl::StatusOr<StateBuffer> FindState(int tensor, absl::string_view buffer) const;
+  // The rate and scale the update applies as lr·(scale·o); full_scale is the scale whether or
+  // not a preset folds it into the rate (CaptureUpdate's).
+  struct RateAndScale {
+    float lr, scale, full_scale;
+  };
+  RateAndScale RateAndScaleOf(const Tensor& t) const;
+  absl::Status CaptureScaled(float* capture, const float* o, int64_t count, float scale);
+  // One matrix group's step: the stages below in DESIGN.md's order, batched where they can be.
   absl::Status StepGroup(const Group& group, absl::Span<const bool> present);
+  absl::Status MomentumStage(Tensor& t, float* u);
+  absl::Status PreNormalizeStage(const Tensor& t, const MatrixBatch& u, float* scratch);
+  absl::Status DirectionStage(const MatrixConfig& c, const MatrixBatch& all, float* scratch);
+  absl::Status PostNormalizeStage(Tensor& t, const MatrixBatch& o);
+  absl::Status ScaleAndDecayStage(Tensor& t, const MatrixBatch& o);
+  absl::Status FusedRmnpStep(Tensor& t);
   absl::Status StepAdamW(Tensor& tensor);
   formulas::AdamWScalars AdamWScalarsOf(const Tensor& tensor) const;
   // Enqueues a step's work (groups, then AdamW) on queue_.
