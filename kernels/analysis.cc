@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "kernels/lanczos.h"
 #include "kernels/row_blocks.h"
 
 namespace optd {
@@ -33,171 +34,19 @@ double SumSquares(absl::Span<const float> x) {
   return s;
 }
 
+LanczosOptions LanczosOptionsOf(const AnalysisOptions& options) {
+  return LanczosOptions{.probes = options.probes,
+                        .steps = options.lanczos_steps,
+                        .seed = options.seed,
+                        .max_flops_per_call = options.max_flops_per_call};
+}
+
 absl::Status CheckShape(int64_t rows, int64_t cols) {
   if (rows < 1 || cols < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("analysis: matrix shape ", rows, "x", cols, " is empty"));
   }
   return absl::OkStatus();
-}
-
-// Lanczos on the Gram matrix A = X·Xᵀ (`outer`, order rows) or Xᵀ·X (order cols) of a rows×cols
-// matrix x in backend memory, from `probes` Rademacher start vectors at once: each step's A·Q is
-// two row-blocked GEMMs with the block Q of the probes' current vectors as columns; the recurrence
-// and the full reorthogonalization run per probe in fp64 on the host.
-struct LanczosRun {
-  int64_t order = 0;
-  struct Probe {
-    std::vector<double> alpha, beta;  // the tridiagonal T: diagonal, and the steps−1 below it
-    std::vector<double> basis;        // steps rows of `order`: the orthonormal Lanczos vectors
-  };
-  std::vector<Probe> probes;
-};
-
-absl::StatusOr<LanczosRun> RunLanczos(Backend& backend, Queue& queue, const float* x, int64_t rows,
-                                      int64_t cols, bool outer, const AnalysisOptions& options) {
-  const int64_t order = outer ? rows : cols;
-  const int64_t inner = outer ? cols : rows;
-  const int64_t p = options.probes;
-  // Past `order` steps the Krylov space is the whole space.
-  const int64_t steps = std::min<int64_t>(options.lanczos_steps, order);
-  LanczosRun run;
-  run.order = order;
-  run.probes.resize(p);
-  std::mt19937_64 rng(options.seed);
-  const double start = 1.0 / std::sqrt(static_cast<double>(order));
-  for (LanczosRun::Probe& probe : run.probes) {
-    probe.basis.reserve(steps * order);
-    for (int64_t i = 0; i < order; ++i) probe.basis.push_back((rng() & 1) != 0 ? start : -start);
-  }
-  OPTD_ASSIGN_OR_RETURN(Buffer work, AllocateFloats(backend, (2 * order + inner) * p));
-  float* q_block = work.f32();           // order×p
-  float* product = q_block + order * p;  // order×p
-  float* half = product + order * p;     // inner×p: Xᵀ·Q or X·Q
-  std::vector<float> host(order * p);
-  std::vector<double> w(order);
-  std::vector<bool> active(p, true);
-  for (int64_t step = 0; step < steps; ++step) {
-    for (int64_t j = 0; j < p; ++j) {
-      const double* q = run.probes[j].basis.data() + step * order;
-      for (int64_t i = 0; i < order; ++i)
-        host[i * p + j] = active[j] ? static_cast<float>(q[i]) : 0;
-    }
-    OPTD_RETURN_IF_ERROR(backend.Upload(queue, q_block, host.data(), host.size() * sizeof(float)));
-    const GemmArgs into_half{.m = inner,
-                             .n = p,
-                             .k = order,
-                             .a = x,
-                             .lda = cols,
-                             .b = q_block,
-                             .ldb = p,
-                             .c = half,
-                             .ldc = p};
-    const GemmArgs back{.m = order,
-                        .n = p,
-                        .k = inner,
-                        .a = x,
-                        .lda = cols,
-                        .b = half,
-                        .ldb = p,
-                        .c = product,
-                        .ldc = p};
-    if (outer) {  // A·Q = X·(Xᵀ·Q)
-      OPTD_RETURN_IF_ERROR(
-          TransposedGemmInRowBlocks(backend, queue, into_half, options.max_flops_per_call));
-      OPTD_RETURN_IF_ERROR(GemmInRowBlocks(backend, queue, back, options.max_flops_per_call));
-    } else {  // A·Q = Xᵀ·(X·Q)
-      OPTD_RETURN_IF_ERROR(GemmInRowBlocks(backend, queue, into_half, options.max_flops_per_call));
-      OPTD_RETURN_IF_ERROR(
-          TransposedGemmInRowBlocks(backend, queue, back, options.max_flops_per_call));
-    }
-    OPTD_RETURN_IF_ERROR(
-        backend.Download(queue, host.data(), product, host.size() * sizeof(float)));
-    OPTD_RETURN_IF_ERROR(backend.Synchronize(queue));
-    for (int64_t j = 0; j < p; ++j) {
-      if (!active[j]) continue;
-      LanczosRun::Probe& probe = run.probes[j];
-      const double* q = probe.basis.data() + step * order;
-      for (int64_t i = 0; i < order; ++i) w[i] = host[i * p + j];
-      double alpha = 0;
-      for (int64_t i = 0; i < order; ++i) alpha += q[i] * w[i];
-      probe.alpha.push_back(alpha);
-      if (step + 1 == steps) continue;
-      // Full reorthogonalization against every earlier vector, twice (classical Gram–Schmidt
-      // twice is orthogonal to working precision); it also removes α·q and β·q_previous.
-      for (int pass = 0; pass < 2; ++pass) {
-        for (int64_t v = 0; v <= step; ++v) {
-          const double* b = probe.basis.data() + v * order;
-          double dot = 0;
-          for (int64_t i = 0; i < order; ++i) dot += b[i] * w[i];
-          for (int64_t i = 0; i < order; ++i) w[i] -= dot * b[i];
-        }
-      }
-      double beta = 0;
-      for (double e : w) beta += e * e;
-      beta = std::sqrt(beta);
-      // An invariant Krylov space: T is complete (in fp32 products only an exact one ends here).
-      double scale = 0;
-      for (size_t i = 0; i < probe.alpha.size(); ++i) {
-        scale = std::max(scale,
-                         std::fabs(probe.alpha[i]) + (i < probe.beta.size() ? probe.beta[i] : 0));
-      }
-      if (!(beta > 1e-12 * scale)) {
-        active[j] = false;
-        continue;
-      }
-      probe.beta.push_back(beta);
-      for (int64_t i = 0; i < order; ++i) probe.basis.push_back(w[i] / beta);
-    }
-  }
-  return run;
-}
-
-// The Gauss quadrature of one probe's tridiagonal: Ritz values θ_j (clamped at 0: A is positive
-// semidefinite) and the squared first components τ_j² of their eigenvectors, whose columns are in
-// `vectors` (column-major, size²).
-struct RitzPairs {
-  std::vector<double> values;
-  std::vector<double> vectors;
-  double weight(size_t j) const { return vectors[j * values.size()] * vectors[j * values.size()]; }
-};
-
-absl::StatusOr<RitzPairs> Ritz(const LanczosRun::Probe& probe) {
-  const lapack_int n = static_cast<lapack_int>(probe.alpha.size());
-  RitzPairs ritz{probe.alpha, std::vector<double>(static_cast<size_t>(n) * n)};
-  std::vector<double> off(probe.beta.begin(), probe.beta.begin() + std::max(0, n - 1));
-  off.resize(std::max(1, n - 1));
-  const lapack_int info = LAPACKE_dstev(LAPACK_COL_MAJOR, 'V', n, ritz.values.data(), off.data(),
-                                        ritz.vectors.data(), n);
-  if (info != 0) {
-    return absl::InternalError(absl::StrCat("analysis: LAPACKE_dstev failed with info=", info));
-  }
-  for (double& v : ritz.values) v = std::max(v, 0.0);
-  return ritz;
-}
-
-// SLQ nodes and weights over all probes: tr f(A) ≈ Σ_j weight_j·f(node_j), weights (order/p)·τ_j²
-// (‖z‖² = order for a Rademacher z).
-struct Quadrature {
-  std::vector<double> nodes, weights;
-  double Trace(const std::function<double(double)>& f) const {
-    double sum = 0;
-    for (size_t j = 0; j < nodes.size(); ++j) sum += weights[j] * f(nodes[j]);
-    return sum;
-  }
-};
-
-absl::StatusOr<Quadrature> SlqQuadrature(const LanczosRun& run) {
-  Quadrature quadrature;
-  const double scale = static_cast<double>(run.order) / static_cast<double>(run.probes.size());
-  for (const LanczosRun::Probe& probe : run.probes) {
-    OPTD_ASSIGN_OR_RETURN(RitzPairs ritz, Ritz(probe));
-    for (size_t j = 0; j < ritz.values.size(); ++j) {
-      quadrature.nodes.push_back(ritz.values[j]);
-      quadrature.weights.push_back(scale * ritz.weight(j));
-    }
-  }
-  return quadrature;
 }
 
 // The spectrum figures of X from the SLQ of its k×k Gram matrix (AnalysisOptions states their
@@ -223,8 +72,8 @@ absl::StatusOr<SpectrumStats> EstimateSpectrum(Backend& backend, Queue& queue, c
                                                int64_t rows, int64_t cols, double frobenius_squared,
                                                const AnalysisOptions& options) {
   if (frobenius_squared == 0.0) return SpectrumStats{};
-  OPTD_ASSIGN_OR_RETURN(LanczosRun run,
-                        RunLanczos(backend, queue, x, rows, cols, rows <= cols, options));
+  OPTD_ASSIGN_OR_RETURN(LanczosRun run, RunLanczos(backend, queue, x, rows, cols, rows <= cols,
+                                                   LanczosOptionsOf(options)));
   OPTD_ASSIGN_OR_RETURN(Quadrature quadrature, SlqQuadrature(run));
   return EstimateSpectrumStats(quadrature, frobenius_squared);
 }
@@ -446,8 +295,9 @@ absl::Status AnalyzeByEstimates(Backend& backend, Queue& queue, const float* mom
                                 const AnalysisOptions& options, MatrixAnalysis* a) {
   const int64_t k = std::min(rows, cols);
   const double momentum_squared = SumSquares(v);
-  OPTD_ASSIGN_OR_RETURN(LanczosRun momentum_run, RunLanczos(backend, queue, momentum, rows, cols,
-                                                            /*outer=*/rows <= cols, options));
+  OPTD_ASSIGN_OR_RETURN(LanczosRun momentum_run,
+                        RunLanczos(backend, queue, momentum, rows, cols,
+                                   /*outer=*/rows <= cols, LanczosOptionsOf(options)));
   OPTD_ASSIGN_OR_RETURN(Quadrature quadrature, SlqQuadrature(momentum_run));
   a->momentum = EstimateSpectrumStats(quadrature, momentum_squared);
   OPTD_ASSIGN_OR_RETURN(
@@ -474,8 +324,8 @@ absl::Status AnalyzeByEstimates(Backend& backend, Queue& queue, const float* mom
   }
   LanczosRun outer_run;
   if (rows > cols) {
-    OPTD_ASSIGN_OR_RETURN(
-        outer_run, RunLanczos(backend, queue, momentum, rows, cols, /*outer=*/true, options));
+    OPTD_ASSIGN_OR_RETURN(outer_run, RunLanczos(backend, queue, momentum, rows, cols,
+                                                /*outer=*/true, LanczosOptionsOf(options)));
   }
   OPTD_ASSIGN_OR_RETURN(const double trace, EstimateRowScaledSqrtTrace(
                                                 rows > cols ? outer_run : momentum_run, row_norms));

@@ -30,58 +30,11 @@ struct DominanceRatios {
 // two products of the matrix with a block of `probes` vectors; the host holds
 // probes·lanczos_steps·rows fp64 Lanczos vectors. The products are fp32.
 //
-// Errors of the estimate path, with k = min(rows, cols), p = probes, s = √(2/(p·k)) (8 probes:
-// 0.035 at k = 200, 0.016 at k = 1024, 0.008 at k = 4096). "Tests" quotes the worst error
-// measured in analysis_test (k = 200, p = 8, 40 steps; six matrices).
-//
-// - Exact: the dominance ratios (the same blocked V·Vᵀ as the exact path), neuron_norm_cv,
-//   update_rms, grad_norm, and ‖X‖F² in stable_rank.
-// - sigma_max: the largest Ritz value of the k×k Gram matrix XᵀX or XXᵀ over all probes, a lower
-//   bound that Lanczos reaches fast; stable_rank = ‖X‖F²/sigma_max² is an upper bound to the
-//   same accuracy (tests: 3e-7 relative; asserted 1e-3).
-// - sigma_min: the smallest Ritz value, an upper bound on σ_min; condition_number is therefore a
-//   lower bound, close only when the low end of the spectrum is resolved (tests: 0.78 to 1.0
-//   times exact, but 0.15 times for singular values log-spaced over three decades). It is not an
-//   estimate of the true value. Both bounds hold up to the fp32 rounding of the products: the
-//   operator Lanczos sees is within E = (γ_rows + γ_cols)·‖X‖F·σ_max + 2u·σ_max² of the Gram
-//   matrix (γ_n = n·u/(1 − n·u), u = 2⁻²⁴), so the Ritz values lie in [σ_min² − E, σ_max² + E].
-//   Where E exceeds σ_min² (condition numbers past about 1/√(γ·stable rank): a rank-20 matrix
-//   plus 1e-3 noise, condition 5e3, came out 7% below σ_min with OpenBLAS's Haswell kernels) the
-//   smallest Ritz value bounds nothing; the tests assert exactly these bounds.
-// - Traces tr f(A), A the Gram matrix, by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017,
-//   "Fast estimation of tr(f(A)) via stochastic Lanczos quadrature"): Rademacher probes z,
-//   tr f(A) ≈ (k/p)·Σ_z Σ_j τ_j²·f(θ_j) over the Ritz values θ_j and the first eigenvector
-//   components τ_j of each probe's tridiagonal. For Rademacher probes Var(zᵀf(A)z) <= 2‖f(A)‖F²,
-//   so the standard error of tr f(A)/k is at most s·rms(f(σ²)) over the spectrum (relative:
-//   s·rms/|mean|); only the spread of f(A) off its diagonal counts, so a spectrum on which f is
-//   nearly constant does better. On top of that is the error of Gauss quadrature with
-//   lanczos_steps nodes: negligible for smooth f, but Lanczos resolves the spectrum near σ = 0
-//   only down to about its smallest Ritz value, so a function that changes steeply below it is
-//   integrated as if its mass sat on that node.
-//   - entropy = log S − (1/S)·Σσ·log σ with S = tr(A^½) and Σσ·log σ = tr(½·A^½·log A), both by
-//     SLQ from the same probes. To first order its error is that of tr g(A)/S for
-//     g(σ²) = σ·(1 − H − log(σ/S)), so its standard error is at most
-//     s·rms_i(k·p_i·(1 − H − log p_i)) with p_i = σ_i/S: s for a flat spectrum, and smaller in
-//     practice (tests: 0.053 absolute at 0.52 of that bound, on a rank-20-plus-noise matrix whose
-//     small singular values fp32 products blur; at most 0.023 on the others).
-//   - ns_polar_error: in exact arithmetic NS(V) = U·p(Σ)·Wᵀ (NewtonSchulzSingularValueMap), so
-//     ‖NS(V) − polar(V)‖F² = Σ_i (p(σ_i) − 1)², estimated by SLQ, over ‖polar(V)‖F² = k (V is
-//     taken to have full rank). The compute dtype's rounding of the real iteration (bf16 by
-//     default) is not modelled: this is the error of the polynomial, not of its rounded run.
-//     Relative standard error at most ½·s·rms(h)/mean(h) for h = (p − 1)² (tests: 2.5 times that
-//     at worst, 5.8% relative, on a Gaussian matrix).
-//   - ns_small_sv_fraction = #{i: |p(σ_i)| < 0.6}/k, the SLQ of a step, which Gauss quadrature
-//     smooths: standard error at most s·√fraction, plus a bias bounded by the weights of the two
-//     Ritz values around the threshold σ* (where |p(σ*)| = 0.6; Chebyshev–Markov–Stieltjes). When
-//     σ* lies below the smallest Ritz value the mass under it is missed: with k = 200 and 40
-//     steps, singular values log-spaced from 1 to 1e-3 give 0 for an exact 0.235 (and
-//     ns_polar_error 0.18 for 0.38). Tests with a resolved threshold: 0.018 absolute.
-// - rmnp_muon_cosine = tr(D⁻¹·(VVᵀ)^½)/(√k·√r) with D the nonzero row norms of V and r their
-//   count: tr(Rᵀ·polar(V)) = tr(D⁻¹·U·Σ·Uᵀ) for V = U·Σ·Wᵀ and R = D⁻¹V, and ‖polar(V)‖F = √k for
-//   a full-rank V. The trace is Hutchinson's estimate zᵀ·D⁻¹·(VVᵀ)^½·z with (VVᵀ)^½·z ≈
-//   ‖z‖·Q·T^½·e₁ from the Lanczos basis Q. Since ‖D⁻¹·(VVᵀ)^½‖F² = r, its standard error is at
-//   most s absolute (tests: 0.052 at worst, 1.5·s), plus the Lanczos error of the square root,
-//   small unless V is ill-conditioned.
+// The estimate path's errors, figure by figure (bounds, and the worst error the tests measured),
+// are derived in kernels/ANALYSIS_ERRORS.md. In short: the dominance ratios, neuron_norm_cv,
+// update_rms and grad_norm are exact; sigma_max (and so stable_rank) converges fast;
+// sigma_min and condition_number are bounds, not estimates; the traces (entropy, ns_polar_error,
+// ns_small_sv_fraction, rmnp_muon_cosine) have a standard error of about √(2/(probes·k)).
 //
 // Every figure is deterministic: the probes come from `seed`.
 struct AnalysisOptions {
