@@ -1,5 +1,6 @@
-// The CPU backend: OpenBLAS for GEMM and its symmetric forms, LAPACKE (fp64) for the SVD, and
-// OpenMP loops over the shared formulas (kernels/formulas.h) for everything else.
+// The CPU backend: single-threaded OpenBLAS calls on fixed tiles for GEMM and its symmetric forms,
+// LAPACKE (fp64) for the SVD, and loops over the shared formulas (kernels/formulas.h) for
+// everything else, all spread over the backend's own ThreadPool (kernels/cpu/thread_pool.h).
 #include <cblas.h>
 #include <lapacke.h>
 

@@ -46,8 +46,9 @@ inline absl::string_view FsOpName(FsOp op) {
   return "unknown";
 }
 
-// Not thread-safe. A failed call does nothing (it is not forwarded) and returns
-// InternalError("injected <kind> failure"); it is counted like any other call.
+// Thread-safe: a test sets its plan while the daemon's threads write. A failed call does nothing
+// (it is not forwarded) and returns InternalError("injected <kind> failure"); it is counted like
+// any other call.
 class FaultInjectionFileSystem final : public FileSystem {
  public:
   // REQUIRES: `base` outlives this object and every file it opens.
@@ -55,7 +56,6 @@ class FaultInjectionFileSystem final : public FileSystem {
 
   // Fails the call of kind `op` whose index, counting from 0 since construction or ResetCounts,
   // is `n`.
-  // Thread-safe: a test sets the plan on its thread while the daemon's threads write.
   void FailNth(FsOp op, int64_t n) {
     absl::MutexLock lock(&mu_);
     plan(op).fail_index = n;
