@@ -19,8 +19,8 @@ FIGURES = [
     ("rmnp_cos", "optd_rmnp_muon_cosine", None),
     ("srank_V", "optd_stable_rank", ("of", "momentum")),
     ("cond_V", "optd_condition_number", ("of", "momentum")),
-    ("ns_err", "optd_ns_polar_error", None),
-    ("ns_<0.6", "optd_ns_small_sv_fraction", None),
+    ("ns_err", "optd_newton_schulz_polar_error", None),
+    ("ns_<0.6", "optd_newton_schulz_small_sv_fraction", None),
     ("cv_rows", "optd_neuron_norm_cv", ("of", "update")),
     ("upd_rms", "optd_update_rms", None),
 ]

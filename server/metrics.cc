@@ -214,10 +214,10 @@ Metrics::Metrics(MetricsOptions options)
   Family<Gauge>* entropy =
       gauge("optd_singular_value_entropy", "Entropy of sigma / sum(sigma) (natural log).");
   Family<Gauge>* ns_error =
-      gauge("optd_ns_polar_error",
+      gauge("optd_newton_schulz_polar_error",
             "||NS(V) - polar(V)||_F / ||polar(V)||_F for the session's Newton-Schulz setting.");
-  Family<Gauge>* ns_small =
-      gauge("optd_ns_small_sv_fraction", "Seed 003: share of singular values of NS(V) below 0.6.");
+  Family<Gauge>* ns_small = gauge("optd_newton_schulz_small_sv_fraction",
+                                  "Seed 003: share of singular values of NS(V) below 0.6.");
   Family<Gauge>* neuron_cv =
       gauge("optd_neuron_norm_cv", "Seed 002: coefficient of variation of the update's row norms.");
   Family<Gauge>* update_rms = gauge("optd_update_rms",

@@ -225,13 +225,13 @@ FIGURES = [
     ("Newton–Schulz polar error",
      "‖NS(V) − polar(V)‖F / ‖polar(V)‖F for the session's Newton–Schulz setting: how far "
      "Muon's iteration is from the exact orthogonalization (seed 003).",
-     [("optd_ns_polar_error", "", "")], {"minimum": 0}),
+     [("optd_newton_schulz_polar_error", "", "")], {"minimum": 0}),
     ("Newton–Schulz small-σ share",
      "Share of singular values of NS(V) below 0.6. Seed 003: at large widths the singular values "
      "of V shrink and a fixed number of Newton–Schulz steps leaves many of them small; more NS "
      "steps or dimension-dependent coefficients help. Red line: alert "
      "OptdNewtonSchulzSmallSingularValues's 10%.",
-     [("optd_ns_small_sv_fraction", "", "")], {"unit": "percentunit", "threshold": 0.1,
+     [("optd_newton_schulz_small_sv_fraction", "", "")], {"unit": "percentunit", "threshold": 0.1,
                                                 "minimum": 0}),
     ("Neuron norm CV of the update",
      "Coefficient of variation of the update's row (neuron) norms. Seed 002 (NorMuon): Muon's "

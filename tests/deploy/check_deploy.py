@@ -54,8 +54,8 @@ CONTRACT_METRICS = {
         "optd_sessions", "optd_build_info", "optd_backend_memory_bytes", "optd_session_memory_bytes",
         "optd_session_memory_limit_bytes", "optd_session_step", "optd_analysis_step",
         "optd_dominance_ratio", "optd_rmnp_muon_cosine", "optd_stable_rank",
-        "optd_condition_number", "optd_singular_value_entropy", "optd_ns_polar_error",
-        "optd_ns_small_sv_fraction", "optd_neuron_norm_cv", "optd_update_rms", "optd_grad_norm",
+        "optd_condition_number", "optd_singular_value_entropy", "optd_newton_schulz_polar_error",
+        "optd_newton_schulz_small_sv_fraction", "optd_neuron_norm_cv", "optd_update_rms", "optd_grad_norm",
     ],
     "histogram": [
         "optd_step_duration_seconds", "optd_step_phase_seconds", "optd_analysis_duration_seconds",
@@ -622,13 +622,13 @@ def self_test(repo, promtool):
 
         print("an exposition that lacks a metric the assets use")
         partial = "".join(f"# TYPE {name} {kind}\n" for kind, names in CONTRACT_METRICS.items()
-                          for name in names if name != "optd_ns_small_sv_fraction")
+                          for name in names if name != "optd_newton_schulz_small_sv_fraction")
         (copy / "partial.prom").write_text(partial, encoding="utf-8")
         errors, _ = run_checks(copy, copy / "partial.prom", None, quiet=True)
-        caught = [e for e in errors if "'optd_ns_small_sv_fraction' is not exported" in e]
-        others = [e for e in errors if "optd_ns_small_sv_fraction" not in e]
+        caught = [e for e in errors if "'optd_newton_schulz_small_sv_fraction' is not exported" in e]
+        others = [e for e in errors if "optd_newton_schulz_small_sv_fraction" not in e]
         expect(caught and not others,
-               f"is caught: {len(caught)} uses of optd_ns_small_sv_fraction reported"
+               f"is caught: {len(caught)} uses of optd_newton_schulz_small_sv_fraction reported"
                + (f"; other problems: {others}" if others else ""))
     return failures
 

@@ -125,9 +125,9 @@ def reference_figures(v, update, gradient):
         ("optd_condition_number", "of", "momentum"): momentum["condition"],
         ("optd_singular_value_entropy", "of", "momentum"): momentum["entropy"],
         ("optd_singular_value_entropy", "of", "update"): upd["entropy"],
-        ("optd_ns_polar_error", None, None):
+        ("optd_newton_schulz_polar_error", None, None):
             np.linalg.norm(ns - polar) / np.linalg.norm(polar),
-        ("optd_ns_small_sv_fraction", None, None): float((ns_s < 0.6).mean()),
+        ("optd_newton_schulz_small_sv_fraction", None, None): float((ns_s < 0.6).mean()),
         ("optd_neuron_norm_cv", "of", "update"): row_norms.std() / row_norms.mean(),
         ("optd_update_rms", None, None): np.sqrt((update ** 2).mean()),
         ("optd_grad_norm", None, None): np.linalg.norm(gradient.astype(np.float64)),
@@ -250,8 +250,8 @@ def value(web, expression):
 # promtool's linter reads the "ns" of Newton–Schulz as nanoseconds; these two names are fixed by
 # DESIGN.md's metric contract, so that one finding on them is the only one allowed.
 CONTRACT_LINT = {
-    "optd_ns_polar_error metric names should not contain abbreviated units",
-    "optd_ns_small_sv_fraction metric names should not contain abbreviated units",
+    "optd_newton_schulz_polar_error metric names should not contain abbreviated units",
+    "optd_newton_schulz_small_sv_fraction metric names should not contain abbreviated units",
 }
 
 
