@@ -1,0 +1,108 @@
+#include "kernels/cuda/queue.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/cuda/cuda_status.h"
+
+namespace optd {
+
+CudaQueue::~CudaQueue() {
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  if (copy_stream_ != nullptr) cudaStreamSynchronize(copy_stream_);
+  if (solver_ != nullptr) cusolverDnDestroy(solver_);
+  if (blas_ != nullptr) cublasDestroy(blas_);
+  if (blas_workspace_ != nullptr) {
+    cudaFree(blas_workspace_);
+    memory_->used.fetch_sub(kBlasWorkspace);
+  }
+  for (StagingSlot& slot : staging_) {
+    if (slot.host != nullptr) cudaFreeHost(slot.host);
+    if (slot.copied != nullptr) cudaEventDestroy(slot.copied);
+  }
+  if (copies_done_ != nullptr) cudaEventDestroy(copies_done_);
+  if (compute_mark_ != nullptr) cudaEventDestroy(compute_mark_);
+  for (const ScratchBlock& block : scratch_) {
+    cudaFree(block.data);
+    memory_->used.fetch_sub(static_cast<int64_t>(block.bytes));
+  }
+  if (copy_stream_ != nullptr) cudaStreamDestroy(copy_stream_);
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+absl::Status CudaQueue::Init(int priority, bool allow_tf32) {
+  OPTD_CUDA(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority));
+  OPTD_CUDA(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, priority));
+  OPTD_CUBLAS(cublasCreate(&blas_));
+  OPTD_CUBLAS(cublasSetStream(blas_, stream_));
+  // A workspace of its own keeps cuBLAS from allocating inside a step (and inside a graph);
+  // charged to the budget like the sessions' buffers.
+  OPTD_RETURN_IF_ERROR(memory_->Charge(kBlasWorkspace, kBlasWorkspace));
+  const absl::Status allocated =
+      CudaStatus(cudaMalloc(&blas_workspace_, kBlasWorkspace), "cudaMalloc");
+  if (!allocated.ok()) {
+    blas_workspace_ = nullptr;
+    memory_->used.fetch_sub(kBlasWorkspace);
+    return allocated;
+  }
+  OPTD_CUBLAS(cublasSetWorkspace(blas_, blas_workspace_, kBlasWorkspace));
+  OPTD_CUBLAS(
+      cublasSetMathMode(blas_, allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  OPTD_CUSOLVER(cusolverDnCreate(&solver_));
+  OPTD_CUSOLVER(cusolverDnSetStream(solver_, stream_));
+  for (StagingSlot& slot : staging_) {
+    OPTD_CUDA(cudaMallocHost(&slot.host, kStagingBytes));
+    OPTD_CUDA(cudaEventCreateWithFlags(&slot.copied, cudaEventDisableTiming));
+  }
+  OPTD_CUDA(cudaEventCreateWithFlags(&copies_done_, cudaEventDisableTiming));
+  OPTD_CUDA(cudaEventCreateWithFlags(&compute_mark_, cudaEventDisableTiming));
+  return absl::OkStatus();
+}
+
+absl::Status CudaQueue::StagedUpload(void* dst, const void* src, size_t bytes) {
+  // The copies may overwrite what earlier compute work still reads.
+  OPTD_CUDA(cudaEventRecord(compute_mark_, stream_));
+  OPTD_CUDA(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
+  for (size_t offset = 0; offset < bytes; offset += kStagingBytes) {
+    StagingSlot& slot = staging_[next_slot_];
+    next_slot_ = (next_slot_ + 1) % staging_.size();
+    const size_t n = std::min(kStagingBytes, bytes - offset);
+    OPTD_CUDA(cudaEventSynchronize(slot.copied));  // the slot's previous DMA is done
+    std::memcpy(slot.host, static_cast<const char*>(src) + offset, n);
+    OPTD_CUDA(cudaMemcpyAsync(static_cast<char*>(dst) + offset, slot.host, n,
+                              cudaMemcpyHostToDevice, copy_stream_));
+    OPTD_CUDA(cudaEventRecord(slot.copied, copy_stream_));
+  }
+  OPTD_CUDA(cudaEventRecord(copies_done_, copy_stream_));
+  OPTD_CUDA(cudaStreamWaitEvent(stream_, copies_done_, 0));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<void*> CudaQueue::TakeScratch(size_t bytes) {
+  bytes = std::max<size_t>(256, (bytes + 255) / 256 * 256);
+  while (block_ < scratch_.size() && offset_ + bytes > scratch_[block_].bytes) {
+    ++block_;
+    offset_ = 0;
+  }
+  if (block_ == scratch_.size()) {
+    if (recording_) {
+      return absl::FailedPreconditionError(
+          "cuda backend: a recorded step needs more scratch than its unrecorded warm-up did");
+    }
+    const size_t size = std::max(
+        {bytes, size_t{1} << 20, scratch_.empty() ? size_t{0} : 2 * scratch_.back().bytes});
+    OPTD_RETURN_IF_ERROR(memory_->Charge(static_cast<int64_t>(size), size));
+    void* data = nullptr;
+    absl::Status allocated = CudaStatus(cudaMalloc(&data, size), "cudaMalloc");
+    if (!allocated.ok()) {
+      memory_->used.fetch_sub(static_cast<int64_t>(size));
+      return allocated;
+    }
+    scratch_.push_back({data, size});
+  }
+  void* p = static_cast<char*>(scratch_[block_].data) + offset_;
+  offset_ += bytes;
+  return p;
+}
+
+}  // namespace optd

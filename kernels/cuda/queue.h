@@ -1,0 +1,148 @@
+// A queue of the CUDA backend: a compute stream and a copy stream, the cuBLAS and cuSOLVER handles
+// bound to it, pinned staging slots for uploads from pageable memory, and a scratch arena; and the
+// device memory (pool and budget) every buffer and queue of a backend shares.
+//
+// Sessions step from several host threads on one queue: the handles are not thread-safe and the
+// arena and staging slots are the queue's state, so every use goes through mu(), which serializes
+// the calls (ABSL_EXCLUSIVE_LOCKS_REQUIRED below; clang's -Wthread-safety checks it, a test).
+#ifndef OPTD_KERNELS_CUDA_QUEUE_H_
+#define OPTD_KERNELS_CUDA_QUEUE_H_
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/status_macros.h"
+#include "kernels/backend.h"
+
+namespace optd {
+
+// What the backend's buffers share, alive while any buffer is: the pool, the stream frees run
+// on, and the budget's count.
+struct DeviceMemory {
+  int device = 0;
+  cudaMemPool_t pool = nullptr;
+  cudaStream_t stream = nullptr;  // allocations and frees of buffers
+  int64_t budget = 0;
+  std::atomic<int64_t> used{0};
+
+  // Charges `bytes` to the budget; RESOURCE_EXHAUSTED, charging nothing, beyond it.
+  absl::Status Charge(int64_t bytes, size_t asked) {
+    const int64_t before = used.fetch_add(bytes);
+    if (before + bytes > budget) {
+      used.fetch_sub(bytes);
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cuda backend: ", asked, " more bytes would exceed the device memory budget of ", budget,
+          " bytes (", before, " in use)"));
+    }
+    return absl::OkStatus();
+  }
+
+  ~DeviceMemory() {
+    if (stream != nullptr) {
+      cudaStreamSynchronize(stream);
+      cudaStreamDestroy(stream);
+    }
+    if (pool != nullptr) cudaMemPoolDestroy(pool);
+  }
+};
+
+class CudaQueue : public Queue {
+ public:
+  explicit CudaQueue(std::shared_ptr<DeviceMemory> memory) : memory_(std::move(memory)) {}
+  // Waits for both streams, then frees the handles, slots, events, scratch and streams.
+  ~CudaQueue() override;
+
+  // Creates the streams (at `priority`), handles (TF32 only with `allow_tf32`), the cuBLAS
+  // workspace (charged to the budget), the staging slots and events.
+  absl::Status Init(int priority, bool allow_tf32);
+
+  absl::Mutex& mu() ABSL_LOCK_RETURNED(mu_) { return mu_; }
+  // Set by Init, fixed after it; what is enqueued on them is ordered by mu().
+  cudaStream_t stream() const { return stream_; }
+  cublasHandle_t blas() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return blas_; }
+  cusolverDnHandle_t solver() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return solver_; }
+
+  // Work enqueued from BeginRecording on is captured into a graph, not run.
+  bool recording() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return recording_; }
+  void set_recording(bool recording) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { recording_ = recording; }
+
+  // Copies host memory the GPU cannot read directly (pageable) through pinned staging slots on
+  // the copy stream: the host fills slot k+1 while slot k's DMA runs, returns once the last
+  // chunk is staged, and the compute stream's later work waits for the copies.
+  absl::Status StagedUpload(void* dst, const void* src, size_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Device scratch for one operation, from blocks the queue keeps (charged to the budget), so
+  // that a recorded step allocates nothing: Begin, then Take the arrays, all valid until the next
+  // Begin; stream order keeps one operation's use of a block before the next one's.
+  void BeginScratch() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    block_ = 0;
+    offset_ = 0;
+  }
+  absl::StatusOr<void*> TakeScratch(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+ private:
+  static constexpr size_t kStagingBytes = size_t{4} << 20;
+  static constexpr int64_t kBlasWorkspace = int64_t{32} << 20;
+  struct StagingSlot {
+    void* host = nullptr;
+    cudaEvent_t copied = nullptr;
+  };
+  struct ScratchBlock {
+    void* data;
+    size_t bytes;
+  };
+
+  std::shared_ptr<DeviceMemory> memory_;
+  absl::Mutex mu_;
+  // Created by Init, destroyed by the destructor.
+  cudaStream_t stream_ = nullptr;
+  cudaStream_t copy_stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  cusolverDnHandle_t solver_ = nullptr;
+  void* blas_workspace_ = nullptr;
+  std::array<StagingSlot, 3> staging_;
+  cudaEvent_t copies_done_ = nullptr;
+  cudaEvent_t compute_mark_ = nullptr;
+  // The queue's state between calls.
+  size_t next_slot_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<ScratchBlock> scratch_ ABSL_GUARDED_BY(mu_);
+  size_t block_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t offset_ ABSL_GUARDED_BY(mu_) = 0;
+  bool recording_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// One operation's scratch arrays (CudaQueue::TakeScratch).
+class Scratch {
+ public:
+  explicit Scratch(CudaQueue& queue) ABSL_EXCLUSIVE_LOCKS_REQUIRED(queue.mu()) : queue_(queue) {
+    queue_.BeginScratch();
+  }
+  // REQUIRES: the queue's mu(), as at construction (asserted: the analysis cannot tie queue_ to
+  // the caller's name for the queue).
+  template <typename T>
+  absl::StatusOr<T*> Get(int64_t count) {
+    queue_.mu().AssertHeld();
+    OPTD_ASSIGN_OR_RETURN(void* p, queue_.TakeScratch(static_cast<size_t>(count) * sizeof(T)));
+    return static_cast<T*>(p);
+  }
+
+ private:
+  CudaQueue& queue_;
+};
+
+}  // namespace optd
+
+#endif  // OPTD_KERNELS_CUDA_QUEUE_H_
