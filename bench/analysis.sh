@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's analyzer benchmark on this machine: builds and runs analysis_bench (one analysis in
+# The analyzer benchmark on this machine: builds and runs analysis_bench (one analysis in
 # optimizer steps of the same matrix, exact and estimated; a step's latency beside a running
 # analyzer against the same steps with it idle), then writes the "Analyzer" section of
 # bench/RESULTS.md. Raw output goes to bench/out/ (ignored by git). About two minutes on 2 cores.

@@ -1,4 +1,4 @@
-// Issue 5's analyzer benchmark (bench/analysis.sh): what one analysis costs, in optimizer steps of
+// The analyzer benchmark (bench/analysis.sh): what one analysis costs, in optimizer steps of
 // the same matrix measured in the same run, on its exact path and on its estimate path; and what
 // a running analyzer does to a concurrent step's latency, against the same steps with the
 // analyzer idle. Prints JSON for bench/write_analysis_results.py.

@@ -1,4 +1,4 @@
-// Issue 7's GPU benchmark: the CUDA backend against the device's own ceilings, measured in the same
+// The GPU benchmark: the CUDA backend against the device's own ceilings, measured in the same
 // run — a large bf16 GEMM through cuBLAS (the matrix-rate ceiling) and a device-to-device copy (the
 // bandwidth ceiling) — for Newton–Schulz (NS5, bf16, keller), the RMNP step and a whole
 // GPT-2-small Muon step. Writes one JSON object (bench/gpu_results.py turns it and the torch
@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "client/models.h"
 #include "kernels/backend.h"
 #include "kernels/newton_schulz.h"
 #include "kernels/optimizer.h"
@@ -171,34 +172,17 @@ double RmnpGbps(Backend& backend, int64_t rows, int64_t cols, double* ms_out) {
   return 5.0 * 4.0 * n / (ms * 1e-3) / 1e9;
 }
 
-// GPT-2 small (124M): 12 blocks of c_attn [2304, 768], attn.c_proj [768, 768], mlp.c_fc
-// [3072, 768], mlp.c_proj [768, 3072] on `matrix_preset`; embeddings, LayerNorms and biases on
-// AdamW (the usual split).
+// GPT-2 small (124M) from the model catalogue (client/models.h): 12 blocks of c_attn [2304, 768],
+// attn.c_proj [768, 768], mlp.c_fc [3072, 768], mlp.c_proj [768, 3072] on `matrix_preset`;
+// embeddings, LayerNorms and biases on AdamW (the usual split).
 std::vector<TensorSpec> Gpt2Small(const std::string& matrix_preset) {
   const OptimizerConfig matrix = Get(ParseOptimizerConfig(matrix_preset), "preset");
   const OptimizerConfig adamw = Get(ParseOptimizerConfig("adamw"), "adamw");
-  std::vector<TensorSpec> specs = {{"wte", {50257, 768}, RankPolicy::kFlatten, adamw},
-                                   {"wpe", {1024, 768}, RankPolicy::kFlatten, adamw}};
-  for (int l = 0; l < 12; ++l) {
-    const std::string p = absl::StrCat("h", l, ".");
-    specs.push_back({p + "attn.c_attn.weight", {2304, 768}, RankPolicy::kFlatten, matrix});
-    specs.push_back({p + "attn.c_proj.weight", {768, 768}, RankPolicy::kFlatten, matrix});
-    specs.push_back({p + "mlp.c_fc.weight", {3072, 768}, RankPolicy::kFlatten, matrix});
-    specs.push_back({p + "mlp.c_proj.weight", {768, 3072}, RankPolicy::kFlatten, matrix});
-    for (const auto& [name, size] :
-         std::vector<std::pair<std::string, int64_t>>{{"ln_1.weight", 768},
-                                                      {"ln_1.bias", 768},
-                                                      {"attn.c_attn.bias", 2304},
-                                                      {"attn.c_proj.bias", 768},
-                                                      {"ln_2.weight", 768},
-                                                      {"ln_2.bias", 768},
-                                                      {"mlp.c_fc.bias", 3072},
-                                                      {"mlp.c_proj.bias", 768}}) {
-      specs.push_back({p + name, {size}, RankPolicy::kFlatten, adamw});
-    }
+  const std::vector<loadgen::TensorShape> shapes = Get(loadgen::ModelShapes("gpt2-small"), "model");
+  std::vector<TensorSpec> specs;
+  for (const loadgen::TensorShape& t : shapes) {
+    specs.push_back({t.name, t.shape, RankPolicy::kFlatten, t.adamw ? adamw : matrix});
   }
-  specs.push_back({"ln_f.weight", {768}, RankPolicy::kFlatten, adamw});
-  specs.push_back({"ln_f.bias", {768}, RankPolicy::kFlatten, adamw});
   return specs;
 }
 

@@ -1,4 +1,4 @@
-// Issue 3's CPU benchmarks, all fp32 on optd::CreateCpuBackend(). Each figure is read as a ratio
+// The CPU kernel benchmarks, all fp32 on optd::CreateCpuBackend(). Each figure is read as a ratio
 // against a baseline measured in the same run:
 // - BM_NewtonSchulz (optd's NS5, keller coefficients) against BM_NewtonSchulzBlasLimit, the same
 //   cblas calls with nothing between them: the time NewtonSchulz cannot beat.
@@ -43,7 +43,7 @@ struct Shape {
   int64_t rows, cols;
 };
 
-// Issue 3's shapes (rows × cols): GPT-2 small's attention and MLP widths and a 1024×4096 layer.
+// The shapes (rows × cols): GPT-2 small's attention and MLP widths and a 1024×4096 layer.
 constexpr Shape kShapes[] = {{768, 768}, {768, 3072}, {1024, 4096}};
 
 // One GPT-2 small block's matrices in Hugging Face's Conv1D (in × out) layout: attn.c_attn,

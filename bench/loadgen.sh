@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's benchmark, in one go on this machine: iperf3 over loopback (the raw TCP ceiling), then
+# The load-generator benchmark, in one go on this machine: iperf3 over loopback (the raw TCP ceiling), then
 # optd-loadgen against an optd on the CPU backend at 1, 4 and 16 concurrent sessions (two
 # GPT-2-small blocks, bench/loadgen_model.json, preset rmnp so the update's arithmetic stays small
 # beside the transport), then the "Load generator" section of bench/RESULTS.md. Raw output goes to

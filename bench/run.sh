@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3's benchmark: builds kernels_bench, runs it and bench/numpy_ns.py one after the other on
+# The CPU kernel benchmark: builds kernels_bench, runs it and bench/numpy_ns.py one after the other on
 # this machine, and writes bench/RESULTS.md from both (bench/write_results.py). Raw JSON goes to
 # bench/out/ (ignored by git). Idempotent: every run rebuilds what changed and rewrites the outputs.
 #

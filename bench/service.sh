@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4's service benchmark, in one go on this machine: iperf3 over loopback (the raw TCP
+# The service benchmark, in one go on this machine: iperf3 over loopback (the raw TCP
 # ceiling), then service_bench (the remote step against the in-process step on GPT-2 small, and
 # gradient/result streaming per chunk size), then the "Service" section of bench/RESULTS.md.
 # Raw output goes to bench/out/ (ignored by git). Takes about five minutes on 2 cores.

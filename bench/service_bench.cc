@@ -1,4 +1,4 @@
-// Issue 4's service benchmark, on GPT-2 small's shapes (124M parameters):
+// The service benchmark, on GPT-2 small's shapes (124M parameters):
 // - the remote step (gradients streamed to an optd process over loopback TCP, the step, the new
 //   parameters streamed back) against the same step in-process on the kernels library;
 // - gradient streaming throughput (UploadParams, which decodes and checks every chunk as a Step
@@ -22,6 +22,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/client.h"
+#include "client/models.h"
 #include "kernels/backend.h"
 #include "kernels/initializers.h"
 #include "kernels/optimizer.h"
@@ -37,25 +38,16 @@ struct Tensor {
   std::string group;
 };
 
-// GPT-2 small in PyTorch's [out, in] layout: 48 block matrices on the matrix preset; embeddings,
-// biases and LayerNorm vectors on AdamW, as the seeds' setups do.
+// GPT-2 small in PyTorch's [out, in] layout from the model catalogue (client/models.h): 48 block
+// matrices on the matrix preset; embeddings, biases and LayerNorm vectors on AdamW, as the seeds'
+// setups do.
 std::vector<Tensor> Gpt2Small() {
-  std::vector<Tensor> t = {{"wte", {50257, 768}, "adamw"}, {"wpe", {1024, 768}, "adamw"}};
-  for (int b = 0; b < 12; ++b) {
-    const std::string p = absl::StrCat("h.", b, ".");
-    t.push_back({p + "attn.c_attn.weight", {2304, 768}, "matrices"});
-    t.push_back({p + "attn.c_proj.weight", {768, 768}, "matrices"});
-    t.push_back({p + "mlp.c_fc.weight", {3072, 768}, "matrices"});
-    t.push_back({p + "mlp.c_proj.weight", {768, 3072}, "matrices"});
-    for (const char* v : {"ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
-                          "attn.c_proj.bias", "mlp.c_proj.bias"}) {
-      t.push_back({p + v, {768}, "adamw"});
-    }
-    t.push_back({p + "attn.c_attn.bias", {2304}, "adamw"});
-    t.push_back({p + "mlp.c_fc.bias", {3072}, "adamw"});
+  const absl::StatusOr<std::vector<optd::loadgen::TensorShape>> shapes =
+      optd::loadgen::ModelShapes("gpt2-small");
+  std::vector<Tensor> t;
+  for (const optd::loadgen::TensorShape& shape : shapes.value()) {
+    t.push_back({shape.name, shape.shape, shape.adamw ? "adamw" : "matrices"});
   }
-  t.push_back({"ln_f.weight", {768}, "adamw"});
-  t.push_back({"ln_f.bias", {768}, "adamw"});
   return t;
 }
 

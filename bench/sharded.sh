@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9's benchmark, in one go on this machine: a GPT-2-medium-shaped model (its first
+# The sharding benchmark, in one go on this machine: a GPT-2-medium-shaped model (its first
 # --layers blocks, embeddings and head; preset keller) stepped as one sharded session over 1, 2
 # and 3 local optd instances on the CPU backend, one BLAS thread each, then the "Sharded
 # instances" section of bench/RESULTS.md and bench/sharded/balance.png. The instances share this

@@ -1,4 +1,4 @@
-// Issue 9's benchmark: a GPT-2-medium-shaped model stepped as one sharded session over the optd
+// The sharding benchmark: a GPT-2-medium-shaped model stepped as one sharded session over the optd
 // instances given (bench/sharded.sh starts them): the placement's balance of Newton–Schulz cost
 // and state bytes, each step's time and each instance's share of it. Prints a progress line per
 // step and one JSON object.

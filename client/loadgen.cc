@@ -1,142 +1,31 @@
 #include "client/loadgen.h"
 
-#include <netdb.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <deque>
-#include <fstream>
 #include <limits>
 #include <map>
-#include <mutex>
+#include <memory>
 #include <optional>
 #include <random>
-#include <sstream>
 #include <thread>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
+#include "client/metrics_scrape.h"
 #include "client/sharded.h"
 #include "common/status_macros.h"
-#include "google/protobuf/struct.pb.h"
-#include "google/protobuf/util/json_util.h"
 
 namespace optd::loadgen {
 namespace {
-
-std::vector<TensorShape> Gpt2(int layers, int64_t d) {
-  std::vector<TensorShape> t = {{"wte", {50257, d}, true}, {"wpe", {1024, d}, true}};
-  for (int l = 0; l < layers; ++l) {
-    const std::string p = absl::StrCat("h", l, ".");
-    t.push_back({p + "ln_1.weight", {d}, true});
-    t.push_back({p + "ln_1.bias", {d}, true});
-    t.push_back({p + "attn.c_attn.weight", {3 * d, d}, false});
-    t.push_back({p + "attn.c_attn.bias", {3 * d}, true});
-    t.push_back({p + "attn.c_proj.weight", {d, d}, false});
-    t.push_back({p + "attn.c_proj.bias", {d}, true});
-    t.push_back({p + "ln_2.weight", {d}, true});
-    t.push_back({p + "ln_2.bias", {d}, true});
-    t.push_back({p + "mlp.c_fc.weight", {4 * d, d}, false});
-    t.push_back({p + "mlp.c_fc.bias", {4 * d}, true});
-    t.push_back({p + "mlp.c_proj.weight", {d, 4 * d}, false});
-    t.push_back({p + "mlp.c_proj.bias", {d}, true});
-  }
-  t.push_back({"ln_f.weight", {d}, true});
-  t.push_back({"ln_f.bias", {d}, true});
-  return t;
-}
-
-// One decoder layer of Llama 3.2 1B: d 2048, 32 query and 8 key/value heads of 64, MLP 8192.
-std::vector<TensorShape> LlamaLayer() {
-  return {{"attention_norm.weight", {2048}, true}, {"wq.weight", {2048, 2048}, false},
-          {"wk.weight", {512, 2048}, false},       {"wv.weight", {512, 2048}, false},
-          {"wo.weight", {2048, 2048}, false},      {"ffn_norm.weight", {2048}, true},
-          {"w1.weight", {8192, 2048}, false},      {"w3.weight", {8192, 2048}, false},
-          {"w2.weight", {2048, 8192}, false}};
-}
-
-int64_t Elements(const TensorShape& t) {
-  int64_t n = 1;
-  for (int64_t d : t.shape) n *= d;
-  return n;
-}
-
-// GET http://address/metrics, the body; Unavailable naming the address when it cannot be had.
-absl::StatusOr<std::string> Scrape(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("metrics address '", address, "' has no port"));
-  }
-  const std::string host = address.substr(0, colon), port = address.substr(colon + 1);
-  addrinfo hints = {};
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* found = nullptr;
-  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0 || found == nullptr) {
-    return absl::UnavailableError(absl::StrCat("metrics at ", address, ": cannot resolve"));
-  }
-  int fd = -1;
-  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {  // every address in turn
-    fd = socket(a->ai_family, a->ai_socktype, a->ai_protocol);
-    if (fd < 0) continue;
-    timeval timeout{5, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
-    if (connect(fd, a->ai_addr, a->ai_addrlen) != 0) {
-      close(fd);
-      fd = -1;
-    }
-  }
-  freeaddrinfo(found);
-  if (fd < 0)
-    return absl::UnavailableError(absl::StrCat("metrics at ", address, ": cannot connect"));
-  const std::string request = absl::StrCat("GET /metrics HTTP/1.0\r\nHost: ", address, "\r\n\r\n");
-  std::string response;
-  bool failed = send(fd, request.data(), request.size(), MSG_NOSIGNAL) !=
-                static_cast<ssize_t>(request.size());
-  char buffer[1 << 16];
-  ssize_t n = 0;
-  while (!failed && (n = recv(fd, buffer, sizeof(buffer), 0)) > 0) response.append(buffer, n);
-  failed = failed || n < 0;  // a timeout or reset, not the end of the response
-  close(fd);
-  const size_t body = response.find("\r\n\r\n");
-  const std::string status_line = response.substr(0, response.find("\r\n"));
-  if (failed || status_line.rfind("HTTP/1.", 0) != 0 ||
-      status_line.find(" 200") == std::string::npos || body == std::string::npos) {
-    return absl::UnavailableError(
-        absl::StrCat("metrics at ", address, ": no whole 200 response (", status_line, ")"));
-  }
-  return response.substr(body + 4);
-}
-
-// The samples loadgen reads from an exposition: name{labels} -> value, the labels as written.
-std::map<std::string, double> Samples(const std::string& text) {
-  std::map<std::string, double> samples;
-  for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
-    if (line.front() == '#') continue;
-    const size_t space = line.rfind(' ');
-    double value = 0;
-    if (space == absl::string_view::npos || !absl::SimpleAtod(line.substr(space + 1), &value)) {
-      continue;
-    }
-    samples[std::string(line.substr(0, space))] = value;
-  }
-  return samples;
-}
-
-double Sample(const std::map<std::string, double>& samples, const std::string& key) {
-  auto it = samples.find(key);
-  return it == samples.end() ? 0.0 : it->second;
-}
 
 // Counters of what the workers did; latencies of measured steps.
 struct Tally {
@@ -154,8 +43,11 @@ class Schedule {
   // Blocks until the next intended start is due (closed loop: now) or the level stops; false
   // then.
   bool Next(absl::Time* intended) {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (!stopped_ && (open_ && due_.empty())) cv_.wait(lock);
+    absl::MutexLock lock(&mu_);
+    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return stopped_ || !open_ || !due_.empty();
+    };
+    mu_.Await(absl::Condition(&ready));
     if (stopped_) return false;
     if (!open_) {
       *intended = absl::Now();
@@ -165,33 +57,29 @@ class Schedule {
     due_.pop_front();
     return true;
   }
-  void SetOpen() { open_ = true; }
+  void SetOpen() {
+    absl::MutexLock lock(&mu_);
+    open_ = true;
+  }
   void Push(absl::Time t) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      due_.push_back(t);
-    }
-    cv_.notify_one();
+    absl::MutexLock lock(&mu_);
+    due_.push_back(t);
   }
   void Stop() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stopped_ = true;
-    }
-    cv_.notify_all();
+    absl::MutexLock lock(&mu_);
+    stopped_ = true;
   }
   // Intended starts no session has taken.
   int64_t waiting() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return static_cast<int64_t>(due_.size());
   }
 
  private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<absl::Time> due_;
-  bool open_ = false;
-  bool stopped_ = false;
+  absl::Mutex mu_;
+  std::deque<absl::Time> due_ ABSL_GUARDED_BY(mu_);
+  bool open_ ABSL_GUARDED_BY(mu_) = false;
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 // One session's workers: worker 0 takes the next intended start and publishes the step; the
@@ -236,32 +124,32 @@ class SessionRun {
   }
 
   int64_t next_step() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return next_step_;
   }
   void set_next_step(int64_t step) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     next_step_ = step;
   }
   int64_t completed() {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     return completed_;
   }
   // Worker 0: the step every worker sends next, or the end (go false).
   void Publish(bool go, int64_t step, absl::Time intended) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      go_ = go;
-      step_ = step;
-      intended_ = intended;
-      ++generation_;
-    }
-    cv_.notify_all();
+    absl::MutexLock lock(&mu_);
+    go_ = go;
+    step_ = step;
+    intended_ = intended;
+    ++generation_;
   }
   // Workers 1..: the step published after generation `*seen`; false at the end.
   bool Await(int64_t* seen, int64_t* step, absl::Time* intended) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return generation_ > *seen; });
+    absl::MutexLock lock(&mu_);
+    const int64_t after = *seen;
+    auto published = [this, after]()
+                         ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return generation_ > after; };
+    mu_.Await(absl::Condition(&published));
     *seen = generation_;
     *step = step_;
     *intended = intended_;
@@ -269,20 +157,22 @@ class SessionRun {
   }
   // Every worker after its step, saying whether it failed.
   void Done(bool failed) {
-    std::lock_guard<std::mutex> lock(mu_);
+    absl::MutexLock lock(&mu_);
     failed_ = failed_ || failed;
     if (++done_ == world_size_) {
       done_ = 0;
       next_step_ = step_ + 1;
       ++completed_;
-      done_cv_.notify_all();
     }
   }
   // Worker 0: until every worker has finished the step published after `completed_before`;
   // true when one of them failed (the caller then asks the daemon where the session stands).
   bool AwaitAll(int64_t completed_before) {
-    std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [&] { return completed_ > completed_before; });
+    absl::MutexLock lock(&mu_);
+    auto finished = [this, completed_before]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return completed_ > completed_before;
+    };
+    mu_.Await(absl::Condition(&finished));
     const bool failed = failed_;
     failed_ = false;
     return failed;
@@ -292,93 +182,18 @@ class SessionRun {
   std::optional<client::Session> session_;
   std::unique_ptr<client::ShardedSession> sharded_;
   const int world_size_;
-  std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
-  int64_t generation_ = 0;
-  bool go_ = true;
-  int64_t step_ = 0;
-  absl::Time intended_;
-  int64_t next_step_ = 1;
-  bool failed_ = false;
-  int done_ = 0;
-  int64_t completed_ = 0;
+  absl::Mutex mu_;
+  int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  bool go_ ABSL_GUARDED_BY(mu_) = true;
+  int64_t step_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Time intended_ ABSL_GUARDED_BY(mu_);
+  int64_t next_step_ ABSL_GUARDED_BY(mu_) = 1;
+  bool failed_ ABSL_GUARDED_BY(mu_) = false;
+  int done_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t completed_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace
-
-absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model) {
-  if (model == "gpt2-small") return Gpt2(12, 768);
-  if (model == "gpt2-medium") return Gpt2(24, 1024);
-  if (model == "llama-1b-layer") return LlamaLayer();
-  std::ifstream in(model);
-  if (!in) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--model=", model, ": not gpt2-small, gpt2-medium, llama-1b-layer or a readable file"));
-  }
-  std::stringstream text;
-  text << in.rdbuf();
-  std::string json = text.str();
-  const size_t first = json.find_first_not_of(" \t\r\n");
-  if (first != std::string::npos && json[first] == '[') {
-    google::protobuf::ListValue list;
-    if (!google::protobuf::util::JsonStringToMessage(json, &list).ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("--model=", model, ": not valid JSON"));
-    }
-    v1::LoadgenModel wrapped;
-    for (int i = 0; i < list.values_size(); ++i) {
-      const google::protobuf::Value& entry = list.values(i);
-      if (entry.has_struct_value()) {
-        // A list of tensors, as in {"tensors": [...]}.
-        std::string one;
-        (void)google::protobuf::util::MessageToJsonString(entry, &one);
-        if (!google::protobuf::util::JsonStringToMessage(one, wrapped.add_tensors()).ok()) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("--model=", model, ": entry ", i, " is not a tensor"));
-        }
-        continue;
-      }
-      // A list of shapes: lists of positive integers, named t0, t1, ...
-      if (!entry.has_list_value() || entry.list_value().values().empty()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "--model=", model, ": entry ", i, " is neither a tensor nor a list of dimensions"));
-      }
-      v1::LoadgenModel::Tensor* t = wrapped.add_tensors();
-      t->set_name(absl::StrCat("t", i));
-      for (const google::protobuf::Value& d : entry.list_value().values()) {
-        if (d.kind_case() != google::protobuf::Value::kNumberValue || d.number_value() < 1 ||
-            d.number_value() != std::floor(d.number_value()) || d.number_value() > 1e12) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "--model=", model, ": entry ", i, " has a dimension that is not a positive integer"));
-        }
-        t->add_shape(static_cast<int64_t>(d.number_value()));
-      }
-    }
-    json.clear();  // MessageToJsonString appends
-    (void)google::protobuf::util::MessageToJsonString(wrapped, &json);
-  }
-  v1::LoadgenModel parsed;
-  const auto status = google::protobuf::util::JsonStringToMessage(json, &parsed);
-  if (!status.ok() || parsed.tensors().empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--model=", model,
-                     ": expected {\"tensors\": [{\"name\": ..., \"shape\": [...]}, ...]}, a list "
-                     "of such tensors, or a list of shapes [[768, 3072], ...]",
-                     status.ok() ? "" : absl::StrCat(": ", status.ToString())));
-  }
-  std::vector<TensorShape> shapes;
-  for (const auto& t : parsed.tensors()) {
-    bool positive = !t.shape().empty();
-    for (int64_t d : t.shape()) positive = positive && d > 0;
-    if (t.name().empty() || !positive) {
-      return absl::InvalidArgumentError(absl::StrCat("--model=", model, ": tensor '", t.name(),
-                                                     "' needs a name and positive dimensions"));
-    }
-    TensorShape shape{t.name(), {t.shape().begin(), t.shape().end()}, t.adamw()};
-    if (shape.shape.size() < 2) shape.adamw = true;
-    shapes.push_back(std::move(shape));
-  }
-  return shapes;
-}
 
 absl::StatusOr<std::vector<int>> ParseSweep(const std::string& spec) {
   const std::vector<std::string> parts = absl::StrSplit(spec, ':');
@@ -420,6 +235,387 @@ double Quantile(const std::vector<double>& sorted, double q) {
   return sorted[std::min(sorted.size() - 1, rank == 0 ? 0 : rank - 1)];
 }
 
+namespace {
+
+// Samples of the daemons' expositions, summed over the endpoints.
+using Counters = std::map<std::string, double>;
+
+// One level of RunLevel, phase by phase: Create (clients, sessions, gradients), WarmUp, Measure
+// (workers, arrivals, windows) and Summarize. The sessions are deleted when it goes, however the
+// level ends.
+class LevelRun {
+ public:
+  explicit LevelRun(const Options& options) : options_(options) {
+    if (options_.arrival != Arrival::kClosed) schedule_.SetOpen();
+  }
+  ~LevelRun() {
+    for (size_t i = 0; i < sessions_.size(); ++i) {
+      sessions_[i]->Delete(clients_[i % clients_.size()]);
+    }
+  }
+
+  absl::Status Create();
+  absl::Status WarmUp();
+  absl::StatusOr<v1::LoadgenLevel> Measure();
+
+ private:
+  bool interrupted() const { return options_.interrupt != nullptr && options_.interrupt->load(); }
+  v1::SessionConfig Config() const;
+  // One worker's step: the call, its accounting, and (every N-th) an injected bad request first.
+  // Refusals before the daemon counted the gradients (a full queue, a stream limit) are retried
+  // with backoff until the step's deadline, so the worker's partners are not left waiting for
+  // it. Returns false when the step failed.
+  bool RunStep(SessionRun& run, int worker, int64_t step, absl::Time intended,
+               std::vector<float>& out);
+  void CountError(const absl::Status& status);
+  // Worker `w` of `run` through the measurement: worker 0 takes the intended starts and publishes
+  // each step, the others follow it.
+  void Work(SessionRun& run, int w);
+  // The open loop's intended starts from `start` on, at the rate, until the level stops.
+  void Arrive(absl::Time start);
+  // The daemons' counters (--metrics), summed over the endpoints.
+  absl::StatusOr<std::map<std::string, double>> ScrapeAll() const;
+  v1::LoadgenLevel Summarize(absl::Duration measured, const std::vector<double>& rates, bool stable,
+                             int64_t unstarted, const std::map<std::string, double>& before,
+                             const std::map<std::string, double>& after);
+
+  const Options& options_;
+  std::vector<TensorShape> shapes_;
+  std::vector<client::Client> clients_;
+  std::vector<std::unique_ptr<SessionRun>> sessions_;
+  // Gradients (never zero: zeros can run faster than real data), shared by every worker.
+  std::vector<std::vector<float>> gradients_;
+  std::vector<client::NamedTensor> named_;
+  int64_t elements_ = 0;
+  int64_t sent_per_step_ = 0, received_per_step_ = 0;
+  Tally tally_;
+  std::atomic<bool> measuring_{false};
+  std::atomic<bool> stop_{false};
+  std::atomic<int64_t> intended_starts_{0};
+  Schedule schedule_;
+};
+
+v1::SessionConfig LevelRun::Config() const {
+  v1::SessionConfig config;
+  for (const auto& [name, preset] : std::vector<std::pair<std::string, std::string>>{
+           {"matrices", options_.preset}, {"vectors", "adamw"}}) {
+    v1::GroupConfig* g = config.add_groups();
+    g->set_name(name);
+    g->set_preset(preset);
+  }
+  for (const TensorShape& t : shapes_) {
+    v1::TensorConfig* tc = config.add_tensors();
+    tc->set_name(t.name);
+    for (int64_t d : t.shape) tc->add_shape(d);
+    tc->set_group(t.adamw ? "vectors" : "matrices");
+    tc->mutable_normal()->set_std(0.02);
+    tc->mutable_normal()->set_seed(tc->name().size());
+  }
+  config.set_world_size(options_.world_size);
+  config.set_step_result(options_.result);
+  return config;
+}
+
+absl::Status LevelRun::Create() {
+  OPTD_ASSIGN_OR_RETURN(shapes_, ModelShapes(options_.model));
+  const v1::SessionConfig config = Config();
+  for (const std::string& endpoint : options_.endpoints) {
+    client::ChannelOptions channel = options_.channel;
+    channel.target = endpoint;
+    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> made, client::MakeChannel(channel));
+    clients_.emplace_back(made, options_.admin_token);
+    clients_.back().set_timeout(options_.call_timeout);
+  }
+  for (int i = 0; options_.sharded && i < options_.concurrency; ++i) {
+    // Every session spread over all the endpoints, under one name on each.
+    std::vector<client::ShardEndpoint> shards;
+    for (size_t e = 0; e < clients_.size(); ++e) {
+      shards.push_back({options_.endpoints[e], clients_[e].channel(), 0});
+    }
+    absl::StatusOr<client::ShardedSession> sharded =
+        client::ShardedSession::Create(shards, config, absl::StrCat("loadgen-", getpid(), "-", i),
+                                       /*epoch=*/1, options_.admin_token);
+    if (!sharded.ok()) {
+      return absl::Status(sharded.status().code(),
+                          absl::StrCat("creating a sharded session: ", sharded.status().message()));
+    }
+    sessions_.push_back(std::make_unique<SessionRun>(*std::move(sharded), options_.world_size));
+  }
+  for (int i = 0; !options_.sharded && i < options_.concurrency; ++i) {
+    absl::StatusOr<client::Session> session = clients_[i % clients_.size()].CreateSession(config);
+    if (!session.ok()) {
+      return absl::Status(
+          session.status().code(),
+          absl::StrCat("creating a session on ", options_.endpoints[i % clients_.size()], ": ",
+                       session.status().message()));
+    }
+    sessions_.push_back(std::make_unique<SessionRun>(*std::move(session), options_.world_size));
+  }
+  std::mt19937 rng(options_.seed);
+  std::normal_distribution<float> normal(0.0f, 0.01f);
+  for (const TensorShape& t : shapes_) {
+    gradients_.emplace_back(Elements(t));
+    for (float& g : gradients_.back()) g = normal(rng);
+    elements_ += Elements(t);
+  }
+  for (size_t i = 0; i < shapes_.size(); ++i) named_.push_back({shapes_[i].name, gradients_[i]});
+  sent_per_step_ = elements_ * static_cast<int64_t>(DTypeSize(options_.wire_dtype));
+  received_per_step_ =
+      options_.result == v1::STEP_RESULT_NONE ? 0 : elements_ * static_cast<int64_t>(sizeof(float));
+  return absl::OkStatus();
+}
+
+void LevelRun::CountError(const absl::Status& status) {
+  const bool measured = measuring_.load();
+  ++tally_.total_errors;
+  if (measured) ++tally_.errors;
+  absl::MutexLock lock(&tally_.mu);
+  if (measured) ++tally_.errors_by_code[absl::StatusCodeToString(status.code())];
+}
+
+bool LevelRun::RunStep(SessionRun& run, int worker, int64_t step, absl::Time intended,
+                       std::vector<float>& out) {
+  client::StepOptions step_options;
+  step_options.worker_id = worker;
+  step_options.wire_dtype = options_.wire_dtype;
+  step_options.timeout = options_.step_timeout;
+  if (options_.result != v1::STEP_RESULT_NONE) {
+    // One span over the worker's buffer per tensor, written in place.
+    int64_t offset = 0;
+    for (size_t i = 0; i < shapes_.size(); ++i) {
+      const int64_t n = Elements(shapes_[i]);
+      step_options.outputs.push_back(
+          {shapes_[i].name, absl::MakeSpan(out.data() + offset, static_cast<size_t>(n))});
+      offset += n;
+    }
+  }
+  if (options_.inject_bad_every > 0 && step % options_.inject_bad_every == 0) {
+    CountError(run.Step(step + 1000000, named_, step_options).status());
+  }
+  const absl::Time deadline = absl::Now() + options_.step_timeout;
+  absl::Duration backoff = absl::Milliseconds(5);
+  absl::StatusOr<client::StepResult> result;
+  while (true) {
+    result = run.Step(step, named_, step_options);
+    const bool refused =
+        absl::IsUnavailable(result.status()) || absl::IsResourceExhausted(result.status());
+    if (result.ok() || !refused || absl::Now() + backoff >= deadline) break;
+    CountError(result.status());
+    absl::SleepFor(backoff);
+    backoff = std::min(2 * backoff, absl::Milliseconds(200));
+  }
+  const absl::Time done = absl::Now();
+  if (!result.ok()) {
+    CountError(result.status());
+    return false;
+  }
+  ++tally_.total_steps;
+  tally_.total_bytes_sent += sent_per_step_;
+  tally_.total_bytes_received += received_per_step_;
+  // A replay is the answer to a step already counted (after a resync), not new work.
+  if (measuring_.load() && !result->replayed) {
+    ++tally_.steps;
+    tally_.bytes_sent += sent_per_step_;
+    tally_.bytes_received += received_per_step_;
+    absl::MutexLock lock(&tally_.mu);
+    tally_.latencies.push_back(absl::ToDoubleSeconds(done - intended));
+  }
+  return true;
+}
+
+absl::Status LevelRun::WarmUp() {
+  // Every session steps `warmup_steps` times, closed loop, not measured.
+  std::vector<std::thread> threads;
+  for (auto& run : sessions_) {
+    for (int w = 0; w < options_.world_size; ++w) {
+      threads.emplace_back([this, w, run = run.get()] {
+        std::vector<float> out(options_.result == v1::STEP_RESULT_NONE ? 0 : elements_);
+        for (int s = 1; s <= options_.warmup_steps && !interrupted(); ++s) {
+          RunStep(*run, w, s, absl::Now(), out);
+        }
+      });
+    }
+  }
+  for (std::thread& t : threads) t.join();
+  for (auto& run : sessions_) {
+    OPTD_ASSIGN_OR_RETURN(const int64_t completed, run->CompletedStep());
+    run->set_next_step(completed + 1);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::map<std::string, double>> LevelRun::ScrapeAll() const {
+  std::map<std::string, double> sum;
+  for (const std::string& address : options_.metrics) {
+    OPTD_ASSIGN_OR_RETURN(std::string text, Scrape(address));
+    for (const auto& [key, value] : Samples(text)) sum[key] += value;
+  }
+  return sum;
+}
+
+void LevelRun::Work(SessionRun& run, int w) {
+  std::vector<float> out(options_.result == v1::STEP_RESULT_NONE ? 0 : elements_);
+  int64_t seen = 0;
+  while (true) {
+    int64_t step = 0, before = 0;
+    absl::Time intended;
+    if (w == 0) {
+      before = run.completed();
+      step = run.next_step();
+      const bool go = !stop_.load() && schedule_.Next(&intended);
+      run.Publish(go, step, intended);
+      if (!go) return;
+    } else if (!run.Await(&seen, &step, &intended)) {
+      return;
+    }
+    run.Done(!RunStep(run, w, step, intended, out));
+    if (w == 0 && run.AwaitAll(before)) {
+      // A worker failed: the daemon says which step the session expects next.
+      absl::StatusOr<int64_t> completed = run.CompletedStep();
+      if (completed.ok()) run.set_next_step(*completed + 1);
+    }
+  }
+}
+
+void LevelRun::Arrive(absl::Time start) {
+  std::mt19937_64 gen(options_.seed);
+  std::exponential_distribution<double> gap(options_.rate);
+  absl::Time next = start;
+  while (!stop_.load()) {
+    next += absl::Seconds(options_.arrival == Arrival::kPoisson ? gap(gen) : 1.0 / options_.rate);
+    for (absl::Time now = absl::Now(); !stop_.load() && now < next; now = absl::Now()) {
+      absl::SleepFor(std::min(next - now, absl::Milliseconds(10)));
+    }
+    if (!stop_.load()) {
+      schedule_.Push(next);
+      if (measuring_.load()) ++intended_starts_;
+    }
+  }
+}
+
+absl::StatusOr<v1::LoadgenLevel> LevelRun::Measure() {
+  // Server counters before the measurement.
+  OPTD_ASSIGN_OR_RETURN(const Counters before, ScrapeAll());
+  measuring_ = true;
+  const absl::Time start = absl::Now();
+  std::vector<std::thread> threads;
+  for (auto& run : sessions_) {
+    for (int w = 0; w < options_.world_size; ++w) {
+      threads.emplace_back([this, w, run = run.get()] { Work(*run, w); });
+    }
+  }
+  std::thread arrivals;
+  if (options_.arrival != Arrival::kClosed)
+    arrivals = std::thread([this, start] { Arrive(start); });
+
+  // Windows: until the last ones agree, or a bound.
+  int64_t last_steps = 0;
+  absl::Time last = start;
+  std::vector<double> rates;
+  bool stable = false;
+  while (true) {
+    const absl::Time window_end = std::min(last + options_.window, start + options_.duration);
+    while (absl::Now() < window_end && !interrupted() &&
+           !(options_.max_steps > 0 && tally_.steps >= options_.max_steps)) {
+      absl::SleepFor(std::min(absl::Milliseconds(10), window_end - absl::Now()));
+    }
+    const absl::Time now = absl::Now();
+    const int64_t steps = tally_.steps;
+    const double seconds = absl::ToDoubleSeconds(now - last);
+    if (seconds > 0) rates.push_back((steps - last_steps) / seconds);
+    last_steps = steps;
+    last = now;
+    stable = WindowsAgree(rates, options_.stable_windows, options_.stability);
+    if (options_.progress) {
+      options_.progress(absl::StrFormat(
+          "%s c=%d%s window %d: %.1f steps/s, %d steps, %d errors%s",
+          options_.arrival == Arrival::kClosed ? "closed" : "open", options_.concurrency,
+          options_.arrival == Arrival::kClosed ? "" : absl::StrFormat(" rate=%.1f", options_.rate),
+          rates.size(), rates.empty() ? 0.0 : rates.back(), steps, tally_.errors.load(),
+          stable ? " (stable)" : ""));
+    }
+    if (stable || interrupted() || static_cast<int>(rates.size()) >= options_.max_windows ||
+        now >= start + options_.duration ||
+        (options_.max_steps > 0 && steps >= options_.max_steps)) {
+      break;
+    }
+  }
+  const absl::Duration measured = absl::Now() - start;
+  measuring_ = false;
+  const int64_t unstarted = schedule_.waiting();
+  stop_ = true;
+  schedule_.Stop();
+  if (arrivals.joinable()) arrivals.join();
+  for (std::thread& t : threads) t.join();
+  OPTD_ASSIGN_OR_RETURN(const Counters after, ScrapeAll());
+  return Summarize(measured, rates, stable, unstarted, before, after);
+}
+
+v1::LoadgenLevel LevelRun::Summarize(absl::Duration measured, const std::vector<double>& rates,
+                                     bool stable, int64_t unstarted,
+                                     const std::map<std::string, double>& before,
+                                     const std::map<std::string, double>& after) {
+  v1::LoadgenLevel level;
+  level.set_arrival(options_.arrival == Arrival::kClosed     ? "closed"
+                    : options_.arrival == Arrival::kConstant ? "constant"
+                                                             : "poisson");
+  level.set_concurrency(options_.concurrency);
+  level.set_rate(options_.rate);
+  level.set_seconds(absl::ToDoubleSeconds(measured));
+  level.set_steps(tally_.steps);
+  level.set_errors(tally_.errors);
+  level.set_steps_per_second(tally_.steps / std::max(1e-9, level.seconds()));
+  level.set_gradient_gbps(tally_.bytes_sent / std::max(1e-9, level.seconds()) / 1e9);
+  level.set_result_gbps(tally_.bytes_received / std::max(1e-9, level.seconds()) / 1e9);
+  {
+    absl::MutexLock lock(&tally_.mu);
+    std::vector<double>& l = tally_.latencies;
+    std::sort(l.begin(), l.end());
+    double sum = 0;
+    for (double x : l) sum += x;
+    level.set_latency_mean_s(l.empty() ? 0 : sum / l.size());
+    level.set_latency_p50_s(Quantile(l, 0.5));
+    level.set_latency_p90_s(Quantile(l, 0.9));
+    level.set_latency_p99_s(Quantile(l, 0.99));
+    level.set_latency_p999_s(Quantile(l, 0.999));
+    level.set_latency_max_s(l.empty() ? 0 : l.back());
+    for (const auto& [code, n] : tally_.errors_by_code) {
+      (*level.mutable_errors_by_code())[code] = n;
+    }
+  }
+  for (double r : rates) level.add_window_steps_per_second(r);
+  level.set_stable(stable);
+  const int64_t attempts = level.steps() + level.errors();
+  level.set_error_ridden(attempts > 0 &&
+                         static_cast<double>(level.errors()) / attempts > options_.max_error_rate);
+  level.set_session_steps_per_second(level.steps_per_second() / options_.world_size);
+  if (options_.arrival != Arrival::kClosed) {
+    level.set_intended_starts(intended_starts_);
+    level.set_unstarted(unstarted);
+    // Arrivals the sessions could not start in time: the server did not keep up with the rate.
+    level.set_overloaded(intended_starts_ > 0 && unstarted > 0.05 * intended_starts_);
+  }
+  if (!options_.metrics.empty()) {
+    for (const char* phase : {"receive", "aggregate", "compute", "send"}) {
+      const std::string labels = absl::StrCat("{phase=\"", phase, "\"}");
+      const double count = Sample(after, "optd_step_phase_seconds_count" + labels) -
+                           Sample(before, "optd_step_phase_seconds_count" + labels);
+      const double sum = Sample(after, "optd_step_phase_seconds_sum" + labels) -
+                         Sample(before, "optd_step_phase_seconds_sum" + labels);
+      (*level.mutable_server_phase_seconds())[phase] = count > 0 ? sum / count : 0;
+    }
+    level.set_server_backend_memory_bytes(
+        Sample(after, "optd_backend_memory_bytes{kind=\"sessions\"}"));
+  }
+  level.set_total_steps(tally_.total_steps);
+  level.set_total_errors(tally_.total_errors);
+  level.set_total_bytes_sent(tally_.total_bytes_sent);
+  level.set_total_bytes_received(tally_.total_bytes_received);
+  return level;
+}
+
+}  // namespace
+
 absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
   if (options.endpoints.empty()) return absl::InvalidArgumentError("no endpoint");
   if (!options.metrics.empty() && options.metrics.size() != options.endpoints.size()) {
@@ -434,342 +630,10 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options) {
   if (options.arrival != Arrival::kClosed && !(options.rate > 0)) {
     return absl::InvalidArgumentError("an open loop needs --rate > 0");
   }
-  OPTD_ASSIGN_OR_RETURN(std::vector<TensorShape> shapes, ModelShapes(options.model));
-  auto interrupted = [&options] {
-    return options.interrupt != nullptr && options.interrupt->load();
-  };
-
-  // The sessions, spread over the endpoints; deleted however the level ends.
-  v1::SessionConfig config;
-  for (const auto& [name, preset] : std::vector<std::pair<std::string, std::string>>{
-           {"matrices", options.preset}, {"vectors", "adamw"}}) {
-    v1::GroupConfig* g = config.add_groups();
-    g->set_name(name);
-    g->set_preset(preset);
-  }
-  for (const TensorShape& t : shapes) {
-    v1::TensorConfig* tc = config.add_tensors();
-    tc->set_name(t.name);
-    for (int64_t d : t.shape) tc->add_shape(d);
-    tc->set_group(t.adamw ? "vectors" : "matrices");
-    tc->mutable_normal()->set_std(0.02);
-    tc->mutable_normal()->set_seed(tc->name().size());
-  }
-  config.set_world_size(options.world_size);
-  config.set_step_result(options.result);
-  std::vector<client::Client> clients;
-  for (const std::string& endpoint : options.endpoints) {
-    client::ChannelOptions channel = options.channel;
-    channel.target = endpoint;
-    OPTD_ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> made, client::MakeChannel(channel));
-    clients.emplace_back(made, options.admin_token);
-    clients.back().set_timeout(options.call_timeout);
-  }
-  std::vector<std::unique_ptr<SessionRun>> sessions;
-  auto delete_sessions = [&] {
-    for (size_t i = 0; i < sessions.size(); ++i) sessions[i]->Delete(clients[i % clients.size()]);
-    sessions.clear();
-  };
-  // Deleted however the level ends (an error, an exception).
-  absl::Cleanup delete_on_exit = [&] { delete_sessions(); };
-  for (int i = 0; options.sharded && i < options.concurrency; ++i) {
-    // Every session spread over all the endpoints, under one name on each.
-    std::vector<client::ShardEndpoint> shards;
-    for (size_t e = 0; e < clients.size(); ++e) {
-      shards.push_back({options.endpoints[e], clients[e].channel(), 0});
-    }
-    absl::StatusOr<client::ShardedSession> sharded =
-        client::ShardedSession::Create(shards, config, absl::StrCat("loadgen-", getpid(), "-", i),
-                                       /*epoch=*/1, options.admin_token);
-    if (!sharded.ok()) {
-      delete_sessions();
-      return absl::Status(sharded.status().code(),
-                          absl::StrCat("creating a sharded session: ", sharded.status().message()));
-    }
-    sessions.push_back(std::make_unique<SessionRun>(*std::move(sharded), options.world_size));
-  }
-  for (int i = 0; !options.sharded && i < options.concurrency; ++i) {
-    absl::StatusOr<client::Session> session = clients[i % clients.size()].CreateSession(config);
-    if (!session.ok()) {
-      delete_sessions();
-      return absl::Status(
-          session.status().code(),
-          absl::StrCat("creating a session on ", options.endpoints[i % clients.size()], ": ",
-                       session.status().message()));
-    }
-    sessions.push_back(std::make_unique<SessionRun>(*std::move(session), options.world_size));
-  }
-
-  // Gradients (never zero: zeros can run faster than real data) and result spans, per worker.
-  std::mt19937 rng(options.seed);
-  std::normal_distribution<float> normal(0.0f, 0.01f);
-  std::vector<std::vector<float>> gradients;
-  int64_t elements = 0;
-  for (const TensorShape& t : shapes) {
-    gradients.emplace_back(Elements(t));
-    for (float& g : gradients.back()) g = normal(rng);
-    elements += Elements(t);
-  }
-  std::vector<client::NamedTensor> named;
-  for (size_t i = 0; i < shapes.size(); ++i) named.push_back({shapes[i].name, gradients[i]});
-  const int64_t sent_per_step = elements * static_cast<int64_t>(DTypeSize(options.wire_dtype));
-  const int64_t received_per_step =
-      options.result == v1::STEP_RESULT_NONE ? 0 : elements * static_cast<int64_t>(sizeof(float));
-
-  Tally tally;
-  std::atomic<bool> measuring{false};
-  Schedule schedule;
-  if (options.arrival != Arrival::kClosed) schedule.SetOpen();
-
-  // One worker's step: the call, its accounting, and (every N-th) an injected bad request first.
-  // Refusals before the daemon counted the gradients (a full queue, a stream limit) are retried
-  // with backoff until the step's deadline, so the worker's partners are not left waiting for
-  // it. Returns false when the step failed.
-  auto run_step = [&](SessionRun& run, int worker, int64_t step, absl::Time intended,
-                      std::vector<float>& out) -> bool {
-    client::StepOptions step_options;
-    step_options.worker_id = worker;
-    step_options.wire_dtype = options.wire_dtype;
-    step_options.timeout = options.step_timeout;
-    if (options.result != v1::STEP_RESULT_NONE) {
-      // One span over the worker's buffer per tensor, written in place.
-      int64_t offset = 0;
-      for (size_t i = 0; i < shapes.size(); ++i) {
-        const int64_t n = Elements(shapes[i]);
-        step_options.outputs.push_back(
-            {shapes[i].name, absl::MakeSpan(out.data() + offset, static_cast<size_t>(n))});
-        offset += n;
-      }
-    }
-    auto count_error = [&](const absl::Status& status) {
-      const bool measured = measuring.load();
-      ++tally.total_errors;
-      if (measured) ++tally.errors;
-      absl::MutexLock lock(&tally.mu);
-      if (measured) ++tally.errors_by_code[absl::StatusCodeToString(status.code())];
-    };
-    if (options.inject_bad_every > 0 && step % options.inject_bad_every == 0) {
-      count_error(run.Step(step + 1000000, named, step_options).status());
-    }
-    const absl::Time deadline = absl::Now() + options.step_timeout;
-    absl::Duration backoff = absl::Milliseconds(5);
-    absl::StatusOr<client::StepResult> result;
-    while (true) {
-      result = run.Step(step, named, step_options);
-      const bool refused =
-          absl::IsUnavailable(result.status()) || absl::IsResourceExhausted(result.status());
-      if (result.ok() || !refused || absl::Now() + backoff >= deadline) break;
-      count_error(result.status());
-      absl::SleepFor(backoff);
-      backoff = std::min(2 * backoff, absl::Milliseconds(200));
-    }
-    const absl::Time done = absl::Now();
-    if (!result.ok()) {
-      count_error(result.status());
-      return false;
-    }
-    ++tally.total_steps;
-    tally.total_bytes_sent += sent_per_step;
-    tally.total_bytes_received += received_per_step;
-    // A replay is the answer to a step already counted (after a resync), not new work.
-    if (measuring.load() && !result->replayed) {
-      ++tally.steps;
-      tally.bytes_sent += sent_per_step;
-      tally.bytes_received += received_per_step;
-      absl::MutexLock lock(&tally.mu);
-      tally.latencies.push_back(absl::ToDoubleSeconds(done - intended));
-    }
-    return true;
-  };
-
-  // Warm-up: every session steps `warmup_steps` times, closed loop, not measured.
-  {
-    std::vector<std::thread> threads;
-    for (auto& run : sessions) {
-      for (int w = 0; w < options.world_size; ++w) {
-        threads.emplace_back([&, w, run = run.get()] {
-          std::vector<float> out(options.result == v1::STEP_RESULT_NONE ? 0 : elements);
-          for (int s = 1; s <= options.warmup_steps && !interrupted(); ++s) {
-            run_step(*run, w, s, absl::Now(), out);
-          }
-        });
-      }
-    }
-    for (std::thread& t : threads) t.join();
-    for (auto& run : sessions) {
-      absl::StatusOr<int64_t> completed = run->CompletedStep();
-      if (!completed.ok()) {
-        delete_sessions();
-        return completed.status();
-      }
-      run->set_next_step(*completed + 1);
-    }
-  }
-
-  // Server counters before the measurement.
-  auto scrape_all = [&]() -> absl::StatusOr<std::map<std::string, double>> {
-    std::map<std::string, double> sum;
-    for (const std::string& address : options.metrics) {
-      OPTD_ASSIGN_OR_RETURN(std::string text, Scrape(address));
-      for (const auto& [key, value] : Samples(text)) sum[key] += value;
-    }
-    return sum;
-  };
-  absl::StatusOr<std::map<std::string, double>> before = scrape_all();
-  if (!before.ok()) {
-    delete_sessions();
-    return before.status();
-  }
-
-  // The workers.
-  measuring = true;
-  const absl::Time start = absl::Now();
-  std::atomic<bool> stop{false};
-  std::vector<std::thread> threads;
-  for (auto& run : sessions) {
-    for (int w = 0; w < options.world_size; ++w) {
-      threads.emplace_back([&, w, run = run.get()] {
-        std::vector<float> out(options.result == v1::STEP_RESULT_NONE ? 0 : elements);
-        int64_t seen = 0;
-        while (true) {
-          int64_t step = 0, before = 0;
-          absl::Time intended;
-          if (w == 0) {
-            before = run->completed();
-            step = run->next_step();
-            const bool go = !stop.load() && schedule.Next(&intended);
-            run->Publish(go, step, intended);
-            if (!go) return;
-          } else if (!run->Await(&seen, &step, &intended)) {
-            return;
-          }
-          run->Done(!run_step(*run, w, step, intended, out));
-          if (w == 0 && run->AwaitAll(before)) {
-            // A worker failed: the daemon says which step the session expects next.
-            absl::StatusOr<int64_t> completed = run->CompletedStep();
-            if (completed.ok()) run->set_next_step(*completed + 1);
-          }
-        }
-      });
-    }
-  }
-  std::thread arrivals;
-  std::atomic<int64_t> intended_starts{0};
-  if (options.arrival != Arrival::kClosed) {
-    arrivals = std::thread([&] {
-      std::mt19937_64 gen(options.seed);
-      std::exponential_distribution<double> gap(options.rate);
-      absl::Time next = start;
-      while (!stop.load()) {
-        next += absl::Seconds(options.arrival == Arrival::kPoisson ? gap(gen) : 1.0 / options.rate);
-        for (absl::Time now = absl::Now(); !stop.load() && now < next; now = absl::Now()) {
-          absl::SleepFor(std::min(next - now, absl::Milliseconds(10)));
-        }
-        if (!stop.load()) {
-          schedule.Push(next);
-          if (measuring.load()) ++intended_starts;
-        }
-      }
-    });
-  }
-
-  // Windows: until the last ones agree, or a bound.
-  v1::LoadgenLevel level;
-  int64_t last_steps = 0;
-  absl::Time last = start;
-  std::vector<double> rates;
-  bool stable = false;
-  while (true) {
-    const absl::Time window_end = std::min(last + options.window, start + options.duration);
-    while (absl::Now() < window_end && !interrupted() &&
-           !(options.max_steps > 0 && tally.steps >= options.max_steps)) {
-      absl::SleepFor(std::min(absl::Milliseconds(10), window_end - absl::Now()));
-    }
-    const absl::Time now = absl::Now();
-    const int64_t steps = tally.steps;
-    const double seconds = absl::ToDoubleSeconds(now - last);
-    if (seconds > 0) rates.push_back((steps - last_steps) / seconds);
-    last_steps = steps;
-    last = now;
-    stable = WindowsAgree(rates, options.stable_windows, options.stability);
-    if (options.progress) {
-      options.progress(absl::StrFormat(
-          "%s c=%d%s window %d: %.1f steps/s, %d steps, %d errors%s",
-          options.arrival == Arrival::kClosed ? "closed" : "open", options.concurrency,
-          options.arrival == Arrival::kClosed ? "" : absl::StrFormat(" rate=%.1f", options.rate),
-          rates.size(), rates.empty() ? 0.0 : rates.back(), steps, tally.errors.load(),
-          stable ? " (stable)" : ""));
-    }
-    if (stable || interrupted() || static_cast<int>(rates.size()) >= options.max_windows ||
-        now >= start + options.duration || (options.max_steps > 0 && steps >= options.max_steps)) {
-      break;
-    }
-  }
-  const absl::Duration measured = absl::Now() - start;
-  measuring = false;
-  const int64_t unstarted = schedule.waiting();
-  stop = true;
-  schedule.Stop();
-  if (arrivals.joinable()) arrivals.join();
-  for (std::thread& t : threads) t.join();
-  absl::StatusOr<std::map<std::string, double>> after = scrape_all();
-  delete_sessions();
-  if (!after.ok()) return after.status();
-
-  level.set_arrival(options.arrival == Arrival::kClosed     ? "closed"
-                    : options.arrival == Arrival::kConstant ? "constant"
-                                                            : "poisson");
-  level.set_concurrency(options.concurrency);
-  level.set_rate(options.rate);
-  level.set_seconds(absl::ToDoubleSeconds(measured));
-  level.set_steps(tally.steps);
-  level.set_errors(tally.errors);
-  level.set_steps_per_second(tally.steps / std::max(1e-9, level.seconds()));
-  level.set_gradient_gbps(tally.bytes_sent / std::max(1e-9, level.seconds()) / 1e9);
-  level.set_result_gbps(tally.bytes_received / std::max(1e-9, level.seconds()) / 1e9);
-  {
-    absl::MutexLock lock(&tally.mu);
-    std::vector<double>& l = tally.latencies;
-    std::sort(l.begin(), l.end());
-    double sum = 0;
-    for (double x : l) sum += x;
-    level.set_latency_mean_s(l.empty() ? 0 : sum / l.size());
-    level.set_latency_p50_s(Quantile(l, 0.5));
-    level.set_latency_p90_s(Quantile(l, 0.9));
-    level.set_latency_p99_s(Quantile(l, 0.99));
-    level.set_latency_p999_s(Quantile(l, 0.999));
-    level.set_latency_max_s(l.empty() ? 0 : l.back());
-    for (const auto& [code, n] : tally.errors_by_code) (*level.mutable_errors_by_code())[code] = n;
-  }
-  for (double r : rates) level.add_window_steps_per_second(r);
-  level.set_stable(stable);
-  const int64_t attempts = level.steps() + level.errors();
-  level.set_error_ridden(attempts > 0 &&
-                         static_cast<double>(level.errors()) / attempts > options.max_error_rate);
-  level.set_session_steps_per_second(level.steps_per_second() / options.world_size);
-  if (options.arrival != Arrival::kClosed) {
-    level.set_intended_starts(intended_starts);
-    level.set_unstarted(unstarted);
-    // Arrivals the sessions could not start in time: the server did not keep up with the rate.
-    level.set_overloaded(intended_starts > 0 && unstarted > 0.05 * intended_starts);
-  }
-  if (!options.metrics.empty()) {
-    for (const char* phase : {"receive", "aggregate", "compute", "send"}) {
-      const std::string labels = absl::StrCat("{phase=\"", phase, "\"}");
-      const double count = Sample(*after, "optd_step_phase_seconds_count" + labels) -
-                           Sample(*before, "optd_step_phase_seconds_count" + labels);
-      const double sum = Sample(*after, "optd_step_phase_seconds_sum" + labels) -
-                         Sample(*before, "optd_step_phase_seconds_sum" + labels);
-      (*level.mutable_server_phase_seconds())[phase] = count > 0 ? sum / count : 0;
-    }
-    level.set_server_backend_memory_bytes(
-        Sample(*after, "optd_backend_memory_bytes{kind=\"sessions\"}"));
-  }
-  level.set_total_steps(tally.total_steps);
-  level.set_total_errors(tally.total_errors);
-  level.set_total_bytes_sent(tally.total_bytes_sent);
-  level.set_total_bytes_received(tally.total_bytes_received);
-  return level;
+  LevelRun level(options);
+  OPTD_RETURN_IF_ERROR(level.Create());
+  OPTD_RETURN_IF_ERROR(level.WarmUp());
+  return level.Measure();
 }
 
 absl::StatusOr<v1::LoadgenReport> Run(const Options& options,
@@ -811,124 +675,6 @@ absl::StatusOr<v1::LoadgenReport> Run(const Options& options,
   }
   report.set_ok(ok);
   return report;
-}
-
-std::string ToJson(const v1::LoadgenReport& report) {
-  std::string json;
-  google::protobuf::util::JsonPrintOptions print;
-  print.add_whitespace = true;
-  print.always_print_primitive_fields = true;
-  print.preserve_proto_field_names = true;
-  // A report always serializes: it has no Any fields or unknown enums.
-  (void)google::protobuf::util::MessageToJsonString(report, &json, print);
-  return json;
-}
-
-absl::StatusOr<v1::LoadgenReport> FromJson(const std::string& json) {
-  v1::LoadgenReport report;
-  const auto status = google::protobuf::util::JsonStringToMessage(json, &report);
-  if (!status.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("not a loadgen report: ", status.ToString()));
-  }
-  return report;
-}
-
-std::string ToCsv(const v1::LoadgenReport& report) {
-  std::string csv =
-      "arrival,concurrency,rate,seconds,steps,errors,steps_per_second,gradient_gbps,result_gbps,"
-      "latency_p50_s,latency_p90_s,latency_p99_s,latency_p999_s,latency_max_s,stable,"
-      "server_receive_s,server_aggregate_s,server_compute_s,server_send_s,"
-      "session_steps_per_second,intended_starts,unstarted,overloaded,error\n";
-  for (const v1::LoadgenLevel& l : report.levels()) {
-    auto phase = [&l](const char* name) {
-      auto it = l.server_phase_seconds().find(name);
-      return it == l.server_phase_seconds().end() ? 0.0 : it->second;
-    };
-    absl::StrAppendFormat(&csv, "%s,%d,%g,%.3f,%d,%d,%.3f,%.4f,%.4f,%.6f,%.6f,%.6f,%.6f,%.6f,%d,",
-                          l.arrival(), l.concurrency(), l.rate(), l.seconds(), l.steps(),
-                          l.errors(), l.steps_per_second(), l.gradient_gbps(), l.result_gbps(),
-                          l.latency_p50_s(), l.latency_p90_s(), l.latency_p99_s(),
-                          l.latency_p999_s(), l.latency_max_s(), l.stable() ? 1 : 0);
-    std::string error = l.error();
-    std::replace(error.begin(), error.end(), ',', ';');
-    std::replace(error.begin(), error.end(), '\n', ' ');
-    absl::StrAppendFormat(&csv, "%.6f,%.6f,%.6f,%.6f,%.3f,%d,%d,%d,%s\n", phase("receive"),
-                          phase("aggregate"), phase("compute"), phase("send"),
-                          l.session_steps_per_second(), l.intended_starts(), l.unstarted(),
-                          l.overloaded() ? 1 : 0, error);
-  }
-  return csv;
-}
-
-std::string ToTable(const v1::LoadgenReport& report) {
-  std::string out = absl::StrFormat(
-      "optd-loadgen: %s (%d parameters), preset %s, wire %s, world_size %d, on %s\n",
-      report.model(), report.model_elements(), report.preset(), report.wire_dtype(),
-      report.world_size(), absl::StrJoin(report.endpoints(), ", "));
-  absl::StrAppendFormat(&out, "%-9s %5s %8s %9s %8s %8s %9s %9s %9s %9s %9s %7s %s\n", "arrival",
-                        "conc", "rate", "steps/s", "GB/s in", "GB/s out", "p50 ms", "p90 ms",
-                        "p99 ms", "p999 ms", "max ms", "errors", "");
-  for (const v1::LoadgenLevel& l : report.levels()) {
-    if (!l.error().empty()) {
-      absl::StrAppendFormat(&out, "level concurrency=%d rate=%g could not run: %s\n",
-                            l.concurrency(), l.rate(), l.error());
-      continue;
-    }
-    std::string codes;
-    for (const auto& [code, n] : l.errors_by_code()) absl::StrAppend(&codes, " ", code, "=", n);
-    absl::StrAppendFormat(
-        &out, "%-9s %5d %8.1f %9.2f %8.3f %8.3f %9.2f %9.2f %9.2f %9.2f %9.2f %7d %s%s%s\n",
-        l.arrival(), l.concurrency(), l.rate(), l.steps_per_second(), l.gradient_gbps(),
-        l.result_gbps(), 1e3 * l.latency_p50_s(), 1e3 * l.latency_p90_s(), 1e3 * l.latency_p99_s(),
-        1e3 * l.latency_p999_s(), 1e3 * l.latency_max_s(), l.errors(),
-        l.stable() ? "stable" : "UNSTABLE", l.error_ridden() ? " ERRORS" : "", codes);
-    if (l.overloaded()) {
-      absl::StrAppendFormat(&out, "          OVERLOADED: %d of %d intended starts never started\n",
-                            l.unstarted(), l.intended_starts());
-    }
-    if (!l.server_phase_seconds().empty()) {
-      absl::StrAppend(&out, "          server per step:");
-      for (const char* phase : {"receive", "aggregate", "compute", "send"}) {
-        auto it = l.server_phase_seconds().find(phase);
-        absl::StrAppendFormat(&out, " %s %.2f ms", phase,
-                              it == l.server_phase_seconds().end() ? 0.0 : 1e3 * it->second);
-      }
-      absl::StrAppendFormat(&out, "; backend memory %.1f MiB\n",
-                            l.server_backend_memory_bytes() / (1 << 20));
-    }
-  }
-  return out;
-}
-
-std::string Compare(const v1::LoadgenReport& baseline, const v1::LoadgenReport& candidate,
-                    double threshold, bool* regressed) {
-  *regressed = false;
-  std::string out =
-      absl::StrFormat("%-9s %5s %8s %12s %12s %8s %10s %10s %8s\n", "arrival", "conc", "rate",
-                      "base st/s", "new st/s", "ratio", "base p99", "new p99", "ratio");
-  for (const v1::LoadgenLevel& c : candidate.levels()) {
-    const v1::LoadgenLevel* b = nullptr;
-    for (const v1::LoadgenLevel& l : baseline.levels()) {
-      if (l.arrival() == c.arrival() && l.concurrency() == c.concurrency() &&
-          l.rate() == c.rate()) {
-        b = &l;
-      }
-    }
-    if (b == nullptr) {
-      absl::StrAppendFormat(&out, "%-9s %5d %8.1f   (not in the baseline)\n", c.arrival(),
-                            c.concurrency(), c.rate());
-      continue;
-    }
-    const double throughput = c.steps_per_second() / std::max(1e-12, b->steps_per_second());
-    const double p99 = c.latency_p99_s() / std::max(1e-12, b->latency_p99_s());
-    const bool worse = throughput < 1 - threshold || p99 > 1 + threshold;
-    *regressed = *regressed || worse;
-    absl::StrAppendFormat(&out, "%-9s %5d %8.1f %12.2f %12.2f %8.3f %9.2fms %9.2fms %8.3f%s\n",
-                          c.arrival(), c.concurrency(), c.rate(), b->steps_per_second(),
-                          c.steps_per_second(), throughput, 1e3 * b->latency_p99_s(),
-                          1e3 * c.latency_p99_s(), p99, worse ? "  REGRESSION" : "");
-  }
-  return out;
 }
 
 }  // namespace optd::loadgen

@@ -14,21 +14,11 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "client/client.h"
+#include "client/loadgen_report.h"
+#include "client/models.h"
 #include "optd/v1/loadgen.pb.h"
 
 namespace optd::loadgen {
-
-struct TensorShape {
-  std::string name;
-  std::vector<int64_t> shape;
-  bool adamw = false;  // embeddings, norms, biases: the AdamW group
-};
-
-// The tensors of `model`: "gpt2-small" (124,439,808 parameters, head tied to the embedding),
-// "gpt2-medium" (354,823,168), "llama-1b-layer" (one decoder layer of Llama 3.2 1B, 60,821,504),
-// or a JSON file: a LoadgenModel ({"tensors": [...]}), a list of its tensors, or a list of shapes
-// ([[768, 3072], [3072], ...], named t0, t1, ...). InvalidArgument for anything else.
-absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model);
 
 // Bounds on a sweep: sessions per level, and levels.
 inline constexpr int kMaxConcurrency = 4096;
@@ -94,17 +84,6 @@ absl::StatusOr<v1::LoadgenLevel> RunLevel(const Options& options);
 // Levels for every concurrency (closed loop) or the one rate (open loop), and the report.
 absl::StatusOr<v1::LoadgenReport> Run(const Options& options,
                                       const std::vector<int>& concurrencies);
-
-std::string ToJson(const v1::LoadgenReport& report);
-absl::StatusOr<v1::LoadgenReport> FromJson(const std::string& json);
-std::string ToCsv(const v1::LoadgenReport& report);
-std::string ToTable(const v1::LoadgenReport& report);
-
-// Levels of `candidate` matched with `baseline`'s (same arrival, concurrency and rate): a line per
-// level, "REGRESSION" where steps/s fell or p99 latency rose by more than `threshold`. `*regressed`
-// says whether any did.
-std::string Compare(const v1::LoadgenReport& baseline, const v1::LoadgenReport& candidate,
-                    double threshold, bool* regressed);
 
 }  // namespace optd::loadgen
 
