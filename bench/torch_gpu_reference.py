@@ -2,7 +2,8 @@
 """The torch baselines for bench/gpu_bench.cc, timed the same way on the same GPU: Keller Jordan's
 reference Newton-Schulz (KellerJordan/Muon muon.py, zeropower_via_newtonschulz5, bf16) on the same
 shapes, torch's bf16 matmul at 8192^3, and a single-device torch.optim.Muon + AdamW step on
-GPT-2 small. Writes one JSON object. Needs torch with CUDA; exits 77 without it."""
+GPT-2 small, whose tensors come from optd's model catalogue (`optd-loadgen --print_model`, passed
+as --model_json). Writes one JSON object. Needs torch with CUDA; exits 77 without it."""
 import argparse
 import json
 import sys
@@ -46,17 +47,15 @@ def median_ms(fn, warmup=3, repeats=20):
     return times[len(times) // 2]
 
 
-def gpt2_small_params(device):
-    shapes = [("wte", (50257, 768)), ("wpe", (1024, 768))]
-    for layer in range(12):
-        p = f"h{layer}."
-        shapes += [(p + "attn.c_attn.weight", (2304, 768)), (p + "attn.c_proj.weight", (768, 768)),
-                   (p + "mlp.c_fc.weight", (3072, 768)), (p + "mlp.c_proj.weight", (768, 3072))]
-        shapes += [(p + n, (s,)) for n, s in [("ln_1.weight", 768), ("ln_1.bias", 768),
-                                               ("attn.c_attn.bias", 2304), ("attn.c_proj.bias", 768),
-                                               ("ln_2.weight", 768), ("ln_2.bias", 768),
-                                               ("mlp.c_fc.bias", 3072), ("mlp.c_proj.bias", 768)]]
-    shapes += [("ln_f.weight", (768,)), ("ln_f.bias", (768,))]
+def gpt2_small_params(device, model_json):
+    """The parameters (name, tensor) and the names of those on AdamW, as the catalogue says."""
+    with open(model_json) as f:
+        tensors = json.load(f)["tensors"]
+    shapes = [(t["name"], tuple(int(d) for d in t["shape"])) for t in tensors]
+    return _params(device, shapes), {t["name"] for t in tensors if t.get("adamw")}
+
+
+def _params(device, shapes):
     params = []
     gen = torch.Generator(device=device).manual_seed(0)
     for name, shape in shapes:
@@ -69,6 +68,8 @@ def gpt2_small_params(device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", required=True)
+    parser.add_argument("--model_json", required=True,
+                        help="GPT-2 small's tensors: optd-loadgen --model=gpt2-small --print_model")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("torch_gpu_reference: torch sees no GPU", file=sys.stderr)
@@ -102,9 +103,9 @@ def main():
         rows.append({"name": name, "ms": ms})
     out["newton_schulz"] = rows
 
-    params = gpt2_small_params(device)
-    hidden = [p for name, p in params if p.ndim == 2 and name not in ("wte", "wpe")]
-    other = [p for name, p in params if not (p.ndim == 2 and name not in ("wte", "wpe"))]
+    params, on_adamw = gpt2_small_params(device, args.model_json)
+    hidden = [p for name, p in params if name not in on_adamw]
+    other = [p for name, p in params if name in on_adamw]
     steps = []
     if hasattr(torch.optim, "Muon"):
         muon = torch.optim.Muon(hidden, lr=0.02, momentum=0.95)

@@ -39,6 +39,9 @@ ABSL_FLAG(std::string, tls_server_name, "", "Name to check the server's certific
 ABSL_FLAG(std::string, model, "gpt2-small",
           "gpt2-small, gpt2-medium, llama-1b-layer, or a JSON file {\"tensors\": [{\"name\": ..., "
           "\"shape\": [...]}]}.");
+ABSL_FLAG(bool, print_model, false,
+          "Print --model's tensors as JSON ({\"tensors\": [{name, shape, adamw}]}) and exit: the "
+          "one catalogue the benchmarks read.");
 ABSL_FLAG(std::string, preset, "keller", "Optimizer preset of the matrices (vectors: adamw).");
 ABSL_FLAG(std::string, wire_dtype, "fp32", "Gradient wire dtype: fp32, bf16 or fp16.");
 ABSL_FLAG(std::string, result, "parameters", "What a step returns: parameters, delta or none.");
@@ -117,6 +120,17 @@ int main(int argc, char** argv) {
   if (args.size() > 1) {
     std::fprintf(stderr, "optd-loadgen: unexpected argument '%s' (see --help)\n", args[1]);
     return 2;
+  }
+
+  if (absl::GetFlag(FLAGS_print_model)) {
+    absl::StatusOr<std::vector<optd::loadgen::TensorShape>> shapes =
+        optd::loadgen::ModelShapes(absl::GetFlag(FLAGS_model));
+    if (!shapes.ok()) {
+      std::fprintf(stderr, "optd-loadgen: %s\n", shapes.status().ToString().c_str());
+      return 2;
+    }
+    std::printf("%s\n", optd::loadgen::ModelJson(*shapes).c_str());
+    return 0;
   }
 
   optd::loadgen::Options options;

@@ -125,4 +125,19 @@ absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model) {
   return shapes;
 }
 
+std::string ModelJson(const std::vector<TensorShape>& shapes) {
+  v1::LoadgenModel model;
+  for (const TensorShape& t : shapes) {
+    v1::LoadgenModel::Tensor* out = model.add_tensors();
+    out->set_name(t.name);
+    for (int64_t d : t.shape) out->add_shape(d);
+    out->set_adamw(t.adamw);
+  }
+  google::protobuf::util::JsonPrintOptions print;
+  print.always_print_primitive_fields = true;
+  std::string json;
+  (void)google::protobuf::util::MessageToJsonString(model, &json, print);  // no Any, no enums
+  return json;
+}
+
 }  // namespace optd::loadgen

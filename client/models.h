@@ -23,6 +23,9 @@ struct TensorShape {
 // ([[768, 3072], [3072], ...], named t0, t1, ...). InvalidArgument for anything else.
 absl::StatusOr<std::vector<TensorShape>> ModelShapes(const std::string& model);
 
+// `shapes` as a LoadgenModel in JSON, which ModelShapes reads back.
+std::string ModelJson(const std::vector<TensorShape>& shapes);
+
 // The elements of one tensor.
 int64_t Elements(const TensorShape& t);
 

@@ -34,6 +34,25 @@ int64_t Parameters(const std::vector<loadgen::TensorShape>& shapes) {
   return total;
 }
 
+TEST(LoadgenModelTest, PrintedModelsReadBackAsTheSameTensors) {
+  // optd-loadgen --print_model writes ModelJson, which the torch GPU reference and ModelShapes
+  // read.
+  for (const char* model : {"gpt2-small", "gpt2-medium", "llama-1b-layer"}) {
+    SCOPED_TRACE(model);
+    const std::vector<loadgen::TensorShape> shapes = *loadgen::ModelShapes(model);
+    const std::string path = MakeTempDir("loadgen_print_") + "/model.json";
+    std::ofstream(path) << loadgen::ModelJson(shapes);
+    absl::StatusOr<std::vector<loadgen::TensorShape>> back = loadgen::ModelShapes(path);
+    ASSERT_TRUE(back.ok()) << back.status();
+    ASSERT_EQ(back->size(), shapes.size());
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      EXPECT_EQ((*back)[i].name, shapes[i].name);
+      EXPECT_EQ((*back)[i].shape, shapes[i].shape);
+      EXPECT_EQ((*back)[i].adamw, shapes[i].adamw) << shapes[i].name;
+    }
+  }
+}
+
 TEST(LoadgenModelTest, PresetsHaveTheirPublishedParameterCounts) {
   // GPT-2's published totals (head tied to the token embedding), and one Llama 3.2 1B layer:
   // 2·2048² (q, o) + 2·512·2048 (k, v) + 3·8192·2048 (MLP) + 2·2048 (norms).
