@@ -8,7 +8,7 @@
 #   OPTD_BENCH_BUILD_DIR  build tree (default: build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-build_dir=${OPTD_BENCH_BUILD_DIR:-build}
+source bench/lib.sh
 repetitions=5
 for arg in "$@"; do
   case $arg in
@@ -16,14 +16,10 @@ for arg in "$@"; do
     *) echo "usage: bench/analysis.sh [--repetitions=N]" >&2; exit 2 ;;
   esac
 done
-out=bench/out
-mkdir -p "$out"
-log() { echo "bench/analysis.sh: $*" >&2; }
+bench_init analysis.sh
 
 log "[1/3] building analysis_bench in $build_dir"
-scripts/install-deps
-cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DOPTD_BUILD_BENCH=ON >"$out/configure.log"
-cmake --build "$build_dir" --target analysis_bench -j"$(nproc)"
+bench_build analysis_bench
 
 log "[2/3] analysis_bench --repetitions=$repetitions"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)

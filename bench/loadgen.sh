@@ -9,8 +9,8 @@
 #   OPTD_BENCH_BUILD_DIR  build tree (default: build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 source bench/iperf3.sh
-build_dir=${OPTD_BENCH_BUILD_DIR:-build}
 duration=20
 for arg in "$@"; do
   case $arg in
@@ -18,14 +18,10 @@ for arg in "$@"; do
     *) echo "usage: bench/loadgen.sh [--duration_s=S]" >&2; exit 2 ;;
   esac
 done
-out=bench/out
-mkdir -p "$out"
-log() { echo "bench/loadgen.sh: $*" >&2; }
+bench_init loadgen.sh
 
 log "[1/4] building optd and optd-loadgen in $build_dir"
-scripts/install-deps
-cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release >"$out/configure.log"
-cmake --build "$build_dir" --target optd optd-loadgen -j"$(nproc)"
+bench_build optd optd-loadgen
 
 log "[2/4] iperf3 over loopback, 3 runs of 3 s"
 iperf3_loopback "$out"

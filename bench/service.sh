@@ -8,8 +8,8 @@
 #   OPTD_BENCH_BUILD_DIR  build tree (default: build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 source bench/iperf3.sh
-build_dir=${OPTD_BENCH_BUILD_DIR:-build}
 repetitions=3
 for arg in "$@"; do
   case $arg in
@@ -17,14 +17,10 @@ for arg in "$@"; do
     *) echo "usage: bench/service.sh [--repetitions=N]" >&2; exit 2 ;;
   esac
 done
-out=bench/out
-mkdir -p "$out"
-log() { echo "bench/service.sh: $*" >&2; }
+bench_init service.sh
 
 log "[1/4] building optd and service_bench in $build_dir"
-scripts/install-deps
-cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DOPTD_BUILD_BENCH=ON >"$out/configure.log"
-cmake --build "$build_dir" --target optd service_bench -j"$(nproc)"
+bench_build optd service_bench
 
 log "[2/4] iperf3 over loopback, 3 runs of 3 s"
 iperf3_loopback "$out"

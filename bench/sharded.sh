@@ -10,7 +10,7 @@
 #   OPTD_BENCH_BUILD_DIR  build tree (default: build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-build_dir=${OPTD_BENCH_BUILD_DIR:-build}
+source bench/lib.sh
 layers=4
 steps=3
 for arg in "$@"; do
@@ -20,14 +20,10 @@ for arg in "$@"; do
     *) echo "usage: bench/sharded.sh [--layers=N] [--steps=N]" >&2; exit 2 ;;
   esac
 done
-out=bench/out
-mkdir -p "$out"
-log() { echo "bench/sharded.sh: $*" >&2; }
+bench_init sharded.sh
 
 log "[1/3] building optd and sharded_bench in $build_dir"
-scripts/install-deps
-cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release >"$out/configure.log"
-cmake --build "$build_dir" --target optd sharded_bench -j"$(nproc)"
+bench_build optd sharded_bench
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
