@@ -583,7 +583,9 @@ TEST(DurabilityTest, ARestartedDaemonResumesEverySessionInItsStateDirectory) {
 
 TEST(DurabilityTest, IdleSessionsAreCheckpointedUnloadedAndReloaded) {
   const std::string state_dir = MakeTempDir("ttl");
+  server::FakeClock clock;
   server::ServerOptions options = LoopbackOptions(state_dir);
+  options.clock = &clock;
   options.sessions.idle_ttl = absl::Milliseconds(200);
   std::unique_ptr<server::Server> server = StartServer(options);
   client::Client c = ConnectTo(*server);
@@ -591,6 +593,9 @@ TEST(DurabilityTest, IdleSessionsAreCheckpointedUnloadedAndReloaded) {
   History history(config);
   client::Session session = *c.CreateSession(config);
   ASSERT_TRUE(session.Step(1, AsNamed(history.reference(), history.Gradients(1))).ok());
+  absl::SleepFor(absl::Milliseconds(100));  // a reaper pass: used just now, it stays
+  EXPECT_TRUE(c.ListSessions()->at(0).loaded());
+  clock.Advance(absl::Milliseconds(200));
   bool unloaded = false;
   for (int i = 0; i < 300 && !unloaded; ++i) {
     absl::SleepFor(absl::Milliseconds(10));
@@ -692,11 +697,14 @@ TEST(DurabilityTest, AStepAcknowledgedDuringShutdownIsInTheFinalCheckpoint) {
 
 TEST(DurabilityTest, AnUnloadedSessionWithAnUnreadableCheckpointCanStillBeDeleted) {
   const std::string state_dir = MakeTempDir("undeletable");
+  server::FakeClock clock;
   server::ServerOptions options = LoopbackOptions(state_dir);
+  options.clock = &clock;
   options.sessions.idle_ttl = absl::Milliseconds(100);
   std::unique_ptr<server::Server> server = StartServer(options);
   client::Session session =
       *ConnectTo(*server).CreateSession(MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}}), "gone");
+  clock.Advance(absl::Milliseconds(100));
   for (int i = 0; i < 200 && server->sessions().loaded_bytes() > 0; ++i) {
     absl::SleepFor(absl::Milliseconds(10));
   }
@@ -826,7 +834,9 @@ TEST(DurabilityTest, ACraftedCheckpointIsSkippedWithItsReasonNotTrusted) {
 TEST(DurabilityTest, ReloadingOneSessionDoesNotHoldUpTheOthers) {
   const std::string state_dir = MakeTempDir("reload");
   server::FaultInjectionFileSystem faulty(server::PosixFileSystem());
+  server::FakeClock clock;
   server::ServerOptions options = LoopbackOptions(state_dir);
+  options.clock = &clock;
   options.sessions.fs = &faulty;
   options.sessions.idle_ttl = absl::Milliseconds(100);
   std::unique_ptr<server::Server> server = StartServer(options);
@@ -834,6 +844,8 @@ TEST(DurabilityTest, ReloadingOneSessionDoesNotHoldUpTheOthers) {
   c.set_timeout(absl::Seconds(5));  // a call stuck behind the reload fails instead of hanging
   const v1::SessionConfig config = MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}});
   client::Session sleeper = *c.CreateSession(config, "sleeper");
+  // Only the sleeper idles past the TTL: the sessions below stay loaded on the fake clock.
+  clock.Advance(absl::Milliseconds(100));
   for (int i = 0; i < 300 && server->sessions().loaded_bytes() > 0; ++i) {
     absl::SleepFor(absl::Milliseconds(10));
   }
