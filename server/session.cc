@@ -59,27 +59,7 @@ std::string Session::CheckpointPath(const std::string& state_dir, const std::str
 }
 
 absl::StatusOr<int64_t> Session::RequiredBytes(const v1::SessionConfig& config) {
-  OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config));
-  int64_t elements = 0;
-  for (const TensorSpec& spec : specs) {
-    OPTD_ASSIGN_OR_RETURN(const int64_t count, ElementCount(spec.shape));
-    if (__builtin_add_overflow(elements, count, &elements)) {
-      return absl::ResourceExhaustedError("the session's tensors hold more than 2^63 elements");
-    }
-  }
-  OPTD_ASSIGN_OR_RETURN(int64_t optimizer, Optimizer::RequiredBytes(std::move(specs)));
-  const int64_t result = config.step_result() == v1::STEP_RESULT_NONE ? 0 : 2;
-  // Staging: one per worker plus one for a retry or an upload (StagingPool's limit).
-  const int64_t staging = std::max(1, config.world_size()) + 1;
-  int64_t host = 0, total = 0;
-  if (__builtin_mul_overflow((staging + result) * static_cast<int64_t>(sizeof(float)), elements,
-                             &host) ||
-      __builtin_add_overflow(optimizer, host, &total)) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("the session's ", elements, " elements with world_size ", config.world_size(),
-                     " need more than 2^63 bytes"));
-  }
-  return total;
+  return SessionRequiredBytes(config);
 }
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend, std::string id,
@@ -115,16 +95,7 @@ absl::Status Session::Initialize(SessionState state, bool checkpointed) {
   absl::MutexLock lock(&mu_);
   optimizer_ = std::move(state.optimizer);
   for (const auto& [name, h] : state.hyperparams) hyperparams_[name] = h;
-  for (int t = 0; t < num_tensors(); ++t) {
-    const v1::GroupConfig& group = config_.groups(group_of_[t]);
-    if (hyperparams_.contains(group.name())) continue;
-    const OptimizerConfig& c = optimizer_->spec(t).config;
-    v1::GroupHyperparams& h = hyperparams_[group.name()];
-    h.set_group(group.name());
-    h.set_lr(c.lr);
-    h.set_weight_decay(c.weight_decay);
-    h.set_momentum(c.algorithm == Algorithm::kAdamW ? c.adamw.beta1 : c.matrix.momentum);
-  }
+  AddDefaultHyperparams(config_, *optimizer_, hyperparams_);
   step_ = state.step;
   step_published_ = state.step;
   if (checkpointed) {
@@ -484,38 +455,8 @@ absl::Status Session::UpdateHyperparams(const v1::UpdateHyperparamsRequest& requ
   Touch();
   absl::MutexLock lock(&mu_);
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
-  std::map<std::string, v1::GroupHyperparams> updated;
-  for (const v1::HyperparamUpdate& u : request.updates()) {
-    auto current = hyperparams_.find(u.group());
-    if (current == hyperparams_.end()) {
-      return absl::NotFoundError(
-          absl::StrCat("session '", id_, "' has no group '", u.group(), "'"));
-    }
-    v1::GroupHyperparams h = updated.contains(u.group()) ? updated[u.group()] : current->second;
-    if (u.has_lr()) h.set_lr(u.lr());
-    if (u.has_momentum()) h.set_momentum(u.momentum());
-    if (u.has_weight_decay()) h.set_weight_decay(u.weight_decay());
-    updated[u.group()] = h;
-  }
-  // Check every tensor of every updated group before changing any.
-  for (int t = 0; t < num_tensors(); ++t) {
-    auto h = updated.find(config_.groups(group_of_[t]).name());
-    if (h == updated.end()) continue;
-    OptimizerConfig c = optimizer_->spec(t).config;
-    c.lr = h->second.lr();
-    c.weight_decay = h->second.weight_decay();
-    if (c.algorithm == Algorithm::kAdamW) {
-      c.adamw.beta1 = h->second.momentum();
-    } else {
-      c.matrix.momentum = h->second.momentum();
-    }
-    absl::Status valid = ValidateOptimizerConfig(c);
-    if (!valid.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "group '", h->first, "' (lr ", h->second.lr(), ", momentum ", h->second.momentum(),
-          ", weight_decay ", h->second.weight_decay(), "): ", valid.message()));
-    }
-  }
+  OPTD_ASSIGN_OR_RETURN(HyperparamTable updated,
+                        UpdatedHyperparams(config_, *optimizer_, hyperparams_, request, id_));
   return SetHyperparamsLocked(updated);
 }
 

@@ -68,17 +68,6 @@ absl::Status LoadTensorRecords(const CheckpointReader& reader, const v1::TensorC
   return optimizer.SetStepsApplied(t, tc.steps_applied());
 }
 
-absl::Status ApplyGroupHyperparams(const v1::SessionConfig& config, Optimizer& optimizer,
-                                   const std::map<std::string, v1::GroupHyperparams>& groups) {
-  for (int t = 0; t < config.tensors_size(); ++t) {
-    auto h = groups.find(config.tensors(t).group());
-    if (h == groups.end()) continue;
-    OPTD_RETURN_IF_ERROR(optimizer.SetHyperparameters(t, h->second.lr(), h->second.weight_decay(),
-                                                      h->second.momentum()));
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<SessionState> LoadSessionCheckpoint(Backend& backend, FileSystem& fs,
                                                    const std::string& path, const std::string& id,
                                                    const v1::SessionConfig& config,

@@ -22,6 +22,7 @@
 #include "optd/v1/optd.pb.h"
 #include "server/checkpoint_file.h"
 #include "server/file_system.h"
+#include "server/hyperparams.h"
 
 namespace optd::server {
 
@@ -55,11 +56,6 @@ std::string SessionCheckpointPath(const std::string& state_dir, const std::strin
 // record of the wrong size or a non-finite value.
 absl::Status LoadTensorRecords(const CheckpointReader& reader, const v1::TensorCheckpoint& tc,
                                int t, Optimizer& optimizer);
-
-// Sets each tensor's lr, weight decay and momentum from its group's entry in `groups` (a group
-// without one keeps its values). Errors as Optimizer::SetHyperparameters.
-absl::Status ApplyGroupHyperparams(const v1::SessionConfig& config, Optimizer& optimizer,
-                                   const std::map<std::string, v1::GroupHyperparams>& groups);
 
 // The session `id` (`config`, `token_digest`) from the checkpoint at `path`, on `backend`.
 // DataLoss when the file is damaged or holds another session, other tensors or hyperparameters

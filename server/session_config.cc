@@ -165,4 +165,28 @@ absl::StatusOr<std::vector<TensorSpec>> TensorSpecs(const v1::SessionConfig& con
   return specs;
 }
 
+absl::StatusOr<int64_t> SessionRequiredBytes(const v1::SessionConfig& config) {
+  OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config));
+  int64_t elements = 0;
+  for (const TensorSpec& spec : specs) {
+    OPTD_ASSIGN_OR_RETURN(const int64_t count, ElementCount(spec.shape));
+    if (__builtin_add_overflow(elements, count, &elements)) {
+      return absl::ResourceExhaustedError("the session's tensors hold more than 2^63 elements");
+    }
+  }
+  OPTD_ASSIGN_OR_RETURN(int64_t optimizer, Optimizer::RequiredBytes(std::move(specs)));
+  const int64_t result = config.step_result() == v1::STEP_RESULT_NONE ? 0 : 2;
+  // Staging: one per worker plus one for a retry or an upload (the StagingPool's limit).
+  const int64_t staging = std::max(1, config.world_size()) + 1;
+  int64_t host = 0, total = 0;
+  if (__builtin_mul_overflow((staging + result) * static_cast<int64_t>(sizeof(float)), elements,
+                             &host) ||
+      __builtin_add_overflow(optimizer, host, &total)) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the session's ", elements, " elements with world_size ", config.world_size(),
+                     " need more than 2^63 bytes"));
+  }
+  return total;
+}
+
 }  // namespace optd::server

@@ -32,6 +32,11 @@ absl::StatusOr<OptimizerConfig> GroupOptimizerConfig(const v1::GroupConfig& grou
 // One TensorSpec per tensor, in the config's order. REQUIRES: a normalized config.
 absl::StatusOr<std::vector<TensorSpec>> TensorSpecs(const v1::SessionConfig& config);
 
+// Backend and host bytes a session with this config holds: the optimizer's buffers, one gradient
+// staging per worker plus one, and two result buffers (the last step's, kept for retries, and
+// the next one's). ResourceExhausted past 2^63.
+absl::StatusOr<int64_t> SessionRequiredBytes(const v1::SessionConfig& config);
+
 // Session names: [A-Za-z0-9_.-]{1,64}.
 bool IsValidSessionId(absl::string_view id);
 
