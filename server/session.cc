@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "common/status_macros.h"
 #include "kernels/host_math.h"
 #include "kernels/initializers.h"
@@ -267,7 +268,7 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
     outcome->nonfinite_values += staging->out_of_range_values();
   }
   const std::vector<int> present = round_.contributions().begin()->second->PresentTensors();
-  outcome->compute_started = clock().Now();  // ApplyLocked moves it past the mean
+  outcome->compute_started = absl::Now();  // ApplyLocked moves it past the mean
   if (outcome->nonfinite_values > 0) {
     // Only reachable under NON_FINITE_POLICY_SKIP_STEP: the stream rejects them otherwise.
     outcome->skipped = true;
@@ -283,7 +284,7 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
       }
     }
   }
-  outcome->compute_finished = clock().Now();
+  outcome->compute_finished = absl::Now();
   step_ = header.step();
   step_published_ = step_;
   ExportStateLocked();
@@ -319,7 +320,7 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
   const size_t n = counts_.size();
   std::unique_ptr<bool[]> has_gradient = std::make_unique<bool[]>(n);
   for (int t : present) has_gradient[t] = true;
-  outcome.compute_started = clock().Now();
+  outcome.compute_started = absl::Now();
   std::optional<PendingSnapshot> snapshot = BeginSnapshotLocked(header.step(), present);
   absl::Status stepped =
       optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n),

@@ -49,7 +49,8 @@ struct StepOutcome {
   std::string checkpoint_error;
   // Per tensor, in session order: the new parameters or the delta; empty for STEP_RESULT_NONE.
   std::vector<std::vector<float>> values;
-  // When the optimizer began (the workers' mean taken) and when the result was ready.
+  // When the optimizer began (the workers' mean taken) and when the result was ready: real time,
+  // as every duration the metrics measure (the service's phases are differences with it).
   absl::Time compute_started;
   absl::Time compute_finished;
   // Readers outside the session (StepReply) that may still read `values`. The round reuses the
