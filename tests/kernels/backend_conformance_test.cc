@@ -474,13 +474,7 @@ void BackendTest::FusedRmnpStepEqualsItsStagesFor(int rows, int cols) {
   float *w1 = Device(w), *m1 = Device(m), *w2 = Device(w), *m2 = Device(m), *dg = Device(g);
   std::vector<float> u(rows * cols);
   float* du = Device(u);
-  RmnpStepArgs args{.momentum = 0.95f,
-                    .nesterov = true,
-                    .eps = 1e-12f,
-                    .lr = 0.02f,
-                    .decay = 0.998f,
-                    .scale = 1.3f,
-                    .step_dtype = DType::kBF16};
+  const RmnpStepArgs args = testing::kTestRmnpStep;
   ASSERT_TRUE(backend_->RmnpStep(queue(), w1, m1, dg, rows, cols, args).ok());
   ASSERT_TRUE(
       backend_

@@ -79,6 +79,16 @@ inline std::vector<uint16_t> ToHalfWords(std::vector<float>& x, DType dtype) {
   return words;
 }
 
+// The RMNP step both backend suites run (the conformance suite against its stages, the CUDA one
+// against the CPU): Nesterov sum momentum, bf16 step, decay and scale that are not 1.
+inline constexpr RmnpStepArgs kTestRmnpStep{.momentum = 0.95f,
+                                            .nesterov = true,
+                                            .eps = 1e-12f,
+                                            .lr = 0.02f,
+                                            .decay = 0.998f,
+                                            .scale = 1.3f,
+                                            .step_dtype = DType::kBF16};
+
 }  // namespace optd::testing
 
 #endif  // OPTD_TESTS_KERNELS_BACKEND_TEST_UTIL_H_

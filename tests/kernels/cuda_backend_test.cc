@@ -129,13 +129,7 @@ TEST_F(CudaVsCpuTest, RowKernelsOnShortAndLongRows) {
     const int64_t rows = 37, n = rows * cols;
     SCOPED_TRACE(cols);
     Pair w = Both(RandomNormal(n, 9)), m = Both(RandomNormal(n, 10)), g = Both(RandomNormal(n, 11));
-    const RmnpStepArgs args{.momentum = 0.95f,
-                            .nesterov = true,
-                            .eps = 1e-12f,
-                            .lr = 0.02f,
-                            .decay = 0.998f,
-                            .scale = 1.3f,
-                            .step_dtype = DType::kBF16};
+    const RmnpStepArgs args = testing::kTestRmnpStep;
     ASSERT_TRUE(cpu_->RmnpStep(cq(), w.cpu, m.cpu, g.cpu, rows, cols, args).ok());
     ASSERT_TRUE(cuda_->RmnpStep(gq(), w.gpu, m.gpu, g.gpu, rows, cols, args).ok());
     EXPECT_EQ(Read(m, n).first, Read(m, n).second);
