@@ -5,6 +5,7 @@
 #include <sstream>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "common/wire.h"
@@ -196,23 +197,114 @@ absl::StatusOr<std::map<std::string, std::vector<float>>> Session::GetParameters
   return values;
 }
 
+namespace {
+
+// The header both step RPCs carry.
+void FillStepHeader(const std::string& session, int64_t step, const StepOptions& options,
+                    v1::StepHeader& header) {
+  header.set_session_id(session);
+  header.set_worker_id(options.worker_id);
+  header.set_step(step);
+  if (options.lr.has_value()) header.set_lr(*options.lr);
+  if (options.result_dtype.has_value()) {
+    header.set_result_dtype(ToWireDType(*options.result_dtype));
+  }
+  header.set_chunk_bytes(options.chunk_bytes);
+  header.set_placement_epoch(options.placement_epoch);
+}
+
+void TakeSummary(const v1::StepSummary& s, StepResult& result) {
+  result.step = s.step();
+  result.skipped = s.skipped();
+  result.replayed = s.replayed();
+  result.tensors_updated = s.tensors_updated();
+  result.nonfinite_values = s.nonfinite_values();
+  result.kind = s.result();
+  result.checkpoint_step = s.checkpoint_step();
+  result.checkpoint_error = s.checkpoint_error();
+}
+
+// A result chunk into the caller's span for its tensor, or into result.values.
+absl::Status TakeChunk(const v1::TensorChunk& chunk,
+                       const std::map<absl::string_view, absl::Span<float>>& outputs,
+                       StepResult& result) {
+  auto o = outputs.find(chunk.tensor());
+  return o != outputs.end() ? ReceiveInto(chunk, o->second) : Receive(chunk, result.values);
+}
+
+std::map<absl::string_view, absl::Span<float>> OutputsByName(const StepOptions& options) {
+  std::map<absl::string_view, absl::Span<float>> outputs;
+  for (const NamedOutput& o : options.outputs) outputs[o.name] = o.values;
+  return outputs;
+}
+
+// The gradients' wire bytes, with each chunk's framing.
+int64_t GradientMessageBytes(absl::Span<const NamedTensor> gradients, DType wire_dtype,
+                             int64_t chunk_bytes) {
+  int64_t bytes = 256;  // the header
+  for (const NamedTensor& g : gradients) {
+    const int64_t data = static_cast<int64_t>(g.values.size() * DTypeSize(wire_dtype));
+    const int64_t chunks = 1 + data / std::max<int64_t>(1, chunk_bytes);
+    bytes += data + chunks * (64 + static_cast<int64_t>(g.name.size()));
+  }
+  return bytes;
+}
+
+}  // namespace
+
 absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTensor> gradients,
                                          const StepOptions& options) {
+  const bool small = options.path == StepPath::kSmall ||
+                     (options.path == StepPath::kAuto && !results_too_large_->load() &&
+                      GradientMessageBytes(gradients, options.wire_dtype, options.chunk_bytes) <=
+                          max_message_bytes_);
+  if (small) {
+    absl::StatusOr<StepResult> result = StepInOneMessage(step, gradients, options);
+    // The daemon refuses before anything counts when the results would not fit: stream them,
+    // this step and the session's next ones.
+    if (options.path == StepPath::kSmall || !absl::IsResourceExhausted(result.status()) ||
+        !absl::StartsWith(result.status().message(), "StepSmall:")) {
+      return result;
+    }
+    results_too_large_->store(true);
+  }
+  return StepStreamed(step, gradients, options);
+}
+
+absl::StatusOr<StepResult> Session::StepInOneMessage(int64_t step,
+                                                     absl::Span<const NamedTensor> gradients,
+                                                     const StepOptions& options) {
+  grpc::ClientContext context;
+  if (!token_.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token_));
+  SetDeadline(context, options.timeout);
+  v1::StepSmallRequest request;
+  FillStepHeader(id_, step, options, *request.mutable_header());
+  v1::TensorChunk chunk;
+  OPTD_RETURN_IF_ERROR(SendTensors(gradients, options.wire_dtype, options.chunk_bytes, chunk, [&] {
+    *request.add_chunks() = chunk;
+    return true;
+  }));
+  v1::StepSmallResponse response;
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->StepSmall(&context, request, &response)));
+  StepResult result;
+  TakeSummary(response.summary(), result);
+  const std::map<absl::string_view, absl::Span<float>> outputs = OutputsByName(options);
+  for (const v1::TensorChunk& c : response.chunks()) {
+    OPTD_RETURN_IF_ERROR(TakeChunk(c, outputs, result));
+  }
+  return result;
+}
+
+absl::StatusOr<StepResult> Session::StepStreamed(int64_t step,
+                                                 absl::Span<const NamedTensor> gradients,
+                                                 const StepOptions& options) {
   grpc::ClientContext context;
   if (!token_.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token_));
   SetDeadline(context, options.timeout);
   std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream =
       stub_->Step(&context);
   v1::StepRequest request;
-  v1::StepHeader* header = request.mutable_header();
-  header->set_session_id(id_);
-  header->set_worker_id(options.worker_id);
-  header->set_step(step);
-  if (options.lr.has_value()) header->set_lr(*options.lr);
-  if (options.result_dtype.has_value())
-    header->set_result_dtype(ToWireDType(*options.result_dtype));
-  header->set_chunk_bytes(options.chunk_bytes);
-  header->set_placement_epoch(options.placement_epoch);
+  FillStepHeader(id_, step, options, *request.mutable_header());
   if (stream->Write(request)) {
     v1::TensorChunk* chunk = request.mutable_chunk();
     absl::Status sent = SendTensors(gradients, options.wire_dtype, options.chunk_bytes, *chunk,
@@ -225,26 +317,15 @@ absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTen
   }
   stream->WritesDone();
   StepResult result;
-  std::map<absl::string_view, absl::Span<float>> outputs;
-  for (const NamedOutput& o : options.outputs) outputs[o.name] = o.values;
+  const std::map<absl::string_view, absl::Span<float>> outputs = OutputsByName(options);
   v1::StepResponse response;
   absl::Status received;
   while (stream->Read(&response)) {
     if (!received.ok()) continue;
     if (response.has_summary()) {
-      const v1::StepSummary& s = response.summary();
-      result.step = s.step();
-      result.skipped = s.skipped();
-      result.replayed = s.replayed();
-      result.tensors_updated = s.tensors_updated();
-      result.nonfinite_values = s.nonfinite_values();
-      result.kind = s.result();
-      result.checkpoint_step = s.checkpoint_step();
-      result.checkpoint_error = s.checkpoint_error();
-    } else if (auto o = outputs.find(response.chunk().tensor()); o != outputs.end()) {
-      received = ReceiveInto(response.chunk(), o->second);
+      TakeSummary(response.summary(), result);
     } else {
-      received = Receive(response.chunk(), result.values);
+      received = TakeChunk(response.chunk(), outputs, result);
     }
   }
   OPTD_RETURN_IF_ERROR(FromGrpcStatus(stream->Finish()));

@@ -4,6 +4,7 @@
 #ifndef OPTD_CLIENT_CLIENT_H_
 #define OPTD_CLIENT_CLIENT_H_
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -51,8 +52,16 @@ struct NamedOutput {
   absl::Span<float> values;  // the tensor's size
 };
 
+// How a step travels: one message each way (StepSmall) or a stream (Step).
+enum class StepPath {
+  kAuto,    // StepSmall while the gradients and the session's results fit one message, else Step
+  kStream,  // always Step
+  kSmall,   // always StepSmall (RESOURCE_EXHAUSTED when the results do not fit)
+};
+
 struct StepOptions {
   int worker_id = 0;
+  StepPath path = StepPath::kStream;  // StepSmall only when asked for (kAuto or kSmall)
   std::optional<double> lr;           // this step only
   DType wire_dtype = DType::kF32;     // how gradients travel
   std::optional<DType> result_dtype;  // default: each tensor's dtype
@@ -88,6 +97,9 @@ class Session {
   const std::string& token() const { return token_; }
   // Deadline of every call but Step (StepOptions::timeout); default none.
   void set_timeout(absl::Duration timeout) { timeout_ = timeout; }
+  // The largest message the channel carries (ChannelOptions::max_message_bytes): StepPath::kAuto
+  // sends a step in one message only below it.
+  void set_max_message_bytes(int64_t bytes) { max_message_bytes_ = bytes; }
 
   absl::StatusOr<v1::SessionInfo> Info();
   // Uploads the given tensors' parameters (each whole) in chunks of `chunk_bytes`; the daemon
@@ -102,7 +114,8 @@ class Session {
       absl::Span<const std::string> names = {}, std::optional<DType> wire_dtype = std::nullopt,
       int64_t chunk_bytes = 0);
   // Sends this worker's gradients for step `step` (tensors absent from `gradients` get no
-  // update) and returns the step's result once every worker has sent theirs.
+  // update) and returns the step's result once every worker has sent theirs. StepOptions::path
+  // picks the RPC; both have the same semantics and give the same result.
   absl::StatusOr<StepResult> Step(int64_t step, absl::Span<const NamedTensor> gradients,
                                   const StepOptions& options = {});
   absl::Status UpdateHyperparams(absl::Span<const v1::HyperparamUpdate> updates);
@@ -114,12 +127,19 @@ class Session {
 
  private:
   void Authorize(grpc::ClientContext& context) const;
+  absl::StatusOr<StepResult> StepStreamed(int64_t step, absl::Span<const NamedTensor> gradients,
+                                          const StepOptions& options);
+  absl::StatusOr<StepResult> StepInOneMessage(int64_t step, absl::Span<const NamedTensor> gradients,
+                                              const StepOptions& options);
 
   std::shared_ptr<grpc::Channel> channel_;
   std::shared_ptr<v1::Optimizer::Stub> stub_;  // shared: a Session is a copyable handle
   std::string id_;
   std::string token_;
   absl::Duration timeout_ = absl::InfiniteDuration();
+  int64_t max_message_bytes_ = ChannelOptions{}.max_message_bytes;
+  // Set once the daemon said this session's results do not fit one message: kAuto streams.
+  std::shared_ptr<std::atomic<bool>> results_too_large_ = std::make_shared<std::atomic<bool>>();
 };
 
 class Client {

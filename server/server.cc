@@ -161,6 +161,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   options.sessions.metrics = server->metrics_.get();
   options.sessions.analyzer = server->analyzer_.get();
   options.service.metrics = server->metrics_.get();
+  options.service.max_message_bytes = options.max_message_bytes;
   if (options.clock == nullptr) options.clock = &RealClock();
   options.sessions.clock = options.clock;
   options.service.clock = options.clock;

@@ -114,6 +114,48 @@ absl::Status ReceiveChunks(absl::string_view method, Stream& stream, Request& re
   return status;
 }
 
+// A step's summary, as Step and StepSmall send it.
+void FillSummary(const StepOutcome& outcome, bool replayed, v1::StepSummary& summary) {
+  summary.set_step(outcome.step);
+  summary.set_skipped(outcome.skipped);
+  summary.set_replayed(replayed);
+  summary.set_tensors_updated(outcome.tensors_updated);
+  summary.set_nonfinite_values(outcome.nonfinite_values);
+  summary.set_result(outcome.result);
+  summary.set_checkpoint_step(outcome.checkpoint_step);
+  summary.set_checkpoint_error(outcome.checkpoint_error);
+}
+
+// Every result tensor in chunks through `write` (false: the client went away), each in the
+// header's result dtype or its own; the bytes of values sent.
+template <typename Write>
+absl::StatusOr<int64_t> WriteResults(const Session& session, const StepOutcome& outcome,
+                                     const v1::StepHeader& header, int64_t chunk_bytes,
+                                     v1::TensorChunk& chunk, Write write) {
+  int64_t sent = 0;
+  for (size_t t = 0; t < outcome.values.size(); ++t) {
+    const DType dtype = *ResultDType(header.result_dtype(), session.tensor_dtype(t));
+    OPTD_RETURN_IF_ERROR(
+        StreamTensor(session.tensor_name(t), outcome.values[t], dtype, chunk_bytes, chunk, write));
+    sent += static_cast<int64_t>(outcome.values[t].size() * DTypeSize(dtype));
+  }
+  return sent;
+}
+
+// An upper bound on a StepSmall reply's size: every tensor's results in its result dtype, plus
+// each chunk's framing (its name, offset, counts and tags) and the summary.
+int64_t ResultBytes(const Session& session, const v1::StepHeader& header, int64_t chunk_bytes) {
+  if (session.config().step_result() == v1::STEP_RESULT_NONE) return 256;
+  int64_t bytes = 256;
+  for (int t = 0; t < session.num_tensors(); ++t) {
+    const DType dtype = *ResultDType(header.result_dtype(), session.tensor_dtype(t));
+    const int64_t data = session.num_elements(t) * static_cast<int64_t>(DTypeSize(dtype));
+    const int64_t chunks = 1 + data / std::max<int64_t>(1, chunk_bytes);
+    bytes += data + chunks * (64 + static_cast<int64_t>(session.tensor_name(t).size()));
+  }
+  return bytes;
+}
+
 }  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
@@ -343,6 +385,78 @@ grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
       }));
 }
 
+struct OptimizerService::AdmittedStep {
+  explicit AdmittedStep(std::atomic<int>& in_flight) : in_flight(in_flight) {}
+  ~AdmittedStep() { in_flight.fetch_sub(1); }
+  AdmittedStep(const AdmittedStep&) = delete;
+  AdmittedStep& operator=(const AdmittedStep&) = delete;
+
+  std::atomic<int>& in_flight;  // the place in the step queue, given back by the destructor
+  std::shared_ptr<Session> session;
+  int64_t chunk_bytes = 0;  // of the results
+  bool reject = true;       // non-finite gradients fail the step (else they skip it)
+};
+
+absl::StatusOr<std::unique_ptr<OptimizerService::AdmittedStep>> OptimizerService::AdmitStep(
+    grpc::ServerContext* context, const v1::StepHeader& header, absl::string_view& reason) {
+  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Authorize(context, header.session_id()));
+  OPTD_ASSIGN_OR_RETURN(int64_t chunk_bytes,
+                        ChunkBytes(header.chunk_bytes(), options_.default_chunk_bytes));
+  if (header.result_dtype() != v1::DTYPE_UNSPECIFIED) {
+    OPTD_RETURN_IF_ERROR(FromWireDType(header.result_dtype()).status());
+  }
+  OPTD_RETURN_IF_ERROR(session->CheckStepHeader(header));
+  // A place in the step queue only for a caller that has proved who it is. Counted first, then
+  // the drain checked: a drain that starts later waits for this step.
+  if (steps_in_flight_.fetch_add(1) >= options_.max_pending_steps) {
+    steps_in_flight_.fetch_sub(1);
+    reason = "queue_full";
+    return absl::UnavailableError(
+        absl::StrCat("the step queue is full (", options_.max_pending_steps,
+                     " steps pending, --max_pending_steps); back off and retry"));
+  }
+  auto step = std::make_unique<AdmittedStep>(steps_in_flight_);
+  const bool admitted_before_drain = !draining_.load();
+  // Once draining, only calls that arrived before it, the workers of a step that has already
+  // begun (so it can finish within the drain deadline) and retries of the last one go on.
+  if (!admitted_before_drain && !session->StepUnderway(header.step())) {
+    reason = "draining";
+    return absl::UnavailableError("optd is shutting down; no new steps");
+  }
+  step->reject = session->config().non_finite_policy() != v1::NON_FINITE_POLICY_SKIP_STEP;
+  step->session = std::move(session);
+  step->chunk_bytes = chunk_bytes;
+  return step;
+}
+
+absl::Status OptimizerService::StepReceiveError(const AdmittedStep& step,
+                                                const v1::StepHeader& header,
+                                                const TensorStaging& staging, absl::Status received,
+                                                absl::string_view& reason) {
+  if (staging.out_of_range_values() > 0 && step.reject) {
+    reason = "nonfinite";
+    step.session->CountNonFinite(staging.out_of_range_values());
+  }
+  return absl::Status(received.code(), absl::StrCat("session '", step.session->id(), "' step ",
+                                                    header.step(), ": ", received.message()));
+}
+
+void OptimizerService::ObserveStep(const Session& session, const StepReply& reply, absl::Time start,
+                                   absl::Time received_at, absl::Time stepped_at) {
+  if (options_.metrics == nullptr) return;
+  const absl::Time end = absl::Now();
+  const StepOutcome& outcome = *reply.outcome;
+  Metrics& m = *options_.metrics;
+  m.ObserveStep(session.optimizer_label(), end - start);
+  m.ObservePhase(StepPhase::kReceive, received_at - start);
+  if (!reply.replayed) {
+    // Waiting for the other workers and averaging, then the optimizer and the result.
+    m.ObservePhase(StepPhase::kAggregate, outcome.compute_started - received_at);
+    m.ObservePhase(StepPhase::kCompute, outcome.compute_finished - outcome.compute_started);
+  }
+  m.ObservePhase(StepPhase::kSend, end - stepped_at);
+}
+
 grpc::Status OptimizerService::Step(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) {
@@ -369,93 +483,90 @@ absl::Status OptimizerService::RunStep(
   }
   watch.Arm(options_.stream_idle_timeout);
   const v1::StepHeader header = request.header();
-  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Authorize(context, header.session_id()));
-  OPTD_ASSIGN_OR_RETURN(int64_t chunk_bytes,
-                        ChunkBytes(header.chunk_bytes(), options_.default_chunk_bytes));
-  if (header.result_dtype() != v1::DTYPE_UNSPECIFIED) {
-    OPTD_RETURN_IF_ERROR(FromWireDType(header.result_dtype()).status());
-  }
-  OPTD_RETURN_IF_ERROR(session->CheckStepHeader(header));
-  // A place in the step queue only for a caller that has proved who it is. Counted first, then
-  // the drain checked: a drain that starts later waits for this step.
-  if (steps_in_flight_.fetch_add(1) >= options_.max_pending_steps) {
-    steps_in_flight_.fetch_sub(1);
-    reason = "queue_full";
-    return absl::UnavailableError(
-        absl::StrCat("the step queue is full (", options_.max_pending_steps,
-                     " steps pending, --max_pending_steps); back off and retry"));
-  }
-  absl::Cleanup leave_queue = [this] { steps_in_flight_.fetch_sub(1); };
-  const bool admitted_before_drain = !draining_.load();
-  // Once draining, only calls that arrived before it, the workers of a step that has already
-  // begun (so it can finish within the drain deadline) and retries of the last one go on.
-  if (!admitted_before_drain && !session->StepUnderway(header.step())) {
-    reason = "draining";
-    return absl::UnavailableError("optd is shutting down; no new steps");
-  }
-
-  const bool reject = session->config().non_finite_policy() != v1::NON_FINITE_POLICY_SKIP_STEP;
-  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
+  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<AdmittedStep> step, AdmitStep(context, header, reason));
+  Session& session = *step->session;
+  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session.AcquireStaging());
   // Returned here unless Session::Step took it.
-  absl::Cleanup release = [&] { session->ReleaseStaging(std::move(staging)); };
+  absl::Cleanup release = [&] { session.ReleaseStaging(std::move(staging)); };
   // Disarmed after the chunks: waiting for the other workers is the straggler timeout's to bound.
   absl::Status received =
       ReceiveChunks("Step", *stream, request, *context, watch, options_.stream_idle_timeout,
-                    *staging, kMaxGradientMagnitude, reject, options_.metrics,
+                    *staging, kMaxGradientMagnitude, step->reject, options_.metrics,
                     "the step was cancelled while its gradients arrived");
   if (received.ok()) received = staging->CheckComplete();
-  if (!received.ok()) {
-    if (staging->out_of_range_values() > 0 && reject) {
-      reason = "nonfinite";
-      session->CountNonFinite(staging->out_of_range_values());
-    }
-    return absl::Status(received.code(), absl::StrCat("session '", session->id(), "' step ",
-                                                      header.step(), ": ", received.message()));
-  }
+  if (!received.ok()) return StepReceiveError(*step, header, *staging, received, reason);
   const absl::Time received_at = absl::Now();
 
-  OPTD_ASSIGN_OR_RETURN(StepReply reply, session->Step(header, std::move(staging), [context] {
+  OPTD_ASSIGN_OR_RETURN(StepReply reply, session.Step(header, std::move(staging), [context] {
     return context->IsCancelled();
   }));
   const absl::Time stepped_at = absl::Now();
   const StepOutcome& outcome = *reply.outcome;
   v1::StepResponse response;
-  v1::StepSummary* summary = response.mutable_summary();
-  summary->set_step(outcome.step);
-  summary->set_skipped(outcome.skipped);
-  summary->set_replayed(reply.replayed);
-  summary->set_tensors_updated(outcome.tensors_updated);
-  summary->set_nonfinite_values(outcome.nonfinite_values);
-  summary->set_result(outcome.result);
-  summary->set_checkpoint_step(outcome.checkpoint_step);
-  summary->set_checkpoint_error(outcome.checkpoint_error);
+  FillSummary(outcome, reply.replayed, *response.mutable_summary());
   watch.Arm(options_.stream_idle_timeout);
   if (!stream->Write(response)) {
     return absl::CancelledError("the client went away before the step's result was sent");
   }
-  for (size_t t = 0; t < outcome.values.size(); ++t) {
-    const DType dtype = *ResultDType(header.result_dtype(), session->tensor_dtype(t));
-    v1::TensorChunk* chunk = response.mutable_chunk();
-    OPTD_RETURN_IF_ERROR(
-        StreamTensor(session->tensor_name(t), outcome.values[t], dtype, chunk_bytes, *chunk, [&] {
-          watch.Arm(options_.stream_idle_timeout);
-          return stream->Write(response);
-        }));
-    CountSent(static_cast<int64_t>(outcome.values[t].size() * DTypeSize(dtype)));
-  }
-  if (options_.metrics != nullptr) {
-    const absl::Time end = absl::Now();
-    Metrics& m = *options_.metrics;
-    m.ObserveStep(session->optimizer_label(), end - start);
-    m.ObservePhase(StepPhase::kReceive, received_at - start);
-    if (!reply.replayed) {
-      // Waiting for the other workers and averaging, then the optimizer and the result.
-      m.ObservePhase(StepPhase::kAggregate, outcome.compute_started - received_at);
-      m.ObservePhase(StepPhase::kCompute, outcome.compute_finished - outcome.compute_started);
-    }
-    m.ObservePhase(StepPhase::kSend, end - stepped_at);
-  }
+  v1::TensorChunk* chunk = response.mutable_chunk();
+  OPTD_ASSIGN_OR_RETURN(const int64_t sent,
+                        WriteResults(session, outcome, header, step->chunk_bytes, *chunk, [&] {
+                          watch.Arm(options_.stream_idle_timeout);
+                          return stream->Write(response);
+                        }));
+  CountSent(sent);
+  ObserveStep(session, reply, start, received_at, stepped_at);
   return absl::OkStatus();
+}
+
+grpc::Status OptimizerService::StepSmall(grpc::ServerContext* context,
+                                         const v1::StepSmallRequest* request,
+                                         v1::StepSmallResponse* response) {
+  absl::string_view reason;
+  const absl::Status status = Guarded([&]() -> absl::Status {
+    // A stream's place: like Step, the call may wait for the session's other workers, and so
+    // holds a thread of those kept for streams, not of the unary calls' reserve.
+    OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
+    const absl::Time start = absl::Now();
+    const v1::StepHeader& header = request->header();
+    OPTD_ASSIGN_OR_RETURN(std::unique_ptr<AdmittedStep> step, AdmitStep(context, header, reason));
+    Session& session = *step->session;
+    const int64_t reply_bytes = ResultBytes(session, header, step->chunk_bytes);
+    if (reply_bytes > options_.max_message_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "StepSmall: session '", session.id(), "' returns ", reply_bytes,
+          " bytes of results, more than one message holds (", options_.max_message_bytes,
+          " bytes, --max_message_bytes); stream the step with Step"));
+    }
+    OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session.AcquireStaging());
+    absl::Cleanup release = [&] { session.ReleaseStaging(std::move(staging)); };
+    absl::Status received;
+    for (const v1::TensorChunk& chunk : request->chunks()) {
+      if (options_.metrics != nullptr) {
+        options_.metrics->AddBytesReceived(static_cast<int64_t>(chunk.data().size()));
+      }
+      received = staging->AddChunk(chunk, kMaxGradientMagnitude, step->reject);
+      if (!received.ok()) break;
+    }
+    if (received.ok()) received = staging->CheckComplete();
+    if (!received.ok()) return StepReceiveError(*step, header, *staging, received, reason);
+    const absl::Time received_at = absl::Now();
+    OPTD_ASSIGN_OR_RETURN(StepReply reply, session.Step(header, std::move(staging), [context] {
+      return context->IsCancelled();
+    }));
+    const absl::Time stepped_at = absl::Now();
+    FillSummary(*reply.outcome, reply.replayed, *response->mutable_summary());
+    v1::TensorChunk chunk;
+    OPTD_ASSIGN_OR_RETURN(const int64_t sent, WriteResults(session, *reply.outcome, header,
+                                                           step->chunk_bytes, chunk, [&] {
+                                                             *response->add_chunks() = chunk;
+                                                             return true;
+                                                           }));
+    CountSent(sent);
+    ObserveStep(session, reply, start, received_at, stepped_at);
+    return absl::OkStatus();
+  });
+  return Finish("StepSmall", status, reason);
 }
 
 grpc::Status OptimizerService::Checkpoint(grpc::ServerContext* context,

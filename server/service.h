@@ -39,6 +39,9 @@ struct ServiceOptions {
   // Called with true when the streams reach max_streams and with false when they fall below it
   // again (the Server's readiness); may be empty.
   std::function<void(bool saturated)> on_saturation;
+  // The largest message the server sends or receives (ServerOptions::max_message_bytes):
+  // StepSmall refuses a step whose results would not fit its reply.
+  int64_t max_message_bytes = kMaxChunkBytes + (64 << 10);
   Metrics* metrics = nullptr;  // may be null
   Clock* clock = nullptr;      // the stream deadlines' clock; default: RealClock()
   v1::ServerInfo server_info;  // GetServerInfo's answer
@@ -76,6 +79,8 @@ class OptimizerService final : public v1::Optimizer::Service {
                          grpc::ServerWriter<v1::TensorChunk>* writer) override;
   grpc::Status Step(grpc::ServerContext* context,
                     grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) override;
+  grpc::Status StepSmall(grpc::ServerContext* context, const v1::StepSmallRequest* request,
+                         v1::StepSmallResponse* response) override;
   grpc::Status Checkpoint(grpc::ServerContext* context, const v1::CheckpointRequest* request,
                           v1::CheckpointResponse* response) override;
   grpc::Status Restore(grpc::ServerContext* context, const v1::RestoreRequest* request,
@@ -96,6 +101,19 @@ class OptimizerService final : public v1::Optimizer::Service {
 
   absl::StatusOr<std::shared_ptr<Session>> Authorize(grpc::ServerContext* context,
                                                      absl::string_view session_id);
+  // A step call past its checks (session, token, header, result dtype and chunk size, queue
+  // place, drain), holding its place in the step queue until it goes.
+  struct AdmittedStep;
+  absl::StatusOr<std::unique_ptr<AdmittedStep>> AdmitStep(grpc::ServerContext* context,
+                                                          const v1::StepHeader& header,
+                                                          absl::string_view& reason);
+  // The received gradients' errors as a step's (counting refused non-finite values).
+  absl::Status StepReceiveError(const AdmittedStep& step, const v1::StepHeader& header,
+                                const TensorStaging& staging, absl::Status received,
+                                absl::string_view& reason);
+  // The step phases' metrics of a finished step call.
+  void ObserveStep(const Session& session, const StepReply& reply, absl::Time start,
+                   absl::Time received_at, absl::Time stepped_at);
   // `reason` is set when a failure has a more precise rejection reason than its code.
   absl::Status RunStep(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,

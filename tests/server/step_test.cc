@@ -1,6 +1,7 @@
 // Steps over real loopback gRPC: results equal the kernels library's bit for bit, the mean of
 // several workers is applied once, retries replay, stragglers abort, cancelled contributions are
 // withdrawn.
+#include <limits>
 #include <thread>
 
 #include "kernels/formulas.h"
@@ -552,6 +553,92 @@ TEST_F(StepTest, TensorsWithoutGradientsAreLeftAlone) {
   const bool present[] = {true, false, false};
   ASSERT_TRUE(reference.optimizer().Step(present).ok());
   ExpectMatches(reference, result->values, "partial step");
+}
+
+// --- StepSmall: the one-message step (issue 18) has Step's semantics and results. ---
+
+client::StepOptions Path(client::StepPath path) {
+  client::StepOptions options;
+  options.path = path;
+  return options;
+}
+
+TEST_F(StepTest, OneMessageStepsMixWithStreamedOnesAndGiveTheSameBits) {
+  // Four workers, two on each RPC, over three steps, with a retry of a finished step on the
+  // other path: every worker gets the kernels library's parameters bit for bit.
+  const v1::SessionConfig config = ModelConfig("normuon", /*world_size=*/4);
+  client::Session session = Create(config);
+  Reference reference(config);
+  for (int64_t step = 1; step <= 3; ++step) {
+    std::vector<std::vector<std::vector<float>>> grads;
+    for (int w = 0; w < 4; ++w) grads.push_back(WorkerGradients(reference, step, w));
+    std::vector<absl::StatusOr<client::StepResult>> results(4, absl::UnknownError("not run"));
+    std::vector<std::thread> workers;
+    for (int w = 0; w < 4; ++w) {
+      workers.emplace_back([&, w] {
+        client::StepOptions options =
+            Path((w + step) % 2 == 0 ? client::StepPath::kSmall : client::StepPath::kStream);
+        options.worker_id = w;
+        results[w] = session.Step(step, AsNamed(reference, grads[w]), options);
+      });
+    }
+    for (std::thread& t : workers) t.join();
+    reference.Step(grads);
+    for (int w = 0; w < 4; ++w) {
+      ASSERT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w].status();
+      ExpectMatches(reference, results[w]->values, absl::StrCat("worker ", w, " step ", step));
+    }
+    client::StepOptions retry =
+        Path(step % 2 ? client::StepPath::kSmall : client::StepPath::kStream);
+    retry.worker_id = 1;
+    absl::StatusOr<client::StepResult> again =
+        session.Step(step, AsNamed(reference, WorkerGradients(reference, 99, 1)), retry);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_TRUE(again->replayed);
+    ExpectMatches(reference, again->values, absl::StrCat("retry of step ", step));
+  }
+}
+
+TEST_F(StepTest, OneMessageStepErrorsAreStepsErrors) {
+  const v1::SessionConfig config = ModelConfig("keller");
+  client::Session session = Create(config);
+  Reference reference(config);
+  const client::StepOptions small = Path(client::StepPath::kSmall);
+  absl::StatusOr<client::StepResult> wrong =
+      session.Step(3, AsNamed(reference, WorkerGradients(reference, 3, 0)), small);
+  EXPECT_EQ(wrong.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(wrong.status().message()), ::testing::HasSubstr("expects step 1"));
+  std::vector<std::vector<float>> bad = WorkerGradients(reference, 1, 0);
+  bad[0][5] = std::numeric_limits<float>::quiet_NaN();
+  absl::StatusOr<client::StepResult> nan = session.Step(1, AsNamed(reference, bad), small);
+  EXPECT_EQ(nan.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(nan.status().message()), ::testing::HasSubstr("element 5 is nan"));
+  ExpectMatches(reference, *session.GetParameters(), "after the refused one-message steps");
+  EXPECT_EQ(session.Info()->step(), 0);
+}
+
+TEST_F(StepTest, ResultsTooLargeForOneMessageAreRefusedBeforeTheyCountAndAutoStreams) {
+  // 1.5M fp32 parameters: 6 MiB of results, past the 4 MiB message. The gradients travel in bf16
+  // (3 MiB), so they alone would fit.
+  const v1::SessionConfig config =
+      MakeConfig({{"v", "adamw"}}, {{"big", {1536 * 1024}, "v"}}, /*world_size=*/1);
+  client::Session session = Create(config);
+  Reference reference(config);
+  const auto grads = WorkerGradients(reference, 1, 0);
+  client::StepOptions small = Path(client::StepPath::kSmall);
+  small.wire_dtype = DType::kBF16;
+  absl::StatusOr<client::StepResult> refused = session.Step(1, AsNamed(reference, grads), small);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.status().message()),
+              ::testing::HasSubstr("more than one message holds"));
+  EXPECT_EQ(session.Info()->step(), 0) << "nothing counted";
+  client::StepOptions automatic = Path(client::StepPath::kAuto);
+  automatic.wire_dtype = DType::kBF16;
+  absl::StatusOr<client::StepResult> streamed =
+      session.Step(1, AsNamed(reference, grads), automatic);
+  ASSERT_TRUE(streamed.ok()) << streamed.status();
+  EXPECT_FALSE(streamed->replayed);
+  EXPECT_EQ(session.Info()->step(), 1);
 }
 
 }  // namespace
