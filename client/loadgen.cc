@@ -378,6 +378,7 @@ bool LevelRun::RunStep(SessionRun& run, int worker, int64_t step, absl::Time int
   client::StepOptions step_options;
   step_options.worker_id = worker;
   step_options.wire_dtype = options_.wire_dtype;
+  step_options.path = options_.step_path;
   step_options.timeout = options_.step_timeout;
   if (options_.result != v1::STEP_RESULT_NONE) {
     // One span over the worker's buffer per tensor, written in place.

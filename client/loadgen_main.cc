@@ -44,6 +44,9 @@ ABSL_FLAG(bool, print_model, false,
           "one catalogue the benchmarks read.");
 ABSL_FLAG(std::string, preset, "keller", "Optimizer preset of the matrices (vectors: adamw).");
 ABSL_FLAG(std::string, wire_dtype, "fp32", "Gradient wire dtype: fp32, bf16 or fp16.");
+ABSL_FLAG(std::string, step_path, "stream",
+          "How steps travel: stream (Step), small (StepSmall, one message each way) or auto "
+          "(StepSmall while the step fits one message).");
 ABSL_FLAG(std::string, result, "parameters", "What a step returns: parameters, delta or none.");
 ABSL_FLAG(int, world_size, 1, "Workers per session; a step applies once all have sent it.");
 ABSL_FLAG(std::string, concurrency, "1",
@@ -153,6 +156,10 @@ int main(int argc, char** argv) {
   std::string usage_error;
   if (!dtype.ok() || *dtype == optd::DType::kF64) {
     usage_error = "--wire_dtype is fp32, bf16 or fp16";
+  } else if (absl::GetFlag(FLAGS_step_path) != "stream" &&
+             absl::GetFlag(FLAGS_step_path) != "small" &&
+             absl::GetFlag(FLAGS_step_path) != "auto") {
+    usage_error = "--step_path is stream, small or auto";
   } else if (result != "parameters" && result != "delta" && result != "none") {
     usage_error = "--result is parameters, delta or none";
   } else if (arrival != "constant" && arrival != "poisson") {
@@ -191,6 +198,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   options.wire_dtype = *dtype;
+  options.step_path = absl::GetFlag(FLAGS_step_path) == "small"  ? optd::client::StepPath::kSmall
+                      : absl::GetFlag(FLAGS_step_path) == "auto" ? optd::client::StepPath::kAuto
+                                                                 : optd::client::StepPath::kStream;
   options.result = result == "none"    ? optd::v1::STEP_RESULT_NONE
                    : result == "delta" ? optd::v1::STEP_RESULT_DELTA
                                        : optd::v1::STEP_RESULT_PARAMETERS;

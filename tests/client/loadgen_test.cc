@@ -147,6 +147,26 @@ class LoadgenRunTest : public ::testing::Test {
   std::string model_;
 };
 
+TEST_F(LoadgenRunTest, OneMessageStepsAreStepSmallCallsWithTheSameCounts) {
+  // --step_path=small: every step is one StepSmall call, with what Step would have carried.
+  loadgen::Options o = Options();
+  o.world_size = 2;
+  o.step_path = client::StepPath::kSmall;
+  o.max_windows = 2;
+  o.stable_windows = 100;
+  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {1});
+  ASSERT_TRUE(report.ok()) << report.status();
+  const v1::LoadgenLevel& level = report->levels(0);
+  EXPECT_GT(level.steps(), 0);
+  EXPECT_EQ(level.total_errors(), 0);
+  EXPECT_EQ(level.total_steps(),
+            Counter(*server_, R"(optd_rpc_total{code="OK",method="StepSmall"})"));
+  EXPECT_EQ(Counter(*server_, R"(optd_rpc_total{code="OK",method="Step"})"), 0);
+  EXPECT_EQ(level.total_bytes_sent(), Counter(*server_, "optd_bytes_received_total"));
+  EXPECT_EQ(level.total_bytes_received(), Counter(*server_, "optd_bytes_sent_total"));
+  EXPECT_GT(level.server_phase_seconds().at("compute"), 0);
+}
+
 TEST_F(LoadgenRunTest, CountsAgreeWithTheDaemonsOwnAndSessionsAreDeleted) {
   loadgen::Options o = Options();
   o.world_size = 2;

@@ -181,3 +181,42 @@ def test_hyperparams_checkpoint_restore_and_analysis(client):
     assert figures[0].step == 2 and figures[0].grad_norm == pytest.approx(
         np.linalg.norm(gradients(2)["w"].astype(np.float64)), rel=1e-6)
     assert any(s.session_id == session.id for s in client.list_sessions())
+
+
+def test_one_message_steps_equal_streamed_ones(client):
+    # StepSmall (issue 18) has Step's results bit for bit, whichever path each step takes; a retry
+    # of a finished step replays on either path; errors keep their codes.
+    streamed = client.create_session(CONFIG)
+    one_message = client.create_session(CONFIG)
+    for step in range(1, 4):
+        a = streamed.step(step, gradients(step))
+        b = one_message.step(step, gradients(step), path="small" if step % 2 else "auto",
+                             chunk_bytes=16)
+        for k in ("w", "b"):
+            np.testing.assert_array_equal(a.values[k], b.values[k])
+        assert (b.step, b.replayed, b.tensors_updated) == (step, False, 2)
+    again = one_message.step(3, gradients(99), path="small")
+    assert again.replayed
+    np.testing.assert_array_equal(again.values["w"], a.values["w"])
+    with pytest.raises(optd.OptdError) as wrong:
+        one_message.step(7, gradients(7), path="small")
+    assert wrong.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expects step 4" in wrong.value.message
+    with pytest.raises(ValueError):
+        one_message.step(4, gradients(4), path="carrier pigeon")
+
+
+def test_results_too_large_for_one_message_stream_on_auto(client):
+    # 1.5M parameters: 6 MiB of fp32 results. bf16 gradients (3 MiB) fit one message, the
+    # results do not: "small" is refused before anything counts, "auto" falls back to Step.
+    session = client.create_session(
+        'tensors { name: "big" shape: [1572864] group: "v" } groups { name: "v" preset: "adamw" }')
+    g = {"big": np.full(1572864, 0.5, dtype=np.float32)}
+    with pytest.raises(optd.OptdError) as refused:
+        session.step(1, g, wire_dtype="bf16", path="small")
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than one message holds" in refused.value.message
+    assert session.info().step == 0
+    result = session.step(1, g, wire_dtype="bf16", path="auto")
+    assert result.step == 1 and not result.replayed
+    assert session.info().step == 1

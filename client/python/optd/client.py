@@ -21,6 +21,16 @@ MAX_CHUNK_BYTES = 4 << 20
 _MAX_MESSAGE_BYTES = (4 << 20) + (64 << 10)
 
 
+def _message_bytes(gradients, wire_dtype, chunk_bytes):
+    """The gradients' wire bytes in one StepSmall request, with each chunk's framing."""
+    chunk_bytes = min(chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
+    total = 256
+    for name, flat in gradients.items():
+        data = flat.size * wire.element_bytes(wire_dtype)
+        total += data + (1 + data // chunk_bytes) * (64 + len(name))
+    return total
+
+
 class OptdError(Exception):
     """A failed optd call: `code` is the grpc.StatusCode, `message` the daemon's explanation."""
 
@@ -79,6 +89,7 @@ class Session:
         self.token = token
         self.timeout = timeout
         self._shapes = None
+        self._results_too_large = False  # StepSmall refused this session's results
         if info is not None:
             self._learn(info)
 
@@ -168,13 +179,20 @@ class Session:
 
     def step(self, step, gradients, *, worker_id=0, lr=None, wire_dtype="fp32",
              result_dtype=None, chunk_bytes=DEFAULT_CHUNK_BYTES, timeout=None,
-             placement_epoch=0):
+             placement_epoch=0, path="stream"):
         """Sends this worker's gradients ({name: values}) for step `step` (1-based: the session's
         completed steps + 1) and returns the step's StepResult once every worker has sent
         theirs. Tensors left out get no update; `lr` overrides every group's rate for this step
         only. `timeout` (seconds) is this call's deadline; by default it has none, since a step
         waits for the session's slowest worker. chunk_bytes 0 is the default (1 MiB), at most
-        4 MiB. `placement_epoch` is a sharded session's (optd.sharded); 0 is unchecked."""
+        4 MiB. `placement_epoch` is a sharded session's (optd.sharded); 0 is unchecked.
+
+        `path` picks the RPC, with the same semantics and results: "stream" (Step), "small"
+        (StepSmall: one message each way; RESOURCE_EXHAUSTED when the results would not fit one
+        message, before anything counts) or "auto" (StepSmall while the gradients fit one
+        message, streaming for this session from the first refusal on)."""
+        if path not in ("stream", "small", "auto"):
+            raise ValueError(f"path must be 'stream', 'small' or 'auto', not {path!r}")
         header = optd_pb2.StepHeader(
             session_id=self.id, worker_id=worker_id, step=step, placement_epoch=placement_epoch,
             chunk_bytes=min(chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES),
@@ -183,6 +201,21 @@ class Session:
         if lr is not None:
             header.lr = lr
         gradients = self._prepare(gradients, wire_dtype)
+        small = path == "small" or (
+            path == "auto" and not self._results_too_large and
+            _message_bytes(gradients, wire_dtype, chunk_bytes) <= _MAX_MESSAGE_BYTES)
+        if small:
+            request = optd_pb2.StepSmallRequest(
+                header=header, chunks=list(self._chunks(gradients, wire_dtype, chunk_bytes)))
+            try:
+                reply = self._stub.StepSmall(request, metadata=self._metadata(), timeout=timeout)
+                return self._result(reply.summary, self._assemble(reply.chunks))
+            except grpc.RpcError as e:
+                # Refused before anything counted: the results do not fit one message.
+                if (path == "small" or e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or
+                        not (e.details() or "").startswith("StepSmall:")):
+                    _raise(e)
+                self._results_too_large = True
 
         def requests():
             yield optd_pb2.StepRequest(header=header)
@@ -194,7 +227,10 @@ class Session:
             values = self._assemble(r.chunk for r in responses)
         except grpc.RpcError as e:
             _raise(e)
-        s = first.summary
+        return self._result(first.summary, values)
+
+    @staticmethod
+    def _result(s, values):
         return StepResult(step=s.step, skipped=s.skipped, replayed=s.replayed,
                           tensors_updated=s.tensors_updated, nonfinite_values=s.nonfinite_values,
                           kind=s.result, values=values, checkpoint_step=s.checkpoint_step,
