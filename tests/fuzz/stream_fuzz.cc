@@ -3,8 +3,9 @@
 // length and that many bytes of a serialized request; every header is pointed at the fuzzer's
 // session (with its token), and a header step of 0 becomes the session's next step, so that the
 // fuzzer reaches the chunk checks, the commit and the results rather than the refusals. Each
-// input runs as a Step stream, then as an UploadParams stream. A crash, a hang past the stream
-// timeouts, or a daemon that stops answering fails it.
+// input runs as a Step stream, then as one StepSmall call (the first header and every chunk of
+// the same messages), then as an UploadParams stream. A crash, a hang past the stream timeouts,
+// or a daemon that stops answering fails it.
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
@@ -115,6 +116,24 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     while (stream->Read(&response)) {
     }
     stream->Finish().IgnoreError();
+  }
+  {
+    optd::v1::StepSmallRequest request;
+    for (optd::v1::StepRequest& message : Messages<optd::v1::StepRequest>(data, size)) {
+      if (message.has_header() && !request.has_header()) {
+        *request.mutable_header() = message.header();
+        request.mutable_header()->set_session_id(d.session_id);
+        if (request.header().step() == 0) request.mutable_header()->set_step(NextStep(d));
+        request.mutable_header()->set_worker_id(0);
+      } else if (message.has_chunk()) {
+        *request.add_chunks() = message.chunk();
+      }
+    }
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer " + d.token);
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    optd::v1::StepSmallResponse response;
+    d.stub->StepSmall(&context, request, &response).IgnoreError();
   }
   {
     grpc::ClientContext context;
