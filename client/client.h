@@ -61,7 +61,7 @@ enum class StepPath {
 
 struct StepOptions {
   int worker_id = 0;
-  StepPath path = StepPath::kStream;  // StepSmall only when asked for (kAuto or kSmall)
+  StepPath path = StepPath::kAuto;
   std::optional<double> lr;           // this step only
   DType wire_dtype = DType::kF32;     // how gradients travel
   std::optional<DType> result_dtype;  // default: each tensor's dtype

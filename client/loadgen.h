@@ -45,7 +45,7 @@ struct Options {
   std::string model = "gpt2-small";
   std::string preset = "keller";  // the matrix group's preset; vectors take adamw
   DType wire_dtype = DType::kF32;
-  client::StepPath step_path = client::StepPath::kStream;  // Step, StepSmall or by size
+  client::StepPath step_path = client::StepPath::kAuto;  // by size, or forced to one RPC
   v1::StepResult result = v1::STEP_RESULT_PARAMETERS;
   int world_size = 1;  // workers per session; each step waits for all of them
   // Each session spans every endpoint (client/sharded.h: placed at epoch 1, every owner stepped at

@@ -44,7 +44,7 @@ ABSL_FLAG(bool, print_model, false,
           "one catalogue the benchmarks read.");
 ABSL_FLAG(std::string, preset, "keller", "Optimizer preset of the matrices (vectors: adamw).");
 ABSL_FLAG(std::string, wire_dtype, "fp32", "Gradient wire dtype: fp32, bf16 or fp16.");
-ABSL_FLAG(std::string, step_path, "stream",
+ABSL_FLAG(std::string, step_path, "auto",
           "How steps travel: stream (Step), small (StepSmall, one message each way) or auto "
           "(StepSmall while the step fits one message).");
 ABSL_FLAG(std::string, result, "parameters", "What a step returns: parameters, delta or none.");

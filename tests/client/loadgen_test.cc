@@ -169,6 +169,7 @@ TEST_F(LoadgenRunTest, OneMessageStepsAreStepSmallCallsWithTheSameCounts) {
 
 TEST_F(LoadgenRunTest, CountsAgreeWithTheDaemonsOwnAndSessionsAreDeleted) {
   loadgen::Options o = Options();
+  o.step_path = client::StepPath::kStream;  // the streamed RPC (StepSmall's test is above)
   o.world_size = 2;
   o.inject_bad_every = 3;
   o.max_error_rate = 0.5;
@@ -224,9 +225,9 @@ TEST_F(LoadgenRunTest, ShardedSessionsStepEveryInstanceOncePerStep) {
   const v1::LoadgenLevel& level = report->levels(0);
   EXPECT_GT(level.total_steps(), 0);
   EXPECT_EQ(level.total_errors(), 0);
-  // Placement gives each instance one of the two matrices: every logical step is one Step call
-  // on each, and the gradient bytes split between them.
-  const std::string ok_steps = R"(optd_rpc_total{code="OK",method="Step"})";
+  // Placement gives each instance one of the two matrices: every logical step is one StepSmall
+  // call on each (each part fits one message), and the gradient bytes split between them.
+  const std::string ok_steps = R"(optd_rpc_total{code="OK",method="StepSmall"})";
   EXPECT_EQ(Counter(*server_, ok_steps), level.total_steps());
   EXPECT_EQ(Counter(*second, ok_steps), level.total_steps());
   EXPECT_EQ(Counter(*server_, "optd_bytes_received_total") +
@@ -269,7 +270,8 @@ TEST_F(LoadgenRunTest, OpenLoopStartsStepsAtTheRate) {
   const double due = o.rate * level.seconds();
   EXPECT_GT(level.steps(), 0.4 * due);
   EXPECT_LT(level.steps(), 1.6 * due);
-  EXPECT_EQ(level.total_steps(), Counter(*server_, R"(optd_rpc_total{code="OK",method="Step"})"));
+  EXPECT_EQ(level.total_steps(),
+            Counter(*server_, R"(optd_rpc_total{code="OK",method="StepSmall"})"));
 }
 
 TEST_F(LoadgenRunTest, AnOpenLoopTheServerCannotKeepUpWithIsOverloaded) {
@@ -414,7 +416,7 @@ TEST(LoadgenTlsTest, MutualTlsEndpointsShareTheSessions) {
   o.channel.tls_key = certs.path("client.key");
   absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {2});
   ASSERT_TRUE(report.ok()) << report.status();
-  const std::string ok_steps = R"(optd_rpc_total{code="OK",method="Step"})";
+  const std::string ok_steps = R"(optd_rpc_total{code="OK",method="StepSmall"})";
   const double first = Counter(*servers[0], ok_steps), second = Counter(*servers[1], ok_steps);
   EXPECT_GT(first, 0);
   EXPECT_GT(second, 0);

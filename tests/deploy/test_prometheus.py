@@ -294,9 +294,10 @@ def test_prometheus_holds_the_figures_numpy_computes(stack):
 
 def test_prometheus_holds_the_service_series(stack):
     web = stack["web"]
-    assert value(web, 'optd_rpc_total{method="Step",code="OK"}') == 1
-    assert value(web, 'optd_rpc_total{method="Step",code="FAILED_PRECONDITION"}') == 1
-    assert value(web, 'optd_rpc_total{method="Step",code="INVALID_ARGUMENT"}') == 1
+    # optctl's steps fit one message: StepSmall.
+    assert value(web, 'optd_rpc_total{method="StepSmall",code="OK"}') == 1
+    assert value(web, 'optd_rpc_total{method="StepSmall",code="FAILED_PRECONDITION"}') == 1
+    assert value(web, 'optd_rpc_total{method="StepSmall",code="INVALID_ARGUMENT"}') == 1
     assert value(web, 'optd_rejected_total{reason="wrong_step"}') == 1
     assert value(web, 'optd_rejected_total{reason="nonfinite"}') == 1
     assert value(web, 'optd_rejected_total{reason="queue_full"}') == 0

@@ -283,7 +283,8 @@ TEST_F(MetricsTest, FiguresMatchFp64InGetAnalysisAndTheExposition) {
   int64_t elements = 0;
   for (const auto& [g, shape] : inputs) elements += static_cast<int64_t>(g.size());
   EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "CreateSession"}, {"code", "OK"}}), 1);
-  EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "Step"}, {"code", "OK"}}), 1);
+  // The step fits one message: StepSmall (StepOptions::path kAuto).
+  EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "StepSmall"}, {"code", "OK"}}), 1);
   EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "GetAnalysis"}, {"code", "OK"}}), 1);
   EXPECT_EQ(exposition.Get("optd_bytes_received_total"), 4.0 * elements);
   // The step's result (parameters) and GetParams.
@@ -336,10 +337,11 @@ TEST_F(MetricsTest, RejectionsAreCountedByReason) {
   EXPECT_EQ(exposition.Get("optd_rejected_total", {{"reason", "unauthenticated"}}), 1);
   EXPECT_EQ(exposition.Get("optd_rejected_total", {{"reason", "nonfinite"}}), 1);
   EXPECT_EQ(exposition.Get("optd_nonfinite_gradients_total", {{"session", "rejections"}}), 3);
-  EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "Step"}, {"code", "FAILED_PRECONDITION"}}),
-            2);
-  EXPECT_EQ(exposition.Get("optd_rpc_total", {{"method", "Step"}, {"code", "INVALID_ARGUMENT"}}),
-            1);
+  EXPECT_EQ(
+      exposition.Get("optd_rpc_total", {{"method", "StepSmall"}, {"code", "FAILED_PRECONDITION"}}),
+      2);
+  EXPECT_EQ(
+      exposition.Get("optd_rpc_total", {{"method", "StepSmall"}, {"code", "INVALID_ARGUMENT"}}), 1);
   EXPECT_EQ(
       exposition.Get("optd_rpc_total", {{"method", "GetSession"}, {"code", "UNAUTHENTICATED"}}), 1);
 }

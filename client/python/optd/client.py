@@ -179,7 +179,7 @@ class Session:
 
     def step(self, step, gradients, *, worker_id=0, lr=None, wire_dtype="fp32",
              result_dtype=None, chunk_bytes=DEFAULT_CHUNK_BYTES, timeout=None,
-             placement_epoch=0, path="stream"):
+             placement_epoch=0, path="auto"):
         """Sends this worker's gradients ({name: values}) for step `step` (1-based: the session's
         completed steps + 1) and returns the step's StepResult once every worker has sent
         theirs. Tensors left out get no update; `lr` overrides every group's rate for this step
