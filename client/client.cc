@@ -271,12 +271,16 @@ absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTen
   return StepStreamed(step, gradients, options);
 }
 
+void Session::StartStepCall(grpc::ClientContext& context, const StepOptions& options) const {
+  if (!token_.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token_));
+  SetDeadline(context, options.timeout);
+}
+
 absl::StatusOr<StepResult> Session::StepInOneMessage(int64_t step,
                                                      absl::Span<const NamedTensor> gradients,
                                                      const StepOptions& options) {
   grpc::ClientContext context;
-  if (!token_.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token_));
-  SetDeadline(context, options.timeout);
+  StartStepCall(context, options);
   v1::StepSmallRequest request;
   FillStepHeader(id_, step, options, *request.mutable_header());
   v1::TensorChunk chunk;
@@ -299,8 +303,7 @@ absl::StatusOr<StepResult> Session::StepStreamed(int64_t step,
                                                  absl::Span<const NamedTensor> gradients,
                                                  const StepOptions& options) {
   grpc::ClientContext context;
-  if (!token_.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", token_));
-  SetDeadline(context, options.timeout);
+  StartStepCall(context, options);
   std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream =
       stub_->Step(&context);
   v1::StepRequest request;

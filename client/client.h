@@ -127,6 +127,8 @@ class Session {
 
  private:
   void Authorize(grpc::ClientContext& context) const;
+  // The token, and the step's own deadline (StepOptions::timeout).
+  void StartStepCall(grpc::ClientContext& context, const StepOptions& options) const;
   absl::StatusOr<StepResult> StepStreamed(int64_t step, absl::Span<const NamedTensor> gradients,
                                           const StepOptions& options);
   absl::StatusOr<StepResult> StepInOneMessage(int64_t step, absl::Span<const NamedTensor> gradients,

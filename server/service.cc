@@ -441,6 +441,20 @@ absl::Status OptimizerService::StepReceiveError(const AdmittedStep& step,
                                                     header.step(), ": ", received.message()));
 }
 
+absl::StatusOr<StepReply> OptimizerService::StepReceived(
+    grpc::ServerContext* context, const AdmittedStep& step, const v1::StepHeader& header,
+    std::unique_ptr<TensorStaging>& staging, absl::Status received, absl::string_view& reason,
+    absl::Time& received_at, absl::Time& stepped_at) {
+  if (received.ok()) received = staging->CheckComplete();
+  if (!received.ok()) return StepReceiveError(step, header, *staging, received, reason);
+  received_at = absl::Now();
+  OPTD_ASSIGN_OR_RETURN(StepReply reply, step.session->Step(header, std::move(staging), [context] {
+    return context->IsCancelled();
+  }));
+  stepped_at = absl::Now();
+  return reply;
+}
+
 void OptimizerService::ObserveStep(const Session& session, const StepReply& reply, absl::Time start,
                                    absl::Time received_at, absl::Time stepped_at) {
   if (options_.metrics == nullptr) return;
@@ -493,14 +507,9 @@ absl::Status OptimizerService::RunStep(
       ReceiveChunks("Step", *stream, request, *context, watch, options_.stream_idle_timeout,
                     *staging, kMaxGradientMagnitude, step->reject, options_.metrics,
                     "the step was cancelled while its gradients arrived");
-  if (received.ok()) received = staging->CheckComplete();
-  if (!received.ok()) return StepReceiveError(*step, header, *staging, received, reason);
-  const absl::Time received_at = absl::Now();
-
-  OPTD_ASSIGN_OR_RETURN(StepReply reply, session.Step(header, std::move(staging), [context] {
-    return context->IsCancelled();
-  }));
-  const absl::Time stepped_at = absl::Now();
+  absl::Time received_at, stepped_at;
+  OPTD_ASSIGN_OR_RETURN(StepReply reply, StepReceived(context, *step, header, staging, received,
+                                                      reason, received_at, stepped_at));
   const StepOutcome& outcome = *reply.outcome;
   v1::StepResponse response;
   FillSummary(outcome, reply.replayed, *response.mutable_summary());
@@ -548,13 +557,9 @@ grpc::Status OptimizerService::StepSmall(grpc::ServerContext* context,
       received = staging->AddChunk(chunk, kMaxGradientMagnitude, step->reject);
       if (!received.ok()) break;
     }
-    if (received.ok()) received = staging->CheckComplete();
-    if (!received.ok()) return StepReceiveError(*step, header, *staging, received, reason);
-    const absl::Time received_at = absl::Now();
-    OPTD_ASSIGN_OR_RETURN(StepReply reply, session.Step(header, std::move(staging), [context] {
-      return context->IsCancelled();
-    }));
-    const absl::Time stepped_at = absl::Now();
+    absl::Time received_at, stepped_at;
+    OPTD_ASSIGN_OR_RETURN(StepReply reply, StepReceived(context, *step, header, staging, received,
+                                                        reason, received_at, stepped_at));
     FillSummary(*reply.outcome, reply.replayed, *response->mutable_summary());
     v1::TensorChunk chunk;
     OPTD_ASSIGN_OR_RETURN(const int64_t sent, WriteResults(session, *reply.outcome, header,
