@@ -443,22 +443,15 @@ absl::Status Session::ReadResultLocked(StepOutcome& outcome) {
   return absl::OkStatus();
 }
 
-absl::Status Session::SetHyperparamsLocked(
-    const std::map<std::string, v1::GroupHyperparams>& groups) {
-  OPTD_RETURN_IF_ERROR(ApplyGroupHyperparams(config_, *optimizer_, groups));
-  if (&groups != &hyperparams_) {
-    for (const auto& [name, h] : groups) hyperparams_[name] = h;
-  }
-  return absl::OkStatus();
-}
-
 absl::Status Session::UpdateHyperparams(const v1::UpdateHyperparamsRequest& request) {
   Touch();
   absl::MutexLock lock(&mu_);
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
   OPTD_ASSIGN_OR_RETURN(HyperparamTable updated,
                         UpdatedHyperparams(config_, *optimizer_, hyperparams_, request, id_));
-  return SetHyperparamsLocked(updated);
+  OPTD_RETURN_IF_ERROR(ApplyGroupHyperparams(config_, *optimizer_, updated));
+  for (const auto& [name, h] : updated) hyperparams_[name] = h;
+  return absl::OkStatus();
 }
 
 absl::Status Session::SetParameters(const TensorStaging& values) {

@@ -208,8 +208,6 @@ class Session : public std::enable_shared_from_this<Session> {
   // counted (optd_checkpoint_failures_total) and logged.
   absl::StatusOr<CheckpointInfo> WriteCheckpointLocked(const std::string& state_dir)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status SetHyperparamsLocked(const std::map<std::string, v1::GroupHyperparams>& groups)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Duration straggler_timeout() const;
   Clock& clock() const { return options_.clock != nullptr ? *options_.clock : RealClock(); }
   // With an analyzer and a step the analysis interval divides: a snapshot of each present matrix

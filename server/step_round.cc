@@ -133,11 +133,10 @@ const std::map<int, std::unique_ptr<TensorStaging>>& StepRound::contributions() 
 
 absl::Span<const float> StepRound::MeanInFirst(int t, int64_t count) {
   mu_.AssertHeld();
-  std::vector<const float*> inputs;
-  inputs.reserve(contributions_.size());
-  for (const auto& [worker, staging] : contributions_) inputs.push_back(staging->data(t));
+  mean_inputs_.clear();  // kept between calls: no allocation per tensor on the step's path
+  for (const auto& [worker, staging] : contributions_) mean_inputs_.push_back(staging->data(t));
   const absl::Span<float> mean(contributions_.begin()->second->data(t), static_cast<size_t>(count));
-  MeanOfWorkers(inputs, mean);
+  MeanOfWorkers(mean_inputs_, mean);
   return mean;
 }
 

@@ -154,6 +154,7 @@ class StepRound {
   absl::StatusOr<std::shared_ptr<StepOutcome>> finished_result_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<StepOutcome> last_outcome_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<StepOutcome> spare_outcome_ ABSL_GUARDED_BY(mu_);
+  std::vector<const float*> mean_inputs_ ABSL_GUARDED_BY(mu_);  // MeanInFirst's
 };
 
 }  // namespace optd::server

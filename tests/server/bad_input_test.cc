@@ -70,6 +70,21 @@ struct Raw {
     return client::FromGrpcStatus(stream->Finish());
   }
 
+  // The same requests as one StepSmall call: the first header and every chunk (a stream's
+  // ordering has no one-message form).
+  absl::Status StepSmall(const std::string& authorization,
+                         const std::vector<v1::StepRequest>& requests) {
+    grpc::ClientContext context;
+    Authorize(context, authorization);
+    v1::StepSmallRequest request;
+    for (const v1::StepRequest& r : requests) {
+      if (r.has_header() && !request.has_header()) *request.mutable_header() = r.header();
+      if (r.has_chunk()) *request.add_chunks() = r.chunk();
+    }
+    v1::StepSmallResponse response;
+    return client::FromGrpcStatus(stub->StepSmall(&context, request, &response));
+  }
+
   absl::Status Upload(const std::string& authorization,
                       const std::vector<v1::UploadParamsRequest>& requests) {
     grpc::ClientContext context;
@@ -150,6 +165,9 @@ class BadInputTest : public ::testing::Test {
 
   std::string Bearer(const client::Session& s) const { return "Bearer " + s.token(); }
 
+  // Every bad step input through Step (a stream) or StepSmall (one message each way).
+  void CheckStepInputs(bool one_message);
+
   // Runs `call`, checks its status, and checks the victim's state did not change.
   void Check(const BadInput& expected, const std::function<absl::Status()>& call) {
     SCOPED_TRACE(expected.name);
@@ -170,14 +188,20 @@ class BadInputTest : public ::testing::Test {
 server::Server* BadInputTest::server_ = nullptr;
 std::string* BadInputTest::state_dir_ = nullptr;
 
-TEST_F(BadInputTest, StepStreams) {
+TEST_F(BadInputTest, StepStreams) { CheckStepInputs(/*one_message=*/false); }
+
+TEST_F(BadInputTest, OneMessageSteps) { CheckStepInputs(/*one_message=*/true); }
+
+void BadInputTest::CheckStepInputs(bool one_message) {
   const std::string id = victim_->id();
   const std::string bearer = Bearer(*victim_);
   const std::vector<float> w = Ones(kRows * kCols);
   const std::vector<float> b = Ones(kCols);
   auto step = [&](std::vector<v1::StepRequest> requests, const std::string& auth = "") {
-    return [this, requests, auth, bearer] {
-      return raw_.Step(auth.empty() ? bearer : auth, requests);
+    return [this, requests, auth, bearer, one_message] {
+      const std::string& authorization = auth.empty() ? bearer : auth;
+      return one_message ? raw_.StepSmall(authorization, requests)
+                         : raw_.Step(authorization, requests);
     };
   };
   auto with = [&](v1::StepRequest header, std::vector<v1::TensorChunk> chunks) {
@@ -239,10 +263,15 @@ TEST_F(BadInputTest, StepStreams) {
   Check(
       {"worker outside world", absl::StatusCode::kInvalidArgument, "worker_id 3 is outside [0, 1)"},
       step(with(Header(id, 2, 3), {Chunk("b", 0, b)})));
-  Check({"chunk before header", absl::StatusCode::kInvalidArgument, "must start with a header"},
-        step({StepChunk(Chunk("b", 0, b))}));
-  Check({"second header", absl::StatusCode::kInvalidArgument, "one header, then only chunks"},
-        step({Header(id, 2), Header(id, 2)}));
+  if (one_message) {
+    Check({"no header", absl::StatusCode::kInvalidArgument, "session_id is empty"},
+          step({StepChunk(Chunk("b", 0, b))}));
+  } else {
+    Check({"chunk before header", absl::StatusCode::kInvalidArgument, "must start with a header"},
+          step({StepChunk(Chunk("b", 0, b))}));
+    Check({"second header", absl::StatusCode::kInvalidArgument, "one header, then only chunks"},
+          step({Header(id, 2), Header(id, 2)}));
+  }
   Check({"invalid step lr", absl::StatusCode::kInvalidArgument, "step lr -1"},
         step(with(bad_lr, {Chunk("b", 0, b)})));
   Check({"result chunks too large", absl::StatusCode::kInvalidArgument, "chunk_bytes 8388608"},
@@ -253,6 +282,12 @@ TEST_F(BadInputTest, StepStreams) {
         step(with(Header(id, 2), {Chunk("b", 0, oversize)})));
   Check({"missing token", absl::StatusCode::kUnauthenticated, "missing 'authorization"}, [&] {
     grpc::ClientContext context;
+    if (one_message) {
+      v1::StepSmallRequest request;
+      *request.mutable_header() = Header(id, 2).header();
+      v1::StepSmallResponse response;
+      return client::FromGrpcStatus(raw_.stub->StepSmall(&context, request, &response));
+    }
     auto stream = raw_.stub->Step(&context);
     stream->Write(Header(id, 2));
     stream->WritesDone();
