@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <set>
+#include <utility>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
@@ -25,6 +26,11 @@ struct Optimizer::Tensor {
   int64_t second_count = 0;
   float* capture = nullptr;  // CaptureUpdate's destination for the next Step
   int adamw_slot = -1;       // AdamW: its scalars' index in adamw_scalars_
+  int group = -1;            // matrix: its index in groups_
+  // PrepareTensor's: a second set of the parameters and state, allocated on first use; holds the
+  // prepared step's values while `prepared`, and the replaced ones after CommitPrepared.
+  Buffer shadow_parameters, shadow_momentum, shadow_second_moment;
+  bool prepared = false;
 };
 
 // Tensors whose direction runs as one batch: same matrix shape, same direction settings.
@@ -179,6 +185,7 @@ absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
       group = &groups_.back();
     }
     group->members.push_back(i);
+    tensors_[i]->group = static_cast<int>(group - groups_.data());
   }
   for (const Group& g : groups_) {
     has_exact_polar_ |=
@@ -715,17 +722,20 @@ absl::Status Optimizer::FusedRmnpStep(Tensor& t) {
 
 absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> present) {
   std::vector<Tensor*> members;
-  int64_t batch = 0;
   for (int i : group.members) {
-    if (!present[i]) continue;
-    members.push_back(tensors_[i].get());
-    batch += tensors_[i]->view.batch;
+    if (present[i]) members.push_back(tensors_[i].get());
   }
+  return StepMembers(group, members);
+}
+
+absl::Status Optimizer::StepMembers(const Group& group, absl::Span<Tensor* const> members) {
   if (members.empty()) return absl::OkStatus();
   if (group.fused_rmnp) {
     for (Tensor* t : members) OPTD_RETURN_IF_ERROR(FusedRmnpStep(*t));
     return absl::OkStatus();
   }
+  int64_t batch = 0;
+  for (const Tensor* t : members) batch += t->view.batch;
   const int64_t rows = group.rows, cols = group.cols;
   float* directions = workspace_.f32();
   float* scratch = directions + batch * rows * cols;
@@ -750,6 +760,139 @@ absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> pre
     offset += t->count;
   }
   return absl::OkStatus();
+}
+
+// --- Prepared steps ---
+
+namespace {
+
+void SwapShadows(Buffer& parameters, Buffer& momentum, Buffer& second, Buffer& shadow_parameters,
+                 Buffer& shadow_momentum, Buffer& shadow_second) {
+  std::swap(parameters, shadow_parameters);
+  std::swap(momentum, shadow_momentum);
+  std::swap(second, shadow_second);
+}
+
+}  // namespace
+
+int64_t Optimizer::ShadowBytes(int tensor) const {
+  const Tensor& t = *tensors_[tensor];
+  return (2 * t.count + t.second_count) * static_cast<int64_t>(sizeof(float));
+}
+
+bool Optimizer::prepared(int tensor) const { return tensors_[tensor]->prepared; }
+
+absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradient,
+                                      std::optional<double> lr) {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  Tensor& t = *tensors_[tensor];
+  t.prepared = false;
+  if (poisoned_) {
+    return absl::FailedPreconditionError(
+        "an earlier step failed inside the backend after it began changing state; restore the "
+        "parameters and state from a checkpoint");
+  }
+  const double own_lr = t.spec.config.lr;
+  if (lr.has_value()) {
+    OptimizerConfig c = t.spec.config;
+    c.lr = *lr;
+    absl::Status valid = ValidateOptimizerConfig(c);
+    if (!valid.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("step lr ", *lr, " for tensor '", t.spec.name, "': ", valid.message()));
+    }
+    t.spec.config.lr = *lr;
+  }
+  absl::Cleanup restore_lr = [&t, own_lr] { t.spec.config.lr = own_lr; };
+  Queue& queue = *queue_;
+  OPTD_RETURN_IF_ERROR(SetGradient(tensor, gradient));
+  // The check Step makes, with its message: nothing is computed from a gradient it would refuse.
+  OPTD_ASSIGN_OR_RETURN(
+      const int64_t bad,
+      backend_->CountOutOfRange(queue, t.gradient.f32(), t.count, kMaxGradientMagnitude));
+  if (bad > 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gradient for tensor '", t.spec.name, "' has ", bad, " of ", t.count,
+                     " values that are NaN, infinite or beyond ±", kMaxGradientMagnitude));
+  }
+  const size_t bytes = static_cast<size_t>(t.count) * sizeof(float);
+  const size_t second_bytes = static_cast<size_t>(t.second_count) * sizeof(float);
+  if (t.shadow_parameters.data() == nullptr) {
+    OPTD_ASSIGN_OR_RETURN(t.shadow_parameters, backend_->Allocate(bytes));
+    OPTD_ASSIGN_OR_RETURN(t.shadow_momentum, backend_->Allocate(bytes));
+    OPTD_ASSIGN_OR_RETURN(t.shadow_second_moment, backend_->Allocate(second_bytes));
+  }
+  // The step runs in place on copies: the shadows stand in for the tensor's buffers meanwhile,
+  // so it is Step's own code, kernel for kernel.
+  OPTD_RETURN_IF_ERROR(
+      backend_->Copy(queue, t.shadow_parameters.data(), t.parameters.data(), bytes));
+  OPTD_RETURN_IF_ERROR(backend_->Copy(queue, t.shadow_momentum.data(), t.momentum.data(), bytes));
+  if (second_bytes > 0) {
+    OPTD_RETURN_IF_ERROR(
+        backend_->Copy(queue, t.shadow_second_moment.data(), t.second_moment.data(), second_bytes));
+  }
+  auto swap = [&t] {
+    SwapShadows(t.parameters, t.momentum, t.second_moment, t.shadow_parameters, t.shadow_momentum,
+                t.shadow_second_moment);
+  };
+  swap();
+  absl::Status status;
+  if (t.spec.config.algorithm == Algorithm::kMatrix) {
+    Tensor* member = &t;
+    status = StepMembers(groups_[t.group], absl::MakeConstSpan(&member, 1));
+  } else {
+    const formulas::AdamWScalars scalars = AdamWScalarsOf(t);
+    status = backend_->Upload(
+        queue, static_cast<formulas::AdamWScalars*>(adamw_scalars_.data()) + t.adamw_slot, &scalars,
+        sizeof(scalars));
+    if (status.ok()) status = StepAdamW(t);
+  }
+  const absl::Status synced = backend_->Synchronize(queue);
+  swap();
+  if (status.ok()) status = synced;
+  // A failure wrote only into the shadows: the tensor's step is simply not prepared.
+  OPTD_RETURN_IF_ERROR(status);
+  t.prepared = true;
+  return absl::OkStatus();
+}
+
+absl::Status Optimizer::GetPreparedParameters(int tensor, absl::Span<float> out) const {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  const Tensor& t = *tensors_[tensor];
+  if (!t.prepared) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("tensor '", t.spec.name, "' has no prepared step"));
+  }
+  if (static_cast<int64_t>(out.size()) != t.count) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", t.spec.name, "' has ", t.count,
+                                                   " elements, output holds ", out.size()));
+  }
+  Queue& queue = *queue_;
+  OPTD_RETURN_IF_ERROR(backend_->Download(queue, out.data(), t.shadow_parameters.data(),
+                                          out.size() * sizeof(float)));
+  return backend_->Synchronize(queue);
+}
+
+int Optimizer::CommitPrepared() {
+  int committed = 0;
+  for (auto& t : tensors_) {
+    if (!t->prepared) continue;
+    SwapShadows(t->parameters, t->momentum, t->second_moment, t->shadow_parameters,
+                t->shadow_momentum, t->shadow_second_moment);
+    t->prepared = false;
+    ++t->steps;
+    ++committed;
+  }
+  if (committed > 0) {
+    // A recorded step names the buffers it ran on, which have just changed places.
+    graph_.reset();
+    ++steps_run_;
+  }
+  return committed;
+}
+
+void Optimizer::DiscardPrepared() {
+  for (auto& t : tensors_) t->prepared = false;
 }
 
 }  // namespace optd

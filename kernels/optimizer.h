@@ -131,6 +131,30 @@ class Optimizer {
   // torch's schedulers cycle). InvalidArgument, changing nothing, when the result is invalid.
   absl::Status SetHyperparameters(int tensor, double lr, double weight_decay, double momentum);
 
+  // --- Prepared steps: one tensor's step computed ahead, committed with the others at once (the
+  // daemon's per-tensor pipelining, ../shared/DESIGN.md "One step, as data"). ---
+  //
+  // PrepareTensor computes `tensor`'s step on `gradient` (host memory, num_elements floats) into
+  // the tensor's shadows — a second set of its parameters and state, allocated on first use
+  // (ShadowBytes) and kept — leaving its parameters and state as they are. It runs Step's own
+  // stages, kernel for kernel, on that tensor alone (the CPU backend's batched kernels compute
+  // each matrix of a batch the same way alone, so the bits are Step's). InvalidArgument, with
+  // Step's message, for a gradient Step would refuse, or an `lr` the tensor's config refuses; on
+  // any error nothing committed has changed and the tensor is not prepared. The caller commits
+  // every prepared tensor with CommitPrepared, or drops them with DiscardPrepared, before
+  // anything else changes the tensors (parameters, state, hyperparameters, Step).
+  absl::Status PrepareTensor(int tensor, absl::Span<const float> gradient,
+                             std::optional<double> lr = std::nullopt);
+  bool prepared(int tensor) const;
+  // The new parameters of a prepared tensor (FailedPrecondition when it is not).
+  absl::Status GetPreparedParameters(int tensor, absl::Span<float> out) const;
+  // Every prepared tensor's step becomes its committed one: its shadows and its buffers change
+  // places (no copy) and its step count goes up. Cannot fail; returns the tensors committed.
+  int CommitPrepared();
+  void DiscardPrepared();
+  // Backend bytes of a tensor's shadows: parameters and every state buffer.
+  int64_t ShadowBytes(int tensor) const;
+
   std::vector<StateBuffer> state(int tensor) const;
 
   // Host copies of one state buffer (by StateBuffer name), for checkpoints. NotFound for a name
@@ -159,6 +183,8 @@ class Optimizer {
   absl::Status CaptureScaled(float* capture, const float* o, int64_t count, float scale);
   // One matrix group's step: the stages below in DESIGN.md's order, batched where they can be.
   absl::Status StepGroup(const Group& group, absl::Span<const bool> present);
+  // The stages for `members` of `group` (those with a gradient), batched.
+  absl::Status StepMembers(const Group& group, absl::Span<Tensor* const> members);
   absl::Status MomentumStage(Tensor& t, float* u);
   absl::Status PreNormalizeStage(const Tensor& t, const MatrixBatch& u, float* scratch);
   absl::Status DirectionStage(const MatrixConfig& c, const MatrixBatch& all, float* scratch);
