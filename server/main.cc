@@ -108,6 +108,12 @@ ABSL_FLAG(std::string, metrics_addr, "127.0.0.1:9464",
 ABSL_FLAG(int, metrics_tensor_budget, 32,
           "Tensors per session whose optimizer figures get series of their own; the rest count "
           "in the session's aggregate only.");
+ABSL_FLAG(int64_t, pipeline_scratch_bytes, -1,
+          "Host memory for stepping tensors ahead while a step's gradients still arrive (CPU "
+          "backend): each session's shadows of its parameters and state (2-3x its tensors), "
+          "reserved the first time it steps, first come first served; tensors beyond it step "
+          "after the last gradient. -1: min(4 GiB, --memory_budget_bytes / 8); 0: off.");
+ABSL_FLAG(int, pipeline_threads, 2, "Threads that step tensors ahead (--pipeline_scratch_bytes).");
 ABSL_FLAG(int64_t, analysis_max_bytes, int64_t{1} << 30,
           "Most bytes of momentum/update/gradient snapshots the analyzer holds; a session's "
           "analysis that does not fit is skipped (optd_analysis_skipped_total).");
@@ -189,6 +195,8 @@ int main(int argc, char** argv) {
   options.metrics_addr = absl::GetFlag(FLAGS_metrics_addr);
   options.metrics.tensor_label_budget = absl::GetFlag(FLAGS_metrics_tensor_budget);
   options.analyzer.max_snapshot_bytes = absl::GetFlag(FLAGS_analysis_max_bytes);
+  options.pipeline_scratch_bytes = absl::GetFlag(FLAGS_pipeline_scratch_bytes);
+  options.pipeline_threads = absl::GetFlag(FLAGS_pipeline_threads);
   options.analyzer.analysis.exact_max_dim = absl::GetFlag(FLAGS_analysis_exact_max_dim);
   if (options.service.default_chunk_bytes < 4 ||
       options.service.default_chunk_bytes > optd::kMaxChunkBytes ||

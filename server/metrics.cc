@@ -127,8 +127,9 @@ Metrics::Metrics(MetricsOptions options)
                     .Add({})),
       backend_memory_(prometheus::BuildGauge()
                           .Name("optd_backend_memory_bytes")
-                          .Help("Backend memory: held for sessions (kind=sessions) or by the "
-                                "analyzer's snapshots (kind=analysis).")
+                          .Help("Backend memory: held for sessions (kind=sessions), by the "
+                                "analyzer's snapshots (kind=analysis), or for the sessions' "
+                                "pipelined steps (kind=pipeline, of --pipeline_scratch_bytes).")
                           .Register(*registry_)),
       backend_info_(prometheus::BuildGauge()
                         .Name("optd_backend_info")
@@ -149,6 +150,14 @@ Metrics::Metrics(MetricsOptions options)
                                      "at unload or shutdown); the last good one stays on disk.")
                                .Register(*registry_)
                                .Add({})),
+      step_tensors_(prometheus::BuildCounter()
+                        .Name("optd_step_tensors_total")
+                        .Help("Tensors steps updated, by when: path=ahead while the step's "
+                              "gradients still arrived (per-tensor pipelining, "
+                              "--pipeline_scratch_bytes), path=at_commit once the last had.")
+                        .Register(*registry_)),
+      step_tensors_ahead_(step_tensors_.Add({{"path", "ahead"}})),
+      step_tensors_at_commit_(step_tensors_.Add({{"path", "at_commit"}})),
       session_memory_(prometheus::BuildGauge()
                           .Name("optd_session_memory_bytes")
                           .Help("Bytes a session holds (charged against "
@@ -303,6 +312,11 @@ void Metrics::CountNonFinite(const std::string& session, int64_t values) {
 }
 
 void Metrics::CountCheckpointFailure() { checkpoint_failures_.Increment(); }
+
+void Metrics::CountStepTensors(int64_t ahead, int64_t at_commit) {
+  step_tensors_ahead_.Increment(static_cast<double>(ahead));
+  step_tensors_at_commit_.Increment(static_cast<double>(at_commit));
+}
 
 void Metrics::RemoveAnalysisLocked(SessionSeries& series) {
   for (auto& [key, gauge] : series.analysis) key.first->Remove(gauge);

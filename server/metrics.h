@@ -74,6 +74,9 @@ class Metrics {
   void CountNonFinite(const std::string& session, int64_t values);
   // A checkpoint that could not be written (periodic, explicit, at unload or shutdown).
   void CountCheckpointFailure();
+  // Tensors a step updated: `ahead` stepped while the step's gradients still arrived (per-tensor
+  // pipelining), `at_commit` once the last had.
+  void CountStepTensors(int64_t ahead, int64_t at_commit);
   // Replaces the session's figures with `tensors` (the latest analysis of each analyzed tensor,
   // in session order) and their mean.
   void PublishAnalysis(const std::string& session, int64_t step,
@@ -101,6 +104,9 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& rejected_;
   prometheus::Family<prometheus::Counter>& nonfinite_;
   prometheus::Counter& checkpoint_failures_;
+  prometheus::Family<prometheus::Counter>& step_tensors_;
+  prometheus::Counter& step_tensors_ahead_;
+  prometheus::Counter& step_tensors_at_commit_;
   prometheus::Family<prometheus::Gauge>& session_memory_;
   prometheus::Family<prometheus::Gauge>& session_step_;
   prometheus::Family<prometheus::Gauge>& analysis_step_;

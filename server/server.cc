@@ -169,6 +169,25 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
     options.sessions.admin_token_digest = TokenDigest(options.admin_token);
   }
   options.sessions.max_world_size = options.service.max_pending_steps;
+  if (options.pipeline_scratch_bytes < -1 || options.pipeline_threads < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--pipeline_scratch_bytes must be >= -1 (got ", options.pipeline_scratch_bytes,
+                     ") and --pipeline_threads >= 1 (got ", options.pipeline_threads, ")"));
+  }
+  if (options.pipeline_scratch_bytes == -1) {
+    options.pipeline_scratch_bytes =
+        std::min<int64_t>(int64_t{4} << 30, options.sessions.memory_budget_bytes / 8);
+  }
+  // The CUDA backend's steps already run on the device while the host receives; pipelining there
+  // is not done (nor proved bit-identical to its batched kernels).
+  if (options.pipeline_scratch_bytes > 0 && server->backend_->name() == "cpu") {
+    server->pipeliner_ = std::make_unique<Pipeliner>(
+        Pipeliner::Options{options.pipeline_scratch_bytes, options.pipeline_threads});
+    options.sessions.pipeliner = server->pipeliner_.get();
+    server->startup_log_.push_back(absl::StrCat("step pipelining: ", options.pipeline_scratch_bytes,
+                                                " bytes of scratch, ", options.pipeline_threads,
+                                                " threads"));
+  }
   server->sessions_ = std::make_unique<SessionManager>(*server->backend_, options.sessions);
   std::vector<std::string> skipped;
   OPTD_RETURN_IF_ERROR(server->sessions_->Recover(&skipped));

@@ -50,6 +50,11 @@ struct ServerOptions {
   // the stream watchdog); default RealClock(). Tests drive them with a fake one instead of
   // sleeping. Durations measured for the metrics use the real clock.
   Clock* clock = nullptr;
+  // Per-tensor pipelining of steps (server/step_pipeline.h), CPU backend: the scratch every
+  // session's shadows share, and the threads that step tensors ahead. -1: min(4 GiB, the
+  // sessions' memory budget / 8); 0: every step runs serially.
+  int64_t pipeline_scratch_bytes = -1;
+  int pipeline_threads = 2;
   MetricsOptions metrics;
   AnalyzerOptions analyzer;
   SessionManagerOptions sessions;
@@ -70,6 +75,8 @@ class Server {
   SessionManager& sessions() { return *sessions_; }
   Metrics& metrics() { return *metrics_; }
   Analyzer& analyzer() { return *analyzer_; }
+  // Null when steps run serially (no scratch, or not the CPU backend).
+  Pipeliner* pipeliner() { return pipeliner_.get(); }
   // The port /metrics is served on; 0 when it is not.
   int metrics_port() const { return metrics_port_; }
   // Lines worth logging at start-up (backend choice, recovered and skipped sessions).
@@ -90,6 +97,8 @@ class Server {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<Backend> analysis_backend_;  // null: the analyzer shares backend_ (the GPU)
   std::unique_ptr<Analyzer> analyzer_;
+  // Before the sessions: they give their scratch back to it as they go.
+  std::unique_ptr<Pipeliner> pipeliner_;
   std::unique_ptr<SessionManager> sessions_;
   std::unique_ptr<OptimizerService> service_;
   std::unique_ptr<grpc::Server> server_;

@@ -90,13 +90,15 @@ absl::Status StreamTimeout(absl::string_view method, absl::string_view what) {
 // Reads the chunks that follow a `method` stream's header into `staging` until the client
 // half-closes, stopping at the first refused one, with `watch` re-armed for the idle timeout after
 // each message. A stream the watchdog cut off, or that the client cancelled (`cancelled` says what
-// that lost), is an error too.
+// that lost), is an error too. `pipeline` (optional): the session told of each tensor completed.
 template <typename Stream, typename Request>
 absl::Status ReceiveChunks(absl::string_view method, Stream& stream, Request& request,
                            grpc::ServerContext& context, StreamWatchdog::Watch& watch,
                            absl::Duration idle_timeout, TensorStaging& staging, float max_magnitude,
-                           bool reject, Metrics* metrics, absl::string_view cancelled) {
+                           bool reject, Metrics* metrics, absl::string_view cancelled,
+                           Session* pipeline = nullptr) {
   absl::Status status;
+  int completed = -1;
   while (status.ok() && stream.Read(&request)) {
     if (!request.has_chunk()) {
       return absl::InvalidArgumentError(
@@ -105,7 +107,10 @@ absl::Status ReceiveChunks(absl::string_view method, Stream& stream, Request& re
     if (metrics != nullptr) {
       metrics->AddBytesReceived(static_cast<int64_t>(request.chunk().data().size()));
     }
-    status = staging.AddChunk(request.chunk(), max_magnitude, reject);
+    status = staging.AddChunk(request.chunk(), max_magnitude, reject, &completed);
+    if (status.ok() && completed >= 0 && pipeline != nullptr) {
+      pipeline->TensorArrived(&staging, completed);
+    }
     watch.Arm(idle_timeout);
   }
   watch.Disarm();
@@ -502,11 +507,13 @@ absl::Status OptimizerService::RunStep(
   OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session.AcquireStaging());
   // Returned here unless Session::Step took it.
   absl::Cleanup release = [&] { session.ReleaseStaging(std::move(staging)); };
+  // Each tensor is stepped ahead as soon as every worker's gradient of it is in.
+  const bool pipelined = session.BeginPipelined(header, staging.get());
   // Disarmed after the chunks: waiting for the other workers is the straggler timeout's to bound.
-  absl::Status received =
-      ReceiveChunks("Step", *stream, request, *context, watch, options_.stream_idle_timeout,
-                    *staging, kMaxGradientMagnitude, step->reject, options_.metrics,
-                    "the step was cancelled while its gradients arrived");
+  absl::Status received = ReceiveChunks(
+      "Step", *stream, request, *context, watch, options_.stream_idle_timeout, *staging,
+      kMaxGradientMagnitude, step->reject, options_.metrics,
+      "the step was cancelled while its gradients arrived", pipelined ? &session : nullptr);
   absl::Time received_at, stepped_at;
   OPTD_ASSIGN_OR_RETURN(StepReply reply, StepReceived(context, *step, header, staging, received,
                                                       reason, received_at, stepped_at));

@@ -1,5 +1,6 @@
 #include "server/session.h"
 
+#include <algorithm>
 #include <new>
 #include <set>
 #include <utility>
@@ -42,18 +43,31 @@ Session::Session(Backend& backend, std::string id, v1::SessionConfig config,
       counts_(TensorCounts(config_)),
       // Bounded so that no client can make a session hold more staging than its quota counted.
       staging_(id_, index_, counts_, config_.world_size() + 1),
+      pipeline_(mu_, StepPipeline::Options{config_.world_size(), config_.tensors_size()}),
       round_(mu_, StepRound::Options{id_, config_.world_size(), straggler_timeout(), &clock(),
-                                     &staging_}) {
+                                     &staging_, [this](const TensorStaging* staging) {
+                                       mu_.AssertHeld();
+                                       pipeline_.Forget(staging);
+                                     }}) {
   for (const v1::TensorConfig& t : config_.tensors()) {
     dtypes_.push_back(*FromWireDType(t.dtype()));
     int group = 0;
     while (config_.groups(group).name() != t.group()) ++group;
     group_of_.push_back(group);
   }
+  shadowed_.assign(counts_.size(), 0);
   Touch();
 }
 
-Session::~Session() = default;
+Session::~Session() {
+  absl::MutexLock lock(&mu_);
+  if (options_.pipeliner != nullptr && shadow_bytes_ > 0) {
+    options_.pipeliner->Release(shadow_bytes_);
+    if (options_.metrics != nullptr) {
+      options_.metrics->SetBackendMemory("pipeline", options_.pipeliner->reserved_bytes());
+    }
+  }
+}
 
 std::string Session::CheckpointPath(const std::string& state_dir, const std::string& id) {
   return SessionCheckpointPath(state_dir, id);
@@ -161,7 +175,118 @@ absl::StatusOr<std::unique_ptr<TensorStaging>> Session::AcquireStaging() {
 }
 
 void Session::ReleaseStaging(std::unique_ptr<TensorStaging> staging) {
+  // Only its own stream registers a staging, so one that is not registered now never will be.
+  if (staging != nullptr && pipeline_.Registered(staging.get())) {
+    absl::MutexLock lock(&mu_);
+    pipeline_.Forget(staging.get());
+  }
   staging_.Release(std::move(staging));
+}
+
+void Session::ReleaseStagingLocked(std::unique_ptr<TensorStaging> staging) {
+  if (staging != nullptr) pipeline_.Forget(staging.get());
+  staging_.Release(std::move(staging));
+}
+
+bool Session::AnalysisStep(int64_t step) const {
+  const int64_t interval = config_.analysis_interval();
+  return options_.analyzer != nullptr && interval > 0 && step % interval == 0;
+}
+
+bool Session::ReserveShadowsLocked() {
+  bool any = false;
+  for (int t = 0; t < num_tensors(); ++t) {
+    if (!shadowed_[t]) {
+      const int64_t bytes = optimizer_->ShadowBytes(t);
+      if (options_.pipeliner->Reserve(bytes)) {
+        shadowed_[t] = 1;
+        shadow_bytes_ += bytes;
+        if (options_.metrics != nullptr) {
+          options_.metrics->SetBackendMemory("pipeline", options_.pipeliner->reserved_bytes());
+        }
+      }
+    }
+    any |= shadowed_[t] != 0;
+  }
+  return any;
+}
+
+bool Session::BeginPipelined(const v1::StepHeader& header, TensorStaging* staging) {
+  if (options_.pipeliner == nullptr) return false;
+  absl::MutexLock lock(&mu_);
+  // Analysis steps run serially: the snapshot reads the step's gradients and captures its update.
+  if (!CheckUsableLocked().ok() || header.step() != step_ + 1 || AnalysisStep(header.step())) {
+    return false;
+  }
+  if (!ReserveShadowsLocked()) return false;
+  const std::optional<double> lr =
+      header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
+  bool start_over = false;
+  const bool registered =
+      pipeline_.Register(header.step(), header.worker_id(), staging, lr, state_epoch_, start_over);
+  if (start_over) optimizer_->DiscardPrepared();
+  return registered;
+}
+
+void Session::TensorArrived(TensorStaging* staging, int tensor) {
+  if (!pipeline_.Arrived(staging, tensor)) return;
+  options_.pipeliner->Schedule([weak = weak_from_this()] {
+    if (std::shared_ptr<Session> session = weak.lock()) session->RunPipeline();
+  });
+}
+
+int Session::PreparedTensors() {
+  absl::MutexLock lock(&mu_);
+  int prepared = 0;
+  for (int t = 0; t < num_tensors(); ++t) prepared += optimizer_->prepared(t) ? 1 : 0;
+  return prepared;
+}
+
+void Session::RunPipeline() {
+  while (true) {
+    absl::MutexLock lock(&mu_);
+    const std::optional<int> tensor = pipeline_.NextReady(step_ + 1, state_epoch_);
+    if (!tensor.has_value()) return;
+    absl::Status prepared = CheckUsableLocked();
+    if (prepared.ok() && !shadowed_[*tensor]) continue;  // the commit steps it in place
+    try {
+      if (prepared.ok()) {
+        std::shared_ptr<StepOutcome>& outcome = pipeline_.outcome();
+        if (outcome == nullptr) outcome = round_.NewOutcome();
+        prepared = PrepareLocked(*tensor, pipeline_.lr(), *outcome);
+      }
+    } catch (const std::bad_alloc&) {
+      prepared = absl::ResourceExhaustedError("no host memory for a prepared tensor's result");
+    }
+    // The commit runs the step serially, with the serial path's errors.
+    if (!prepared.ok()) pipeline_.Break();
+  }
+}
+
+absl::Status Session::PrepareLocked(int tensor, std::optional<double> lr, StepOutcome& outcome) {
+  const std::vector<const float*> inputs = pipeline_.Inputs(tensor);
+  const size_t count = static_cast<size_t>(counts_[tensor]);
+  absl::Span<const float> gradient(inputs[0], count);
+  if (inputs.size() > 1) {
+    // The serial path's mean (StepRound::MeanInFirst): the same sum in worker order.
+    mean_scratch_.resize(std::max(mean_scratch_.size(), count));
+    const absl::Span<float> mean(mean_scratch_.data(), count);
+    MeanOfWorkers(inputs, mean);
+    gradient = mean;
+  }
+  OPTD_RETURN_IF_ERROR(optimizer_->PrepareTensor(tensor, gradient, lr));
+  if (config_.step_result() == v1::STEP_RESULT_NONE) return absl::OkStatus();
+  outcome.values.resize(counts_.size());
+  outcome.values[tensor].resize(count);
+  const absl::Span<float> values = absl::MakeSpan(outcome.values[tensor]);
+  OPTD_RETURN_IF_ERROR(optimizer_->GetPreparedParameters(tensor, values));
+  if (config_.step_result() == v1::STEP_RESULT_DELTA) {
+    before_scratch_.resize(std::max(before_scratch_.size(), count));
+    const absl::Span<float> before(before_scratch_.data(), count);
+    OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(tensor, before));
+    ParameterDelta(values, before, values);
+  }
+  return absl::OkStatus();
 }
 
 absl::Duration Session::straggler_timeout() const {
@@ -229,11 +354,11 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
   absl::MutexLock lock(&mu_);
   absl::Status valid = CheckStepHeaderLocked(header);
   if (!valid.ok()) {
-    ReleaseStaging(std::move(gradients));
+    ReleaseStagingLocked(std::move(gradients));
     return valid;
   }
   if (header.step() == step_) {
-    ReleaseStaging(std::move(gradients));
+    ReleaseStagingLocked(std::move(gradients));
     return StepReply{round_.LastOutcome(), true};
   }
   const std::optional<double> lr =
@@ -261,7 +386,9 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
 }
 
 absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::StepHeader& header) {
-  std::shared_ptr<StepOutcome> outcome = round_.NewOutcome();
+  // The pipeline's outcome holds the results of the tensors it prepared.
+  std::shared_ptr<StepOutcome> outcome = std::exchange(pipeline_.outcome(), nullptr);
+  if (outcome == nullptr) outcome = round_.NewOutcome();
   outcome->step = header.step();
   outcome->result = config_.step_result();
   for (const auto& [worker, staging] : round_.contributions()) {
@@ -272,6 +399,7 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
   if (outcome->nonfinite_values > 0) {
     // Only reachable under NON_FINITE_POLICY_SKIP_STEP: the stream rejects them otherwise.
     outcome->skipped = true;
+    optimizer_->DiscardPrepared();
   } else {
     OPTD_RETURN_IF_ERROR(ApplyLocked(header, present, *outcome));
   }
@@ -304,12 +432,43 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
 
 absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,
                                   StepOutcome& outcome) {
+  const std::optional<double> lr =
+      header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
+  // The pipeline's prepared tensors count when they were computed from exactly this step's
+  // contributions and nothing changed the tensors since; the tensors it has not prepared yet are
+  // prepared now, the same way (those without shadows step in place below).
+  const bool pipelined = !AnalysisStep(header.step()) &&
+                         pipeline_.Usable(header.step(), state_epoch_, lr, round_.contributions());
+  pipeline_.Break();  // nothing more is prepared for this step
+  if (!pipelined) optimizer_->DiscardPrepared();
+  int64_t ahead = 0;
+  for (int t : present) ahead += optimizer_->prepared(t) ? 1 : 0;
   for (int t : present) {
+    if (!pipelined || optimizer_->prepared(t) || !shadowed_[t]) continue;
+    absl::Status prepared = PrepareLocked(t, lr, outcome);
+    if (absl::IsInvalidArgument(prepared)) {
+      optimizer_->DiscardPrepared();
+      return prepared;  // the serial path's refusal: nothing has changed
+    }
+    // Anything else (no memory for the shadows) leaves the tensor to the serial path.
+  }
+  // Per tensor: its result is already in `outcome` (prepared).
+  std::vector<char> filled(counts_.size(), 0);
+  std::vector<int> in_place;  // present tensors stepped in place, below
+  for (int t : present) {
+    if (optimizer_->prepared(t)) {
+      filled[t] = 1;
+    } else {
+      in_place.push_back(t);
+    }
+  }
+  for (int t : in_place) {
     OPTD_RETURN_IF_ERROR(optimizer_->SetGradient(t, round_.MeanInFirst(t, counts_[t])));
   }
   if (outcome.result != v1::STEP_RESULT_NONE) {
     outcome.values.resize(num_tensors());
     for (int t = 0; t < num_tensors(); ++t) {
+      if (filled[t]) continue;
       outcome.values[t].resize(static_cast<size_t>(counts_[t]));
       if (outcome.result == v1::STEP_RESULT_DELTA) {
         OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, absl::MakeSpan(outcome.values[t])));
@@ -319,19 +478,23 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
   // A plain bool array: absl::Span cannot view std::vector<bool>.
   const size_t n = counts_.size();
   std::unique_ptr<bool[]> has_gradient = std::make_unique<bool[]>(n);
-  for (int t : present) has_gradient[t] = true;
+  for (int t : in_place) has_gradient[t] = true;
   outcome.compute_started = absl::Now();
   std::optional<PendingSnapshot> snapshot = BeginSnapshotLocked(header.step(), present);
-  absl::Status stepped =
-      optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n),
-                       header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt);
-  if (!stepped.ok()) {
-    if (stepped.code() == absl::StatusCode::kInternal) damaged_ = stepped;
-    return stepped;  // an unfinished snapshot gives its room back
+  if (!in_place.empty() || !pipelined) {
+    // Validates every in-place gradient before it writes; the prepared tensors are untouched.
+    absl::Status stepped = optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n), lr);
+    if (!stepped.ok()) {
+      optimizer_->DiscardPrepared();
+      if (stepped.code() == absl::StatusCode::kInternal) damaged_ = stepped;
+      return stepped;  // an unfinished snapshot gives its room back
+    }
   }
+  // Cannot fail: the prepared tensors' shadows change places with their buffers.
+  optimizer_->CommitPrepared();
   // The state has changed: a failure from here on would leave the step count behind the state
   // (a retry would apply the step twice), so it damages the session.
-  absl::Status finished = ReadResultLocked(outcome);
+  absl::Status finished = ReadResultLocked(outcome, filled);
   if (finished.ok() && snapshot.has_value()) {
     finished = FinishSnapshotLocked(*std::move(snapshot));
   }
@@ -340,6 +503,10 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
     return finished;
   }
   outcome.tensors_updated = static_cast<int>(present.size());
+  tensors_stepped_ahead_ += ahead;
+  if (options_.metrics != nullptr) {
+    options_.metrics->CountStepTensors(ahead, static_cast<int64_t>(present.size()) - ahead);
+  }
   return absl::OkStatus();
 }
 
@@ -427,10 +594,11 @@ void Session::ExportStateLocked() {
   if (!retired_) options_.metrics->SetSessionState(id_, step_, state_bytes_);
 }
 
-absl::Status Session::ReadResultLocked(StepOutcome& outcome) {
+absl::Status Session::ReadResultLocked(StepOutcome& outcome, const std::vector<char>& filled) {
   if (outcome.result == v1::STEP_RESULT_NONE) return absl::OkStatus();
   std::vector<float> after;
   for (int t = 0; t < num_tensors(); ++t) {
+    if (filled[t]) continue;
     absl::Span<float> values = absl::MakeSpan(outcome.values[t]);
     if (outcome.result == v1::STEP_RESULT_PARAMETERS) {
       OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, values));
@@ -449,6 +617,7 @@ absl::Status Session::UpdateHyperparams(const v1::UpdateHyperparamsRequest& requ
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
   OPTD_ASSIGN_OR_RETURN(HyperparamTable updated,
                         UpdatedHyperparams(config_, *optimizer_, hyperparams_, request, id_));
+  ++state_epoch_;
   OPTD_RETURN_IF_ERROR(ApplyGroupHyperparams(config_, *optimizer_, updated));
   for (const auto& [name, h] : updated) hyperparams_[name] = h;
   return absl::OkStatus();
@@ -461,6 +630,7 @@ absl::Status Session::SetParameters(const TensorStaging& values) {
   if (values.out_of_range_values() > 0) {
     return absl::InvalidArgumentError("parameters must be finite");
   }
+  ++state_epoch_;
   for (int t : values.PresentTensors()) {
     OPTD_RETURN_IF_ERROR(optimizer_->SetParameters(t, values.values(t)));
   }
@@ -553,6 +723,7 @@ absl::StatusOr<int64_t> Session::Restore() {
                                                loaded->step, " while this step was pending")));
   // Nothing can fail from here on: the restore is all or nothing.
   optimizer_ = std::move(loaded->optimizer);
+  ++state_epoch_;
   damaged_ = absl::OkStatus();
   for (const auto& [name, h] : loaded->hyperparams) hyperparams_[name] = h;
   step_ = loaded->step;

@@ -49,6 +49,7 @@
 #include "server/metrics.h"
 #include "server/reshard.h"
 #include "server/session_checkpoint.h"
+#include "server/step_pipeline.h"
 #include "server/step_round.h"
 #include "server/tensor_staging.h"
 
@@ -64,6 +65,8 @@ struct SessionOptions {
   // Where the session's series go and who analyzes it; either may be null (then it has none).
   Metrics* metrics = nullptr;
   Analyzer* analyzer = nullptr;
+  // The daemon's pipeline threads and scratch budget; null: every step runs serially.
+  Pipeliner* pipeliner = nullptr;
 };
 
 struct StepReply {
@@ -123,6 +126,18 @@ class Session : public std::enable_shared_from_this<Session> {
   // at once: Unavailable beyond (a client retrying far too eagerly).
   absl::StatusOr<std::unique_ptr<TensorStaging>> AcquireStaging();
   void ReleaseStaging(std::unique_ptr<TensorStaging> staging);
+
+  // Per-tensor pipelining (server/step_pipeline.h). A Step stream whose header passed
+  // CheckStepHeader offers its staging before the gradients arrive; true when it takes part, and
+  // then it reports each tensor as it completes with TensorArrived. The step's result is the
+  // serial path's, bit for bit, either way.
+  bool BeginPipelined(const v1::StepHeader& header, TensorStaging* staging);
+  void TensorArrived(TensorStaging* staging, int tensor);
+  // Tensors of the pending step already stepped ahead into their shadows (waits for a tensor
+  // being prepared); for tests and diagnostics.
+  int PreparedTensors();
+  // Tensors the session's steps updated ahead of their last gradient, so far (no lock needed).
+  int64_t tensors_stepped_ahead() const { return tensors_stepped_ahead_.load(); }
 
   // The checks Step makes on its header (worker id, step number, lr override), for a stream to
   // fail fast before reading gradients. A retry of the last completed step passes.
@@ -200,8 +215,22 @@ class Session : public std::enable_shared_from_this<Session> {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,
                            StepOutcome& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Fills the outcome's values (new parameters, or the delta from the old ones it holds).
-  absl::Status ReadResultLocked(StepOutcome& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Fills the outcome's values (new parameters, or the delta from the old ones it holds) of
+  // every tensor `filled` leaves false.
+  absl::Status ReadResultLocked(StepOutcome& outcome, const std::vector<char>& filled)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReleaseStagingLocked(std::unique_ptr<TensorStaging> staging)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether step `step` takes an analysis snapshot (it then runs serially).
+  bool AnalysisStep(int64_t step) const;
+  // Reserves shadows in the pipeline budget for the tensors that have none yet and fit; whether
+  // any tensor has them.
+  bool ReserveShadowsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A pipeline thread's run: prepares the ready tensors one at a time, the lock taken for each.
+  void RunPipeline();
+  // Steps tensor `tensor` ahead on the workers' mean and writes its result into `outcome`.
+  absl::Status PrepareLocked(int tensor, std::optional<double> lr, StepOutcome& outcome)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The restart checkpoint, in the state directory.
   absl::StatusOr<CheckpointInfo> CheckpointLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The session's checkpoint file under `state_dir` (created if missing); a failed write is
@@ -233,7 +262,9 @@ class Session : public std::enable_shared_from_this<Session> {
   std::atomic<int64_t> step_published_{0};
   std::atomic<int64_t> checkpoint_step_published_{-1};
   std::atomic<int64_t> last_used_ns_{0};
-  std::atomic<int64_t> restores_{0};  // Restores so far: an analysis from before one is dropped
+  std::atomic<int64_t> restores_{0};
+  std::atomic<int64_t> tensors_stepped_ahead_{
+      0};  // Restores so far: an analysis from before one is dropped
 
   StagingPool staging_;
 
@@ -245,6 +276,16 @@ class Session : public std::enable_shared_from_this<Session> {
   std::map<std::string, v1::GroupHyperparams> hyperparams_ ABSL_GUARDED_BY(mu_);
   absl::Status damaged_ ABSL_GUARDED_BY(mu_);
   bool deleted_ ABSL_GUARDED_BY(mu_) = false;
+  // Bumped by everything that changes the tensors other than a step (parameters, hyperparameters,
+  // a restore): prepared work from before is not used.
+  int64_t state_epoch_ ABSL_GUARDED_BY(mu_) = 0;
+  // Per tensor: its shadows are reserved in the pipeline budget; the bytes reserved.
+  std::vector<char> shadowed_ ABSL_GUARDED_BY(mu_);
+  int64_t shadow_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<float> mean_scratch_ ABSL_GUARDED_BY(mu_);    // the workers' mean, world_size > 1
+  std::vector<float> before_scratch_ ABSL_GUARDED_BY(mu_);  // old parameters, for a delta
+  // The pipelined step (before round_, which reports the stagings it gives back to it).
+  StepPipeline pipeline_;
   // The pending step and the outcome buffers; runs under mu_.
   StepRound round_;
   // Separate from mu_ so that GetAnalysis never waits for a step.

@@ -30,6 +30,7 @@ SessionOptions SessionManager::session_options() const {
   o.default_straggler_timeout = options_.default_straggler_timeout;
   o.metrics = options_.metrics;
   o.analyzer = options_.analyzer;
+  o.pipeliner = options_.pipeliner;
   return o;
 }
 

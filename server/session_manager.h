@@ -49,9 +49,10 @@ struct SessionManagerOptions {
   absl::Duration default_straggler_timeout = absl::Seconds(60);
   // SHA-256 of the admin token; empty: none (CreateSession and ListSessions are open).
   std::string admin_token_digest;
-  // Handed to every session; either may be null.
+  // Handed to every session; any may be null (no pipeliner: every step runs serially).
   Metrics* metrics = nullptr;
   Analyzer* analyzer = nullptr;
+  Pipeliner* pipeliner = nullptr;
 };
 
 struct CreateOptions {

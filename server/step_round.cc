@@ -21,7 +21,7 @@ absl::StatusOr<StepRound::Ticket> StepRound::Join(int worker, int64_t step,
   ticket.round = round_;
   if (contributions_.contains(worker)) {
     // A retry of a contribution already counted: it waits for the step without counting again.
-    options_.staging->Release(std::move(gradients));
+    GiveBack(std::move(gradients));
     ticket.replayed = true;
     return ticket;
   }
@@ -31,14 +31,14 @@ absl::StatusOr<StepRound::Ticket> StepRound::Join(int worker, int64_t step,
       std::vector<std::string> mine, theirs;
       for (int t : gradients->PresentTensors()) mine.push_back(names[t]);
       for (int t : first->PresentTensors()) theirs.push_back(names[t]);
-      options_.staging->Release(std::move(gradients));
+      GiveBack(std::move(gradients));
       return absl::InvalidArgumentError(absl::StrCat(
           "worker ", worker, " sent gradients for {", absl::StrJoin(mine, ", "), "} but worker ",
           first_worker, " sent {", absl::StrJoin(theirs, ", "), "} for step ", step,
           " of session '", options_.session_id, "'; every worker must send the same tensors"));
     }
     if (lr != lr_) {
-      options_.staging->Release(std::move(gradients));
+      GiveBack(std::move(gradients));
       return absl::InvalidArgumentError(absl::StrCat(
           "worker ", worker, " sent lr ", lr ? absl::StrCat(*lr) : "none", " but worker ",
           first_worker, " sent lr ", lr_ ? absl::StrCat(*lr_) : "none", " for step ", step,
@@ -46,7 +46,7 @@ absl::StatusOr<StepRound::Ticket> StepRound::Join(int worker, int64_t step,
     }
   }
   if (cancelled()) {
-    options_.staging->Release(std::move(gradients));
+    GiveBack(std::move(gradients));
     return absl::CancelledError("the step call was cancelled before its gradients counted");
   }
   if (contributions_.empty()) {
@@ -77,7 +77,7 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> StepRound::Wait(
         waiters_.erase(worker);
         auto it = contributions_.find(worker);
         if (it != contributions_.end()) {
-          options_.staging->Release(std::move(it->second));
+          GiveBack(std::move(it->second));
           contributions_.erase(it);
         }
         Publish();
@@ -106,7 +106,7 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> StepRound::Wait(
 
 void StepRound::End(absl::StatusOr<std::shared_ptr<StepOutcome>> result) {
   mu_.AssertHeld();
-  for (auto& [worker, staging] : contributions_) options_.staging->Release(std::move(staging));
+  for (auto& [worker, staging] : contributions_) GiveBack(std::move(staging));
   contributions_.clear();
   waiters_.clear();
   Publish();
@@ -191,6 +191,11 @@ std::shared_ptr<const StepOutcome> StepRound::Lease(const std::shared_ptr<StepOu
   return std::shared_ptr<const StepOutcome>(outcome.get(), [keep = outcome](const StepOutcome*) {
     keep->leases.fetch_sub(1, std::memory_order_release);
   });
+}
+
+void StepRound::GiveBack(std::unique_ptr<TensorStaging> staging) {
+  if (staging != nullptr && options_.on_give_back) options_.on_give_back(staging.get());
+  options_.staging->Release(std::move(staging));
 }
 
 void StepRound::Publish() { workers_pending_ = static_cast<int>(contributions_.size()); }

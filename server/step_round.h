@@ -66,6 +66,9 @@ class StepRound {
     absl::Duration straggler_timeout = absl::Seconds(60);
     Clock* clock = nullptr;          // REQUIRED
     StagingPool* staging = nullptr;  // REQUIRED: where contributions go back once the round ends
+    // Called with each staging the round gives back to the pool, before it does (under the
+    // session's lock): the step pipeline forgets it.
+    std::function<void(const TensorStaging*)> on_give_back;
   };
 
   // How a contribution joined the pending step.
@@ -134,6 +137,7 @@ class StepRound {
 
  private:
   void Publish() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void GiveBack(std::unique_ptr<TensorStaging> staging) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   absl::Mutex& mu_;
   const Options options_;

@@ -98,7 +98,8 @@ absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
 }
 
 absl::Status TensorStaging::AddChunk(const v1::TensorChunk& chunk, float max_magnitude,
-                                     bool reject_out_of_range) {
+                                     bool reject_out_of_range, int* completed) {
+  if (completed != nullptr) *completed = -1;
   const int tensor = index_->Find(chunk.tensor());
   if (tensor < 0) {
     return absl::NotFoundError(absl::StrCat(owner_, " has no tensor '", chunk.tensor(), "'"));
@@ -108,7 +109,10 @@ absl::Status TensorStaging::AddChunk(const v1::TensorChunk& chunk, float max_mag
     return absl::InvalidArgumentError(
         absl::StrCat("chunk of tensor '", chunk.tensor(), "': ", dtype.status().message()));
   }
-  return AddChunk(tensor, chunk.offset(), *dtype, chunk.data(), max_magnitude, reject_out_of_range);
+  OPTD_RETURN_IF_ERROR(
+      AddChunk(tensor, chunk.offset(), *dtype, chunk.data(), max_magnitude, reject_out_of_range));
+  if (completed != nullptr && complete(tensor)) *completed = tensor;
+  return absl::OkStatus();
 }
 
 absl::Status TensorStaging::CheckComplete() const {

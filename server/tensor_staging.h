@@ -44,8 +44,9 @@ class TensorStaging {
                         float max_magnitude, bool reject_out_of_range);
   // The same for a chunk off the wire, its tensor and dtype resolved first: NotFound naming the
   // owner and the tensor, InvalidArgument naming the tensor for a dtype that is not one.
-  absl::Status AddChunk(const v1::TensorChunk& chunk, float max_magnitude,
-                        bool reject_out_of_range);
+  // `completed` (optional): the tensor's index when this chunk completed it, else -1.
+  absl::Status AddChunk(const v1::TensorChunk& chunk, float max_magnitude, bool reject_out_of_range,
+                        int* completed = nullptr);
 
   // After the last chunk: InvalidArgument naming the first tensor that got some chunks but not
   // all of its elements, with the first missing range.
@@ -53,6 +54,8 @@ class TensorStaging {
 
   int num_tensors() const { return static_cast<int>(counts_.size()); }
   bool present(int tensor) const { return covered_[tensor] > 0; }
+  // Every element of `tensor` has arrived.
+  bool complete(int tensor) const { return covered_[tensor] == counts_[tensor]; }
   int num_present() const;
   // Tensors with at least one chunk, in index order.
   std::vector<int> PresentTensors() const;

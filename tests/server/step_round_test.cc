@@ -48,7 +48,11 @@ class StepRoundTest : public ::testing::Test {
     pool_ = std::make_unique<StagingPool>("s", std::make_shared<const TensorIndex>(kNames), kCounts,
                                           world_size + 1);
     round_ = std::make_unique<StepRound>(
-        mu_, StepRound::Options{"s", world_size, straggler_timeout, &clock_, pool_.get()});
+        mu_, StepRound::Options{"s", world_size, straggler_timeout, &clock_, pool_.get(),
+                                [this](const TensorStaging*) {
+                                  mu_.AssertHeld();  // the pipeline forgets under the lock
+                                  ++given_back_;
+                                }});
   }
 
   absl::StatusOr<StepRound::Ticket> Join(int worker, int64_t step, float value,
@@ -104,6 +108,7 @@ class StepRoundTest : public ::testing::Test {
   std::unique_ptr<StepRound> round_;
   std::vector<float> mean_;
   int commits_ = 0;
+  int given_back_ = 0;  // stagings the round reported giving back to the pool
 };
 
 TEST_F(StepRoundTest, TheLastContributionCompletesTheRoundAndEveryWorkerGetsItsOutcome) {
@@ -262,6 +267,24 @@ TEST_F(StepRoundTest, ContributionsMustAgreeOnTensorsAndLearningRate) {
   EXPECT_EQ(FreeStagings(), 3);
   absl::MutexLock lock(&mu_);
   EXPECT_EQ(round_->lr(), 0.5);
+}
+
+TEST_F(StepRoundTest, EveryStagingGivenBackIsReportedFirst) {
+  // A retry's copy, a refused contribution, and the round's own at its end: each one reported
+  // (the step pipeline must stop reading a staging before it is reused).
+  Make(2);
+  ASSERT_TRUE(Join(0, 1, 1.0f).ok());
+  EXPECT_EQ(given_back_, 0);
+  ASSERT_TRUE(Join(0, 1, 1.0f).ok());  // a retry: its staging goes back
+  EXPECT_EQ(given_back_, 1);
+  EXPECT_FALSE(Join(1, 1, 1.0f, 0.5).ok());  // another lr: refused, given back
+  EXPECT_EQ(given_back_, 2);
+  {
+    absl::MutexLock lock(&mu_);
+    round_->Abort(absl::AbortedError("test"));
+  }
+  EXPECT_EQ(given_back_, 3);
+  EXPECT_EQ(FreeStagings(), 3);
 }
 
 TEST_F(StepRoundTest, AbortEndsAPendingRoundForEveryWaiter) {

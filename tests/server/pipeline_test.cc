@@ -1,0 +1,380 @@
+// Per-tensor pipelining over real loopback gRPC (server/step_pipeline.h). Each test drives raw
+// Step streams tensor by tensor and waits until the daemon has stepped every tensor sent so far
+// ahead, so the pipelined path is the one under test (not a race with the stream's end). Its
+// results must equal the kernels library stepping the same gradients serially, bit for bit, for
+// every preset and for four workers; a step that fails, is cancelled or aborted after tensors
+// were stepped ahead leaves every parameter as it was; parameters uploaded mid-step count as
+// they would serially; tensors beyond the scratch budget step at the commit.
+#include <atomic>
+#include <cstring>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "server/step_pipeline.h"
+#include "tests/server/fake_clock.h"
+#include "tests/server/test_daemon.h"
+
+namespace optd::testing {
+namespace {
+
+// One worker's Step stream, sent tensor by tensor.
+class StreamedStep {
+ public:
+  StreamedStep(v1::Optimizer::Stub& stub, const client::Session& session, int64_t step, int worker,
+               std::optional<double> lr = std::nullopt) {
+    context_.AddMetadata("authorization", absl::StrCat("Bearer ", session.token()));
+    stream_ = stub.Step(&context_);
+    v1::StepRequest r;
+    v1::StepHeader& h = *r.mutable_header();
+    h.set_session_id(session.id());
+    h.set_step(step);
+    h.set_worker_id(worker);
+    if (lr.has_value()) h.set_lr(*lr);
+    EXPECT_TRUE(stream_->Write(r));
+  }
+  // In two chunks, the second completing the tensor. A write fails once the daemon has ended the
+  // stream (a refused chunk); Read then says why.
+  void Send(const std::string& tensor, const std::vector<float>& values) {
+    const size_t half = values.size() / 2;
+    for (auto [begin, end] : {std::pair<size_t, size_t>{0, half}, {half, values.size()}}) {
+      if (begin == end) continue;
+      v1::StepRequest r;
+      v1::TensorChunk& c = *r.mutable_chunk();
+      c.set_tensor(tensor);
+      c.set_offset(static_cast<int64_t>(begin));
+      c.set_dtype(v1::DTYPE_FP32);
+      c.set_data(std::string(reinterpret_cast<const char*>(values.data() + begin),
+                             (end - begin) * sizeof(float)));
+      if (!stream_->Write(r)) return;
+    }
+  }
+  void Close() { stream_->WritesDone(); }
+  void Cancel() { context_.TryCancel(); }
+  // The step's results by tensor (fp32), or its status.
+  absl::StatusOr<std::map<std::string, std::vector<float>>> Read() {
+    std::map<std::string, std::vector<float>> results;
+    v1::StepResponse response;
+    while (stream_->Read(&response)) {
+      if (!response.has_chunk()) continue;
+      const v1::TensorChunk& c = response.chunk();
+      std::vector<float>& values = results[c.tensor()];
+      const size_t n = c.data().size() / sizeof(float);
+      values.resize(std::max(values.size(), static_cast<size_t>(c.offset()) + n));
+      std::memcpy(values.data() + c.offset(), c.data().data(), c.data().size());
+    }
+    OPTD_RETURN_IF_ERROR(client::FromGrpcStatus(stream_->Finish()));
+    return results;
+  }
+
+ private:
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream_;
+};
+
+class PipelineTest : public ::testing::Test {
+ protected:
+  void Start(int64_t scratch_bytes = int64_t{1} << 30) {
+    server::ServerOptions options = LoopbackOptions();
+    options.clock = &clock_;
+    options.pipeline_scratch_bytes = scratch_bytes;
+    server_ = StartServer(options);
+    ASSERT_NE(server_, nullptr);
+    ASSERT_NE(server_->pipeliner(), nullptr);
+    client_ = std::make_unique<client::Client>(ConnectTo(*server_));
+    stub_ = v1::Optimizer::NewStub(client_->channel());
+  }
+  client::Session Create(const v1::SessionConfig& config) {
+    absl::StatusOr<client::Session> session = client_->CreateSession(config);
+    EXPECT_TRUE(session.ok()) << session.status();
+    return *session;
+  }
+  std::shared_ptr<server::Session> Daemons(const client::Session& session) {
+    absl::StatusOr<std::shared_ptr<server::Session>> s =
+        server_->sessions().Get(session.id(), absl::StrCat("Bearer ", session.token()));
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() ? *s : nullptr;
+  }
+  // Waits (real time, bounded) until `n` tensors of the pending step are stepped ahead.
+  static void AwaitPrepared(server::Session& session, int n) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(60);
+    while (session.PreparedTensors() < n) {
+      ASSERT_LT(absl::Now(), deadline)
+          << "the daemon stepped " << session.PreparedTensors() << " tensors ahead, not " << n;
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  }
+  // Every worker sends tensor after tensor; after each, the daemon must have stepped it ahead.
+  // Then the streams close and each worker's results come back.
+  std::vector<absl::StatusOr<std::map<std::string, std::vector<float>>>> PipelinedStep(
+      const client::Session& session, const Reference& reference, int64_t step,
+      const std::vector<std::vector<std::vector<float>>>& grads,
+      std::optional<double> lr = std::nullopt) {
+    std::shared_ptr<server::Session> daemons = Daemons(session);
+    std::vector<std::unique_ptr<StreamedStep>> streams;
+    for (size_t w = 0; w < grads.size(); ++w) {
+      streams.push_back(
+          std::make_unique<StreamedStep>(*stub_, session, step, static_cast<int>(w), lr));
+    }
+    for (int t = 0; t < reference.num_tensors(); ++t) {
+      for (size_t w = 0; w < grads.size(); ++w) streams[w]->Send(reference.name(t), grads[w][t]);
+      AwaitPrepared(*daemons, t + 1);
+    }
+    for (auto& s : streams) s->Close();
+    std::vector<absl::StatusOr<std::map<std::string, std::vector<float>>>> results;
+    for (auto& s : streams) results.push_back(s->Read());
+    return results;
+  }
+  void ExpectParameters(client::Session& session, const Reference& reference,
+                        const std::string& what) {
+    absl::StatusOr<std::map<std::string, std::vector<float>>> params = session.GetParameters();
+    ASSERT_TRUE(params.ok()) << params.status();
+    ExpectEqual(reference, *params, what);
+  }
+  static void ExpectEqual(const Reference& reference,
+                          const std::map<std::string, std::vector<float>>& got,
+                          const std::string& what) {
+    ASSERT_EQ(got.size(), static_cast<size_t>(reference.num_tensors())) << what;
+    for (int t = 0; t < reference.num_tensors(); ++t) {
+      auto it = got.find(reference.name(t));
+      ASSERT_NE(it, got.end()) << what << ": " << reference.name(t);
+      EXPECT_TRUE(BitwiseEqual(it->second, reference.Parameters(t)))
+          << what << ": tensor " << reference.name(t) << " differs from the serial step";
+    }
+  }
+
+  server::FakeClock clock_;
+  std::unique_ptr<server::Server> server_;
+  std::unique_ptr<client::Client> client_;
+  std::unique_ptr<v1::Optimizer::Stub> stub_;
+};
+
+v1::SessionConfig ModelConfig(const std::string& preset, int world_size = 1) {
+  const std::string matrix = preset == "adamw" ? "vectors" : "matrices";
+  return MakeConfig({{"matrices", preset}, {"vectors", "adamw"}},
+                    {{"hidden", {24, 40}, matrix},
+                     {"same_shape", {24, 40}, matrix},
+                     {"conv", {6, 3, 3, 3}, matrix},
+                     {"bias", {40}, "vectors"}},
+                    world_size);
+}
+
+class PresetPipelineTest : public PipelineTest,
+                           public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(PresetPipelineTest, SteppedAheadEqualsTheSerialStepBitForBit) {
+  Start();
+  const v1::SessionConfig config = ModelConfig(GetParam());
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::shared_ptr<server::Session> daemons = Daemons(session);
+  for (int64_t step = 1; step <= 3; ++step) {
+    const std::vector<std::vector<std::vector<float>>> grads = {
+        WorkerGradients(reference, step, 0)};
+    auto results = PipelinedStep(session, reference, step, grads);
+    reference.Step(grads);
+    ASSERT_TRUE(results[0].ok()) << results[0].status();
+    ExpectEqual(reference, *results[0], absl::StrCat("step ", step, " results"));
+  }
+  ExpectParameters(session, reference, "parameters after 3 steps");
+  EXPECT_EQ(daemons->tensors_stepped_ahead(), 3 * reference.num_tensors());
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, PresetPipelineTest, ::testing::ValuesIn([] {
+                           std::vector<std::string> names;
+                           for (absl::string_view n : PresetNames()) names.emplace_back(n);
+                           return names;
+                         }()),
+                         [](const auto& info) { return info.param; });
+
+TEST_F(PipelineTest, FourWorkersStepEachTensorAheadOnTheirMean) {
+  Start();
+  const v1::SessionConfig config = ModelConfig("normuon", /*world_size=*/4);
+  client::Session session = Create(config);
+  Reference reference(config);
+  for (int64_t step = 1; step <= 2; ++step) {
+    std::vector<std::vector<std::vector<float>>> grads;
+    for (int w = 0; w < 4; ++w) grads.push_back(WorkerGradients(reference, step, w));
+    auto results = PipelinedStep(session, reference, step, grads);
+    reference.Step(grads);
+    for (int w = 0; w < 4; ++w) {
+      ASSERT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w].status();
+      ExpectEqual(reference, *results[w], absl::StrCat("worker ", w, " step ", step));
+    }
+  }
+  EXPECT_EQ(Daemons(session)->tensors_stepped_ahead(), 2 * reference.num_tensors());
+}
+
+TEST_F(PipelineTest, ALearningRateOverrideAndDeltaResultsAsSerially) {
+  Start();
+  v1::SessionConfig config = ModelConfig("muoneq_rowcol");
+  config.set_step_result(v1::STEP_RESULT_DELTA);
+  client::Session session = Create(config);
+  Reference reference(config);
+  const std::vector<std::vector<std::vector<float>>> grads = {WorkerGradients(reference, 1, 0)};
+  std::vector<std::vector<float>> before;
+  for (int t = 0; t < reference.num_tensors(); ++t) before.push_back(reference.Parameters(t));
+  auto results = PipelinedStep(session, reference, 1, grads, /*lr=*/0.004);
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    ASSERT_TRUE(reference.optimizer().SetGradient(t, grads[0][t]).ok());
+  }
+  ASSERT_TRUE(reference.optimizer().Step({}, 0.004).ok());
+  ASSERT_TRUE(results[0].ok()) << results[0].status();
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    const std::vector<float> after = reference.Parameters(t);
+    std::vector<float> delta(after.size());
+    for (size_t i = 0; i < after.size(); ++i) delta[i] = after[i] - before[t][i];
+    EXPECT_TRUE(BitwiseEqual(results[0]->at(reference.name(t)), delta)) << reference.name(t);
+  }
+  ExpectParameters(session, reference, "parameters");
+}
+
+TEST_F(PipelineTest, AStepThatFailsAfterTensorsWereSteppedAheadChangesNothing) {
+  Start();
+  const v1::SessionConfig config = ModelConfig("keller");
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::shared_ptr<server::Session> daemons = Daemons(session);
+  const std::vector<std::vector<float>> grads = WorkerGradients(reference, 1, 0);
+  {
+    // A non-finite value in the last tensor, after the others were stepped ahead.
+    StreamedStep stream(*stub_, session, 1, 0);
+    for (int t = 0; t + 1 < reference.num_tensors(); ++t) {
+      stream.Send(reference.name(t), grads[t]);
+      AwaitPrepared(*daemons, t + 1);
+    }
+    std::vector<float> bad = grads.back();
+    bad[3] = std::numeric_limits<float>::infinity();
+    stream.Send(reference.name(reference.num_tensors() - 1), bad);
+    stream.Close();
+    EXPECT_EQ(stream.Read().status().code(), absl::StatusCode::kInvalidArgument);
+  }
+  ExpectParameters(session, reference, "after the refused step");
+  {
+    // Cancelled after every tensor but the last was stepped ahead.
+    StreamedStep stream(*stub_, session, 1, 0);
+    for (int t = 0; t + 1 < reference.num_tensors(); ++t) {
+      stream.Send(reference.name(t), grads[t]);
+      AwaitPrepared(*daemons, t + 1);
+    }
+    stream.Cancel();
+    EXPECT_EQ(stream.Read().status().code(), absl::StatusCode::kCancelled);
+  }
+  ExpectParameters(session, reference, "after the cancelled step");
+  absl::StatusOr<v1::SessionInfo> info = session.Info();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->step(), 0);
+  for (const v1::TensorInfo& t : info->tensors()) EXPECT_EQ(t.steps_applied(), 0);
+  // The step then runs as if nothing had happened.
+  auto results = PipelinedStep(session, reference, 1, {grads});
+  reference.Step({grads});
+  ASSERT_TRUE(results[0].ok()) << results[0].status();
+  ExpectEqual(reference, *results[0], "the step after");
+}
+
+TEST_F(PipelineTest, AStragglerAbortAfterTensorsWereSteppedAheadChangesNothing) {
+  Start();
+  v1::SessionConfig config = ModelConfig("normuon", /*world_size=*/2);
+  config.set_straggler_timeout_seconds(5);
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::shared_ptr<server::Session> daemons = Daemons(session);
+  const std::vector<std::vector<std::vector<float>>> grads = {WorkerGradients(reference, 1, 0),
+                                                              WorkerGradients(reference, 1, 1)};
+  const int n = reference.num_tensors();
+  StreamedStep first(*stub_, session, 1, 0), second(*stub_, session, 1, 1);
+  for (int t = 0; t < n; ++t) first.Send(reference.name(t), grads[0][t]);
+  first.Close();
+  for (int t = 0; t + 1 < n; ++t) second.Send(reference.name(t), grads[1][t]);
+  AwaitPrepared(*daemons, n - 1);
+  // Worker 0 waits for worker 1 until the straggler deadline passes.
+  std::atomic<bool> done{false};
+  absl::StatusOr<std::map<std::string, std::vector<float>>> waited = absl::UnknownError("");
+  std::thread waiter([&] {
+    waited = first.Read();
+    done = true;
+  });
+  while (!done) {
+    clock_.Advance(absl::Seconds(1));
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  waiter.join();
+  EXPECT_EQ(waited.status().code(), absl::StatusCode::kAborted) << waited.status();
+  second.Cancel();
+  EXPECT_FALSE(second.Read().ok());
+  ExpectParameters(session, reference, "after the aborted step");
+  auto results = PipelinedStep(session, reference, 1, grads);
+  reference.Step(grads);
+  for (int w = 0; w < 2; ++w) {
+    ASSERT_TRUE(results[w].ok()) << results[w].status();
+    ExpectEqual(reference, *results[w], absl::StrCat("worker ", w, " after the abort"));
+  }
+}
+
+TEST_F(PipelineTest, ParametersUploadedMidStepCountAsTheyWouldSerially) {
+  Start();
+  const v1::SessionConfig config = ModelConfig("torch");
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::shared_ptr<server::Session> daemons = Daemons(session);
+  const std::vector<std::vector<float>> grads = WorkerGradients(reference, 1, 0);
+  StreamedStep stream(*stub_, session, 1, 0);
+  stream.Send(reference.name(0), grads[0]);
+  AwaitPrepared(*daemons, 1);
+  // New parameters for the tensor already stepped ahead: the step must start from them.
+  const std::vector<float> uploaded(static_cast<size_t>(reference.count(0)), 0.25f);
+  ASSERT_TRUE(session.UploadParameters({{reference.name(0), uploaded}}).ok());
+  ASSERT_TRUE(reference.optimizer().SetParameters(0, uploaded).ok());
+  for (int t = 1; t < reference.num_tensors(); ++t) stream.Send(reference.name(t), grads[t]);
+  stream.Close();
+  absl::StatusOr<std::map<std::string, std::vector<float>>> results = stream.Read();
+  reference.Step({grads});
+  ASSERT_TRUE(results.ok()) << results.status();
+  ExpectEqual(reference, *results, "results");
+  EXPECT_EQ(daemons->tensors_stepped_ahead(), 0);  // the prepared work was dropped
+}
+
+TEST_F(PipelineTest, TensorsBeyondTheScratchBudgetStepAtTheCommit) {
+  // Room for the first tensor's shadows only (parameters and momentum: 2 × 960 floats).
+  Start(/*scratch_bytes=*/2 * 960 * 4);
+  const v1::SessionConfig config = ModelConfig("keller");
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::shared_ptr<server::Session> daemons = Daemons(session);
+  for (int64_t step = 1; step <= 2; ++step) {
+    const std::vector<std::vector<float>> grads = WorkerGradients(reference, step, 0);
+    StreamedStep stream(*stub_, session, step, 0);
+    stream.Send(reference.name(0), grads[0]);
+    AwaitPrepared(*daemons, 1);
+    for (int t = 1; t < reference.num_tensors(); ++t) stream.Send(reference.name(t), grads[t]);
+    stream.Close();
+    absl::StatusOr<std::map<std::string, std::vector<float>>> results = stream.Read();
+    reference.Step({grads});
+    ASSERT_TRUE(results.ok()) << results.status();
+    ExpectEqual(reference, *results, absl::StrCat("step ", step));
+  }
+  EXPECT_EQ(daemons->tensors_stepped_ahead(), 2);
+  EXPECT_EQ(server_->pipeliner()->reserved_bytes(), 2 * 960 * 4);
+  // A second session finds the budget taken and steps serially, with the same results.
+  client::Session other = Create(config);
+  Reference other_reference(config);
+  const std::vector<std::vector<float>> grads = WorkerGradients(other_reference, 1, 0);
+  client::StepOptions streamed;
+  streamed.path = client::StepPath::kStream;
+  absl::StatusOr<client::StepResult> result =
+      other.Step(1, AsNamed(other_reference, grads), streamed);
+  other_reference.Step({grads});
+  ASSERT_TRUE(result.ok()) << result.status();
+  ExpectEqual(other_reference, result->values, "the second session");
+  EXPECT_EQ(Daemons(other)->tensors_stepped_ahead(), 0);
+  // Deleting the first gives its scratch back.
+  ASSERT_TRUE(session.Delete().ok());
+  daemons.reset();
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (server_->pipeliner()->reserved_bytes() != 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_EQ(server_->pipeliner()->reserved_bytes(), 0);
+}
+
+}  // namespace
+}  // namespace optd::testing
