@@ -13,7 +13,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -93,14 +95,17 @@ void Die(const absl::Status& status, const char* what) {
 // optd in a child process on a free loopback port.
 class Daemon {
  public:
-  explicit Daemon(const std::string& binary) {
+  // `flag`: one more command-line flag, or empty.
+  explicit Daemon(const std::string& binary, const std::string& flag = "") {
     port_file_ = absl::StrCat("/tmp/service_bench.", getpid(), ".port");
     unlink(port_file_.c_str());
     pid_ = fork();
     if (pid_ == 0) {
       std::string port_arg = "--port_file=" + port_file_;
+      const char* extra = flag.empty() ? nullptr : flag.c_str();
       execl(binary.c_str(), binary.c_str(), "--listen=127.0.0.1:0", "--metrics_addr=127.0.0.1:0",
-            port_arg.c_str(), "--max_session_bytes=17179869184", static_cast<char*>(nullptr));
+            port_arg.c_str(), "--max_session_bytes=17179869184", extra,
+            static_cast<char*>(nullptr));
       _exit(127);
     }
     for (int i = 0; i < 3000 && port_ == 0; ++i) {
@@ -122,6 +127,27 @@ class Daemon {
   int port_ = 0;
   std::string port_file_;
 };
+
+// The session's parameters streamed down (GetParams, fp32, 1 MiB chunks) into `outputs`, as a
+// step's results come back into a training loop's buffers.
+void GetParamsInto(optd::client::Client& client, const optd::client::Session& session,
+                   const std::map<std::string, absl::Span<float>>& outputs) {
+  std::unique_ptr<optd::v1::Optimizer::Stub> stub = optd::v1::Optimizer::NewStub(client.channel());
+  grpc::ClientContext context;
+  context.AddMetadata("authorization", absl::StrCat("Bearer ", session.token()));
+  optd::v1::GetParamsRequest request;
+  request.set_session_id(session.id());
+  request.set_dtype(optd::v1::DTYPE_FP32);
+  request.set_chunk_bytes(int64_t{1} << 20);
+  std::unique_ptr<grpc::ClientReader<optd::v1::TensorChunk>> reader =
+      stub->GetParams(&context, request);
+  optd::v1::TensorChunk chunk;
+  while (reader->Read(&chunk)) {
+    const absl::Span<float> out = outputs.at(chunk.tensor());
+    std::memcpy(out.data() + chunk.offset(), chunk.data().data(), chunk.data().size());
+  }
+  Die(optd::client::FromGrpcStatus(reader->Finish()), "GetParams");
+}
 
 }  // namespace
 
@@ -158,6 +184,11 @@ int main(int argc, char** argv) {
   optd::client::ChannelOptions channel_options;
   channel_options.target = daemon.target();
   optd::client::Client client(*optd::client::MakeChannel(channel_options));
+  // The same daemon with every step serial: what per-tensor pipelining gains, in the same run.
+  Daemon serial_daemon(argv[1], "--pipeline_scratch_bytes=0");
+  optd::client::ChannelOptions serial_options;
+  serial_options.target = serial_daemon.target();
+  optd::client::Client serial_client(*optd::client::MakeChannel(serial_options));
 
   std::vector<std::string> results;
   for (const std::string& preset : presets) {
@@ -181,8 +212,30 @@ int main(int argc, char** argv) {
                      repetitions, Seconds(start));
       }
     }
-    // Remote: one worker's Step call, fp32 gradients in, fp32 parameters back.
-    std::vector<double> remote, remote_bf16;
+    // Remote: one worker's Step call, fp32 gradients in, fp32 parameters back; on the serial
+    // daemon too, and the same bytes streamed alone (UploadParams of the gradients, GetParams of
+    // the parameters into the same buffers) on the pipelining one.
+    std::vector<double> remote, remote_bf16, remote_serial, transfer;
+    {
+      absl::StatusOr<optd::client::Session> session = serial_client.CreateSession(config);
+      Die(session.status(), "CreateSession (serial daemon)");
+      std::vector<std::vector<float>> parameters;
+      std::vector<optd::client::NamedOutput> outputs;
+      for (size_t t = 0; t < tensors.size(); ++t) {
+        parameters.emplace_back(gradients[t].size());
+        outputs.push_back({tensors[t].name, absl::MakeSpan(parameters.back())});
+      }
+      for (int r = -1; r <= repetitions; ++r) {
+        optd::client::StepOptions options;
+        options.outputs = outputs;
+        const auto start = std::chrono::steady_clock::now();
+        Die(session->Step(r + 2, named, options).status(), "remote step (serial daemon)");
+        if (r > 0) remote_serial.push_back(Seconds(start));
+        std::fprintf(stderr, "service_bench: %s remote step, serial daemon %d/%d: %.3f s\n",
+                     preset.c_str(), r, repetitions, Seconds(start));
+      }
+      Die(session->Delete(), "DeleteSession");
+    }
     {
       absl::StatusOr<optd::client::Session> session = client.CreateSession(config);
       Die(session.status(), "CreateSession");
@@ -211,11 +264,23 @@ int main(int argc, char** argv) {
                        seconds);
         }
       }
+      std::map<std::string, absl::Span<float>> by_name;
+      for (const optd::client::NamedOutput& o : outputs) by_name[o.name] = o.values;
+      for (int r = 0; r <= repetitions; ++r) {
+        const auto start = std::chrono::steady_clock::now();
+        Die(session->UploadParameters(named, optd::DType::kF32, int64_t{1} << 20), "UploadParams");
+        GetParamsInto(client, *session, by_name);
+        if (r > 0) transfer.push_back(Seconds(start));
+        std::fprintf(stderr, "service_bench: %s the step's bytes alone %d/%d: %.3f s\n",
+                     preset.c_str(), r, repetitions, Seconds(start));
+      }
       Die(session->Delete(), "DeleteSession");
     }
     results.push_back(absl::StrCat(
         "{\"preset\": \"", preset, "\", \"in_process_s\": ", Json(local),
         ", \"remote_fp32_s\": ", Json(remote), ", \"remote_bf16_s\": ", Json(remote_bf16),
+        ", \"remote_serial_fp32_s\": ", Json(remote_serial), ", \"transfer_fp32_s\": ",
+        Json(transfer), ", \"over_transfer_fp32\": ", Median(remote) / Median(transfer),
         ", \"overhead_fp32\": ", Median(remote) / Median(local),
         ", \"overhead_bf16\": ", Median(remote_bf16) / Median(local), "}"));
   }

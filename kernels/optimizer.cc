@@ -782,6 +782,13 @@ int64_t Optimizer::ShadowBytes(int tensor) const {
 
 bool Optimizer::prepared(int tensor) const { return tensors_[tensor]->prepared; }
 
+bool Optimizer::SteppedInABatch(int tensor) const {
+  const Tensor& t = *tensors_[tensor];
+  if (t.group < 0) return false;
+  const Group& g = groups_[t.group];
+  return !g.fused_rmnp && g.members.size() > 1;
+}
+
 absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradient,
                                       std::optional<double> lr) {
   OPTD_RETURN_IF_ERROR(CheckIndex(tensor));

@@ -154,6 +154,11 @@ class Optimizer {
   void DiscardPrepared();
   // Backend bytes of a tensor's shadows: parameters and every state buffer.
   int64_t ShadowBytes(int tensor) const;
+  // Whether Step runs this tensor's direction in one batch with other tensors (a Newton–Schulz
+  // or polar group of several same-shape matrices). Prepared alone, such a tensor gives the same
+  // bits but the batch's parallelism is lost (on the CPU, a product's tiles spread over the
+  // threads), so the daemon leaves those to the commit's Step.
+  bool SteppedInABatch(int tensor) const;
 
   std::vector<StateBuffer> state(int tensor) const;
 

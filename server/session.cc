@@ -196,7 +196,8 @@ bool Session::AnalysisStep(int64_t step) const {
 bool Session::ReserveShadowsLocked() {
   bool any = false;
   for (int t = 0; t < num_tensors(); ++t) {
-    if (!shadowed_[t]) {
+    // A tensor of a batched direction steps with its batch at the commit (SteppedInABatch).
+    if (!shadowed_[t] && !optimizer_->SteppedInABatch(t)) {
       const int64_t bytes = optimizer_->ShadowBytes(t);
       if (options_.pipeliner->Reserve(bytes)) {
         shadowed_[t] = 1;

@@ -18,6 +18,7 @@
 // the last worker's CommitLocked -> Optimizer::Step -> StepRound::End):
 //   server/step_round.h          the pending step: contributions, waiters, straggler deadline,
 //                                outcome buffers
+//   server/step_pipeline.h       tensors stepped ahead while the step's gradients arrive
 //   server/session_checkpoint.h  the checkpoint file: write and load
 //   server/reshard.h             a session restored from other instances' checkpoints
 //   server/analyzer.h            the analysis snapshot a step takes (BeginSnapshot/Finish)

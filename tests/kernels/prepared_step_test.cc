@@ -225,6 +225,15 @@ TEST_F(PreparedStepTest, ShadowBytesCountParametersAndState) {
   auto keller = Make(Specs("keller"));
   ASSERT_NE(keller, nullptr);
   EXPECT_EQ(keller->ShadowBytes(3), 2 * 192 * 4);
+  // q, k and experts share a Newton–Schulz batch; mlp is alone; AdamW steps per tensor.
+  EXPECT_TRUE(keller->SteppedInABatch(0));
+  EXPECT_TRUE(keller->SteppedInABatch(1));
+  EXPECT_FALSE(keller->SteppedInABatch(2));
+  EXPECT_TRUE(keller->SteppedInABatch(3));
+  EXPECT_FALSE(keller->SteppedInABatch(4));
+  auto rmnp = Make(Specs("rmnp"));  // fused: per tensor
+  ASSERT_NE(rmnp, nullptr);
+  EXPECT_FALSE(rmnp->SteppedInABatch(0));
 }
 
 }  // namespace

@@ -150,12 +150,10 @@ class PipelineTest : public ::testing::Test {
 
 v1::SessionConfig ModelConfig(const std::string& preset, int world_size = 1) {
   const std::string matrix = preset == "adamw" ? "vectors" : "matrices";
-  return MakeConfig({{"matrices", preset}, {"vectors", "adamw"}},
-                    {{"hidden", {24, 40}, matrix},
-                     {"same_shape", {24, 40}, matrix},
-                     {"conv", {6, 3, 3, 3}, matrix},
-                     {"bias", {40}, "vectors"}},
-                    world_size);
+  return MakeConfig(
+      {{"matrices", preset}, {"vectors", "adamw"}},
+      {{"hidden", {24, 40}, matrix}, {"conv", {6, 3, 3, 3}, matrix}, {"bias", {40}, "vectors"}},
+      world_size);
 }
 
 class PresetPipelineTest : public PipelineTest,
@@ -331,6 +329,32 @@ TEST_F(PipelineTest, ParametersUploadedMidStepCountAsTheyWouldSerially) {
   ASSERT_TRUE(results.ok()) << results.status();
   ExpectEqual(reference, *results, "results");
   EXPECT_EQ(daemons->tensors_stepped_ahead(), 0);  // the prepared work was dropped
+}
+
+TEST_F(PipelineTest, TensorsOfABatchedDirectionStepWithTheirBatchAtTheCommit) {
+  // Two same-shape Muon matrices form one Newton–Schulz batch: they wait for the commit (and take
+  // no scratch), the vector is stepped ahead.
+  Start();
+  const v1::SessionConfig config = MakeConfig(
+      {{"matrices", "keller"}, {"vectors", "adamw"}},
+      {{"bias", {40}, "vectors"}, {"q", {24, 40}, "matrices"}, {"k", {24, 40}, "matrices"}});
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::shared_ptr<server::Session> daemons = Daemons(session);
+  for (int64_t step = 1; step <= 2; ++step) {
+    const std::vector<std::vector<float>> grads = WorkerGradients(reference, step, 0);
+    StreamedStep stream(*stub_, session, step, 0);
+    stream.Send(reference.name(0), grads[0]);
+    AwaitPrepared(*daemons, 1);
+    for (int t = 1; t < reference.num_tensors(); ++t) stream.Send(reference.name(t), grads[t]);
+    stream.Close();
+    absl::StatusOr<std::map<std::string, std::vector<float>>> results = stream.Read();
+    reference.Step({grads});
+    ASSERT_TRUE(results.ok()) << results.status();
+    ExpectEqual(reference, *results, absl::StrCat("step ", step));
+  }
+  EXPECT_EQ(daemons->tensors_stepped_ahead(), 2);
+  EXPECT_EQ(server_->pipeliner()->reserved_bytes(), 3 * 40 * 4);  // the vector's w, m, v
 }
 
 TEST_F(PipelineTest, TensorsBeyondTheScratchBudgetStepAtTheCommit) {
