@@ -25,9 +25,11 @@
 #include "absl/time/clock.h"
 #include "client/client.h"
 #include "client/models.h"
+#include "grpcpp/grpcpp.h"
 #include "kernels/backend.h"
 #include "kernels/initializers.h"
 #include "kernels/optimizer.h"
+#include "optd/v1/optd.grpc.pb.h"
 #include "server/session_config.h"
 
 namespace {
@@ -95,25 +97,15 @@ void Die(const absl::Status& status, const char* what) {
 // optd in a child process on a free loopback port.
 class Daemon {
  public:
-  // `flag`: one more command-line flag, or empty.
-  explicit Daemon(const std::string& binary, const std::string& flag = "") {
-    port_file_ = absl::StrCat("/tmp/service_bench.", getpid(), ".port");
-    unlink(port_file_.c_str());
-    pid_ = fork();
-    if (pid_ == 0) {
-      std::string port_arg = "--port_file=" + port_file_;
-      const char* extra = flag.empty() ? nullptr : flag.c_str();
-      execl(binary.c_str(), binary.c_str(), "--listen=127.0.0.1:0", "--metrics_addr=127.0.0.1:0",
-            port_arg.c_str(), "--max_session_bytes=17179869184", extra,
-            static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    for (int i = 0; i < 3000 && port_ == 0; ++i) {
-      std::ifstream in(port_file_);
-      if (!(in >> port_)) port_ = 0;
-      if (port_ == 0) absl::SleepFor(absl::Milliseconds(10));
-    }
-    if (port_ == 0) Die(absl::UnavailableError("optd did not start"), binary.c_str());
+  // optd, with one more command-line flag unless `flag` is empty.
+  explicit Daemon(const std::string& binary, const std::string& flag = "")
+      : Daemon(binary,
+               {"--listen=127.0.0.1:0", "--metrics_addr=127.0.0.1:0",
+                "--max_session_bytes=17179869184", flag},
+               "--port_file=") {}
+  // This binary's bare gRPC server (RunBareServer).
+  static std::unique_ptr<Daemon> Bare() {
+    return std::unique_ptr<Daemon>(new Daemon("/proc/self/exe", {}, "--bare_server="));
   }
   ~Daemon() {
     kill(pid_, SIGTERM);
@@ -123,22 +115,112 @@ class Daemon {
   std::string target() const { return absl::StrCat("127.0.0.1:", port_); }
 
  private:
+  // `binary` with `args` (empty ones left out) and `port_flag` naming the file it writes its
+  // port to; waits for the port.
+  Daemon(const std::string& binary, std::vector<std::string> args, const std::string& port_flag) {
+    static int started = 0;
+    port_file_ = absl::StrCat("/tmp/service_bench.", getpid(), ".", started++, ".port");
+    unlink(port_file_.c_str());
+    args.push_back(port_flag + port_file_);
+    std::vector<char*> argv = {const_cast<char*>(binary.c_str())};
+    for (std::string& a : args) {
+      if (!a.empty()) argv.push_back(a.data());
+    }
+    argv.push_back(nullptr);
+    pid_ = fork();
+    if (pid_ == 0) {
+      execv(binary.c_str(), argv.data());
+      _exit(127);
+    }
+    for (int i = 0; i < 3000 && port_ == 0; ++i) {
+      std::ifstream in(port_file_);
+      if (!(in >> port_)) port_ = 0;
+      if (port_ == 0) absl::SleepFor(absl::Milliseconds(10));
+    }
+    if (port_ == 0) Die(absl::UnavailableError("the server did not start"), binary.c_str());
+  }
+
   pid_t pid_ = -1;
   int port_ = 0;
   std::string port_file_;
 };
 
+// The bare gRPC baseline of the streaming figures: the same Optimizer service, but UploadParams
+// only receives its messages (gRPC's read and parse, nothing decoded or checked) and GetParams
+// only sends the model's tensors in the request's chunks from one zero buffer, so the same client
+// code streams the same bytes against it as against optd.
+class BareService final : public optd::v1::Optimizer::Service {
+ public:
+  explicit BareService(std::vector<Tensor> tensors) : tensors_(std::move(tensors)) {}
+
+  grpc::Status CreateSession(grpc::ServerContext*, const optd::v1::CreateSessionRequest*,
+                             optd::v1::CreateSessionResponse* response) override {
+    response->set_session_id("bare");
+    response->set_token("bare");
+    return grpc::Status::OK;
+  }
+  grpc::Status DeleteSession(grpc::ServerContext*, const optd::v1::DeleteSessionRequest*,
+                             optd::v1::DeleteSessionResponse*) override {
+    return grpc::Status::OK;
+  }
+  grpc::Status UploadParams(grpc::ServerContext*,
+                            grpc::ServerReader<optd::v1::UploadParamsRequest>* reader,
+                            optd::v1::UploadParamsResponse*) override {
+    optd::v1::UploadParamsRequest request;
+    while (reader->Read(&request)) {
+    }
+    return grpc::Status::OK;
+  }
+  grpc::Status GetParams(grpc::ServerContext*, const optd::v1::GetParamsRequest* request,
+                         grpc::ServerWriter<optd::v1::TensorChunk>* writer) override {
+    const int64_t chunk_floats = std::max<int64_t>(1, request->chunk_bytes() / 4);
+    const std::string zeros(static_cast<size_t>(chunk_floats) * 4, '\0');
+    optd::v1::TensorChunk chunk;
+    chunk.set_dtype(optd::v1::DTYPE_FP32);
+    for (const Tensor& t : tensors_) {
+      const int64_t n = *optd::ElementCount(t.shape);
+      chunk.set_tensor(t.name);
+      for (int64_t offset = 0; offset < n; offset += chunk_floats) {
+        chunk.set_offset(offset);
+        chunk.set_data(zeros.data(), static_cast<size_t>(std::min(chunk_floats, n - offset)) * 4);
+        if (!writer->Write(chunk)) return grpc::Status::CANCELLED;
+      }
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  const std::vector<Tensor> tensors_;
+};
+
+// service_bench --bare_server=PORT_FILE: serves BareService on a free loopback port, written to
+// PORT_FILE, until killed.
+int RunBareServer(const std::string& port_file) {
+  BareService service(Gpt2Small());
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(16 << 20);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) return 1;
+  std::ofstream(port_file) << port << "\n";
+  server->Wait();
+  return 0;
+}
+
 // The session's parameters streamed down (GetParams, fp32, 1 MiB chunks) into `outputs`, as a
 // step's results come back into a training loop's buffers.
 void GetParamsInto(optd::client::Client& client, const optd::client::Session& session,
-                   const std::map<std::string, absl::Span<float>>& outputs) {
+                   const std::map<std::string, absl::Span<float>>& outputs,
+                   int64_t chunk_bytes = int64_t{1} << 20) {
   std::unique_ptr<optd::v1::Optimizer::Stub> stub = optd::v1::Optimizer::NewStub(client.channel());
   grpc::ClientContext context;
   context.AddMetadata("authorization", absl::StrCat("Bearer ", session.token()));
   optd::v1::GetParamsRequest request;
   request.set_session_id(session.id());
   request.set_dtype(optd::v1::DTYPE_FP32);
-  request.set_chunk_bytes(int64_t{1} << 20);
+  request.set_chunk_bytes(chunk_bytes);
   std::unique_ptr<grpc::ClientReader<optd::v1::TensorChunk>> reader =
       stub->GetParams(&context, request);
   optd::v1::TensorChunk chunk;
@@ -152,6 +234,9 @@ void GetParamsInto(optd::client::Client& client, const optd::client::Session& se
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]).rfind("--bare_server=", 0) == 0) {
+    return RunBareServer(std::string(argv[1]).substr(14));
+  }
   if (argc < 2) {
     std::fprintf(stderr, "usage: service_bench OPTD_BINARY [--repetitions=N] [--presets=a,b]\n");
     return 2;
@@ -286,11 +371,51 @@ int main(int argc, char** argv) {
   }
 
   // Streaming throughput per chunk size: UploadParams (client -> optd, decoded and checked into
-  // staging as gradients are) and GetParams (optd -> client).
+  // staging as gradients are) and GetParams (optd -> client), into the caller's buffers; at 1 MiB
+  // the same against the bare gRPC server, in the same run.
   std::vector<std::string> streaming;
+  std::string bare_json;
+  {
+    std::unique_ptr<Daemon> bare = Daemon::Bare();
+    optd::client::ChannelOptions bare_options;
+    bare_options.target = bare->target();
+    optd::client::Client bare_client(*optd::client::MakeChannel(bare_options));
+    absl::StatusOr<optd::client::Session> session =
+        bare_client.CreateSession(Config(tensors, "rmnp"));
+    Die(session.status(), "CreateSession (bare server)");
+    std::vector<std::vector<float>> buffers;
+    std::map<std::string, absl::Span<float>> by_name;
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      buffers.emplace_back(gradients[t].size());
+      by_name[tensors[t].name] = absl::MakeSpan(buffers.back());
+    }
+    std::vector<double> up, down;
+    for (int r = 0; r <= repetitions; ++r) {
+      auto start = std::chrono::steady_clock::now();
+      Die(session->UploadParameters(named, optd::DType::kF32, int64_t{1} << 20), "bare upload");
+      const double up_s = Seconds(start);
+      start = std::chrono::steady_clock::now();
+      GetParamsInto(bare_client, *session, by_name);
+      const double down_s = Seconds(start);
+      if (r > 0) {
+        up.push_back(gradient_bytes / up_s / 1e9);
+        down.push_back(gradient_bytes / down_s / 1e9);
+      }
+      std::fprintf(stderr, "service_bench: bare gRPC, 1024 KiB: up %.2f GB/s, down %.2f GB/s\n",
+                   gradient_bytes / up_s / 1e9, gradient_bytes / down_s / 1e9);
+    }
+    bare_json = absl::StrCat("{\"chunk_bytes\": ", int64_t{1} << 20, ", \"up_gbps\": ", Json(up),
+                             ", \"down_gbps\": ", Json(down), "}");
+  }
   {
     absl::StatusOr<optd::client::Session> session = client.CreateSession(Config(tensors, "rmnp"));
     Die(session.status(), "CreateSession");
+    std::vector<std::vector<float>> buffers;
+    std::map<std::string, absl::Span<float>> by_name;
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      buffers.emplace_back(gradients[t].size());
+      by_name[tensors[t].name] = absl::MakeSpan(buffers.back());
+    }
     for (const int64_t chunk : {int64_t{256} << 10, int64_t{1} << 20, int64_t{4} << 20}) {
       std::vector<double> up, down;
       for (int r = 0; r <= repetitions; ++r) {
@@ -298,9 +423,7 @@ int main(int argc, char** argv) {
         Die(session->UploadParameters(named, optd::DType::kF32, chunk), "UploadParams");
         const double up_s = Seconds(start);
         start = std::chrono::steady_clock::now();
-        absl::StatusOr<std::map<std::string, std::vector<float>>> params =
-            session->GetParameters({}, optd::DType::kF32, chunk);
-        Die(params.status(), "GetParams");
+        GetParamsInto(client, *session, by_name, chunk);
         const double down_s = Seconds(start);
         if (r > 0) {
           up.push_back(gradient_bytes / up_s / 1e9);
@@ -317,8 +440,9 @@ int main(int argc, char** argv) {
   }
   std::printf(
       "{\"model\": \"gpt2-small\", \"tensors\": %zu, \"parameters\": %lld, "
-      "\"repetitions\": %d, \"steps\": [%s], \"streaming\": [%s]}\n",
+      "\"repetitions\": %d, \"steps\": [%s], \"streaming\": [%s], \"bare_grpc\": %s}\n",
       tensors.size(), static_cast<long long>(elements), repetitions,
-      absl::StrJoin(results, ", ").c_str(), absl::StrJoin(streaming, ", ").c_str());
+      absl::StrJoin(results, ", ").c_str(), absl::StrJoin(streaming, ", ").c_str(),
+      bare_json.c_str());
   return 0;
 }

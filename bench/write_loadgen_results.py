@@ -13,6 +13,7 @@ from results_section import (add_common_arguments, close_section, cpu_model, gen
 
 BEGIN = "<!-- loadgen:begin -->"
 END = "<!-- loadgen:end -->"
+FAIRNESS_TARGET = 0.20  # every session's steps/s within ±20% of the sessions' mean (issue 18)
 
 
 def main():
@@ -25,7 +26,7 @@ def main():
     report = json.load(open(args.report))
     tcp = iperf_gbps(args.iperf)
     ceiling = statistics.median(tcp)
-    lines, add = open_section(BEGIN, "Load generator: the update path under load (issue 8)")
+    lines, add = open_section(BEGIN, "Load generator: the update path under load (issues 8 and 18)")
     add(f"{generated_by(args.command)}, "
         f"{cpu_model()}, load average before the run {args.load}. optd on the CPU backend, "
         f"`optd-loadgen` in another process on the same machine: model "
@@ -65,6 +66,27 @@ def main():
         "with cores to spare, or a GPU backend, the same run shows where the transport "
         "saturates.")
     add("")
+    busiest = max(report["levels"], key=lambda level: level["concurrency"])
+    sessions = busiest.get("sessions", [])
+    if sessions:
+        rates = [s.get("steps_per_second", 0.0) for s in sessions]
+        mean = statistics.mean(rates)
+        spread = busiest.get("fairness_spread", 0.0)
+        add(f"**Fairness** at {busiest['concurrency']} sessions (closed loop, each session "
+            "stepping as fast as the daemon answers it): every session's own steps/s and "
+            f"latency. Mean {mean:.3f} steps/s per session; the farthest session is "
+            f"{100 * spread:.0f}% from it (target ±{100 * FAIRNESS_TARGET:.0f}%: "
+            f"{'met' if spread <= FAIRNESS_TARGET else '**not met**'}).")
+        add("")
+        add("| session | steps | steps/s | / mean | p50 ms | p99 ms |")
+        add("|---:|---:|---:|---:|---:|---:|")
+        for s in sessions:
+            add(f"| {s.get('index', 0)} | {int(s.get('steps', 0))} | "
+                f"{s.get('steps_per_second', 0.0):.3f} | "
+                f"{s.get('steps_per_second', 0.0) / mean:.2f} | "
+                f"{1e3 * s.get('latency_p50_s', 0.0):.0f} | "
+                f"{1e3 * s.get('latency_p99_s', 0.0):.0f} |")
+        add("")
     close_section(args.results, BEGIN, END, lines)
 
 

@@ -88,6 +88,16 @@ class SessionRun {
  public:
   SessionRun(client::Session session, int world_size)
       : session_(std::move(session)), world_size_(world_size) {}
+
+  // Its measured steps' latencies (for the per-session figures).
+  void AddLatency(double seconds) {
+    absl::MutexLock lock(&latencies_mu_);
+    latencies_.push_back(seconds);
+  }
+  std::vector<double> TakeLatencies() {
+    absl::MutexLock lock(&latencies_mu_);
+    return std::move(latencies_);
+  }
   // A session spread over every endpoint (--sharded).
   SessionRun(client::ShardedSession sharded, int world_size)
       : sharded_(std::make_unique<client::ShardedSession>(std::move(sharded))),
@@ -179,6 +189,8 @@ class SessionRun {
   }
 
  private:
+  absl::Mutex latencies_mu_;
+  std::vector<double> latencies_ ABSL_GUARDED_BY(latencies_mu_);
   std::optional<client::Session> session_;
   std::unique_ptr<client::ShardedSession> sharded_;
   const int world_size_;
@@ -418,6 +430,7 @@ bool LevelRun::RunStep(SessionRun& run, int worker, int64_t step, absl::Time int
     ++tally_.steps;
     tally_.bytes_sent += sent_per_step_;
     tally_.bytes_received += received_per_step_;
+    run.AddLatency(absl::ToDoubleSeconds(done - intended));
     absl::MutexLock lock(&tally_.mu);
     tally_.latencies.push_back(absl::ToDoubleSeconds(done - intended));
   }
@@ -584,6 +597,25 @@ v1::LoadgenLevel LevelRun::Summarize(absl::Duration measured, const std::vector<
       (*level.mutable_errors_by_code())[code] = n;
     }
   }
+  // Each session's own share: with every session stepping as fast as it is answered, a fair
+  // daemon gives each about the same.
+  double sum_rates = 0, farthest = 0;
+  for (size_t i = 0; i < sessions_.size(); ++i) {
+    std::vector<double> l = sessions_[i]->TakeLatencies();
+    std::sort(l.begin(), l.end());
+    v1::LoadgenSession* s = level.add_sessions();
+    s->set_index(static_cast<int>(i));
+    s->set_steps(static_cast<int64_t>(l.size()));
+    s->set_steps_per_second(static_cast<double>(l.size()) / std::max(1e-9, level.seconds()));
+    s->set_latency_p50_s(Quantile(l, 0.5));
+    s->set_latency_p99_s(Quantile(l, 0.99));
+    sum_rates += s->steps_per_second();
+  }
+  const double mean_rate = sessions_.empty() ? 0 : sum_rates / sessions_.size();
+  for (const v1::LoadgenSession& s : level.sessions()) {
+    if (mean_rate > 0) farthest = std::max(farthest, std::abs(s.steps_per_second() - mean_rate));
+  }
+  level.set_fairness_spread(mean_rate > 0 ? farthest / mean_rate : 0);
   for (double r : rates) level.add_window_steps_per_second(r);
   level.set_stable(stable);
   const int64_t attempts = level.steps() + level.errors();

@@ -1,5 +1,6 @@
 #include "client/loadgen_report.h"
 
+#include <algorithm>
 #include <map>
 #include <sstream>
 #include <tuple>
@@ -93,6 +94,21 @@ std::string ToTable(const v1::LoadgenReport& report) {
       }
       absl::StrAppendFormat(&out, "; backend memory %.1f MiB\n",
                             l.server_backend_memory_bytes() / (1 << 20));
+    }
+    if (l.sessions_size() > 1) {
+      // Fairness: the spread of the sessions' own rates, and their p99s.
+      double low = l.sessions(0).steps_per_second(), high = low;
+      double p99_low = l.sessions(0).latency_p99_s(), p99_high = p99_low;
+      for (const v1::LoadgenSession& s : l.sessions()) {
+        low = std::min(low, s.steps_per_second());
+        high = std::max(high, s.steps_per_second());
+        p99_low = std::min(p99_low, s.latency_p99_s());
+        p99_high = std::max(p99_high, s.latency_p99_s());
+      }
+      absl::StrAppendFormat(&out,
+                            "          per session: steps/s %.2f to %.2f (farthest %.0f%% from "
+                            "the mean), p99 %.2f to %.2f ms\n",
+                            low, high, 100 * l.fairness_spread(), 1e3 * p99_low, 1e3 * p99_high);
     }
   }
   return out;

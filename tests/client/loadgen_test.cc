@@ -195,6 +195,23 @@ TEST_F(LoadgenRunTest, CountsAgreeWithTheDaemonsOwnAndSessionsAreDeleted) {
   EXPECT_LE(level.latency_p50_s(), level.latency_p99_s());
   EXPECT_LE(level.latency_p99_s(), level.latency_max_s());
   EXPECT_GT(level.server_phase_seconds().at("compute"), 0);
+  // Per session: its own steps add up to the level's, and the spread is the farthest session's
+  // distance from their mean rate.
+  ASSERT_EQ(level.sessions_size(), 2);
+  int64_t session_steps = 0;
+  double mean = 0;
+  for (const v1::LoadgenSession& s : level.sessions()) {
+    session_steps += s.steps();
+    mean += s.steps_per_second() / 2;
+    EXPECT_GT(s.steps(), 0);
+    EXPECT_NEAR(s.steps_per_second(), s.steps() / level.seconds(), 1e-9);
+    EXPECT_LE(s.latency_p50_s(), s.latency_p99_s());
+    EXPECT_LE(s.latency_p99_s(), level.latency_max_s());
+  }
+  EXPECT_EQ(session_steps, level.steps());
+  EXPECT_NEAR(level.fairness_spread(), std::abs(level.sessions(0).steps_per_second() - mean) / mean,
+              1e-9);
+  EXPECT_THAT(loadgen::ToTable(*report), HasSubstr("per session: steps/s"));
   EXPECT_FALSE(level.stable());
   EXPECT_FALSE(report->ok());
   // Cleaned up.

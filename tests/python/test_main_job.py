@@ -28,6 +28,7 @@ def test_quick_main_job(tmp_path):
         assert 0 < train_loss < 2.3 and 10 < train_acc <= 100, row
         assert 0 < valid_loss < 2.3 and 10 < valid_acc <= 100, row
         assert float(words[4]) > 0 and float(words[5]) > 0, row  # steps/s, remote ms
+        assert float(words[6]) >= float(words[5]), row  # p99 ms, at least the median
     vocabulary = len(set(open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read()))
     for row in rows[7:]:  # text: losses below a uniform guess over the characters
         train_loss, valid_loss = (float(w) for w in row[15:].split()[:2])
