@@ -3,7 +3,7 @@
 # optd-loadgen against an optd on the CPU backend at 1, 4 and 16 concurrent sessions (two
 # GPT-2-small blocks, bench/loadgen_model.json, preset rmnp so the update's arithmetic stays small
 # beside the transport), then the "Load generator" section of bench/RESULTS.md. Raw output goes to
-# bench/out/ (ignored by git). About three minutes on 2 cores.
+# bench/out/ (ignored by git). About four minutes on 2 cores.
 #
 # Usage: bench/loadgen.sh [--duration_s=S]   (longest measurement per level; default 20)
 #   OPTD_BENCH_BUILD_DIR  build tree (default: build)
@@ -40,11 +40,19 @@ status=0
   --metrics="127.0.0.1:$(cat "$out/optd.metrics_port")" --model=bench/loadgen_model.json \
   --preset=rmnp --concurrency=1:16:x4 --duration_s="$duration" --window_s=2 \
   --json="$out/loadgen.json" --csv="$out/loadgen.csv" || status=$?
+# Fairness: 16 sessions measured over a fixed number of steps (about 30 each), long enough that
+# one step more or less is a few percent of a session's rate.
+log "[3b/4] optd-loadgen --concurrency=16 --steps=480 (fairness)"
+"$build_dir/client/optd-loadgen" --server="127.0.0.1:$(cat "$out/optd.port")" \
+  --model=bench/loadgen_model.json --preset=rmnp --concurrency=16 --steps=480 \
+  --stable_windows=150 --max_windows=150 --duration_s=300 --window_s=2 \
+  --json="$out/loadgen_fairness.json" || status=$?
 kill -TERM $optd
 wait $optd || true
 
 log "[4/4] writing bench/RESULTS.md (Load generator section)"
 /usr/bin/python3 bench/write_loadgen_results.py --report "$out/loadgen.json" \
+  --fairness "$out/loadgen_fairness.json" \
   --iperf "$out"/iperf3.*.json --load "$load_before" \
   --command "bench/loadgen.sh${*:+ $*}" --results bench/RESULTS.md
 exit $status

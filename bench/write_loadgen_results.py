@@ -20,6 +20,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--report", required=True)
     parser.add_argument("--iperf", nargs="+", required=True)
+    parser.add_argument("--fairness", help="a 16-session run over a fixed number of steps")
     add_common_arguments(parser, "bench/loadgen.sh")
     args = parser.parse_args()
 
@@ -66,14 +67,17 @@ def main():
         "with cores to spare, or a GPU backend, the same run shows where the transport "
         "saturates.")
     add("")
-    busiest = max(report["levels"], key=lambda level: level["concurrency"])
+    busiest = (json.load(open(args.fairness))["levels"][0] if args.fairness
+               else max(report["levels"], key=lambda level: level["concurrency"]))
     sessions = busiest.get("sessions", [])
     if sessions:
         rates = [s.get("steps_per_second", 0.0) for s in sessions]
         mean = statistics.mean(rates)
         spread = busiest.get("fairness_spread", 0.0)
         add(f"**Fairness** at {busiest['concurrency']} sessions (closed loop, each session "
-            "stepping as fast as the daemon answers it): every session's own steps/s and "
+            "stepping as fast as the daemon answers it, measured over "
+            f"{int(busiest['steps'])} steps in {busiest['seconds']:.0f} s, "
+            "`optd-loadgen --concurrency=16 --steps=480`): every session's own steps/s and "
             f"latency. Mean {mean:.3f} steps/s per session; the farthest session is "
             f"{100 * spread:.0f}% from it (target ±{100 * FAIRNESS_TARGET:.0f}%: "
             f"{'met' if spread <= FAIRNESS_TARGET else '**not met**'}).")

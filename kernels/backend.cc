@@ -1,6 +1,7 @@
 #include "kernels/backend.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace optd {
 
@@ -42,6 +43,26 @@ absl::Status Backend::NewtonSchulzNative(Queue&, const MatrixBatch&, const Newto
                                          float*) {
   return absl::UnimplementedError(
       absl::StrCat("the ", name(), " backend has no native Newton-Schulz"));
+}
+
+absl::Status Backend::AdamWInto(Queue& queue, float* w_out, float* m_out, float* v_out,
+                                const float* w_in, const float* m_in, const float* v_in,
+                                const float* g, int64_t count,
+                                const formulas::AdamWScalars* scalars) {
+  const size_t bytes = static_cast<size_t>(count) * sizeof(float);
+  OPTD_RETURN_IF_ERROR(Copy(queue, w_out, w_in, bytes));
+  OPTD_RETURN_IF_ERROR(Copy(queue, m_out, m_in, bytes));
+  OPTD_RETURN_IF_ERROR(Copy(queue, v_out, v_in, bytes));
+  return AdamW(queue, w_out, m_out, v_out, g, count, scalars);
+}
+
+absl::Status Backend::RmnpStepInto(Queue& queue, float* w_out, float* m_out, const float* w_in,
+                                   const float* m_in, const float* g, int64_t rows, int64_t cols,
+                                   const RmnpStepArgs& args) {
+  const size_t bytes = static_cast<size_t>(rows * cols) * sizeof(float);
+  OPTD_RETURN_IF_ERROR(Copy(queue, w_out, w_in, bytes));
+  OPTD_RETURN_IF_ERROR(Copy(queue, m_out, m_in, bytes));
+  return RmnpStep(queue, w_out, m_out, g, rows, cols, args);
 }
 
 absl::Status Backend::BeginRecording(Queue&) {

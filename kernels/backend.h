@@ -254,6 +254,17 @@ class Backend {
                              int64_t count, const formulas::AdamWScalars* scalars) = 0;
   virtual absl::Status RmnpStep(Queue& queue, float* w, float* m, const float* g, int64_t rows,
                                 int64_t cols, const RmnpStepArgs& args) = 0;
+  // The same two steps out of place: the state is read from the `_in` buffers and the new state
+  // written to the `_out` ones (all distinct), with AdamW's and RmnpStep's bits. A prepared step
+  // (Optimizer::PrepareTensor) writes its shadows so, in one pass. By default a copy into the
+  // outputs, then the step in place there; the CPU backend fuses them.
+  virtual absl::Status AdamWInto(Queue& queue, float* w_out, float* m_out, float* v_out,
+                                 const float* w_in, const float* m_in, const float* v_in,
+                                 const float* g, int64_t count,
+                                 const formulas::AdamWScalars* scalars);
+  virtual absl::Status RmnpStepInto(Queue& queue, float* w_out, float* m_out, const float* w_in,
+                                    const float* m_in, const float* g, int64_t rows, int64_t cols,
+                                    const RmnpStepArgs& args);
 
   // Newton–Schulz on every matrix of `x` in place, where the backend has a native path for it:
   // the same rounding points as the composed path of newton_schulz.cc (inputs and outputs of

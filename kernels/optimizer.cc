@@ -691,17 +691,22 @@ absl::Status Optimizer::ScaleAndDecayStage(Tensor& t, const MatrixBatch& o) {
 
 // RMNP's six stages in one pass per tensor (Backend::RmnpStep): sum momentum, no pre-normalize,
 // row normalization, no post-normalize, the preset's scale and decay.
-absl::Status Optimizer::FusedRmnpStep(Tensor& t) {
+RmnpStepArgs Optimizer::RmnpArgsOf(const Tensor& t) const {
   const OptimizerConfig& c = t.spec.config;
   const RateAndScale rate = RateAndScaleOf(t);
+  return RmnpStepArgs{.momentum = static_cast<float>(c.matrix.momentum),
+                      .nesterov = c.matrix.nesterov,
+                      .eps = c.matrix.row_normalize_eps,
+                      .lr = rate.lr,
+                      .decay = DecayFactor(c),
+                      .scale = rate.scale,
+                      .step_dtype = c.matrix.step_dtype};
+}
+
+absl::Status Optimizer::FusedRmnpStep(Tensor& t) {
+  const RateAndScale rate = RateAndScaleOf(t);
   const int64_t rows = t.view.rows, cols = t.view.cols;
-  RmnpStepArgs args{.momentum = static_cast<float>(c.matrix.momentum),
-                    .nesterov = c.matrix.nesterov,
-                    .eps = c.matrix.row_normalize_eps,
-                    .lr = rate.lr,
-                    .decay = DecayFactor(c),
-                    .scale = rate.scale,
-                    .step_dtype = c.matrix.step_dtype};
+  const RmnpStepArgs args = RmnpArgsOf(t);
   OPTD_RETURN_IF_ERROR(backend_->RmnpStep(*queue_, t.parameters.f32(), t.momentum.f32(),
                                           t.gradient.f32(), t.view.batch * rows, cols, args));
   if (t.capture == nullptr) return absl::OkStatus();
@@ -709,7 +714,7 @@ absl::Status Optimizer::FusedRmnpStep(Tensor& t) {
   // it (sum momentum: u = g + μ·m with Nesterov, else m; each product and sum the same fp32
   // operation), then row-normalize and scale it.
   float* u = t.capture;
-  if (c.matrix.nesterov) {
+  if (args.nesterov) {
     OPTD_RETURN_IF_ERROR(backend_->Copy(*queue_, u, t.gradient.f32(), t.count * sizeof(float)));
     OPTD_RETURN_IF_ERROR(backend_->ApplyUpdate(*queue_, u, t.momentum.f32(), t.count,
                                                -args.momentum, 1.0f, 1.0f, DType::kF32));
@@ -829,8 +834,33 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
     OPTD_ASSIGN_OR_RETURN(t.shadow_momentum, backend_->Allocate(bytes));
     OPTD_ASSIGN_OR_RETURN(t.shadow_second_moment, backend_->Allocate(second_bytes));
   }
-  // The step runs in place on copies: the shadows stand in for the tensor's buffers meanwhile,
-  // so it is Step's own code, kernel for kernel.
+  const bool fused_rmnp = t.group >= 0 && groups_[t.group].fused_rmnp;
+  if (t.spec.config.algorithm == Algorithm::kAdamW || fused_rmnp) {
+    // One pass from the tensor's buffers into its shadows: Step's kernel, out of place.
+    absl::Status status;
+    if (fused_rmnp) {
+      status = backend_->RmnpStepInto(queue, t.shadow_parameters.f32(), t.shadow_momentum.f32(),
+                                      t.parameters.f32(), t.momentum.f32(), t.gradient.f32(),
+                                      t.view.batch * t.view.rows, t.view.cols, RmnpArgsOf(t));
+    } else {
+      const formulas::AdamWScalars scalars = AdamWScalarsOf(t);
+      auto* slot = static_cast<formulas::AdamWScalars*>(adamw_scalars_.data()) + t.adamw_slot;
+      status = backend_->Upload(queue, slot, &scalars, sizeof(scalars));
+      if (status.ok()) {
+        status =
+            backend_->AdamWInto(queue, t.shadow_parameters.f32(), t.shadow_momentum.f32(),
+                                t.shadow_second_moment.f32(), t.parameters.f32(), t.momentum.f32(),
+                                t.second_moment.f32(), t.gradient.f32(), t.count, slot);
+      }
+    }
+    const absl::Status synced = backend_->Synchronize(queue);
+    if (status.ok()) status = synced;
+    OPTD_RETURN_IF_ERROR(status);  // only the shadows were written
+    t.prepared = true;
+    return absl::OkStatus();
+  }
+  // The other stages run in place on copies: the shadows stand in for the tensor's buffers
+  // meanwhile, so it is Step's own code, kernel for kernel.
   OPTD_RETURN_IF_ERROR(
       backend_->Copy(queue, t.shadow_parameters.data(), t.parameters.data(), bytes));
   OPTD_RETURN_IF_ERROR(backend_->Copy(queue, t.shadow_momentum.data(), t.momentum.data(), bytes));
@@ -843,17 +873,8 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
                 t.shadow_second_moment);
   };
   swap();
-  absl::Status status;
-  if (t.spec.config.algorithm == Algorithm::kMatrix) {
-    Tensor* member = &t;
-    status = StepMembers(groups_[t.group], absl::MakeConstSpan(&member, 1));
-  } else {
-    const formulas::AdamWScalars scalars = AdamWScalarsOf(t);
-    status = backend_->Upload(
-        queue, static_cast<formulas::AdamWScalars*>(adamw_scalars_.data()) + t.adamw_slot, &scalars,
-        sizeof(scalars));
-    if (status.ok()) status = StepAdamW(t);
-  }
+  Tensor* member = &t;
+  absl::Status status = StepMembers(groups_[t.group], absl::MakeConstSpan(&member, 1));
   const absl::Status synced = backend_->Synchronize(queue);
   swap();
   if (status.ok()) status = synced;

@@ -196,6 +196,7 @@ class Optimizer {
   absl::Status PostNormalizeStage(Tensor& t, const MatrixBatch& o);
   absl::Status ScaleAndDecayStage(Tensor& t, const MatrixBatch& o);
   absl::Status FusedRmnpStep(Tensor& t);
+  RmnpStepArgs RmnpArgsOf(const Tensor& t) const;
   absl::Status StepAdamW(Tensor& tensor);
   formulas::AdamWScalars AdamWScalarsOf(const Tensor& tensor) const;
   // Enqueues a step's work (groups, then AdamW) on queue_.

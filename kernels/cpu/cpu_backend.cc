@@ -157,6 +157,48 @@ OPTD_AVX2_CLONES void RmnpRows(float* w, float* m, const float* g, int64_t begin
   }
 }
 
+// RmnpRowsOf out of place: m and w read from `m_in` and `w_in`, the new ones written to `m_out`
+// and `w_out` (all distinct), each element by the same operations, so the same bits.
+template <DType kStepDType>
+[[gnu::always_inline]] inline void RmnpRowsIntoOf(float* __restrict w_out, float* __restrict m_out,
+                                                  const float* __restrict w_in,
+                                                  const float* __restrict m_in, const float* g,
+                                                  int64_t begin, int64_t end, int64_t cols,
+                                                  const RmnpStepArgs& a, float* __restrict u) {
+  const formulas::MomentumScalars momentum{a.momentum, 0.0f, formulas::MomentumKind::kSum,
+                                           a.nesterov};
+  const float eps = a.eps, scale = a.scale, lr = a.lr, decay = a.decay;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t row = r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      float m = m_in[row + c];
+      u[c] = formulas::MomentumStep(m, g[row + c], momentum);
+      m_out[row + c] = m;
+    }
+    const float denominator = formulas::RowL2Denominator(Norm(u, cols), eps);
+    for (int64_t c = 0; c < cols; ++c) {
+      const float step = RoundScalarTo<kStepDType>((u[c] / denominator) * scale);
+      w_out[row + c] = formulas::DecayAndStep(w_in[row + c], step, lr, decay);
+    }
+  }
+}
+
+OPTD_AVX2_CLONES void RmnpRowsInto(float* w_out, float* m_out, const float* w_in, const float* m_in,
+                                   const float* g, int64_t begin, int64_t end, int64_t cols,
+                                   const RmnpStepArgs& a, float* u) {
+  switch (a.step_dtype) {
+    case DType::kBF16:
+      RmnpRowsIntoOf<DType::kBF16>(w_out, m_out, w_in, m_in, g, begin, end, cols, a, u);
+      break;
+    case DType::kF16:
+      RmnpRowsIntoOf<DType::kF16>(w_out, m_out, w_in, m_in, g, begin, end, cols, a, u);
+      break;
+    default:
+      RmnpRowsIntoOf<DType::kF32>(w_out, m_out, w_in, m_in, g, begin, end, cols, a, u);
+      break;
+  }
+}
+
 std::string CpuModel() {
   std::ifstream cpuinfo("/proc/cpuinfo");
   std::string line;
@@ -564,6 +606,39 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", 1, scalars_in));
     const formulas::AdamWScalars scalars = *scalars_in;
     ForEach(count, [&](int64_t i) { formulas::AdamWStep(w[i], m[i], v[i], g[i], scalars); });
+    return absl::OkStatus();
+  }
+
+  absl::Status AdamWInto(Queue&, float* w_out, float* m_out, float* v_out, const float* w_in,
+                         const float* m_in, const float* v_in, const float* g, int64_t count,
+                         const formulas::AdamWScalars* scalars_in) override {
+    for (const float* p : {static_cast<const float*>(w_out), static_cast<const float*>(m_out),
+                           static_cast<const float*>(v_out), w_in, m_in, v_in, g}) {
+      OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, p));
+    }
+    OPTD_RETURN_IF_ERROR(CheckCount("adamw", 1, scalars_in));
+    const formulas::AdamWScalars scalars = *scalars_in;
+    ForEach(count, [&](int64_t i) {
+      float w = w_in[i], m = m_in[i], v = v_in[i];
+      formulas::AdamWStep(w, m, v, g[i], scalars);
+      w_out[i] = w;
+      m_out[i] = m;
+      v_out[i] = v;
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status RmnpStepInto(Queue&, float* w_out, float* m_out, const float* w_in,
+                            const float* m_in, const float* g, int64_t rows, int64_t cols,
+                            const RmnpStepArgs& a) override {
+    for (const float* p :
+         {static_cast<const float*>(w_out), static_cast<const float*>(m_out), w_in, m_in, g}) {
+      OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, p));
+    }
+    ForRowBlocks(rows, cols, [&](int64_t begin, int64_t end) {
+      std::vector<float> u(cols);
+      RmnpRowsInto(w_out, m_out, w_in, m_in, g, begin, end, cols, a, u.data());
+    });
     return absl::OkStatus();
   }
 

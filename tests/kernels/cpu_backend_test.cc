@@ -153,6 +153,75 @@ TEST(CpuBackendTest, SameBitsForAnyThreadCount) {
   }
 }
 
+TEST(CpuBackendTest, OutOfPlaceStepsGiveTheInPlaceBitsAndLeaveTheirInputs) {
+  // The CPU backend's fused AdamWInto and RmnpStepInto, and the Backend default (a copy, then the
+  // step in place) that the CUDA backend inherits, against the in-place kernels.
+  std::unique_ptr<Backend> backend = CpuBackendWith(3);
+  ASSERT_NE(backend, nullptr);
+  Queue& q = backend->default_queue();
+  const int64_t rows = 37, cols = 300, n = rows * cols;
+  const std::vector<float> w0 = reference::RandomNormal(n, 1), m0 = reference::RandomNormal(n, 2),
+                           v0 =
+                               [&] {
+                                 std::vector<float> v = reference::RandomNormal(n, 3);
+                                 for (float& x : v) x = x * x;
+                                 return v;
+                               }(),
+                           g = reference::RandomNormal(n, 4);
+  const formulas::AdamWScalars scalars{.beta2 = 0.95f,
+                                       .one_minus_beta1 = 0.1f,
+                                       .one_minus_beta2 = 0.05f,
+                                       .eps = 1e-8f,
+                                       .decay = 0.999f,
+                                       .step_size = 0.01f,
+                                       .bias_correction2_sqrt = 0.3f,
+                                       .eps_placement = formulas::AdamEpsilon::kTorch};
+  std::vector<float> w = w0, m = m0, v = v0;
+  ASSERT_TRUE(backend->AdamW(q, w.data(), m.data(), v.data(), g.data(), n, &scalars).ok());
+  for (const bool fused : {true, false}) {
+    SCOPED_TRACE(fused ? "fused" : "default");
+    std::vector<float> wo(n), mo(n), vo(n), wi = w0, mi = m0, vi = v0;
+    const absl::Status s =
+        fused ? backend->AdamWInto(q, wo.data(), mo.data(), vo.data(), wi.data(), mi.data(),
+                                   vi.data(), g.data(), n, &scalars)
+              : backend->Backend::AdamWInto(q, wo.data(), mo.data(), vo.data(), wi.data(),
+                                            mi.data(), vi.data(), g.data(), n, &scalars);
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(std::memcmp(wo.data(), w.data(), n * 4), 0);
+    EXPECT_EQ(std::memcmp(mo.data(), m.data(), n * 4), 0);
+    EXPECT_EQ(std::memcmp(vo.data(), v.data(), n * 4), 0);
+    EXPECT_EQ(wi, w0);
+    EXPECT_EQ(mi, m0);
+    EXPECT_EQ(vi, v0);
+  }
+  for (const DType step_dtype : {DType::kF32, DType::kBF16}) {
+    const RmnpStepArgs args{.momentum = 0.95f,
+                            .nesterov = true,
+                            .eps = 1e-8f,
+                            .lr = 0.02f,
+                            .decay = 0.999f,
+                            .scale = 0.5f,
+                            .step_dtype = step_dtype};
+    w = w0;
+    m = m0;
+    ASSERT_TRUE(backend->RmnpStep(q, w.data(), m.data(), g.data(), rows, cols, args).ok());
+    for (const bool fused : {true, false}) {
+      SCOPED_TRACE(fused ? "fused" : "default");
+      std::vector<float> wo(n), mo(n), wi = w0, mi = m0;
+      const absl::Status s =
+          fused ? backend->RmnpStepInto(q, wo.data(), mo.data(), wi.data(), mi.data(), g.data(),
+                                        rows, cols, args)
+                : backend->Backend::RmnpStepInto(q, wo.data(), mo.data(), wi.data(), mi.data(),
+                                                 g.data(), rows, cols, args);
+      ASSERT_TRUE(s.ok()) << s;
+      EXPECT_EQ(std::memcmp(wo.data(), w.data(), n * 4), 0);
+      EXPECT_EQ(std::memcmp(mo.data(), m.data(), n * 4), 0);
+      EXPECT_EQ(wi, w0);
+      EXPECT_EQ(mi, m0);
+    }
+  }
+}
+
 TEST(CpuBackendTest, TiledGemmWithinRoundingOfFp64) {
   // |fl(c) − c| <= γ_k·(|α|·|A|·|B|) + rounding of the β term, γ_k = k·u/(1 − k·u) with
   // u = 2⁻²⁴ (Higham, "Accuracy and Stability of Numerical Algorithms", 3.5), for every tile.
