@@ -169,6 +169,9 @@ class Backend {
 
   // "cpu" or "cuda".
   virtual absl::string_view name() const = 0;
+  // Whether backend memory is host memory that host code may read and write directly (the CPU
+  // backend): then a host buffer can stand in for a backend one.
+  virtual bool host_memory() const { return false; }
   // A human-readable description of the device (CPU model and threads, or GPU name).
   virtual std::string description() const = 0;
 

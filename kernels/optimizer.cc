@@ -817,7 +817,24 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
   }
   absl::Cleanup restore_lr = [&t, own_lr] { t.spec.config.lr = own_lr; };
   Queue& queue = *queue_;
-  OPTD_RETURN_IF_ERROR(SetGradient(tensor, gradient));
+  // Where backend memory is the host's, the step reads the gradient where it lies (a stream's
+  // staging); else it is uploaded into the tensor's gradient buffer, as Step's caller does.
+  Buffer borrowed;
+  const bool borrow = backend_->host_memory();
+  if (borrow) {
+    if (static_cast<int64_t>(gradient.size()) != t.count) {
+      return absl::InvalidArgumentError(absl::StrCat("gradient for tensor '", t.spec.name, "' has ",
+                                                     gradient.size(), " elements, expected ",
+                                                     t.count));
+    }
+    borrowed = Buffer(const_cast<float*>(gradient.data()), gradient.size() * sizeof(float), {});
+    std::swap(t.gradient, borrowed);
+  } else {
+    OPTD_RETURN_IF_ERROR(SetGradient(tensor, gradient));
+  }
+  absl::Cleanup give_back = [&t, &borrowed, borrow] {
+    if (borrow) std::swap(t.gradient, borrowed);
+  };
   // The check Step makes, with its message: nothing is computed from a gradient it would refuse.
   OPTD_ASSIGN_OR_RETURN(
       const int64_t bad,

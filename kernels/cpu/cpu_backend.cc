@@ -216,6 +216,7 @@ class CpuBackend : public Backend {
   explicit CpuBackend(int threads) : pool_(threads) {}
 
   absl::string_view name() const override { return "cpu"; }
+  bool host_memory() const override { return true; }
   std::string description() const override {
     return absl::StrCat(CpuModel(), ", ", pool_.threads(), " threads, OpenBLAS ",
                         openblas_get_config());
