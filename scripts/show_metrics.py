@@ -75,9 +75,12 @@ def main() -> int:
     for name, labels, value in samples:
         if name == "optd_step_duration_seconds_bucket":
             by_optimizer[labels["optimizer"]].append((float(labels["le"]), value))
+    # The daemon's histogram is per optimizer label, over every session that label names (here
+    # both models of a preset, whose steps differ several-fold), interpolated inside buckets: a
+    # spread of the label's steps, not one session's tail (the tables' p99 is each session's).
     for optimizer, buckets in sorted(by_optimizer.items()):
         print(f"  step latency {optimizer:<14} p50 {1e3 * quantile(buckets, 0.5):7.2f} ms"
-              f"  p99 {1e3 * quantile(buckets, 0.99):7.2f} ms")
+              f"  p99 {1e3 * quantile(buckets, 0.99):7.2f} ms  (every session of the label)")
 
     table = defaultdict(dict)
     steps = {}

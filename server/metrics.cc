@@ -15,11 +15,14 @@ using prometheus::Family;
 using prometheus::Gauge;
 using prometheus::Histogram;
 
-// 1 ms to 60 s: a small model's step on a GPU up to a large one's on a CPU. Built once: every
-// step's observation passes them (used only when its series is new).
+// 0.25 ms to 60 s: a small model's step on a GPU up to a large one's on a CPU, about three
+// buckets per decade below 0.1 s so that a quantile interpolated inside one (histogram_quantile)
+// is off by less than half of it — a sub-millisecond median is not read as 0.5 ms, nor a 6 ms
+// p99 as 9. Built once: every step's observation passes them (used only when its series is new).
 const Histogram::BucketBoundaries& StepBuckets() {
   static const Histogram::BucketBoundaries buckets = {
-      0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60};
+      0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025,
+      0.05,    0.075,  0.1,     0.25,  0.5,    1,     2.5,   5,     10,     25,   60};
   return buckets;
 }
 
