@@ -11,6 +11,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/formulas.h"
+#include "kernels/optimizer_config.h"
 
 namespace optd::testing {
 
@@ -20,6 +21,21 @@ inline std::unique_ptr<Backend> MakeCpuBackend() {
   EXPECT_TRUE(backend.ok()) << backend.status();
   return backend.ok() ? std::move(*backend) : nullptr;
 }
+
+// A test of optimizers on the CPU backend: the backend, and configs parsed from their specs.
+class CpuOptimizerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    backend_ = MakeCpuBackend();
+    ASSERT_NE(backend_, nullptr);
+  }
+  OptimizerConfig Config(const std::string& spec) {
+    auto config = ParseOptimizerConfig(spec);
+    EXPECT_TRUE(config.ok()) << config.status();
+    return *config;
+  }
+  std::unique_ptr<Backend> backend_;
+};
 
 // The backend named `name` ("cpu" or "cuda"). Null with `*skip` saying why when the backend
 // cannot run here (no CUDA in the build, no driver, no device); a test failure for any other

@@ -244,17 +244,8 @@ INSTANTIATE_TEST_SUITE_P(AllPresets, PresetTest, ::testing::ValuesIn(PresetCases
 
 // --- The optimizer's contract on edge cases and bad input. ---
 
-class OptimizerContractTest : public ::testing::Test {
+class OptimizerContractTest : public testing::CpuOptimizerTest {
  protected:
-  void SetUp() override {
-    backend_ = testing::MakeCpuBackend();
-    ASSERT_NE(backend_, nullptr);
-  }
-  OptimizerConfig Config(const std::string& spec) {
-    auto config = ParseOptimizerConfig(spec);
-    EXPECT_TRUE(config.ok()) << config.status();
-    return *config;
-  }
   std::unique_ptr<Optimizer> Make(std::vector<TensorSpec> specs) {
     auto opt = Optimizer::Create(*backend_, std::move(specs));
     EXPECT_TRUE(opt.ok()) << opt.status();
@@ -269,7 +260,6 @@ class OptimizerContractTest : public ::testing::Test {
     const StateBuffer b = opt.state(i)[k];
     return std::vector<float>(b.data, b.data + b.count);  // CPU backend: host memory
   }
-  std::unique_ptr<Backend> backend_;
 };
 
 TEST_F(OptimizerContractTest, CapturedUpdateIsWhatTheStepApplied) {

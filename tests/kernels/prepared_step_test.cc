@@ -29,17 +29,8 @@ std::vector<uint32_t> Bits(absl::Span<const float> values) {
   return bits;
 }
 
-class PreparedStepTest : public ::testing::Test {
+class PreparedStepTest : public testing::CpuOptimizerTest {
  protected:
-  void SetUp() override {
-    backend_ = testing::MakeCpuBackend();
-    ASSERT_NE(backend_, nullptr);
-  }
-  OptimizerConfig Config(const std::string& spec) {
-    auto config = ParseOptimizerConfig(spec);
-    EXPECT_TRUE(config.ok()) << config.status();
-    return *config;
-  }
   // Two same-shape matrices (one batch in Step), a transposed one, a batched rank-3 tensor of the
   // same matrix shape, and AdamW's vector and embedding.
   std::vector<TensorSpec> Specs(const std::string& preset) {
@@ -74,7 +65,6 @@ class PreparedStepTest : public ::testing::Test {
     }
     return all;
   }
-  std::unique_ptr<Backend> backend_;
 };
 
 std::vector<std::string> PresetSpecs() {

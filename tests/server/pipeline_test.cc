@@ -128,18 +128,22 @@ class PipelineTest : public ::testing::Test {
                         const std::string& what) {
     absl::StatusOr<std::map<std::string, std::vector<float>>> params = session.GetParameters();
     ASSERT_TRUE(params.ok()) << params.status();
-    ExpectEqual(reference, *params, what);
+    ExpectMatches(reference, *params, what);
   }
-  static void ExpectEqual(const Reference& reference,
-                          const std::map<std::string, std::vector<float>>& got,
-                          const std::string& what) {
-    ASSERT_EQ(got.size(), static_cast<size_t>(reference.num_tensors())) << what;
-    for (int t = 0; t < reference.num_tensors(); ++t) {
-      auto it = got.find(reference.name(t));
-      ASSERT_NE(it, got.end()) << what << ": " << reference.name(t);
-      EXPECT_TRUE(BitwiseEqual(it->second, reference.Parameters(t)))
-          << what << ": tensor " << reference.name(t) << " differs from the serial step";
-    }
+  // One worker's step: the first tensor, waited for until stepped ahead, then the rest; its
+  // results against the reference stepping the same gradients.
+  void StepFirstAheadThenTheRest(const client::Session& session, Reference& reference,
+                                 server::Session& daemons, int64_t step) {
+    const std::vector<std::vector<float>> grads = WorkerGradients(reference, step, 0);
+    StreamedStep stream(*stub_, session, step, 0);
+    stream.Send(reference.name(0), grads[0]);
+    AwaitPrepared(daemons, 1);
+    for (int t = 1; t < reference.num_tensors(); ++t) stream.Send(reference.name(t), grads[t]);
+    stream.Close();
+    absl::StatusOr<std::map<std::string, std::vector<float>>> results = stream.Read();
+    reference.Step({grads});
+    ASSERT_TRUE(results.ok()) << results.status();
+    ExpectMatches(reference, *results, absl::StrCat("step ", step));
   }
 
   server::FakeClock clock_;
@@ -147,14 +151,6 @@ class PipelineTest : public ::testing::Test {
   std::unique_ptr<client::Client> client_;
   std::unique_ptr<v1::Optimizer::Stub> stub_;
 };
-
-v1::SessionConfig ModelConfig(const std::string& preset, int world_size = 1) {
-  const std::string matrix = preset == "adamw" ? "vectors" : "matrices";
-  return MakeConfig(
-      {{"matrices", preset}, {"vectors", "adamw"}},
-      {{"hidden", {24, 40}, matrix}, {"conv", {6, 3, 3, 3}, matrix}, {"bias", {40}, "vectors"}},
-      world_size);
-}
 
 class PresetPipelineTest : public PipelineTest,
                            public ::testing::WithParamInterface<std::string> {};
@@ -171,7 +167,7 @@ TEST_P(PresetPipelineTest, SteppedAheadEqualsTheSerialStepBitForBit) {
     auto results = PipelinedStep(session, reference, step, grads);
     reference.Step(grads);
     ASSERT_TRUE(results[0].ok()) << results[0].status();
-    ExpectEqual(reference, *results[0], absl::StrCat("step ", step, " results"));
+    ExpectMatches(reference, *results[0], absl::StrCat("step ", step, " results"));
   }
   ExpectParameters(session, reference, "parameters after 3 steps");
   EXPECT_EQ(daemons->tensors_stepped_ahead(), 3 * reference.num_tensors());
@@ -196,7 +192,7 @@ TEST_F(PipelineTest, FourWorkersStepEachTensorAheadOnTheirMean) {
     reference.Step(grads);
     for (int w = 0; w < 4; ++w) {
       ASSERT_TRUE(results[w].ok()) << "worker " << w << ": " << results[w].status();
-      ExpectEqual(reference, *results[w], absl::StrCat("worker ", w, " step ", step));
+      ExpectMatches(reference, *results[w], absl::StrCat("worker ", w, " step ", step));
     }
   }
   EXPECT_EQ(Daemons(session)->tensors_stepped_ahead(), 2 * reference.num_tensors());
@@ -266,7 +262,7 @@ TEST_F(PipelineTest, AStepThatFailsAfterTensorsWereSteppedAheadChangesNothing) {
   auto results = PipelinedStep(session, reference, 1, {grads});
   reference.Step({grads});
   ASSERT_TRUE(results[0].ok()) << results[0].status();
-  ExpectEqual(reference, *results[0], "the step after");
+  ExpectMatches(reference, *results[0], "the step after");
 }
 
 TEST_F(PipelineTest, AStragglerAbortAfterTensorsWereSteppedAheadChangesNothing) {
@@ -304,7 +300,7 @@ TEST_F(PipelineTest, AStragglerAbortAfterTensorsWereSteppedAheadChangesNothing) 
   reference.Step(grads);
   for (int w = 0; w < 2; ++w) {
     ASSERT_TRUE(results[w].ok()) << results[w].status();
-    ExpectEqual(reference, *results[w], absl::StrCat("worker ", w, " after the abort"));
+    ExpectMatches(reference, *results[w], absl::StrCat("worker ", w, " after the abort"));
   }
 }
 
@@ -327,7 +323,7 @@ TEST_F(PipelineTest, ParametersUploadedMidStepCountAsTheyWouldSerially) {
   absl::StatusOr<std::map<std::string, std::vector<float>>> results = stream.Read();
   reference.Step({grads});
   ASSERT_TRUE(results.ok()) << results.status();
-  ExpectEqual(reference, *results, "results");
+  ExpectMatches(reference, *results, "results");
   EXPECT_EQ(daemons->tensors_stepped_ahead(), 0);  // the prepared work was dropped
 }
 
@@ -342,16 +338,7 @@ TEST_F(PipelineTest, TensorsOfABatchedDirectionStepWithTheirBatchAtTheCommit) {
   Reference reference(config);
   std::shared_ptr<server::Session> daemons = Daemons(session);
   for (int64_t step = 1; step <= 2; ++step) {
-    const std::vector<std::vector<float>> grads = WorkerGradients(reference, step, 0);
-    StreamedStep stream(*stub_, session, step, 0);
-    stream.Send(reference.name(0), grads[0]);
-    AwaitPrepared(*daemons, 1);
-    for (int t = 1; t < reference.num_tensors(); ++t) stream.Send(reference.name(t), grads[t]);
-    stream.Close();
-    absl::StatusOr<std::map<std::string, std::vector<float>>> results = stream.Read();
-    reference.Step({grads});
-    ASSERT_TRUE(results.ok()) << results.status();
-    ExpectEqual(reference, *results, absl::StrCat("step ", step));
+    StepFirstAheadThenTheRest(session, reference, *daemons, step);
   }
   EXPECT_EQ(daemons->tensors_stepped_ahead(), 2);
   EXPECT_EQ(server_->pipeliner()->reserved_bytes(), 3 * 40 * 4);  // the vector's w, m, v
@@ -365,16 +352,7 @@ TEST_F(PipelineTest, TensorsBeyondTheScratchBudgetStepAtTheCommit) {
   Reference reference(config);
   std::shared_ptr<server::Session> daemons = Daemons(session);
   for (int64_t step = 1; step <= 2; ++step) {
-    const std::vector<std::vector<float>> grads = WorkerGradients(reference, step, 0);
-    StreamedStep stream(*stub_, session, step, 0);
-    stream.Send(reference.name(0), grads[0]);
-    AwaitPrepared(*daemons, 1);
-    for (int t = 1; t < reference.num_tensors(); ++t) stream.Send(reference.name(t), grads[t]);
-    stream.Close();
-    absl::StatusOr<std::map<std::string, std::vector<float>>> results = stream.Read();
-    reference.Step({grads});
-    ASSERT_TRUE(results.ok()) << results.status();
-    ExpectEqual(reference, *results, absl::StrCat("step ", step));
+    StepFirstAheadThenTheRest(session, reference, *daemons, step);
   }
   EXPECT_EQ(daemons->tensors_stepped_ahead(), 2);
   EXPECT_EQ(server_->pipeliner()->reserved_bytes(), 2 * 960 * 4);
@@ -388,7 +366,7 @@ TEST_F(PipelineTest, TensorsBeyondTheScratchBudgetStepAtTheCommit) {
       other.Step(1, AsNamed(other_reference, grads), streamed);
   other_reference.Step({grads});
   ASSERT_TRUE(result.ok()) << result.status();
-  ExpectEqual(other_reference, result->values, "the second session");
+  ExpectMatches(other_reference, result->values, "the second session");
   EXPECT_EQ(Daemons(other)->tensors_stepped_ahead(), 0);
   // Deleting the first gives its scratch back.
   ASSERT_TRUE(session.Delete().ok());

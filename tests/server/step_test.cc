@@ -41,25 +41,6 @@ class StepTest : public ::testing::Test {
 server::FakeClock* StepTest::clock_ = nullptr;
 server::Server* StepTest::server_ = nullptr;
 
-v1::SessionConfig ModelConfig(const std::string& preset, int world_size = 1) {
-  const std::string matrix = preset == "adamw" ? "vectors" : "matrices";
-  return MakeConfig(
-      {{"matrices", preset}, {"vectors", "adamw"}},
-      {{"hidden", {24, 40}, matrix}, {"conv", {6, 3, 3, 3}, matrix}, {"bias", {40}, "vectors"}},
-      world_size);
-}
-
-void ExpectMatches(const Reference& reference, const std::map<std::string, std::vector<float>>& got,
-                   const std::string& what) {
-  ASSERT_EQ(got.size(), static_cast<size_t>(reference.num_tensors())) << what;
-  for (int t = 0; t < reference.num_tensors(); ++t) {
-    auto it = got.find(reference.name(t));
-    ASSERT_NE(it, got.end()) << what << ": " << reference.name(t);
-    EXPECT_TRUE(BitwiseEqual(it->second, reference.Parameters(t)))
-        << what << ": tensor " << reference.name(t) << " differs from the kernels library";
-  }
-}
-
 class PresetStepTest : public StepTest, public ::testing::WithParamInterface<std::string> {};
 
 TEST_P(PresetStepTest, OneWorkerEqualsKernelsBitForBit) {

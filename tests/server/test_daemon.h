@@ -90,6 +90,16 @@ inline v1::SessionConfig MakeConfig(const std::map<std::string, std::string>& gr
   return config;
 }
 
+// A small model of three tensors: a matrix and a convolution on `preset` (on AdamW when it is
+// "adamw"), and a vector on AdamW.
+inline v1::SessionConfig ModelConfig(const std::string& preset, int world_size = 1) {
+  const std::string matrix = preset == "adamw" ? "vectors" : "matrices";
+  return MakeConfig(
+      {{"matrices", preset}, {"vectors", "adamw"}},
+      {{"hidden", {24, 40}, matrix}, {"conv", {6, 3, 3, 3}, matrix}, {"bias", {40}, "vectors"}},
+      world_size);
+}
+
 // Deterministic gradient values for (tensor, step, worker).
 inline std::vector<float> Gradient(int64_t count, uint64_t tensor, int64_t step, int worker) {
   std::vector<float> g(static_cast<size_t>(count));
@@ -147,6 +157,19 @@ class Reference {
 
 inline bool BitwiseEqual(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Every tensor of `got` (new parameters by name) equals the reference's, bit for bit.
+inline void ExpectMatches(const Reference& reference,
+                          const std::map<std::string, std::vector<float>>& got,
+                          const std::string& what) {
+  ASSERT_EQ(got.size(), static_cast<size_t>(reference.num_tensors())) << what;
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    auto it = got.find(reference.name(t));
+    ASSERT_NE(it, got.end()) << what << ": " << reference.name(t);
+    EXPECT_TRUE(BitwiseEqual(it->second, reference.Parameters(t)))
+        << what << ": tensor " << reference.name(t) << " differs from the kernels library";
+  }
 }
 
 // Every worker's gradients for `step` as NamedTensors (views into `storage`).
