@@ -140,7 +140,8 @@ class Optimizer {
   // stages, kernel for kernel, on that tensor alone (the CPU backend's batched kernels compute
   // each matrix of a batch the same way alone, so the bits are Step's). InvalidArgument, with
   // Step's message, for a gradient Step would refuse, or an `lr` the tensor's config refuses; on
-  // any error nothing committed has changed and the tensor is not prepared. The caller commits
+  // any error nothing committed has changed and the tensor is not prepared. CaptureUpdate is for
+  // Step alone: a prepared step captures nothing. The caller commits
   // every prepared tensor with CommitPrepared, or drops them with DiscardPrepared, before
   // anything else changes the tensors (parameters, state, hyperparameters, Step).
   absl::Status PrepareTensor(int tensor, absl::Span<const float> gradient,
