@@ -137,8 +137,9 @@ class Optimizer {
   // PrepareTensor computes `tensor`'s step on `gradient` (host memory, num_elements floats) into
   // the tensor's shadows — a second set of its parameters and state, allocated on first use
   // (ShadowBytes) and kept — leaving its parameters and state as they are. It runs Step's own
-  // stages, kernel for kernel, on that tensor alone (the CPU backend's batched kernels compute
-  // each matrix of a batch the same way alone, so the bits are Step's). InvalidArgument, with
+  // stages on that tensor alone (the CPU backend's batched kernels compute each matrix of a batch
+  // the same way alone), AdamW and the fused RMNP pass out of place (AdamWInto, RmnpStepInto:
+  // element for element the same operations), so the bits are Step's. InvalidArgument, with
   // Step's message, for a gradient Step would refuse, or an `lr` the tensor's config refuses; on
   // any error nothing committed has changed and the tensor is not prepared. CaptureUpdate is for
   // Step alone: a prepared step captures nothing. The caller commits
