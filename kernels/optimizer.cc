@@ -31,6 +31,12 @@ struct Optimizer::Tensor {
   // prepared step's values while `prepared`, and the replaced ones after CommitPrepared.
   Buffer shadow_parameters, shadow_momentum, shadow_second_moment;
   bool prepared = false;
+
+  void SwapWithShadows() {
+    std::swap(parameters, shadow_parameters);
+    std::swap(momentum, shadow_momentum);
+    std::swap(second_moment, shadow_second_moment);
+  }
 };
 
 // Tensors whose direction runs as one batch: same matrix shape, same direction settings.
@@ -75,6 +81,34 @@ int64_t GroupWorkspaceFloats(const MatrixConfig& c, int64_t batch, int64_t rows,
   }
   const int64_t pre = c.pre_normalize == PreNormalize::kNone ? 0 : batch * (rows + cols);
   return batch * rows * cols + std::max(direction, pre);
+}
+
+// The refusals Step and PrepareTensor share, with their messages.
+absl::Status CheckLearningRateFor(const TensorSpec& spec, double lr) {
+  OptimizerConfig c = spec.config;
+  c.lr = lr;
+  absl::Status valid = ValidateOptimizerConfig(c);
+  if (valid.ok()) return valid;
+  return absl::InvalidArgumentError(
+      absl::StrCat("step lr ", lr, " for tensor '", spec.name, "': ", valid.message()));
+}
+
+absl::Status CheckGradientSize(const TensorSpec& spec, int64_t count, size_t got) {
+  if (static_cast<int64_t>(got) == count) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("gradient for tensor '", spec.name, "' has ", got,
+                                                 " elements, expected ", count));
+}
+
+absl::Status OutOfRangeGradient(const TensorSpec& spec, int64_t bad, int64_t count) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("gradient for tensor '", spec.name, "' has ", bad, " of ", count,
+                   " values that are NaN, infinite or beyond ±", kMaxGradientMagnitude));
+}
+
+absl::Status Poisoned() {
+  return absl::FailedPreconditionError(
+      "an earlier step failed inside the backend after it began changing state; restore the "
+      "parameters and state from a checkpoint");
 }
 
 }  // namespace
@@ -274,15 +308,7 @@ absl::StatusOr<int> Optimizer::FindTensor(absl::string_view name) const {
 }
 
 absl::Status Optimizer::CheckStepLearningRate(double lr) const {
-  for (const auto& t : tensors_) {
-    OptimizerConfig c = t->spec.config;
-    c.lr = lr;
-    absl::Status valid = ValidateOptimizerConfig(c);
-    if (!valid.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("step lr ", lr, " for tensor '", t->spec.name, "': ", valid.message()));
-    }
-  }
+  for (const auto& t : tensors_) OPTD_RETURN_IF_ERROR(CheckLearningRateFor(t->spec, lr));
   return absl::OkStatus();
 }
 
@@ -321,10 +347,7 @@ absl::Status Optimizer::GetParameters(int tensor, absl::Span<float> out) const {
 absl::Status Optimizer::SetGradient(int tensor, absl::Span<const float> values) {
   OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
   Tensor& t = *tensors_[tensor];
-  if (static_cast<int64_t>(values.size()) != t.count) {
-    return absl::InvalidArgumentError(absl::StrCat("gradient for tensor '", t.spec.name, "' has ",
-                                                   values.size(), " elements, expected ", t.count));
-  }
+  OPTD_RETURN_IF_ERROR(CheckGradientSize(t.spec, t.count, values.size()));
   return backend_->Upload(*queue_, t.gradient.data(), values.data(), values.size() * sizeof(float));
 }
 
@@ -436,11 +459,7 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
   absl::Cleanup restore_lr = [this, &own_lr] {
     for (size_t i = 0; i < own_lr.size(); ++i) tensors_[i]->spec.config.lr = own_lr[i];
   };
-  if (poisoned_) {
-    return absl::FailedPreconditionError(
-        "an earlier step failed inside the backend after it began changing state; restore the "
-        "parameters and state from a checkpoint");
-  }
+  if (poisoned_) return Poisoned();
   if (!has_gradient.empty() && static_cast<int>(has_gradient.size()) != num_tensors()) {
     return absl::InvalidArgumentError(absl::StrCat("has_gradient has ", has_gradient.size(),
                                                    " entries for ", num_tensors(), " tensors"));
@@ -465,9 +484,7 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
   for (size_t j = 0; j < checked.size(); ++j) {
     if (bad[j] > 0) {
       const Tensor& t = *tensors_[checked[j]];
-      return absl::InvalidArgumentError(
-          absl::StrCat("gradient for tensor '", t.spec.name, "' has ", bad[j], " of ", t.count,
-                       " values that are NaN, infinite or beyond ±", kMaxGradientMagnitude));
+      return OutOfRangeGradient(t.spec, bad[j], t.count);
     }
   }
   // AdamW's per-step scalars (its bias corrections) go to the backend before the work that
@@ -769,17 +786,6 @@ absl::Status Optimizer::StepMembers(const Group& group, absl::Span<Tensor* const
 
 // --- Prepared steps ---
 
-namespace {
-
-void SwapShadows(Buffer& parameters, Buffer& momentum, Buffer& second, Buffer& shadow_parameters,
-                 Buffer& shadow_momentum, Buffer& shadow_second) {
-  std::swap(parameters, shadow_parameters);
-  std::swap(momentum, shadow_momentum);
-  std::swap(second, shadow_second);
-}
-
-}  // namespace
-
 int64_t Optimizer::ShadowBytes(int tensor) const {
   const Tensor& t = *tensors_[tensor];
   return (2 * t.count + t.second_count) * static_cast<int64_t>(sizeof(float));
@@ -799,20 +805,10 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
   OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
   Tensor& t = *tensors_[tensor];
   t.prepared = false;
-  if (poisoned_) {
-    return absl::FailedPreconditionError(
-        "an earlier step failed inside the backend after it began changing state; restore the "
-        "parameters and state from a checkpoint");
-  }
+  if (poisoned_) return Poisoned();
   const double own_lr = t.spec.config.lr;
   if (lr.has_value()) {
-    OptimizerConfig c = t.spec.config;
-    c.lr = *lr;
-    absl::Status valid = ValidateOptimizerConfig(c);
-    if (!valid.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("step lr ", *lr, " for tensor '", t.spec.name, "': ", valid.message()));
-    }
+    OPTD_RETURN_IF_ERROR(CheckLearningRateFor(t.spec, *lr));
     t.spec.config.lr = *lr;
   }
   absl::Cleanup restore_lr = [&t, own_lr] { t.spec.config.lr = own_lr; };
@@ -822,11 +818,7 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
   Buffer borrowed;
   const bool borrow = backend_->host_memory();
   if (borrow) {
-    if (static_cast<int64_t>(gradient.size()) != t.count) {
-      return absl::InvalidArgumentError(absl::StrCat("gradient for tensor '", t.spec.name, "' has ",
-                                                     gradient.size(), " elements, expected ",
-                                                     t.count));
-    }
+    OPTD_RETURN_IF_ERROR(CheckGradientSize(t.spec, t.count, gradient.size()));
     borrowed = Buffer(const_cast<float*>(gradient.data()), gradient.size() * sizeof(float), {});
     std::swap(t.gradient, borrowed);
   } else {
@@ -839,11 +831,7 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
   OPTD_ASSIGN_OR_RETURN(
       const int64_t bad,
       backend_->CountOutOfRange(queue, t.gradient.f32(), t.count, kMaxGradientMagnitude));
-  if (bad > 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("gradient for tensor '", t.spec.name, "' has ", bad, " of ", t.count,
-                     " values that are NaN, infinite or beyond ±", kMaxGradientMagnitude));
-  }
+  if (bad > 0) return OutOfRangeGradient(t.spec, bad, t.count);
   const size_t bytes = static_cast<size_t>(t.count) * sizeof(float);
   const size_t second_bytes = static_cast<size_t>(t.second_count) * sizeof(float);
   if (t.shadow_parameters.data() == nullptr) {
@@ -885,15 +873,11 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
     OPTD_RETURN_IF_ERROR(
         backend_->Copy(queue, t.shadow_second_moment.data(), t.second_moment.data(), second_bytes));
   }
-  auto swap = [&t] {
-    SwapShadows(t.parameters, t.momentum, t.second_moment, t.shadow_parameters, t.shadow_momentum,
-                t.shadow_second_moment);
-  };
-  swap();
+  t.SwapWithShadows();
   Tensor* member = &t;
   absl::Status status = StepMembers(groups_[t.group], absl::MakeConstSpan(&member, 1));
   const absl::Status synced = backend_->Synchronize(queue);
-  swap();
+  t.SwapWithShadows();
   if (status.ok()) status = synced;
   // A failure wrote only into the shadows: the tensor's step is simply not prepared.
   OPTD_RETURN_IF_ERROR(status);
@@ -922,8 +906,7 @@ int Optimizer::CommitPrepared() {
   int committed = 0;
   for (auto& t : tensors_) {
     if (!t->prepared) continue;
-    SwapShadows(t->parameters, t->momentum, t->second_moment, t->shadow_parameters,
-                t->shadow_momentum, t->shadow_second_moment);
+    t->SwapWithShadows();
     t->prepared = false;
     ++t->steps;
     ++committed;

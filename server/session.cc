@@ -24,6 +24,11 @@ std::shared_ptr<const TensorIndex> IndexOf(const v1::SessionConfig& config) {
   return std::make_shared<const TensorIndex>(std::move(names));
 }
 
+// A step header's lr override, if it has one.
+std::optional<double> LrOverride(const v1::StepHeader& header) {
+  return header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
+}
+
 std::vector<int64_t> TensorCounts(const v1::SessionConfig& config) {
   std::vector<int64_t> counts;
   for (const v1::TensorConfig& t : config.tensors()) counts.push_back(*ElementCount(t.shape()));
@@ -63,9 +68,7 @@ Session::~Session() {
   absl::MutexLock lock(&mu_);
   if (options_.pipeliner != nullptr && shadow_bytes_ > 0) {
     options_.pipeliner->Release(shadow_bytes_);
-    if (options_.metrics != nullptr) {
-      options_.metrics->SetBackendMemory("pipeline", options_.pipeliner->reserved_bytes());
-    }
+    ExportPipelineScratch();
   }
 }
 
@@ -193,6 +196,12 @@ bool Session::AnalysisStep(int64_t step) const {
   return options_.analyzer != nullptr && interval > 0 && step % interval == 0;
 }
 
+void Session::ExportPipelineScratch() {
+  if (options_.metrics != nullptr) {
+    options_.metrics->SetBackendMemory("pipeline", options_.pipeliner->reserved_bytes());
+  }
+}
+
 bool Session::ReserveShadowsLocked() {
   bool any = false;
   for (int t = 0; t < num_tensors(); ++t) {
@@ -202,9 +211,7 @@ bool Session::ReserveShadowsLocked() {
       if (options_.pipeliner->Reserve(bytes)) {
         shadowed_[t] = 1;
         shadow_bytes_ += bytes;
-        if (options_.metrics != nullptr) {
-          options_.metrics->SetBackendMemory("pipeline", options_.pipeliner->reserved_bytes());
-        }
+        ExportPipelineScratch();
       }
     }
     any |= shadowed_[t] != 0;
@@ -220,8 +227,7 @@ bool Session::BeginPipelined(const v1::StepHeader& header, TensorStaging* stagin
     return false;
   }
   if (!ReserveShadowsLocked()) return false;
-  const std::optional<double> lr =
-      header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
+  const std::optional<double> lr = LrOverride(header);
   bool start_over = false;
   const bool registered =
       pipeline_.Register(header.step(), header.worker_id(), staging, lr, state_epoch_, start_over);
@@ -362,8 +368,7 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
     ReleaseStagingLocked(std::move(gradients));
     return StepReply{round_.LastOutcome(), true};
   }
-  const std::optional<double> lr =
-      header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
+  const std::optional<double> lr = LrOverride(header);
   OPTD_ASSIGN_OR_RETURN(const StepRound::Ticket ticket,
                         round_.Join(header.worker_id(), header.step(), lr, std::move(gradients),
                                     cancelled, index_->names()));
@@ -433,8 +438,7 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
 
 absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,
                                   StepOutcome& outcome) {
-  const std::optional<double> lr =
-      header.has_lr() ? std::optional<double>(header.lr()) : std::nullopt;
+  const std::optional<double> lr = LrOverride(header);
   // The pipeline's prepared tensors count when they were computed from exactly this step's
   // contributions and nothing changed the tensors since; the tensors it has not prepared yet are
   // prepared now, the same way (those without shadows step in place below).

@@ -227,6 +227,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // Reserves shadows in the pipeline budget for the tensors that have none yet and fit; whether
   // any tensor has them.
   bool ReserveShadowsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // optd_backend_memory_bytes{kind="pipeline"}: the daemon's reserved pipeline scratch.
+  void ExportPipelineScratch();
   // A pipeline thread's run: prepares the ready tensors one at a time, the lock taken for each.
   void RunPipeline();
   // Steps tensor `tensor` ahead on the workers' mean and writes its result into `outcome`.

@@ -130,6 +130,15 @@ class PipelineTest : public ::testing::Test {
     ASSERT_TRUE(params.ok()) << params.status();
     ExpectMatches(reference, *params, what);
   }
+  // Every tensor but the last, each waited for until the daemon has stepped it ahead.
+  static void SendAheadAllButTheLast(StreamedStep& stream, const Reference& reference,
+                                     const std::vector<std::vector<float>>& grads,
+                                     server::Session& daemons) {
+    for (int t = 0; t + 1 < reference.num_tensors(); ++t) {
+      stream.Send(reference.name(t), grads[t]);
+      AwaitPrepared(daemons, t + 1);
+    }
+  }
   // One worker's step: the first tensor, waited for until stepped ahead, then the rest; its
   // results against the reference stepping the same gradients.
   void StepFirstAheadThenTheRest(const client::Session& session, Reference& reference,
@@ -232,10 +241,7 @@ TEST_F(PipelineTest, AStepThatFailsAfterTensorsWereSteppedAheadChangesNothing) {
   {
     // A non-finite value in the last tensor, after the others were stepped ahead.
     StreamedStep stream(*stub_, session, 1, 0);
-    for (int t = 0; t + 1 < reference.num_tensors(); ++t) {
-      stream.Send(reference.name(t), grads[t]);
-      AwaitPrepared(*daemons, t + 1);
-    }
+    SendAheadAllButTheLast(stream, reference, grads, *daemons);
     std::vector<float> bad = grads.back();
     bad[3] = std::numeric_limits<float>::infinity();
     stream.Send(reference.name(reference.num_tensors() - 1), bad);
@@ -246,10 +252,7 @@ TEST_F(PipelineTest, AStepThatFailsAfterTensorsWereSteppedAheadChangesNothing) {
   {
     // Cancelled after every tensor but the last was stepped ahead.
     StreamedStep stream(*stub_, session, 1, 0);
-    for (int t = 0; t + 1 < reference.num_tensors(); ++t) {
-      stream.Send(reference.name(t), grads[t]);
-      AwaitPrepared(*daemons, t + 1);
-    }
+    SendAheadAllButTheLast(stream, reference, grads, *daemons);
     stream.Cancel();
     EXPECT_EQ(stream.Read().status().code(), absl::StatusCode::kCancelled);
   }
