@@ -7,6 +7,7 @@
 //
 // Usage: service_bench OPTD_BINARY [--repetitions=N] [--presets=keller,rmnp] > out.json
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -88,6 +89,41 @@ std::string Json(const std::vector<double>& v) {
   return absl::StrCat("[", absl::StrJoin(v, ", "), "]");
 }
 
+// CPU seconds this process has used (user + system).
+double ProcessCpuSeconds() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         1e-6 * static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
+}
+
+// The machine's CPU time from /proc/stat, in clock ticks: all of it, and the busy part (neither
+// idle nor waiting for I/O).
+struct MachineCpu {
+  double total = 0;
+  double busy = 0;
+};
+MachineCpu ReadMachineCpu() {
+  std::ifstream stat("/proc/stat");
+  std::string cpu;
+  stat >> cpu;
+  MachineCpu times;
+  for (int field = 0; field < 8; ++field) {  // user nice system idle iowait irq softirq steal
+    double ticks = 0;
+    stat >> ticks;
+    times.total += ticks;
+    if (field != 3 && field != 4) times.busy += ticks;
+  }
+  return times;
+}
+
+// The fraction of the machine's CPU time that was busy since `start`.
+double BusyFraction(const MachineCpu& start) {
+  const MachineCpu now = ReadMachineCpu();
+  const double total = now.total - start.total;
+  return total > 0 ? (now.busy - start.busy) / total : 0.0;
+}
+
 void Die(const absl::Status& status, const char* what) {
   if (status.ok()) return;
   std::fprintf(stderr, "service_bench: %s: %s\n", what, status.ToString().c_str());
@@ -147,11 +183,18 @@ class Daemon {
 
 // The bare gRPC baseline of the streaming figures: the same Optimizer service, but UploadParams
 // only receives its messages (gRPC's read and parse, nothing decoded or checked) and GetParams
-// only sends the model's tensors in the request's chunks from one zero buffer, so the same client
-// code streams the same bytes against it as against optd.
+// only sends the model's tensors in the request's chunks from the server's own copy of them (one
+// buffer of the model's size, filled, so that its bytes come from memory as a real server's
+// parameters do, not from one cache-resident chunk), so the same client code streams the same
+// bytes against it as against optd.
 class BareService final : public optd::v1::Optimizer::Service {
  public:
-  explicit BareService(std::vector<Tensor> tensors) : tensors_(std::move(tensors)) {}
+  explicit BareService(std::vector<Tensor> tensors) : tensors_(std::move(tensors)) {
+    for (const Tensor& t : tensors_) {
+      values_.emplace_back(static_cast<size_t>(*optd::ElementCount(t.shape)));
+      optd::FillNormal(values_.size(), 0.0, 1.0, absl::MakeSpan(values_.back()));
+    }
+  }
 
   grpc::Status CreateSession(grpc::ServerContext*, const optd::v1::CreateSessionRequest*,
                              optd::v1::CreateSessionResponse* response) override {
@@ -174,15 +217,15 @@ class BareService final : public optd::v1::Optimizer::Service {
   grpc::Status GetParams(grpc::ServerContext*, const optd::v1::GetParamsRequest* request,
                          grpc::ServerWriter<optd::v1::TensorChunk>* writer) override {
     const int64_t chunk_floats = std::max<int64_t>(1, request->chunk_bytes() / 4);
-    const std::string zeros(static_cast<size_t>(chunk_floats) * 4, '\0');
     optd::v1::TensorChunk chunk;
     chunk.set_dtype(optd::v1::DTYPE_FP32);
-    for (const Tensor& t : tensors_) {
-      const int64_t n = *optd::ElementCount(t.shape);
-      chunk.set_tensor(t.name);
+    for (size_t t = 0; t < tensors_.size(); ++t) {
+      const int64_t n = static_cast<int64_t>(values_[t].size());
+      chunk.set_tensor(tensors_[t].name);
       for (int64_t offset = 0; offset < n; offset += chunk_floats) {
         chunk.set_offset(offset);
-        chunk.set_data(zeros.data(), static_cast<size_t>(std::min(chunk_floats, n - offset)) * 4);
+        chunk.set_data(values_[t].data() + offset,
+                       static_cast<size_t>(std::min(chunk_floats, n - offset)) * 4);
         if (!writer->Write(chunk)) return grpc::Status::CANCELLED;
       }
     }
@@ -191,6 +234,7 @@ class BareService final : public optd::v1::Optimizer::Service {
 
  private:
   const std::vector<Tensor> tensors_;
+  std::vector<std::vector<float>> values_;  // the model's parameters, one vector per tensor
 };
 
 // service_bench --bare_server=PORT_FILE: serves BareService on a free loopback port, written to
@@ -279,7 +323,7 @@ int main(int argc, char** argv) {
   for (const std::string& preset : presets) {
     const optd::v1::SessionConfig config = Config(tensors, preset);
     // In-process: the kernels library alone, gradients already in its staging buffers.
-    std::vector<double> local;
+    std::vector<double> local, local_cpu;
     {
       std::unique_ptr<optd::Backend> backend = *optd::CreateCpuBackend();
       optd::v1::SessionConfig normalized = config;
@@ -291,8 +335,12 @@ int main(int argc, char** argv) {
           Die(optimizer->SetGradient(static_cast<int>(t), gradients[t]), "SetGradient");
         }
         const auto start = std::chrono::steady_clock::now();
+        const double cpu_start = ProcessCpuSeconds();
         Die(optimizer->Step(), "in-process step");
-        if (r > 0) local.push_back(Seconds(start));  // the first is warm-up
+        if (r > 0) {  // the first is warm-up
+          local.push_back(Seconds(start));
+          local_cpu.push_back(ProcessCpuSeconds() - cpu_start);
+        }
         std::fprintf(stderr, "service_bench: %s in-process step %d/%d: %.3f s\n", preset.c_str(), r,
                      repetitions, Seconds(start));
       }
@@ -300,7 +348,7 @@ int main(int argc, char** argv) {
     // Remote: one worker's Step call, fp32 gradients in, fp32 parameters back; on the serial
     // daemon too, and the same bytes streamed alone (UploadParams of the gradients, GetParams of
     // the parameters into the same buffers) on the pipelining one.
-    std::vector<double> remote, remote_bf16, remote_serial, transfer;
+    std::vector<double> remote, remote_bf16, remote_serial, transfer, transfer_busy, remote_busy;
     {
       absl::StatusOr<optd::client::Session> session = serial_client.CreateSession(config);
       Die(session.status(), "CreateSession (serial daemon)");
@@ -340,10 +388,12 @@ int main(int argc, char** argv) {
           options.result_dtype = wire;
           options.outputs = outputs;
           const auto start = std::chrono::steady_clock::now();
+          const MachineCpu cpu_start = ReadMachineCpu();
           absl::StatusOr<optd::client::StepResult> result = session->Step(++step, named, options);
           Die(result.status(), "remote step");
           const double seconds = Seconds(start);
           if (r > 0) (wire == optd::DType::kF32 ? remote : remote_bf16).push_back(seconds);
+          if (r > 0 && wire == optd::DType::kF32) remote_busy.push_back(BusyFraction(cpu_start));
           std::fprintf(stderr, "service_bench: %s remote step (%s wire) %d/%d: %.3f s\n",
                        preset.c_str(), std::string(optd::DTypeName(wire)).c_str(), r, repetitions,
                        seconds);
@@ -353,9 +403,13 @@ int main(int argc, char** argv) {
       for (const optd::client::NamedOutput& o : outputs) by_name[o.name] = o.values;
       for (int r = 0; r <= repetitions; ++r) {
         const auto start = std::chrono::steady_clock::now();
+        const MachineCpu cpu_start = ReadMachineCpu();
         Die(session->UploadParameters(named, optd::DType::kF32, int64_t{1} << 20), "UploadParams");
         GetParamsInto(client, *session, by_name);
-        if (r > 0) transfer.push_back(Seconds(start));
+        if (r > 0) {
+          transfer.push_back(Seconds(start));
+          transfer_busy.push_back(BusyFraction(cpu_start));
+        }
         std::fprintf(stderr, "service_bench: %s the step's bytes alone %d/%d: %.3f s\n",
                      preset.c_str(), r, repetitions, Seconds(start));
       }
@@ -363,6 +417,8 @@ int main(int argc, char** argv) {
     }
     results.push_back(absl::StrCat(
         "{\"preset\": \"", preset, "\", \"in_process_s\": ", Json(local),
+        ", \"in_process_cpu_s\": ", Json(local_cpu), ", \"transfer_cpu_busy\": ",
+        Json(transfer_busy), ", \"remote_fp32_cpu_busy\": ", Json(remote_busy),
         ", \"remote_fp32_s\": ", Json(remote), ", \"remote_bf16_s\": ", Json(remote_bf16),
         ", \"remote_serial_fp32_s\": ", Json(remote_serial), ", \"transfer_fp32_s\": ",
         Json(transfer), ", \"over_transfer_fp32\": ", Median(remote) / Median(transfer),

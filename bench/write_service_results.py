@@ -25,6 +25,14 @@ def spread(values, fmt="{:.3f}"):
             f"({fmt.format(min(values))}–{fmt.format(max(values))})")
 
 
+def cpu_floor(step, nproc):
+    """The least a remote step can take when its bytes and its computation share the CPUs:
+    max(bytes alone, (their CPU seconds + the in-process step's CPU seconds) / CPUs)."""
+    alone = statistics.median(step["transfer_fp32_s"])
+    transfer_cpu = alone * statistics.median(step["transfer_cpu_busy"]) * nproc
+    return max(alone, (transfer_cpu + statistics.median(step["in_process_cpu_s"])) / nproc)
+
+
 def verdict(ok):
     return "met" if ok else "**not met**"
 
@@ -60,18 +68,20 @@ def main():
         "library on the same tensors, gradients already staged.")
     add("")
     add("| preset | in-process s (min–max) | remote s, fp32 wire | / in-process | serial daemon s "
-        "| / in-process | bytes alone s | remote / bytes alone | remote s, bf16 wire | / in-process |")
-    add("|---|---|---|---|---|---|---|---|---|---|")
+        "| / in-process | bytes alone s | remote / bytes alone | CPU floor s | remote / floor "
+        "| remote s, bf16 wire | / in-process |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in bench["steps"]:
         local = statistics.median(s["in_process_s"])
         fp32 = statistics.median(s["remote_fp32_s"])
         serial = statistics.median(s["remote_serial_fp32_s"])
         alone = statistics.median(s["transfer_fp32_s"])
         bf16 = statistics.median(s["remote_bf16_s"])
+        floor = cpu_floor(s, nproc)
         add(f"| {s['preset']} | {spread(s['in_process_s'])} | {spread(s['remote_fp32_s'])} | "
             f"{fp32 / local:.2f}x | {spread(s['remote_serial_fp32_s'])} | {serial / local:.2f}x | "
-            f"{spread(s['transfer_fp32_s'])} | {fp32 / alone:.2f}x | "
-            f"{spread(s['remote_bf16_s'])} | {bf16 / local:.2f}x |")
+            f"{spread(s['transfer_fp32_s'])} | {fp32 / alone:.2f}x | {floor:.3f} | "
+            f"{fp32 / floor:.2f}x | {spread(s['remote_bf16_s'])} | {bf16 / local:.2f}x |")
     add("")
     gains = ", ".join(
         f"{s['preset']} {statistics.median(s['remote_serial_fp32_s']) - statistics.median(s['remote_fp32_s']):+.2f} s"
@@ -85,15 +95,30 @@ def main():
         "too; on this shared machine the in-process Muon step itself varies by about 10% "
         "between runs, so the keller ratio moves by as much.")
     add("")
+    busy = ", ".join(
+        f"{s['preset']} {100 * statistics.median(s['transfer_cpu_busy']):.0f}% "
+        f"(remote step {100 * statistics.median(s['remote_fp32_cpu_busy']):.0f}%)"
+        for s in bench["steps"])
+    add("**CPU floor**: here the wire is the CPUs. While the bytes streamed alone the machine's "
+        f"CPUs were busy for this share of the time: {busy}; loopback TCP, gRPC and the "
+        "client's and daemon's copies are all CPU work on the same cores the step needs. So "
+        "no overlap can bring a remote step below (CPU time of the bytes alone + CPU time of "
+        f"the in-process step) / {nproc} CPUs, nor below the bytes alone: that is the floor "
+        "column, and remote / floor says how much of what overlap could save it leaves "
+        "unsaved. On a machine whose transfer is not CPU-bound (a NIC, more cores than the "
+        "client and the daemon keep busy) the floor is the larger of the step and its bytes.")
+    add("")
     bare = bench["bare_grpc"]
     bare_up, bare_down = statistics.median(bare["up_gbps"]), statistics.median(bare["down_gbps"])
     add(f"**Streaming** against iperf3 over loopback: {tcp_gbps:.2f} GB/s (median of "
         f"{len(tcp)} runs: {', '.join(f'{x:.2f}' for x in tcp)}), and against a bare gRPC C++ "
         "server streaming the same messages with the same client code (service_bench "
-        "`--bare_server`: its UploadParams only reads the messages, its GetParams only writes the "
-        "model's tensors from a zero buffer). Up = UploadParams, which receives, checks and "
+        "`--bare_server`: its UploadParams only reads the messages, its GetParams only sends the "
+        "model's tensors from its own model-sized buffer, so its bytes come from memory as a "
+        "real server's parameters do). Up = UploadParams, which receives, checks and "
         "decodes every chunk into staging exactly as Step does with gradients; down = GetParams "
-        "into the client's buffers. 1 GB/s = 10⁹ bytes of fp32 payload per second.")
+        "into the client's buffers (the daemon copies one step's parameters under the session's "
+        "lock on a pipeline thread and sends each piece as soon as it is copied). 1 GB/s = 10⁹ bytes of fp32 payload per second.")
     add("")
     add("| chunk | up GB/s (min–max) | up / TCP | up / bare | down GB/s (min–max) | down / TCP "
         "| down / bare |")

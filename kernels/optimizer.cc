@@ -338,9 +338,22 @@ absl::Status Optimizer::GetParameters(int tensor, absl::Span<float> out) const {
     return absl::InvalidArgumentError(absl::StrCat("tensor '", t.spec.name, "' has ", t.count,
                                                    " elements, output holds ", out.size()));
   }
+  return GetParameters(tensor, 0, out);
+}
+
+absl::Status Optimizer::GetParameters(int tensor, int64_t offset, absl::Span<float> out) const {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  const Tensor& t = *tensors_[tensor];
+  const int64_t count = static_cast<int64_t>(out.size());
+  if (offset < 0 || offset > t.count || count > t.count - offset) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", t.spec.name, "' has ", t.count,
+                                                   " elements, not [", offset, ", ", offset + count,
+                                                   ")"));
+  }
   Queue& queue = *queue_;
-  OPTD_RETURN_IF_ERROR(
-      backend_->Download(queue, out.data(), t.parameters.data(), out.size() * sizeof(float)));
+  OPTD_RETURN_IF_ERROR(backend_->Download(queue, out.data(),
+                                          static_cast<const float*>(t.parameters.data()) + offset,
+                                          out.size() * sizeof(float)));
   return backend_->Synchronize(queue);
 }
 

@@ -90,6 +90,9 @@ class Optimizer {
   // a value is NaN or infinite, and then nothing is written.
   absl::Status SetParameters(int tensor, absl::Span<const float> values);
   absl::Status GetParameters(int tensor, absl::Span<float> out) const;
+  // Elements [offset, offset + out.size()) of the tensor's parameters; InvalidArgument when the
+  // range is not inside the tensor.
+  absl::Status GetParameters(int tensor, int64_t offset, absl::Span<float> out) const;
   float* parameters(int tensor) const;
 
   // Gradient staging: upload with SetGradient, or write straight into gradient(tensor).

@@ -28,26 +28,37 @@ absl::StatusOr<DType> FromWireDType(int dtype);
 v1::DType ToWireDType(DType dtype);
 
 // Fills `chunk` with consecutive pieces of tensor `name` (`values` in `dtype`, at most
-// `chunk_bytes` bytes each, tensor_elements set) and calls `write()` after each. Returns false
-// as soon as `write()` does (the stream broke), true when every piece went out; an error only if
-// encoding fails (fp64).
-template <typename Write>
+// `chunk_bytes` bytes each, tensor_elements set) and calls `write()` after each. Before a piece
+// [offset, end) is read, `ready(end)` must return OK (it may wait for the values to be there;
+// its error is returned). Returns false as soon as `write()` does (the stream broke), true when
+// every piece went out; an error only if encoding fails (fp64) or `ready` fails.
+template <typename Write, typename Ready>
 absl::StatusOr<bool> WriteTensorChunks(absl::string_view name, absl::Span<const float> values,
                                        DType dtype, int64_t chunk_bytes, v1::TensorChunk& chunk,
-                                       Write write) {
+                                       Write write, Ready ready) {
   const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / DTypeSize(dtype));
   const int64_t count = static_cast<int64_t>(values.size());
   chunk.set_tensor(std::string(name));
   chunk.set_dtype(ToWireDType(dtype));
   chunk.set_tensor_elements(count);
   for (int64_t offset = 0; offset < count; offset += per_chunk) {
+    const int64_t n = std::min(per_chunk, count - offset);
+    OPTD_RETURN_IF_ERROR(ready(offset + n));
     chunk.set_offset(offset);
     chunk.mutable_data()->clear();
-    OPTD_RETURN_IF_ERROR(EncodeWire(
-        dtype, values.subspan(offset, std::min(per_chunk, count - offset)), *chunk.mutable_data()));
+    OPTD_RETURN_IF_ERROR(EncodeWire(dtype, values.subspan(offset, n), *chunk.mutable_data()));
     if (!write()) return false;
   }
   return true;
+}
+
+// The same, with every value already there.
+template <typename Write>
+absl::StatusOr<bool> WriteTensorChunks(absl::string_view name, absl::Span<const float> values,
+                                       DType dtype, int64_t chunk_bytes, v1::TensorChunk& chunk,
+                                       Write write) {
+  return WriteTensorChunks(name, values, dtype, chunk_bytes, chunk, write,
+                           [](int64_t) { return absl::OkStatus(); });
 }
 
 }  // namespace optd

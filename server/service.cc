@@ -52,18 +52,24 @@ absl::StatusOr<DType> ResultDType(int requested, DType tensor_dtype) {
   return FromWireDType(requested);
 }
 
-// Streams one tensor's values through `write` (WriteTensorChunks); Cancelled when the peer went
-// away.
-template <typename Write>
+// Streams one tensor's values through `write` (WriteTensorChunks, `ready` before each piece);
+// Cancelled when the peer went away.
+template <typename Write, typename Ready>
 absl::Status StreamTensor(const std::string& name, absl::Span<const float> values, DType dtype,
-                          int64_t chunk_bytes, v1::TensorChunk& chunk, Write write) {
+                          int64_t chunk_bytes, v1::TensorChunk& chunk, Write write, Ready ready) {
   OPTD_ASSIGN_OR_RETURN(bool sent,
-                        WriteTensorChunks(name, values, dtype, chunk_bytes, chunk, write));
+                        WriteTensorChunks(name, values, dtype, chunk_bytes, chunk, write, ready));
   if (!sent) {
     return absl::CancelledError(
         absl::StrCat("the client went away while tensor '", name, "' was being sent"));
   }
   return absl::OkStatus();
+}
+template <typename Write>
+absl::Status StreamTensor(const std::string& name, absl::Span<const float> values, DType dtype,
+                          int64_t chunk_bytes, v1::TensorChunk& chunk, Write write) {
+  return StreamTensor(name, values, dtype, chunk_bytes, chunk, write,
+                      [](int64_t) { return absl::OkStatus(); });
 }
 
 // fn(), with an allocation failure turned into RESOURCE_EXHAUSTED. Every slot a handler takes is
@@ -368,22 +374,28 @@ grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
         }
         // One of the session's staging buffers, already charged to its quota and bounded in
         // number: a slow reader holds that, not an uncounted copy of the tensors. The copy is
-        // one step's parameters, whole.
+        // one step's parameters, whole; each piece is sent as soon as it is copied.
         OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session.AcquireStaging());
         absl::Cleanup release = [&] { session.ReleaseStaging(std::move(staging)); };
-        OPTD_RETURN_IF_ERROR(session.GetParameters(tensors, *staging));
+        SnapshotProgress progress;
+        session.SnapshotParameters(tensors, *staging, progress);
+        // Before the staging goes back: nothing copies into it any more.
+        absl::Cleanup copied = [&] { progress.WaitDone(); };
         // A reader that stops reading is cut off after the idle timeout.
         StreamWatchdog::Watch watch(watchdog_, context);
         v1::TensorChunk chunk;
-        for (int t : tensors) {
+        for (size_t i = 0; i < tensors.size(); ++i) {
+          const int t = tensors[i];
           const absl::Span<const float> values(staging->data(t),
                                                static_cast<size_t>(session.num_elements(t)));
           const DType dtype = *ResultDType(request->dtype(), session.tensor_dtype(t));
-          OPTD_RETURN_IF_ERROR(
-              StreamTensor(session.tensor_name(t), values, dtype, chunk_bytes, chunk, [&] {
+          OPTD_RETURN_IF_ERROR(StreamTensor(
+              session.tensor_name(t), values, dtype, chunk_bytes, chunk,
+              [&] {
                 watch.Arm(options_.stream_idle_timeout);
                 return writer->Write(chunk);
-              }));
+              },
+              [&](int64_t end) { return progress.WaitFor(static_cast<int>(i), end); }));
           CountSent(static_cast<int64_t>(values.size() * DTypeSize(dtype)));
         }
         return absl::OkStatus();

@@ -642,13 +642,55 @@ absl::Status Session::SetParameters(const TensorStaging& values) {
   return absl::OkStatus();
 }
 
-absl::Status Session::GetParameters(const std::vector<int>& tensors, TensorStaging& into) {
+void Session::SnapshotParameters(std::vector<int> tensors, TensorStaging& into,
+                                 SnapshotProgress& progress) {
   Touch();
+  if (options_.pipeliner == nullptr || !backend_.host_memory()) {
+    progress.Finish(CopySnapshot(tensors, into, progress));
+    return;
+  }
+  // A task the pipeliner drops unrun (the daemon stopping) still ends the copy, with an error;
+  // one that ran leaves `progress` alone (the reader may have gone once the copy finished).
+  struct Unrun {
+    explicit Unrun(SnapshotProgress* progress) : progress(progress) {}
+    Unrun(const Unrun&) = delete;
+    Unrun& operator=(const Unrun&) = delete;
+    ~Unrun() {
+      if (!ran) {
+        progress->Finish(
+            absl::UnavailableError("the daemon stopped before the parameters were read"));
+      }
+    }
+    SnapshotProgress* progress;
+    bool ran = false;
+  };
+  options_.pipeliner->Schedule([weak = weak_from_this(), tensors = std::move(tensors), into = &into,
+                                unrun = std::make_shared<Unrun>(&progress)] {
+    unrun->ran = true;
+    absl::Status copied = absl::NotFoundError("the session was deleted");
+    // The caller holds the session until the copy finishes, so the last reference to it is
+    // never this thread's: it is dropped before Finish.
+    if (std::shared_ptr<Session> session = weak.lock()) {
+      copied = session->CopySnapshot(tensors, *into, *unrun->progress);
+    }
+    unrun->progress->Finish(std::move(copied));
+  });
+}
+
+absl::Status Session::CopySnapshot(const std::vector<int>& tensors, TensorStaging& into,
+                                   SnapshotProgress& progress) {
+  // Pieces of 4 MiB: the reader waits for no more than one piece beyond what it sends.
+  constexpr int64_t kPiece = int64_t{1} << 20;
   absl::MutexLock lock(&mu_);
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
-  for (int t : tensors) {
-    OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(
-        t, absl::MakeSpan(into.data(t), static_cast<size_t>(counts_[t]))));
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int t = tensors[i];
+    for (int64_t offset = 0; offset < counts_[t]; offset += kPiece) {
+      const int64_t n = std::min(kPiece, counts_[t] - offset);
+      OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(
+          t, offset, absl::MakeSpan(into.data(t) + offset, static_cast<size_t>(n))));
+      progress.Copied(static_cast<int>(i), offset + n);
+    }
   }
   return absl::OkStatus();
 }

@@ -19,6 +19,7 @@
 //   server/step_round.h          the pending step: contributions, waiters, straggler deadline,
 //                                outcome buffers
 //   server/step_pipeline.h       tensors stepped ahead while the step's gradients arrive
+//   server/snapshot_progress.h   GetParams' snapshot, sent while it is copied
 //   server/session_checkpoint.h  the checkpoint file: write and load
 //   server/reshard.h             a session restored from other instances' checkpoints
 //   server/analyzer.h            the analysis snapshot a step takes (BeginSnapshot/Finish)
@@ -50,6 +51,7 @@
 #include "server/metrics.h"
 #include "server/reshard.h"
 #include "server/session_checkpoint.h"
+#include "server/snapshot_progress.h"
 #include "server/step_pipeline.h"
 #include "server/step_round.h"
 #include "server/tensor_staging.h"
@@ -162,8 +164,13 @@ class Session : public std::enable_shared_from_this<Session> {
   // Replaces the parameters of every tensor present in `values` (complete, finite) at once.
   absl::Status SetParameters(const TensorStaging& values);
   // The parameters of `tensors`, all of one step, into their buffers of `into` (one of this
-  // session's AcquireStaging buffers).
-  absl::Status GetParameters(const std::vector<int>& tensors, TensorStaging& into);
+  // session's AcquireStaging buffers), copied under the session's lock on a pipeline thread
+  // where the daemon has one and the backend's memory is the host's (else here, before this
+  // returns), with `progress` told of each piece: the caller reads what is copied
+  // (SnapshotProgress::WaitFor), and waits for WaitDone before `into` or `progress` goes.
+  // REQUIRES: the caller holds a reference to this session until the copy is done.
+  void SnapshotParameters(std::vector<int> tensors, TensorStaging& into,
+                          SnapshotProgress& progress);
 
   // All updates are checked before any is applied. InvalidArgument names the group and value.
   absl::Status UpdateHyperparams(const v1::UpdateHyperparamsRequest& request);
@@ -245,6 +252,9 @@ class Session : public std::enable_shared_from_this<Session> {
   // With an analyzer and a step the analysis interval divides: a snapshot of each present matrix
   // tensor (gradient now, momentum and update after the step), with the update captured by the
   // step; nullopt otherwise.
+  // SnapshotParameters' copy, wherever it runs.
+  absl::Status CopySnapshot(const std::vector<int>& tensors, TensorStaging& into,
+                            SnapshotProgress& progress);
   std::optional<PendingSnapshot> BeginSnapshotLocked(int64_t step, const std::vector<int>& present)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status FinishSnapshotLocked(PendingSnapshot snapshot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

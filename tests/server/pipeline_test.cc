@@ -7,8 +7,11 @@
 // they would serially; tensors beyond the scratch budget step at the commit.
 #include <atomic>
 #include <cstring>
+#include <iostream>
+#include <set>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "server/step_pipeline.h"
 #include "tests/server/fake_clock.h"
@@ -379,6 +382,66 @@ TEST_F(PipelineTest, TensorsBeyondTheScratchBudgetStepAtTheCommit) {
     absl::SleepFor(absl::Milliseconds(5));
   }
   EXPECT_EQ(server_->pipeliner()->reserved_bytes(), 0);
+}
+
+// GetParams copies its snapshot on a pipeline thread, piece by piece, and sends each piece as it
+// is copied: every read while steps commit must still be the parameters of exactly one step.
+TEST_F(PipelineTest, GetParamsSendsOneStepsParametersWhileStepsCommit) {
+  Start();
+  // Several of the copy's 4 MiB pieces per tensor, the last of each a partial one.
+  const v1::SessionConfig config =
+      MakeConfig({{"vectors", "adamw"}}, {{"a", {3 << 20}, "vectors"},
+                                          {"b", {(1 << 20) + 5}, "vectors"},
+                                          {"c", {2500000}, "vectors"}});
+  client::Session session = Create(config);
+  Reference reference(config);
+  constexpr int kSteps = 6;
+  // The reference's parameters after each step (0: as created).
+  std::vector<std::map<std::string, std::vector<float>>> after(1);
+  std::vector<std::vector<std::vector<float>>> grads;
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    after[0][reference.name(t)] = reference.Parameters(t);
+  }
+  for (int64_t step = 1; step <= kSteps; ++step) {
+    grads.push_back(WorkerGradients(reference, step, 0));
+    reference.Step({grads.back()});
+    after.emplace_back();
+    for (int t = 0; t < reference.num_tensors(); ++t) {
+      after.back()[reference.name(t)] = reference.Parameters(t);
+    }
+  }
+  std::atomic<bool> stepping{true};
+  std::thread steps([&] {
+    client::Session stepper(client_->channel(), session.id(), session.token());
+    for (int64_t step = 1; step <= kSteps; ++step) {
+      absl::StatusOr<client::StepResult> result =
+          stepper.Step(step, AsNamed(reference, grads[step - 1]));
+      EXPECT_TRUE(result.ok()) << result.status();
+    }
+    stepping = false;
+  });
+  absl::Cleanup join = [&] {
+    if (steps.joinable()) steps.join();
+  };
+  // Reads while the steps run, and one after: that one must be the last step's.
+  std::set<size_t> seen;
+  for (int reads = 1;; ++reads) {
+    const bool last = !stepping.load();
+    if (last) steps.join();
+    // Small chunks: many waits on the copy.
+    absl::StatusOr<std::map<std::string, std::vector<float>>> got =
+        session.GetParameters({}, std::nullopt, /*chunk_bytes=*/256 << 10);
+    ASSERT_TRUE(got.ok()) << got.status();
+    size_t step = 0;
+    while (step < after.size() && *got != after[step]) ++step;
+    ASSERT_LT(step, after.size()) << "read " << reads << " is no step's parameters (torn)";
+    seen.insert(step);
+    if (last) {
+      EXPECT_EQ(step, size_t{kSteps}) << "the read after every step";
+      break;
+    }
+  }
+  std::cerr << "reads saw the parameters of " << seen.size() << " different steps\n";
 }
 
 }  // namespace
