@@ -121,7 +121,7 @@ def assignment(net, preset):
     return {name: "adamw" for name in kinds} if preset is None else kinds
 
 
-def make_optimizer(net, client, preset, analysis_interval, session_id=""):
+def make_optimizer(net, client, preset, analysis_interval, session_id="", keep=False):
     # Newton–Schulz and the step in fp32: the presets' bf16 is a GPU's format, which a CPU only
     # emulates (slower, for nothing); with it, `keller` is the rule LocalMuon runs.
     kinds = assignment(net, preset)
@@ -129,7 +129,7 @@ def make_optimizer(net, client, preset, analysis_interval, session_id=""):
                            lr=MATRIX_LR.get(preset, 0.02), adamw_lr=ADAMW_LR, assign=kinds,
                            overrides={"precision": "fp32"},
                            analysis_interval=analysis_interval if preset else 0,
-                           session_id=session_id)
+                           session_id=session_id, keep_session=keep)
 
 
 def evaluate(net, x, y):
@@ -174,7 +174,7 @@ def train_digits(client, label, preset, steps, batch=64, keep=False):
     (x, y), (vx, vy) = digits()
     net = mlp()
     optimizer = make_optimizer(net, client, preset, analysis_interval=max(1, steps // 20),
-                               session_id=f"digits-{preset or 'adamw'}" if keep else "")
+                               session_id=f"digits-{preset or 'adamw'}" if keep else "", keep=keep)
     generator = torch.Generator().manual_seed(1)
     losses, dominance, step_seconds = [], [], []
     progress = Progress(label, steps)
@@ -203,8 +203,7 @@ def train_digits(client, label, preset, steps, batch=64, keep=False):
     train_loss, train_acc = evaluate(net, x, y)
     valid_loss, valid_acc = evaluate(net, vx, vy)
     local = local_step_seconds(mlp(), preset)
-    if not keep:
-        optimizer.session.delete()
+    optimizer.close(delete=not keep)
     return {"label": label, "preset": preset, "losses": losses, "dominance": dominance,
             "update": last_update, "train_loss": train_loss, "train_acc": train_acc,
             "valid_loss": valid_loss, "valid_acc": valid_acc,
@@ -275,7 +274,7 @@ def train_text(client, label, preset, steps, context=64, batch=16, keep=False):
     vocab, train, valid = text_data()
     net = CharTransformer(vocab, context)
     optimizer = make_optimizer(net, client, preset, analysis_interval=max(1, steps // 10),
-                               session_id=f"text-{preset or 'adamw'}" if keep else "")
+                               session_id=f"text-{preset or 'adamw'}" if keep else "", keep=keep)
     generator = torch.Generator().manual_seed(3)
     losses, step_seconds = [], []
     progress = Progress(label, steps)
@@ -298,8 +297,7 @@ def train_text(client, label, preset, steps, context=64, batch=16, keep=False):
             net(x).flatten(0, 1), y.flatten()).item()
             for x, y in (text_batch(valid, context, batch, evaluation) for _ in range(8))])
     local = local_step_seconds(CharTransformer(vocab, context), preset)
-    if not keep:
-        optimizer.session.delete()
+    optimizer.close(delete=not keep)
     return {"label": label, "preset": preset, "losses": losses,
             "train_loss": float(np.mean(losses[-max(1, steps // 10):])),
             "valid_loss": float(valid_loss),
@@ -332,7 +330,7 @@ def width_sweep(client, widths, steps):
             if figures:
                 rows.append((preset, width, figures[0].dominance_ratio_avg,
                              figures[0].dominance_ratio_min, figures[0].rmnp_muon_cosine))
-            optimizer.session.delete()
+            optimizer.close()
             done += 1
             progress.update(done)
     return rows
