@@ -22,8 +22,13 @@ model.load_state_dict, a re-initialization) is uploaded before the step.
 
 state_dict() checkpoints the session in the daemon and returns which; load_state_dict() puts the
 daemon back to that checkpoint (its last) and copies its parameters into the model. To resume in
-a new process, attach to the session: RemoteOptimizer(..., session=client.open_session(id,
-token)), then load_state_dict().
+a new process, create the session with keep_session=True (else it is deleted when its optimizer
+goes), then attach to it: RemoteOptimizer(..., session=client.open_session(id, token)), which
+downloads the daemon's parameters into the model, then load_state_dict().
+
+Param groups may also be given as torch's list of dicts, and the session's settings as keyword
+arguments (RemoteOptimizer's docstring); `with RemoteOptimizer(...) as optimizer:` deletes a
+session it created on the way out.
 
 Sharded over several instances, the same on the same backend bit for bit:
 
