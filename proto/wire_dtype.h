@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
@@ -27,15 +28,20 @@ absl::StatusOr<DType> FromWireDType(int dtype);
 // fp32, bf16, fp16 to their wire values; anything else to DTYPE_FP32.
 v1::DType ToWireDType(DType dtype);
 
+// WriteTensorChunks' `ready` when every value is already there.
+struct AlwaysReady {
+  absl::Status operator()(int64_t) const { return absl::OkStatus(); }
+};
+
 // Fills `chunk` with consecutive pieces of tensor `name` (`values` in `dtype`, at most
 // `chunk_bytes` bytes each, tensor_elements set) and calls `write()` after each. Before a piece
 // [offset, end) is read, `ready(end)` must return OK (it may wait for the values to be there;
 // its error is returned). Returns false as soon as `write()` does (the stream broke), true when
 // every piece went out; an error only if encoding fails (fp64) or `ready` fails.
-template <typename Write, typename Ready>
+template <typename Write, typename Ready = AlwaysReady>
 absl::StatusOr<bool> WriteTensorChunks(absl::string_view name, absl::Span<const float> values,
                                        DType dtype, int64_t chunk_bytes, v1::TensorChunk& chunk,
-                                       Write write, Ready ready) {
+                                       Write write, Ready ready = {}) {
   const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / DTypeSize(dtype));
   const int64_t count = static_cast<int64_t>(values.size());
   chunk.set_tensor(std::string(name));
@@ -50,15 +56,6 @@ absl::StatusOr<bool> WriteTensorChunks(absl::string_view name, absl::Span<const 
     if (!write()) return false;
   }
   return true;
-}
-
-// The same, with every value already there.
-template <typename Write>
-absl::StatusOr<bool> WriteTensorChunks(absl::string_view name, absl::Span<const float> values,
-                                       DType dtype, int64_t chunk_bytes, v1::TensorChunk& chunk,
-                                       Write write) {
-  return WriteTensorChunks(name, values, dtype, chunk_bytes, chunk, write,
-                           [](int64_t) { return absl::OkStatus(); });
 }
 
 }  // namespace optd

@@ -54,9 +54,10 @@ absl::StatusOr<DType> ResultDType(int requested, DType tensor_dtype) {
 
 // Streams one tensor's values through `write` (WriteTensorChunks, `ready` before each piece);
 // Cancelled when the peer went away.
-template <typename Write, typename Ready>
+template <typename Write, typename Ready = AlwaysReady>
 absl::Status StreamTensor(const std::string& name, absl::Span<const float> values, DType dtype,
-                          int64_t chunk_bytes, v1::TensorChunk& chunk, Write write, Ready ready) {
+                          int64_t chunk_bytes, v1::TensorChunk& chunk, Write write,
+                          Ready ready = {}) {
   OPTD_ASSIGN_OR_RETURN(bool sent,
                         WriteTensorChunks(name, values, dtype, chunk_bytes, chunk, write, ready));
   if (!sent) {
@@ -64,12 +65,6 @@ absl::Status StreamTensor(const std::string& name, absl::Span<const float> value
         absl::StrCat("the client went away while tensor '", name, "' was being sent"));
   }
   return absl::OkStatus();
-}
-template <typename Write>
-absl::Status StreamTensor(const std::string& name, absl::Span<const float> values, DType dtype,
-                          int64_t chunk_bytes, v1::TensorChunk& chunk, Write write) {
-  return StreamTensor(name, values, dtype, chunk_bytes, chunk, write,
-                      [](int64_t) { return absl::OkStatus(); });
 }
 
 // fn(), with an allocation failure turned into RESOURCE_EXHAUSTED. Every slot a handler takes is
