@@ -1,5 +1,7 @@
 #include "client/client.h"
 
+#include <algorithm>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -374,6 +376,81 @@ absl::StatusOr<v1::GetAnalysisResponse> Session::Analysis() {
   request.set_session_id(id_);
   v1::GetAnalysisResponse response;
   OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->GetAnalysis(&context, request, &response)));
+  return response;
+}
+
+absl::StatusOr<SessionState> Session::ExportState(bool parameters, int64_t chunk_bytes) {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::ExportStateRequest request;
+  request.set_session_id(id_);
+  request.set_chunk_bytes(chunk_bytes);
+  request.set_skip_parameters(!parameters);
+  std::unique_ptr<grpc::ClientReader<v1::ExportStateResponse>> reader =
+      stub_->ExportState(&context, request);
+  SessionState state;
+  std::map<std::pair<std::string, std::string>, int64_t> sizes;
+  v1::ExportStateResponse response;
+  absl::Status received;
+  while (reader->Read(&response)) {
+    if (!received.ok()) continue;
+    if (response.has_header()) {
+      state.header = response.header();
+      for (const v1::TensorState& t : state.header.tensors()) {
+        if (state.header.parameters()) sizes[{t.name(), ""}] = t.elements();
+        for (int b = 0; b < t.state_buffers_size() && b < t.state_elements_size(); ++b) {
+          sizes[{t.name(), t.state_buffers(b)}] = t.state_elements(b);
+        }
+      }
+      continue;
+    }
+    const v1::StateChunk& chunk = response.chunk();
+    auto size = sizes.find({chunk.tensor(), chunk.buffer()});
+    const int64_t count = static_cast<int64_t>(chunk.data().size() / sizeof(float));
+    if (size == sizes.end() || chunk.offset() < 0 || count > size->second - chunk.offset()) {
+      received = absl::DataLossError(absl::StrCat("ExportState sent a chunk of '", chunk.tensor(),
+                                                  "' buffer '", chunk.buffer(),
+                                                  "' its header does not hold"));
+      continue;
+    }
+    std::vector<float>& values = state.records[size->first];
+    values.resize(static_cast<size_t>(size->second));
+    std::memcpy(values.data() + chunk.offset(), chunk.data().data(),
+                static_cast<size_t>(count) * sizeof(float));
+  }
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
+  OPTD_RETURN_IF_ERROR(received);
+  return state;
+}
+
+absl::StatusOr<v1::ImportStateResponse> Session::ImportState(const SessionState& state,
+                                                             int64_t chunk_bytes) {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::ImportStateResponse response;
+  std::unique_ptr<grpc::ClientWriter<v1::ImportStateRequest>> writer =
+      stub_->ImportState(&context, &response);
+  v1::ImportStateRequest request;
+  request.mutable_header()->set_session_id(id_);
+  *request.mutable_header()->mutable_state() = state.header;
+  const int64_t per_chunk =
+      std::max<int64_t>(1, std::min(chunk_bytes, kMaxChunkBytes) / sizeof(float));
+  bool open = writer->Write(request);
+  for (auto it = state.records.begin(); open && it != state.records.end(); ++it) {
+    const std::vector<float>& values = it->second;
+    for (size_t offset = 0; open && offset < values.size();
+         offset += static_cast<size_t>(per_chunk)) {
+      const size_t count = std::min(values.size() - offset, static_cast<size_t>(per_chunk));
+      v1::StateChunk* chunk = request.mutable_chunk();
+      chunk->set_tensor(it->first.first);
+      chunk->set_buffer(it->first.second);
+      chunk->set_offset(static_cast<int64_t>(offset));
+      chunk->set_data(values.data() + offset, count * sizeof(float));
+      open = writer->Write(request);
+    }
+  }
+  writer->WritesDone();
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(writer->Finish()));
   return response;
 }
 

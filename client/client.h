@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -89,6 +90,13 @@ struct StepResult {
   std::map<std::string, std::vector<float>> values;
 };
 
+// A session's whole optimizer state outside the daemon (ExportState, ImportState): the header,
+// and every record by (tensor, buffer); buffer "" holds the parameters.
+struct SessionState {
+  v1::StateHeader header;
+  std::map<std::pair<std::string, std::string>, std::vector<float>> records;
+};
+
 class Session {
  public:
   Session(std::shared_ptr<grpc::Channel> channel, std::string id, std::string token);
@@ -123,6 +131,13 @@ class Session {
   absl::StatusOr<v1::CheckpointResponse> Checkpoint(bool shared = false);
   absl::StatusOr<int64_t> Restore();
   absl::StatusOr<v1::GetAnalysisResponse> Analysis();
+  // The session's optimizer state, of one step (ABORTED when the session changed while it was
+  // read: read again); without its parameters unless `parameters`.
+  absl::StatusOr<SessionState> ExportState(bool parameters = true, int64_t chunk_bytes = 0);
+  // Replaces the session's parameters, optimizer state, step and hyperparameters with `state`
+  // (which holds the parameters), all or nothing.
+  absl::StatusOr<v1::ImportStateResponse> ImportState(const SessionState& state,
+                                                      int64_t chunk_bytes = kDefaultChunkBytes);
   absl::Status Delete();
 
  private:

@@ -433,6 +433,49 @@ absl::Status Optimizer::SetState(int tensor, absl::string_view buffer,
   return backend_->Synchronize(queue);
 }
 
+absl::StatusOr<StateBuffer> Optimizer::FindRange(int tensor, absl::string_view buffer,
+                                                 int64_t offset, int64_t count) const {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  const Tensor& t = *tensors_[tensor];
+  StateBuffer b{"parameters", static_cast<float*>(t.parameters.data()), t.count};
+  if (!buffer.empty()) {
+    OPTD_ASSIGN_OR_RETURN(b, FindState(tensor, buffer));
+  }
+  if (offset < 0 || offset > b.count || count > b.count - offset) {
+    return absl::InvalidArgumentError(absl::StrCat(b.name, " of tensor '", t.spec.name, "' has ",
+                                                   b.count, " elements, not [", offset, ", ",
+                                                   offset + count, ")"));
+  }
+  return b;
+}
+
+absl::Status Optimizer::ReadRange(int tensor, absl::string_view buffer, int64_t offset,
+                                  absl::Span<float> out) const {
+  OPTD_ASSIGN_OR_RETURN(StateBuffer b,
+                        FindRange(tensor, buffer, offset, static_cast<int64_t>(out.size())));
+  Queue& queue = *queue_;
+  OPTD_RETURN_IF_ERROR(
+      backend_->Download(queue, out.data(), b.data + offset, out.size() * sizeof(float)));
+  return backend_->Synchronize(queue);
+}
+
+absl::Status Optimizer::WriteRange(int tensor, absl::string_view buffer, int64_t offset,
+                                   absl::Span<const float> values) {
+  OPTD_ASSIGN_OR_RETURN(StateBuffer b,
+                        FindRange(tensor, buffer, offset, static_cast<int64_t>(values.size())));
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (!std::isfinite(values[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(b.name, " of tensor '",
+                                                     tensors_[tensor]->spec.name,
+                                                     "' is not finite at element ", offset + i));
+    }
+  }
+  Queue& queue = *queue_;
+  OPTD_RETURN_IF_ERROR(
+      backend_->Upload(queue, b.data + offset, values.data(), values.size() * sizeof(float)));
+  return backend_->Synchronize(queue);
+}
+
 absl::Status Optimizer::SetStepsApplied(int tensor, int64_t steps) {
   OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
   if (steps < 0) {

@@ -171,6 +171,14 @@ class Optimizer {
   // the tensor does not have; InvalidArgument when the size differs (nothing is written then).
   absl::Status GetState(int tensor, absl::string_view buffer, absl::Span<float> out) const;
   absl::Status SetState(int tensor, absl::string_view buffer, absl::Span<const float> values);
+  // Elements [offset, offset + n) of the tensor's parameters (`buffer` empty) or of one state
+  // buffer, for state exported and imported in pieces. NotFound for a buffer the tensor does not
+  // have; InvalidArgument, with nothing written, for a range outside it or (WriteRange) a value
+  // that is NaN or infinite.
+  absl::Status ReadRange(int tensor, absl::string_view buffer, int64_t offset,
+                         absl::Span<float> out) const;
+  absl::Status WriteRange(int tensor, absl::string_view buffer, int64_t offset,
+                          absl::Span<const float> values);
   // Restores the step count of a tensor (checkpoints); InvalidArgument when negative.
   absl::Status SetStepsApplied(int tensor, int64_t steps);
 
@@ -184,6 +192,10 @@ class Optimizer {
 
   absl::Status CheckIndex(int tensor) const;
   absl::StatusOr<StateBuffer> FindState(int tensor, absl::string_view buffer) const;
+  // The parameters (`buffer` empty) or state buffer of ReadRange and WriteRange, checked to hold
+  // [offset, offset + count).
+  absl::StatusOr<StateBuffer> FindRange(int tensor, absl::string_view buffer, int64_t offset,
+                                        int64_t count) const;
   // The rate and scale the update applies as lr·(scale·o); full_scale is the scale whether or
   // not a preset folds it into the rate (CaptureUpdate's).
   struct RateAndScale {

@@ -259,15 +259,19 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
   }
   server->options_ = std::move(options);
 
-  if (server->options_.sessions.idle_ttl > absl::ZeroDuration()) {
-    const absl::Duration period = std::clamp(server->options_.sessions.idle_ttl / 4,
-                                             absl::Milliseconds(50), absl::Seconds(10));
-    server->reaper_ = std::thread([self, period] {
-      while (!self->stop_reaper_.WaitForNotificationWithTimeout(period)) {
-        self->sessions_->UnloadIdle(self->clock().Now());
-      }
-    });
-  }
+  // Unloads idle sessions (--idle_ttl_s) and deletes those past their own
+  // delete_after_idle_seconds, which any session may ask for: so it always runs.
+  const absl::Duration ttl = server->options_.sessions.idle_ttl;
+  const absl::Duration period =
+      ttl > absl::ZeroDuration()
+          ? std::clamp(ttl / 4, absl::Milliseconds(50), absl::Milliseconds(250))
+          : absl::Milliseconds(250);
+  server->reaper_ = std::thread([self, period] {
+    while (!self->stop_reaper_.WaitForNotificationWithTimeout(period)) {
+      self->sessions_->UnloadIdle(self->clock().Now());
+      self->sessions_->DeleteExpired(self->clock().Now());
+    }
+  });
   return server;
 }
 

@@ -620,6 +620,73 @@ grpc::Status OptimizerService::Restore(grpc::ServerContext* context,
                 }));
 }
 
+grpc::Status OptimizerService::ExportState(grpc::ServerContext* context,
+                                           const v1::ExportStateRequest* request,
+                                           grpc::ServerWriter<v1::ExportStateResponse>* writer) {
+  return Finish("ExportState", Guarded([&]() -> absl::Status {
+                  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
+                  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                                        Authorize(context, request->session_id()));
+                  OPTD_ASSIGN_OR_RETURN(
+                      int64_t chunk_bytes,
+                      ChunkBytes(request->chunk_bytes(), options_.default_chunk_bytes));
+                  // A reader that stops reading is cut off after the idle timeout.
+                  StreamWatchdog::Watch watch(watchdog_, context);
+                  return session->ExportState(
+                      std::max<int64_t>(1, chunk_bytes / static_cast<int64_t>(sizeof(float))),
+                      !request->skip_parameters(), [&](const v1::ExportStateResponse& response) {
+                        watch.Arm(options_.stream_idle_timeout);
+                        if (!writer->Write(response)) return false;
+                        if (response.has_chunk()) {
+                          CountSent(static_cast<int64_t>(response.chunk().data().size()));
+                        }
+                        return true;
+                      });
+                }));
+}
+
+grpc::Status OptimizerService::ImportState(grpc::ServerContext* context,
+                                           grpc::ServerReader<v1::ImportStateRequest>* reader,
+                                           v1::ImportStateResponse* response) {
+  return Finish(
+      "ImportState", Guarded([&]() -> absl::Status {
+        OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
+        StreamWatchdog::Watch watch(watchdog_, context);
+        watch.Arm(options_.stream_header_timeout);
+        v1::ImportStateRequest request;
+        if (!reader->Read(&request) || !request.has_header()) {
+          if (watch.fired()) return StreamTimeout("ImportState", "header");
+          return absl::InvalidArgumentError(
+              "ImportState must start with a header naming the session");
+        }
+        watch.Arm(options_.stream_idle_timeout);
+        OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                              Authorize(context, request.header().session_id()));
+        OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StateImport> import,
+                              session->BeginImport(request.header().state()));
+        absl::Status status;
+        while (status.ok() && reader->Read(&request)) {
+          if (!request.has_chunk()) {
+            status = absl::InvalidArgumentError("ImportState carries one header, then only chunks");
+            break;
+          }
+          if (options_.metrics != nullptr) {
+            options_.metrics->AddBytesReceived(static_cast<int64_t>(request.chunk().data().size()));
+          }
+          status = import->Add(request.chunk());
+          watch.Arm(options_.stream_idle_timeout);
+        }
+        watch.Disarm();
+        if (status.ok() && watch.fired()) return StreamTimeout("ImportState", "chunk");
+        if (status.ok() && context->IsCancelled()) {
+          return absl::CancelledError("the import was cancelled; nothing was changed");
+        }
+        OPTD_RETURN_IF_ERROR(status);
+        OPTD_ASSIGN_OR_RETURN(*response, session->CommitImport(std::move(import)));
+        return absl::OkStatus();
+      }));
+}
+
 grpc::Status OptimizerService::GetAnalysis(grpc::ServerContext* context,
                                            const v1::GetAnalysisRequest* request,
                                            v1::GetAnalysisResponse* response) {

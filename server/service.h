@@ -85,6 +85,11 @@ class OptimizerService final : public v1::Optimizer::Service {
                           v1::CheckpointResponse* response) override;
   grpc::Status Restore(grpc::ServerContext* context, const v1::RestoreRequest* request,
                        v1::RestoreResponse* response) override;
+  grpc::Status ExportState(grpc::ServerContext* context, const v1::ExportStateRequest* request,
+                           grpc::ServerWriter<v1::ExportStateResponse>* writer) override;
+  grpc::Status ImportState(grpc::ServerContext* context,
+                           grpc::ServerReader<v1::ImportStateRequest>* reader,
+                           v1::ImportStateResponse* response) override;
   grpc::Status GetAnalysis(grpc::ServerContext* context, const v1::GetAnalysisRequest* request,
                            v1::GetAnalysisResponse* response) override;
   grpc::Status GetServerInfo(grpc::ServerContext* context, const v1::GetServerInfoRequest* request,

@@ -764,19 +764,25 @@ absl::StatusOr<int64_t> Session::Restore() {
         absl::StrCat("session '", id_, "' has no checkpoint at ", path));
   }
   OPTD_RETURN_IF_ERROR(loaded.status());
-  // Abort a pending step: its workers get Aborted and resend against the restored step.
-  round_.Abort(absl::AbortedError(absl::StrCat("session '", id_,
-                                               "' was restored from its checkpoint at step ",
-                                               loaded->step, " while this step was pending")));
-  // Nothing can fail from here on: the restore is all or nothing.
-  optimizer_ = std::move(loaded->optimizer);
-  ++state_epoch_;
-  damaged_ = absl::OkStatus();
-  for (const auto& [name, h] : loaded->hyperparams) hyperparams_[name] = h;
-  step_ = loaded->step;
-  step_published_ = step_;
+  const std::string what = absl::StrCat("was restored from its checkpoint at step ", loaded->step);
+  ReplaceStateLocked(std::move(*loaded), what);
   checkpoint_step_ = step_;
   checkpoint_step_published_ = step_;
+  LogEvent(absl::StrCat("session '", id_, "' restored from its checkpoint at step ", step_));
+  return step_;
+}
+
+void Session::ReplaceStateLocked(SessionState state, absl::string_view what) {
+  // Abort a pending step: its workers get Aborted and resend against the new step.
+  round_.Abort(absl::AbortedError(
+      absl::StrCat("session '", id_, "' ", what, " while this step was pending")));
+  // Nothing can fail from here on: the replacement is all or nothing.
+  optimizer_ = std::move(state.optimizer);
+  ++state_epoch_;
+  damaged_ = absl::OkStatus();
+  for (const auto& [name, h] : state.hyperparams) hyperparams_[name] = h;
+  step_ = state.step;
+  step_published_ = step_;
   round_.DropOutcomes();
   ExportStateLocked();
   // The figures were of steps that no longer happened, and so are those still in analysis.
@@ -784,8 +790,110 @@ absl::StatusOr<int64_t> Session::Restore() {
   ++restores_;
   analysis_.clear();
   if (options_.metrics != nullptr && !retired_) options_.metrics->PublishAnalysis(id_, step_, {});
-  LogEvent(absl::StrCat("session '", id_, "' restored from its checkpoint at step ", step_));
-  return step_;
+}
+
+absl::Status Session::ExportState(int64_t chunk_elements, bool parameters,
+                                  absl::FunctionRef<bool(const v1::ExportStateResponse&)> write) {
+  Touch();
+  v1::ExportStateResponse response;
+  int64_t epoch = 0;
+  int64_t step = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    OPTD_RETURN_IF_ERROR(CheckUsableLocked());
+    *response.mutable_header() =
+        StateHeaderOf(config_, step_, hyperparams_, *optimizer_, parameters);
+    epoch = state_epoch_;
+    step = step_;
+  }
+  const v1::StateHeader header = response.header();
+  if (!write(response)) {
+    return absl::CancelledError("the client went away while the state's header was sent");
+  }
+  std::vector<float> values;
+  v1::StateChunk* chunk = response.mutable_chunk();
+  for (int t = 0; t < header.tensors_size(); ++t) {
+    const v1::TensorState& ts = header.tensors(t);
+    std::vector<std::pair<std::string, int64_t>> records;
+    if (parameters) records.emplace_back("", ts.elements());
+    for (int b = 0; b < ts.state_buffers_size(); ++b) {
+      records.emplace_back(ts.state_buffers(b), ts.state_elements(b));
+    }
+    for (const auto& [buffer, elements] : records) {
+      for (int64_t offset = 0; offset < elements; offset += chunk_elements) {
+        const int64_t count = std::min(chunk_elements, elements - offset);
+        values.resize(static_cast<size_t>(count));
+        {
+          absl::MutexLock lock(&mu_);
+          OPTD_RETURN_IF_ERROR(CheckUsableLocked());
+          if (state_epoch_ != epoch || step_ != step) {
+            return absl::AbortedError(absl::StrCat(
+                "session '", id_, "' changed while its state of step ", step,
+                " was exported (now step ", step_,
+                ", or new parameters, hyperparameters, a restore or an import); export again"));
+          }
+          OPTD_RETURN_IF_ERROR(optimizer_->ReadRange(t, buffer, offset, absl::MakeSpan(values)));
+        }
+        chunk->set_tensor(ts.name());
+        chunk->set_buffer(buffer);
+        chunk->set_offset(offset);
+        chunk->set_data(values.data(), values.size() * sizeof(float));  // little-endian fp32
+        if (!write(response)) {
+          return absl::CancelledError(
+              absl::StrCat("the client went away while tensor '", ts.name(), "' was exported"));
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<StateImport>> Session::BeginImport(const v1::StateHeader& header) {
+  Touch();
+  {
+    absl::MutexLock lock(&mu_);
+    if (deleted_) return absl::NotFoundError(absl::StrCat("session '", id_, "' was deleted"));
+    if (importing_) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("session '", id_, "' is already importing a state; one import at a time"));
+    }
+    importing_ = true;
+  }
+  auto end = [this] {
+    absl::MutexLock lock(&mu_);
+    importing_ = false;
+  };
+  absl::StatusOr<std::unique_ptr<StateImport>> import =
+      StateImport::Begin(backend_, id_, config_, header);
+  if (!import.ok()) {
+    end();
+    return import.status();
+  }
+  (*import)->OnEnd(end);
+  return import;
+}
+
+absl::StatusOr<v1::ImportStateResponse> Session::CommitImport(std::unique_ptr<StateImport> import) {
+  OPTD_ASSIGN_OR_RETURN(SessionState state, import->Finish());
+  v1::ImportStateResponse response;
+  absl::MutexLock lock(&mu_);
+  if (deleted_) return absl::NotFoundError(absl::StrCat("session '", id_, "' was deleted"));
+  const std::string what = absl::StrCat("imported a state of step ", state.step);
+  ReplaceStateLocked(std::move(state), what);
+  checkpoint_step_ = -1;  // what is on disk is of the session before the import
+  checkpoint_step_published_ = -1;
+  response.set_step(step_);
+  response.set_checkpoint_step(-1);
+  if (!options_.state_dir.empty()) {
+    absl::StatusOr<CheckpointInfo> written = CheckpointLocked();
+    if (written.ok()) {
+      response.set_checkpoint_step(written->step);
+    } else {
+      response.set_checkpoint_error(std::string(written.status().message()));
+    }
+  }
+  LogEvent(absl::StrCat("session '", id_, "' imported a state at step ", step_));
+  return response;
 }
 
 std::vector<v1::TensorAnalysis> Session::Analysis() {

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -52,6 +53,7 @@
 #include "server/reshard.h"
 #include "server/session_checkpoint.h"
 #include "server/snapshot_progress.h"
+#include "server/state_transfer.h"
 #include "server/step_pipeline.h"
 #include "server/step_round.h"
 #include "server/tensor_staging.h"
@@ -183,6 +185,20 @@ class Session : public std::enable_shared_from_this<Session> {
   // Replaces parameters, state, step and hyperparameters with the last checkpoint's, atomically.
   absl::StatusOr<int64_t> Restore();
 
+  // ExportState (optd.v1): `write` gets the header, then every record (the parameters only when
+  // `parameters`) in chunks of at most `chunk_elements` values, each copied under the session's
+  // lock and written without it. Aborted when anything commits between two chunks (a step, an
+  // upload, new hyperparameters, a restore or import); Cancelled when `write` returns false.
+  absl::Status ExportState(int64_t chunk_elements, bool parameters,
+                           absl::FunctionRef<bool(const v1::ExportStateResponse&)> write);
+  // ImportState (optd.v1): BeginImport checks `header` and allocates the state the chunks go into
+  // (StateImport::Begin; like Restore's, outside the session's quota), one import per session at
+  // a time (FailedPrecondition for another); the caller adds the chunks and hands it to
+  // CommitImport, which replaces the session's state with it whole, aborts a pending step, and
+  // checkpoints when the daemon has a state directory.
+  absl::StatusOr<std::unique_ptr<StateImport>> BeginImport(const v1::StateHeader& header);
+  absl::StatusOr<v1::ImportStateResponse> CommitImport(std::unique_ptr<StateImport> import);
+
   // The latest analysis figures of each analyzed matrix tensor, in session order (DESIGN.md,
   // "Metrics"); empty until the first analysis (every config.analysis_interval() steps) is done.
   std::vector<v1::TensorAnalysis> Analysis();
@@ -241,6 +257,10 @@ class Session : public std::enable_shared_from_this<Session> {
   // Steps tensor `tensor` ahead on the workers' mean and writes its result into `outcome`.
   absl::Status PrepareLocked(int tensor, std::optional<double> lr, StepOutcome& outcome)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Replaces optimizer, step and hyperparameters with `state` (Restore, CommitImport): a pending
+  // step is aborted, saying the session `what`; prepared work, kept results and analyses go.
+  void ReplaceStateLocked(SessionState state, absl::string_view what)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The restart checkpoint, in the state directory.
   absl::StatusOr<CheckpointInfo> CheckpointLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The session's checkpoint file under `state_dir` (created if missing); a failed write is
@@ -288,6 +308,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // Current hyperparameters per group name.
   std::map<std::string, v1::GroupHyperparams> hyperparams_ ABSL_GUARDED_BY(mu_);
   absl::Status damaged_ ABSL_GUARDED_BY(mu_);
+  bool importing_ ABSL_GUARDED_BY(mu_) = false;  // an ImportState is underway
   bool deleted_ ABSL_GUARDED_BY(mu_) = false;
   // Bumped by everything that changes the tensors other than a step (parameters, hyperparameters,
   // a restore): prepared work from before is not used.

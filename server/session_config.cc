@@ -82,6 +82,11 @@ absl::Status NormalizeSessionConfig(v1::SessionConfig& config) {
     return absl::InvalidArgumentError(
         absl::StrCat("straggler_timeout_seconds ", straggler, " is outside [0, 604800]"));
   }
+  const double lease = config.delete_after_idle_seconds();
+  if (!std::isfinite(lease) || lease < 0 || lease > 86400 * 365) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("delete_after_idle_seconds ", lease, " is outside [0, 31536000]"));
+  }
 
   std::set<std::string> groups;
   for (const v1::GroupConfig& group : config.groups()) {

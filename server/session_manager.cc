@@ -84,6 +84,9 @@ absl::Status SessionManager::Recover(std::vector<std::string>* skipped) {
     entry.token_digest = meta->token_sha256();
     entry.step = meta->step();
     entry.state_bytes = *bytes;
+    // A restart starts the lease again: the last use before it is not on disk.
+    entry.delete_after_idle = absl::Seconds(meta->config().delete_after_idle_seconds());
+    entry.unloaded_last_used = (options_.clock != nullptr ? *options_.clock : RealClock()).Now();
     id_by_digest_[entry.token_digest] = name;
     sessions_[name] = std::move(entry);
   }
@@ -304,6 +307,7 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
   }
   entry.session = session;
   entry.creating = false;
+  entry.delete_after_idle = absl::Seconds(session->config().delete_after_idle_seconds());
   id_by_digest_[digest] = id;
   ExportCountsLocked();
   LogEvent(absl::StrCat(
@@ -387,6 +391,10 @@ absl::Status SessionManager::Delete(absl::string_view id, absl::string_view auth
     return absl::UnavailableError(
         absl::StrCat("session '", id, "' is being replaced by a CreateSession; retry after it"));
   }
+  return DeleteLocked(id, *entry);
+}
+
+absl::Status SessionManager::DeleteLocked(absl::string_view id, Entry& entry) {
   // All or nothing: the checkpoint directory is first renamed out of Recover's sight (a name no
   // session id can take); only then does the session go from memory. A state directory optd
   // cannot write refuses the delete and leaves the session as it was.
@@ -405,11 +413,11 @@ absl::Status SessionManager::Delete(absl::string_view id, absl::string_view auth
   }
   // Calls still holding the session get NotFound from now on, and nothing of it is written
   // again: no checkpoint can bring it back after its directory is gone.
-  if (entry->session != nullptr) {
-    entry->session->MarkDeleted();
-    entry->session->Retire();
+  if (entry.session != nullptr) {
+    entry.session->MarkDeleted();
+    entry.session->Retire();
   }
-  id_by_digest_.erase(entry->token_digest);
+  id_by_digest_.erase(entry.token_digest);
   sessions_.erase(sessions_.find(id));
   ExportCountsLocked();
   LogEvent(absl::StrCat("session '", id, "' deleted"));
@@ -420,6 +428,41 @@ absl::Status SessionManager::Delete(absl::string_view id, absl::string_view auth
     }
   }
   return absl::OkStatus();
+}
+
+int SessionManager::DeleteExpired(absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> expired;
+  for (const auto& [id, entry] : sessions_) {
+    if (entry.delete_after_idle <= absl::ZeroDuration() || entry.creating || entry.loading ||
+        entry.replacing) {
+      continue;
+    }
+    const absl::Time last =
+        entry.session != nullptr ? entry.session->last_used() : entry.unloaded_last_used;
+    // A call holding the session (Get hands references out under mu_, so none appears while it
+    // is held) is using it: not idle.
+    if (now - last < entry.delete_after_idle ||
+        (entry.session != nullptr && entry.session.use_count() != 1)) {
+      continue;
+    }
+    expired.push_back(id);
+  }
+  int deleted = 0;
+  for (const std::string& id : expired) {
+    const absl::Duration lease = sessions_.at(id).delete_after_idle;
+    absl::Status status = DeleteLocked(id, sessions_.at(id));
+    if (status.ok()) {
+      ++deleted;
+      LogEvent(absl::StrCat("session '", id,
+                            "' deleted: unused for its delete_after_idle_seconds (",
+                            absl::FormatDuration(lease), ")"));
+    } else {
+      LogEvent(
+          absl::StrCat("session '", id, "' expired but could not be deleted: ", status.ToString()));
+    }
+  }
+  return deleted;
 }
 
 std::vector<v1::SessionInfo> SessionManager::List() {
@@ -482,6 +525,7 @@ int SessionManager::UnloadIdle(absl::Time now) {
       continue;
     }
     it->second.step = session->step();
+    it->second.unloaded_last_used = seen;
     session->Retire();
     it->second.session = nullptr;
     ExportCountsLocked();

@@ -126,6 +126,9 @@ class SessionManager {
   // Checkpoints and unloads sessions idle longer than the TTL that nobody is using. Returns how
   // many were unloaded.
   int UnloadIdle(absl::Time now);
+  // Deletes, with their checkpoints, the sessions whose config's delete_after_idle_seconds has
+  // passed since their last use (loaded or not; one in use by a call is left). Returns how many.
+  int DeleteExpired(absl::Time now);
   // Checkpoints every loaded session (shutdown). Returns the first failure, after trying all.
   absl::Status CheckpointAll();
 
@@ -139,7 +142,13 @@ class SessionManager {
     bool creating = false;   // reserved by Create, not yet usable
     bool loading = false;    // a call is reading its checkpoint (without holding mu_)
     bool replacing = false;  // a CreateSession with `replace` is building its successor
+    // The config's delete_after_idle_seconds (0: never), and the last use while unloaded.
+    absl::Duration delete_after_idle = absl::ZeroDuration();
+    absl::Time unloaded_last_used = absl::InfinitePast();
   };
+
+  // Delete's work once `entry` (of `id`) is authorized: its checkpoint directory, then it.
+  absl::Status DeleteLocked(absl::string_view id, Entry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // The entry `id` if `authorization` may use it (Get's rules), without loading it.
   absl::StatusOr<Entry*> AuthorizeLocked(absl::string_view id, absl::string_view authorization)

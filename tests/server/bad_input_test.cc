@@ -85,6 +85,29 @@ struct Raw {
     return client::FromGrpcStatus(stub->StepSmall(&context, request, &response));
   }
 
+  absl::Status Import(const std::string& authorization,
+                      const std::vector<v1::ImportStateRequest>& requests) {
+    grpc::ClientContext context;
+    Authorize(context, authorization);
+    v1::ImportStateResponse response;
+    auto writer = stub->ImportState(&context, &response);
+    for (const v1::ImportStateRequest& r : requests) {
+      if (!writer->Write(r)) break;
+    }
+    writer->WritesDone();
+    return client::FromGrpcStatus(writer->Finish());
+  }
+
+  absl::Status Export(const std::string& authorization, const v1::ExportStateRequest& request) {
+    grpc::ClientContext context;
+    Authorize(context, authorization);
+    auto reader = stub->ExportState(&context, request);
+    v1::ExportStateResponse response;
+    while (reader->Read(&response)) {
+    }
+    return client::FromGrpcStatus(reader->Finish());
+  }
+
   absl::Status Upload(const std::string& authorization,
                       const std::vector<v1::UploadParamsRequest>& requests) {
     grpc::ClientContext context;
@@ -352,6 +375,136 @@ TEST_F(BadInputTest, ParameterUploads) {
         upload({Chunk("b", 0, Ones(kCols))}, Bearer(*other_)));
 }
 
+// An import built from the victim's own export (which alone would be accepted), changed by
+// `edit`: every refusal names its cause and changes nothing.
+TEST_F(BadInputTest, StateImports) {
+  absl::StatusOr<client::SessionState> exported = victim_->ExportState();
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  const std::string bearer = Bearer(*victim_);
+  auto import = [&](const std::function<void(std::vector<v1::ImportStateRequest>&)>& edit,
+                    const std::string& auth = "") {
+    std::vector<v1::ImportStateRequest> requests(1);
+    requests[0].mutable_header()->set_session_id(victim_->id());
+    *requests[0].mutable_header()->mutable_state() = exported->header;
+    for (const auto& [key, values] : exported->records) {
+      v1::ImportStateRequest r;
+      r.mutable_chunk()->set_tensor(key.first);
+      r.mutable_chunk()->set_buffer(key.second);
+      r.mutable_chunk()->set_data(values.data(), values.size() * sizeof(float));
+      requests.push_back(std::move(r));
+    }
+    edit(requests);
+    return [this, requests, auth, bearer] {
+      return raw_.Import(auth.empty() ? bearer : auth, requests);
+    };
+  };
+  auto header = [](std::vector<v1::ImportStateRequest>& r) -> v1::StateHeader& {
+    return *r[0].mutable_header()->mutable_state();
+  };
+  auto record = [](std::vector<v1::ImportStateRequest>& r, const std::string& tensor,
+                   const std::string& buffer) -> v1::StateChunk& {
+    for (auto& request : r) {
+      if (request.has_chunk() && request.chunk().tensor() == tensor &&
+          request.chunk().buffer() == buffer) {
+        return *request.mutable_chunk();
+      }
+    }
+    ADD_FAILURE() << "no record " << tensor << "/" << buffer;
+    return *r[1].mutable_chunk();
+  };
+  auto set_value = [](v1::StateChunk& chunk, int i, float value) {
+    std::memcpy(chunk.mutable_data()->data() + i * sizeof(float), &value, sizeof(float));
+  };
+  using Requests = std::vector<v1::ImportStateRequest>;
+  Check({"another session's token", absl::StatusCode::kPermissionDenied, "belongs to session"},
+        import([](Requests&) {}, Bearer(*other_)));
+  Check({"no header", absl::StatusCode::kInvalidArgument, "must start with a header"},
+        import([](Requests& r) { r.erase(r.begin()); }));
+  Check({"two headers", absl::StatusCode::kInvalidArgument, "one header, then only chunks"},
+        import([](Requests& r) { r.push_back(r[0]); }));
+  Check({"no parameters", absl::StatusCode::kInvalidArgument, "holds no parameters"},
+        import([&](Requests& r) { header(r).set_parameters(false); }));
+  Check({"a negative step", absl::StatusCode::kInvalidArgument, "is at step -1"},
+        import([&](Requests& r) { header(r).set_step(-1); }));
+  Check({"a tensor missing", absl::StatusCode::kInvalidArgument, "it lacks [b] and holds []"},
+        import([&](Requests& r) { header(r).mutable_tensors()->RemoveLast(); }));
+  Check({"another tensor", absl::StatusCode::kInvalidArgument, "it lacks [b] and holds [c]"},
+        import([&](Requests& r) { header(r).mutable_tensors(1)->set_name("c"); }));
+  Check({"another shape", absl::StatusCode::kInvalidArgument,
+         "tensor 'w' has shape [24, 16], the session's [16, 24]"},
+        import([&](Requests& r) {
+          header(r).mutable_config()->mutable_tensors(0)->set_shape(0, kCols);
+          header(r).mutable_config()->mutable_tensors(0)->set_shape(1, kRows);
+        }));
+  Check({"another preset", absl::StatusCode::kInvalidArgument,
+         "tensor 'w' was stepped with preset 'normuon', the session steps it with 'keller'"},
+        import([&](Requests& r) {
+          for (auto& g : *header(r).mutable_config()->mutable_groups()) {
+            if (g.name() == "matrices") g.set_preset("normuon");
+          }
+        }));
+  Check({"other state buffers", absl::StatusCode::kInvalidArgument,
+         "tensor 'w' has state buffers [momentum, extra]"},
+        import([&](Requests& r) { header(r).mutable_tensors(0)->add_state_buffers("extra"); }));
+  Check({"a group's rates missing", absl::StatusCode::kInvalidArgument,
+         "lacks group 'vectors''s lr, momentum or weight_decay"},
+        import([&](Requests& r) {
+          for (auto& h : *header(r).mutable_hyperparams()) {
+            if (h.group() == "vectors") h.clear_momentum();
+          }
+        }));
+  Check({"rates that do not validate", absl::StatusCode::kInvalidArgument,
+         "its hyperparameters do not validate"},
+        import([&](Requests& r) {
+          for (auto& h : *header(r).mutable_hyperparams()) h.set_momentum(1.5);
+        }));
+  Check({"negative steps applied", absl::StatusCode::kInvalidArgument,
+         "tensor 'b' has -2 steps applied"},
+        import([&](Requests& r) { header(r).mutable_tensors(1)->set_steps_applied(-2); }));
+  Check({"an unknown buffer", absl::StatusCode::kInvalidArgument,
+         "has no state buffer 'velocity' of tensor 'w'"},
+        import([&](Requests& r) { record(r, "w", "momentum").set_buffer("velocity"); }));
+  Check({"a record missing", absl::StatusCode::kInvalidArgument,
+         "state buffer 'adam_second_moment' of tensor 'b' has 0 of its 24 elements"},
+        import([&](Requests& r) {
+          std::erase_if(r, [](const v1::ImportStateRequest& q) {
+            return q.has_chunk() && q.chunk().buffer() == "adam_second_moment";
+          });
+        }));
+  Check({"a chunk out of order", absl::StatusCode::kInvalidArgument,
+         "starts at element 4; the record's next element is 0"},
+        import([&](Requests& r) { record(r, "b", "").set_offset(4); }));
+  Check({"a chunk past the record", absl::StatusCode::kInvalidArgument, "past its 24 elements"},
+        import([&](Requests& r) { record(r, "b", "").mutable_data()->append(4, '\0'); }));
+  Check(
+      {"a partial value", absl::StatusCode::kInvalidArgument, "holds 95 bytes, not a whole number"},
+      import([&](Requests& r) { record(r, "b", "").mutable_data()->pop_back(); }));
+  Check({"a NaN parameter", absl::StatusCode::kInvalidArgument,
+         "parameters of tensor 'w' is not finite at element 5"},
+        import([&](Requests& r) {
+          set_value(record(r, "w", ""), 5, std::numeric_limits<float>::quiet_NaN());
+        }));
+  Check({"an infinite momentum", absl::StatusCode::kInvalidArgument,
+         "momentum of tensor 'w' is not finite at element 7"},
+        import([&](Requests& r) {
+          set_value(record(r, "w", "momentum"), 7, std::numeric_limits<float>::infinity());
+        }));
+  Check({"a negative second moment", absl::StatusCode::kInvalidArgument,
+         "state buffer 'adam_second_moment' of tensor 'b' is negative at element 3"},
+        import([&](Requests& r) { set_value(record(r, "b", "adam_second_moment"), 3, -1.0f); }));
+  v1::ExportStateRequest request;
+  request.set_session_id(victim_->id());
+  Check({"an export with another session's token", absl::StatusCode::kPermissionDenied,
+         "belongs to session"},
+        [&] { return raw_.Export(Bearer(*other_), request); });
+  request.set_chunk_bytes(2);
+  Check({"an export in 2-byte chunks", absl::StatusCode::kInvalidArgument,
+         "chunk_bytes 2 is outside [4, 4194304]"},
+        [&] { return raw_.Export(bearer, request); });
+  // The unchanged export goes in, and changes nothing either.
+  Check({"the export itself", absl::StatusCode::kOk, ""}, import([](Requests&) {}));
+}
+
 TEST_F(BadInputTest, SessionCalls) {
   client::Client c = ConnectTo(*server_);
   auto update = [&](const std::string& group, std::optional<double> lr,
@@ -430,6 +583,13 @@ TEST_F(BadInputTest, SessionCalls) {
           }
           huge.set_world_size(60);
           return c.CreateSession(huge).status();
+        });
+  Check({"a negative lease", absl::StatusCode::kInvalidArgument,
+         "delete_after_idle_seconds -1 is outside [0, 31536000]"},
+        [&] {
+          v1::SessionConfig leased = config_;
+          leased.set_delete_after_idle_seconds(-1);
+          return c.CreateSession(leased).status();
         });
   Check({"zero world size is one; 5000 is too many", absl::StatusCode::kInvalidArgument,
          "world_size 5000"},

@@ -12,6 +12,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <set>
 #include <thread>
 
 #include "absl/strings/ascii.h"
@@ -718,6 +719,56 @@ TEST(DurabilityTest, AnUnloadedSessionWithAnUnreadableCheckpointCanStillBeDelete
   EXPECT_EQ(session.Info().status().code(), absl::StatusCode::kDataLoss);
   EXPECT_TRUE(session.Delete().ok());
   EXPECT_EQ(server->sessions().num_sessions(), 0);
+}
+
+// Issue 19: a client that goes away without deleting its session leaves it to its lease.
+TEST(DurabilityTest, ASessionUnusedPastItsLeaseIsDeletedWithItsCheckpoint) {
+  const std::string state_dir = MakeTempDir("leased");
+  server::FakeClock clock;
+  server::ServerOptions options = LoopbackOptions(state_dir);
+  options.clock = &clock;
+  options.sessions.idle_ttl = absl::Seconds(30);  // and one unloaded meanwhile
+  std::unique_ptr<server::Server> server = StartServer(options);
+  client::Client c = ConnectTo(*server);
+  v1::SessionConfig leased_config = MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}});
+  leased_config.set_delete_after_idle_seconds(60);
+  client::Session leased = *c.CreateSession(leased_config, "leased");
+  client::Session unloaded = *c.CreateSession(leased_config, "unloaded");
+  client::Session kept =
+      *c.CreateSession(MakeConfig({{"m", "rmnp"}}, {{"x", {4, 4}, "m"}}), "kept");
+  const auto ids = [&] {
+    std::set<std::string> found;
+    absl::StatusOr<std::vector<v1::SessionInfo>> listed = c.ListSessions();
+    EXPECT_TRUE(listed.ok()) << listed.status();
+    if (!listed.ok()) return found;
+    for (const v1::SessionInfo& s : *listed) found.insert(s.session_id());
+    return found;
+  };
+  // Two reaper rounds (250 ms each) at every clock reading.
+  const auto settle = [] { absl::SleepFor(absl::Milliseconds(600)); };
+  clock.Advance(absl::Seconds(40));  // past the idle TTL: all three are unloaded
+  for (int i = 0; i < 200 && server->sessions().loaded_bytes() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_EQ(server->sessions().loaded_bytes(), 0);
+  ASSERT_TRUE(leased.Info().ok());  // a use: reloads it and starts its lease again
+  clock.Advance(absl::Seconds(30));
+  settle();
+  // 70 s since "unloaded" was last used; 30 s since "leased" was.
+  EXPECT_EQ(ids(), (std::set<std::string>{"kept", "leased"}));
+  EXPECT_FALSE(server::PosixFileSystem().Exists(state_dir + "/unloaded"));
+  clock.Advance(absl::Seconds(29));
+  settle();
+  EXPECT_EQ(ids(), (std::set<std::string>{"kept", "leased"}));
+  clock.Advance(absl::Seconds(2));
+  for (int i = 0; i < 100 && ids().size() > 1; ++i) absl::SleepFor(absl::Milliseconds(20));
+  EXPECT_EQ(ids(), std::set<std::string>{"kept"});
+  EXPECT_FALSE(server::PosixFileSystem().Exists(state_dir + "/leased"));
+  EXPECT_EQ(leased.Info().status().code(), absl::StatusCode::kUnauthenticated);
+  // A restart does not bring it back; "kept", without a lease, stays.
+  server.reset();
+  server = StartServer(LoopbackOptions(state_dir));
+  EXPECT_EQ(server->sessions().num_sessions(), 1);
 }
 
 TEST(DurabilityTest, ADeleteTheStateDirectoryRefusesChangesNothing) {

@@ -1,0 +1,158 @@
+// ExportState and ImportState (issue 19, part 3): a session's whole optimizer state leaves the
+// daemon and comes back into another session, which then steps exactly as the original would;
+// an export never mixes two steps; every bad import is refused whole.
+#include <functional>
+
+#include "server/session.h"
+#include "tests/server/test_daemon.h"
+
+namespace optd::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using Records = std::map<std::pair<std::string, std::string>, std::vector<float>>;
+
+class StateTransferTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    state_dir_ = MakeTempDir("state_transfer");
+    server_ = StartServer(LoopbackOptions(state_dir_));
+    ASSERT_NE(server_, nullptr);
+  }
+
+  std::string state_dir_;
+  std::unique_ptr<server::Server> server_;
+};
+
+// The kernels library's own records of `reference` after its steps: what an export must hold.
+Records ReferenceRecords(Reference& reference) {
+  Records records;
+  Optimizer& optimizer = reference.optimizer();
+  for (int t = 0; t < reference.num_tensors(); ++t) {
+    records[{reference.name(t), ""}] = reference.Parameters(t);
+    for (const StateBuffer& b : optimizer.state(t)) {
+      std::vector<float> values(static_cast<size_t>(b.count));
+      EXPECT_TRUE(optimizer.GetState(t, b.name, absl::MakeSpan(values)).ok());
+      records[{reference.name(t), b.name}] = values;
+    }
+  }
+  return records;
+}
+
+void ExpectSameRecords(const Records& got, const Records& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (const auto& [key, values] : want) {
+    auto it = got.find(key);
+    ASSERT_NE(it, got.end()) << what << ": no record " << key.first << "/" << key.second;
+    EXPECT_TRUE(BitwiseEqual(it->second, values))
+        << what << ": record " << key.first << "/" << key.second << " differs";
+  }
+}
+
+TEST_P(StateTransferTest, AnImportedSessionStepsOnAsTheExportedOneBitForBit) {
+  const v1::SessionConfig config = ModelConfig(GetParam());
+  client::Client c = ConnectTo(*server_);
+  client::Session source = *c.CreateSession(config);
+  Reference reference(config);
+  for (int64_t step = 1; step <= 3; ++step) {
+    const auto grads = WorkerGradients(reference, step, 0);
+    ASSERT_TRUE(source.Step(step, AsNamed(reference, grads)).ok());
+    reference.Step({grads});
+  }
+  ASSERT_TRUE(source
+                  .UpdateHyperparams({[] {
+                    v1::HyperparamUpdate u;
+                    u.set_group("vectors");
+                    u.set_lr(1.5e-3);
+                    return u;
+                  }()})
+                  .ok());
+
+  // 8 KiB chunks: records of several chunks.
+  absl::StatusOr<client::SessionState> exported = source.ExportState(true, 8 << 10);
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_EQ(exported->header.step(), 3);
+  ExpectSameRecords(exported->records, ReferenceRecords(reference), "the export");
+  for (const v1::TensorState& t : exported->header.tensors()) EXPECT_EQ(t.steps_applied(), 3);
+
+  // A session of the same tensors, other initial values, takes the state.
+  v1::SessionConfig other = config;
+  for (v1::TensorConfig& t : *other.mutable_tensors()) t.mutable_normal()->set_seed(99);
+  client::Session target = *c.CreateSession(other);
+  absl::StatusOr<v1::ImportStateResponse> imported = target.ImportState(*exported, 4 << 10);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  EXPECT_EQ(imported->step(), 3);
+  EXPECT_EQ(imported->checkpoint_step(), 3) << imported->checkpoint_error();
+  absl::StatusOr<client::SessionState> again = target.ExportState();
+  ASSERT_TRUE(again.ok()) << again.status();
+  ExpectSameRecords(again->records, exported->records, "the imported session's export");
+  EXPECT_EQ(again->header.hyperparams_size(), exported->header.hyperparams_size());
+  for (int g = 0; g < again->header.hyperparams_size(); ++g) {
+    EXPECT_EQ(again->header.hyperparams(g).SerializeAsString(),
+              exported->header.hyperparams(g).SerializeAsString());
+  }
+
+  // Both step on alike, and as the kernels library does (with the changed AdamW rate).
+  for (const v1::HyperparamUpdate& h : exported->header.hyperparams()) {
+    if (h.group() != "vectors") continue;
+    EXPECT_DOUBLE_EQ(h.lr(), 1.5e-3);
+    for (int t = 0; t < reference.num_tensors(); ++t) {
+      if (config.tensors(t).group() != "vectors") continue;
+      ASSERT_TRUE(
+          reference.optimizer().SetHyperparameters(t, h.lr(), h.weight_decay(), h.momentum()).ok());
+    }
+  }
+  for (int64_t step = 4; step <= 5; ++step) {
+    const auto grads = WorkerGradients(reference, step, 0);
+    absl::StatusOr<client::StepResult> a = source.Step(step, AsNamed(reference, grads));
+    absl::StatusOr<client::StepResult> b = target.Step(step, AsNamed(reference, grads));
+    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
+    reference.Step({grads});
+  }
+  ExpectMatches(reference, *target.GetParameters(), "the imported session after 2 steps");
+  ExpectMatches(reference, *source.GetParameters(), "the exported session after 2 steps");
+
+  // The import was checkpointed: a restore goes back to it.
+  ASSERT_EQ(*target.Restore(), 3);
+  ExpectSameRecords(target.ExportState()->records, exported->records, "restored after import");
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, StateTransferTest,
+                         ::testing::Values("keller", "normuon", "rmnp", "adamw"));
+
+// A large tensor read in small chunks: the client reads the header, changes the parameters, then
+// reads on. The export must end ABORTED rather than send records of two states.
+TEST(StateExportTest, AChangeDuringTheExportAbortsIt) {
+  std::unique_ptr<server::Server> server = StartServer(LoopbackOptions());
+  ASSERT_NE(server, nullptr);
+  client::Client c = ConnectTo(*server);
+  const v1::SessionConfig config =
+      MakeConfig({{"matrices", "keller"}}, {{"w", {2048, 2048}, "matrices"}});
+  client::Session session = *c.CreateSession(config);
+  auto stub = v1::Optimizer::NewStub(c.channel());
+  grpc::ClientContext context;
+  context.AddMetadata("authorization", "Bearer " + session.token());
+  v1::ExportStateRequest request;
+  request.set_session_id(session.id());
+  request.set_chunk_bytes(4096);
+  auto reader = stub->ExportState(&context, request);
+  v1::ExportStateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  ASSERT_TRUE(response.has_header());
+  const std::vector<float> ones(2048 * 2048, 1.0f);
+  ASSERT_TRUE(session.UploadParameters({{"w", ones}}).ok());
+  int64_t chunks = 0;
+  while (reader->Read(&response)) ++chunks;
+  const grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("changed while its state of step 0"));
+  // 8 MiB of parameters and momentum in 4 KiB chunks: far more than flow control lets ahead.
+  EXPECT_LT(chunks, 2 * 2048 * 2048 / 1024);
+  // Unchanged, it goes through whole.
+  absl::StatusOr<client::SessionState> whole = session.ExportState();
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_TRUE(BitwiseEqual(whole->records[{"w", ""}], ones));
+}
+
+}  // namespace
+}  // namespace optd::testing
