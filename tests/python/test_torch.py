@@ -1,8 +1,9 @@
 """optd.torch.RemoteOptimizer against a plain local torch implementation of the same rules: Keller's
 Muon (optd.local.LocalMuon; torch 1.13 has no torch.optim.Muon) for the hidden weights and
-torch.optim.AdamW for the rest, over several steps with an LR scheduler, and state_dict /
-load_state_dict through the daemon's checkpoints. Sharded over three daemons it trains bit for bit
-as over one, through a scheduler, a checkpoint and restore, and a reshard onto two."""
+torch.optim.AdamW for the rest, over several steps with an LR scheduler; state_dict as the
+optimizer's state itself (against the local optimizers' buffers), loaded into a new optimizer on
+another daemon. Sharded over three daemons it trains bit for bit as over one, through a
+scheduler, a state_dict saved and loaded across the two layouts, and a reshard onto two."""
 
 import copy
 import io
@@ -18,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import optd  # noqa: E402
-from conftest import start_shared_daemons  # noqa: E402
+from conftest import start_daemon, start_shared_daemons  # noqa: E402
 from optd.local import LocalMuon  # noqa: E402
 from optd.torch import RemoteOptimizer, default_assignment  # noqa: E402
 
@@ -84,31 +85,63 @@ def test_matches_local_torch_over_steps_with_a_scheduler(daemon):
         remote.session.delete()
 
 
-def test_state_dict_maps_onto_checkpoints(daemon):
-    net = model()
-    with optd.Client(daemon, timeout=30) as client:
-        optimizer = RemoteOptimizer(net.named_parameters(), client, lr=0.02,
-                                    session_id="torch_state")
-        for step in range(1, 3):
-            train_step(net, optimizer, step)
+def test_state_dict_is_the_state_in_torchs_layout(daemon):
+    remote_net, local_net = model(), model()
+    with optd.Client(daemon, timeout=30) as client, \
+            RemoteOptimizer(remote_net.named_parameters(), client, lr=0.02, adamw_lr=3e-3,
+                            overrides={"precision": "fp32"}) as optimizer:
+        hidden = [local_net[0].weight, local_net[2].weight]
+        rest = [p for p in local_net.parameters() if all(p is not h for h in hidden)]
+        local_muon, local_adamw = LocalMuon(hidden, lr=0.02), torch.optim.AdamW(rest, lr=3e-3)
+        for step in range(1, 4):
+            train_step(remote_net, optimizer, step)
+            x, y = batch(step)
+            local_muon.zero_grad()
+            local_adamw.zero_grad()
+            torch.nn.functional.cross_entropy(local_net(x), y).backward()
+            local_muon.step()
+            local_adamw.step()
         saved = optimizer.state_dict()
-        assert saved["optd"]["step"] == 2
-        kept = copy.deepcopy(net.state_dict())
-        for step in range(3, 5):
-            train_step(net, optimizer, step)
-        assert not torch.equal(net[0].weight, kept["0.weight"])
+        # No daemon path in it: torch.save writes it anywhere, and it reads back the same.
+        buffer = io.BytesIO()
+        torch.save(saved, buffer)
+        assert pickle.dumps(torch.load(io.BytesIO(buffer.getvalue()))["param_groups"]) == \
+            pickle.dumps(saved["param_groups"])
+        assert saved["optd"]["step"] == 3
+        names = saved["optd"]["names"]
+        assert names == ["0.weight", "2.weight", "0.bias", "2.bias", "4.weight", "4.bias"]
+        assert [g["params"] for g in saved["param_groups"]] == [[0, 1], [2, 3, 4, 5]]
+        assert [g["lr"] for g in saved["param_groups"]] == [0.02, 3e-3]
+        local = {**{id(p): local_muon.state[p] for p in hidden},
+                 **{id(p): local_adamw.state[p] for p in rest}}
+        by_name = dict(local_net.named_parameters())
+        for i, name in enumerate(names):
+            state, reference = saved["state"][i], local[id(by_name[name])]
+            assert float(state["step"]) == 3
+            if i < 2:  # Muon: momentum, as LocalMuon's
+                assert set(state) == {"step", "momentum"}
+                pairs = [(state["momentum"], reference["momentum"])]
+            else:  # AdamW: torch's exp_avg and exp_avg_sq
+                assert set(state) == {"step", "adam_first_moment", "adam_second_moment"}
+                pairs = [(state["adam_first_moment"], reference["exp_avg"]),
+                         (state["adam_second_moment"], reference["exp_avg_sq"])]
+            for got, want in pairs:
+                assert got.shape == want.shape, name
+                np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-7,
+                                           err_msg=name)
+
+        # Rewind: the model's and the optimizer's state of step 3 put back, step 4 again.
+        kept = copy.deepcopy(remote_net.state_dict())
+        train_step(remote_net, optimizer, 4)
+        after_four = copy.deepcopy(remote_net.state_dict())
+        train_step(remote_net, optimizer, 5)
+        remote_net.load_state_dict(kept)
         optimizer.load_state_dict(saved)
-        for name, value in net.state_dict().items():
-            assert torch.equal(value, kept[name]), name
-        assert optimizer.steps == 2
-        train_step(net, optimizer, 3)  # and it steps on from there
         assert optimizer.steps == 3
-        with pytest.raises(ValueError, match="session"):
-            optimizer.load_state_dict({"optd": {"session_id": "other", "step": 2},
-                                       "param_groups": []})
-        with pytest.raises(ValueError, match="assign"):
-            RemoteOptimizer(net.named_parameters(), client, assign={"nope": "adamw"})
-        optimizer.session.delete()
+        train_step(remote_net, optimizer, 4)
+        for name, value in remote_net.state_dict().items():
+            assert torch.equal(value, after_four[name]), name
+        assert optimizer.steps == 4
 
 
 def test_default_grouping_and_its_override(daemon):
@@ -154,52 +187,69 @@ def test_the_model_stays_in_charge_of_its_parameters(daemon):
         optimizer.close()
 
 
-def test_resume_in_a_new_optimizer_from_a_saved_state_dict(daemon):
+def test_resume_in_a_new_optimizer_on_another_daemon_from_a_saved_state_dict(daemon):
     net = model()
-    with optd.Client(daemon, timeout=30) as client:
-        first = RemoteOptimizer(net.named_parameters(), client, lr=0.02, session_id="resumed")
-        for step in range(1, 3):
-            train_step(net, first, step)
-        buffer = io.BytesIO()
-        torch.save({"model": net.state_dict(), "optimizer": first.state_dict()}, buffer)
-        train_step(net, first, 3)  # lost work: the run "crashes" after steps 3 and 4
-        after_three = copy.deepcopy(net.state_dict())
-        train_step(net, first, 4)
+    other, stop_other = start_daemon()  # no state directory shared with the first
+    try:
+        with optd.Client(daemon, timeout=30) as client, \
+                RemoteOptimizer(net.named_parameters(), client, lr=0.02) as first:
+            scheduler = torch.optim.lr_scheduler.StepLR(first, step_size=1, gamma=0.5)
+            for step in range(1, 3):
+                train_step(net, first, step)
+                scheduler.step()
+            buffer = io.BytesIO()
+            torch.save({"model": net.state_dict(), "optimizer": first.state_dict()}, buffer)
+            train_step(net, first, 3)  # the run then "crashes" and its session goes
+            after_three = copy.deepcopy(net.state_dict())
         checkpoint = torch.load(io.BytesIO(buffer.getvalue()))
-        # A new process: a fresh model and an optimizer attached to the same session.
+        # A new process: a fresh model and a new optimizer with a session of its own, elsewhere.
         fresh = model()
-        fresh.load_state_dict(checkpoint["model"])
-        second = RemoteOptimizer(fresh.named_parameters(),
-                                 session=client.open_session("resumed", first.session.token))
-        second.load_state_dict(checkpoint["optimizer"])
-        assert second.steps == 2
-        for name, value in fresh.state_dict().items():
-            assert torch.equal(value, checkpoint["model"][name]), name
-        # It steps on exactly as the first run did from step 2: the same step 3, bit for bit.
-        train_step(fresh, second, 3)
-        assert second.steps == 3
-        for name, value in fresh.state_dict().items():
-            assert torch.equal(value, after_three[name]), name
-        second.close()
+        with optd.Client(other, timeout=30) as client, \
+                RemoteOptimizer(fresh.named_parameters(), client, lr=0.5) as second:
+            fresh.load_state_dict(checkpoint["model"])
+            second.load_state_dict(checkpoint["optimizer"])
+            assert second.steps == 2
+            assert second.param_groups[0]["lr"] == pytest.approx(0.02 / 4)  # the schedule's
+            # It steps on exactly as the first run did from step 2: the same step 3, bit for bit.
+            train_step(fresh, second, 3)
+            assert second.steps == 3
+            for name, value in fresh.state_dict().items():
+                assert torch.equal(value, after_three[name]), name
+    finally:
+        assert stop_other() == 0
 
 
 def test_a_refused_load_changes_nothing(daemon):
     net = model()
-    with optd.Client(daemon, timeout=30) as client:
-        optimizer = RemoteOptimizer(net.named_parameters(), client)
+    with optd.Client(daemon, timeout=30) as client, \
+            RemoteOptimizer(net.named_parameters(), client) as optimizer:
         train_step(net, optimizer, 1)
-        older = optimizer.state_dict()
-        train_step(net, optimizer, 2)
-        optimizer.state_dict()  # a newer checkpoint replaces the older one
-        train_step(net, optimizer, 3)
-        kept = copy.deepcopy(net.state_dict())
-        with pytest.raises(ValueError, match="last checkpoint is of step 2"):
-            optimizer.load_state_dict(older)
-        for name, value in net.state_dict().items():
-            assert torch.equal(value, kept[name]), name
-        train_step(net, optimizer, 4)  # the optimizer still works
-        assert optimizer.steps == 4
-        optimizer.close()
+        before = optimizer.state_dict()
+        header, records = optimizer.session.export_state()
+        wide = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                   torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                   torch.nn.Linear(32, 4))
+        with RemoteOptimizer(wide.named_parameters(), client) as other:
+            train_step(wide, other, 1)
+            wrong_shapes = other.state_dict()
+        with RemoteOptimizer(model().named_parameters(), client, preset="normuon") as other:
+            wrong_preset = other.state_dict()
+        with pytest.raises(optd.OptdError, match="tensor '2.weight' has shape"):
+            optimizer.load_state_dict(wrong_shapes)
+        with pytest.raises(optd.OptdError, match="stepped with preset 'normuon'"):
+            optimizer.load_state_dict(wrong_preset)
+        renamed = copy.deepcopy(before)
+        renamed["optd"]["names"][0] = "hidden.weight"
+        with pytest.raises(ValueError, match="hidden.weight"):
+            optimizer.load_state_dict(renamed)
+        with pytest.raises(ValueError, match="format 1"):
+            optimizer.load_state_dict({"optd": {"session_id": "s", "step": 1, "path": "/x"}})
+        header_after, records_after = optimizer.session.export_state()
+        assert header_after == header
+        for key, values in records.items():
+            assert np.array_equal(values, records_after[key]), key
+        train_step(net, optimizer, 2)  # the optimizer still works
+        assert optimizer.steps == 2
 
 
 def test_momentum_schedules_reach_the_daemon(daemon):
@@ -290,12 +340,19 @@ def test_sharded_trains_as_one_instance_bit_for_bit(daemon, shared_daemons, pres
 
         train(1, 5)
         saved = {k: o.state_dict() for k, o in optimizers.items()}
-        assert saved["sharded"]["optd"]["step"] == saved["single"]["optd"]["step"]
+        weights = {k: copy.deepcopy(n.state_dict()) for k, n in nets.items()}
+        # The sharded session's state, put together from its parts, is the single one's.
+        assert saved["sharded"]["optd"]["step"] == saved["single"]["optd"]["step"] == 5
+        assert saved["sharded"]["param_groups"] == saved["single"]["param_groups"]
+        for i, state in saved["single"]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(saved["sharded"]["state"][i][key], value), (i, key)
         train(6, 6)
-        for k, o in optimizers.items():
-            o.load_state_dict(saved[k])
-        assert sharded.steps == optimizers["single"].steps
-        train(6, 7)  # from the checkpoint again, still equal
+        for k, o in optimizers.items():  # each loads the other's: split and joined by parts
+            nets[k].load_state_dict(weights[k])
+            o.load_state_dict(saved["single" if k == "sharded" else "sharded"])
+        assert sharded.steps == optimizers["single"].steps == 5
+        train(6, 7)  # from the saved state again, still equal
 
         sharded.reshard(clients[:2])
         assert sharded.session.epoch == 2

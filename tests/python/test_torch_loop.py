@@ -7,6 +7,7 @@ import gc
 import os
 import subprocess
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -250,3 +251,24 @@ def test_pip_installs_the_client_offline_with_its_stubs():
         path, stub = imported.stdout.split()
         assert path.startswith(venv), path
         assert stub == "OptimizerStub"
+
+
+def test_a_created_session_carries_a_lease_the_daemon_enforces(daemon):
+    net = model()
+    with optd.Client(daemon, timeout=30) as client:
+        default = RemoteOptimizer(net.named_parameters(), client)
+        assert default.session.info().config.delete_after_idle_seconds == 86400
+        default.close()
+        # A process that dies without closing: only the lease is left to delete the session.
+        short = RemoteOptimizer(net.named_parameters(), client, keep_session=True,
+                                delete_after_idle=1)
+        train_step(net, short, 1)
+        session_id = short.session.id
+        assert exists(session_id, daemon)
+        deadline = time.time() + 10
+        while exists(session_id, daemon) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not exists(session_id, daemon)
+        never = RemoteOptimizer(net.named_parameters(), client, delete_after_idle=None)
+        assert never.session.info().config.delete_after_idle_seconds == 0
+        never.close()

@@ -275,6 +275,56 @@ class Session:
         except grpc.RpcError as e:
             _raise(e)
 
+    def export_state(self, parameters=True, chunk_bytes=0):
+        """The session's whole optimizer state, of one step: (header, records), the header an
+        optd_pb2.StateHeader (config, step, every group's hyperparameters, per tensor its applied
+        steps and state buffers), records {(tensor, buffer): float32 array}, buffer "" the
+        parameters (left out unless `parameters`). ABORTED (OptdError) when the session changed
+        while it was read: read again."""
+        request = optd_pb2.ExportStateRequest(session_id=self.id, chunk_bytes=chunk_bytes,
+                                              skip_parameters=not parameters)
+        header, records = None, {}
+        try:
+            for response in self._stub.ExportState(request, metadata=self._metadata(),
+                                                    timeout=self.timeout):
+                if response.HasField("header"):
+                    header = response.header
+                    for t in header.tensors:
+                        sizes = dict(zip(t.state_buffers, t.state_elements))
+                        if header.parameters:
+                            sizes[""] = t.elements
+                        for buffer, count in sizes.items():
+                            records[(t.name, buffer)] = np.empty(count, dtype=np.float32)
+                    continue
+                chunk = response.chunk
+                values = np.frombuffer(chunk.data, dtype="<f4")
+                records[(chunk.tensor, chunk.buffer)][
+                    chunk.offset:chunk.offset + values.size] = values
+        except grpc.RpcError as e:
+            _raise(e)
+        return header, records
+
+    def import_state(self, header, records, chunk_bytes=DEFAULT_CHUNK_BYTES):
+        """Replaces the session's parameters, optimizer state, step and hyperparameters with an
+        exported state (export_state's header and records, the parameters among them), all or
+        nothing; returns the optd_pb2.ImportStateResponse (step, checkpoint_step)."""
+        per_chunk = max(1, min(chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES) // 4)
+        prepared = {key: as_float32(values) for key, values in records.items()}
+
+        def requests():
+            yield optd_pb2.ImportStateRequest(header=optd_pb2.ImportStateHeader(
+                session_id=self.id, state=header))
+            for (tensor, buffer), flat in prepared.items():
+                for offset in range(0, flat.size, per_chunk):
+                    yield optd_pb2.ImportStateRequest(chunk=optd_pb2.StateChunk(
+                        tensor=tensor, buffer=buffer, offset=offset,
+                        data=flat[offset:offset + per_chunk].astype("<f4").tobytes()))
+        try:
+            return self._stub.ImportState(requests(), metadata=self._metadata(),
+                                          timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+
     def delete(self):
         """Deletes the session and its checkpoint."""
         try:

@@ -136,6 +136,7 @@ class ShardedSession:
             if restore is None:
                 self.delete()
             raise
+        self._part_tensors = {e: list(parts[e].tensors) for e in self._shards}
         if restore is not None:
             # Every part has read its sources: now its own checkpoint may overwrite one of them.
             for part in self._shards.values():
@@ -284,6 +285,68 @@ class ShardedSession:
         than its peers) and returns the common step; FAILED_PRECONDITION naming each instance's
         step when the checkpoints are not of one step."""
         return self._common_step(self._each(lambda s, e: s.restore()), "were restored at")
+
+    def export_state(self, parameters=True):
+        """Session.export_state of the whole session: every part's state put together, each
+        tensor whole (a batched tensor's slices joined in order), the header's config the whole
+        session's. FAILED_PRECONDITION naming each instance's step when the parts are at
+        different steps."""
+        exported = self._each(lambda s, e: s.export_state(parameters))
+        step = self._common_step({e: h.step for e, (h, _) in exported.items()}, "are at")
+        header = optd_pb2.StateHeader(config=self._config, step=step, parameters=parameters)
+        groups = {}
+        for h, _ in exported.values():
+            for u in h.hyperparams:
+                groups.setdefault(u.group, u)
+        header.hyperparams.extend(groups[g] for g in sorted(groups))
+        states = {e: {t.name: t for t in h.tensors} for e, (h, _) in exported.items()}
+        records = {}
+        for t in self._config.tensors:
+            pieces = sorted(self._pieces[t.name], key=lambda piece: piece[2])
+            parts = [states[e][there] for e, there, _, _ in pieces]
+            out = header.tensors.add(name=t.name, elements=int(np.prod(t.shape)),
+                                     steps_applied=min(p.steps_applied for p in parts),
+                                     state_buffers=parts[0].state_buffers)
+            out.state_elements.extend(sum(p.state_elements[b] for p in parts)
+                                      for b in range(len(parts[0].state_buffers)))
+            for buffer in ([""] if parameters else []) + list(parts[0].state_buffers):
+                records[(t.name, buffer)] = np.concatenate(
+                    [exported[e][1][(there, buffer)] for e, there, _, _ in pieces])
+        return header, records
+
+    def import_state(self, header, records):
+        """Session.import_state into every part: each tensor's records split as the session
+        places it (a batched tensor's slices, its state buffers in equal parts per slice). Each
+        part takes its share all or nothing; should one refuse, the parts that took theirs are at
+        the imported step and the others not (import again)."""
+        whole = {t.name: t for t in header.tensors}
+        missing = [t.name for t in self._config.tensors if t.name not in whole]
+        if missing:
+            raise OptdError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the state lacks tensors of session '{self.id}': {missing}")
+        shares = {}
+        for e, tensors in self._part_tensors.items():
+            part = optd_pb2.StateHeader(step=header.step, parameters=header.parameters)
+            part.config.CopyFrom(header.config)
+            del part.config.tensors[:]
+            part.config.tensors.extend(tensors)
+            part.hyperparams.extend(header.hyperparams)
+            shares[e] = (part, {})
+        for name, pieces in self._pieces.items():
+            t = whole[name]
+            for e, there, offset, count in pieces:
+                part, share = shares[e]
+                n = len(pieces)
+                part.tensors.add(name=there, steps_applied=t.steps_applied, elements=count,
+                                 state_buffers=t.state_buffers,
+                                 state_elements=[c // n for c in t.state_elements])
+                index = offset // count if n > 1 else 0
+                for buffer in ([""] if header.parameters else []) + list(t.state_buffers):
+                    values = as_float32(records[(name, buffer)])
+                    size = values.size // n
+                    share[(there, buffer)] = values[index * size:(index + 1) * size]
+        steps = self._each(lambda s, e: s.import_state(*shares[e]).step)
+        return self._common_step(steps, "imported")
 
     def reshard(self, clients, addresses, epoch, memory_bytes=None):
         """Moves the session onto `clients` (named by `addresses`) at a later `epoch`: checkpoints

@@ -20,11 +20,27 @@ next step. The daemon holds the authoritative parameters:
 a step copies them into the model, and a parameter the model changed in place since (a
 model.load_state_dict, a re-initialization) is uploaded before the step.
 
-state_dict() checkpoints the session in the daemon and returns which; load_state_dict() puts the
-daemon back to that checkpoint (its last) and copies its parameters into the model. To resume in
-a new process, create the session with keep_session=True (else it is deleted when its optimizer
-goes), then attach to it: RemoteOptimizer(..., session=client.open_session(id, token)), which
-downloads the daemon's parameters into the model, then load_state_dict().
+state_dict() is the optimizer's state itself, exported from the daemon as tensors in torch's
+layout (momentum, Adam moments, per-parameter steps, the groups' rates, the session's step):
+torch.save writes it anywhere, and load_state_dict() puts it into any new optimizer's session,
+on any daemon or number of instances:
+
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    ...                                   # later, in a new process with a new optimizer
+    saved = torch.load(path)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+
+The daemon's own checkpoints (--state_dir) are for crash durability. To go on with a session
+that outlived its process instead, create it with keep_session=True (else it is deleted when its
+optimizer goes), then attach to it: RemoteOptimizer(..., session=client.open_session(id, token)),
+which downloads the daemon's parameters into the model.
+
+In torch.distributed (process_group, default the default group once it is initialized), the
+ranks share one session: rank 0 creates it, and with grad_reduce="optd" every rank sends its
+gradients as a worker and the daemon steps their mean (no DDP all-reduce needed); with
+grad_reduce="ddp" (under DistributedDataParallel) rank 0 steps the reduced gradients and
+broadcasts the new parameters.
 
 Param groups may also be given as torch's list of dicts, and the session's settings as keyword
 arguments (RemoteOptimizer's docstring); `with RemoteOptimizer(...) as optimizer:` deletes a
@@ -43,7 +59,9 @@ import warnings
 import weakref
 
 import torch
+import torch.distributed as dist
 
+from optd.client import Session
 from optd.sharded import ShardedSession
 from optd.v1 import optd_pb2
 
@@ -114,6 +132,73 @@ def _delete_quietly(session):
         pass
 
 
+_GRAD_REDUCE = ("optd", "ddp")
+
+
+class _Ranks:
+    """The process group an optimizer spans: its size, this process's rank in it, and
+    broadcasts from its rank 0."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        if group is None or group is dist.group.WORLD:
+            self.root = 0
+        else:
+            global_rank = getattr(dist, "get_global_rank", None) or \
+                dist.distributed_c10d._get_global_rank
+            self.root = global_rank(group, 0)
+
+    @staticmethod
+    def of(process_group):
+        """The _Ranks of `process_group` (None: the default group) when torch.distributed is
+        initialized and it has more than one rank; else None."""
+        if not (dist.is_available() and dist.is_initialized()):
+            if process_group is not None:
+                raise ValueError("process_group given, but torch.distributed is not initialized")
+            return None
+        ranks = _Ranks(process_group)
+        return ranks if ranks.size > 1 else None
+
+    def broadcast(self, value):
+        """Rank 0's `value` (any picklable object), on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=self.root, group=self.group)
+        return box[0]
+
+    def from_root(self, call):
+        """Runs call() on rank 0 and returns its result on every rank; raises everywhere when it
+        raised there (on the other ranks as a RuntimeError naming it), so no rank waits on a
+        collective the root left."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = call()
+            except BaseException as e:  # noqa: BLE001 -- told to the other ranks, then raised
+                error = e
+            self.broadcast((result, None if error is None else f"{type(error).__name__}: {error}"))
+            if error is not None:
+                raise error
+            return result
+        result, text = self.broadcast(None)
+        if text is not None:
+            raise RuntimeError(f"optd: rank 0 of the process group failed: {text}")
+        return result
+
+    def broadcast_tensors(self, tensors):
+        """Copies rank 0's values of `tensors` into every rank's, one flat buffer per dtype."""
+        by_dtype = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch._utils._flatten_dense_tensors([t.detach() for t in group])
+            dist.broadcast(flat, src=self.root, group=self.group)
+            if self.rank != 0:
+                for t, value in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
+                    t.copy_(value)
+
+
 class RemoteOptimizer(torch.optim.Optimizer):
     """See the module docstring.
 
@@ -144,10 +229,21 @@ class RemoteOptimizer(torch.optim.Optimizer):
     are copied into the model, and the groups' lr, weight_decay and momentum are the daemon's)
     or "upload" (the model's replace the daemon's); a created session is always uploaded to.
 
-    Lifetime: a session this optimizer created is deleted by close(), on leaving a `with
-    RemoteOptimizer(...) as optimizer:` block, or when the optimizer is garbage-collected or
-    the interpreter exits, unless keep_session=True (then only close() deletes it). An
-    attached session is left alone unless close(delete=True).
+    process_group: the torch.distributed group whose ranks share this optimizer's session
+    (default: the default group, once torch.distributed is initialized; a group of one rank is
+    no group). Rank 0 creates the session (or attaches to `session`) and the others join it with
+    its id and token, so with grad_reduce="optd" every rank needs a client. grad_reduce: "optd"
+    (every rank sends its gradients as worker `rank` of a session of the group's size; the
+    daemon steps their mean, every rank gets the new parameters) or "ddp" (the gradients are
+    already reduced, as under DistributedDataParallel: rank 0 steps them through a one-worker
+    session and broadcasts the new parameters).
+
+    Lifetime: a session this optimizer created carries a lease: the daemon deletes it once no
+    call has used it for `delete_after_idle` seconds (default a day; None or 0: never), so a
+    process that dies leaves nothing behind for long. It is deleted at once by close(), on
+    leaving a `with RemoteOptimizer(...) as optimizer:` block, or when the optimizer is
+    garbage-collected or the interpreter exits, unless keep_session=True (then only close() or
+    the lease deletes it). An attached session is left alone unless close(delete=True).
     """
 
     def __init__(self, params, client=None, *, preset="keller", lr=0.02, weight_decay=None,
@@ -155,7 +251,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  analysis_interval=0, wire_dtype="fp32", session_id="", session=None,
                  addresses=None, placement_epoch=1, sync=None, keep_session=False,
                  non_finite_policy="reject", checkpoint_interval=0, step_result="parameters",
-                 straggler_timeout=None):
+                 straggler_timeout=None, process_group=None, grad_reduce="optd",
+                 delete_after_idle=86400.0):
         params = list(params)
         dict_groups = bool(params) and isinstance(params[0], dict)
         counter = [0]
@@ -191,6 +288,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                              f"{step_result!r}")
         if sync not in (None, "download", "upload"):
             raise ValueError(f"sync is 'download' or 'upload', got {sync!r}")
+        config_options = dict(analysis_interval=int(analysis_interval),
+                              non_finite_policy=_NON_FINITE_POLICIES[non_finite_policy],
+                              checkpoint_interval=int(checkpoint_interval),
+                              step_result=_STEP_RESULTS[step_result],
+                              straggler_timeout_seconds=float(straggler_timeout or 0),
+                              delete_after_idle_seconds=float(delete_after_idle or 0))
         self._names = {id(p): name for name, p in named}
         self._parameters = dict(named)
         self._wire_dtype = wire_dtype
@@ -246,22 +349,63 @@ class RemoteOptimizer(torch.optim.Optimizer):
         super().__init__(groups, {"momentum": 0.0})
         self._initialized = True
 
-        if session is None and client is None:
-            raise ValueError("RemoteOptimizer needs a client to create its session, or a session")
+        if grad_reduce not in _GRAD_REDUCE:
+            raise ValueError(f"grad_reduce is one of {_GRAD_REDUCE}, got {grad_reduce!r}")
+        ranks = _Ranks.of(process_group)
         sharded = isinstance(client, (list, tuple))
+        if ranks is not None and (sharded or isinstance(session, ShardedSession)):
+            raise ValueError("the ranks of a process group share one session on one daemon; a "
+                             "sharded session cannot span a process group")
+        root = ranks is None or ranks.rank == 0
+        if session is None and client is None and (root or grad_reduce == "optd"):
+            raise ValueError("RemoteOptimizer needs a client to create its session, or a session"
+                             + ("" if root else " (with grad_reduce='optd' every rank sends its "
+                                                "own gradients)"))
         if session is not None and sharded:
             raise ValueError("session= attaches to an existing session and takes no list of "
                              "clients; pass a sharded session as an optd.sharded.ShardedSession")
         if addresses is not None and not sharded:
             raise ValueError("addresses= names the instances of a sharded session: pass a list "
                              "of clients")
+        self._ranks = ranks
+        self._grad_reduce = grad_reduce
+        self._finalizer = None
+        self._owned = False
+        self._deleted = False
+        self.session = None
+        if ranks is None:
+            self._open(named, tensor_group, asked_momentum, client, session, sharded, sync,
+                       keep_session, session_id, addresses, placement_epoch, 1, config_options)
+            return
+        world_size = ranks.size if grad_reduce == "optd" else 1
+        # Rank 0 creates (or attaches to) the job's session; the others learn its id, token, step
+        # and rates from it, then take its parameters.
+        shared = ranks.from_root(lambda: self._open(
+            named, tensor_group, asked_momentum, client, session, sharded, sync, keep_session,
+            session_id, addresses, placement_epoch, world_size, config_options))
+        if not root:
+            session_id, token, rates, self._step = shared
+            if client is not None or session is not None:
+                self.session = (client.open_session(session_id, token) if client is not None
+                                else Session(session._stub, session_id, token))
+            self._sent = {}
+            for group, (lr_, wd, momentum) in zip(self.param_groups, rates):
+                group["lr"], group["weight_decay"], group["momentum"] = lr_, wd, momentum
+                self._sent[group["optd_group"]] = (lr_, wd, momentum)
+        with torch.no_grad():
+            if grad_reduce == "ddp":
+                ranks.broadcast_tensors(list(self._parameters.values()))
+                self._versions = {name: p._version for name, p in self._parameters.items()}
+            elif not root:
+                self._download()
+
+    def _open(self, named, tensor_group, asked_momentum, client, session, sharded, sync,
+              keep_session, session_id, addresses, placement_epoch, world_size, config_options):
+        """Creates this optimizer's session (or attaches to `session`), uploads or downloads the
+        parameters, and returns what the other ranks of a process group need: the session's id
+        and token, each group's (lr, weight_decay, momentum) and the step."""
         if session is None:
-            config = optd_pb2.SessionConfig(
-                analysis_interval=int(analysis_interval),
-                non_finite_policy=_NON_FINITE_POLICIES[non_finite_policy],
-                checkpoint_interval=int(checkpoint_interval),
-                step_result=_STEP_RESULTS[step_result],
-                straggler_timeout_seconds=float(straggler_timeout or 0))
+            config = optd_pb2.SessionConfig(world_size=world_size, **config_options)
             for name, p in named:
                 config.tensors.add(name=name, shape=list(p.shape), group=tensor_group[name])
             for group in self.param_groups:
@@ -282,7 +426,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
         else:
             created = False
         self.session = session
-        self._finalizer = None
         try:
             info = session.info()
             shapes = {t.config.name: (tuple(t.config.shape), t.config.group)
@@ -291,6 +434,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if shapes != expected:
                 raise ValueError(f"session {session.id!r} holds other tensors than these "
                                  f"parameters: {shapes} against {expected}")
+            if not sharded and not isinstance(session, ShardedSession) and \
+                    max(info.config.world_size, 1) != world_size:
+                raise ValueError(f"session {session.id!r} has world_size "
+                                 f"{info.config.world_size}, this optimizer needs {world_size}")
             self._step = info.step
             if created and asked_momentum:
                 session.update_hyperparams([{"group": g, "momentum": float(m)}
@@ -308,7 +455,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if created and not keep_session:
             self._finalizer = weakref.finalize(self, _delete_quietly, session)
         self._owned = created
-        self._deleted = False
+        return (session.id, getattr(session, "token", None),
+                [self._hyperparams(g) for g in self.param_groups], self._step)
 
     def __enter__(self):
         return self
@@ -359,7 +507,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return self._step
 
     def _sync(self):
-        """Sends changed hyperparameters, and uploads parameters the model changed in place."""
+        """Sends changed hyperparameters, and uploads parameters the model changed in place. In a
+        process group only rank 0 does (every rank runs the same schedule)."""
+        if self._ranks is not None and self._ranks.rank != 0:
+            return
         updates = []
         for group in self.param_groups:
             now = self._hyperparams(group)
@@ -374,20 +525,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if changed:
             self._upload(changed)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Sends every gradient to optd (parameters without one get no update, as in torch),
-        applies the step there and copies the new parameters into the model. Without any
-        gradient it does nothing."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _remote_step(self):
+        """Sends this process's gradients as its worker's and copies the step's results into
+        the parameters; returns whether a step ran (not without any gradient)."""
         gradients = {name: p.grad for name, p in self._parameters.items() if p.grad is not None}
         if not gradients:
-            return loss
+            return False
         self._sync()
-        result = self.session.step(self._step + 1, gradients, wire_dtype=self._wire_dtype)
+        worker_id = self._ranks.rank if self._ranks is not None and \
+            self._grad_reduce == "optd" else 0
+        result = self.session.step(self._step + 1, gradients, wire_dtype=self._wire_dtype,
+                                   worker_id=worker_id)
         if result.checkpoint_error:
             warnings.warn(f'optd: step {result.step} is not durable (the daemon is at step '
                           f'{result.step}, its last checkpoint at {result.checkpoint_step}): '
@@ -400,42 +548,134 @@ class RemoteOptimizer(torch.optim.Optimizer):
             else:
                 p.copy_(torch.from_numpy(values).view_as(p))
             self._versions[name] = p._version
+        return True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Sends every gradient to optd (parameters without one get no update, as in torch),
+        applies the step there and copies the new parameters into the model. Without any
+        gradient it does nothing.
+
+        In a process group with grad_reduce="optd" every rank sends its own gradients as its
+        worker and receives the step's parameters (the daemon steps their mean); with
+        grad_reduce="ddp" the gradients are already reduced, rank 0 alone steps and the new
+        parameters are broadcast to the others. Every rank calls step()."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._ranks is None or self._grad_reduce == "optd":
+            self._remote_step()
+            return loss
+
+        def root_step():
+            return self._remote_step(), self._step
+        stepped, self._step = self._ranks.from_root(root_step)
+        if stepped:
+            self._ranks.broadcast_tensors(list(self._parameters.values()))
+            self._versions = {name: p._version for name, p in self._parameters.items()}
         return loss
 
+    def _order(self):
+        """Parameter names in torch's state_dict order: the groups' parameters, in turn."""
+        return [self._names[id(p)] for group in self.param_groups for p in group["params"]]
+
     def state_dict(self):
-        """Checkpoints the session in the daemon; the returned dict says which, at which step
-        (and where, for a session on one instance)."""
-        if isinstance(self.session, ShardedSession):
-            step, path = self.session.checkpoint(), None
-        else:
-            saved = self.session.checkpoint()
-            step, path = saved.step, saved.path
-        return {"optd": {"session_id": self.session.id, "step": step, "path": path},
-                "param_groups": [{"optd_group": g["optd_group"], "lr": g["lr"]}
-                                 for g in self.param_groups]}
+        """The optimizer's state in torch's layout, exported from the daemon (optd.v1
+        ExportState): "state" maps each parameter's index to its "step" (the steps that changed
+        it) and its state buffers as tensors ("momentum", "adam_first_moment",
+        "adam_second_moment", "normuon_second_moment"; in the parameter's shape where they have
+        its size); "param_groups" holds each group's lr, weight_decay, momentum, preset and
+        parameter indices; "optd" the session's step, the parameter names and the config the
+        state belongs to. torch.save writes it anywhere; the parameters themselves are the
+        model's (model.state_dict())."""
+        if self.session is None:
+            raise RuntimeError("this rank holds no session (grad_reduce='ddp' without a client): "
+                               "take the state_dict on rank 0")
+        header, records = self.session.export_state(parameters=False)
+        names = self._order()
+        index = {name: i for i, name in enumerate(names)}
+        state = {}
+        for t in header.tensors:
+            p = self._parameters[t.name]
+            entry = {"step": torch.tensor(float(t.steps_applied))}
+            for buffer, count in zip(t.state_buffers, t.state_elements):
+                values = torch.from_numpy(records[(t.name, buffer)].copy())
+                entry[buffer] = values.view_as(p) if count == p.numel() else values
+            state[index[t.name]] = entry
+        groups = []
+        for group in self.param_groups:
+            saved = {key: group[key] for key in ("lr", "weight_decay", "momentum", "optd_group",
+                                                 "optd_preset", "optd_overrides")}
+            saved["params"] = [index[self._names[id(p)]] for p in group["params"]]
+            groups.append(saved)
+        return {"state": state, "param_groups": groups,
+                "optd": {"format": 1, "step": header.step, "names": names,
+                         "config": header.config.SerializeToString()}}
+
+    def _import(self, state_dict):
+        """The session takes `state_dict`'s optimizer state and step, the groups' rates and the
+        model's current parameters (optd.v1 ImportState, all or nothing)."""
+        saved = state_dict.get("optd", {})
+        if saved.get("format") != 1:
+            raise ValueError("state_dict is not an optd.torch state_dict of format 1 (one from "
+                             "RemoteOptimizer.state_dict(); the checkpoint pointers of earlier "
+                             "versions cannot be loaded)")
+        names = list(saved["names"])
+        if sorted(names) != sorted(self._parameters):
+            raise ValueError(
+                f"state_dict holds the state of parameters {sorted(set(names) - set(self._parameters))} "
+                f"this optimizer lacks, and lacks {sorted(set(self._parameters) - set(names))}")
+        groups = {g["optd_group"]: g for g in state_dict["param_groups"]}
+        if sorted(groups) != sorted(g["optd_group"] for g in self.param_groups):
+            raise ValueError(f"state_dict's param groups are {sorted(groups)}, this optimizer's "
+                             f"{sorted(g['optd_group'] for g in self.param_groups)}")
+        header = optd_pb2.StateHeader(step=int(saved["step"]), parameters=True)
+        header.config.ParseFromString(saved["config"])
+        for name, g in groups.items():
+            header.hyperparams.add(group=name, lr=float(g["lr"]),
+                                   weight_decay=float(g["weight_decay"]),
+                                   momentum=float(g["momentum"]))
+        records = {}
+        for i, name in enumerate(names):
+            entry = state_dict["state"].get(i, state_dict["state"].get(str(i)))
+            if entry is None:
+                raise ValueError(f"state_dict has no state for parameter {i} ({name!r})")
+            buffers = [key for key in entry if key != "step"]
+            p = self._parameters[name]
+            header.tensors.add(name=name, steps_applied=int(entry["step"]),
+                               state_buffers=buffers, elements=p.numel(),
+                               state_elements=[entry[b].numel() for b in buffers])
+            records[(name, "")] = p
+            for b in buffers:
+                records[(name, b)] = entry[b]
+        self.session.import_state(header, records)
+        return header.step, groups
 
     def load_state_dict(self, state_dict):
-        """Puts the daemon back to the checkpoint `state_dict` names, which must be the session's
-        last, and copies its parameters into the model; the groups' rates are state_dict's.
-        Nothing changes when it cannot."""
-        saved = state_dict["optd"]
-        if saved["session_id"] != self.session.id:
-            raise ValueError(f"state_dict is of session {saved['session_id']!r}, "
-                             f"this optimizer's is {self.session.id!r}")
-        last = self.session.info().checkpoint_step
-        if last != saved["step"]:
-            raise ValueError(f"the daemon's last checkpoint is of step {last}, state_dict's of "
-                             f"step {saved['step']}: only the last checkpoint can be restored")
-        self._step = self.session.restore()
-        info = self.session.info()
-        rates = {g["optd_group"]: g["lr"] for g in state_dict["param_groups"]}
+        """Puts state_dict (from state_dict(), of this or another session, on any daemon or
+        number of instances) into this optimizer's session: its optimizer state, step and group
+        rates, with the model's current parameters (load the model's own state_dict before or
+        after: parameters changed in place are uploaded with the next step). Nothing changes
+        when it does not fit (other parameters, shapes or presets). In a process group every rank
+        calls it; rank 0 imports and the others take the session's parameters."""
+        if self._ranks is None:
+            step, groups = self._import(state_dict)
+        else:
+            step, groups = self._ranks.from_root(lambda: self._import(state_dict))
+        self._step = step
+        self._sent = {}
         for group in self.param_groups:
-            group["lr"] = rates.get(group["optd_group"], group["lr"])
-        self._fill_groups(info)
-        self._sent = {}  # the checkpoint holds its own rates: send the groups' with the next step
-        for group in self.param_groups:
-            self._sent[group["optd_group"]] = None
-        self._download()
+            g = groups[group["optd_group"]]
+            for key in ("lr", "weight_decay", "momentum"):
+                group[key] = g[key]
+            self._sent[group["optd_group"]] = self._hyperparams(group)
+        with torch.no_grad():
+            if self._ranks is not None and self._grad_reduce == "ddp":
+                self._ranks.broadcast_tensors(list(self._parameters.values()))
+            elif self._ranks is not None and self._ranks.rank != 0:
+                self._download()
+        self._versions = {name: p._version for name, p in self._parameters.items()}
 
     def reshard(self, clients, *, addresses=None, placement_epoch=None):
         """Moves a sharded optimizer's session onto `clients` (optd.Client, one per instance;
