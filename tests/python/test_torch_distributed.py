@@ -1,9 +1,10 @@
 """optd.torch.RemoteOptimizer across a torch.distributed process group (issue 19, part 1): one
 session per job, rank 0 creating it and the others joining with its id and token. With
-grad_reduce="optd" every rank sends its own gradients as its worker and the daemon steps their
-mean; with grad_reduce="ddp" DistributedDataParallel has reduced them already, rank 0 steps and
-broadcasts. 2 and 4 gloo ranks on the CPU (torch.multiprocessing): every rank's parameters must
-equal, bit for bit, one process stepping the averaged gradients through its own session."""
+grad_reduce="optd" every rank sends its own gradients as its worker (also overlapped with its
+backward) and the daemon steps their mean; with grad_reduce="ddp" DistributedDataParallel has
+reduced them already, rank 0 steps and broadcasts. 2 and 4 gloo ranks on the CPU
+(torch.multiprocessing): every rank's parameters must equal, bit for bit, one process stepping
+the averaged gradients through its own session."""
 
 import os
 import tempfile
@@ -50,7 +51,7 @@ def _worker(rank, size, mode, address, work):
             try:
                 optimizer = RemoteOptimizer(net.named_parameters(), client, preset=preset,
                                             lr=0.02, grad_reduce="ddp" if mode == "ddp"
-                                            else "optd")
+                                            else "optd", overlap=mode == "overlap")
             except Exception as e:  # noqa: BLE001 -- the failure mode saves what each rank saw
                 outcome["error"] = f"{type(e).__name__}: {e}"
                 return
@@ -67,6 +68,7 @@ def _worker(rank, size, mode, address, work):
                     optimizer.step()
                 outcome["session"] = optimizer.session.id
                 outcome["steps"] = optimizer.steps
+                outcome["overlapped"] = optimizer.overlapped_steps
             outcome["grads"] = grads
             outcome["params"] = {name.removeprefix("module."): p.detach().clone()
                                  for name, p in net.named_parameters()}
@@ -90,13 +92,14 @@ def mean_as_the_daemon_takes_it(gradients):
 
 
 @pytest.mark.parametrize("size", [2, 4])
-@pytest.mark.parametrize("mode", ["optd", "ddp"])
+@pytest.mark.parametrize("mode", ["optd", "ddp", "overlap"])
 def test_every_rank_equals_one_process_stepping_the_averaged_gradients(daemon, mode, size):
     ranks = run_ranks(size, mode, daemon)
     errors = [r["error"] for r in ranks if "error" in r]
     assert not errors, errors
     assert len({r["session"] for r in ranks}) == 1, "the ranks must share one session"
     assert all(r["steps"] == STEPS for r in ranks)
+    assert all(r["overlapped"] == (STEPS if mode == "overlap" else 0) for r in ranks)
     for r in ranks[1:]:
         for name, value in ranks[0]["params"].items():
             assert torch.equal(r["params"][name], value), f"{name} differs between ranks"
@@ -110,7 +113,7 @@ def test_every_rank_equals_one_process_stepping_the_averaged_gradients(daemon, m
                             lr=0.02) as optimizer:
         for step in range(STEPS):
             for name, p in net.named_parameters():
-                if mode == "optd":
+                if mode != "ddp":
                     p.grad = mean_as_the_daemon_takes_it([r["grads"][step][name] for r in ranks])
                 else:  # DDP's all-reduce left every rank the same mean
                     for r in ranks[1:]:

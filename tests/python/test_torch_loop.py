@@ -3,6 +3,7 @@ up (with-block, close() on a daemon with an admin token, the finalizer, keep_ses
 without clobbering the trained weights, param groups as dicts against the default layout and
 local torch, the session's settings as keyword arguments, and the package installed by pip."""
 
+import copy
 import gc
 import os
 import subprocess
@@ -253,6 +254,37 @@ def test_pip_installs_the_client_offline_with_its_stubs():
         assert stub == "OptimizerStub"
 
 
+def test_the_container_client_stage_builds_the_package_as_its_commands_say():
+    """deploy/container/Containerfile's client stages, run here: `setup.py build --build-lib`
+    in a copy holding client/python and proto/ as the stage does, and the package copied to a
+    directory of its own imports from any other."""
+    containerfile = open(os.path.join(REPO, "deploy", "container", "Containerfile")).read()
+    assert "python3 setup.py -q build --build-lib /client" in containerfile
+    assert "COPY --from=client-build /client/optd /usr/lib/python3/dist-packages/optd" in \
+        containerfile
+    with tempfile.TemporaryDirectory() as work:
+        src = os.path.join(work, "src")
+        os.makedirs(os.path.join(src, "client"))
+        subprocess.run(["cp", "-r", os.path.join(REPO, "client", "python"),
+                        os.path.join(src, "client", "python")], check=True)
+        subprocess.run(["cp", "-r", os.path.join(REPO, "proto"), src], check=True)
+        built = subprocess.run(["/usr/bin/python3", "setup.py", "-q", "build", "--build-lib",
+                                os.path.join(work, "client")],
+                               cwd=os.path.join(src, "client", "python"), capture_output=True,
+                               text=True, env={**os.environ, "PYTHONPATH": ""})
+        assert built.returncode == 0, built.stdout + built.stderr
+        site = os.path.join(work, "site")
+        os.makedirs(site)
+        subprocess.run(["cp", "-r", os.path.join(work, "client", "optd"), site], check=True)
+        imported = subprocess.run(
+            ["/usr/bin/python3", "-c", "import optd.torch, optd.v1.optd_pb2_grpc as g; "
+                                       "print(optd.__file__, g.OptimizerStub.__name__)"],
+            cwd="/", env={**os.environ, "PYTHONPATH": site}, capture_output=True, text=True)
+        assert imported.returncode == 0, imported.stderr
+        assert imported.stdout.split() == [os.path.join(site, "optd", "__init__.py"),
+                                           "OptimizerStub"]
+
+
 def test_a_created_session_carries_a_lease_the_daemon_enforces(daemon):
     net = model()
     with optd.Client(daemon, timeout=30) as client:
@@ -272,3 +304,109 @@ def test_a_created_session_carries_a_lease_the_daemon_enforces(daemon):
         never = RemoteOptimizer(net.named_parameters(), client, delete_after_idle=None)
         assert never.session.info().config.delete_after_idle_seconds == 0
         never.close()
+
+
+def twin_optimizers(client, **options):
+    """Two copies of model() with optimizers alike but for overlap (on, off)."""
+    nets = [model(), model()]
+    return nets, [RemoteOptimizer(net.named_parameters(), client, lr=0.02, overlap=overlap,
+                                  **options)
+                  for net, overlap in zip(nets, (True, False))]
+
+
+def assert_same(nets, what):
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        assert torch.equal(a, b), f"{name} {what}"
+
+
+def test_overlap_sends_during_backward_and_steps_as_the_serial_path(daemon):
+    with optd.Client(daemon, timeout=30) as client:
+        nets, optimizers = twin_optimizers(client)
+        overlapped, serial = optimizers
+        assert overlapped._overlap and not serial._overlap
+        schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.7)
+                      for o in optimizers]
+        for step in range(1, 5):
+            for net, optimizer in zip(nets, optimizers):
+                g = torch.Generator().manual_seed(step)
+                x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                if optimizer is overlapped:  # every gradient already on its way
+                    assert overlapped._stream is not None
+                    assert set(overlapped._streamed) == set(overlapped._parameters)
+                optimizer.step()
+            assert_same(nets, f"after step {step}")
+            for s in schedulers:
+                s.step()
+        assert overlapped.steps == serial.steps == 4
+        assert (overlapped.overlapped_steps, serial.overlapped_steps) == (4, 0)
+        for o in optimizers:
+            o.close()
+        # "auto" overlaps where the gradients would not fit one message anyway.
+        wide = torch.nn.Sequential(torch.nn.Linear(1200, 1200), torch.nn.Linear(1200, 2))
+        with RemoteOptimizer(wide.named_parameters(), client) as auto:
+            assert auto._overlap
+        with RemoteOptimizer(model().named_parameters(), client) as auto:
+            assert not auto._overlap
+
+
+def test_overlap_with_accumulation_clipping_and_abandoned_backward(daemon):
+    with optd.Client(daemon, timeout=30) as client:
+        nets, optimizers = twin_optimizers(client)
+
+        def loss(net, seed):
+            g = torch.Generator().manual_seed(seed)
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            return torch.nn.functional.cross_entropy(net(x), y)
+        for net, optimizer in zip(nets, optimizers):
+            # Accumulation: the first micro-batch under no_sync, the last one sends the sum.
+            optimizer.zero_grad()
+            with optimizer.no_sync():
+                loss(net, 1).backward()
+            assert optimizer._stream is None
+            loss(net, 2).backward()
+            optimizer.step()
+            # Clipping after backward: the gradients sent changed, so the step resends them.
+            optimizer.zero_grad()
+            loss(net, 3).backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
+            optimizer.step()
+            # A backward without a step (a skipped batch): zero_grad withdraws what it sent.
+            optimizer.zero_grad()
+            loss(net, 4).backward()
+            optimizer.zero_grad()
+            loss(net, 5).backward()
+            optimizer.step()
+        assert_same(nets, "after accumulation, clipping and an abandoned backward")
+        assert [o.steps for o in optimizers] == [3, 3]
+        assert optimizers[0].overlapped_steps == 2  # the clipped step went serially
+        for o in optimizers:
+            o.close()
+
+
+def test_a_disabled_grad_scaler_and_an_infinite_gradient_under_skip_step(daemon):
+    with optd.Client(daemon, timeout=30) as client:
+        nets, optimizers = twin_optimizers(client, non_finite_policy="skip_step")
+        scaler = torch.cuda.amp.GradScaler(enabled=False)  # what the CPU allows
+        for step in range(1, 3):
+            for net, optimizer in zip(nets, optimizers):
+                g = torch.Generator().manual_seed(step)
+                x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+                optimizer.zero_grad()
+                scaler.scale(torch.nn.functional.cross_entropy(net(x), y)).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        assert_same(nets, "through a disabled GradScaler")
+        for net, optimizer in zip(nets, optimizers):
+            before = copy.deepcopy(net.state_dict())
+            optimizer.zero_grad()
+            net(torch.randn(4, 8)).sum().backward()
+            with torch.no_grad():
+                net[0].weight.grad[0, 0] = float("inf")
+            optimizer.step()  # the daemon skips it: nothing changes
+            for name, value in net.state_dict().items():
+                assert torch.equal(value, before[name]), name
+        assert_same(nets, "after the skipped step")
+        for o in optimizers:
+            o.close()

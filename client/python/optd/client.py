@@ -8,6 +8,7 @@ and message.
 """
 
 import dataclasses
+import queue
 
 import grpc
 import numpy as np
@@ -78,6 +79,83 @@ def _session_config(config):
     if isinstance(config, str):
         return text_format.Parse(config, optd_pb2.SessionConfig())
     raise TypeError("config is an optd_pb2.SessionConfig or its text format")
+
+
+class StreamedStep:
+    """One worker's Step whose gradients go out as they become ready (optd.torch overlaps it
+    with backward): send(name, values) queues a tensor's gradient, which gRPC's sending thread
+    converts and sends while the caller goes on; finish() half-closes and returns the
+    StepResult, calling on_chunk(name, offset, values) for each result chunk as it arrives (its
+    `values` then stay empty); cancel() ends the call, and the daemon withdraws whatever it had
+    counted of it. Session.stream_step starts one."""
+
+    def __init__(self, session, step, *, worker_id=0, lr=None, wire_dtype="fp32",
+                 result_dtype=None, chunk_bytes=DEFAULT_CHUNK_BYTES, timeout=None,
+                 placement_epoch=0):
+        wire.dtype_value(wire_dtype)
+        self._session = session
+        self._queue = queue.SimpleQueue()
+        self._open = True
+        header = optd_pb2.StepHeader(
+            session_id=session.id, worker_id=worker_id, step=step,
+            placement_epoch=placement_epoch,
+            chunk_bytes=min(chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES),
+            result_dtype=(wire.dtype_value(result_dtype) if result_dtype
+                          else optd_pb2.DTYPE_UNSPECIFIED))
+        if lr is not None:
+            header.lr = lr
+
+        def requests():
+            yield optd_pb2.StepRequest(header=header)
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                name, values = item
+                for chunk in session._chunks({name: as_float32(values)}, wire_dtype,
+                                             chunk_bytes):
+                    yield optd_pb2.StepRequest(chunk=chunk)
+        self._responses = session._stub.Step(requests(), metadata=session._metadata(),
+                                             timeout=timeout)
+
+    def send(self, name, values):
+        """Queues tensor `name`'s gradient (whole; a numpy array or torch tensor, read when it is
+        sent: do not change it before finish())."""
+        if not self._open:
+            raise RuntimeError("this step's gradients were already all sent")
+        self._queue.put((name, values))
+
+    def finish(self, on_chunk=None):
+        """Sends what is queued, half-closes, and returns the step's StepResult."""
+        if self._open:
+            self._open = False
+            self._queue.put(None)
+        values = {}
+        try:
+            first = next(self._responses)
+            for response in self._responses:
+                chunk = response.chunk
+                decoded = wire.decode(chunk.data, chunk.dtype)
+                if on_chunk is not None:
+                    on_chunk(chunk.tensor, chunk.offset, decoded)
+                    continue
+                out = values.get(chunk.tensor)
+                if out is None:
+                    out = values[chunk.tensor] = np.empty(chunk.tensor_elements,
+                                                          dtype=np.float32)
+                out[chunk.offset:chunk.offset + decoded.size] = decoded
+        except grpc.RpcError as e:
+            _raise(e)
+        shapes = self._session.shapes()
+        values = {name: v.reshape(shapes.get(name, v.shape)) for name, v in values.items()}
+        return self._session._result(first.summary, values)
+
+    def cancel(self):
+        """Ends the call without a step from it (its gradients are withdrawn)."""
+        if self._open:
+            self._open = False
+            self._queue.put(None)
+        self._responses.cancel()
 
 
 class Session:
@@ -228,6 +306,11 @@ class Session:
         except grpc.RpcError as e:
             _raise(e)
         return self._result(first.summary, values)
+
+    def stream_step(self, step, **options):
+        """A StreamedStep: this worker's Step for `step`, its gradients sent one tensor at a
+        time as the caller has them (the keyword options of step(), but `path`)."""
+        return StreamedStep(self, step, **options)
 
     @staticmethod
     def _result(s, values):

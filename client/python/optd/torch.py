@@ -54,6 +54,7 @@ Sharded over several instances, the same on the same backend bit for bit:
     optimizer.reshard([client_a, client_b])  # through the daemons' --shared_state_root
 """
 
+import contextlib
 import secrets
 import warnings
 import weakref
@@ -61,7 +62,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from optd.client import Session
+from optd import wire
+from optd.client import _MAX_MESSAGE_BYTES, Session
 from optd.sharded import ShardedSession
 from optd.v1 import optd_pb2
 
@@ -252,7 +254,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  addresses=None, placement_epoch=1, sync=None, keep_session=False,
                  non_finite_policy="reject", checkpoint_interval=0, step_result="parameters",
                  straggler_timeout=None, process_group=None, grad_reduce="optd",
-                 delete_after_idle=86400.0):
+                 delete_after_idle=86400.0, overlap="auto"):
         params = list(params)
         dict_groups = bool(params) and isinstance(params[0], dict)
         counter = [0]
@@ -353,6 +355,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise ValueError(f"grad_reduce is one of {_GRAD_REDUCE}, got {grad_reduce!r}")
         ranks = _Ranks.of(process_group)
         sharded = isinstance(client, (list, tuple))
+        if overlap not in (True, False, "auto"):
+            raise ValueError(f"overlap is True, False or 'auto', got {overlap!r}")
+        overlappable = not (sharded or isinstance(session, ShardedSession) or
+                            (ranks is not None and grad_reduce == "ddp"))
+        if overlap is True and not overlappable:
+            raise ValueError("overlap=True needs one session taking this process's gradients: "
+                             "not a sharded session, not grad_reduce='ddp'")
         if ranks is not None and (sharded or isinstance(session, ShardedSession)):
             raise ValueError("the ranks of a process group share one session on one daemon; a "
                              "sharded session cannot span a process group")
@@ -373,31 +382,48 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._owned = False
         self._deleted = False
         self.session = None
+        self._stream = None  # the overlapped Step of the backward under way
+        self.overlapped_steps = 0  # steps whose gradients went out during backward
+        self._no_sync = 0
         if ranks is None:
             self._open(named, tensor_group, asked_momentum, client, session, sharded, sync,
                        keep_session, session_id, addresses, placement_epoch, 1, config_options)
-            return
-        world_size = ranks.size if grad_reduce == "optd" else 1
-        # Rank 0 creates (or attaches to) the job's session; the others learn its id, token, step
-        # and rates from it, then take its parameters.
-        shared = ranks.from_root(lambda: self._open(
-            named, tensor_group, asked_momentum, client, session, sharded, sync, keep_session,
-            session_id, addresses, placement_epoch, world_size, config_options))
-        if not root:
-            session_id, token, rates, self._step = shared
-            if client is not None or session is not None:
-                self.session = (client.open_session(session_id, token) if client is not None
-                                else Session(session._stub, session_id, token))
-            self._sent = {}
-            for group, (lr_, wd, momentum) in zip(self.param_groups, rates):
-                group["lr"], group["weight_decay"], group["momentum"] = lr_, wd, momentum
-                self._sent[group["optd_group"]] = (lr_, wd, momentum)
-        with torch.no_grad():
-            if grad_reduce == "ddp":
-                ranks.broadcast_tensors(list(self._parameters.values()))
-                self._versions = {name: p._version for name, p in self._parameters.items()}
-            elif not root:
-                self._download()
+        else:
+            world_size = ranks.size if grad_reduce == "optd" else 1
+            # Rank 0 creates (or attaches to) the job's session; the others learn its id, token,
+            # step and rates from it, then take its parameters.
+            shared = ranks.from_root(lambda: self._open(
+                named, tensor_group, asked_momentum, client, session, sharded, sync,
+                keep_session, session_id, addresses, placement_epoch, world_size,
+                config_options))
+            if not root:
+                session_id, token, rates, self._step = shared
+                if client is not None or session is not None:
+                    self.session = (client.open_session(session_id, token) if client is not None
+                                    else Session(session._stub, session_id, token))
+                self._sent = {}
+                for group, (lr_, wd, momentum) in zip(self.param_groups, rates):
+                    group["lr"], group["weight_decay"], group["momentum"] = lr_, wd, momentum
+                    self._sent[group["optd_group"]] = (lr_, wd, momentum)
+            with torch.no_grad():
+                if grad_reduce == "ddp":
+                    ranks.broadcast_tensors(list(self._parameters.values()))
+                    self._versions = {name: p._version for name, p in self._parameters.items()}
+                elif not root:
+                    self._download()
+        # Overlap: where one session takes this process's gradients as they come (not sharded,
+        # not DDP's rank-0 stepping), and "auto" where they would not fit one message anyway.
+        streamed = (sum(p.numel() for _, p in named) * wire.element_bytes(wire_dtype) >
+                    _MAX_MESSAGE_BYTES)
+        contiguous = all(p.is_contiguous() for _, p in named)  # results land in place
+        if overlap is True and not contiguous:
+            raise ValueError("overlap=True copies results into the parameters in place: every "
+                             "parameter must be contiguous")
+        self._overlap = overlap is True or (overlap == "auto" and overlappable and streamed and
+                                            contiguous)
+        self._accumulators = []
+        if self._overlap:
+            self._hook()
 
     def _open(self, named, tensor_group, asked_momentum, client, session, sharded, sync,
               keep_session, session_id, addresses, placement_epoch, world_size, config_options):
@@ -525,29 +551,113 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if changed:
             self._upload(changed)
 
+    def _hook(self):
+        """A hook on each parameter's gradient accumulator (as DDP hooks it): it runs once
+        backward has written the parameter's .grad, and sends that gradient."""
+        me = weakref.ref(self)
+
+        def ready(name):
+            optimizer = me()
+            if optimizer is not None:
+                optimizer._gradient_ready(name)
+        with torch.enable_grad():
+            for name, p in self._parameters.items():
+                accumulator = p.expand_as(p).grad_fn.next_functions[0][0]
+                accumulator.register_hook(lambda *_, name=name: ready(name))
+                self._accumulators.append(accumulator)
+
+    def _worker_id(self):
+        return self._ranks.rank if self._ranks is not None and self._grad_reduce == "optd" else 0
+
+    def _gradient_ready(self, name):
+        """Sends `name`'s gradient on the step's stream, opening it with the first one of a
+        backward pass (hyperparameters and changed parameters go to the daemon first)."""
+        if self._no_sync:
+            return
+        grad = self._parameters[name].grad
+        if grad is None:
+            return
+        if self._stream is None:
+            self._sync()
+            self._stream = self.session.stream_step(self._step + 1, wire_dtype=self._wire_dtype,
+                                                    worker_id=self._worker_id())
+            self._streamed = {}
+        if name in self._streamed:
+            return  # a second backward before step(): step() finds the gradient changed
+        self._streamed[name] = (grad, grad._version)
+        self._stream.send(name, grad)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside send nothing: gradient accumulation, where only the last
+        micro-batch's backward (outside) sends the accumulated gradients. As DDP's no_sync."""
+        self._no_sync += 1
+        try:
+            yield
+        finally:
+            self._no_sync -= 1
+
+    def zero_grad(self, set_to_none=False):
+        """torch's zero_grad; a backward's gradients sent without a step() since are withdrawn."""
+        self._drop_stream()
+        super().zero_grad(set_to_none)
+
+    def _drop_stream(self):
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+
+    def _finish_stream(self, stream):
+        """Ends the overlapped step: sends the gradients backward did not (a parameter's grad
+        left from before), and copies each result chunk into its parameter as it arrives.
+        Returns the StepResult, or None (the call cancelled) when a sent gradient changed since
+        (clipping, a GradScaler's unscale_, a second backward): the serial path sends them as
+        they are now."""
+        current = {name: p.grad for name, p in self._parameters.items() if p.grad is not None}
+        if any(current.get(name) is not grad or grad._version != version
+               for name, (grad, version) in self._streamed.items()):
+            stream.cancel()
+            return None
+        for name, grad in current.items():
+            if name not in self._streamed:
+                stream.send(name, grad)
+        self._sync()  # rates changed between backward and step()
+
+        def arrived(name, offset, values):
+            flat = self._parameters[name].data.view(-1)[offset:offset + values.size]
+            if self._delta:
+                flat.add_(torch.from_numpy(values))
+            else:
+                flat.copy_(torch.from_numpy(values))
+        return stream.finish(on_chunk=arrived)
+
     def _remote_step(self):
         """Sends this process's gradients as its worker's and copies the step's results into
         the parameters; returns whether a step ran (not without any gradient)."""
-        gradients = {name: p.grad for name, p in self._parameters.items() if p.grad is not None}
-        if not gradients:
-            return False
-        self._sync()
-        worker_id = self._ranks.rank if self._ranks is not None and \
-            self._grad_reduce == "optd" else 0
-        result = self.session.step(self._step + 1, gradients, wire_dtype=self._wire_dtype,
-                                   worker_id=worker_id)
+        stream, self._stream = self._stream, None
+        result = self._finish_stream(stream) if stream is not None else None
+        if result is not None:
+            self.overlapped_steps += 1
+        else:
+            gradients = {name: p.grad for name, p in self._parameters.items()
+                         if p.grad is not None}
+            if not gradients:
+                return False
+            self._sync()
+            result = self.session.step(self._step + 1, gradients, wire_dtype=self._wire_dtype,
+                                       worker_id=self._worker_id())
+            for name, values in result.values.items():
+                p = self._parameters[name]
+                if self._delta:
+                    p.add_(torch.from_numpy(values).view_as(p))
+                else:
+                    p.copy_(torch.from_numpy(values).view_as(p))
         if result.checkpoint_error:
             warnings.warn(f'optd: step {result.step} is not durable (the daemon is at step '
                           f'{result.step}, its last checkpoint at {result.checkpoint_step}): '
                           f'{result.checkpoint_error}', RuntimeWarning)
         self._step = result.step
-        for name, values in result.values.items():
-            p = self._parameters[name]
-            if self._delta:
-                p.add_(torch.from_numpy(values).view_as(p))
-            else:
-                p.copy_(torch.from_numpy(values).view_as(p))
-            self._versions[name] = p._version
+        self._versions = {name: p._version for name, p in self._parameters.items()}
         return True
 
     @torch.no_grad()
@@ -694,6 +804,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """Ends this optimizer's use of its session: deletes it from the daemon if this
         optimizer created it (or `delete` is True; False keeps it), with the session's own
         token, so no admin token is needed. A session already deleted is not deleted again."""
+        self._drop_stream()
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
