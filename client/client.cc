@@ -379,6 +379,19 @@ absl::StatusOr<v1::GetAnalysisResponse> Session::Analysis() {
   return response;
 }
 
+absl::StatusOr<v1::SessionInfo> Session::AddTensors(absl::Span<const v1::TensorConfig> tensors,
+                                                    absl::Span<const v1::GroupConfig> groups) {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::AddTensorsRequest request;
+  request.set_session_id(id_);
+  for (const v1::TensorConfig& t : tensors) *request.add_tensors() = t;
+  for (const v1::GroupConfig& g : groups) *request.add_groups() = g;
+  v1::SessionInfo response;
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->AddTensors(&context, request, &response)));
+  return response;
+}
+
 absl::StatusOr<SessionState> Session::ExportState(bool parameters, int64_t chunk_bytes) {
   grpc::ClientContext context;
   Authorize(context);

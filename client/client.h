@@ -131,6 +131,10 @@ class Session {
   absl::StatusOr<v1::CheckpointResponse> Checkpoint(bool shared = false);
   absl::StatusOr<int64_t> Restore();
   absl::StatusOr<v1::GetAnalysisResponse> Analysis();
+  // Adds tensors (and new groups for them) to the live session, all or nothing; returns the
+  // session as it now is. Upload their parameters before stepping them.
+  absl::StatusOr<v1::SessionInfo> AddTensors(absl::Span<const v1::TensorConfig> tensors,
+                                             absl::Span<const v1::GroupConfig> groups = {});
   // The session's optimizer state, of one step (ABORTED when the session changed while it was
   // read: read again); without its parameters unless `parameters`.
   absl::StatusOr<SessionState> ExportState(bool parameters = true, int64_t chunk_bytes = 0);

@@ -620,6 +620,16 @@ grpc::Status OptimizerService::Restore(grpc::ServerContext* context,
                 }));
 }
 
+grpc::Status OptimizerService::AddTensors(grpc::ServerContext* context,
+                                          const v1::AddTensorsRequest* request,
+                                          v1::SessionInfo* response) {
+  return Finish("AddTensors", Guarded([&]() -> absl::Status {
+                  OPTD_ASSIGN_OR_RETURN(*response,
+                                        sessions_.AddTensors(*request, Authorization(*context)));
+                  return absl::OkStatus();
+                }));
+}
+
 grpc::Status OptimizerService::ExportState(grpc::ServerContext* context,
                                            const v1::ExportStateRequest* request,
                                            grpc::ServerWriter<v1::ExportStateResponse>* writer) {

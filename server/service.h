@@ -85,6 +85,8 @@ class OptimizerService final : public v1::Optimizer::Service {
                           v1::CheckpointResponse* response) override;
   grpc::Status Restore(grpc::ServerContext* context, const v1::RestoreRequest* request,
                        v1::RestoreResponse* response) override;
+  grpc::Status AddTensors(grpc::ServerContext* context, const v1::AddTensorsRequest* request,
+                          v1::SessionInfo* response) override;
   grpc::Status ExportState(grpc::ServerContext* context, const v1::ExportStateRequest* request,
                            grpc::ServerWriter<v1::ExportStateResponse>* writer) override;
   grpc::Status ImportState(grpc::ServerContext* context,

@@ -311,6 +311,10 @@ void Session::MarkDeleted() {
 
 absl::Status Session::CheckUsableLocked() const {
   if (deleted_) return absl::NotFoundError(absl::StrCat("session '", id_, "' was deleted"));
+  if (extended_) {
+    return absl::UnavailableError(
+        absl::StrCat("session '", id_, "' was given new tensors meanwhile; retry the call"));
+  }
   if (!damaged_.ok()) {
     return absl::FailedPreconditionError(
         absl::StrCat("session '", id_, "' was damaged by a failed step (", damaged_.message(),
@@ -790,6 +794,52 @@ void Session::ReplaceStateLocked(SessionState state, absl::string_view what) {
   ++restores_;
   analysis_.clear();
   if (options_.metrics != nullptr && !retired_) options_.metrics->PublishAnalysis(id_, step_, {});
+}
+
+absl::StatusOr<std::unique_ptr<Session>> Session::Extend(v1::SessionConfig extended) {
+  Touch();
+  OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(extended));
+  SessionState state;
+  OPTD_ASSIGN_OR_RETURN(state.optimizer, Optimizer::Create(backend_, std::move(specs)));
+  Optimizer& next = *state.optimizer;
+  for (int t = num_tensors(); t < extended.tensors_size(); ++t) {
+    const v1::TensorConfig& tensor = extended.tensors(t);
+    if (!tensor.has_normal()) continue;
+    std::vector<float> values(static_cast<size_t>(next.num_elements(t)));
+    FillNormal(tensor.normal().seed(), tensor.normal().mean(), tensor.normal().std(),
+               absl::MakeSpan(values));
+    OPTD_RETURN_IF_ERROR(next.SetParameters(t, values));
+  }
+  std::unique_ptr<Session> successor(
+      new Session(backend_, id_, std::move(extended), token_digest_, options_));
+  absl::MutexLock lock(&mu_);
+  OPTD_RETURN_IF_ERROR(CheckUsableLocked());
+  // Every record of every tensor this session has, in pieces of 4 MiB.
+  std::vector<float> piece;
+  for (int t = 0; t < num_tensors(); ++t) {
+    std::vector<std::pair<std::string, int64_t>> records{{"", counts_[t]}};
+    for (const StateBuffer& b : optimizer_->state(t)) records.emplace_back(b.name, b.count);
+    for (const auto& [buffer, count] : records) {
+      for (int64_t offset = 0; offset < count; offset += int64_t{1} << 20) {
+        piece.resize(static_cast<size_t>(std::min(count - offset, int64_t{1} << 20)));
+        OPTD_RETURN_IF_ERROR(optimizer_->ReadRange(t, buffer, offset, absl::MakeSpan(piece)));
+        OPTD_RETURN_IF_ERROR(next.WriteRange(t, buffer, offset, piece));
+      }
+    }
+    OPTD_RETURN_IF_ERROR(next.SetStepsApplied(t, optimizer_->steps_applied(t)));
+  }
+  state.step = step_;
+  state.hyperparams = hyperparams_;
+  OPTD_RETURN_IF_ERROR(ApplyGroupHyperparams(successor->config_, next, state.hyperparams));
+  // The successor's metric series replace this session's (same id): retire these first.
+  Retire();
+  OPTD_RETURN_IF_ERROR(successor->Initialize(std::move(state), /*checkpointed=*/false));
+  round_.Abort(absl::AbortedError(absl::StrCat(
+      "session '", id_, "' was given new tensors while this step was pending; send it again")));
+  extended_ = true;
+  LogEvent(absl::StrCat("session '", id_, "' given ", successor->num_tensors() - num_tensors(),
+                        " new tensor(s) at step ", step_));
+  return successor;
 }
 
 absl::Status Session::ExportState(int64_t chunk_elements, bool parameters,

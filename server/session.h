@@ -185,6 +185,14 @@ class Session : public std::enable_shared_from_this<Session> {
   // Replaces parameters, state, step and hyperparameters with the last checkpoint's, atomically.
   absl::StatusOr<int64_t> Restore();
 
+  // AddTensors (optd.v1): a new session of `extended` (this session's config with more tensors
+  // after its own, and groups for them; NormalizeSessionConfig passed) holding this session's
+  // tensors as they are (parameters, state, applied steps), its step and hyperparameters, the
+  // new tensors at their `init`. This session then ends: a pending step is aborted and every
+  // later call is refused with Unavailable (a retry finds the new session). Copied under the
+  // session's lock, so no step commits in between. FailedPrecondition for a damaged session.
+  absl::StatusOr<std::unique_ptr<Session>> Extend(v1::SessionConfig extended);
+
   // ExportState (optd.v1): `write` gets the header, then every record (the parameters only when
   // `parameters`) in chunks of at most `chunk_elements` values, each copied under the session's
   // lock and written without it. Aborted when anything commits between two chunks (a step, an
@@ -309,6 +317,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::map<std::string, v1::GroupHyperparams> hyperparams_ ABSL_GUARDED_BY(mu_);
   absl::Status damaged_ ABSL_GUARDED_BY(mu_);
   bool importing_ ABSL_GUARDED_BY(mu_) = false;  // an ImportState is underway
+  bool extended_ ABSL_GUARDED_BY(mu_) = false;   // Extend made its successor
   bool deleted_ ABSL_GUARDED_BY(mu_) = false;
   // Bumped by everything that changes the tensors other than a step (parameters, hyperparameters,
   // a restore): prepared work from before is not used.

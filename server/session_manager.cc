@@ -355,6 +355,92 @@ absl::StatusOr<SessionManager::Entry*> SessionManager::AuthorizeSettledLocked(
   }
 }
 
+absl::StatusOr<v1::SessionInfo> SessionManager::AddTensors(const v1::AddTensorsRequest& request,
+                                                           absl::string_view authorization) {
+  const std::string& id = request.session_id();
+  if (id.empty()) return absl::InvalidArgumentError("session_id is empty");
+  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session, Get(id, authorization));
+  if (request.tensors().empty()) {
+    return absl::InvalidArgumentError("AddTensors names no tensors to add");
+  }
+  v1::SessionConfig extended = session->config();
+  if (extended.placement_epoch() != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session '", id,
+                     "' is a part of a sharded session, whose client places its tensors; "
+                     "add tensors through it (a new placement), not to one part"));
+  }
+  std::set<std::string> names;
+  for (const v1::TensorConfig& t : extended.tensors()) names.insert(t.name());
+  for (const v1::GroupConfig& g : extended.groups()) names.insert("group:" + g.name());
+  for (const v1::GroupConfig& g : request.groups()) {
+    if (!names.insert("group:" + g.name()).second) {
+      return absl::InvalidArgumentError(absl::StrCat("session '", id, "' has a group '", g.name(),
+                                                     "' already: name a new one, or put the "
+                                                     "new tensors in it without redefining it"));
+    }
+    *extended.add_groups() = g;
+  }
+  for (const v1::TensorConfig& t : request.tensors()) {
+    if (!names.insert(t.name()).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("session '", id, "' has a tensor '", t.name(), "' already"));
+    }
+    *extended.add_tensors() = t;
+  }
+  OPTD_RETURN_IF_ERROR(NormalizeSessionConfig(extended));
+  OPTD_ASSIGN_OR_RETURN(int64_t bytes, Session::RequiredBytes(extended));
+  if (bytes > options_.max_session_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("with the new tensors, session '", id, "' needs ", bytes,
+                     " bytes of state; the limit per session is ", options_.max_session_bytes,
+                     " (--max_session_bytes)"));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end() || it->second.session != session) {
+      return absl::AbortedError(
+          absl::StrCat("session '", id, "' was replaced or unloaded meanwhile; retry"));
+    }
+    Entry& entry = it->second;
+    if (entry.replacing) {
+      return absl::UnavailableError(
+          absl::StrCat("session '", id, "' is being replaced or extended by another call; retry"));
+    }
+    if (options_.memory_budget_bytes > 0) {
+      int64_t committed = 0;
+      for (const auto& [other, e] : sessions_) committed += e.state_bytes;
+      if (committed - entry.state_bytes + bytes > options_.memory_budget_bytes) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("with the new tensors, session '", id, "' needs ", bytes,
+                         " bytes of state; the ", "daemon's sessions hold ", committed, " of its ",
+                         options_.memory_budget_bytes, " (--memory_budget_bytes)"));
+      }
+    }
+    entry.replacing = true;  // Delete and CreateSession's replace wait it out
+  }
+  absl::StatusOr<std::unique_ptr<Session>> successor = session->Extend(std::move(extended));
+  std::shared_ptr<Session> next;
+  {
+    absl::MutexLock lock(&mu_);
+    Entry& entry = sessions_.at(id);
+    entry.replacing = false;
+    if (!successor.ok()) return successor.status();
+    next = std::move(*successor);
+    entry.session = next;
+    entry.state_bytes = bytes;
+    ExportCountsLocked();
+  }
+  if (!options_.state_dir.empty()) {
+    if (absl::StatusOr<CheckpointInfo> written = next->Checkpoint(); !written.ok()) {
+      LogEvent(absl::StrCat("session '", id, "': its new tensors are not on disk yet: ",
+                            written.status().ToString()));
+    }
+  }
+  return next->Info(/*with_tensors=*/true);
+}
+
 absl::StatusOr<std::shared_ptr<Session>> SessionManager::Get(absl::string_view id,
                                                              absl::string_view authorization) {
   {

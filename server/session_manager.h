@@ -111,6 +111,14 @@ class SessionManager {
   // the admin token. Unauthenticated for a missing or unknown token, PermissionDenied for another
   // session's token (whether `id` exists or not), NotFound for an unknown session. Loads an
   // unloaded session, without holding up calls for other sessions meanwhile.
+  // AddTensors (optd.v1): the session `request` names, as `authorization` may use it (Get's
+  // rules), given the request's tensors and groups (Session::Extend), within the session and
+  // memory limits, and checkpointed when the daemon has a state directory. InvalidArgument for no
+  // tensors, a name the session has, or a config that does not validate; FailedPrecondition for a
+  // sharded part; Unavailable while another call replaces or extends it.
+  absl::StatusOr<v1::SessionInfo> AddTensors(const v1::AddTensorsRequest& request,
+                                             absl::string_view authorization);
+
   absl::StatusOr<std::shared_ptr<Session>> Get(absl::string_view id,
                                                absl::string_view authorization);
 

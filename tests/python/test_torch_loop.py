@@ -410,3 +410,58 @@ def test_a_disabled_grad_scaler_and_an_infinite_gradient_under_skip_step(daemon)
         assert_same(nets, "after the skipped step")
         for o in optimizers:
             o.close()
+
+
+def test_add_param_group_on_a_live_optimizer(daemon):
+    """Unfreezing a layer mid-run: its parameters join the session in a group of their own. Given
+    the same gradients, the other parameters go on exactly as an optimizer that never had the new
+    group, and the new ones step exactly as a fresh optimizer holding only them, from the
+    model's values."""
+    with optd.Client(daemon, timeout=30) as client:
+        nets = [model(), model()]
+        for net in nets:
+            net[4].requires_grad_(False)  # the head starts frozen
+        main, twin = (RemoteOptimizer(net.named_parameters(), client, lr=0.02) for net in nets)
+        alone_net = model()
+        alone = None
+
+        def batch_loss(net, step):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+            return torch.nn.functional.cross_entropy(net(x), y)
+        for step in range(1, 5):
+            if step == 3:  # unfreeze the head of nets[0], as a group of its own
+                nets[0][4].requires_grad_(True)
+                with pytest.raises(ValueError, match="has a param group 'matrices' already"):
+                    main.add_param_group({"params": [nets[0][4].weight], "name": "matrices"})
+                main.add_param_group({"params": list(nets[0][4].named_parameters(prefix="4")),
+                                      "lr": 5e-3, "preset": "adamw", "name": "head"})
+                assert main.param_groups[-1]["lr"] == 5e-3
+                assert {t.config.name for t in main.session.info().tensors} >= {"4.weight",
+                                                                                 "4.bias"}
+                alone_net.load_state_dict(nets[0].state_dict())
+                alone = RemoteOptimizer(list(alone_net[4].named_parameters(prefix="4")), client,
+                                        assign={"4.weight": "adamw"}, adamw_lr=5e-3)
+                with pytest.raises(ValueError, match="holds parameters the optimizer has"):
+                    main.add_param_group({"params": [nets[0][0].weight]})
+            # The gradients main's model has go to the twin's and the alone's parameters too.
+            main.zero_grad()
+            batch_loss(nets[0], step).backward()
+            grads = {name: p.grad.clone() for name, p in nets[0].named_parameters()
+                     if p.grad is not None}
+            for net in (nets[1], alone_net):
+                for name, p in net.named_parameters():
+                    p.grad = grads[name].clone() if name in grads else None
+            main.step()
+            twin.step()
+            if alone is not None:
+                alone.step()
+        for name, p in nets[0].named_parameters():
+            if name.startswith("4."):
+                assert torch.equal(p, dict(alone_net.named_parameters())[name]), name
+                assert not torch.equal(p, dict(nets[1].named_parameters())[name]), name
+            else:
+                assert torch.equal(p, dict(nets[1].named_parameters())[name]), name
+        assert main.steps == 4
+        for o in (main, twin, alone):
+            o.close()

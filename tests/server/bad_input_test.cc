@@ -505,6 +505,42 @@ TEST_F(BadInputTest, StateImports) {
   Check({"the export itself", absl::StatusCode::kOk, ""}, import([](Requests&) {}));
 }
 
+TEST_F(BadInputTest, AddedTensors) {
+  auto tensor = [](const std::string& name, std::vector<int64_t> shape, const std::string& group) {
+    v1::TensorConfig t;
+    t.set_name(name);
+    for (int64_t d : shape) t.add_shape(d);
+    t.set_group(group);
+    return t;
+  };
+  auto add = [&](std::vector<v1::TensorConfig> tensors, std::vector<v1::GroupConfig> groups = {},
+                 client::Session* as = nullptr) {
+    return [this, tensors, groups, as] {
+      client::Session session(ConnectTo(*server_).channel(), victim_->id(),
+                              (as != nullptr ? as : victim_.get())->token());
+      return session.AddTensors(tensors, groups).status();
+    };
+  };
+  v1::GroupConfig matrices;
+  matrices.set_name("matrices");
+  matrices.set_preset("normuon");
+  Check({"another session's token", absl::StatusCode::kPermissionDenied, "belongs to session"},
+        add({tensor("x", {4, 4}, "matrices")}, {}, other_.get()));
+  Check({"no tensors", absl::StatusCode::kInvalidArgument, "names no tensors to add"}, add({}));
+  Check({"a name the session has", absl::StatusCode::kInvalidArgument, "has a tensor 'w' already"},
+        add({tensor("w", {4, 4}, "matrices")}));
+  Check({"a group redefined", absl::StatusCode::kInvalidArgument, "has a group 'matrices' already"},
+        add({tensor("x", {4, 4}, "matrices")}, {matrices}));
+  Check({"an undefined group", absl::StatusCode::kInvalidArgument, "group 'nope' is not defined"},
+        add({tensor("x", {4, 4}, "nope")}));
+  Check({"a vector in a matrix group", absl::StatusCode::kInvalidArgument,
+         "put vectors, embeddings and heads in an adamw group"},
+        add({tensor("x", {4}, "matrices")}));
+  Check({"over the per-session byte quota", absl::StatusCode::kResourceExhausted,
+         "with the new tensors, session"},
+        add({tensor("big", {4096, 4096}, "matrices")}));
+}
+
 TEST_F(BadInputTest, SessionCalls) {
   client::Client c = ConnectTo(*server_);
   auto update = [&](const std::string& group, std::optional<double> lr,

@@ -1,6 +1,7 @@
 // ExportState and ImportState (issue 19, part 3): a session's whole optimizer state leaves the
 // daemon and comes back into another session, which then steps exactly as the original would;
-// an export never mixes two steps; every bad import is refused whole.
+// an export never mixes two steps; every bad import is refused whole (bad_input_test). And
+// AddTensors (part 6): a live session takes new tensors, the others untouched.
 #include <functional>
 
 #include "server/session.h"
@@ -140,7 +141,8 @@ TEST(StateExportTest, AChangeDuringTheExportAbortsIt) {
   ASSERT_TRUE(reader->Read(&response));
   ASSERT_TRUE(response.has_header());
   const std::vector<float> ones(2048 * 2048, 1.0f);
-  ASSERT_TRUE(session.UploadParameters({{"w", ones}}).ok());
+  const absl::Status uploaded = session.UploadParameters({{"w", ones}});
+  ASSERT_TRUE(uploaded.ok()) << uploaded;
   int64_t chunks = 0;
   while (reader->Read(&response)) ++chunks;
   const grpc::Status status = reader->Finish();
@@ -152,6 +154,68 @@ TEST(StateExportTest, AChangeDuringTheExportAbortsIt) {
   absl::StatusOr<client::SessionState> whole = session.ExportState();
   ASSERT_TRUE(whole.ok()) << whole.status();
   EXPECT_TRUE(BitwiseEqual(whole->records[{"w", ""}], ones));
+}
+
+// AddTensors: a live session takes a matrix into an existing group (same shape: it joins that
+// batch) and a new AdamW group; the others go on as they were, the new ones from their init.
+TEST(AddTensorsTest, NewTensorsJoinAtTheNextStepAndTheOthersGoOnBitForBit) {
+  const std::string state_dir = MakeTempDir("add_tensors");
+  std::unique_ptr<server::Server> server = StartServer(LoopbackOptions(state_dir));
+  ASSERT_NE(server, nullptr);
+  client::Client c = ConnectTo(*server);
+  const v1::SessionConfig config = ModelConfig("keller");
+  client::Session session = *c.CreateSession(config);
+  Reference before(config);
+  for (int64_t step = 1; step <= 2; ++step) {
+    const auto grads = WorkerGradients(before, step, 0);
+    ASSERT_TRUE(session.Step(step, AsNamed(before, grads)).ok());
+    before.Step({grads});
+  }
+  v1::SessionConfig merged = config;
+  v1::TensorConfig* extra = merged.add_tensors();
+  extra->set_name("extra");
+  extra->add_shape(24);
+  extra->add_shape(40);
+  extra->set_group("matrices");
+  extra->mutable_normal()->set_seed(7);
+  extra->mutable_normal()->set_std(0.5);
+  v1::GroupConfig* heads = merged.add_groups();
+  heads->set_name("heads");
+  heads->set_preset("adamw");
+  v1::TensorConfig* gain = merged.add_tensors();
+  gain->set_name("gain");
+  gain->add_shape(40);
+  gain->set_group("heads");
+  gain->mutable_normal()->set_seed(8);
+  gain->mutable_normal()->set_std(0.5);
+  absl::StatusOr<v1::SessionInfo> info = session.AddTensors({*extra, *gain}, {*heads});
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->step(), 2);
+  EXPECT_EQ(info->tensors_size(), 5);
+  EXPECT_EQ(info->checkpoint_step(), 2);
+
+  // The extended session's reference: the old tensors as `before` holds them, the new at init.
+  Reference after(merged);
+  for (int t = 0; t < before.num_tensors(); ++t) {
+    ASSERT_TRUE(after.optimizer().SetParameters(t, before.Parameters(t)).ok());
+    for (const StateBuffer& b : before.optimizer().state(t)) {
+      std::vector<float> values(static_cast<size_t>(b.count));
+      ASSERT_TRUE(before.optimizer().GetState(t, b.name, absl::MakeSpan(values)).ok());
+      ASSERT_TRUE(after.optimizer().SetState(t, b.name, values).ok());
+    }
+    ASSERT_TRUE(after.optimizer().SetStepsApplied(t, before.optimizer().steps_applied(t)).ok());
+  }
+  ExpectMatches(after, *session.GetParameters(), "right after AddTensors");
+  for (int64_t step = 3; step <= 4; ++step) {
+    const auto grads = WorkerGradients(after, step, 0);
+    absl::StatusOr<client::StepResult> result = session.Step(step, AsNamed(after, grads));
+    ASSERT_TRUE(result.ok()) << result.status();
+    after.Step({grads});
+  }
+  ExpectMatches(after, *session.GetParameters(), "two steps after AddTensors");
+  // Its checkpoint holds the new tensors: a restore goes back to step 2 with all five.
+  ASSERT_EQ(*session.Restore(), 2);
+  EXPECT_EQ(session.Info()->tensors_size(), 5);
 }
 
 }  // namespace

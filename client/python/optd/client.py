@@ -358,6 +358,19 @@ class Session:
         except grpc.RpcError as e:
             _raise(e)
 
+    def add_tensors(self, tensors, groups=()):
+        """Adds tensors (optd_pb2.TensorConfig) and new groups for them (optd_pb2.GroupConfig)
+        to the live session, all or nothing; returns its optd_pb2.SessionInfo. They start from
+        their `init`: upload their parameters before stepping them."""
+        request = optd_pb2.AddTensorsRequest(session_id=self.id, tensors=list(tensors),
+                                             groups=list(groups))
+        try:
+            info = self._stub.AddTensors(request, metadata=self._metadata(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+        self._learn(info)
+        return info
+
     def export_state(self, parameters=True, chunk_bytes=0):
         """The session's whole optimizer state, of one step: (header, records), the header an
         optd_pb2.StateHeader (config, step, every group's hyperparameters, per tensor its applied

@@ -299,6 +299,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._names = {id(p): name for name, p in named}
         self._parameters = dict(named)
         self._wire_dtype = wire_dtype
+        self._preset, self._lr, self._adamw_lr = preset, lr, adamw_lr  # add_param_group's defaults
         self._delta = step_result == "delta"
         groups = []
         if dict_groups:
@@ -522,10 +523,94 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._versions = {name: p._version for name, p in self._parameters.items()}
 
     def add_param_group(self, param_group):
-        if getattr(self, "_initialized", False):
-            raise NotImplementedError("RemoteOptimizer's tensors are fixed when its session is "
-                                      "created; build a new optimizer for new parameters")
-        super().add_param_group(param_group)
+        """torch's add_param_group on a live optimizer: the group's parameters (or (name,
+        parameter) pairs) become new tensors of the session (optd.v1 AddTensors, all or nothing)
+        in a new group of their own, stepped from the next step on; the group dict takes the keys
+        __init__'s group dicts do. Without "preset", matrices step with the optimizer's preset and
+        vectors, embeddings and heads (by name) with AdamW; a group mixing them needs one. Not on
+        a sharded session. In a process group every rank calls it."""
+        if not getattr(self, "_initialized", False):
+            super().add_param_group(param_group)
+            return
+        if isinstance(self.session, ShardedSession):
+            raise NotImplementedError("add_param_group on a sharded session: its client places "
+                                      "the tensors; build the optimizer with every group")
+        if not isinstance(param_group, dict):
+            raise TypeError("add_param_group takes a dict with 'params'")
+        spec = dict(param_group)
+        extra = set(spec) - _GROUP_KEYS - {"params"}
+        if extra:
+            raise ValueError(f"the param group has keys optd does not know: {sorted(extra)} "
+                             f"(it takes {sorted(_GROUP_KEYS)})")
+        counter = [len(self._parameters)]
+        members = [(n, p) for n, p in _named(spec.get("params", ()), counter) if p.requires_grad]
+        if not members:
+            raise ValueError("the param group has no parameters that require grad")
+        taken = [n for n, p in members if n in self._parameters or id(p) in self._names]
+        if taken or len({n for n, _ in members}) != len(members):
+            raise ValueError(f"the param group names or holds parameters the optimizer has: "
+                             f"{taken or [n for n, _ in members]}")
+        name = str(spec.get("name", f"group{len(self.param_groups)}"))
+        if any(g["optd_group"] == name for g in self.param_groups):
+            raise ValueError(f"the optimizer has a param group {name!r} already")
+        preset = spec.get("preset")
+        if preset is None:
+            kinds = {"adamw" if p.dim() < 2 or _parts(n) & (EMBEDDING_NAME_PARTS |
+                                                             HEAD_NAME_PARTS) else "matrix"
+                     for n, p in members}
+            if len(kinds) > 1:
+                raise ValueError("the param group holds matrices and vectors, embeddings or "
+                                 "heads, which step with different rules: give it a 'preset' "
+                                 "or split it")
+            preset = "adamw" if kinds == {"adamw"} else self._preset
+        group = {"params": [p for _, p in members],
+                 "lr": spec.get("lr", self._adamw_lr if preset == "adamw" else self._lr),
+                 "optd_group": name, "optd_preset": preset,
+                 "optd_overrides": dict(spec.get("overrides") or {})}
+        settings = dict(group["optd_overrides"], lr=group["lr"])
+        if "weight_decay" in spec:
+            settings["weight_decay"] = spec["weight_decay"]
+        config = optd_pb2.GroupConfig(name=name, preset=preset)
+        for key, value in settings.items():
+            config.overrides.add(key=key, value=_text(value))
+        tensors = [optd_pb2.TensorConfig(name=n, shape=list(p.shape), group=name)
+                   for n, p in members]
+
+        def add():
+            info = self.session.add_tensors(tensors, [config])
+            if "momentum" in spec:
+                self.session.update_hyperparams([{"group": name,
+                                                  "momentum": float(spec["momentum"])}])
+                info = self.session.info()
+            t = next(t for t in info.tensors if t.config.group == name)
+            self._upload_named(members)
+            return float(t.lr), float(t.weight_decay), float(t.momentum)
+        if self._ranks is None:
+            rates = add()
+        else:
+            rates = self._ranks.from_root(add)
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        group["lr"], group["weight_decay"], group["momentum"] = rates
+        self._sent[name] = rates
+        for n, p in members:
+            self._names[id(p)] = n
+            self._parameters[n] = p
+        with torch.no_grad():
+            if self._ranks is not None and self._grad_reduce == "ddp":
+                self._ranks.broadcast_tensors([p for _, p in members])
+            elif self._ranks is not None and self._ranks.rank != 0:
+                if self.session is not None:
+                    self.session._shapes = None
+                values = self.session.get_parameters([n for n, _ in members])
+                for n, p in members:
+                    p.copy_(torch.from_numpy(values[n]).view_as(p))
+        self._versions = {n: p._version for n, p in self._parameters.items()}
+        if self._overlap:
+            self._hook_parameters(members)
+
+    def _upload_named(self, members):
+        self.session.upload_parameters({n: p for n, p in members})
 
     @property
     def steps(self):
@@ -552,6 +637,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._upload(changed)
 
     def _hook(self):
+        self._hook_parameters(list(self._parameters.items()))
+
+    def _hook_parameters(self, members):
         """A hook on each parameter's gradient accumulator (as DDP hooks it): it runs once
         backward has written the parameter's .grad, and sends that gradient."""
         me = weakref.ref(self)
@@ -561,7 +649,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if optimizer is not None:
                 optimizer._gradient_ready(name)
         with torch.enable_grad():
-            for name, p in self._parameters.items():
+            for name, p in members:
                 accumulator = p.expand_as(p).grad_fn.next_functions[0][0]
                 accumulator.register_hook(lambda *_, name=name: ready(name))
                 self._accumulators.append(accumulator)
