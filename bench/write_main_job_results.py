@@ -15,15 +15,19 @@ PRESETS = 7  # rows per model in table.txt
 
 
 def rows(lines, digits):
-    """(label, remote ms, p99 ms, local ms or None) per row; digits rows carry two more columns."""
+    """(label, steps/s, remote ms, p99 ms, local ms or None, streamed ms) per row; digits rows
+    carry two more columns."""
     out = []
     for line in lines:
         label, words = line[:15].strip(), line[15:].split()
         skip = 5 if digits else 3  # losses (and accuracies), steps/s
         remote, p99 = float(words[skip]), float(words[skip + 1])
         local = None if words[skip + 3] == "—" else float(words[skip + 3])
-        out.append((label, float(words[skip - 1]), remote, p99, local))
+        out.append((label, float(words[skip - 1]), remote, p99, local, float(words[-1])))
     return out
+
+
+TARGETS = {"muon (keller)": 1.3, "adamw": 3.0}  # remote / local (issue 19)
 
 
 def main():
@@ -36,7 +40,8 @@ def main():
     models = [("digits MLP 64-128-128-10, 600 steps", rows(lines[:PRESETS], True)),
               ("character transformer, 2 layers 64 wide, 300 steps",
                rows(lines[PRESETS:2 * PRESETS], False))]
-    out, add = open_section(BEGIN, "Main job: what a remote step costs a training loop (issue 18)")
+    out, add = open_section(BEGIN, "Main job: what a remote step costs a training loop "
+                                   "(issues 18 and 19)")
     add(f"{generated_by(args.command)}, {cpu_model()}, load average before the run {args.load}. "
         "`scripts/main_job.py` with its own optd (CPU backend) on the same machine, PyTorch "
         "training through `optd.torch.RemoteOptimizer`, the analyzer on (every steps/20 on the "
@@ -44,24 +49,37 @@ def main():
         "training loop sees it (send the gradients, wait, copy the new parameters in), measured "
         "by the client; the first step left out. **local** = the same rule stepped by torch in "
         "the same run (`torch.optim.AdamW`, and Keller's Muon as `optd.local.LocalMuon` writes "
-        "it), where torch has it.")
+        "it), where torch has it. **streamed** = the same session's step afterwards with every "
+        "step on the streamed `Step` RPC (without the one-message `StepSmall`), in the same "
+        "run.")
     for title, model in models:
         add("")
         add(f"**{title}**")
         add("")
-        add("| preset | steps/s | remote ms (p50) | p99 ms | p99 / p50 | local ms | remote / local |")
-        add("|---|---:|---:|---:|---:|---:|---:|")
-        for label, steps_per_s, remote, p99, local in model:
+        add("| preset | steps/s | remote ms (p50) | p99 ms | p99 / p50 | local ms | "
+            "remote / local | streamed ms | streamed / local |")
+        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for label, steps_per_s, remote, p99, local, streamed in model:
             add(f"| {label} | {steps_per_s:.1f} | {remote:.2f} | {p99:.2f} | {p99 / remote:.1f}x | "
-                + (f"{local:.2f} | {remote / local:.1f}x |" if local else "— | — |"))
+                + (f"{local:.2f} | {remote / local:.1f}x |" if local else "— | — |")
+                + f" {streamed:.2f} | "
+                + (f"{streamed / local:.1f}x |" if local else "— |"))
     worst = max((p99 / remote, label, title) for title, model in models
-                for label, _, remote, p99, _ in model)
+                for label, _, remote, p99, _, _ in model)
     add("")
     add("| target | measured | verdict |")
     add("|---|---|---|")
     add(f"| every preset's step p99 ≤ {TAIL_TARGET:.0f}x its p50, analyzer on | worst "
         f"{worst[0]:.1f}x ({worst[1]}, {worst[2].split(',')[0]}) | "
         f"{'met' if worst[0] <= TAIL_TARGET else '**not met**'} |")
+    for label, target in TARGETS.items():
+        for title, model in models:
+            for row in model:
+                if row[0] == label and row[4]:
+                    ratio = row[2] / row[4]
+                    add(f"| {label}: remote step ≤ {target}x local, {title.split(',')[0]} | "
+                        f"{ratio:.1f}x (streamed {row[5] / row[4]:.1f}x) | "
+                        f"{'met' if ratio <= target else '**not met**'} |")
     add("")
     add("The daemon's own `optd_step_duration_seconds` is one histogram per optimizer label over "
         "every session of that label: in the main job both models of a preset, whose steps differ "

@@ -225,6 +225,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
     minus old come back and are added, which rounds), straggler_timeout (seconds a
     multi-worker step waits; None: the daemon's default).
 
+    overlap: send each gradient as backward produces it (True), in step() (False), or "auto"
+    (where the gradients would not fit one message; README "Clients"). step_path: the RPC a
+    step not overlapped takes, "auto" (one message while it fits), "stream" or "small"
+    (Session.step's `path`).
+
     session: an optd.Session or optd.sharded.ShardedSession to attach to instead of creating
     one (its tensors must be these parameters), not with a list of clients. sync: what attaching
     does with the parameters, "download" (default: the daemon's, which a training run stepped,
@@ -254,7 +259,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  addresses=None, placement_epoch=1, sync=None, keep_session=False,
                  non_finite_policy="reject", checkpoint_interval=0, step_result="parameters",
                  straggler_timeout=None, process_group=None, grad_reduce="optd",
-                 delete_after_idle=86400.0, overlap="auto"):
+                 delete_after_idle=86400.0, overlap="auto", step_path="auto"):
         params = list(params)
         dict_groups = bool(params) and isinstance(params[0], dict)
         counter = [0]
@@ -300,6 +305,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._parameters = dict(named)
         self._wire_dtype = wire_dtype
         self._preset, self._lr, self._adamw_lr = preset, lr, adamw_lr  # add_param_group's defaults
+        if step_path not in ("auto", "stream", "small"):
+            raise ValueError(f"step_path is 'auto', 'stream' or 'small', got {step_path!r}")
+        self.step_path = step_path  # Session.step's path for a step not overlapped
         self._delta = step_result == "delta"
         groups = []
         if dict_groups:
@@ -733,7 +741,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 return False
             self._sync()
             result = self.session.step(self._step + 1, gradients, wire_dtype=self._wire_dtype,
-                                       worker_id=self._worker_id())
+                                       worker_id=self._worker_id(), path=self.step_path)
             for name, values in result.values.items():
                 p = self._parameters[name]
                 if self._delta:
@@ -821,9 +829,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                              "versions cannot be loaded)")
         names = list(saved["names"])
         if sorted(names) != sorted(self._parameters):
-            raise ValueError(
-                f"state_dict holds the state of parameters {sorted(set(names) - set(self._parameters))} "
-                f"this optimizer lacks, and lacks {sorted(set(self._parameters) - set(names))}")
+            extra, lacking = set(names) - set(self._parameters), set(self._parameters) - set(names)
+            raise ValueError(f"state_dict holds the state of parameters {sorted(extra)} this "
+                             f"optimizer lacks, and lacks {sorted(lacking)}")
         groups = {g["optd_group"]: g for g in state_dict["param_groups"]}
         if sorted(groups) != sorted(g["optd_group"] for g in self.param_groups):
             raise ValueError(f"state_dict's param groups are {sorted(groups)}, this optimizer's "
