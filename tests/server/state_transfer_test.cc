@@ -140,20 +140,25 @@ TEST(StateExportTest, AChangeDuringTheExportAbortsIt) {
   v1::ExportStateResponse response;
   ASSERT_TRUE(reader->Read(&response));
   ASSERT_TRUE(response.has_header());
-  const std::vector<float> ones(2048 * 2048, 1.0f);
-  const absl::Status uploaded = session.UploadParameters({{"w", ones}});
-  ASSERT_TRUE(uploaded.ok()) << uploaded;
+  // A change the export must not straddle: new hyperparameters (a unary call, so the test does
+  // not hang on how fast a bulk upload gets through beside the unread export).
+  v1::HyperparamUpdate update;
+  update.set_group("matrices");
+  update.set_lr(0.01);
+  ASSERT_TRUE(session.UpdateHyperparams({update}).ok());
   int64_t chunks = 0;
   while (reader->Read(&response)) ++chunks;
   const grpc::Status status = reader->Finish();
   EXPECT_EQ(status.error_code(), grpc::StatusCode::ABORTED) << status.error_message();
   EXPECT_THAT(status.error_message(), HasSubstr("changed while its state of step 0"));
-  // 8 MiB of parameters and momentum in 4 KiB chunks: far more than flow control lets ahead.
+  // 32 MiB of parameters and momentum in 4 KiB chunks: far more than flow control lets ahead.
   EXPECT_LT(chunks, 2 * 2048 * 2048 / 1024);
-  // Unchanged, it goes through whole.
+  // Unchanged, it goes through whole, with the new rate.
   absl::StatusOr<client::SessionState> whole = session.ExportState();
   ASSERT_TRUE(whole.ok()) << whole.status();
-  EXPECT_TRUE(BitwiseEqual(whole->records[{"w", ""}], ones));
+  ASSERT_EQ(whole->header.hyperparams_size(), 1);
+  EXPECT_EQ(whole->header.hyperparams(0).lr(), 0.01);
+  EXPECT_TRUE(BitwiseEqual(whole->records[{"w", ""}], (*session.GetParameters())["w"]));
 }
 
 // AddTensors: a live session takes a matrix into an existing group (same shape: it joins that
