@@ -88,18 +88,16 @@ absl::Status StreamTimeout(absl::string_view method, absl::string_view what) {
       "stream_timeout");
 }
 
-// Reads the chunks that follow a `method` stream's header into `staging` until the client
-// half-closes, stopping at the first refused one, with `watch` re-armed for the idle timeout after
-// each message. A stream the watchdog cut off, or that the client cancelled (`cancelled` says what
-// that lost), is an error too. `pipeline` (optional): the session told of each tensor completed.
-template <typename Stream, typename Request>
-absl::Status ReceiveChunks(absl::string_view method, Stream& stream, Request& request,
-                           grpc::ServerContext& context, StreamWatchdog::Watch& watch,
-                           absl::Duration idle_timeout, TensorStaging& staging, float max_magnitude,
-                           bool reject, Metrics* metrics, absl::string_view cancelled,
-                           Session* pipeline = nullptr) {
+// Reads the chunks that follow a `method` stream's header, handing each to `add` (which returns
+// whether it was taken), until the client half-closes, stopping at the first refused one, with
+// `watch` re-armed for the idle timeout after each message. A stream the watchdog cut off, or that
+// the client cancelled (`cancelled` says what that lost), is an error too.
+template <typename Stream, typename Request, typename Add>
+absl::Status ReadChunks(absl::string_view method, Stream& stream, Request& request,
+                        grpc::ServerContext& context, StreamWatchdog::Watch& watch,
+                        absl::Duration idle_timeout, Metrics* metrics, absl::string_view cancelled,
+                        Add add) {
   absl::Status status;
-  int completed = -1;
   while (status.ok() && stream.Read(&request)) {
     if (!request.has_chunk()) {
       return absl::InvalidArgumentError(
@@ -108,16 +106,32 @@ absl::Status ReceiveChunks(absl::string_view method, Stream& stream, Request& re
     if (metrics != nullptr) {
       metrics->AddBytesReceived(static_cast<int64_t>(request.chunk().data().size()));
     }
-    status = staging.AddChunk(request.chunk(), max_magnitude, reject, &completed);
-    if (status.ok() && completed >= 0 && pipeline != nullptr) {
-      pipeline->TensorArrived(&staging, completed);
-    }
+    status = add(request.chunk());
     watch.Arm(idle_timeout);
   }
   watch.Disarm();
   if (status.ok() && watch.fired()) return StreamTimeout(method, "chunk");
   if (status.ok() && context.IsCancelled()) return absl::CancelledError(cancelled);
   return status;
+}
+
+// ReadChunks into `staging`. `pipeline` (optional): the session told of each tensor completed.
+template <typename Stream, typename Request>
+absl::Status ReceiveChunks(absl::string_view method, Stream& stream, Request& request,
+                           grpc::ServerContext& context, StreamWatchdog::Watch& watch,
+                           absl::Duration idle_timeout, TensorStaging& staging, float max_magnitude,
+                           bool reject, Metrics* metrics, absl::string_view cancelled,
+                           Session* pipeline = nullptr) {
+  int completed = -1;
+  return ReadChunks(
+      method, stream, request, context, watch, idle_timeout, metrics, cancelled,
+      [&](const v1::TensorChunk& chunk) {
+        OPTD_RETURN_IF_ERROR(staging.AddChunk(chunk, max_magnitude, reject, &completed));
+        if (completed >= 0 && pipeline != nullptr) {
+          pipeline->TensorArrived(&staging, completed);
+        }
+        return absl::OkStatus();
+      });
 }
 
 // A step's summary, as Step and StepSmall send it.
@@ -674,24 +688,10 @@ grpc::Status OptimizerService::ImportState(grpc::ServerContext* context,
                               Authorize(context, request.header().session_id()));
         OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StateImport> import,
                               session->BeginImport(request.header().state()));
-        absl::Status status;
-        while (status.ok() && reader->Read(&request)) {
-          if (!request.has_chunk()) {
-            status = absl::InvalidArgumentError("ImportState carries one header, then only chunks");
-            break;
-          }
-          if (options_.metrics != nullptr) {
-            options_.metrics->AddBytesReceived(static_cast<int64_t>(request.chunk().data().size()));
-          }
-          status = import->Add(request.chunk());
-          watch.Arm(options_.stream_idle_timeout);
-        }
-        watch.Disarm();
-        if (status.ok() && watch.fired()) return StreamTimeout("ImportState", "chunk");
-        if (status.ok() && context->IsCancelled()) {
-          return absl::CancelledError("the import was cancelled; nothing was changed");
-        }
-        OPTD_RETURN_IF_ERROR(status);
+        OPTD_RETURN_IF_ERROR(ReadChunks(
+            "ImportState", *reader, request, *context, watch, options_.stream_idle_timeout,
+            options_.metrics, "the import was cancelled; nothing was changed",
+            [&](const v1::StateChunk& chunk) { return import->Add(chunk); }));
         OPTD_ASSIGN_OR_RETURN(*response, session->CommitImport(std::move(import)));
         return absl::OkStatus();
       }));

@@ -80,6 +80,24 @@ absl::StatusOr<int64_t> Session::RequiredBytes(const v1::SessionConfig& config) 
   return SessionRequiredBytes(config);
 }
 
+namespace {
+
+// The parameters of tensors `first`.. of `config` as their `init` says (zeros without one).
+absl::Status InitializeParameters(const v1::SessionConfig& config, int first,
+                                  Optimizer& optimizer) {
+  for (int t = first; t < config.tensors_size(); ++t) {
+    const v1::TensorConfig& tensor = config.tensors(t);
+    if (!tensor.has_normal()) continue;
+    std::vector<float> values(static_cast<size_t>(optimizer.num_elements(t)));
+    FillNormal(tensor.normal().seed(), tensor.normal().mean(), tensor.normal().std(),
+               absl::MakeSpan(values));
+    OPTD_RETURN_IF_ERROR(optimizer.SetParameters(t, values));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend, std::string id,
                                                          v1::SessionConfig config,
                                                          std::string token_digest,
@@ -87,14 +105,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend, std::
   OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config));
   SessionState state;
   OPTD_ASSIGN_OR_RETURN(state.optimizer, Optimizer::Create(backend, std::move(specs)));
-  for (int t = 0; t < config.tensors_size(); ++t) {
-    const v1::TensorConfig& tensor = config.tensors(t);
-    if (!tensor.has_normal()) continue;
-    std::vector<float> values(static_cast<size_t>(state.optimizer->num_elements(t)));
-    FillNormal(tensor.normal().seed(), tensor.normal().mean(), tensor.normal().std(),
-               absl::MakeSpan(values));
-    OPTD_RETURN_IF_ERROR(state.optimizer->SetParameters(t, values));
-  }
+  OPTD_RETURN_IF_ERROR(InitializeParameters(config, 0, *state.optimizer));
   std::unique_ptr<Session> session(new Session(backend, std::move(id), std::move(config),
                                                std::move(token_digest), std::move(options)));
   OPTD_RETURN_IF_ERROR(session->Initialize(std::move(state), /*checkpointed=*/false));
@@ -802,14 +813,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Extend(v1::SessionConfig exten
   SessionState state;
   OPTD_ASSIGN_OR_RETURN(state.optimizer, Optimizer::Create(backend_, std::move(specs)));
   Optimizer& next = *state.optimizer;
-  for (int t = num_tensors(); t < extended.tensors_size(); ++t) {
-    const v1::TensorConfig& tensor = extended.tensors(t);
-    if (!tensor.has_normal()) continue;
-    std::vector<float> values(static_cast<size_t>(next.num_elements(t)));
-    FillNormal(tensor.normal().seed(), tensor.normal().mean(), tensor.normal().std(),
-               absl::MakeSpan(values));
-    OPTD_RETURN_IF_ERROR(next.SetParameters(t, values));
-  }
+  OPTD_RETURN_IF_ERROR(InitializeParameters(extended, num_tensors(), next));
   std::unique_ptr<Session> successor(
       new Session(backend_, id_, std::move(extended), token_digest_, options_));
   absl::MutexLock lock(&mu_);

@@ -202,8 +202,7 @@ absl::StatusOr<CreatedSession> SessionManager::Create(std::string id, v1::Sessio
     if (options_.memory_budget_bytes > 0) {
       // Every session counts, loaded or not (each must be able to reload); a replaced one
       // until its successor takes its place.
-      int64_t committed = 0;
-      for (const auto& [other, e] : sessions_) committed += e.state_bytes;
+      const int64_t committed = CommittedBytesLocked();
       if (committed + bytes > options_.memory_budget_bytes) {
         return absl::ResourceExhaustedError(absl::StrCat(
             "the session needs ", bytes, " bytes of state and the daemon's sessions already hold ",
@@ -355,6 +354,12 @@ absl::StatusOr<SessionManager::Entry*> SessionManager::AuthorizeSettledLocked(
   }
 }
 
+int64_t SessionManager::CommittedBytesLocked() const {
+  int64_t committed = 0;
+  for (const auto& [id, entry] : sessions_) committed += entry.state_bytes;
+  return committed;
+}
+
 absl::StatusOr<v1::SessionInfo> SessionManager::AddTensors(const v1::AddTensorsRequest& request,
                                                            absl::string_view authorization) {
   const std::string& id = request.session_id();
@@ -409,8 +414,7 @@ absl::StatusOr<v1::SessionInfo> SessionManager::AddTensors(const v1::AddTensorsR
           absl::StrCat("session '", id, "' is being replaced or extended by another call; retry"));
     }
     if (options_.memory_budget_bytes > 0) {
-      int64_t committed = 0;
-      for (const auto& [other, e] : sessions_) committed += e.state_bytes;
+      const int64_t committed = CommittedBytesLocked();
       if (committed - entry.state_bytes + bytes > options_.memory_budget_bytes) {
         return absl::ResourceExhaustedError(
             absl::StrCat("with the new tensors, session '", id, "' needs ", bytes,

@@ -155,6 +155,9 @@ class SessionManager {
     absl::Time unloaded_last_used = absl::InfinitePast();
   };
 
+  // Bytes every session holds, loaded or not (each must be able to reload): what
+  // --memory_budget_bytes bounds.
+  int64_t CommittedBytesLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Delete's work once `entry` (of `id`) is authorized: its checkpoint directory, then it.
   absl::Status DeleteLocked(absl::string_view id, Entry& entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

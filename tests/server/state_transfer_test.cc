@@ -25,6 +25,19 @@ class StateTransferTest : public ::testing::TestWithParam<std::string> {
   std::unique_ptr<server::Server> server_;
 };
 
+// Steps `first`..`last` on every session and on `reference`, the same gradients to each.
+void StepAlike(const std::vector<client::Session*>& sessions, Reference& reference, int64_t first,
+               int64_t last) {
+  for (int64_t step = first; step <= last; ++step) {
+    const auto grads = WorkerGradients(reference, step, 0);
+    for (client::Session* session : sessions) {
+      absl::StatusOr<client::StepResult> result = session->Step(step, AsNamed(reference, grads));
+      ASSERT_TRUE(result.ok()) << "step " << step << ": " << result.status();
+    }
+    reference.Step({grads});
+  }
+}
+
 // The kernels library's own records of `reference` after its steps: what an export must hold.
 Records ReferenceRecords(Reference& reference) {
   Records records;
@@ -55,11 +68,7 @@ TEST_P(StateTransferTest, AnImportedSessionStepsOnAsTheExportedOneBitForBit) {
   client::Client c = ConnectTo(*server_);
   client::Session source = *c.CreateSession(config);
   Reference reference(config);
-  for (int64_t step = 1; step <= 3; ++step) {
-    const auto grads = WorkerGradients(reference, step, 0);
-    ASSERT_TRUE(source.Step(step, AsNamed(reference, grads)).ok());
-    reference.Step({grads});
-  }
+  ASSERT_NO_FATAL_FAILURE(StepAlike({&source}, reference, 1, 3));
   ASSERT_TRUE(source
                   .UpdateHyperparams({[] {
                     v1::HyperparamUpdate u;
@@ -103,13 +112,7 @@ TEST_P(StateTransferTest, AnImportedSessionStepsOnAsTheExportedOneBitForBit) {
           reference.optimizer().SetHyperparameters(t, h.lr(), h.weight_decay(), h.momentum()).ok());
     }
   }
-  for (int64_t step = 4; step <= 5; ++step) {
-    const auto grads = WorkerGradients(reference, step, 0);
-    absl::StatusOr<client::StepResult> a = source.Step(step, AsNamed(reference, grads));
-    absl::StatusOr<client::StepResult> b = target.Step(step, AsNamed(reference, grads));
-    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
-    reference.Step({grads});
-  }
+  ASSERT_NO_FATAL_FAILURE(StepAlike({&source, &target}, reference, 4, 5));
   ExpectMatches(reference, *target.GetParameters(), "the imported session after 2 steps");
   ExpectMatches(reference, *source.GetParameters(), "the exported session after 2 steps");
 
@@ -121,8 +124,9 @@ TEST_P(StateTransferTest, AnImportedSessionStepsOnAsTheExportedOneBitForBit) {
 INSTANTIATE_TEST_SUITE_P(Presets, StateTransferTest,
                          ::testing::Values("keller", "normuon", "rmnp", "adamw"));
 
-// A large tensor read in small chunks: the client reads the header, changes the parameters, then
-// reads on. The export must end ABORTED rather than send records of two states.
+// A large tensor read in small chunks: the client reads the header, changes the session's
+// hyperparameters, then reads on. The export must end ABORTED rather than send records of two
+// states.
 TEST(StateExportTest, AChangeDuringTheExportAbortsIt) {
   std::unique_ptr<server::Server> server = StartServer(LoopbackOptions());
   ASSERT_NE(server, nullptr);
@@ -171,11 +175,7 @@ TEST(AddTensorsTest, NewTensorsJoinAtTheNextStepAndTheOthersGoOnBitForBit) {
   const v1::SessionConfig config = ModelConfig("keller");
   client::Session session = *c.CreateSession(config);
   Reference before(config);
-  for (int64_t step = 1; step <= 2; ++step) {
-    const auto grads = WorkerGradients(before, step, 0);
-    ASSERT_TRUE(session.Step(step, AsNamed(before, grads)).ok());
-    before.Step({grads});
-  }
+  ASSERT_NO_FATAL_FAILURE(StepAlike({&session}, before, 1, 2));
   v1::SessionConfig merged = config;
   v1::TensorConfig* extra = merged.add_tensors();
   extra->set_name("extra");
@@ -211,12 +211,7 @@ TEST(AddTensorsTest, NewTensorsJoinAtTheNextStepAndTheOthersGoOnBitForBit) {
     ASSERT_TRUE(after.optimizer().SetStepsApplied(t, before.optimizer().steps_applied(t)).ok());
   }
   ExpectMatches(after, *session.GetParameters(), "right after AddTensors");
-  for (int64_t step = 3; step <= 4; ++step) {
-    const auto grads = WorkerGradients(after, step, 0);
-    absl::StatusOr<client::StepResult> result = session.Step(step, AsNamed(after, grads));
-    ASSERT_TRUE(result.ok()) << result.status();
-    after.Step({grads});
-  }
+  ASSERT_NO_FATAL_FAILURE(StepAlike({&session}, after, 3, 4));
   ExpectMatches(after, *session.GetParameters(), "two steps after AddTensors");
   // Its checkpoint holds the new tensors: a restore goes back to step 2 with all five.
   ASSERT_EQ(*session.Restore(), 2);

@@ -81,6 +81,18 @@ def _session_config(config):
     raise TypeError("config is an optd_pb2.SessionConfig or its text format")
 
 
+def _step_header(session_id, step, worker_id, lr, result_dtype, chunk_bytes, placement_epoch):
+    """The StepHeader of Session.step and StreamedStep."""
+    header = optd_pb2.StepHeader(
+        session_id=session_id, worker_id=worker_id, step=step, placement_epoch=placement_epoch,
+        chunk_bytes=min(chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES),
+        result_dtype=(wire.dtype_value(result_dtype) if result_dtype
+                      else optd_pb2.DTYPE_UNSPECIFIED))
+    if lr is not None:
+        header.lr = lr
+    return header
+
+
 class StreamedStep:
     """One worker's Step whose gradients go out as they become ready (optd.torch overlaps it
     with backward): send(name, values) queues a tensor's gradient, which gRPC's sending thread
@@ -96,14 +108,8 @@ class StreamedStep:
         self._session = session
         self._queue = queue.SimpleQueue()
         self._open = True
-        header = optd_pb2.StepHeader(
-            session_id=session.id, worker_id=worker_id, step=step,
-            placement_epoch=placement_epoch,
-            chunk_bytes=min(chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES),
-            result_dtype=(wire.dtype_value(result_dtype) if result_dtype
-                          else optd_pb2.DTYPE_UNSPECIFIED))
-        if lr is not None:
-            header.lr = lr
+        header = _step_header(session.id, step, worker_id, lr, result_dtype, chunk_bytes,
+                              placement_epoch)
 
         def requests():
             yield optd_pb2.StepRequest(header=header)
@@ -133,21 +139,14 @@ class StreamedStep:
         values = {}
         try:
             first = next(self._responses)
-            for response in self._responses:
-                chunk = response.chunk
-                decoded = wire.decode(chunk.data, chunk.dtype)
-                if on_chunk is not None:
-                    on_chunk(chunk.tensor, chunk.offset, decoded)
-                    continue
-                out = values.get(chunk.tensor)
-                if out is None:
-                    out = values[chunk.tensor] = np.empty(chunk.tensor_elements,
-                                                          dtype=np.float32)
-                out[chunk.offset:chunk.offset + decoded.size] = decoded
+            if on_chunk is None:
+                values = self._session._assemble(r.chunk for r in self._responses)
+            else:
+                for response in self._responses:
+                    chunk = response.chunk
+                    on_chunk(chunk.tensor, chunk.offset, wire.decode(chunk.data, chunk.dtype))
         except grpc.RpcError as e:
             _raise(e)
-        shapes = self._session.shapes()
-        values = {name: v.reshape(shapes.get(name, v.shape)) for name, v in values.items()}
         return self._session._result(first.summary, values)
 
     def cancel(self):
@@ -271,13 +270,8 @@ class Session:
         message, streaming for this session from the first refusal on)."""
         if path not in ("stream", "small", "auto"):
             raise ValueError(f"path must be 'stream', 'small' or 'auto', not {path!r}")
-        header = optd_pb2.StepHeader(
-            session_id=self.id, worker_id=worker_id, step=step, placement_epoch=placement_epoch,
-            chunk_bytes=min(chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES),
-            result_dtype=(wire.dtype_value(result_dtype) if result_dtype
-                          else optd_pb2.DTYPE_UNSPECIFIED))
-        if lr is not None:
-            header.lr = lr
+        header = _step_header(self.id, step, worker_id, lr, result_dtype, chunk_bytes,
+                              placement_epoch)
         gradients = self._prepare(gradients, wire_dtype)
         small = path == "small" or (
             path == "auto" and not self._results_too_large and

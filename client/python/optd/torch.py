@@ -125,6 +125,18 @@ def _named(params, counter):
     return named
 
 
+def _group_config(group):
+    """The session's GroupConfig of a param group: its preset, overrides, lr and (where the group
+    sets it) weight_decay."""
+    settings = dict(group["optd_overrides"], lr=group["lr"])
+    if "weight_decay" in group:
+        settings["weight_decay"] = group["weight_decay"]
+    config = optd_pb2.GroupConfig(name=group["optd_group"], preset=group["optd_preset"])
+    for key, value in settings.items():
+        config.overrides.add(key=key, value=_text(value))
+    return config
+
+
 def _delete_quietly(session):
     """The finalizer of an optimizer that created its session: deletes it, and says nothing
     when it cannot (the daemon gone, the session already deleted)."""
@@ -432,7 +444,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                             contiguous)
         self._accumulators = []
         if self._overlap:
-            self._hook()
+            self._hook_parameters(named)
 
     def _open(self, named, tensor_group, asked_momentum, client, session, sharded, sync,
               keep_session, session_id, addresses, placement_epoch, world_size, config_options):
@@ -443,14 +455,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             config = optd_pb2.SessionConfig(world_size=world_size, **config_options)
             for name, p in named:
                 config.tensors.add(name=name, shape=list(p.shape), group=tensor_group[name])
-            for group in self.param_groups:
-                settings = dict(group["optd_overrides"])
-                settings["lr"] = group["lr"]
-                if "weight_decay" in group:
-                    settings["weight_decay"] = group["weight_decay"]
-                g = config.groups.add(name=group["optd_group"], preset=group["optd_preset"])
-                for key, value in settings.items():
-                    g.overrides.add(key=key, value=_text(value))
+            config.groups.extend(_group_config(group) for group in self.param_groups)
             if sharded:
                 session = ShardedSession(
                     client, addresses or [c.target for c in client], config,
@@ -575,12 +580,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  "lr": spec.get("lr", self._adamw_lr if preset == "adamw" else self._lr),
                  "optd_group": name, "optd_preset": preset,
                  "optd_overrides": dict(spec.get("overrides") or {})}
-        settings = dict(group["optd_overrides"], lr=group["lr"])
         if "weight_decay" in spec:
-            settings["weight_decay"] = spec["weight_decay"]
-        config = optd_pb2.GroupConfig(name=name, preset=preset)
-        for key, value in settings.items():
-            config.overrides.add(key=key, value=_text(value))
+            group["weight_decay"] = spec["weight_decay"]
+        config = _group_config(group)
         tensors = [optd_pb2.TensorConfig(name=n, shape=list(p.shape), group=name)
                    for n, p in members]
 
@@ -591,7 +593,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                                   "momentum": float(spec["momentum"])}])
                 info = self.session.info()
             t = next(t for t in info.tensors if t.config.group == name)
-            self._upload_named(members)
+            self.session.upload_parameters(dict(members))
             return float(t.lr), float(t.weight_decay), float(t.momentum)
         if self._ranks is None:
             rates = add()
@@ -617,9 +619,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if self._overlap:
             self._hook_parameters(members)
 
-    def _upload_named(self, members):
-        self.session.upload_parameters({n: p for n, p in members})
-
     @property
     def steps(self):
         """Steps the daemon has applied for this session."""
@@ -643,9 +642,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
                    if p._version != self._versions[name]]
         if changed:
             self._upload(changed)
-
-    def _hook(self):
-        self._hook_parameters(list(self._parameters.items()))
 
     def _hook_parameters(self, members):
         """A hook on each parameter's gradient accumulator (as DDP hooks it): it runs once
