@@ -88,6 +88,22 @@ def main():
     add("")
     add(f"![NS5 optd against torch]({args.plot.removeprefix('bench/')})")
     add("")
+    gram = bench.get("newton_schulz_gram", [])
+    if gram:
+        standard = {r["name"]: r["ms"] for r in bench["newton_schulz"]}
+        add("### Gram Newton–Schulz (issue 20)")
+        add("")
+        add("optd's `ns.method=gram` (the Gram iteration composed of cuBLAS fp32 syrk/syrkx/symm "
+            "calls with fp16 rounding) against optd's standard native path and torch, same run. "
+            "Target: ≥ 1.3× optd's standard at 12×768×3072 and 12×3072×768.")
+        add("")
+        add("| matrices | Gram ms | standard ms | torch ms | standard / Gram | torch / Gram |")
+        add("|---|---:|---:|---:|---:|---:|")
+        for r in gram:
+            add(f"| {r['name']} | {r['ms']:.3f} | {standard[r['name']]:.3f} | "
+                f"{torch_ns[r['name']]:.3f} | {standard[r['name']] / r['ms']:.2f}× | "
+                f"{torch_ns[r['name']] / r['ms']:.2f}× |")
+        add("")
 
     add("### RMNP step against memory bandwidth")
     add("")

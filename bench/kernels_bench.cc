@@ -5,8 +5,10 @@
 // - BM_RmnpStep (Optimizer::Step, preset rmnp) in bytes/s against BM_Copy, a memory copy of the
 //   same footprint; BM_RmnpKernel is Backend::RmnpStep alone, without Step's gradient check.
 // - BM_MuonStep (Optimizer::Step, keller at fp32) per shape, so RMNP's speedup over Muon reads off.
-// - BM_Gpt2SmallStep: Optimizer::Step over GPT-2 small's 48 matrices, per preset, and
-//   BM_Gpt2SmallCopy, the copy baseline of its RMNP step.
+// - BM_Gpt2SmallStep: Optimizer::Step over GPT-2 small's 48 matrices, per preset (keller with
+//   each Newton–Schulz method), and BM_Gpt2SmallCopy, the copy baseline of its RMNP step.
+// - BM_NewtonSchulzMethod: Gram Newton–Schulz and `auto` against the standard iteration on the
+//   same shapes (bench/gram.sh writes their section of RESULTS.md).
 // bench/run.sh runs this with JSON output next to bench/numpy_ns.py and writes bench/RESULTS.md.
 #include <benchmark/benchmark.h>
 #include <cblas.h>
@@ -107,11 +109,13 @@ Buffer AllocateFloats(benchmark::State& state, int64_t count) {
   return *std::move(buffer);
 }
 
+// The standard iteration: BM_NewtonSchulz compares it with its own BLAS calls.
 NewtonSchulzConfig KellerFp32() {
   NewtonSchulzConfig config;
   config.coefficient_set = "keller";
   config.steps = 5;
   config.compute_dtype = DType::kF32;
+  config.method = NewtonSchulzMethod::kStandard;
   return config;
 }
 
@@ -138,15 +142,13 @@ void SetByteCounters(benchmark::State& state, double bytes_per_iteration) {
   state.SetBytesProcessed(static_cast<int64_t>(bytes_per_iteration) * state.iterations());
 }
 
-void BM_NewtonSchulz(benchmark::State& state) {
+void TimeNewtonSchulz(benchmark::State& state, const NewtonSchulzConfig& config) {
   const int64_t rows = state.range(0), cols = state.range(1);
   Backend& backend = Cpu();
   Queue& queue = backend.default_queue();
-  const NewtonSchulzConfig config = KellerFp32();
   const absl::Span<const float> input = Gaussian(rows * cols);
   Buffer x = AllocateFloats(state, rows * cols);
-  Buffer workspace =
-      AllocateFloats(state, NewtonSchulzWorkspaceFloats(KellerFp32(), 1, rows, cols));
+  Buffer workspace = AllocateFloats(state, NewtonSchulzWorkspaceFloats(config, 1, rows, cols));
   if (state.error_occurred()) return;
   const MatrixBatch batch{x.f32(), 1, rows, cols};
   // NewtonSchulz works in place, so every iteration restores the input first, outside the timed
@@ -161,7 +163,20 @@ void BM_NewtonSchulz(benchmark::State& state) {
     state.ResumeTiming();
     if (!Ok(state, NewtonSchulz(backend, queue, batch, config, workspace.f32()))) break;
   }
+  // The standard iteration's count for either method: FLOP/s of a Gram run reads as the rate at
+  // which it delivers the standard iteration's result.
   SetFlopCounters(state, NewtonSchulzSteps(config, rows, cols) * NewtonSchulzStepFlops(rows, cols));
+}
+
+void BM_NewtonSchulz(benchmark::State& state) { TimeNewtonSchulz(state, KellerFp32()); }
+
+// Issue 20: optd's standard iteration against Gram Newton–Schulz, keller fp32, same shapes and
+// run; `auto` runs whichever GramNewtonSchulzMinAspect picks. Aspect ratios from square to 8.
+void BM_NewtonSchulzMethod(benchmark::State& state, NewtonSchulzMethod method) {
+  NewtonSchulzConfig config = KellerFp32();
+  config.method = method;
+  state.counters["gram"] = UsesGramNewtonSchulz(config, "cpu", state.range(0), state.range(1));
+  TimeNewtonSchulz(state, config);
 }
 
 // The cblas calls NewtonSchulz makes, in its order, on its buffer layout (x, then a workspace of
@@ -351,7 +366,7 @@ void BM_Copy(benchmark::State& state) { TimeCopy(state, state.range(0) * state.r
 
 void BM_MuonStep(benchmark::State& state) {
   const Shape shape{state.range(0), state.range(1)};
-  TimeSteps(state, "keller,precision=fp32", {shape});
+  TimeSteps(state, "keller,precision=fp32,ns.method=standard", {shape});
   SetFlopCounters(state, KellerFp32().steps * NewtonSchulzStepFlops(shape.rows, shape.cols));
 }
 
@@ -395,6 +410,22 @@ void ForEachShape(benchmark::internal::Benchmark* benchmark) {
 }
 
 BENCHMARK(BM_NewtonSchulz)->Apply(ForEachShape);
+
+constexpr Shape kMethodShapes[] = {{768, 768},   {768, 960},   {768, 1152},  {768, 1536},
+                                   {768, 2304},  {768, 3072},  {3072, 768},  {1024, 4096},
+                                   {512, 4096},  {256, 1024},  {512, 1024},  {384, 768},
+                                   {1024, 1280}, {1024, 1536}, {1024, 2048}, {1536, 2048}};
+void ForEachMethodShape(benchmark::internal::Benchmark* benchmark) {
+  benchmark->ArgNames({"rows", "cols"});
+  for (const Shape& shape : kMethodShapes) benchmark->Args({shape.rows, shape.cols});
+  benchmark->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+BENCHMARK_CAPTURE(BM_NewtonSchulzMethod, standard, NewtonSchulzMethod::kStandard)
+    ->Apply(ForEachMethodShape);
+BENCHMARK_CAPTURE(BM_NewtonSchulzMethod, gram, NewtonSchulzMethod::kGram)
+    ->Apply(ForEachMethodShape);
+BENCHMARK_CAPTURE(BM_NewtonSchulzMethod, auto, NewtonSchulzMethod::kAuto)
+    -> Apply(ForEachMethodShape);
 BENCHMARK_CAPTURE(BM_NewtonSchulzBlasLimit, symm, false)->Apply(ForEachShape);
 BENCHMARK_CAPTURE(BM_NewtonSchulzBlasLimit, gemm_update, true)->Apply(ForEachShape);
 BENCHMARK(BM_MuonStep)->Apply(ForEachShape);
@@ -404,7 +435,17 @@ BENCHMARK(BM_Copy)->Apply(ForEachShape);
 // A Muon step over GPT-2 small is about 1.1 TFLOP, seconds on a few cores, each repetition paying
 // one more for its warm-up: one timed step in each of three repetitions, whatever the command line
 // asks of the other benchmarks.
-BENCHMARK_CAPTURE(BM_Gpt2SmallStep, keller_fp32, "keller,precision=fp32")
+BENCHMARK_CAPTURE(BM_Gpt2SmallStep, keller_fp32, "keller,precision=fp32,ns.method=standard")
+    ->Iterations(1)
+    ->Repetitions(3)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_Gpt2SmallStep, keller_fp32_gram, "keller,precision=fp32,ns.method=gram")
+    ->Iterations(1)
+    ->Repetitions(3)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_Gpt2SmallStep, keller_fp32_auto, "keller,precision=fp32,ns.method=auto")
     ->Iterations(1)
     ->Repetitions(3)
     ->UseRealTime()

@@ -89,12 +89,19 @@ struct GemmArgs {
 // Symmetric rank-k update of the upper triangle: C[i] = alpha·op(A[i])·op(A[i])ᵀ + beta·C[i],
 // op(A) is n×k (trans: A is stored k×n and the product is AᵀA). The strict lower triangle of C is
 // not written.
+//
+// With `b` set, the product takes a second operand: C[i] = alpha·op(A[i])·op(B[i])ᵀ + beta·C[i]
+// (BLAS's syrkx), for products the caller knows to be symmetric, such as A·B of two commuting
+// symmetric matrices (Gram Newton–Schulz): only the upper triangle is computed, about half a
+// general product's work. B has A's shape and transpose.
 struct SyrkArgs {
   Transpose trans = Transpose::kNo;
   int64_t n = 0, k = 0;
   float alpha = 1.0f, beta = 0.0f;
   const float* a = nullptr;
   int64_t lda = 0, stride_a = 0;
+  const float* b = nullptr;  // null: B = A
+  int64_t ldb = 0, stride_b = 0;
   float* c = nullptr;
   int64_t ldc = 0, stride_c = 0;
   int64_t batch = 1;

@@ -55,6 +55,9 @@ absl::StatusOr<bool> CheckSyrk(const SyrkArgs& s) {
         absl::StrCat("syrk: negative size n=", s.n, " k=", s.k, " batch=", s.batch));
   }
   OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "A", s.lda, s.trans == Transpose::kYes ? s.n : s.k));
+  if (s.b != nullptr) {
+    OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "B", s.ldb, s.trans == Transpose::kYes ? s.n : s.k));
+  }
   OPTD_RETURN_IF_ERROR(CheckLeading("syrk", "C", s.ldc, s.n));
   if (s.batch == 0 || s.n == 0) return false;
   if (s.c == nullptr || (s.k > 0 && s.a == nullptr)) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -75,6 +76,177 @@ absl::Status CheckNewtonSchulzSettings(const NewtonSchulzConfig& config) {
   if (!(config.safety >= 1.0f) || !std::isfinite(config.safety)) {
     return absl::InvalidArgumentError("Newton-Schulz safety factor must be finite and >= 1");
   }
+  const std::vector<int> restarts = config.gram_restarts.value_or(std::vector<int>{});
+  for (size_t i = 0; i < restarts.size(); ++i) {
+    const int restart = restarts[i];
+    // Iteration 0 starts from X anyway; a restart is an iteration index, so at most the last.
+    if (restart < 1 || restart >= kMaxNewtonSchulzSteps) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Gram Newton-Schulz restart iterations must be in [1, ",
+                       kMaxNewtonSchulzSteps - 1, "], got ", restart));
+    }
+    if (i > 0 && restart <= restarts[i - 1]) {
+      return absl::InvalidArgumentError(
+          "Gram Newton-Schulz restart iterations must be listed in increasing order");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// `restarts` with restarts added where, since the previous one, Q = p(R)/√R could grow past
+// 2¹² (fp16 holds 65504): Q's eigenvalues are the gains p(σ)/σ of the steps accumulated since the
+// last restart, largest at σ → 0 where each step multiplies by a (keller: 3.4445⁷ ≈ 5750, so a
+// restart every 6 steps at most). A restart sets Q back to I.
+std::vector<int> WithinHalfRange(const NewtonSchulzRun& run, std::vector<int> restarts) {
+  constexpr double kMaxGain = 4096.0;
+  constexpr int kPoints = 200;
+  std::vector<double> start(kPoints + 1), x(kPoints + 1);
+  for (int i = 0; i <= kPoints; ++i) start[i] = x[i] = static_cast<double>(i) / kPoints;
+  double slope = 1.0;  // the gain at σ → 0
+  std::vector<int> out;
+  for (int step = 0; step < static_cast<int>(run.steps.size()); ++step) {
+    const auto [a, b, c] = run.steps[step];
+    std::vector<double> next(x.size());
+    double gain = std::fabs(slope * a);
+    for (size_t i = 1; i < x.size(); ++i) {
+      next[i] = formulas::NewtonSchulzPolynomial(x[i], a, b, c);
+      gain = std::max(gain, std::fabs(next[i] / start[i]));
+    }
+    const bool listed = std::find(restarts.begin(), restarts.end(), step) != restarts.end();
+    if (step > 0 && (listed || gain > kMaxGain)) {
+      out.push_back(step);
+      start = x;
+      slope = 1.0;
+      for (size_t i = 1; i < x.size(); ++i) {
+        start[i] = std::max(start[i], 1e-30);
+        next[i] = formulas::NewtonSchulzPolynomial(x[i], a, b, c);
+      }
+    }
+    slope *= a;
+    x = std::move(next);
+  }
+  return out;
+}
+
+// Gram Newton–Schulz (see NewtonSchulzMethod) on the normalized, rounded X of `x`: every product
+// and sum rounded to `run.dtype` as the reference holds R, Z, Q and X in half precision.
+absl::Status GramNewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
+                              const NewtonSchulzRun& run, const std::vector<int>& restarts,
+                              float* workspace) {
+  const DType dtype = run.dtype;
+  const int64_t m = x.rows, n = x.cols, size = x.matrix_size();
+  // A tall X is iterated on as Xᵀ without moving data: R = XᵀX and X ← X·Q.
+  const bool tall = run.transpose_tall && m > n;
+  const int64_t s = tall ? n : m;  // order of the Gram matrix
+  const int64_t gram_size = s * s, grams = x.batch * gram_size;
+  const size_t gram_bytes = static_cast<size_t>(grams) * sizeof(float);
+  float* current = x.data;
+  float* other = workspace;
+  float* r = workspace + x.size();
+  float* z = r + grams;
+  float* q = z + grams;
+  float* q_next = q + grams;
+  float* w = q_next + grams;
+
+  // The products leave upper triangles; the next product reads whole rows.
+  auto finish = [&](float* c) -> absl::Status {
+    OPTD_RETURN_IF_ERROR(backend.Symmetrize(queue, c, s, x.batch));
+    return backend.RoundTo(queue, c, grams, dtype);
+  };
+  // R = XXᵀ of the current X.
+  auto gram = [&]() -> absl::Status {
+    SyrkArgs args{.trans = tall ? Transpose::kYes : Transpose::kNo,
+                  .n = s,
+                  .k = tall ? m : n,
+                  .a = current,
+                  .lda = n,
+                  .stride_a = size,
+                  .c = r,
+                  .ldc = s,
+                  .stride_c = gram_size,
+                  .batch = x.batch};
+    OPTD_RETURN_IF_ERROR(backend.SymmetricRankK(queue, args));
+    return finish(r);
+  };
+  // c = alpha·A·B + beta·c for commuting symmetric A and B (so A·B = A·Bᵀ is symmetric).
+  auto product = [&](const float* a, const float* b, float alpha, float beta,
+                     float* c) -> absl::Status {
+    SyrkArgs args{.n = s,
+                  .k = s,
+                  .alpha = alpha,
+                  .beta = beta,
+                  .a = a,
+                  .lda = s,
+                  .stride_a = gram_size,
+                  .b = a == b ? nullptr : b,
+                  .ldb = s,
+                  .stride_b = gram_size,
+                  .c = c,
+                  .ldc = s,
+                  .stride_c = gram_size,
+                  .batch = x.batch};
+    OPTD_RETURN_IF_ERROR(backend.SymmetricRankK(queue, args));
+    return finish(c);
+  };
+  // X ← Q·X.
+  auto apply = [&]() -> absl::Status {
+    SymmArgs args{.side = tall ? Side::kRight : Side::kLeft,
+                  .m = m,
+                  .n = n,
+                  .s = q,
+                  .lds = s,
+                  .stride_s = gram_size,
+                  .b = current,
+                  .ldb = n,
+                  .stride_b = size,
+                  .c = other,
+                  .ldc = n,
+                  .stride_c = size,
+                  .batch = x.batch};
+    OPTD_RETURN_IF_ERROR(backend.SymmetricMultiply(queue, args));
+    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, other, x.size(), dtype));
+    std::swap(current, other);
+    return absl::OkStatus();
+  };
+  auto restarts_at = [&](int step) {
+    return step > 0 && std::find(restarts.begin(), restarts.end(), step) != restarts.end();
+  };
+
+  OPTD_RETURN_IF_ERROR(gram());
+  const int steps = static_cast<int>(run.steps.size());
+  for (int step = 0; step < steps; ++step) {
+    const auto [a, b, c] = run.steps[step];
+    if (restarts_at(step)) {
+      OPTD_RETURN_IF_ERROR(apply());
+      OPTD_RETURN_IF_ERROR(gram());
+    }
+    // Z = b·R + c·R².
+    OPTD_RETURN_IF_ERROR(backend.Copy(queue, z, r, gram_bytes));
+    OPTD_RETURN_IF_ERROR(product(r, r, c, b, z));
+    if (step == 0 || restarts_at(step)) {
+      // Q = I·(Z + aI).
+      OPTD_RETURN_IF_ERROR(backend.Copy(queue, q, z, gram_bytes));
+      OPTD_RETURN_IF_ERROR(backend.AddDiagonal(queue, q, s, x.batch, a));
+      OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, q, grams, dtype));
+    } else {
+      // Q ← Q·Z + a·Q.
+      OPTD_RETURN_IF_ERROR(backend.Copy(queue, q_next, q, gram_bytes));
+      OPTD_RETURN_IF_ERROR(product(q, z, 1.0f, a, q_next));
+      std::swap(q, q_next);
+    }
+    // R becomes the Gram matrix of (Z + aI)·X, unless nothing reads it.
+    if (step + 1 < steps && !restarts_at(step + 1)) {
+      OPTD_RETURN_IF_ERROR(backend.Copy(queue, w, r, gram_bytes));
+      OPTD_RETURN_IF_ERROR(product(r, z, 1.0f, a, w));  // W = R·Z + a·R
+      OPTD_RETURN_IF_ERROR(backend.Copy(queue, r, w, gram_bytes));
+      OPTD_RETURN_IF_ERROR(product(z, w, 1.0f, a, r));  // R = Z·W + a·W
+    }
+  }
+  OPTD_RETURN_IF_ERROR(apply());
+  if (current != x.data) {
+    OPTD_RETURN_IF_ERROR(
+        backend.Copy(queue, x.data, current, static_cast<size_t>(x.size()) * sizeof(float)));
+  }
   return absl::OkStatus();
 }
 
@@ -121,10 +293,42 @@ NewtonSchulzCoefficients NewtonSchulzStepCoefficients(const NewtonSchulzConfig& 
   return list[std::min<size_t>(step, list.size() - 1)];
 }
 
+std::vector<int> GramNewtonSchulzRestarts(const NewtonSchulzConfig& config) {
+  if (config.gram_restarts) return *config.gram_restarts;
+  return config.compute_dtype == DType::kF32 ? std::vector<int>{3} : std::vector<int>{2};
+}
+
+DType GramNewtonSchulzDType(const NewtonSchulzConfig& config) {
+  return config.compute_dtype == DType::kBF16 ? DType::kF16 : config.compute_dtype;
+}
+
+double GramNewtonSchulzMinAspect(absl::string_view backend) {
+  // CPU (bench/RESULTS.md, "Gram Newton–Schulz"): from aspect 2 on Gram won at every benchmarked
+  // shape (1.14–1.5× at 2, 1.3–1.7× at 3 to 8); below it the gain was within the machine's noise
+  // or a loss (0.93–0.97× at 1.25, 0.92–1.27× across runs at 1.5).
+  if (backend == "cpu") return 2.0;
+  // CUDA: the standard iteration has a native path (bf16/fp16 tensor-core GEMMs) and Gram runs
+  // composed of fp32 cuBLAS calls; not measured on a GPU yet, so `auto` keeps the standard path
+  // there (scripts/gpu-check measures both).
+  return std::numeric_limits<double>::infinity();
+}
+
+bool UsesGramNewtonSchulz(const NewtonSchulzConfig& config, absl::string_view backend, int64_t rows,
+                          int64_t cols) {
+  if (config.method == NewtonSchulzMethod::kStandard) return false;
+  const int64_t order = config.transpose_tall ? std::min(rows, cols) : rows;
+  const int64_t other = rows * cols / std::max<int64_t>(1, order);
+  if (other <= order) return false;
+  if (config.method == NewtonSchulzMethod::kGram) return true;
+  return static_cast<double>(other) >=
+         GramNewtonSchulzMinAspect(backend) * static_cast<double>(order);
+}
+
 int64_t NewtonSchulzWorkspaceFloats(const NewtonSchulzConfig& config, int64_t batch, int64_t rows,
                                     int64_t cols) {
   const int64_t gram = config.transpose_tall ? std::min(rows, cols) : rows;
-  return batch * (rows * cols + 2 * gram * gram);
+  const int64_t grams = config.method == NewtonSchulzMethod::kStandard ? 2 : 5;
+  return batch * (rows * cols + grams * gram * gram);
 }
 
 absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
@@ -149,8 +353,11 @@ absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
     const auto [a, b, c] = NewtonSchulzStepCoefficients(config, step);
     run.steps.push_back({static_cast<float>(a), static_cast<float>(b), static_cast<float>(c)});
   }
-  absl::Status native = backend.NewtonSchulzNative(queue, x, run, workspace);
-  if (!absl::IsUnimplemented(native)) return native;
+  const bool use_gram = UsesGramNewtonSchulz(config, backend.name(), x.rows, x.cols);
+  if (!use_gram) {
+    absl::Status native = backend.NewtonSchulzNative(queue, x, run, workspace);
+    if (!absl::IsUnimplemented(native)) return native;
+  }
 
   const DType dtype = config.compute_dtype;
   const int64_t m = x.rows, n = x.cols, size = x.matrix_size();
@@ -170,6 +377,13 @@ absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
   OPTD_RETURN_IF_ERROR(backend.FrobeniusNormalize(queue, x, config.safety, config.eps,
                                                   config.eps_mode, input_dtype));
   OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), dtype));
+  if (use_gram) {
+    run.dtype = GramNewtonSchulzDType(config);
+    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), run.dtype));
+    std::vector<int> restarts = GramNewtonSchulzRestarts(config);
+    if (run.dtype == DType::kF16) restarts = WithinHalfRange(run, std::move(restarts));
+    return GramNewtonSchulz(backend, queue, x, run, restarts, workspace);
+  }
 
   for (const auto& [a, b, c] : run.steps) {
     // A = XXᵀ (or XᵀX), upper triangle, then mirrored: the next update reads A in full.

@@ -287,6 +287,37 @@ const std::map<absl::string_view, Setter>& Setters() {
                           [](auto& c) -> auto& { return c.matrix.newton_schulz.eps_mode; })},
       {"ns.transpose",
        BoolField([](auto& c) -> auto& { return c.matrix.newton_schulz.transpose_tall; })},
+      {"ns.method", EnumField<NewtonSchulzMethod>(
+                        {{"standard", NewtonSchulzMethod::kStandard},
+                         {"gram", NewtonSchulzMethod::kGram},
+                         {"auto", NewtonSchulzMethod::kAuto}},
+                        [](auto& c) -> auto& { return c.matrix.newton_schulz.method; })},
+      // Iteration indices separated by ':' ("2", "2:4"), "none", or "default".
+      {"ns.gram_restarts",
+       [](OptimizerConfig& c, absl::string_view key, absl::string_view value) -> absl::Status {
+         if (value == "default") {
+           c.matrix.newton_schulz.gram_restarts.reset();
+           return absl::OkStatus();
+         }
+         std::vector<int> restarts;
+         if (value != "none") {
+           for (absl::string_view part : absl::StrSplit(value, ':')) {
+             OPTD_ASSIGN_OR_RETURN(int64_t step, ParseInt(key, part));
+             if (step < 1 || step >= kMaxNewtonSchulzSteps) {
+               return absl::InvalidArgumentError(absl::StrCat("override ", key, ": ", step,
+                                                              " is outside [1, ",
+                                                              kMaxNewtonSchulzSteps - 1, "]"));
+             }
+             if (!restarts.empty() && step <= restarts.back()) {
+               return absl::InvalidArgumentError(
+                   absl::StrCat("override ", key, ": '", value, "' is not in increasing order"));
+             }
+             restarts.push_back(static_cast<int>(step));
+           }
+         }
+         c.matrix.newton_schulz.gram_restarts = std::move(restarts);
+         return absl::OkStatus();
+       }},
       {"row_normalize.eps",
        FloatField([](auto& c) -> auto& { return c.matrix.row_normalize_eps; })},
       {"post_normalize", EnumField<PostNormalize>(

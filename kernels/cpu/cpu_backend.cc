@@ -47,6 +47,10 @@ constexpr int64_t kBlasTile = 256;
 // A symmetric multiply splits one side only (the other reads all of S), in strips this wide: more
 // of them than 256-wide tiles give, so a square matrix still spreads evenly over the threads.
 constexpr int64_t kSymmStrip = 128;
+// A two-operand symmetric product (syrkx, Gram Newton–Schulz's n×n products) tiles its upper
+// triangle this finely: at n = 512, 256-wide tiles leave 3 of a full product's 4 (no saving over
+// two threads), 128-wide ones 10 of 16 (measured: 512×1024 Gram run 30.0 → 25.9 ms).
+constexpr int64_t kSyrkxTile = 128;
 // Tiles handed to one thread cover at least this many multiply-adds.
 constexpr int64_t kBlasGrain = int64_t{1} << 21;
 // Sums of squares add blocks of this many elements in a fixed order, so results do not depend on
@@ -334,28 +338,48 @@ class CpuBackend : public Backend {
     if (!work) return absl::OkStatus();
     // The upper triangle's tiles (I ≤ J): ssyrk on the diagonal, sgemm above it. With trans, A is
     // k×n and tile I takes its columns; without, A is n×k and tile I takes its rows.
-    const int64_t tiles = CeilDiv(s.n, kBlasTile);
+    const int64_t tile = s.b != nullptr ? kSyrkxTile : kBlasTile;
+    const int64_t tiles = CeilDiv(s.n, tile);
     std::vector<std::pair<int64_t, int64_t>> upper;
     for (int64_t i = 0; i < tiles; ++i) {
-      for (int64_t j = i; j < tiles; ++j) upper.emplace_back(i * kBlasTile, j * kBlasTile);
+      for (int64_t j = i; j < tiles; ++j) upper.emplace_back(i * tile, j * tile);
     }
+    // With a second operand B (syrkx) the tiles above the diagonal read B's columns, and a
+    // diagonal tile is a general product into a copy whose upper triangle is kept.
     const bool trans = s.trans == Transpose::kYes;
+    const bool two = s.b != nullptr;
+    const int64_t ldb = two ? s.ldb : s.lda;
     const auto per_matrix = static_cast<int64_t>(upper.size());
-    ForTiles(s.batch * per_matrix, kBlasTile * kBlasTile * s.k, [&](int64_t t) {
+    ForTiles(s.batch * per_matrix, tile * tile * s.k, [&](int64_t t) {
       const int64_t b = t / per_matrix;
       const auto [r0, c0] = upper[t % per_matrix];
-      const int64_t rows = std::min(kBlasTile, s.n - r0), cols = std::min(kBlasTile, s.n - c0);
+      const int64_t rows = std::min(tile, s.n - r0), cols = std::min(tile, s.n - c0);
       const float* a = s.a + b * s.stride_a;
+      const float* second = two ? s.b + b * s.stride_b : a;
       const float* a_rows = trans ? a + r0 : a + r0 * s.lda;
-      const float* a_cols = trans ? a + c0 : a + c0 * s.lda;
+      const float* b_cols = trans ? second + c0 : second + c0 * ldb;
       float* c = s.c + b * s.stride_c + r0 * s.ldc + c0;
-      if (r0 == c0) {
+      const CBLAS_TRANSPOSE first_op = trans ? CblasTrans : CblasNoTrans;
+      const CBLAS_TRANSPOSE second_op = trans ? CblasNoTrans : CblasTrans;
+      if (r0 != c0) {
+        cblas_sgemm(CblasRowMajor, first_op, second_op, rows, cols, s.k, s.alpha, a_rows, s.lda,
+                    b_cols, ldb, s.beta, c, s.ldc);
+      } else if (!two) {
         cblas_ssyrk(CblasRowMajor, CblasUpper, ToCblas(s.trans), rows, s.k, s.alpha, a_rows, s.lda,
                     s.beta, c, s.ldc);
       } else {
-        cblas_sgemm(CblasRowMajor, trans ? CblasTrans : CblasNoTrans,
-                    trans ? CblasNoTrans : CblasTrans, rows, cols, s.k, s.alpha, a_rows, s.lda,
-                    a_cols, s.lda, s.beta, c, s.ldc);
+        thread_local std::vector<float> tile;
+        tile.resize(rows * rows);
+        for (int64_t i = 0; i < rows; ++i) {
+          std::copy(c + i * s.ldc + i, c + i * s.ldc + rows, tile.begin() + i * rows + i);
+          // The strict lower triangle only ever holds products (beta·garbage is dropped).
+          std::fill(tile.begin() + i * rows, tile.begin() + i * rows + i, 0.0f);
+        }
+        cblas_sgemm(CblasRowMajor, first_op, second_op, rows, rows, s.k, s.alpha, a_rows, s.lda,
+                    b_cols, ldb, s.beta, tile.data(), rows);
+        for (int64_t i = 0; i < rows; ++i) {
+          std::copy(tile.begin() + i * rows + i, tile.begin() + (i + 1) * rows, c + i * s.ldc + i);
+        }
       }
     });
     return absl::OkStatus();

@@ -312,6 +312,18 @@ class CudaBackend : public Backend {
     // Row-major buffers read column-major are the transposes: the row-major upper triangle is
     // the column-major lower one, and A·Aᵀ of a row-major n×k A is MᵀM of the k×n M it reads as.
     const cublasOperation_t op = s.trans == Transpose::kYes ? CUBLAS_OP_N : CUBLAS_OP_T;
+    if (s.b != nullptr) {
+      OPTD_RETURN_IF_ERROR(CheckInt("syrkx", {s.ldb}));
+      // Column-major element (j, i), j >= i, is row-major (i, j) = Σ op(A)[i,p]·op(B)[j,p]:
+      // syrkx's first operand is B, its second A, so every element is the CPU's product.
+      for (int64_t i = 0; i < s.batch; ++i) {
+        OPTD_CUBLAS(cublasSsyrkx(
+            q.blas(), CUBLAS_FILL_MODE_LOWER, op, static_cast<int>(s.n), static_cast<int>(s.k),
+            &s.alpha, s.b + i * s.stride_b, static_cast<int>(s.ldb), s.a + i * s.stride_a,
+            static_cast<int>(s.lda), &s.beta, s.c + i * s.stride_c, static_cast<int>(s.ldc)));
+      }
+      return absl::OkStatus();
+    }
     for (int64_t i = 0; i < s.batch; ++i) {
       OPTD_CUBLAS(cublasSsyrk(q.blas(), CUBLAS_FILL_MODE_LOWER, op, static_cast<int>(s.n),
                               static_cast<int>(s.k), &s.alpha, s.a + i * s.stride_a,

@@ -156,6 +156,59 @@ TEST_P(BackendTest, SymmetricRankKWritesTheUpperTriangle) {
   }
 }
 
+// syrkx: the upper triangle of alpha·op(A)·op(B)ᵀ + beta·C, batched, over more than one of the
+// CPU backend's 256-wide tiles (its diagonal tiles take a separate path); a NaN in C's strict lower
+// triangle is neither read nor overwritten.
+TEST_P(BackendTest, SymmetricRankKWithTwoOperandsWritesTheUpperTriangle) {
+  const int n = 300, k = 9, batch = 2;
+  for (bool trans : {false, true}) {
+    auto a = RandomNormal(batch * n * k, 11), b = RandomNormal(batch * n * k, 12),
+         c = RandomNormal(batch * n * n, 13);
+    for (int m = 0; m < batch; ++m)
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < i; ++j)
+          c[m * n * n + i * n + j] = std::numeric_limits<float>::quiet_NaN();
+    float* dc = Device(c);
+    SyrkArgs args{.trans = trans ? Transpose::kYes : Transpose::kNo,
+                  .n = n,
+                  .k = k,
+                  .alpha = -0.75f,
+                  .beta = 0.5f,
+                  .a = Device(a),
+                  .lda = trans ? n : k,
+                  .stride_a = n * k,
+                  .b = Device(b),
+                  .ldb = trans ? n : k,
+                  .stride_b = n * k,
+                  .c = dc,
+                  .ldc = n,
+                  .stride_c = n * n,
+                  .batch = batch};
+    ASSERT_TRUE(backend_->SymmetricRankK(queue(), args).ok());
+    auto got = Host(dc, c.size());
+    for (int m = 0; m < batch; ++m) {
+      const auto slice = [&](const std::vector<float>& v, int size) {
+        return std::vector<float>(v.begin() + m * size, v.begin() + (m + 1) * size);
+      };
+      auto want = GemmReference(trans, !trans, n, n, k, -0.75, slice(a, n * k), slice(b, n * k),
+                                0.5, slice(c, n * n));
+      int wrong = 0;
+      for (int i = 0; i < n; ++i) {
+        for (int j = 0; j < n; ++j) {
+          const float value = got[m * n * n + i * n + j];
+          if (j >= i) {
+            wrong +=
+                !(std::fabs(value - want[i * n + j]) <= 1e-5 * (1 + std::fabs(want[i * n + j])));
+          } else {
+            wrong += !std::isnan(value);
+          }
+        }
+      }
+      EXPECT_EQ(wrong, 0) << "trans=" << trans << " matrix " << m;
+    }
+  }
+}
+
 TEST_P(BackendTest, SymmetricMultiplyReadsTheUpperTriangleOnly) {
   const int m = 7, n = 5;
   for (Side side : {Side::kLeft, Side::kRight}) {
