@@ -430,6 +430,29 @@ TEST_F(OptimizerContractTest, ConfigParsingRejectsUnknownsAndKeepsTheConfig) {
   EXPECT_EQ(custom->matrix.newton_schulz.coefficient_set, "custom");
   EXPECT_EQ(custom->matrix.newton_schulz.custom.size(), 2u);
   for (absl::string_view preset : PresetNames()) EXPECT_TRUE(PresetConfig(preset).ok()) << preset;
+  // Newton–Schulz's method and Gram restarts: named values, increasing iterations in [1, 99].
+  for (const auto& [spec, message] : std::vector<std::pair<std::string, std::string>>{
+           {"keller,ns.method=fast", "'fast' is not one of standard, gram, auto"},
+           {"keller,ns.gram_restarts=0", "0 is outside [1, 99]"},
+           {"keller,ns.gram_restarts=100", "100 is outside [1, 99]"},
+           {"keller,ns.gram_restarts=3:2", "'3:2' is not in increasing order"},
+           {"keller,ns.gram_restarts=2:2", "'2:2' is not in increasing order"},
+           {"keller,ns.gram_restarts=two", "'two'"},
+           {"keller,ns.gram_restarts=", "''"}}) {
+    const absl::Status status = ParseOptimizerConfig(spec).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << spec;
+    EXPECT_NE(status.message().find(message), absl::string_view::npos) << spec << ": " << status;
+  }
+  OptimizerConfig gram = Config("keller,ns.method=gram,ns.gram_restarts=1:4");
+  EXPECT_EQ(gram.matrix.newton_schulz.method, NewtonSchulzMethod::kGram);
+  EXPECT_EQ(gram.matrix.newton_schulz.gram_restarts, (std::vector<int>{1, 4}));
+  EXPECT_FALSE(ApplyOverride(gram, "ns.gram_restarts", "5:1").ok());
+  EXPECT_EQ(gram.matrix.newton_schulz.gram_restarts, (std::vector<int>{1, 4}));
+  EXPECT_TRUE(ApplyOverride(gram, "ns.gram_restarts", "none").ok());
+  EXPECT_EQ(gram.matrix.newton_schulz.gram_restarts, std::vector<int>{});
+  EXPECT_TRUE(ApplyOverride(gram, "ns.gram_restarts", "default").ok());
+  EXPECT_FALSE(gram.matrix.newton_schulz.gram_restarts.has_value());
+  EXPECT_EQ(Config("keller").matrix.newton_schulz.method, NewtonSchulzMethod::kAuto);
 }
 
 TEST_F(OptimizerContractTest, SizeMismatchesAndBadIndicesLeaveStateAlone) {

@@ -6,8 +6,11 @@ reduced them already, rank 0 steps and broadcasts. 2 and 4 gloo ranks on the CPU
 (torch.multiprocessing): every rank's parameters must equal, bit for bit, one process stepping
 the averaged gradients through its own session."""
 
+import faulthandler
 import os
+import sys
 import tempfile
+import traceback
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from optd.torch import RemoteOptimizer  # noqa: E402
 
 STEPS = 3
+RANK_TIMEOUT_S = 180
 
 
 def model():
@@ -36,9 +40,12 @@ def batch(rank, step):
 def _worker(rank, size, mode, address, work):
     """One rank: trains STEPS steps on its own batches and saves the gradients it had after
     backward and its final parameters (names without DDP's "module." prefix)."""
+    # A rank stuck for minutes prints every thread's stack and exits (mp.spawn then fails the
+    # test) instead of holding the suite until CI's timeout.
+    faulthandler.dump_traceback_later(RANK_TIMEOUT_S, exit=True)
     dist.init_process_group("gloo", init_method=f"file://{work}/rendezvous", rank=rank,
                             world_size=size)
-    outcome = {}
+    outcome, failed = {}, False
     try:
         net = model()
         with torch.no_grad():  # ranks start apart: the optimizer must make them equal
@@ -72,9 +79,19 @@ def _worker(rank, size, mode, address, work):
             outcome["grads"] = grads
             outcome["params"] = {name.removeprefix("module."): p.detach().clone()
                                  for name, p in net.named_parameters()}
+    except BaseException:  # noqa: BLE001 -- printed, and the exit code tells mp.spawn
+        failed = True
+        traceback.print_exc()
     finally:
         torch.save(outcome, f"{work}/rank{rank}.pt")
         dist.destroy_process_group()
+        # Debian's torch 1.13 can deadlock in a DDP rank's teardown: the Reducer's last reference
+        # destroys the gloo process group on the main thread, which holds the GIL and waits for
+        # the group's lock, while a gloo worker holds that lock freeing a finished collective's
+        # tensor and waits for the GIL (gdb, about once in 20 runs here). Everything this rank
+        # had to do is saved above, so it leaves without tearing down.
+        sys.stderr.flush()
+        os._exit(1 if failed else 0)
 
 
 def run_ranks(size, mode, daemon):
