@@ -93,12 +93,14 @@ absl::Status CheckNewtonSchulzSettings(const NewtonSchulzConfig& config) {
   return absl::OkStatus();
 }
 
-// `restarts` with restarts added where, since the previous one, Q = p(R)/√R could grow past
-// 2¹² (fp16 holds 65504): Q's eigenvalues are the gains p(σ)/σ of the steps accumulated since the
-// last restart, largest at σ → 0 where each step multiplies by a (keller: 3.4445⁷ ≈ 5750, so a
-// restart every 6 steps at most). A restart sets Q back to I.
+// `restarts` with restarts added where the gain accumulated since the previous one would pass 64:
+// Q's eigenvalues are the gains p(σ)/σ of the steps since the last restart (tracked on a grid of
+// starting values), largest at σ → 0 where each step multiplies by a, and a spurious negative
+// eigenvalue of a half-precision R grows by the square of that gain until it blows up. The
+// reference's own 5-step segments reach 33 (polar express) and 41 (keller), so they are left as
+// they are; a longer run restarts about every third step (keller: 3.4445³ ≈ 41, 3.4445⁴ ≈ 141).
 std::vector<int> WithinHalfRange(const NewtonSchulzRun& run, std::vector<int> restarts) {
-  constexpr double kMaxGain = 4096.0;
+  constexpr double kMaxGain = 64.0;
   constexpr int kPoints = 200;
   std::vector<double> start(kPoints + 1), x(kPoints + 1);
   for (int i = 0; i <= kPoints; ++i) start[i] = x[i] = static_cast<double>(i) / kPoints;
@@ -115,12 +117,8 @@ std::vector<int> WithinHalfRange(const NewtonSchulzRun& run, std::vector<int> re
     const bool listed = std::find(restarts.begin(), restarts.end(), step) != restarts.end();
     if (step > 0 && (listed || gain > kMaxGain)) {
       out.push_back(step);
-      start = x;
+      for (size_t i = 1; i < x.size(); ++i) start[i] = std::max(x[i], 1e-30);
       slope = 1.0;
-      for (size_t i = 1; i < x.size(); ++i) {
-        start[i] = std::max(start[i], 1e-30);
-        next[i] = formulas::NewtonSchulzPolynomial(x[i], a, b, c);
-      }
     }
     slope *= a;
     x = std::move(next);

@@ -93,7 +93,7 @@ std::vector<int> GramNewtonSchulzRestarts(const NewtonSchulzConfig& config);
 // reference does (in bf16 R = XXᵀ carries singular values only to √ε_bf16 ≈ 0.06: over 200 draws
 // polar express lifted rank-deficient inputs' null spaces, 14% further from the polar factor than
 // the standard iteration in bf16; in fp16 26% closer). Normalized inputs keep every value within
-// fp16's range; restarts are added where a run's accumulated polynomial could leave it.
+// fp16's range; restarts are added where a long run's accumulated polynomial would leave it.
 DType GramNewtonSchulzDType(const NewtonSchulzConfig& config);
 // Whether NewtonSchulz runs the Gram iteration on a rows×cols matrix on `backend`.
 bool UsesGramNewtonSchulz(const NewtonSchulzConfig& config, absl::string_view backend, int64_t rows,
