@@ -368,17 +368,18 @@ class CpuBackend : public Backend {
         cblas_ssyrk(CblasRowMajor, CblasUpper, ToCblas(s.trans), rows, s.k, s.alpha, a_rows, s.lda,
                     s.beta, c, s.ldc);
       } else {
-        thread_local std::vector<float> tile;
-        tile.resize(rows * rows);
+        thread_local std::vector<float> diagonal;
+        diagonal.resize(rows * rows);
         for (int64_t i = 0; i < rows; ++i) {
-          std::copy(c + i * s.ldc + i, c + i * s.ldc + rows, tile.begin() + i * rows + i);
+          std::copy(c + i * s.ldc + i, c + i * s.ldc + rows, diagonal.begin() + i * rows + i);
           // The strict lower triangle only ever holds products (beta·garbage is dropped).
-          std::fill(tile.begin() + i * rows, tile.begin() + i * rows + i, 0.0f);
+          std::fill(diagonal.begin() + i * rows, diagonal.begin() + i * rows + i, 0.0f);
         }
         cblas_sgemm(CblasRowMajor, first_op, second_op, rows, rows, s.k, s.alpha, a_rows, s.lda,
-                    b_cols, ldb, s.beta, tile.data(), rows);
+                    b_cols, ldb, s.beta, diagonal.data(), rows);
         for (int64_t i = 0; i < rows; ++i) {
-          std::copy(tile.begin() + i * rows + i, tile.begin() + (i + 1) * rows, c + i * s.ldc + i);
+          std::copy(diagonal.begin() + i * rows + i, diagonal.begin() + (i + 1) * rows,
+                    c + i * s.ldc + i);
         }
       }
     });
