@@ -325,7 +325,11 @@ bool UsesGramNewtonSchulz(const NewtonSchulzConfig& config, absl::string_view ba
 int64_t NewtonSchulzWorkspaceFloats(const NewtonSchulzConfig& config, int64_t batch, int64_t rows,
                                     int64_t cols) {
   const int64_t gram = config.transpose_tall ? std::min(rows, cols) : rows;
-  const int64_t grams = config.method == NewtonSchulzMethod::kStandard ? 2 : 5;
+  // A method that may run Gram on this shape on some backend (a square one never does).
+  NewtonSchulzConfig gram_config = config;
+  if (gram_config.method == NewtonSchulzMethod::kAuto)
+    gram_config.method = NewtonSchulzMethod::kGram;
+  const int64_t grams = UsesGramNewtonSchulz(gram_config, "", rows, cols) ? 5 : 2;
   return batch * (rows * cols + grams * gram * gram);
 }
 

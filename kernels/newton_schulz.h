@@ -102,7 +102,7 @@ bool UsesGramNewtonSchulz(const NewtonSchulzConfig& config, absl::string_view ba
 // Floats of workspace NewtonSchulz needs for a batch of rows×cols matrices under `config` (the
 // Gram matrix is min(rows, cols)² when tall matrices are transposed, rows² otherwise): X's next
 // iterate and two Gram-sized matrices for the standard method, five for Gram (R, Z, Q, Q's next
-// value, RZ + aR). Enough for either method when `config.method` is not kStandard.
+// value, RZ + aR). Enough for either method where `config.method` may run Gram on the shape.
 int64_t NewtonSchulzWorkspaceFloats(const NewtonSchulzConfig& config, int64_t batch, int64_t rows,
                                     int64_t cols);
 

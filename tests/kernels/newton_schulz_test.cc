@@ -341,6 +341,7 @@ TEST(NewtonSchulzMethodTest, GramRunsOnNonSquareMatricesAndAutoByAspectRatio) {
   standard.method = NewtonSchulzMethod::kStandard;
   EXPECT_EQ(NewtonSchulzWorkspaceFloats(standard, 2, 64, 256), 2 * (64 * 256 + 2 * 64 * 64));
   EXPECT_EQ(NewtonSchulzWorkspaceFloats(config, 2, 64, 256), 2 * (64 * 256 + 5 * 64 * 64));
+  EXPECT_EQ(NewtonSchulzWorkspaceFloats(config, 2, 64, 64), 2 * (64 * 64 + 2 * 64 * 64));
 }
 
 TEST(NewtonSchulzConfigTest, RejectsBadGramRestarts) {
