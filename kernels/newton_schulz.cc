@@ -126,46 +126,102 @@ std::vector<int> WithinHalfRange(const NewtonSchulzRun& run, std::vector<int> re
   return out;
 }
 
+// The iterate X of one Newton–Schulz run, in `x` itself and one workspace buffer of its size in
+// turn, and the two products both methods make with it. A tall X is iterated on as Xᵀ without
+// moving data: its Gram matrix is XᵀX and X ← X·S.
+class Iterate {
+ public:
+  Iterate(Backend& backend, Queue& queue, const MatrixBatch& x, bool transpose_tall, DType dtype,
+          float* other)
+      : backend_(backend),
+        queue_(queue),
+        x_(x),
+        tall_(transpose_tall && x.rows > x.cols),
+        dtype_(dtype),
+        current_(x.data),
+        other_(other) {}
+
+  // Order of the Gram matrix.
+  int64_t order() const { return tall_ ? x_.cols : x_.rows; }
+  DType dtype() const { return dtype_; }
+
+  // gram = XXᵀ (or XᵀX), upper triangle, then mirrored and rounded: the next product reads it in
+  // full.
+  absl::Status Gram(float* gram) {
+    const int64_t s = order();
+    SyrkArgs args{.trans = tall_ ? Transpose::kYes : Transpose::kNo,
+                  .n = s,
+                  .k = tall_ ? x_.rows : x_.cols,
+                  .a = current_,
+                  .lda = x_.cols,
+                  .stride_a = x_.matrix_size(),
+                  .c = gram,
+                  .ldc = s,
+                  .stride_c = s * s,
+                  .batch = x_.batch};
+    OPTD_RETURN_IF_ERROR(backend_.SymmetricRankK(queue_, args));
+    return Mirror(gram);
+  }
+
+  // Copies each Gram-sized matrix's upper triangle onto its lower one and rounds them.
+  absl::Status Mirror(float* gram) {
+    OPTD_RETURN_IF_ERROR(backend_.Symmetrize(queue_, gram, order(), x_.batch));
+    return backend_.RoundTo(queue_, gram, x_.batch * order() * order(), dtype_);
+  }
+
+  // X ← S·X (X·S for a tall X) for symmetric S, read from its upper triangle; rounded.
+  absl::Status MultiplyBy(const float* symmetric) {
+    const int64_t s = order(), size = x_.matrix_size();
+    SymmArgs args{.side = tall_ ? Side::kRight : Side::kLeft,
+                  .m = x_.rows,
+                  .n = x_.cols,
+                  .s = symmetric,
+                  .lds = s,
+                  .stride_s = s * s,
+                  .b = current_,
+                  .ldb = x_.cols,
+                  .stride_b = size,
+                  .c = other_,
+                  .ldc = x_.cols,
+                  .stride_c = size,
+                  .batch = x_.batch};
+    OPTD_RETURN_IF_ERROR(backend_.SymmetricMultiply(queue_, args));
+    OPTD_RETURN_IF_ERROR(backend_.RoundTo(queue_, other_, x_.size(), dtype_));
+    std::swap(current_, other_);
+    return absl::OkStatus();
+  }
+
+  // Leaves the result in `x`.
+  absl::Status Finish() {
+    if (current_ == x_.data) return absl::OkStatus();
+    return backend_.Copy(queue_, x_.data, current_, static_cast<size_t>(x_.size()) * sizeof(float));
+  }
+
+ private:
+  Backend& backend_;
+  Queue& queue_;
+  const MatrixBatch x_;
+  const bool tall_;
+  const DType dtype_;
+  float* current_;
+  float* other_;
+};
+
 // Gram Newton–Schulz (see NewtonSchulzMethod) on the normalized, rounded X of `x`: every product
-// and sum rounded to `run.dtype` as the reference holds R, Z, Q and X in half precision.
-absl::Status GramNewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
-                              const NewtonSchulzRun& run, const std::vector<int>& restarts,
-                              float* workspace) {
-  const DType dtype = run.dtype;
-  const int64_t m = x.rows, n = x.cols, size = x.matrix_size();
-  // A tall X is iterated on as Xᵀ without moving data: R = XᵀX and X ← X·Q.
-  const bool tall = run.transpose_tall && m > n;
-  const int64_t s = tall ? n : m;  // order of the Gram matrix
-  const int64_t gram_size = s * s, grams = x.batch * gram_size;
+// and sum rounded to the iterate's dtype as the reference holds R, Z, Q and X in half precision.
+// `gram_space` holds five batches of Gram-sized matrices.
+absl::Status GramNewtonSchulz(Backend& backend, Queue& queue, Iterate& x, int64_t batch,
+                              const std::vector<std::array<float, 3>>& coefficients,
+                              const std::vector<int>& restarts, float* gram_space) {
+  const int64_t s = x.order();
+  const int64_t gram_size = s * s, grams = batch * gram_size;
   const size_t gram_bytes = static_cast<size_t>(grams) * sizeof(float);
-  float* current = x.data;
-  float* other = workspace;
-  float* r = workspace + x.size();
+  float* r = gram_space;
   float* z = r + grams;
   float* q = z + grams;
   float* q_next = q + grams;
   float* w = q_next + grams;
 
-  // The products leave upper triangles; the next product reads whole rows.
-  auto finish = [&](float* c) -> absl::Status {
-    OPTD_RETURN_IF_ERROR(backend.Symmetrize(queue, c, s, x.batch));
-    return backend.RoundTo(queue, c, grams, dtype);
-  };
-  // R = XXᵀ of the current X.
-  auto gram = [&]() -> absl::Status {
-    SyrkArgs args{.trans = tall ? Transpose::kYes : Transpose::kNo,
-                  .n = s,
-                  .k = tall ? m : n,
-                  .a = current,
-                  .lda = n,
-                  .stride_a = size,
-                  .c = r,
-                  .ldc = s,
-                  .stride_c = gram_size,
-                  .batch = x.batch};
-    OPTD_RETURN_IF_ERROR(backend.SymmetricRankK(queue, args));
-    return finish(r);
-  };
   // c = alpha·A·B + beta·c for commuting symmetric A and B (so A·B = A·Bᵀ is symmetric).
   auto product = [&](const float* a, const float* b, float alpha, float beta,
                      float* c) -> absl::Status {
@@ -182,41 +238,21 @@ absl::Status GramNewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch&
                   .c = c,
                   .ldc = s,
                   .stride_c = gram_size,
-                  .batch = x.batch};
+                  .batch = batch};
     OPTD_RETURN_IF_ERROR(backend.SymmetricRankK(queue, args));
-    return finish(c);
-  };
-  // X ← Q·X.
-  auto apply = [&]() -> absl::Status {
-    SymmArgs args{.side = tall ? Side::kRight : Side::kLeft,
-                  .m = m,
-                  .n = n,
-                  .s = q,
-                  .lds = s,
-                  .stride_s = gram_size,
-                  .b = current,
-                  .ldb = n,
-                  .stride_b = size,
-                  .c = other,
-                  .ldc = n,
-                  .stride_c = size,
-                  .batch = x.batch};
-    OPTD_RETURN_IF_ERROR(backend.SymmetricMultiply(queue, args));
-    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, other, x.size(), dtype));
-    std::swap(current, other);
-    return absl::OkStatus();
+    return x.Mirror(c);
   };
   auto restarts_at = [&](int step) {
     return step > 0 && std::find(restarts.begin(), restarts.end(), step) != restarts.end();
   };
 
-  OPTD_RETURN_IF_ERROR(gram());
-  const int steps = static_cast<int>(run.steps.size());
+  OPTD_RETURN_IF_ERROR(x.Gram(r));
+  const int steps = static_cast<int>(coefficients.size());
   for (int step = 0; step < steps; ++step) {
-    const auto [a, b, c] = run.steps[step];
+    const auto [a, b, c] = coefficients[step];
     if (restarts_at(step)) {
-      OPTD_RETURN_IF_ERROR(apply());
-      OPTD_RETURN_IF_ERROR(gram());
+      OPTD_RETURN_IF_ERROR(x.MultiplyBy(q));
+      OPTD_RETURN_IF_ERROR(x.Gram(r));
     }
     // Z = b·R + c·R².
     OPTD_RETURN_IF_ERROR(backend.Copy(queue, z, r, gram_bytes));
@@ -224,8 +260,8 @@ absl::Status GramNewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch&
     if (step == 0 || restarts_at(step)) {
       // Q = I·(Z + aI).
       OPTD_RETURN_IF_ERROR(backend.Copy(queue, q, z, gram_bytes));
-      OPTD_RETURN_IF_ERROR(backend.AddDiagonal(queue, q, s, x.batch, a));
-      OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, q, grams, dtype));
+      OPTD_RETURN_IF_ERROR(backend.AddDiagonal(queue, q, s, batch, a));
+      OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, q, grams, x.dtype()));
     } else {
       // Q ← Q·Z + a·Q.
       OPTD_RETURN_IF_ERROR(backend.Copy(queue, q_next, q, gram_bytes));
@@ -240,12 +276,8 @@ absl::Status GramNewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch&
       OPTD_RETURN_IF_ERROR(product(z, w, 1.0f, a, r));  // R = Z·W + a·W
     }
   }
-  OPTD_RETURN_IF_ERROR(apply());
-  if (current != x.data) {
-    OPTD_RETURN_IF_ERROR(
-        backend.Copy(queue, x.data, current, static_cast<size_t>(x.size()) * sizeof(float)));
-  }
-  return absl::OkStatus();
+  OPTD_RETURN_IF_ERROR(x.MultiplyBy(q));
+  return x.Finish();
 }
 
 }  // namespace
@@ -362,51 +394,35 @@ absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
   }
 
   const DType dtype = config.compute_dtype;
-  const int64_t m = x.rows, n = x.cols, size = x.matrix_size();
-  // Tall matrices iterate on Xᵀ without moving data: A = XᵀX and X ← X·(B + aI).
-  const bool tall = config.transpose_tall && m > n;
-  const int64_t s = tall ? n : m;  // order of the Gram matrix
-  float* current = x.data;
-  float* next = workspace;
-  float* gram = workspace + x.size();
-  float* poly = gram + x.batch * s * s;
-
   // The input is cast to the compute dtype before it is normalized, and the norm computed in it,
   // as the references do in bf16; fp16's range (±65504) holds neither raw gradients nor their
   // norms, so in fp16 the normalization runs in fp32 and the cast follows.
   const DType input_dtype = dtype == DType::kF16 ? DType::kF32 : dtype;
-  OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), input_dtype));
+  OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, x.data, x.size(), input_dtype));
   OPTD_RETURN_IF_ERROR(backend.FrobeniusNormalize(queue, x, config.safety, config.eps,
                                                   config.eps_mode, input_dtype));
-  OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), dtype));
+  OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, x.data, x.size(), dtype));
   if (use_gram) {
     run.dtype = GramNewtonSchulzDType(config);
-    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, current, x.size(), run.dtype));
+    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, x.data, x.size(), run.dtype));
     std::vector<int> restarts = GramNewtonSchulzRestarts(config);
     if (run.dtype == DType::kF16) restarts = WithinHalfRange(run, std::move(restarts));
-    return GramNewtonSchulz(backend, queue, x, run, restarts, workspace);
+    Iterate iterate(backend, queue, x, config.transpose_tall, run.dtype, workspace);
+    return GramNewtonSchulz(backend, queue, iterate, x.batch, run.steps, restarts,
+                            workspace + x.size());
   }
 
+  Iterate iterate(backend, queue, x, config.transpose_tall, dtype, workspace);
+  const int64_t s = iterate.order();
+  const int64_t grams = x.batch * s * s;
+  float* gram = workspace + x.size();
+  float* poly = gram + grams;
   for (const auto& [a, b, c] : run.steps) {
-    // A = XXᵀ (or XᵀX), upper triangle, then mirrored: the next update reads A in full.
-    SyrkArgs gram_args{.trans = tall ? Transpose::kYes : Transpose::kNo,
-                       .n = s,
-                       .k = tall ? m : n,
-                       .alpha = 1.0f,
-                       .beta = 0.0f,
-                       .a = current,
-                       .lda = n,
-                       .stride_a = size,
-                       .c = gram,
-                       .ldc = s,
-                       .stride_c = s * s,
-                       .batch = x.batch};
-    OPTD_RETURN_IF_ERROR(backend.SymmetricRankK(queue, gram_args));
-    OPTD_RETURN_IF_ERROR(backend.Symmetrize(queue, gram, s, x.batch));
-    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, gram, x.batch * s * s, dtype));
+    // A = XXᵀ (or XᵀX).
+    OPTD_RETURN_IF_ERROR(iterate.Gram(gram));
     // B = c·A·Aᵀ + b·A: start from a copy of A and let beta carry b.
     OPTD_RETURN_IF_ERROR(
-        backend.Copy(queue, poly, gram, static_cast<size_t>(x.batch * s * s) * sizeof(float)));
+        backend.Copy(queue, poly, gram, static_cast<size_t>(grams) * sizeof(float)));
     SyrkArgs poly_args{.trans = Transpose::kNo,
                        .n = s,
                        .k = s,
@@ -422,31 +438,10 @@ absl::Status NewtonSchulz(Backend& backend, Queue& queue, const MatrixBatch& x,
     OPTD_RETURN_IF_ERROR(backend.SymmetricRankK(queue, poly_args));
     // aX + BX = (B + aI)·X; B + aI is rounded once, as a GEMM epilogue would.
     OPTD_RETURN_IF_ERROR(backend.AddDiagonal(queue, poly, s, x.batch, a));
-    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, poly, x.batch * s * s, dtype));
-    SymmArgs update_args{.side = tall ? Side::kRight : Side::kLeft,
-                         .m = m,
-                         .n = n,
-                         .alpha = 1.0f,
-                         .beta = 0.0f,
-                         .s = poly,
-                         .lds = s,
-                         .stride_s = s * s,
-                         .b = current,
-                         .ldb = n,
-                         .stride_b = size,
-                         .c = next,
-                         .ldc = n,
-                         .stride_c = size,
-                         .batch = x.batch};
-    OPTD_RETURN_IF_ERROR(backend.SymmetricMultiply(queue, update_args));
-    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, next, x.size(), dtype));
-    std::swap(current, next);
+    OPTD_RETURN_IF_ERROR(backend.RoundTo(queue, poly, grams, dtype));
+    OPTD_RETURN_IF_ERROR(iterate.MultiplyBy(poly));
   }
-  if (current != x.data) {
-    OPTD_RETURN_IF_ERROR(
-        backend.Copy(queue, x.data, current, static_cast<size_t>(x.size()) * sizeof(float)));
-  }
-  return absl::OkStatus();
+  return iterate.Finish();
 }
 
 }  // namespace optd

@@ -170,7 +170,31 @@ struct NsCase {
   double tolerance;
 };
 
-TEST_F(CudaVsCpuTest, NativeNewtonSchulzMatchesTheComposedCpuPath) {
+class CudaNewtonSchulzTest : public CudaVsCpuTest {
+ protected:
+  // NewtonSchulz of one random batch on both backends under `config` with the case's coefficient
+  // set and dtype: the CUDA result within the case's tolerance of the CPU's.
+  void ExpectNewtonSchulzLikeTheCpu(const NsCase& c, NewtonSchulzConfig config, uint32_t seed) {
+    SCOPED_TRACE(
+        absl::StrCat(c.batch, "x", c.rows, "x", c.cols, " ", c.set, " ", DTypeName(c.dtype)));
+    config.coefficient_set = c.set;
+    config.compute_dtype = c.dtype;
+    const int64_t n = c.batch * c.rows * c.cols;
+    Pair x = Both(RandomNormal(n, seed));
+    const int64_t work = NewtonSchulzWorkspaceFloats(config, c.batch, c.rows, c.cols);
+    Pair workspace = Both(std::vector<float>(work, 0.0f));
+    ASSERT_TRUE(NewtonSchulz(*cpu_, cq(), MatrixBatch{x.cpu, c.batch, c.rows, c.cols}, config,
+                             workspace.cpu)
+                    .ok());
+    ASSERT_TRUE(NewtonSchulz(*cuda_, gq(), MatrixBatch{x.gpu, c.batch, c.rows, c.cols}, config,
+                             workspace.gpu)
+                    .ok());
+    auto [want, got] = Read(x, n);
+    EXPECT_LT(RelativeError(got, want), c.tolerance);
+  }
+};
+
+TEST_F(CudaNewtonSchulzTest, NativeNewtonSchulzMatchesTheComposedCpuPath) {
   // fp32: both accumulate in fp32, in different orders, over five cubic steps. bf16 and fp16:
   // one rounding of the compute dtype apart where a sum lands near a rounding boundary.
   const std::vector<NsCase> cases = {{1, 64, 64, "keller", DType::kF32, 2e-5},
@@ -183,32 +207,17 @@ TEST_F(CudaVsCpuTest, NativeNewtonSchulzMatchesTheComposedCpuPath) {
                                      {4, 64, 64, "polar_express", DType::kBF16, 2e-2},
                                      {2, 80, 120, "dion_legacy", DType::kF16, 5e-3}};
   for (const NsCase& c : cases) {
-    SCOPED_TRACE(
-        absl::StrCat(c.batch, "x", c.rows, "x", c.cols, " ", c.set, " ", DTypeName(c.dtype)));
     NewtonSchulzConfig config;
-    config.coefficient_set = c.set;
-    config.compute_dtype = c.dtype;
     config.method = NewtonSchulzMethod::kStandard;  // CUDA's native path against the CPU's
     if (std::string(c.set) == "polar_express") config.safety = 1.02f;
-    const int64_t n = c.batch * c.rows * c.cols;
-    Pair x = Both(RandomNormal(n, 14));
-    const int64_t work = NewtonSchulzWorkspaceFloats(config, c.batch, c.rows, c.cols);
-    Pair workspace = Both(std::vector<float>(work, 0.0f));
-    ASSERT_TRUE(NewtonSchulz(*cpu_, cq(), MatrixBatch{x.cpu, c.batch, c.rows, c.cols}, config,
-                             workspace.cpu)
-                    .ok());
-    ASSERT_TRUE(NewtonSchulz(*cuda_, gq(), MatrixBatch{x.gpu, c.batch, c.rows, c.cols}, config,
-                             workspace.gpu)
-                    .ok());
-    auto [want, got] = Read(x, n);
-    EXPECT_LT(RelativeError(got, want), c.tolerance);
+    ExpectNewtonSchulzLikeTheCpu(c, config, 14);
   }
 }
 
 // Gram Newton–Schulz is composed of Backend operations on both backends (cuBLAS syrk, syrkx and
 // symm on CUDA): the CPU's result within the standard path's tolerances, fp16 rounding where the
 // config says bf16 included, restarts at the default and elsewhere.
-TEST_F(CudaVsCpuTest, GramNewtonSchulzMatchesTheCpu) {
+TEST_F(CudaNewtonSchulzTest, GramNewtonSchulzMatchesTheCpu) {
   const std::vector<NsCase> cases = {{1, 96, 256, "keller", DType::kF32, 2e-5},
                                      {1, 300, 80, "polar_express", DType::kF32, 2e-5},
                                      {3, 48, 130, "keller", DType::kF32, 2e-5},
@@ -216,25 +225,10 @@ TEST_F(CudaVsCpuTest, GramNewtonSchulzMatchesTheCpu) {
                                      {12, 64, 256, "polar_express", DType::kBF16, 2e-2},
                                      {2, 80, 300, "dion_legacy", DType::kF16, 5e-3}};
   for (const NsCase& c : cases) {
-    SCOPED_TRACE(
-        absl::StrCat(c.batch, "x", c.rows, "x", c.cols, " ", c.set, " ", DTypeName(c.dtype)));
     NewtonSchulzConfig config;
-    config.coefficient_set = c.set;
-    config.compute_dtype = c.dtype;
     config.method = NewtonSchulzMethod::kGram;
     if (c.batch == 3) config.gram_restarts = std::vector<int>{1, 3};
-    const int64_t n = c.batch * c.rows * c.cols;
-    Pair x = Both(RandomNormal(n, 15));
-    const int64_t work = NewtonSchulzWorkspaceFloats(config, c.batch, c.rows, c.cols);
-    Pair workspace = Both(std::vector<float>(work, 0.0f));
-    ASSERT_TRUE(NewtonSchulz(*cpu_, cq(), MatrixBatch{x.cpu, c.batch, c.rows, c.cols}, config,
-                             workspace.cpu)
-                    .ok());
-    ASSERT_TRUE(NewtonSchulz(*cuda_, gq(), MatrixBatch{x.gpu, c.batch, c.rows, c.cols}, config,
-                             workspace.gpu)
-                    .ok());
-    auto [want, got] = Read(x, n);
-    EXPECT_LT(RelativeError(got, want), c.tolerance);
+    ExpectNewtonSchulzLikeTheCpu(c, config, 15);
   }
 }
 
