@@ -4,41 +4,18 @@ optd's Gram iteration and `auto` against optd's standard iteration, shape by sha
 GPT-2-small keller step, all in one kernels_bench run, with the issue's targets checked; and the
 fidelity lines newton_schulz_test printed."""
 import argparse
-import json
 import re
 
 from results_section import (add_common_arguments, close_section, cpu_count, cpu_model,
                              generated_by, open_section)
+from write_results import BenchRuns, verdict
 
 BEGIN = "<!-- gram:begin -->"
 END = "<!-- gram:end -->"
-TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 # Issue 20's CPU targets: Gram over standard per shape, the GPT-2-small step, auto's worst.
 SHAPE_TARGETS = {(768, 3072): 1.3, (1024, 4096): 1.4, (512, 4096): 1.6}
 STEP_TARGET = 1.2
 AUTO_SLOWEST = 1.03
-
-
-def medians(path):
-    runs, cv, gram = {}, {}, {}
-    for b in json.load(open(path))["benchmarks"]:
-        if b.get("error_occurred"):
-            raise SystemExit(f"write_gram_results: {b['name']} failed: {b.get('error_message')}")
-        name = b.get("run_name", b["name"])
-        if b["run_type"] == "aggregate":
-            if b["aggregate_name"] == "median":
-                runs[name] = b["real_time"] * TO_MS[b["time_unit"]]
-                gram[name] = b.get("gram")
-            elif b["aggregate_name"] == "cv":
-                cv[name] = b["real_time"]
-        else:
-            runs.setdefault(name, b["real_time"] * TO_MS[b["time_unit"]])
-            gram.setdefault(name, b.get("gram"))
-    return runs, cv, gram
-
-
-def verdict(ok):
-    return "met" if ok else "**not met**"
 
 
 def main():
@@ -47,9 +24,9 @@ def main():
     parser.add_argument("--fidelity", required=True)
     add_common_arguments(parser, "bench/gram.sh")
     args = parser.parse_args()
-    runs, cv, picks = medians(args.bench)
+    bench = BenchRuns(args.bench)
     shapes = []
-    for name in runs:
+    for name in bench.runs:
         m = re.match(r"BM_NewtonSchulzMethod/standard/rows:(\d+)/cols:(\d+)/real_time$", name)
         if m:
             shapes.append((int(m.group(1)), int(m.group(2))))
@@ -72,18 +49,19 @@ def main():
     worst_auto = 0.0
     speedup = {}
     for rows, cols in shapes:
-        s, g, a = (runs[method(m, rows, cols)] for m in ("standard", "gram", "auto"))
+        s, g, a = (bench.ms(method(m, rows, cols)) for m in ("standard", "gram", "auto"))
         speedup[(rows, cols)] = s / g
         worst_auto = max(worst_auto, a / s)
-        ran = "Gram" if picks.get(method("auto", rows, cols)) else "standard"
-        cvs = [cv.get(method(m, rows, cols)) for m in ("standard", "gram")]
-        cvs = [f"{100 * c:.0f}%" if c is not None else "–" for c in cvs]
+        ran = "Gram" if bench.get(method("auto", rows, cols)).get("gram") else "standard"
+        cvs = [bench.cv_percent(method(m, rows, cols)) for m in ("standard", "gram")]
+        cvs = [f"{c:.0f}%" if c is not None else "–" for c in cvs]
         add(f"| {rows}×{cols} | {max(rows, cols) / min(rows, cols):.2f} | {s:.1f} ({cvs[0]}) | "
             f"{g:.1f} ({cvs[1]}) | {s / g:.2f}× | {a:.1f} | {ran} | {a / s:.3f} |")
     add("")
-    step = {k: runs.get(f"BM_Gpt2SmallStep/keller_fp32{k}/iterations:1/repeats:3/real_time")
+    step = {k: f"BM_Gpt2SmallStep/keller_fp32{k}/iterations:1/repeats:3/real_time"
             for k in ("", "_gram", "_auto")}
-    if all(step.values()):
+    step = {k: bench.ms(name) for k, name in step.items() if name in bench.runs}
+    if len(step) == 3:
         add("A full Optimizer::Step over GPT-2 small's 48 matrices (preset keller, fp32; 3 "
             f"repetitions): standard {step['']:.0f} ms, Gram {step['_gram']:.0f} ms "
             f"({step[''] / step['_gram']:.2f}×), auto {step['_auto']:.0f} ms "
@@ -95,7 +73,7 @@ def main():
         if shape in speedup:
             add(f"| Gram ≥ {target}× standard at {shape[0]}×{shape[1]} | {speedup[shape]:.2f}× | "
                 f"{verdict(speedup[shape] >= target)} |")
-    if all(step.values()):
+    if len(step) == 3:
         add(f"| GPT-2-small keller step ≥ {STEP_TARGET}× faster with Gram | "
             f"{step[''] / step['_gram']:.2f}× | {verdict(step[''] / step['_gram'] >= STEP_TARGET)} |")
     add(f"| auto never more than 3% slower than standard | worst {worst_auto:.3f}× | "
