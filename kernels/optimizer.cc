@@ -31,6 +31,11 @@ struct Optimizer::Tensor {
   // prepared step's values while `prepared`, and the replaced ones after CommitPrepared.
   Buffer shadow_parameters, shadow_momentum, shadow_second_moment;
   bool prepared = false;
+  // The auto modes' choices (matrix tensors with an auto mode only), and those a step decided,
+  // which become current when that step commits.
+  bool has_auto = false;
+  AutoChoices choices;
+  std::optional<AutoChoices> pending_choices;
 
   void SwapWithShadows() {
     std::swap(parameters, shadow_parameters);
@@ -57,7 +62,8 @@ bool SameDirection(const MatrixConfig& a, const MatrixConfig& b) {
          x.steps_grow_with_dimension == y.steps_grow_with_dimension &&
          x.reference_dimension == y.reference_dimension && x.compute_dtype == y.compute_dtype &&
          x.eps == y.eps && x.safety == y.safety && x.eps_mode == y.eps_mode &&
-         x.transpose_tall == y.transpose_tall;
+         x.transpose_tall == y.transpose_tall && x.method == y.method &&
+         x.gram_restarts == y.gram_restarts && a.auto_modes == b.auto_modes;
 }
 
 bool FusesRmnp(const MatrixConfig& c) {
@@ -184,6 +190,14 @@ absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
             "; put vectors, embeddings and heads in an adamw group"));
       }
       t->view = *view;
+    }
+    if (matrix && spec.config.matrix.auto_modes.any()) {
+      const AutoConfig& a = spec.config.matrix.auto_modes;
+      t->has_auto = true;
+      t->choices.matrices.assign(
+          t->view.batch,
+          MatrixChoice{std::clamp(spec.config.matrix.newton_schulz.steps, a.min_steps, a.max_steps),
+                       false});
     }
     if (!matrix) t->second_count = t->count;
     if (matrix && spec.config.matrix.post_normalize == PostNormalize::kNorMuon) {
@@ -558,8 +572,12 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
   // backend has them: replayed while the step's shape and settings stay those it was recorded
   // with (a learning rate a header sets for every step included), recorded anew when they change.
   const absl::Span<const bool> has = absl::MakeConstSpan(present.get(), num_tensors());
+  // A step that decides auto choices reads its direction inputs back: it is not recorded.
   bool record = steps_run_ > 0 && graphs_available_ && !has_exact_polar_;
-  for (int i = 0; record && i < num_tensors(); ++i) record = tensors_[i]->capture == nullptr;
+  for (int i = 0; record && i < num_tensors(); ++i) {
+    const Tensor& t = *tensors_[i];
+    record = t.capture == nullptr && !(present[i] && DecidesThisStep(t));
+  }
   if (record) {
     const std::vector<uint8_t> key = GraphKey(has);
     if (graph_ != nullptr && key == graph_key_) {
@@ -630,13 +648,23 @@ std::vector<uint8_t> Optimizer::GraphKey(absl::Span<const bool> present) const {
     add(c.lr);
     add(c.weight_decay);
     add(c.algorithm == Algorithm::kAdamW ? c.adamw.beta1 : c.matrix.momentum);
+    for (const MatrixChoice& choice : t.choices.matrices) {
+      add(choice.steps);
+      add(choice.row_normalize);
+    }
   }
   return key;
 }
 
 absl::Status Optimizer::FinishStep(absl::Span<const bool> present) {
   for (int i = 0; i < num_tensors(); ++i) {
-    if (present[i]) ++tensors_[i]->steps;
+    if (!present[i]) continue;
+    Tensor& t = *tensors_[i];
+    ++t.steps;
+    if (t.pending_choices.has_value()) {
+      t.choices = *std::move(t.pending_choices);
+      t.pending_choices.reset();
+    }
   }
   ++steps_run_;
   return absl::OkStatus();
@@ -736,6 +764,113 @@ absl::Status Optimizer::DirectionStage(const MatrixConfig& c, const MatrixBatch&
   return absl::InternalError("unknown direction");
 }
 
+bool Optimizer::DecidesThisStep(const Tensor& t) const {
+  if (!t.has_auto) return false;
+  const int64_t step = t.steps + 1;  // this step's number, 1-based
+  return step == 1 || step % t.spec.config.matrix.auto_modes.interval == 0;
+}
+
+// Each matrix's decision is made on a host copy of it alone, so a matrix gets the same choice
+// whatever it is batched with (a sharded session's slices of a batched tensor included).
+absl::Status Optimizer::Decide(Tensor& t, const float* u) {
+  const MatrixConfig& c = t.spec.config.matrix;
+  const int64_t size = t.view.rows * t.view.cols;
+  std::vector<float> host(size);
+  AutoChoices next = t.choices;
+  double share = 0, dominance = 0, cosine = 0;
+  int64_t decided = 0;
+  for (int64_t b = 0; b < t.view.batch; ++b) {
+    OPTD_RETURN_IF_ERROR(
+        backend_->Download(*queue_, host.data(), u + b * size, size * sizeof(float)));
+    OPTD_RETURN_IF_ERROR(backend_->Synchronize(*queue_));
+    absl::StatusOr<MatrixDecision> d = DecideMatrix(host, t.view.rows, t.view.cols, c.auto_modes,
+                                                    c.newton_schulz, t.choices.matrices[b]);
+    // A zero matrix has nothing to decide on, and a failed eigensolver must not fail the step:
+    // either keeps the matrix's choice.
+    if (!d.ok()) continue;
+    next.matrices[b] = d->choice;
+    share += d->small_sv_share;
+    dominance += d->dominance_min;
+    cosine += d->cosine;
+    ++decided;
+  }
+  if (decided > 0) {
+    const double n = static_cast<double>(decided);
+    next.decided_at_step = t.steps + 1;
+    next.small_sv_share = share / n;
+    next.dominance_min = dominance / n;
+    next.cosine = cosine / n;
+  }
+  t.pending_choices = std::move(next);
+  return absl::OkStatus();
+}
+
+absl::Status Optimizer::AutoDirectionStage(const MatrixConfig& c, absl::Span<Tensor* const> members,
+                                           float* directions, float* scratch) {
+  // The members' matrices in workspace order, as runs of one choice.
+  std::vector<std::pair<MatrixChoice, int64_t>> runs;
+  for (const Tensor* t : members) {
+    for (const MatrixChoice& choice : t->choices.matrices) {
+      if (!runs.empty() && runs.back().first == choice) {
+        ++runs.back().second;
+      } else {
+        runs.emplace_back(choice, 1);
+      }
+    }
+  }
+  MatrixConfig run_config = c;
+  const int64_t rows = members[0]->view.rows, cols = members[0]->view.cols;
+  float* x = directions;
+  for (const auto& [choice, count] : runs) {
+    run_config.direction =
+        choice.row_normalize ? Direction::kRowNormalize : Direction::kNewtonSchulz;
+    run_config.newton_schulz.steps = choice.steps;
+    OPTD_RETURN_IF_ERROR(DirectionStage(run_config, MatrixBatch{x, count, rows, cols}, scratch));
+    x += count * rows * cols;
+  }
+  return absl::OkStatus();
+}
+
+bool Optimizer::has_auto_choices(int tensor) const { return tensors_[tensor]->has_auto; }
+
+const AutoChoices& Optimizer::auto_choices(int tensor) const { return tensors_[tensor]->choices; }
+
+absl::Status Optimizer::SetAutoChoices(int tensor, AutoChoices choices) {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  Tensor& t = *tensors_[tensor];
+  const std::string& name = t.spec.name;
+  if (!t.has_auto) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor '", name, "' has no auto modes (ns.steps=auto, direction=auto)"));
+  }
+  const AutoConfig& a = t.spec.config.matrix.auto_modes;
+  if (static_cast<int64_t>(choices.matrices.size()) != t.view.batch) {
+    return absl::InvalidArgumentError(absl::StrCat("auto choices of tensor '", name,
+                                                   "': ", choices.matrices.size(),
+                                                   " matrices, expected ", t.view.batch));
+  }
+  if (choices.decided_at_step < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("auto choices of tensor '", name,
+                                                   "': decided at step ", choices.decided_at_step));
+  }
+  for (const MatrixChoice& m : choices.matrices) {
+    if (m.steps < a.min_steps || m.steps > a.max_steps) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("auto choices of tensor '", name, "': ", m.steps,
+                       " Newton–Schulz steps is outside [", a.min_steps, ", ", a.max_steps, "]"));
+    }
+    if (m.row_normalize && !a.direction) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "auto choices of tensor '", name, "': row normalization without direction=auto"));
+    }
+  }
+  t.choices = std::move(choices);
+  t.pending_choices.reset();
+  // A recorded step ran on the old choices.
+  graph_.reset();
+  return absl::OkStatus();
+}
+
 // post-normalize: NorMuon's per-neuron second moment, v ← β₂·v + (1−β₂)·mean_row(o²),
 // o ← o/(√v + ε), optionally keeping ‖o‖F (seed: NorMuon summary).
 absl::Status Optimizer::PostNormalizeStage(Tensor& t, const MatrixBatch& o) {
@@ -828,8 +963,19 @@ absl::Status Optimizer::StepMembers(const Group& group, absl::Span<Tensor* const
     OPTD_RETURN_IF_ERROR(PreNormalizeStage(*t, u, scratch));
     offset += t->count;
   }
-  OPTD_RETURN_IF_ERROR(DirectionStage(members[0]->spec.config.matrix,
-                                      MatrixBatch{directions, batch, rows, cols}, scratch));
+  if (members[0]->has_auto) {
+    offset = 0;
+    for (Tensor* t : members) {
+      t->pending_choices.reset();
+      if (DecidesThisStep(*t)) OPTD_RETURN_IF_ERROR(Decide(*t, directions + offset));
+      offset += t->count;
+    }
+    OPTD_RETURN_IF_ERROR(
+        AutoDirectionStage(members[0]->spec.config.matrix, members, directions, scratch));
+  } else {
+    OPTD_RETURN_IF_ERROR(DirectionStage(members[0]->spec.config.matrix,
+                                        MatrixBatch{directions, batch, rows, cols}, scratch));
+  }
   offset = 0;
   for (Tensor* t : members) {
     const MatrixBatch o = slot(*t, offset);
@@ -861,6 +1007,7 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
   OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
   Tensor& t = *tensors_[tensor];
   t.prepared = false;
+  t.pending_choices.reset();
   if (poisoned_) return Poisoned();
   const double own_lr = t.spec.config.lr;
   if (lr.has_value()) {
@@ -965,6 +1112,10 @@ int Optimizer::CommitPrepared() {
     t->SwapWithShadows();
     t->prepared = false;
     ++t->steps;
+    if (t->pending_choices.has_value()) {
+      t->choices = *std::move(t->pending_choices);
+      t->pending_choices.reset();
+    }
     ++committed;
   }
   if (committed > 0) {
@@ -976,7 +1127,10 @@ int Optimizer::CommitPrepared() {
 }
 
 void Optimizer::DiscardPrepared() {
-  for (auto& t : tensors_) t->prepared = false;
+  for (auto& t : tensors_) {
+    if (t->prepared) t->pending_choices.reset();
+    t->prepared = false;
+  }
 }
 
 }  // namespace optd

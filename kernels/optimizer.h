@@ -14,6 +14,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "common/tensor_index.h"
+#include "kernels/auto_choice.h"
 #include "kernels/backend.h"
 #include "kernels/optimizer_config.h"
 
@@ -54,6 +55,20 @@ struct StateBuffer {
   std::string name;
   float* data;  // backend memory
   int64_t count;
+};
+
+// A matrix tensor's auto-mode choices (kernels/auto_choice.h), optimizer state like its momentum.
+struct AutoChoices {
+  std::vector<MatrixChoice> matrices;  // one per matrix of the tensor's batch
+  // The step (1-based, of this tensor) whose direction input the choices were decided on; they
+  // apply from the next one. 0: not decided yet (the config's step count, Newton–Schulz).
+  int64_t decided_at_step = 0;
+  // That decision's figures, means over the matrices decided: the share of singular values left
+  // below 0.6 at the chosen steps, r_min of V·Vᵀ and cos(rownormalize(V), polar(V)) (the last
+  // two with direction=auto only).
+  double small_sv_share = 0;
+  double dominance_min = 0;
+  double cosine = 0;
 };
 
 class Optimizer {
@@ -182,6 +197,20 @@ class Optimizer {
   // Restores the step count of a tensor (checkpoints); InvalidArgument when negative.
   absl::Status SetStepsApplied(int tensor, int64_t steps);
 
+  // --- The auto modes (ns.steps=auto, direction=auto): each matrix's choice is made inside the
+  // step, from the matrix the direction is about to orthogonalize, in steps 1, interval,
+  // 2·interval, ... of the tensor; it applies from the next step, and only a step that commits
+  // changes it. Checkpoints and exports carry it. ---
+  //
+  // Whether the tensor has auto-mode choices (a matrix tensor with an auto mode on).
+  bool has_auto_choices(int tensor) const;
+  // REQUIRES: has_auto_choices(tensor).
+  const AutoChoices& auto_choices(int tensor) const;
+  // Restores the choices (checkpoints, imports). InvalidArgument, changing nothing, for a tensor
+  // without auto modes, a count other than its batch, a step count outside the config's bounds,
+  // row normalization without direction=auto, or a negative step.
+  absl::Status SetAutoChoices(int tensor, AutoChoices choices);
+
  private:
   struct Tensor;
   struct Group;
@@ -210,6 +239,15 @@ class Optimizer {
   absl::Status MomentumStage(Tensor& t, float* u);
   absl::Status PreNormalizeStage(const Tensor& t, const MatrixBatch& u, float* scratch);
   absl::Status DirectionStage(const MatrixConfig& c, const MatrixBatch& all, float* scratch);
+  // The direction stage of a group whose members have auto choices: each run of consecutive
+  // matrices with the same choice as one batch.
+  absl::Status AutoDirectionStage(const MatrixConfig& c, absl::Span<Tensor* const> members,
+                                  float* directions, float* scratch);
+  // Whether this step of `t` decides its auto choices.
+  bool DecidesThisStep(const Tensor& t) const;
+  // Decides t's choices from its direction input `u` (backend memory), as pending choices that
+  // the step's commit makes current.
+  absl::Status Decide(Tensor& t, const float* u);
   absl::Status PostNormalizeStage(Tensor& t, const MatrixBatch& o);
   absl::Status ScaleAndDecayStage(Tensor& t, const MatrixBatch& o);
   absl::Status FusedRmnpStep(Tensor& t);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <map>
 
 #include "absl/strings/numbers.h"
@@ -207,6 +208,19 @@ Setter FloatField(std::function<float&(OptimizerConfig&)> f) { return Field<floa
 Setter DoubleField(std::function<double&(OptimizerConfig&)> f) {
   return Field<double>(ParseDouble, f);
 }
+// An int setting; values beyond int's range are refused rather than cut.
+Setter IntField(std::function<int&(OptimizerConfig&)> f) {
+  return Field<int>(
+      [](absl::string_view key, absl::string_view value) -> absl::StatusOr<int> {
+        OPTD_ASSIGN_OR_RETURN(int64_t v, ParseInt(key, value));
+        if (v < std::numeric_limits<int>::min() || v > std::numeric_limits<int>::max()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("override ", key, ": ", v, " is out of range"));
+        }
+        return static_cast<int>(v);
+      },
+      f);
+}
 Setter BoolField(std::function<bool&(OptimizerConfig&)> f) { return Field<bool>(ParseBool, f); }
 
 template <typename E>
@@ -244,11 +258,33 @@ const std::map<absl::string_view, Setter>& Setters() {
       {"pre_normalize.row_at_step",
        Field<int64_t>(
            ParseInt, [](auto& c) -> auto& { return c.matrix.rowcol_to_row_at_step; })},
-      {"direction", EnumField<Direction>(
-                        {{"newton_schulz", Direction::kNewtonSchulz},
-                         {"row_normalize", Direction::kRowNormalize},
-                         {"polar", Direction::kExactPolar}},
-                        [](auto& c) -> auto& { return c.matrix.direction; })},
+      // newton_schulz, row_normalize, polar, or auto (Newton–Schulz or row normalization, chosen
+      // per matrix: AutoConfig.direction).
+      {"direction",
+       [](OptimizerConfig& c, absl::string_view key, absl::string_view value) -> absl::Status {
+         if (value == "auto") {
+           c.matrix.direction = Direction::kNewtonSchulz;
+           c.matrix.auto_modes.direction = true;
+           return absl::OkStatus();
+         }
+         OPTD_ASSIGN_OR_RETURN(c.matrix.direction,
+                               ParseEnum<Direction>(key, value,
+                                                    {{"newton_schulz", Direction::kNewtonSchulz},
+                                                     {"row_normalize", Direction::kRowNormalize},
+                                                     {"polar", Direction::kExactPolar},
+                                                     {"auto", Direction::kNewtonSchulz}}));
+         c.matrix.auto_modes.direction = false;
+         return absl::OkStatus();
+       }},
+      {"auto.min_dominance",
+       DoubleField([](auto& c) -> auto& { return c.matrix.auto_modes.min_dominance; })},
+      {"auto.min_cosine",
+       DoubleField([](auto& c) -> auto& { return c.matrix.auto_modes.min_cosine; })},
+      {"auto.hysteresis",
+       DoubleField([](auto& c) -> auto& { return c.matrix.auto_modes.hysteresis; })},
+      {"auto.interval",
+       Field<int64_t>(
+           ParseInt, [](auto& c) -> auto& { return c.matrix.auto_modes.interval; })},
       {"ns.coefficients",
        [](OptimizerConfig& c, absl::string_view key, absl::string_view value) -> absl::Status {
          if (value.find(':') == absl::string_view::npos) {
@@ -262,16 +298,28 @@ const std::map<absl::string_view, Setter>& Setters() {
          c.matrix.newton_schulz.custom = std::move(list);
          return absl::OkStatus();
        }},
+      // A count, or auto (AutoConfig.steps; the count, clamped to the bounds, is the first).
       {"ns.steps",
        [](OptimizerConfig& c, absl::string_view key, absl::string_view value) -> absl::Status {
+         if (value == "auto") {
+           c.matrix.auto_modes.steps = true;
+           return absl::OkStatus();
+         }
          OPTD_ASSIGN_OR_RETURN(int64_t steps, ParseInt(key, value));
          if (steps < 1 || steps > kMaxNewtonSchulzSteps) {
            return absl::InvalidArgumentError(absl::StrCat(
                "override ns.steps: ", steps, " is outside [1, ", kMaxNewtonSchulzSteps, "]"));
          }
          c.matrix.newton_schulz.steps = static_cast<int>(steps);
+         c.matrix.auto_modes.steps = false;
          return absl::OkStatus();
        }},
+      {"ns.min_steps", IntField([](auto& c) -> auto& { return c.matrix.auto_modes.min_steps; })},
+      {"ns.max_steps", IntField([](auto& c) -> auto& { return c.matrix.auto_modes.max_steps; })},
+      {"ns.max_step_change",
+       IntField([](auto& c) -> auto& { return c.matrix.auto_modes.max_step_change; })},
+      {"ns.small_sv_target",
+       DoubleField([](auto& c) -> auto& { return c.matrix.auto_modes.small_sv_target; })},
       {"ns.grow_with_dimension", BoolField([](auto& c) -> auto& {
          return c.matrix.newton_schulz.steps_grow_with_dimension;
        })},
@@ -443,7 +491,17 @@ absl::Status ValidateOptimizerConfig(const OptimizerConfig& c) {
   OPTD_RETURN_IF_ERROR(
       check(m.scale_rms > 0.0 && m.scale_rms <= 1e3, "scale.rms must be in (0, 1e3]"));
   OPTD_RETURN_IF_ERROR(check(m.step_dtype != DType::kF64, "step_dtype must be fp32, bf16 or fp16"));
-  return ValidateNewtonSchulzConfig(m.newton_schulz);
+  OPTD_RETURN_IF_ERROR(ValidateNewtonSchulzConfig(m.newton_schulz));
+  OPTD_RETURN_IF_ERROR(ValidateAutoConfig(m.auto_modes));
+  if (m.auto_modes.any()) {
+    OPTD_RETURN_IF_ERROR(
+        check(m.direction == Direction::kNewtonSchulz,
+              "ns.steps=auto and direction=auto need the Newton–Schulz direction"));
+    OPTD_RETURN_IF_ERROR(check(!m.newton_schulz.steps_grow_with_dimension,
+                               "ns.grow_with_dimension and the auto modes both set the step count; "
+                               "choose one"));
+  }
+  return absl::OkStatus();
 }
 
 double ScaleFactor(const MatrixConfig& config, int64_t rows, int64_t cols) {

@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "kernels/auto_choice.h"
 #include "kernels/backend.h"
 #include "kernels/formulas.h"
 #include "kernels/newton_schulz.h"
@@ -47,6 +48,9 @@ struct MatrixConfig {
 
   Direction direction = Direction::kNewtonSchulz;
   NewtonSchulzConfig newton_schulz;
+  // ns.steps=auto and direction=auto: per-matrix choices the step makes (kernels/auto_choice.h).
+  // With direction=auto, `direction` is kNewtonSchulz and a matrix the rule picks row-normalizes.
+  AutoConfig auto_modes;
   float row_normalize_eps = 1e-12f;
 
   PostNormalize post_normalize = PostNormalize::kNone;

@@ -19,50 +19,7 @@ namespace optd {
 namespace {
 
 using reference::RandomNormal;
-
-// A rows×k matrix with orthonormal columns: Gram–Schmidt (twice) on Gaussian columns, in fp64.
-reference::Matrix RandomOrthonormalColumns(int64_t rows, int64_t k, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> normal;
-  reference::Matrix q(rows, k);
-  for (int64_t j = 0; j < k; ++j) {
-    std::vector<double> c(rows);
-    for (double& e : c) e = normal(rng);
-    for (int pass = 0; pass < 2; ++pass) {
-      for (int64_t i = 0; i < j; ++i) {
-        double dot = 0;
-        for (int64_t r = 0; r < rows; ++r) dot += q.at(r, i) * c[r];
-        for (int64_t r = 0; r < rows; ++r) c[r] -= dot * q.at(r, i);
-      }
-    }
-    double norm = 0;
-    for (double e : c) norm += e * e;
-    for (int64_t r = 0; r < rows; ++r) q.at(r, j) = c[r] / std::sqrt(norm);
-  }
-  return q;
-}
-
-// U·diag(sigma)·Wᵀ with random orthonormal U (rows×k) and W (cols×k), k = sigma.size(); the
-// polar factor U·Wᵀ into *polar when given.
-std::vector<float> WithSingularValues(int64_t rows, int64_t cols, const std::vector<double>& sigma,
-                                      uint32_t seed, std::vector<double>* polar = nullptr) {
-  const int64_t k = sigma.size();
-  const reference::Matrix u = RandomOrthonormalColumns(rows, k, seed);
-  const reference::Matrix w = RandomOrthonormalColumns(cols, k, seed + 1);
-  std::vector<float> x(rows * cols);
-  if (polar != nullptr) polar->assign(rows * cols, 0.0);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) {
-      double e = 0, p = 0;
-      for (int64_t i = 0; i < k; ++i) {
-        e += u.at(r, i) * sigma[i] * w.at(c, i);
-        p += u.at(r, i) * w.at(c, i);
-      }
-      x[r * cols + c] = static_cast<float>(e);
-      if (polar != nullptr) (*polar)[r * cols + c] = p;
-    }
-  return x;
-}
+using reference::WithSingularValues;
 
 // The spectrum figures of a known list of singular values, in fp64.
 SpectrumStats ClosedFormSpectrum(const std::vector<double>& sigma) {

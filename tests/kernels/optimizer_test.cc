@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -37,8 +38,10 @@ double Lerp(double a, double b, double t) { return a + t * (b - a); }
 
 // One step of `preset` on one matrix, as the reference code reads. `scale_rows/cols` are the
 // dimensions the scale rule reads (the 4-D quirk aside, the matrix's own).
+// `ns_steps` and `row_normalize` are the auto modes' choices for this step.
 void ReferenceMatrixStep(const std::string& preset, RefState& s, const Matrix& g, double lr,
-                         double mu, double scale_rows, double scale_cols) {
+                         double mu, double scale_rows, double scale_cols, int ns_steps = 5,
+                         bool row_normalize = false) {
   const int64_t r = g.rows, c = g.cols;
   const bool ema =
       preset == "keller" || preset == "torch" || preset == "normuon" || preset == "normuon_paper";
@@ -55,7 +58,7 @@ void ReferenceMatrixStep(const std::string& preset, RefState& s, const Matrix& g
     }
   }
   Matrix o;
-  if (preset == "rmnp") {
+  if (preset == "rmnp" || row_normalize) {
     o = u;
     for (int64_t i = 0; i < r; ++i) {
       double n = 0;
@@ -82,7 +85,7 @@ void ReferenceMatrixStep(const std::string& preset, RefState& s, const Matrix& g
     if (preset == "dion") {
       o = reference::NewtonSchulz(u, reference::PolarExpressCoefficients(), 5, 1e-8, 1.02, false);
     } else {
-      o = reference::NewtonSchulz(u, reference::KellerCoefficients(), 5, 1e-7, 1.0,
+      o = reference::NewtonSchulz(u, reference::KellerCoefficients(), ns_steps, 1e-7, 1.0,
                                   preset == "torch");
     }
   }
@@ -261,6 +264,217 @@ class OptimizerContractTest : public testing::CpuOptimizerTest {
     return std::vector<float>(b.data, b.data + b.count);  // CPU backend: host memory
   }
 };
+
+// --- The auto modes (kernels/auto_choice.h) inside the step. ---
+
+// Keller's polynomial on one singular value σ of a matrix of Frobenius norm `frobenius`.
+double KellerMap(double sigma, double frobenius, int steps) {
+  const auto& abc = reference::KellerCoefficients()[0];
+  double x = sigma / (frobenius + 1e-7);
+  for (int k = 0; k < steps; ++k) x = abc[0] * x + abc[1] * x * x * x + abc[2] * std::pow(x, 5);
+  return x;
+}
+
+TEST_F(OptimizerContractTest, AutoStepsAreDecidedPerMatrixAndApplyFromTheNextStep) {
+  // Two matrices of one batched tensor, each with 12 singular values at 1 and 4 at s. Every
+  // gradient is a multiple of the same matrix, so every step's direction input has that spectrum
+  // and the right step count is known in closed form: the fewest whose polynomial lifts s above
+  // 0.6. From 3 steps, moving at most 2 per decision, decided every step; the fp64 reference
+  // steps with the counts the rule gives, one step late.
+  const int64_t rows = 16, cols = 40, size = rows * cols;
+  const std::vector<double> spectrum_s = {3e-3, 0.3};
+  std::vector<float> g0;
+  std::vector<int> target;
+  for (size_t b = 0; b < spectrum_s.size(); ++b) {
+    std::vector<double> sigma(16, 1.0);
+    for (int i = 12; i < 16; ++i) sigma[i] = spectrum_s[b];
+    const std::vector<float> x = reference::WithSingularValues(rows, cols, sigma, 31 + b);
+    g0.insert(g0.end(), x.begin(), x.end());
+    double frobenius = 0;
+    for (double v : sigma) frobenius += v * v;
+    frobenius = std::sqrt(frobenius);
+    int k = 2;
+    while (k < 10 && KellerMap(spectrum_s[b], frobenius, k) < 0.6) ++k;
+    target.push_back(k);
+  }
+  ASSERT_GT(target[0], 5);  // climbs in two decisions
+  ASSERT_LT(target[1], 3);  // descends
+  OptimizerConfig config = Config(
+      "keller,precision=fp32,weight_decay=0.05,ns.steps=3,ns.steps=auto,ns.max_step_change=2,"
+      "auto.interval=1");
+  auto opt = Make({{"w", {2, rows, cols}, RankPolicy::kBatch, config}});
+  ASSERT_TRUE(opt->has_auto_choices(0));
+  const std::vector<float> w0 = reference::RandomNormal(2 * size, 11, 0.5f);
+  ASSERT_TRUE(opt->SetParameters(0, w0).ok());
+  std::vector<RefState> ref(2);
+  std::vector<int> steps = {3, 3};
+  for (int b = 0; b < 2; ++b) {
+    ref[b].w = reference::FromFloats(w0.data() + b * size, rows, cols);
+    ref[b].m = Matrix(rows, cols);
+    EXPECT_EQ(opt->auto_choices(0).matrices[b].steps, 3);
+  }
+  for (int step = 1; step <= kSteps; ++step) {
+    std::vector<float> g(g0);
+    for (float& v : g) v *= static_cast<float>(1.0 + 0.3 * std::sin(step));
+    ASSERT_TRUE(opt->SetGradient(0, g).ok());
+    ASSERT_TRUE(opt->Step().ok());
+    for (int b = 0; b < 2; ++b) {
+      ReferenceMatrixStep("keller", ref[b], reference::FromFloats(g.data() + b * size, rows, cols),
+                          config.lr, config.matrix.momentum, rows, cols, steps[b]);
+      steps[b] += std::clamp(target[b] - steps[b], -2, 2);
+      EXPECT_EQ(opt->auto_choices(0).matrices[b].steps, steps[b]) << "step " << step;
+    }
+    EXPECT_EQ(opt->auto_choices(0).decided_at_step, step);
+  }
+  EXPECT_EQ(steps, target);
+  EXPECT_EQ(opt->auto_choices(0).small_sv_share, 0.0);
+  std::vector<double> want(2 * size);
+  for (int b = 0; b < 2; ++b)
+    std::copy(ref[b].w.v.begin(), ref[b].w.v.end(), want.begin() + b * size);
+  ExpectFp32Match(Params(*opt, 0), want, w0);
+}
+
+TEST_F(OptimizerContractTest, AutoDirectionRowNormalizesOnlyWhereBothFiguresAgree) {
+  // "o": rows of different lengths along orthonormal directions, so V·Vᵀ is diagonal and the
+  // normalized rows are the polar factor: row normalization from the first decision on.
+  // "e": every row the same vector, r_i = 1 < 1.05·min_dominance: Newton–Schulz throughout.
+  // Decisions at steps 1, 3, 6, 9 (interval 3); the fp64 reference follows them a step late.
+  const int64_t rows = 6, cols = 10;
+  const Matrix q = reference::RandomOrthonormalColumns(cols, rows, 3);
+  std::vector<float> go(rows * cols), ge;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) go[i * cols + j] = static_cast<float>((i + 1) * q.at(j, i));
+  for (int i = 0; i < 5; ++i) ge.insert(ge.end(), {1.0f, -2.0f, 0.5f});
+  OptimizerConfig config =
+      Config("keller,precision=fp32,weight_decay=0.05,direction=auto,auto.interval=3");
+  auto opt = Make({{"o", {rows, cols}, RankPolicy::kFlatten, config},
+                   {"e", {5, 3}, RankPolicy::kFlatten, config}});
+  const std::vector<std::vector<float>> g0 = {go, ge};
+  const std::vector<std::pair<int64_t, int64_t>> shape = {{rows, cols}, {5, 3}};
+  std::vector<RefState> ref(2);
+  std::vector<std::vector<float>> w0(2);
+  for (int t = 0; t < 2; ++t) {
+    w0[t] = reference::RandomNormal(g0[t].size(), 5 + t, 0.5f);
+    ASSERT_TRUE(opt->SetParameters(t, w0[t]).ok());
+    ref[t].w = reference::FromFloats(w0[t].data(), shape[t].first, shape[t].second);
+    ref[t].m = Matrix(shape[t].first, shape[t].second);
+  }
+  for (int step = 1; step <= kSteps; ++step) {
+    std::vector<std::vector<float>> g = g0;
+    for (int t = 0; t < 2; ++t) {
+      for (float& v : g[t]) v *= static_cast<float>(1.0 + 0.3 * std::cos(step));
+      ASSERT_TRUE(opt->SetGradient(t, g[t]).ok());
+    }
+    ASSERT_TRUE(opt->Step().ok());
+    for (int t = 0; t < 2; ++t) {
+      ReferenceMatrixStep("keller", ref[t],
+                          reference::FromFloats(g[t].data(), shape[t].first, shape[t].second),
+                          config.lr, config.matrix.momentum, shape[t].first, shape[t].second, 5,
+                          /*row_normalize=*/t == 0 && step > 1);
+    }
+    EXPECT_TRUE(opt->auto_choices(0).matrices[0].row_normalize) << step;
+    EXPECT_FALSE(opt->auto_choices(1).matrices[0].row_normalize) << step;
+    EXPECT_EQ(opt->auto_choices(0).decided_at_step, step < 3 ? 1 : step / 3 * 3);
+  }
+  EXPECT_GT(opt->auto_choices(0).dominance_min, 1e5);
+  EXPECT_NEAR(opt->auto_choices(0).cosine, 1.0, 1e-6);
+  EXPECT_NEAR(opt->auto_choices(1).dominance_min, 1.0, 1e-6);
+  for (int t = 0; t < 2; ++t) ExpectFp32Match(Params(*opt, t), ref[t].w.v, w0[t]);
+}
+
+TEST_F(OptimizerContractTest, AutoChoicesChangeOnlyWithACommittedStepAndRestoreChecked) {
+  OptimizerConfig config = Config("keller,ns.steps=auto,direction=auto,auto.interval=2");
+  auto opt = Make({{"w", {3, 4, 8}, RankPolicy::kBatch, config},
+                   {"v", {8}, RankPolicy::kFlatten, Config("adamw")}});
+  EXPECT_FALSE(opt->has_auto_choices(1));
+  const AutoChoices before = opt->auto_choices(0);
+  EXPECT_EQ(before.decided_at_step, 0);
+  // A rejected step (a NaN gradient) decides nothing.
+  std::vector<float> g = reference::RandomNormal(96, 4);
+  g[5] = std::nanf("");
+  ASSERT_TRUE(opt->SetGradient(0, g).ok());
+  EXPECT_EQ(opt->Step().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(opt->auto_choices(0).decided_at_step, 0);
+  // A prepared step decides, and only its commit makes the choice current.
+  g[5] = 0.25f;
+  ASSERT_TRUE(opt->PrepareTensor(0, g).ok());
+  EXPECT_EQ(opt->auto_choices(0).decided_at_step, 0);
+  opt->DiscardPrepared();
+  ASSERT_TRUE(opt->PrepareTensor(0, g).ok());
+  EXPECT_EQ(opt->CommitPrepared(), 1);
+  EXPECT_EQ(opt->auto_choices(0).decided_at_step, 1);
+
+  AutoChoices set = opt->auto_choices(0);
+  set.matrices = {{3, true}, {7, false}, {10, true}};
+  set.decided_at_step = 40;
+  ASSERT_TRUE(opt->SetAutoChoices(0, set).ok());
+  EXPECT_EQ(opt->auto_choices(0).matrices, set.matrices);
+  EXPECT_EQ(opt->auto_choices(0).decided_at_step, 40);
+  auto refused = [&](AutoChoices c, int tensor = 0) {
+    const absl::Status s = opt->SetAutoChoices(tensor, c);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_EQ(opt->auto_choices(0).matrices, set.matrices);
+    return std::string(s.message());
+  };
+  AutoChoices bad = set;
+  bad.matrices.pop_back();
+  EXPECT_NE(refused(bad).find("2 matrices, expected 3"), std::string::npos);
+  bad = set;
+  bad.matrices[1].steps = 11;
+  EXPECT_NE(refused(bad).find("outside [2, 10]"), std::string::npos);
+  bad = set;
+  bad.decided_at_step = -1;
+  EXPECT_NE(refused(bad).find("decided at step -1"), std::string::npos);
+  EXPECT_NE(refused(set, 1).find("no auto modes"), std::string::npos);
+  auto steps_only = Make({{"w", {4, 8}, RankPolicy::kFlatten, Config("keller,ns.steps=auto")}});
+  AutoChoices rn = steps_only->auto_choices(0);
+  rn.matrices[0].row_normalize = true;
+  EXPECT_EQ(steps_only->SetAutoChoices(0, rn).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(OptimizerContractTest, AutoChoicesAreTheSameBatchedPreparedOrAlone) {
+  // The same gradients through one optimizer holding two same-shape auto tensors (one batch), one
+  // stepping them by PrepareTensor, and two holding one each: the same bits and choices.
+  OptimizerConfig config = Config("keller,ns.steps=auto,direction=auto,auto.interval=2");
+  auto batched = Make(
+      {{"a", {8, 24}, RankPolicy::kFlatten, config}, {"b", {8, 24}, RankPolicy::kFlatten, config}});
+  auto prepared = Make(
+      {{"a", {8, 24}, RankPolicy::kFlatten, config}, {"b", {8, 24}, RankPolicy::kFlatten, config}});
+  ASSERT_EQ(batched->num_groups(), 1);
+  std::vector<std::unique_ptr<Optimizer>> alone;
+  alone.push_back(Make({{"a", {8, 24}, RankPolicy::kFlatten, config}}));
+  alone.push_back(Make({{"b", {8, 24}, RankPolicy::kFlatten, config}}));
+  for (int step = 1; step <= 6; ++step) {
+    for (int t = 0; t < 2; ++t) {
+      // Tensor b's rows are nearly orthogonal (a scaled identity block plus noise); a's are one
+      // shared vector plus noise (r_i ≈ 1.01, and row normalization far from the polar factor).
+      std::vector<float> g = reference::RandomNormal(192, 100 * step + t, t == 0 ? 0.1f : 0.01f);
+      const std::vector<float> shared = reference::RandomNormal(24, 7);
+      for (int i = 0; i < 8; ++i) {
+        if (t == 0) {
+          for (int j = 0; j < 24; ++j) g[i * 24 + j] += shared[j];
+        } else {
+          g[i * 24 + i] += 1.0f;
+        }
+      }
+      ASSERT_TRUE(batched->SetGradient(t, g).ok());
+      ASSERT_TRUE(prepared->PrepareTensor(t, g).ok());
+      ASSERT_TRUE(alone[t]->SetGradient(0, g).ok());
+      ASSERT_TRUE(alone[t]->Step().ok());
+    }
+    ASSERT_TRUE(batched->Step().ok());
+    ASSERT_EQ(prepared->CommitPrepared(), 2);
+    for (int t = 0; t < 2; ++t) {
+      EXPECT_EQ(Params(*batched, t), Params(*alone[t], 0)) << step;
+      EXPECT_EQ(Params(*prepared, t), Params(*alone[t], 0)) << step;
+      EXPECT_EQ(batched->auto_choices(t).matrices, alone[t]->auto_choices(0).matrices);
+      EXPECT_EQ(prepared->auto_choices(t).matrices, alone[t]->auto_choices(0).matrices);
+    }
+  }
+  // The rule split the batch: b row-normalizes, a does not.
+  EXPECT_FALSE(batched->auto_choices(0).matrices[0].row_normalize);
+  EXPECT_TRUE(batched->auto_choices(1).matrices[0].row_normalize);
+}
 
 TEST_F(OptimizerContractTest, CapturedUpdateIsWhatTheStepApplied) {
   // From zero parameters at lr 1 with no decay, a step leaves w = −step(u) exactly: the captured
