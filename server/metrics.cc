@@ -93,7 +93,31 @@ struct Metrics::SessionSeries {
   // The figures' gauges by family and labels: a new analysis sets them in place, so a scrape
   // never sees a series missing between two analyses.
   std::map<std::pair<Family<Gauge>*, prometheus::Labels>, Gauge*> analysis;
+  // The auto modes' series, kept the same way.
+  std::map<std::pair<Family<Gauge>*, prometheus::Labels>, Gauge*> choices;
 };
+
+namespace {
+
+// Sets `values` into `gauges` in place, removing the series no longer present.
+void ReplaceGauges(std::map<std::pair<Family<Gauge>*, prometheus::Labels>, Gauge*>& gauges,
+                   const std::map<std::pair<Family<Gauge>*, prometheus::Labels>, double>& values) {
+  for (auto it = gauges.begin(); it != gauges.end();) {
+    if (values.contains(it->first)) {
+      ++it;
+    } else {
+      it->first.first->Remove(it->second);
+      it = gauges.erase(it);
+    }
+  }
+  for (const auto& [key, value] : values) {
+    Gauge*& gauge = gauges[key];
+    if (gauge == nullptr) gauge = &key.first->Add(key.second);
+    gauge->Set(value);
+  }
+}
+
+}  // namespace
 
 Metrics::Metrics(MetricsOptions options)
     : options_(options),
@@ -186,7 +210,19 @@ Metrics::Metrics(MetricsOptions options)
                                   "full), too_large (the snapshot alone exceeds "
                                   "--analysis_max_bytes), failed (a tensor with no direction, "
                                   "such as a zero momentum).")
-                            .Register(*registry_)) {
+                            .Register(*registry_)),
+      newton_schulz_steps_(
+          prometheus::BuildGauge()
+              .Name("optd_newton_schulz_steps")
+              .Help("ns.steps=auto (seed 003): the Newton-Schulz steps the tensor's matrices run "
+                    "now, their mean; without `tensor`, the mean over the session's tensors.")
+              .Register(*registry_)),
+      direction_(prometheus::BuildGauge()
+                     .Name("optd_direction")
+                     .Help("direction=auto (seed 000): the share of the tensor's matrices that "
+                           "row-normalize (RMNP) instead of running Newton-Schulz: 0 all "
+                           "Newton-Schulz, 1 all row normalization.")
+                     .Register(*registry_)) {
   prometheus::BuildGauge()
       .Name("optd_build_info")
       .Help("1, labelled with the running optd's version.")
@@ -354,23 +390,40 @@ void Metrics::PublishAnalysis(const std::string& session, int64_t step,
     labels["session"] = session;
     values[{figure.family, std::move(labels)}] = sum / static_cast<double>(tensors.size());
   }
-  for (auto it = series.analysis.begin(); it != series.analysis.end();) {
-    if (values.contains(it->first)) {
-      ++it;
-    } else {
-      it->first.first->Remove(it->second);
-      it = series.analysis.erase(it);
-    }
-  }
-  for (const auto& [key, value] : values) {
-    Gauge*& gauge = series.analysis[key];
-    if (gauge == nullptr) gauge = &key.first->Add(key.second);
-    gauge->Set(value);
-  }
+  ReplaceGauges(series.analysis, values);
   if (series.analysis_step == nullptr) {
     series.analysis_step = &analysis_step_.Add({{"session", session}});
   }
   series.analysis_step->Set(static_cast<double>(step));
+}
+
+void Metrics::PublishChoices(const std::string& session,
+                             const std::vector<v1::TensorChoices>& choices) {
+  absl::MutexLock lock(&mu_);
+  SessionSeries& series = sessions_series_[session];
+  std::map<std::pair<Family<Gauge>*, prometheus::Labels>, double> values;
+  const size_t budget = static_cast<size_t>(std::max(options_.tensor_label_budget, 0));
+  double steps_sum = 0, direction_sum = 0;
+  for (size_t t = 0; t < choices.size(); ++t) {
+    const v1::AutoChoices& c = choices[t].choices();
+    double steps = 0, row_normalized = 0;
+    for (int32_t s : c.newton_schulz_steps()) steps += s;
+    for (bool r : c.row_normalize()) row_normalized += r;
+    const double n = std::max(1, c.newton_schulz_steps_size());
+    steps_sum += steps / n;
+    direction_sum += row_normalized / n;
+    if (t >= budget) continue;
+    values[{&newton_schulz_steps_, {{"session", session}, {"tensor", choices[t].tensor()}}}] =
+        steps / n;
+    values[{&direction_, {{"session", session}, {"tensor", choices[t].tensor()}}}] =
+        row_normalized / n;
+  }
+  if (!choices.empty()) {
+    const double n = static_cast<double>(choices.size());
+    values[{&newton_schulz_steps_, {{"session", session}}}] = steps_sum / n;
+    values[{&direction_, {{"session", session}}}] = direction_sum / n;
+  }
+  ReplaceGauges(series.choices, values);
 }
 
 void Metrics::ObserveAnalysis(absl::Duration duration) {
@@ -387,6 +440,7 @@ void Metrics::RemoveSession(const std::string& session) {
   if (it == sessions_series_.end()) return;
   SessionSeries& series = it->second;
   RemoveAnalysisLocked(series);
+  ReplaceGauges(series.choices, {});
   if (series.step != nullptr) session_step_.Remove(series.step);
   if (series.memory != nullptr) session_memory_.Remove(series.memory);
   if (series.nonfinite != nullptr) nonfinite_.Remove(series.nonfinite);

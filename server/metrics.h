@@ -81,6 +81,11 @@ class Metrics {
   // in session order) and their mean.
   void PublishAnalysis(const std::string& session, int64_t step,
                        const std::vector<v1::TensorAnalysis>& tensors);
+  // Replaces the session's auto-mode series with `choices` (every tensor with an auto mode, in
+  // session order): optd_newton_schulz_steps, the mean step count over a tensor's matrices, and
+  // optd_direction, the share of them that row-normalize (0: Newton–Schulz, 1: RMNP's row
+  // normalization); and the same without `tensor`, the mean over the session's tensors.
+  void PublishChoices(const std::string& session, const std::vector<v1::TensorChoices>& choices);
   void ObserveAnalysis(absl::Duration duration);
   void CountAnalysisSkipped(absl::string_view reason);
   // Drops every series labelled with `session`.
@@ -112,6 +117,8 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& analysis_step_;
   prometheus::Histogram& analysis_duration_;
   prometheus::Family<prometheus::Counter>& analysis_skipped_;
+  prometheus::Family<prometheus::Gauge>& newton_schulz_steps_;
+  prometheus::Family<prometheus::Gauge>& direction_;
   std::vector<Figure> figures_;
   std::vector<prometheus::Histogram*> phases_;
 

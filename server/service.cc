@@ -705,6 +705,8 @@ grpc::Status OptimizerService::GetAnalysis(grpc::ServerContext* context,
                                         Authorize(context, request->session_id()));
                   for (v1::TensorAnalysis& a : session->Analysis())
                     *response->add_tensors() = std::move(a);
+                  for (v1::TensorChoices& c : session->Choices())
+                    *response->add_choices() = std::move(c);
                   return absl::OkStatus();
                 }));
 }

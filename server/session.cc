@@ -609,9 +609,19 @@ void Session::CountNonFinite(int64_t values) {
 }
 
 void Session::ExportStateLocked() {
-  if (options_.metrics == nullptr) return;
+  std::vector<v1::TensorChoices> choices;
+  for (int t = 0; t < num_tensors(); ++t) {
+    if (!optimizer_->has_auto_choices(t)) continue;
+    v1::TensorChoices& c = choices.emplace_back();
+    c.set_tensor(config_.tensors(t).name());
+    *c.mutable_choices() = AutoChoicesToProto(optimizer_->auto_choices(t));
+  }
   absl::MutexLock lock(&analysis_mu_);
-  if (!retired_) options_.metrics->SetSessionState(id_, step_, state_bytes_);
+  const bool publish_choices = !choices.empty() || !choices_.empty();
+  choices_ = std::move(choices);
+  if (options_.metrics == nullptr || retired_) return;
+  options_.metrics->SetSessionState(id_, step_, state_bytes_);
+  if (publish_choices) options_.metrics->PublishChoices(id_, choices_);
 }
 
 absl::Status Session::ReadResultLocked(StepOutcome& outcome, const std::vector<char>& filled) {
@@ -831,6 +841,9 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Extend(v1::SessionConfig exten
       }
     }
     OPTD_RETURN_IF_ERROR(next.SetStepsApplied(t, optimizer_->steps_applied(t)));
+    if (optimizer_->has_auto_choices(t)) {
+      OPTD_RETURN_IF_ERROR(next.SetAutoChoices(t, optimizer_->auto_choices(t)));
+    }
   }
   state.step = step_;
   state.hyperparams = hyperparams_;
@@ -956,6 +969,11 @@ std::vector<v1::TensorAnalysis> Session::Analysis() {
   return analysis_;
 }
 
+std::vector<v1::TensorChoices> Session::Choices() {
+  absl::MutexLock lock(&analysis_mu_);
+  return choices_;
+}
+
 v1::SessionInfo Session::Info(bool with_tensors) {
   v1::SessionInfo info;
   info.set_session_id(id_);
@@ -973,6 +991,9 @@ v1::SessionInfo Session::Info(bool with_tensors) {
     *ti->mutable_config() = config_.tensors(t);
     ti->set_num_elements(counts_[t]);
     ti->set_steps_applied(optimizer_->steps_applied(t));
+    if (optimizer_->has_auto_choices(t)) {
+      *ti->mutable_auto_choices() = AutoChoicesToProto(optimizer_->auto_choices(t));
+    }
     const v1::GroupHyperparams& h = hyperparams_.at(config_.groups(group_of_[t]).name());
     ti->set_lr(h.lr());
     ti->set_weight_decay(h.weight_decay());

@@ -210,6 +210,9 @@ class Session : public std::enable_shared_from_this<Session> {
   // The latest analysis figures of each analyzed matrix tensor, in session order (DESIGN.md,
   // "Metrics"); empty until the first analysis (every config.analysis_interval() steps) is done.
   std::vector<v1::TensorAnalysis> Analysis();
+  // The current auto-mode choices of every tensor with an auto mode, in session order, as of the
+  // last step (kernels/auto_choice.h); empty for a session without auto modes.
+  std::vector<v1::TensorChoices> Choices();
   // Takes the analyzer's figures for `step` and exports them, unless the session is retired or a
   // Restore came after the snapshot (`restores` counts the Restores before it was taken).
   void PublishAnalysis(int64_t step, int64_t restores, std::vector<v1::TensorAnalysis> figures);
@@ -334,6 +337,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // Separate from mu_ so that GetAnalysis never waits for a step.
   absl::Mutex analysis_mu_;
   std::vector<v1::TensorAnalysis> analysis_ ABSL_GUARDED_BY(analysis_mu_);
+  std::vector<v1::TensorChoices> choices_ ABSL_GUARDED_BY(analysis_mu_);
   bool retired_ ABSL_GUARDED_BY(analysis_mu_) = false;
 };
 

@@ -1,5 +1,6 @@
 #include "server/session_checkpoint.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -50,6 +51,43 @@ absl::StatusOr<OpenedCheckpoint> OpenSessionCheckpoint(FileSystem& fs, const std
   return opened;
 }
 
+v1::AutoChoices AutoChoicesToProto(const AutoChoices& choices) {
+  v1::AutoChoices proto;
+  for (const MatrixChoice& m : choices.matrices) {
+    proto.add_newton_schulz_steps(m.steps);
+    proto.add_row_normalize(m.row_normalize);
+  }
+  proto.set_decided_at_step(choices.decided_at_step);
+  proto.set_small_sv_share(choices.small_sv_share);
+  proto.set_dominance_ratio_min(choices.dominance_min);
+  proto.set_rmnp_muon_cosine(choices.cosine);
+  return proto;
+}
+
+AutoChoices AutoChoicesFromProto(const v1::AutoChoices& proto) {
+  AutoChoices choices;
+  const int n = std::min(proto.newton_schulz_steps_size(), proto.row_normalize_size());
+  for (int i = 0; i < n; ++i) {
+    choices.matrices.push_back({proto.newton_schulz_steps(i), proto.row_normalize(i)});
+  }
+  choices.decided_at_step = proto.decided_at_step();
+  choices.small_sv_share = proto.small_sv_share();
+  choices.dominance_min = proto.dominance_ratio_min();
+  choices.cosine = proto.rmnp_muon_cosine();
+  return choices;
+}
+
+absl::Status RestoreAutoChoices(Optimizer& optimizer, int t, bool present,
+                                const v1::AutoChoices& proto) {
+  if (!present || !optimizer.has_auto_choices(t)) return absl::OkStatus();
+  if (proto.newton_schulz_steps_size() != proto.row_normalize_size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "auto choices of tensor '", optimizer.spec(t).name, "': ", proto.newton_schulz_steps_size(),
+        " step counts for ", proto.row_normalize_size(), " directions"));
+  }
+  return optimizer.SetAutoChoices(t, AutoChoicesFromProto(proto));
+}
+
 absl::Status LoadTensorRecords(const CheckpointReader& reader, const v1::TensorCheckpoint& tc,
                                int t, Optimizer& optimizer) {
   std::vector<float> values;
@@ -65,7 +103,11 @@ absl::Status LoadTensorRecords(const CheckpointReader& reader, const v1::TensorC
     OPTD_RETURN_IF_ERROR(CopyRecord(record, name, absl::MakeSpan(values)));
     OPTD_RETURN_IF_ERROR(optimizer.SetState(t, buffer.name, values));
   }
-  return optimizer.SetStepsApplied(t, tc.steps_applied());
+  OPTD_RETURN_IF_ERROR(optimizer.SetStepsApplied(t, tc.steps_applied()));
+  const absl::Status choices =
+      RestoreAutoChoices(optimizer, t, tc.has_auto_choices(), tc.auto_choices());
+  if (!choices.ok()) return absl::DataLossError(choices.message());
+  return absl::OkStatus();
 }
 
 absl::StatusOr<SessionState> LoadSessionCheckpoint(Backend& backend, FileSystem& fs,
@@ -126,6 +168,9 @@ absl::StatusOr<CheckpointInfo> WriteSessionCheckpoint(FileSystem& fs, const std:
     tc->set_name(contents.config.tensors(t).name());
     tc->set_steps_applied(optimizer.steps_applied(t));
     for (const StateBuffer& b : optimizer.state(t)) tc->add_state_buffers(b.name);
+    if (optimizer.has_auto_choices(t)) {
+      *tc->mutable_auto_choices() = AutoChoicesToProto(optimizer.auto_choices(t));
+    }
   }
   OPTD_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointWriter> writer,
                         CheckpointWriter::Create(fs, info.path));

@@ -51,9 +51,19 @@ absl::StatusOr<OpenedCheckpoint> OpenSessionCheckpoint(FileSystem& fs, const std
 
 std::string SessionCheckpointPath(const std::string& state_dir, const std::string& id);
 
+// A tensor's auto-mode choices (kernels/optimizer.h) as checkpoints, exports and GetAnalysis carry
+// them, and back.
+v1::AutoChoices AutoChoicesToProto(const AutoChoices& choices);
+AutoChoices AutoChoicesFromProto(const v1::AutoChoices& proto);
+// Sets tensor `t`'s choices from `proto` where the tensor has auto modes and `present` (a source
+// without them, e.g. a checkpoint from before the tensor had them, leaves the first choices);
+// InvalidArgument as Optimizer::SetAutoChoices, or for lists of unequal length.
+absl::Status RestoreAutoChoices(Optimizer& optimizer, int t, bool present,
+                                const v1::AutoChoices& proto);
+
 // Tensor `t` of `optimizer` from the records of the checkpointed tensor `tc`: parameters, every
-// state buffer the optimizer has for it, and its applied steps. DataLoss for a missing record, a
-// record of the wrong size or a non-finite value.
+// state buffer the optimizer has for it, its applied steps and auto choices. DataLoss for a missing
+// record, a record of the wrong size or a non-finite value.
 absl::Status LoadTensorRecords(const CheckpointReader& reader, const v1::TensorCheckpoint& tc,
                                int t, Optimizer& optimizer);
 

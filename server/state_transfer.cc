@@ -47,6 +47,9 @@ v1::StateHeader StateHeaderOf(const v1::SessionConfig& config, int64_t step,
     ts->set_name(config.tensors(t).name());
     ts->set_steps_applied(optimizer.steps_applied(t));
     ts->set_elements(optimizer.num_elements(t));
+    if (optimizer.has_auto_choices(t)) {
+      *ts->mutable_auto_choices() = AutoChoicesToProto(optimizer.auto_choices(t));
+    }
     for (const StateBuffer& b : optimizer.state(t)) {
       ts->add_state_buffers(b.name);
       ts->add_state_elements(b.count);
@@ -128,6 +131,12 @@ absl::StatusOr<std::unique_ptr<StateImport>> StateImport::Begin(Backend& backend
                                                      ts.steps_applied(), " steps applied"));
     }
     import->steps_applied_[t] = ts.steps_applied();
+    // Checked now, against the session's own config, so a bad header changes nothing.
+    const absl::Status choices =
+        RestoreAutoChoices(optimizer, t, ts.has_auto_choices(), ts.auto_choices());
+    if (!choices.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": ", choices.message()));
+    }
     import->records_[{tc.name(), ""}] = Record{t, optimizer.num_elements(t), 0, false};
     std::vector<std::string> want, got(ts.state_buffers().begin(), ts.state_buffers().end());
     for (const StateBuffer& b : optimizer.state(t)) {

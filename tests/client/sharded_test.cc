@@ -33,6 +33,16 @@ v1::SessionConfig ShardedConfig() {
     v1::GroupConfig* g = config.add_groups();
     g->set_name(name);
     g->set_preset(preset);
+    if (name == "muon") {
+      // Steps and direction chosen per matrix, every other step: a batched tensor's slices on
+      // different instances choose as the whole does on one.
+      for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+               {"ns.steps", "auto"}, {"direction", "auto"}, {"auto.interval", "2"}}) {
+        v1::Override* o = g->add_overrides();
+        o->set_key(key);
+        o->set_value(value);
+      }
+    }
   }
   struct Def {
     std::string name;
@@ -117,6 +127,20 @@ TEST(ShardedSessionTest, EqualsOneInstanceBitForBit) {
   for (const auto& [name, values] : *want) {
     EXPECT_TRUE(BitwiseEqual(got->at(name), values)) << name;
   }
+  // The auto modes chose something other than their start (5 steps, Newton–Schulz) somewhere,
+  // and GetAnalysis reports each muon tensor's choices, one per matrix.
+  absl::StatusOr<v1::GetAnalysisResponse> analysis = single->Analysis();
+  ASSERT_TRUE(analysis.ok()) << analysis.status();
+  ASSERT_EQ(analysis->choices_size(), 3);
+  int changed = 0;
+  for (const v1::TensorChoices& c : analysis->choices()) {
+    EXPECT_EQ(c.choices().decided_at_step(), 4) << c.tensor();
+    EXPECT_EQ(c.choices().newton_schulz_steps_size(), c.tensor() == "experts" ? 5 : 1);
+    for (int i = 0; i < c.choices().newton_schulz_steps_size(); ++i) {
+      changed += c.choices().newton_schulz_steps(i) != 5 || c.choices().row_normalize(i);
+    }
+  }
+  EXPECT_GT(changed, 0);
 
   // A down instance: the step fails naming it, without waiting.
   servers[1].reset();

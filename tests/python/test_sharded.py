@@ -18,7 +18,9 @@ from optd.sharded import ShardedSession, ShardRestore
 from optd.v1 import optd_pb2
 
 CONFIG = """
-groups { name: "muon" preset: "keller" }
+groups { name: "muon" preset: "keller"
+         overrides { key: "ns.steps" value: "auto" } overrides { key: "direction" value: "auto" }
+         overrides { key: "auto.interval" value: "2" } }
 groups { name: "eq" preset: "muoneq_rowcol" }
 groups { name: "rmnp" preset: "rmnp" }
 groups { name: "vectors" preset: "adamw" }
@@ -60,6 +62,32 @@ def test_sharded_equals_one_instance_bit_for_bit(daemons):
     got, want = sharded.get_parameters(), single.get_parameters()
     for name in SHAPES:
         assert np.array_equal(got[name], want[name]), name
+    # The muon tensors' auto choices (one per matrix; the experts' five come from their slices on
+    # several instances), joined in info and in the exported state, are the single instance's.
+    def choices(tensors):
+        named = {}
+        for t in tensors:
+            if t.HasField("auto_choices"):
+                c = t.auto_choices
+                named[t.config.name if hasattr(t, "config") else t.name] = (
+                    list(c.newton_schulz_steps), list(c.row_normalize), c.decided_at_step,
+                    round(c.small_sv_share, 9), round(c.rmnp_muon_cosine, 9))
+        return named
+    want_choices = choices(single.info().tensors)
+    assert sorted(want_choices) == ["experts", "w1", "w2"]
+    assert len(want_choices["experts"][0]) == 5 and want_choices["experts"][2] == 4
+    assert choices(sharded.info().tensors) == want_choices
+    assert choices(sharded.export_state()[0].tensors) == want_choices
+    assert choices(single.export_state()[0].tensors) == want_choices
+    # The single instance's state imported into another sharded session: each slice takes its
+    # matrices' choices, and the next step (which a decision at step 4 steers) is the same.
+    other = ShardedSession(clients, addresses, CONFIG, "py-sharded-import", epoch=1)
+    assert other.import_state(*single.export_state()) == 4
+    assert choices(other.info().tensors) == want_choices
+    grads = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+    a, b = other.step(5, grads), single.step(5, grads)
+    for name in SHAPES:
+        assert np.array_equal(a.values[name], b.values[name]), name
 
     # A stale epoch is refused by the instance holding the part.
     part = sharded.parts()[0][1]
@@ -71,7 +99,7 @@ def test_sharded_equals_one_instance_bit_for_bit(daemons):
     # A stopped instance is named.
     daemons[1][1]()
     with pytest.raises(OptdError) as down:
-        sharded.step(5, grads, timeout=20)
+        sharded.step(5, grads, timeout=20)  # the sharded session itself is at step 4
     assert down.value.code == grpc.StatusCode.UNAVAILABLE
     assert addresses[1] in down.value.message
 

@@ -21,7 +21,8 @@ torch = pytest.importorskip("torch")
 import optd  # noqa: E402
 from conftest import start_daemon, start_shared_daemons  # noqa: E402
 from optd.local import LocalMuon  # noqa: E402
-from optd.torch import RemoteOptimizer, default_assignment  # noqa: E402
+from optd.torch import AUTO_CHOICES, RemoteOptimizer, default_assignment  # noqa: E402
+from optd.v1 import optd_pb2  # noqa: E402
 
 
 def model():
@@ -185,25 +186,37 @@ def test_the_model_stays_in_charge_of_its_parameters(daemon):
         optimizer.close()
 
 
-def test_resume_in_a_new_optimizer_on_another_daemon_from_a_saved_state_dict(daemon):
+# Plain Muon, and Muon choosing its steps and direction every other step: the choices made at
+# step 2 steer step 3, so the state_dict must carry them.
+@pytest.mark.parametrize("overrides", [None, {"ns.steps": "auto", "direction": "auto",
+                                              "auto.interval": 2}])
+def test_resume_in_a_new_optimizer_on_another_daemon_from_a_saved_state_dict(daemon, overrides):
     net = model()
     other, stop_other = start_daemon()  # no state directory shared with the first
     try:
         with optd.Client(daemon, timeout=30) as client, \
-                RemoteOptimizer(net.named_parameters(), client, lr=0.02) as first:
+                RemoteOptimizer(net.named_parameters(), client, lr=0.02,
+                                overrides=overrides) as first:
             scheduler = torch.optim.lr_scheduler.StepLR(first, step_size=1, gamma=0.5)
             for step in range(1, 3):
                 train_step(net, first, step)
                 scheduler.step()
+            saved = first.state_dict()
+            if overrides:
+                # Each matrix's choices, decided at step 2.
+                choices = [optd_pb2.AutoChoices.FromString(e[AUTO_CHOICES])
+                           for e in saved["state"].values() if AUTO_CHOICES in e]
+                assert choices and all(c.decided_at_step == 2 for c in choices)
             buffer = io.BytesIO()
-            torch.save({"model": net.state_dict(), "optimizer": first.state_dict()}, buffer)
+            torch.save({"model": net.state_dict(), "optimizer": saved}, buffer)
             train_step(net, first, 3)  # the run then "crashes" and its session goes
             after_three = copy.deepcopy(net.state_dict())
         checkpoint = torch.load(io.BytesIO(buffer.getvalue()))
         # A new process: a fresh model and a new optimizer with a session of its own, elsewhere.
         fresh = model()
         with optd.Client(other, timeout=30) as client, \
-                RemoteOptimizer(fresh.named_parameters(), client, lr=0.5) as second:
+                RemoteOptimizer(fresh.named_parameters(), client, lr=0.5,
+                                overrides=overrides) as second:
             fresh.load_state_dict(checkpoint["model"])
             second.load_state_dict(checkpoint["optimizer"])
             assert second.steps == 2

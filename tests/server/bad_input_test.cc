@@ -178,6 +178,13 @@ class BadInputTest : public ::testing::Test {
     client::Client c = ConnectTo(*server_);
     config_ = MakeConfig({{"matrices", "keller"}, {"vectors", "adamw"}},
                          {{"w", {kRows, kCols}, "matrices"}, {"b", {kCols}, "vectors"}});
+    // The matrices choose their steps and direction (state that a refusal must leave alone).
+    for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+             {"ns.steps", "auto"}, {"direction", "auto"}}) {
+      v1::Override* o = config_.mutable_groups(0)->add_overrides();
+      o->set_key(key);
+      o->set_value(value);
+    }
     victim_ = std::make_unique<client::Session>(*c.CreateSession(config_));
     other_ = std::make_unique<client::Session>(*c.CreateSession(config_));
     // One real step first, so momentum and Adam moments are not zero.
@@ -461,6 +468,23 @@ TEST_F(BadInputTest, StateImports) {
   Check({"negative steps applied", absl::StatusCode::kInvalidArgument,
          "tensor 'b' has -2 steps applied"},
         import([&](Requests& r) { header(r).mutable_tensors(1)->set_steps_applied(-2); }));
+  Check({"auto choices for two matrices", absl::StatusCode::kInvalidArgument,
+         "auto choices of tensor 'w': 2 matrices, expected 1"},
+        import([&](Requests& r) {
+          v1::AutoChoices* c = header(r).mutable_tensors(0)->mutable_auto_choices();
+          c->add_newton_schulz_steps(5);
+          c->add_row_normalize(false);
+        }));
+  Check({"auto choices of unequal lists", absl::StatusCode::kInvalidArgument,
+         "auto choices of tensor 'w': 2 step counts for 1 directions"},
+        import([&](Requests& r) {
+          header(r).mutable_tensors(0)->mutable_auto_choices()->add_newton_schulz_steps(5);
+        }));
+  Check({"auto steps out of bounds", absl::StatusCode::kInvalidArgument,
+         "auto choices of tensor 'w': 50 Newton–Schulz steps is outside [2, 10]"},
+        import([&](Requests& r) {
+          header(r).mutable_tensors(0)->mutable_auto_choices()->set_newton_schulz_steps(0, 50);
+        }));
   Check({"an unknown buffer", absl::StatusCode::kInvalidArgument,
          "has no state buffer 'velocity' of tensor 'w'"},
         import([&](Requests& r) { record(r, "w", "momentum").set_buffer("velocity"); }));

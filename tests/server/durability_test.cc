@@ -97,10 +97,22 @@ void ExpectState(client::Session& session, History& history, int64_t step,
   }
 }
 
+// The matrices choose their Newton–Schulz steps and direction (ns.steps=auto, direction=auto)
+// every other step: the choices are state a checkpoint, a restart and a restore must carry.
 v1::SessionConfig SmallModel() {
-  return MakeConfig(
+  v1::SessionConfig config = MakeConfig(
       {{"matrices", "muoneq_row"}, {"vectors", "adamw"}},
       {{"w1", {96, 128}, "matrices"}, {"w2", {128, 96}, "matrices"}, {"b", {128}, "vectors"}});
+  for (v1::GroupConfig& g : *config.mutable_groups()) {
+    if (g.name() != "matrices") continue;
+    for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+             {"ns.steps", "auto"}, {"direction", "auto"}, {"auto.interval", "2"}}) {
+      v1::Override* o = g.add_overrides();
+      o->set_key(key);
+      o->set_value(value);
+    }
+  }
+  return config;
 }
 
 TEST(DurabilityTest, KillNineAtRandomPointsRestartsFromTheLastCompleteCheckpoint) {

@@ -422,6 +422,69 @@ TEST_F(MetricsTest, DeletingASessionRemovesItsSeries) {
   EXPECT_EQ(after.Get("optd_sessions"), 0);
 }
 
+TEST_F(MetricsTest, AutoChoicesAreExportedPerTensorAndInGetAnalysis) {
+  // direction=auto decided at every step, analysis off: "diagonal" (diag(1..6): V·Vᵀ diagonal,
+  // row normalization is the polar factor) row-normalizes, "rank_one" (every row the same: r_i =
+  // 1) keeps Newton–Schulz, and "both" holds one matrix of each kind.
+  v1::SessionConfig config;
+  v1::GroupConfig* group = config.add_groups();
+  group->set_name("matrices");
+  group->set_preset("keller");
+  for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+           {"ns.steps", "auto"}, {"direction", "auto"}, {"auto.interval", "1"}}) {
+    v1::Override* o = group->add_overrides();
+    o->set_key(key);
+    o->set_value(value);
+  }
+  AddTensor(config, "diagonal", {6, 6});
+  AddTensor(config, "rank_one", {5, 6});
+  AddTensor(config, "both", {2, 5, 6});
+  config.mutable_tensors(2)->set_rank_policy(v1::RANK_POLICY_BATCH);
+  client::Client client = ConnectTo(*server_);
+  absl::StatusOr<client::Session> session = client.CreateSession(config, "choices");
+  ASSERT_TRUE(session.ok()) << session.status();
+  std::vector<float> diagonal(36, 0.0f), rank_one;
+  for (int i = 0; i < 6; ++i) diagonal[i * 6 + i] = static_cast<float>(i + 1);
+  for (int i = 0; i < 5; ++i) rank_one.insert(rank_one.end(), {1, -2, 3, 0.5f, -1, 2});
+  std::vector<float> both(diagonal.begin(), diagonal.begin() + 30);
+  both.insert(both.end(), rank_one.begin(), rank_one.end());
+  ASSERT_TRUE(
+      session->Step(1, {{"diagonal", diagonal}, {"rank_one", rank_one}, {"both", both}}).ok());
+
+  absl::StatusOr<v1::GetAnalysisResponse> analysis = session->Analysis();
+  ASSERT_TRUE(analysis.ok());
+  EXPECT_EQ(analysis->tensors_size(), 0);  // no analysis ran
+  ASSERT_EQ(analysis->choices_size(), 3);
+  const std::map<std::string, double> row_normalized = {
+      {"diagonal", 1.0}, {"rank_one", 0.0}, {"both", 0.5}};
+  const Exposition exposition(*server_);
+  double steps_sum = 0, direction_sum = 0;
+  for (const v1::TensorChoices& c : analysis->choices()) {
+    SCOPED_TRACE(c.tensor());
+    EXPECT_EQ(c.choices().decided_at_step(), 1);
+    double steps = 0, rn = 0;
+    for (int i = 0; i < c.choices().newton_schulz_steps_size(); ++i) {
+      steps += c.choices().newton_schulz_steps(i);
+      rn += c.choices().row_normalize(i);
+    }
+    const double n = c.choices().newton_schulz_steps_size();
+    EXPECT_EQ(rn / n, row_normalized.at(c.tensor()));
+    EXPECT_EQ(exposition.Get("optd_direction", With({}, "choices", c.tensor())), rn / n);
+    EXPECT_EQ(exposition.Get("optd_newton_schulz_steps", With({}, "choices", c.tensor())),
+              steps / n);
+    steps_sum += steps / n;
+    direction_sum += rn / n;
+  }
+  EXPECT_DOUBLE_EQ(exposition.Get("optd_direction", With({}, "choices")), direction_sum / 3);
+  EXPECT_DOUBLE_EQ(exposition.Get("optd_newton_schulz_steps", With({}, "choices")), steps_sum / 3);
+  // SessionInfo carries them too, and deleting the session removes the series.
+  absl::StatusOr<v1::SessionInfo> info = session->Info();
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->tensors(2).auto_choices().row_normalize_size(), 2);
+  ASSERT_TRUE(session->Delete().ok());
+  EXPECT_EQ(Exposition(*server_).CountWithLabel("session", "choices"), 0);
+}
+
 TEST_F(MetricsTest, TheUpdateFiguresDoNotDependOnTheLearningRate) {
   // The step hands the analyzer the update it applies (before the learning rate): the same at
   // lr 0, 1e-7 (a warm-up's first steps) and the preset's own, from any parameters.

@@ -63,8 +63,25 @@ void ExpectSameRecords(const Records& got, const Records& want, const std::strin
   }
 }
 
+// ModelConfig(preset); "keller_auto" is keller choosing its steps and direction every other step
+// (choices the export must carry: the import lands between two decisions).
+v1::SessionConfig TransferConfig(const std::string& param) {
+  if (param != "keller_auto") return ModelConfig(param);
+  v1::SessionConfig config = ModelConfig("keller");
+  for (v1::GroupConfig& g : *config.mutable_groups()) {
+    if (g.name() != "matrices") continue;
+    for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
+             {"ns.steps", "auto"}, {"direction", "auto"}, {"auto.interval", "2"}}) {
+      v1::Override* o = g.add_overrides();
+      o->set_key(key);
+      o->set_value(value);
+    }
+  }
+  return config;
+}
+
 TEST_P(StateTransferTest, AnImportedSessionStepsOnAsTheExportedOneBitForBit) {
-  const v1::SessionConfig config = ModelConfig(GetParam());
+  const v1::SessionConfig config = TransferConfig(GetParam());
   client::Client c = ConnectTo(*server_);
   client::Session source = *c.CreateSession(config);
   Reference reference(config);
@@ -83,7 +100,13 @@ TEST_P(StateTransferTest, AnImportedSessionStepsOnAsTheExportedOneBitForBit) {
   ASSERT_TRUE(exported.ok()) << exported.status();
   EXPECT_EQ(exported->header.step(), 3);
   ExpectSameRecords(exported->records, ReferenceRecords(reference), "the export");
-  for (const v1::TensorState& t : exported->header.tensors()) EXPECT_EQ(t.steps_applied(), 3);
+  for (const v1::TensorState& t : exported->header.tensors()) {
+    EXPECT_EQ(t.steps_applied(), 3);
+    // Decided at step 2, applied at steps 3 and 4.
+    if (t.has_auto_choices()) {
+      EXPECT_EQ(t.auto_choices().decided_at_step(), 2) << t.name();
+    }
+  }
 
   // A session of the same tensors, other initial values, takes the state.
   v1::SessionConfig other = config;
@@ -122,7 +145,7 @@ TEST_P(StateTransferTest, AnImportedSessionStepsOnAsTheExportedOneBitForBit) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Presets, StateTransferTest,
-                         ::testing::Values("keller", "normuon", "rmnp", "adamw"));
+                         ::testing::Values("keller", "normuon", "rmnp", "adamw", "keller_auto"));
 
 // A large tensor read in small chunks: the client reads the header, changes the session's
 // hyperparameters, then reads on. The export must end ABORTED rather than send records of two

@@ -46,6 +46,25 @@ class _Part:
     groups: frozenset  # the groups its tensors are in
 
 
+def _join_auto_choices(out, pieces):
+    """The auto choices of a tensor whose `pieces` (slices in batch order) each hold their
+    matrices': one list over all the matrices, and the decision's figures as the mean over them
+    (each piece's mean weighted by its matrices: equal to one instance's up to rounding)."""
+    if not pieces[0].HasField("auto_choices"):
+        return
+    out.auto_choices.CopyFrom(pieces[0].auto_choices)
+    for field in ("newton_schulz_steps", "row_normalize"):
+        del getattr(out.auto_choices, field)[:]
+        for p in pieces:
+            getattr(out.auto_choices, field).extend(getattr(p.auto_choices, field))
+    if len(pieces) > 1:
+        counts = [len(p.auto_choices.newton_schulz_steps) for p in pieces]
+        for field in ("small_sv_share", "dominance_ratio_min", "rmnp_muon_cosine"):
+            setattr(out.auto_choices, field,
+                    sum(getattr(p.auto_choices, field) * n for p, n in zip(pieces, counts))
+                    / max(1, sum(counts)))
+
+
 class ShardedSession:
     """Places `config` over `clients` (optd.Client, one per instance; `addresses` name them in
     errors) at placement `epoch` and creates the session `session_id` on every owner (resharding
@@ -216,7 +235,8 @@ class ShardedSession:
         del merged.config.tensors[:]
         there = {(e, t.config.name): t for e, i in infos.items() for t in i.tensors}
         for t in self._config.tensors:
-            pieces = [there[(e, name)] for e, name, _, _ in self._pieces[t.name]]
+            pieces = [there[(e, name)] for e, name, _, _ in
+                      sorted(self._pieces[t.name], key=lambda piece: piece[2])]
             out = merged.tensors.add()
             out.CopyFrom(pieces[0])
             out.config.name = t.name
@@ -224,6 +244,7 @@ class ShardedSession:
             out.config.shape.extend(t.shape)
             out.num_elements = sum(p.num_elements for p in pieces)
             out.steps_applied = min(p.steps_applied for p in pieces)
+            _join_auto_choices(out, pieces)
             merged.config.tensors.add().CopyFrom(out.config)
         return merged
 
@@ -309,6 +330,7 @@ class ShardedSession:
                                      state_buffers=parts[0].state_buffers)
             out.state_elements.extend(sum(p.state_elements[b] for p in parts)
                                       for b in range(len(parts[0].state_buffers)))
+            _join_auto_choices(out, parts)
             for buffer in ([""] if parameters else []) + list(parts[0].state_buffers):
                 records[(t.name, buffer)] = np.concatenate(
                     [exported[e][1][(there, buffer)] for e, there, _, _ in pieces])
@@ -337,10 +359,19 @@ class ShardedSession:
             for e, there, offset, count in pieces:
                 part, share = shares[e]
                 n = len(pieces)
-                part.tensors.add(name=there, steps_applied=t.steps_applied, elements=count,
-                                 state_buffers=t.state_buffers,
-                                 state_elements=[c // n for c in t.state_elements])
+                piece = part.tensors.add(name=there, steps_applied=t.steps_applied,
+                                         elements=count, state_buffers=t.state_buffers,
+                                         state_elements=[c // n for c in t.state_elements])
                 index = offset // count if n > 1 else 0
+                if t.HasField("auto_choices"):
+                    # One choice per matrix: a slice takes its matrices' choices.
+                    piece.auto_choices.CopyFrom(t.auto_choices)
+                    per = len(t.auto_choices.newton_schulz_steps) // n
+                    for field in ("newton_schulz_steps", "row_normalize"):
+                        values = list(getattr(t.auto_choices, field))
+                        del getattr(piece.auto_choices, field)[:]
+                        getattr(piece.auto_choices, field).extend(
+                            values[index * per:(index + 1) * per])
                 for buffer in ([""] if header.parameters else []) + list(t.state_buffers):
                     values = as_float32(records[(name, buffer)])
                     size = values.size // n

@@ -71,6 +71,9 @@ from optd.v1 import optd_pb2
 EMBEDDING_NAME_PARTS = frozenset({"embed", "embedding", "embeddings", "emb", "wte", "wpe"})
 HEAD_NAME_PARTS = frozenset({"head", "classifier"})
 _GROUPS = {"matrix": "matrices", "adamw": "vectors"}
+# A state entry's key for the tensor's ns.steps=auto / direction=auto choices (optd.v1
+# AutoChoices, serialized): optimizer state like the momentum, but not a buffer.
+AUTO_CHOICES = "optd_auto_choices"
 
 
 def _parts(name):
@@ -801,6 +804,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for t in header.tensors:
             p = self._parameters[t.name]
             entry = {"step": torch.tensor(float(t.steps_applied))}
+            if t.HasField("auto_choices"):
+                # ns.steps=auto / direction=auto: the per-matrix choices are state too.
+                entry[AUTO_CHOICES] = t.auto_choices.SerializeToString()
             for buffer, count in zip(t.state_buffers, t.state_elements):
                 values = torch.from_numpy(records[(t.name, buffer)].copy())
                 entry[buffer] = values.view_as(p) if count == p.numel() else values
@@ -843,11 +849,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
             entry = state_dict["state"].get(i, state_dict["state"].get(str(i)))
             if entry is None:
                 raise ValueError(f"state_dict has no state for parameter {i} ({name!r})")
-            buffers = [key for key in entry if key != "step"]
+            buffers = [key for key in entry if key not in ("step", AUTO_CHOICES)]
             p = self._parameters[name]
-            header.tensors.add(name=name, steps_applied=int(entry["step"]),
-                               state_buffers=buffers, elements=p.numel(),
-                               state_elements=[entry[b].numel() for b in buffers])
+            tensor = header.tensors.add(name=name, steps_applied=int(entry["step"]),
+                                        state_buffers=buffers, elements=p.numel(),
+                                        state_elements=[entry[b].numel() for b in buffers])
+            if AUTO_CHOICES in entry:
+                tensor.auto_choices.ParseFromString(entry[AUTO_CHOICES])
             records[(name, "")] = p
             for b in buffers:
                 records[(name, b)] = entry[b]
