@@ -32,6 +32,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "common/status_macros.h"
+#include "kernels/auto_choice.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/newton_schulz.h"
@@ -177,6 +178,30 @@ void BM_NewtonSchulzMethod(benchmark::State& state, NewtonSchulzMethod method) {
   config.method = method;
   state.counters["gram"] = UsesGramNewtonSchulz(config, "cpu", state.range(0), state.range(1));
   TimeNewtonSchulz(state, config);
+}
+
+// One auto-mode decision on a rows×cols matrix (kernels/auto_choice.h), as the step makes it on
+// its own thread: ns.steps=auto alone (`direction` false: the Gram matrix's eigenvalues) or with
+// direction=auto (eigenvectors, V·Vᵀ's dominance and the cosine too). Against
+// BM_NewtonSchulzMethod/standard of the same shape: what a decision costs in Newton–Schulz runs.
+void BM_AutoDecision(benchmark::State& state, bool direction) {
+  const int64_t rows = state.range(0), cols = state.range(1);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(rows * cols);
+  for (float& v : x) v = normal(rng);
+  AutoConfig config;
+  config.steps = true;
+  config.direction = direction;
+  for (auto _ : state) {
+    absl::StatusOr<MatrixDecision> d =
+        DecideMatrix(x, rows, cols, config, KellerFp32(), MatrixChoice{5, false});
+    if (!d.ok()) {
+      state.SkipWithError(std::string(d.status().message()).c_str());
+      return;
+    }
+    benchmark::DoNotOptimize(d->choice);
+  }
 }
 
 // The cblas calls NewtonSchulz makes, in its order, on its buffer layout (x, then a workspace of
@@ -426,6 +451,16 @@ BENCHMARK_CAPTURE(BM_NewtonSchulzMethod, gram, NewtonSchulzMethod::kGram)
     ->Apply(ForEachMethodShape);
 BENCHMARK_CAPTURE(BM_NewtonSchulzMethod, auto, NewtonSchulzMethod::kAuto)
     -> Apply(ForEachMethodShape);
+// GPT-2 small's block, and a wider matrix.
+constexpr Shape kDecisionShapes[] = {
+    {768, 2304}, {768, 768}, {768, 3072}, {3072, 768}, {1024, 4096}};
+void ForEachDecisionShape(benchmark::internal::Benchmark* benchmark) {
+  benchmark->ArgNames({"rows", "cols"});
+  for (const Shape& shape : kDecisionShapes) benchmark->Args({shape.rows, shape.cols});
+  benchmark->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+BENCHMARK_CAPTURE(BM_AutoDecision, steps, false)->Apply(ForEachDecisionShape);
+BENCHMARK_CAPTURE(BM_AutoDecision, steps_and_direction, true)->Apply(ForEachDecisionShape);
 BENCHMARK_CAPTURE(BM_NewtonSchulzBlasLimit, symm, false)->Apply(ForEachShape);
 BENCHMARK_CAPTURE(BM_NewtonSchulzBlasLimit, gemm_update, true)->Apply(ForEachShape);
 BENCHMARK(BM_MuonStep)->Apply(ForEachShape);

@@ -52,25 +52,27 @@ double DominanceMinOfGram(const std::vector<double>& g, int64_t n) {
   return min;
 }
 
-// The same for a tall X (rows > cols): X·Xᵀ a block of rows at a time, never held whole.
-double DominanceMinByBlocks(const std::vector<double>& x, int64_t rows, int64_t cols) {
+// The same for a tall X (rows > cols): X·Xᵀ a block of rows at a time, never held whole, in fp32
+// as the analyzer forms it (rows²·cols multiply-adds, the decision's largest cost for a tall
+// matrix; the ratio needs no more precision), summed in fp64.
+double DominanceMinByBlocks(absl::Span<const float> x, int64_t rows, int64_t cols) {
   const int64_t block = std::clamp<int64_t>((int64_t{1} << 22) / rows, 1, rows);
-  std::vector<double> g(block * rows);
+  std::vector<float> g(block * rows);
   double min = std::numeric_limits<double>::infinity();
   for (int64_t first = 0; first < rows; first += block) {
     const int64_t count = std::min(block, rows - first);
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(count),
-                static_cast<int>(rows), static_cast<int>(cols), 1.0, x.data() + first * cols,
-                static_cast<int>(cols), x.data(), static_cast<int>(cols), 0.0, g.data(),
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(count),
+                static_cast<int>(rows), static_cast<int>(cols), 1.0f, x.data() + first * cols,
+                static_cast<int>(cols), x.data(), static_cast<int>(cols), 0.0f, g.data(),
                 static_cast<int>(rows));
     for (int64_t b = 0; b < count; ++b) {
       const int64_t i = first + b;
-      const double* row = g.data() + b * rows;
+      const float* row = g.data() + b * rows;
       double off = 0;
       for (int64_t j = 0; j < rows; ++j) {
-        if (j != i) off += std::fabs(row[j]);
+        if (j != i) off += std::fabs(static_cast<double>(row[j]));
       }
-      if (row[i] == 0.0 || off == 0.0) continue;
+      if (row[i] == 0.0f || off == 0.0) continue;
       min = std::min(min, row[i] / (off / static_cast<double>(rows - 1)));
     }
   }
@@ -108,7 +110,7 @@ absl::StatusOr<AutoFigures> MeasureAutoFigures(absl::Span<const float> x32, int6
   if (direction) {
     f.dominance_min = rows < 2 ? std::numeric_limits<double>::infinity()
                       : wide   ? DominanceMinOfGram(gram, n)
-                               : DominanceMinByBlocks(x, rows, cols);
+                               : DominanceMinByBlocks(x32, rows, cols);
   }
   // Eigenvalues ascending, and with `direction` the eigenvectors as the columns of `gram`.
   std::vector<double> lambda(n);

@@ -72,8 +72,8 @@ struct AutoFigures {
 
 // The figures of a host fp32 matrix (row-major). `direction` asks for the dominance and the
 // cosine. In fp64: the Gram matrix of the smaller side and its eigen-decomposition (LAPACK
-// dsyevd), V·Vᵀ in row blocks when V is tall. FailedPrecondition when X is zero (it has no
-// direction to decide on); Internal when LAPACK fails.
+// dsyevd); V·Vᵀ in fp32 row blocks when V is tall, as the analyzer forms it. FailedPrecondition
+// when X is zero (it has no direction to decide on); Internal when LAPACK fails.
 absl::StatusOr<AutoFigures> MeasureAutoFigures(absl::Span<const float> x, int64_t rows,
                                                int64_t cols, bool direction);
 

@@ -12,14 +12,19 @@ Starts optd (build/server/optd, its default backend) unless --server names a run
   layer's momentum over steps (seed 000, Figure 3 in miniature); the singular values of its last
   update and its per-neuron update norms (seed 002, Figure 1 in miniature); and, for a 2-layer
   ReLU model, dominance and the RMNP–Muon cosine against hidden width;
+- trains the transformer again with Muon's standard Newton–Schulz, Gram Newton–Schulz,
+  ns.steps=auto and direction=auto: validation loss, the daemon's compute time per step and each
+  tensor's choices over training (auto_modes.txt, auto_modes.png, auto_modes.json);
 - when it started the daemon, prints the daemon's Prometheus metrics (scripts/show_metrics.py):
   the service's counters and latencies and each session's optimizer figures.
 
-Usage: scripts/main_job.py [--quick] [--server HOST:PORT | --optd PATH] [--out DIR]
+Usage: scripts/main_job.py [--quick] [--only-auto] [--text-steps N]
+                           [--server HOST:PORT | --optd PATH] [--out DIR]
 Run with /usr/bin/python3 and PYTHONPATH=build/python (scripts/build makes both).
 """
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -326,6 +331,127 @@ def train_text(client, label, preset, steps, context=64, batch=16, keep=False):
             "steps_per_s": steps / loop_seconds}
 
 
+# Issue 20's comparison on the transformer: Keller's Muon with the standard Newton–Schulz, with
+# Gram Newton–Schulz, and with the seeds' closed loops choosing per matrix (fp32 throughout).
+AUTO_VARIANTS = [("keller", {"ns.method": "standard"}),
+                 ("keller + Gram", {"ns.method": "gram"}),
+                 ("ns.steps=auto", {"ns.method": "standard", "ns.steps": "auto"}),
+                 ("direction=auto", {"ns.method": "standard", "direction": "auto"})]
+
+
+def compute_phase(metrics_url):
+    """optd_step_phase_seconds{phase="compute"}'s (sum, count) from the daemon's /metrics: the
+    optimizer's own time per step, without the transfer."""
+    import urllib.request
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    found = {}
+    for line in text.splitlines():
+        for field in ("sum", "count"):
+            if line.startswith(f'optd_step_phase_seconds_{field}{{phase="compute"}}'):
+                found[field] = float(line.split()[-1])
+    return found.get("sum", 0.0), found.get("count", 0.0)
+
+
+def auto_comparison(client, steps, metrics_url, context=64, batch=16):
+    """Trains the character transformer once per AUTO_VARIANTS entry (same data, same start):
+    validation loss, the daemon's compute time per step (from its metrics, where this job
+    started the daemon), and the auto modes' per-tensor choices at every decision."""
+    vocab, train, valid = text_data()
+    interval = max(1, steps // 30)
+    runs = []
+    for label, overrides in AUTO_VARIANTS:
+        net = CharTransformer(vocab, context)
+        kinds = assignment(net, "keller")
+        settings = {"precision": "fp32", **overrides}
+        if "auto" in (overrides.get("ns.steps"), overrides.get("direction")):
+            settings["auto.interval"] = interval
+        optimizer = RemoteOptimizer(net.named_parameters(), client, preset="keller",
+                                    lr=MATRIX_LR["keller"], adamw_lr=ADAMW_LR, assign=kinds,
+                                    overrides=settings)
+        generator = torch.Generator().manual_seed(3)
+        before = compute_phase(metrics_url) if metrics_url else None
+        losses, choices = [], []
+        progress = Progress(label, steps)
+        for step in range(1, steps + 1):
+            x, y = text_batch(train, context, batch, generator)
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if step == 1 or step % interval == 0:
+                current = optimizer.session.choices()
+                if current:
+                    choices.append((step, {name: (float(np.mean(c.newton_schulz_steps)),
+                                                  float(np.mean(c.row_normalize)),
+                                                  c.small_sv_share, c.dominance_ratio_min,
+                                                  c.rmnp_muon_cosine)
+                                           for name, c in current.items()}))
+            if step % 5 == 0 or step == steps:
+                progress.update(step, f"loss {loss.item():.3f}")
+        after = compute_phase(metrics_url) if metrics_url else None
+        evaluation = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            valid_loss = np.mean([torch.nn.functional.cross_entropy(
+                net(x).flatten(0, 1), y.flatten()).item()
+                for x, y in (text_batch(valid, context, batch, evaluation) for _ in range(8))])
+        optimizer.close()
+        compute = ((after[0] - before[0]) / max(1.0, after[1] - before[1])
+                   if before is not None else None)
+        runs.append({"label": label, "losses": losses, "valid_loss": float(valid_loss),
+                     "train_loss": float(np.mean(losses[-max(1, steps // 10):])),
+                     "compute_s": compute, "choices": choices})
+    return runs
+
+
+def print_auto_table(runs):
+    lines = [f"{'variant':<16} {'train_loss':>10} {'valid_loss':>10} {'compute ms/step':>15} "
+             f"{'final choices':<40}"]
+    for r in runs:
+        final = ""
+        if r["choices"]:
+            step, last = r["choices"][-1]
+            steps = np.mean([v[0] for v in last.values()])
+            rn = np.mean([v[1] for v in last.values()])
+            final = f"step {step}: mean NS steps {steps:.2f}, row-normalized {100 * rn:.0f}%"
+        compute = f"{1e3 * r['compute_s']:>15.2f}" if r["compute_s"] is not None else f"{'—':>15}"
+        lines.append(f"{r['label']:<16} {r['train_loss']:>10.4f} {r['valid_loss']:>10.4f} "
+                     f"{compute} {final:<40}")
+    for line in lines:
+        print(line)
+    return lines
+
+
+def plot_auto(runs, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    for r in runs:
+        window = min(10, len(r["losses"]))
+        curve = np.convolve(r["losses"], np.ones(window) / window, mode="valid")
+        axes[0].plot(np.arange(len(curve)) + window, curve,
+                     label=f"{r['label']} (valid {r['valid_loss']:.3f})")
+    axes[0].set(xlabel="step", ylabel=f"train loss ({window}-step mean)", yscale="log",
+                title="Character transformer: Muon variants")
+    axes[0].legend()
+    for ax, label, column, what in ((axes[1], "ns.steps=auto", 0, "Newton–Schulz steps"),
+                                    (axes[2], "direction=auto", 1, "share row-normalized")):
+        run = next(r for r in runs if r["label"] == label)
+        if run["choices"]:
+            names = sorted(run["choices"][-1][1])
+            for name in names:
+                xs = [step for step, c in run["choices"] if name in c]
+                ys = [c[name][column] for _, c in run["choices"] if name in c]
+                ax.plot(xs, ys, marker=".", label=name)
+        ax.set(xlabel="step", ylabel=what, title=f"{label}: per-tensor choice")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "auto_modes.png"), dpi=110)
+
+
 def width_sweep(client, widths, steps):
     """Dominance r_avg and the RMNP–Muon cosine of the hidden layer of a 2-layer ReLU model
     (one hidden layer) after `steps` steps, per width and optimizer."""
@@ -452,10 +578,15 @@ def main():
     parser.add_argument("--optd", default=os.path.join(REPO, "build/server/optd"),
                         help="the optd binary to start when there is no --server")
     parser.add_argument("--out", default=os.path.join(REPO, "build/main_job"))
+    parser.add_argument("--only-auto", action="store_true",
+                        help="only the transformer's comparison of Gram Newton–Schulz and the "
+                             "auto modes (bench/auto.sh)")
+    parser.add_argument("--text-steps", type=int, help="transformer steps (default 300; 10 "
+                        "with --quick)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     steps = 30 if args.quick else 600
-    text_steps = 10 if args.quick else 300
+    text_steps = args.text_steps or (10 if args.quick else 300)
     sweep_steps = 20 if args.quick else 150
     widths = [16, 64] if args.quick else [16, 32, 64, 128, 256, 512]
     daemon = None
@@ -471,6 +602,15 @@ def main():
         with optd.Client(server, timeout=60) as client:
             client.wait_ready()
             print(f"optd at {server}")
+            if args.only_auto:
+                metrics_url = (f"http://127.0.0.1:{open(f'{work}/metrics_port').read().strip()}"
+                               "/metrics" if daemon is not None else None)
+                auto_runs = auto_comparison(client, text_steps, metrics_url)
+                print_auto_table(auto_runs)
+                with open(os.path.join(args.out, "auto_modes.json"), "w") as f:
+                    json.dump(auto_runs, f)
+                plot_auto(auto_runs, args.out)
+                return
             print(f"digits MLP 64-128-128-10, {steps} steps per optimizer")
             results = [train_digits(client, label, preset, steps, keep=keep)
                        for label, preset in OPTIMIZERS]
@@ -478,6 +618,11 @@ def main():
             text_results = [train_text(client, label, preset, text_steps, keep=keep)
                             for label, preset in OPTIMIZERS]
             sweep = width_sweep(client, widths, sweep_steps)
+            metrics_url = (f"http://127.0.0.1:{open(f'{work}/metrics_port').read().strip()}"
+                           "/metrics" if daemon is not None else None)
+            print(f"character transformer: Muon with Gram Newton–Schulz and the auto modes, "
+                  f"{text_steps} steps each")
+            auto_runs = auto_comparison(client, text_steps, metrics_url)
             if daemon is not None:
                 port = open(f"{work}/metrics_port").read().strip()
                 print(f"\n== optd's metrics: http://127.0.0.1:{port}/metrics ==")
@@ -502,11 +647,19 @@ def main():
     print(f"{'optimizer':<8} {'width':>6} {'r_avg':>8} {'r_min':>8} {'cos':>7}")
     for preset, width, r_avg, r_min, cosine in sweep:
         print(f"{preset:<8} {width:>6} {r_avg:>8.3f} {r_min:>8.3g} {cosine:>7.3f}")
+    print("\nCharacter transformer, Muon: standard Newton–Schulz, Gram, and the seeds' closed "
+          "loops (compute: the daemon's optimizer time per step, from its metrics)")
+    auto_table = print_auto_table(auto_runs)
     with open(os.path.join(args.out, "table.txt"), "w") as f:
         f.write("\n".join(table) + "\n")
+    with open(os.path.join(args.out, "auto_modes.txt"), "w") as f:
+        f.write("\n".join(auto_table) + "\n")
+    with open(os.path.join(args.out, "auto_modes.json"), "w") as f:
+        json.dump(auto_runs, f)
     plot(results, text_results, sweep, args.out)
+    plot_auto(auto_runs, args.out)
     print(f"\nplots in {args.out}: loss_curves.png dominance.png update_spectra.png "
-          "width_sweep.png" + (" optimizer_figures.png" if keep else ""))
+          "width_sweep.png auto_modes.png" + (" optimizer_figures.png" if keep else ""))
 
 
 if __name__ == "__main__":

@@ -233,6 +233,19 @@ FIGURES = [
      "OptdNewtonSchulzSmallSingularValues's 10%.",
      [("optd_newton_schulz_small_sv_fraction", "", "")], {"unit": "percentunit", "threshold": 0.1,
                                                 "minimum": 0}),
+    ("Newton–Schulz steps chosen (ns.steps=auto)",
+     "Seed 003, closed loop: with ns.steps=auto each matrix runs the fewest Newton–Schulz steps "
+     "whose polynomial leaves at most ns.small_sv_target of its input's singular values below "
+     "0.6, re-decided every auto.interval steps within [ns.min_steps, ns.max_steps]; the mean "
+     "over the tensor's matrices. Rising steps mean the spectrum is spreading toward small "
+     "values. Only sessions with an auto mode have this series.",
+     [("optd_newton_schulz_steps", "", "")], {"minimum": 0}),
+    ("Direction chosen (direction=auto)",
+     "Seed 000, closed loop: the share of the tensor's matrices that row-normalize (RMNP) "
+     "instead of running Newton–Schulz, chosen where V·Vᵀ's r_min ≥ auto.min_dominance and "
+     "cos(rownormalize(V), polar(V)) ≥ auto.min_cosine. 0: Newton–Schulz everywhere, 1: row "
+     "normalization everywhere. Only sessions with an auto mode have this series.",
+     [("optd_direction", "", "")], {"unit": "percentunit", "minimum": 0}),
     ("Neuron norm CV of the update",
      "Coefficient of variation of the update's row (neuron) norms. Seed 002 (NorMuon): Muon's "
      "orthogonalized updates have highly non-uniform neuron norms, so some neurons take larger "

@@ -56,6 +56,7 @@ CONTRACT_METRICS = {
         "optd_dominance_ratio", "optd_rmnp_muon_cosine", "optd_stable_rank",
         "optd_condition_number", "optd_singular_value_entropy", "optd_newton_schulz_polar_error",
         "optd_newton_schulz_small_sv_fraction", "optd_neuron_norm_cv", "optd_update_rms", "optd_grad_norm",
+        "optd_newton_schulz_steps", "optd_direction",
     ],
     "histogram": [
         "optd_step_duration_seconds", "optd_step_phase_seconds", "optd_analysis_duration_seconds",

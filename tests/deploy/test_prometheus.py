@@ -14,6 +14,7 @@ generated config that scrapes the daemon and loads deploy/prometheus's rules. It
 Run: OPTD=build/server/optd OPTCTL=build/client/optctl /usr/bin/python3 -m pytest tests/deploy
 """
 
+import functools
 import json
 import os
 import shutil
@@ -46,6 +47,12 @@ tensors { name: "bias" shape: [12] group: "vectors" }
 groups { name: "matrices" preset: "moonlight" overrides { key: "ns.dtype" value: "fp32" } }
 groups { name: "vectors" preset: "adamw" }
 analysis_interval: 1
+"""
+
+AUTO_CONFIG = """
+tensors { name: "d" shape: [6, 6] group: "matrices" }
+groups { name: "matrices" preset: "keller"
+         overrides { key: "ns.steps" value: "auto" } overrides { key: "direction" value: "auto" } }
 """
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None or PROMTOOL is None,
@@ -186,6 +193,15 @@ def drive(server, work):
     nan = optctl(server, "step", "it", "--step=2", f"--grads={work}/bad", token=token,
                  check=False)
     assert nan.returncode != 0 and "INVALID_ARGUMENT" in nan.stderr, nan.stderr
+    # A session whose matrix chooses its Newton–Schulz steps and direction (ns.steps=auto,
+    # direction=auto): diag(1..6), whose rows are orthogonal, so row normalization is its polar
+    # factor and is chosen.
+    with open(f"{work}/auto.textproto", "w") as f:
+        f.write(AUTO_CONFIG)
+    created = optctl(server, "create", f"{work}/auto.textproto", "--id=auto").stdout
+    auto_token = dict(line.split(": ", 1) for line in created.splitlines() if ": " in line)["token"]
+    save_npy(f"{work}/auto_grads", {"d": np.diag(np.arange(1.0, 7.0))})
+    optctl(server, "step", "auto", "--step=1", f"--grads={work}/auto_grads", token=auto_token)
     return {"token": token, "gradients": gradients}
 
 
@@ -292,22 +308,41 @@ def test_prometheus_holds_the_figures_numpy_computes(stack):
     assert value(web, 'optd_analysis_step{session="it"}') == 1
 
 
+def test_prometheus_holds_the_auto_choices(stack):
+    web = stack["web"]
+    # diag(1..6) divided by its Frobenius norm √91 has singular values i/√91; Keller's polynomial
+    # lifts all of them above 0.6 within k* steps, so from 5 the choice moves to max(k*, 5 − 2)
+    # (ns.max_step_change 2), and its rows are orthogonal: row normalization.
+    a, b, c = 3.4445, -4.7750, 2.0315
+    sigma = np.arange(1.0, 7.0) / (np.sqrt(91.0) + 1e-7)
+    k_star = next(k for k in range(2, 11)
+                  if all(x >= 0.6 for x in functools.reduce(
+                      lambda x, _: a * x + b * x ** 3 + c * x ** 5, range(k), sigma)))
+    steps = max(k_star, 3)
+    assert value(web, 'optd_newton_schulz_steps{session="auto",tensor="d"}') == steps
+    assert value(web, 'optd_newton_schulz_steps{session="auto",tensor=""}') == steps
+    assert value(web, 'optd_direction{session="auto",tensor="d"}') == 1
+    assert value(web, 'optd_direction{session="auto",tensor=""}') == 1
+    assert not query(web, 'optd_direction{session="it"}')  # no auto mode, no series
+
+
 def test_prometheus_holds_the_service_series(stack):
     web = stack["web"]
-    # optctl's steps fit one message: StepSmall.
-    assert value(web, 'optd_rpc_total{method="StepSmall",code="OK"}') == 1
+    # optctl's steps fit one message: StepSmall (one in session "it", one in "auto").
+    assert value(web, 'optd_rpc_total{method="StepSmall",code="OK"}') == 2
     assert value(web, 'optd_rpc_total{method="StepSmall",code="FAILED_PRECONDITION"}') == 1
     assert value(web, 'optd_rpc_total{method="StepSmall",code="INVALID_ARGUMENT"}') == 1
     assert value(web, 'optd_rejected_total{reason="wrong_step"}') == 1
     assert value(web, 'optd_rejected_total{reason="nonfinite"}') == 1
     assert value(web, 'optd_rejected_total{reason="queue_full"}') == 0
     assert value(web, 'optd_nonfinite_gradients_total{session="it"}') == 3
-    assert value(web, "optd_sessions") == 1
+    assert value(web, "optd_sessions") == 2
     assert value(web, 'optd_session_step{session="it"}') == 1
     assert value(web, 'optd_step_duration_seconds_count{optimizer="moonlight"}') == 1
     elements = sum(np.prod(s) for s in SHAPES.values()) + 12
-    # The good step's fp32 gradients, then the NaN step's tensor 'a' chunk that was refused.
-    assert value(web, "optd_bytes_received_total") == 4 * (elements + np.prod(SHAPES["a"]))
+    # The good step's fp32 gradients, then the NaN step's tensor 'a' chunk that was refused, and
+    # session "auto"'s 6×6.
+    assert value(web, "optd_bytes_received_total") == 4 * (elements + np.prod(SHAPES["a"]) + 36)
     memory = value(web, 'optd_session_memory_bytes{session="it"}')
     assert memory > 0
     assert value(web, "optd_session_memory_limit_bytes") == 16 << 30

@@ -1,6 +1,7 @@
 """The Python main job end to end in its quick mode, against the test daemon: its tables have a
 row per optimizer and model with the figures in range, and every plot file is written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -33,8 +34,25 @@ def test_quick_main_job(tmp_path):
     for row in rows[7:]:  # text: losses below a uniform guess over the characters
         train_loss, valid_loss = (float(w) for w in row[15:].split()[:2])
         assert 0 < train_loss < np.log(vocabulary) and 0 < valid_loss < np.log(vocabulary), row
+    # Issue 20's comparison: a row per variant; the daemon's compute time per step; the auto
+    # modes' choices recorded at their decisions (step 1 and every interval), within the bounds.
+    auto_rows = (tmp_path / "auto_modes.txt").read_text().splitlines()[1:]
+    assert [row[:16].strip() for row in auto_rows] == ["keller", "keller + Gram",
+                                                       "ns.steps=auto", "direction=auto"]
+    for row in auto_rows:
+        train_loss, valid_loss, compute_ms = (float(w) for w in row[16:].split()[:3])
+        assert 0 < valid_loss < np.log(vocabulary) and compute_ms > 0, row
+    runs = {r["label"]: r for r in json.loads((tmp_path / "auto_modes.json").read_text())}
+    assert not runs["keller"]["choices"] and not runs["keller + Gram"]["choices"]
+    for label in ("ns.steps=auto", "direction=auto"):
+        decisions = runs[label]["choices"]
+        assert decisions and decisions[0][0] == 1, label
+        for _, tensors in decisions:
+            assert tensors, label
+            for steps, row_normalized, share, _, _ in tensors.values():
+                assert 2 <= steps <= 10 and 0 <= row_normalized <= 1 and 0 <= share <= 1
     for plot in ("loss_curves.png", "dominance.png", "update_spectra.png", "width_sweep.png",
-                 "optimizer_figures.png"):
+                 "optimizer_figures.png", "auto_modes.png"):
         assert (tmp_path / plot).stat().st_size > 10_000, plot
     assert "hidden width vs seed 000's dominance" in run.stdout
     # The daemon's metrics, with a row of optimizer figures per kept session.

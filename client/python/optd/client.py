@@ -352,6 +352,16 @@ class Session:
         except grpc.RpcError as e:
             _raise(e)
 
+    def choices(self):
+        """The current ns.steps=auto / direction=auto choices of every tensor with an auto mode:
+        {tensor name: optd_pb2.AutoChoices} (one entry per matrix, and the deciding figures)."""
+        try:
+            response = self._stub.GetAnalysis(optd_pb2.GetAnalysisRequest(session_id=self.id),
+                                              metadata=self._metadata(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+        return {c.tensor: c.choices for c in response.choices}
+
     def add_tensors(self, tensors, groups=()):
         """Adds tensors (optd_pb2.TensorConfig) and new groups for them (optd_pb2.GroupConfig)
         to the live session, all or nothing; returns its optd_pb2.SessionInfo. They start from
