@@ -34,7 +34,7 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 log "[3/3] the transformer, four ways (scripts/main_job.py --only-auto), and bench/RESULTS.md"
 mkdir -p bench/auto
 PYTHONPATH="$build_dir/python" /usr/bin/python3 scripts/main_job.py --only-auto \
-  --optd "$build_dir/server/optd" --out "$out/auto" >"$out/auto.log"
+  --passes=3 --optd "$build_dir/server/optd" --out "$out/auto" >"$out/auto.log"
 cp "$out/auto/auto_modes.png" bench/auto/auto_modes.png
 /usr/bin/python3 bench/write_auto_results.py --bench "$out/auto_bench.json" \
   --runs "$out/auto/auto_modes.json" --load "$load_before" \

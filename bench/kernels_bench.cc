@@ -436,10 +436,10 @@ void ForEachShape(benchmark::internal::Benchmark* benchmark) {
 
 BENCHMARK(BM_NewtonSchulz)->Apply(ForEachShape);
 
-constexpr Shape kMethodShapes[] = {{768, 768},   {768, 960},   {768, 1152},  {768, 1536},
-                                   {768, 2304},  {768, 3072},  {3072, 768},  {1024, 4096},
-                                   {512, 4096},  {256, 1024},  {512, 1024},  {384, 768},
-                                   {1024, 1280}, {1024, 1536}, {1024, 2048}, {1536, 2048}};
+constexpr Shape kMethodShapes[] = {
+    {768, 768},   {768, 960},   {768, 1152}, {768, 1536}, {768, 2304}, {768, 3072},  {3072, 768},
+    {1024, 4096}, {512, 4096},  {256, 1024}, {512, 1024}, {384, 768},  {1024, 1280}, {1024, 1536},
+    {1024, 2048}, {1536, 2048}, {64, 256},   {128, 512},  {128, 1024}};
 void ForEachMethodShape(benchmark::internal::Benchmark* benchmark) {
   benchmark->ArgNames({"rows", "cols"});
   for (const Shape& shape : kMethodShapes) benchmark->Args({shape.rows, shape.cols});

@@ -72,12 +72,15 @@ def main():
         "16×64 characters, the same data and start for each; Muon on the 64×64 attention and "
         "64×256 / 256×64 MLP matrices, AdamW on embeddings, head and vectors; fp32). "
         "**compute** = the daemon's `optd_step_phase_seconds{phase=\"compute\"}` per step over the "
-        "run (the optimizer's own time, no transfer); validation over 8 held-out batches. "
+        "run (the optimizer's own time, no transfer), the median over "
+        f"{len(runs[0].get('compute_passes', [None]))} passes of the variants in "
+        "alternating order (the losses and choices are the same bits every pass); validation "
+        "over 8 held-out batches. "
         "Choices are those of the last decision (every "
         f"{max(1, text_steps // 30)} steps).")
     add("")
-    add("| variant | train loss (last 10%) | validation loss | compute ms / step | choices at the "
-        "end |")
+    add("| variant | train loss (last 10%) | validation loss | compute ms / step (each pass) | "
+        "choices at the end |")
     add("|---|---:|---:|---:|---|")
     for r in runs:
         final = "—"
@@ -88,9 +91,18 @@ def main():
             final = (f"step {step}: NS steps {min(steps):.0f}–{max(steps):.0f} (mean "
                      f"{np.mean(steps):.2f}), row-normalized {100 * np.mean(rn):.0f}% of "
                      f"{len(last)} tensors")
-        compute = f"{1e3 * r['compute_s']:.2f}" if r["compute_s"] is not None else "—"
+        compute = "—"
+        if r["compute_s"] is not None:
+            each = ", ".join(f"{1e3 * c:.2f}" for c in r.get("compute_passes", []))
+            compute = f"{1e3 * r['compute_s']:.2f} ({each})"
         add(f"| {r['label']} | {r['train_loss']:.4f} | {r['valid_loss']:.4f} | {compute} | "
             f"{final} |")
+    passes = [r.get("compute_passes") or [] for r in runs]
+    if all(len(p) > 1 for p in passes):
+        spread = max(max(p) / min(p) for p in passes)
+        add("")
+        add(f"The same variant's compute time varied up to {spread:.2f}× between passes on this "
+            "shared machine: differences between variants smaller than that are noise.")
     for label, column, what in (("ns.steps=auto", 2, "share of singular values left below 0.6"),
                                 ("direction=auto", 4, "cos(rownormalize(V), polar(V))")):
         run = next((r for r in runs if r["label"] == label), None)

@@ -321,6 +321,25 @@ void PrintAnalysis(const v1::GetAnalysisResponse& analysis, std::ostream& out) {
   PrintTable(rows, "", out);
 }
 
+// The auto modes' current choices (ns.steps=auto, direction=auto), one row per tensor: its
+// matrices' step counts and directions (a batched tensor lists one per matrix), the step that
+// decided them, and that decision's figures.
+void PrintChoices(const v1::GetAnalysisResponse& analysis, std::ostream& out) {
+  std::vector<Row> rows = {{"TENSOR", "NS_STEPS", "DIRECTION", "DECIDED_AT_STEP", "SMALL_SV_SHARE",
+                            "DOMINANCE_RATIO_MIN", "RMNP_MUON_COSINE"}};
+  for (const v1::TensorChoices& t : analysis.choices()) {
+    const v1::AutoChoices& c = t.choices();
+    std::vector<std::string> directions;
+    for (bool r : c.row_normalize()) directions.push_back(r ? "row_normalize" : "newton_schulz");
+    rows.push_back({t.tensor(), absl::StrJoin(c.newton_schulz_steps(), ","),
+                    absl::StrJoin(directions, ","), absl::StrCat(c.decided_at_step()),
+                    absl::StrCat(c.small_sv_share()), absl::StrCat(c.dominance_ratio_min()),
+                    absl::StrCat(c.rmnp_muon_cosine())});
+  }
+  out << "auto choices\n";
+  PrintTable(rows, "", out);
+}
+
 }  // namespace
 
 absl::Status RunAnalysis(Session& session, const AnalysisCommandOptions& options,
@@ -332,6 +351,7 @@ absl::Status RunAnalysis(Session& session, const AnalysisCommandOptions& options
     } else {
       PrintAnalysis(analysis, out);
     }
+    if (!analysis.choices().empty()) PrintChoices(analysis, out);
     return absl::OkStatus();
   }
   int64_t shown_step = -1;

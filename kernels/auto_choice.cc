@@ -156,14 +156,17 @@ absl::StatusOr<AutoFigures> MeasureAutoFigures(absl::Span<const float> x32, int6
     std::vector<double> m(n * n, 0.0);
     cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(n), static_cast<int>(rows),
                 1.0, x.data(), static_cast<int>(cols), 0.0, m.data(), static_cast<int>(n));
-    std::vector<double> mw(n);
+    // w_kᵀ·M·w_k for every kept eigenvector at once: M·W in one symmetric multiply (W = `gram`,
+    // whose columns are the eigenvectors), then the columns' dot products.
+    std::vector<double> mw(n * n);
+    cblas_dsymm(CblasRowMajor, CblasLeft, CblasUpper, static_cast<int>(n), static_cast<int>(n), 1.0,
+                m.data(), static_cast<int>(n), gram.data(), static_cast<int>(n), 0.0, mw.data(),
+                static_cast<int>(n));
     for (size_t r = 0; r < kept.size(); ++r) {
-      // w_kᵀ·M·w_k, w_k the k-th column of `gram`.
-      const double* w = gram.data() + kept[r];
-      cblas_dsymv(CblasRowMajor, CblasUpper, static_cast<int>(n), 1.0, m.data(),
-                  static_cast<int>(n), w, static_cast<int>(n), 0.0, mw.data(), 1);
-      inner += cblas_ddot(static_cast<int>(n), w, static_cast<int>(n), mw.data(), 1) /
-               f.singular_values[r];
+      const int64_t k = kept[r];
+      double quad = 0;
+      for (int64_t a = 0; a < n; ++a) quad += gram[a * n + k] * mw[a * n + k];
+      inner += quad / f.singular_values[r];
     }
   }
   const double norms =

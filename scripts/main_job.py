@@ -336,7 +336,11 @@ def train_text(client, label, preset, steps, context=64, batch=16, keep=False):
 AUTO_VARIANTS = [("keller", {"ns.method": "standard"}),
                  ("keller + Gram", {"ns.method": "gram"}),
                  ("ns.steps=auto", {"ns.method": "standard", "ns.steps": "auto"}),
-                 ("direction=auto", {"ns.method": "standard", "direction": "auto"})]
+                 ("direction=auto", {"ns.method": "standard", "direction": "auto"}),
+                 # The same rule with a lower cosine bar, to see what row normalization does
+                 # where it fires.
+                 ("direction=auto, cos ≥ 0.75", {"ns.method": "standard", "direction": "auto",
+                                                 "auto.min_cosine": 0.75})]
 
 
 def compute_phase(metrics_url):
@@ -353,60 +357,78 @@ def compute_phase(metrics_url):
     return found.get("sum", 0.0), found.get("count", 0.0)
 
 
-def auto_comparison(client, steps, metrics_url, context=64, batch=16):
+def auto_comparison(client, steps, metrics_url, context=64, batch=16, passes=1):
     """Trains the character transformer once per AUTO_VARIANTS entry (same data, same start):
     validation loss, the daemon's compute time per step (from its metrics, where this job
-    started the daemon), and the auto modes' per-tensor choices at every decision."""
+    started the daemon), and the auto modes' per-tensor choices at every decision. With
+    `passes` > 1 the variants train again, in reverse order and then alternating, and the compute
+    time is the median over the passes (the losses and choices are the same bits each time)."""
+    order = list(range(len(AUTO_VARIANTS)))
+    runs = {}
+    for p in range(passes):
+        for i in (order if p % 2 == 0 else order[::-1]):
+            run = train_variant(client, *AUTO_VARIANTS[i], steps, metrics_url, context, batch)
+            if i in runs:
+                runs[i]["compute_passes"].append(run["compute_s"])
+            else:
+                run["compute_passes"] = [run["compute_s"]]
+                runs[i] = run
+    for run in runs.values():
+        if run["compute_s"] is not None:
+            run["compute_s"] = float(np.median(run["compute_passes"]))
+    return [runs[i] for i in order]
+
+
+def train_variant(client, label, overrides, steps, metrics_url, context, batch):
+    """One AUTO_VARIANTS entry trained on the transformer: its losses, validation loss, the
+    daemon's compute time per step and the auto modes' choices at every decision."""
     vocab, train, valid = text_data()
     interval = max(1, steps // 30)
-    runs = []
-    for label, overrides in AUTO_VARIANTS:
-        net = CharTransformer(vocab, context)
-        kinds = assignment(net, "keller")
-        settings = {"precision": "fp32", **overrides}
-        if "auto" in (overrides.get("ns.steps"), overrides.get("direction")):
-            settings["auto.interval"] = interval
-        optimizer = RemoteOptimizer(net.named_parameters(), client, preset="keller",
-                                    lr=MATRIX_LR["keller"], adamw_lr=ADAMW_LR, assign=kinds,
-                                    overrides=settings)
-        generator = torch.Generator().manual_seed(3)
-        before = compute_phase(metrics_url) if metrics_url else None
-        losses, choices = [], []
-        progress = Progress(label, steps)
-        for step in range(1, steps + 1):
-            x, y = text_batch(train, context, batch, generator)
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(net(x).flatten(0, 1), y.flatten())
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if step == 1 or step % interval == 0:
-                current = optimizer.session.choices()
-                if current:
-                    choices.append((step, {name: (float(np.mean(c.newton_schulz_steps)),
-                                                  float(np.mean(c.row_normalize)),
-                                                  c.small_sv_share, c.dominance_ratio_min,
-                                                  c.rmnp_muon_cosine)
-                                           for name, c in current.items()}))
-            if step % 5 == 0 or step == steps:
-                progress.update(step, f"loss {loss.item():.3f}")
-        after = compute_phase(metrics_url) if metrics_url else None
-        evaluation = torch.Generator().manual_seed(4)
-        with torch.no_grad():
-            valid_loss = np.mean([torch.nn.functional.cross_entropy(
-                net(x).flatten(0, 1), y.flatten()).item()
-                for x, y in (text_batch(valid, context, batch, evaluation) for _ in range(8))])
-        optimizer.close()
-        compute = ((after[0] - before[0]) / max(1.0, after[1] - before[1])
-                   if before is not None else None)
-        runs.append({"label": label, "losses": losses, "valid_loss": float(valid_loss),
-                     "train_loss": float(np.mean(losses[-max(1, steps // 10):])),
-                     "compute_s": compute, "choices": choices})
-    return runs
+    net = CharTransformer(vocab, context)
+    kinds = assignment(net, "keller")
+    settings = {"precision": "fp32", **overrides}
+    if "auto" in (overrides.get("ns.steps"), overrides.get("direction")):
+        settings["auto.interval"] = interval
+    optimizer = RemoteOptimizer(net.named_parameters(), client, preset="keller",
+                                lr=MATRIX_LR["keller"], adamw_lr=ADAMW_LR, assign=kinds,
+                                overrides=settings)
+    generator = torch.Generator().manual_seed(3)
+    before = compute_phase(metrics_url) if metrics_url else None
+    losses, choices = [], []
+    progress = Progress(label, steps)
+    for step in range(1, steps + 1):
+        x, y = text_batch(train, context, batch, generator)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step == 1 or step % interval == 0:
+            current = optimizer.session.choices()
+            if current:
+                choices.append((step, {name: (float(np.mean(c.newton_schulz_steps)),
+                                              float(np.mean(c.row_normalize)),
+                                              c.small_sv_share, c.dominance_ratio_min,
+                                              c.rmnp_muon_cosine)
+                                       for name, c in current.items()}))
+        if step % 5 == 0 or step == steps:
+            progress.update(step, f"loss {loss.item():.3f}")
+    after = compute_phase(metrics_url) if metrics_url else None
+    evaluation = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        valid_loss = np.mean([torch.nn.functional.cross_entropy(
+            net(x).flatten(0, 1), y.flatten()).item()
+            for x, y in (text_batch(valid, context, batch, evaluation) for _ in range(8))])
+    optimizer.close()
+    compute = ((after[0] - before[0]) / max(1.0, after[1] - before[1])
+               if before is not None else None)
+    return {"label": label, "losses": losses, "valid_loss": float(valid_loss),
+            "train_loss": float(np.mean(losses[-max(1, steps // 10):])),
+            "compute_s": compute, "choices": choices}
 
 
 def print_auto_table(runs):
-    lines = [f"{'variant':<16} {'train_loss':>10} {'valid_loss':>10} {'compute ms/step':>15} "
+    lines = [f"{'variant':<27} {'train_loss':>10} {'valid_loss':>10} {'compute ms/step':>15} "
              f"{'final choices':<40}"]
     for r in runs:
         final = ""
@@ -416,7 +438,7 @@ def print_auto_table(runs):
             rn = np.mean([v[1] for v in last.values()])
             final = f"step {step}: mean NS steps {steps:.2f}, row-normalized {100 * rn:.0f}%"
         compute = f"{1e3 * r['compute_s']:>15.2f}" if r["compute_s"] is not None else f"{'—':>15}"
-        lines.append(f"{r['label']:<16} {r['train_loss']:>10.4f} {r['valid_loss']:>10.4f} "
+        lines.append(f"{r['label']:<27} {r['train_loss']:>10.4f} {r['valid_loss']:>10.4f} "
                      f"{compute} {final:<40}")
     for line in lines:
         print(line)
@@ -428,7 +450,7 @@ def plot_auto(runs, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(24, 4.8))
     for r in runs:
         window = min(10, len(r["losses"]))
         curve = np.convolve(r["losses"], np.ones(window) / window, mode="valid")
@@ -437,16 +459,35 @@ def plot_auto(runs, out):
     axes[0].set(xlabel="step", ylabel=f"train loss ({window}-step mean)", yscale="log",
                 title="Character transformer: Muon variants")
     axes[0].legend()
-    for ax, label, column, what in ((axes[1], "ns.steps=auto", 0, "Newton–Schulz steps"),
-                                    (axes[2], "direction=auto", 1, "share row-normalized")):
-        run = next(r for r in runs if r["label"] == label)
+    # ns.steps=auto: each tensor's step count; direction=auto: the cosine it decides on, with the
+    # threshold row normalization must clear (the dominance must clear its own too), and the
+    # decisions that chose row normalization ringed.
+    panels = ((axes[1], "ns.steps=auto", 0, "Newton–Schulz steps", None),
+              (axes[2], "direction=auto", 4, "cos(rownormalize(V), polar(V))", 0.9),
+              (axes[3], "direction=auto, cos ≥ 0.75", 4, "cos(rownormalize(V), polar(V))",
+               0.75))
+    for ax, label, column, what, min_cosine in panels:
+        run = next((r for r in runs if r["label"] == label), None)
+        if run is None:
+            continue
         if run["choices"]:
             names = sorted(run["choices"][-1][1])
             for name in names:
                 xs = [step for step, c in run["choices"] if name in c]
                 ys = [c[name][column] for _, c in run["choices"] if name in c]
-                ax.plot(xs, ys, marker=".", label=name)
-        ax.set(xlabel="step", ylabel=what, title=f"{label}: per-tensor choice")
+                line, = ax.plot(xs, ys, marker=".", label=name)
+                if column == 4:
+                    chosen = [(x, y) for x, y, (_, c) in zip(xs, ys, run["choices"])
+                              if c[name][1] > 0]
+                    if chosen:
+                        ax.scatter(*zip(*chosen), s=60, facecolors="none",
+                                   edgecolors=line.get_color())
+        if min_cosine is not None:
+            ax.axhline(min_cosine + 0.05 * (1 - min_cosine), color="gray", linestyle="--",
+                       linewidth=0.8, label=f"row normalization from here (auto.min_cosine "
+                                            f"{min_cosine} + hysteresis); ringed: chosen")
+            ax.set_ylim(0, 1)
+        ax.set(xlabel="step", ylabel=what, title=f"{label}: per tensor, at each decision")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "auto_modes.png"), dpi=110)
@@ -581,6 +622,9 @@ def main():
     parser.add_argument("--only-auto", action="store_true",
                         help="only the transformer's comparison of Gram Newton–Schulz and the "
                              "auto modes (bench/auto.sh)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="with --only-auto: train each variant this many times, for the "
+                             "median compute time")
     parser.add_argument("--text-steps", type=int, help="transformer steps (default 300; 10 "
                         "with --quick)")
     args = parser.parse_args()
@@ -605,7 +649,7 @@ def main():
             if args.only_auto:
                 metrics_url = (f"http://127.0.0.1:{open(f'{work}/metrics_port').read().strip()}"
                                "/metrics" if daemon is not None else None)
-                auto_runs = auto_comparison(client, text_steps, metrics_url)
+                auto_runs = auto_comparison(client, text_steps, metrics_url, passes=args.passes)
                 print_auto_table(auto_runs)
                 with open(os.path.join(args.out, "auto_modes.json"), "w") as f:
                     json.dump(auto_runs, f)

@@ -524,6 +524,27 @@ TEST_F(OptctlTest, AnalysisOfAFreshSession) {
   EXPECT_EQ(out.str(), "no analysis yet\n");
 }
 
+TEST_F(OptctlTest, AnalysisShowsTheAutoChoices) {
+  // A batched tensor of two 6×6 matrices choosing their direction: diag(1..6), whose rows are
+  // orthogonal (row normalization is its polar factor), and ones with 1.5 on the diagonal
+  // (r_i = 7.25/7 < 1.05·auto.min_dominance).
+  v1::SessionConfig config = MakeConfig({{"m", "keller"}}, {{"x", {2, 6, 6}, "m"}});
+  config.mutable_tensors(0)->set_rank_policy(v1::RANK_POLICY_BATCH);
+  v1::Override* o = config.mutable_groups(0)->add_overrides();
+  o->set_key("direction");
+  o->set_value("auto");
+  absl::StatusOr<client::Session> session = Client().CreateSession(config, "chooser");
+  ASSERT_TRUE(session.ok()) << session.status();
+  std::vector<float> g(72, 0.0f);
+  for (int i = 0; i < 6; ++i) g[i * 6 + i] = static_cast<float>(i + 1);
+  for (int i = 0; i < 36; ++i) g[36 + i] = i % 7 == 0 ? 1.5f : 1.0f;
+  ASSERT_TRUE(session->Step(1, {{"x", g}}).ok());
+  std::ostringstream out;
+  ASSERT_TRUE(client::RunAnalysis(*session, {}, out).ok());
+  EXPECT_THAT(out.str(), HasSubstr("no analysis yet\nauto choices\n"));
+  EXPECT_THAT(out.str(), ::testing::ContainsRegex("x +5,5 +row_normalize,newton_schulz +1 "));
+}
+
 // An output stream another thread can watch while it is written.
 class WatchedOutput : public std::streambuf {
  public:

@@ -37,14 +37,14 @@ def test_quick_main_job(tmp_path):
     # Issue 20's comparison: a row per variant; the daemon's compute time per step; the auto
     # modes' choices recorded at their decisions (step 1 and every interval), within the bounds.
     auto_rows = (tmp_path / "auto_modes.txt").read_text().splitlines()[1:]
-    assert [row[:16].strip() for row in auto_rows] == ["keller", "keller + Gram",
-                                                       "ns.steps=auto", "direction=auto"]
+    assert [row[:27].strip() for row in auto_rows] == [
+        "keller", "keller + Gram", "ns.steps=auto", "direction=auto", "direction=auto, cos ≥ 0.75"]
     for row in auto_rows:
-        train_loss, valid_loss, compute_ms = (float(w) for w in row[16:].split()[:3])
+        train_loss, valid_loss, compute_ms = (float(w) for w in row[27:].split()[:3])
         assert 0 < valid_loss < np.log(vocabulary) and compute_ms > 0, row
     runs = {r["label"]: r for r in json.loads((tmp_path / "auto_modes.json").read_text())}
     assert not runs["keller"]["choices"] and not runs["keller + Gram"]["choices"]
-    for label in ("ns.steps=auto", "direction=auto"):
+    for label in ("ns.steps=auto", "direction=auto", "direction=auto, cos ≥ 0.75"):
         decisions = runs[label]["choices"]
         assert decisions and decisions[0][0] == 1, label
         for _, tensors in decisions:
