@@ -79,9 +79,10 @@ def main():
         "Choices are those of the last decision (every "
         f"{max(1, text_steps // 30)} steps).")
     add("")
-    add("| variant | train loss (last 10%) | validation loss | compute ms / step (each pass) | "
-        "choices at the end |")
-    add("|---|---:|---:|---:|---|")
+    add("| variant | train loss (last 10%) | validation loss | vs keller | compute ms / step "
+        "(each pass) | choices at the end |")
+    add("|---|---:|---:|---:|---:|---|")
+    baseline = next(r["valid_loss"] for r in runs if r["label"] == "keller")
     for r in runs:
         final = "—"
         if r["choices"]:
@@ -95,8 +96,8 @@ def main():
         if r["compute_s"] is not None:
             each = ", ".join(f"{1e3 * c:.2f}" for c in r.get("compute_passes", []))
             compute = f"{1e3 * r['compute_s']:.2f} ({each})"
-        add(f"| {r['label']} | {r['train_loss']:.4f} | {r['valid_loss']:.4f} | {compute} | "
-            f"{final} |")
+        add(f"| {r['label']} | {r['train_loss']:.4f} | {r['valid_loss']:.4f} | "
+            f"{100 * (r['valid_loss'] / baseline - 1):+.1f}% | {compute} | {final} |")
     passes = [r.get("compute_passes") or [] for r in runs]
     if all(len(p) > 1 for p in passes):
         spread = max(max(p) / min(p) for p in passes)
