@@ -30,7 +30,13 @@ absl::Status ValidateAutoConfig(const AutoConfig& c) {
       check(c.min_cosine >= 0.0 && c.min_cosine <= 1.0, "auto.min_cosine must be in [0, 1]"));
   OPTD_RETURN_IF_ERROR(
       check(c.hysteresis >= 0.0 && c.hysteresis < 1.0, "auto.hysteresis must be in [0, 1)"));
+  OPTD_RETURN_IF_ERROR(check(c.max_dim >= 1, "auto.max_dim must be >= 1"));
   return check(c.interval >= 1, "auto.interval must be >= 1");
+}
+
+bool DecidesOn(const AutoConfig& config, int64_t rows, int64_t cols) {
+  if (std::min(rows, cols) > config.max_dim) return false;
+  return !(config.direction && rows > cols && rows / 4 > config.max_dim);
 }
 
 namespace {
@@ -220,6 +226,10 @@ absl::StatusOr<MatrixDecision> DecideMatrix(absl::Span<const float> x, int64_t r
                                             const AutoConfig& config,
                                             const NewtonSchulzConfig& newton_schulz,
                                             MatrixChoice current) {
+  if (!DecidesOn(config, rows, cols)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "auto modes: a ", rows, "x", cols, " matrix is beyond auto.max_dim ", config.max_dim));
+  }
   OPTD_ASSIGN_OR_RETURN(const AutoFigures figures,
                         MeasureAutoFigures(x, rows, cols, config.direction));
   MatrixDecision d;

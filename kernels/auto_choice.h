@@ -44,6 +44,12 @@ struct AutoConfig {
   // Decisions are made in steps 1, interval, 2·interval, ... of each tensor (auto.interval) and
   // apply from the next step on.
   int64_t interval = 50;
+  // A decision costs about (4/3)·n³ for n = min(rows, cols) (the eigenvalues; with direction=auto
+  // the eigenvectors too, and rows²·cols for a tall matrix's V·Vᵀ), on the host, inside the step.
+  // Matrices whose smaller side exceeds max_dim (auto.max_dim), or tall ones with more than
+  // 4·max_dim rows under direction=auto, are not decided on: they keep their choice (the
+  // configured steps, Newton–Schulz).
+  int64_t max_dim = 4096;
 
   bool any() const { return steps || direction; }
   friend bool operator==(const AutoConfig&, const AutoConfig&) = default;
@@ -107,8 +113,12 @@ struct MatrixDecision {
   double cosine = 0;
 };
 
+// Whether DecideMatrix decides on a rows×cols matrix under `config` (AutoConfig.max_dim).
+bool DecidesOn(const AutoConfig& config, int64_t rows, int64_t cols);
+
 // The choice for a host fp32 rows×cols matrix whose current choice is `current`, under the auto
-// settings `config` and the Newton–Schulz settings `newton_schulz`. Errors as MeasureAutoFigures.
+// settings `config` and the Newton–Schulz settings `newton_schulz`. Errors as MeasureAutoFigures;
+// FailedPrecondition for a matrix DecidesOn refuses.
 absl::StatusOr<MatrixDecision> DecideMatrix(absl::Span<const float> x, int64_t rows, int64_t cols,
                                             const AutoConfig& config,
                                             const NewtonSchulzConfig& newton_schulz,

@@ -194,10 +194,11 @@ absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
     if (matrix && spec.config.matrix.auto_modes.any()) {
       const AutoConfig& a = spec.config.matrix.auto_modes;
       t->has_auto = true;
+      // With the steps rule off the step count is the config's own, whatever the bounds say.
+      const int steps = spec.config.matrix.newton_schulz.steps;
       t->choices.matrices.assign(
           t->view.batch,
-          MatrixChoice{std::clamp(spec.config.matrix.newton_schulz.steps, a.min_steps, a.max_steps),
-                       false});
+          MatrixChoice{a.steps ? std::clamp(steps, a.min_steps, a.max_steps) : steps, false});
     }
     if (!matrix) t->second_count = t->count;
     if (matrix && spec.config.matrix.post_normalize == PostNormalize::kNorMuon) {
@@ -497,6 +498,7 @@ absl::Status Optimizer::SetStepsApplied(int tensor, int64_t steps) {
         absl::StrCat("steps applied of tensor '", tensors_[tensor]->spec.name, "' is ", steps));
   }
   tensors_[tensor]->steps = steps;
+  tensors_[tensor]->pending_choices.reset();  // decided for another step
   return absl::OkStatus();
 }
 
@@ -537,6 +539,11 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
   // A plain bool array: absl::Span cannot view std::vector<bool>.
   std::unique_ptr<bool[]> present(new bool[num_tensors()]);
   for (int i = 0; i < num_tensors(); ++i) present[i] = has_gradient.empty() || has_gradient[i];
+  // Choices are this step's to decide: none left over from a step that did not commit (a failed
+  // PrepareTensor) may be committed with it.
+  for (int i = 0; i < num_tensors(); ++i) {
+    if (present[i]) tensors_[i]->pending_choices.reset();
+  }
   Queue& queue = *queue_;
   // Validate everything before any state changes: a rejected step leaves no trace.
   std::vector<const float*> gradients;
@@ -765,7 +772,9 @@ absl::Status Optimizer::DirectionStage(const MatrixConfig& c, const MatrixBatch&
 }
 
 bool Optimizer::DecidesThisStep(const Tensor& t) const {
-  if (!t.has_auto) return false;
+  if (!t.has_auto || !DecidesOn(t.spec.config.matrix.auto_modes, t.view.rows, t.view.cols)) {
+    return false;
+  }
   const int64_t step = t.steps + 1;  // this step's number, 1-based
   return step == 1 || step % t.spec.config.matrix.auto_modes.interval == 0;
 }
@@ -853,8 +862,15 @@ absl::Status Optimizer::SetAutoChoices(int tensor, AutoChoices choices) {
     return absl::InvalidArgumentError(absl::StrCat("auto choices of tensor '", name,
                                                    "': decided at step ", choices.decided_at_step));
   }
-  for (const MatrixChoice& m : choices.matrices) {
-    if (m.steps < a.min_steps || m.steps > a.max_steps) {
+  if (std::isnan(choices.small_sv_share) || std::isnan(choices.dominance_min) ||
+      std::isnan(choices.cosine)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("auto choices of tensor '", name, "': a decision figure is NaN"));
+  }
+  for (MatrixChoice& m : choices.matrices) {
+    // Without the steps rule the count is the config's (choices from a session that had it).
+    if (!a.steps) m.steps = t.spec.config.matrix.newton_schulz.steps;
+    if (a.steps && (m.steps < a.min_steps || m.steps > a.max_steps)) {
       return absl::InvalidArgumentError(
           absl::StrCat("auto choices of tensor '", name, "': ", m.steps,
                        " Newton–Schulz steps is outside [", a.min_steps, ", ", a.max_steps, "]"));
@@ -1128,7 +1144,7 @@ int Optimizer::CommitPrepared() {
 
 void Optimizer::DiscardPrepared() {
   for (auto& t : tensors_) {
-    if (t->prepared) t->pending_choices.reset();
+    t->pending_choices.reset();
     t->prepared = false;
   }
 }

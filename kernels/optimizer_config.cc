@@ -282,6 +282,8 @@ const std::map<absl::string_view, Setter>& Setters() {
        DoubleField([](auto& c) -> auto& { return c.matrix.auto_modes.min_cosine; })},
       {"auto.hysteresis",
        DoubleField([](auto& c) -> auto& { return c.matrix.auto_modes.hysteresis; })},
+      {"auto.max_dim", Field<int64_t>(
+                           ParseInt, [](auto& c) -> auto& { return c.matrix.auto_modes.max_dim; })},
       {"auto.interval",
        Field<int64_t>(
            ParseInt, [](auto& c) -> auto& { return c.matrix.auto_modes.interval; })},

@@ -215,7 +215,8 @@ Metrics::Metrics(MetricsOptions options)
           prometheus::BuildGauge()
               .Name("optd_newton_schulz_steps")
               .Help("ns.steps=auto (seed 003): the Newton-Schulz steps the tensor's matrices run "
-                    "now, their mean; without `tensor`, the mean over the session's tensors.")
+                    "now, the mean over those that run Newton-Schulz (0 where all "
+                    "row-normalize); without `tensor`, the mean over the session's tensors.")
               .Register(*registry_)),
       direction_(prometheus::BuildGauge()
                      .Name("optd_direction")
@@ -406,15 +407,23 @@ void Metrics::PublishChoices(const std::string& session,
   double steps_sum = 0, direction_sum = 0;
   for (size_t t = 0; t < choices.size(); ++t) {
     const v1::AutoChoices& c = choices[t].choices();
-    double steps = 0, row_normalized = 0;
-    for (int32_t s : c.newton_schulz_steps()) steps += s;
-    for (bool r : c.row_normalize()) row_normalized += r;
+    // Steps: the mean over the matrices that run Newton–Schulz (0 where none does).
+    double steps = 0, row_normalized = 0, newton_schulz = 0;
+    for (int i = 0; i < c.newton_schulz_steps_size() && i < c.row_normalize_size(); ++i) {
+      if (c.row_normalize(i)) {
+        ++row_normalized;
+      } else {
+        steps += c.newton_schulz_steps(i);
+        ++newton_schulz;
+      }
+    }
     const double n = std::max(1, c.newton_schulz_steps_size());
-    steps_sum += steps / n;
+    const double mean_steps = newton_schulz > 0 ? steps / newton_schulz : 0.0;
+    steps_sum += mean_steps;
     direction_sum += row_normalized / n;
     if (t >= budget) continue;
     values[{&newton_schulz_steps_, {{"session", session}, {"tensor", choices[t].tensor()}}}] =
-        steps / n;
+        mean_steps;
     values[{&direction_, {{"session", session}, {"tensor", choices[t].tensor()}}}] =
         row_normalized / n;
   }

@@ -82,7 +82,8 @@ class Metrics {
   void PublishAnalysis(const std::string& session, int64_t step,
                        const std::vector<v1::TensorAnalysis>& tensors);
   // Replaces the session's auto-mode series with `choices` (every tensor with an auto mode, in
-  // session order): optd_newton_schulz_steps, the mean step count over a tensor's matrices, and
+  // session order): optd_newton_schulz_steps, the mean step count over a tensor's matrices that
+  // run Newton–Schulz (0 where all row-normalize), and
   // optd_direction, the share of them that row-normalize (0: Newton–Schulz, 1: RMNP's row
   // normalization); and the same without `tensor`, the mean over the session's tensors.
   void PublishChoices(const std::string& session, const std::vector<v1::TensorChoices>& choices);

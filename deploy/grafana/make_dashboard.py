@@ -237,7 +237,8 @@ FIGURES = [
      "Seed 003, closed loop: with ns.steps=auto each matrix runs the fewest Newton–Schulz steps "
      "whose polynomial leaves at most ns.small_sv_target of its input's singular values below "
      "0.6, re-decided every auto.interval steps within [ns.min_steps, ns.max_steps]; the mean "
-     "over the tensor's matrices. Rising steps mean the spectrum is spreading toward small "
+     "over the tensor's matrices that run Newton–Schulz (0 where all row-normalize). Rising "
+     "steps mean the spectrum is spreading toward small "
      "values. Only sessions with an auto mode have this series.",
      [("optd_newton_schulz_steps", "", "")], {"minimum": 0}),
     ("Direction chosen (direction=auto)",

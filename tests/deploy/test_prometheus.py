@@ -51,9 +51,13 @@ analysis_interval: 1
 
 AUTO_CONFIG = """
 tensors { name: "d" shape: [6, 6] group: "matrices" }
+tensors { name: "e" shape: [6, 6] group: "matrices" }
 groups { name: "matrices" preset: "keller"
          overrides { key: "ns.steps" value: "auto" } overrides { key: "direction" value: "auto" } }
 """
+
+# Ones with 1.5 on the diagonal: r_i = 7.25/7 < 1.05, so it keeps Newton–Schulz.
+AUTO_E = np.ones((6, 6)) + 0.5 * np.eye(6)
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None or PROMTOOL is None,
                                 reason="Debian's prometheus package is not installed")
@@ -200,7 +204,7 @@ def drive(server, work):
         f.write(AUTO_CONFIG)
     created = optctl(server, "create", f"{work}/auto.textproto", "--id=auto").stdout
     auto_token = dict(line.split(": ", 1) for line in created.splitlines() if ": " in line)["token"]
-    save_npy(f"{work}/auto_grads", {"d": np.diag(np.arange(1.0, 7.0))})
+    save_npy(f"{work}/auto_grads", {"d": np.diag(np.arange(1.0, 7.0)), "e": AUTO_E})
     optctl(server, "step", "auto", "--step=1", f"--grads={work}/auto_grads", token=auto_token)
     return {"token": token, "gradients": gradients}
 
@@ -310,19 +314,23 @@ def test_prometheus_holds_the_figures_numpy_computes(stack):
 
 def test_prometheus_holds_the_auto_choices(stack):
     web = stack["web"]
-    # diag(1..6) divided by its Frobenius norm √91 has singular values i/√91; Keller's polynomial
-    # lifts all of them above 0.6 within k* steps, so from 5 the choice moves to max(k*, 5 − 2)
-    # (ns.max_step_change 2), and its rows are orthogonal: row normalization.
+    # "d" = diag(1..6) has orthogonal rows: row normalization, so no tensor-level step count (0).
+    # "e" keeps Newton–Schulz: from 5 its step count moves to max(k*, 5 − 2) (ns.max_step_change
+    # 2), k* the fewest steps in [2, 10] after which Keller's polynomial leaves none of its
+    # singular values (numpy's SVD, over the Frobenius norm + 1e-7) below 0.6.
     a, b, c = 3.4445, -4.7750, 2.0315
-    sigma = np.arange(1.0, 7.0) / (np.sqrt(91.0) + 1e-7)
-    k_star = next(k for k in range(2, 11)
-                  if all(x >= 0.6 for x in functools.reduce(
-                      lambda x, _: a * x + b * x ** 3 + c * x ** 5, range(k), sigma)))
+    sigma = np.linalg.svd(AUTO_E, compute_uv=False)
+    sigma = sigma / (np.linalg.norm(AUTO_E) + 1e-7)
+    k_star = next((k for k in range(2, 10)
+                   if all(x >= 0.6 for x in functools.reduce(
+                       lambda x, _: a * x + b * x ** 3 + c * x ** 5, range(k), sigma))), 10)
     steps = max(k_star, 3)
-    assert value(web, 'optd_newton_schulz_steps{session="auto",tensor="d"}') == steps
-    assert value(web, 'optd_newton_schulz_steps{session="auto",tensor=""}') == steps
     assert value(web, 'optd_direction{session="auto",tensor="d"}') == 1
-    assert value(web, 'optd_direction{session="auto",tensor=""}') == 1
+    assert value(web, 'optd_direction{session="auto",tensor="e"}') == 0
+    assert value(web, 'optd_direction{session="auto",tensor=""}') == 0.5
+    assert value(web, 'optd_newton_schulz_steps{session="auto",tensor="d"}') == 0
+    assert value(web, 'optd_newton_schulz_steps{session="auto",tensor="e"}') == steps
+    assert value(web, 'optd_newton_schulz_steps{session="auto",tensor=""}') == steps / 2
     assert not query(web, 'optd_direction{session="it"}')  # no auto mode, no series
 
 
@@ -341,8 +349,8 @@ def test_prometheus_holds_the_service_series(stack):
     assert value(web, 'optd_step_duration_seconds_count{optimizer="moonlight"}') == 1
     elements = sum(np.prod(s) for s in SHAPES.values()) + 12
     # The good step's fp32 gradients, then the NaN step's tensor 'a' chunk that was refused, and
-    # session "auto"'s 6×6.
-    assert value(web, "optd_bytes_received_total") == 4 * (elements + np.prod(SHAPES["a"]) + 36)
+    # session "auto"'s two 6×6.
+    assert value(web, "optd_bytes_received_total") == 4 * (elements + np.prod(SHAPES["a"]) + 72)
     memory = value(web, 'optd_session_memory_bytes{session="it"}')
     assert memory > 0
     assert value(web, "optd_session_memory_limit_bytes") == 16 << 30

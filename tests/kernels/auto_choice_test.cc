@@ -236,6 +236,7 @@ TEST(AutoConfig, ParsedValidatedAndTurnedOffByAFixedSetting) {
       {"keller,direction=auto,auto.min_cosine=1.5", "auto.min_cosine"},
       {"keller,direction=auto,auto.hysteresis=1", "auto.hysteresis"},
       {"keller,direction=auto,auto.interval=0", "auto.interval"},
+      {"keller,direction=auto,auto.max_dim=0", "auto.max_dim"},
       {"rmnp,ns.steps=auto", "Newton–Schulz direction"},
       {"keller,ns.steps=auto,direction=polar", "Newton–Schulz direction"},
       {"keller,ns.steps=auto,ns.grow_with_dimension=true", "choose one"},

@@ -432,6 +432,39 @@ TEST_F(OptimizerContractTest, AutoChoicesChangeOnlyWithACommittedStepAndRestoreC
   EXPECT_EQ(steps_only->SetAutoChoices(0, rn).code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST_F(OptimizerContractTest, DirectionAutoAloneKeepsTheConfiguredStepsAndDecidesWithinMaxDim) {
+  // ns.steps=1 and 20 lie outside ns.steps=auto's default bounds [2, 10]: without that rule they
+  // are the step count, also after a restore from a session whose rule chose 3.
+  for (const int steps : {1, 20}) {
+    auto opt = Make({{"w",
+                      {4, 8},
+                      RankPolicy::kFlatten,
+                      Config(absl::StrCat("keller,direction=auto,ns.steps=", steps))}});
+    EXPECT_EQ(opt->auto_choices(0).matrices[0].steps, steps);
+    AutoChoices restored = opt->auto_choices(0);
+    restored.matrices[0].steps = 3;
+    ASSERT_TRUE(opt->SetAutoChoices(0, restored).ok());
+    EXPECT_EQ(opt->auto_choices(0).matrices[0].steps, steps);
+    ASSERT_TRUE(opt->SetGradient(0, reference::RandomNormal(32, 2)).ok());
+    ASSERT_TRUE(opt->Step().ok());
+    EXPECT_EQ(opt->auto_choices(0).matrices[0].steps, steps);
+    EXPECT_EQ(opt->auto_choices(0).decided_at_step, 1);
+  }
+  // Beyond auto.max_dim nothing is decided: the first choice stays.
+  auto big = Make({{"w",
+                    {6, 8},
+                    RankPolicy::kFlatten,
+                    Config("keller,ns.steps=auto,direction=auto,auto.max_dim=5")}});
+  ASSERT_TRUE(big->SetGradient(0, reference::RandomNormal(48, 3)).ok());
+  ASSERT_TRUE(big->Step().ok());
+  EXPECT_EQ(big->auto_choices(0).decided_at_step, 0);
+  EXPECT_EQ(big->auto_choices(0).matrices[0], (MatrixChoice{5, false}));
+  // A NaN figure is refused.
+  AutoChoices nan = big->auto_choices(0);
+  nan.cosine = std::nan("");
+  EXPECT_EQ(big->SetAutoChoices(0, nan).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(OptimizerContractTest, AutoChoicesAreTheSameBatchedPreparedOrAlone) {
   // The same gradients through one optimizer holding two same-shape auto tensors (one batch), one
   // stepping them by PrepareTensor, and two holding one each: the same bits and choices.

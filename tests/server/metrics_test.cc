@@ -462,17 +462,22 @@ TEST_F(MetricsTest, AutoChoicesAreExportedPerTensorAndInGetAnalysis) {
   for (const v1::TensorChoices& c : analysis->choices()) {
     SCOPED_TRACE(c.tensor());
     EXPECT_EQ(c.choices().decided_at_step(), 1);
+    // Steps: the mean over the matrices that run Newton–Schulz (0 where none does).
     double steps = 0, rn = 0;
     for (int i = 0; i < c.choices().newton_schulz_steps_size(); ++i) {
-      steps += c.choices().newton_schulz_steps(i);
-      rn += c.choices().row_normalize(i);
+      if (c.choices().row_normalize(i)) {
+        ++rn;
+      } else {
+        steps += c.choices().newton_schulz_steps(i);
+      }
     }
     const double n = c.choices().newton_schulz_steps_size();
+    const double mean_steps = rn < n ? steps / (n - rn) : 0.0;
     EXPECT_EQ(rn / n, row_normalized.at(c.tensor()));
     EXPECT_EQ(exposition.Get("optd_direction", With({}, "choices", c.tensor())), rn / n);
     EXPECT_EQ(exposition.Get("optd_newton_schulz_steps", With({}, "choices", c.tensor())),
-              steps / n);
-    steps_sum += steps / n;
+              mean_steps);
+    steps_sum += mean_steps;
     direction_sum += rn / n;
   }
   EXPECT_DOUBLE_EQ(exposition.Get("optd_direction", With({}, "choices")), direction_sum / 3);

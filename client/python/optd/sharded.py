@@ -48,11 +48,14 @@ class _Part:
 
 def _join_auto_choices(out, pieces):
     """The auto choices of a tensor whose `pieces` (slices in batch order) each hold their
-    matrices': one list over all the matrices, and the decision's figures as the mean over them
-    (each piece's mean weighted by its matrices: equal to one instance's up to rounding)."""
+    matrices': one list over all the matrices, the latest piece's decision step, and the
+    decision's figures as the mean over them (each piece's mean weighted by its matrices: one
+    instance's, up to rounding, where every matrix was decided at that step; a zero matrix is
+    not decided on and keeps its choice, and its piece its older figures)."""
     if not pieces[0].HasField("auto_choices"):
         return
     out.auto_choices.CopyFrom(pieces[0].auto_choices)
+    out.auto_choices.decided_at_step = max(p.auto_choices.decided_at_step for p in pieces)
     for field in ("newton_schulz_steps", "row_normalize"):
         del getattr(out.auto_choices, field)[:]
         for p in pieces:
