@@ -282,6 +282,50 @@ TEST_F(CudaVsCpuTest, EveryPresetStepsLikeTheCpuOverTenSteps) {
   }
 }
 
+// The auto modes decide from the direction's input, which momentum forms alike on both backends:
+// the same choices bit for bit, every other step (the steps between replay recorded graphs whose
+// key holds the choices), and parameters within the presets' tolerances.
+TEST_F(CudaVsCpuTest, AutoModesChooseAsTheCpuDoes) {
+  for (const char* precision : {"fp32", "bf16"}) {
+    SCOPED_TRACE(precision);
+    auto config = ParseOptimizerConfig(
+        absl::StrCat("keller,weight_decay=0.05,ns.steps=auto,direction=auto,auto.interval=2,"
+                     "precision=",
+                     precision));
+    ASSERT_TRUE(config.ok()) << config.status();
+    const std::vector<TensorSpec> specs = {{"wide", {48, 160}, RankPolicy::kFlatten, *config},
+                                           {"tall", {200, 32}, RankPolicy::kFlatten, *config},
+                                           {"experts", {3, 24, 40}, RankPolicy::kBatch, *config}};
+    auto on_cpu = Optimizer::Create(*cpu_, specs);
+    auto on_gpu = Optimizer::Create(*cuda_, specs);
+    ASSERT_TRUE(on_cpu.ok() && on_gpu.ok());
+    for (int step = 0; step < 10; ++step) {
+      for (int t = 0; t < (*on_cpu)->num_tensors(); ++t) {
+        // Rows along a few shared directions, so the rules have something to tell apart.
+        std::vector<float> g = RandomNormal((*on_cpu)->num_elements(t), 300 * step + t + 1);
+        for (size_t i = 0; i < g.size(); ++i) g[i] += (i % 7 == 0) ? 2.0f : 0.0f;
+        ASSERT_TRUE((*on_cpu)->SetGradient(t, g).ok());
+        ASSERT_TRUE((*on_gpu)->SetGradient(t, g).ok());
+      }
+      ASSERT_TRUE((*on_cpu)->Step().ok());
+      ASSERT_TRUE((*on_gpu)->Step().ok());
+      for (int t = 0; t < (*on_cpu)->num_tensors(); ++t) {
+        EXPECT_EQ((*on_gpu)->auto_choices(t).matrices, (*on_cpu)->auto_choices(t).matrices)
+            << (*on_cpu)->spec(t).name << " at step " << step + 1;
+        EXPECT_EQ((*on_gpu)->auto_choices(t).decided_at_step,
+                  (*on_cpu)->auto_choices(t).decided_at_step);
+      }
+    }
+    for (int t = 0; t < (*on_cpu)->num_tensors(); ++t) {
+      std::vector<float> want((*on_cpu)->num_elements(t)), got(want.size());
+      ASSERT_TRUE((*on_cpu)->GetParameters(t, absl::MakeSpan(want)).ok());
+      ASSERT_TRUE((*on_gpu)->GetParameters(t, absl::MakeSpan(got)).ok());
+      EXPECT_LT(RelativeError(got, want), std::string(precision) == "fp32" ? 1e-5 : 2e-2)
+          << (*on_cpu)->spec(t).name;
+    }
+  }
+}
+
 TEST_F(CudaVsCpuTest, ExactPolarDirectionMatches) {
   auto config = ParseOptimizerConfig("keller,direction=polar,precision=fp32");
   ASSERT_TRUE(config.ok()) << config.status();
