@@ -17,9 +17,14 @@ OPTD_SOAK_SECONDS=$((seconds / 5)) OPTD_SOAK_KILLS=0 build/tests/soak_test \
 grep "^soak:" bench/out/soak.txt
 /usr/bin/python3 - "$seconds" "$kills" <<'PY'
 import re, subprocess, sys, datetime
+sys.path.insert(0, "bench")
+from results_section import write_section
+BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 lines = [l[len("soak: "):].strip() for l in open("bench/out/soak.txt") if l.startswith("soak: ")]
 cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-section = "\n".join([
+section = [
+    BEGIN,
+    "",
     "## Soak (issue 16)",
     "",
     f"`bench/soak.sh {sys.argv[1]} {sys.argv[2]}` on {cpu}, {subprocess.check_output(['nproc']).decode().strip()} cores, "
@@ -39,8 +44,13 @@ section = "\n".join([
     "by their samples: a leak would show as growth within a life; the second run is one daemon "
     "that lives through the whole of it.",
     "",
-])
+    END,
+]
+# A section from before the markers ends at the next heading or marker (it once took the next
+# section's begin marker with it).
 results = open("bench/RESULTS.md").read()
-results = re.sub(r"## Soak \(issue 16\)\n.*?(?=\n## |\Z)", "", results, flags=re.S).rstrip() + "\n\n"
-open("bench/RESULTS.md", "w").write(results + section)
+if BEGIN not in results:
+    results = re.sub(r"## Soak \(issue 16\)\n.*?(?=\n## |\n<!-- |\Z)", "", results, flags=re.S)
+    open("bench/RESULTS.md", "w").write(results)
+write_section("bench/RESULTS.md", BEGIN, END, section)
 PY
