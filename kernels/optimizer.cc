@@ -37,6 +37,13 @@ struct Optimizer::Tensor {
   AutoChoices choices;
   std::optional<AutoChoices> pending_choices;
 
+  // The step that decided pending_choices commits: they become current.
+  void CommitChoices() {
+    if (!pending_choices.has_value()) return;
+    choices = *std::move(pending_choices);
+    pending_choices.reset();
+  }
+
   void SwapWithShadows() {
     std::swap(parameters, shadow_parameters);
     std::swap(momentum, shadow_momentum);
@@ -668,10 +675,7 @@ absl::Status Optimizer::FinishStep(absl::Span<const bool> present) {
     if (!present[i]) continue;
     Tensor& t = *tensors_[i];
     ++t.steps;
-    if (t.pending_choices.has_value()) {
-      t.choices = *std::move(t.pending_choices);
-      t.pending_choices.reset();
-    }
+    t.CommitChoices();
   }
   ++steps_run_;
   return absl::OkStatus();
@@ -784,16 +788,16 @@ bool Optimizer::DecidesThisStep(const Tensor& t) const {
 absl::Status Optimizer::Decide(Tensor& t, const float* u) {
   const MatrixConfig& c = t.spec.config.matrix;
   const int64_t size = t.view.rows * t.view.cols;
-  std::vector<float> host(size);
+  std::vector<float> host(t.count);
+  OPTD_RETURN_IF_ERROR(backend_->Download(*queue_, host.data(), u, t.count * sizeof(float)));
+  OPTD_RETURN_IF_ERROR(backend_->Synchronize(*queue_));
   AutoChoices next = t.choices;
   double share = 0, dominance = 0, cosine = 0;
   int64_t decided = 0;
   for (int64_t b = 0; b < t.view.batch; ++b) {
-    OPTD_RETURN_IF_ERROR(
-        backend_->Download(*queue_, host.data(), u + b * size, size * sizeof(float)));
-    OPTD_RETURN_IF_ERROR(backend_->Synchronize(*queue_));
-    absl::StatusOr<MatrixDecision> d = DecideMatrix(host, t.view.rows, t.view.cols, c.auto_modes,
-                                                    c.newton_schulz, t.choices.matrices[b]);
+    absl::StatusOr<MatrixDecision> d =
+        DecideMatrix(absl::MakeConstSpan(host).subspan(b * size, size), t.view.rows, t.view.cols,
+                     c.auto_modes, c.newton_schulz, t.choices.matrices[b]);
     // A zero matrix has nothing to decide on, and a failed eigensolver must not fail the step:
     // either keeps the matrix's choice.
     if (!d.ok()) continue;
@@ -981,8 +985,8 @@ absl::Status Optimizer::StepMembers(const Group& group, absl::Span<Tensor* const
   }
   if (members[0]->has_auto) {
     offset = 0;
+    // (Step and PrepareTensor have already dropped any pending choices of these tensors.)
     for (Tensor* t : members) {
-      t->pending_choices.reset();
       if (DecidesThisStep(*t)) OPTD_RETURN_IF_ERROR(Decide(*t, directions + offset));
       offset += t->count;
     }
@@ -1128,10 +1132,7 @@ int Optimizer::CommitPrepared() {
     t->SwapWithShadows();
     t->prepared = false;
     ++t->steps;
-    if (t->pending_choices.has_value()) {
-      t->choices = *std::move(t->pending_choices);
-      t->pending_choices.reset();
-    }
+    t->CommitChoices();
     ++committed;
   }
   if (committed > 0) {
