@@ -530,9 +530,7 @@ TEST_F(OptctlTest, AnalysisShowsTheAutoChoices) {
   // (r_i = 7.25/7 < 1.05·auto.min_dominance).
   v1::SessionConfig config = MakeConfig({{"m", "keller"}}, {{"x", {2, 6, 6}, "m"}});
   config.mutable_tensors(0)->set_rank_policy(v1::RANK_POLICY_BATCH);
-  v1::Override* o = config.mutable_groups(0)->add_overrides();
-  o->set_key("direction");
-  o->set_value("auto");
+  AddOverrides(*config.mutable_groups(0), {{"direction", "auto"}});
   absl::StatusOr<client::Session> session = Client().CreateSession(config, "chooser");
   ASSERT_TRUE(session.ok()) << session.status();
   std::vector<float> g(72, 0.0f);

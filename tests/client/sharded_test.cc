@@ -33,16 +33,9 @@ v1::SessionConfig ShardedConfig() {
     v1::GroupConfig* g = config.add_groups();
     g->set_name(name);
     g->set_preset(preset);
-    if (name == "muon") {
-      // Steps and direction chosen per matrix, every other step: a batched tensor's slices on
-      // different instances choose as the whole does on one.
-      for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
-               {"ns.steps", "auto"}, {"direction", "auto"}, {"auto.interval", "2"}}) {
-        v1::Override* o = g->add_overrides();
-        o->set_key(key);
-        o->set_value(value);
-      }
-    }
+    // Steps and direction chosen per matrix, every other step: a batched tensor's slices on
+    // different instances choose as the whole does on one.
+    if (name == "muon") AddOverrides(*g, AutoModes(2));
   }
   struct Def {
     std::string name;

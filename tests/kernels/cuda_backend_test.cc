@@ -65,6 +65,17 @@ class CudaVsCpuTest : public ::testing::Test {
     return {cpu_memory_->Download(p.cpu, count), gpu_memory_->Download(p.gpu, count)};
   }
   Queue& cq() { return cpu_->default_queue(); }
+  // Every tensor's parameters on the GPU within the presets' tolerance of the CPU's: 1e-5 in
+  // fp32, 2e-2 in bf16.
+  static void ExpectParametersAlike(const Optimizer& on_cpu, const Optimizer& on_gpu,
+                                    const std::string& precision) {
+    for (int t = 0; t < on_cpu.num_tensors(); ++t) {
+      std::vector<float> want(on_cpu.num_elements(t)), got(want.size());
+      ASSERT_TRUE(on_cpu.GetParameters(t, absl::MakeSpan(want)).ok());
+      ASSERT_TRUE(on_gpu.GetParameters(t, absl::MakeSpan(got)).ok());
+      EXPECT_LT(RelativeError(got, want), precision == "fp32" ? 1e-5 : 2e-2) << on_cpu.spec(t).name;
+    }
+  }
   Queue& gq() { return cuda_->default_queue(); }
 
   std::unique_ptr<Backend> cuda_, cpu_;
@@ -271,13 +282,7 @@ TEST_F(CudaVsCpuTest, EveryPresetStepsLikeTheCpuOverTenSteps) {
         ASSERT_TRUE((*on_cpu)->Step().ok());
         ASSERT_TRUE((*on_gpu)->Step().ok());
       }
-      for (int t = 0; t < (*on_cpu)->num_tensors(); ++t) {
-        std::vector<float> want((*on_cpu)->num_elements(t)), got(want.size());
-        ASSERT_TRUE((*on_cpu)->GetParameters(t, absl::MakeSpan(want)).ok());
-        ASSERT_TRUE((*on_gpu)->GetParameters(t, absl::MakeSpan(got)).ok());
-        EXPECT_LT(RelativeError(got, want), std::string(precision) == "fp32" ? 1e-5 : 2e-2)
-            << (*on_cpu)->spec(t).name;
-      }
+      ExpectParametersAlike(**on_cpu, **on_gpu, precision);
     }
   }
 }
@@ -316,13 +321,7 @@ TEST_F(CudaVsCpuTest, AutoModesChooseAsTheCpuDoes) {
                   (*on_cpu)->auto_choices(t).decided_at_step);
       }
     }
-    for (int t = 0; t < (*on_cpu)->num_tensors(); ++t) {
-      std::vector<float> want((*on_cpu)->num_elements(t)), got(want.size());
-      ASSERT_TRUE((*on_cpu)->GetParameters(t, absl::MakeSpan(want)).ok());
-      ASSERT_TRUE((*on_gpu)->GetParameters(t, absl::MakeSpan(got)).ok());
-      EXPECT_LT(RelativeError(got, want), std::string(precision) == "fp32" ? 1e-5 : 2e-2)
-          << (*on_cpu)->spec(t).name;
-    }
+    ExpectParametersAlike(**on_cpu, **on_gpu, precision);
   }
 }
 

@@ -179,12 +179,7 @@ class BadInputTest : public ::testing::Test {
     config_ = MakeConfig({{"matrices", "keller"}, {"vectors", "adamw"}},
                          {{"w", {kRows, kCols}, "matrices"}, {"b", {kCols}, "vectors"}});
     // The matrices choose their steps and direction (state that a refusal must leave alone).
-    for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
-             {"ns.steps", "auto"}, {"direction", "auto"}}) {
-      v1::Override* o = config_.mutable_groups(0)->add_overrides();
-      o->set_key(key);
-      o->set_value(value);
-    }
+    AddOverrides(*config_.mutable_groups(0), {{"ns.steps", "auto"}, {"direction", "auto"}});
     victim_ = std::make_unique<client::Session>(*c.CreateSession(config_));
     other_ = std::make_unique<client::Session>(*c.CreateSession(config_));
     // One real step first, so momentum and Adam moments are not zero.

@@ -104,13 +104,7 @@ v1::SessionConfig SmallModel() {
       {{"matrices", "muoneq_row"}, {"vectors", "adamw"}},
       {{"w1", {96, 128}, "matrices"}, {"w2", {128, 96}, "matrices"}, {"b", {128}, "vectors"}});
   for (v1::GroupConfig& g : *config.mutable_groups()) {
-    if (g.name() != "matrices") continue;
-    for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
-             {"ns.steps", "auto"}, {"direction", "auto"}, {"auto.interval", "2"}}) {
-      v1::Override* o = g.add_overrides();
-      o->set_key(key);
-      o->set_value(value);
-    }
+    if (g.name() == "matrices") AddOverrides(g, AutoModes(2));
   }
   return config;
 }

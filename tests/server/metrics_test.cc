@@ -430,12 +430,7 @@ TEST_F(MetricsTest, AutoChoicesAreExportedPerTensorAndInGetAnalysis) {
   v1::GroupConfig* group = config.add_groups();
   group->set_name("matrices");
   group->set_preset("keller");
-  for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
-           {"ns.steps", "auto"}, {"direction", "auto"}, {"auto.interval", "1"}}) {
-    v1::Override* o = group->add_overrides();
-    o->set_key(key);
-    o->set_value(value);
-  }
+  AddOverrides(*group, AutoModes(1));
   AddTensor(config, "diagonal", {6, 6});
   AddTensor(config, "rank_one", {5, 6});
   AddTensor(config, "both", {2, 5, 6});

@@ -69,13 +69,7 @@ v1::SessionConfig TransferConfig(const std::string& param) {
   if (param != "keller_auto") return ModelConfig(param);
   v1::SessionConfig config = ModelConfig("keller");
   for (v1::GroupConfig& g : *config.mutable_groups()) {
-    if (g.name() != "matrices") continue;
-    for (const auto& [key, value] : std::vector<std::pair<std::string, std::string>>{
-             {"ns.steps", "auto"}, {"direction", "auto"}, {"auto.interval", "2"}}) {
-      v1::Override* o = g.add_overrides();
-      o->set_key(key);
-      o->set_value(value);
-    }
+    if (g.name() == "matrices") AddOverrides(g, AutoModes(2));
   }
   return config;
 }

@@ -10,6 +10,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -66,6 +67,21 @@ struct TensorDef {
   std::vector<int64_t> shape;
   std::string group;
 };
+
+// Appends key=value overrides to `group`, in order.
+inline void AddOverrides(v1::GroupConfig& group,
+                         const std::vector<std::pair<std::string, std::string>>& overrides) {
+  for (const auto& [key, value] : overrides) {
+    v1::Override* o = group.add_overrides();
+    o->set_key(key);
+    o->set_value(value);
+  }
+}
+
+// ns.steps=auto and direction=auto, deciding every `interval` steps (kernels/auto_choice.h).
+inline std::vector<std::pair<std::string, std::string>> AutoModes(int interval) {
+  return {{"ns.steps", "auto"}, {"direction", "auto"}, {"auto.interval", absl::StrCat(interval)}};
+}
 
 // A session config with groups {name -> preset} and the given tensors, initialized normal with
 // a per-tensor seed.
