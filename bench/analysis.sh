@@ -9,14 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-repetitions=5
-for arg in "$@"; do
-  case $arg in
-    --repetitions=*) repetitions=${arg#--repetitions=} ;;
-    *) echo "usage: bench/analysis.sh [--repetitions=N]" >&2; exit 2 ;;
-  esac
-done
 bench_init analysis.sh
+bench_repetitions 5 "$@"
 
 log "[1/3] building analysis_bench in $build_dir"
 bench_build analysis_bench

@@ -11,14 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-repetitions=3
-for arg in "$@"; do
-  case $arg in
-    --repetitions=*) repetitions=${arg#--repetitions=} ;;
-    *) echo "usage: bench/auto.sh [--repetitions=N]" >&2; exit 2 ;;
-  esac
-done
 bench_init auto.sh
+bench_repetitions 3 "$@"
 
 log "[1/3] building kernels_bench, optd and the Python stubs in $build_dir"
 bench_build kernels_bench optd optd_python

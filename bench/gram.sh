@@ -10,14 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-repetitions=5
-for arg in "$@"; do
-  case $arg in
-    --repetitions=*) repetitions=${arg#--repetitions=} ;;
-    *) echo "usage: bench/gram.sh [--repetitions=N]" >&2; exit 2 ;;
-  esac
-done
 bench_init gram.sh
+bench_repetitions 5 "$@"
 
 log "[1/3] building kernels_bench and newton_schulz_test in $build_dir"
 bench_build kernels_bench newton_schulz_test

@@ -10,14 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 source bench/iperf3.sh
-repetitions=3
-for arg in "$@"; do
-  case $arg in
-    --repetitions=*) repetitions=${arg#--repetitions=} ;;
-    *) echo "usage: bench/service.sh [--repetitions=N]" >&2; exit 2 ;;
-  esac
-done
 bench_init service.sh
+bench_repetitions 3 "$@"
 
 log "[1/4] building optd and service_bench in $build_dir"
 bench_build optd service_bench

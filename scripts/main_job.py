@@ -347,14 +347,13 @@ def compute_phase(metrics_url):
     """optd_step_phase_seconds{phase="compute"}'s (sum, count) from the daemon's /metrics: the
     optimizer's own time per step, without the transfer."""
     import urllib.request
+    from show_metrics import parse
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    found = {}
-    for line in text.splitlines():
-        for field in ("sum", "count"):
-            if line.startswith(f'optd_step_phase_seconds_{field}{{phase="compute"}}'):
-                found[field] = float(line.split()[-1])
-    return found.get("sum", 0.0), found.get("count", 0.0)
+        samples = parse(response.read().decode())
+    found = {name: value for name, labels, value in samples
+             if labels.get("phase") == "compute" and name.startswith("optd_step_phase_seconds_")}
+    return (found.get("optd_step_phase_seconds_sum", 0.0),
+            found.get("optd_step_phase_seconds_count", 0.0))
 
 
 def auto_comparison(client, steps, metrics_url, context=64, batch=16, passes=1):
