@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/string_view.h"
 #include "kernels/backend.h"
 #include "kernels/formulas.h"
 #include "kernels/newton_schulz.h"
@@ -220,6 +221,97 @@ TEST(CpuBackendTest, OutOfPlaceStepsGiveTheInPlaceBitsAndLeaveTheirInputs) {
       EXPECT_EQ(mi, m0);
     }
   }
+}
+
+// Each product of an element formula rounds before the sum it feeds (the build's
+// -ffp-contract=off; nvcc's --fmad=false on the GPU): a build that fuses a·b + c into one FMA would
+// break CPU ≡ CUDA. The expectations round every product through a volatile, independent of how
+// this file is compiled; the inputs are checked to tell the two apart (an FMA of them gives other
+// bits for many elements), so a fused backend fails here.
+TEST(CpuBackendTest, ElementFormulasRoundEveryProduct) {
+  std::unique_ptr<Backend> backend = CpuBackendWith(1);
+  ASSERT_NE(backend, nullptr);
+  Queue& q = backend->default_queue();
+  const int64_t n = 4099;  // vector bodies and a tail
+  const std::vector<float> w0 = reference::RandomNormal(n, 11), m0 = reference::RandomNormal(n, 12),
+                           g = reference::RandomNormal(n, 13), o = reference::RandomNormal(n, 14);
+  auto rounded = [](float a, float b) {
+    volatile float p = a * b;
+    return static_cast<float>(p);
+  };
+  // Per way of fusing a formula: the elements whose bits it changes.
+  std::vector<int64_t> told_apart;
+  auto count_fused_differs = [&](float unfused, std::initializer_list<float> fused) {
+    told_apart.resize(fused.size());
+    int k = 0;
+    for (float f : fused) told_apart[k++] += std::memcmp(&f, &unfused, sizeof(float)) != 0;
+  };
+  auto expect_told_apart = [&](absl::string_view what) {
+    for (size_t k = 0; k < told_apart.size(); ++k) {
+      EXPECT_GT(told_apart[k], n / 100)
+          << "fusing the " << what << " (way " << k << ") would change too few elements to be seen";
+    }
+    told_apart.clear();
+  };
+
+  // Sum momentum with Nesterov: m ← μ·m + g, u = g + μ·m.
+  const float mu = 0.95f;
+  std::vector<float> m = m0, u(n);
+  const formulas::MomentumScalars sum{mu, 0.05f, formulas::MomentumKind::kSum, true};
+  ASSERT_TRUE(backend->Momentum(q, m.data(), g.data(), u.data(), n, sum).ok());
+  for (int64_t i = 0; i < n; ++i) {
+    const float m1 = rounded(mu, m0[i]) + g[i];
+    const float u1 = g[i] + rounded(mu, m1);
+    ASSERT_EQ(m[i], m1) << "element " << i;
+    ASSERT_EQ(u[i], u1) << "element " << i;
+    count_fused_differs(m1, {std::fma(mu, m0[i], g[i])});
+  }
+  expect_told_apart("momentum");
+
+  // Decay and step: w ← w·decay − lr·(o·scale).
+  const float lr = 0.0213f, decay = 0.99957f, scale = 0.731f;
+  std::vector<float> w = w0;
+  ASSERT_TRUE(backend->ApplyUpdate(q, w.data(), o.data(), n, lr, decay, scale, DType::kF32).ok());
+  for (int64_t i = 0; i < n; ++i) {
+    const float step = rounded(o[i], scale);
+    const float decayed = rounded(w0[i], decay), moved = rounded(lr, step);
+    ASSERT_EQ(w[i], decayed - moved) << "element " << i;
+    count_fused_differs(decayed - moved,
+                        {std::fma(w0[i], decay, -moved), std::fma(-lr, step, decayed)});
+  }
+  expect_told_apart("update");
+
+  // AdamW (torch's ε placement): every product of its four multiply-adds rounded.
+  std::vector<float> v0(n);
+  for (int64_t i = 0; i < n; ++i) v0[i] = rounded(m0[i], m0[i]);
+  const formulas::AdamWScalars scalars{.beta2 = 0.95f,
+                                       .one_minus_beta1 = 0.1f,
+                                       .one_minus_beta2 = 0.05f,
+                                       .eps = 1e-8f,
+                                       .decay = 0.999f,
+                                       .step_size = 0.01f,
+                                       .bias_correction2_sqrt = 0.3f,
+                                       .eps_placement = formulas::AdamEpsilon::kTorch};
+  std::vector<float> wa = w0, ma = m0, va = v0;
+  ASSERT_TRUE(backend->AdamW(q, wa.data(), ma.data(), va.data(), g.data(), n, &scalars).ok());
+  for (int64_t i = 0; i < n; ++i) {
+    const float m1 = m0[i] + rounded(scalars.one_minus_beta1, g[i] - m0[i]);  // lerp, weight < ½
+    const float v1 =
+        rounded(v0[i], scalars.beta2) + rounded(scalars.one_minus_beta2, rounded(g[i], g[i]));
+    volatile float root = std::sqrt(v1);
+    volatile float denom = root / scalars.bias_correction2_sqrt + scalars.eps;
+    volatile float ratio = m1 / denom;
+    const float decayed = rounded(w0[i], scalars.decay);
+    const float w1 = decayed - rounded(scalars.step_size, ratio);
+    ASSERT_EQ(ma[i], m1) << "element " << i;
+    ASSERT_EQ(va[i], v1) << "element " << i;
+    ASSERT_EQ(wa[i], w1) << "element " << i;
+    count_fused_differs(
+        v1,
+        {std::fma(v0[i], scalars.beta2, rounded(scalars.one_minus_beta2, rounded(g[i], g[i]))),
+         std::fma(scalars.one_minus_beta2, rounded(g[i], g[i]), rounded(v0[i], scalars.beta2))});
+  }
+  expect_told_apart("AdamW second moment");
 }
 
 TEST(CpuBackendTest, TiledGemmWithinRoundingOfFp64) {
