@@ -189,7 +189,10 @@ class Backend {
 
   // Memory whose contents are unspecified until written. RESOURCE_EXHAUSTED when it cannot be had.
   virtual absl::StatusOr<Buffer> Allocate(size_t bytes) = 0;
+  // Copies host memory into backend memory, in order with the queue's work. Returns once
+  // `host_src` may be changed or freed (the copy itself may still be in flight).
   virtual absl::Status Upload(Queue& queue, void* dst, const void* host_src, size_t bytes) = 0;
+  // `host_dst` holds the bytes after Synchronize(queue).
   virtual absl::Status Download(Queue& queue, void* host_dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Copy(Queue& queue, void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Fill(Queue& queue, float* x, int64_t count, float value) = 0;

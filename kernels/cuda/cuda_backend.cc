@@ -80,7 +80,7 @@ absl::Status CheckInt(absl::string_view op, std::initializer_list<int64_t> sizes
 class CudaStepGraph : public StepGraph {
  public:
   explicit CudaStepGraph(cudaGraphExec_t exec) : exec_(exec) {}
-  ~CudaStepGraph() override { cudaGraphExecDestroy(exec_); }
+  ~CudaStepGraph() override { IgnoreCudaError(cudaGraphExecDestroy(exec_)); }
   cudaGraphExec_t exec() const { return exec_; }
 
  private:
@@ -140,14 +140,14 @@ class CudaBackend : public Backend {
     q.set_recording(false);
     cudaGraph_t recorded = nullptr;
     OPTD_CUDA(cudaStreamEndCapture(q.stream(), &recorded));
-    absl::Cleanup destroy = [recorded] { cudaGraphDestroy(recorded); };
+    absl::Cleanup destroy = [recorded] { IgnoreCudaError(cudaGraphDestroy(recorded)); };
     if (graph == nullptr) return absl::OkStatus();
     if (*graph != nullptr) {
       cudaGraphExecUpdateResultInfo result;
       const cudaError_t updated =
           cudaGraphExecUpdate(static_cast<CudaStepGraph&>(**graph).exec(), recorded, &result);
       if (updated != cudaSuccess) {
-        cudaGetLastError();  // a different shape: instantiate anew below
+        IgnoreCudaError(updated);  // a different shape: instantiate anew below
         graph->reset();
       }
     }
@@ -188,20 +188,25 @@ class CudaBackend : public Backend {
     }
     std::shared_ptr<DeviceMemory> memory = memory_;
     return Buffer(data, bytes, [memory, size](void* p) {
-      cudaSetDevice(memory->device);
+      IgnoreCudaError(cudaSetDevice(memory->device));
       // Buffers are released between steps, after their work has been synchronized.
-      cudaFreeAsync(p, memory->stream);
+      IgnoreCudaError(cudaFreeAsync(p, memory->stream));
       memory->used.fetch_sub(size);
     });
   }
 
   absl::Status Upload(Queue& queue, void* dst, const void* src, size_t bytes) override {
     if (bytes == 0 || dst == nullptr || src == nullptr) return Copy(queue, dst, src, bytes);
+    // Upload returns once `src` may change: pageable memory is staged through pinned slots,
+    // page-locked memory is copied directly and waited for; device memory is a device copy.
     cudaPointerAttributes attributes;
     OPTD_CUDA(cudaPointerGetAttributes(&attributes, src));
-    if (attributes.type != cudaMemoryTypeUnregistered) return Copy(queue, dst, src, bytes);
+    if (attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged) {
+      return Copy(queue, dst, src, bytes);
+    }
     CudaQueue& q = Enter(queue);
     absl::MutexLock lock(&q.mu());
+    if (attributes.type == cudaMemoryTypeHost) return q.PinnedUpload(dst, src, bytes);
     return q.StagedUpload(dst, src, bytes);
   }
   absl::Status Download(Queue& queue, void* dst, const void* src, size_t bytes) override {
@@ -657,7 +662,8 @@ class CudaBackend : public Backend {
   CudaQueue& Q(Queue& queue) { return static_cast<CudaQueue&>(queue); }
   // Host threads start on device 0; every entry makes the backend's device current.
   CudaQueue& Enter(Queue& queue) {
-    cudaSetDevice(memory_->device);
+    // (A failure here fails the operation's first call on the queue, which names it.)
+    IgnoreCudaError(cudaSetDevice(memory_->device));
     return Q(queue);
   }
 
@@ -729,7 +735,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOpti
   int count = 0;
   const cudaError_t query = cudaGetDeviceCount(&count);
   if (query != cudaSuccess) {
-    cudaGetLastError();  // clear it, so later calls start clean
+    IgnoreCudaError(query);  // so later calls start clean
     return absl::UnavailableError(
         absl::StrCat("no CUDA device: cudaGetDeviceCount: ", cudaGetErrorString(query)));
   }
@@ -767,8 +773,8 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOpti
   OPTD_RETURN_IF_ERROR(queue->Init(greatest, options.allow_tf32));
 
   int driver = 0, runtime = 0;
-  cudaDriverGetVersion(&driver);
-  cudaRuntimeGetVersion(&runtime);
+  IgnoreCudaError(cudaDriverGetVersion(&driver));
+  IgnoreCudaError(cudaRuntimeGetVersion(&runtime));
   const std::string description = absl::StrFormat(
       "%s (device %d, compute %d.%d, %d SMs, %.1f GiB), CUDA driver %d.%d, runtime %d.%d, "
       "memory budget %.1f GiB%s%s",

@@ -1,6 +1,7 @@
 // CUDA, cuBLAS and cuSOLVER results as absl::Status naming the call: every call the CUDA backend
-// makes goes through OPTD_CUDA, OPTD_CUBLAS or OPTD_CUSOLVER. Out of memory is ResourceExhausted,
-// anything else Internal.
+// makes goes through OPTD_CUDA, OPTD_CUBLAS or OPTD_CUSOLVER, or, where a failure changes nothing
+// (releasing), IgnoreCudaError. Out of memory is ResourceExhausted, anything else Internal. A
+// runtime error is cleared where it is reported, so it is never blamed on a later call.
 #ifndef OPTD_KERNELS_CUDA_CUDA_STATUS_H_
 #define OPTD_KERNELS_CUDA_CUDA_STATUS_H_
 
@@ -22,12 +23,23 @@ inline absl::string_view CallName(absl::string_view expression) {
   return expression.substr(0, expression.find('('));
 }
 
+// A failed runtime call also leaves its error as the host thread's last error, which the next
+// kernel launch (or cuBLAS, which checks its own launches that way) would report as its own: a
+// failure another session's call caused, blamed on this one's step. The error is this call's, so
+// it is cleared here, where it is reported.
 inline absl::Status CudaStatus(cudaError_t error, absl::string_view expression) {
   if (error == cudaSuccess) return absl::OkStatus();
+  (void)cudaGetLastError();
   const std::string message = absl::StrCat(CallName(expression), ": ", cudaGetErrorName(error),
                                            " (", cudaGetErrorString(error), ")");
   if (error == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
   return absl::InternalError(message);
+}
+
+// For the calls whose failure changes nothing (releasing, best-effort queries): their error is
+// dropped and cleared, so no later call reports it.
+inline void IgnoreCudaError(cudaError_t error) {
+  if (error != cudaSuccess) (void)cudaGetLastError();
 }
 
 inline absl::Status CublasStatus(cublasStatus_t status, absl::string_view expression) {

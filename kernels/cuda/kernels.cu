@@ -133,15 +133,27 @@ struct RowTeam {
   bool active;
 };
 
+// Launches `kernel` and returns this launch's error. The runtime reports a launch's failure only
+// through the host thread's last error, which also holds the error of any earlier runtime call
+// that nobody cleared (the backend clears those it checks, cuda_status.h): clearing it first keeps
+// an earlier call's failure from being blamed on this launch. A sticky error (the context is
+// lost) is reported again by every call, this one included.
+template <typename Kernel, typename... Args>
+cudaError_t Launch(dim3 grid, dim3 block, size_t shared, cudaStream_t stream, Kernel kernel,
+                   Args... args) {
+  (void)cudaGetLastError();
+  kernel<<<grid, block, shared, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 // One launch of a row kernel: a block per row for long rows, else a warp per row; `shared`
 // bytes of shared memory per row.
 template <typename Kernel, typename... Args>
 cudaError_t LaunchRowsWith(cudaStream_t stream, int64_t rows, bool row_block,
                            int64_t shared_per_row, Kernel kernel, Args... args) {
   const int64_t rows_per_block = row_block ? 1 : kThreads / kWarp;
-  kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kThreads,
-           rows_per_block * shared_per_row, stream>>>(args...);
-  return cudaGetLastError();
+  return Launch(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), kThreads,
+                static_cast<size_t>(rows_per_block * shared_per_row), stream, kernel, args...);
 }
 
 // A row kernel without shared memory, its block or warp form chosen by the row length.
@@ -159,8 +171,7 @@ cudaError_t LaunchRows(cudaStream_t stream, int64_t rows, int64_t cols, Kernel w
 template <typename Kernel, typename... Args>
 cudaError_t LaunchElements(cudaStream_t stream, int64_t n, Kernel kernel, Args... args) {
   if (n <= 0) return cudaSuccess;
-  kernel<<<Grid(n), kThreads, 0, stream>>>(args...);
-  return cudaGetLastError();
+  return Launch(Grid(n), kThreads, 0, stream, kernel, args...);
 }
 
 // ---- elementwise ----
@@ -509,9 +520,8 @@ cudaError_t CountOutOfRangeTable(cudaStream_t stream, const float* const* xs, co
   for (int64_t first = 0; first < arrays; first += kMaxGridY) {
     const dim3 grid(std::min<unsigned>(Grid(max_count), 1024),
                     static_cast<unsigned>(std::min(kMaxGridY, arrays - first)));
-    CountOutOfRangeTableKernel<<<grid, kThreads, 0, stream>>>(xs + first, counts + first,
-                                                              max_magnitude, out + first);
-    const cudaError_t e = cudaGetLastError();
+    const cudaError_t e = Launch(grid, kThreads, 0, stream, CountOutOfRangeTableKernel, xs + first,
+                                 counts + first, max_magnitude, out + first);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
@@ -542,13 +552,11 @@ cudaError_t MatrixSumSquares(cudaStream_t stream, const float* x, int64_t batch,
                              double* partials, double* sums) {
   if (batch <= 0) return cudaSuccess;
   const int blocks = SumSquaresBlocks(batch, size);
-  PartialSumSquaresKernel<<<static_cast<unsigned>(batch * blocks), kThreads, 0, stream>>>(
-      x, batch, size, blocks, partials);
-  cudaError_t e = cudaGetLastError();
+  const cudaError_t e = Launch(static_cast<unsigned>(batch * blocks), kThreads, 0, stream,
+                               PartialSumSquaresKernel, x, batch, size, blocks, partials);
   if (e != cudaSuccess) return e;
-  ReducePartialsKernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(partials, blocks,
-                                                                              sums);
-  return cudaGetLastError();
+  return Launch(static_cast<unsigned>(batch), kThreads, 0, stream, ReducePartialsKernel, partials,
+                blocks, sums);
 }
 
 cudaError_t FrobeniusDivide(cudaStream_t stream, float* x, int64_t batch, int64_t size,

@@ -8,26 +8,26 @@
 namespace optd {
 
 CudaQueue::~CudaQueue() {
-  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
-  if (copy_stream_ != nullptr) cudaStreamSynchronize(copy_stream_);
+  if (stream_ != nullptr) IgnoreCudaError(cudaStreamSynchronize(stream_));
+  if (copy_stream_ != nullptr) IgnoreCudaError(cudaStreamSynchronize(copy_stream_));
   if (solver_ != nullptr) cusolverDnDestroy(solver_);
   if (blas_ != nullptr) cublasDestroy(blas_);
   if (blas_workspace_ != nullptr) {
-    cudaFree(blas_workspace_);
+    IgnoreCudaError(cudaFree(blas_workspace_));
     memory_->used.fetch_sub(kBlasWorkspace);
   }
   for (StagingSlot& slot : staging_) {
-    if (slot.host != nullptr) cudaFreeHost(slot.host);
-    if (slot.copied != nullptr) cudaEventDestroy(slot.copied);
+    if (slot.host != nullptr) IgnoreCudaError(cudaFreeHost(slot.host));
+    if (slot.copied != nullptr) IgnoreCudaError(cudaEventDestroy(slot.copied));
   }
-  if (copies_done_ != nullptr) cudaEventDestroy(copies_done_);
-  if (compute_mark_ != nullptr) cudaEventDestroy(compute_mark_);
+  if (copies_done_ != nullptr) IgnoreCudaError(cudaEventDestroy(copies_done_));
+  if (compute_mark_ != nullptr) IgnoreCudaError(cudaEventDestroy(compute_mark_));
   for (const ScratchBlock& block : scratch_) {
-    cudaFree(block.data);
+    IgnoreCudaError(cudaFree(block.data));
     memory_->used.fetch_sub(static_cast<int64_t>(block.bytes));
   }
-  if (copy_stream_ != nullptr) cudaStreamDestroy(copy_stream_);
-  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  if (copy_stream_ != nullptr) IgnoreCudaError(cudaStreamDestroy(copy_stream_));
+  if (stream_ != nullptr) IgnoreCudaError(cudaStreamDestroy(stream_));
 }
 
 absl::Status CudaQueue::Init(int priority, bool allow_tf32) {
@@ -63,6 +63,22 @@ absl::Status CudaQueue::StagedUpload(void* dst, const void* src, size_t bytes) {
   // The copies may overwrite what earlier compute work still reads.
   OPTD_CUDA(cudaEventRecord(compute_mark_, stream_));
   OPTD_CUDA(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
+  absl::Status status = CopyThroughSlots(dst, src, bytes);
+  // Whatever was enqueued, failed or not, the compute stream's later work (and so Synchronize,
+  // which a buffer's owner calls before freeing it) waits for: chunks still copying when a later
+  // one failed must not land in memory that has been freed and handed out again.
+  absl::Status ordered = CudaStatus(cudaEventRecord(copies_done_, copy_stream_), "cudaEventRecord");
+  if (ordered.ok()) {
+    ordered = CudaStatus(cudaStreamWaitEvent(stream_, copies_done_, 0), "cudaStreamWaitEvent");
+  }
+  if (!status.ok() || !ordered.ok()) {
+    // A failed upload returns only once nothing it enqueued still runs.
+    IgnoreCudaError(cudaStreamSynchronize(copy_stream_));
+  }
+  return status.ok() ? ordered : status;
+}
+
+absl::Status CudaQueue::CopyThroughSlots(void* dst, const void* src, size_t bytes) {
   for (size_t offset = 0; offset < bytes; offset += kStagingBytes) {
     StagingSlot& slot = staging_[next_slot_];
     next_slot_ = (next_slot_ + 1) % staging_.size();
@@ -73,9 +89,20 @@ absl::Status CudaQueue::StagedUpload(void* dst, const void* src, size_t bytes) {
                               cudaMemcpyHostToDevice, copy_stream_));
     OPTD_CUDA(cudaEventRecord(slot.copied, copy_stream_));
   }
+  return absl::OkStatus();
+}
+
+absl::Status CudaQueue::PinnedUpload(void* dst, const void* src, size_t bytes) {
+  OPTD_CUDA(cudaEventRecord(compute_mark_, stream_));
+  OPTD_CUDA(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
+  // The DMA reads `src` itself: the caller may change it once Upload returns, so this waits for
+  // the copy (and, through the mark, for the compute work before it).
+  const absl::Status copied = CudaStatus(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, copy_stream_), "cudaMemcpyAsync");
   OPTD_CUDA(cudaEventRecord(copies_done_, copy_stream_));
   OPTD_CUDA(cudaStreamWaitEvent(stream_, copies_done_, 0));
-  return absl::OkStatus();
+  OPTD_CUDA(cudaEventSynchronize(copies_done_));
+  return copied;
 }
 
 absl::StatusOr<void*> CudaQueue::TakeScratch(size_t bytes) {

@@ -25,6 +25,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
 #include "kernels/backend.h"
+#include "kernels/cuda/cuda_status.h"
 
 namespace optd {
 
@@ -51,10 +52,10 @@ struct DeviceMemory {
 
   ~DeviceMemory() {
     if (stream != nullptr) {
-      cudaStreamSynchronize(stream);
-      cudaStreamDestroy(stream);
+      IgnoreCudaError(cudaStreamSynchronize(stream));
+      IgnoreCudaError(cudaStreamDestroy(stream));
     }
-    if (pool != nullptr) cudaMemPoolDestroy(pool);
+    if (pool != nullptr) IgnoreCudaError(cudaMemPoolDestroy(pool));
   }
 };
 
@@ -81,7 +82,12 @@ class CudaQueue : public Queue {
   // Copies host memory the GPU cannot read directly (pageable) through pinned staging slots on
   // the copy stream: the host fills slot k+1 while slot k's DMA runs, returns once the last
   // chunk is staged, and the compute stream's later work waits for the copies.
+  // Whether it succeeds or fails, no copy it enqueued outlives the compute stream's later work.
   absl::Status StagedUpload(void* dst, const void* src, size_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Copies page-locked (pinned or registered) host memory by DMA on the copy stream, after the
+  // compute stream's earlier work, and returns once the copy is done: `src` may change then.
+  absl::Status PinnedUpload(void* dst, const void* src, size_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Device scratch for one operation, from blocks the queue keeps (charged to the budget), so
@@ -94,6 +100,10 @@ class CudaQueue : public Queue {
   absl::StatusOr<void*> TakeScratch(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
  private:
+  // StagedUpload's chunks, after the copy stream has been ordered after the compute stream.
+  absl::Status CopyThroughSlots(void* dst, const void* src, size_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   static constexpr size_t kStagingBytes = size_t{4} << 20;
   static constexpr int64_t kBlasWorkspace = int64_t{32} << 20;
   struct StagingSlot {

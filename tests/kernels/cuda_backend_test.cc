@@ -11,6 +11,11 @@
 #include <thread>
 #include <vector>
 
+#if OPTD_TEST_CUDA_RUNTIME
+#include <cuda_runtime.h>
+#endif
+
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/backend.h"
 #include "kernels/newton_schulz.h"
@@ -487,6 +492,98 @@ TEST(CudaUploadTest, PageableUploadsAreStagedAndArriveWhole) {
   std::vector<float> got = memory.Download(da, a.size());
   const std::vector<float> b_sent = RandomNormal(a.size(), 81);
   for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(got[i], a[i] - b_sent[i]) << i;
+}
+
+#if OPTD_TEST_CUDA_RUNTIME
+TEST(CudaUploadTest, PinnedUploadsReturnOnceTheHostCopyMayChange) {
+  auto backend = CreateCudaBackend();
+  if (!backend.ok()) GTEST_SKIP() << backend.status().message();
+  Queue& queue = (*backend)->default_queue();
+  const int64_t n = int64_t{16} << 20;  // 64 MiB
+  const std::vector<float> sent = RandomNormal(n, 82);
+  float* pinned = nullptr;
+  ASSERT_EQ(cudaMallocHost(&pinned, n * sizeof(float)), cudaSuccess);
+  absl::Cleanup free_pinned = [pinned] { cudaFreeHost(pinned); };
+  std::copy(sent.begin(), sent.end(), pinned);
+  testing::DeviceMemory memory(**backend);
+  float* device = memory.Upload(std::vector<float>(n, 0.0f));
+  // Work ahead of the upload on the queue, so a copy that Upload did not wait for would still be
+  // queued when the host overwrites its source.
+  const int64_t k = 2048;
+  float* a = memory.Upload(RandomNormal(k * k, 83));
+  float* c = memory.Upload(std::vector<float>(k * k, 0.0f));
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(
+        (*backend)
+            ->Gemm(
+                queue,
+                GemmArgs{
+                    .m = k, .n = k, .k = k, .a = a, .lda = k, .b = a, .ldb = k, .c = c, .ldc = k})
+            .ok());
+  }
+  ASSERT_TRUE((*backend)->Upload(queue, device, pinned, n * sizeof(float)).ok());
+  std::fill(pinned, pinned + n, 0.0f);  // the host copy may change once Upload returns
+  const std::vector<float> got = memory.Download(device, n);
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(got[i], sent[i]) << i;
+}
+#endif  // OPTD_TEST_CUDA_RUNTIME
+
+// A failed CUDA call is reported by that call alone: the runtime also keeps its error as the host
+// thread's last error, which the next kernel launch or cuBLAS call must not report as its own.
+TEST(CudaErrorTest, AnInvalidatedRecordingLeavesNoErrorForTheNextLaunch) {
+  auto backend = CreateCudaBackend();
+  if (!backend.ok()) GTEST_SKIP() << backend.status().message();
+  Queue& queue = (*backend)->default_queue();
+  const int64_t n = 1000;
+  testing::DeviceMemory memory(**backend);
+  float* x = memory.Upload(std::vector<float>(n, 1.0f));
+  // Once, so the count's scratch exists; then inside a recording, where its synchronization is
+  // not allowed and invalidates the recording.
+  ASSERT_TRUE((*backend)->CountOutOfRange(queue, x, n, 1e30f).ok());
+  ASSERT_TRUE((*backend)->BeginRecording(queue).ok());
+  EXPECT_FALSE((*backend)->CountOutOfRange(queue, x, n, 1e30f).ok());
+  std::unique_ptr<StepGraph> graph;
+  const absl::Status ended = (*backend)->EndRecording(queue, &graph);
+  EXPECT_FALSE(ended.ok());
+  EXPECT_NE(ended.message().find("cudaStreamEndCapture"), absl::string_view::npos) << ended;
+  EXPECT_EQ(graph, nullptr);
+  ASSERT_TRUE((*backend)->Fill(queue, x, n, 2.0f).ok());
+  const std::vector<float> got = memory.Download(x, n);
+  EXPECT_EQ(got, std::vector<float>(n, 2.0f));
+}
+
+TEST(CudaErrorTest, DeviceOutOfMemoryLeavesNoErrorForAnotherQueue) {
+  CudaBackendOptions options;
+  options.memory_budget_bytes = int64_t{1} << 50;  // beyond any device: the device refuses
+  auto backend = CreateCudaBackend(options);
+  if (!backend.ok()) GTEST_SKIP() << backend.status().message();
+  auto other = (*backend)->CreateQueue(QueuePriority::kNormal);
+  ASSERT_TRUE(other.ok()) << other.status();
+  auto huge = (*backend)->Allocate(size_t{1} << 48);
+  ASSERT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted) << huge.status();
+  EXPECT_NE(huge.status().message().find("cudaMallocFromPoolAsync"), absl::string_view::npos)
+      << huge.status();
+  // The same host thread goes on with another session's work: a launch and a cuBLAS product.
+  // A·I with small integers in A: exact in any precision cuBLAS picks.
+  const int64_t m = 64;
+  std::vector<float> a_host(m * m), identity(m * m, 0.0f);
+  for (int64_t i = 0; i < m * m; ++i) a_host[i] = static_cast<float>(i % 17 - 8);
+  for (int64_t i = 0; i < m; ++i) identity[i * m + i] = 1.0f;
+  testing::DeviceMemory memory(**backend);
+  float* a = memory.Upload(a_host);
+  float* b = memory.Upload(identity);
+  float* c = memory.Upload(std::vector<float>(m * m, 0.0f));
+  ASSERT_TRUE((*backend)->Fill(**other, c, m * m, 3.0f).ok());
+  ASSERT_TRUE(
+      (*backend)
+          ->Gemm(**other,
+                 GemmArgs{
+                     .m = m, .n = m, .k = m, .a = a, .lda = m, .b = b, .ldb = m, .c = c, .ldc = m})
+          .ok());
+  std::vector<float> got(m * m);
+  ASSERT_TRUE((*backend)->Download(**other, got.data(), c, got.size() * sizeof(float)).ok());
+  ASSERT_TRUE((*backend)->Synchronize(**other).ok());
+  EXPECT_EQ(got, a_host);
 }
 
 TEST(CudaMemoryTest, BudgetIsResourceExhaustedAndFreedMemoryReturns) {
