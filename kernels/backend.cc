@@ -65,6 +65,8 @@ absl::Status Backend::RmnpStepInto(Queue& queue, float* w_out, float* m_out, con
   return RmnpStep(queue, w_out, m_out, g, rows, cols, args);
 }
 
+absl::Status Backend::ReserveScratch(Queue&, const ScratchNeeds&) { return absl::OkStatus(); }
+
 absl::Status Backend::BeginRecording(Queue&) {
   return absl::UnimplementedError(absl::StrCat("the ", name(), " backend records no graphs"));
 }

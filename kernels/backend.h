@@ -86,6 +86,19 @@ struct GemmArgs {
   int64_t batch = 1;
 };
 
+// The operations a queue's steps run that take temporary memory in a backend (Backend::
+// ReserveScratch): one gradient check over `checked_arrays` arrays, and for each matrix batch the
+// norms, NorMuon's normalization and, where `svd`, the exact polar factor's decomposition (of the
+// batch or any part of it).
+struct ScratchNeeds {
+  struct Matrices {
+    int64_t batch = 0, rows = 0, cols = 0;
+    bool svd = false;
+  };
+  int64_t checked_arrays = 0;
+  std::vector<Matrices> matrices;
+};
+
 // Symmetric rank-k update of the upper triangle: C[i] = alpha·op(A[i])·op(A[i])ᵀ + beta·C[i],
 // op(A) is n×k (trans: A is stored k×n and the product is AᵀA). The strict lower triangle of C is
 // not written.
@@ -189,6 +202,12 @@ class Backend {
 
   // Memory whose contents are unspecified until written. RESOURCE_EXHAUSTED when it cannot be had.
   virtual absl::StatusOr<Buffer> Allocate(size_t bytes) = 0;
+  // Makes sure that every operation within `needs` finds the temporary memory it takes on `queue`
+  // without asking for more, so that a step cannot fail half-way for want of it; RESOURCE_EXHAUSTED
+  // when that memory cannot be had (the queue's work is unchanged). The CUDA backend keeps it per
+  // queue, charged to its budget; the CPU backend's operations take theirs from the heap, and it
+  // reserves nothing.
+  virtual absl::Status ReserveScratch(Queue& queue, const ScratchNeeds& needs);
   // Copies host memory into backend memory, in order with the queue's work. Returns once
   // `host_src` may be changed or freed (the copy itself may still be in flight).
   virtual absl::Status Upload(Queue& queue, void* dst, const void* host_src, size_t bytes) = 0;

@@ -305,8 +305,27 @@ absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(Backend& backend,
       backend.Allocate(static_cast<size_t>(opt->workspace_floats_) * sizeof(float)));
   OPTD_ASSIGN_OR_RETURN(opt->adamw_scalars_,
                         backend.Allocate(opt->num_adamw_ * sizeof(formulas::AdamWScalars)));
+  // The temporaries a step's operations take, had now: a step that ran out of them half-way
+  // (after Momentum has rewritten m) could not leave the state as it was.
+  OPTD_RETURN_IF_ERROR(backend.ReserveScratch(queue, opt->StepScratch()));
   OPTD_RETURN_IF_ERROR(backend.Synchronize(queue));
   return opt;
+}
+
+ScratchNeeds Optimizer::StepScratch() const {
+  ScratchNeeds needs;
+  needs.checked_arrays = num_tensors();
+  for (const Group& g : groups_) {
+    if (g.fused_rmnp) continue;  // one kernel, no temporaries
+    int64_t batch = 0;
+    for (int i : g.members) batch += tensors_[i]->view.batch;
+    needs.matrices.push_back(
+        {.batch = batch,
+         .rows = g.rows,
+         .cols = g.cols,
+         .svd = tensors_[g.members[0]]->spec.config.matrix.direction == Direction::kExactPolar});
+  }
+  return needs;
 }
 
 absl::Status Optimizer::CheckIndex(int tensor) const {

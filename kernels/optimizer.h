@@ -254,6 +254,8 @@ class Optimizer {
   RmnpStepArgs RmnpArgsOf(const Tensor& t) const;
   absl::Status StepAdamW(Tensor& tensor);
   formulas::AdamWScalars AdamWScalarsOf(const Tensor& tensor) const;
+  // What a step's operations take of the backend's temporary memory (Backend::ReserveScratch).
+  ScratchNeeds StepScratch() const;
   // Enqueues a step's work (groups, then AdamW) on queue_.
   absl::Status EnqueueStep(absl::Span<const bool> present);
   // What must match for a recorded step to be replayed.

@@ -195,6 +195,13 @@ class CudaBackend : public Backend {
     });
   }
 
+  absl::Status ReserveScratch(Queue& queue, const ScratchNeeds& needs) override {
+    CudaQueue& q = Enter(queue);
+    absl::MutexLock lock(&q.mu());
+    OPTD_ASSIGN_OR_RETURN(const size_t bytes, ScratchBytes(q, needs));
+    return q.ReserveScratch(bytes);
+  }
+
   absl::Status Upload(Queue& queue, void* dst, const void* src, size_t bytes) override {
     if (bytes == 0 || dst == nullptr || src == nullptr) return Copy(queue, dst, src, bytes);
     // Upload returns once `src` may change: pageable memory is staged through pinned slots,
@@ -683,6 +690,50 @@ class CudaBackend : public Backend {
         CudaType(input), static_cast<int>(lda), stride_a, &beta, c, CudaType(output),
         static_cast<int>(ldc), stride_c, static_cast<int>(batch), compute, CUBLAS_GEMM_DEFAULT));
     return absl::OkStatus();
+  }
+
+  // The most scratch one operation within `needs` takes: the arrays each one asks Scratch for
+  // (CountOutOfRangeEach, MatrixSums, NorMuonNormalize, SingularValueDecomposition), as
+  // CudaQueue::TakeScratch lays them out.
+  absl::StatusOr<size_t> ScratchBytes(CudaQueue& q, const ScratchNeeds& needs)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(q.mu()) {
+    auto arrays = [](std::initializer_list<size_t> bytes) {
+      size_t total = 0;
+      for (size_t b : bytes) total += CudaQueue::ScratchArrayBytes(b);
+      return total;
+    };
+    auto check = [&](int64_t n) {
+      const size_t each = static_cast<size_t>(n) * 8;  // counts, pointers, sizes
+      return arrays({each, each, each});
+    };
+    size_t most = check(std::max<int64_t>(1, needs.checked_arrays));
+    for (const ScratchNeeds::Matrices& m : needs.matrices) {
+      if (m.batch <= 0 || m.rows <= 0 || m.cols <= 0) continue;
+      // Σx² per matrix (twice for NorMuon) and the partial sums: batch·SumSquaresBlocks is at
+      // most max(batch, 4096) for any matrix size (kernels.cu), so for every part of the batch.
+      const size_t per_matrix = static_cast<size_t>(m.batch) * sizeof(double);
+      const size_t partials = static_cast<size_t>(std::max<int64_t>(m.batch, 4096)) * 8;
+      most = std::max(most, arrays({per_matrix, per_matrix, partials}));
+      if (!m.svd) continue;
+      OPTD_RETURN_IF_ERROR(CheckInt("svd", {m.rows, m.cols}));
+      const int64_t k = std::min(m.rows, m.cols);
+      gesvdjInfo_t params = nullptr;
+      OPTD_CUSOLVER(cusolverDnCreateGesvdjInfo(&params));
+      std::unique_ptr<gesvdjInfo, void (*)(gesvdjInfo_t)> params_owner(
+          params, [](gesvdjInfo_t p) { cusolverDnDestroyGesvdjInfo(p); });
+      const int rows = static_cast<int>(m.cols), cols = static_cast<int>(m.rows);
+      int lwork = 0;
+      OPTD_CUSOLVER(cusolverDnDgesvdj_bufferSize(q.solver(), CUSOLVER_EIG_MODE_VECTOR, 1, rows,
+                                                 cols, nullptr, rows, nullptr, nullptr, rows,
+                                                 nullptr, cols, &lwork, params));
+      const size_t b = static_cast<size_t>(m.batch);
+      most = std::max(most, check(1));  // its finiteness check
+      most = std::max(most, arrays({static_cast<size_t>(m.rows * m.cols) * 8, b * k * 8,
+                                    b * static_cast<size_t>(m.cols * k) * 8,
+                                    b * static_cast<size_t>(m.rows * k) * 8, b * sizeof(int),
+                                    static_cast<size_t>(lwork) * 8}));
+    }
+    return most;
   }
 
   // Σx² of every matrix of x (fp64, on the device), in scratch.

@@ -106,7 +106,7 @@ absl::Status CudaQueue::PinnedUpload(void* dst, const void* src, size_t bytes) {
 }
 
 absl::StatusOr<void*> CudaQueue::TakeScratch(size_t bytes) {
-  bytes = std::max<size_t>(256, (bytes + 255) / 256 * 256);
+  bytes = ScratchArrayBytes(bytes);
   while (block_ < scratch_.size() && offset_ + bytes > scratch_[block_].bytes) {
     ++block_;
     offset_ = 0;
@@ -116,20 +116,33 @@ absl::StatusOr<void*> CudaQueue::TakeScratch(size_t bytes) {
       return absl::FailedPreconditionError(
           "cuda backend: a recorded step needs more scratch than its unrecorded warm-up did");
     }
-    const size_t size = std::max(
-        {bytes, size_t{1} << 20, scratch_.empty() ? size_t{0} : 2 * scratch_.back().bytes});
-    OPTD_RETURN_IF_ERROR(memory_->Charge(static_cast<int64_t>(size), size));
-    void* data = nullptr;
-    absl::Status allocated = CudaStatus(cudaMalloc(&data, size), "cudaMalloc");
-    if (!allocated.ok()) {
-      memory_->used.fetch_sub(static_cast<int64_t>(size));
-      return allocated;
-    }
-    scratch_.push_back({data, size});
+    OPTD_RETURN_IF_ERROR(AddScratchBlock(std::max(
+        {bytes, size_t{1} << 20, scratch_.empty() ? size_t{0} : 2 * scratch_.back().bytes})));
   }
   void* p = static_cast<char*>(scratch_[block_].data) + offset_;
   offset_ += bytes;
   return p;
+}
+
+absl::Status CudaQueue::ReserveScratch(size_t bytes) {
+  // An operation's arrays are taken in order and move on to the next block when one does not
+  // fit, so once they reach a block that holds them all the rest fit there too.
+  for (const ScratchBlock& block : scratch_) {
+    if (block.bytes >= bytes) return absl::OkStatus();
+  }
+  return AddScratchBlock(std::max(bytes, size_t{1} << 20));
+}
+
+absl::Status CudaQueue::AddScratchBlock(size_t size) {
+  OPTD_RETURN_IF_ERROR(memory_->Charge(static_cast<int64_t>(size), size));
+  void* data = nullptr;
+  absl::Status allocated = CudaStatus(cudaMalloc(&data, size), "cudaMalloc");
+  if (!allocated.ok()) {
+    memory_->used.fetch_sub(static_cast<int64_t>(size));
+    return allocated;
+  }
+  scratch_.push_back({data, size});
+  return absl::OkStatus();
 }
 
 }  // namespace optd

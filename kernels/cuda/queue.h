@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -98,8 +99,17 @@ class CudaQueue : public Queue {
     offset_ = 0;
   }
   absl::StatusOr<void*> TakeScratch(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What an array of `bytes` takes of a block (256-byte aligned).
+  static size_t ScratchArrayBytes(size_t bytes) {
+    return std::max<size_t>(256, (bytes + 255) / 256 * 256);
+  }
+  // Makes sure one block holds `bytes` (arrays' ScratchArrayBytes summed): an operation that
+  // takes no more never allocates. RESOURCE_EXHAUSTED beyond the budget or the device.
+  absl::Status ReserveScratch(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
  private:
+  // Allocates a scratch block of `size` bytes, charged to the budget.
+  absl::Status AddScratchBlock(size_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // StagedUpload's chunks, after the copy stream has been ordered after the compute stream.
   absl::Status CopyThroughSlots(void* dst, const void* src, size_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -608,6 +608,54 @@ TEST(CudaMemoryTest, BudgetIsResourceExhaustedAndFreedMemoryReturns) {
   EXPECT_EQ(opt.status().code(), absl::StatusCode::kResourceExhausted) << opt.status();
 }
 
+// A session holds the scratch its steps take from the moment it is created (one whose scratch
+// the budget cannot hold is refused there): with every other byte of the budget taken, a
+// polar-direction step (fp64 SVD scratch) and a Newton–Schulz one still run whole, like the CPU's.
+TEST(CudaMemoryTest, AFullBudgetNeverFailsAStepHalfWay) {
+  CudaBackendOptions options;
+  options.memory_budget_bytes = int64_t{512} << 20;
+  auto backend = CreateCudaBackend(options);
+  if (!backend.ok()) GTEST_SKIP() << backend.status().message();
+  std::unique_ptr<Backend> cpu = testing::MakeCpuBackend();
+  ASSERT_NE(cpu, nullptr);
+  auto polar = ParseOptimizerConfig("keller,direction=polar,precision=fp32");
+  auto keller = ParseOptimizerConfig("keller,precision=fp32");
+  ASSERT_TRUE(polar.ok() && keller.ok());
+  const std::vector<TensorSpec> specs = {{"p", {512, 512}, RankPolicy::kFlatten, *polar},
+                                         {"k", {256, 384}, RankPolicy::kFlatten, *keller}};
+  auto on_gpu = Optimizer::Create(**backend, specs);
+  ASSERT_TRUE(on_gpu.ok()) << on_gpu.status();
+  auto on_cpu = Optimizer::Create(*cpu, specs);
+  ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
+  // Everything left of the budget, to the last 256 bytes, goes to other buffers.
+  std::vector<Buffer> others;
+  for (size_t bytes = size_t{1} << 30; bytes >= 256;) {
+    absl::StatusOr<Buffer> b = (*backend)->Allocate(bytes);
+    if (b.ok()) {
+      others.push_back(std::move(*b));
+    } else {
+      ASSERT_EQ(b.status().code(), absl::StatusCode::kResourceExhausted) << b.status();
+      bytes /= 2;
+    }
+  }
+  for (int step = 0; step < 3; ++step) {
+    for (int t = 0; t < 2; ++t) {
+      const std::vector<float> g = RandomNormal((*on_gpu)->num_elements(t), 90 + 10 * step + t);
+      ASSERT_TRUE((*on_gpu)->SetGradient(t, g).ok());
+      ASSERT_TRUE((*on_cpu)->SetGradient(t, g).ok());
+    }
+    const absl::Status stepped = (*on_gpu)->Step();
+    ASSERT_TRUE(stepped.ok()) << stepped << " at step " << step;
+    ASSERT_TRUE((*on_cpu)->Step().ok());
+  }
+  for (int t = 0; t < 2; ++t) {
+    std::vector<float> want((*on_cpu)->num_elements(t)), got(want.size());
+    ASSERT_TRUE((*on_cpu)->GetParameters(t, absl::MakeSpan(want)).ok());
+    ASSERT_TRUE((*on_gpu)->GetParameters(t, absl::MakeSpan(got)).ok());
+    EXPECT_LT(RelativeError(got, want), 1e-5) << specs[t].name;
+  }
+}
+
 TEST(CudaQueueTest, LowPriorityQueueRunsWorkInOrder) {
   auto backend = CreateCudaBackend();
   if (!backend.ok()) GTEST_SKIP() << backend.status().message();
