@@ -165,7 +165,13 @@ std::string NewtonSchulzRuns(Backend& backend, const std::vector<NsShape>& shape
 double RmnpGbps(Backend& backend, int64_t rows, int64_t cols, double* ms_out) {
   const int64_t n = rows * cols;
   Buffer w = Random(backend, n, 5), m = Random(backend, n, 6), g = Random(backend, n, 7);
-  const RmnpStepArgs args;
+  // The rate in backend memory, as the optimizer keeps it.
+  const formulas::RateScalars host_rate{.lr = 0.02f, .decay = 1.0f};
+  Buffer rate = Get(backend.Allocate(sizeof(host_rate)), "allocate");
+  Check(backend.Upload(backend.default_queue(), rate.data(), &host_rate, sizeof(host_rate)),
+        "upload");
+  RmnpStepArgs args;
+  args.rate = static_cast<const formulas::RateScalars*>(rate.data());
   const double ms = MedianMs(backend, 3, 20, [&] {
     Check(backend.RmnpStep(backend.default_queue(), w.f32(), m.f32(), g.f32(), rows, cols, args),
           "rmnp");

@@ -339,11 +339,13 @@ void BM_RmnpKernel(benchmark::State& state) {
   Backend& backend = Cpu();
   absl::StatusOr<OptimizerConfig> config = ParseOptimizerConfig("rmnp");
   if (!Ok(state, config.status())) return;
+  const formulas::RateScalars rate{
+      .lr = static_cast<float>(config->lr),
+      .decay = static_cast<float>(1.0 - config->lr * config->weight_decay)};
   const RmnpStepArgs args{.momentum = static_cast<float>(config->matrix.momentum),
                           .nesterov = config->matrix.nesterov,
                           .eps = config->matrix.row_normalize_eps,
-                          .lr = static_cast<float>(config->lr),
-                          .decay = static_cast<float>(1.0 - config->lr * config->weight_decay),
+                          .rate = &rate,  // the CPU backend's memory is the host's
                           .scale = static_cast<float>(ScaleFactor(config->matrix, rows, cols)),
                           .step_dtype = config->matrix.step_dtype};
   Buffer w = AllocateFloats(state, count);

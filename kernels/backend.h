@@ -160,8 +160,8 @@ struct RmnpStepArgs {
   float momentum = 0.95f;
   bool nesterov = true;
   float eps = 1e-12f;
-  float lr = 0.02f;
-  float decay = 1.0f;  // 1 − lr·λ, formed in fp64
+  // lr and 1 − lr·λ, in backend memory, read when the work runs (as ApplyUpdate's).
+  const formulas::RateScalars* rate = nullptr;
   float scale = 1.0f;
   DType step_dtype = DType::kF32;  // the step is rounded to this dtype before it is applied
 };
@@ -278,8 +278,11 @@ class Backend {
   virtual absl::Status Momentum(Queue& queue, float* m, const float* g, float* u, int64_t count,
                                 const formulas::MomentumScalars& scalars) = 0;
   // w <- DecayAndStep(w, round(scale·o), lr, decay) with round to `step_dtype`.
-  virtual absl::Status ApplyUpdate(Queue& queue, float* w, const float* o, int64_t count, float lr,
-                                   float decay, float scale, DType step_dtype) = 0;
+  // w ← w·decay − lr·round(o·scale) (DecayAndStep), `rate` in backend memory, read when the work
+  // runs: a recorded step reads the rate of the step it runs in.
+  virtual absl::Status ApplyUpdate(Queue& queue, float* w, const float* o, int64_t count,
+                                   const formulas::RateScalars* rate, float scale,
+                                   DType step_dtype) = 0;
   // `scalars` is backend memory, read when the work runs: a recorded step reads the values of
   // the step it runs in (the bias corrections change every step).
   virtual absl::Status AdamW(Queue& queue, float* w, float* m, float* v, const float* g,

@@ -64,6 +64,14 @@ OPTD_HOST_DEVICE float DecayAndStep(float w, float step, float lr, float decay) 
   return w * decay - lr * step;
 }
 
+// A matrix step's learning rate and decay factor 1 − lr·λ (formed in fp64 on the host), which the
+// update kernels read from backend memory when they run: a recorded step replays with the values
+// of the step it runs in, so a learning-rate schedule does not re-record it.
+struct RateScalars {
+  float lr;
+  float decay;
+};
+
 // How AdamW places epsilon: kTorch m̂/(√v̂ + ε) (torch.optim.AdamW); kMoonlight m/(√v + ε) scaled by
 // √bc2/bc1, i.e. m̂/(√v̂ + ε/√bc2) (Moonlight's toy_train.py).
 enum class AdamEpsilon : int { kTorch = 0, kMoonlight = 1 };

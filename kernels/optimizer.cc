@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <set>
 #include <utility>
 
@@ -25,7 +26,8 @@ struct Optimizer::Tensor {
   Buffer second_moment;  // normuon: per-row v; adamw: second moment
   int64_t second_count = 0;
   float* capture = nullptr;  // CaptureUpdate's destination for the next Step
-  int adamw_slot = -1;       // AdamW: its scalars' index in adamw_scalars_
+  int adamw_slot = -1;       // AdamW: its scalars' index in step_scalars_' AdamW region
+  int rate_slot = -1;        // matrix: its first RateScalars' index in the rate region
   int group = -1;            // matrix: its index in groups_
   // PrepareTensor's: a second set of the parameters and state, allocated on first use; holds the
   // prepared step's values while `prepared`, and the replaced ones after CommitPrepared.
@@ -216,8 +218,14 @@ absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
   }
 
   num_adamw_ = 0;
+  num_rates_ = 0;
   for (auto& t : tensors_) {
-    if (t->spec.config.algorithm == Algorithm::kAdamW) t->adamw_slot = num_adamw_++;
+    if (t->spec.config.algorithm == Algorithm::kAdamW) {
+      t->adamw_slot = num_adamw_++;
+    } else {
+      t->rate_slot = num_rates_;
+      num_rates_ += kRatesPerTensor;
+    }
   }
 
   // Group matrix tensors for batched directions.
@@ -268,8 +276,7 @@ absl::Status Optimizer::Plan(std::vector<TensorSpec> specs) {
 int64_t Optimizer::allocated_bytes() const {
   int64_t floats = workspace_floats_;
   for (const auto& t : tensors_) floats += 3 * t->count + t->second_count;
-  return floats * static_cast<int64_t>(sizeof(float)) +
-         num_adamw_ * static_cast<int64_t>(sizeof(formulas::AdamWScalars));
+  return floats * static_cast<int64_t>(sizeof(float)) + StepScalarBytes();
 }
 
 absl::StatusOr<int64_t> Optimizer::RequiredBytes(std::vector<TensorSpec> tensors) {
@@ -303,8 +310,7 @@ absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(Backend& backend,
   OPTD_ASSIGN_OR_RETURN(
       opt->workspace_,
       backend.Allocate(static_cast<size_t>(opt->workspace_floats_) * sizeof(float)));
-  OPTD_ASSIGN_OR_RETURN(opt->adamw_scalars_,
-                        backend.Allocate(opt->num_adamw_ * sizeof(formulas::AdamWScalars)));
+  OPTD_ASSIGN_OR_RETURN(opt->step_scalars_, backend.Allocate(opt->StepScalarBytes()));
   // The temporaries a step's operations take, had now: a step that ran out of them half-way
   // (after Momentum has rewritten m) could not leave the state as it was.
   OPTD_RETURN_IF_ERROR(backend.ReserveScratch(queue, opt->StepScratch()));
@@ -590,20 +596,15 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
       return OutOfRangeGradient(t.spec, bad[j], t.count);
     }
   }
-  // AdamW's per-step scalars (its bias corrections) go to the backend before the work that
-  // reads them, so a recorded step replays with this step's values.
-  if (num_adamw_ > 0) {
-    std::vector<formulas::AdamWScalars> scalars(num_adamw_);
-    for (const auto& t : tensors_) {
-      if (t->adamw_slot >= 0) scalars[t->adamw_slot] = AdamWScalarsOf(*t);
-    }
-    OPTD_RETURN_IF_ERROR(backend_->Upload(queue, adamw_scalars_.data(), scalars.data(),
-                                          scalars.size() * sizeof(formulas::AdamWScalars)));
-  }
+  // The per-step scalars (AdamW's bias corrections, every tensor's learning rate and decay)
+  // go to the backend before the work that reads them, so a recorded step replays with this
+  // step's values.
+  OPTD_RETURN_IF_ERROR(UploadStepScalars());
   // After its first step (which sizes the backend's scratch), a step whose work neither
   // synchronizes (the exact polar's SVD) nor differs for a capture runs as one graph where the
   // backend has them: replayed while the step's shape and settings stay those it was recorded
-  // with (a learning rate a header sets for every step included), recorded anew when they change.
+  // with (a learning rate, which the kernels read from backend memory, is not among them: a
+  // schedule replays one graph), recorded anew when they change.
   const absl::Span<const bool> has = absl::MakeConstSpan(present.get(), num_tensors());
   // A step that decides auto choices reads its direction inputs back: it is not recorded.
   bool record = steps_run_ > 0 && graphs_available_ && !has_exact_polar_;
@@ -630,6 +631,7 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
     }
     if (recorded.ok()) {
       graph_key_ = key;
+      ++recordings_;
       const absl::Status synced = backend_->Synchronize(queue);
       if (!synced.ok()) return Poison(synced);
       return FinishStep(has);
@@ -665,8 +667,8 @@ absl::Status Optimizer::Poison(const absl::Status& status) {
 
 std::vector<uint8_t> Optimizer::GraphKey(absl::Span<const bool> present) const {
   // What a recorded step's kernels take as arguments or as their sequence: the tensors present,
-  // each one's settings (as bytes), and MuonEq's phase. AdamW's per-step scalars are read from
-  // backend memory and do not count.
+  // each one's settings (as bytes), and MuonEq's phase. The per-step scalars (AdamW's, and the
+  // learning rate and decay every update reads) are read from backend memory and do not count.
   std::vector<uint8_t> key;
   auto add = [&key](const auto& value) {
     const auto* bytes = reinterpret_cast<const uint8_t*>(&value);
@@ -678,8 +680,6 @@ std::vector<uint8_t> Optimizer::GraphKey(absl::Span<const bool> present) const {
     const bool switched =
         c.matrix.rowcol_to_row_at_step > 0 && t.steps + 1 >= c.matrix.rowcol_to_row_at_step;
     add(static_cast<uint8_t>(present[i] | (switched << 1)));
-    add(c.lr);
-    add(c.weight_decay);
     add(c.algorithm == Algorithm::kAdamW ? c.adamw.beta1 : c.matrix.momentum);
     for (const MatrixChoice& choice : t.choices.matrices) {
       add(choice.steps);
@@ -719,9 +719,63 @@ formulas::AdamWScalars Optimizer::AdamWScalarsOf(const Tensor& t) const {
 }
 
 absl::Status Optimizer::StepAdamW(Tensor& t) {
-  const auto* scalars = static_cast<const formulas::AdamWScalars*>(adamw_scalars_.data());
   return backend_->AdamW(*queue_, t.parameters.f32(), t.momentum.f32(), t.second_moment.f32(),
-                         t.gradient.f32(), t.count, scalars + t.adamw_slot);
+                         t.gradient.f32(), t.count, AdamWScalarsIn(t));
+}
+
+int64_t Optimizer::StepScalarBytes() const {
+  return num_adamw_ * static_cast<int64_t>(sizeof(formulas::AdamWScalars)) +
+         num_rates_ * static_cast<int64_t>(sizeof(formulas::RateScalars));
+}
+
+formulas::AdamWScalars* Optimizer::AdamWScalarsIn(const Tensor& t) const {
+  return static_cast<formulas::AdamWScalars*>(step_scalars_.data()) + t.adamw_slot;
+}
+
+formulas::RateScalars* Optimizer::RateIn(const Tensor& t, RateSlot slot) const {
+  auto* rates = reinterpret_cast<formulas::RateScalars*>(
+      static_cast<formulas::AdamWScalars*>(step_scalars_.data()) + num_adamw_);
+  return rates + t.rate_slot + static_cast<int>(slot);
+}
+
+std::array<formulas::RateScalars, Optimizer::kRatesPerTensor> Optimizer::RatesOf(
+    const Tensor& t) const {
+  const OptimizerConfig& c = t.spec.config;
+  std::array<formulas::RateScalars, kRatesPerTensor> rates;
+  rates[static_cast<int>(RateSlot::kStep)] = {RateAndScaleOf(t).lr, DecayFactor(c)};
+  // capture = capture·0 − (−1)·(o·scale) (CaptureScaled).
+  rates[static_cast<int>(RateSlot::kCapture)] = {-1.0f, 0.0f};
+  // u = g·1 − (−μ)·m: Nesterov's direction rebuilt from the new momentum (FusedRmnpStep).
+  rates[static_cast<int>(RateSlot::kNesterov)] = {-static_cast<float>(c.matrix.momentum), 1.0f};
+  return rates;
+}
+
+absl::Status Optimizer::UploadStepScalars() {
+  if (StepScalarBytes() == 0) return absl::OkStatus();
+  std::vector<formulas::AdamWScalars> adamw(num_adamw_);
+  std::vector<formulas::RateScalars> rates(num_rates_);
+  for (const auto& t : tensors_) {
+    if (t->adamw_slot >= 0) {
+      adamw[t->adamw_slot] = AdamWScalarsOf(*t);
+    } else {
+      const auto mine = RatesOf(*t);
+      std::copy(mine.begin(), mine.end(), rates.begin() + t->rate_slot);
+    }
+  }
+  std::vector<uint8_t> host(StepScalarBytes());
+  std::memcpy(host.data(), adamw.data(), adamw.size() * sizeof(formulas::AdamWScalars));
+  std::memcpy(host.data() + adamw.size() * sizeof(formulas::AdamWScalars), rates.data(),
+              rates.size() * sizeof(formulas::RateScalars));
+  return backend_->Upload(*queue_, step_scalars_.data(), host.data(), host.size());
+}
+
+absl::Status Optimizer::UploadStepScalarsOf(const Tensor& t) {
+  if (t.adamw_slot >= 0) {
+    const formulas::AdamWScalars scalars = AdamWScalarsOf(t);
+    return backend_->Upload(*queue_, AdamWScalarsIn(t), &scalars, sizeof(scalars));
+  }
+  const auto rates = RatesOf(t);
+  return backend_->Upload(*queue_, RateIn(t, RateSlot::kStep), rates.data(), sizeof(rates));
 }
 
 // The rate and scale the kernels apply as lr·(scale·o); a preset that folds the scale into the
@@ -741,9 +795,11 @@ Optimizer::RateAndScale Optimizer::RateAndScaleOf(const Tensor& t) const {
 // capture = capture·0 − (−1)·(o·scale): the scaled direction, formed by the same kernel (and the
 // same product) as the step's, without its step-dtype rounding. A capture that is not `o` itself
 // is zeroed first (its old contents may not be finite); `o` always is.
-absl::Status Optimizer::CaptureScaled(float* capture, const float* o, int64_t count, float scale) {
-  if (capture != o) OPTD_RETURN_IF_ERROR(backend_->Fill(*queue_, capture, count, 0.0f));
-  return backend_->ApplyUpdate(*queue_, capture, o, count, -1.0f, 0.0f, scale, DType::kF32);
+absl::Status Optimizer::CaptureScaled(const Tensor& t, float* capture, const float* o,
+                                      float scale) {
+  if (capture != o) OPTD_RETURN_IF_ERROR(backend_->Fill(*queue_, capture, t.count, 0.0f));
+  return backend_->ApplyUpdate(*queue_, capture, o, t.count, RateIn(t, RateSlot::kCapture), scale,
+                               DType::kF32);
 }
 
 // --- The stages of a matrix step, in the order of ../shared/DESIGN.md's table ("The optimizer, as
@@ -930,10 +986,10 @@ absl::Status Optimizer::ScaleAndDecayStage(Tensor& t, const MatrixBatch& o) {
   }
   const RateAndScale rate = RateAndScaleOf(t);
   if (t.capture != nullptr) {
-    OPTD_RETURN_IF_ERROR(CaptureScaled(t.capture, o.data, t.count, rate.full_scale));
+    OPTD_RETURN_IF_ERROR(CaptureScaled(t, t.capture, o.data, rate.full_scale));
   }
-  return backend_->ApplyUpdate(*queue_, t.parameters.f32(), o.data, t.count, rate.lr,
-                               DecayFactor(c), rate.scale, c.matrix.step_dtype);
+  return backend_->ApplyUpdate(*queue_, t.parameters.f32(), o.data, t.count,
+                               RateIn(t, RateSlot::kStep), rate.scale, c.matrix.step_dtype);
 }
 
 // RMNP's six stages in one pass per tensor (Backend::RmnpStep): sum momentum, no pre-normalize,
@@ -944,8 +1000,7 @@ RmnpStepArgs Optimizer::RmnpArgsOf(const Tensor& t) const {
   return RmnpStepArgs{.momentum = static_cast<float>(c.matrix.momentum),
                       .nesterov = c.matrix.nesterov,
                       .eps = c.matrix.row_normalize_eps,
-                      .lr = rate.lr,
-                      .decay = DecayFactor(c),
+                      .rate = RateIn(t, RateSlot::kStep),
                       .scale = rate.scale,
                       .step_dtype = c.matrix.step_dtype};
 }
@@ -964,12 +1019,12 @@ absl::Status Optimizer::FusedRmnpStep(Tensor& t) {
   if (args.nesterov) {
     OPTD_RETURN_IF_ERROR(backend_->Copy(*queue_, u, t.gradient.f32(), t.count * sizeof(float)));
     OPTD_RETURN_IF_ERROR(backend_->ApplyUpdate(*queue_, u, t.momentum.f32(), t.count,
-                                               -args.momentum, 1.0f, 1.0f, DType::kF32));
+                                               RateIn(t, RateSlot::kNesterov), 1.0f, DType::kF32));
   } else {
     OPTD_RETURN_IF_ERROR(backend_->Copy(*queue_, u, t.momentum.f32(), t.count * sizeof(float)));
   }
   OPTD_RETURN_IF_ERROR(backend_->RowNormalize(*queue_, u, t.view.batch * rows, cols, args.eps));
-  return CaptureScaled(u, u, t.count, rate.full_scale);
+  return CaptureScaled(t, u, u, rate.full_scale);
 }
 
 absl::Status Optimizer::StepGroup(const Group& group, absl::Span<const bool> present) {
@@ -1081,6 +1136,8 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
     OPTD_ASSIGN_OR_RETURN(t.shadow_momentum, backend_->Allocate(bytes));
     OPTD_ASSIGN_OR_RETURN(t.shadow_second_moment, backend_->Allocate(second_bytes));
   }
+  // This step's scalars of the tensor (its lr override included) for the work below.
+  OPTD_RETURN_IF_ERROR(UploadStepScalarsOf(t));
   const bool fused_rmnp = t.group >= 0 && groups_[t.group].fused_rmnp;
   if (t.spec.config.algorithm == Algorithm::kAdamW || fused_rmnp) {
     // One pass from the tensor's buffers into its shadows: Step's kernel, out of place.
@@ -1090,15 +1147,10 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
                                       t.parameters.f32(), t.momentum.f32(), t.gradient.f32(),
                                       t.view.batch * t.view.rows, t.view.cols, RmnpArgsOf(t));
     } else {
-      const formulas::AdamWScalars scalars = AdamWScalarsOf(t);
-      auto* slot = static_cast<formulas::AdamWScalars*>(adamw_scalars_.data()) + t.adamw_slot;
-      status = backend_->Upload(queue, slot, &scalars, sizeof(scalars));
-      if (status.ok()) {
-        status =
-            backend_->AdamWInto(queue, t.shadow_parameters.f32(), t.shadow_momentum.f32(),
-                                t.shadow_second_moment.f32(), t.parameters.f32(), t.momentum.f32(),
-                                t.second_moment.f32(), t.gradient.f32(), t.count, slot);
-      }
+      status =
+          backend_->AdamWInto(queue, t.shadow_parameters.f32(), t.shadow_momentum.f32(),
+                              t.shadow_second_moment.f32(), t.parameters.f32(), t.momentum.f32(),
+                              t.second_moment.f32(), t.gradient.f32(), t.count, AdamWScalarsIn(t));
     }
     const absl::Status synced = backend_->Synchronize(queue);
     if (status.ok()) status = synced;

@@ -3,6 +3,7 @@
 #ifndef OPTD_KERNELS_OPTIMIZER_H_
 #define OPTD_KERNELS_OPTIMIZER_H_
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -88,6 +89,9 @@ class Optimizer {
 
   // Backend bytes this optimizer holds.
   int64_t allocated_bytes() const;
+  // How many steps were recorded as a graph (Backend::BeginRecording) rather than replayed or
+  // run kernel by kernel: a recording is made when a step's shape or settings change.
+  int64_t recorded_steps() const { return recordings_; }
 
   Backend& backend() const { return *backend_; }
   int num_tensors() const { return static_cast<int>(tensors_.size()); }
@@ -231,7 +235,7 @@ class Optimizer {
     float lr, scale, full_scale;
   };
   RateAndScale RateAndScaleOf(const Tensor& t) const;
-  absl::Status CaptureScaled(float* capture, const float* o, int64_t count, float scale);
+  absl::Status CaptureScaled(const Tensor& t, float* capture, const float* o, float scale);
   // One matrix group's step: the stages below in DESIGN.md's order, batched where they can be.
   absl::Status StepGroup(const Group& group, absl::Span<const bool> present);
   // The stages for `members` of `group` (those with a gradient), batched.
@@ -254,6 +258,18 @@ class Optimizer {
   RmnpStepArgs RmnpArgsOf(const Tensor& t) const;
   absl::Status StepAdamW(Tensor& tensor);
   formulas::AdamWScalars AdamWScalarsOf(const Tensor& tensor) const;
+  // The per-step scalars the kernels read from backend memory (step_scalars_): AdamW's, one per
+  // AdamW tensor, then kRatesPerTensor RateScalars per matrix tensor: its step's lr and decay,
+  // and the constant rates of the two ApplyUpdates that rebuild a captured direction.
+  enum class RateSlot { kStep = 0, kCapture = 1, kNesterov = 2 };
+  static constexpr int kRatesPerTensor = 3;
+  int64_t StepScalarBytes() const;
+  formulas::AdamWScalars* AdamWScalarsIn(const Tensor& tensor) const;
+  formulas::RateScalars* RateIn(const Tensor& tensor, RateSlot slot) const;
+  std::array<formulas::RateScalars, kRatesPerTensor> RatesOf(const Tensor& tensor) const;
+  // Every tensor's scalars for this step, in one upload; one tensor's (PrepareTensor).
+  absl::Status UploadStepScalars();
+  absl::Status UploadStepScalarsOf(const Tensor& tensor);
   // What a step's operations take of the backend's temporary memory (Backend::ReserveScratch).
   ScratchNeeds StepScratch() const;
   // Enqueues a step's work (groups, then AdamW) on queue_.
@@ -281,8 +297,10 @@ class Optimizer {
   bool graphs_available_ = true;
   bool has_exact_polar_ = false;
   int64_t steps_run_ = 0;
+  int64_t recordings_ = 0;  // steps recorded (graphs made or updated)
   int num_adamw_ = 0;
-  Buffer adamw_scalars_;  // one formulas::AdamWScalars per AdamW tensor
+  int num_rates_ = 0;
+  Buffer step_scalars_;  // see StepScalarBytes
 };
 
 }  // namespace optd

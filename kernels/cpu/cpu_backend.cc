@@ -126,7 +126,7 @@ template <DType kStepDType>
   // Sum momentum, which has no use for 1 − μ.
   const formulas::MomentumScalars momentum{a.momentum, 0.0f, formulas::MomentumKind::kSum,
                                            a.nesterov};
-  const float eps = a.eps, scale = a.scale, lr = a.lr, decay = a.decay;
+  const float eps = a.eps, scale = a.scale, lr = a.rate->lr, decay = a.rate->decay;
   for (int64_t r = begin; r < end; ++r) {
     float* __restrict m_row = m + r * cols;
     const float* __restrict g_row = g + r * cols;
@@ -171,7 +171,7 @@ template <DType kStepDType>
                                                   const RmnpStepArgs& a, float* __restrict u) {
   const formulas::MomentumScalars momentum{a.momentum, 0.0f, formulas::MomentumKind::kSum,
                                            a.nesterov};
-  const float eps = a.eps, scale = a.scale, lr = a.lr, decay = a.decay;
+  const float eps = a.eps, scale = a.scale, lr = a.rate->lr, decay = a.rate->decay;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t row = r * cols;
     for (int64_t c = 0; c < cols; ++c) {
@@ -613,10 +613,13 @@ class CpuBackend : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status ApplyUpdate(Queue&, float* w, const float* o, int64_t count, float lr, float decay,
-                           float scale, DType step_dtype) override {
+  absl::Status ApplyUpdate(Queue&, float* w, const float* o, int64_t count,
+                           const formulas::RateScalars* rate, float scale,
+                           DType step_dtype) override {
     OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, w));
     OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, o));
+    OPTD_RETURN_IF_ERROR(CheckCount("apply update", 1, rate));
+    const float lr = rate->lr, decay = rate->decay;
     ForEach(count, [&](int64_t i) {
       w[i] = formulas::DecayAndStep(w[i], RoundScalar(o[i] * scale, step_dtype), lr, decay);
     });
@@ -661,6 +664,7 @@ class CpuBackend : public Backend {
          {static_cast<const float*>(w_out), static_cast<const float*>(m_out), w_in, m_in, g}) {
       OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, p));
     }
+    OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", 1, a.rate));
     ForRowBlocks(rows, cols, [&](int64_t begin, int64_t end) {
       std::vector<float> u(cols);
       RmnpRowsInto(w_out, m_out, w_in, m_in, g, begin, end, cols, a, u.data());
@@ -673,6 +677,7 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, w));
     OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, m));
     OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, g));
+    OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", 1, a.rate));
     ForRowBlocks(rows, cols, [&](int64_t begin, int64_t end) {
       std::vector<float> u(cols);
       RmnpRows(w, m, g, begin, end, cols, a, u.data());

@@ -554,13 +554,15 @@ class CudaBackend : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status ApplyUpdate(Queue& queue, float* w, const float* o, int64_t count, float lr,
-                           float decay, float scale, DType step_dtype) override {
+  absl::Status ApplyUpdate(Queue& queue, float* w, const float* o, int64_t count,
+                           const formulas::RateScalars* rate, float scale,
+                           DType step_dtype) override {
     OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, w));
     OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, o));
+    OPTD_RETURN_IF_ERROR(CheckCount("apply update", 1, rate));
     CudaQueue& q = Enter(queue);
     absl::MutexLock lock(&q.mu());
-    OPTD_CUDA(cuda::ApplyUpdate(q.stream(), w, o, count, lr, decay, scale, DTypeCode(step_dtype)));
+    OPTD_CUDA(cuda::ApplyUpdate(q.stream(), w, o, count, rate, scale, DTypeCode(step_dtype)));
     return absl::OkStatus();
   }
 
@@ -582,13 +584,13 @@ class CudaBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, w));
     OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, m));
     OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", rows * cols, g));
+    OPTD_RETURN_IF_ERROR(CheckCount("rmnp step", 1, a.rate));
     CudaQueue& q = Enter(queue);
     absl::MutexLock lock(&q.mu());
     const cuda::RmnpScalars scalars{.momentum = a.momentum,
                                     .eps = a.eps,
-                                    .lr = a.lr,
-                                    .decay = a.decay,
                                     .scale = a.scale,
+                                    .rate = a.rate,
                                     .nesterov = a.nesterov,
                                     .step_dtype = DTypeCode(a.step_dtype)};
     OPTD_CUDA(cuda::RmnpStep(q.stream(), w, m, g, rows, cols, scalars));

@@ -230,8 +230,9 @@ __global__ void MomentumKernel(float* m, const float* g, float* u, int64_t n,
   OPTD_GRID_STRIDE(i, n) u[i] = formulas::MomentumStep(m[i], g[i], scalars);
 }
 
-__global__ void ApplyUpdateKernel(float* w, const float* o, int64_t n, float lr, float decay,
-                                  float scale, int step_dtype) {
+__global__ void ApplyUpdateKernel(float* w, const float* o, int64_t n,
+                                  const formulas::RateScalars* rate, float scale, int step_dtype) {
+  const float lr = rate->lr, decay = rate->decay;
   OPTD_GRID_STRIDE(i, n) {
     w[i] = formulas::DecayAndStep(w[i], RoundAs(o[i] * scale, step_dtype), lr, decay);
   }
@@ -441,6 +442,7 @@ __global__ void RmnpStepKernel(float* w, float* m, const float* g, int64_t rows,
   sum = team.Sum(sum);
   if (!team.active) return;
   const float denominator = formulas::RowL2Denominator(static_cast<float>(sqrt(sum)), s.eps);
+  const float lr = s.rate->lr, decay = s.rate->decay;
   for (int64_t k = team.lane; k < chunks; k += team.stride) {
     const int64_t e = offset + k * kVec;
     Chunk<kVec> u;
@@ -454,7 +456,7 @@ __global__ void RmnpStepKernel(float* w, float* m, const float* g, int64_t rows,
     Chunk<kVec> wc = LoadChunk<kVec>(w + e);
     for (int j = 0; j < kVec; ++j) {
       const float step = RoundAs((u.v[j] / denominator) * s.scale, s.step_dtype);
-      wc.v[j] = formulas::DecayAndStep(wc.v[j], step, s.lr, s.decay);
+      wc.v[j] = formulas::DecayAndStep(wc.v[j], step, lr, decay);
     }
     StoreChunk<kVec>(w + e, wc);
   }
@@ -645,9 +647,9 @@ cudaError_t Momentum(cudaStream_t stream, float* m, const float* g, float* u, in
   return LaunchElements(stream, n, MomentumKernel, m, g, u, n, scalars);
 }
 
-cudaError_t ApplyUpdate(cudaStream_t stream, float* w, const float* o, int64_t n, float lr,
-                        float decay, float scale, int step_dtype) {
-  return LaunchElements(stream, n, ApplyUpdateKernel, w, o, n, lr, decay, scale, step_dtype);
+cudaError_t ApplyUpdate(cudaStream_t stream, float* w, const float* o, int64_t n,
+                        const formulas::RateScalars* rate, float scale, int step_dtype) {
+  return LaunchElements(stream, n, ApplyUpdateKernel, w, o, n, rate, scale, step_dtype);
 }
 
 cudaError_t AdamW(cudaStream_t stream, float* w, float* m, float* v, const float* g, int64_t n,

@@ -19,7 +19,8 @@ namespace optd::cuda {
 inline constexpr int kF32 = 0, kBF16 = 1, kF16 = 2;
 
 struct RmnpScalars {
-  float momentum, eps, lr, decay, scale;
+  float momentum, eps, scale;
+  const formulas::RateScalars* rate;  // device memory
   bool nesterov;
   int step_dtype;
 };
@@ -80,8 +81,9 @@ cudaError_t NorMuonPreserveNorm(cudaStream_t stream, float* o, int64_t batch, in
 
 cudaError_t Momentum(cudaStream_t stream, float* m, const float* g, float* u, int64_t n,
                      formulas::MomentumScalars scalars);
-cudaError_t ApplyUpdate(cudaStream_t stream, float* w, const float* o, int64_t n, float lr,
-                        float decay, float scale, int step_dtype);
+// `rate` is device memory, read when the kernel runs.
+cudaError_t ApplyUpdate(cudaStream_t stream, float* w, const float* o, int64_t n,
+                        const formulas::RateScalars* rate, float scale, int step_dtype);
 cudaError_t AdamW(cudaStream_t stream, float* w, float* m, float* v, const float* g, int64_t n,
                   const formulas::AdamWScalars* scalars);
 cudaError_t RmnpStep(cudaStream_t stream, float* w, float* m, const float* g, int64_t rows,

@@ -469,8 +469,8 @@ TEST_P(BackendTest, ApplyUpdateDecaysThenStepsWithRounding) {
   const int n = 64;
   auto w = RandomNormal(n, 21), o = RandomNormal(n, 22);
   float* dw = Device(w);
-  ASSERT_TRUE(
-      backend_->ApplyUpdate(queue(), dw, Device(o), n, 0.1f, 0.95f, 1.7f, DType::kBF16).ok());
+  const auto* rate = Device(std::vector<formulas::RateScalars>{{.lr = 0.1f, .decay = 0.95f}});
+  ASSERT_TRUE(backend_->ApplyUpdate(queue(), dw, Device(o), n, rate, 1.7f, DType::kBF16).ok());
   auto got = Host(dw, n);
   for (int i = 0; i < n; ++i) {
     const double step = formulas::RoundToBf16(o[i] * 1.7f);
@@ -527,7 +527,7 @@ void BackendTest::FusedRmnpStepEqualsItsStagesFor(int rows, int cols) {
   float *w1 = Device(w), *m1 = Device(m), *w2 = Device(w), *m2 = Device(m), *dg = Device(g);
   std::vector<float> u(rows * cols);
   float* du = Device(u);
-  const RmnpStepArgs args = testing::kTestRmnpStep;
+  const RmnpStepArgs args = testing::TestRmnpStep(*memory_);
   ASSERT_TRUE(backend_->RmnpStep(queue(), w1, m1, dg, rows, cols, args).ok());
   ASSERT_TRUE(
       backend_
@@ -536,7 +536,7 @@ void BackendTest::FusedRmnpStepEqualsItsStagesFor(int rows, int cols) {
           .ok());
   ASSERT_TRUE(backend_->RowNormalize(queue(), du, rows, cols, 1e-12f).ok());
   ASSERT_TRUE(
-      backend_->ApplyUpdate(queue(), w2, du, rows * cols, 0.02f, 0.998f, 1.3f, DType::kBF16).ok());
+      backend_->ApplyUpdate(queue(), w2, du, rows * cols, args.rate, 1.3f, DType::kBF16).ok());
   EXPECT_EQ(Host(w1, w.size()), Host(w2, w.size()));
   EXPECT_EQ(Host(m1, m.size()), Host(m2, m.size()));
 }

@@ -96,14 +96,17 @@ inline std::vector<uint16_t> ToHalfWords(std::vector<float>& x, DType dtype) {
 }
 
 // The RMNP step both backend suites run (the conformance suite against its stages, the CUDA one
-// against the CPU): Nesterov sum momentum, bf16 step, decay and scale that are not 1.
-inline constexpr RmnpStepArgs kTestRmnpStep{.momentum = 0.95f,
-                                            .nesterov = true,
-                                            .eps = 1e-12f,
-                                            .lr = 0.02f,
-                                            .decay = 0.998f,
-                                            .scale = 1.3f,
-                                            .step_dtype = DType::kBF16};
+// against the CPU): Nesterov sum momentum, bf16 step, decay and scale that are not 1. Its rate
+// goes to backend memory: TestRmnpStep(memory).
+inline constexpr formulas::RateScalars kTestRmnpRate{.lr = 0.02f, .decay = 0.998f};
+inline RmnpStepArgs TestRmnpStep(DeviceMemory& memory) {
+  return RmnpStepArgs{.momentum = 0.95f,
+                      .nesterov = true,
+                      .eps = 1e-12f,
+                      .rate = memory.Upload(std::vector<formulas::RateScalars>{kTestRmnpRate}),
+                      .scale = 1.3f,
+                      .step_dtype = DType::kBF16};
+}
 
 }  // namespace optd::testing
 

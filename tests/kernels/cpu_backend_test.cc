@@ -196,11 +196,11 @@ TEST(CpuBackendTest, OutOfPlaceStepsGiveTheInPlaceBitsAndLeaveTheirInputs) {
     EXPECT_EQ(vi, v0);
   }
   for (const DType step_dtype : {DType::kF32, DType::kBF16}) {
+    const formulas::RateScalars rate{.lr = 0.02f, .decay = 0.999f};  // host memory is the CPU's
     const RmnpStepArgs args{.momentum = 0.95f,
                             .nesterov = true,
                             .eps = 1e-8f,
-                            .lr = 0.02f,
-                            .decay = 0.999f,
+                            .rate = &rate,
                             .scale = 0.5f,
                             .step_dtype = step_dtype};
     w = w0;
@@ -270,8 +270,9 @@ TEST(CpuBackendTest, ElementFormulasRoundEveryProduct) {
 
   // Decay and step: w ← w·decay − lr·(o·scale).
   const float lr = 0.0213f, decay = 0.99957f, scale = 0.731f;
+  const formulas::RateScalars rate{.lr = lr, .decay = decay};
   std::vector<float> w = w0;
-  ASSERT_TRUE(backend->ApplyUpdate(q, w.data(), o.data(), n, lr, decay, scale, DType::kF32).ok());
+  ASSERT_TRUE(backend->ApplyUpdate(q, w.data(), o.data(), n, &rate, scale, DType::kF32).ok());
   for (int64_t i = 0; i < n; ++i) {
     const float step = rounded(o[i], scale);
     const float decayed = rounded(w0[i], decay), moved = rounded(lr, step);

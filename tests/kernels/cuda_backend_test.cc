@@ -104,8 +104,12 @@ TEST_F(CudaVsCpuTest, ElementFormulasGiveTheCpusBits) {
   }
   for (DType step_dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
     Pair w = Both(RandomNormal(n, 3)), o = Both(RandomNormal(n, 4));
-    ASSERT_TRUE(cpu_->ApplyUpdate(cq(), w.cpu, o.cpu, n, 0.02f, 0.999f, 1.7f, step_dtype).ok());
-    ASSERT_TRUE(cuda_->ApplyUpdate(gq(), w.gpu, o.gpu, n, 0.02f, 0.999f, 1.7f, step_dtype).ok());
+    const std::vector<formulas::RateScalars> rate = {{.lr = 0.02f, .decay = 0.999f}};
+    ASSERT_TRUE(
+        cpu_->ApplyUpdate(cq(), w.cpu, o.cpu, n, cpu_memory_->Upload(rate), 1.7f, step_dtype).ok());
+    ASSERT_TRUE(
+        cuda_->ApplyUpdate(gq(), w.gpu, o.gpu, n, gpu_memory_->Upload(rate), 1.7f, step_dtype)
+            .ok());
     auto [wc, wg] = Read(w, n);
     EXPECT_EQ(wc, wg) << DTypeName(step_dtype);
   }
@@ -145,9 +149,12 @@ TEST_F(CudaVsCpuTest, RowKernelsOnShortAndLongRows) {
     const int64_t rows = 37, n = rows * cols;
     SCOPED_TRACE(cols);
     Pair w = Both(RandomNormal(n, 9)), m = Both(RandomNormal(n, 10)), g = Both(RandomNormal(n, 11));
-    const RmnpStepArgs args = testing::kTestRmnpStep;
-    ASSERT_TRUE(cpu_->RmnpStep(cq(), w.cpu, m.cpu, g.cpu, rows, cols, args).ok());
-    ASSERT_TRUE(cuda_->RmnpStep(gq(), w.gpu, m.gpu, g.gpu, rows, cols, args).ok());
+    ASSERT_TRUE(
+        cpu_->RmnpStep(cq(), w.cpu, m.cpu, g.cpu, rows, cols, testing::TestRmnpStep(*cpu_memory_))
+            .ok());
+    ASSERT_TRUE(
+        cuda_->RmnpStep(gq(), w.gpu, m.gpu, g.gpu, rows, cols, testing::TestRmnpStep(*gpu_memory_))
+            .ok());
     EXPECT_EQ(Read(m, n).first, Read(m, n).second);
     // The row norms sum in a different order: the steps agree to a few fp32 ulps (and bf16
     // rounding of the step can move one element by a bf16 ulp of the step).
@@ -474,6 +481,63 @@ TEST(CudaGraphTest, RecordedStepsGiveTheEagerStepsBits) {
   }
 }
 
+// A learning-rate schedule (a new lr every step, from the step's header or SetHyperparameters)
+// replays one recorded step: the kernels read lr and decay from backend memory. The recorded
+// steps give the eager steps' bits, and one recording serves them all.
+TEST(CudaGraphTest, ALearningRateScheduleReplaysOneRecording) {
+  CudaBackendOptions eager_options;
+  eager_options.step_graphs = false;
+  auto graphs = CreateCudaBackend();
+  if (!graphs.ok()) GTEST_SKIP() << graphs.status().message();
+  auto eager = CreateCudaBackend(eager_options);
+  ASSERT_TRUE(eager.ok()) << eager.status();
+  auto muon = ParseOptimizerConfig("keller,weight_decay=0.1");
+  auto normuon = ParseOptimizerConfig("normuon");
+  auto rmnp = ParseOptimizerConfig("rmnp,weight_decay=0.1");
+  auto adamw = ParseOptimizerConfig("adamw,weight_decay=0.1");
+  ASSERT_TRUE(muon.ok() && normuon.ok() && rmnp.ok() && adamw.ok());
+  const std::vector<TensorSpec> specs = {{"a", {64, 96}, RankPolicy::kFlatten, *muon},
+                                         {"n", {48, 80}, RankPolicy::kFlatten, *normuon},
+                                         {"r", {40, 72}, RankPolicy::kFlatten, *rmnp},
+                                         {"bias", {300}, RankPolicy::kFlatten, *adamw}};
+  std::vector<std::unique_ptr<Optimizer>> opts;
+  for (Backend* backend : {graphs->get(), eager->get()}) {
+    auto opt = Optimizer::Create(*backend, specs);
+    ASSERT_TRUE(opt.ok()) << opt.status();
+    opts.push_back(std::move(*opt));
+  }
+  const int steps = 12;
+  for (int step = 0; step < steps; ++step) {
+    const double lr = 0.02 * 0.5 * (1 + std::cos(M_PI * step / steps));  // cosine decay
+    for (auto& opt : opts) {
+      for (int t = 0; t < opt->num_tensors(); ++t) {
+        ASSERT_TRUE(
+            opt->SetGradient(t, RandomNormal(opt->num_elements(t), 300 + 10 * step + t)).ok());
+      }
+      if (step % 2 == 0) {
+        ASSERT_TRUE(opt->Step({}, lr).ok()) << step;  // the step header's lr
+      } else {
+        for (int t = 0; t < opt->num_tensors(); ++t) {
+          const OptimizerConfig& c = opt->spec(t).config;
+          const double momentum =
+              c.algorithm == Algorithm::kAdamW ? c.adamw.beta1 : c.matrix.momentum;
+          ASSERT_TRUE(opt->SetHyperparameters(t, lr, c.weight_decay, momentum).ok());
+        }
+        ASSERT_TRUE(opt->Step().ok()) << step;
+      }
+    }
+  }
+  // The first step runs eagerly (it sizes the scratch), the second is recorded, the rest replay.
+  EXPECT_EQ(opts[0]->recorded_steps(), 1);
+  EXPECT_EQ(opts[1]->recorded_steps(), 0);
+  for (int t = 0; t < opts[0]->num_tensors(); ++t) {
+    std::vector<float> recorded(opts[0]->num_elements(t)), run(recorded.size());
+    ASSERT_TRUE(opts[0]->GetParameters(t, absl::MakeSpan(recorded)).ok());
+    ASSERT_TRUE(opts[1]->GetParameters(t, absl::MakeSpan(run)).ok());
+    EXPECT_EQ(recorded, run) << opts[0]->spec(t).name;
+  }
+}
+
 TEST(CudaUploadTest, PageableUploadsAreStagedAndArriveWhole) {
   auto backend = CreateCudaBackend();
   if (!backend.ok()) GTEST_SKIP() << backend.status().message();
@@ -488,7 +552,9 @@ TEST(CudaUploadTest, PageableUploadsAreStagedAndArriveWhole) {
   ASSERT_TRUE((*backend)->Upload(queue, da, a.data(), a.size() * sizeof(float)).ok());
   ASSERT_TRUE((*backend)->Upload(queue, db, b.data(), b.size() * sizeof(float)).ok());
   std::fill(b.begin(), b.end(), 0.0f);  // the host copy may change once Upload returns
-  ASSERT_TRUE((*backend)->ApplyUpdate(queue, da, db, a.size(), 1.0f, 1.0f, 1.0f, DType::kF32).ok());
+  const formulas::RateScalars* rate =
+      memory.Upload(std::vector<formulas::RateScalars>{{.lr = 1.0f, .decay = 1.0f}});
+  ASSERT_TRUE((*backend)->ApplyUpdate(queue, da, db, a.size(), rate, 1.0f, DType::kF32).ok());
   std::vector<float> got = memory.Download(da, a.size());
   const std::vector<float> b_sent = RandomNormal(a.size(), 81);
   for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(got[i], a[i] - b_sent[i]) << i;
