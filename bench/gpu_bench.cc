@@ -195,7 +195,9 @@ std::vector<TensorSpec> Gpt2Small(const std::string& matrix_preset) {
 }
 
 // Optimizer::Step on GPT-2 small with gradients already on the device, ms.
-double Gpt2Step(Backend& backend, const std::string& preset, int* groups) {
+// With `schedule`, every step takes a new learning rate (the step header's), as a schedule does.
+double Gpt2Step(Backend& backend, const std::string& preset, int* groups, bool schedule = false,
+                int64_t* recorded = nullptr) {
   auto opt = Get(Optimizer::Create(backend, Gpt2Small(preset)), "create");
   std::vector<Buffer> keep;
   for (int t = 0; t < opt->num_tensors(); ++t) {
@@ -208,7 +210,13 @@ double Gpt2Step(Backend& backend, const std::string& preset, int* groups) {
   Check(backend.Synchronize(backend.default_queue()), "synchronize");  // the optimizer's queue
                                                                        // is another
   *groups = opt->num_groups();
-  return MedianMs(backend, 3, 20, [&] { Check(opt->Step(), "step"); });
+  int64_t step = 0;
+  const double ms = MedianMs(backend, 3, 20, [&] {
+    const double lr = 0.02 / (1.0 + 0.01 * static_cast<double>(step++));
+    Check(schedule ? opt->Step({}, lr) : opt->Step(), "step");
+  });
+  if (recorded != nullptr) *recorded = opt->recorded_steps();
+  return ms;
 }
 
 }  // namespace
@@ -305,6 +313,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "  GPT-2 small step %-22s %8.3f ms (%d batched groups)\n", preset, ms,
                  groups);
     step_row(preset, ms, groups);
+  }
+  for (const char* preset : {"keller", "rmnp"}) {
+    // A learning-rate schedule: the kernels read lr from device memory, so one recording serves
+    // every step (the rows above are the baseline).
+    int groups = 0;
+    int64_t recorded = 0;
+    const double ms = optd::Gpt2Step(backend, preset, &groups, /*schedule=*/true, &recorded);
+    std::fprintf(stderr, "  GPT-2 small step %-22s %8.3f ms (a new lr every step, %ld recorded)\n",
+                 preset, ms, static_cast<long>(recorded));
+    step_row(absl::StrCat(preset, ",lr_schedule"), ms, groups);
   }
   {
     // The same steps run eagerly (step graphs off), the baseline of the recorded ones above.

@@ -144,6 +144,11 @@ def main():
             add(f"Step graphs, `{preset}`: {steps[f'{preset},no_graphs']:.2f} ms launched kernel "
                 f"by kernel, {steps[preset]:.2f} ms replayed "
                 f"({steps[f'{preset},no_graphs'] / steps[preset]:.2f}×).")
+        if f"{preset},lr_schedule" in steps:
+            add(f"A learning-rate schedule (a new lr every step), `{preset}`: "
+                f"{steps[f'{preset},lr_schedule']:.2f} ms against {steps[preset]:.2f} ms at one lr "
+                f"({steps[f'{preset},lr_schedule'] / steps[preset]:.2f}×; lr is read from device "
+                "memory, so the schedule replays the one recorded graph).")
     add("")
     add("The graphs save the host's launch work (a step is some 300 launches), not GPU time: "
         "what remains beside the GPU's own work is the one synchronization that checks every "
