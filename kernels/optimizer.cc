@@ -600,7 +600,7 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
   // go to the backend before the work that reads them, so a recorded step replays with this
   // step's values.
   OPTD_RETURN_IF_ERROR(UploadStepScalars());
-  // After its first step (which sizes the backend's scratch), a step whose work neither
+  // After its first step, a step whose work neither
   // synchronizes (the exact polar's SVD) nor differs for a capture runs as one graph where the
   // backend has them: replayed while the step's shape and settings stay those it was recorded
   // with (a learning rate, which the kernels read from backend memory, is not among them: a

@@ -3,8 +3,9 @@
 //
 // Memory comes from a stream-ordered pool of the backend's own that keeps freed memory for reuse
 // (a caching arena), under a byte budget: beyond it Allocate is RESOURCE_EXHAUSTED, never an
-// abort. Temporaries an operation needs (partial sums, the SVD's fp64 copies) come from the same
-// pool, stream-ordered, and go back to it when the operation's work is done.
+// abort. Temporaries an operation needs (partial sums, the SVD's fp64 copies) come from its
+// queue's scratch blocks (queue.h), taken from the same pool and reserved when an optimizer is
+// created (ReserveScratch), so a step never asks for memory half-way.
 //
 // Sessions step from several host threads on one queue: each queue has its own cuBLAS and
 // cuSOLVER handles and a mutex that serializes the calls made through them. Work of different
@@ -169,30 +170,10 @@ class CudaBackend : public Backend {
   absl::StatusOr<Buffer> Allocate(size_t bytes) override {
     if (bytes == 0) return Buffer();
     const int64_t size = static_cast<int64_t>((bytes + 255) / 256 * 256);
-    OPTD_RETURN_IF_ERROR(memory_->Charge(size, bytes));
-    void* data = nullptr;
-    absl::Status status = CudaStatus(cudaSetDevice(memory_->device), "cudaSetDevice");
-    if (status.ok()) {
-      status = CudaStatus(cudaMallocFromPoolAsync(&data, size, memory_->pool, memory_->stream),
-                          "cudaMallocFromPoolAsync");
-    }
-    // Every stream may use it once its allocation has completed.
-    if (status.ok()) status = CudaStatus(cudaStreamSynchronize(memory_->stream), "sync");
-    if (!status.ok()) {
-      memory_->used.fetch_sub(size);
-      if (status.code() == absl::StatusCode::kResourceExhausted) {
-        return absl::ResourceExhaustedError(absl::StrCat("cuda backend: the device has no ", bytes,
-                                                         " bytes free: ", status.message()));
-      }
-      return status;
-    }
+    OPTD_ASSIGN_OR_RETURN(void* data, memory_->Take(size, bytes));
     std::shared_ptr<DeviceMemory> memory = memory_;
-    return Buffer(data, bytes, [memory, size](void* p) {
-      IgnoreCudaError(cudaSetDevice(memory->device));
-      // Buffers are released between steps, after their work has been synchronized.
-      IgnoreCudaError(cudaFreeAsync(p, memory->stream));
-      memory->used.fetch_sub(size);
-    });
+    // Buffers are released between steps, after their work has been synchronized.
+    return Buffer(data, bytes, [memory, size](void* p) { memory->Give(p, size); });
   }
 
   absl::Status ReserveScratch(Queue& queue, const ScratchNeeds& needs) override {
@@ -205,16 +186,20 @@ class CudaBackend : public Backend {
   absl::Status Upload(Queue& queue, void* dst, const void* src, size_t bytes) override {
     if (bytes == 0 || dst == nullptr || src == nullptr) return Copy(queue, dst, src, bytes);
     // Upload returns once `src` may change: pageable memory is staged through pinned slots,
-    // page-locked memory is copied directly and waited for; device memory is a device copy.
+    // page-locked and managed memory is copied directly and waited for; device memory is a
+    // device copy.
+    CudaQueue& q = Enter(queue);
     cudaPointerAttributes attributes;
     OPTD_CUDA(cudaPointerGetAttributes(&attributes, src));
-    if (attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged) {
-      return Copy(queue, dst, src, bytes);
-    }
-    CudaQueue& q = Enter(queue);
+    if (attributes.type == cudaMemoryTypeDevice) return Copy(queue, dst, src, bytes);
     absl::MutexLock lock(&q.mu());
-    if (attributes.type == cudaMemoryTypeHost) return q.PinnedUpload(dst, src, bytes);
-    return q.StagedUpload(dst, src, bytes);
+    // Both wait on the host: inside a recording they would break it (and record the staging
+    // slots' addresses).
+    if (q.recording()) {
+      return absl::FailedPreconditionError("cuda backend: an upload cannot be recorded");
+    }
+    if (attributes.type == cudaMemoryTypeUnregistered) return q.StagedUpload(dst, src, bytes);
+    return q.DirectUpload(dst, src, bytes);
   }
   absl::Status Download(Queue& queue, void* dst, const void* src, size_t bytes) override {
     return Copy(queue, dst, src, bytes);
@@ -384,21 +369,16 @@ class CudaBackend : public Backend {
     OPTD_ASSIGN_OR_RETURN(double* ud, scratch.Get<double>(a.batch * n * k));  // U' (n×k)
     OPTD_ASSIGN_OR_RETURN(double* vd, scratch.Get<double>(a.batch * m * k));  // V' (m×k)
     OPTD_ASSIGN_OR_RETURN(int* info, scratch.Get<int>(a.batch));
-    gesvdjInfo_t params = nullptr;
-    OPTD_CUSOLVER(cusolverDnCreateGesvdjInfo(&params));
-    std::unique_ptr<gesvdjInfo, void (*)(gesvdjInfo_t)> params_owner(
-        params, [](gesvdjInfo_t p) { cusolverDnDestroyGesvdjInfo(p); });
+    OPTD_ASSIGN_OR_RETURN(const GesvdjParams params, NewGesvdjParams());
     const cusolverEigMode_t mode = vectors ? CUSOLVER_EIG_MODE_VECTOR : CUSOLVER_EIG_MODE_NOVECTOR;
     const int rows = static_cast<int>(n), cols = static_cast<int>(m);
-    int lwork = 0;
-    OPTD_CUSOLVER(cusolverDnDgesvdj_bufferSize(q.solver(), mode, /*econ=*/1, rows, cols, work_a,
-                                               rows, sd, ud, rows, vd, cols, &lwork, params));
+    OPTD_ASSIGN_OR_RETURN(const int lwork, GesvdjWorkspace(q, mode, m, n, params.get()));
     OPTD_ASSIGN_OR_RETURN(double* work, scratch.Get<double>(lwork));
     for (int64_t b = 0; b < a.batch; ++b) {
       OPTD_CUDA(cuda::Widen(stream, a.data + b * m * n, work_a, m * n));
       OPTD_CUSOLVER(cusolverDnDgesvdj(q.solver(), mode, 1, rows, cols, work_a, rows, sd + b * k,
                                       ud + b * n * k, rows, vd + b * m * k, cols, work, lwork,
-                                      info + b, params));
+                                      info + b, params.get()));
     }
     std::vector<int> host_info(a.batch);
     OPTD_CUDA(cudaMemcpyAsync(host_info.data(), info, a.batch * sizeof(int), cudaMemcpyDeviceToHost,
@@ -719,23 +699,41 @@ class CudaBackend : public Backend {
       if (!m.svd) continue;
       OPTD_RETURN_IF_ERROR(CheckInt("svd", {m.rows, m.cols}));
       const int64_t k = std::min(m.rows, m.cols);
-      gesvdjInfo_t params = nullptr;
-      OPTD_CUSOLVER(cusolverDnCreateGesvdjInfo(&params));
-      std::unique_ptr<gesvdjInfo, void (*)(gesvdjInfo_t)> params_owner(
-          params, [](gesvdjInfo_t p) { cusolverDnDestroyGesvdjInfo(p); });
-      const int rows = static_cast<int>(m.cols), cols = static_cast<int>(m.rows);
+      OPTD_ASSIGN_OR_RETURN(const GesvdjParams params, NewGesvdjParams());
       int lwork = 0;
-      OPTD_CUSOLVER(cusolverDnDgesvdj_bufferSize(q.solver(), CUSOLVER_EIG_MODE_VECTOR, 1, rows,
-                                                 cols, nullptr, rows, nullptr, nullptr, rows,
-                                                 nullptr, cols, &lwork, params));
+      for (const cusolverEigMode_t mode : {CUSOLVER_EIG_MODE_VECTOR, CUSOLVER_EIG_MODE_NOVECTOR}) {
+        OPTD_ASSIGN_OR_RETURN(const int need,
+                              GesvdjWorkspace(q, mode, m.rows, m.cols, params.get()));
+        lwork = std::max(lwork, need);
+      }
       const size_t b = static_cast<size_t>(m.batch);
-      most = std::max(most, check(1));  // its finiteness check
+      // (Its finiteness check takes less: one array.)
       most = std::max(most, arrays({static_cast<size_t>(m.rows * m.cols) * 8, b * k * 8,
                                     b * static_cast<size_t>(m.cols * k) * 8,
                                     b * static_cast<size_t>(m.rows * k) * 8, b * sizeof(int),
                                     static_cast<size_t>(lwork) * 8}));
     }
     return most;
+  }
+
+  using GesvdjParams = std::unique_ptr<gesvdjInfo, void (*)(gesvdjInfo_t)>;
+  static absl::StatusOr<GesvdjParams> NewGesvdjParams() {
+    gesvdjInfo_t params = nullptr;
+    OPTD_CUSOLVER(cusolverDnCreateGesvdjInfo(&params));
+    return GesvdjParams(params, [](gesvdjInfo_t p) { cusolverDnDestroyGesvdjInfo(p); });
+  }
+  // The Jacobi SVD's workspace, in doubles, for a row-major m×n matrix (SingularValueDecomposition
+  // hands cuSOLVER its column-major reading, n×m). The one query both the SVD and the reservation
+  // of its scratch (ScratchBytes) make.
+  static absl::StatusOr<int> GesvdjWorkspace(CudaQueue& q, cusolverEigMode_t mode, int64_t m,
+                                             int64_t n, gesvdjInfo_t params)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(q.mu()) {
+    const int rows = static_cast<int>(n), cols = static_cast<int>(m);
+    int lwork = 0;
+    OPTD_CUSOLVER(cusolverDnDgesvdj_bufferSize(q.solver(), mode, /*econ=*/1, rows, cols, nullptr,
+                                               rows, nullptr, nullptr, rows, nullptr, cols, &lwork,
+                                               params));
+    return lwork;
   }
 
   // Σx² of every matrix of x (fp64, on the device), in scratch.

@@ -42,8 +42,10 @@ inline void IgnoreCudaError(cudaError_t error) {
   if (error != cudaSuccess) (void)cudaGetLastError();
 }
 
+// A failed library call may leave a runtime error of its own behind too: cleared the same way.
 inline absl::Status CublasStatus(cublasStatus_t status, absl::string_view expression) {
   if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  (void)cudaGetLastError();
   const std::string message = absl::StrCat(CallName(expression), ": ", cublasGetStatusName(status),
                                            " (", cublasGetStatusString(status), ")");
   if (status == CUBLAS_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(message);
@@ -52,6 +54,7 @@ inline absl::Status CublasStatus(cublasStatus_t status, absl::string_view expres
 
 inline absl::Status CusolverStatus(cusolverStatus_t status, absl::string_view expression) {
   if (status == CUSOLVER_STATUS_SUCCESS) return absl::OkStatus();
+  (void)cudaGetLastError();
   const std::string message =
       absl::StrCat(CallName(expression), ": cusolverStatus_t ", static_cast<int>(status));
   if (status == CUSOLVER_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(message);

@@ -12,10 +12,7 @@ CudaQueue::~CudaQueue() {
   if (copy_stream_ != nullptr) IgnoreCudaError(cudaStreamSynchronize(copy_stream_));
   if (solver_ != nullptr) cusolverDnDestroy(solver_);
   if (blas_ != nullptr) cublasDestroy(blas_);
-  if (blas_workspace_ != nullptr) {
-    IgnoreCudaError(cudaFree(blas_workspace_));
-    memory_->used.fetch_sub(kBlasWorkspace);
-  }
+  if (blas_workspace_ != nullptr) memory_->Give(blas_workspace_, kBlasWorkspace);
   for (StagingSlot& slot : staging_) {
     if (slot.host != nullptr) IgnoreCudaError(cudaFreeHost(slot.host));
     if (slot.copied != nullptr) IgnoreCudaError(cudaEventDestroy(slot.copied));
@@ -23,8 +20,7 @@ CudaQueue::~CudaQueue() {
   if (copies_done_ != nullptr) IgnoreCudaError(cudaEventDestroy(copies_done_));
   if (compute_mark_ != nullptr) IgnoreCudaError(cudaEventDestroy(compute_mark_));
   for (const ScratchBlock& block : scratch_) {
-    IgnoreCudaError(cudaFree(block.data));
-    memory_->used.fetch_sub(static_cast<int64_t>(block.bytes));
+    memory_->Give(block.data, static_cast<int64_t>(block.bytes));
   }
   if (copy_stream_ != nullptr) IgnoreCudaError(cudaStreamDestroy(copy_stream_));
   if (stream_ != nullptr) IgnoreCudaError(cudaStreamDestroy(stream_));
@@ -37,14 +33,7 @@ absl::Status CudaQueue::Init(int priority, bool allow_tf32) {
   OPTD_CUBLAS(cublasSetStream(blas_, stream_));
   // A workspace of its own keeps cuBLAS from allocating inside a step (and inside a graph);
   // charged to the budget like the sessions' buffers.
-  OPTD_RETURN_IF_ERROR(memory_->Charge(kBlasWorkspace, kBlasWorkspace));
-  const absl::Status allocated =
-      CudaStatus(cudaMalloc(&blas_workspace_, kBlasWorkspace), "cudaMalloc");
-  if (!allocated.ok()) {
-    blas_workspace_ = nullptr;
-    memory_->used.fetch_sub(kBlasWorkspace);
-    return allocated;
-  }
+  OPTD_ASSIGN_OR_RETURN(blas_workspace_, memory_->Take(kBlasWorkspace, kBlasWorkspace));
   OPTD_CUBLAS(cublasSetWorkspace(blas_, blas_workspace_, kBlasWorkspace));
   OPTD_CUBLAS(
       cublasSetMathMode(blas_, allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
@@ -92,17 +81,22 @@ absl::Status CudaQueue::CopyThroughSlots(void* dst, const void* src, size_t byte
   return absl::OkStatus();
 }
 
-absl::Status CudaQueue::PinnedUpload(void* dst, const void* src, size_t bytes) {
+absl::Status CudaQueue::DirectUpload(void* dst, const void* src, size_t bytes) {
   OPTD_CUDA(cudaEventRecord(compute_mark_, stream_));
   OPTD_CUDA(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
   // The DMA reads `src` itself: the caller may change it once Upload returns, so this waits for
-  // the copy (and, through the mark, for the compute work before it).
-  const absl::Status copied = CudaStatus(
-      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, copy_stream_), "cudaMemcpyAsync");
-  OPTD_CUDA(cudaEventRecord(copies_done_, copy_stream_));
-  OPTD_CUDA(cudaStreamWaitEvent(stream_, copies_done_, 0));
-  OPTD_CUDA(cudaEventSynchronize(copies_done_));
-  return copied;
+  // the copy (and, through the mark, for the compute work before it), failed or not.
+  absl::Status status = CudaStatus(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, copy_stream_), "cudaMemcpyAsync");
+  absl::Status ordered = CudaStatus(cudaEventRecord(copies_done_, copy_stream_), "cudaEventRecord");
+  if (ordered.ok()) {
+    ordered = CudaStatus(cudaStreamWaitEvent(stream_, copies_done_, 0), "cudaStreamWaitEvent");
+  }
+  if (ordered.ok()) {
+    ordered = CudaStatus(cudaEventSynchronize(copies_done_), "cudaEventSynchronize");
+  }
+  if (!ordered.ok()) IgnoreCudaError(cudaStreamSynchronize(copy_stream_));
+  return status.ok() ? ordered : status;
 }
 
 absl::StatusOr<void*> CudaQueue::TakeScratch(size_t bytes) {
@@ -114,7 +108,7 @@ absl::StatusOr<void*> CudaQueue::TakeScratch(size_t bytes) {
   if (block_ == scratch_.size()) {
     if (recording_) {
       return absl::FailedPreconditionError(
-          "cuda backend: a recorded step needs more scratch than its unrecorded warm-up did");
+          "cuda backend: a recorded step needs more scratch than its queue holds");
     }
     OPTD_RETURN_IF_ERROR(AddScratchBlock(std::max(
         {bytes, size_t{1} << 20, scratch_.empty() ? size_t{0} : 2 * scratch_.back().bytes})));
@@ -134,13 +128,8 @@ absl::Status CudaQueue::ReserveScratch(size_t bytes) {
 }
 
 absl::Status CudaQueue::AddScratchBlock(size_t size) {
-  OPTD_RETURN_IF_ERROR(memory_->Charge(static_cast<int64_t>(size), size));
-  void* data = nullptr;
-  absl::Status allocated = CudaStatus(cudaMalloc(&data, size), "cudaMalloc");
-  if (!allocated.ok()) {
-    memory_->used.fetch_sub(static_cast<int64_t>(size));
-    return allocated;
-  }
+  size = (size + 255) / 256 * 256;
+  OPTD_ASSIGN_OR_RETURN(void* data, memory_->Take(static_cast<int64_t>(size), size));
   scratch_.push_back({data, size});
   return absl::OkStatus();
 }

@@ -51,6 +51,36 @@ struct DeviceMemory {
     return absl::OkStatus();
   }
 
+  // `bytes` (a multiple of 256) from the pool, charged to the budget, usable by every stream on
+  // return. RESOURCE_EXHAUSTED, charging nothing, beyond the budget or what the device has.
+  // Everything the backend holds comes from here: memory a freed buffer left in the pool serves
+  // the next request, whoever makes it.
+  absl::StatusOr<void*> Take(int64_t bytes, size_t asked) {
+    OPTD_RETURN_IF_ERROR(Charge(bytes, asked));
+    void* data = nullptr;
+    absl::Status status = CudaStatus(cudaSetDevice(device), "cudaSetDevice");
+    if (status.ok()) {
+      status = CudaStatus(cudaMallocFromPoolAsync(&data, bytes, pool, stream),
+                          "cudaMallocFromPoolAsync");
+    }
+    if (status.ok()) status = CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    if (!status.ok()) {
+      used.fetch_sub(bytes);
+      if (status.code() == absl::StatusCode::kResourceExhausted) {
+        return absl::ResourceExhaustedError(absl::StrCat("cuda backend: the device has no ", asked,
+                                                         " bytes free: ", status.message()));
+      }
+      return status;
+    }
+    return data;
+  }
+  // Returns Take's memory to the pool, in order on `stream`. REQUIRES: no work still uses it.
+  void Give(void* data, int64_t bytes) {
+    IgnoreCudaError(cudaSetDevice(device));
+    IgnoreCudaError(cudaFreeAsync(data, stream));
+    used.fetch_sub(bytes);
+  }
+
   ~DeviceMemory() {
     if (stream != nullptr) {
       IgnoreCudaError(cudaStreamSynchronize(stream));
@@ -86,9 +116,10 @@ class CudaQueue : public Queue {
   // Whether it succeeds or fails, no copy it enqueued outlives the compute stream's later work.
   absl::Status StagedUpload(void* dst, const void* src, size_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Copies page-locked (pinned or registered) host memory by DMA on the copy stream, after the
-  // compute stream's earlier work, and returns once the copy is done: `src` may change then.
-  absl::Status PinnedUpload(void* dst, const void* src, size_t bytes)
+  // Copies page-locked (pinned or registered) or managed memory directly on the copy stream,
+  // after the compute stream's earlier work, and returns once the copy is done, failed or not:
+  // `src` may change then.
+  absl::Status DirectUpload(void* dst, const void* src, size_t bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Device scratch for one operation, from blocks the queue keeps (charged to the budget), so
