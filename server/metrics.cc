@@ -85,23 +85,26 @@ struct Metrics::Figure {
   double (*value)(const v1::TensorAnalysis&);
 };
 
-struct Metrics::SessionSeries {
+struct Metrics::StateSeries {
   Gauge* memory = nullptr;
   Gauge* step = nullptr;
   Counter* nonfinite = nullptr;
+};
+
+struct Metrics::AnalysisSeries {
   Gauge* analysis_step = nullptr;
   // The figures' gauges by family and labels: a new analysis sets them in place, so a scrape
-  // never sees a series missing between two analyses.
-  std::map<std::pair<Family<Gauge>*, prometheus::Labels>, Gauge*> analysis;
-  // The auto modes' series, kept the same way.
-  std::map<std::pair<Family<Gauge>*, prometheus::Labels>, Gauge*> choices;
+  // never sees a series missing between two analyses. (The auto modes' series are kept the same
+  // way, in choices_series_.)
+  GaugeMap analysis;
 };
 
 namespace {
 
 // Sets `values` into `gauges` in place, removing the series no longer present.
-void ReplaceGauges(std::map<std::pair<Family<Gauge>*, prometheus::Labels>, Gauge*>& gauges,
-                   const std::map<std::pair<Family<Gauge>*, prometheus::Labels>, double>& values) {
+void ReplaceGauges(
+    std::map<std::pair<Family<Gauge>*, prometheus::Labels>, Gauge*>& gauges,
+    const std::map<std::pair<Family<Gauge>*, prometheus::Labels>, double>& values = {}) {
   for (auto it = gauges.begin(); it != gauges.end();) {
     if (values.contains(it->first)) {
       ++it;
@@ -333,8 +336,8 @@ void Metrics::SetBackendMemory(absl::string_view kind, int64_t bytes) {
 }
 
 void Metrics::SetSessionState(const std::string& session, int64_t step, int64_t memory_bytes) {
-  absl::MutexLock lock(&mu_);
-  SessionSeries& series = sessions_series_[session];
+  absl::MutexLock lock(&state_mu_);
+  StateSeries& series = state_series_[session];
   if (series.step == nullptr) {
     series.step = &session_step_.Add({{"session", session}});
     series.memory = &session_memory_.Add({{"session", session}});
@@ -345,8 +348,8 @@ void Metrics::SetSessionState(const std::string& session, int64_t step, int64_t 
 }
 
 void Metrics::CountNonFinite(const std::string& session, int64_t values) {
-  absl::MutexLock lock(&mu_);
-  SessionSeries& series = sessions_series_[session];
+  absl::MutexLock lock(&state_mu_);
+  StateSeries& series = state_series_[session];
   if (series.nonfinite == nullptr) series.nonfinite = &nonfinite_.Add({{"session", session}});
   series.nonfinite->Increment(static_cast<double>(values));
 }
@@ -358,7 +361,7 @@ void Metrics::CountStepTensors(int64_t ahead, int64_t at_commit) {
   step_tensors_at_commit_.Increment(static_cast<double>(at_commit));
 }
 
-void Metrics::RemoveAnalysisLocked(SessionSeries& series) {
+void Metrics::RemoveAnalysisLocked(AnalysisSeries& series) {
   for (auto& [key, gauge] : series.analysis) key.first->Remove(gauge);
   series.analysis.clear();
   if (series.analysis_step != nullptr) analysis_step_.Remove(series.analysis_step);
@@ -367,13 +370,8 @@ void Metrics::RemoveAnalysisLocked(SessionSeries& series) {
 
 void Metrics::PublishAnalysis(const std::string& session, int64_t step,
                               const std::vector<v1::TensorAnalysis>& tensors) {
-  absl::MutexLock lock(&mu_);
-  SessionSeries& series = sessions_series_[session];
-  if (tensors.empty()) {
-    RemoveAnalysisLocked(series);
-    return;
-  }
-  // The values of this analysis by series, then set in place; series no longer present go.
+  // The values of this analysis by series (no lock needed: figures_ is fixed), then set in
+  // place; series no longer present go.
   std::map<std::pair<Family<Gauge>*, prometheus::Labels>, double> values;
   const size_t budget = static_cast<size_t>(std::max(options_.tensor_label_budget, 0));
   for (const Figure& figure : figures_) {
@@ -389,7 +387,14 @@ void Metrics::PublishAnalysis(const std::string& session, int64_t step,
     }
     prometheus::Labels labels = figure.labels;
     labels["session"] = session;
-    values[{figure.family, std::move(labels)}] = sum / static_cast<double>(tensors.size());
+    values[{figure.family, std::move(labels)}] =
+        tensors.empty() ? 0.0 : sum / static_cast<double>(tensors.size());
+  }
+  absl::MutexLock lock(&analysis_mu_);
+  AnalysisSeries& series = analysis_series_[session];
+  if (tensors.empty()) {
+    RemoveAnalysisLocked(series);
+    return;
   }
   ReplaceGauges(series.analysis, values);
   if (series.analysis_step == nullptr) {
@@ -400,8 +405,6 @@ void Metrics::PublishAnalysis(const std::string& session, int64_t step,
 
 void Metrics::PublishChoices(const std::string& session,
                              const std::vector<v1::TensorChoices>& choices) {
-  absl::MutexLock lock(&mu_);
-  SessionSeries& series = sessions_series_[session];
   std::map<std::pair<Family<Gauge>*, prometheus::Labels>, double> values;
   const size_t budget = static_cast<size_t>(std::max(options_.tensor_label_budget, 0));
   double steps_sum = 0, direction_sum = 0;
@@ -432,7 +435,8 @@ void Metrics::PublishChoices(const std::string& session,
     values[{&newton_schulz_steps_, {{"session", session}}}] = steps_sum / n;
     values[{&direction_, {{"session", session}}}] = direction_sum / n;
   }
-  ReplaceGauges(series.choices, values);
+  absl::MutexLock lock(&choices_mu_);
+  ReplaceGauges(choices_series_[session], values);
 }
 
 void Metrics::ObserveAnalysis(absl::Duration duration) {
@@ -444,16 +448,31 @@ void Metrics::CountAnalysisSkipped(absl::string_view reason) {
 }
 
 void Metrics::RemoveSession(const std::string& session) {
-  absl::MutexLock lock(&mu_);
-  auto it = sessions_series_.find(session);
-  if (it == sessions_series_.end()) return;
-  SessionSeries& series = it->second;
-  RemoveAnalysisLocked(series);
-  ReplaceGauges(series.choices, {});
-  if (series.step != nullptr) session_step_.Remove(series.step);
-  if (series.memory != nullptr) session_memory_.Remove(series.memory);
-  if (series.nonfinite != nullptr) nonfinite_.Remove(series.nonfinite);
-  sessions_series_.erase(it);
+  {
+    absl::MutexLock lock(&state_mu_);
+    auto it = state_series_.find(session);
+    if (it != state_series_.end()) {
+      StateSeries& series = it->second;
+      if (series.step != nullptr) session_step_.Remove(series.step);
+      if (series.memory != nullptr) session_memory_.Remove(series.memory);
+      if (series.nonfinite != nullptr) nonfinite_.Remove(series.nonfinite);
+      state_series_.erase(it);
+    }
+  }
+  {
+    absl::MutexLock lock(&analysis_mu_);
+    auto it = analysis_series_.find(session);
+    if (it != analysis_series_.end()) {
+      RemoveAnalysisLocked(it->second);
+      analysis_series_.erase(it);
+    }
+  }
+  absl::MutexLock lock(&choices_mu_);
+  auto it = choices_series_.find(session);
+  if (it != choices_series_.end()) {
+    ReplaceGauges(it->second);
+    choices_series_.erase(it);
+  }
 }
 
 }  // namespace optd::server

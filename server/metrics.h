@@ -94,8 +94,11 @@ class Metrics {
 
  private:
   struct Figure;
-  struct SessionSeries;
-  void RemoveAnalysisLocked(SessionSeries& series) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  struct StateSeries;
+  struct AnalysisSeries;
+  using GaugeMap = std::map<std::pair<prometheus::Family<prometheus::Gauge>*, prometheus::Labels>,
+                            prometheus::Gauge*>;
+  void RemoveAnalysisLocked(AnalysisSeries& series) ABSL_EXCLUSIVE_LOCKS_REQUIRED(analysis_mu_);
 
   const MetricsOptions options_;
   std::shared_ptr<prometheus::Registry> registry_;
@@ -123,8 +126,15 @@ class Metrics {
   std::vector<Figure> figures_;
   std::vector<prometheus::Histogram*> phases_;
 
-  absl::Mutex mu_;
-  std::map<std::string, SessionSeries> sessions_series_ ABSL_GUARDED_BY(mu_);
+  // Each session's series, in three parts under locks of their own: the step path sets its state
+  // (and an auto-mode session its choices) on every step, while the analyzer thread, which runs
+  // only on idle cores, publishes figures. A step never waits for a publication it preempted.
+  absl::Mutex state_mu_;
+  std::map<std::string, StateSeries> state_series_ ABSL_GUARDED_BY(state_mu_);
+  absl::Mutex analysis_mu_;
+  std::map<std::string, AnalysisSeries> analysis_series_ ABSL_GUARDED_BY(analysis_mu_);
+  absl::Mutex choices_mu_;
+  std::map<std::string, GaugeMap> choices_series_ ABSL_GUARDED_BY(choices_mu_);
 };
 
 }  // namespace optd::server

@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -13,7 +14,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -565,6 +570,31 @@ TEST_F(MetricsTest, AStepDoesNotWaitForTheAnalysis) {
   EXPECT_EQ(analysis->tensors(0).step(), 1);
   const Exposition exposition(*server_);
   EXPECT_EQ(exposition.Get("optd_analysis_skipped_total", {{"reason", "busy"}}), 1);
+}
+
+// The analyzer's thread yields to every other: SCHED_IDLE (and nice 19), so that a step's reply,
+// and the client waiting for it, preempt an analysis at once (bench/RESULTS.md's main job: the
+// steps after an analysis had p99 at 4x the median before).
+TEST_F(MetricsTest, TheAnalyzerThreadRunsAtIdlePriority) {
+  int found = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(entry.path() / "comm");
+    std::string name;
+    std::getline(comm, name);
+    if (name != "optd-analyzer") continue;
+    ++found;
+    // /proc/<tid>/stat: "tid (comm) state ..."; nice is field 19 and policy field 41.
+    std::ifstream stat_file(entry.path() / "stat");
+    const std::string stat((std::istreambuf_iterator<char>(stat_file)),
+                           std::istreambuf_iterator<char>());
+    std::istringstream fields(stat.substr(stat.rfind(')') + 2));
+    std::vector<std::string> f((std::istream_iterator<std::string>(fields)),
+                               std::istream_iterator<std::string>());
+    ASSERT_GE(f.size(), 39u) << stat;
+    EXPECT_EQ(f[19 - 3], "19") << "nice, in " << stat;
+    EXPECT_EQ(f[41 - 3], std::to_string(SCHED_IDLE)) << "policy, in " << stat;
+  }
+  EXPECT_EQ(found, 1) << "threads named optd-analyzer";
 }
 
 TEST(MetricsEstimateTest, MatricesPastTheExactLimitGetTheStatedEstimates) {
