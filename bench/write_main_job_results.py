@@ -87,6 +87,23 @@ def main():
         "\"p99 at 24× p50\" that issue 18 read from it was, as measured here, that mixture (and "
         "the interpolation inside its then coarse buckets), not one session's tail.")
     add("")
+    add("The sessions' own tails came from the analyzer: the steps just after an analysis step "
+        "took 2-6 ms against a median under 1 ms (rmnp on the MLP, p99 at 3.6-4.1x its p50). The "
+        "analyzer's publication of its figures held the metrics lock that every step takes to "
+        "set its session's step and memory gauges, and at nice 19 the analysis kept a core while "
+        "the reply, or the client waiting for it, waited. The series now sit under three locks "
+        "(step state, analysis figures, auto-mode choices) and the analyzer thread runs "
+        "SCHED_IDLE; either change alone left p99/p50 at 3.6-3.7x, both brought it to 1.4-1.7x "
+        "(the MLP, 600 steps, `analysis_interval=30`, three runs each).")
+    add("")
+    add("Timings on this 2-vCPU VM are bimodal from one process start to the next: the same "
+        "optd binary steps the transformer with Keller's Muon at a p50 of about 5 ms in some "
+        "runs and about 7.5 ms in others (eight interleaved runs of two builds, the one before "
+        "this section's changes and the one after, gave 4.7-8.3 ms for both), and torch's local "
+        "step moves with it (3.2-4.9 ms between two runs), so a remote/local ratio here is one "
+        "draw (Keller's Muon on the transformer: 1.2x in the run before these changes, 2.4x in "
+        "this one).")
+    add("")
     close_section(args.results, BEGIN, END, out)
 
 
