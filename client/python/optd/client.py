@@ -151,10 +151,14 @@ class StreamedStep:
 
     def cancel(self):
         """Ends the call without a step from it (its gradients are withdrawn)."""
+        # Cancel first, then release the request generator: a generator that ends before the
+        # call is cancelled half-closes it, and a daemon that reads the half-close before the
+        # cancellation takes the stream for a whole step from these gradients (a zero_grad()
+        # after backward would then commit the abandoned batch).
+        self._responses.cancel()
         if self._open:
             self._open = False
             self._queue.put(None)
-        self._responses.cancel()
 
 
 class Session:
