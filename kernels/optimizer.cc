@@ -763,9 +763,12 @@ absl::Status Optimizer::UploadStepScalars() {
     }
   }
   std::vector<uint8_t> host(StepScalarBytes());
-  std::memcpy(host.data(), adamw.data(), adamw.size() * sizeof(formulas::AdamWScalars));
-  std::memcpy(host.data() + adamw.size() * sizeof(formulas::AdamWScalars), rates.data(),
-              rates.size() * sizeof(formulas::RateScalars));
+  const size_t adamw_bytes = adamw.size() * sizeof(formulas::AdamWScalars);
+  if (!adamw.empty()) std::memcpy(host.data(), adamw.data(), adamw_bytes);
+  if (!rates.empty()) {
+    std::memcpy(host.data() + adamw_bytes, rates.data(),
+                rates.size() * sizeof(formulas::RateScalars));
+  }
   return backend_->Upload(*queue_, step_scalars_.data(), host.data(), host.size());
 }
 
