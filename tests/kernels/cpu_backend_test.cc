@@ -26,6 +26,16 @@ using reference::RandomNormal;
 // Shapes past the backend's 256-wide tiles, none a multiple of them.
 constexpr int64_t kM = 300, kN = 517, kK = 261;
 
+// AdamW's scalars the element tests step with (torch's ε placement).
+constexpr formulas::AdamWScalars kTestAdamW{.beta2 = 0.95f,
+                                            .one_minus_beta1 = 0.1f,
+                                            .one_minus_beta2 = 0.05f,
+                                            .eps = 1e-8f,
+                                            .decay = 0.999f,
+                                            .step_size = 0.01f,
+                                            .bias_correction2_sqrt = 0.3f,
+                                            .eps_placement = formulas::AdamEpsilon::kTorch};
+
 std::unique_ptr<Backend> CpuBackendWith(int threads) {
   auto backend = CreateCpuBackend({.threads = threads});
   EXPECT_TRUE(backend.ok()) << backend.status();
@@ -169,14 +179,7 @@ TEST(CpuBackendTest, OutOfPlaceStepsGiveTheInPlaceBitsAndLeaveTheirInputs) {
                                  return v;
                                }(),
                            g = reference::RandomNormal(n, 4);
-  const formulas::AdamWScalars scalars{.beta2 = 0.95f,
-                                       .one_minus_beta1 = 0.1f,
-                                       .one_minus_beta2 = 0.05f,
-                                       .eps = 1e-8f,
-                                       .decay = 0.999f,
-                                       .step_size = 0.01f,
-                                       .bias_correction2_sqrt = 0.3f,
-                                       .eps_placement = formulas::AdamEpsilon::kTorch};
+  const formulas::AdamWScalars scalars = kTestAdamW;
   std::vector<float> w = w0, m = m0, v = v0;
   ASSERT_TRUE(backend->AdamW(q, w.data(), m.data(), v.data(), g.data(), n, &scalars).ok());
   for (const bool fused : {true, false}) {
@@ -285,14 +288,7 @@ TEST(CpuBackendTest, ElementFormulasRoundEveryProduct) {
   // AdamW (torch's ε placement): every product of its four multiply-adds rounded.
   std::vector<float> v0(n);
   for (int64_t i = 0; i < n; ++i) v0[i] = rounded(m0[i], m0[i]);
-  const formulas::AdamWScalars scalars{.beta2 = 0.95f,
-                                       .one_minus_beta1 = 0.1f,
-                                       .one_minus_beta2 = 0.05f,
-                                       .eps = 1e-8f,
-                                       .decay = 0.999f,
-                                       .step_size = 0.01f,
-                                       .bias_correction2_sqrt = 0.3f,
-                                       .eps_placement = formulas::AdamEpsilon::kTorch};
+  const formulas::AdamWScalars scalars = kTestAdamW;
   std::vector<float> wa = w0, ma = m0, va = v0;
   ASSERT_TRUE(backend->AdamW(q, wa.data(), ma.data(), va.data(), g.data(), n, &scalars).ok());
   for (int64_t i = 0; i < n; ++i) {

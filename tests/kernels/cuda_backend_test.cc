@@ -421,16 +421,54 @@ TEST_F(CudaVsCpuTest, SessionsOnSeveralThreadsShareTheQueue) {
   }
 }
 
-// Recorded steps (CUDA graphs, the default) against the same steps run eagerly: the same bits,
-// through everything that changes a step's arguments (AdamW's bias corrections, a new learning
-// rate) or its shape (MuonEq's phase switch, a tensor without a gradient, a captured update).
-TEST(CudaGraphTest, RecordedStepsGiveTheEagerStepsBits) {
-  CudaBackendOptions eager_options;
-  eager_options.step_graphs = false;
-  auto graphs = CreateCudaBackend();
-  if (!graphs.ok()) GTEST_SKIP() << graphs.status().message();
-  auto eager = CreateCudaBackend(eager_options);
-  ASSERT_TRUE(eager.ok()) << eager.status();
+// Recorded steps (CUDA graphs, the default) on graphs_ against the same steps run eagerly on
+// eager_ (step graphs off).
+class CudaGraphTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto graphs = CreateCudaBackend();
+    if (!graphs.ok()) GTEST_SKIP() << graphs.status().message();
+    CudaBackendOptions eager_options;
+    eager_options.step_graphs = false;
+    auto eager = CreateCudaBackend(eager_options);
+    ASSERT_TRUE(eager.ok()) << eager.status();
+    graphs_ = *std::move(graphs);
+    eager_ = *std::move(eager);
+  }
+
+  // An optimizer of `specs` on each backend: (*opts)[0] records its steps, (*opts)[1] does not.
+  void CreateOnBoth(const std::vector<TensorSpec>& specs,
+                    std::vector<std::unique_ptr<Optimizer>>* opts) {
+    for (Backend* backend : {graphs_.get(), eager_.get()}) {
+      auto opt = Optimizer::Create(*backend, specs);
+      ASSERT_TRUE(opt.ok()) << opt.status();
+      opts->push_back(*std::move(opt));
+    }
+  }
+
+  // Every tensor's parameters and state buffers, bit for bit.
+  static void ExpectSameBits(const Optimizer& recorded, const Optimizer& eager) {
+    for (int t = 0; t < recorded.num_tensors(); ++t) {
+      std::vector<float> x(recorded.num_elements(t)), y(x.size());
+      ASSERT_TRUE(recorded.GetParameters(t, absl::MakeSpan(x)).ok());
+      ASSERT_TRUE(eager.GetParameters(t, absl::MakeSpan(y)).ok());
+      EXPECT_EQ(x, y) << recorded.spec(t).name;
+      for (const StateBuffer& b : recorded.state(t)) {
+        std::vector<float> xs(b.count), ys(b.count);
+        ASSERT_TRUE(recorded.GetState(t, b.name, absl::MakeSpan(xs)).ok());
+        ASSERT_TRUE(eager.GetState(t, b.name, absl::MakeSpan(ys)).ok());
+        EXPECT_EQ(xs, ys) << recorded.spec(t).name << " " << b.name;
+      }
+    }
+  }
+
+  std::unique_ptr<Backend> graphs_, eager_;
+};
+
+// The same bits through everything that changes a step's arguments (AdamW's bias corrections, a
+// new learning rate) or its shape (MuonEq's phase switch, a tensor without a gradient, a captured
+// update).
+TEST_F(CudaGraphTest, RecordedStepsGiveTheEagerStepsBits) {
   auto muon = ParseOptimizerConfig("keller");
   auto rowcol = ParseOptimizerConfig("muoneq_rowcol,precision=fp32,pre_normalize.row_at_step=5");
   auto rmnp = ParseOptimizerConfig("rmnp");
@@ -442,12 +480,8 @@ TEST(CudaGraphTest, RecordedStepsGiveTheEagerStepsBits) {
                                          {"d", {40, 72}, RankPolicy::kFlatten, *rmnp},
                                          {"bias", {300}, RankPolicy::kFlatten, *adamw}};
   std::vector<std::unique_ptr<Optimizer>> opts;
-  for (Backend* backend : {graphs->get(), eager->get()}) {
-    auto opt = Optimizer::Create(*backend, specs);
-    ASSERT_TRUE(opt.ok()) << opt.status();
-    opts.push_back(std::move(*opt));
-  }
-  testing::DeviceMemory memory(**graphs);
+  ASSERT_NO_FATAL_FAILURE(CreateOnBoth(specs, &opts));
+  testing::DeviceMemory memory(*graphs_);
   float* captured = memory.Upload(std::vector<float>(64 * 96, 0.0f));
   for (int step = 0; step < 12; ++step) {
     std::vector<bool> present(specs.size(), true);
@@ -467,30 +501,13 @@ TEST(CudaGraphTest, RecordedStepsGiveTheEagerStepsBits) {
       ASSERT_TRUE(opt->Step(absl::MakeConstSpan(flags, specs.size())).ok()) << step;
     }
   }
-  for (int t = 0; t < opts[0]->num_tensors(); ++t) {
-    std::vector<float> recorded(opts[0]->num_elements(t)), run(recorded.size());
-    ASSERT_TRUE(opts[0]->GetParameters(t, absl::MakeSpan(recorded)).ok());
-    ASSERT_TRUE(opts[1]->GetParameters(t, absl::MakeSpan(run)).ok());
-    EXPECT_EQ(recorded, run) << opts[0]->spec(t).name;
-    for (const StateBuffer& b : opts[0]->state(t)) {
-      std::vector<float> x(b.count), y(b.count);
-      ASSERT_TRUE(opts[0]->GetState(t, b.name, absl::MakeSpan(x)).ok());
-      ASSERT_TRUE(opts[1]->GetState(t, b.name, absl::MakeSpan(y)).ok());
-      EXPECT_EQ(x, y) << opts[0]->spec(t).name << " " << b.name;
-    }
-  }
+  ExpectSameBits(*opts[0], *opts[1]);
 }
 
 // A learning-rate schedule (a new lr every step, from the step's header or SetHyperparameters)
 // replays one recorded step: the kernels read lr and decay from backend memory. The recorded
 // steps give the eager steps' bits, and one recording serves them all.
-TEST(CudaGraphTest, ALearningRateScheduleReplaysOneRecording) {
-  CudaBackendOptions eager_options;
-  eager_options.step_graphs = false;
-  auto graphs = CreateCudaBackend();
-  if (!graphs.ok()) GTEST_SKIP() << graphs.status().message();
-  auto eager = CreateCudaBackend(eager_options);
-  ASSERT_TRUE(eager.ok()) << eager.status();
+TEST_F(CudaGraphTest, ALearningRateScheduleReplaysOneRecording) {
   auto muon = ParseOptimizerConfig("keller,weight_decay=0.1");
   auto normuon = ParseOptimizerConfig("normuon");
   auto rmnp = ParseOptimizerConfig("rmnp,weight_decay=0.1");
@@ -501,11 +518,7 @@ TEST(CudaGraphTest, ALearningRateScheduleReplaysOneRecording) {
                                          {"r", {40, 72}, RankPolicy::kFlatten, *rmnp},
                                          {"bias", {300}, RankPolicy::kFlatten, *adamw}};
   std::vector<std::unique_ptr<Optimizer>> opts;
-  for (Backend* backend : {graphs->get(), eager->get()}) {
-    auto opt = Optimizer::Create(*backend, specs);
-    ASSERT_TRUE(opt.ok()) << opt.status();
-    opts.push_back(std::move(*opt));
-  }
+  ASSERT_NO_FATAL_FAILURE(CreateOnBoth(specs, &opts));
   const int steps = 12;
   for (int step = 0; step < steps; ++step) {
     const double lr = 0.02 * 0.5 * (1 + std::cos(M_PI * step / steps));  // cosine decay
@@ -527,15 +540,10 @@ TEST(CudaGraphTest, ALearningRateScheduleReplaysOneRecording) {
       }
     }
   }
-  // The first step runs eagerly (it sizes the scratch), the second is recorded, the rest replay.
+  // The first step runs kernel by kernel, the second is recorded, the rest replay.
   EXPECT_EQ(opts[0]->recorded_steps(), 1);
   EXPECT_EQ(opts[1]->recorded_steps(), 0);
-  for (int t = 0; t < opts[0]->num_tensors(); ++t) {
-    std::vector<float> recorded(opts[0]->num_elements(t)), run(recorded.size());
-    ASSERT_TRUE(opts[0]->GetParameters(t, absl::MakeSpan(recorded)).ok());
-    ASSERT_TRUE(opts[1]->GetParameters(t, absl::MakeSpan(run)).ok());
-    EXPECT_EQ(recorded, run) << opts[0]->spec(t).name;
-  }
+  ExpectSameBits(*opts[0], *opts[1]);
 }
 
 TEST(CudaUploadTest, PageableUploadsAreStagedAndArriveWhole) {
