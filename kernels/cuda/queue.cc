@@ -49,22 +49,12 @@ absl::Status CudaQueue::Init(int priority, bool allow_tf32) {
 }
 
 absl::Status CudaQueue::StagedUpload(void* dst, const void* src, size_t bytes) {
-  // The copies may overwrite what earlier compute work still reads.
-  OPTD_CUDA(cudaEventRecord(compute_mark_, stream_));
-  OPTD_CUDA(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
-  absl::Status status = CopyThroughSlots(dst, src, bytes);
-  // Whatever was enqueued, failed or not, the compute stream's later work (and so Synchronize,
-  // which a buffer's owner calls before freeing it) waits for: chunks still copying when a later
-  // one failed must not land in memory that has been freed and handed out again.
-  absl::Status ordered = CudaStatus(cudaEventRecord(copies_done_, copy_stream_), "cudaEventRecord");
-  if (ordered.ok()) {
-    ordered = CudaStatus(cudaStreamWaitEvent(stream_, copies_done_, 0), "cudaStreamWaitEvent");
-  }
-  if (!status.ok() || !ordered.ok()) {
-    // A failed upload returns only once nothing it enqueued still runs.
-    IgnoreCudaError(cudaStreamSynchronize(copy_stream_));
-  }
-  return status.ok() ? ordered : status;
+  return OnCopyStream(
+      [&] {
+        mu_.AssertHeld();  // held by the caller (the analysis cannot follow it into the lambda)
+        return CopyThroughSlots(dst, src, bytes);
+      },
+      /*wait=*/false);
 }
 
 absl::Status CudaQueue::CopyThroughSlots(void* dst, const void* src, size_t bytes) {
@@ -82,20 +72,33 @@ absl::Status CudaQueue::CopyThroughSlots(void* dst, const void* src, size_t byte
 }
 
 absl::Status CudaQueue::DirectUpload(void* dst, const void* src, size_t bytes) {
+  // The DMA reads `src` itself: the caller may change it once Upload returns, so this waits for
+  // the copy.
+  return OnCopyStream(
+      [&] {
+        return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, copy_stream_),
+                          "cudaMemcpyAsync");
+      },
+      /*wait=*/true);
+}
+
+absl::Status CudaQueue::OnCopyStream(absl::FunctionRef<absl::Status()> enqueue, bool wait) {
+  // The copies may overwrite what earlier compute work still reads.
   OPTD_CUDA(cudaEventRecord(compute_mark_, stream_));
   OPTD_CUDA(cudaStreamWaitEvent(copy_stream_, compute_mark_, 0));
-  // The DMA reads `src` itself: the caller may change it once Upload returns, so this waits for
-  // the copy (and, through the mark, for the compute work before it), failed or not.
-  absl::Status status = CudaStatus(
-      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, copy_stream_), "cudaMemcpyAsync");
+  const absl::Status status = enqueue();
+  // Whatever was enqueued, failed or not, the compute stream's later work (and so Synchronize,
+  // which a buffer's owner calls before freeing it) waits for: copies still running when a later
+  // one failed must not land in memory that has been freed and handed out again.
   absl::Status ordered = CudaStatus(cudaEventRecord(copies_done_, copy_stream_), "cudaEventRecord");
   if (ordered.ok()) {
     ordered = CudaStatus(cudaStreamWaitEvent(stream_, copies_done_, 0), "cudaStreamWaitEvent");
   }
-  if (ordered.ok()) {
+  if (ordered.ok() && wait) {
     ordered = CudaStatus(cudaEventSynchronize(copies_done_), "cudaEventSynchronize");
   }
-  if (!ordered.ok()) IgnoreCudaError(cudaStreamSynchronize(copy_stream_));
+  // A failed upload returns only once nothing it enqueued still runs.
+  if (!status.ok() || !ordered.ok()) IgnoreCudaError(cudaStreamSynchronize(copy_stream_));
   return status.ok() ? ordered : status;
 }
 

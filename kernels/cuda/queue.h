@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
@@ -143,6 +144,11 @@ class CudaQueue : public Queue {
   absl::Status AddScratchBlock(size_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // StagedUpload's chunks, after the copy stream has been ordered after the compute stream.
   absl::Status CopyThroughSlots(void* dst, const void* src, size_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // An upload's frame: orders the copy stream after the compute stream's earlier work, runs
+  // `enqueue` (the copies, on copy_stream_), then orders the compute stream's later work after
+  // them, failed or not; with `wait`, or after a failure, returns once the copies are done.
+  absl::Status OnCopyStream(absl::FunctionRef<absl::Status()> enqueue, bool wait)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   static constexpr size_t kStagingBytes = size_t{4} << 20;
