@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <set>
 #include <utility>
 
@@ -600,11 +599,11 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
   // go to the backend before the work that reads them, so a recorded step replays with this
   // step's values.
   OPTD_RETURN_IF_ERROR(UploadStepScalars());
-  // After its first step, a step whose work neither
-  // synchronizes (the exact polar's SVD) nor differs for a capture runs as one graph where the
-  // backend has them: replayed while the step's shape and settings stay those it was recorded
-  // with (a learning rate, which the kernels read from backend memory, is not among them: a
-  // schedule replays one graph), recorded anew when they change.
+  // After its first step, a step whose work neither synchronizes (the exact polar's SVD) nor
+  // differs for a capture runs as one graph where the backend has them: replayed while the
+  // step's shape and settings stay those it was recorded with (a learning rate, which the kernels
+  // read from backend memory, is not among them: a schedule replays one graph), recorded anew
+  // when they change.
   const absl::Span<const bool> has = absl::MakeConstSpan(present.get(), num_tensors());
   // A step that decides auto choices reads its direction inputs back: it is not recorded.
   bool record = steps_run_ > 0 && graphs_available_ && !has_exact_polar_;
@@ -732,10 +731,13 @@ formulas::AdamWScalars* Optimizer::AdamWScalarsIn(const Tensor& t) const {
   return static_cast<formulas::AdamWScalars*>(step_scalars_.data()) + t.adamw_slot;
 }
 
+formulas::RateScalars* Optimizer::RatesAt(void* scalars) const {
+  return reinterpret_cast<formulas::RateScalars*>(static_cast<formulas::AdamWScalars*>(scalars) +
+                                                  num_adamw_);
+}
+
 formulas::RateScalars* Optimizer::RateIn(const Tensor& t, RateSlot slot) const {
-  auto* rates = reinterpret_cast<formulas::RateScalars*>(
-      static_cast<formulas::AdamWScalars*>(step_scalars_.data()) + num_adamw_);
-  return rates + t.rate_slot + static_cast<int>(slot);
+  return RatesAt(step_scalars_.data()) + t.rate_slot + static_cast<int>(slot);
 }
 
 std::array<formulas::RateScalars, Optimizer::kRatesPerTensor> Optimizer::RatesOf(
@@ -752,22 +754,17 @@ std::array<formulas::RateScalars, Optimizer::kRatesPerTensor> Optimizer::RatesOf
 
 absl::Status Optimizer::UploadStepScalars() {
   if (StepScalarBytes() == 0) return absl::OkStatus();
-  std::vector<formulas::AdamWScalars> adamw(num_adamw_);
-  std::vector<formulas::RateScalars> rates(num_rates_);
+  // The buffer's image, laid out as step_scalars_ (operator new aligns it for both structs).
+  std::vector<uint8_t> host(StepScalarBytes());
+  auto* adamw = reinterpret_cast<formulas::AdamWScalars*>(host.data());
+  formulas::RateScalars* rates = RatesAt(host.data());
   for (const auto& t : tensors_) {
     if (t->adamw_slot >= 0) {
       adamw[t->adamw_slot] = AdamWScalarsOf(*t);
     } else {
       const auto mine = RatesOf(*t);
-      std::copy(mine.begin(), mine.end(), rates.begin() + t->rate_slot);
+      std::copy(mine.begin(), mine.end(), rates + t->rate_slot);
     }
-  }
-  std::vector<uint8_t> host(StepScalarBytes());
-  const size_t adamw_bytes = adamw.size() * sizeof(formulas::AdamWScalars);
-  if (!adamw.empty()) std::memcpy(host.data(), adamw.data(), adamw_bytes);
-  if (!rates.empty()) {
-    std::memcpy(host.data() + adamw_bytes, rates.data(),
-                rates.size() * sizeof(formulas::RateScalars));
   }
   return backend_->Upload(*queue_, step_scalars_.data(), host.data(), host.size());
 }

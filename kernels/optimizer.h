@@ -265,6 +265,8 @@ class Optimizer {
   static constexpr int kRatesPerTensor = 3;
   int64_t StepScalarBytes() const;
   formulas::AdamWScalars* AdamWScalarsIn(const Tensor& tensor) const;
+  // The rate region of a buffer laid out as step_scalars_ (the buffer or its host image).
+  formulas::RateScalars* RatesAt(void* scalars) const;
   formulas::RateScalars* RateIn(const Tensor& tensor, RateSlot slot) const;
   std::array<formulas::RateScalars, kRatesPerTensor> RatesOf(const Tensor& tensor) const;
   // Every tensor's scalars for this step, in one upload; one tensor's (PrepareTensor).

@@ -370,6 +370,11 @@ void Metrics::RemoveAnalysisLocked(AnalysisSeries& series) {
 
 void Metrics::PublishAnalysis(const std::string& session, int64_t step,
                               const std::vector<v1::TensorAnalysis>& tensors) {
+  if (tensors.empty()) {
+    absl::MutexLock lock(&analysis_mu_);
+    RemoveAnalysisLocked(analysis_series_[session]);
+    return;
+  }
   // The values of this analysis by series (no lock needed: figures_ is fixed), then set in
   // place; series no longer present go.
   std::map<std::pair<Family<Gauge>*, prometheus::Labels>, double> values;
@@ -387,15 +392,10 @@ void Metrics::PublishAnalysis(const std::string& session, int64_t step,
     }
     prometheus::Labels labels = figure.labels;
     labels["session"] = session;
-    values[{figure.family, std::move(labels)}] =
-        tensors.empty() ? 0.0 : sum / static_cast<double>(tensors.size());
+    values[{figure.family, std::move(labels)}] = sum / static_cast<double>(tensors.size());
   }
   absl::MutexLock lock(&analysis_mu_);
   AnalysisSeries& series = analysis_series_[session];
-  if (tensors.empty()) {
-    RemoveAnalysisLocked(series);
-    return;
-  }
   ReplaceGauges(series.analysis, values);
   if (series.analysis_step == nullptr) {
     series.analysis_step = &analysis_step_.Add({{"session", session}});
