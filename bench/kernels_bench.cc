@@ -2,6 +2,7 @@
 // against a baseline measured in the same run:
 // - BM_NewtonSchulz (optd's NS5, keller coefficients) against BM_NewtonSchulzBlasLimit, the same
 //   cblas calls with nothing between them: the time NewtonSchulz cannot beat.
+// - BM_AdamWKernel (Backend::AdamW) in bytes/s against BM_AdamWCopy, a copy moving as many bytes.
 // - BM_RmnpStep (Optimizer::Step, preset rmnp) in bytes/s against BM_Copy, a memory copy of the
 //   same footprint; BM_RmnpKernel is Backend::RmnpStep alone, without Step's gradient check.
 // - BM_MuonStep (Optimizer::Step, keller at fp32) per shape, so RMNP's speedup over Muon reads off.
@@ -391,6 +392,47 @@ void TimeCopy(benchmark::State& state, int64_t rmnp_floats) {
 
 void BM_Copy(benchmark::State& state) { TimeCopy(state, state.range(0) * state.range(1)); }
 
+// Backend::AdamW over `count` elements (w, m, v, g: 28 bytes moved per element, 16 read, 12
+// written) in bytes/s, against BM_AdamWCopy, a copy moving as many bytes (TimeCopy of 7/3·count
+// RMNP floats). AdamW steps every vector, embedding and head, so its rate is every session's.
+void BM_AdamWKernel(benchmark::State& state) {
+  const int64_t count = state.range(0);
+  Backend& backend = Cpu();
+  Buffer w = AllocateFloats(state, count);
+  Buffer m = AllocateFloats(state, count);
+  Buffer v = AllocateFloats(state, count);
+  Buffer g = AllocateFloats(state, count);
+  Buffer scalars = AllocateFloats(state, sizeof(formulas::AdamWScalars) / sizeof(float));
+  if (state.error_occurred()) return;
+  const absl::Span<const float> gradient = Gaussian(count);
+  std::memcpy(g.data(), gradient.data(), count * sizeof(float));
+  std::memset(w.data(), 0, count * sizeof(float));
+  std::memset(m.data(), 0, count * sizeof(float));
+  std::memset(v.data(), 0, count * sizeof(float));
+  // torch.optim.AdamW's defaults at step 10, lr 1e-3.
+  const double beta1 = 0.9, beta2 = 0.999, lr = 1e-3;
+  const formulas::AdamWScalars host{
+      .beta2 = static_cast<float>(beta2),
+      .one_minus_beta1 = static_cast<float>(1 - beta1),
+      .one_minus_beta2 = static_cast<float>(1 - beta2),
+      .eps = 1e-8f,
+      .decay = static_cast<float>(1 - lr * 0.01),
+      .step_size = static_cast<float>(lr / (1 - std::pow(beta1, 10))),
+      .bias_correction2_sqrt = static_cast<float>(std::sqrt(1 - std::pow(beta2, 10))),
+      .eps_placement = formulas::AdamEpsilon::kTorch};
+  std::memcpy(scalars.data(), &host, sizeof(host));
+  const auto* device_scalars = reinterpret_cast<const formulas::AdamWScalars*>(scalars.data());
+  for (auto _ : state) {
+    if (!Ok(state, backend.AdamW(backend.default_queue(), w.f32(), m.f32(), v.f32(), g.f32(), count,
+                                 device_scalars))) {
+      break;
+    }
+  }
+  SetByteCounters(state, 28.0 * count);
+}
+
+void BM_AdamWCopy(benchmark::State& state) { TimeCopy(state, 7 * state.range(0) / 3); }
+
 void BM_MuonStep(benchmark::State& state) {
   const Shape shape{state.range(0), state.range(1)};
   TimeSteps(state, "keller,precision=fp32,ns.method=standard", {shape});
@@ -469,6 +511,15 @@ BENCHMARK(BM_MuonStep)->Apply(ForEachShape);
 BENCHMARK(BM_RmnpStep)->Apply(ForEachShape);
 BENCHMARK(BM_RmnpKernel)->Apply(ForEachShape);
 BENCHMARK(BM_Copy)->Apply(ForEachShape);
+// The main job's transformer (112,768 parameters), GPT-2 small's vectors and embeddings in one
+// tensor's range, and past the last-level cache.
+void ForEachAdamWCount(benchmark::internal::Benchmark* benchmark) {
+  benchmark->ArgNames({"count"});
+  for (int64_t count : {112768, 1 << 20, 1 << 22}) benchmark->Args({count});
+  benchmark->UseRealTime()->Unit(benchmark::kMicrosecond);
+}
+BENCHMARK(BM_AdamWKernel)->Apply(ForEachAdamWCount);
+BENCHMARK(BM_AdamWCopy)->Apply(ForEachAdamWCount);
 // A Muon step over GPT-2 small is about 1.1 TFLOP, seconds on a few cores, each repetition paying
 // one more for its warm-up: one timed step in each of three repetitions, whatever the command line
 // asks of the other benchmarks.

@@ -88,17 +88,27 @@ struct AdamWScalars {
   AdamEpsilon eps_placement;
 };
 
-// One AdamW element update; updates w, m, v in place.
-OPTD_HOST_DEVICE void AdamWStep(float& w, float& m, float& v, float g, const AdamWScalars& s) {
+// One AdamW element update with epsilon placed as kPlacement; updates w, m, v in place.
+template <AdamEpsilon kPlacement>
+OPTD_HOST_DEVICE void AdamWStepWith(float& w, float& m, float& v, float g, const AdamWScalars& s) {
   m = Lerp(m, g, s.one_minus_beta1);
   w = w * s.decay;
-  if (s.eps_placement == AdamEpsilon::kTorch) {
+  if constexpr (kPlacement == AdamEpsilon::kTorch) {
     v = v * s.beta2 + s.one_minus_beta2 * (g * g);
     const float denom = sqrtf(v) / s.bias_correction2_sqrt + s.eps;
     w = w - s.step_size * (m / denom);
   } else {
     v = Lerp(v, g * g, s.one_minus_beta2);
     w = w - s.step_size * (m / (s.eps + sqrtf(v)));
+  }
+}
+
+// One AdamW element update; updates w, m, v in place.
+OPTD_HOST_DEVICE void AdamWStep(float& w, float& m, float& v, float g, const AdamWScalars& s) {
+  if (s.eps_placement == AdamEpsilon::kTorch) {
+    AdamWStepWith<AdamEpsilon::kTorch>(w, m, v, g, s);
+  } else {
+    AdamWStepWith<AdamEpsilon::kMoonlight>(w, m, v, g, s);
   }
 }
 

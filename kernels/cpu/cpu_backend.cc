@@ -203,6 +203,83 @@ OPTD_AVX2_CLONES void RmnpRowsInto(float* w_out, float* m_out, const float* w_in
   }
 }
 
+// The element kernels over [0, count), each element by formulas.h's operations. Scalars come by
+// value and the step dtype as a template parameter, so every branch is invariant and the loops
+// vectorize (GCC versions them for overlap: ApplyUpdate's w may be its o); built for AVX2 as
+// well. The bits are the scalar loop's at any width: IEEE division and square root, no
+// contraction (-ffp-contract=off), and sqrtf with no errno to keep it out of line
+// (-fno-math-errno, kernels/CMakeLists.txt).
+OPTD_AVX2_CLONES void MomentumElements(float* m, const float* g, float* u, int64_t count,
+                                       formulas::MomentumScalars s) {
+  for (int64_t i = 0; i < count; ++i) u[i] = formulas::MomentumStep(m[i], g[i], s);
+}
+
+template <DType kStepDType>
+[[gnu::always_inline]] inline void ApplyUpdateElementsOf(float* w, const float* o, int64_t count,
+                                                         float scale, float lr, float decay) {
+  for (int64_t i = 0; i < count; ++i) {
+    w[i] = formulas::DecayAndStep(w[i], RoundScalarTo<kStepDType>(o[i] * scale), lr, decay);
+  }
+}
+
+OPTD_AVX2_CLONES void ApplyUpdateElements(float* w, const float* o, int64_t count, float scale,
+                                          float lr, float decay, DType step_dtype) {
+  switch (step_dtype) {
+    case DType::kBF16:
+      ApplyUpdateElementsOf<DType::kBF16>(w, o, count, scale, lr, decay);
+      break;
+    case DType::kF16:
+      ApplyUpdateElementsOf<DType::kF16>(w, o, count, scale, lr, decay);
+      break;
+    default:
+      ApplyUpdateElementsOf<DType::kF32>(w, o, count, scale, lr, decay);
+      break;
+  }
+}
+
+template <formulas::AdamEpsilon kPlacement>
+[[gnu::always_inline]] inline void AdamWElementsOf(float* w, float* m, float* v, const float* g,
+                                                   int64_t count, formulas::AdamWScalars s) {
+  for (int64_t i = 0; i < count; ++i) {
+    formulas::AdamWStepWith<kPlacement>(w[i], m[i], v[i], g[i], s);
+  }
+}
+
+OPTD_AVX2_CLONES void AdamWElements(float* w, float* m, float* v, const float* g, int64_t count,
+                                    formulas::AdamWScalars s) {
+  if (s.eps_placement == formulas::AdamEpsilon::kTorch) {
+    AdamWElementsOf<formulas::AdamEpsilon::kTorch>(w, m, v, g, count, s);
+  } else {
+    AdamWElementsOf<formulas::AdamEpsilon::kMoonlight>(w, m, v, g, count, s);
+  }
+}
+
+template <formulas::AdamEpsilon kPlacement>
+[[gnu::always_inline]] inline void AdamWElementsIntoOf(
+    float* __restrict w_out, float* __restrict m_out, float* __restrict v_out,
+    const float* __restrict w_in, const float* __restrict m_in, const float* __restrict v_in,
+    const float* __restrict g, int64_t count, formulas::AdamWScalars s) {
+  for (int64_t i = 0; i < count; ++i) {
+    float w = w_in[i], m = m_in[i], v = v_in[i];
+    formulas::AdamWStepWith<kPlacement>(w, m, v, g[i], s);
+    w_out[i] = w;
+    m_out[i] = m;
+    v_out[i] = v;
+  }
+}
+
+OPTD_AVX2_CLONES void AdamWElementsInto(float* w_out, float* m_out, float* v_out, const float* w_in,
+                                        const float* m_in, const float* v_in, const float* g,
+                                        int64_t count, formulas::AdamWScalars s) {
+  if (s.eps_placement == formulas::AdamEpsilon::kTorch) {
+    AdamWElementsIntoOf<formulas::AdamEpsilon::kTorch>(w_out, m_out, v_out, w_in, m_in, v_in, g,
+                                                       count, s);
+  } else {
+    AdamWElementsIntoOf<formulas::AdamEpsilon::kMoonlight>(w_out, m_out, v_out, w_in, m_in, v_in, g,
+                                                           count, s);
+  }
+}
+
 std::string CpuModel() {
   std::ifstream cpuinfo("/proc/cpuinfo");
   std::string line;
@@ -609,7 +686,9 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, m));
     OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, g));
     OPTD_RETURN_IF_ERROR(CheckCount("momentum", count, u));
-    ForEach(count, [&](int64_t i) { u[i] = formulas::MomentumStep(m[i], g[i], scalars); });
+    ForBlocks(count, [&](int64_t begin, int64_t end) {
+      MomentumElements(m + begin, g + begin, u + begin, end - begin, scalars);
+    });
     return absl::OkStatus();
   }
 
@@ -620,8 +699,8 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("apply update", count, o));
     OPTD_RETURN_IF_ERROR(CheckCount("apply update", 1, rate));
     const float lr = rate->lr, decay = rate->decay;
-    ForEach(count, [&](int64_t i) {
-      w[i] = formulas::DecayAndStep(w[i], RoundScalar(o[i] * scale, step_dtype), lr, decay);
+    ForBlocks(count, [&](int64_t begin, int64_t end) {
+      ApplyUpdateElements(w + begin, o + begin, end - begin, scale, lr, decay, step_dtype);
     });
     return absl::OkStatus();
   }
@@ -634,7 +713,9 @@ class CpuBackend : public Backend {
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", count, g));
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", 1, scalars_in));
     const formulas::AdamWScalars scalars = *scalars_in;
-    ForEach(count, [&](int64_t i) { formulas::AdamWStep(w[i], m[i], v[i], g[i], scalars); });
+    ForBlocks(count, [&](int64_t begin, int64_t end) {
+      AdamWElements(w + begin, m + begin, v + begin, g + begin, end - begin, scalars);
+    });
     return absl::OkStatus();
   }
 
@@ -647,12 +728,9 @@ class CpuBackend : public Backend {
     }
     OPTD_RETURN_IF_ERROR(CheckCount("adamw", 1, scalars_in));
     const formulas::AdamWScalars scalars = *scalars_in;
-    ForEach(count, [&](int64_t i) {
-      float w = w_in[i], m = m_in[i], v = v_in[i];
-      formulas::AdamWStep(w, m, v, g[i], scalars);
-      w_out[i] = w;
-      m_out[i] = m;
-      v_out[i] = v;
+    ForBlocks(count, [&](int64_t begin, int64_t end) {
+      AdamWElementsInto(w_out + begin, m_out + begin, v_out + begin, w_in + begin, m_in + begin,
+                        v_in + begin, g + begin, end - begin, scalars);
     });
     return absl::OkStatus();
   }
@@ -692,6 +770,12 @@ class CpuBackend : public Backend {
     pool_.ParallelFor(count, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) fn(i);
     });
+  }
+
+  // fn(begin, end) over blocks of [0, count), split over the pool.
+  template <typename Fn>
+  void ForBlocks(int64_t count, Fn fn) {
+    pool_.ParallelFor(count, kGrain, fn);
   }
 
   // fn(begin, end) over blocks of `rows` rows of `cols` elements, split over the pool.
