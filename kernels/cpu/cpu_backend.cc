@@ -427,7 +427,8 @@ class CpuBackend : public Backend {
     const bool two = s.b != nullptr;
     const int64_t ldb = two ? s.ldb : s.lda;
     const auto per_matrix = static_cast<int64_t>(upper.size());
-    ForTiles(s.batch * per_matrix, tile * tile * s.k, [&](int64_t t) {
+    // The upper triangle's multiply-adds, n(n+1)/2 per column of the k summed.
+    ForTiles(s.batch * per_matrix, s.batch * s.n * (s.n + 1) / 2 * s.k, [&](int64_t t) {
       const int64_t b = t / per_matrix;
       const auto [r0, c0] = upper[t % per_matrix];
       const int64_t rows = std::min(tile, s.n - r0), cols = std::min(tile, s.n - c0);
@@ -471,7 +472,7 @@ class CpuBackend : public Backend {
     const bool left = s.side == Side::kLeft;
     const int64_t per_matrix = CeilDiv(left ? s.n : s.m, kSymmStrip);
     const int64_t order = left ? s.m : s.n;
-    ForTiles(s.batch * per_matrix, kSymmStrip * order * order, [&](int64_t t) {
+    ForTiles(s.batch * per_matrix, s.batch * s.m * s.n * order, [&](int64_t t) {
       const int64_t b = t / per_matrix, first = t % per_matrix * kSymmStrip;
       const int64_t size = std::min(kSymmStrip, (left ? s.n : s.m) - first);
       const int64_t b_offset = left ? first : first * s.ldb;
@@ -792,12 +793,14 @@ class CpuBackend : public Backend {
     });
   }
 
-  // fn(t) for every tile t in [0, tiles), each `work` multiply-adds at most, taken in turn by
-  // the pool's threads (tiles may differ in cost).
+  // fn(t) for every tile t in [0, tiles), `work` multiply-adds in all, taken in turn by the
+  // pool's threads (tiles may differ in cost), one thread per kBlasGrain of work at most: the
+  // small matrices of a small model (a batch of 64×256 products) run on the calling thread, as
+  // handing them over costs more than they do. The tiles, and so the bits, are the same either way.
   template <typename Fn>
   void ForTiles(int64_t tiles, int64_t work, Fn fn) {
-    const int64_t grain = std::max<int64_t>(1, kBlasGrain / std::max<int64_t>(1, work));
-    const int64_t runners = std::min<int64_t>(pool_.threads(), CeilDiv(tiles, grain));
+    const int64_t runners = std::min<int64_t>({static_cast<int64_t>(pool_.threads()), tiles,
+                                               CeilDiv(std::max<int64_t>(1, work), kBlasGrain)});
     std::atomic<int64_t> next{0};
     pool_.ParallelFor(runners, 1, [&](int64_t, int64_t) {
       for (int64_t t = next++; t < tiles; t = next++) fn(t);
@@ -810,7 +813,7 @@ class CpuBackend : public Backend {
                  int64_t stride_b, float* c, int64_t batch) {
     const int64_t col_tiles = CeilDiv(g.n, kBlasTile);
     const int64_t per_matrix = CeilDiv(g.m, kBlasTile) * col_tiles;
-    ForTiles(batch * per_matrix, kBlasTile * kBlasTile * g.k, [&](int64_t t) {
+    ForTiles(batch * per_matrix, batch * g.m * g.n * g.k, [&](int64_t t) {
       const int64_t i = t / per_matrix;
       const int64_t r0 = t % per_matrix / col_tiles * kBlasTile, c0 = t % col_tiles * kBlasTile;
       const float* a_tile = a + i * stride_a + (g.trans_a == Transpose::kYes ? r0 : r0 * g.lda);
