@@ -589,12 +589,20 @@ grpc::Status OptimizerService::StepSmall(grpc::ServerContext* context,
     OPTD_ASSIGN_OR_RETURN(StepReply reply, StepReceived(context, *step, header, staging, received,
                                                         reason, received_at, stepped_at));
     FillSummary(*reply.outcome, reply.replayed, *response->mutable_summary());
+    // Each piece's values move into the reply (the next piece is encoded into the string the
+    // move leaves); only its small fields are copied.
     v1::TensorChunk chunk;
-    OPTD_ASSIGN_OR_RETURN(const int64_t sent, WriteResults(session, *reply.outcome, header,
-                                                           step->chunk_bytes, chunk, [&] {
-                                                             *response->add_chunks() = chunk;
-                                                             return true;
-                                                           }));
+    OPTD_ASSIGN_OR_RETURN(
+        const int64_t sent,
+        WriteResults(session, *reply.outcome, header, step->chunk_bytes, chunk, [&] {
+          v1::TensorChunk& piece = *response->add_chunks();
+          piece.set_tensor(chunk.tensor());
+          piece.set_dtype(chunk.dtype());
+          piece.set_tensor_elements(chunk.tensor_elements());
+          piece.set_offset(chunk.offset());
+          piece.mutable_data()->swap(*chunk.mutable_data());
+          return true;
+        }));
     CountSent(sent);
     ObserveStep(session, reply, start, received_at, stepped_at);
     return absl::OkStatus();

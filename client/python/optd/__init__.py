@@ -5,6 +5,6 @@ grpc_python_plugin into build/python/optd/v1/, beside a copy of this package; pu
 on PYTHONPATH and run with /usr/bin/python3 (Debian's python3-grpcio and python3-numpy).
 """
 
-from optd.client import Client, OptdError, Session, StepResult, as_float32
+from optd.client import Client, OptdError, Session, StepResult, as_float32, keep_freed_heap
 
-__all__ = ["Client", "OptdError", "Session", "StepResult", "as_float32"]
+__all__ = ["Client", "OptdError", "Session", "StepResult", "as_float32", "keep_freed_heap"]

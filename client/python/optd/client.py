@@ -7,6 +7,7 @@ conversion happen inside. Every failed call raises OptdError with the daemon's g
 and message.
 """
 
+import ctypes
 import dataclasses
 import queue
 
@@ -30,6 +31,36 @@ def _message_bytes(gradients, wire_dtype, chunk_bytes):
         data = flat.size * wire.element_bytes(wire_dtype)
         total += data + (1 + data // chunk_bytes) * (64 + len(name))
     return total
+
+
+DEFAULT_MALLOC_KEEP_BYTES = 32 << 20
+_M_TRIM_THRESHOLD = -1  # glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+_MAX_MMAP_THRESHOLD = 32 << 20  # glibc refuses more (HEAP_MAX_SIZE / 2 on 64-bit hosts)
+
+
+def keep_freed_heap(nbytes=DEFAULT_MALLOC_KEEP_BYTES):
+    """Up to `nbytes` of freed memory per malloc arena stays in this process, and allocations
+    below min(nbytes, 32 MiB) come from the heap rather than pages mapped for them alone (glibc's
+    M_TRIM_THRESHOLD and M_MMAP_THRESHOLD; the daemon's --malloc_keep_bytes). A step allocates
+    and frees its messages, hundreds of KiB each, on gRPC's threads: with glibc's dynamic
+    defaults the heap is trimmed after them and every step faults in freshly zeroed pages again
+    (bench/RESULTS.md, "Main job"). Process-wide: it holds for torch's tensors too. Returns
+    whether it took effect (False where the C library is not glibc). 0 changes nothing."""
+    if nbytes == 0:
+        return False
+    if not 0 < nbytes < 1 << 31:
+        raise ValueError(f"malloc_keep_bytes must be in [0, 2 GiB), not {nbytes}")
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc's own symbol: its mallopt takes these parameters
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return (mallopt(_M_MMAP_THRESHOLD, min(nbytes, _MAX_MMAP_THRESHOLD)) == 1
+            and mallopt(_M_TRIM_THRESHOLD, nbytes) == 1)
 
 
 class OptdError(Exception):
@@ -445,10 +476,13 @@ class Client:
     `private_key` and `certificate_chain` as well, mutual TLS. `admin_token` is sent on the calls
     that need it when the daemon has one (create, list, delete). `timeout` (seconds) is the
     deadline of every call but Step, whose own `timeout` argument defaults to none.
+    `malloc_keep_bytes` is passed to keep_freed_heap (process-wide; 0 leaves malloc alone).
     """
 
     def __init__(self, target, admin_token=None, *, root_certificates=None, private_key=None,
-                 certificate_chain=None, timeout=None):
+                 certificate_chain=None, timeout=None,
+                 malloc_keep_bytes=DEFAULT_MALLOC_KEEP_BYTES):
+        keep_freed_heap(malloc_keep_bytes)
         options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
         if root_certificates is not None:
