@@ -77,7 +77,13 @@ absl::Status EncodeWire(DType dtype, absl::Span<const float> values, std::string
   }
   const size_t start = out.size();
   out.resize(start + values.size() * DTypeSize(dtype));
-  char* p = out.data() + start;
+  return EncodeWireInto(dtype, values, out.data() + start);
+}
+
+absl::Status EncodeWireInto(DType dtype, absl::Span<const float> values, char* p) {
+  if (dtype == DType::kF64) {
+    return absl::InvalidArgumentError("fp64 is not a wire dtype; use fp32, bf16 or fp16");
+  }
   switch (dtype) {
     case DType::kF32:
       std::memcpy(p, values.data(), values.size() * sizeof(float));

@@ -29,6 +29,8 @@ absl::StatusOr<DecodeReport> DecodeWire(DType dtype, absl::string_view bytes, ab
 // Appends `values` to `out` in `dtype` (bf16 and fp16 round to nearest even). InvalidArgument for
 // fp64.
 absl::Status EncodeWire(DType dtype, absl::Span<const float> values, std::string& out);
+// The same into `out`, which has room for values.size() elements of `dtype`.
+absl::Status EncodeWireInto(DType dtype, absl::Span<const float> values, char* out);
 
 }  // namespace optd
 

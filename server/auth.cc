@@ -11,15 +11,21 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace optd::server {
-namespace {
-
-absl::StatusOr<std::string> RandomHex(int bytes) {
+absl::StatusOr<std::string> RandomBytes(int bytes) {
   std::string raw(static_cast<size_t>(bytes), '\0');
   if (RAND_bytes(reinterpret_cast<unsigned char*>(raw.data()), bytes) != 1) {
     return absl::InternalError("the random number generator failed (RAND_bytes)");
   }
+  return raw;
+}
+
+namespace {
+
+absl::StatusOr<std::string> RandomHex(int bytes) {
+  OPTD_ASSIGN_OR_RETURN(std::string raw, RandomBytes(bytes));
   return absl::BytesToHexString(raw);
 }
 

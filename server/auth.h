@@ -31,6 +31,9 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
 // Random session names: "s-" and 16 hex characters.
 absl::StatusOr<std::string> GenerateSessionId();
 
+// `bytes` raw bytes from the OS CSPRNG. Internal when the generator fails.
+absl::StatusOr<std::string> RandomBytes(int bytes);
+
 }  // namespace optd::server
 
 #endif  // OPTD_SERVER_AUTH_H_

@@ -176,6 +176,71 @@ int64_t ResultBytes(const Session& session, const v1::StepHeader& header, int64_
   return bytes;
 }
 
+// Takes a shared-memory step's gradients from worker `header.worker_id()`'s region into
+// `staging`: the tensors `request` names (every tensor when it names none), each read once from
+// its slot and checked as a chunk off the wire is.
+absl::Status ReceiveShared(Session& session, const v1::StepHeader& header,
+                           const v1::SharedMemoryStep& request, const SharedRegion* region,
+                           bool has_chunks, bool reject, TensorStaging& staging) {
+  if (region == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker ", header.worker_id(), " of session '", session.id(),
+                     "' has no shared memory: call AttachSharedMemory first"));
+  }
+  if (request.nonce() != region->nonce()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the shared memory this step names is not worker ", header.worker_id(),
+                     "'s region of "
+                     "session '",
+                     session.id(),
+                     "' (the session changed since it was attached): call "
+                     "AttachSharedMemory again"));
+  }
+  if (has_chunks) {
+    return absl::InvalidArgumentError(
+        "a shared-memory step's gradients are in the region: its request carries no chunks");
+  }
+  absl::StatusOr<DType> dtype = FromWireDType(request.dtype());
+  if (!dtype.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shared-memory step: ", dtype.status().message()));
+  }
+  std::vector<int> tensors;
+  if (request.tensors().empty()) {
+    for (int t = 0; t < session.num_tensors(); ++t) tensors.push_back(t);
+  }
+  std::vector<char> named(static_cast<size_t>(session.num_tensors()), 0);
+  for (const std::string& name : request.tensors()) {
+    OPTD_ASSIGN_OR_RETURN(const int t, session.FindTensor(name));
+    if (named[static_cast<size_t>(t)]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("shared-memory step names tensor '", name, "' twice"));
+    }
+    named[static_cast<size_t>(t)] = 1;
+    tensors.push_back(t);
+  }
+  const size_t size = DTypeSize(*dtype);
+  for (const int t : tensors) {
+    const char* slot = region->data() + region->layout().gradient_offsets[t];
+    OPTD_RETURN_IF_ERROR(staging.AddChunk(
+        t, 0, *dtype, absl::string_view(slot, static_cast<size_t>(session.num_elements(t)) * size),
+        kMaxGradientMagnitude, reject));
+  }
+  return absl::OkStatus();
+}
+
+// Writes every result of `outcome` into its tensor's result slot of `region`, in the header's
+// result dtype or the tensor's own.
+absl::Status WriteSharedResults(const Session& session, const StepOutcome& outcome,
+                                const v1::StepHeader& header, const SharedRegion& region) {
+  for (size_t t = 0; t < outcome.values.size(); ++t) {
+    const DType dtype = *ResultDType(header.result_dtype(), session.tensor_dtype(t));
+    OPTD_RETURN_IF_ERROR(EncodeWireInto(dtype, outcome.values[t],
+                                        region.data() + region.layout().result_offsets[t]));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
@@ -568,6 +633,9 @@ grpc::Status OptimizerService::StepSmall(grpc::ServerContext* context,
     const v1::StepHeader& header = request->header();
     OPTD_ASSIGN_OR_RETURN(std::unique_ptr<AdmittedStep> step, AdmitStep(context, header, reason));
     Session& session = *step->session;
+    if (request->has_shared_memory()) {
+      return StepShared(context, *request, *step, start, *response->mutable_summary(), reason);
+    }
     const int64_t reply_bytes = ResultBytes(session, header, step->chunk_bytes);
     if (reply_bytes > options_.max_message_bytes) {
       return absl::ResourceExhaustedError(absl::StrCat(
@@ -608,6 +676,50 @@ grpc::Status OptimizerService::StepSmall(grpc::ServerContext* context,
     return absl::OkStatus();
   });
   return Finish("StepSmall", status, reason);
+}
+
+absl::Status OptimizerService::StepShared(grpc::ServerContext* context,
+                                          const v1::StepSmallRequest& request,
+                                          const AdmittedStep& step, absl::Time start,
+                                          v1::StepSummary& summary, absl::string_view& reason) {
+  const v1::StepHeader& header = request.header();
+  Session& session = *step.session;
+  // Held for the whole step: a region outlives its session while a step uses it.
+  const std::shared_ptr<const SharedRegion> region = session.SharedMemory(header.worker_id());
+  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session.AcquireStaging());
+  absl::Cleanup release = [&] { session.ReleaseStaging(std::move(staging)); };
+  absl::Status received = ReceiveShared(session, header, request.shared_memory(), region.get(),
+                                        request.chunks_size() > 0, step.reject, *staging);
+  absl::Time received_at, stepped_at;
+  OPTD_ASSIGN_OR_RETURN(StepReply reply, StepReceived(context, step, header, staging, received,
+                                                      reason, received_at, stepped_at));
+  // The byte counters count the wire's bytes: a shared-memory step's are not on it.
+  OPTD_RETURN_IF_ERROR(WriteSharedResults(session, *reply.outcome, header, *region));
+  FillSummary(*reply.outcome, reply.replayed, summary);
+  ObserveStep(session, reply, start, received_at, stepped_at);
+  return absl::OkStatus();
+}
+
+grpc::Status OptimizerService::AttachSharedMemory(grpc::ServerContext* context,
+                                                  const v1::AttachSharedMemoryRequest* request,
+                                                  v1::SharedMemoryRegion* response) {
+  return Finish("AttachSharedMemory", Guarded([&]() -> absl::Status {
+                  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                                        Authorize(context, request->session_id()));
+                  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<const SharedRegion> region,
+                                        session->AttachSharedMemory(request->worker_id()));
+                  response->set_path(region->path());
+                  response->set_bytes(region->bytes());
+                  response->set_nonce(region->nonce());
+                  for (int t = 0; t < session->num_tensors(); ++t) {
+                    v1::SharedMemorySlot* slot = response->add_slots();
+                    slot->set_tensor(session->tensor_name(t));
+                    slot->set_elements(session->num_elements(t));
+                    slot->set_gradient_offset(region->layout().gradient_offsets[t]);
+                    slot->set_result_offset(region->layout().result_offsets[t]);
+                  }
+                  return absl::OkStatus();
+                }));
 }
 
 grpc::Status OptimizerService::Checkpoint(grpc::ServerContext* context,

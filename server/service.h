@@ -81,6 +81,9 @@ class OptimizerService final : public v1::Optimizer::Service {
                     grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) override;
   grpc::Status StepSmall(grpc::ServerContext* context, const v1::StepSmallRequest* request,
                          v1::StepSmallResponse* response) override;
+  grpc::Status AttachSharedMemory(grpc::ServerContext* context,
+                                  const v1::AttachSharedMemoryRequest* request,
+                                  v1::SharedMemoryRegion* response) override;
   grpc::Status Checkpoint(grpc::ServerContext* context, const v1::CheckpointRequest* request,
                           v1::CheckpointResponse* response) override;
   grpc::Status Restore(grpc::ServerContext* context, const v1::RestoreRequest* request,
@@ -132,6 +135,11 @@ class OptimizerService final : public v1::Optimizer::Service {
   absl::Status RunStep(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
                        StreamWatchdog::Watch& watch, absl::string_view& reason);
+  // StepSmall with `shared_memory`: the gradients from the worker's region, the results into it,
+  // the summary into `summary`.
+  absl::Status StepShared(grpc::ServerContext* context, const v1::StepSmallRequest& request,
+                          const AdmittedStep& step, absl::Time start, v1::StepSummary& summary,
+                          absl::string_view& reason);
   // Counts the finished RPC (and its rejection) and converts its status.
   grpc::Status Finish(absl::string_view method, const absl::Status& status,
                       absl::string_view reason = {});

@@ -653,6 +653,35 @@ absl::Status Session::UpdateHyperparams(const v1::UpdateHyperparamsRequest& requ
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::shared_ptr<const SharedRegion>> Session::AttachSharedMemory(int worker) {
+  if (!config_.shared_memory()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "session '", id_, "' was created without shared_memory (SessionConfig.shared_memory)"));
+  }
+  const int workers = std::max(1, config_.world_size());
+  if (worker < 0 || worker >= workers) {
+    return absl::InvalidArgumentError(absl::StrCat("worker_id ", worker, " is outside [0, ",
+                                                   workers, ") of session '", id_, "'"));
+  }
+  absl::MutexLock lock(&shared_mu_);
+  if (shared_regions_.empty()) shared_regions_.resize(static_cast<size_t>(workers));
+  std::shared_ptr<const SharedRegion>& region = shared_regions_[static_cast<size_t>(worker)];
+  if (region == nullptr) {
+    // The session's quota counted a region per worker (RequiredBytes).
+    OPTD_ASSIGN_OR_RETURN(SharedLayout layout, SharedLayoutFor(counts_));
+    OPTD_ASSIGN_OR_RETURN(
+        region,
+        SharedRegion::Create(absl::StrCat("optd-", id_, "-worker-", worker), std::move(layout)));
+  }
+  return region;
+}
+
+std::shared_ptr<const SharedRegion> Session::SharedMemory(int worker) {
+  absl::MutexLock lock(&shared_mu_);
+  if (worker < 0 || static_cast<size_t>(worker) >= shared_regions_.size()) return nullptr;
+  return shared_regions_[static_cast<size_t>(worker)];
+}
+
 absl::Status Session::SetParameters(const TensorStaging& values) {
   Touch();
   absl::MutexLock lock(&mu_);

@@ -52,6 +52,7 @@
 #include "server/metrics.h"
 #include "server/reshard.h"
 #include "server/session_checkpoint.h"
+#include "server/shared_memory.h"
 #include "server/snapshot_progress.h"
 #include "server/state_transfer.h"
 #include "server/step_pipeline.h"
@@ -162,6 +163,13 @@ class Session : public std::enable_shared_from_this<Session> {
   absl::StatusOr<StepReply> Step(const v1::StepHeader& header,
                                  std::unique_ptr<TensorStaging> gradients,
                                  const std::function<bool()>& cancelled);
+
+  // Worker `worker`'s shared-memory region (optd.proto, AttachSharedMemory), created the first
+  // time it is asked for; the same one after. FailedPrecondition when the session was created
+  // without shared_memory; InvalidArgument for a worker outside [0, world_size).
+  absl::StatusOr<std::shared_ptr<const SharedRegion>> AttachSharedMemory(int worker);
+  // The region worker `worker` attached, or null.
+  std::shared_ptr<const SharedRegion> SharedMemory(int worker);
 
   // Replaces the parameters of every tensor present in `values` (complete, finite) at once.
   absl::Status SetParameters(const TensorStaging& values);
@@ -334,6 +342,10 @@ class Session : public std::enable_shared_from_this<Session> {
   StepPipeline pipeline_;
   // The pending step and the outcome buffers; runs under mu_.
   StepRound round_;
+  // The workers' shared-memory regions (null until attached); separate from mu_ so that
+  // attaching never waits for a step.
+  absl::Mutex shared_mu_;
+  std::vector<std::shared_ptr<const SharedRegion>> shared_regions_ ABSL_GUARDED_BY(shared_mu_);
   // Separate from mu_ so that GetAnalysis never waits for a step.
   absl::Mutex analysis_mu_;
   std::vector<v1::TensorAnalysis> analysis_ ABSL_GUARDED_BY(analysis_mu_);

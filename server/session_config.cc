@@ -4,9 +4,11 @@
 #include <map>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/shared_memory.h"
 
 namespace optd::server {
 namespace {
@@ -173,20 +175,30 @@ absl::StatusOr<std::vector<TensorSpec>> TensorSpecs(const v1::SessionConfig& con
 absl::StatusOr<int64_t> SessionRequiredBytes(const v1::SessionConfig& config) {
   OPTD_ASSIGN_OR_RETURN(std::vector<TensorSpec> specs, TensorSpecs(config));
   int64_t elements = 0;
+  std::vector<int64_t> counts;
   for (const TensorSpec& spec : specs) {
     OPTD_ASSIGN_OR_RETURN(const int64_t count, ElementCount(spec.shape));
     if (__builtin_add_overflow(elements, count, &elements)) {
       return absl::ResourceExhaustedError("the session's tensors hold more than 2^63 elements");
     }
+    counts.push_back(count);
   }
   OPTD_ASSIGN_OR_RETURN(int64_t optimizer, Optimizer::RequiredBytes(std::move(specs)));
   const int64_t result = config.step_result() == v1::STEP_RESULT_NONE ? 0 : 2;
   // Staging: one per worker plus one for a retry or an upload (the StagingPool's limit).
   const int64_t staging = std::max(1, config.world_size()) + 1;
-  int64_t host = 0, total = 0;
+  // Shared memory: a region per worker (AttachSharedMemory).
+  int64_t shared = 0;
+  if (config.shared_memory()) {
+    OPTD_ASSIGN_OR_RETURN(const SharedLayout layout, SharedLayoutFor(counts));
+    shared = layout.bytes;
+  }
+  int64_t host = 0, regions = 0, total = 0;
   if (__builtin_mul_overflow((staging + result) * static_cast<int64_t>(sizeof(float)), elements,
                              &host) ||
-      __builtin_add_overflow(optimizer, host, &total)) {
+      __builtin_mul_overflow(std::max(1, config.world_size()), shared, &regions) ||
+      __builtin_add_overflow(optimizer, host, &total) ||
+      __builtin_add_overflow(total, regions, &total)) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the session's ", elements, " elements with world_size ", config.world_size(),
                      " need more than 2^63 bytes"));

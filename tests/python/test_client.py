@@ -267,3 +267,81 @@ def test_a_client_keeps_freed_heap_for_the_next_step():
     assert kept < 2500 < default, (kept, default)
     with pytest.raises(ValueError, match="malloc_keep_bytes"):
         optd.keep_freed_heap(-1)
+
+
+def test_shared_memory_steps_equal_one_message_steps(client):
+    # A session created with shared_memory: its worker maps a region of the daemon's, writes
+    # the gradients there and reads the results there (optd.v1 AttachSharedMemory); every wire
+    # dtype, a step of some tensors, a retry and the refusals give what StepSmall gives.
+    config = CONFIG + "shared_memory: true\n"
+    shared = client.create_session(config)
+    wired = client.create_session(config)
+    with pytest.raises(optd.OptdError) as unattached:
+        shared.step(1, gradients(1), path="shared")
+    assert unattached.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    region = shared.attach_shared_memory()
+    assert shared.shared_memory(0) is region and set(region.slots) == {"w", "b"}
+    for step, dtype in ((1, "fp32"), (2, "bf16"), (3, "fp16")):
+        a = shared.step(step, gradients(step), wire_dtype=dtype)  # "auto": the region
+        b = wired.step(step, gradients(step), wire_dtype=dtype, path="small")
+        for k in ("w", "b"):
+            np.testing.assert_array_equal(a.values[k], b.values[k])
+            assert a.values[k].shape == b.values[k].shape
+        assert (a.step, a.tensors_updated) == (step, 2)
+    only_b = {"b": gradients(4)["b"]}
+    a = shared.step(4, only_b, result_dtype="bf16")
+    b = wired.step(4, only_b, result_dtype="bf16", path="small")
+    assert a.tensors_updated == b.tensors_updated == 1
+    for k in ("w", "b"):
+        np.testing.assert_array_equal(a.values[k], b.values[k])
+    again = shared.step(4, only_b, path="shared", result_dtype="bf16")
+    assert again.replayed
+    np.testing.assert_array_equal(again.values["w"], a.values["w"])
+    bad = gradients(5)
+    bad["w"][2, 3] = np.inf
+    with pytest.raises(optd.OptdError) as refused:
+        shared.step(5, bad)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor 'w' element 23" in refused.value.message
+    np.testing.assert_array_equal(shared.get_parameters(wire_dtype="bf16")["w"], a.values["w"])
+    plain = client.create_session(CONFIG)
+    with pytest.raises(optd.OptdError) as refused:
+        plain.attach_shared_memory()
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    for session in (shared, wired, plain):  # the daemon's other tests need its session slots
+        session.delete()
+
+
+def test_a_shared_memory_session_that_gained_tensors_is_attached_again(client):
+    # The region's layout follows the session's tensors: the Session that added them maps the
+    # new region at once; another handle of the same session attaches again by itself, when
+    # its gradients name a tensor its region lacks or the daemon refuses a region it no longer
+    # has (nothing counted).
+    config = CONFIG + "shared_memory: true\n"
+    shared = client.create_session(config)
+    wired = client.create_session(config)
+    other = client.open_session(shared.id, shared.token)
+    other.attach_shared_memory()
+    shared.attach_shared_memory()
+    extra = [optd_pb2.TensorConfig(name="c", shape=[3], group="vectors")]
+    shared.add_tensors(extra)
+    wired.add_tensors(extra)
+    assert set(shared.shared_memory(0).slots) == {"w", "b", "c"}
+    grads = {**gradients(1), "c": np.ones(3, np.float32)}
+    a = other.step(1, grads)
+    b = wired.step(1, grads, path="small")
+    assert set(other.shared_memory(0).slots) == {"w", "b", "c"}
+    for k in ("w", "b", "c"):
+        np.testing.assert_array_equal(a.values[k], b.values[k])
+    stale = client.open_session(shared.id, shared.token)
+    stale.attach_shared_memory()
+    shared.add_tensors([optd_pb2.TensorConfig(name="d", shape=[2], group="vectors")])
+    wired.add_tensors([optd_pb2.TensorConfig(name="d", shape=[2], group="vectors")])
+    only_w = {"w": gradients(2)["w"]}
+    a = stale.step(2, only_w)  # its region has "w": the daemon's refusal says to attach again
+    b = wired.step(2, only_w, path="small")
+    assert set(stale.shared_memory(0).slots) == {"w", "b", "c", "d"}
+    for k in ("w", "b", "c", "d"):
+        np.testing.assert_array_equal(a.values[k], b.values[k])
+    shared.delete()
+    wired.delete()

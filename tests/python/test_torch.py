@@ -412,3 +412,53 @@ def test_errors_pickle():
     again = pickle.loads(pickle.dumps(error))
     assert (again.code, again.message, str(again)) == (
         error.code, error.message, "NOT_FOUND: session 'x' does not exist")
+
+
+def test_shared_memory_trains_as_grpc_steps_bit_for_bit(daemon, monkeypatch):
+    # With its daemon on this host (a loopback address), RemoteOptimizer steps through the
+    # daemon's shared memory by default: no tensor bytes in the step's messages, the parameters
+    # of gRPC steps bit for bit, also after add_param_group changes the session's tensors.
+    # Where the region cannot be opened (another container or user), "auto" steps over gRPC and
+    # says why; shared_memory=True refuses.
+    nets = model(), model()
+    extras = [torch.nn.Parameter(torch.full((4,), 0.5)) for _ in nets]
+    with optd.Client(daemon, timeout=30) as client:
+        shared = RemoteOptimizer(nets[0].named_parameters(), client,
+                                 overrides={"precision": "fp32"})
+        wired = RemoteOptimizer(nets[1].named_parameters(), client,
+                                overrides={"precision": "fp32"}, shared_memory=False)
+        assert shared.session.shared_memory(0) is not None and shared.shared_memory_error is None
+        assert wired.session.shared_memory(0) is None
+        for step in range(1, 6):
+            if step == 3:
+                for opt, extra in zip((shared, wired), extras):
+                    opt.add_param_group({"params": [("extra", extra)], "lr": 1e-2})
+                assert "extra" in shared.session.shared_memory(0).slots
+            for net, opt, extra in zip(nets, (shared, wired), extras):
+                x, y = batch(step)
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                if step >= 3:
+                    loss = loss + (net(x).mean(0)[:4] * extra).sum()
+                loss.backward()
+                opt.step()
+            for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+                assert torch.equal(a, b), f"{name} after step {step}"
+            assert torch.equal(extras[0], extras[1])
+        assert shared.session.info().step == 5
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(optd.client.os, "open", refuse)
+        net = model()
+        fallback = RemoteOptimizer(net.named_parameters(), client)
+        assert fallback.session.shared_memory(0) is None
+        assert "PermissionError" in fallback.shared_memory_error
+        before = [p.detach().clone() for p in net.parameters()]
+        train_step(net, fallback, 1)  # over gRPC
+        assert fallback.steps == 1
+        assert not any(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+        with pytest.raises(PermissionError):
+            RemoteOptimizer(model().named_parameters(), client, shared_memory=True)
+        for opt in (shared, wired, fallback):
+            opt.close()

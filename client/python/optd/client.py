@@ -9,6 +9,8 @@ and message.
 
 import ctypes
 import dataclasses
+import mmap
+import os
 import queue
 
 import grpc
@@ -192,6 +194,100 @@ class StreamedStep:
             self._queue.put(None)
 
 
+class SharedMemory:
+    """A worker's shared-memory region of a session on this host (Session.attach_shared_memory):
+    per tensor a gradient slot and a result slot, so a step's messages carry no tensor bytes.
+    `gradient(name, dtype)` and `result(name, dtype)` are numpy views of the slots (float32, or
+    uint16 bits for bf16 and fp16); a result view holds the last step's values until the next
+    step of this worker overwrites them."""
+
+    def __init__(self, region, worker_id):
+        self.worker_id = worker_id
+        self.nonce = region.nonce
+        fd = os.open(region.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if os.fstat(fd).st_size != region.bytes:
+                raise OSError(f"{region.path} is not a region of {region.bytes} bytes")
+            self._map = mmap.mmap(fd, region.bytes, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        if self._map[:len(region.nonce)] != region.nonce:
+            self._map.close()
+            raise OSError(f"{region.path} is not this session's region (another process's "
+                          "namespace?)")
+        self._bytes = np.frombuffer(self._map, dtype=np.uint8)
+        self.slots = {slot.tensor: slot for slot in region.slots}
+        # The gradient slots follow one another in the session's order: one copy fills them all.
+        first = region.slots[0].gradient_offset if region.slots else 0
+        self._gradient_area = self._view(first, sum(s.elements for s in region.slots), "fp32")
+        self._fp32 = {name: (self.gradient(name), self.result(name)) for name in self.slots}
+
+    def _view(self, offset, elements, dtype):
+        kind = np.float32 if dtype == "fp32" else np.uint16
+        size = np.dtype(kind).itemsize
+        return self._bytes[offset:offset + elements * size].view(kind)
+
+    def gradient(self, name, dtype="fp32"):
+        slot = self.slots[name]
+        return self._view(slot.gradient_offset, slot.elements, dtype)
+
+    def result(self, name, dtype="fp32"):
+        slot = self.slots[name]
+        return self._view(slot.result_offset, slot.elements, dtype)
+
+    def write_gradient(self, name, values, dtype="fp32"):
+        """Writes one gradient (numpy array or torch tensor, any shape with the tensor's size)
+        into its slot in `dtype`: fp32 one copy, bf16 and fp16 rounded as the wire rounds them."""
+        slot = self.slots.get(name)
+        if slot is None:
+            raise OptdError(grpc.StatusCode.NOT_FOUND,
+                            f"the shared-memory region has no tensor {name!r}")
+        flat = as_float32(values)
+        if flat.size != slot.elements:
+            raise OptdError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"gradient of {name!r} has {flat.size} elements, the tensor "
+                            f"{slot.elements}")
+        if dtype == "fp32":
+            self._fp32[name][0][:] = flat
+            return
+        out = self.gradient(name, dtype)
+        if dtype == "bf16":
+            out[:] = wire.to_bf16_bits(flat)
+        else:
+            with np.errstate(over="ignore"):
+                out[:] = flat.astype(np.float16).view(np.uint16)
+
+    def write_gradients(self, gradients, dtype="fp32"):
+        """write_gradient of every {name: values}; every tensor's fp32 gradients in the
+        session's order take one copy."""
+        if dtype == "fp32" and list(gradients) == list(self.slots):
+            flats = [as_float32(values) for values in gradients.values()]
+            if all(flat.size == slot.elements for flat, slot in zip(flats, self.slots.values())):
+                np.concatenate(flats, out=self._gradient_area)
+                return
+        for name, values in gradients.items():
+            self.write_gradient(name, values, dtype)
+
+    def read_result(self, name, dtype="fp32"):
+        """The last step's result of one tensor as float32 (a view for fp32, valid until the next
+        step of this worker)."""
+        if dtype == "fp32":
+            return self._fp32[name][1]
+        bits = self.result(name, dtype)
+        if dtype == "bf16":
+            return wire.from_bf16_bits(bits)
+        return bits.view(np.float16).astype(np.float32)
+
+    def close(self):
+        """Unmaps the region once no view of it is left (views handed out keep it mapped)."""
+        self._bytes = self._gradient_area = self._fp32 = None
+        try:
+            self._map.close()
+        except BufferError:  # a result view still in use: unmapped when the last one goes
+            pass
+
+
 class Session:
     """One session of a daemon, as its token opens it. Not tied to a thread: share it freely."""
 
@@ -201,7 +297,9 @@ class Session:
         self.token = token
         self.timeout = timeout
         self._shapes = None
+        self._dtypes = None
         self._results_too_large = False  # StepSmall refused this session's results
+        self._shared = {}  # worker id -> SharedMemory (attach_shared_memory)
         if info is not None:
             self._learn(info)
 
@@ -210,6 +308,7 @@ class Session:
 
     def _learn(self, info):
         self._shapes = {t.config.name: tuple(t.config.shape) for t in info.tensors}
+        self._dtypes = {t.config.name: wire.NAMES.get(t.config.dtype, "fp32") for t in info.tensors}
 
     def shapes(self):
         """Tensor name -> shape, in session order."""
@@ -291,7 +390,7 @@ class Session:
 
     def step(self, step, gradients, *, worker_id=0, lr=None, wire_dtype="fp32",
              result_dtype=None, chunk_bytes=DEFAULT_CHUNK_BYTES, timeout=None,
-             placement_epoch=0, path="auto"):
+             placement_epoch=0, path="auto", copy_results=True):
         """Sends this worker's gradients ({name: values}) for step `step` (1-based: the session's
         completed steps + 1) and returns the step's StepResult once every worker has sent
         theirs. Tensors left out get no update; `lr` overrides every group's rate for this step
@@ -301,12 +400,23 @@ class Session:
 
         `path` picks the RPC, with the same semantics and results: "stream" (Step), "small"
         (StepSmall: one message each way; RESOURCE_EXHAUSTED when the results would not fit one
-        message, before anything counts) or "auto" (StepSmall while the gradients fit one
-        message, streaming for this session from the first refusal on)."""
-        if path not in ("stream", "small", "auto"):
-            raise ValueError(f"path must be 'stream', 'small' or 'auto', not {path!r}")
+        message, before anything counts), "shared" (StepSmall through the worker's
+        shared-memory region, attach_shared_memory) or "auto" (shared memory where the worker
+        attached it, else StepSmall while the gradients fit one message, streaming for this
+        session from the first refusal on). With `copy_results` False a shared-memory step's
+        fp32 values are views of the region, valid until this worker's next step."""
+        if path not in ("stream", "small", "shared", "auto"):
+            raise ValueError(f"path must be 'stream', 'small', 'shared' or 'auto', not {path!r}")
         header = _step_header(self.id, step, worker_id, lr, result_dtype, chunk_bytes,
                               placement_epoch)
+        shared = self._shared.get(worker_id) if path in ("shared", "auto") else None
+        if path == "shared" and shared is None:
+            raise OptdError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"worker {worker_id} has no shared memory: attach_shared_memory first")
+        if shared is not None:
+            wire.dtype_value(wire_dtype)
+            return self._step_shared(shared, header, gradients, wire_dtype, result_dtype,
+                                     timeout, copy_results)
         gradients = self._prepare(gradients, wire_dtype)
         small = path == "small" or (
             path == "auto" and not self._results_too_large and
@@ -335,6 +445,69 @@ class Session:
         except grpc.RpcError as e:
             _raise(e)
         return self._result(first.summary, values)
+
+    def attach_shared_memory(self, worker_id=0):
+        """Maps worker `worker_id`'s shared-memory region (the session created with
+        shared_memory, the daemon on this host and this process allowed to open it: the same
+        user, or root) and returns its SharedMemory; step() then uses it on path "auto". Raises
+        OptdError for the daemon's refusals and OSError where the region cannot be opened here
+        (another host, container or user): steps then go over gRPC."""
+        try:
+            region = self._stub.AttachSharedMemory(
+                optd_pb2.AttachSharedMemoryRequest(session_id=self.id, worker_id=worker_id),
+                metadata=self._metadata(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+        shared = SharedMemory(region, worker_id)
+        old = self._shared.pop(worker_id, None)
+        if old is not None:
+            old.close()
+        self._shared[worker_id] = shared
+        return shared
+
+    def shared_memory(self, worker_id=0):
+        """The worker's attached SharedMemory, or None."""
+        return self._shared.get(worker_id)
+
+    def _step_shared(self, shared, header, gradients, wire_dtype, result_dtype, timeout,
+                     copy_results):
+        if any(name not in shared.slots for name in gradients):
+            # The session may have gained tensors since this region was mapped (another handle
+            # added them): the daemon's region for them is a new one.
+            shared = self.attach_shared_memory(shared.worker_id)
+        shared.write_gradients(gradients, wire_dtype)
+        names = [] if len(gradients) == len(shared.slots) else list(gradients)
+        request = optd_pb2.StepSmallRequest(
+            header=header, shared_memory=optd_pb2.SharedMemoryStep(
+                dtype=wire.dtype_value(wire_dtype), tensors=names, nonce=shared.nonce))
+        try:
+            reply = self._stub.StepSmall(request, metadata=self._metadata(), timeout=timeout)
+        except grpc.RpcError as e:
+            # The daemon's session has no region for this worker, or another one (it restarted,
+            # reloaded the session, or the session gained tensors): refused before anything
+            # counted, so attach again and send the step once more.
+            if (e.code() != grpc.StatusCode.FAILED_PRECONDITION or
+                    "call AttachSharedMemory" not in (e.details() or "")):
+                _raise(e)
+            shared = self.attach_shared_memory(shared.worker_id)
+            return self._step_shared(shared, header, gradients, wire_dtype, result_dtype,
+                                     timeout, copy_results)
+        values = {}
+        if reply.summary.result != optd_pb2.STEP_RESULT_NONE:
+            shapes = self.shapes()
+            for name in shared.slots:
+                dtype = result_dtype or self._tensor_dtype(name)
+                flat = shared.read_result(name, dtype)
+                if copy_results and dtype == "fp32":
+                    flat = flat.copy()
+                values[name] = flat.reshape(shapes.get(name, flat.shape))
+        return self._result(reply.summary, values)
+
+    def _tensor_dtype(self, name):
+        """A tensor's own dtype name, its results' dtype when a step names none."""
+        if self._dtypes is None:
+            self.info()
+        return self._dtypes[name]
 
     def stream_step(self, step, **options):
         """A StreamedStep: this worker's Step for `step`, its gradients sent one tensor at a
@@ -408,6 +581,9 @@ class Session:
         except grpc.RpcError as e:
             _raise(e)
         self._learn(info)
+        # The session's tensors changed, and with them its regions' layout: map the new ones.
+        for worker_id in list(self._shared):
+            self.attach_shared_memory(worker_id)
         return info
 
     def export_state(self, parameters=True, chunk_bytes=0):

@@ -55,6 +55,7 @@ Sharded over several instances, the same on the same backend bit for bit:
 """
 
 import contextlib
+import ipaddress
 import secrets
 import warnings
 import weakref
@@ -63,7 +64,7 @@ import torch
 import torch.distributed as dist
 
 from optd import wire
-from optd.client import _MAX_MESSAGE_BYTES, Session
+from optd.client import _MAX_MESSAGE_BYTES, OptdError, Session
 from optd.sharded import ShardedSession
 from optd.v1 import optd_pb2
 
@@ -216,6 +217,21 @@ class _Ranks:
                     t.copy_(value)
 
 
+def _on_this_host(target):
+    """Whether a gRPC target names this host: a Unix socket, localhost or a loopback address."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for prefix in ("dns:///", "ipv4:", "ipv6:"):
+        target = target.removeprefix(prefix)
+    host = target[1:target.find("]")] if target.startswith("[") else target.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class RemoteOptimizer(torch.optim.Optimizer):
     """See the module docstring.
 
@@ -244,6 +260,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
     (where the gradients would not fit one message; README "Clients"). step_path: the RPC a
     step not overlapped takes, "auto" (one message while it fits), "stream" or "small"
     (Session.step's `path`).
+
+    shared_memory: step through a shared-memory region of the daemon's (optd.v1
+    AttachSharedMemory) instead of sending the tensors' bytes over gRPC: each step writes the
+    gradients into it and reads the results from it, and its messages carry no tensor bytes.
+    "auto" (default): where the client's daemon is on this host (a loopback address or a Unix
+    socket) and the gradients fit one message; True: always (an error where it cannot be);
+    False: never. The session is charged the region, 8 bytes per parameter per worker. Where the
+    region cannot be opened (the daemon in another container or running as another user), "auto"
+    steps over gRPC and `shared_memory_error` says why.
 
     session: an optd.Session or optd.sharded.ShardedSession to attach to instead of creating
     one (its tensors must be these parameters), not with a list of clients. sync: what attaching
@@ -274,7 +299,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  addresses=None, placement_epoch=1, sync=None, keep_session=False,
                  non_finite_policy="reject", checkpoint_interval=0, step_result="parameters",
                  straggler_timeout=None, process_group=None, grad_reduce="optd",
-                 delete_after_idle=86400.0, overlap="auto", step_path="auto"):
+                 delete_after_idle=86400.0, overlap="auto", step_path="auto",
+                 shared_memory="auto"):
         params = list(params)
         dict_groups = bool(params) and isinstance(params[0], dict)
         counter = [0]
@@ -322,6 +348,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._preset, self._lr, self._adamw_lr = preset, lr, adamw_lr  # add_param_group's defaults
         if step_path not in ("auto", "stream", "small"):
             raise ValueError(f"step_path is 'auto', 'stream' or 'small', got {step_path!r}")
+        if shared_memory not in (True, False, "auto"):
+            raise ValueError(f"shared_memory is True, False or 'auto', got {shared_memory!r}")
         self.step_path = step_path  # Session.step's path for a step not overlapped
         self._delta = step_result == "delta"
         groups = []
@@ -402,6 +430,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
                              "of clients")
         self._ranks = ranks
         self._grad_reduce = grad_reduce
+        # Shared memory where one daemon on this host takes this process's gradients: "auto"
+        # where they fit one message (a larger model's steps overlap backward instead).
+        fits = (sum(p.numel() for _, p in named) * wire.element_bytes(wire_dtype) <=
+                _MAX_MESSAGE_BYTES)
+        local = client is not None and not sharded and _on_this_host(client.target)
+        if shared_memory is True and (sharded or isinstance(session, ShardedSession)):
+            raise ValueError("shared_memory=True needs one daemon: not a sharded session")
+        self._want_shared = shared_memory is True or (shared_memory == "auto" and local and fits
+                                                      and not isinstance(session,
+                                                                         ShardedSession))
+        self._require_shared = shared_memory is True
+        self.shared_memory_error = None  # why steps go over gRPC where shared memory was wanted
         self._finalizer = None
         self._owned = False
         self._deleted = False
@@ -435,6 +475,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     self._versions = {name: p._version for name, p in self._parameters.items()}
                 elif not root:
                     self._download()
+        if self.session is not None and self._want_shared and (
+                ranks is None or grad_reduce == "optd" or ranks.rank == 0):
+            self._attach_shared_memory()
         # Overlap: where one session takes this process's gradients as they come (not sharded,
         # not DDP's rank-0 stepping), and "auto" where they would not fit one message anyway.
         streamed = (sum(p.numel() for _, p in named) * wire.element_bytes(wire_dtype) >
@@ -443,8 +486,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if overlap is True and not contiguous:
             raise ValueError("overlap=True copies results into the parameters in place: every "
                              "parameter must be contiguous")
+        shared = getattr(self.session, "shared_memory", None)
+        attached = shared is not None and shared(self._worker_id()) is not None
         self._overlap = overlap is True or (overlap == "auto" and overlappable and streamed and
-                                            contiguous)
+                                            contiguous and not attached)
         self._accumulators = []
         if self._overlap:
             self._hook_parameters(named)
@@ -455,7 +500,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         parameters, and returns what the other ranks of a process group need: the session's id
         and token, each group's (lr, weight_decay, momentum) and the step."""
         if session is None:
-            config = optd_pb2.SessionConfig(world_size=world_size, **config_options)
+            config = optd_pb2.SessionConfig(world_size=world_size,
+                                            shared_memory=self._want_shared, **config_options)
             for name, p in named:
                 config.tensors.add(name=name, shape=list(p.shape), group=tensor_group[name])
             config.groups.extend(_group_config(group) for group in self.param_groups)
@@ -500,6 +546,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._owned = created
         return (session.id, getattr(session, "token", None),
                 [self._hyperparams(g) for g in self.param_groups], self._step)
+
+    def _attach_shared_memory(self):
+        """Maps this worker's shared-memory region; where that cannot be (the daemon on another
+        host, in another container, or running as another user; a session created without it)
+        steps go over gRPC and shared_memory_error says why, unless shared_memory=True."""
+        try:
+            self.session.attach_shared_memory(self._worker_id())
+        except (OSError, OptdError) as e:
+            if self._require_shared:
+                raise
+            self.shared_memory_error = f"{type(e).__name__}: {e}"
 
     def __enter__(self):
         return self
@@ -739,8 +796,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if not gradients:
                 return False
             self._sync()
+            # Shared-memory results are views of the region: copied into the parameters below,
+            # before this worker's next step.
             result = self.session.step(self._step + 1, gradients, wire_dtype=self._wire_dtype,
-                                       worker_id=self._worker_id(), path=self.step_path)
+                                       worker_id=self._worker_id(), path=self.step_path,
+                                       **({"copy_results": False}
+                                          if isinstance(self.session, Session) else {}))
             for name, values in result.values.items():
                 p = self._parameters[name]
                 if self._delta:
