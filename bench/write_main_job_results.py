@@ -15,15 +15,16 @@ PRESETS = 7  # rows per model in table.txt
 
 
 def rows(lines, digits):
-    """(label, steps/s, remote ms, p99 ms, local ms or None, streamed ms) per row; digits rows
-    carry two more columns."""
+    """(label, steps/s, remote ms, p99 ms, local ms or None, gRPC one-message ms, streamed ms)
+    per row; digits rows carry two more columns."""
     out = []
     for line in lines:
         label, words = line[:15].strip(), line[15:].split()
         skip = 5 if digits else 3  # losses (and accuracies), steps/s
         remote, p99 = float(words[skip]), float(words[skip + 1])
         local = None if words[skip + 3] == "—" else float(words[skip + 3])
-        out.append((label, float(words[skip - 1]), remote, p99, local, float(words[-1])))
+        out.append((label, float(words[skip - 1]), remote, p99, local, float(words[-2]),
+                    float(words[-1])))
     return out
 
 
@@ -46,26 +47,28 @@ def main():
         "`scripts/main_job.py` with its own optd (CPU backend) on the same machine, PyTorch "
         "training through `optd.torch.RemoteOptimizer`, the analyzer on (every steps/20 on the "
         "MLP, steps/10 on the transformer). **remote** = `optimizer.step()` through optd, as the "
-        "training loop sees it (send the gradients, wait, copy the new parameters in), measured "
-        "by the client; the first step left out. **local** = the same rule stepped by torch in "
-        "the same run (`torch.optim.AdamW`, and Keller's Muon as `optd.local.LocalMuon` writes "
-        "it), where torch has it. **streamed** = the same session's step afterwards with every "
-        "step on the streamed `Step` RPC (without the one-message `StepSmall`), in the same "
-        "run.")
+        "training loop sees it (the gradients written, the step, the new parameters copied in), "
+        "measured by the client, the first step left out: through the daemon's shared memory, "
+        "which `RemoteOptimizer` attaches by itself with its daemon on this host (README, "
+        "\"Clients\"). **local** = the same rule stepped by torch in the same run "
+        "(`torch.optim.AdamW`, and Keller's Muon as `optd.local.LocalMuon` writes it), where "
+        "torch has it. **gRPC** and **streamed** = the same session's step afterwards with every "
+        "step sent over gRPC, in one message each way (`StepSmall`) or on the streamed `Step` "
+        "RPC, in the same run.")
     for title, model in models:
         add("")
         add(f"**{title}**")
         add("")
         add("| preset | steps/s | remote ms (p50) | p99 ms | p99 / p50 | local ms | "
-            "remote / local | streamed ms | streamed / local |")
-        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for label, steps_per_s, remote, p99, local, streamed in model:
+            "remote / local | gRPC ms | gRPC / local | streamed ms | streamed / local |")
+        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for label, steps_per_s, remote, p99, local, small, streamed in model:
             add(f"| {label} | {steps_per_s:.1f} | {remote:.2f} | {p99:.2f} | {p99 / remote:.1f}x | "
                 + (f"{local:.2f} | {remote / local:.1f}x |" if local else "— | — |")
-                + f" {streamed:.2f} | "
-                + (f"{streamed / local:.1f}x |" if local else "— |"))
+                + f" {small:.2f} | " + (f"{small / local:.1f}x |" if local else "— |")
+                + f" {streamed:.2f} | " + (f"{streamed / local:.1f}x |" if local else "— |"))
     worst = max((p99 / remote, label, title) for title, model in models
-                for label, _, remote, p99, _, _ in model)
+                for label, _, remote, p99, _, _, _ in model)
     add("")
     add("| target | measured | verdict |")
     add("|---|---|---|")
@@ -78,7 +81,8 @@ def main():
                 if row[0] == label and row[4]:
                     ratio = row[2] / row[4]
                     add(f"| {label}: remote step ≤ {target}x local, {title.split(',')[0]} | "
-                        f"{ratio:.1f}x (streamed {row[5] / row[4]:.1f}x) | "
+                        f"{ratio:.1f}x (gRPC {row[5] / row[4]:.1f}x, streamed "
+                        f"{row[6] / row[4]:.1f}x) | "
                         f"{'met' if ratio <= target else '**not met**'} |")
     add("")
     add("The daemon's own `optd_step_duration_seconds` is one histogram per optimizer label over "

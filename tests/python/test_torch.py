@@ -434,6 +434,11 @@ def test_shared_memory_trains_as_grpc_steps_bit_for_bit(daemon, monkeypatch):
                 for opt, extra in zip((shared, wired), extras):
                     opt.add_param_group({"params": [("extra", extra)], "lr": 1e-2})
                 assert "extra" in shared.session.shared_memory(0).slots
+            if step == 4:
+                # A region the daemon no longer knows (as after a restart): the step is refused
+                # before it counts, and the optimizer attaches again and sends it once more.
+                stale = shared.session.shared_memory(0)
+                stale.nonce = bytes(16)
             for net, opt, extra in zip(nets, (shared, wired), extras):
                 x, y = batch(step)
                 opt.zero_grad()
@@ -445,6 +450,10 @@ def test_shared_memory_trains_as_grpc_steps_bit_for_bit(daemon, monkeypatch):
             for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
                 assert torch.equal(a, b), f"{name} after step {step}"
             assert torch.equal(extras[0], extras[1])
+            if step == 4:
+                assert shared.session.shared_memory(0) is not stale
+            # Every step but the refused one took the one-copy path through the region.
+            assert (shared._region_plan is not None) == (step != 4)
         assert shared.session.info().step == 5
 
         def refuse(*args, **kwargs):

@@ -194,12 +194,20 @@ class StreamedStep:
             self._queue.put(None)
 
 
+def _region_refused(error):
+    """Whether the daemon refused a shared-memory step because the region it names is not the
+    worker's current one (nothing counted: attach again and resend)."""
+    return (error.code == grpc.StatusCode.FAILED_PRECONDITION and
+            "call AttachSharedMemory" in error.message)
+
+
 class SharedMemory:
     """A worker's shared-memory region of a session on this host (Session.attach_shared_memory):
     per tensor a gradient slot and a result slot, so a step's messages carry no tensor bytes.
     `gradient(name, dtype)` and `result(name, dtype)` are numpy views of the slots (float32, or
-    uint16 bits for bf16 and fp16); a result view holds the last step's values until the next
-    step of this worker overwrites them."""
+    uint16 bits for bf16 and fp16), `gradient_area` every fp32 gradient slot in the session's
+    order as one float32 view; a result view holds the last step's values until the next step
+    of this worker overwrites them."""
 
     def __init__(self, region, worker_id):
         self.worker_id = worker_id
@@ -220,7 +228,7 @@ class SharedMemory:
         self.slots = {slot.tensor: slot for slot in region.slots}
         # The gradient slots follow one another in the session's order: one copy fills them all.
         first = region.slots[0].gradient_offset if region.slots else 0
-        self._gradient_area = self._view(first, sum(s.elements for s in region.slots), "fp32")
+        self.gradient_area = self._view(first, sum(s.elements for s in region.slots), "fp32")
         self._fp32 = {name: (self.gradient(name), self.result(name)) for name in self.slots}
 
     def _view(self, offset, elements, dtype):
@@ -264,7 +272,7 @@ class SharedMemory:
         if dtype == "fp32" and list(gradients) == list(self.slots):
             flats = [as_float32(values) for values in gradients.values()]
             if all(flat.size == slot.elements for flat, slot in zip(flats, self.slots.values())):
-                np.concatenate(flats, out=self._gradient_area)
+                np.concatenate(flats, out=self.gradient_area)
                 return
         for name, values in gradients.items():
             self.write_gradient(name, values, dtype)
@@ -281,7 +289,7 @@ class SharedMemory:
 
     def close(self):
         """Unmaps the region once no view of it is left (views handed out keep it mapped)."""
-        self._bytes = self._gradient_area = self._fp32 = None
+        self._bytes = self.gradient_area = self._fp32 = None
         try:
             self._map.close()
         except BufferError:  # a result view still in use: unmapped when the last one goes
@@ -475,25 +483,51 @@ class Session:
             # The session may have gained tensors since this region was mapped (another handle
             # added them): the daemon's region for them is a new one.
             shared = self.attach_shared_memory(shared.worker_id)
+        names = None if len(gradients) == len(shared.slots) else list(gradients)
         shared.write_gradients(gradients, wire_dtype)
-        names = [] if len(gradients) == len(shared.slots) else list(gradients)
+        try:
+            return self._send_shared(shared, header, names, wire_dtype, result_dtype, timeout,
+                                     copy_results)
+        except OptdError as e:
+            # The daemon's session has no region for this worker, or another one (it restarted,
+            # reloaded the session, or the session gained tensors): refused before anything
+            # counted, so attach again, write the gradients there and send the step once more.
+            if not _region_refused(e):
+                raise
+        shared = self.attach_shared_memory(shared.worker_id)
+        shared.write_gradients(gradients, wire_dtype)
+        return self._send_shared(shared, header, names, wire_dtype, result_dtype, timeout,
+                                 copy_results)
+
+    def step_written(self, step, tensors=None, *, worker_id=0, lr=None, wire_dtype="fp32",
+                     result_dtype=None, timeout=None, placement_epoch=0, copy_results=True,
+                     values=True):
+        """step() for gradients the caller has already written into worker `worker_id`'s
+        region (SharedMemory.gradient(name, wire_dtype), or SharedMemory.gradient_area for every
+        fp32 gradient in the session's order); `tensors` names those it wrote (default every
+        tensor). FAILED_PRECONDITION (OptdError) before anything counts when the region is not
+        the worker's current one (the session gained tensors, was reloaded, or the daemon
+        restarted): attach again and write them there. With `values` False the StepResult's
+        values stay empty: read the results from the region (SharedMemory.result)."""
+        shared = self._shared.get(worker_id)
+        if shared is None:
+            raise OptdError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"worker {worker_id} has no shared memory: attach_shared_memory first")
+        header = _step_header(self.id, step, worker_id, lr, result_dtype, 0, placement_epoch)
+        return self._send_shared(shared, header, None if tensors is None else list(tensors),
+                                 wire_dtype, result_dtype, timeout, copy_results, values)
+
+    def _send_shared(self, shared, header, names, wire_dtype, result_dtype, timeout,
+                     copy_results, with_values=True):
         request = optd_pb2.StepSmallRequest(
             header=header, shared_memory=optd_pb2.SharedMemoryStep(
-                dtype=wire.dtype_value(wire_dtype), tensors=names, nonce=shared.nonce))
+                dtype=wire.dtype_value(wire_dtype), tensors=names or (), nonce=shared.nonce))
         try:
             reply = self._stub.StepSmall(request, metadata=self._metadata(), timeout=timeout)
         except grpc.RpcError as e:
-            # The daemon's session has no region for this worker, or another one (it restarted,
-            # reloaded the session, or the session gained tensors): refused before anything
-            # counted, so attach again and send the step once more.
-            if (e.code() != grpc.StatusCode.FAILED_PRECONDITION or
-                    "call AttachSharedMemory" not in (e.details() or "")):
-                _raise(e)
-            shared = self.attach_shared_memory(shared.worker_id)
-            return self._step_shared(shared, header, gradients, wire_dtype, result_dtype,
-                                     timeout, copy_results)
+            _raise(e)
         values = {}
-        if reply.summary.result != optd_pb2.STEP_RESULT_NONE:
+        if with_values and reply.summary.result != optd_pb2.STEP_RESULT_NONE:
             shapes = self.shapes()
             for name in shared.slots:
                 dtype = result_dtype or self._tensor_dtype(name)

@@ -64,7 +64,7 @@ import torch
 import torch.distributed as dist
 
 from optd import wire
-from optd.client import _MAX_MESSAGE_BYTES, OptdError, Session
+from optd.client import _MAX_MESSAGE_BYTES, OptdError, Session, _region_refused
 from optd.sharded import ShardedSession
 from optd.v1 import optd_pb2
 
@@ -447,6 +447,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._deleted = False
         self.session = None
         self._stream = None  # the overlapped Step of the backward under way
+        self._region_plan = None  # _step_in_region's views of the region, made once
         self.overlapped_steps = 0  # steps whose gradients went out during backward
         self._no_sync = 0
         if ranks is None:
@@ -783,6 +784,49 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 flat.copy_(torch.from_numpy(values))
         return stream.finish(on_chunk=arrived)
 
+    def _step_in_region(self, gradients):
+        """The step through this worker's shared memory with every gradient copied into it in
+        one torch.cat and every result copied out of it, where it can go that way: the region
+        attached, the fp32 wire, every parameter with an fp32 CPU gradient and fp32 results,
+        the region's tensors these parameters. None otherwise, and when the daemon no longer
+        has that region (nothing counted: Session.step attaches again)."""
+        if (self._wire_dtype != "fp32" or self.step_path != "auto" or
+                not isinstance(self.session, Session)):
+            return None
+        shared = self.session.shared_memory(self._worker_id())
+        if shared is None or len(gradients) != len(shared.slots):
+            return None
+        plan = self._region_plan
+        if plan is None or plan[0] is not shared:
+            names = list(shared.slots)
+            if set(names) != set(self._parameters) or any(
+                    self.session._tensor_dtype(n) != "fp32" for n in names):
+                return None
+            params = [self._parameters[n] for n in names]
+            plan = self._region_plan = (
+                shared, params, torch.from_numpy(shared.gradient_area),
+                [torch.from_numpy(shared.result(n)).view(p.shape) for n, p in zip(names, params)])
+        _, params, gradient_area, results = plan
+        grads = [gradients[self._names[id(p)]] for p in params]
+        if any(g.dtype != torch.float32 or g.device.type != "cpu" for g in grads):
+            return None
+        torch.cat([g.reshape(-1) for g in grads], out=gradient_area)
+        try:
+            result = self.session.step_written(self._step + 1, worker_id=self._worker_id(),
+                                               values=False)
+        except OptdError as e:
+            if not _region_refused(e):
+                raise
+            self._region_plan = None
+            return None
+        if result.kind != optd_pb2.STEP_RESULT_NONE:
+            for p, values in zip(params, results):
+                if self._delta:
+                    p.add_(values)
+                else:
+                    p.copy_(values)
+        return result
+
     def _remote_step(self):
         """Sends this process's gradients as its worker's and copies the step's results into
         the parameters; returns whether a step ran (not without any gradient)."""
@@ -796,6 +840,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             if not gradients:
                 return False
             self._sync()
+            result = self._step_in_region(gradients)
+        if result is None:
             # Shared-memory results are views of the region: copied into the parameters below,
             # before this worker's next step.
             result = self.session.step(self._step + 1, gradients, wire_dtype=self._wire_dtype,
