@@ -1,8 +1,10 @@
 // The per-call floor of a step (issue 18): p50 and p99 of a tiny step (one 64-element AdamW
-// tensor, world_size 1) as the streamed Step and as the one-message StepSmall, against the
-// floor of any call on the same daemon and channel, a unary GetServerInfo, measured in the same
-// run. bench/floor.sh runs it (and the Python client's counterpart, floor_bench.py) against one
-// optd and writes bench/RESULTS.md's "Per-call floor" section.
+// tensor, world_size 1) as the streamed Step, as the one-message StepSmall and through the
+// worker's shared memory, against the floor of any call on the same daemon and channel, a unary
+// GetServerInfo, measured in the same run; and a step of one million elements (4 MB each way)
+// as StepSmall and through shared memory. bench/floor.sh runs it (and the Python client's
+// counterpart, floor_bench.py) against one optd and writes bench/RESULTS.md's "Per-call floor"
+// section.
 //
 // Usage: floor_bench --server=HOST:PORT [--calls=N] > out.json
 #include <algorithm>
@@ -16,10 +18,14 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/client.h"
+#include "common/status_macros.h"
 
 namespace {
 
 using optd::client::StepPath;
+
+// The large step's tensor: 4 MB of fp32 each way, one message's worth.
+constexpr int64_t kLargeElements = 1000000;
 
 struct Figures {
   double p50_ms = 0, p99_ms = 0;
@@ -66,36 +72,57 @@ int main(int argc, char** argv) {
     return 1;
   }
   optd::client::Client client(*made);
-  optd::v1::SessionConfig config;
-  optd::v1::GroupConfig* group = config.add_groups();
-  group->set_name("v");
-  group->set_preset("adamw");
-  optd::v1::TensorConfig* tensor = config.add_tensors();
-  tensor->set_name("b");
-  tensor->add_shape(64);
-  tensor->set_group("v");
-  absl::StatusOr<optd::client::Session> session = client.CreateSession(config);
-  if (!session.ok()) {
-    std::fprintf(stderr, "floor_bench: %s\n", session.status().ToString().c_str());
+  // A session of one AdamW tensor of `elements`, its worker's shared memory attached.
+  auto open = [&](int64_t elements) -> absl::StatusOr<optd::client::Session> {
+    optd::v1::SessionConfig config;
+    optd::v1::GroupConfig* group = config.add_groups();
+    group->set_name("v");
+    group->set_preset("adamw");
+    optd::v1::TensorConfig* tensor = config.add_tensors();
+    tensor->set_name("b");
+    tensor->add_shape(elements);
+    tensor->set_group("v");
+    config.set_shared_memory(true);
+    absl::StatusOr<optd::client::Session> session = client.CreateSession(config);
+    if (session.ok()) OPTD_RETURN_IF_ERROR(session->AttachSharedMemory().status());
+    return session;
+  };
+  absl::StatusOr<optd::client::Session> tiny = open(64);
+  absl::StatusOr<optd::client::Session> large = open(kLargeElements);
+  if (!tiny.ok() || !large.ok()) {
+    std::fprintf(stderr, "floor_bench: %s\n",
+                 (tiny.ok() ? large.status() : tiny.status()).ToString().c_str());
     return 1;
   }
-  std::vector<float> gradient(64, 0.01f), out(64);
-  int64_t step = 0;
-  auto step_on = [&](StepPath path) {
+  std::vector<float> gradient(kLargeElements, 0.01f), out(kLargeElements);
+  int64_t step = 0, large_step = 0;
+  auto step_on = [&](optd::client::Session& session, int64_t& at, int64_t elements, StepPath path) {
     optd::client::StepOptions options;
     options.path = path;
-    options.outputs = {{"b", absl::MakeSpan(out)}};
-    return session->Step(++step, {{"b", gradient}}, options).ok();
+    const auto n = static_cast<size_t>(elements);
+    options.outputs = {{"b", absl::MakeSpan(out).subspan(0, n)}};
+    return session.Step(++at, {{"b", absl::MakeConstSpan(gradient).subspan(0, n)}}, options).ok();
   };
   const Figures info = Time(calls, [&] { return client.ServerInfo().ok(); });
-  const Figures streamed = Time(calls, [&] { return step_on(StepPath::kStream); });
-  const Figures small = Time(calls, [&] { return step_on(StepPath::kSmall); });
-  session->Delete().IgnoreError();
+  const Figures streamed = Time(calls, [&] { return step_on(*tiny, step, 64, StepPath::kStream); });
+  const Figures small = Time(calls, [&] { return step_on(*tiny, step, 64, StepPath::kSmall); });
+  const Figures shared = Time(calls, [&] { return step_on(*tiny, step, 64, StepPath::kShared); });
+  const int large_calls = std::max(10, calls / 10);
+  const Figures large_small = Time(
+      large_calls, [&] { return step_on(*large, large_step, kLargeElements, StepPath::kSmall); });
+  const Figures large_shared = Time(
+      large_calls, [&] { return step_on(*large, large_step, kLargeElements, StepPath::kShared); });
+  tiny->Delete().IgnoreError();
+  large->Delete().IgnoreError();
+  const auto json = [](const Figures& f) {
+    return absl::StrFormat("{\"p50_ms\": %.4f, \"p99_ms\": %.4f}", f.p50_ms, f.p99_ms);
+  };
   std::printf(
-      "{\"calls\": %d, \"server_info\": {\"p50_ms\": %.4f, \"p99_ms\": %.4f}, "
-      "\"step\": {\"p50_ms\": %.4f, \"p99_ms\": %.4f}, "
-      "\"step_small\": {\"p50_ms\": %.4f, \"p99_ms\": %.4f}}\n",
-      calls, info.p50_ms, info.p99_ms, streamed.p50_ms, streamed.p99_ms, small.p50_ms,
-      small.p99_ms);
+      "{\"calls\": %d, \"server_info\": %s, \"step\": %s, \"step_small\": %s, "
+      "\"step_shared\": %s, \"large_elements\": %lld, \"large_calls\": %d, "
+      "\"large_small\": %s, \"large_shared\": %s}\n",
+      calls, json(info).c_str(), json(streamed).c_str(), json(small).c_str(), json(shared).c_str(),
+      static_cast<long long>(kLargeElements), large_calls, json(large_small).c_str(),
+      json(large_shared).c_str());
   return 0;
 }

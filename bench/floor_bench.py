@@ -1,7 +1,9 @@
 #!/usr/bin/python3
 """The per-call floor of a step through the Python client (issue 18): p50 and p99 of a tiny step
-(one 64-element AdamW tensor) as the streamed Step and as StepSmall, against a unary
-GetServerInfo on the same daemon and channel, in the same run. Prints one JSON object.
+(one 64-element AdamW tensor) as the streamed Step, as StepSmall and through the worker's shared
+memory, against a unary GetServerInfo on the same daemon and channel, in the same run; and a
+step of one million elements (4 MB each way) as StepSmall and through shared memory. Prints one
+JSON object.
 
 Usage: PYTHONPATH=build/python bench/floor_bench.py --server=HOST:PORT [--calls=N]"""
 import argparse
@@ -12,6 +14,7 @@ import numpy as np
 
 import optd
 
+LARGE = 1000000  # the large step's tensor: 4 MB of fp32 each way, one message's worth
 
 def timed(calls, fn):
     for _ in range(calls // 10):
@@ -32,20 +35,30 @@ def main():
     args = parser.parse_args()
     with optd.Client(args.server, timeout=30) as client:
         client.wait_ready()
-        session = client.create_session(
-            'tensors { name: "b" shape: [64] group: "v" } groups { name: "v" preset: "adamw" }')
-        gradient = {"b": np.full(64, 0.01, dtype=np.float32)}
-        step = [0]
+        sessions, steps = {}, {}
+        for elements in (64, LARGE):
+            sessions[elements] = client.create_session(
+                f'tensors {{ name: "b" shape: [{elements}] group: "v" }} '
+                'groups { name: "v" preset: "adamw" } shared_memory: true')
+            sessions[elements].attach_shared_memory()
+            steps[elements] = 0
 
-        def step_on(path):
-            step[0] += 1
-            session.step(step[0], gradient, path=path)
+        def step_on(elements, path):
+            steps[elements] += 1
+            sessions[elements].step(steps[elements],
+                                    {"b": np.full(elements, 0.01, dtype=np.float32)}, path=path)
 
+        large_calls = max(10, args.calls // 10)
         out = {"calls": args.calls,
                "server_info": timed(args.calls, client.server_info),
-               "step": timed(args.calls, lambda: step_on("stream")),
-               "step_small": timed(args.calls, lambda: step_on("small"))}
-        session.delete()
+               "step": timed(args.calls, lambda: step_on(64, "stream")),
+               "step_small": timed(args.calls, lambda: step_on(64, "small")),
+               "step_shared": timed(args.calls, lambda: step_on(64, "shared")),
+               "large_elements": LARGE, "large_calls": large_calls,
+               "large_small": timed(large_calls, lambda: step_on(LARGE, "small")),
+               "large_shared": timed(large_calls, lambda: step_on(LARGE, "shared"))}
+        for session in sessions.values():
+            session.delete()
     print(json.dumps(out))
 
 

@@ -25,16 +25,33 @@ def main():
         "machine over loopback; a step is one 64-element AdamW tensor, world_size 1, results "
         f"returned as parameters; {runs['C++']['calls']} timed calls of each after a tenth as "
         "many untimed. The baseline is a unary `GetServerInfo` on the same channel in the same "
-        "run (targets: C++ StepSmall ≤ 2×, Python StepSmall ≤ 1.5×).")
+        "run (targets: C++ StepSmall ≤ 2×, Python StepSmall ≤ 1.5×). **shared memory** = "
+        "StepSmall with the gradient and result in the worker's shared-memory region (README, "
+        "\"Clients\"): no tensor bytes in either message.")
     add("")
     add("| client | GetServerInfo p50 | Step p50 (× baseline) | StepSmall p50 (× baseline) | "
-        "StepSmall p99 |")
-    add("|---|---|---|---|---|")
+        "StepSmall p99 | shared memory p50 (× baseline) |")
+    add("|---|---|---|---|---|---|")
     for name, r in runs.items():
         base = r["server_info"]["p50_ms"]
         add(f"| {name} | {base:.3f} ms | {r['step']['p50_ms']:.3f} ms "
             f"({r['step']['p50_ms'] / base:.2f}×) | {r['step_small']['p50_ms']:.3f} ms "
-            f"({r['step_small']['p50_ms'] / base:.2f}×) | {r['step_small']['p99_ms']:.3f} ms |")
+            f"({r['step_small']['p50_ms'] / base:.2f}×) | {r['step_small']['p99_ms']:.3f} ms | "
+            f"{r['step_shared']['p50_ms']:.3f} ms ({r['step_shared']['p50_ms'] / base:.2f}×) |")
+    add("")
+    large = runs["C++"]["large_elements"]
+    add(f"A step of {large:,} elements ({4 * large / 1e6:.0f} MB of fp32 each way, one message's "
+        f"worth; {runs['C++']['large_calls']} timed calls of each), over gRPC in one message each "
+        "way against through shared memory:")
+    add("")
+    add("| client | StepSmall p50 | StepSmall p99 | shared memory p50 | shared memory p99 | "
+        "shared / StepSmall |")
+    add("|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        small, shared = r["large_small"], r["large_shared"]
+        add(f"| {name} | {small['p50_ms']:.3f} ms | {small['p99_ms']:.3f} ms | "
+            f"{shared['p50_ms']:.3f} ms | {shared['p99_ms']:.3f} ms | "
+            f"{shared['p50_ms'] / small['p50_ms']:.2f}× |")
     add("")
     close_section(args.results, BEGIN, END, lines)
 

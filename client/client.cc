@@ -1,6 +1,12 @@
 #include "client/client.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -256,6 +262,14 @@ int64_t GradientMessageBytes(absl::Span<const NamedTensor> gradients, DType wire
 
 absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTensor> gradients,
                                          const StepOptions& options) {
+  if (options.path == StepPath::kShared || options.path == StepPath::kAuto) {
+    std::shared_ptr<SharedMemory> shared = shared_memory(options.worker_id);
+    if (shared != nullptr) return StepShared(step, gradients, options, std::move(shared));
+    if (options.path == StepPath::kShared) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "worker ", options.worker_id, " has no shared memory: AttachSharedMemory first"));
+    }
+  }
   const bool small = options.path == StepPath::kSmall ||
                      (options.path == StepPath::kAuto && !results_too_large_->load() &&
                       GradientMessageBytes(gradients, options.wire_dtype, options.chunk_bytes) <=
@@ -297,6 +311,151 @@ absl::StatusOr<StepResult> Session::StepInOneMessage(int64_t step,
   const std::map<absl::string_view, absl::Span<float>> outputs = OutputsByName(options);
   for (const v1::TensorChunk& c : response.chunks()) {
     OPTD_RETURN_IF_ERROR(TakeChunk(c, outputs, result));
+  }
+  return result;
+}
+
+namespace {
+
+// The daemon refused a shared-memory step because the region it names is not the worker's
+// current one: nothing counted, attach again and resend.
+bool RegionRefused(const absl::Status& status) {
+  return absl::IsFailedPrecondition(status) &&
+         absl::StrContains(status.message(), "call AttachSharedMemory");
+}
+
+}  // namespace
+
+SharedMemory::SharedMemory(v1::SharedMemoryRegion region, int worker_id, char* data)
+    : region_(std::move(region)), worker_id_(worker_id), data_(data) {
+  for (int i = 0; i < region_.slots_size(); ++i) slots_[region_.slots(i).tensor()] = i;
+}
+
+SharedMemory::~SharedMemory() { munmap(data_, static_cast<size_t>(region_.bytes())); }
+
+absl::StatusOr<std::unique_ptr<SharedMemory>> SharedMemory::Map(v1::SharedMemoryRegion region,
+                                                                int worker_id) {
+  const int fd = open(region.path().c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot open shared memory ", region.path(), ": ", std::strerror(errno)));
+  }
+  struct stat st {};
+  void* data = MAP_FAILED;
+  if (fstat(fd, &st) == 0 && st.st_size == region.bytes() && region.bytes() > 0) {
+    data = mmap(nullptr, static_cast<size_t>(region.bytes()), PROT_READ | PROT_WRITE, MAP_SHARED,
+                fd, 0);
+  }
+  close(fd);
+  if (data == MAP_FAILED) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot map shared memory ", region.path(), " (", region.bytes(), " bytes)"));
+  }
+  const size_t nonce = region.nonce().size();
+  if (nonce == 0 || std::memcmp(data, region.nonce().data(), nonce) != 0) {
+    munmap(data, static_cast<size_t>(region.bytes()));
+    return absl::DataLossError(absl::StrCat(region.path(),
+                                            " is not the session's region (another process's "
+                                            "namespace?)"));
+  }
+  return std::unique_ptr<SharedMemory>(
+      new SharedMemory(std::move(region), worker_id, static_cast<char*>(data)));
+}
+
+const v1::SharedMemorySlot* SharedMemory::slot(absl::string_view tensor) const {
+  auto it = slots_.find(tensor);
+  return it == slots_.end() ? nullptr : &region_.slots(it->second);
+}
+
+absl::StatusOr<std::shared_ptr<SharedMemory>> Session::AttachSharedMemory(int worker_id) {
+  grpc::ClientContext context;
+  Authorize(context);
+  v1::AttachSharedMemoryRequest request;
+  request.set_session_id(id_);
+  request.set_worker_id(worker_id);
+  v1::SharedMemoryRegion region;
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->AttachSharedMemory(&context, request, &region)));
+  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<SharedMemory> shared,
+                        SharedMemory::Map(std::move(region), worker_id));
+  absl::MutexLock lock(&attached_->mu);
+  attached_->regions[worker_id] = shared;
+  return shared;
+}
+
+std::shared_ptr<SharedMemory> Session::shared_memory(int worker_id) const {
+  absl::MutexLock lock(&attached_->mu);
+  auto it = attached_->regions.find(worker_id);
+  return it == attached_->regions.end() ? nullptr : it->second;
+}
+
+absl::StatusOr<StepResult> Session::StepShared(int64_t step,
+                                               absl::Span<const NamedTensor> gradients,
+                                               const StepOptions& options,
+                                               std::shared_ptr<SharedMemory> shared) {
+  // A tensor the region lacks: the session gained tensors since it was mapped.
+  if (std::any_of(gradients.begin(), gradients.end(),
+                  [&](const NamedTensor& g) { return shared->slot(g.name) == nullptr; })) {
+    OPTD_ASSIGN_OR_RETURN(shared, AttachSharedMemory(options.worker_id));
+  }
+  absl::StatusOr<StepResult> result = SendShared(step, gradients, options, *shared);
+  if (!RegionRefused(result.status())) return result;
+  OPTD_ASSIGN_OR_RETURN(shared, AttachSharedMemory(options.worker_id));
+  return SendShared(step, gradients, options, *shared);
+}
+
+absl::StatusOr<StepResult> Session::SendShared(int64_t step,
+                                               absl::Span<const NamedTensor> gradients,
+                                               const StepOptions& options,
+                                               const SharedMemory& shared) {
+  v1::StepSmallRequest request;
+  FillStepHeader(id_, step, options, *request.mutable_header());
+  v1::SharedMemoryStep& wanted = *request.mutable_shared_memory();
+  wanted.set_dtype(ToWireDType(options.wire_dtype));
+  wanted.set_nonce(shared.region().nonce());
+  for (const NamedTensor& g : gradients) {
+    const v1::SharedMemorySlot* slot = shared.slot(g.name);
+    if (slot == nullptr) {
+      return absl::NotFoundError(absl::StrCat("the shared memory has no tensor '", g.name, "'"));
+    }
+    if (static_cast<int64_t>(g.values.size()) != slot->elements()) {
+      return absl::InvalidArgumentError(absl::StrCat("gradient of '", g.name, "' has ",
+                                                     g.values.size(), " elements, the tensor ",
+                                                     slot->elements()));
+    }
+    OPTD_RETURN_IF_ERROR(
+        EncodeWireInto(options.wire_dtype, g.values, shared.gradient_bytes(*slot)));
+    if (static_cast<int>(gradients.size()) != shared.region().slots_size())
+      wanted.add_tensors(g.name);
+  }
+  grpc::ClientContext context;
+  StartStepCall(context, options);
+  v1::StepSmallResponse response;
+  OPTD_RETURN_IF_ERROR(FromGrpcStatus(stub_->StepSmall(&context, request, &response)));
+  StepResult result;
+  TakeSummary(response.summary(), result);
+  if (result.kind == v1::STEP_RESULT_NONE) return result;
+  const std::map<absl::string_view, absl::Span<float>> outputs = OutputsByName(options);
+  for (const v1::SharedMemorySlot& slot : shared.region().slots()) {
+    OPTD_ASSIGN_OR_RETURN(const DType tensor_dtype, FromWireDType(slot.dtype()));
+    const DType dtype = options.result_dtype.value_or(tensor_dtype);
+    const absl::string_view bytes(shared.result_bytes(slot),
+                                  static_cast<size_t>(slot.elements()) * DTypeSize(dtype));
+    auto o = outputs.find(slot.tensor());
+    absl::Span<float> into;
+    if (o != outputs.end()) {
+      if (static_cast<int64_t>(o->second.size()) < slot.elements()) {
+        return absl::DataLossError(absl::StrCat("the output of '", slot.tensor(), "' holds ",
+                                                o->second.size(), " of its ", slot.elements(),
+                                                " elements"));
+      }
+      into = o->second.subspan(0, static_cast<size_t>(slot.elements()));
+    } else {
+      std::vector<float>& values = result.values[slot.tensor()];
+      values.resize(static_cast<size_t>(slot.elements()));
+      into = absl::MakeSpan(values);
+    }
+    OPTD_RETURN_IF_ERROR(
+        DecodeWire(dtype, bytes, into, std::numeric_limits<float>::infinity()).status());
   }
   return result;
 }

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -15,6 +16,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "common/dtype.h"
@@ -53,11 +56,15 @@ struct NamedOutput {
   absl::Span<float> values;  // the tensor's size
 };
 
-// How a step travels: one message each way (StepSmall) or a stream (Step).
+// How a step travels: one message each way (StepSmall), a stream (Step), or through the
+// worker's shared-memory region (a StepSmall carrying no tensor bytes).
 enum class StepPath {
-  kAuto,    // StepSmall while the gradients and the session's results fit one message, else Step
+  kAuto,    // the worker's shared memory where it is attached (Session::AttachSharedMemory),
+            // else StepSmall while the gradients and the session's results fit one message,
+            // else Step
   kStream,  // always Step
   kSmall,   // always StepSmall (RESOURCE_EXHAUSTED when the results do not fit)
+  kShared,  // always the worker's shared memory (FAILED_PRECONDITION when not attached)
 };
 
 struct StepOptions {
@@ -97,6 +104,39 @@ struct SessionState {
   std::map<std::pair<std::string, std::string>, std::vector<float>> records;
 };
 
+// A worker's shared-memory region of a session on this host (optd.proto, AttachSharedMemory),
+// mapped read-write: per tensor a gradient slot and a result slot, 4 bytes per element each.
+class SharedMemory {
+ public:
+  // Maps `region` (opening its path) and checks its nonce. Unavailable naming the path when
+  // this process cannot open it (another host, container or user); DataLoss when it is not the
+  // region the daemon described.
+  static absl::StatusOr<std::unique_ptr<SharedMemory>> Map(v1::SharedMemoryRegion region,
+                                                           int worker_id);
+  ~SharedMemory();
+  SharedMemory(const SharedMemory&) = delete;
+  SharedMemory& operator=(const SharedMemory&) = delete;
+
+  int worker_id() const { return worker_id_; }
+  const v1::SharedMemoryRegion& region() const { return region_; }
+  // The slot of `tensor`, or null.
+  const v1::SharedMemorySlot* slot(absl::string_view tensor) const;
+  char* gradient_bytes(const v1::SharedMemorySlot& slot) const {
+    return data_ + slot.gradient_offset();
+  }
+  const char* result_bytes(const v1::SharedMemorySlot& slot) const {
+    return data_ + slot.result_offset();
+  }
+
+ private:
+  SharedMemory(v1::SharedMemoryRegion region, int worker_id, char* data);
+
+  v1::SharedMemoryRegion region_;
+  int worker_id_;
+  char* data_;
+  std::map<std::string, int, std::less<>> slots_;
+};
+
 class Session {
  public:
   Session(std::shared_ptr<grpc::Channel> channel, std::string id, std::string token);
@@ -126,6 +166,12 @@ class Session {
   // picks the RPC; both have the same semantics and give the same result.
   absl::StatusOr<StepResult> Step(int64_t step, absl::Span<const NamedTensor> gradients,
                                   const StepOptions& options = {});
+  // Maps worker `worker_id`'s shared-memory region (the session created with shared_memory, the
+  // daemon on this host, this process allowed to open it); steps on StepPath::kAuto then go
+  // through it. Attaching again maps the daemon's current region.
+  absl::StatusOr<std::shared_ptr<SharedMemory>> AttachSharedMemory(int worker_id = 0);
+  // The worker's attached region, or null.
+  std::shared_ptr<SharedMemory> shared_memory(int worker_id = 0) const;
   absl::Status UpdateHyperparams(absl::Span<const v1::HyperparamUpdate> updates);
   // `shared`: also write the copy other instances restore a resharded session from.
   absl::StatusOr<v1::CheckpointResponse> Checkpoint(bool shared = false);
@@ -152,6 +198,11 @@ class Session {
                                           const StepOptions& options);
   absl::StatusOr<StepResult> StepInOneMessage(int64_t step, absl::Span<const NamedTensor> gradients,
                                               const StepOptions& options);
+  absl::StatusOr<StepResult> StepShared(int64_t step, absl::Span<const NamedTensor> gradients,
+                                        const StepOptions& options,
+                                        std::shared_ptr<SharedMemory> shared);
+  absl::StatusOr<StepResult> SendShared(int64_t step, absl::Span<const NamedTensor> gradients,
+                                        const StepOptions& options, const SharedMemory& shared);
 
   std::shared_ptr<grpc::Channel> channel_;
   std::shared_ptr<v1::Optimizer::Stub> stub_;  // shared: a Session is a copyable handle
@@ -161,6 +212,12 @@ class Session {
   int64_t max_message_bytes_ = ChannelOptions{}.max_message_bytes;
   // Set once the daemon said this session's results do not fit one message: kAuto streams.
   std::shared_ptr<std::atomic<bool>> results_too_large_ = std::make_shared<std::atomic<bool>>();
+  // The workers' attached regions, shared by the handle's copies.
+  struct Attached {
+    absl::Mutex mu;
+    std::map<int, std::shared_ptr<SharedMemory>> regions ABSL_GUARDED_BY(mu);
+  };
+  std::shared_ptr<Attached> attached_ = std::make_shared<Attached>();
 };
 
 class Client {

@@ -325,6 +325,7 @@ v1::SessionConfig LevelRun::Config() const {
   }
   config.set_world_size(options_.world_size);
   config.set_step_result(options_.result);
+  config.set_shared_memory(options_.step_path == client::StepPath::kShared);
   return config;
 }
 
@@ -360,6 +361,11 @@ absl::Status LevelRun::Create() {
           session.status().code(),
           absl::StrCat("creating a session on ", options_.endpoints[i % clients_.size()], ": ",
                        session.status().message()));
+    }
+    for (int worker = 0; options_.step_path == client::StepPath::kShared &&
+                         worker < std::max(1, options_.world_size);
+         ++worker) {
+      OPTD_RETURN_IF_ERROR(session->AttachSharedMemory(worker).status());
     }
     sessions_.push_back(std::make_unique<SessionRun>(*std::move(session), options_.world_size));
   }

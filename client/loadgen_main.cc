@@ -45,8 +45,9 @@ ABSL_FLAG(bool, print_model, false,
 ABSL_FLAG(std::string, preset, "keller", "Optimizer preset of the matrices (vectors: adamw).");
 ABSL_FLAG(std::string, wire_dtype, "fp32", "Gradient wire dtype: fp32, bf16 or fp16.");
 ABSL_FLAG(std::string, step_path, "auto",
-          "How steps travel: stream (Step), small (StepSmall, one message each way) or auto "
-          "(StepSmall while the step fits one message).");
+          "How steps travel: stream (Step), small (StepSmall, one message each way), shared "
+          "(StepSmall through each worker's shared-memory region: the daemon on this host, not "
+          "with --sharded) or auto (StepSmall while the step fits one message).");
 ABSL_FLAG(std::string, result, "parameters", "What a step returns: parameters, delta or none.");
 ABSL_FLAG(int, world_size, 1, "Workers per session; a step applies once all have sent it.");
 ABSL_FLAG(std::string, concurrency, "1",
@@ -158,8 +159,11 @@ int main(int argc, char** argv) {
     usage_error = "--wire_dtype is fp32, bf16 or fp16";
   } else if (absl::GetFlag(FLAGS_step_path) != "stream" &&
              absl::GetFlag(FLAGS_step_path) != "small" &&
+             absl::GetFlag(FLAGS_step_path) != "shared" &&
              absl::GetFlag(FLAGS_step_path) != "auto") {
-    usage_error = "--step_path is stream, small or auto";
+    usage_error = "--step_path is stream, small, shared or auto";
+  } else if (absl::GetFlag(FLAGS_step_path) == "shared" && absl::GetFlag(FLAGS_sharded)) {
+    usage_error = "--step_path=shared steps one daemon's sessions: not with --sharded";
   } else if (result != "parameters" && result != "delta" && result != "none") {
     usage_error = "--result is parameters, delta or none";
   } else if (arrival != "constant" && arrival != "poisson") {
@@ -198,9 +202,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   options.wire_dtype = *dtype;
-  options.step_path = absl::GetFlag(FLAGS_step_path) == "small"  ? optd::client::StepPath::kSmall
-                      : absl::GetFlag(FLAGS_step_path) == "auto" ? optd::client::StepPath::kAuto
-                                                                 : optd::client::StepPath::kStream;
+  const std::string step_path = absl::GetFlag(FLAGS_step_path);
+  options.step_path = step_path == "small"    ? optd::client::StepPath::kSmall
+                      : step_path == "shared" ? optd::client::StepPath::kShared
+                      : step_path == "auto"   ? optd::client::StepPath::kAuto
+                                              : optd::client::StepPath::kStream;
   options.result = result == "none"    ? optd::v1::STEP_RESULT_NONE
                    : result == "delta" ? optd::v1::STEP_RESULT_DELTA
                                        : optd::v1::STEP_RESULT_PARAMETERS;

@@ -13,8 +13,9 @@ namespace optd::server {
 // M_TRIM_THRESHOLD and M_MMAP_THRESHOLD). A step allocates and frees its messages, chunks and
 // results, hundreds of KiB each: with glibc's dynamic defaults the heap's top is trimmed after
 // them and every step faults in freshly zeroed pages again. bytes = 0 leaves the defaults.
-// INVALID_ARGUMENT when bytes is negative or over 2 GiB; UNIMPLEMENTED where the C library is
-// not glibc.
+// INVALID_ARGUMENT when bytes is negative or over 2 GiB; UNIMPLEMENTED where it cannot be done
+// (a C library other than glibc): the defaults then hold. Under a sanitizer, whose allocator
+// keeps its own policy, it does nothing.
 absl::Status KeepFreedHeap(int64_t bytes);
 
 }  // namespace optd::server

@@ -149,7 +149,8 @@ int main(int argc, char** argv) {
   if (absl::Status kept = optd::server::KeepFreedHeap(absl::GetFlag(FLAGS_malloc_keep_bytes));
       !kept.ok()) {
     std::fprintf(stderr, "optd: --malloc_keep_bytes: %s\n", std::string(kept.message()).c_str());
-    // Without glibc the C library keeps its own policy: a warning, not a refusal.
+    // Where it cannot be done (not glibc, a sanitizer's allocator) the C library keeps its own
+    // policy: a warning, not a refusal.
     if (!absl::IsUnimplemented(kept)) return 2;
   }
 

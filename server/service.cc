@@ -717,6 +717,7 @@ grpc::Status OptimizerService::AttachSharedMemory(grpc::ServerContext* context,
                     slot->set_elements(session->num_elements(t));
                     slot->set_gradient_offset(region->layout().gradient_offsets[t]);
                     slot->set_result_offset(region->layout().result_offsets[t]);
+                    slot->set_dtype(ToWireDType(session->tensor_dtype(t)));
                   }
                   return absl::OkStatus();
                 }));

@@ -167,6 +167,26 @@ TEST_F(LoadgenRunTest, OneMessageStepsAreStepSmallCallsWithTheSameCounts) {
   EXPECT_GT(level.server_phase_seconds().at("compute"), 0);
 }
 
+TEST_F(LoadgenRunTest, SharedMemoryStepsAreStepSmallCallsWithoutWireBytes) {
+  // --step_path=shared: every worker attaches its region, and every step is one StepSmall call
+  // whose tensors go through it, none over the wire.
+  loadgen::Options o = Options();
+  o.world_size = 2;
+  o.step_path = client::StepPath::kShared;
+  o.max_windows = 2;
+  o.stable_windows = 100;
+  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {1});
+  ASSERT_TRUE(report.ok()) << report.status();
+  const v1::LoadgenLevel& level = report->levels(0);
+  EXPECT_GT(level.steps(), 0);
+  EXPECT_EQ(level.total_errors(), 0);
+  EXPECT_EQ(level.total_steps(),
+            Counter(*server_, R"(optd_rpc_total{code="OK",method="StepSmall"})"));
+  EXPECT_EQ(Counter(*server_, R"(optd_rpc_total{code="OK",method="AttachSharedMemory"})"), 2);
+  EXPECT_EQ(Counter(*server_, "optd_bytes_received_total"), 0);
+  EXPECT_EQ(Counter(*server_, "optd_bytes_sent_total"), 0);
+}
+
 TEST_F(LoadgenRunTest, CountsAgreeWithTheDaemonsOwnAndSessionsAreDeleted) {
   loadgen::Options o = Options();
   o.step_path = client::StepPath::kStream;  // the streamed RPC (StepSmall's test is above)

@@ -190,6 +190,65 @@ TEST_F(SharedMemoryTest, StepsEqualOneMessageStepsBitForBit) {
   for (const auto& [name, values] : *held) EXPECT_TRUE(BitwiseEqual(mapped.Result(name), values));
 }
 
+TEST_F(SharedMemoryTest, TheCppClientStepsThroughItAsThroughMessages) {
+  // client::Session::AttachSharedMemory, then StepPath::kAuto goes through the region: the
+  // results of kSmall bit for bit, into StepResult::values or the caller's outputs, in every wire
+  // dtype; after the session gains tensors through another handle, the stale handle's next step
+  // is refused before it counts, and the client attaches again and resends by itself.
+  const v1::SessionConfig config = Config(true);
+  client::Session shared = *client_->CreateSession(config);
+  client::Session wired = *client_->CreateSession(config);
+  client::StepOptions small;
+  small.path = client::StepPath::kShared;
+  EXPECT_EQ(shared.Step(1, {}, small).status().code(), absl::StatusCode::kFailedPrecondition);
+  absl::StatusOr<std::shared_ptr<client::SharedMemory>> mapped = shared.AttachSharedMemory();
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  EXPECT_EQ(shared.shared_memory(0), *mapped);
+  Reference reference(config);
+  const DType dtypes[] = {DType::kF32, DType::kBF16, DType::kF16};
+  std::vector<float> bias(40);
+  for (int64_t step = 1; step <= 3; ++step) {
+    std::vector<std::vector<float>> grads;
+    for (int t = 0; t < reference.num_tensors(); ++t) {
+      grads.push_back(Gradient(reference.count(t), static_cast<uint64_t>(t), step, 0));
+    }
+    client::StepOptions through, over;
+    through.wire_dtype = over.wire_dtype = dtypes[step - 1];
+    through.outputs = {{"bias", absl::MakeSpan(bias)}};
+    over.path = client::StepPath::kSmall;
+    absl::StatusOr<client::StepResult> a = shared.Step(step, AsNamed(reference, grads), through);
+    absl::StatusOr<client::StepResult> b = wired.Step(step, AsNamed(reference, grads), over);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ(a->values.count("bias"), 0u);
+    EXPECT_TRUE(BitwiseEqual(bias, b->values.at("bias")));
+    for (const std::string name : {"hidden", "conv"}) {
+      EXPECT_TRUE(BitwiseEqual(a->values.at(name), b->values.at(name))) << name;
+    }
+  }
+  client::Session stale = client_->OpenSession(shared.id(), shared.token());
+  ASSERT_TRUE(stale.AttachSharedMemory().ok());
+  v1::TensorConfig extra;
+  extra.set_name("extra");
+  extra.add_shape(3);
+  extra.set_group("vectors");
+  ASSERT_TRUE(shared.AddTensors({extra}).ok());
+  ASSERT_TRUE(wired.AddTensors({extra}).ok());
+  ASSERT_TRUE(shared.AttachSharedMemory().ok());  // the daemon's session has a new region
+  const std::vector<float> g = Gradient(40, 2, 4, 0);
+  client::StepOptions over;
+  over.path = client::StepPath::kSmall;
+  absl::StatusOr<client::StepResult> a = stale.Step(4, {{"bias", g}});
+  absl::StatusOr<client::StepResult> b = wired.Step(4, {{"bias", g}}, over);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_NE(stale.shared_memory(0)->region().nonce(), (*mapped)->region().nonce());
+  EXPECT_NE(stale.shared_memory(0)->slot("extra"), nullptr);
+  for (const auto& [name, values] : b->values) {
+    EXPECT_TRUE(BitwiseEqual(a->values.at(name), values)) << name;
+  }
+}
+
 TEST_F(SharedMemoryTest, WorkersMixSharedMemoryAndMessages) {
   const v1::SessionConfig config = Config(true, /*world_size=*/2);
   client::Session session = *client_->CreateSession(config);

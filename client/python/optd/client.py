@@ -305,7 +305,6 @@ class Session:
         self.token = token
         self.timeout = timeout
         self._shapes = None
-        self._dtypes = None
         self._results_too_large = False  # StepSmall refused this session's results
         self._shared = {}  # worker id -> SharedMemory (attach_shared_memory)
         if info is not None:
@@ -316,7 +315,6 @@ class Session:
 
     def _learn(self, info):
         self._shapes = {t.config.name: tuple(t.config.shape) for t in info.tensors}
-        self._dtypes = {t.config.name: wire.NAMES.get(t.config.dtype, "fp32") for t in info.tensors}
 
     def shapes(self):
         """Tensor name -> shape, in session order."""
@@ -530,18 +528,12 @@ class Session:
         if with_values and reply.summary.result != optd_pb2.STEP_RESULT_NONE:
             shapes = self.shapes()
             for name in shared.slots:
-                dtype = result_dtype or self._tensor_dtype(name)
+                dtype = result_dtype or wire.NAMES.get(shared.slots[name].dtype, "fp32")
                 flat = shared.read_result(name, dtype)
                 if copy_results and dtype == "fp32":
                     flat = flat.copy()
                 values[name] = flat.reshape(shapes.get(name, flat.shape))
         return self._result(reply.summary, values)
-
-    def _tensor_dtype(self, name):
-        """A tensor's own dtype name, its results' dtype when a step names none."""
-        if self._dtypes is None:
-            self.info()
-        return self._dtypes[name]
 
     def stream_step(self, step, **options):
         """A StreamedStep: this worker's Step for `step`, its gradients sent one tensor at a

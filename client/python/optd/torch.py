@@ -800,7 +800,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if plan is None or plan[0] is not shared:
             names = list(shared.slots)
             if set(names) != set(self._parameters) or any(
-                    self.session._tensor_dtype(n) != "fp32" for n in names):
+                    slot.dtype not in (optd_pb2.DTYPE_UNSPECIFIED, optd_pb2.DTYPE_FP32)
+                    for slot in shared.slots.values()):
                 return None
             params = [self._parameters[n] for n in names]
             plan = self._region_plan = (
