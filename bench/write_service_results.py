@@ -65,12 +65,15 @@ def main():
         "`--pipeline_scratch_bytes=0` (receive everything, then step, then send). **Bytes "
         "alone** = the same bytes with no step: UploadParams of the gradients, then GetParams of "
         "the parameters into the same buffers. **In-process** = `Optimizer::Step` of the kernels "
-        "library on the same tensors, gradients already staged.")
+        "library on the same tensors, gradients already staged. **Shared memory** = the remote "
+        "step of a client on the daemon's host through its worker's shared-memory region "
+        "(README, \"Clients\"): the client library writes the fp32 gradients into it and reads "
+        "the parameters out of it, no tensor bytes on the wire.")
     add("")
     add("| preset | in-process s (min–max) | remote s, fp32 wire | / in-process | serial daemon s "
         "| / in-process | bytes alone s | remote / bytes alone | CPU floor s | remote / floor "
-        "| remote s, bf16 wire | / in-process |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "| remote s, bf16 wire | / in-process | shared memory s | / in-process |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in bench["steps"]:
         local = statistics.median(s["in_process_s"])
         fp32 = statistics.median(s["remote_fp32_s"])
@@ -81,7 +84,9 @@ def main():
         add(f"| {s['preset']} | {spread(s['in_process_s'])} | {spread(s['remote_fp32_s'])} | "
             f"{fp32 / local:.2f}x | {spread(s['remote_serial_fp32_s'])} | {serial / local:.2f}x | "
             f"{spread(s['transfer_fp32_s'])} | {fp32 / alone:.2f}x | {floor:.3f} | "
-            f"{fp32 / floor:.2f}x | {spread(s['remote_bf16_s'])} | {bf16 / local:.2f}x |")
+            f"{fp32 / floor:.2f}x | {spread(s['remote_bf16_s'])} | {bf16 / local:.2f}x | "
+            f"{spread(s['remote_shared_fp32_s'])} | "
+            f"{statistics.median(s['remote_shared_fp32_s']) / local:.2f}x |")
     add("")
     gains = ", ".join(
         f"{s['preset']} {statistics.median(s['remote_serial_fp32_s']) - statistics.median(s['remote_fp32_s']):+.2f} s"

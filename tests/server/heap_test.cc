@@ -15,7 +15,7 @@
 namespace optd::server {
 namespace {
 
-long MinorFaults() {
+[[maybe_unused]] long MinorFaults() {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   return usage.ru_minflt;
@@ -24,7 +24,7 @@ long MinorFaults() {
 // One round of what a step does to the heap: one thread builds four 440 KiB messages by
 // appending 4 KiB pieces (a message's bytes fields grow so as they are parsed or encoded),
 // another frees them (gRPC's threads come and go). The minor page faults this took.
-long FaultsOfOneRound() {
+[[maybe_unused]] long FaultsOfOneRound() {
   const long before = MinorFaults();
   std::vector<std::unique_ptr<std::string>> messages;
   std::thread([&] {
