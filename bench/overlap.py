@@ -129,9 +129,9 @@ def main():
         f"{args.steps} steps (after {WARMUP} untimed) of the time from the end of "
         "`loss.backward()` to the end of `optimizer.step()`: **overlapped** sends each gradient "
         "as backward produces it (`overlap=True`; the daemon steps each tensor ahead as it "
-        "arrives), **serial** sends them all in `step()` (`overlap=False`; one message where "
-        "they fit, the transformer's case), **local** is the same rule stepped by torch in the "
-        "same process. `keller` is Muon on the matrices with AdamW on embeddings, head and "
+        "arrives), **serial** sends them all in `step()` (`overlap=False`; through the "
+        "daemon's shared memory where they fit one message, the transformer's case), **local** "
+        "is the same rule stepped by torch in the same process. `keller` is Muon on the matrices with AdamW on embeddings, head and "
         "vectors; `adamw` is AdamW on everything.")
     add("")
     add("| model | rule | backward (overlapped / serial) | overlapped | serial | "
@@ -149,8 +149,8 @@ def main():
         "is what a training step gains. Keller's Newton–Schulz on GPT-2's same-shape matrices "
         "runs batched at the commit, after the last gradient, so overlap cannot hide it; "
         "AdamW's step is short and the transfer is what overlap hides. The transformer's "
-        "gradients fit one message: its serial step is one StepSmall call, which a stream "
-        "cannot beat, so `overlap=\"auto\"` (the default) leaves it serial; the overlapped "
+        "gradients fit one message: its serial step is one StepSmall call with the tensors "
+        "in the daemon's shared memory, which a stream cannot beat, so `overlap=\"auto\"` (the default) leaves it serial; the overlapped "
         "rows there are `overlap=True` forced.")
     add("")
     close_section(args.results, BEGIN, END, lines)

@@ -457,7 +457,8 @@ int main(int argc, char** argv) {
 
   // Streaming throughput per chunk size: UploadParams (client -> optd, decoded and checked into
   // staging as gradients are) and GetParams (optd -> client), into the caller's buffers; at 1 MiB
-  // the same against the bare gRPC server, in the same run.
+  // the same against the bare gRPC server, in the same run, the two taking turns repetition by
+  // repetition so that both meet the same state of a shared machine.
   std::vector<std::string> streaming;
   std::string bare_json;
   {
@@ -465,34 +466,9 @@ int main(int argc, char** argv) {
     optd::client::ChannelOptions bare_options;
     bare_options.target = bare->target();
     optd::client::Client bare_client(*optd::client::MakeChannel(bare_options));
-    absl::StatusOr<optd::client::Session> session =
+    absl::StatusOr<optd::client::Session> bare_session =
         bare_client.CreateSession(Config(tensors, "rmnp"));
-    Die(session.status(), "CreateSession (bare server)");
-    std::vector<std::vector<float>> buffers;
-    std::map<std::string, absl::Span<float>> by_name;
-    for (size_t t = 0; t < tensors.size(); ++t) {
-      buffers.emplace_back(gradients[t].size());
-      by_name[tensors[t].name] = absl::MakeSpan(buffers.back());
-    }
-    std::vector<double> up, down;
-    for (int r = 0; r <= repetitions; ++r) {
-      auto start = std::chrono::steady_clock::now();
-      Die(session->UploadParameters(named, optd::DType::kF32, int64_t{1} << 20), "bare upload");
-      const double up_s = Seconds(start);
-      start = std::chrono::steady_clock::now();
-      GetParamsInto(bare_client, *session, by_name);
-      const double down_s = Seconds(start);
-      if (r > 0) {
-        up.push_back(gradient_bytes / up_s / 1e9);
-        down.push_back(gradient_bytes / down_s / 1e9);
-      }
-      std::fprintf(stderr, "service_bench: bare gRPC, 1024 KiB: up %.2f GB/s, down %.2f GB/s\n",
-                   gradient_bytes / up_s / 1e9, gradient_bytes / down_s / 1e9);
-    }
-    bare_json = absl::StrCat("{\"chunk_bytes\": ", int64_t{1} << 20, ", \"up_gbps\": ", Json(up),
-                             ", \"down_gbps\": ", Json(down), "}");
-  }
-  {
+    Die(bare_session.status(), "CreateSession (bare server)");
     absl::StatusOr<optd::client::Session> session = client.CreateSession(Config(tensors, "rmnp"));
     Die(session.status(), "CreateSession");
     std::vector<std::vector<float>> buffers;
@@ -501,25 +477,45 @@ int main(int argc, char** argv) {
       buffers.emplace_back(gradients[t].size());
       by_name[tensors[t].name] = absl::MakeSpan(buffers.back());
     }
-    for (const int64_t chunk : {int64_t{256} << 10, int64_t{1} << 20, int64_t{4} << 20}) {
-      std::vector<double> up, down;
-      for (int r = 0; r <= repetitions; ++r) {
-        auto start = std::chrono::steady_clock::now();
-        Die(session->UploadParameters(named, optd::DType::kF32, chunk), "UploadParams");
-        const double up_s = Seconds(start);
-        start = std::chrono::steady_clock::now();
-        GetParamsInto(client, *session, by_name, chunk);
-        const double down_s = Seconds(start);
+    // One upload and one download of the whole model; GB/s of each.
+    const auto measure = [&](optd::client::Client& to, optd::client::Session& s, int64_t chunk) {
+      auto start = std::chrono::steady_clock::now();
+      Die(s.UploadParameters(named, optd::DType::kF32, chunk), "UploadParams");
+      const double up_s = Seconds(start);
+      start = std::chrono::steady_clock::now();
+      GetParamsInto(to, s, by_name, chunk);
+      const double down_s = Seconds(start);
+      return std::make_pair(gradient_bytes / up_s / 1e9, gradient_bytes / down_s / 1e9);
+    };
+    std::map<int64_t, std::pair<std::vector<double>, std::vector<double>>> optd_rates;
+    std::vector<double> bare_up, bare_down;
+    for (int r = 0; r <= repetitions; ++r) {
+      for (const int64_t chunk : {int64_t{256} << 10, int64_t{1} << 20, int64_t{4} << 20}) {
+        if (chunk == int64_t{1} << 20) {
+          const auto [up, down] = measure(bare_client, *bare_session, chunk);
+          if (r > 0) {
+            bare_up.push_back(up);
+            bare_down.push_back(down);
+          }
+          std::fprintf(stderr, "service_bench: bare gRPC, 1024 KiB: up %.2f GB/s, down %.2f GB/s\n",
+                       up, down);
+        }
+        const auto [up, down] = measure(client, *session, chunk);
         if (r > 0) {
-          up.push_back(gradient_bytes / up_s / 1e9);
-          down.push_back(gradient_bytes / down_s / 1e9);
+          optd_rates[chunk].first.push_back(up);
+          optd_rates[chunk].second.push_back(down);
         }
         std::fprintf(stderr, "service_bench: chunk %lld KiB: up %.2f GB/s, down %.2f GB/s\n",
-                     static_cast<long long>(chunk >> 10), gradient_bytes / up_s / 1e9,
-                     gradient_bytes / down_s / 1e9);
+                     static_cast<long long>(chunk >> 10), up, down);
       }
-      streaming.push_back(absl::StrCat("{\"chunk_bytes\": ", chunk, ", \"up_gbps\": ", Json(up),
-                                       ", \"down_gbps\": ", Json(down), "}"));
+    }
+    bare_json =
+        absl::StrCat("{\"chunk_bytes\": ", int64_t{1} << 20, ", \"up_gbps\": ", Json(bare_up),
+                     ", \"down_gbps\": ", Json(bare_down), "}");
+    for (const auto& [chunk, rates] : optd_rates) {
+      streaming.push_back(absl::StrCat("{\"chunk_bytes\": ", chunk,
+                                       ", \"up_gbps\": ", Json(rates.first),
+                                       ", \"down_gbps\": ", Json(rates.second), "}"));
     }
     Die(session->Delete(), "DeleteSession");
   }

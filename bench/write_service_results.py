@@ -120,7 +120,8 @@ def main():
         "server streaming the same messages with the same client code (service_bench "
         "`--bare_server`: its UploadParams only reads the messages, its GetParams only sends the "
         "model's tensors from its own model-sized buffer, so its bytes come from memory as a "
-        "real server's parameters do). Up = UploadParams, which receives, checks and "
+        "real server's parameters do; the two take turns, repetition by repetition, so both "
+        "meet the same state of this shared machine). Up = UploadParams, which receives, checks and "
         "decodes every chunk into staging exactly as Step does with gradients; down = GetParams "
         "into the client's buffers (the daemon copies one step's parameters under the session's "
         "lock on a pipeline thread and sends each piece as soon as it is copied). 1 GB/s = 10⁹ bytes of fp32 payload per second.")
