@@ -345,3 +345,27 @@ def test_a_shared_memory_session_that_gained_tensors_is_attached_again(client):
         np.testing.assert_array_equal(a.values[k], b.values[k])
     shared.delete()
     wired.delete()
+
+
+def test_a_region_that_cannot_be_mapped_again_falls_back_to_grpc(client, monkeypatch):
+    # The daemon no longer has the worker's region (as after a restart) and its new one cannot
+    # be opened here (as from another namespace): the step, refused before it counted, goes over
+    # gRPC, with StepSmall's results, and so do the worker's next steps; path="shared" raises.
+    config = CONFIG + "shared_memory: true\n"
+    shared = client.create_session(config)
+    wired = client.create_session(config)
+    shared.attach_shared_memory().nonce = bytes(16)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(optd.client.os, "open", refuse)
+    with pytest.raises(PermissionError):
+        shared.step(1, gradients(1), path="shared")
+    for step in (1, 2):
+        a = shared.step(step, gradients(step))
+        b = wired.step(step, gradients(step), path="small")
+        for k in ("w", "b"):
+            np.testing.assert_array_equal(a.values[k], b.values[k])
+        assert shared.shared_memory(0) is None
+    shared.delete()
+    wired.delete()

@@ -421,8 +421,15 @@ class Session:
                             f"worker {worker_id} has no shared memory: attach_shared_memory first")
         if shared is not None:
             wire.dtype_value(wire_dtype)
-            return self._step_shared(shared, header, gradients, wire_dtype, result_dtype,
-                                     timeout, copy_results)
+            try:
+                return self._step_shared(shared, header, gradients, wire_dtype, result_dtype,
+                                         timeout, copy_results)
+            except OSError:
+                # The daemon's new region cannot be mapped here (it came back in another
+                # namespace): nothing counted, so this worker steps over gRPC from now on.
+                if path == "shared":
+                    raise
+                self._drop_shared(worker_id)
         gradients = self._prepare(gradients, wire_dtype)
         small = path == "small" or (
             path == "auto" and not self._results_too_large and
@@ -470,6 +477,11 @@ class Session:
             old.close()
         self._shared[worker_id] = shared
         return shared
+
+    def _drop_shared(self, worker_id):
+        shared = self._shared.pop(worker_id, None)
+        if shared is not None:
+            shared.close()
 
     def shared_memory(self, worker_id=0):
         """The worker's attached SharedMemory, or None."""
@@ -607,9 +619,13 @@ class Session:
         except grpc.RpcError as e:
             _raise(e)
         self._learn(info)
-        # The session's tensors changed, and with them its regions' layout: map the new ones.
+        # The session's tensors changed, and with them its regions' layout: map the new ones (a
+        # worker whose region cannot be mapped now steps over gRPC; the tensors were added).
         for worker_id in list(self._shared):
-            self.attach_shared_memory(worker_id)
+            try:
+                self.attach_shared_memory(worker_id)
+            except (OSError, OptdError):
+                self._drop_shared(worker_id)
         return info
 
     def export_state(self, parameters=True, chunk_bytes=0):
