@@ -264,7 +264,14 @@ absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTen
                                          const StepOptions& options) {
   if (options.path == StepPath::kShared || options.path == StepPath::kAuto) {
     std::shared_ptr<SharedMemory> shared = shared_memory(options.worker_id);
-    if (shared != nullptr) return StepShared(step, gradients, options, std::move(shared));
+    if (shared != nullptr) {
+      absl::StatusOr<StepResult> result = StepShared(step, gradients, options, std::move(shared));
+      // The daemon's new region could not be mapped here (it came back in another namespace):
+      // nothing counted, and on kAuto this worker steps over gRPC from now on.
+      if (result.ok() || options.path == StepPath::kShared || shared_memory(options.worker_id)) {
+        return result;
+      }
+    }
     if (options.path == StepPath::kShared) {
       return absl::FailedPreconditionError(absl::StrCat(
           "worker ", options.worker_id, " has no shared memory: AttachSharedMemory first"));
@@ -392,14 +399,26 @@ absl::StatusOr<StepResult> Session::StepShared(int64_t step,
                                                absl::Span<const NamedTensor> gradients,
                                                const StepOptions& options,
                                                std::shared_ptr<SharedMemory> shared) {
+  // Maps the daemon's current region in place of `shared`; where that fails the worker's
+  // mapping goes, and its steps on kAuto go over gRPC.
+  const auto attach_again = [&]() -> absl::Status {
+    absl::StatusOr<std::shared_ptr<SharedMemory>> again = AttachSharedMemory(options.worker_id);
+    if (!again.ok()) {
+      absl::MutexLock lock(&attached_->mu);
+      attached_->regions.erase(options.worker_id);
+      return again.status();
+    }
+    shared = *std::move(again);
+    return absl::OkStatus();
+  };
   // A tensor the region lacks: the session gained tensors since it was mapped.
   if (std::any_of(gradients.begin(), gradients.end(),
                   [&](const NamedTensor& g) { return shared->slot(g.name) == nullptr; })) {
-    OPTD_ASSIGN_OR_RETURN(shared, AttachSharedMemory(options.worker_id));
+    OPTD_RETURN_IF_ERROR(attach_again());
   }
   absl::StatusOr<StepResult> result = SendShared(step, gradients, options, *shared);
   if (!RegionRefused(result.status())) return result;
-  OPTD_ASSIGN_OR_RETURN(shared, AttachSharedMemory(options.worker_id));
+  OPTD_RETURN_IF_ERROR(attach_again());
   return SendShared(step, gradients, options, *shared);
 }
 

@@ -168,7 +168,9 @@ class Session {
                                   const StepOptions& options = {});
   // Maps worker `worker_id`'s shared-memory region (the session created with shared_memory, the
   // daemon on this host, this process allowed to open it); steps on StepPath::kAuto then go
-  // through it. Attaching again maps the daemon's current region.
+  // through it. Attaching again maps the daemon's current region. A step the daemon refuses for
+  // a region it no longer has attaches again and resends; where the new region cannot be mapped
+  // the worker's steps on kAuto go over gRPC (nothing counted), on kShared fail.
   absl::StatusOr<std::shared_ptr<SharedMemory>> AttachSharedMemory(int worker_id = 0);
   // The worker's attached region, or null.
   std::shared_ptr<SharedMemory> shared_memory(int worker_id = 0) const;
