@@ -188,13 +188,10 @@ absl::Status ReceiveShared(Session& session, const v1::StepHeader& header,
                      "' has no shared memory: call AttachSharedMemory first"));
   }
   if (request.nonce() != region->nonce()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the shared memory this step names is not worker ", header.worker_id(),
-                     "'s region of "
-                     "session '",
-                     session.id(),
-                     "' (the session changed since it was attached): call "
-                     "AttachSharedMemory again"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the shared memory this step names is not worker ", header.worker_id(),
+        "'s region of session '", session.id(),
+        "' (the session changed since it was attached): call AttachSharedMemory again"));
   }
   if (has_chunks) {
     return absl::InvalidArgumentError(
