@@ -310,6 +310,7 @@ def test_shared_memory_steps_equal_one_message_steps(client):
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
     for session in (shared, wired, plain):  # the daemon's other tests need its session slots
         session.delete()
+    assert shared.shared_memory(0) is None  # unmapped with the session
 
 
 def test_a_shared_memory_session_that_gained_tensors_is_attached_again(client):

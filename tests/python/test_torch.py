@@ -469,5 +469,7 @@ def test_shared_memory_trains_as_grpc_steps_bit_for_bit(daemon, monkeypatch):
         assert not any(torch.equal(a, b) for a, b in zip(before, net.parameters()))
         with pytest.raises(PermissionError):
             RemoteOptimizer(model().named_parameters(), client, shared_memory=True)
+        region = shared.session.shared_memory(0)
         for opt in (shared, wired, fallback):
             opt.close()
+        assert shared.session.shared_memory(0) is None and region._map.closed  # unmapped

@@ -679,12 +679,14 @@ class Session:
             _raise(e)
 
     def delete(self):
-        """Deletes the session and its checkpoint."""
+        """Deletes the session and its checkpoint, and unmaps its shared memory here."""
         try:
             self._stub.DeleteSession(optd_pb2.DeleteSessionRequest(session_id=self.id),
                                      metadata=self._metadata(), timeout=self.timeout)
         except grpc.RpcError as e:
             _raise(e)
+        for worker_id in list(self._shared):
+            self._drop_shared(worker_id)
 
 
 class Client:

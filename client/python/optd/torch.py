@@ -1013,6 +1013,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         optimizer created it (or `delete` is True; False keeps it), with the session's own
         token, so no admin token is needed. A session already deleted is not deleted again."""
         self._drop_stream()
+        self._region_plan = None  # its views would keep the region mapped
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
