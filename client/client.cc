@@ -263,7 +263,10 @@ int64_t GradientMessageBytes(absl::Span<const NamedTensor> gradients, DType wire
 absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTensor> gradients,
                                          const StepOptions& options) {
   if (options.path == StepPath::kShared || options.path == StepPath::kAuto) {
-    std::shared_ptr<SharedMemory> shared = shared_memory(options.worker_id);
+    // A step without gradients goes over gRPC: a shared-memory step naming no tensor names
+    // every tensor.
+    std::shared_ptr<SharedMemory> shared =
+        gradients.empty() ? nullptr : shared_memory(options.worker_id);
     if (shared != nullptr) {
       absl::StatusOr<StepResult> result = StepShared(step, gradients, options, std::move(shared));
       // The daemon's new region could not be mapped here (it came back in another namespace):
@@ -272,7 +275,7 @@ absl::StatusOr<StepResult> Session::Step(int64_t step, absl::Span<const NamedTen
         return result;
       }
     }
-    if (options.path == StepPath::kShared) {
+    if (options.path == StepPath::kShared && shared_memory(options.worker_id) == nullptr) {
       return absl::FailedPreconditionError(absl::StrCat(
           "worker ", options.worker_id, " has no shared memory: AttachSharedMemory first"));
     }

@@ -304,6 +304,12 @@ def test_shared_memory_steps_equal_one_message_steps(client):
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "tensor 'w' element 23" in refused.value.message
     np.testing.assert_array_equal(shared.get_parameters(wire_dtype="bf16")["w"], a.values["w"])
+    # A step without gradients (which a shared-memory request could not tell from one of every
+    # tensor) goes over gRPC: it changes nothing, as StepSmall's.
+    a, b = shared.step(5, {}), wired.step(5, {}, path="small")
+    assert (a.step, a.tensors_updated) == (b.step, b.tensors_updated) == (5, 0)
+    for k in ("w", "b"):
+        np.testing.assert_array_equal(a.values[k], b.values[k])
     plain = client.create_session(CONFIG)
     with pytest.raises(optd.OptdError) as refused:
         plain.attach_shared_memory()

@@ -247,6 +247,17 @@ TEST_F(SharedMemoryTest, TheCppClientStepsThroughItAsThroughMessages) {
   for (const auto& [name, values] : b->values) {
     EXPECT_TRUE(BitwiseEqual(a->values.at(name), values)) << name;
   }
+  // A step without gradients goes over gRPC (a shared-memory request naming no tensor names
+  // every tensor): it changes nothing, as StepSmall's.
+  a = stale.Step(5, {});
+  b = wired.Step(5, {}, over);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(a->tensors_updated, 0);
+  EXPECT_EQ(b->tensors_updated, 0);
+  for (const auto& [name, values] : b->values) {
+    EXPECT_TRUE(BitwiseEqual(a->values.at(name), values)) << name;
+  }
 }
 
 TEST_F(SharedMemoryTest, WorkersMixSharedMemoryAndMessages) {

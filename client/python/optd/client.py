@@ -415,8 +415,10 @@ class Session:
             raise ValueError(f"path must be 'stream', 'small', 'shared' or 'auto', not {path!r}")
         header = _step_header(self.id, step, worker_id, lr, result_dtype, chunk_bytes,
                               placement_epoch)
-        shared = self._shared.get(worker_id) if path in ("shared", "auto") else None
-        if path == "shared" and shared is None:
+        # A step without gradients goes over gRPC: a shared-memory step naming no tensor
+        # names every tensor.
+        shared = self._shared.get(worker_id) if path in ("shared", "auto") and gradients else None
+        if path == "shared" and shared is None and worker_id not in self._shared:
             raise OptdError(grpc.StatusCode.FAILED_PRECONDITION,
                             f"worker {worker_id} has no shared memory: attach_shared_memory first")
         if shared is not None:
