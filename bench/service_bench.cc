@@ -124,6 +124,24 @@ double BusyFraction(const MachineCpu& start) {
   return total > 0 ? (now.busy - start.busy) / total : 0.0;
 }
 
+// Per-tensor buffers a step's parameters come back into, as a training loop steps in place,
+// and the outputs naming them.
+struct ResultBuffers {
+  ResultBuffers(const std::vector<Tensor>& tensors,
+                const std::vector<std::vector<float>>& gradients) {
+    values.reserve(tensors.size());  // the outputs' spans stay where they point
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      values.emplace_back(gradients[t].size());
+      outputs.push_back({tensors[t].name, absl::MakeSpan(values.back())});
+    }
+  }
+  ResultBuffers(const ResultBuffers&) = delete;
+  ResultBuffers& operator=(const ResultBuffers&) = delete;
+
+  std::vector<std::vector<float>> values;
+  std::vector<optd::client::NamedOutput> outputs;
+};
+
 void Die(const absl::Status& status, const char* what) {
   if (status.ok()) return;
   std::fprintf(stderr, "service_bench: %s: %s\n", what, status.ToString().c_str());
@@ -348,38 +366,40 @@ int main(int argc, char** argv) {
     // Remote: one worker's Step call, fp32 gradients in, fp32 parameters back; on the serial
     // daemon too, and the same bytes streamed alone (UploadParams of the gradients, GetParams of
     // the parameters into the same buffers) on the pipelining one.
-    std::vector<double> remote, remote_bf16, remote_serial, transfer, transfer_busy, remote_busy;
-    {
-      absl::StatusOr<optd::client::Session> session = serial_client.CreateSession(config);
-      Die(session.status(), "CreateSession (serial daemon)");
-      std::vector<std::vector<float>> parameters;
-      std::vector<optd::client::NamedOutput> outputs;
-      for (size_t t = 0; t < tensors.size(); ++t) {
-        parameters.emplace_back(gradients[t].size());
-        outputs.push_back({tensors[t].name, absl::MakeSpan(parameters.back())});
-      }
+    std::vector<double> remote, remote_bf16, transfer, transfer_busy, remote_busy;
+    // One fresh session of `session_config` on `to`, stepped repetitions + 2 times on `path`
+    // (the first two untimed); the timed steps' seconds.
+    const auto time_steps = [&](optd::client::Client& to,
+                                const optd::v1::SessionConfig& session_config,
+                                optd::client::StepPath path, bool attach, const char* what) {
+      absl::StatusOr<optd::client::Session> session = to.CreateSession(session_config);
+      Die(session.status(), "CreateSession");
+      if (attach) Die(session->AttachSharedMemory().status(), "AttachSharedMemory");
+      ResultBuffers buffers(tensors, gradients);
+      std::vector<double> seconds;
       for (int r = -1; r <= repetitions; ++r) {
         optd::client::StepOptions options;
-        options.outputs = outputs;
+        options.path = path;
+        options.outputs = buffers.outputs;
         const auto start = std::chrono::steady_clock::now();
-        Die(session->Step(r + 2, named, options).status(), "remote step (serial daemon)");
-        if (r > 0) remote_serial.push_back(Seconds(start));
-        std::fprintf(stderr, "service_bench: %s remote step, serial daemon %d/%d: %.3f s\n",
-                     preset.c_str(), r, repetitions, Seconds(start));
+        Die(session->Step(r + 2, named, options).status(), what);
+        if (r > 0) seconds.push_back(Seconds(start));
+        std::fprintf(stderr, "service_bench: %s %s %d/%d: %.3f s\n", preset.c_str(), what, r,
+                     repetitions, Seconds(start));
       }
       Die(session->Delete(), "DeleteSession");
-    }
+      return seconds;
+    };
+    const std::vector<double> remote_serial =
+        time_steps(serial_client, config, optd::client::StepPath::kAuto,
+                   /*attach=*/false, "remote step, serial daemon");
     {
       absl::StatusOr<optd::client::Session> session = client.CreateSession(config);
       Die(session.status(), "CreateSession");
       int64_t step = 0;
       // The parameters come back into the client's own buffers, as a training loop steps.
-      std::vector<std::vector<float>> parameters;
-      std::vector<optd::client::NamedOutput> outputs;
-      for (size_t t = 0; t < tensors.size(); ++t) {
-        parameters.emplace_back(gradients[t].size());
-        outputs.push_back({tensors[t].name, absl::MakeSpan(parameters.back())});
-      }
+      ResultBuffers buffers(tensors, gradients);
+      const std::vector<optd::client::NamedOutput>& outputs = buffers.outputs;
       for (const optd::DType wire : {optd::DType::kF32, optd::DType::kBF16}) {
         // Two warm-up steps: the daemon's two result buffers are allocated by then.
         for (int r = -1; r <= repetitions; ++r) {
@@ -418,31 +438,11 @@ int main(int argc, char** argv) {
     // Remote through shared memory: a session with a region for its worker, the fp32 gradients
     // written into it and the parameters read out of it by the client library (README,
     // "Clients"): the same step with no tensor bytes on the wire.
-    std::vector<double> remote_shared;
-    {
-      optd::v1::SessionConfig shared_config = config;
-      shared_config.set_shared_memory(true);
-      absl::StatusOr<optd::client::Session> session = client.CreateSession(shared_config);
-      Die(session.status(), "CreateSession (shared memory)");
-      Die(session->AttachSharedMemory().status(), "AttachSharedMemory");
-      std::vector<std::vector<float>> parameters;
-      std::vector<optd::client::NamedOutput> outputs;
-      for (size_t t = 0; t < tensors.size(); ++t) {
-        parameters.emplace_back(gradients[t].size());
-        outputs.push_back({tensors[t].name, absl::MakeSpan(parameters.back())});
-      }
-      for (int r = -1; r <= repetitions; ++r) {
-        optd::client::StepOptions options;
-        options.path = optd::client::StepPath::kShared;
-        options.outputs = outputs;
-        const auto start = std::chrono::steady_clock::now();
-        Die(session->Step(r + 2, named, options).status(), "remote step (shared memory)");
-        if (r > 0) remote_shared.push_back(Seconds(start));
-        std::fprintf(stderr, "service_bench: %s remote step, shared memory %d/%d: %.3f s\n",
-                     preset.c_str(), r, repetitions, Seconds(start));
-      }
-      Die(session->Delete(), "DeleteSession");
-    }
+    optd::v1::SessionConfig shared_config = config;
+    shared_config.set_shared_memory(true);
+    const std::vector<double> remote_shared =
+        time_steps(client, shared_config, optd::client::StepPath::kShared, /*attach=*/true,
+                   "remote step, shared memory");
     results.push_back(absl::StrCat(
         "{\"preset\": \"", preset, "\", \"in_process_s\": ", Json(local),
         ", \"in_process_cpu_s\": ", Json(local_cpu), ", \"transfer_cpu_busy\": ",

@@ -134,6 +134,15 @@ class LoadgenRunTest : public ::testing::Test {
     std::ofstream(model_) << R"({"tensors": [{"name": "w1", "shape": [48, 64]},
         {"name": "w2", "shape": [64, 48]}, {"name": "b", "shape": [64]}]})";
   }
+  // One level of one session of two workers stepping on `path` for two windows, its report.
+  absl::StatusOr<v1::LoadgenReport> RunTwoWorkers(client::StepPath path) const {
+    loadgen::Options o = Options();
+    o.world_size = 2;
+    o.step_path = path;
+    o.max_windows = 2;
+    o.stable_windows = 100;
+    return loadgen::Run(o, {1});
+  }
   loadgen::Options Options() const {
     loadgen::Options o;
     o.endpoints = {server_->address()};
@@ -149,12 +158,7 @@ class LoadgenRunTest : public ::testing::Test {
 
 TEST_F(LoadgenRunTest, OneMessageStepsAreStepSmallCallsWithTheSameCounts) {
   // --step_path=small: every step is one StepSmall call, with what Step would have carried.
-  loadgen::Options o = Options();
-  o.world_size = 2;
-  o.step_path = client::StepPath::kSmall;
-  o.max_windows = 2;
-  o.stable_windows = 100;
-  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {1});
+  absl::StatusOr<v1::LoadgenReport> report = RunTwoWorkers(client::StepPath::kSmall);
   ASSERT_TRUE(report.ok()) << report.status();
   const v1::LoadgenLevel& level = report->levels(0);
   EXPECT_GT(level.steps(), 0);
@@ -170,12 +174,7 @@ TEST_F(LoadgenRunTest, OneMessageStepsAreStepSmallCallsWithTheSameCounts) {
 TEST_F(LoadgenRunTest, SharedMemoryStepsAreStepSmallCallsWithoutWireBytes) {
   // --step_path=shared: every worker attaches its region, and every step is one StepSmall call
   // whose tensors go through it, none over the wire.
-  loadgen::Options o = Options();
-  o.world_size = 2;
-  o.step_path = client::StepPath::kShared;
-  o.max_windows = 2;
-  o.stable_windows = 100;
-  absl::StatusOr<v1::LoadgenReport> report = loadgen::Run(o, {1});
+  absl::StatusOr<v1::LoadgenReport> report = RunTwoWorkers(client::StepPath::kShared);
   ASSERT_TRUE(report.ok()) << report.status();
   const v1::LoadgenLevel& level = report->levels(0);
   EXPECT_GT(level.steps(), 0);
