@@ -458,7 +458,7 @@ absl::StatusOr<StepResult> Session::SendShared(int64_t step,
   if (result.kind == v1::STEP_RESULT_NONE) return result;
   const std::map<absl::string_view, absl::Span<float>> outputs = OutputsByName(options);
   for (const v1::SharedMemorySlot& slot : shared.region().slots()) {
-    OPTD_ASSIGN_OR_RETURN(const DType tensor_dtype, FromWireDType(slot.dtype()));
+    OPTD_ASSIGN_OR_RETURN(const DType tensor_dtype, FromWire(slot.dtype()));
     const DType dtype = options.result_dtype.value_or(tensor_dtype);
     const absl::string_view bytes(shared.result_bytes(slot),
                                   static_cast<size_t>(slot.elements()) * DTypeSize(dtype));

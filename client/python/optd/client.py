@@ -259,12 +259,7 @@ class SharedMemory:
         if dtype == "fp32":
             self._fp32[name][0][:] = flat
             return
-        out = self.gradient(name, dtype)
-        if dtype == "bf16":
-            out[:] = wire.to_bf16_bits(flat)
-        else:
-            with np.errstate(over="ignore"):
-                out[:] = flat.astype(np.float16).view(np.uint16)
+        self.gradient(name, dtype)[:] = wire.to_half_bits(flat, dtype)
 
     def write_gradients(self, gradients, dtype="fp32"):
         """write_gradient of every {name: values}; every tensor's fp32 gradients in the
@@ -282,10 +277,7 @@ class SharedMemory:
         step of this worker)."""
         if dtype == "fp32":
             return self._fp32[name][1]
-        bits = self.result(name, dtype)
-        if dtype == "bf16":
-            return wire.from_bf16_bits(bits)
-        return bits.view(np.float16).astype(np.float32)
+        return wire.from_half_bits(self.result(name, dtype), dtype)
 
     def close(self):
         """Unmaps the region once no view of it is left (views handed out keep it mapped)."""

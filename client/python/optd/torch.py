@@ -777,12 +777,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._sync()  # rates changed between backward and step()
 
         def arrived(name, offset, values):
-            flat = self._parameters[name].data.view(-1)[offset:offset + values.size]
-            if self._delta:
-                flat.add_(torch.from_numpy(values))
-            else:
-                flat.copy_(torch.from_numpy(values))
+            self._take(self._parameters[name].data.view(-1)[offset:offset + values.size],
+                       torch.from_numpy(values))
         return stream.finish(on_chunk=arrived)
+
+    def _take(self, target, values):
+        """A step's result into a parameter (or a piece of one): the new values, or with
+        step_result="delta" the change, added."""
+        if self._delta:
+            target.add_(values)
+        else:
+            target.copy_(values)
 
     def _step_in_region(self, gradients):
         """The step through this worker's shared memory with every gradient copied into it in
@@ -822,10 +827,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             return None
         if result.kind != optd_pb2.STEP_RESULT_NONE:
             for p, values in zip(params, results):
-                if self._delta:
-                    p.add_(values)
-                else:
-                    p.copy_(values)
+                self._take(p, values)
         return result
 
     def _remote_step(self):
@@ -851,10 +853,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                                           if isinstance(self.session, Session) else {}))
             for name, values in result.values.items():
                 p = self._parameters[name]
-                if self._delta:
-                    p.add_(torch.from_numpy(values).view_as(p))
-                else:
-                    p.copy_(torch.from_numpy(values).view_as(p))
+                self._take(p, torch.from_numpy(values).view_as(p))
         if result.checkpoint_error:
             warnings.warn(f'optd: step {result.step} is not durable (the daemon is at step '
                           f'{result.step}, its last checkpoint at {result.checkpoint_step}): '

@@ -42,15 +42,27 @@ def from_bf16_bits(bits):
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def to_half_bits(values, name):
+    """float32 array -> uint16 bits in "bf16" or "fp16", rounded as the wire rounds them."""
+    if name == "bf16":
+        return to_bf16_bits(values)
+    with np.errstate(over="ignore"):  # beyond ±65504 is ±inf, as the daemon's rule has it
+        return np.ascontiguousarray(values, dtype=np.float32).astype(np.float16).view(np.uint16)
+
+
+def from_half_bits(bits, name):
+    """float32 array from uint16 bits in "bf16" or "fp16" (exact)."""
+    if name == "bf16":
+        return from_bf16_bits(bits)
+    return np.asarray(bits, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
 def encode(values, name):
     """Little-endian wire bytes of a float32 array in dtype `name`."""
     if name == "fp32":
         return np.ascontiguousarray(values, dtype="<f4").tobytes()
-    if name == "bf16":
-        return to_bf16_bits(values).astype("<u2").tobytes()
-    if name == "fp16":
-        with np.errstate(over="ignore"):  # beyond ±65504 is ±inf, as the daemon's rule has it
-            return np.ascontiguousarray(values, dtype=np.float32).astype("<f2").tobytes()
+    if name in ("bf16", "fp16"):
+        return to_half_bits(values, name).astype("<u2").tobytes()
     raise ValueError(f"wire dtype {name!r} is not one of fp32, bf16, fp16")
 
 
@@ -59,10 +71,8 @@ def decode(data, dtype_value_):
     name = NAMES.get(dtype_value_)
     if name == "fp32":
         return np.frombuffer(data, dtype="<f4").astype(np.float32)
-    if name == "bf16":
-        return from_bf16_bits(np.frombuffer(data, dtype="<u2"))
-    if name == "fp16":
-        return np.frombuffer(data, dtype="<f2").astype(np.float32)
+    if name in ("bf16", "fp16"):
+        return from_half_bits(np.frombuffer(data, dtype="<u2"), name)
     raise ValueError(f"chunk dtype {dtype_value_} is not a wire dtype")
 
 
