@@ -359,7 +359,9 @@ TEST_F(SharedMemoryTest, RefusalsNameWhatWasWrongAndChangeNothing) {
   for (int t = 0; t < reference.num_tensors(); ++t) {
     mapped.Write(reference.name(t), Gradient(reference.count(t), static_cast<uint64_t>(t), 1, 0));
   }
-  const std::map<std::string, std::vector<float>> before = *session.GetParameters();
+  // The whole optimizer state: parameters, every state buffer, the step.
+  const absl::StatusOr<client::SessionState> before = session.ExportState();
+  ASSERT_TRUE(before.ok()) << before.status();
   v1::TensorChunk chunk;
   chunk.set_tensor("bias");
   chunk.set_dtype(v1::DTYPE_FP32);
@@ -383,9 +385,13 @@ TEST_F(SharedMemoryTest, RefusalsNameWhatWasWrongAndChangeNothing) {
   mapped.Write("bias", bad);
   expect(StepShared(session, 1).status(), absl::StatusCode::kInvalidArgument,
          "tensor 'bias' element 7 is nan");
-  const std::map<std::string, std::vector<float>> after = *session.GetParameters();
-  for (const auto& [name, values] : before) {
-    EXPECT_TRUE(BitwiseEqual(after.at(name), values)) << name << " changed";
+  const absl::StatusOr<client::SessionState> after = session.ExportState();
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->header.step(), before->header.step());
+  ASSERT_EQ(after->records.size(), before->records.size());
+  for (const auto& [key, values] : before->records) {
+    EXPECT_TRUE(BitwiseEqual(after->records.at(key), values))
+        << key.first << "/" << key.second << " changed";
   }
   // The refusals left the session able to step.
   mapped.Write("bias", Gradient(40, 2, 1, 0));
