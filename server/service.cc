@@ -242,7 +242,11 @@ absl::Status WriteSharedResults(const Session& session, const StepOutcome& outco
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+  // The message travels in a trailer (grpc-message, percent-encoded: up to 3 bytes per byte
+  // from 0x80 up) and clients refuse trailers beyond 8 KiB: a message echoing a name a client
+  // made up is cut to fit, so the client reads the status rather than a metadata error.
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                      Printable(status.message(), kMaxStatusMessageBytes));
 }
 
 grpc::Status OptimizerService::Finish(absl::string_view method, const absl::Status& status,

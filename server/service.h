@@ -4,6 +4,7 @@
 #define OPTD_SERVER_SERVICE_H_
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -47,7 +48,13 @@ struct ServiceOptions {
   v1::ServerInfo server_info;  // GetServerInfo's answer
 };
 
-// The one place absl::Status becomes grpc::Status (the canonical codes map one to one).
+// The most bytes of a status message a client receives (then "... (N more bytes)"): 3 times this,
+// the worst case of grpc-message's percent-encoding, stays within the 8 KiB that gRPC clients
+// accept in trailers.
+inline constexpr size_t kMaxStatusMessageBytes = 2048;
+
+// The one place absl::Status becomes grpc::Status (the canonical codes map one to one; the
+// message goes through Printable).
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
 class OptimizerService final : public v1::Optimizer::Service {

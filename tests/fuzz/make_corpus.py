@@ -96,6 +96,9 @@ def stream_seeds():
                        optd_pb2.StepRequest(chunk=chunk("w", 10, w[10:], optd_pb2.DTYPE_BF16))],
         "nan_gradient": [header, optd_pb2.StepRequest(chunk=chunk("b", 0, [0, np.nan, 1, 2, 3, 4]))],
         "outside": [header, optd_pb2.StepRequest(chunk=chunk("b", 4, np.ones(6)))],
+        # A made-up name the refusal echoes: scripts/fuzz checks the daemon's log stays printable.
+        "control_bytes_name": [header, optd_pb2.StepRequest(
+            chunk=chunk("a\n2026-01-01T00:00:00Z optd: forged\x1b[2J\x00", 0, np.ones(6)))],
         "upload": [optd_pb2.UploadParamsRequest(header=optd_pb2.UploadParamsHeader()),
                    optd_pb2.UploadParamsRequest(chunk=chunk("b", 0, np.ones(6)))],
     }

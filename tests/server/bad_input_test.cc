@@ -259,6 +259,14 @@ void BadInputTest::CheckStepInputs(bool one_message) {
         step(with(Header("nope", 2), {Chunk("b", 0, b)})));
   Check({"unknown tensor", absl::StatusCode::kNotFound, "has no tensor 'ghost'"},
         step(with(Header(id, 2), {Chunk("ghost", 0, b)})));
+  // A name the client made up is echoed bounded and with its control bytes escaped, so the
+  // status fits gRPC's trailers and the daemon's log line stays one line.
+  Check({"unknown tensor with a long name", absl::StatusCode::kNotFound,
+         absl::StrCat("has no tensor '", std::string(200, 'g'))},
+        step(with(Header(id, 2), {Chunk(std::string(100000, 'g'), 0, b)})));
+  Check({"unknown tensor with control bytes", absl::StatusCode::kNotFound,
+         "has no tensor 'a\\x0a2026-01-01 optd: forged\\x00'"},
+        step(with(Header(id, 2), {Chunk(std::string("a\n2026-01-01 optd: forged") + '\0', 0, b)})));
   Check({"offset past the end", absl::StatusCode::kInvalidArgument,
          "covers elements [10, 34) outside the tensor's 24 elements"},
         step(with(Header(id, 2), {Chunk("b", 10, b)})));
