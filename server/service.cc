@@ -1,5 +1,6 @@
 #include "server/service.h"
 
+#include <cstdlib>
 #include <new>
 #include <string>
 #include <utility>
@@ -10,7 +11,10 @@
 #include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
 #include "common/wire.h"
+#include "google/protobuf/descriptor.h"
+#include "grpcpp/support/method_handler.h"
 #include "kernels/optimizer.h"
+#include "server/chunk_message.h"
 #include "server/session_config.h"
 
 namespace optd::server {
@@ -66,6 +70,34 @@ absl::Status StreamTensor(const std::string& name, absl::Span<const float> value
   }
   return absl::OkStatus();
 }
+
+// StreamTensor for ChunkMessage byte buffers (GetParams and Step): `keep` holds `values` until
+// gRPC is done with them.
+template <typename Write, typename Ready = AlwaysReady>
+absl::Status SendTensor(int field, const std::string& name, absl::Span<const float> values,
+                        DType dtype, int64_t chunk_bytes, const Keepalive& keep, Write write,
+                        Ready ready = {}) {
+  OPTD_ASSIGN_OR_RETURN(
+      bool sent, WriteChunkMessages(field, name, values, dtype, chunk_bytes, keep, write, ready));
+  if (!sent) {
+    return absl::CancelledError(
+        absl::StrCat("the client went away while tensor '", name, "' was being sent"));
+  }
+  return absl::OkStatus();
+}
+
+// A session's staging buffer lent to gRPC's slices (GetParams): given back to the session when
+// the last holder lets go, on whichever thread that is.
+struct LentStaging {
+  LentStaging(std::shared_ptr<Session> session, std::unique_ptr<TensorStaging> staging)
+      : session(std::move(session)), staging(std::move(staging)) {}
+  ~LentStaging() { session->ReleaseStaging(std::move(staging)); }
+  LentStaging(const LentStaging&) = delete;
+  LentStaging& operator=(const LentStaging&) = delete;
+
+  std::shared_ptr<Session> session;
+  mutable std::unique_ptr<TensorStaging> staging;
+};
 
 // fn(), with an allocation failure turned into RESOURCE_EXHAUSTED. Every slot a handler takes is
 // released by a scope guard, so a throw leaves none held.
@@ -267,8 +299,52 @@ void OptimizerService::CountSent(int64_t bytes) {
   if (options_.metrics != nullptr) options_.metrics->AddBytesSent(bytes);
 }
 
+namespace {
+
+// The index gRPC's generated service gave `method` (methods are added in the proto's order),
+// checked against the handler it installed there: a mismatch is a build of other generated code,
+// and a daemon serving the wrong method must not start.
+template <typename Handler>
+int MethodIndex(grpc::internal::MethodHandler* (*handler_at)(grpc::Service&, int),
+                grpc::Service& service, absl::string_view method) {
+  const google::protobuf::ServiceDescriptor* descriptor =
+      v1::GetParamsRequest::descriptor()->file()->FindServiceByName("Optimizer");
+  const google::protobuf::MethodDescriptor* found =
+      descriptor == nullptr ? nullptr : descriptor->FindMethodByName(std::string(method));
+  if (found == nullptr || dynamic_cast<Handler*>(handler_at(service, found->index())) == nullptr) {
+    LogEvent(absl::StrCat("optd.v1.Optimizer.", method, " is not where the generated code put it"));
+    std::abort();
+  }
+  return found->index();
+}
+
+}  // namespace
+
 OptimizerService::OptimizerService(SessionManager& sessions, ServiceOptions options)
-    : sessions_(sessions), options_(options) {}
+    : sessions_(sessions), options_(options) {
+  auto handler_at = [](grpc::Service& service, int index) {
+    return static_cast<OptimizerService&>(service).GetHandler(index);
+  };
+  MarkMethodStreamed(
+      MethodIndex<grpc::internal::ServerStreamingHandler<v1::Optimizer::Service,
+                                                         v1::GetParamsRequest, v1::TensorChunk>>(
+          handler_at, *this, "GetParams"),
+      new grpc::internal::SplitServerStreamingHandler<v1::GetParamsRequest, grpc::ByteBuffer>(
+          [this](grpc::ServerContext* context,
+                 grpc::ServerSplitStreamer<v1::GetParamsRequest, grpc::ByteBuffer>* streamer) {
+            return GetParamsRaw(context, streamer);
+          }));
+  MarkMethodStreamed(
+      MethodIndex<grpc::internal::BidiStreamingHandler<v1::Optimizer::Service, v1::StepRequest,
+                                                       v1::StepResponse>>(handler_at, *this,
+                                                                          "Step"),
+      new grpc::internal::BidiStreamingHandler<OptimizerService, v1::StepRequest, grpc::ByteBuffer>(
+          [](OptimizerService* service, grpc::ServerContext* context,
+             grpc::ServerReaderWriter<grpc::ByteBuffer, v1::StepRequest>* stream) {
+            return service->StepRaw(context, stream);
+          },
+          this));
+}
 
 void OptimizerService::StartDraining() { draining_ = true; }
 
@@ -425,12 +501,17 @@ grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
       }));
 }
 
-grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
-                                         const v1::GetParamsRequest* request,
-                                         grpc::ServerWriter<v1::TensorChunk>* writer) {
+grpc::Status OptimizerService::GetParamsRaw(
+    grpc::ServerContext* context,
+    grpc::ServerSplitStreamer<v1::GetParamsRequest, grpc::ByteBuffer>* streamer) {
   return Finish(
       "GetParams", Guarded([&]() -> absl::Status {
         OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
+        v1::GetParamsRequest read;
+        if (!streamer->Read(&read)) {
+          return absl::InvalidArgumentError("GetParams carries one request; none arrived");
+        }
+        const v1::GetParamsRequest* request = &read;
         OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> found,
                               Authorize(context, request->session_id()));
         Session& session = *found;
@@ -449,26 +530,28 @@ grpc::Status OptimizerService::GetParams(grpc::ServerContext* context,
         }
         // One of the session's staging buffers, already charged to its quota and bounded in
         // number: a slow reader holds that, not an uncounted copy of the tensors. The copy is
-        // one step's parameters, whole; each piece is sent as soon as it is copied.
-        OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session.AcquireStaging());
-        absl::Cleanup release = [&] { session.ReleaseStaging(std::move(staging)); };
+        // one step's parameters, whole; each piece is sent as soon as it is copied, from the
+        // staging itself (fp32), which goes back to the session once gRPC has released the
+        // last piece (LentStaging: after this call at the latest, when gRPC ends it).
+        OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> acquired, session.AcquireStaging());
+        const auto lent = std::make_shared<const LentStaging>(found, std::move(acquired));
+        TensorStaging& staging = *lent->staging;
         SnapshotProgress progress;
-        session.SnapshotParameters(tensors, *staging, progress);
-        // Before the staging goes back: nothing copies into it any more.
+        session.SnapshotParameters(tensors, staging, progress);
+        // Before the staging can go back: nothing copies into it any more.
         absl::Cleanup copied = [&] { progress.WaitDone(); };
         // A reader that stops reading is cut off after the idle timeout.
         StreamWatchdog::Watch watch(watchdog_, context);
-        v1::TensorChunk chunk;
         for (size_t i = 0; i < tensors.size(); ++i) {
           const int t = tensors[i];
-          const absl::Span<const float> values(staging->data(t),
+          const absl::Span<const float> values(staging.data(t),
                                                static_cast<size_t>(session.num_elements(t)));
           const DType dtype = *ResultDType(request->dtype(), session.tensor_dtype(t));
-          OPTD_RETURN_IF_ERROR(StreamTensor(
-              session.tensor_name(t), values, dtype, chunk_bytes, chunk,
-              [&] {
+          OPTD_RETURN_IF_ERROR(SendTensor(
+              /*field=*/0, session.tensor_name(t), values, dtype, chunk_bytes, lent,
+              [&](const grpc::ByteBuffer& message) {
                 watch.Arm(options_.stream_idle_timeout);
-                return writer->Write(chunk);
+                return streamer->Write(message);
               },
               [&](int64_t end) { return progress.WaitFor(static_cast<int>(i), end); }));
           CountSent(static_cast<int64_t>(values.size() * DTypeSize(dtype)));
@@ -563,9 +646,9 @@ void OptimizerService::ObserveStep(const Session& session, const StepReply& repl
   m.ObservePhase(StepPhase::kSend, end - stepped_at);
 }
 
-grpc::Status OptimizerService::Step(
+grpc::Status OptimizerService::StepRaw(
     grpc::ServerContext* context,
-    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) {
+    grpc::ServerReaderWriter<grpc::ByteBuffer, v1::StepRequest>* stream) {
   absl::string_view reason;
   const absl::Status status = Guarded([&]() -> absl::Status {
     OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
@@ -577,7 +660,7 @@ grpc::Status OptimizerService::Step(
 
 absl::Status OptimizerService::RunStep(
     grpc::ServerContext* context,
-    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
+    grpc::ServerReaderWriter<grpc::ByteBuffer, v1::StepRequest>* stream,
     StreamWatchdog::Watch& watch, absl::string_view& reason) {
   const absl::Time start = absl::Now();
   v1::StepRequest request;
@@ -608,15 +691,22 @@ absl::Status OptimizerService::RunStep(
   v1::StepResponse response;
   FillSummary(outcome, reply.replayed, *response.mutable_summary());
   watch.Arm(options_.stream_idle_timeout);
-  if (!stream->Write(response)) {
+  if (!stream->Write(MessageBuffer(response))) {
     return absl::CancelledError("the client went away before the step's result was sent");
   }
-  v1::TensorChunk* chunk = response.mutable_chunk();
-  OPTD_ASSIGN_OR_RETURN(const int64_t sent,
-                        WriteResults(session, outcome, header, step->chunk_bytes, *chunk, [&] {
-                          watch.Arm(options_.stream_idle_timeout);
-                          return stream->Write(response);
-                        }));
+  // The results go out from the outcome's buffers, held by its lease until gRPC has sent them
+  // (the round makes new buffers for a later step while they are held).
+  int64_t sent = 0;
+  for (size_t t = 0; t < outcome.values.size(); ++t) {
+    const DType dtype = *ResultDType(header.result_dtype(), session.tensor_dtype(t));
+    OPTD_RETURN_IF_ERROR(SendTensor(
+        /*field=*/v1::StepResponse::kChunkFieldNumber, session.tensor_name(t), outcome.values[t],
+        dtype, step->chunk_bytes, reply.outcome, [&](const grpc::ByteBuffer& message) {
+          watch.Arm(options_.stream_idle_timeout);
+          return stream->Write(message);
+        }));
+    sent += static_cast<int64_t>(outcome.values[t].size() * DTypeSize(dtype));
+  }
   CountSent(sent);
   ObserveStep(session, reply, start, received_at, stepped_at);
   return absl::OkStatus();

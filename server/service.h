@@ -82,10 +82,14 @@ class OptimizerService final : public v1::Optimizer::Service {
   grpc::Status UploadParams(grpc::ServerContext* context,
                             grpc::ServerReader<v1::UploadParamsRequest>* reader,
                             v1::UploadParamsResponse* response) override;
-  grpc::Status GetParams(grpc::ServerContext* context, const v1::GetParamsRequest* request,
-                         grpc::ServerWriter<v1::TensorChunk>* writer) override;
-  grpc::Status Step(grpc::ServerContext* context,
-                    grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream) override;
+  // GetParams and Step send their chunks as ChunkMessage byte buffers (server/chunk_message.h):
+  // the constructor gives these two methods handlers whose writers take grpc::ByteBuffer, so
+  // the generated ones (GetParams, Step) are never called.
+  grpc::Status GetParamsRaw(
+      grpc::ServerContext* context,
+      grpc::ServerSplitStreamer<v1::GetParamsRequest, grpc::ByteBuffer>* streamer);
+  grpc::Status StepRaw(grpc::ServerContext* context,
+                       grpc::ServerReaderWriter<grpc::ByteBuffer, v1::StepRequest>* stream);
   grpc::Status StepSmall(grpc::ServerContext* context, const v1::StepSmallRequest* request,
                          v1::StepSmallResponse* response) override;
   grpc::Status AttachSharedMemory(grpc::ServerContext* context,
@@ -140,7 +144,7 @@ class OptimizerService final : public v1::Optimizer::Service {
                    absl::Time received_at, absl::Time stepped_at);
   // `reason` is set when a failure has a more precise rejection reason than its code.
   absl::Status RunStep(grpc::ServerContext* context,
-                       grpc::ServerReaderWriter<v1::StepResponse, v1::StepRequest>* stream,
+                       grpc::ServerReaderWriter<grpc::ByteBuffer, v1::StepRequest>* stream,
                        StreamWatchdog::Watch& watch, absl::string_view& reason);
   // StepSmall with `shared_memory`: the gradients from the worker's region, the results into it,
   // the summary into `summary`.
