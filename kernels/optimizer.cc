@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <set>
 #include <utility>
 
@@ -365,7 +366,11 @@ absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values
     return absl::InvalidArgumentError(
         absl::StrCat("tensor '", t.spec.name, "' has ", t.count, " elements, got ", values.size()));
   }
-  for (size_t i = 0; i < values.size(); ++i) {
+  // Counted without a branch, so the loop vectorizes (an early exit kept it scalar: a quarter of
+  // the daemon's time in an upload); the first is looked for only when there is one.
+  int64_t non_finite = 0;
+  for (const float v : values) non_finite += !(std::fabs(v) <= std::numeric_limits<float>::max());
+  for (size_t i = 0; non_finite > 0 && i < values.size(); ++i) {
     if (!std::isfinite(values[i])) {
       return absl::InvalidArgumentError(
           absl::StrCat("parameters for tensor '", t.spec.name, "' are not finite at element ", i));

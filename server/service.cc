@@ -15,6 +15,7 @@
 #include "grpcpp/support/method_handler.h"
 #include "kernels/optimizer.h"
 #include "server/chunk_message.h"
+#include "server/chunk_view.h"
 #include "server/session_config.h"
 
 namespace optd::server {
@@ -147,23 +148,54 @@ absl::Status ReadChunks(absl::string_view method, Stream& stream, Request& reque
   return status;
 }
 
-// ReadChunks into `staging`. `pipeline` (optional): the session told of each tensor completed.
-template <typename Stream, typename Request>
-absl::Status ReceiveChunks(absl::string_view method, Stream& stream, Request& request,
-                           grpc::ServerContext& context, StreamWatchdog::Watch& watch,
-                           absl::Duration idle_timeout, TensorStaging& staging, float max_magnitude,
-                           bool reject, Metrics* metrics, absl::string_view cancelled,
+// The next message of a stream read as byte buffers (Step, UploadParams), parsed as `Request`
+// by protobuf; false at the stream's end or for a message that is not one.
+template <typename Request, typename Stream>
+bool ReadMessage(Stream& stream, Request& request) {
+  grpc::ByteBuffer buffer;
+  return stream.Read(&buffer) &&
+         grpc::SerializationTraits<Request>::Deserialize(&buffer, &request).ok();
+}
+
+// ReadChunks for Step and UploadParams, into `staging`: each chunk decoded from the slices gRPC
+// received it in (ViewChunk; protobuf parses any other message, and one that is not a `Request`
+// is InvalidArgument). `pipeline` (optional): the session told of each tensor completed.
+template <typename Request, typename Stream>
+absl::Status ReceiveChunks(absl::string_view method, Stream& stream, grpc::ServerContext& context,
+                           StreamWatchdog::Watch& watch, absl::Duration idle_timeout,
+                           TensorStaging& staging, float max_magnitude, bool reject,
+                           Metrics* metrics, absl::string_view cancelled,
                            Session* pipeline = nullptr) {
+  absl::Status status;
+  grpc::ByteBuffer buffer;
+  std::vector<grpc::Slice> slices;  // the message's, which `view` points into
+  ChunkView view;
+  Request request;
   int completed = -1;
-  return ReadChunks(
-      method, stream, request, context, watch, idle_timeout, metrics, cancelled,
-      [&](const v1::TensorChunk& chunk) {
-        OPTD_RETURN_IF_ERROR(staging.AddChunk(chunk, max_magnitude, reject, &completed));
-        if (completed >= 0 && pipeline != nullptr) {
-          pipeline->TensorArrived(&staging, completed);
-        }
-        return absl::OkStatus();
-      });
+  while (status.ok() && stream.Read(&buffer)) {
+    slices.clear();
+    if (!buffer.Dump(&slices).ok() || !ViewChunk(slices, view)) {
+      if (!grpc::SerializationTraits<Request>::Deserialize(&buffer, &request).ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            method, ": a message of the stream is not a ", Request::descriptor()->full_name()));
+      }
+      if (!request.has_chunk()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(method, " carries one header, then only chunks"));
+      }
+      view = ChunkView::Of(request.chunk());
+    }
+    if (metrics != nullptr) metrics->AddBytesReceived(static_cast<int64_t>(view.data_bytes));
+    status = staging.AddChunk(view, max_magnitude, reject, &completed);
+    if (status.ok() && completed >= 0 && pipeline != nullptr) {
+      pipeline->TensorArrived(&staging, completed);
+    }
+    watch.Arm(idle_timeout);
+  }
+  watch.Disarm();
+  if (status.ok() && watch.fired()) return StreamTimeout(method, "chunk");
+  if (status.ok() && context.IsCancelled()) return absl::CancelledError(cancelled);
+  return status;
 }
 
 // A step's summary, as Step and StepSmall send it.
@@ -338,10 +370,22 @@ OptimizerService::OptimizerService(SessionManager& sessions, ServiceOptions opti
       MethodIndex<grpc::internal::BidiStreamingHandler<v1::Optimizer::Service, v1::StepRequest,
                                                        v1::StepResponse>>(handler_at, *this,
                                                                           "Step"),
-      new grpc::internal::BidiStreamingHandler<OptimizerService, v1::StepRequest, grpc::ByteBuffer>(
+      new grpc::internal::BidiStreamingHandler<OptimizerService, grpc::ByteBuffer,
+                                               grpc::ByteBuffer>(
           [](OptimizerService* service, grpc::ServerContext* context,
-             grpc::ServerReaderWriter<grpc::ByteBuffer, v1::StepRequest>* stream) {
+             grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>* stream) {
             return service->StepRaw(context, stream);
+          },
+          this));
+  MarkMethodStreamed(
+      MethodIndex<grpc::internal::ClientStreamingHandler<
+          v1::Optimizer::Service, v1::UploadParamsRequest, v1::UploadParamsResponse>>(
+          handler_at, *this, "UploadParams"),
+      new grpc::internal::BidiStreamingHandler<OptimizerService, grpc::ByteBuffer,
+                                               v1::UploadParamsResponse>(
+          [](OptimizerService* service, grpc::ServerContext* context,
+             grpc::ServerReaderWriter<v1::UploadParamsResponse, grpc::ByteBuffer>* stream) {
+            return service->UploadParamsRaw(context, stream);
           },
           this));
 }
@@ -470,16 +514,18 @@ grpc::Status OptimizerService::UpdateHyperparams(grpc::ServerContext* context,
                 }));
 }
 
-grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
-                                            grpc::ServerReader<v1::UploadParamsRequest>* reader,
-                                            v1::UploadParamsResponse* response) {
-  return Finish(
+grpc::Status OptimizerService::UploadParamsRaw(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<v1::UploadParamsResponse, grpc::ByteBuffer>* reader) {
+  v1::UploadParamsResponse reply;
+  v1::UploadParamsResponse* response = &reply;
+  const grpc::Status status = Finish(
       "UploadParams", Guarded([&]() -> absl::Status {
         OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
         StreamWatchdog::Watch watch(watchdog_, context);
         watch.Arm(options_.stream_header_timeout);
         v1::UploadParamsRequest request;
-        if (!reader->Read(&request) || !request.has_header()) {
+        if (!ReadMessage(*reader, request) || !request.has_header()) {
           if (watch.fired()) return StreamTimeout("UploadParams", "header");
           return absl::InvalidArgumentError(
               "UploadParams must start with a header naming the session");
@@ -490,15 +536,18 @@ grpc::Status OptimizerService::UploadParams(grpc::ServerContext* context,
         OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
         absl::Cleanup release = [&] { session->ReleaseStaging(std::move(staging)); };
         // Parameters may be any finite value; the gradient bound does not apply to them.
-        absl::Status status = ReceiveChunks(
-            "UploadParams", *reader, request, *context, watch, options_.stream_idle_timeout,
-            *staging, std::numeric_limits<float>::max(), /*reject=*/true, options_.metrics,
+        absl::Status status = ReceiveChunks<v1::UploadParamsRequest>(
+            "UploadParams", *reader, *context, watch, options_.stream_idle_timeout, *staging,
+            std::numeric_limits<float>::max(), /*reject=*/true, options_.metrics,
             "the upload was cancelled; nothing was changed");
         if (status.ok()) status = staging->CheckComplete();
         if (status.ok()) status = session->SetParameters(*staging);
         if (status.ok()) response->set_tensors_updated(staging->num_present());
         return status;
       }));
+  // A client-streaming call's one reply, only with OK (as gRPC's own handler sends it).
+  if (status.ok()) reader->Write(reply);
+  return status;
 }
 
 grpc::Status OptimizerService::GetParamsRaw(
@@ -648,7 +697,7 @@ void OptimizerService::ObserveStep(const Session& session, const StepReply& repl
 
 grpc::Status OptimizerService::StepRaw(
     grpc::ServerContext* context,
-    grpc::ServerReaderWriter<grpc::ByteBuffer, v1::StepRequest>* stream) {
+    grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>* stream) {
   absl::string_view reason;
   const absl::Status status = Guarded([&]() -> absl::Status {
     OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
@@ -660,12 +709,12 @@ grpc::Status OptimizerService::StepRaw(
 
 absl::Status OptimizerService::RunStep(
     grpc::ServerContext* context,
-    grpc::ServerReaderWriter<grpc::ByteBuffer, v1::StepRequest>* stream,
+    grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>* stream,
     StreamWatchdog::Watch& watch, absl::string_view& reason) {
   const absl::Time start = absl::Now();
   v1::StepRequest request;
   watch.Arm(options_.stream_header_timeout);
-  if (!stream->Read(&request) || !request.has_header()) {
+  if (!ReadMessage(*stream, request) || !request.has_header()) {
     if (watch.fired()) return StreamTimeout("Step", "header");
     return absl::InvalidArgumentError(
         "Step must start with a header (session, worker, step number)");
@@ -680,8 +729,8 @@ absl::Status OptimizerService::RunStep(
   // Each tensor is stepped ahead as soon as every worker's gradient of it is in.
   const bool pipelined = session.BeginPipelined(header, staging.get());
   // Disarmed after the chunks: waiting for the other workers is the straggler timeout's to bound.
-  absl::Status received = ReceiveChunks(
-      "Step", *stream, request, *context, watch, options_.stream_idle_timeout, *staging,
+  absl::Status received = ReceiveChunks<v1::StepRequest>(
+      "Step", *stream, *context, watch, options_.stream_idle_timeout, *staging,
       kMaxGradientMagnitude, step->reject, options_.metrics,
       "the step was cancelled while its gradients arrived", pipelined ? &session : nullptr);
   absl::Time received_at, stepped_at;

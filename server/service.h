@@ -79,17 +79,18 @@ class OptimizerService final : public v1::Optimizer::Service {
   grpc::Status UpdateHyperparams(grpc::ServerContext* context,
                                  const v1::UpdateHyperparamsRequest* request,
                                  v1::UpdateHyperparamsResponse* response) override;
-  grpc::Status UploadParams(grpc::ServerContext* context,
-                            grpc::ServerReader<v1::UploadParamsRequest>* reader,
-                            v1::UploadParamsResponse* response) override;
-  // GetParams and Step send their chunks as ChunkMessage byte buffers (server/chunk_message.h):
-  // the constructor gives these two methods handlers whose writers take grpc::ByteBuffer, so
-  // the generated ones (GetParams, Step) are never called.
+  // The tensor streams go as byte buffers, with handlers of their own the constructor installs
+  // (the generated GetParams, Step and UploadParams are never called): GetParams and Step send
+  // their chunks as ChunkMessage buffers (server/chunk_message.h), Step and UploadParams read
+  // theirs where gRPC received them (ViewChunk, server/chunk_view.h).
   grpc::Status GetParamsRaw(
       grpc::ServerContext* context,
       grpc::ServerSplitStreamer<v1::GetParamsRequest, grpc::ByteBuffer>* streamer);
   grpc::Status StepRaw(grpc::ServerContext* context,
-                       grpc::ServerReaderWriter<grpc::ByteBuffer, v1::StepRequest>* stream);
+                       grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>* stream);
+  grpc::Status UploadParamsRaw(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<v1::UploadParamsResponse, grpc::ByteBuffer>* stream);
   grpc::Status StepSmall(grpc::ServerContext* context, const v1::StepSmallRequest* request,
                          v1::StepSmallResponse* response) override;
   grpc::Status AttachSharedMemory(grpc::ServerContext* context,
@@ -144,7 +145,7 @@ class OptimizerService final : public v1::Optimizer::Service {
                    absl::Time received_at, absl::Time stepped_at);
   // `reason` is set when a failure has a more precise rejection reason than its code.
   absl::Status RunStep(grpc::ServerContext* context,
-                       grpc::ServerReaderWriter<grpc::ByteBuffer, v1::StepRequest>* stream,
+                       grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>* stream,
                        StreamWatchdog::Watch& watch, absl::string_view& reason);
   // StepSmall with `shared_memory`: the gradients from the worker's region, the results into it,
   // the summary into `summary`.

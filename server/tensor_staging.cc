@@ -1,5 +1,7 @@
 #include "server/tensor_staging.h"
 
+#include <algorithm>
+#include <cstring>
 #include <limits>
 #include <new>
 #include <utility>
@@ -32,21 +34,74 @@ void TensorStaging::Reset() {
   out_of_range_ = 0;
 }
 
+namespace {
+
+// DecodeWire over `pieces` (the data's bytes in order, whole elements in all) into `out`: an
+// element split between two pieces is put together first.
+absl::StatusOr<DecodeReport> DecodePieces(DType dtype, absl::Span<const absl::string_view> pieces,
+                                          absl::Span<float> out, float max_magnitude) {
+  const size_t size = DTypeSize(dtype);
+  DecodeReport total;
+  size_t at = 0;  // elements decoded
+  const auto decode = [&](absl::string_view bytes) -> absl::Status {
+    const size_t n = bytes.size() / size;
+    OPTD_ASSIGN_OR_RETURN(DecodeReport report,
+                          DecodeWire(dtype, bytes, out.subspan(at, n), max_magnitude));
+    if (report.out_of_range > 0 && total.out_of_range == 0) {
+      total.first_out_of_range = static_cast<int64_t>(at) + report.first_out_of_range;
+    }
+    total.out_of_range += report.out_of_range;
+    at += n;
+    return absl::OkStatus();
+  };
+  char split[8];
+  size_t held = 0;  // bytes of a split element in `split`
+  for (absl::string_view piece : pieces) {
+    if (held > 0) {
+      const size_t take = std::min(size - held, piece.size());
+      std::memcpy(split + held, piece.data(), take);
+      held += take;
+      piece.remove_prefix(take);
+      if (held < size) continue;
+      OPTD_RETURN_IF_ERROR(decode(absl::string_view(split, size)));
+      held = 0;
+    }
+    const size_t whole = piece.size() / size * size;
+    if (whole > 0) OPTD_RETURN_IF_ERROR(decode(piece.substr(0, whole)));
+    held = piece.size() - whole;
+    std::memcpy(split, piece.data() + whole, held);
+  }
+  if (held != 0 || at != out.size()) {
+    return absl::InternalError("DecodePieces: the pieces are not the output's elements");
+  }
+  return total;
+}
+
+}  // namespace
+
 absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
                                      absl::string_view bytes, float max_magnitude,
                                      bool reject_out_of_range) {
+  const absl::string_view pieces[] = {bytes};
+  return AddChunk(tensor, offset, dtype, absl::MakeConstSpan(pieces, bytes.empty() ? 0 : 1),
+                  bytes.size(), max_magnitude, reject_out_of_range);
+}
+
+absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
+                                     absl::Span<const absl::string_view> pieces, size_t bytes,
+                                     float max_magnitude, bool reject_out_of_range) {
   const std::string& name = index_->name(tensor);
   const size_t size = DTypeSize(dtype);
-  if (bytes.empty()) {
+  if (bytes == 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("chunk of tensor '", name, "' at offset ", offset, " is empty"));
   }
-  if (bytes.size() % size != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("chunk of tensor '", name, "' has ",
-                                                   bytes.size(), " bytes, not a whole number of ",
+  if (bytes % size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("chunk of tensor '", name, "' has ", bytes,
+                                                   " bytes, not a whole number of ",
                                                    DTypeName(dtype), " elements"));
   }
-  const int64_t n = static_cast<int64_t>(bytes.size() / size);
+  const int64_t n = static_cast<int64_t>(bytes / size);
   const int64_t count = counts_[tensor];
   if (offset < 0 || offset > count || n > count - offset) {
     // offset + n is formed only where it cannot overflow.
@@ -72,7 +127,8 @@ absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
   }
   OPTD_ASSIGN_OR_RETURN(
       DecodeReport report,
-      DecodeWire(dtype, bytes, absl::MakeSpan(buffers_[tensor].data() + offset, n), max_magnitude));
+      DecodePieces(dtype, pieces, absl::MakeSpan(buffers_[tensor].data() + offset, n),
+                   max_magnitude));
   out_of_range_ += report.out_of_range;
   if (report.out_of_range > 0 && reject_out_of_range) {
     const int64_t at = offset + report.first_out_of_range;
@@ -99,18 +155,23 @@ absl::Status TensorStaging::AddChunk(int tensor, int64_t offset, DType dtype,
 
 absl::Status TensorStaging::AddChunk(const v1::TensorChunk& chunk, float max_magnitude,
                                      bool reject_out_of_range, int* completed) {
+  return AddChunk(ChunkView::Of(chunk), max_magnitude, reject_out_of_range, completed);
+}
+
+absl::Status TensorStaging::AddChunk(const ChunkView& chunk, float max_magnitude,
+                                     bool reject_out_of_range, int* completed) {
   if (completed != nullptr) *completed = -1;
-  const int tensor = index_->Find(chunk.tensor());
+  const int tensor = index_->Find(chunk.tensor);
   if (tensor < 0) {
-    return absl::NotFoundError(absl::StrCat(owner_, " has no tensor '", chunk.tensor(), "'"));
+    return absl::NotFoundError(absl::StrCat(owner_, " has no tensor '", chunk.tensor, "'"));
   }
-  absl::StatusOr<DType> dtype = FromWireDType(chunk.dtype());
+  absl::StatusOr<DType> dtype = FromWireDType(chunk.dtype);
   if (!dtype.ok()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("chunk of tensor '", chunk.tensor(), "': ", dtype.status().message()));
+        absl::StrCat("chunk of tensor '", chunk.tensor, "': ", dtype.status().message()));
   }
-  OPTD_RETURN_IF_ERROR(
-      AddChunk(tensor, chunk.offset(), *dtype, chunk.data(), max_magnitude, reject_out_of_range));
+  OPTD_RETURN_IF_ERROR(AddChunk(tensor, chunk.offset, *dtype, chunk.data, chunk.data_bytes,
+                                max_magnitude, reject_out_of_range));
   if (completed != nullptr && complete(tensor)) *completed = tensor;
   return absl::OkStatus();
 }

@@ -19,6 +19,7 @@
 #include "common/dtype.h"
 #include "common/tensor_index.h"
 #include "optd/v1/optd.pb.h"
+#include "server/chunk_view.h"
 
 namespace optd::server {
 
@@ -42,10 +43,18 @@ class TensorStaging {
   // and element.
   absl::Status AddChunk(int tensor, int64_t offset, DType dtype, absl::string_view bytes,
                         float max_magnitude, bool reject_out_of_range);
+  // The same for bytes in pieces (as gRPC received them; an element may be split between two),
+  // `bytes` of them in all.
+  absl::Status AddChunk(int tensor, int64_t offset, DType dtype,
+                        absl::Span<const absl::string_view> pieces, size_t bytes,
+                        float max_magnitude, bool reject_out_of_range);
   // The same for a chunk off the wire, its tensor and dtype resolved first: NotFound naming the
   // owner and the tensor, InvalidArgument naming the tensor for a dtype that is not one.
   // `completed` (optional): the tensor's index when this chunk completed it, else -1.
   absl::Status AddChunk(const v1::TensorChunk& chunk, float max_magnitude, bool reject_out_of_range,
+                        int* completed = nullptr);
+  // The same for a chunk read where gRPC received it (server/chunk_view.h).
+  absl::Status AddChunk(const ChunkView& chunk, float max_magnitude, bool reject_out_of_range,
                         int* completed = nullptr);
 
   // After the last chunk: InvalidArgument naming the first tensor that got some chunks but not

@@ -715,6 +715,10 @@ TEST_F(OptimizerContractTest, SizeMismatchesAndBadIndicesLeaveStateAlone) {
   const absl::Status nan_status = opt->SetParameters(0, nan_params);
   EXPECT_EQ(nan_status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(nan_status.message().find("element 7"), absl::string_view::npos) << nan_status;
+  nan_params[12] = -std::numeric_limits<float>::infinity();
+  nan_params[2] = std::numeric_limits<float>::infinity();
+  const absl::Status inf_status = opt->SetParameters(0, nan_params);
+  EXPECT_NE(inf_status.message().find("element 2"), absl::string_view::npos) << inf_status;
   EXPECT_EQ(opt->SetParameters(1, std::vector<float>(15)).code(), absl::StatusCode::kOutOfRange);
   EXPECT_EQ(opt->FindTensor("v").status().code(), absl::StatusCode::kNotFound);
   const bool wrong_size[2] = {true, true};

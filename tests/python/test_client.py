@@ -161,6 +161,79 @@ def test_errors_carry_their_codes_and_change_nothing(client, daemon):
     np.testing.assert_array_equal(again.values["w"], first.values["w"])
 
 
+def test_stream_messages_mean_what_protobuf_says_they_mean(client, daemon):
+    """The daemon reads plain chunk messages where gRPC received them and leaves every other
+    message to protobuf's parser: fields in another order, a chunk sent as two partial chunk
+    fields (protobuf merges them) and an unknown field step exactly as the client's own messages
+    do; bytes that are no StepRequest or UploadParamsRequest are INVALID_ARGUMENT and change
+    nothing."""
+    g = gradients(1)
+    twin = client.create_session(CONFIG)
+    raw = client.create_session(CONFIG)
+    raw.upload_parameters(twin.get_parameters())
+    expected = twin.step(1, g).values
+
+    def field(number, wire_type, payload):
+        def varint(v):
+            out = b""
+            while v >= 0x80:
+                out += bytes([(v & 0x7F) | 0x80])
+                v >>= 7
+            return out + bytes([v])
+        key = varint(number << 3 | wire_type)
+        return key + (varint(len(payload)) + payload if wire_type == 2 else varint(payload))
+
+    def chunk_fields(name, values, offset=0):
+        data = np.ascontiguousarray(values, np.float32).tobytes()
+        # data first, then the name, offset and dtype: not protobuf's order.
+        return (field(4, 2, data) + field(1, 2, name.encode()) +
+                (field(2, 0, offset) if offset else b"") + field(3, 0, optd_pb2.DTYPE_FP32))
+
+    w, b = g["w"].ravel(), g["b"]
+    messages = [
+        optd_pb2.StepRequest(header=optd_pb2.StepHeader(session_id=raw.id, step=1))
+        .SerializeToString(),
+        field(2, 2, chunk_fields("w", w[:25])),
+        # One message, two chunk fields: protobuf merges them (the second's data and offset win).
+        field(2, 2, field(1, 2, b"w")) + field(2, 2, chunk_fields("w", w[25:], offset=25)),
+        # An unknown field (number 9) inside the chunk.
+        field(2, 2, chunk_fields("b", b) + field(9, 0, 7)),
+    ]
+    channel = grpc.insecure_channel(daemon)
+    metadata = (("authorization", f"Bearer {raw.token}"),)
+    step = channel.stream_stream("/optd.v1.Optimizer/Step", request_serializer=lambda m: m,
+                                 response_deserializer=optd_pb2.StepResponse.FromString)
+    responses = list(step(iter(messages), metadata=metadata, timeout=30))
+    assert responses[0].summary.step == 1
+    got = {}
+    for r in responses[1:]:
+        got.setdefault(r.chunk.tensor, b"")
+        got[r.chunk.tensor] += r.chunk.data
+    for name, values in expected.items():
+        np.testing.assert_array_equal(np.frombuffer(got[name], np.float32),
+                                      np.asarray(values, np.float32).ravel())
+    before = raw.get_parameters()
+    for method, header in [
+            ("Step", optd_pb2.StepRequest(header=optd_pb2.StepHeader(session_id=raw.id, step=2))),
+            ("UploadParams", optd_pb2.UploadParamsRequest(
+                header=optd_pb2.UploadParamsHeader(session_id=raw.id)))]:
+        call = channel.stream_stream(f"/optd.v1.Optimizer/{method}",
+                                     request_serializer=lambda m: m,
+                                     response_deserializer=lambda m: m)
+        garbage = [header.SerializeToString(), field(2, 2, chunk_fields("b", b)), b"\xff\xff\xff"]
+        with pytest.raises(grpc.RpcError) as raised:
+            list(call(iter(garbage), metadata=metadata, timeout=30))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value
+        assert f"{method}: a message of the stream is not a optd.v1." in raised.value.details()
+        after = raw.get_parameters()
+        for k in before:
+            np.testing.assert_array_equal(after[k], before[k])
+    assert raw.info().step == 1
+    channel.close()
+    twin.delete()
+    raw.delete()
+
+
 def test_hyperparams_checkpoint_restore_and_analysis(client):
     config = CONFIG + "analysis_interval: 1\n"
     session = client.create_session(config)

@@ -3,9 +3,12 @@
 #include "server/tensor_staging.h"
 
 #include <algorithm>
+#include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 
+#include "common/wire.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -126,6 +129,40 @@ TEST(TensorStagingTest, AChunkOffTheWireResolvesItsTensorAndDtype) {
   EXPECT_EQ(dtype.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(dtype.message()), HasSubstr("chunk of tensor 'w': "));
   EXPECT_FALSE(staging.present(0)) << "refused chunks leave nothing";
+}
+
+TEST(TensorStagingTest, DataInPiecesDecodesAsDataInOnePiece) {
+  // gRPC hands a chunk's data over in the slices it received, cut anywhere (inside an element
+  // too): every cut of bf16 and fp32 data, with out-of-range values to count and to name.
+  std::vector<float> values(23);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = 0.25f * static_cast<float>(i) - 2.0f;
+  values[9] = std::numeric_limits<float>::quiet_NaN();
+  values[17] = -std::numeric_limits<float>::infinity();
+  for (const DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    std::string bytes;
+    ASSERT_TRUE(EncodeWire(dtype, values, bytes).ok());
+    TensorStaging whole({"t"}, {23});
+    const absl::Status expected = whole.AddChunk(0, 0, dtype, bytes, 1e6f, /*reject=*/false);
+    ASSERT_TRUE(expected.ok()) << expected;
+    for (size_t a = 0; a <= bytes.size(); ++a) {
+      for (size_t b = a; b <= bytes.size(); b += 3) {
+        SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " cut at " << a << ", " << b);
+        const absl::string_view all(bytes);
+        const absl::string_view pieces[] = {all.substr(0, a), all.substr(a, b - a), all.substr(b)};
+        TensorStaging staging({"t"}, {23});
+        ASSERT_TRUE(
+            staging.AddChunk(0, 0, dtype, pieces, bytes.size(), 1e6f, /*reject=*/false).ok());
+        EXPECT_EQ(staging.out_of_range_values(), whole.out_of_range_values());
+        EXPECT_EQ(
+            0, std::memcmp(staging.values(0).data(), whole.values(0).data(), 23 * sizeof(float)));
+        TensorStaging rejecting({"t"}, {23});
+        const absl::Status refused =
+            rejecting.AddChunk(0, 0, dtype, pieces, bytes.size(), 1e6f, /*reject=*/true);
+        EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+        EXPECT_THAT(std::string(refused.message()), HasSubstr("element 9 is nan (and 1 more)"));
+      }
+    }
+  }
 }
 
 }  // namespace
