@@ -376,6 +376,16 @@ absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values
           absl::StrCat("parameters for tensor '", t.spec.name, "' are not finite at element ", i));
     }
   }
+  return SetFiniteParameters(tensor, values);
+}
+
+absl::Status Optimizer::SetFiniteParameters(int tensor, absl::Span<const float> values) {
+  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
+  Tensor& t = *tensors_[tensor];
+  if (static_cast<int64_t>(values.size()) != t.count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor '", t.spec.name, "' has ", t.count, " elements, got ", values.size()));
+  }
   Queue& queue = *queue_;
   OPTD_RETURN_IF_ERROR(
       backend_->Upload(queue, t.parameters.data(), values.data(), values.size() * sizeof(float)));

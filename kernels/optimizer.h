@@ -108,6 +108,9 @@ class Optimizer {
   // Host <-> backend parameter copies; InvalidArgument when the size differs or (SetParameters)
   // a value is NaN or infinite, and then nothing is written.
   absl::Status SetParameters(int tensor, absl::Span<const float> values);
+  // SetParameters of values the caller has already found finite (the daemon's staging checks
+  // each value as it decodes it), without a second pass over them to check again.
+  absl::Status SetFiniteParameters(int tensor, absl::Span<const float> values);
   absl::Status GetParameters(int tensor, absl::Span<float> out) const;
   // Elements [offset, offset + out.size()) of the tensor's parameters; InvalidArgument when the
   // range is not inside the tensor.

@@ -15,19 +15,25 @@ class SliceReader {
 
   size_t remaining() const { return remaining_; }
 
-  // A varint of at most 10 bytes.
-  bool ReadVarint(uint64_t& value) {
+  // A varint in its shortest form, of at most `max_bytes` bytes (10 for a 64-bit value; tags
+  // and lengths, which protobuf reads as 32-bit values, 5). A longer form, which no serializer
+  // writes, is left to protobuf like any other message ViewChunk does not take.
+  bool ReadVarint(uint64_t& value, int max_bytes = 10) {
     value = 0;
-    for (int shift = 0; shift < 70; shift += 7) {
+    for (int i = 0; i < max_bytes; ++i) {
       if (remaining_ == 0) return false;
       const uint8_t byte = slices_[slice_].begin()[position_];
       Advance(1);
-      if (shift == 63 && byte > 1) return false;  // beyond 64 bits
-      value |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      if (i == 9 && byte > 1) return false;  // beyond 64 bits
+      if (i > 0 && byte == 0) return false;  // not the shortest form
+      value |= static_cast<uint64_t>(byte & 0x7f) << (7 * i);
       if ((byte & 0x80) == 0) return true;
     }
     return false;
   }
+
+  // A tag or a length: a 32-bit varint, a length below 2^31.
+  bool ReadSmall(uint64_t& value) { return ReadVarint(value, 5) && value < (uint64_t{1} << 31); }
 
   // The next `n` bytes, as the pieces of the slices that hold them.
   bool Take(size_t n, std::vector<absl::string_view>& pieces) {
@@ -114,20 +120,20 @@ bool ViewChunk(const std::vector<grpc::Slice>& slices, ChunkView& view) {
   SliceReader reader(slices);
   uint64_t tag = 0, length = 0;
   // The request: field 2 (chunk) once, and nothing else.
-  if (!reader.ReadVarint(tag) || tag != (2 << 3 | kLengthDelimited)) return false;
-  if (!reader.ReadVarint(length) || length != reader.remaining()) return false;
+  if (!reader.ReadSmall(tag) || tag != (2 << 3 | kLengthDelimited)) return false;
+  if (!reader.ReadSmall(length) || length != reader.remaining()) return false;
   view = ChunkView();
   bool seen[6] = {};
   std::vector<absl::string_view> name;
   while (reader.remaining() > 0) {
-    if (!reader.ReadVarint(tag)) return false;
+    if (!reader.ReadSmall(tag)) return false;
     const uint64_t field = tag >> 3, wire_type = tag & 7;
     if (field < 1 || field > 5 || seen[field]) return false;
     seen[field] = true;
     const bool bytes_field = field == 1 || field == 4;
     if (wire_type != (bytes_field ? kLengthDelimited : kVarint)) return false;
     uint64_t value = 0;
-    if (!reader.ReadVarint(value)) return false;
+    if (!(bytes_field ? reader.ReadSmall(value) : reader.ReadVarint(value))) return false;
     switch (field) {
       case 1:
         if (!reader.Take(value, name)) return false;

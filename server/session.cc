@@ -686,12 +686,14 @@ absl::Status Session::SetParameters(const TensorStaging& values) {
   Touch();
   absl::MutexLock lock(&mu_);
   OPTD_RETURN_IF_ERROR(CheckUsableLocked());
+  // The staging checked every value as it decoded it (within ±FLT_MAX: finite), so none of the
+  // tensors can fail after an earlier one was written.
   if (values.out_of_range_values() > 0) {
     return absl::InvalidArgumentError("parameters must be finite");
   }
   ++state_epoch_;
   for (int t : values.PresentTensors()) {
-    OPTD_RETURN_IF_ERROR(optimizer_->SetParameters(t, values.values(t)));
+    OPTD_RETURN_IF_ERROR(optimizer_->SetFiniteParameters(t, values.values(t)));
   }
   return absl::OkStatus();
 }

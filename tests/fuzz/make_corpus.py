@@ -106,6 +106,19 @@ def stream_seeds():
         open(os.path.join(path, name), "wb").write(framed(messages))
 
 
+def chunk_view_seeds():
+    path = out_dir("chunk_view_fuzz")
+    w = np.linspace(-1, 1, 24)
+    seeds = {
+        "step_chunk": optd_pb2.StepRequest(chunk=chunk("w", 3, w)),
+        "upload_chunk_bf16": optd_pb2.UploadParamsRequest(chunk=chunk("b", 0, w[:6], optd_pb2.DTYPE_BF16)),
+        "header": optd_pb2.StepRequest(header=optd_pb2.StepHeader(session_id="s", step=4)),
+    }
+    for name, message in seeds.items():
+        # Two bytes choosing the cut points, then the message.
+        open(os.path.join(path, name), "wb").write(b"\x07\x0d" + message.SerializeToString())
+
+
 def checkpoint_seeds():
     path = out_dir("checkpoint_fuzz")
     work = tempfile.mkdtemp()
@@ -137,5 +150,6 @@ if __name__ == "__main__":
     npy_seeds()
     config_seeds()
     stream_seeds()
+    chunk_view_seeds()
     checkpoint_seeds()
     print("seed corpora written under", os.path.join(HERE, "corpus"))

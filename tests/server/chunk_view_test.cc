@@ -104,6 +104,9 @@ TEST(ChunkViewTest, EverythingElseIsLeftToProtobuf) {
       {"an unknown field", with_unknown},
       {"cut short", plain.substr(0, plain.size() - 1)},
       {"an empty message", ""},
+      // Found by chunk_view_fuzz: tag 0x12 in six bytes, which protobuf refuses.
+      {"a tag in a longer form than it needs", std::string("\x92\x80\x80\x80\x80\x00\x00", 7)},
+      {"an offset in a longer form than it needs", std::string("\x12\x03\x10\x81\x00", 5)},
   };
   for (const auto& c : cases) {
     ChunkView view;
