@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <string>
 #include <vector>
@@ -167,6 +168,17 @@ class Daemon {
     unlink(port_file_.c_str());
   }
   std::string target() const { return absl::StrCat("127.0.0.1:", port_); }
+  // The process's CPU time so far (user and system, from /proc/PID/stat), in seconds.
+  double CpuSeconds() const {
+    std::ifstream stat(absl::StrCat("/proc/", pid_, "/stat"));
+    std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    const std::vector<std::string> fields =
+        absl::StrSplit(text.substr(text.rfind(')') + 2), ' ', absl::SkipEmpty());
+    if (fields.size() < 13) return 0;
+    return static_cast<double>(std::stoll(fields[11]) + std::stoll(fields[12])) /
+           static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
 
  private:
   // `binary` with `args` (empty ones left out) and `port_flag` naming the file it writes its
@@ -477,46 +489,59 @@ int main(int argc, char** argv) {
       buffers.emplace_back(gradients[t].size());
       by_name[tensors[t].name] = absl::MakeSpan(buffers.back());
     }
-    // One upload and one download of the whole model; GB/s of each.
-    const auto measure = [&](optd::client::Client& to, optd::client::Session& s, int64_t chunk) {
+    // One upload and one download of the whole model: GB/s of each, and the server's CPU
+    // seconds per GB of each (what the transfer costs the server, whatever the client's share).
+    struct Rates {
+      double up = 0, down = 0, up_cpu = 0, down_cpu = 0;
+    };
+    const auto measure = [&](optd::client::Client& to, optd::client::Session& s, int64_t chunk,
+                             const Daemon& server) {
+      Rates rates;
+      double cpu = server.CpuSeconds();
       auto start = std::chrono::steady_clock::now();
       Die(s.UploadParameters(named, optd::DType::kF32, chunk), "UploadParams");
-      const double up_s = Seconds(start);
+      rates.up = gradient_bytes / Seconds(start) / 1e9;
+      rates.up_cpu = (server.CpuSeconds() - cpu) / (gradient_bytes / 1e9);
+      cpu = server.CpuSeconds();
       start = std::chrono::steady_clock::now();
       GetParamsInto(to, s, by_name, chunk);
-      const double down_s = Seconds(start);
-      return std::make_pair(gradient_bytes / up_s / 1e9, gradient_bytes / down_s / 1e9);
+      rates.down = gradient_bytes / Seconds(start) / 1e9;
+      rates.down_cpu = (server.CpuSeconds() - cpu) / (gradient_bytes / 1e9);
+      return rates;
     };
-    std::map<int64_t, std::pair<std::vector<double>, std::vector<double>>> optd_rates;
-    std::vector<double> bare_up, bare_down;
+    struct Series {
+      std::vector<double> up, down, up_cpu, down_cpu;
+      void Add(const Rates& r) {
+        up.push_back(r.up);
+        down.push_back(r.down);
+        up_cpu.push_back(r.up_cpu);
+        down_cpu.push_back(r.down_cpu);
+      }
+      std::string ToJson(int64_t chunk) const {
+        return absl::StrCat("{\"chunk_bytes\": ", chunk, ", \"up_gbps\": ", Json(up),
+                            ", \"down_gbps\": ", Json(down),
+                            ", \"up_cpu_s_per_gb\": ", Json(up_cpu),
+                            ", \"down_cpu_s_per_gb\": ", Json(down_cpu), "}");
+      }
+    };
+    std::map<int64_t, Series> optd_rates;
+    Series bare_rates;
     for (int r = 0; r <= repetitions; ++r) {
       for (const int64_t chunk : {int64_t{256} << 10, int64_t{1} << 20, int64_t{4} << 20}) {
         if (chunk == int64_t{1} << 20) {
-          const auto [up, down] = measure(bare_client, *bare_session, chunk);
-          if (r > 0) {
-            bare_up.push_back(up);
-            bare_down.push_back(down);
-          }
+          const Rates bare_run = measure(bare_client, *bare_session, chunk, *bare);
+          if (r > 0) bare_rates.Add(bare_run);
           std::fprintf(stderr, "service_bench: bare gRPC, 1024 KiB: up %.2f GB/s, down %.2f GB/s\n",
-                       up, down);
+                       bare_run.up, bare_run.down);
         }
-        const auto [up, down] = measure(client, *session, chunk);
-        if (r > 0) {
-          optd_rates[chunk].first.push_back(up);
-          optd_rates[chunk].second.push_back(down);
-        }
+        const Rates run = measure(client, *session, chunk, daemon);
+        if (r > 0) optd_rates[chunk].Add(run);
         std::fprintf(stderr, "service_bench: chunk %lld KiB: up %.2f GB/s, down %.2f GB/s\n",
-                     static_cast<long long>(chunk >> 10), up, down);
+                     static_cast<long long>(chunk >> 10), run.up, run.down);
       }
     }
-    bare_json =
-        absl::StrCat("{\"chunk_bytes\": ", int64_t{1} << 20, ", \"up_gbps\": ", Json(bare_up),
-                     ", \"down_gbps\": ", Json(bare_down), "}");
-    for (const auto& [chunk, rates] : optd_rates) {
-      streaming.push_back(absl::StrCat("{\"chunk_bytes\": ", chunk,
-                                       ", \"up_gbps\": ", Json(rates.first),
-                                       ", \"down_gbps\": ", Json(rates.second), "}"));
-    }
+    bare_json = bare_rates.ToJson(int64_t{1} << 20);
+    for (const auto& [chunk, rates] : optd_rates) streaming.push_back(rates.ToJson(chunk));
     Die(session->Delete(), "DeleteSession");
   }
   std::printf(

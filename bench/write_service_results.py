@@ -124,23 +124,32 @@ def main():
         "meet the same state of this shared machine). Up = UploadParams, which receives, checks and "
         "decodes every chunk into staging exactly as Step does with gradients; down = GetParams "
         "into the client's buffers (the daemon copies one step's parameters under the session's "
-        "lock on a pipeline thread and sends each piece as soon as it is copied). 1 GB/s = 10⁹ bytes of fp32 payload per second.")
+        "lock on a pipeline thread and sends each piece as soon as it is copied, from that copy: "
+        "README, \"Tensor bytes on the wire\"). 1 GB/s = 10⁹ bytes of fp32 payload per second. "
+        "Server CPU s/GB: the server process's CPU time (user + system) per GB moved, the "
+        "steadier figure on a machine whose throughput swings with its neighbours.")
     add("")
-    add("| chunk | up GB/s (min–max) | up / TCP | up / bare | down GB/s (min–max) | down / TCP "
-        "| down / bare |")
-    add("|---|---|---|---|---|---|---|")
+    add("| chunk | up GB/s (min–max) | up / TCP | up / bare | server CPU s/GB up | "
+        "down GB/s (min–max) | down / TCP | down / bare | server CPU s/GB down |")
+    add("|---|---|---|---|---|---|---|---|---|")
+
+    def cpu(c, way):
+        values = c.get(f"{way}_cpu_s_per_gb")
+        return f"{statistics.median(values):.2f}" if values else "–"
+
     best = None
     for c in bench["streaming"]:
         up, down = statistics.median(c["up_gbps"]), statistics.median(c["down_gbps"])
         add(f"| {c['chunk_bytes'] >> 10} KiB | {spread(c['up_gbps'], '{:.2f}')} | "
-            f"{100 * up / tcp_gbps:.0f}% | {100 * up / bare_up:.0f}% | "
+            f"{100 * up / tcp_gbps:.0f}% | {100 * up / bare_up:.0f}% | {cpu(c, 'up')} | "
             f"{spread(c['down_gbps'], '{:.2f}')} | {100 * down / tcp_gbps:.0f}% | "
-            f"{100 * down / bare_down:.0f}% |")
+            f"{100 * down / bare_down:.0f}% | {cpu(c, 'down')} |")
         if best is None or up + down > best[1]:
             best = (c["chunk_bytes"], up + down)
     add(f"| bare gRPC, {bare['chunk_bytes'] >> 10} KiB | {spread(bare['up_gbps'], '{:.2f}')} | "
-        f"{100 * bare_up / tcp_gbps:.0f}% | | {spread(bare['down_gbps'], '{:.2f}')} | "
-        f"{100 * bare_down / tcp_gbps:.0f}% | |")
+        f"{100 * bare_up / tcp_gbps:.0f}% | | {cpu(bare, 'up')} | "
+        f"{spread(bare['down_gbps'], '{:.2f}')} | {100 * bare_down / tcp_gbps:.0f}% | | "
+        f"{cpu(bare, 'down')} |")
     add("")
     add(f"Fastest chunk size in this run (up + down): {best[0] >> 10} KiB; optd's default is "
         "1 MiB (`--chunk_bytes`).")

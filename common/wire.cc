@@ -86,7 +86,7 @@ absl::Status EncodeWireInto(DType dtype, absl::Span<const float> values, char* p
   }
   switch (dtype) {
     case DType::kF32:
-      std::memcpy(p, values.data(), values.size() * sizeof(float));
+      if (!values.empty()) std::memcpy(p, values.data(), values.size() * sizeof(float));
       break;
     case DType::kBF16:
       for (size_t i = 0; i < values.size(); ++i) {
