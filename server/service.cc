@@ -6,6 +6,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/dynamic_annotations.h"
+#include "absl/base/thread_annotations.h"
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -148,6 +150,18 @@ absl::Status ReadChunks(absl::string_view method, Stream& stream, Request& reque
   return status;
 }
 
+// ViewChunk on gRPC's receive buffers. gRPC is not built with ThreadSanitizer, so the
+// synchronization that hands a received message to this thread is invisible to it and it would
+// take every read of the message's bytes for a race with the socket read that wrote them: the
+// reads of them are not optd's to check (TensorStaging's decode of the pieces says the same).
+bool ViewGrpcChunk(const std::vector<grpc::Slice>& slices,
+                   ChunkView& view) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  ABSL_ANNOTATE_IGNORE_READS_BEGIN();
+  const bool viewed = ViewChunk(slices, view);
+  ABSL_ANNOTATE_IGNORE_READS_END();
+  return viewed;
+}
+
 // The next message of a stream read as byte buffers (Step, UploadParams), parsed as `Request`
 // by protobuf; false at the stream's end or for a message that is not one.
 template <typename Request, typename Stream>
@@ -174,7 +188,7 @@ absl::Status ReceiveChunks(absl::string_view method, Stream& stream, grpc::Serve
   int completed = -1;
   while (status.ok() && stream.Read(&buffer)) {
     slices.clear();
-    if (!buffer.Dump(&slices).ok() || !ViewChunk(slices, view)) {
+    if (!buffer.Dump(&slices).ok() || !ViewGrpcChunk(slices, view)) {
       if (!grpc::SerializationTraits<Request>::Deserialize(&buffer, &request).ok()) {
         return absl::InvalidArgumentError(absl::StrCat(
             method, ": a message of the stream is not a ", Request::descriptor()->full_name()));
