@@ -359,13 +359,18 @@ absl::Status Optimizer::CheckStepLearningRate(double lr) const {
   return absl::OkStatus();
 }
 
-absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values) {
+absl::StatusOr<Optimizer::Tensor*> Optimizer::TensorOfSize(int tensor, size_t count) {
   OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
   Tensor& t = *tensors_[tensor];
-  if (static_cast<int64_t>(values.size()) != t.count) {
+  if (static_cast<int64_t>(count) != t.count) {
     return absl::InvalidArgumentError(
-        absl::StrCat("tensor '", t.spec.name, "' has ", t.count, " elements, got ", values.size()));
+        absl::StrCat("tensor '", t.spec.name, "' has ", t.count, " elements, got ", count));
   }
+  return &t;
+}
+
+absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values) {
+  OPTD_ASSIGN_OR_RETURN(Tensor * t, TensorOfSize(tensor, values.size()));
   // Counted without a branch, so the loop vectorizes (an early exit kept it scalar: a quarter of
   // the daemon's time in an upload); the first is looked for only when there is one.
   int64_t non_finite = 0;
@@ -373,19 +378,18 @@ absl::Status Optimizer::SetParameters(int tensor, absl::Span<const float> values
   for (size_t i = 0; non_finite > 0 && i < values.size(); ++i) {
     if (!std::isfinite(values[i])) {
       return absl::InvalidArgumentError(
-          absl::StrCat("parameters for tensor '", t.spec.name, "' are not finite at element ", i));
+          absl::StrCat("parameters for tensor '", t->spec.name, "' are not finite at element ", i));
     }
   }
-  return SetFiniteParameters(tensor, values);
+  return WriteParameters(*t, values);
 }
 
 absl::Status Optimizer::SetFiniteParameters(int tensor, absl::Span<const float> values) {
-  OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
-  Tensor& t = *tensors_[tensor];
-  if (static_cast<int64_t>(values.size()) != t.count) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tensor '", t.spec.name, "' has ", t.count, " elements, got ", values.size()));
-  }
+  OPTD_ASSIGN_OR_RETURN(Tensor * t, TensorOfSize(tensor, values.size()));
+  return WriteParameters(*t, values);
+}
+
+absl::Status Optimizer::WriteParameters(Tensor& t, absl::Span<const float> values) {
   Queue& queue = *queue_;
   OPTD_RETURN_IF_ERROR(
       backend_->Upload(queue, t.parameters.data(), values.data(), values.size() * sizeof(float)));

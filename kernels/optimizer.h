@@ -227,6 +227,10 @@ class Optimizer {
   absl::Status Plan(std::vector<TensorSpec> tensors);
 
   absl::Status CheckIndex(int tensor) const;
+  // Tensor `tensor`, checked to have `count` elements (SetParameters and SetFiniteParameters).
+  absl::StatusOr<Tensor*> TensorOfSize(int tensor, size_t count);
+  // Copies `values` (its size checked) into `t`'s parameters.
+  absl::Status WriteParameters(Tensor& t, absl::Span<const float> values);
   absl::StatusOr<StateBuffer> FindState(int tensor, absl::string_view buffer) const;
   // The parameters (`buffer` empty) or state buffer of ReadRange and WriteRange, checked to hold
   // [offset, offset + count).

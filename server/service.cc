@@ -123,31 +123,32 @@ absl::Status StreamTimeout(absl::string_view method, absl::string_view what) {
       "stream_timeout");
 }
 
-// Reads the chunks that follow a `method` stream's header, handing each to `add` (which returns
-// whether it was taken), until the client half-closes, stopping at the first refused one, with
-// `watch` re-armed for the idle timeout after each message. A stream the watchdog cut off, or that
-// the client cancelled (`cancelled` says what that lost), is an error too.
-template <typename Stream, typename Request, typename Add>
-absl::Status ReadChunks(absl::string_view method, Stream& stream, Request& request,
-                        grpc::ServerContext& context, StreamWatchdog::Watch& watch,
-                        absl::Duration idle_timeout, Metrics* metrics, absl::string_view cancelled,
-                        Add add) {
+// Reads the chunks that follow a `method` stream's header: `next()` gives the next one (a pointer
+// valid until the next call; null once the client half-closes; an error for a message that is no
+// chunk), `add` takes it (or refuses it, which ends the stream), with `watch` re-armed for the idle
+// timeout after each. A stream the watchdog cut off, or that the client cancelled (`cancelled`
+// says what that lost), is an error too.
+template <typename Next, typename Add>
+absl::Status ReadChunks(absl::string_view method, grpc::ServerContext& context,
+                        StreamWatchdog::Watch& watch, absl::Duration idle_timeout,
+                        absl::string_view cancelled, Next next, Add add) {
   absl::Status status;
-  while (status.ok() && stream.Read(&request)) {
-    if (!request.has_chunk()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(method, " carries one header, then only chunks"));
-    }
-    if (metrics != nullptr) {
-      metrics->AddBytesReceived(static_cast<int64_t>(request.chunk().data().size()));
-    }
-    status = add(request.chunk());
+  while (status.ok()) {
+    auto chunk = next();
+    if (!chunk.ok()) return chunk.status();
+    if (*chunk == nullptr) break;
+    status = add(**chunk);
     watch.Arm(idle_timeout);
   }
   watch.Disarm();
   if (status.ok() && watch.fired()) return StreamTimeout(method, "chunk");
   if (status.ok() && context.IsCancelled()) return absl::CancelledError(cancelled);
   return status;
+}
+
+// A message after a stream's header that is not a chunk.
+absl::Status NotAChunk(absl::string_view method) {
+  return absl::InvalidArgumentError(absl::StrCat(method, " carries one header, then only chunks"));
 }
 
 // ViewChunk on gRPC's receive buffers. gRPC is not built with ThreadSanitizer, so the
@@ -180,36 +181,32 @@ absl::Status ReceiveChunks(absl::string_view method, Stream& stream, grpc::Serve
                            TensorStaging& staging, float max_magnitude, bool reject,
                            Metrics* metrics, absl::string_view cancelled,
                            Session* pipeline = nullptr) {
-  absl::Status status;
   grpc::ByteBuffer buffer;
   std::vector<grpc::Slice> slices;  // the message's, which `view` points into
   ChunkView view;
   Request request;
   int completed = -1;
-  while (status.ok() && stream.Read(&buffer)) {
-    slices.clear();
-    if (!buffer.Dump(&slices).ok() || !ViewGrpcChunk(slices, view)) {
-      if (!grpc::SerializationTraits<Request>::Deserialize(&buffer, &request).ok()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            method, ": a message of the stream is not a ", Request::descriptor()->full_name()));
-      }
-      if (!request.has_chunk()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(method, " carries one header, then only chunks"));
-      }
-      view = ChunkView::Of(request.chunk());
-    }
-    if (metrics != nullptr) metrics->AddBytesReceived(static_cast<int64_t>(view.data_bytes));
-    status = staging.AddChunk(view, max_magnitude, reject, &completed);
-    if (status.ok() && completed >= 0 && pipeline != nullptr) {
-      pipeline->TensorArrived(&staging, completed);
-    }
-    watch.Arm(idle_timeout);
-  }
-  watch.Disarm();
-  if (status.ok() && watch.fired()) return StreamTimeout(method, "chunk");
-  if (status.ok() && context.IsCancelled()) return absl::CancelledError(cancelled);
-  return status;
+  return ReadChunks(
+      method, context, watch, idle_timeout, cancelled,
+      [&]() -> absl::StatusOr<const ChunkView*> {
+        if (!stream.Read(&buffer)) return nullptr;
+        slices.clear();
+        if (!buffer.Dump(&slices).ok() || !ViewGrpcChunk(slices, view)) {
+          if (!grpc::SerializationTraits<Request>::Deserialize(&buffer, &request).ok()) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                method, ": a message of the stream is not a ", Request::descriptor()->full_name()));
+          }
+          if (!request.has_chunk()) return NotAChunk(method);
+          view = ChunkView::Of(request.chunk());
+        }
+        if (metrics != nullptr) metrics->AddBytesReceived(static_cast<int64_t>(view.data_bytes));
+        return &view;
+      },
+      [&](const ChunkView& chunk) {
+        OPTD_RETURN_IF_ERROR(staging.AddChunk(chunk, max_magnitude, reject, &completed));
+        if (completed >= 0 && pipeline != nullptr) pipeline->TensorArrived(&staging, completed);
+        return absl::OkStatus();
+      });
 }
 
 // A step's summary, as Step and StepSmall send it.
@@ -224,17 +221,15 @@ void FillSummary(const StepOutcome& outcome, bool replayed, v1::StepSummary& sum
   summary.set_checkpoint_error(outcome.checkpoint_error);
 }
 
-// Every result tensor in chunks through `write` (false: the client went away), each in the
-// header's result dtype or its own; the bytes of values sent.
-template <typename Write>
-absl::StatusOr<int64_t> WriteResults(const Session& session, const StepOutcome& outcome,
-                                     const v1::StepHeader& header, int64_t chunk_bytes,
-                                     v1::TensorChunk& chunk, Write write) {
+// Every result tensor through `send(name, values, dtype)` (StreamTensor or SendTensor), each in
+// the header's result dtype or its own; the bytes of values sent.
+template <typename Send>
+absl::StatusOr<int64_t> SendResults(const Session& session, const StepOutcome& outcome,
+                                    const v1::StepHeader& header, Send send) {
   int64_t sent = 0;
   for (size_t t = 0; t < outcome.values.size(); ++t) {
     const DType dtype = *ResultDType(header.result_dtype(), session.tensor_dtype(t));
-    OPTD_RETURN_IF_ERROR(
-        StreamTensor(session.tensor_name(t), outcome.values[t], dtype, chunk_bytes, chunk, write));
+    OPTD_RETURN_IF_ERROR(send(session.tensor_name(t), outcome.values[t], dtype));
     sent += static_cast<int64_t>(outcome.values[t].size() * DTypeSize(dtype));
   }
   return sent;
@@ -345,63 +340,50 @@ void OptimizerService::CountSent(int64_t bytes) {
   if (options_.metrics != nullptr) options_.metrics->AddBytesSent(bytes);
 }
 
-namespace {
-
-// The index gRPC's generated service gave `method` (methods are added in the proto's order),
-// checked against the handler it installed there: a mismatch is a build of other generated code,
-// and a daemon serving the wrong method must not start.
-template <typename Handler>
-int MethodIndex(grpc::internal::MethodHandler* (*handler_at)(grpc::Service&, int),
-                grpc::Service& service, absl::string_view method) {
+template <typename Generated>
+int OptimizerService::MethodIndex(absl::string_view method) {
   const google::protobuf::ServiceDescriptor* descriptor =
       v1::GetParamsRequest::descriptor()->file()->FindServiceByName("Optimizer");
   const google::protobuf::MethodDescriptor* found =
       descriptor == nullptr ? nullptr : descriptor->FindMethodByName(std::string(method));
-  if (found == nullptr || dynamic_cast<Handler*>(handler_at(service, found->index())) == nullptr) {
+  if (found == nullptr || dynamic_cast<Generated*>(GetHandler(found->index())) == nullptr) {
     LogEvent(absl::StrCat("optd.v1.Optimizer.", method, " is not where the generated code put it"));
     std::abort();
   }
   return found->index();
 }
 
-}  // namespace
+template <typename Generated, typename Write, typename Read>
+void OptimizerService::ServeStream(
+    absl::string_view method,
+    grpc::Status (OptimizerService::*serve)(grpc::ServerContext*,
+                                            grpc::ServerReaderWriter<Write, Read>*)) {
+  MarkMethodStreamed(MethodIndex<Generated>(method),
+                     new grpc::internal::BidiStreamingHandler<OptimizerService, Read, Write>(
+                         [serve](OptimizerService* service, grpc::ServerContext* context,
+                                 grpc::ServerReaderWriter<Write, Read>* stream) {
+                           return (service->*serve)(context, stream);
+                         },
+                         this));
+}
 
 OptimizerService::OptimizerService(SessionManager& sessions, ServiceOptions options)
     : sessions_(sessions), options_(options) {
-  auto handler_at = [](grpc::Service& service, int index) {
-    return static_cast<OptimizerService&>(service).GetHandler(index);
-  };
   MarkMethodStreamed(
       MethodIndex<grpc::internal::ServerStreamingHandler<v1::Optimizer::Service,
                                                          v1::GetParamsRequest, v1::TensorChunk>>(
-          handler_at, *this, "GetParams"),
+          "GetParams"),
       new grpc::internal::SplitServerStreamingHandler<v1::GetParamsRequest, grpc::ByteBuffer>(
           [this](grpc::ServerContext* context,
                  grpc::ServerSplitStreamer<v1::GetParamsRequest, grpc::ByteBuffer>* streamer) {
             return GetParamsRaw(context, streamer);
           }));
-  MarkMethodStreamed(
-      MethodIndex<grpc::internal::BidiStreamingHandler<v1::Optimizer::Service, v1::StepRequest,
-                                                       v1::StepResponse>>(handler_at, *this,
-                                                                          "Step"),
-      new grpc::internal::BidiStreamingHandler<OptimizerService, grpc::ByteBuffer,
-                                               grpc::ByteBuffer>(
-          [](OptimizerService* service, grpc::ServerContext* context,
-             grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>* stream) {
-            return service->StepRaw(context, stream);
-          },
-          this));
-  MarkMethodStreamed(
-      MethodIndex<grpc::internal::ClientStreamingHandler<
-          v1::Optimizer::Service, v1::UploadParamsRequest, v1::UploadParamsResponse>>(
-          handler_at, *this, "UploadParams"),
-      new grpc::internal::BidiStreamingHandler<OptimizerService, grpc::ByteBuffer,
-                                               v1::UploadParamsResponse>(
-          [](OptimizerService* service, grpc::ServerContext* context,
-             grpc::ServerReaderWriter<v1::UploadParamsResponse, grpc::ByteBuffer>* stream) {
-            return service->UploadParamsRaw(context, stream);
-          },
-          this));
+  ServeStream<grpc::internal::BidiStreamingHandler<v1::Optimizer::Service, v1::StepRequest,
+                                                   v1::StepResponse>>("Step",
+                                                                      &OptimizerService::StepRaw);
+  ServeStream<grpc::internal::ClientStreamingHandler<
+      v1::Optimizer::Service, v1::UploadParamsRequest, v1::UploadParamsResponse>>(
+      "UploadParams", &OptimizerService::UploadParamsRaw);
 }
 
 void OptimizerService::StartDraining() { draining_ = true; }
@@ -759,17 +741,17 @@ absl::Status OptimizerService::RunStep(
   }
   // The results go out from the outcome's buffers, held by its lease until gRPC has sent them
   // (the round makes new buffers for a later step while they are held).
-  int64_t sent = 0;
-  for (size_t t = 0; t < outcome.values.size(); ++t) {
-    const DType dtype = *ResultDType(header.result_dtype(), session.tensor_dtype(t));
-    OPTD_RETURN_IF_ERROR(SendTensor(
-        /*field=*/v1::StepResponse::kChunkFieldNumber, session.tensor_name(t), outcome.values[t],
-        dtype, step->chunk_bytes, reply.outcome, [&](const grpc::ByteBuffer& message) {
-          watch.Arm(options_.stream_idle_timeout);
-          return stream->Write(message);
-        }));
-    sent += static_cast<int64_t>(outcome.values[t].size() * DTypeSize(dtype));
-  }
+  OPTD_ASSIGN_OR_RETURN(
+      const int64_t sent,
+      SendResults(session, outcome, header,
+                  [&](const std::string& name, absl::Span<const float> values, DType dtype) {
+                    return SendTensor(/*field=*/v1::StepResponse::kChunkFieldNumber, name, values,
+                                      dtype, step->chunk_bytes, reply.outcome,
+                                      [&](const grpc::ByteBuffer& message) {
+                                        watch.Arm(options_.stream_idle_timeout);
+                                        return stream->Write(message);
+                                      });
+                  }));
   CountSent(sent);
   ObserveStep(session, reply, start, received_at, stepped_at);
   return absl::OkStatus();
@@ -816,15 +798,18 @@ grpc::Status OptimizerService::StepSmall(grpc::ServerContext* context,
     v1::TensorChunk chunk;
     OPTD_ASSIGN_OR_RETURN(
         const int64_t sent,
-        WriteResults(session, *reply.outcome, header, step->chunk_bytes, chunk, [&] {
-          v1::TensorChunk& piece = *response->add_chunks();
-          piece.set_tensor(chunk.tensor());
-          piece.set_dtype(chunk.dtype());
-          piece.set_tensor_elements(chunk.tensor_elements());
-          piece.set_offset(chunk.offset());
-          piece.mutable_data()->swap(*chunk.mutable_data());
-          return true;
-        }));
+        SendResults(session, *reply.outcome, header,
+                    [&](const std::string& name, absl::Span<const float> values, DType dtype) {
+                      return StreamTensor(name, values, dtype, step->chunk_bytes, chunk, [&] {
+                        v1::TensorChunk& piece = *response->add_chunks();
+                        piece.set_tensor(chunk.tensor());
+                        piece.set_dtype(chunk.dtype());
+                        piece.set_tensor_elements(chunk.tensor_elements());
+                        piece.set_offset(chunk.offset());
+                        piece.mutable_data()->swap(*chunk.mutable_data());
+                        return true;
+                      });
+                    }));
     CountSent(sent);
     ObserveStep(session, reply, start, received_at, stepped_at);
     return absl::OkStatus();
@@ -947,29 +932,37 @@ grpc::Status OptimizerService::ExportState(grpc::ServerContext* context,
 grpc::Status OptimizerService::ImportState(grpc::ServerContext* context,
                                            grpc::ServerReader<v1::ImportStateRequest>* reader,
                                            v1::ImportStateResponse* response) {
-  return Finish(
-      "ImportState", Guarded([&]() -> absl::Status {
-        OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
-        StreamWatchdog::Watch watch(watchdog_, context);
-        watch.Arm(options_.stream_header_timeout);
-        v1::ImportStateRequest request;
-        if (!reader->Read(&request) || !request.has_header()) {
-          if (watch.fired()) return StreamTimeout("ImportState", "header");
-          return absl::InvalidArgumentError(
-              "ImportState must start with a header naming the session");
-        }
-        watch.Arm(options_.stream_idle_timeout);
-        OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
-                              Authorize(context, request.header().session_id()));
-        OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StateImport> import,
-                              session->BeginImport(request.header().state()));
-        OPTD_RETURN_IF_ERROR(ReadChunks(
-            "ImportState", *reader, request, *context, watch, options_.stream_idle_timeout,
-            options_.metrics, "the import was cancelled; nothing was changed",
-            [&](const v1::StateChunk& chunk) { return import->Add(chunk); }));
-        OPTD_ASSIGN_OR_RETURN(*response, session->CommitImport(std::move(import)));
-        return absl::OkStatus();
-      }));
+  return Finish("ImportState", Guarded([&]() -> absl::Status {
+                  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
+                  StreamWatchdog::Watch watch(watchdog_, context);
+                  watch.Arm(options_.stream_header_timeout);
+                  v1::ImportStateRequest request;
+                  if (!reader->Read(&request) || !request.has_header()) {
+                    if (watch.fired()) return StreamTimeout("ImportState", "header");
+                    return absl::InvalidArgumentError(
+                        "ImportState must start with a header naming the session");
+                  }
+                  watch.Arm(options_.stream_idle_timeout);
+                  OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
+                                        Authorize(context, request.header().session_id()));
+                  OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StateImport> import,
+                                        session->BeginImport(request.header().state()));
+                  OPTD_RETURN_IF_ERROR(ReadChunks(
+                      "ImportState", *context, watch, options_.stream_idle_timeout,
+                      "the import was cancelled; nothing was changed",
+                      [&]() -> absl::StatusOr<const v1::StateChunk*> {
+                        if (!reader->Read(&request)) return nullptr;
+                        if (!request.has_chunk()) return NotAChunk("ImportState");
+                        if (options_.metrics != nullptr) {
+                          options_.metrics->AddBytesReceived(
+                              static_cast<int64_t>(request.chunk().data().size()));
+                        }
+                        return &request.chunk();
+                      },
+                      [&](const v1::StateChunk& chunk) { return import->Add(chunk); }));
+                  OPTD_ASSIGN_OR_RETURN(*response, session->CommitImport(std::move(import)));
+                  return absl::OkStatus();
+                }));
 }
 
 grpc::Status OptimizerService::GetAnalysis(grpc::ServerContext* context,

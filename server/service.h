@@ -118,6 +118,17 @@ class OptimizerService final : public v1::Optimizer::Service {
   // For a streaming call: its metadata's token must open some session (or be the admin token)
   // before the call waits for any message, and a place must be free among max_streams.
   absl::StatusOr<std::unique_ptr<StreamSlot>> EnterStream(grpc::ServerContext* context);
+  // The index gRPC's generated service gave `method` (methods are added in the proto's order),
+  // checked against the handler of type `Generated` it installed there: a mismatch is a build of
+  // other generated code, and a daemon serving the wrong method must not start (it aborts).
+  template <typename Generated>
+  int MethodIndex(absl::string_view method);
+  // Serves `method` (whose generated handler is a `Generated`) with `serve`, a stream of byte
+  // buffers one way or both (a bidirectional handler; to the client nothing changes).
+  template <typename Generated, typename Write, typename Read>
+  void ServeStream(absl::string_view method,
+                   grpc::Status (OptimizerService::*serve)(grpc::ServerContext*,
+                                                           grpc::ServerReaderWriter<Write, Read>*));
   // Readiness from the streams now open (ServiceOptions::on_saturation on a change).
   void UpdateSaturation();
 
