@@ -18,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "kernels/analysis.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/openblas_core.h"
 #include "kernels/initializers.h"
 #include "kernels/optimizer.h"
 #include "kernels/optimizer_config.h"
@@ -86,6 +87,10 @@ double AnalyzeSeconds(Backend& backend, Queue& queue, const OneMatrix& m, int64_
 }
 
 int Main(int argc, char** argv) {
+  // The kernels the daemon runs (kernels/cpu/openblas_core.h).
+  if (absl::Status s = optd::RestartWithSuitedOpenBlasCore(argv); !s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+  }
   int repetitions = 5;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];

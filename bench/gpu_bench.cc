@@ -20,6 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "client/models.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/openblas_core.h"
 #include "kernels/newton_schulz.h"
 #include "kernels/optimizer.h"
 #include "kernels/optimizer_config.h"
@@ -223,6 +224,11 @@ double Gpt2Step(Backend& backend, const std::string& preset, int* groups, bool s
 }  // namespace optd
 
 int main(int argc, char** argv) {
+  // The kernels the daemon runs (kernels/cpu/openblas_core.h), for the CPU figures beside the
+  // GPU's.
+  if (absl::Status s = optd::RestartWithSuitedOpenBlasCore(argv); !s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+  }
   std::string json_path;
   bool quick = false;
   for (int i = 1; i < argc; ++i) {

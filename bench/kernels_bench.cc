@@ -35,6 +35,7 @@
 #include "common/status_macros.h"
 #include "kernels/auto_choice.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/openblas_core.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/newton_schulz.h"
 #include "kernels/optimizer.h"
@@ -545,6 +546,14 @@ BENCHMARK(BM_Gpt2SmallCopy)->UseRealTime()->Unit(benchmark::kMillisecond);
 }  // namespace optd
 
 int main(int argc, char** argv) {
+  // The kernels the daemon runs (kernels/cpu/openblas_core.h).
+  if (absl::Status s = optd::RestartWithSuitedOpenBlasCore(argv); !s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+  }
+  // The kernels the daemon runs (kernels/cpu/openblas_core.h).
+  if (absl::Status s = optd::RestartWithSuitedOpenBlasCore(argv); !s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+  }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   // The backend's own description (CPU model, threads, OpenBLAS build) and OpenBLAS's kernel

@@ -15,11 +15,15 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
+if __name__ == "__main__":  # torch's local steps on optd's OpenBLAS kernels (blas_core.py)
+    from blas_core import match_optd_kernels
+    match_optd_kernels()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 sys.path.insert(0, os.path.join(REPO, "bench"))
 from main_job import (ADAMW_LR, CharTransformer, assignment, start_daemon,  # noqa: E402
                       stop_daemon)

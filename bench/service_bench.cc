@@ -29,6 +29,7 @@
 #include "client/models.h"
 #include "grpcpp/grpcpp.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/openblas_core.h"
 #include "kernels/initializers.h"
 #include "kernels/optimizer.h"
 #include "optd/v1/optd.grpc.pb.h"
@@ -308,6 +309,11 @@ void GetParamsInto(optd::client::Client& client, const optd::client::Session& se
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The kernels the daemon runs (kernels/cpu/openblas_core.h): the in-process step and the
+  // daemons it starts, which inherit the choice, compute with the same products.
+  if (absl::Status s = optd::RestartWithSuitedOpenBlasCore(argv); !s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+  }
   if (argc == 2 && std::string(argv[1]).rfind("--bare_server=", 0) == 0) {
     return RunBareServer(std::string(argv[1]).substr(14));
   }

@@ -33,8 +33,12 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
+if __name__ == "__main__":  # torch's local steps on optd's OpenBLAS kernels (blas_core.py)
+    from blas_core import match_optd_kernels
+    match_optd_kernels()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(REPO, "build/python"))

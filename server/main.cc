@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "common/command_line.h"
+#include "kernels/cpu/openblas_core.h"
 #include "server/auth.h"
 #include "server/heap.h"
 #include "server/log.h"
@@ -129,15 +130,26 @@ ABSL_FLAG(int64_t, malloc_keep_bytes, int64_t{32} << 20,
           "0: glibc's dynamic defaults.");
 ABSL_FLAG(std::string, metrics_port_file, "",
           "Once serving, write the metrics port here (for --metrics_addr with port 0).");
+ABSL_FLAG(bool, print_openblas_core, false,
+          "Print the OpenBLAS core (kernel set) optd computes with on this machine and exit: "
+          "scripts run their numpy or torch baselines with OPENBLAS_CORETYPE set to it, so both "
+          "sides of a comparison multiply with the same kernels.");
 ABSL_FLAG(std::string, port_file, "",
           "Write the bound port to this file once serving (for --listen=...:0).");
 
 int main(int argc, char** argv) {
+  // First, before any thread or file: where OpenBLAS took this CPU for an older one, this
+  // replaces the process with itself run on the kernels the CPU calls for (openblas_core.h).
+  const absl::Status blas_restart = optd::RestartWithSuitedOpenBlasCore(argv);
   // --help lists this file's flags (absl matches flag files against the program name otherwise).
   optd::ParseCommandLine(argc, argv, "optd",
                          "optimizer-as-a-service daemon (Muon, RMNP, MuonEq, NorMuon, AdamW).\n"
                          "  optd --listen=127.0.0.1:50051 --state_dir=/var/lib/optd",
                          "server/main.cc");
+  if (absl::GetFlag(FLAGS_print_openblas_core)) {
+    std::printf("%s\n", optd::InspectOpenBlasCore().loaded.c_str());
+    return 0;
+  }
 
   // Block the shutdown signals before any thread starts, then wait for them here.
   sigset_t signals;
@@ -232,6 +244,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   for (const std::string& line : (*server)->startup_log()) optd::server::LogEvent(line);
+  optd::server::LogEvent(optd::OpenBlasCoreNote());
+  if (!blas_restart.ok()) optd::server::LogEvent(std::string(blas_restart.message()));
   optd::server::LogEvent(
       absl::StrCat("optd ", optd::kOptdVersion, " serving on ", (*server)->address()));
   // Written whole under a temporary name, so a reader never sees half a port.

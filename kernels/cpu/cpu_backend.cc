@@ -299,8 +299,8 @@ class CpuBackend : public Backend {
   absl::string_view name() const override { return "cpu"; }
   bool host_memory() const override { return true; }
   std::string description() const override {
-    return absl::StrCat(CpuModel(), ", ", pool_.threads(), " threads, OpenBLAS ",
-                        openblas_get_config());
+    // openblas_get_config() names OpenBLAS, its version, build options and core.
+    return absl::StrCat(CpuModel(), ", ", pool_.threads(), " threads, ", openblas_get_config());
   }
 
   Queue& default_queue() override { return queue_; }
