@@ -9,6 +9,7 @@ against Muon's. The issue's targets are stated next to the figures and checked, 
 import argparse
 import datetime
 import json
+import re
 import subprocess
 
 SHAPES = [(768, 768), (768, 3072), (1024, 4096)]
@@ -17,9 +18,10 @@ NUMPY_SPEEDUP_TARGET = 1.15  # optd NS5 at least 1.15x faster than numpy, at 102
 NUMPY_TARGET_SHAPE = (1024, 4096)
 COPY_FRACTION_TARGET = 0.80  # RMNP at least 80% of memory copy bandwidth
 TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
-# The sections other scripts write: bench/write_service_results.py's, bench/write_analysis_results.py's.
-MARKED_SECTIONS = [("<!-- service:begin -->", "<!-- service:end -->"),
-                   ("<!-- analysis:begin -->", "<!-- analysis:end -->")]
+# Every other section of bench/RESULTS.md is another script's (bench/write_*_results.py), between
+# its "<!-- name:begin -->" and "<!-- name:end -->" markers; this script owns the text before the
+# first of them, and keeps the rest as it is.
+SECTION_BEGIN = re.compile(r"^<!-- [a-z_]+:begin -->$", re.MULTILINE)
 
 
 def ns_step_flops(rows, cols):
@@ -259,14 +261,13 @@ def main():
         f"{verdict(gpt2_copy_fraction >= COPY_FRACTION_TARGET)} |")
     add("")
 
-    # bench/service.sh and bench/analysis.sh own the sections between their markers; keep them.
+    # The other scripts' sections, and any text between them, stay as they are.
     try:
         with open(args.out) as f:
             old = f.read()
-        for begin_marker, end_marker in MARKED_SECTIONS:
-            begin, end = old.find(begin_marker), old.find(end_marker)
-            if begin >= 0 and end > begin:
-                lines += ["", old[begin:end + len(end_marker)]]
+        first = SECTION_BEGIN.search(old)
+        if first:
+            lines += ["", old[first.start():].rstrip("\n")]
     except FileNotFoundError:
         pass
     with open(args.out, "w") as f:
