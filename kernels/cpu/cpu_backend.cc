@@ -76,6 +76,15 @@ OPTD_AVX2_CLONES int64_t OutOfRangeIn(const float* x, int64_t count, float max_m
   return bad;
 }
 
+// x[0, count) rounded in place to bf16 or fp16 (RoundTo: every iterate of a bf16 or fp16
+// Newton–Schulz). Exact operations only, so the AVX2 clone gives the baseline's bits.
+OPTD_AVX2_CLONES void RoundToBf16In(float* x, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) x[i] = RoundToBf16(x[i]);
+}
+OPTD_AVX2_CLONES void RoundToHalfIn(float* x, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) x[i] = RoundToHalf(x[i]);
+}
+
 // ‖x‖₂ from the fp64 sum, as fp32.
 float Norm(const float* x, int64_t count) {
   return static_cast<float>(std::sqrt(SumSquares(x, count)));
@@ -364,9 +373,9 @@ class CpuBackend : public Backend {
   absl::Status RoundTo(Queue&, float* x, int64_t count, DType dtype) override {
     OPTD_RETURN_IF_ERROR(CheckCount("round", count, x));
     if (dtype == DType::kBF16) {
-      ForEach(count, [x](int64_t i) { x[i] = RoundToBf16(x[i]); });
+      ForBlocks(count, [x](int64_t begin, int64_t end) { RoundToBf16In(x + begin, end - begin); });
     } else if (dtype == DType::kF16) {
-      ForEach(count, [x](int64_t i) { x[i] = RoundToHalf(x[i]); });
+      ForBlocks(count, [x](int64_t begin, int64_t end) { RoundToHalfIn(x + begin, end - begin); });
     }
     return absl::OkStatus();
   }
