@@ -18,6 +18,9 @@ constexpr char kCoreType[] = "OPENBLAS_CORETYPE";
 constexpr char kFallback[] = "OPTD_OPENBLAS_FALLBACK";
 
 BlasIsa CpuIsa() {
+#if !defined(__x86_64__)
+  return BlasIsa::kOlder;  // the table below is x86-64's; elsewhere OpenBLAS's choice stands
+#else
   __builtin_cpu_init();
   // libgcc's answers include the OS's: AVX and AVX-512 count only where XCR0 enables their state.
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -27,6 +30,7 @@ BlasIsa CpuIsa() {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return BlasIsa::kAvx2;
   if (__builtin_cpu_supports("avx")) return BlasIsa::kAvx;
   return BlasIsa::kOlder;
+#endif
 }
 
 absl::string_view IsaName(BlasIsa isa) {
@@ -112,7 +116,11 @@ OpenBlasCore InspectOpenBlasCore() {
   core.cpu = CpuIsa();
   BlasIsa loaded_isa;
   if (getenv(kCoreType) == nullptr && CoreIsa(core.loaded, loaded_isa) && loaded_isa < core.cpu) {
-    core.suited = SuitedCore(core.cpu, __builtin_cpu_is("amd"));
+    bool amd = false;
+#if defined(__x86_64__)
+    amd = __builtin_cpu_is("amd");
+#endif
+    core.suited = SuitedCore(core.cpu, amd);
   }
   return core;
 }
