@@ -98,7 +98,8 @@ OPTD_HOST_DEVICE float RoundToBf16(float x) { return Bf16BitsToFloat(FloatToBf16
 // FloatToBf16Bits does at bit 16 (a carry into the exponent is the right result). Below fp16's
 // smallest normal, 2⁻¹⁴, the spacing is 2⁻²⁴ throughout: adding 0.75 (whose fp32 spacing is 2⁻²⁴)
 // and subtracting it again rounds |x| to a multiple of 2⁻²⁴ in the default rounding mode, exactly.
-// float16_test checks it against the composition on every sign, exponent and rounding case.
+// tests/kernels/formulas_test.cc checks it against the composition on every sign, exponent and
+// rounding case.
 OPTD_HOST_DEVICE float RoundToHalf(float x) {
   const uint32_t bits = FloatBits(x);
   const uint32_t sign = bits & 0x80000000u;
