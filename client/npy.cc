@@ -265,6 +265,9 @@ absl::StatusOr<HeaderText> ReadHeaderText(FILE* file, absl::string_view path, ui
 // the source in storage order, first index fastest, and place each element at its C offset.
 std::vector<float> FortranToCOrder(const std::vector<float>& fortran,
                                    absl::Span<const int64_t> shape) {
+  // No elements: nothing to place, and with a zero dimension the other dimensions' products (the
+  // strides) may overflow (npy_fuzz: shape (0, 66666, 66, 6666, ...)).
+  if (fortran.empty()) return {};
   const size_t rank = shape.size();
   std::vector<int64_t> c_stride(rank, 1);
   for (size_t k = rank; k > 1; --k) c_stride[k - 2] = c_stride[k - 1] * shape[k - 1];

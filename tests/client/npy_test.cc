@@ -218,6 +218,19 @@ TEST(ReadNpyTest, ConvertsFortranOrderToCOrder) {
   EXPECT_EQ(array->data, (std::vector<float>{0, 1, 2, 3, 4, 5}));
 }
 
+TEST(ReadNpyTest, ReadsAnEmptyFortranArrayWhoseOtherDimensionsOverflowTogether) {
+  // Found by npy_fuzz: the strides of the other dimensions overflowed int64 (UBSan), although
+  // the array has no elements to place.
+  const std::string path = TestPath("array.npy");
+  WriteFile(path, NpyBytes("{'descr': '<f8', 'fortran_order': True, "
+                           "'shape': (0, 66666, 66, 6666, 666, 363, 666, 363), }",
+                           ""));
+  const absl::StatusOr<NpyArray> array = ReadNpy(path);
+  ASSERT_TRUE(array.ok()) << array.status();
+  EXPECT_EQ(array->shape, (std::vector<int64_t>{0, 66666, 66, 6666, 666, 363, 666, 363}));
+  EXPECT_TRUE(array->data.empty());
+}
+
 TEST(ReadNpyTest, RoundsFloat64ToNearestEven) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   const std::vector<double> input = {

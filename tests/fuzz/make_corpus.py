@@ -64,6 +64,12 @@ def npy_seeds():
         buffer = io.BytesIO()
         np.save(buffer, array)
         open(os.path.join(path, name), "wb").write(buffer.getvalue())
+    # npy_fuzz's find: no elements, and other dimensions whose product overflows int64.
+    header = ("{'descr': '<f8', 'fortran_order': True, "
+              "'shape': (0, 66666, 66, 6666, 666, 363, 666, 363), }")
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    open(os.path.join(path, "f8_fortran_zero_dimension_overflowing_strides"), "wb").write(
+        b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
 
 
 def config_seeds():
