@@ -1117,6 +1117,16 @@ bool Optimizer::SteppedInABatch(int tensor) const {
 
 absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradient,
                                       std::optional<double> lr) {
+  return Prepare(tensor, gradient, lr, /*checked=*/false);
+}
+
+absl::Status Optimizer::PrepareCheckedTensor(int tensor, absl::Span<const float> gradient,
+                                             std::optional<double> lr) {
+  return Prepare(tensor, gradient, lr, /*checked=*/true);
+}
+
+absl::Status Optimizer::Prepare(int tensor, absl::Span<const float> gradient,
+                                std::optional<double> lr, bool checked) {
   OPTD_RETURN_IF_ERROR(CheckIndex(tensor));
   Tensor& t = *tensors_[tensor];
   t.prepared = false;
@@ -1144,10 +1154,12 @@ absl::Status Optimizer::PrepareTensor(int tensor, absl::Span<const float> gradie
     if (borrow) std::swap(t.gradient, borrowed);
   };
   // The check Step makes, with its message: nothing is computed from a gradient it would refuse.
-  OPTD_ASSIGN_OR_RETURN(
-      const int64_t bad,
-      backend_->CountOutOfRange(queue, t.gradient.f32(), t.count, kMaxGradientMagnitude));
-  if (bad > 0) return OutOfRangeGradient(t.spec, bad, t.count);
+  if (!checked) {
+    OPTD_ASSIGN_OR_RETURN(
+        const int64_t bad,
+        backend_->CountOutOfRange(queue, t.gradient.f32(), t.count, kMaxGradientMagnitude));
+    if (bad > 0) return OutOfRangeGradient(t.spec, bad, t.count);
+  }
   const size_t bytes = static_cast<size_t>(t.count) * sizeof(float);
   const size_t second_bytes = static_cast<size_t>(t.second_count) * sizeof(float);
   if (t.shadow_parameters.data() == nullptr) {

@@ -172,6 +172,11 @@ class Optimizer {
   // anything else changes the tensors (parameters, state, hyperparameters, Step).
   absl::Status PrepareTensor(int tensor, absl::Span<const float> gradient,
                              std::optional<double> lr = std::nullopt);
+  // PrepareTensor of a gradient the caller has already checked: every value finite and within
+  // ±kMaxGradientMagnitude (the daemon's staging checks as it decodes). Skips the check's pass
+  // over the gradient; the same bits.
+  absl::Status PrepareCheckedTensor(int tensor, absl::Span<const float> gradient,
+                                    std::optional<double> lr = std::nullopt);
   bool prepared(int tensor) const;
   // The new parameters of a prepared tensor (FailedPrecondition when it is not).
   absl::Status GetPreparedParameters(int tensor, absl::Span<float> out) const;
@@ -229,6 +234,9 @@ class Optimizer {
   absl::Status CheckIndex(int tensor) const;
   // Tensor `tensor`, checked to have `count` elements (SetParameters and SetFiniteParameters).
   absl::StatusOr<Tensor*> TensorOfSize(int tensor, size_t count);
+  // PrepareTensor, and PrepareCheckedTensor (`checked`: the gradient's range check is skipped).
+  absl::Status Prepare(int tensor, absl::Span<const float> gradient, std::optional<double> lr,
+                       bool checked);
   // Copies `values` (its size checked) into `t`'s parameters.
   absl::Status WriteParameters(Tensor& t, absl::Span<const float> values);
   absl::StatusOr<StateBuffer> FindState(int tensor, absl::string_view buffer) const;

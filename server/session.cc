@@ -247,7 +247,8 @@ bool Session::BeginPipelined(const v1::StepHeader& header, TensorStaging* stagin
 }
 
 void Session::TensorArrived(TensorStaging* staging, int tensor) {
-  if (!pipeline_.Arrived(staging, tensor)) return;
+  // Read on the stream's own thread, the staging's only writer.
+  if (!pipeline_.Arrived(staging, tensor, staging->out_of_range_values() == 0)) return;
   options_.pipeliner->Schedule([weak = weak_from_this()] {
     if (std::shared_ptr<Session> session = weak.lock()) session->RunPipeline();
   });
@@ -292,7 +293,13 @@ absl::Status Session::PrepareLocked(int tensor, std::optional<double> lr, StepOu
     MeanOfWorkers(inputs, mean);
     gradient = mean;
   }
-  OPTD_RETURN_IF_ERROR(optimizer_->PrepareTensor(tensor, gradient, lr));
+  if (inputs.size() == 1 && pipeline_.InRange(tensor)) {
+    // One worker's gradient, every value checked by its staging as it decoded it: no second
+    // pass over it. (A mean of several is checked again: its rounding may leave the range.)
+    OPTD_RETURN_IF_ERROR(optimizer_->PrepareCheckedTensor(tensor, gradient, lr));
+  } else {
+    OPTD_RETURN_IF_ERROR(optimizer_->PrepareTensor(tensor, gradient, lr));
+  }
   if (config_.step_result() == v1::STEP_RESULT_NONE) return absl::OkStatus();
   outcome.values.resize(counts_.size());
   outcome.values[tensor].resize(count);

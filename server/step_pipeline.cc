@@ -67,6 +67,7 @@ void StepPipeline::StartOver(int64_t step, std::optional<double> lr, int64_t epo
   broken_ = false;
   workers_.clear();
   arrivals_.assign(static_cast<size_t>(options_.num_tensors), 0);
+  in_range_.assign(static_cast<size_t>(options_.num_tensors), 1);
   ready_.clear();
 }
 
@@ -97,9 +98,10 @@ bool StepPipeline::Registered(const TensorStaging* staging) {
   return RegisteredLocked(staging);
 }
 
-bool StepPipeline::Arrived(const TensorStaging* staging, int tensor) {
+bool StepPipeline::Arrived(const TensorStaging* staging, int tensor, bool in_range) {
   absl::MutexLock lock(&mu_);
   if (broken_ || !RegisteredLocked(staging)) return false;
+  if (!in_range) in_range_[tensor] = 0;
   if (++arrivals_[tensor] < options_.world_size) return false;
   ready_.push_back(tensor);
   if (scheduled_) return false;
@@ -139,6 +141,13 @@ std::vector<const float*> StepPipeline::Inputs(int tensor) {
   std::vector<const float*> inputs;
   for (const auto& [worker, staging] : workers_) inputs.push_back(staging->data(tensor));
   return inputs;
+}
+
+bool StepPipeline::InRange(int tensor) {
+  session_mu_.AssertHeld();
+  absl::MutexLock lock(&mu_);
+  const size_t t = static_cast<size_t>(tensor);
+  return t < in_range_.size() && in_range_[t] != 0 && arrivals_[t] >= options_.world_size;
 }
 
 void StepPipeline::Break() {

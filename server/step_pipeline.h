@@ -94,9 +94,10 @@ class StepPipeline {
                 int64_t epoch, bool& start_over);
   // Whether `staging` takes part (no lock needed: only its own stream registers it).
   bool Registered(const TensorStaging* staging);
-  // Tensor `tensor` of `staging` is complete. True when this makes it complete for every worker
+  // Tensor `tensor` of `staging` is complete; `in_range`: the staging has found no value out of
+  // range so far (so none in this tensor). True when this makes it complete for every worker
   // and no run is scheduled yet: the caller schedules one (Session::RunPipeline).
-  bool Arrived(const TensorStaging* staging, int tensor);
+  bool Arrived(const TensorStaging* staging, int tensor, bool in_range);
   // `staging` is being given up (its stream failed or its contribution was withdrawn or
   // replaced): the prepared work is no longer the step's. REQUIRES: the session's lock.
   void Forget(const TensorStaging* staging);
@@ -107,6 +108,9 @@ class StepPipeline {
   std::optional<int> NextReady(int64_t step, int64_t epoch);
   // The registered workers' gradients of `tensor`, in worker order. REQUIRES: the session's lock.
   std::vector<const float*> Inputs(int tensor);
+  // Whether every worker's staging found each value of `tensor` within range as it decoded it
+  // (then the optimizer need not check them again). REQUIRES: the session's lock.
+  bool InRange(int tensor);
   // Prepared work is not to be used. REQUIRES: the session's lock.
   void Break();
   // Whether the prepared work counts for the committing step: the pipeline's step, not broken,
@@ -134,7 +138,8 @@ class StepPipeline {
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
   bool scheduled_ ABSL_GUARDED_BY(mu_) = false;
   std::map<int, TensorStaging*> workers_ ABSL_GUARDED_BY(mu_);
-  std::vector<int> arrivals_ ABSL_GUARDED_BY(mu_);  // per tensor: workers complete
+  std::vector<int> arrivals_ ABSL_GUARDED_BY(mu_);   // per tensor: workers complete
+  std::vector<char> in_range_ ABSL_GUARDED_BY(mu_);  // per tensor: every arrival in range
   std::deque<int> ready_ ABSL_GUARDED_BY(mu_);
   std::shared_ptr<StepOutcome> outcome_ ABSL_GUARDED_BY(session_mu_);
 };

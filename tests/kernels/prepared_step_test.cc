@@ -87,8 +87,9 @@ TEST_F(PreparedStepTest, EveryPresetEqualsStepBitForBit) {
     const int n = serial->num_tensors();
     for (int step = 1; step <= 4; ++step) {
       SCOPED_TRACE(absl::StrCat("step ", step));
-      // Step 2 leaves "k" and "bias" out; step 3 overrides the learning rate; step 4 prepares only
-      // some tensors and steps the others with Step before the commit.
+      // Step 2 leaves "k" and "bias" out; step 3 overrides the learning rate (and skips the range
+      // check the caller has made); step 4 prepares only some tensors and steps the others with
+      // Step before the commit.
       std::unique_ptr<bool[]> present(new bool[n]);
       for (int t = 0; t < n; ++t) present[t] = !(step == 2 && (t == 1 || t == 4));
       const std::optional<double> lr = step == 3 ? std::optional<double>(0.003) : std::nullopt;
@@ -104,7 +105,10 @@ TEST_F(PreparedStepTest, EveryPresetEqualsStepBitForBit) {
           rest[t] = true;
           continue;
         }
-        ASSERT_TRUE(prepared->PrepareTensor(t, g, lr).ok()) << specs[t].name;
+        // Step 3 prepares through PrepareCheckedTensor (every value is in range): the same bits.
+        const absl::Status status = step == 3 ? prepared->PrepareCheckedTensor(t, g, lr)
+                                              : prepared->PrepareTensor(t, g, lr);
+        ASSERT_TRUE(status.ok()) << specs[t].name;
         EXPECT_TRUE(prepared->prepared(t));
       }
       ASSERT_TRUE(serial->Step(absl::MakeConstSpan(present.get(), n), lr).ok());

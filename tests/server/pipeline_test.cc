@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstring>
 #include <iostream>
+#include <limits>
 #include <set>
 #include <thread>
 
@@ -269,6 +270,32 @@ TEST_F(PipelineTest, AStepThatFailsAfterTensorsWereSteppedAheadChangesNothing) {
   reference.Step({grads});
   ASSERT_TRUE(results[0].ok()) << results[0].status();
   ExpectMatches(reference, *results[0], "the step after");
+}
+
+// Under the skip policy a non-finite value is counted, not refused: tensors stepped ahead before
+// and after it (the ones before without the optimizer's second range check, the staging having
+// found every value in range) are dropped, the step is skipped and the next one runs as serially.
+TEST_F(PipelineTest, ASkippedStepDropsTheTensorsSteppedAheadAroundANonFiniteValue) {
+  Start();
+  v1::SessionConfig config = ModelConfig("rmnp");
+  config.set_non_finite_policy(v1::NON_FINITE_POLICY_SKIP_STEP);
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::shared_ptr<server::Session> daemons = Daemons(session);
+  std::vector<std::vector<float>> grads = WorkerGradients(reference, 1, 0);
+  grads[1][2] = std::numeric_limits<float>::quiet_NaN();
+  {
+    StreamedStep stream(*stub_, session, 1, 0);
+    stream.Send(reference.name(0), grads[0]);
+    AwaitPrepared(*daemons, 1);
+    for (int t = 1; t < reference.num_tensors(); ++t) stream.Send(reference.name(t), grads[t]);
+    stream.Close();
+    absl::StatusOr<std::map<std::string, std::vector<float>>> results = stream.Read();
+    ASSERT_TRUE(results.ok()) << results.status();
+    ExpectMatches(reference, *results, "the skipped step's results");
+  }
+  ExpectParameters(session, reference, "after the skipped step");
+  StepFirstAheadThenTheRest(session, reference, *daemons, 2);
 }
 
 TEST_F(PipelineTest, AStragglerAbortAfterTensorsWereSteppedAheadChangesNothing) {
