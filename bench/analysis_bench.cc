@@ -88,9 +88,7 @@ double AnalyzeSeconds(Backend& backend, Queue& queue, const OneMatrix& m, int64_
 
 int Main(int argc, char** argv) {
   // The kernels the daemon runs (kernels/cpu/openblas_core.h).
-  if (absl::Status s = optd::RestartWithSuitedOpenBlasCore(argv); !s.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-  }
+  optd::RestartWithSuitedOpenBlasCoreOrWarn(argv);
   int repetitions = 5;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];

@@ -226,9 +226,7 @@ double Gpt2Step(Backend& backend, const std::string& preset, int* groups, bool s
 int main(int argc, char** argv) {
   // The kernels the daemon runs (kernels/cpu/openblas_core.h), for the CPU figures beside the
   // GPU's.
-  if (absl::Status s = optd::RestartWithSuitedOpenBlasCore(argv); !s.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-  }
+  optd::RestartWithSuitedOpenBlasCoreOrWarn(argv);
   std::string json_path;
   bool quick = false;
   for (int i = 1; i < argc; ++i) {

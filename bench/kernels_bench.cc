@@ -547,13 +547,7 @@ BENCHMARK(BM_Gpt2SmallCopy)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 int main(int argc, char** argv) {
   // The kernels the daemon runs (kernels/cpu/openblas_core.h).
-  if (absl::Status s = optd::RestartWithSuitedOpenBlasCore(argv); !s.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-  }
-  // The kernels the daemon runs (kernels/cpu/openblas_core.h).
-  if (absl::Status s = optd::RestartWithSuitedOpenBlasCore(argv); !s.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-  }
+  optd::RestartWithSuitedOpenBlasCoreOrWarn(argv);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   // The backend's own description (CPU model, threads, OpenBLAS build) and OpenBLAS's kernel

@@ -311,9 +311,7 @@ void GetParamsInto(optd::client::Client& client, const optd::client::Session& se
 int main(int argc, char** argv) {
   // The kernels the daemon runs (kernels/cpu/openblas_core.h): the in-process step and the
   // daemons it starts, which inherit the choice, compute with the same products.
-  if (absl::Status s = optd::RestartWithSuitedOpenBlasCore(argv); !s.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-  }
+  optd::RestartWithSuitedOpenBlasCoreOrWarn(argv);
   if (argc == 2 && std::string(argv[1]).rfind("--bare_server=", 0) == 0) {
     return RunBareServer(std::string(argv[1]).substr(14));
   }

@@ -172,9 +172,7 @@ optd::v1::SessionConfig RemoteConfig(const std::string& preset,
 int main(int argc, char** argv) {
   // On the kernels optd runs (kernels/cpu/openblas_core.h): where OpenBLAS took this CPU for an
   // older one, both restart onto the same suited core, so in-process equals remote here too.
-  if (absl::Status restart = optd::RestartWithSuitedOpenBlasCore(argv); !restart.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(restart.message()).c_str());
-  }
+  optd::RestartWithSuitedOpenBlasCoreOrWarn(argv);
   std::vector<std::string> positional;
   std::string server;
   for (int i = 1; i < argc; ++i) {

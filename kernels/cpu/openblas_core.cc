@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 #include "absl/strings/ascii.h"
@@ -140,6 +141,12 @@ absl::Status RestartWithSuitedOpenBlasCore(char** argv) {
       absl::StrCat("OpenBLAS runs ", core.loaded, " kernels on a CPU with ", IsaName(core.cpu),
                    "; restarting with ", kCoreType, "=", core.suited,
                    " failed: execv(/proc/self/exe): ", std::strerror(error)));
+}
+
+void RestartWithSuitedOpenBlasCoreOrWarn(char** argv) {
+  if (absl::Status restart = RestartWithSuitedOpenBlasCore(argv); !restart.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(restart.message()).c_str());
+  }
 }
 
 std::string OpenBlasCoreNote() {

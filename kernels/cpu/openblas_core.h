@@ -47,6 +47,9 @@ OpenBlasCore InspectOpenBlasCore();
 // any thread starts or file opens. Returns OK where there is nothing to do, and the reason where
 // the restart failed (the process goes on with the core it has).
 absl::Status RestartWithSuitedOpenBlasCore(char** argv);
+// The same for the programs that compute beside the daemon (benchmarks, tests, examples): a
+// failed restart is a line on stderr, and the program goes on with the core it has.
+void RestartWithSuitedOpenBlasCoreOrWarn(char** argv);
 
 // One line for the log: the core OpenBLAS runs, and, after such a restart, the one it took first
 // and why it was replaced.
