@@ -146,6 +146,23 @@ absl::Status ReadChunks(absl::string_view method, grpc::ServerContext& context,
   return status;
 }
 
+// The header that opens a `method` stream: `read()` reads the first message into `request` (false
+// when none came), within `header_timeout`; then `watch` is armed for `idle_timeout`. No message,
+// or one without a header, is InvalidArgument ("`method` must start with a header `what`"), or a
+// timeout when the watchdog cut the stream off first.
+template <typename Request, typename Read>
+absl::Status ReadStreamHeader(absl::string_view method, absl::string_view what,
+                              StreamWatchdog::Watch& watch, absl::Duration header_timeout,
+                              absl::Duration idle_timeout, Request& request, Read read) {
+  watch.Arm(header_timeout);
+  if (!read() || !request.has_header()) {
+    if (watch.fired()) return StreamTimeout(method, "header");
+    return absl::InvalidArgumentError(absl::StrCat(method, " must start with a header ", what));
+  }
+  watch.Arm(idle_timeout);
+  return absl::OkStatus();
+}
+
 // A message after a stream's header that is not a chunk.
 absl::Status NotAChunk(absl::string_view method) {
   return absl::InvalidArgumentError(absl::StrCat(method, " carries one header, then only chunks"));
@@ -519,14 +536,10 @@ grpc::Status OptimizerService::UploadParamsRaw(
       "UploadParams", Guarded([&]() -> absl::Status {
         OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
         StreamWatchdog::Watch watch(watchdog_, context);
-        watch.Arm(options_.stream_header_timeout);
         v1::UploadParamsRequest request;
-        if (!ReadMessage(*reader, request) || !request.has_header()) {
-          if (watch.fired()) return StreamTimeout("UploadParams", "header");
-          return absl::InvalidArgumentError(
-              "UploadParams must start with a header naming the session");
-        }
-        watch.Arm(options_.stream_idle_timeout);
+        OPTD_RETURN_IF_ERROR(ReadStreamHeader(
+            "UploadParams", "naming the session", watch, options_.stream_header_timeout,
+            options_.stream_idle_timeout, request, [&] { return ReadMessage(*reader, request); }));
         OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
                               Authorize(context, request.header().session_id()));
         OPTD_ASSIGN_OR_RETURN(std::unique_ptr<TensorStaging> staging, session->AcquireStaging());
@@ -709,13 +722,9 @@ absl::Status OptimizerService::RunStep(
     StreamWatchdog::Watch& watch, absl::string_view& reason) {
   const absl::Time start = absl::Now();
   v1::StepRequest request;
-  watch.Arm(options_.stream_header_timeout);
-  if (!ReadMessage(*stream, request) || !request.has_header()) {
-    if (watch.fired()) return StreamTimeout("Step", "header");
-    return absl::InvalidArgumentError(
-        "Step must start with a header (session, worker, step number)");
-  }
-  watch.Arm(options_.stream_idle_timeout);
+  OPTD_RETURN_IF_ERROR(ReadStreamHeader(
+      "Step", "(session, worker, step number)", watch, options_.stream_header_timeout,
+      options_.stream_idle_timeout, request, [&] { return ReadMessage(*stream, request); }));
   const v1::StepHeader header = request.header();
   OPTD_ASSIGN_OR_RETURN(std::unique_ptr<AdmittedStep> step, AdmitStep(context, header, reason));
   Session& session = *step->session;
@@ -935,14 +944,11 @@ grpc::Status OptimizerService::ImportState(grpc::ServerContext* context,
   return Finish("ImportState", Guarded([&]() -> absl::Status {
                   OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StreamSlot> slot, EnterStream(context));
                   StreamWatchdog::Watch watch(watchdog_, context);
-                  watch.Arm(options_.stream_header_timeout);
                   v1::ImportStateRequest request;
-                  if (!reader->Read(&request) || !request.has_header()) {
-                    if (watch.fired()) return StreamTimeout("ImportState", "header");
-                    return absl::InvalidArgumentError(
-                        "ImportState must start with a header naming the session");
-                  }
-                  watch.Arm(options_.stream_idle_timeout);
+                  OPTD_RETURN_IF_ERROR(ReadStreamHeader("ImportState", "naming the session", watch,
+                                                        options_.stream_header_timeout,
+                                                        options_.stream_idle_timeout, request,
+                                                        [&] { return reader->Read(&request); }));
                   OPTD_ASSIGN_OR_RETURN(std::shared_ptr<Session> session,
                                         Authorize(context, request.header().session_id()));
                   OPTD_ASSIGN_OR_RETURN(std::unique_ptr<StateImport> import,
