@@ -564,7 +564,8 @@ absl::Status Optimizer::CaptureUpdate(int tensor, float* out) {
   return absl::OkStatus();
 }
 
-absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<double> lr) {
+absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<double> lr,
+                             const StepProgress* progress) {
   // A capture is for this step only, whatever becomes of it (a rejected step included).
   absl::Cleanup clear_captures = [this] {
     for (auto& t : tensors_) t->capture = nullptr;
@@ -618,6 +619,7 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
   // go to the backend before the work that reads them, so a recorded step replays with this
   // step's values.
   OPTD_RETURN_IF_ERROR(UploadStepScalars());
+  if (progress != nullptr && progress->validated) progress->validated();
   // After its first step, a step whose work neither synchronizes (the exact polar's SVD) nor
   // differs for a capture runs as one graph where the backend has them: replayed while the
   // step's shape and settings stay those it was recorded with (a learning rate, which the kernels
@@ -636,6 +638,7 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
       absl::Status replayed = backend_->Replay(queue, *graph_);
       if (replayed.ok()) replayed = backend_->Synchronize(queue);
       if (!replayed.ok()) return Poison(replayed);
+      if (absl::Status told = Stepped(progress, checked); !told.ok()) return Poison(told);
       return FinishStep(has);
     }
     absl::Status recorded = backend_->BeginRecording(queue);
@@ -652,13 +655,14 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
       ++recordings_;
       const absl::Status synced = backend_->Synchronize(queue);
       if (!synced.ok()) return Poison(synced);
+      if (absl::Status told = Stepped(progress, checked); !told.ok()) return Poison(told);
       return FinishStep(has);
     }
     // Nothing recorded ran: this optimizer steps kernel by kernel from now on.
     graph_.reset();
     graphs_available_ = false;
   }
-  absl::Status status = EnqueueStep(has);
+  absl::Status status = EnqueueStep(has, progress);
   // A failed step's work may still be running: it finishes before the caller frees anything.
   const absl::Status synced = backend_->Synchronize(queue);
   if (status.ok()) status = synced;
@@ -666,13 +670,43 @@ absl::Status Optimizer::Step(absl::Span<const bool> has_gradient, std::optional<
   return FinishStep(has);
 }
 
-absl::Status Optimizer::EnqueueStep(absl::Span<const bool> present) {
-  for (const Group& group : groups_) OPTD_RETURN_IF_ERROR(StepGroup(group, present));
+absl::Status Optimizer::EnqueueStep(absl::Span<const bool> present, const StepProgress* progress) {
+  const bool tell = progress != nullptr && progress->stepped;
+  std::vector<int> stepped;
+  for (const Group& group : groups_) {
+    if (!tell) {
+      OPTD_RETURN_IF_ERROR(StepGroup(group, present));
+      continue;
+    }
+    stepped.clear();
+    for (int i : group.members) {
+      if (present[i]) stepped.push_back(i);
+    }
+    if (group.fused_rmnp) {
+      // One pass per matrix (StepMembers runs them one by one anyway): each final on its own.
+      for (int i : stepped) {
+        Tensor* member = tensors_[i].get();
+        OPTD_RETURN_IF_ERROR(StepMembers(group, absl::MakeConstSpan(&member, 1)));
+        OPTD_RETURN_IF_ERROR(Stepped(progress, absl::MakeConstSpan(&i, 1)));
+      }
+      continue;
+    }
+    OPTD_RETURN_IF_ERROR(StepGroup(group, present));
+    OPTD_RETURN_IF_ERROR(Stepped(progress, stepped));
+  }
   for (int i = 0; i < num_tensors(); ++i) {
     if (present[i] && tensors_[i]->spec.config.algorithm == Algorithm::kAdamW) {
       OPTD_RETURN_IF_ERROR(StepAdamW(*tensors_[i]));
+      if (tell) OPTD_RETURN_IF_ERROR(Stepped(progress, absl::MakeConstSpan(&i, 1)));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status Optimizer::Stepped(const StepProgress* progress, absl::Span<const int> tensors) {
+  if (progress == nullptr || !progress->stepped || tensors.empty()) return absl::OkStatus();
+  OPTD_RETURN_IF_ERROR(backend_->Synchronize(*queue_));
+  progress->stepped(tensors);
   return absl::OkStatus();
 }
 

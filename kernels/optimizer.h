@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -138,8 +139,20 @@ class Optimizer {
   // `lr`, when given, is this step's learning rate for every tensor (a worker's override; the
   // tensors' own come back after the step): InvalidArgument before anything changes when some
   // tensor's config would not validate with it (CheckStepLearningRate).
+  //
+  // `progress`, when given, hears how the step goes, on the calling thread: `validated` once
+  // every check has passed, before the first write (from then on the step fails only as above,
+  // Internal); `stepped` with tensors whose parameters are final for this step, as each group (a
+  // batch, an RMNP matrix, an AdamW tensor) finishes — on a backend whose work runs as it is
+  // enqueued (the CPU's; elsewhere Step synchronizes its queue before each call) — or all at the
+  // end of a recorded step. The daemon streams those tensors' results while the step goes on.
+  struct StepProgress {
+    std::function<void()> validated;
+    std::function<void(absl::Span<const int> tensors)> stepped;
+  };
   absl::Status Step(absl::Span<const bool> has_gradient = {},
-                    std::optional<double> lr = std::nullopt);
+                    std::optional<double> lr = std::nullopt,
+                    const StepProgress* progress = nullptr);
   // Whether `lr` is a valid learning rate for every tensor: InvalidArgument naming the first that
   // refuses it ("step lr <lr> for tensor '<name>': ...").
   absl::Status CheckStepLearningRate(double lr) const;
@@ -289,8 +302,11 @@ class Optimizer {
   absl::Status UploadStepScalarsOf(const Tensor& tensor);
   // What a step's operations take of the backend's temporary memory (Backend::ReserveScratch).
   ScratchNeeds StepScratch() const;
-  // Enqueues a step's work (groups, then AdamW) on queue_.
-  absl::Status EnqueueStep(absl::Span<const bool> present);
+  // Enqueues a step's work (groups, then AdamW) on queue_; with `progress`, synchronizes after
+  // each group and tells progress->stepped its tensors.
+  absl::Status EnqueueStep(absl::Span<const bool> present, const StepProgress* progress = nullptr);
+  // Tells progress->stepped (when set) that `tensors` are final, after synchronizing the queue.
+  absl::Status Stepped(const StepProgress* progress, absl::Span<const int> tensors);
   // What must match for a recorded step to be replayed.
   std::vector<uint8_t> GraphKey(absl::Span<const bool> present) const;
   // Counts a step that has run.

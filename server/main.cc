@@ -116,6 +116,11 @@ ABSL_FLAG(int64_t, pipeline_scratch_bytes, -1,
           "reserved the first time it steps, first come first served; tensors beyond it step "
           "after the last gradient. -1: min(4 GiB, --memory_budget_bytes / 8); 0: off.");
 ABSL_FLAG(int, pipeline_threads, 2, "Threads that step tensors ahead (--pipeline_scratch_bytes).");
+ABSL_FLAG(int64_t, early_results_min_bytes, int64_t{4} << 20,
+          "CPU backend: a step whose results are at least this many bytes streams each tensor's "
+          "result to the worker that completed the step as soon as it is final, while the "
+          "commit computes the rest (not a step that writes a checkpoint or takes an analysis "
+          "snapshot). -1: never.");
 ABSL_FLAG(int64_t, analysis_max_bytes, int64_t{1} << 30,
           "Most bytes of momentum/update/gradient snapshots the analyzer holds; a session's "
           "analysis that does not fit is skipped (optd_analysis_skipped_total).");
@@ -224,6 +229,7 @@ int main(int argc, char** argv) {
   options.analyzer.max_snapshot_bytes = absl::GetFlag(FLAGS_analysis_max_bytes);
   options.pipeline_scratch_bytes = absl::GetFlag(FLAGS_pipeline_scratch_bytes);
   options.pipeline_threads = absl::GetFlag(FLAGS_pipeline_threads);
+  options.early_results_min_bytes = absl::GetFlag(FLAGS_early_results_min_bytes);
   options.analyzer.analysis.exact_max_dim = absl::GetFlag(FLAGS_analysis_exact_max_dim);
   if (options.service.default_chunk_bytes < 4 ||
       options.service.default_chunk_bytes > optd::kMaxChunkBytes ||

@@ -174,6 +174,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(ServerOptions options) {
         absl::StrCat("--pipeline_scratch_bytes must be >= -1 (got ", options.pipeline_scratch_bytes,
                      ") and --pipeline_threads >= 1 (got ", options.pipeline_threads, ")"));
   }
+  if (options.early_results_min_bytes < -1) {
+    return absl::InvalidArgumentError(absl::StrCat("--early_results_min_bytes must be >= -1 (got ",
+                                                   options.early_results_min_bytes, ")"));
+  }
+  options.sessions.early_results_min_bytes =
+      server->backend_->name() == "cpu" ? options.early_results_min_bytes : -1;
   if (options.pipeline_scratch_bytes == -1) {
     options.pipeline_scratch_bytes =
         std::min<int64_t>(int64_t{4} << 30, options.sessions.memory_budget_bytes / 8);

@@ -55,6 +55,10 @@ struct ServerOptions {
   // sessions' memory budget / 8); 0: every step runs serially.
   int64_t pipeline_scratch_bytes = -1;
   int pipeline_threads = 2;
+  // Early results (Session::Step), CPU backend: a step whose results are at least this many
+  // bytes streams each tensor's result as soon as it is final, while the commit computes the
+  // rest; -1: never. (The CUDA backend's step is one asynchronous graph: none there.)
+  int64_t early_results_min_bytes = int64_t{4} << 20;
   MetricsOptions metrics;
   AnalyzerOptions analyzer;
   SessionManagerOptions sessions;

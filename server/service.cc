@@ -2,7 +2,10 @@
 
 #include <cstdlib>
 #include <new>
+#include <optional>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -239,17 +242,20 @@ void FillSummary(const StepOutcome& outcome, bool replayed, v1::StepSummary& sum
 }
 
 // Every result tensor through `send(name, values, dtype)` (StreamTensor or SendTensor), each in
-// the header's result dtype or its own; the bytes of values sent.
+// the header's result dtype or its own, in the order they became final (tensor order once the
+// step has committed; early results as the commit finishes them, waiting for each); the bytes
+// of values sent, or the step's failure when it failed after its first results went out.
 template <typename Send>
 absl::StatusOr<int64_t> SendResults(const Session& session, const StepOutcome& outcome,
                                     const v1::StepHeader& header, Send send) {
   int64_t sent = 0;
-  for (size_t t = 0; t < outcome.values.size(); ++t) {
-    const DType dtype = *ResultDType(header.result_dtype(), session.tensor_dtype(t));
-    OPTD_RETURN_IF_ERROR(send(session.tensor_name(t), outcome.values[t], dtype));
-    sent += static_cast<int64_t>(outcome.values[t].size() * DTypeSize(dtype));
+  for (size_t i = 0;; ++i) {
+    OPTD_ASSIGN_OR_RETURN(const std::optional<int> t, outcome.progress.Next(i));
+    if (!t.has_value()) return sent;
+    const DType dtype = *ResultDType(header.result_dtype(), session.tensor_dtype(*t));
+    OPTD_RETURN_IF_ERROR(send(session.tensor_name(*t), outcome.values[*t], dtype));
+    sent += static_cast<int64_t>(outcome.values[*t].size() * DTypeSize(dtype));
   }
-  return sent;
 }
 
 // An upper bound on a StepSmall reply's size: every tensor's results in its result dtype, plus
@@ -677,13 +683,15 @@ absl::Status OptimizerService::StepReceiveError(const AdmittedStep& step,
 absl::StatusOr<StepReply> OptimizerService::StepReceived(
     grpc::ServerContext* context, const AdmittedStep& step, const v1::StepHeader& header,
     std::unique_ptr<TensorStaging>& staging, absl::Status received, absl::string_view& reason,
-    absl::Time& received_at, absl::Time& stepped_at) {
+    absl::Time& received_at, absl::Time& stepped_at,
+    const std::function<void(StepReply)>& on_decided) {
   if (received.ok()) received = staging->CheckComplete();
   if (!received.ok()) return StepReceiveError(step, header, *staging, received, reason);
   received_at = absl::Now();
-  OPTD_ASSIGN_OR_RETURN(StepReply reply, step.session->Step(header, std::move(staging), [context] {
-    return context->IsCancelled();
-  }));
+  OPTD_ASSIGN_OR_RETURN(
+      StepReply reply,
+      step.session->Step(
+          header, std::move(staging), [context] { return context->IsCancelled(); }, on_decided));
   stepped_at = absl::Now();
   return reply;
 }
@@ -738,31 +746,54 @@ absl::Status OptimizerService::RunStep(
       "Step", *stream, *context, watch, options_.stream_idle_timeout, *staging,
       kMaxGradientMagnitude, step->reject, options_.metrics,
       "the step was cancelled while its gradients arrived", pipelined ? &session : nullptr);
+  // The summary, then every result as it is final (StepReply's progress), each message armed
+  // with the idle timeout (a client that stops reading is cut off); between results, the wait is
+  // the commit's, not the client's.
+  const auto send = [&](const StepReply& reply) -> absl::StatusOr<int64_t> {
+    v1::StepResponse response;
+    FillSummary(*reply.outcome, reply.replayed, *response.mutable_summary());
+    watch.Arm(options_.stream_idle_timeout);
+    if (!stream->Write(MessageBuffer(response))) {
+      return absl::CancelledError("the client went away before the step's result was sent");
+    }
+    watch.Disarm();
+    // The results go out from the outcome's buffers, held by its lease until gRPC has sent them
+    // (the round makes new buffers for a later step while they are held).
+    return SendResults(session, *reply.outcome, header,
+                       [&](const std::string& name, absl::Span<const float> values, DType dtype) {
+                         absl::Status sent =
+                             SendTensor(/*field=*/v1::StepResponse::kChunkFieldNumber, name, values,
+                                        dtype, step->chunk_bytes, reply.outcome,
+                                        [&](const grpc::ByteBuffer& message) {
+                                          watch.Arm(options_.stream_idle_timeout);
+                                          return stream->Write(message);
+                                        });
+                         watch.Disarm();
+                         return sent;
+                       });
+  };
+  // Early results (Session::Step): when this stream's gradients complete a step that qualifies,
+  // its results go out from a thread of their own as the commit finishes them, while this one
+  // computes the rest. Declared after what it reads, so that it is joined before they go.
+  absl::StatusOr<int64_t> sent_early = int64_t{0};
+  std::optional<std::jthread> sender;
+  const auto on_decided = [&](StepReply decided) {
+    try {
+      sender.emplace(
+          [&send, &sent_early, decided = std::move(decided)] { sent_early = send(decided); });
+    } catch (const std::system_error&) {
+      // No thread to be had: the results go after the commit, from this one.
+    }
+  };
   absl::Time received_at, stepped_at;
-  OPTD_ASSIGN_OR_RETURN(StepReply reply, StepReceived(context, *step, header, staging, received,
-                                                      reason, received_at, stepped_at));
-  const StepOutcome& outcome = *reply.outcome;
-  v1::StepResponse response;
-  FillSummary(outcome, reply.replayed, *response.mutable_summary());
-  watch.Arm(options_.stream_idle_timeout);
-  if (!stream->Write(MessageBuffer(response))) {
-    return absl::CancelledError("the client went away before the step's result was sent");
-  }
-  // The results go out from the outcome's buffers, held by its lease until gRPC has sent them
-  // (the round makes new buffers for a later step while they are held).
-  OPTD_ASSIGN_OR_RETURN(
-      const int64_t sent,
-      SendResults(session, outcome, header,
-                  [&](const std::string& name, absl::Span<const float> values, DType dtype) {
-                    return SendTensor(/*field=*/v1::StepResponse::kChunkFieldNumber, name, values,
-                                      dtype, step->chunk_bytes, reply.outcome,
-                                      [&](const grpc::ByteBuffer& message) {
-                                        watch.Arm(options_.stream_idle_timeout);
-                                        return stream->Write(message);
-                                      });
-                  }));
+  absl::StatusOr<StepReply> reply = StepReceived(context, *step, header, staging, received, reason,
+                                                 received_at, stepped_at, on_decided);
+  const bool early = sender.has_value();
+  if (early) sender->join();
+  if (!reply.ok()) return reply.status();
+  OPTD_ASSIGN_OR_RETURN(const int64_t sent, early ? sent_early : send(*reply));
   CountSent(sent);
-  ObserveStep(session, reply, start, received_at, stepped_at);
+  ObserveStep(session, *reply, start, received_at, stepped_at);
   return absl::OkStatus();
 }
 

@@ -145,12 +145,12 @@ class OptimizerService final : public v1::Optimizer::Service {
                                 const TensorStaging& staging, absl::Status received,
                                 absl::string_view& reason);
   // After a step call's gradients arrived (`received`: how that went): checks they are whole and
-  // runs the step, noting when each began.
-  absl::StatusOr<StepReply> StepReceived(grpc::ServerContext* context, const AdmittedStep& step,
-                                         const v1::StepHeader& header,
-                                         std::unique_ptr<TensorStaging>& staging,
-                                         absl::Status received, absl::string_view& reason,
-                                         absl::Time& received_at, absl::Time& stepped_at);
+  // runs the step, noting when each began; `on_decided` is Session::Step's (early results).
+  absl::StatusOr<StepReply> StepReceived(
+      grpc::ServerContext* context, const AdmittedStep& step, const v1::StepHeader& header,
+      std::unique_ptr<TensorStaging>& staging, absl::Status received, absl::string_view& reason,
+      absl::Time& received_at, absl::Time& stepped_at,
+      const std::function<void(StepReply)>& on_decided = nullptr);
   // The step phases' metrics of a finished step call.
   void ObserveStep(const Session& session, const StepReply& reply, absl::Time start,
                    absl::Time received_at, absl::Time stepped_at);

@@ -5,6 +5,7 @@
 #include <set>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
@@ -378,7 +379,8 @@ bool Session::StepUnderway(int64_t step) {
 
 absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
                                         std::unique_ptr<TensorStaging> gradients,
-                                        const std::function<bool()>& cancelled) {
+                                        const std::function<bool()>& cancelled,
+                                        const std::function<void(StepReply)>& on_decided) {
   Touch();
   absl::MutexLock lock(&mu_);
   absl::Status valid = CheckStepHeaderLocked(header);
@@ -401,7 +403,7 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
         absl::StrCat("session '", id_, "' step ", header.step(),
                      ": no host memory for the step's results; nothing was applied"));
     try {
-      result = CommitLocked(header);
+      result = CommitLocked(header, on_decided);
     } catch (const std::bad_alloc&) {
     }
     round_.End(result);
@@ -413,12 +415,20 @@ absl::StatusOr<StepReply> Session::Step(const v1::StepHeader& header,
   return StepReply{StepRound::Lease(outcome), ticket.replayed};
 }
 
-absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::StepHeader& header) {
+absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(
+    const v1::StepHeader& header, const std::function<void(StepReply)>& on_decided) {
   // The pipeline's outcome holds the results of the tensors it prepared.
   std::shared_ptr<StepOutcome> outcome = std::exchange(pipeline_.outcome(), nullptr);
   if (outcome == nullptr) outcome = round_.NewOutcome();
   outcome->step = header.step();
   outcome->result = config_.step_result();
+  outcome->checkpoint_step = checkpoint_step_;  // until this step's own checkpoint, if due
+  outcome->progress.Reset(outcome->result == v1::STEP_RESULT_NONE ? 0 : num_tensors());
+  // A stream reading the results early waits on the progress: it finishes on every path (an
+  // earlier Finish counts; this one is for a throw).
+  absl::Cleanup finish = [keep = outcome] {
+    keep->progress.Finish(absl::InternalError("the step failed while its results were sent"));
+  };
   for (const auto& [worker, staging] : round_.contributions()) {
     outcome->nonfinite_values += staging->out_of_range_values();
   }
@@ -429,7 +439,11 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
     outcome->skipped = true;
     optimizer_->DiscardPrepared();
   } else {
-    OPTD_RETURN_IF_ERROR(ApplyLocked(header, present, *outcome));
+    absl::Status applied = ApplyLocked(header, present, outcome, on_decided);
+    if (!applied.ok()) {
+      outcome->progress.Finish(applied);
+      return applied;
+    }
   }
   if (outcome->skipped && outcome->result != v1::STEP_RESULT_NONE) {
     outcome->values.resize(num_tensors());
@@ -446,20 +460,38 @@ absl::StatusOr<std::shared_ptr<StepOutcome>> Session::CommitLocked(const v1::Ste
   ExportStateLocked();
   if (outcome->nonfinite_values > 0) CountNonFinite(outcome->nonfinite_values);
   round_.Completed(outcome);
-  if (config_.checkpoint_interval() > 0 && !options_.state_dir.empty() &&
-      step_ % config_.checkpoint_interval() == 0) {
+  if (CheckpointDue(step_)) {
     // The step has committed in memory; if its checkpoint fails the reply says so (the step is
     // not durable: a daemon killed now restarts from checkpoint_step), and it is counted and
-    // logged. The last good checkpoint stays in place.
+    // logged. The last good checkpoint stays in place. (Such a step's results are not streamed
+    // early: its summary, which says this, goes first.)
     absl::StatusOr<CheckpointInfo> written = CheckpointLocked();
     if (!written.ok()) outcome->checkpoint_error = std::string(written.status().message());
+    outcome->checkpoint_step = checkpoint_step_;
   }
-  outcome->checkpoint_step = checkpoint_step_;
+  outcome->progress.Finish(absl::OkStatus());
   return outcome;
 }
 
+bool Session::CheckpointDue(int64_t step) const {
+  return config_.checkpoint_interval() > 0 && !options_.state_dir.empty() &&
+         step % config_.checkpoint_interval() == 0;
+}
+
+bool Session::EarlyResults(int64_t step, v1::StepResult result) const {
+  if (options_.early_results_min_bytes < 0 || result == v1::STEP_RESULT_NONE ||
+      AnalysisStep(step) || CheckpointDue(step)) {
+    return false;
+  }
+  int64_t bytes = 0;
+  for (int64_t count : counts_) bytes += count * static_cast<int64_t>(sizeof(float));
+  return bytes >= options_.early_results_min_bytes;
+}
+
 absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,
-                                  StepOutcome& outcome) {
+                                  const std::shared_ptr<StepOutcome>& outcome_ptr,
+                                  const std::function<void(StepReply)>& on_decided) {
+  StepOutcome& outcome = *outcome_ptr;
   const std::optional<double> lr = LrOverride(header);
   // The pipeline's prepared tensors count when they were computed from exactly this step's
   // contributions and nothing changed the tensors since; the tensors it has not prepared yet are
@@ -494,34 +526,69 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
   }
   if (outcome.result != v1::STEP_RESULT_NONE) {
     outcome.values.resize(num_tensors());
+    int64_t largest = 0;
     for (int t = 0; t < num_tensors(); ++t) {
       if (filled[t]) continue;
       outcome.values[t].resize(static_cast<size_t>(counts_[t]));
+      largest = std::max(largest, counts_[t]);
       if (outcome.result == v1::STEP_RESULT_DELTA) {
         OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, absl::MakeSpan(outcome.values[t])));
       }
+    }
+    if (outcome.result == v1::STEP_RESULT_DELTA) {
+      result_scratch_.resize(std::max(result_scratch_.size(), static_cast<size_t>(largest)));
     }
   }
   // A plain bool array: absl::Span cannot view std::vector<bool>.
   const size_t n = counts_.size();
   std::unique_ptr<bool[]> has_gradient = std::make_unique<bool[]>(n);
   for (int t : in_place) has_gradient[t] = true;
+  outcome.tensors_updated = static_cast<int>(present.size());
   outcome.compute_started = absl::Now();
   std::optional<PendingSnapshot> snapshot = BeginSnapshotLocked(header.step(), present);
+  // Early results: from the moment every gradient has passed its checks, the prepared tensors'
+  // results are final, and each batch's as it finishes; a result read here fails only as the
+  // backend does (the session is then damaged, below).
+  const bool early = on_decided != nullptr && EarlyResults(header.step(), outcome.result);
+  absl::Status read_early;
+  const auto decided = [&] {
+    for (int t : present) {
+      if (filled[t]) outcome.progress.Ready(t);
+    }
+    on_decided(StepReply{StepRound::Lease(outcome_ptr), false});
+  };
+  Optimizer::StepProgress progress;
+  if (early) {
+    progress.validated = decided;
+    progress.stepped = [&](absl::Span<const int> tensors) {
+      mu_.AssertHeld();  // called within optimizer_->Step, below
+      for (int t : tensors) {
+        if (!read_early.ok()) return;
+        read_early = ReadResultOfLocked(outcome, t);
+        if (!read_early.ok()) return;
+        filled[t] = 1;
+        outcome.progress.Ready(t);
+      }
+    };
+  }
   if (!in_place.empty() || !pipelined) {
     // Validates every in-place gradient before it writes; the prepared tensors are untouched.
-    absl::Status stepped = optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n), lr);
+    absl::Status stepped = optimizer_->Step(absl::MakeConstSpan(has_gradient.get(), n), lr,
+                                            early ? &progress : nullptr);
     if (!stepped.ok()) {
       optimizer_->DiscardPrepared();
       if (stepped.code() == absl::StatusCode::kInternal) damaged_ = stepped;
       return stepped;  // an unfinished snapshot gives its room back
     }
+  } else if (early) {
+    decided();  // every tensor was stepped ahead: nothing is left to check
   }
   // Cannot fail: the prepared tensors' shadows change places with their buffers.
   optimizer_->CommitPrepared();
   // The state has changed: a failure from here on would leave the step count behind the state
   // (a retry would apply the step twice), so it damages the session.
-  absl::Status finished = ReadResultLocked(outcome, filled);
+  absl::Status finished = read_early;
+  if (finished.ok()) finished = ReadResultLocked(outcome, filled);
   if (finished.ok() && snapshot.has_value()) {
     finished = FinishSnapshotLocked(*std::move(snapshot));
   }
@@ -529,7 +596,6 @@ absl::Status Session::ApplyLocked(const v1::StepHeader& header, const std::vecto
     damaged_ = finished;
     return finished;
   }
-  outcome.tensors_updated = static_cast<int>(present.size());
   tensors_stepped_ahead_ += ahead;
   if (options_.metrics != nullptr) {
     options_.metrics->CountStepTensors(ahead, static_cast<int64_t>(present.size()) - ahead);
@@ -633,18 +699,18 @@ void Session::ExportStateLocked() {
 
 absl::Status Session::ReadResultLocked(StepOutcome& outcome, const std::vector<char>& filled) {
   if (outcome.result == v1::STEP_RESULT_NONE) return absl::OkStatus();
-  std::vector<float> after;
   for (int t = 0; t < num_tensors(); ++t) {
-    if (filled[t]) continue;
-    absl::Span<float> values = absl::MakeSpan(outcome.values[t]);
-    if (outcome.result == v1::STEP_RESULT_PARAMETERS) {
-      OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, values));
-    } else {
-      after.resize(values.size());
-      OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, absl::MakeSpan(after)));
-      ParameterDelta(after, values, values);
-    }
+    if (!filled[t]) OPTD_RETURN_IF_ERROR(ReadResultOfLocked(outcome, t));
   }
+  return absl::OkStatus();
+}
+
+absl::Status Session::ReadResultOfLocked(StepOutcome& outcome, int t) {
+  absl::Span<float> values = absl::MakeSpan(outcome.values[t]);
+  if (outcome.result == v1::STEP_RESULT_PARAMETERS) return optimizer_->GetParameters(t, values);
+  const absl::Span<float> after = absl::MakeSpan(result_scratch_).subspan(0, values.size());
+  OPTD_RETURN_IF_ERROR(optimizer_->GetParameters(t, after));
+  ParameterDelta(after, values, values);
   return absl::OkStatus();
 }
 

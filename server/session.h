@@ -73,6 +73,10 @@ struct SessionOptions {
   Analyzer* analyzer = nullptr;
   // The daemon's pipeline threads and scratch budget; null: every step runs serially.
   Pipeliner* pipeliner = nullptr;
+  // Early results (Session::Step's `on_decided`): a step whose results are at least this many
+  // bytes (fp32) streams each tensor's result as soon as it is final, while the commit computes
+  // the rest; -1: none does. Set for backends whose work runs as it is enqueued (the CPU's).
+  int64_t early_results_min_bytes = -1;
 };
 
 struct StepReply {
@@ -160,9 +164,19 @@ class Session : public std::enable_shared_from_this<Session> {
   // InvalidArgument for a worker id outside [0, world_size) or gradients for another set of
   // tensors than the step's first worker sent; Aborted when the straggler timeout passes first;
   // Cancelled when the call is cancelled before the step runs.
+  //
+  // Early results: when this worker's gradients complete the step and the step qualifies (its
+  // results at least early_results_min_bytes, no checkpoint or analysis snapshot due),
+  // `on_decided` (when given) is called on this thread, under the session's lock, once every
+  // gradient has passed its checks — from then on the step commits unless the backend itself
+  // fails — with the outcome whose summary is complete and whose `progress` says which results
+  // are final; it must return at once (the caller streams them from another thread). Step then
+  // returns the same outcome when the commit is done, or its Internal error (`progress` finishes
+  // with it either way). The other workers' calls return the outcome once the step committed.
   absl::StatusOr<StepReply> Step(const v1::StepHeader& header,
                                  std::unique_ptr<TensorStaging> gradients,
-                                 const std::function<bool()>& cancelled);
+                                 const std::function<bool()>& cancelled,
+                                 const std::function<void(StepReply)>& on_decided = nullptr);
 
   // Worker `worker`'s shared-memory region (optd.proto, AttachSharedMemory), created the first
   // time it is asked for; the same one after. FailedPrecondition when the session was created
@@ -254,14 +268,24 @@ class Session : public std::enable_shared_from_this<Session> {
   absl::Status CheckStepHeaderLocked(const v1::StepHeader& header)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckUsableLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<std::shared_ptr<StepOutcome>> CommitLocked(const v1::StepHeader& header)
+  // `on_decided`: Step's, or null.
+  absl::StatusOr<std::shared_ptr<StepOutcome>> CommitLocked(
+      const v1::StepHeader& header, const std::function<void(StepReply)>& on_decided)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ApplyLocked(const v1::StepHeader& header, const std::vector<int>& present,
-                           StepOutcome& outcome) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                           const std::shared_ptr<StepOutcome>& outcome,
+                           const std::function<void(StepReply)>& on_decided)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether step `step`, with results of `result`, streams them early (Step's `on_decided`).
+  bool EarlyResults(int64_t step, v1::StepResult result) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether committing step `step` writes the periodic checkpoint.
+  bool CheckpointDue(int64_t step) const;
   // Fills the outcome's values (new parameters, or the delta from the old ones it holds) of
   // every tensor `filled` leaves false.
   absl::Status ReadResultLocked(StepOutcome& outcome, const std::vector<char>& filled)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // ReadResultLocked of tensor `t` alone (no allocation: result_scratch_ is sized before).
+  absl::Status ReadResultOfLocked(StepOutcome& outcome, int t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleaseStagingLocked(std::unique_ptr<TensorStaging> staging)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether step `step` takes an analysis snapshot (it then runs serially).
@@ -336,6 +360,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // Per tensor: its shadows are reserved in the pipeline budget; the bytes reserved.
   std::vector<char> shadowed_ ABSL_GUARDED_BY(mu_);
   int64_t shadow_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<float> result_scratch_ ABSL_GUARDED_BY(mu_);  // a delta's new parameters
   std::vector<float> mean_scratch_ ABSL_GUARDED_BY(mu_);    // the workers' mean, world_size > 1
   std::vector<float> before_scratch_ ABSL_GUARDED_BY(mu_);  // old parameters, for a delta
   // The pipelined step (before round_, which reports the stagings it gives back to it).

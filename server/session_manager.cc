@@ -31,6 +31,7 @@ SessionOptions SessionManager::session_options() const {
   o.metrics = options_.metrics;
   o.analyzer = options_.analyzer;
   o.pipeliner = options_.pipeliner;
+  o.early_results_min_bytes = options_.early_results_min_bytes;
   return o;
 }
 

@@ -53,6 +53,8 @@ struct SessionManagerOptions {
   Metrics* metrics = nullptr;
   Analyzer* analyzer = nullptr;
   Pipeliner* pipeliner = nullptr;
+  // SessionOptions::early_results_min_bytes.
+  int64_t early_results_min_bytes = -1;
 };
 
 struct CreateOptions {

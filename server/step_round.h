@@ -32,6 +32,7 @@
 #include "absl/types/span.h"
 #include "optd/v1/optd.pb.h"
 #include "server/clock.h"
+#include "server/result_progress.h"
 #include "server/tensor_staging.h"
 
 namespace optd::server {
@@ -53,6 +54,9 @@ struct StepOutcome {
   // as every duration the metrics measure (the service's phases are differences with it).
   absl::Time compute_started;
   absl::Time compute_finished;
+  // Which of `values` are final: all of them once the step has committed, and before that, for
+  // the worker whose stream streams results early (Session::Step's `on_decided`), those so far.
+  ResultProgress progress;
   // Readers outside the session (StepReply) that may still read `values`. The round reuses the
   // buffers only once it reads 0: each reader's release pairs with that acquire load.
   std::atomic<int> leases{0};

@@ -584,6 +584,70 @@ TEST_F(OptimizerContractTest, NonFiniteGradientRejectsTheWholeStepAndChangesNoth
   }
 }
 
+TEST_F(OptimizerContractTest, StepProgressTellsEachTensorWhenItsParametersAreFinal) {
+  // A batch of two same-shape Muon matrices, two same-shape RMNP matrices (one fused pass each,
+  // each final on its own), an AdamW vector, and a tensor without a gradient. Each `stepped` call
+  // must name tensors whose parameters are already the step's final ones, while those of every
+  // tensor not yet named are still the old ones — what lets the daemon stream a result before the
+  // step ends.
+  const std::vector<TensorSpec> specs = {
+      {"q", {8, 12}, RankPolicy::kFlatten, Config("keller,precision=fp32")},
+      {"k", {8, 12}, RankPolicy::kFlatten, Config("keller,precision=fp32")},
+      {"rows", {6, 10}, RankPolicy::kFlatten, Config("rmnp,precision=fp32")},
+      {"rows2", {6, 10}, RankPolicy::kFlatten, Config("rmnp,precision=fp32")},
+      {"bias", {12}, RankPolicy::kFlatten, Config("adamw")},
+      {"idle", {5}, RankPolicy::kFlatten, Config("adamw")}};
+  auto opt = Make(specs);
+  auto twin = Make(specs);  // stepped without progress: the final parameters to expect
+  const bool present[6] = {true, true, true, true, true, false};
+  const int n = 6;
+  for (int step = 1; step <= 2; ++step) {
+    std::vector<int> calls;  // tensors per stepped call
+    for (int i = 0; i < 5; ++i) {
+      const auto g = reference::RandomNormal(opt->num_elements(i), 100 * step + i);
+      ASSERT_TRUE(opt->SetGradient(i, g).ok());
+      ASSERT_TRUE(twin->SetGradient(i, g).ok());
+    }
+    ASSERT_TRUE(twin->Step(absl::MakeConstSpan(present, n)).ok());
+    std::vector<std::vector<float>> before;
+    for (int i = 0; i < n; ++i) before.push_back(Params(*opt, i));
+    int validated = 0;
+    std::vector<int> order;
+    Optimizer::StepProgress progress;
+    progress.validated = [&] {
+      ++validated;
+      EXPECT_TRUE(order.empty());
+      for (int i = 0; i < n; ++i) EXPECT_EQ(Params(*opt, i), before[i]) << "tensor " << i;
+    };
+    progress.stepped = [&](absl::Span<const int> tensors) {
+      EXPECT_EQ(validated, 1);
+      calls.push_back(static_cast<int>(tensors.size()));
+      order.insert(order.end(), tensors.begin(), tensors.end());
+      for (int i = 0; i < n; ++i) {
+        const bool named = std::find(order.begin(), order.end(), i) != order.end();
+        EXPECT_EQ(Params(*opt, i), named ? Params(*twin, i) : before[i])
+            << "step " << step << ", tensor " << i << (named ? " (final)" : " (not yet)");
+      }
+    };
+    ASSERT_TRUE(opt->Step(absl::MakeConstSpan(present, n), std::nullopt, &progress).ok());
+    EXPECT_EQ(validated, 1);
+    // The batch at once, then each RMNP matrix, then AdamW; the tensor without a gradient never.
+    EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 3, 4})) << "step " << step;
+    EXPECT_EQ(calls, (std::vector<int>{2, 1, 1, 1})) << "step " << step;
+  }
+  // A step refused by its checks hears nothing.
+  std::vector<float> bad = reference::RandomNormal(12, 9);
+  bad[3] = std::numeric_limits<float>::quiet_NaN();
+  ASSERT_TRUE(opt->SetGradient(4, bad).ok());
+  Optimizer::StepProgress progress;
+  int calls = 0;
+  progress.validated = [&] { ++calls; };
+  progress.stepped = [&](absl::Span<const int>) { ++calls; };
+  EXPECT_EQ(opt->Step(absl::MakeConstSpan(present, n), std::nullopt, &progress).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(calls, 0);
+}
+
 TEST_F(OptimizerContractTest, ALearningRateOverrideIsForOneStepAndChecksFirst) {
   // Step(has_gradient, lr) equals setting every tensor's lr to `lr` for that step (the workers'
   // override); the tensors' own rates are back afterwards. Two optimizers from the same start:

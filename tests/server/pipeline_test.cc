@@ -58,9 +58,13 @@ class StreamedStep {
   absl::StatusOr<std::map<std::string, std::vector<float>>> Read() {
     std::map<std::string, std::vector<float>> results;
     v1::StepResponse response;
+    bool first = true;
     while (stream_->Read(&response)) {
+      EXPECT_EQ(response.has_summary(), first) << "the summary comes first, and once";
+      first = false;
       if (!response.has_chunk()) continue;
       const v1::TensorChunk& c = response.chunk();
+      if (order_.empty() || order_.back() != c.tensor()) order_.push_back(c.tensor());
       std::vector<float>& values = results[c.tensor()];
       const size_t n = c.data().size() / sizeof(float);
       values.resize(std::max(values.size(), static_cast<size_t>(c.offset()) + n));
@@ -69,18 +73,23 @@ class StreamedStep {
     OPTD_RETURN_IF_ERROR(client::FromGrpcStatus(stream_->Finish()));
     return results;
   }
+  // The tensors whose results Read got, in the order they came (each tensor's chunks together).
+  const std::vector<std::string>& order() const { return order_; }
 
  private:
+  std::vector<std::string> order_;
   grpc::ClientContext context_;
   std::unique_ptr<grpc::ClientReaderWriter<v1::StepRequest, v1::StepResponse>> stream_;
 };
 
 class PipelineTest : public ::testing::Test {
  protected:
-  void Start(int64_t scratch_bytes = int64_t{1} << 30) {
-    server::ServerOptions options = LoopbackOptions();
+  void Start(int64_t scratch_bytes = int64_t{1} << 30, int64_t early_results_min_bytes = 0,
+             const std::string& state_dir = "") {
+    server::ServerOptions options = LoopbackOptions(state_dir);
     options.clock = &clock_;
     options.pipeline_scratch_bytes = scratch_bytes;
+    options.early_results_min_bytes = early_results_min_bytes;
     server_ = StartServer(options);
     ASSERT_NE(server_, nullptr);
     ASSERT_NE(server_->pipeliner(), nullptr);
@@ -476,6 +485,144 @@ TEST_F(PipelineTest, GetParamsSendsOneStepsParametersWhileStepsCommit) {
     }
   }
   std::cerr << "reads saw the parameters of " << seen.size() << " different steps\n";
+}
+
+// --- Early results (Session::Step's on_decided): the worker whose gradients complete a step gets
+// each result as soon as it is final, while the commit computes the rest. ---
+
+// Two same-shape Muon matrices (one batch, stepped at the commit) and a vector stepped ahead.
+v1::SessionConfig BatchAndVectorConfig() {
+  return MakeConfig(
+      {{"matrices", "keller"}, {"vectors", "adamw"}},
+      {{"q", {24, 40}, "matrices"}, {"k", {24, 40}, "matrices"}, {"bias", {40}, "vectors"}});
+}
+
+TEST_F(PipelineTest, EarlyResultsComeInTheOrderTheyBecameFinalAndEqualTheSerialStep) {
+  // The vector is sent first and stepped ahead: its result is final once the step's gradients
+  // have passed their checks, the batch's only when the commit has stepped it. With early
+  // results the reply says so by its order; without (-1) it is tensor order. Same bits.
+  for (const int64_t early : {int64_t{0}, int64_t{-1}}) {
+    SCOPED_TRACE(early == 0 ? "early results" : "results after the commit");
+    Start(int64_t{1} << 30, early);
+    const v1::SessionConfig config = BatchAndVectorConfig();
+    client::Session session = Create(config);
+    Reference reference(config);
+    std::shared_ptr<server::Session> daemons = Daemons(session);
+    for (int64_t step = 1; step <= 2; ++step) {
+      const std::vector<std::vector<float>> grads = WorkerGradients(reference, step, 0);
+      StreamedStep stream(*stub_, session, step, 0);
+      stream.Send("bias", grads[2]);
+      AwaitPrepared(*daemons, 1);
+      stream.Send("q", grads[0]);
+      stream.Send("k", grads[1]);
+      stream.Close();
+      absl::StatusOr<std::map<std::string, std::vector<float>>> results = stream.Read();
+      reference.Step({grads});
+      ASSERT_TRUE(results.ok()) << results.status();
+      ExpectMatches(reference, *results, absl::StrCat("step ", step));
+      const std::vector<std::string> expected = early == 0
+                                                    ? std::vector<std::string>{"bias", "q", "k"}
+                                                    : std::vector<std::string>{"q", "k", "bias"};
+      EXPECT_EQ(stream.order(), expected) << "step " << step;
+    }
+    ExpectParameters(session, reference, "parameters after 2 steps");
+  }
+}
+
+// One worker's gradients for `step` in a staging of `session`, whole.
+std::unique_ptr<server::TensorStaging> Staged(server::Session& session,
+                                              const std::vector<std::vector<float>>& grads) {
+  std::unique_ptr<server::TensorStaging> staging = *session.AcquireStaging();
+  for (size_t t = 0; t < grads.size(); ++t) {
+    EXPECT_TRUE(staging
+                    ->AddChunk(static_cast<int>(t), 0, DType::kF32,
+                               absl::string_view(reinterpret_cast<const char*>(grads[t].data()),
+                                                 grads[t].size() * sizeof(float)),
+                               kMaxGradientMagnitude, /*reject_out_of_range=*/true)
+                    .ok());
+  }
+  return staging;
+}
+
+v1::StepHeader Header(const client::Session& session, int64_t step) {
+  v1::StepHeader header;
+  header.set_session_id(session.id());
+  header.set_step(step);
+  return header;
+}
+
+TEST_F(PipelineTest, TheDecisionComesBeforeTheCommitWithTheSummaryComplete) {
+  // Session::Step itself: on_decided is called once, while the step has not committed (the
+  // session still at the step before), with every summary field final and no result final yet
+  // (nothing was stepped ahead here); when Step returns, the batch came first, then the vector,
+  // and each result is the reference's.
+  Start();
+  const v1::SessionConfig config = BatchAndVectorConfig();
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::shared_ptr<server::Session> daemons = Daemons(session);
+  for (int64_t step = 1; step <= 2; ++step) {
+    const std::vector<std::vector<float>> grads = WorkerGradients(reference, step, 0);
+    int decided = 0;
+    std::shared_ptr<const server::StepOutcome> early;
+    absl::StatusOr<server::StepReply> reply = daemons->Step(
+        Header(session, step), Staged(*daemons, grads), [] { return false; },
+        [&](server::StepReply r) {
+          ++decided;
+          EXPECT_EQ(daemons->step(), step - 1) << "decided after the commit";
+          EXPECT_FALSE(r.replayed);
+          EXPECT_EQ(r.outcome->step, step);
+          EXPECT_EQ(r.outcome->tensors_updated, 3);
+          EXPECT_FALSE(r.outcome->skipped);
+          EXPECT_EQ(r.outcome->result, v1::STEP_RESULT_PARAMETERS);
+          EXPECT_TRUE(r.outcome->progress.final_so_far().empty());
+          early = r.outcome;
+        });
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_EQ(decided, 1);
+    EXPECT_EQ(reply->outcome.get(), early.get()) << "the outcome streamed early is the step's";
+    EXPECT_EQ(reply->outcome->progress.final_so_far(), (std::vector<int>{0, 1, 2}));
+    reference.Step({grads});
+    for (int t = 0; t < 3; ++t) {
+      EXPECT_EQ(reply->outcome->values[t], reference.Parameters(t)) << reference.name(t);
+    }
+  }
+}
+
+TEST_F(PipelineTest, StepsThatCheckpointOrResultsBelowTheThresholdAreNotStreamedEarly) {
+  // A step that writes its checkpoint replies after it (the summary says whether it is on disk);
+  // a step whose results are below --early_results_min_bytes replies after its commit.
+  const std::string dir = MakeTempDir("early");
+  Start(int64_t{1} << 30, /*early_results_min_bytes=*/0, dir);
+  v1::SessionConfig config = BatchAndVectorConfig();
+  config.set_checkpoint_interval(2);
+  client::Session session = Create(config);
+  Reference reference(config);
+  std::shared_ptr<server::Session> daemons = Daemons(session);
+  for (int64_t step = 1; step <= 2; ++step) {
+    const std::vector<std::vector<float>> grads = WorkerGradients(reference, step, 0);
+    int decided = 0;
+    absl::StatusOr<server::StepReply> reply = daemons->Step(
+        Header(session, step), Staged(*daemons, grads), [] { return false; },
+        [&](server::StepReply) { ++decided; });
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_EQ(decided, step == 1 ? 1 : 0) << "step " << step;
+    EXPECT_EQ(reply->outcome->checkpoint_step, step == 1 ? 0 : 2);
+  }
+  server_.reset();
+  const int64_t bytes = (2 * 24 * 40 + 40) * 4;  // the session's results
+  Start(int64_t{1} << 30, /*early_results_min_bytes=*/bytes + 1);
+  client::Session small = Create(BatchAndVectorConfig());
+  Reference small_reference(BatchAndVectorConfig());
+  int decided = 0;
+  std::shared_ptr<server::Session> small_daemons = Daemons(small);
+  ASSERT_TRUE(small_daemons
+                  ->Step(
+                      Header(small, 1),
+                      Staged(*small_daemons, WorkerGradients(small_reference, 1, 0)),
+                      [] { return false; }, [&](server::StepReply) { ++decided; })
+                  .ok());
+  EXPECT_EQ(decided, 0);
 }
 
 }  // namespace
