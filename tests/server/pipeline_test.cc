@@ -594,21 +594,23 @@ TEST_F(PipelineTest, StepsThatCheckpointOrResultsBelowTheThresholdAreNotStreamed
   // a step whose results are below --early_results_min_bytes replies after its commit.
   const std::string dir = MakeTempDir("early");
   Start(int64_t{1} << 30, /*early_results_min_bytes=*/0, dir);
-  v1::SessionConfig config = BatchAndVectorConfig();
-  config.set_checkpoint_interval(2);
-  client::Session session = Create(config);
-  Reference reference(config);
-  std::shared_ptr<server::Session> daemons = Daemons(session);
-  for (int64_t step = 1; step <= 2; ++step) {
-    const std::vector<std::vector<float>> grads = WorkerGradients(reference, step, 0);
-    int decided = 0;
-    absl::StatusOr<server::StepReply> reply = daemons->Step(
-        Header(session, step), Staged(*daemons, grads), [] { return false; },
-        [&](server::StepReply) { ++decided; });
-    ASSERT_TRUE(reply.ok()) << reply.status();
-    EXPECT_EQ(decided, step == 1 ? 1 : 0) << "step " << step;
-    EXPECT_EQ(reply->outcome->checkpoint_step, step == 1 ? 0 : 2);
-  }
+  {
+    v1::SessionConfig config = BatchAndVectorConfig();
+    config.set_checkpoint_interval(2);
+    client::Session session = Create(config);
+    Reference reference(config);
+    std::shared_ptr<server::Session> daemons = Daemons(session);
+    for (int64_t step = 1; step <= 2; ++step) {
+      const std::vector<std::vector<float>> grads = WorkerGradients(reference, step, 0);
+      int decided = 0;
+      absl::StatusOr<server::StepReply> reply = daemons->Step(
+          Header(session, step), Staged(*daemons, grads), [] { return false; },
+          [&](server::StepReply) { ++decided; });
+      ASSERT_TRUE(reply.ok()) << reply.status();
+      EXPECT_EQ(decided, step == 1 ? 1 : 0) << "step " << step;
+      EXPECT_EQ(reply->outcome->checkpoint_step, step == 1 ? 0 : 2);
+    }
+  }  // the session goes before its daemon
   server_.reset();
   const int64_t bytes = (2 * 24 * 40 + 40) * 4;  // the session's results
   Start(int64_t{1} << 30, /*early_results_min_bytes=*/bytes + 1);
