@@ -33,6 +33,9 @@ class StreamedStep {
     h.set_session_id(session.id());
     h.set_step(step);
     h.set_worker_id(worker);
+    // Results in small pieces: an early send handed back from its thread to the stream's resumes
+    // in the middle of a tensor (RunStep), and Read checks each piece follows the one before.
+    h.set_chunk_bytes(256);
     if (lr.has_value()) h.set_lr(*lr);
     EXPECT_TRUE(stream_->Write(r));
   }
@@ -64,8 +67,13 @@ class StreamedStep {
       first = false;
       if (!response.has_chunk()) continue;
       const v1::TensorChunk& c = response.chunk();
-      if (order_.empty() || order_.back() != c.tensor()) order_.push_back(c.tensor());
+      if (order_.empty() || order_.back() != c.tensor()) {
+        EXPECT_FALSE(results.contains(c.tensor())) << c.tensor() << "'s pieces are apart";
+        order_.push_back(c.tensor());
+      }
       std::vector<float>& values = results[c.tensor()];
+      EXPECT_EQ(c.offset(), static_cast<int64_t>(values.size()))
+          << c.tensor() << ": a piece missing or sent twice";
       const size_t n = c.data().size() / sizeof(float);
       values.resize(std::max(values.size(), static_cast<size_t>(c.offset()) + n));
       std::memcpy(values.data() + c.offset(), c.data().data(), c.data().size());
