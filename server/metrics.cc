@@ -138,7 +138,8 @@ Metrics::Metrics(MetricsOptions options)
                       .Name("optd_step_phase_seconds")
                       .Help("A Step call's phases: receive (gradients read and decoded), "
                             "aggregate (waiting for the other workers and averaging), compute "
-                            "(the optimizer step and the result), send (streaming the result).")
+                            "(the optimizer step and the result), send (streaming the result "
+                            "once the step has committed: with early results, what was left).")
                       .Register(*registry_)),
       bytes_received_(prometheus::BuildCounter()
                           .Name("optd_bytes_received_total")
