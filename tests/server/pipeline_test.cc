@@ -33,8 +33,8 @@ class StreamedStep {
     h.set_session_id(session.id());
     h.set_step(step);
     h.set_worker_id(worker);
-    // Results in small pieces: an early send handed back from its thread to the stream's resumes
-    // in the middle of a tensor (RunStep), and Read checks each piece follows the one before.
+    // Results in small pieces (many per tensor): Read checks each follows the one before, also
+    // where early results send them from a thread of their own while the commit goes on.
     h.set_chunk_bytes(256);
     if (lr.has_value()) h.set_lr(*lr);
     EXPECT_TRUE(stream_->Write(r));
