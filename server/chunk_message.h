@@ -42,16 +42,17 @@ grpc::ByteBuffer MessageBuffer(const google::protobuf::MessageLite& message);
 
 // WriteTensorChunks (proto/wire_dtype.h) for ChunkMessage: tensor `name`'s `values` in pieces of
 // at most `chunk_bytes` bytes of `dtype`, each through `write(const grpc::ByteBuffer&)`, with
-// `ready(end)` OK before a piece [offset, end) is read. False as soon as `write` is (the stream
-// broke), true when every piece went out; an error from encoding or `ready`.
+// `ready(end)` OK before a piece [offset, end) is read, from element `from` on (a send resumed
+// where another stopped). False as soon as `write` is (the stream broke), true when every piece
+// went out; an error from encoding or `ready`.
 template <typename Write, typename Ready>
 absl::StatusOr<bool> WriteChunkMessages(int field, absl::string_view name,
                                         absl::Span<const float> values, DType dtype,
                                         int64_t chunk_bytes, const Keepalive& keep, Write write,
-                                        Ready ready) {
+                                        Ready ready, int64_t from = 0) {
   const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / DTypeSize(dtype));
   const int64_t count = static_cast<int64_t>(values.size());
-  for (int64_t offset = 0; offset < count; offset += per_chunk) {
+  for (int64_t offset = from; offset < count; offset += per_chunk) {
     const int64_t n = std::min(per_chunk, count - offset);
     OPTD_RETURN_IF_ERROR(ready(offset + n));
     OPTD_ASSIGN_OR_RETURN(grpc::ByteBuffer message, ChunkMessage(field, name, offset, count, dtype,

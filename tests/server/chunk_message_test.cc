@@ -71,6 +71,42 @@ TEST(ChunkMessageTest, BytesAreProtobufsSerialization) {
   }
 }
 
+TEST(ChunkMessageTest, ASendStoppedByReadyResumesFromWhereItStopped) {
+  // What an early send handed back between two pieces does (service.cc, RunStep): the first
+  // writer's `ready` refuses the third piece, the second writes from there; together the pieces
+  // are exactly the tensor's, each once, in order.
+  std::vector<float> values(10);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = 0.5f * static_cast<float>(i);
+  const int64_t chunk_bytes = 3 * sizeof(float);
+  std::vector<std::string> written;
+  const auto write = [&](const grpc::ByteBuffer& message) {
+    written.push_back(Flatten(message));
+    return true;
+  };
+  int64_t resume = 0;
+  absl::StatusOr<bool> first = WriteChunkMessages(0, "w", values, DType::kF32, chunk_bytes, nullptr,
+                                                  write, [&](int64_t end) {
+                                                    if (written.size() == 2)
+                                                      return absl::CancelledError("handed back");
+                                                    resume = end;
+                                                    return absl::OkStatus();
+                                                  });
+  EXPECT_EQ(first.status(), absl::CancelledError("handed back"));
+  EXPECT_EQ(resume, 6);
+  absl::StatusOr<bool> rest = WriteChunkMessages(
+      0, "w", values, DType::kF32, chunk_bytes, nullptr, write,
+      [](int64_t) { return absl::OkStatus(); }, resume);
+  ASSERT_TRUE(rest.ok()) << rest.status();
+  EXPECT_TRUE(*rest);
+  const absl::Span<const float> all(values);
+  const std::vector<std::string> expected = {
+      Expected(0, "w", 0, 10, DType::kF32, all.subspan(0, 3)),
+      Expected(0, "w", 3, 10, DType::kF32, all.subspan(3, 3)),
+      Expected(0, "w", 6, 10, DType::kF32, all.subspan(6, 3)),
+      Expected(0, "w", 9, 10, DType::kF32, all.subspan(9, 1))};
+  EXPECT_EQ(written, expected);
+}
+
 TEST(ChunkMessageTest, Fp64IsNotAWireDtype) {
   const std::vector<float> values(8, 1.0f);
   EXPECT_EQ(ChunkMessage(0, "w", 0, 8, DType::kF64, values, nullptr).status().code(),
