@@ -597,6 +597,17 @@ TEST_F(PipelineTest, TheDecisionComesBeforeTheCommitWithTheSummaryComplete) {
   }
 }
 
+TEST(EarlyResultsOptionTest, AThresholdBelowMinusOneIsRefusedAtStart) {
+  server::ServerOptions options = LoopbackOptions();
+  options.early_results_min_bytes = -2;
+  absl::StatusOr<std::unique_ptr<server::Server>> server = server::Server::Start(options);
+  ASSERT_FALSE(server.ok());
+  EXPECT_EQ(server.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(server.status().message().find("--early_results_min_bytes must be >= -1 (got -2)"),
+            absl::string_view::npos)
+      << server.status();
+}
+
 TEST_F(PipelineTest, StepsThatCheckpointOrResultsBelowTheThresholdAreNotStreamedEarly) {
   // A step that writes its checkpoint replies after it (the summary says whether it is on disk);
   // a step whose results are below --early_results_min_bytes replies after its commit.
