@@ -26,6 +26,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "prometheus/text_serializer.h"
 #include "tests/server/analysis_reference.h"
 #include "tests/server/test_daemon.h"
@@ -576,25 +577,41 @@ TEST_F(MetricsTest, AStepDoesNotWaitForTheAnalysis) {
 // and the client waiting for it, preempt an analysis at once (bench/RESULTS.md's main job: the
 // steps after an analysis had p99 at 4x the median before).
 TEST_F(MetricsTest, TheAnalyzerThreadRunsAtIdlePriority) {
-  int found = 0;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
-    std::ifstream comm(entry.path() / "comm");
-    std::string name;
-    std::getline(comm, name);
-    if (name != "optd-analyzer") continue;
-    ++found;
-    // /proc/<tid>/stat: "tid (comm) state ..."; nice is field 19 and policy field 41.
-    std::ifstream stat_file(entry.path() / "stat");
-    const std::string stat((std::istreambuf_iterator<char>(stat_file)),
-                           std::istreambuf_iterator<char>());
-    std::istringstream fields(stat.substr(stat.rfind(')') + 2));
-    std::vector<std::string> f((std::istream_iterator<std::string>(fields)),
-                               std::istream_iterator<std::string>());
-    ASSERT_GE(f.size(), 39u) << stat;
-    EXPECT_EQ(f[19 - 3], "19") << "nice, in " << stat;
-    EXPECT_EQ(f[41 - 3], std::to_string(SCHED_IDLE)) << "policy, in " << stat;
+  // Each optd-analyzer thread's nice value and policy, from /proc/<tid>/stat ("tid (comm) state
+  // ..."; nice is field 19 and policy field 41).
+  struct Seen {
+    std::string nice, policy, stat;
+  };
+  const auto scan = [] {
+    std::vector<Seen> seen;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
+      std::ifstream comm(entry.path() / "comm");
+      std::string name;
+      std::getline(comm, name);
+      if (name != "optd-analyzer") continue;
+      std::ifstream stat_file(entry.path() / "stat");
+      const std::string stat((std::istreambuf_iterator<char>(stat_file)),
+                             std::istreambuf_iterator<char>());
+      std::istringstream fields(stat.substr(stat.rfind(')') + 2));
+      std::vector<std::string> f((std::istream_iterator<std::string>(fields)),
+                                 std::istream_iterator<std::string>());
+      seen.push_back(f.size() >= 39 ? Seen{f[19 - 3], f[41 - 3], stat} : Seen{"", "", stat});
+    }
+    return seen;
+  };
+  // The thread names itself and lowers its priority as it starts, which may be after the daemon
+  // is up: wait (bounded) for it to have done both.
+  const std::string idle = std::to_string(SCHED_IDLE);
+  std::vector<Seen> seen = scan();
+  for (const absl::Time deadline = absl::Now() + absl::Seconds(30);
+       !(seen.size() == 1 && seen[0].nice == "19" && seen[0].policy == idle) &&
+       absl::Now() < deadline;
+       seen = scan()) {
+    absl::SleepFor(absl::Milliseconds(1));
   }
-  EXPECT_EQ(found, 1) << "threads named optd-analyzer";
+  ASSERT_EQ(seen.size(), 1u) << "threads named optd-analyzer";
+  EXPECT_EQ(seen[0].nice, "19") << "nice, in " << seen[0].stat;
+  EXPECT_EQ(seen[0].policy, idle) << "policy, in " << seen[0].stat;
 }
 
 TEST(MetricsEstimateTest, MatricesPastTheExactLimitGetTheStatedEstimates) {
